@@ -1,0 +1,235 @@
+// CPU kernels of bias_dropout: out = residual + dropout(act(x + bias)).
+// x, residual, out: (M, N) contiguous; bias: (N,). The mask is recomputed from the seed
+// (fusedreg/philox.h), four elements per Philox call, never stored.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "fusedreg/activation.h"
+#include "fusedreg/cpu/uniforms.h"
+#include "fusedreg/philox.h"
+
+namespace fusedreg {
+namespace {
+
+constexpr int64_t kChunk = 4096;  // elements per task: fits the uniforms in L1
+
+struct Rows {
+  int64_t M, N;
+};
+
+Rows as_rows(const at::Tensor& x) {
+  const int64_t N = x.dim() == 0 ? 1 : x.size(-1);
+  return {N == 0 ? 0 : x.numel() / N, N};
+}
+
+void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& residual, const at::Tensor& seed) {
+  TORCH_CHECK(x.device().is_cpu(), "fusedreg::bias_dropout (cpu): x must be a CPU tensor");
+  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1,
+              "fusedreg::bias_dropout: seed must be a 1-element int64 CPU tensor");
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == (x.dim() ? x.size(-1) : 1),
+                "fusedreg::bias_dropout: bias must have shape (x.shape[-1],)");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
+                "fusedreg::bias_dropout: bias must match x in dtype and device");
+  }
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == x.sizes(), "fusedreg::bias_dropout: residual must match x");
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type() && residual->device() == x.device(),
+                "fusedreg::bias_dropout: residual must match x in dtype and device");
+  }
+}
+
+template <typename scalar_t, Activation A>
+void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* residual,
+                    scalar_t* out, Rows rows, float p, uint64_t seed) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t total = rows.M * rows.N;
+  const bool dropout = p > 0.0f;
+  const acc_t scale = static_cast<acc_t>(dropout_scale(p));
+  at::parallel_for(0, (total + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
+    float u[kChunk];
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t start = chunk * kChunk;
+      const int64_t len = std::min(kChunk, total - start);
+      if (dropout) fill_uniforms(seed, start, len, u);
+      // Walk the chunk one row segment at a time so that the bias index is a plain offset.
+      int64_t j = 0;
+      int64_t col = start % rows.N;
+      while (j < len) {
+        const int64_t seg = std::min(len - j, rows.N - col);
+        const scalar_t* xs = x + start + j;
+        const scalar_t* rs = residual ? residual + start + j : nullptr;
+        scalar_t* os = out + start + j;
+        const float* us = u + j;
+        const scalar_t* bs = bias ? bias + col : nullptr;
+        for (int64_t t = 0; t < seg; ++t) {
+          acc_t z = static_cast<acc_t>(xs[t]);
+          if (bs) z += static_cast<acc_t>(bs[t]);
+          acc_t v = activate<A>(z);
+          if (dropout) v = us[t] >= p ? v * scale : acc_t(0);
+          if (rs) v += static_cast<acc_t>(rs[t]);
+          os[t] = static_cast<scalar_t>(v);
+        }
+        j += seg;
+        col = 0;
+      }
+    }
+  });
+}
+
+// grad_x = grad_out * keep * scale * act'(x + bias) over the element range
+// [start, start + len) of one row segment; returns nothing, writes gx.
+template <typename scalar_t, Activation A>
+inline void backward_segment(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
+                             const float* u, scalar_t* gx, int64_t len, float p,
+                             at::opmath_type<scalar_t> scale, bool dropout,
+                             at::opmath_type<scalar_t>* bias_acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t t = 0; t < len; ++t) {
+    acc_t d = static_cast<acc_t>(g[t]);
+    if (dropout) d = u[t] >= p ? d * scale : acc_t(0);
+    if constexpr (A != Activation::kNone) {
+      acc_t z = static_cast<acc_t>(x[t]);
+      if (bias) z += static_cast<acc_t>(bias[t]);
+      d *= activate_grad<A>(z);
+    }
+    gx[t] = static_cast<scalar_t>(d);
+    if (bias_acc) bias_acc[t] += d;
+  }
+}
+
+template <typename scalar_t, Activation A>
+void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias, scalar_t* gx,
+                     scalar_t* grad_bias, Rows rows, float p, uint64_t seed) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const bool dropout = p > 0.0f;
+  const acc_t scale = static_cast<acc_t>(dropout_scale(p));
+  if (grad_bias == nullptr) {
+    const int64_t total = rows.M * rows.N;
+    at::parallel_for(0, (total + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
+      float u[kChunk];
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t start = chunk * kChunk;
+        const int64_t len = std::min(kChunk, total - start);
+        if (dropout) fill_uniforms(seed, start, len, u);
+        int64_t j = 0;
+        int64_t col = start % rows.N;
+        while (j < len) {
+          const int64_t seg = std::min(len - j, rows.N - col);
+          backward_segment<scalar_t, A>(g + start + j, x ? x + start + j : nullptr,
+                                        bias ? bias + col : nullptr, u + j, gx + start + j, seg,
+                                        p, scale, dropout, nullptr);
+          j += seg;
+          col = 0;
+        }
+      }
+    });
+    return;
+  }
+  // With a bias gradient: tasks are (row block, column block) tiles. The row blocks depend
+  // only on M, so each tile's fp32 partial sum, and their in-order sum, is the same for
+  // any number of threads: the result is bitwise deterministic.
+  constexpr int64_t kMaxRowBlocks = 64;
+  const int64_t row_block = std::max<int64_t>(1, (rows.M + kMaxRowBlocks - 1) / kMaxRowBlocks);
+  const int64_t n_rb = (rows.M + row_block - 1) / row_block;
+  const int64_t n_cb = (rows.N + kChunk - 1) / kChunk;
+  std::vector<acc_t> partial(static_cast<size_t>(n_rb * rows.N), acc_t(0));
+  at::parallel_for(0, n_rb * n_cb, 1, [&](int64_t begin, int64_t end) {
+    float u[kChunk];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t rb = task / n_cb, cb = task % n_cb;
+      const int64_t c0 = cb * kChunk, len = std::min(kChunk, rows.N - c0);
+      acc_t* acc = partial.data() + rb * rows.N + c0;
+      const int64_t r_end = std::min(rows.M, (rb + 1) * row_block);
+      for (int64_t r = rb * row_block; r < r_end; ++r) {
+        const int64_t start = r * rows.N + c0;
+        if (dropout) fill_uniforms(seed, start, len, u);
+        backward_segment<scalar_t, A>(g + start, x ? x + start : nullptr, bias + c0, u,
+                                      gx + start, len, p, scale, dropout, acc);
+      }
+    }
+  });
+  at::parallel_for(0, rows.N, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      acc_t s = 0;
+      for (int64_t rb = 0; rb < n_rb; ++rb) s += partial[rb * rows.N + c];
+      grad_bias[c] = static_cast<scalar_t>(s);
+    }
+  });
+}
+
+at::Tensor bias_dropout_fwd_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in,
+                                const std::optional<at::Tensor>& residual_in, double p,
+                                int64_t activation, const at::Tensor& seed) {
+  check_inputs(x_in, bias_in, residual_in, seed);
+  const at::Tensor x = x_in.contiguous();
+  const std::optional<at::Tensor> bias =
+      bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> residual =
+      residual_in ? std::optional<at::Tensor>(residual_in->contiguous()) : std::nullopt;
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return out;
+  const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
+  const Rows rows = as_rows(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_dropout_fwd", [&] {
+    FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
+      forward_kernel<scalar_t, A>(x.const_data_ptr<scalar_t>(),
+                                  bias ? bias->const_data_ptr<scalar_t>() : nullptr,
+                                  residual ? residual->const_data_ptr<scalar_t>() : nullptr,
+                                  out.mutable_data_ptr<scalar_t>(), rows, static_cast<float>(p), s);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_dropout_bwd_cpu(
+    const at::Tensor& grad_in, const std::optional<at::Tensor>& x_in,
+    const std::optional<at::Tensor>& bias_in, double p, int64_t activation,
+    const at::Tensor& seed, bool need_grad_bias) {
+  TORCH_CHECK(activation == 0 || x_in.has_value(),
+              "fusedreg::bias_dropout_bwd: x is required with an activation");
+  check_inputs(grad_in, bias_in, std::nullopt, seed);
+  TORCH_CHECK(!need_grad_bias || bias_in.has_value(),
+              "fusedreg::bias_dropout_bwd: need_grad_bias without a bias");
+  const at::Tensor g = grad_in.contiguous();
+  at::Tensor x;
+  if (x_in) {
+    TORCH_CHECK(x_in->sizes() == g.sizes() && x_in->scalar_type() == g.scalar_type(),
+                "fusedreg::bias_dropout_bwd: x must match grad_out");
+    x = x_in->contiguous();
+  }
+  at::Tensor bias = bias_in ? bias_in->contiguous() : at::Tensor();
+  at::Tensor gx = at::empty_like(g, at::MemoryFormat::Contiguous);
+  at::Tensor gb = need_grad_bias ? at::zeros_like(bias) : at::empty({0}, g.options());
+  if (g.numel() == 0) return {gx, gb};
+  const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
+  const Rows rows = as_rows(g);
+  const bool use_x = activation != 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "bias_dropout_bwd", [&] {
+    FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
+      backward_kernel<scalar_t, A>(
+          g.const_data_ptr<scalar_t>(), use_x ? x.const_data_ptr<scalar_t>() : nullptr,
+          bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+          gx.mutable_data_ptr<scalar_t>(),
+          need_grad_bias ? gb.mutable_data_ptr<scalar_t>() : nullptr, rows,
+          static_cast<float>(p), s);
+    });
+  });
+  return {gx, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedreg, CPU, m) {
+  m.impl("bias_dropout_fwd", &bias_dropout_fwd_cpu);
+  m.impl("bias_dropout_bwd", &bias_dropout_bwd_cpu);
+}
+
+}  // namespace fusedreg

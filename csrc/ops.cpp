@@ -1,0 +1,31 @@
+// The schemas of every fusedreg op, defined once. Implementations live in
+// csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu (TORCH_LIBRARY_IMPL per dispatch key);
+// fake functions and autograd live in fusedreg/ops/<op>.py.
+//
+// Conventions: tensors are made contiguous by the Python wrappers; a dropout seed is a
+// 0-dim int64 CPU tensor holding the 64 bits of the seed (read on the host, so a CUDA
+// kernel launch never waits on it); `activation` is the code of fusedreg/_activations.py.
+#include <Python.h>
+
+#include <torch/library.h>
+
+// Importing fusedreg._C runs the static registrations below; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(fusedreg, m) {
+  // ---- bias_dropout: out = residual + dropout(act(x + bias)) ----------------------------
+  m.def(
+      "bias_dropout_fwd(Tensor x, Tensor? bias, Tensor? residual, float p, int activation, "
+      "Tensor seed) -> Tensor");
+  // x is needed only with an activation; grad_bias is empty unless need_grad_bias.
+  m.def(
+      "bias_dropout_bwd(Tensor grad_out, Tensor? x, Tensor? bias, float p, int activation, "
+      "Tensor seed, bool need_grad_bias) -> (Tensor grad_x, Tensor grad_bias)");
+
+  // ---- layer_norm (LayerNorm, RMSNorm, dropout + residual + norm) -----------------------
+
+  // ---- optimizers ---------------------------------------------------------------------
+}

@@ -1,0 +1,26 @@
+"""fusedreg: fused regularization kernels for PyTorch.
+
+Dropout + bias (+ activation, + residual), LayerNorm/RMSNorm, and optimizer steps with
+decoupled weight decay and an L1 proximal step, each in one pass, in four backends
+(reference, cpu, triton, cuda). Importing never fails because the C++ extension, Triton or
+a GPU is missing: see ``backend_status()``.
+"""
+from . import backends
+from .backends import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    backend_status,
+    get_backend,
+    set_backend,
+    use_backend,
+)
+from . import ops  # noqa: F401  (registers the custom ops)
+from . import autograd, functional, nn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "BackendUnavailableError", "autograd", "available_backends", "backend_status",
+    "backends", "functional", "get_backend", "nn", "set_backend", "use_backend",
+]

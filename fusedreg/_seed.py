@@ -1,0 +1,24 @@
+"""Dropout seeds as 0-dim int64 CPU tensors (read on the host by every kernel launcher)."""
+from __future__ import annotations
+
+import torch
+
+from .reference.philox import seed_to_int64
+
+
+def seed_tensor(seed) -> torch.Tensor:
+    """The seed to pass to an op: ``seed`` if given, else a draw from torch's default CPU
+    generator, so that ``torch.manual_seed`` makes runs reproducible."""
+    if seed is None:
+        return torch.empty((), dtype=torch.int64).random_()
+    return torch.tensor(seed_to_int64(seed), dtype=torch.int64)
+
+
+def unused_seed() -> torch.Tensor:
+    """A placeholder for calls that draw no mask (p == 0): draws nothing."""
+    return torch.zeros((), dtype=torch.int64)
+
+
+def seed_value(seed: torch.Tensor) -> int:
+    """The seed's 64 bits as a Python int (signed)."""
+    return int(seed.item())

@@ -1,0 +1,4 @@
+"""The public autograd Functions, one per op, each over that op's registered custom ops."""
+from .ops.bias_dropout import BiasDropoutFunction
+
+__all__ = ["BiasDropoutFunction"]

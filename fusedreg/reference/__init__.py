@@ -1,0 +1,1 @@
+"""Pure-PyTorch implementations: the specification and the test oracle of every op."""

@@ -1,0 +1,88 @@
+"""bias_dropout in plain PyTorch: out = residual + dropout(act(x + bias)).
+
+Math in float32 (float64 for float64 inputs), one cast at the end; the mask is the §3
+function of fusedreg/reference/philox.py.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .philox import dropout_keep, dropout_scale
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def activate(z: torch.Tensor, activation: int) -> torch.Tensor:
+    if activation == 0:
+        return z
+    if activation == 1:
+        return torch.relu(z)
+    if activation == 2:
+        return F.gelu(z)
+    if activation == 3:
+        return F.gelu(z, approximate="tanh")
+    if activation == 4:
+        return F.silu(z)
+    raise ValueError(f"unknown activation code {activation}")
+
+
+def activate_grad(z: torch.Tensor, activation: int) -> torch.Tensor:
+    """d act(z) / dz, written out (the formulas of csrc/include/fusedreg/activation.h)."""
+    if activation == 0:
+        return torch.ones_like(z)
+    if activation == 1:
+        return (z > 0).to(z.dtype)
+    if activation == 2:
+        cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
+        return cdf + z * pdf
+    if activation == 3:
+        k = math.sqrt(2.0 / math.pi)
+        t = torch.tanh(k * (z + 0.044715 * z * z * z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * z * z)
+    if activation == 4:
+        s = torch.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    raise ValueError(f"unknown activation code {activation}")
+
+
+def _apply_dropout(v: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    if p <= 0.0:
+        return v
+    keep = dropout_keep(v.shape, p, seed, device=v.device)
+    return torch.where(keep, v * dropout_scale(p), torch.zeros((), dtype=v.dtype, device=v.device))
+
+
+def bias_dropout_fwd(x, bias, residual, p: float, activation: int, seed: int) -> torch.Tensor:
+    ct = compute_dtype(x.dtype)
+    z = x.to(ct)
+    if bias is not None:
+        z = z + bias.to(ct)
+    v = _apply_dropout(activate(z, activation), p, seed)
+    if residual is not None:
+        v = v + residual.to(ct)
+    out = v.to(x.dtype)
+    return out.clone() if out.data_ptr() == x.data_ptr() else out.contiguous()
+
+
+def bias_dropout_bwd(grad_out, x, bias, p: float, activation: int, seed: int, need_grad_bias: bool):
+    ct = compute_dtype(grad_out.dtype)
+    d = _apply_dropout(grad_out.to(ct), p, seed)
+    if activation != 0:
+        z = x.to(ct)
+        if bias is not None:
+            z = z + bias.to(ct)
+        d = d * activate_grad(z, activation)
+    grad_x = d.to(grad_out.dtype)
+    if grad_x.data_ptr() == grad_out.data_ptr():
+        grad_x = grad_x.clone()
+    if need_grad_bias:
+        grad_bias = d.reshape(-1, bias.shape[0]).sum(0).to(bias.dtype)
+    else:
+        grad_bias = grad_out.new_empty(0)
+    return grad_x.contiguous(), grad_bias

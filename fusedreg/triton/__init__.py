@@ -1,0 +1,1 @@
+"""Triton kernels. Imported lazily, only when the triton package is installed."""

@@ -1,0 +1,183 @@
+"""Triton kernels of bias_dropout: out = residual + dropout(act(x + bias)).
+
+Tiling: the (M, N) input is cut into BLOCK_M x BLOCK_N tiles, one program per tile on a 1-D
+grid. Without a bias the row length is irrelevant to the result (the mask indexes the flat
+tensor), so the launcher views the tensor as rows of a fixed "virtual" width, which keeps
+tiles full for any shape. When N % 4 == 0 each Philox call serves four adjacent columns
+(ALIGNED4); otherwise each element draws its own lane.
+
+Backward (z = x + bias, k = keep(i) * scale):
+    grad_x    = grad_out * k * act'(z)
+    grad_bias = sum over rows of grad_x, from fp32 per-program partials (n_row_programs, N)
+                summed in a fixed order on the host: bitwise deterministic.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.philox import dropout_scale
+from .activation import activate, activate_grad
+from .philox import dropout_uniform, dropout_uniform_x4
+
+_VIRTUAL_WIDTH = 1024
+
+
+@triton.jit
+def _tile(pid, n_col_blocks, M, N, total, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = pid // n_col_blocks
+    pid_n = pid % n_col_blocks
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_start = pid_n * BLOCK_N
+    cols = cols_start + tl.arange(0, BLOCK_N)
+    offs = rows[:, None] * N + cols[None, :]
+    mask = (rows[:, None] < M) & (cols[None, :] < N) & (offs < total)
+    return rows, cols_start, cols, offs, mask
+
+
+@triton.jit
+def _keep_scale(seed, rows, col_start, offs, N, p, scale, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, ALIGNED4: tl.constexpr):
+    """scale where the element is kept, 0 where dropped, for a (BLOCK_M, BLOCK_N) tile."""
+    if ALIGNED4:
+        # N % 4 == 0: columns 4j..4j+3 of a row share Philox counter (row * N + col_start) / 4 + j
+        cols4 = col_start + 4 * tl.arange(0, BLOCK_N // 4)
+        group = (rows[:, None] * N + cols4[None, :]) >> 2
+        u = dropout_uniform_x4(seed, group)
+    else:
+        u = dropout_uniform(seed, offs)
+    return tl.where(u >= p, scale, 0.0)
+
+
+@triton.jit
+def _bias_dropout_fwd_kernel(
+    X,  # (M, N) input
+    B,  # (N,) bias, if HAS_BIAS
+    R,  # (M, N) residual, if HAS_RESIDUAL
+    Y,  # (M, N) output
+    M, N, total, n_col_blocks,
+    p, scale, seed,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ACT: tl.constexpr, ALIGNED4: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows, cols_start, cols, offs, mask = _tile(tl.program_id(0), n_col_blocks, M, N, total, BLOCK_M, BLOCK_N)
+    ct = tl.float64 if IS_FP64 else tl.float32
+    z = tl.load(X + offs, mask=mask, other=0.0).to(ct)
+    if HAS_BIAS:
+        z += tl.load(B + cols, mask=cols < N, other=0.0).to(ct)[None, :]
+    v = activate(z, ACT)
+    if HAS_DROPOUT:
+        v = v * _keep_scale(seed, rows, cols_start, offs, N, p, scale, BLOCK_M, BLOCK_N, ALIGNED4).to(ct)
+    if HAS_RESIDUAL:
+        v += tl.load(R + offs, mask=mask, other=0.0).to(ct)
+    tl.store(Y + offs, v.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_dropout_bwd_kernel(
+    G,   # (M, N) grad_out
+    X,   # (M, N) input, if ACT != 0
+    B,   # (N,) bias, if HAS_BIAS and ACT != 0
+    GX,  # (M, N) grad_x
+    GB_PARTIAL,  # (n_row_programs, N) fp32 partial sums, if NEED_GRAD_BIAS
+    M, N, total, n_col_blocks, rows_per_program,
+    p, scale, seed,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEED_GRAD_BIAS: tl.constexpr,
+    ACT: tl.constexpr, ALIGNED4: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Program (pid_m, pid_n) covers rows [pid_m * rows_per_program, ...) in BLOCK_M steps.
+    pid = tl.program_id(0)
+    pid_m = pid // n_col_blocks
+    pid_n = pid % n_col_blocks
+    ct = tl.float64 if IS_FP64 else tl.float32
+    cols_start = pid_n * BLOCK_N
+    cols = cols_start + tl.arange(0, BLOCK_N)
+    if HAS_BIAS and ACT != 0:
+        b = tl.load(B + cols, mask=cols < N, other=0.0).to(ct)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    row0 = pid_m.to(tl.int64) * rows_per_program
+    for r in range(0, rows_per_program, BLOCK_M):
+        rows = row0 + r + tl.arange(0, BLOCK_M)
+        offs = rows[:, None] * N + cols[None, :]
+        mask = (rows[:, None] < M) & (cols[None, :] < N) & (offs < total)
+        d = tl.load(G + offs, mask=mask, other=0.0).to(ct)
+        if HAS_DROPOUT:
+            d = d * _keep_scale(seed, rows, cols_start, offs, N, p, scale, BLOCK_M, BLOCK_N, ALIGNED4).to(ct)
+        if ACT != 0:
+            z = tl.load(X + offs, mask=mask, other=0.0).to(ct)
+            if HAS_BIAS:
+                z += b[None, :]
+            d = d * activate_grad(z, ACT)
+        tl.store(GX + offs, d.to(GX.dtype.element_ty), mask=mask)
+        if NEED_GRAD_BIAS:
+            acc += tl.sum(tl.where(mask, d, 0.0).to(tl.float32), axis=0)
+    if NEED_GRAD_BIAS:
+        tl.store(GB_PARTIAL + pid_m * N + cols, acc, mask=cols < N)
+
+
+def _geometry(x, has_bias):
+    """(M, N) of the tiling: real rows with a bias, virtual rows without."""
+    total = x.numel()
+    if has_bias:
+        n = x.shape[-1]
+        return total // n, n
+    n = min(_VIRTUAL_WIDTH, max(4, triton.next_power_of_2(total)))
+    return triton.cdiv(total, n), n
+
+
+def _blocks(M, N):
+    block_n = min(1024, max(4, triton.next_power_of_2(N)))
+    block_m = max(1, min(4096 // block_n, triton.next_power_of_2(M)))
+    return block_m, block_n
+
+
+def bias_dropout_fwd(x, bias, residual, p: float, activation: int, seed: int) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    total = x.numel()
+    if total == 0:
+        return out
+    M, N = _geometry(x, bias is not None)
+    block_m, block_n = _blocks(M, N)
+    n_col_blocks = triton.cdiv(N, block_n)
+    grid = (triton.cdiv(M, block_m) * n_col_blocks,)
+    _bias_dropout_fwd_kernel[grid](
+        x, bias if bias is not None else x, residual.contiguous() if residual is not None else x, out,
+        M, N, total, n_col_blocks,
+        p, dropout_scale(p), seed,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=p > 0.0,
+        ACT=activation, ALIGNED4=(N % 4 == 0 and block_n >= 4), IS_FP64=x.dtype == torch.float64,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )
+    return out
+
+
+def bias_dropout_bwd(grad_out, x, bias, p: float, activation: int, seed: int, need_grad_bias: bool):
+    g = grad_out.contiguous()
+    gx = torch.empty_like(g, memory_format=torch.contiguous_format)
+    total = g.numel()
+    has_bias = bias is not None
+    if total == 0:
+        gb = torch.zeros_like(bias) if need_grad_bias else g.new_empty(0)
+        return gx, gb
+    M, N = _geometry(g, has_bias)
+    block_m, block_n = _blocks(M, N)
+    n_col_blocks = triton.cdiv(N, block_n)
+    # At most ~256 row programs, each walking its rows in BLOCK_M steps; the split depends on
+    # M and N only, so the partial sums (and grad_bias) are the same on every run.
+    rows_per_program = max(block_m, triton.cdiv(triton.cdiv(M, 256), block_m) * block_m)
+    n_row_programs = triton.cdiv(M, rows_per_program)
+    partial = (torch.empty((n_row_programs, N), dtype=torch.float32, device=g.device)
+               if need_grad_bias else gx)
+    xc = x.contiguous() if activation != 0 else g
+    _bias_dropout_bwd_kernel[(n_row_programs * n_col_blocks,)](
+        g, xc, bias if has_bias else g, gx, partial,
+        M, N, total, n_col_blocks, rows_per_program,
+        p, dropout_scale(p), seed,
+        HAS_BIAS=has_bias, HAS_DROPOUT=p > 0.0, NEED_GRAD_BIAS=need_grad_bias,
+        ACT=activation, ALIGNED4=(N % 4 == 0 and block_n >= 4), IS_FP64=g.dtype == torch.float64,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )
+    gb = partial.sum(0).to(bias.dtype) if need_grad_bias else g.new_empty(0)
+    return gx, gb

@@ -1,0 +1,31 @@
+"""Tolerances of the tests, per dtype, each with its reason.
+
+The rule (DESIGN.md §4): a fused result's error against a float64 reference is at most
+``FACTOR`` times the error of PyTorch's own eager op at the same dtype, plus ``atol``.
+Where an op has no PyTorch twin (bias_dropout is compared with the fp32-math reference),
+the (atol, rtol) below bound the difference of two fp32-math implementations rounded once
+to the output dtype.
+"""
+import torch
+
+FACTOR = 2.0
+
+# Same math in fp32 on both sides, one final rounding each: outputs may differ by one
+# rounding of the output dtype (bf16: 2^-8 relative, fp16: 2^-11) plus fp32 noise from a
+# different evaluation order of erf/tanh/exp (~1e-6 relative).
+ELEMENTWISE = {
+    torch.float64: dict(atol=1e-12, rtol=1e-10),  # libm vs torch's vectorized transcendental
+    torch.float32: dict(atol=1e-6, rtol=1e-5),   # erff/expf of different libraries, ~4 ulp
+    torch.float16: dict(atol=1e-3, rtol=1e-3),   # one fp16 rounding (2^-11 ≈ 4.9e-4) each side
+    torch.bfloat16: dict(atol=1e-2, rtol=8e-3),  # one bf16 rounding (2^-8 ≈ 3.9e-3) each side;
+                                                 # the Triton interpreter truncates (TOOLCHAIN.md)
+}
+
+# A sum over many rows (grad of a bias, of a norm weight) in fp32, in a different order:
+# relative error grows like sqrt(rows) * 2^-24; the output rounding dominates below fp32.
+REDUCTION = {
+    torch.float64: dict(atol=1e-10, rtol=1e-9),
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=5e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=5e-2, rtol=1.6e-2),
+}
