@@ -1,0 +1,1 @@
+"""The benchmark suite: ``python -m fusedreg.bench`` (console script ``fusedreg-bench``)."""
