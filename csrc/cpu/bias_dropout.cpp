@@ -225,9 +225,18 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_bwd_cpu(
   return {gx, gb};
 }
 
+at::Tensor dropout_uniform_cpu(const at::Tensor& seed, int64_t start, int64_t count,
+                               const at::Tensor& device_like) {
+  TORCH_CHECK(start >= 0 && count >= 0, "fusedreg::dropout_uniform: start and count must be >= 0");
+  at::Tensor u = at::empty({count}, device_like.options().dtype(at::kFloat));
+  fill_uniforms(static_cast<uint64_t>(seed.item<int64_t>()), start, count, u.mutable_data_ptr<float>());
+  return u;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedreg, CPU, m) {
+  m.impl("dropout_uniform", &dropout_uniform_cpu);
   m.impl("bias_dropout_fwd", &bias_dropout_fwd_cpu);
   m.impl("bias_dropout_bwd", &bias_dropout_bwd_cpu);
 }
