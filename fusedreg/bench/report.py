@@ -111,9 +111,9 @@ def to_record(row: Row, meta: dict) -> dict:
     rec = dict(meta)
     rec.update({
         "op": row.op, "case": row.case, "dtype": row.dtype, "impl": row.impl, "pass": row.pass_,
-        "median_ms": f"{row.median_ms:.4f}", "p10_ms": f"{row.p10_ms:.4f}",
-        "p90_ms": f"{row.p90_ms:.4f}", "bytes": row.bytes, "gbps": f"{row.gbps:.2f}",
-        "frac_copy_bw": f"{row.frac_copy_bw:.4f}",
+        "median_ms": f"{row.median_ms:.6g}", "p10_ms": f"{row.p10_ms:.6g}",
+        "p90_ms": f"{row.p90_ms:.6g}", "bytes": row.bytes, "gbps": f"{row.gbps:.5g}",
+        "frac_copy_bw": f"{row.frac_copy_bw:.5g}",
         "saved_bytes": "" if row.saved_bytes is None else row.saved_bytes, "note": row.note,
         "speedup": ";".join(f"{k}={v:.3f}" for k, v in row.speedup.items()),
     })
