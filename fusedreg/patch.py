@@ -9,11 +9,21 @@ is referenced (Sequential, ModuleList, ModuleDict, plain attributes, shared modu
 Only exact torch classes are swapped: a user subclass may override ``forward`` and is left
 alone. ``fusedreg.unpatch(model)`` swaps back what ``patch`` swapped.
 
+With ``rms_norm=True``, the Llama-style RMSNorm classes of Hugging Face transformers
+(``LlamaRMSNorm``, ``MistralRMSNorm``, ``Qwen2RMSNorm``, ...: ``weight * x / rms(x)`` with the
+statistics in fp32) are replaced too. They are not torch.nn.RMSNorm subclasses, so each is
+rebuilt as a fusedreg RMSNorm holding the SAME weight Parameter (``state_dict`` key "weight"
+unchanged) and put in its parent's place; ``unpatch`` puts the original object back. A class
+qualifies only if its ``forward`` is, line for line, LlamaRMSNorm's: GemmaRMSNorm
+(``1 + weight``) and the like are left alone.
+
 The fusedreg classes are looked up in ``fusedreg.nn`` at call time, so a build that does not
 have one of them yet simply leaves those torch modules as they are (and says so in the log).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 
 from torch import nn
@@ -35,8 +45,15 @@ _TARGETS = {
 }
 OPTIONS = tuple(_TARGETS)
 
-# Set on each swapped module: (the torch class it was, attributes patch added to it).
+# Set on each swapped module: (the class it was, attributes patch added to it, and the
+# original object when patch rebuilt the module instead of swapping its class).
 _MARK = "_fusedreg_patched_from"
+
+
+def _class_name(cls: type) -> str:
+    if cls.__module__.startswith("torch.nn"):
+        return f"torch.nn.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _check_model(model, fn: str) -> None:
@@ -74,7 +91,57 @@ def _swap(module: nn.Module, option: str, cls: type) -> None:
     for k in added:
         module.__dict__[k] = vars(template)[k]
     module.__class__ = cls
-    module.__dict__[_MARK] = (torch_cls, added)
+    module.__dict__[_MARK] = (torch_cls, added, None)
+
+
+@functools.lru_cache(maxsize=None)
+def _llama_rmsnorm_forward():
+    """Source of transformers' LlamaRMSNorm.forward, the one semantics rebuilt as RMSNorm."""
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        return inspect.getsource(LlamaRMSNorm.forward)
+    except Exception:  # transformers missing or changed: rebuild nothing
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _is_llama_style_class(cls: type) -> bool:
+    if not (cls.__module__.startswith("transformers.") and cls.__name__.endswith("RMSNorm")):
+        return False
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return source == _llama_rmsnorm_forward()
+
+
+def _is_llama_style_rmsnorm(module: nn.Module) -> bool:
+    weight = module._parameters.get("weight")
+    return (set(module._parameters) == {"weight"} and weight is not None and weight.dim() == 1
+            and not module._buffers and not module._modules
+            and isinstance(getattr(module, "variance_epsilon", None), float)
+            and _is_llama_style_class(type(module)))
+
+
+def _rebuild_rmsnorm(module: nn.Module, cls: type) -> nn.Module:
+    """A fusedreg RMSNorm computing what the Llama-style ``module`` computes, holding the same
+    weight Parameter and the same hooks."""
+    new = cls(tuple(module.weight.shape), eps=module.variance_epsilon, elementwise_affine=True,
+              device="meta")
+    new.weight = module.weight
+    new.train(module.training)
+    for hooks in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"):
+        getattr(new, hooks).update(getattr(module, hooks))
+    new.__dict__[_MARK] = (type(module), (), module)
+    return new
+
+
+def _replace_child(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Puts ``new`` wherever ``old`` is a child in ``model`` (shared modules included)."""
+    for parent in model.modules():
+        for key, child in parent._modules.items():
+            if child is old:
+                parent._modules[key] = new
 
 
 def patch(model: nn.Module, layer_norm: bool = True, rms_norm: bool = True, dropout: bool = True,
@@ -104,16 +171,23 @@ def patch(model: nn.Module, layer_norm: bool = True, rms_norm: bool = True, drop
             else:
                 classes[option] = cls
 
-    replaced = []
-    for name, module in model.named_modules(remove_duplicate=True):
+    replaced, rebuilt = [], []
+    for name, module in list(model.named_modules(remove_duplicate=True)):
         for option, cls in classes.items():
             torch_cls = _TARGETS[option][0]
             if type(module) is torch_cls:
                 _swap(module, option, cls)
                 replaced.append((name, torch_cls, cls))
                 break
+        else:
+            if "rms_norm" in classes and name and _is_llama_style_rmsnorm(module):
+                rebuilt.append((name, module))
+    for name, module in rebuilt:
+        new = _rebuild_rmsnorm(module, classes["rms_norm"])
+        _replace_child(model, module, new)
+        replaced.append((name, type(module), type(new)))
     for name, old, new in replaced:
-        log.info("%s: torch.nn.%s -> fusedreg.nn.%s", name or "<model>", old.__name__, new.__name__)
+        log.info("%s: %s -> fusedreg.nn.%s", name or "<model>", _class_name(old), new.__name__)
     for option in missing:
         torch_cls = _TARGETS[option][0]
         if any(type(m) is torch_cls for m in model.modules()):
@@ -127,24 +201,27 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Restores the torch classes of the modules that ``patch`` swapped; returns ``model``."""
     _check_model(model, "unpatch")
     restored = 0
-    for name, module in model.named_modules(remove_duplicate=True):
+    for name, module in list(model.named_modules(remove_duplicate=True)):
         mark = module.__dict__.pop(_MARK, None)
         if mark is None:
             continue
-        torch_cls, added = mark
+        original_cls, added, original = mark
         fused_cls = type(module)
-        for k in added:
-            module.__dict__.pop(k, None)
-        module.__class__ = torch_cls
+        if original is not None:  # rebuilt: the original object goes back in its place
+            _replace_child(model, module, original)
+        else:
+            for k in added:
+                module.__dict__.pop(k, None)
+            module.__class__ = original_cls
         restored += 1
-        log.info("%s: fusedreg.nn.%s -> torch.nn.%s", name or "<model>", fused_cls.__name__,
-                 torch_cls.__name__)
+        log.info("%s: fusedreg.nn.%s -> %s", name or "<model>", fused_cls.__name__,
+                 _class_name(original_cls))
     log.info("fusedreg.unpatch: restored %d module(s) in %s", restored, type(model).__name__)
     return model
 
 
 def patched_modules(model: nn.Module) -> dict[str, tuple[type, type]]:
-    """{qualified name: (torch class, fusedreg class)} of the modules ``patch`` swapped."""
+    """{qualified name: (original class, fusedreg class)} of the modules ``patch`` replaced."""
     _check_model(model, "patched_modules")
     return {name: (m.__dict__[_MARK][0], type(m)) for name, m in model.named_modules()
             if _MARK in m.__dict__}
