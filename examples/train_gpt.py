@@ -226,9 +226,11 @@ def write_outputs(results, out):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=200)
+    gpu = torch.cuda.is_available()
+    p.add_argument("--steps", type=int, default=300 if gpu else 60,
+                   help="training steps per run (default 300 on a GPU, 60 on CPU)")
     p.add_argument("--warmup", type=int, default=3, help="steps left out of tokens/s")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=16 if gpu else 8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--width", type=int, default=384)
@@ -238,7 +240,7 @@ def parse_args(argv):
     p.add_argument("--l1", type=float, default=0.0, help="L1 strength of fusedreg.optim.AdamW")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--runs", nargs="+", choices=RUNS, default=["torch", "fusedreg"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if gpu else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-batches", type=int, default=4)
     p.add_argument("--out", default=os.path.join("results", "train_gpt"))

@@ -138,8 +138,8 @@ def benchmark(ctx: Context) -> list[Row]:
 
 def _case(ctx, M, N, activation, dtype, fused) -> list[Row]:
     case = f"{M}x{N} {activation + '+' if activation else ''}bias+res p={P}"
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    make = lambda *shape: (torch.randn(*shape, generator=gen) + 0.5).to(ctx.device, dtype)
+    gen = torch.Generator(device=ctx.device).manual_seed(0)
+    make = lambda *shape: (torch.randn(*shape, generator=gen, device=ctx.device) + 0.5).to(dtype)
     inputs = tuple(t.requires_grad_() for t in (make(M, N), make(N), make(M, N)))
     grad = make(M, N)
     nbytes = minimal_bytes(M, N, inputs[0].element_size(), activation)
