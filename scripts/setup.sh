@@ -25,7 +25,7 @@ if [ "${CI:-}" = "true" ] && [ -n "${CUDA_HOME:-}" ] && [ -z "${FUSEDREG_BUILD_C
   export FUSEDREG_BUILD_CUDA=1
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-if ! python -m pip install --no-build-isolation --no-deps -e . > .venv/build.log 2>&1; then
+if ! python -m pip install -v --no-build-isolation --no-deps -e . > .venv/build.log 2>&1; then
   tail -n 60 .venv/build.log
   echo "fusedreg build failed (full log: .venv/build.log)" >&2
   exit 1
