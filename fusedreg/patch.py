@@ -151,7 +151,7 @@ def patch(model: nn.Module, layer_norm: bool = True, rms_norm: bool = True, drop
 
     Each option switches one kind off when False. Patching twice changes nothing. What was
     replaced is logged on the ``fusedreg.patch`` logger (INFO) and listed by
-    ``fusedreg.patch.patched_modules(model)``.
+    ``patched_modules(model)`` (``from fusedreg.patch import patched_modules``).
     """
     if unknown:
         raise TypeError(f"fusedreg.patch: unknown option(s) {', '.join(map(repr, unknown))}; "
