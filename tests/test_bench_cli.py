@@ -180,3 +180,22 @@ def test_thin_script_passes_its_arguments_to_the_driver():
     done = subprocess.run([sys.executable, script, "--ops", "no_such_op"], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+def test_failing_torch_compile_is_skipped_with_a_note(tmp_path, monkeypatch, capsys):
+    def broken_compile(*args, **kwargs):
+        def fn(*a, **k):
+            raise RuntimeError("no C++ compiler for inductor")
+        return fn
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    argv = ["--ops", "bias_dropout", "--sizes", "8x16", "--csv", str(tmp_path / "b.csv"),
+            "--no-plots", *TINY]
+    assert main(argv) == 0
+    assert "torch.compile failed: RuntimeError: no C++ compiler" in capsys.readouterr().out
+    rows = read_rows(tmp_path / "b.csv")
+    skipped = [r for r in rows if r["impl"] == "torch.compile"]
+    assert len(skipped) == 3 and all(math.isnan(float(r["median_ms"])) for r in skipped)
+    for r in rows:
+        if r["impl"].startswith("fusedreg"):
+            assert set(report.parse_speedup(r["speedup"])) == {"torch eager"}

@@ -144,16 +144,21 @@ def _case(ctx, M, N, activation, dtype, fused) -> list[Row]:
     grad = make(M, N)
     nbytes = minimal_bytes(M, N, inputs[0].element_size(), activation)
 
+    def measure(impl, fn, note=""):
+        try:
+            return _measure(ctx, case, dtype, impl, fn, inputs, grad, nbytes, note=note)
+        except Exception as e:  # one broken candidate must not hide the others' results
+            return _skipped(ctx, case, dtype, impl, f"failed: {type(e).__name__}: {_first_line(e)}", nbytes)
+
     rows = []
     for backend in fused:
-        rows += _measure(ctx, case, dtype, f"fusedreg[{backend}]", _fused(backend, activation),
-                         inputs, grad, nbytes)
+        rows += measure(f"fusedreg[{backend}]", _fused(backend, activation))
     if not fused:
-        rows += _measure(ctx, case, dtype, "fusedreg[reference]", _fused("reference", activation),
-                         inputs, grad, nbytes, note="no fused backend built for this device")
+        rows += measure("fusedreg[reference]", _fused("reference", activation),
+                        note="no fused backend built for this device")
 
     eager = _eager(activation)
-    rows += _measure(ctx, case, dtype, "torch eager", eager, inputs, grad, nbytes)
+    rows += measure("torch eager", eager)
 
     # torch.compile of the same expression: compiled (forward and backward graphs) before
     # timing; a fresh dynamo cache per case keeps the recompile limit out of the way and
@@ -165,8 +170,12 @@ def _case(ctx, M, N, activation, dtype, fused) -> list[Row]:
         torch.autograd.grad(compiled(*inputs), inputs, grad)
         note = f"compiled in {time.perf_counter() - t0:.0f} s"
     except Exception as e:  # compile needs a working C++/Triton toolchain: skip, say why
-        msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
         return rows + _skipped(ctx, case, dtype, "torch.compile",
-                               f"torch.compile failed: {type(e).__name__}: {msg}", nbytes)
-    rows += _measure(ctx, case, dtype, "torch.compile", compiled, inputs, grad, nbytes, note=note)
+                               f"torch.compile failed: {type(e).__name__}: {_first_line(e)}", nbytes)
+    rows += measure("torch.compile", compiled, note=note)
     return rows
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:120] if text else ""
