@@ -14,7 +14,8 @@ the same batches; they differ only in
 
 Dropout masks come from different generators, so the two loss curves agree only up to
 seed-to-seed noise (``--runs`` can add a second torch seed to show its size). Reported per
-run: tokens/s (after the warm-up steps), peak memory (CUDA: max allocated; everywhere: the
+run: tokens/s (after the warm-up steps; on CPU the runs' steps are interleaved so that other
+load on the machine slows them alike), peak memory (CUDA: max allocated; everywhere: the
 activation bytes autograd saves in one training forward, measured with saved-tensor hooks),
 and the loss curve (CSV + PNG under ``--out``).
 """
@@ -148,50 +149,84 @@ def saved_activation_bytes(model, x, y) -> int:
     return sum(seen.values())
 
 
-def train(run, base_model, data, args, device):
-    model = copy.deepcopy(base_model).to(device)
-    notes = []
-    if run.startswith("fusedreg"):
-        fusedreg.patch(model)
-        notes.append(f"patched {len(sys.modules['fusedreg.patch'].patched_modules(model))} modules")
-    opt, note = make_optimizer(run, model, args)
-    notes += [note] if note else []
-    step_fn = torch.compile(model) if run.endswith("compile") else model
-    torch.manual_seed(args.seed + (1 if run == "torch.seed2" else 0))  # the dropout masks' seed
-    model.train()
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16
-                else torch.autocast(device.type, enabled=False))
-    batches = data.batches(args.batch, args.seq, seed=args.seed)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    losses, times = [], []
-    for step in range(args.steps):
-        x, y = next(batches)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+class Run:
+    """One training run. Its dropout masks come from its own copy of torch's RNG state, so
+    runs can be stepped in turn (interleaved) and still each see the masks it would alone."""
+
+    def __init__(self, run, base_model, data, args, device):
+        self.run, self.args, self.device, self.data = run, args, device, data
+        self.model = copy.deepcopy(base_model).to(device)
+        notes = []
+        if run.startswith("fusedreg"):
+            fusedreg.patch(self.model)
+            notes.append(f"patched {len(sys.modules['fusedreg.patch'].patched_modules(self.model))} modules")
+        self.opt, note = make_optimizer(run, self.model, args)
+        self.notes = "; ".join(notes + ([note] if note else []))
+        self.step_fn = torch.compile(self.model) if run.endswith("compile") else self.model
+        torch.manual_seed(args.seed + (1 if run == "torch.seed2" else 0))  # the dropout masks' seed
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.autocast = lambda: (torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16
+                                 else torch.autocast(device.type, enabled=False))
+        self.batches = data.batches(args.batch, args.seq, seed=args.seed)
+        self.losses, self.times = [], []
+        self.model.train()
+
+    def step(self):
+        x, y = next(self.batches)
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, self.device)
+            torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
-        with autocast:
-            loss = step_fn(x, y)
-        opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = self.step_fn(x, y)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        losses.append(loss.item())  # .item() synchronizes
-        times.append(time.perf_counter() - t0)
-    timed = times[args.warmup:] or times
-    result = {
-        "run": run, "losses": losses, "times": times,
-        "tokens_per_s": args.batch * args.seq * len(timed) / sum(timed),
-        "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else None,
-        "notes": "; ".join(notes),
-    }
-    x, y = next(batches)
-    with autocast:
-        result["saved_mb"] = saved_activation_bytes(model, x, y) / 1e6
-    model.eval()
-    with torch.no_grad(), autocast:
-        vb = data.batches(args.batch, args.seq, seed=1234, split="val")
-        result["val_loss"] = sum(model(*next(vb)).item() for _ in range(args.val_batches)) / args.val_batches
-    return result
+        self.opt.step()
+        self.losses.append(loss.item())  # .item() synchronizes
+        self.times.append(time.perf_counter() - t0)
+        self.rng = torch.get_rng_state()
+        if self.cuda_rng is not None:
+            self.cuda_rng = torch.cuda.get_rng_state(self.device)
+
+    def result(self, peak_cuda_mb=None):
+        args = self.args
+        timed = self.times[args.warmup:] or self.times
+        out = {"run": self.run, "losses": self.losses, "times": self.times, "notes": self.notes,
+               "tokens_per_s": args.batch * args.seq * len(timed) / sum(timed),
+               "peak_cuda_mb": peak_cuda_mb}
+        x, y = next(self.batches)
+        with self.autocast():
+            out["saved_mb"] = saved_activation_bytes(self.model, x, y) / 1e6
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            vb = self.data.batches(args.batch, args.seq, seed=1234, split="val")
+            out["val_loss"] = sum(self.model(*next(vb)).item() for _ in range(args.val_batches)) / args.val_batches
+        return out
+
+
+def train_all(base, data, args, device):
+    """Sequential runs on a GPU (each run's peak memory is its own); interleaved steps on a CPU
+    (default), so that other load on a shared machine slows every run alike."""
+    if args.interleave:
+        runs = [Run(name, base, data, args, device) for name in args.runs]
+        for _ in range(args.steps):
+            for r in runs:
+                r.step()
+        return [r.result() for r in runs]
+    results = []
+    for name in args.runs:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        r = Run(name, base, data, args, device)
+        for _ in range(args.steps):
+            r.step()
+        peak = torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else None
+        results.append(r.result(peak))
+        del r
+    return results
 
 
 def write_outputs(results, out):
@@ -242,6 +277,9 @@ def parse_args(argv):
     p.add_argument("--runs", nargs="+", choices=RUNS, default=["torch", "fusedreg"])
     p.add_argument("--device", default="cuda" if gpu else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=not gpu,
+                   help="step the runs in turn (default on CPU; on a GPU runs go one after "
+                        "the other so that each peak memory is its own)")
     p.add_argument("--val-batches", type=int, default=4)
     p.add_argument("--out", default=os.path.join("results", "train_gpt"))
     args = p.parse_args(argv)
@@ -259,10 +297,9 @@ def main(argv=None):
     n_params = sum(p.numel() for p in base.parameters())
     print(f"GPT {args.layers}x{args.width}, {n_params / 1e6:.2f}M parameters, vocab {data.vocab}, "
           f"{len(data.train)} training chars, batch {args.batch}x{args.seq}, {args.steps} steps on {device}")
-    results = []
-    for run in args.runs:
-        r = train(run, base, data, args, device)
-        results.append(r)
+    results = train_all(base, data, args, device)
+    for r in results:
+        run = r["run"]
         tail = r["losses"][-min(10, len(r["losses"])):]
         print(f"{run:>16}: {r['tokens_per_s']:9.0f} tokens/s  saved activations {r['saved_mb']:8.1f} MB"
               + (f"  peak CUDA {r['peak_cuda_mb']:8.1f} MB" if r["peak_cuda_mb"] is not None else "")

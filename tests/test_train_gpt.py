@@ -40,3 +40,12 @@ def test_without_dropout_both_runs_start_from_the_same_loss(tmp_path):
     results = load_example().main(TINY + ["--dropout", "0", "--steps", "1", "--out", str(tmp_path)])
     first = [torch.tensor(r["losses"][0]) for r in results]
     torch.testing.assert_close(first[1], first[0], **PATCHED_MODEL[torch.float32])
+
+
+def test_interleaved_runs_see_the_same_masks_as_runs_alone(tmp_path):
+    # each run keeps its own RNG state: stepping the runs in turn changes no run's losses
+    example = load_example()
+    alone = example.main(TINY + ["--no-interleave", "--out", str(tmp_path / "a")])
+    interleaved = example.main(TINY + ["--interleave", "--out", str(tmp_path / "b")])
+    for a, b in zip(alone, interleaved):
+        assert a["run"] == b["run"] and a["losses"] == b["losses"]
