@@ -117,6 +117,9 @@ def build_parser(ops: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--no-csv", action="store_true", help="do not write the CSV")
     p.add_argument("--no-plots", action="store_true", help="do not draw plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--replot", metavar="CSV", default=None,
+                   help="measure nothing: redraw the plots of the last run in CSV (into --plots, "
+                        "default the CSV's folder)")
     return p
 
 
@@ -176,6 +179,13 @@ def main(argv=None) -> int:
     for name, why in broken.items():
         print(f"warning: benchmark module fusedreg.bench.{name} cannot be imported, skipped: {why}",
               file=sys.stderr)
+    if args.replot:
+        if not os.path.isfile(args.replot):
+            print(f"error: --replot: no such file {args.replot}", file=sys.stderr)
+            return 2
+        written = report.plot_csv(args.replot, args.plots or os.path.dirname(os.path.abspath(args.replot)))
+        print("plots: " + (", ".join(written) if written else "none (matplotlib missing or no rows)"))
+        return 0
     if not modules:
         print("error: no benchmark modules found in fusedreg.bench", file=sys.stderr)
         return 2
