@@ -81,31 +81,40 @@ FUSEDREG_CPU_CLONES void forward_segment(const scalar_t* __restrict x, const sca
   }
 }
 
-template <typename scalar_t, Activation A>
-void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* residual,
-                    scalar_t* out, Rows rows, float p, uint64_t seed) {
-  using acc_t = at::opmath_type<scalar_t>;
+// Runs fn(i, col, len, u, zeros) over the tensor in parallel, one row segment at a time:
+// elements [i, i + len) lie in one row starting at column col, u points at their uniforms
+// (all ones without dropout) and zeros at len zeros (the stand-in for a missing operand).
+template <typename scalar_t, typename Fn>
+void for_each_row_segment(Rows rows, bool dropout, uint64_t seed, const Fn& fn) {
   const int64_t total = rows.M * rows.N;
-  const bool dropout = p > 0.0f;
-  const acc_t scale = dropout ? static_cast<acc_t>(dropout_scale(p)) : acc_t(1);
   at::parallel_for(0, (total + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
     Scratch<scalar_t> scratch;
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t start = chunk * kChunk;
       const int64_t len = std::min(kChunk, total - start);
       const float* u = scratch.uniforms(dropout, seed, start, len);
-      // Walk the chunk one row segment at a time so that the bias index is a plain offset.
       int64_t j = 0;
       int64_t col = start % rows.N;
       while (j < len) {
         const int64_t seg = std::min(len - j, rows.N - col);
-        forward_segment<scalar_t, A>(x + start + j, bias ? bias + col : scratch.zeros,
-                                     residual ? residual + start + j : scratch.zeros, u + j,
-                                     out + start + j, seg, p, scale);
+        fn(start + j, col, seg, u + j, scratch.zeros);
         j += seg;
         col = 0;
       }
     }
+  });
+}
+
+template <typename scalar_t, Activation A>
+void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* residual,
+                    scalar_t* out, Rows rows, float p, uint64_t seed) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const bool dropout = p > 0.0f;
+  const acc_t scale = dropout ? static_cast<acc_t>(dropout_scale(p)) : acc_t(1);
+  for_each_row_segment<scalar_t>(rows, dropout, seed, [&](int64_t i, int64_t col, int64_t len,
+                                                          const float* u, const scalar_t* zeros) {
+    forward_segment<scalar_t, A>(x + i, bias ? bias + col : zeros, residual ? residual + i : zeros,
+                                 u, out + i, len, p, scale);
   });
 }
 
@@ -136,24 +145,10 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
   const bool dropout = p > 0.0f;
   const acc_t scale = dropout ? static_cast<acc_t>(dropout_scale(p)) : acc_t(1);
   if (grad_bias == nullptr) {
-    const int64_t total = rows.M * rows.N;
-    at::parallel_for(0, (total + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> scratch;
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int64_t start = chunk * kChunk;
-        const int64_t len = std::min(kChunk, total - start);
-        const float* u = scratch.uniforms(dropout, seed, start, len);
-        int64_t j = 0;
-        int64_t col = start % rows.N;
-        while (j < len) {
-          const int64_t seg = std::min(len - j, rows.N - col);
-          backward_segment<scalar_t, A>(g + start + j, x ? x + start + j : nullptr,
-                                        bias ? bias + col : scratch.zeros, u + j, gx + start + j,
-                                        seg, p, scale, nullptr);
-          j += seg;
-          col = 0;
-        }
-      }
+    for_each_row_segment<scalar_t>(rows, dropout, seed, [&](int64_t i, int64_t col, int64_t len,
+                                                            const float* u, const scalar_t* zeros) {
+      backward_segment<scalar_t, A>(g + i, x ? x + i : nullptr, bias ? bias + col : zeros, u,
+                                    gx + i, len, p, scale, nullptr);
     });
     return;
   }
