@@ -24,6 +24,9 @@ TORCH_LIBRARY(fusedreg, m) {
   m.def(
       "bias_dropout_bwd(Tensor grad_out, Tensor? x, Tensor? bias, float p, int activation, "
       "Tensor seed, bool need_grad_bias) -> (Tensor grad_x, Tensor grad_bias)");
+  // The mask's uniforms u(seed, i) for i in [start, start + count), float32 on `device_like`'s
+  // device: lets tests check the kernels' Philox at any index (e.g. beyond 2^34) cheaply.
+  m.def("dropout_uniform(Tensor seed, int start, int count, Tensor device_like) -> Tensor");
 
   // ---- layer_norm (LayerNorm, RMSNorm, dropout + residual + norm) -----------------------
 
