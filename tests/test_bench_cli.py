@@ -203,3 +203,11 @@ def test_failing_torch_compile_is_skipped_with_a_note(tmp_path, monkeypatch, cap
     for r in rows:
         if r["impl"].startswith("fusedreg"):
             assert set(report.parse_speedup(r["speedup"])) == {"torch eager"}
+
+
+def test_parse_sizes():
+    from fusedreg.bench.__main__ import parse_sizes
+
+    assert parse_sizes("4096x1024, 8192X1024") == [(4096, 1024), (8192, 1024)]
+    assert parse_sizes("16777216") == [16777216]  # an element count stays a number
+    assert parse_sizes("2x3x4,7") == [(2, 3, 4), 7]
