@@ -211,3 +211,20 @@ def test_parse_sizes():
     assert parse_sizes("4096x1024, 8192X1024") == [(4096, 1024), (8192, 1024)]
     assert parse_sizes("16777216") == [16777216]  # an element count stays a number
     assert parse_sizes("2x3x4,7") == [(2, 3, 4), 7]
+
+
+def test_spread_stays_within_the_observed_times(monkeypatch):
+    # a fake clock: each call of fn takes the next of these durations (s); the default
+    # quantile method would put p10 below the fastest run (negative here)
+    from fusedreg.bench import harness
+
+    durations = iter([0.005, 0.001, 0.009, 0.001, 0.001, 0.001])
+    now = [0.0]
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: now[0])
+
+    def fn():
+        now[0] += next(durations)
+
+    t = harness.time_fn(fn, torch.device("cpu"), min_reps=6, max_reps=6, warmup=0, budget_s=0)
+    assert t.reps == 6
+    assert 1.0 - 1e-9 <= t.p10_ms <= t.median_ms <= t.p90_ms <= 9.0 + 1e-9
