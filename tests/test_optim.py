@@ -276,6 +276,33 @@ def test_resume_is_bit_identical(backend, cls, kw):
     _assert_params(a, c, atol=0.0, rtol=0.0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_momentum_state_dict_exchange_with_torch(backend):
+    kw = dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01)
+    n = 20 if backend != "triton" else 6
+    # torch -> fusedreg
+    a = _model()
+    ta = torch.optim.SGD(a.parameters(), foreach=False, **kw)
+    _train(a, ta, n)
+    b = copy.deepcopy(a)
+    fb = fo.SGD(b.parameters(), **kw)
+    fb.load_state_dict(_roundtrip(ta.state_dict()))
+    _train(a, ta, n)
+    with fusedreg.use_backend(backend):
+        _train(b, fb, n)
+    _assert_params(a, b, **_tol(backend, torch.float32))
+    # fusedreg -> torch
+    sd = _roundtrip(fb.state_dict())
+    assert set(sd["state"][0]) == {"momentum_buffer"}
+    c = copy.deepcopy(b)
+    tc = torch.optim.SGD(c.parameters(), foreach=False, **kw)
+    tc.load_state_dict(sd)
+    _train(c, tc, n)
+    with fusedreg.use_backend(backend):
+        _train(b, fb, n)
+    _assert_params(c, b, **_tol(backend, torch.float32))
+
+
 def test_sgd_state_matches_torch_layout():
     a, b = _model(), _model()
     ta = torch.optim.SGD(a.parameters(), lr=1e-2, foreach=False)
