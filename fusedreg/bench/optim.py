@@ -35,8 +35,9 @@ def gpt2_shapes(d: int, n_layer: int, vocab: int, n_ctx: int) -> list[tuple[int,
 def _cases(ctx: Context):
     gpu = ctx.device.type == "cuda"
     big = 64 * 2**20 if gpu else 16 * 2**20
-    if ctx.sizes:  # --sizes: the single tensor's shape(s); the GPT-2-like list stays
-        big = torch.Size(ctx.sizes[0]).numel()
+    if ctx.sizes:  # --sizes: the single tensor's element count (or shape); the list stays
+        s = ctx.sizes[0]
+        big = s if isinstance(s, int) else torch.Size(s).numel()
     if ctx.quick:
         big //= 4
     # GPT-2 small: d=768, vocab 50257 (124M). CPU: d=288, vocab 12288 (~15.7M), same 148 tensors.
