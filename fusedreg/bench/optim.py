@@ -42,7 +42,8 @@ def _cases(ctx: Context):
         big //= 4
     # GPT-2 small: d=768, vocab 50257 (124M). CPU: d=288, vocab 12288 (~15.7M), same 148 tensors.
     gpt = gpt2_shapes(768, 12, 50257, 1024) if gpu else gpt2_shapes(288, 12, 12288, 1024)
-    return [(f"1 tensor {big / 2**20:.0f}M", [(big,)]),
+    label = f"{big / 2**20:.0f}M" if big % 2**20 == 0 else f"{big:,}"
+    return [(f"1 tensor {label}", [(big,)]),
             (f"gpt2-like {len(gpt)} tensors {sum(torch.Size(s).numel() for s in gpt) / 1e6:.1f}M", gpt)]
 
 
