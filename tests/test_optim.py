@@ -10,7 +10,7 @@ import torch
 import fusedreg
 import fusedreg.optim as fo
 from fusedreg.ops import optim as optim_ops
-from conftest import cpu_backends
+from conftest import cpu_backends, gpu_backends, requires_cuda
 from tolerances import OPTIM_LOWP, OPTIM_PARITY
 
 BACKENDS = cpu_backends("optim")
@@ -276,6 +276,33 @@ def test_resume_is_bit_identical(backend, cls, kw):
     _assert_params(a, c, atol=0.0, rtol=0.0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_momentum_state_dict_exchange_with_torch(backend):
+    kw = dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01)
+    n = 20 if backend != "triton" else 6
+    # torch -> fusedreg
+    a = _model()
+    ta = torch.optim.SGD(a.parameters(), foreach=False, **kw)
+    _train(a, ta, n)
+    b = copy.deepcopy(a)
+    fb = fo.SGD(b.parameters(), **kw)
+    fb.load_state_dict(_roundtrip(ta.state_dict()))
+    _train(a, ta, n)
+    with fusedreg.use_backend(backend):
+        _train(b, fb, n)
+    _assert_params(a, b, **_tol(backend, torch.float32))
+    # fusedreg -> torch
+    sd = _roundtrip(fb.state_dict())
+    assert set(sd["state"][0]) == {"momentum_buffer"}
+    c = copy.deepcopy(b)
+    tc = torch.optim.SGD(c.parameters(), foreach=False, **kw)
+    tc.load_state_dict(sd)
+    _train(c, tc, n)
+    with fusedreg.use_backend(backend):
+        _train(b, fb, n)
+    _assert_params(c, b, **_tol(backend, torch.float32))
+
+
 def test_sgd_state_matches_torch_layout():
     a, b = _model(), _model()
     ta = torch.optim.SGD(a.parameters(), lr=1e-2, foreach=False)
@@ -379,15 +406,16 @@ def test_mismatched_grad_raises_before_any_write():
 
 
 def test_device_without_backend_raises_before_any_write():
+    """One group on two devices: the CPU bucket could step, the meta one cannot under the
+    cpu backend — the error comes before the CPU parameter is touched."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu backend is not built")
     good, before = _two_params()
     meta = torch.nn.Parameter(torch.empty(4, device="meta"))
     meta.grad = torch.empty(4, device="meta")
     opt = fo.AdamW([good, meta], lr=0.1)
-    with fusedreg.use_backend("cpu") if "cpu" in BACKENDS else fusedreg.use_backend("reference"):
-        if "cpu" not in BACKENDS:
-            pytest.skip("the cpu backend is not built")
-        with pytest.raises(fusedreg.BackendUnavailableError):
-            opt.step()
+    with fusedreg.use_backend("cpu"), pytest.raises(fusedreg.BackendUnavailableError):
+        opt.step()
     assert torch.equal(good, before) and len(opt.state) == 0
 
 
@@ -468,3 +496,45 @@ def test_triton_compile_specs():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "compiled" in r.stdout
+
+
+# ---- GPU backends (run when a GPU is present) -------------------------------------------------
+@requires_cuda
+@pytest.mark.parametrize("backend", gpu_backends("optim"))
+@pytest.mark.parametrize("case", ["adamw", "adamw_amsgrad_max", "adam_l2", "sgd_momentum", "sgd_nesterov_max"])
+def test_gpu_parity_with_torch(backend, case):
+    tcls, fcls, kw, second = CASES[case]
+    a, b = _model().cuda(), _model().cuda()
+    ta = tcls(_groups(a, **second), foreach=False, **kw)
+    fb = fcls(_groups(b, **second), **kw)
+    x, y = (t.cuda() for t in _data())
+    _train(a, ta, 100, x_y=(x, y))
+    with fusedreg.use_backend(backend):
+        _train(b, fb, 100, x_y=(x, y))
+    _assert_params(a, b, **OPTIM_PARITY[torch.float32])
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", gpu_backends("optim"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("cls,kw", [(fo.AdamW, dict(amsgrad=True, l1=0.1)), (fo.SGD, dict(momentum=0.9, l1=0.1)),
+                                    (fo.Lion, dict(l1=0.1))])
+def test_gpu_matches_reference_on_many_tensors(backend, dtype, cls, kw):
+    # 200 tensors up to 300K elements: several launches of the multi-tensor kernels
+    torch.manual_seed(0)
+    sizes = [1, 1023, 1151, 65536 + 3, 300_001] + [int(s) for s in torch.randint(1, 5000, (195,))]
+    base = [torch.randn(n, dtype=dtype, device="cuda") for n in sizes]
+    grads = [torch.randn(n, dtype=dtype, device="cuda") for n in sizes]
+    out = {}
+    for b in ("reference", backend):
+        ps = [t.clone().requires_grad_() for t in base]
+        opt = cls(ps, lr=1e-2, **kw)
+        with fusedreg.use_backend(b):
+            for _ in range(3):
+                for p, g in zip(ps, grads):
+                    p.grad = g.clone()
+                opt.step()
+        out[b] = ps
+    tol = OPTIM_PARITY[dtype] if dtype in (torch.float32, torch.float64) else OPTIM_LOWP[dtype]
+    for p, q in zip(out["reference"], out[backend]):
+        torch.testing.assert_close(q, p, **tol)

@@ -67,9 +67,16 @@ def test_fsdp2_two_processes_match_one(cls):
         init_file, out_file = os.path.join(d, "init"), os.path.join(d, "out.pt")
         mp.spawn(_worker, args=(2, init_file, out_file, cls), nprocs=2, join=True)
         got = torch.load(out_file)
-    model = _model()
-    opt = _make_opt(cls, model.parameters())
-    _train(model, opt)
+    # One thread here as in the workers: the matmuls then sum in the same order, and Adam's
+    # update (≈ sign of tiny gradients) cannot amplify thread-count rounding differences.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = _model()
+        opt = _make_opt(cls, model.parameters())
+        _train(model, opt)
+    finally:
+        torch.set_num_threads(threads)
     for p, q in zip(model.parameters(), got["params"]):
         # the all-reduced mean of two equal fp32 gradients is exact; the matmuls of the sharded
         # forward are the same, so only summation-order noise of gloo's reduce remains

@@ -38,13 +38,32 @@ struct Span {
   int64_t tensor, begin, end;
 };
 
-std::vector<Span> make_spans(at::TensorList params) {
+// The spans of all tensors, and tasks: runs of consecutive spans of at least kSpan elements
+// in all (task i = spans[task[i], task[i + 1])), so that many small tensors make few tasks
+// and a small list runs on the calling thread without waking the thread pool.
+struct Plan {
   std::vector<Span> spans;
+  std::vector<int64_t> task;
+};
+
+Plan make_plan(at::TensorList params) {
+  Plan plan;
+  int64_t pending = 0;  // elements in the open task
+  plan.task.push_back(0);
   for (size_t t = 0; t < params.size(); ++t) {
     const int64_t n = params[t].numel();
-    for (int64_t b = 0; b < n; b += kSpan) spans.push_back({int64_t(t), b, std::min(n, b + kSpan)});
+    for (int64_t b = 0; b < n; b += kSpan) {
+      const int64_t e = std::min(n, b + kSpan);
+      plan.spans.push_back({int64_t(t), b, e});
+      pending += e - b;
+      if (pending >= kSpan) {
+        plan.task.push_back(int64_t(plan.spans.size()));
+        pending = 0;
+      }
+    }
   }
-  return spans;
+  if (pending > 0) plan.task.push_back(int64_t(plan.spans.size()));
+  return plan;
 }
 
 bool cpu_has_avx512() {
@@ -57,13 +76,12 @@ bool cpu_has_avx512() {
 #endif
 }
 
-// Runs fn(span) over all spans in parallel.
+// Runs fn(span) over all spans, one task per thread at a time.
 template <typename F>
-void parallel_spans(const std::vector<Span>& spans, const F& fn) {
-  // A grain of 4 spans keeps lists of under ~128K elements on the calling thread: waking
-  // the pool costs more than stepping them.
-  at::parallel_for(0, int64_t(spans.size()), 4, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) fn(spans[i]);
+void parallel_spans(const Plan& plan, const F& fn) {
+  const int64_t n_tasks = int64_t(plan.task.size()) - 1;
+  at::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = plan.task[b]; i < plan.task[e]; ++i) fn(plan.spans[i]);
   });
 }
 
@@ -161,7 +179,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                   steps.size() == params.size() && (!amsgrad || max_exp_avg_sqs.size() == params.size()),
               "fusedreg::adam_step: expected one state tensor and one step per parameter");
   if (params.empty()) return;
-  const std::vector<Span> spans = make_spans(params);
+  const Plan spans = make_plan(params);
   const bool avx512 = cpu_has_avx512();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_step", [&] {
     using S = at::opmath_type<scalar_t>;
@@ -203,7 +221,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   TORCH_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
               "fusedreg::sgd_step: momentum needs one buffer per parameter");
   if (params.empty()) return;
-  const std::vector<Span> spans = make_spans(params);
+  const Plan spans = make_plan(params);
   const bool avx512 = cpu_has_avx512();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step", [&] {
     using S = at::opmath_type<scalar_t>;
@@ -232,7 +250,7 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   check_lists("fusedreg::lion_step", at::kCPU, params, grads, {exp_avgs});
   TORCH_CHECK(exp_avgs.size() == params.size(), "fusedreg::lion_step: one exp_avg per parameter");
   if (params.empty()) return;
-  const std::vector<Span> spans = make_spans(params);
+  const Plan spans = make_plan(params);
   const bool avx512 = cpu_has_avx512();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "lion_step", [&] {
     using S = at::opmath_type<scalar_t>;

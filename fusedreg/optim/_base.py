@@ -86,8 +86,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             for k, v in self._defaults_for_old_groups.items():
                 group.setdefault(k, v)
 
+    _state_unchecked = False  # set by load_state_dict: the next step checks the state
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        self._state_unchecked = True
         # torch's load casts state to the parameter's dtype and may put "step" on the
         # parameter's device (fused/capturable torch optimizers): bring both to our layout —
         # "step" a 0-dim float32 CPU tensor, moments in the compute type.
@@ -117,43 +120,52 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _collect(self, group: dict):
         """Checks every parameter of ``group`` that has a gradient; returns
-        {(device, dtype): (backend, [param], [local param], [local grad])}."""
+        {(device, dtype): (backend, [param], [local param], [local grad])}. Lean on purpose:
+        it runs for every parameter at every step."""
         buckets: dict = {}
+        check_state = self._state_unchecked
         for p in group["params"]:
-            if p.grad is None:
-                continue
             g = p.grad
-            if g.is_sparse or g.layout != torch.strided:
+            if g is None:
+                continue
+            if g.layout != torch.strided:
                 raise RuntimeError(f"fusedreg.optim.{type(self).__name__} does not support sparse "
                                    "gradients; nothing was updated")
-            lp, lg = _local(p), _local(g)
-            if lp.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"fusedreg.optim: parameters must be float16, bfloat16, float32 or "
-                                f"float64, got {lp.dtype}; nothing was updated")
+            if DTensor is not None and isinstance(p, DTensor):
+                lp, lg = p.to_local(), g.to_local()
+            else:
+                lp, lg = p, g
             if lg.dtype != lp.dtype or lg.shape != lp.shape or lg.device != lp.device:
                 raise ValueError(
                     f"fusedreg.optim: a gradient ({lg.dtype}, {tuple(lg.shape)}, {lg.device}) does "
                     f"not match its parameter ({lp.dtype}, {tuple(lp.shape)}, {lp.device}); "
                     "nothing was updated")
+            if lp.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"fusedreg.optim: parameters must be float16, bfloat16, float32 or "
+                                f"float64, got {lp.dtype}; nothing was updated")
             if not lp.is_contiguous():
                 raise ValueError("fusedreg.optim: parameters must be contiguous (the fused step "
                                  "writes them in place); nothing was updated")
-            for k, v in self.state.get(p, {}).items():
-                if k == "step" or not isinstance(v, Tensor):
-                    continue
-                lv = _local(v)
-                if lv.shape != lp.shape or lv.device != lp.device or not lv.is_contiguous():
-                    raise ValueError(
-                        f"fusedreg.optim: state {k!r} ({tuple(lv.shape)}, {lv.device}) does not "
-                        f"match its parameter ({tuple(lp.shape)}, {lp.device}); nothing was updated")
+            if check_state:  # state that we did not create (loaded): check it once
+                self._check_state(p, lp)
             key = (lp.device, lp.dtype)
-            if key not in buckets:
-                buckets[key] = (backends.resolve(optim_ops.OP, lp.device), [], [], [])
-            _, ps, lps, lgs = buckets[key]
-            ps.append(p)
-            lps.append(lp)
-            lgs.append(lg.contiguous())
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = (backends.resolve(optim_ops.OP, lp.device), [], [], [])
+            bucket[1].append(p)
+            bucket[2].append(lp)
+            bucket[3].append(lg if lg.is_contiguous() else lg.contiguous())
         return buckets
+
+    def _check_state(self, p, lp) -> None:
+        for k, v in self.state.get(p, {}).items():
+            if k == "step" or not isinstance(v, Tensor):
+                continue
+            lv = _local(v)
+            if lv.shape != lp.shape or lv.device != lp.device or not lv.is_contiguous():
+                raise ValueError(
+                    f"fusedreg.optim: state {k!r} ({tuple(lv.shape)}, {lv.device}) does not "
+                    f"match its parameter ({tuple(lp.shape)}, {lp.device}); nothing was updated")
 
     def _zeros_state(self, p: Tensor) -> Tensor:
         """A state tensor for ``p`` in the compute type (a DTensor for a DTensor p)."""
@@ -169,6 +181,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         # Phase 1: validate everything.
         plan = [(group, self._collect(group)) for group in self.param_groups]
+        self._state_unchecked = False
         # AMP: an inf/nan step changes no parameter and no state (a host read of found_inf:
         # one sync per step on a GPU, and only under GradScaler).
         if found_inf is not None and float(found_inf.sum().item()) != 0.0:

@@ -35,7 +35,7 @@ class Adam(FusedOptimizer):
 
     def _step_bucket(self, op, group, params, lps, lgs, inv_scale):
         amsgrad = bool(group["amsgrad"])
-        exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], []
+        exp_avgs, exp_avg_sqs, max_sqs, step_ts = [], [], [], []
         for p in params:
             st = self.state[p]
             if len(st) == 0:
@@ -44,12 +44,15 @@ class Adam(FusedOptimizer):
                 st["exp_avg_sq"] = self._zeros_state(p)
             if amsgrad and "max_exp_avg_sq" not in st:
                 st["max_exp_avg_sq"] = self._zeros_state(p)
-            st["step"] += 1
-            steps.append(float(st["step"].item()))
+            step_ts.append(st["step"])
             exp_avgs.append(_local(st["exp_avg"]))
             exp_avg_sqs.append(_local(st["exp_avg_sq"]))
             if amsgrad:
                 max_sqs.append(_local(st["max_exp_avg_sq"]))
+        # the step counters are 0-dim float32 CPU tensors, as torch's: two calls for all of
+        # them rather than an increment and an .item() per parameter
+        torch._foreach_add_(step_ts, 1.0)
+        steps = torch.stack(step_ts).tolist()
         beta1, beta2 = group["betas"]
         op(lps, lgs, exp_avgs, exp_avg_sqs, max_sqs, steps, _scalar(group["lr"]), _scalar(beta1),
            _scalar(beta2), float(group["eps"]), float(group["weight_decay"]), float(group["l1"]),
