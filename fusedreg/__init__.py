@@ -16,13 +16,13 @@ from .backends import (
     use_backend,
 )
 from . import ops  # noqa: F401  (registers the custom ops)
-from . import autograd, functional, nn
+from . import autograd, functional, nn, optim
 from .patch import patch, unpatch  # noqa: E402  (fusedreg.patch(model): drop-in swap)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "autograd", "available_backends", "backend_status",
-    "backends", "functional", "get_backend", "nn", "set_backend", "use_backend",
+    "backends", "functional", "get_backend", "nn", "optim", "patch", "set_backend", "unpatch",
+    "use_backend",
 ]
-__all__ += ["patch", "unpatch"]

@@ -30,7 +30,11 @@ def _probe_extension():
         importlib.import_module("fusedreg._C")
     except ImportError as e:  # not built, or built against another torch
         return False, False, f"the C++ extension fusedreg._C is not importable ({e})"
-    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("fusedreg::bias_dropout_fwd", "CUDA")
+    # CUDA kernels exist if any fusedreg C++ op has one (all .cu files build together).
+    has_cuda = any(
+        torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+        for name in torch._C._dispatch_get_all_op_names() if name.startswith("fusedreg::")
+    )
     return True, has_cuda, None
 
 
