@@ -115,7 +115,8 @@ def _forward(ctx, x, residual, weight, bias, ndim, eps, p, seed, rms, h_dtype, s
     M, N = math.prod(lead), math.prod(x.shape[x.dim() - ndim:])
     fwd, _ = OPS[backend]
     x2 = x.reshape(M, N)
-    r2 = residual.reshape(M, N) if residual is not None else None
+    # The ops take the residual in h's dtype (a bf16 residual with residual_in_fp32 is cast).
+    r2 = residual.reshape(M, N).to(h_dtype) if residual is not None else None
     w = weight.reshape(N) if weight is not None else None
     b = bias.reshape(N) if bias is not None else None
     y, h, mean, rstd = fwd(x2, r2, w, b, eps, p, seed, rms, h_dtype, store_h)
@@ -123,6 +124,7 @@ def _forward(ctx, x, residual, weight, bias, ndim, eps, p, seed, rms, h_dtype, s
     ctx.shapes = (x.shape, None if weight is None else weight.shape, None if bias is None else bias.shape)
     ctx.x_dtype, ctx.p, ctx.rms, ctx.backend = x.dtype, p, rms, backend
     ctx.has_residual = residual is not None
+    ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.set_materialize_grads(False)
     return y.view(x.shape), (h.view(x.shape) if store_h else None)
 
@@ -146,7 +148,7 @@ def _backward(ctx, dy, dh_out, need_x, need_residual, need_w, need_b):
     gx, gr, gw, gb = bwd(dy, dh_out, h, w, b, mean, rstd, ctx.p, seed, ctx.rms, ctx.x_dtype,
                          separate, need_w, need_b)
     grad_x = gx.view(x_shape) if need_x else None
-    grad_residual = (gr if separate else gx).view(x_shape) if need_residual else None
+    grad_residual = (gr if separate else gx).view(x_shape).to(ctx.residual_dtype) if need_residual else None
     grad_w = gw.view(w_shape) if need_w else None
     grad_b = gb.view(b_shape) if need_b else None
     return grad_x, grad_residual, grad_w, grad_b
