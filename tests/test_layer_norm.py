@@ -13,7 +13,7 @@ from fusedreg import functional as F
 from fusedreg.ops import layer_norm as ln_ops
 from fusedreg.reference.philox import dropout_scale
 
-from conftest import cpu_backends
+from conftest import cpu_backends, gpu_backends
 from tolerances import FACTOR, NORM_ATOL
 
 BACKENDS = cpu_backends("layer_norm")
@@ -396,3 +396,35 @@ def test_bad_input_raises_before_any_kernel(i, monkeypatch):
     exc, call = _bad_calls()[i]
     with pytest.raises(exc):
         call()
+
+
+@pytest.mark.parametrize("backend", gpu_backends("layer_norm"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(33, 1023), (4, 4096), (2, 262144), (64, 8)], ids=str)
+def test_gpu_backends_match_reference(backend, dtype, shape):
+    """CUDA tensors (run where a GPU is present): every switch against the reference backend
+    on the same device and the float64 rule, and a bitwise-deterministic backward."""
+    dev = torch.device("cuda")
+    x = _data(shape, dtype).to(dev)
+    r = _data(shape, dtype, 2).to(dev)
+    w = _data(shape[-1:], torch.float32, 3).to(dev)
+    b = _data(shape[-1:], torch.float32, 4).to(dev)
+    grads_out = [_data(shape, dtype, 5, 0.0).to(dev), _data(shape, torch.float32, 6, 0.0).to(dev)]
+    calls = [
+        (lambda x, r, w, b: F.layer_norm(x, shape[-1:], w, b), 1),
+        (lambda x, r, w, b: F.rms_norm(x, shape[-1:], w), 1),
+        (lambda x, r, w, b: F.dropout_add_layer_norm(x, r, w, b, p=0.2, prenorm=True,
+                                                     residual_in_fp32=True, seed=5), 2),
+    ]
+    for fn, n_out in calls:
+        with fusedreg.use_backend(backend):
+            out, grads = _run(fn, [x, r, w, b], grads_out[:n_out])
+            out2, grads2 = _run(fn, [x, r, w, b], grads_out[:n_out])
+        with fusedreg.use_backend("reference"):
+            rout, rgrads = _run(fn, [x, r, w, b], grads_out[:n_out])
+        for a, c in zip(out + grads, rout + rgrads):
+            if c is not None:
+                tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(a.float(), c.float(), **tol)
+        for g1, g2 in zip(grads, grads2):
+            assert g1 is None or torch.equal(g1, g2)
