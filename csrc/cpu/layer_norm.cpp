@@ -17,9 +17,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "fusedreg/cpu/uniforms.h"
 #include "fusedreg/philox.h"
@@ -41,6 +46,24 @@ constexpr int64_t kSumBlock = 512;
 // fill_uniforms compiled for each target (GCC does not always inline it into the clones).
 FUSEDREG_CPU_CLONES void row_uniforms(uint64_t seed, int64_t start, int64_t len, float* u) {
   fill_uniforms(seed, start, len, u);
+}
+
+// Runs body(next_task) on every thread of the pool; next_task() hands out task indices
+// 0..n_tasks-1 first come, first served, then -1. Dynamic rather than at::parallel_for's
+// static split: on a shared machine a thread that is descheduled takes fewer tasks
+// instead of holding the others at the end of the region.
+template <typename Body>
+void for_each_task(int64_t n_tasks, const Body& body) {
+  std::atomic<int64_t> counter{0};
+  auto next_task = [&]() -> int64_t {
+    const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
+    return t < n_tasks ? t : -1;
+  };
+  const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), n_tasks);
+  if (n_threads <= 1) return body(next_task);
+  at::parallel_for(0, n_threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) body(next_task);
+  });
 }
 
 // ---- forward --------------------------------------------------------------------------------
@@ -149,10 +172,11 @@ template <typename x_t, typename w_t, typename h_t>
 void forward_kernel(const FwdArgs<x_t, w_t, h_t>& a, int64_t M) {
   using acc_t = at::opmath_type<x_t>;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.N, 1));
-  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+  for_each_task((M + grain - 1) / grain, [&](auto next_task) {
     std::vector<acc_t> v(a.N);
     std::vector<float> u(a.p > 0.0f ? a.N : 0);
-    forward_rows(a, begin, end, v.data(), u.data());
+    for (int64_t t = next_task(); t >= 0; t = next_task())
+      forward_rows(a, t * grain, std::min(M, (t + 1) * grain), v.data(), u.data());
   });
 }
 
@@ -266,16 +290,17 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
   using acc_t = at::opmath_type<x_t>;
   const int64_t N = a.N;
   const bool partials = gw || gb;
-  // Row blocks: at most 64, and at most ~4M partial elements in all; fixed by (M, N).
-  const int64_t max_blocks = std::max<int64_t>(1, std::min<int64_t>(64, (int64_t(1) << 22) / std::max<int64_t>(N, 1)));
+  // Row blocks: at most 256, and at most ~4M partial elements in all; fixed by (M, N), so
+  // the partials do not depend on which thread takes which block.
+  const int64_t max_blocks = std::max<int64_t>(1, std::min<int64_t>(256, (int64_t(1) << 22) / std::max<int64_t>(N, 1)));
   const int64_t rows_per_block = partials ? (M + max_blocks - 1) / max_blocks
                                           : std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
   const int64_t n_blocks = (M + rows_per_block - 1) / rows_per_block;
   std::vector<acc_t> pw(gw ? n_blocks * N : 0, acc_t(0)), pb(gb ? n_blocks * N : 0, acc_t(0));
-  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+  for_each_task(n_blocks, [&](auto next_task) {
     std::vector<acc_t> xh(N), gg(N);
     std::vector<float> u(a.p > 0.0f ? N : 0);
-    for (int64_t blk = begin; blk < end; ++blk) {
+    for (int64_t blk = next_task(); blk >= 0; blk = next_task()) {
       backward_rows(a, blk * rows_per_block, std::min(M, (blk + 1) * rows_per_block),
                     gw ? pw.data() + blk * N : nullptr, gb ? pb.data() + blk * N : nullptr,
                     xh.data(), gg.data(), u.data());
@@ -293,6 +318,23 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
       if (gb) gb[c] = static_cast<w_t>(sb);
     }
   });
+}
+
+// ---- outputs ----------------------------------------------------------------------------
+// A large fresh output is mmap'ed memory whose first touch faults once per 4 KB page; on the
+// benchmark shapes (32 MB tensors) those faults cost as much as the kernel itself. Asking
+// for transparent huge pages (where THP is in "madvise" mode) cuts them by ~512x -- what
+// torch's own CPU allocator does for every tensor under THP_MEM_ALLOC_ENABLE=1.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kPage = 4096, kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t b = (begin + kPage - 1) & ~(kPage - 1), e = end & ~(kPage - 1);
+  if (t.nbytes() >= 2 * kHuge && e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+#endif
+  return t;
 }
 
 // ---- dtype dispatch -------------------------------------------------------------------------
@@ -347,9 +389,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
   const at::ScalarType w_type = weight.defined() ? weight.scalar_type()
                                 : bias.defined() ? bias.scalar_type() : x.scalar_type();
   const at::ScalarType st = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = empty_output({M, N}, x.options());
   const std::vector<int64_t> h_shape = store_h ? std::vector<int64_t>{M, N} : std::vector<int64_t>{0};
-  at::Tensor h = at::empty(h_shape, x.options().dtype(h_dtype));
+  at::Tensor h = empty_output(h_shape, x.options().dtype(h_dtype));
   at::Tensor mean = at::empty({rms ? 0 : M}, x.options().dtype(st));
   at::Tensor rstd = at::empty({M}, x.options().dtype(st));
   if (M == 0 || N == 0) return {y, h, mean, rstd};
@@ -405,8 +447,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   const at::ScalarType w_type = weight.defined() ? weight.scalar_type()
                                 : bias.defined() ? bias.scalar_type() : x_dtype;
   TORCH_CHECK(!bias.defined() || bias.scalar_type() == w_type, "fusedreg::layer_norm_bwd: weight/bias dtypes differ");
-  at::Tensor gx = at::empty({M, N}, dy.options());
-  at::Tensor gres = need_grad_residual ? at::empty({M, N}, h.options()) : at::empty({0}, dy.options());
+  at::Tensor gx = empty_output({M, N}, dy.options());
+  at::Tensor gres = need_grad_residual ? empty_output({M, N}, h.options()) : at::empty({0}, dy.options());
   at::Tensor gw = need_grad_weight ? at::zeros_like(weight) : at::empty({0}, dy.options());
   at::Tensor gb = need_grad_bias ? at::zeros_like(bias) : at::empty({0}, dy.options());
   if (M == 0 || N == 0) return {gx, gres, gw, gb};
