@@ -179,6 +179,26 @@ def test_dropout_add_layer_norm_matches_float64(backend, name, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend):
+    base = _data((40, 2 * 97), torch.float32)
+    cases = [base[:, ::2],                         # strided rows
+             base.reshape(40, 2, 97).transpose(0, 1)]  # permuted leading dims
+    w, b = _data((97,), torch.float32, 3), _data((97,), torch.float32, 4)
+    for x in cases:
+        r = _data(x.shape, torch.float32, 5)
+        assert not x.is_contiguous()
+        with fusedreg.use_backend(backend):
+            y = F.layer_norm(x, (97,), w, b)
+            z = F.rms_norm(x, (97,), w)
+            d = F.dropout_add_layer_norm(x, r, w, b, p=0.2, seed=3)
+        with fusedreg.use_backend("reference"):
+            d_ref = F.dropout_add_layer_norm(x.contiguous(), r, w, b, p=0.2, seed=3)
+        torch.testing.assert_close(y, TF.layer_norm(x, (97,), w, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(z, TF.rms_norm(x, (97,), w), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(d, d_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(7, 1151), (16, 64)], ids=str)  # N % 4 != 0 and == 0
 def test_dropout_mask_equals_dropout_mask(backend, shape):
     p, seed = 0.5, 2**40 + 17
