@@ -4,19 +4,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _tanh(v):
-    # tanh(v) = 1 - 2 / (exp(2v) + 1); exact at the extremes (exp overflows to inf -> 1).
-    return 1.0 - 2.0 / (tl.exp(2.0 * v) + 1.0)
-
-
-@triton.jit
 def activate(z, ACT: tl.constexpr):
     if ACT == 1:
         return tl.where(z > 0, z, 0.0)
     elif ACT == 2:
         return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 3:
-        return 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+        # 0.5 * (1 + tanh(u)) == sigmoid(2u): no cancellation near u = 0
+        return z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
     elif ACT == 4:
         return z / (1.0 + tl.exp(-z))
     else:
@@ -32,9 +27,10 @@ def activate_grad(z, ACT: tl.constexpr):
         pdf = 0.3989422804014327 * tl.exp(-0.5 * z * z)
         return cdf + z * pdf
     elif ACT == 3:
-        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        # with s = sigmoid(2u) = (1 + tanh(u)) / 2: 1 - tanh(u)^2 = 4 s (1 - s)
+        s = tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
         dinner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * dinner
+        return s + 2.0 * z * s * (1.0 - s) * dinner
     elif ACT == 4:
         s = 1.0 / (1.0 + tl.exp(-z))
         return s * (1.0 + z * (1.0 - s))
