@@ -128,13 +128,26 @@ FUSEDREG_CPU_CLONES void forward_rows(const FwdArgs<x_t, w_t, h_t>& a, int64_t r
     if (dropout) row_uniforms(a.seed, r * N, N, u);
     const h_t* rr = a.residual ? a.residual + r * N : nullptr;
     h_t* hr = a.h ? a.h + r * N : nullptr;
-    acc_t sum;
-    switch ((dropout ? 1 : 0) | (rr ? 2 : 0) | (hr ? 4 : 0)) {
+    acc_t sum = 0;
+    const acc_t* vr = v;  // the row of h the statistics and y read
+    if (std::is_same_v<x_t, acc_t> && !dropout && !rr && !hr) {
+      // h is x itself: read x in place rather than copying it to v.
+      vr = reinterpret_cast<const acc_t*>(xr);
+      for (int64_t j0 = 0; j0 < N; j0 += kSumBlock) {
+        const int64_t j1 = std::min(N, j0 + kSumBlock);
+        acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = j0; j < j1; ++j) s += vr[j];
+        sum += s;
+      }
+    } else {
+      switch ((dropout ? 1 : 0) | (rr ? 2 : 0) | (hr ? 4 : 0)) {
 #define FUSEDREG_CASE(F) \
   case F: sum = load_h<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(xr, rr, u, hr, v, N, p, scale); break;
-      FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
-      FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
+        FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
+        FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
 #undef FUSEDREG_CASE
+      }
     }
     const acc_t mu = a.rms ? acc_t(0) : sum / N;
     acc_t var = 0;
@@ -142,7 +155,7 @@ FUSEDREG_CPU_CLONES void forward_rows(const FwdArgs<x_t, w_t, h_t>& a, int64_t r
       const int64_t j1 = std::min(N, j0 + kSumBlock);
       acc_t s = 0;
 #pragma omp simd reduction(+ : s)
-      for (int64_t j = j0; j < j1; ++j) s += (v[j] - mu) * (v[j] - mu);
+      for (int64_t j = j0; j < j1; ++j) s += (vr[j] - mu) * (vr[j] - mu);
       var += s;
     }
     const acc_t rs = acc_t(1) / std::sqrt(var / N + a.eps);
@@ -154,16 +167,16 @@ FUSEDREG_CPU_CLONES void forward_rows(const FwdArgs<x_t, w_t, h_t>& a, int64_t r
     if (w && b) {
 #pragma omp simd
       for (int64_t j = 0; j < N; ++j)
-        yr[j] = static_cast<x_t>((v[j] - mu) * rs * static_cast<acc_t>(w[j]) + static_cast<acc_t>(b[j]));
+        yr[j] = static_cast<x_t>((vr[j] - mu) * rs * static_cast<acc_t>(w[j]) + static_cast<acc_t>(b[j]));
     } else if (w) {
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<x_t>((v[j] - mu) * rs * static_cast<acc_t>(w[j]));
+      for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<x_t>((vr[j] - mu) * rs * static_cast<acc_t>(w[j]));
     } else if (b) {
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<x_t>((v[j] - mu) * rs + static_cast<acc_t>(b[j]));
+      for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<x_t>((vr[j] - mu) * rs + static_cast<acc_t>(b[j]));
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<x_t>((v[j] - mu) * rs);
+      for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<x_t>((vr[j] - mu) * rs);
     }
   }
 }
@@ -203,11 +216,13 @@ struct BwdArgs {
   bool rms;
 };
 
-// xhat, g = dy * w; aw += dy * xhat, ab += dy; c1 = sum(g), c2 = sum(g * xhat).
+// g = dy * w (stored: store_grads must see the very same rounded g that c1 sums, or an
+// FMA-contracted recomputation leaves g - c1 != 0 where it is exactly 0, e.g. N = 1);
+// aw += dy * xhat, ab += dy; c1 = sum(g), c2 = sum(g * xhat). xhat is recomputed by
+// store_grads from the L1-resident row of h rather than stored.
 template <bool HAS_W, bool NEED_W, bool NEED_B, typename x_t, typename h_t, typename w_t, typename acc_t>
 FUSEDREG_ALWAYS_INLINE void bwd_sums(const x_t* dyr, const h_t* hr, const w_t* w, acc_t* aw, acc_t* ab,
-                                     acc_t* xhat, acc_t* g, int64_t N, acc_t mu, acc_t rs, acc_t& c1,
-                                     acc_t& c2) {
+                                     acc_t* g, int64_t N, acc_t mu, acc_t rs, acc_t& c1, acc_t& c2) {
   for (int64_t j0 = 0; j0 < N; j0 += kSumBlock) {
     const int64_t j1 = std::min(N, j0 + kSumBlock);
     acc_t s1 = 0, s2 = 0;
@@ -219,7 +234,6 @@ FUSEDREG_ALWAYS_INLINE void bwd_sums(const x_t* dyr, const h_t* hr, const w_t* w
       if constexpr (HAS_W) gj *= static_cast<acc_t>(w[j]);
       if constexpr (NEED_W) aw[j] += d * xh;
       if constexpr (NEED_B) ab[j] += d;
-      xhat[j] = xh;
       g[j] = gj;
       s1 += gj;
       s2 += gj * xh;
@@ -231,12 +245,13 @@ FUSEDREG_ALWAYS_INLINE void bwd_sums(const x_t* dyr, const h_t* hr, const w_t* w
 
 // dh = rs * (g - c1 - xhat * c2) + dh_out; grad_residual = dh; grad_x = dh * keep * scale.
 template <bool DOUT, bool GRES, bool DROPOUT, typename x_t, typename h_t, typename acc_t>
-FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const acc_t* xhat, const h_t* dor, h_t* grr,
-                                        x_t* gxr, const float* u, int64_t N, acc_t rs, acc_t c1,
-                                        acc_t c2, float p, acc_t scale) {
+FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const h_t* hr, const h_t* dor, h_t* grr,
+                                        x_t* gxr, const float* u, int64_t N, acc_t mu, acc_t rs,
+                                        acc_t c1, acc_t c2, float p, acc_t scale) {
 #pragma omp simd
   for (int64_t j = 0; j < N; ++j) {
-    acc_t dh = rs * (g[j] - c1 - xhat[j] * c2);
+    const acc_t xhat = (static_cast<acc_t>(hr[j]) - mu) * rs;
+    acc_t dh = rs * (g[j] - c1 - xhat * c2);
     if constexpr (DOUT) dh += static_cast<acc_t>(dor[j]);
     if constexpr (GRES) grr[j] = static_cast<h_t>(dh);
     if constexpr (DROPOUT) dh = u[j] >= p ? dh * scale : acc_t(0);
@@ -244,12 +259,12 @@ FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const acc_t* xhat, const
   }
 }
 
-// Rows [r0, r1); aw/ab: this row block's fp32 partial rows (or null); xh, g: N-element
-// scratch; u: N uniforms (dropout only).
+// Rows [r0, r1); aw/ab: this row block's fp32 partial rows (or null); g: N-element scratch;
+// u: N uniforms (dropout only).
 template <typename x_t, typename w_t, typename h_t>
 FUSEDREG_CPU_CLONES void backward_rows(const BwdArgs<x_t, w_t, h_t>& a, int64_t r0, int64_t r1,
                                        at::opmath_type<x_t>* aw, at::opmath_type<x_t>* ab,
-                                       at::opmath_type<x_t>* xhat, at::opmath_type<x_t>* g, float* u) {
+                                       at::opmath_type<x_t>* g, float* u) {
   using acc_t = at::opmath_type<x_t>;
   const int64_t N = a.N;
   const bool dropout = a.p > 0.0f;
@@ -264,7 +279,7 @@ FUSEDREG_CPU_CLONES void backward_rows(const BwdArgs<x_t, w_t, h_t>& a, int64_t 
     acc_t c1 = 0, c2 = 0;
     switch ((w ? 1 : 0) | (aw ? 2 : 0) | (ab ? 4 : 0)) {
 #define FUSEDREG_CASE(F) \
-  case F: bwd_sums<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(dyr, hr, w, aw, ab, xhat, g, N, mu, rs, c1, c2); break;
+  case F: bwd_sums<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(dyr, hr, w, aw, ab, g, N, mu, rs, c1, c2); break;
       FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
       FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
 #undef FUSEDREG_CASE
@@ -277,7 +292,7 @@ FUSEDREG_CPU_CLONES void backward_rows(const BwdArgs<x_t, w_t, h_t>& a, int64_t 
     if (dropout) row_uniforms(a.seed, r * N, N, u);
     switch ((dor ? 1 : 0) | (grr ? 2 : 0) | (dropout ? 4 : 0)) {
 #define FUSEDREG_CASE(F) \
-  case F: store_grads<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(g, xhat, dor, grr, gxr, u, N, rs, c1, c2, p, scale); break;
+  case F: store_grads<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(g, hr, dor, grr, gxr, u, N, mu, rs, c1, c2, p, scale); break;
       FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
       FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
 #undef FUSEDREG_CASE
@@ -293,17 +308,20 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
   // Row blocks: at most 256, and at most ~4M partial elements in all; fixed by (M, N), so
   // the partials do not depend on which thread takes which block.
   const int64_t max_blocks = std::max<int64_t>(1, std::min<int64_t>(256, (int64_t(1) << 22) / std::max<int64_t>(N, 1)));
-  const int64_t rows_per_block = partials ? (M + max_blocks - 1) / max_blocks
+  // At least ~64K elements per block, so that the partial rows (zeroed, then summed) stay
+  // small next to the rows themselves.
+  const int64_t min_rows = std::max<int64_t>(1, 65536 / std::max<int64_t>(N, 1));
+  const int64_t rows_per_block = partials ? std::max((M + max_blocks - 1) / max_blocks, min_rows)
                                           : std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
   const int64_t n_blocks = (M + rows_per_block - 1) / rows_per_block;
   std::vector<acc_t> pw(gw ? n_blocks * N : 0, acc_t(0)), pb(gb ? n_blocks * N : 0, acc_t(0));
   for_each_task(n_blocks, [&](auto next_task) {
-    std::vector<acc_t> xh(N), gg(N);
+    std::vector<acc_t> g(N);
     std::vector<float> u(a.p > 0.0f ? N : 0);
     for (int64_t blk = next_task(); blk >= 0; blk = next_task()) {
       backward_rows(a, blk * rows_per_block, std::min(M, (blk + 1) * rows_per_block),
                     gw ? pw.data() + blk * N : nullptr, gb ? pb.data() + blk * N : nullptr,
-                    xh.data(), gg.data(), u.data());
+                    g.data(), u.data());
     }
   });
   if (!partials) return;
