@@ -22,10 +22,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
+#include "fusedreg/cpu/alloc.h"
 #include "fusedreg/cpu/uniforms.h"
 #include "fusedreg/philox.h"
 
@@ -339,19 +336,11 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
 }
 
 // ---- outputs ----------------------------------------------------------------------------
-// A large fresh output is mmap'ed memory whose first touch faults once per 4 KB page; on the
-// benchmark shapes (32 MB tensors) those faults cost as much as the kernel itself. Asking
-// for transparent huge pages (where THP is in "madvise" mode) cuts them by ~512x -- what
-// torch's own CPU allocator does for every tensor under THP_MEM_ALLOC_ENABLE=1.
+// Large fresh outputs are advised for transparent huge pages (fusedreg/cpu/alloc.h): their
+// page faults otherwise cost as much as the kernel on the benchmark shapes.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kPage = 4096, kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t b = (begin + kPage - 1) & ~(kPage - 1), e = end & ~(kPage - 1);
-  if (t.nbytes() >= 2 * kHuge && e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
-#endif
+  cpu::advise_huge_pages(t);
   return t;
 }
 
