@@ -29,6 +29,20 @@ TORCH_LIBRARY(fusedreg, m) {
   m.def("dropout_uniform(Tensor seed, int start, int count, Tensor device_like) -> Tensor");
 
   // ---- layer_norm (LayerNorm, RMSNorm, dropout + residual + norm) -----------------------
+  // x, residual, h: (M, N) rows; weight, bias: (N,). h = residual + dropout(x) rounded to
+  // h_dtype, y = norm(h) * weight + bias. h is returned only when store_h (else empty); mean
+  // is empty for rms. mean and rstd are float32 (float64 for float64 x).
+  m.def(
+      "layer_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
+      "float p, Tensor seed, bool rms, ScalarType h_dtype, bool store_h) "
+      "-> (Tensor y, Tensor h, Tensor mean, Tensor rstd)");
+  // dh_out is the grad of the returned h (prenorm); grad_residual (h's dtype) is written only
+  // when need_grad_residual, grad_weight/grad_bias only when asked (else empty tensors).
+  m.def(
+      "layer_norm_bwd(Tensor dy, Tensor? dh_out, Tensor h, Tensor? weight, Tensor? bias, "
+      "Tensor mean, Tensor rstd, float p, Tensor seed, bool rms, ScalarType x_dtype, "
+      "bool need_grad_residual, bool need_grad_weight, bool need_grad_bias) "
+      "-> (Tensor grad_x, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
 
   // ---- optimizers ---------------------------------------------------------------------
   // One call steps a list of parameters of one device and dtype (multi-tensor), in place.

@@ -60,3 +60,34 @@ def check_seed(seed) -> None:
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if not -(2**63) <= int(seed) < 2**64:
         raise ValueError(f"seed must fit in 64 bits ([-2**63, 2**64)), got {seed}")
+
+
+def check_normalized_shape(normalized_shape, x: torch.Tensor) -> tuple:
+    """normalized_shape (an int or a sequence of ints) as a tuple matching x's trailing dims."""
+    if isinstance(normalized_shape, bool):
+        raise TypeError("normalized_shape must be an int or a sequence of ints, got bool")
+    if isinstance(normalized_shape, numbers.Integral):
+        normalized_shape = (normalized_shape,)
+    try:
+        shape = tuple(normalized_shape)
+    except TypeError:
+        raise TypeError("normalized_shape must be an int or a sequence of ints, "
+                        f"got {type(normalized_shape).__name__}") from None
+    if any(isinstance(d, bool) or not isinstance(d, numbers.Integral) for d in shape):
+        raise TypeError(f"normalized_shape must hold ints, got {shape!r}")
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 0:
+        raise ValueError("normalized_shape must have at least one dimension")
+    if len(shape) > x.dim() or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(f"normalized_shape {shape} does not match the trailing dimensions of "
+                         f"the input of shape {tuple(x.shape)}")
+    return shape
+
+
+def check_norm_param(t, name: str, x: torch.Tensor, shape) -> None:
+    """A norm weight/bias (or residual, with shape=x.shape): on x's device, of ``shape``, of
+    x's dtype or float32 when x is float16/bfloat16 (fp32 master weights, fp32 residuals)."""
+    check_like(t, name, x, "x", shape=shape, same_dtype=False)
+    if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; expected "
+                        f"{x.dtype}" + (" or float32" if x.dtype in (torch.float16, torch.bfloat16) else ""))

@@ -2,3 +2,6 @@
 from .ops.bias_dropout import BiasDropoutFunction
 
 __all__ = ["BiasDropoutFunction"]
+from .ops.layer_norm import DropoutAddLayerNormFunction, LayerNormFunction, RMSNormFunction
+
+__all__ += ["DropoutAddLayerNormFunction", "LayerNormFunction", "RMSNormFunction"]

@@ -65,3 +65,101 @@ def dropout_mask(shape, p: float, seed: int) -> torch.Tensor:
     if seed is None:
         raise TypeError("dropout_mask needs an explicit seed")
     return dropout_keep(tuple(shape), p, seed)
+
+
+# ---- layer_norm: LayerNorm, RMSNorm, dropout + residual + norm -------------------------------
+import math  # noqa: E402
+import numbers  # noqa: E402
+
+from ._checks import check_norm_param, check_normalized_shape, check_number  # noqa: E402
+from .ops.layer_norm import (  # noqa: E402
+    DropoutAddLayerNormFunction, LayerNormFunction, RMSNormFunction)
+
+__all__ += ["dropout_add_layer_norm", "layer_norm", "rms_norm"]
+
+def _norm_params(x, weight, bias, shape):
+    if weight is not None:
+        check_norm_param(weight, "weight", x, shape)
+    if bias is not None:
+        check_norm_param(bias, "bias", x, shape)
+        if weight is not None and bias.dtype != weight.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but weight has dtype {weight.dtype}")
+
+
+def _norm_eps(eps, x):
+    if eps is None:
+        return float(torch.finfo(x.dtype).eps)
+    if isinstance(eps, numbers.Real) and not isinstance(eps, bool) and math.isnan(float(eps)):
+        raise ValueError("eps must be a positive number, got nan")
+    return check_number(eps, "eps", low=0.0, low_open=True)
+
+
+def _norm_seed(seed):
+    # Dynamo cannot trace Tensor.random_ (what seed_tensor draws with); under torch.compile
+    # the seed comes from torch.randint instead, which it traces (still seeded by
+    # torch.manual_seed). Eager calls keep seed_tensor's draw.
+    if seed is None and torch.compiler.is_compiling():
+        return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)
+    return seed_tensor(seed)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
+    """``torch.nn.functional.layer_norm`` (same arguments and result) in one fused pass
+    forward and one backward. weight and bias have x's dtype, or float32 with float16/bfloat16
+    x; the output has x's dtype."""
+    check_tensor(x, "x")
+    shape = check_normalized_shape(normalized_shape, x)
+    _norm_params(x, weight, bias, shape)
+    eps = _norm_eps(eps, x)
+    backend = backends.resolve("layer_norm", x.device)
+    return LayerNormFunction.apply(x, weight, bias, len(shape), eps, backend)
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    """``torch.nn.functional.rms_norm``: eps=None means ``torch.finfo(x.dtype).eps``."""
+    check_tensor(x, "x")
+    shape = check_normalized_shape(normalized_shape, x)
+    _norm_params(x, weight, None, shape)
+    eps = _norm_eps(eps, x)
+    backend = backends.resolve("layer_norm", x.device)
+    return RMSNormFunction.apply(x, weight, len(shape), eps, backend)
+
+
+def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float = 1e-5,
+                           training: bool = True, prenorm: bool = False, rms: bool = False,
+                           residual_in_fp32: bool = False, seed=None):
+    """h = residual + dropout(x, p); y = norm(h) * weight + bias, in one pass forward and one
+    backward (the mask is the seeded one of DESIGN.md §3, recomputed in backward).
+
+    The norm runs over weight's shape (bias's if weight is None, else x's last dim); residual
+    (optional) has x's shape and x's dtype or float32. h has residual's dtype (x's without a
+    residual), float32 with ``residual_in_fp32`` (float64 stays float64); y has x's dtype.
+    ``rms=True`` gives RMSNorm (a bias is still added if given). Returns y, or (y, h) with
+    ``prenorm=True`` so that h can be the next block's residual.
+    """
+    check_tensor(x, "x")
+    p = check_probability(p)
+    check_seed(seed)
+    for flag, name in ((training, "training"), (prenorm, "prenorm"), (rms, "rms"),
+                       (residual_in_fp32, "residual_in_fp32")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    for t, name in ((weight, "weight"), (bias, "bias")):
+        if t is not None:
+            check_tensor(t, name)
+    ref = weight if weight is not None else bias
+    shape = check_normalized_shape(tuple(ref.shape) if ref is not None else x.shape[-1:], x)
+    _norm_params(x, weight, bias, shape)
+    if residual is not None:
+        check_norm_param(residual, "residual", x, x.shape)
+    eps = _norm_eps(eps, x)
+    if not training:
+        p = 0.0
+    h_dtype = residual.dtype if residual is not None else x.dtype
+    if residual_in_fp32 and h_dtype != torch.float64:
+        h_dtype = torch.float32
+    seed_t = _norm_seed(seed) if p > 0.0 else unused_seed()
+    backend = backends.resolve("layer_norm", x.device)
+    y, h = DropoutAddLayerNormFunction.apply(x, residual, weight, bias, len(shape), eps, p, seed_t,
+                                             rms, h_dtype, prenorm, backend)
+    return (y, h) if prenorm else y

@@ -42,3 +42,61 @@ class BiasDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.bias.shape[0]}, p={self.p}, activation={self.activation!r}"
+
+
+# ---- layer_norm -----------------------------------------------------------------------------
+__all__ += ["LayerNorm", "RMSNorm", "DropoutAddLayerNorm"]
+
+
+class LayerNorm(nn.LayerNorm):
+    """Drop-in for ``torch.nn.LayerNorm``: same constructor, parameters and ``state_dict``
+    (a state dict moves between the two either way), forward by ``fusedreg.functional.layer_norm``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    """Drop-in for ``torch.nn.RMSNorm`` (eps=None means ``torch.finfo(input.dtype).eps``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+class DropoutAddLayerNorm(nn.Module):
+    """``norm(residual + dropout(x))`` with a learned weight (and bias, unless ``rms``);
+    ``forward(x, residual=None)`` returns y, or (y, h) with ``prenorm=True`` where h is the
+    sum before the norm (the next block's residual). See
+    ``fusedreg.functional.dropout_add_layer_norm``."""
+
+    def __init__(self, normalized_shape, p: float = 0.0, eps: float = 1e-5, prenorm: bool = False,
+                 rms: bool = False, residual_in_fp32: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(normalized_shape)
+        if not self.normalized_shape or any(
+                isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in self.normalized_shape):
+            raise ValueError(f"normalized_shape must be a non-empty tuple of ints >= 0, got {normalized_shape!r}")
+        self.p = check_probability(p)
+        self.eps = eps
+        self.prenorm, self.rms, self.residual_in_fp32 = prenorm, rms, residual_in_fp32
+        self.weight = nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype))
+        if rms:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(torch.zeros(self.normalized_shape, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return F.dropout_add_layer_norm(x, residual, self.weight, self.bias, p=self.p, eps=self.eps,
+                                        training=self.training, prenorm=self.prenorm, rms=self.rms,
+                                        residual_in_fp32=self.residual_in_fp32)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, p={self.p}, eps={self.eps}, prenorm={self.prenorm}, "
+                f"rms={self.rms}, residual_in_fp32={self.residual_in_fp32}")

@@ -56,3 +56,25 @@ OPTIM_LOWP = {
 PATCHED_MODEL = {
     torch.float32: dict(atol=2e-5, rtol=2e-5),
 }
+
+# layer_norm / rms_norm / dropout_add_layer_norm against a float64 reference (DESIGN.md §4):
+#   err(fusedreg) <= FACTOR * err(torch at the same dtype) + NORM_ATOL[pass][dtype]
+# with err = max |out - ref64| / max(max |ref64|, 1) (errors relative to the output's scale,
+# so that one table serves y, h and the row-sum gradients of weight and bias).
+NORM_ATOL = {
+    "fwd": {
+        torch.float64: 1e-12,  # different summation order of mean/var: ~N * 2^-53
+        torch.float32: 2e-6,   # two-level vs torch's cascade sums: a few fp32 ulps (2^-24)
+        torch.float16: 1e-3,   # one fp16 rounding of y (2^-11) and of h on either side
+        torch.bfloat16: 8e-3,  # one bf16 rounding (2^-8); the Triton interpreter truncates
+                               # instead of rounding (TOOLCHAIN.md): one more ulp
+    },
+    # Backward is looser: grad_x goes through two row sums (mean(g), mean(g * xhat)) and
+    # grad_weight/grad_bias through a column sum over M rows in another order than torch's.
+    "bwd": {
+        torch.float64: 1e-10,
+        torch.float32: 1e-5,
+        torch.float16: 2e-3,   # dy, weight rounded to fp16; grads rounded once more
+        torch.bfloat16: 1.6e-2,  # two bf16 roundings (2 * 2^-8), interpreter truncation
+    },
+}

@@ -2,3 +2,4 @@
 autograd Functions. Importing this package registers everything that this build has."""
 from . import bias_dropout  # noqa: F401
 from . import optim  # noqa: F401
+from . import layer_norm  # noqa: F401
