@@ -94,15 +94,6 @@ def _norm_eps(eps, x):
     return check_number(eps, "eps", low=0.0, low_open=True)
 
 
-def _norm_seed(seed):
-    # Dynamo cannot trace Tensor.random_ (what seed_tensor draws with); under torch.compile
-    # the seed comes from torch.randint instead, which it traces (still seeded by
-    # torch.manual_seed). Eager calls keep seed_tensor's draw.
-    if seed is None and torch.compiler.is_compiling():
-        return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)
-    return seed_tensor(seed)
-
-
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
     """``torch.nn.functional.layer_norm`` (same arguments and result) in one fused pass
     forward and one backward. weight and bias have x's dtype, or float32 with float16/bfloat16
@@ -158,7 +149,7 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
     h_dtype = residual.dtype if residual is not None else x.dtype
     if residual_in_fp32 and h_dtype != torch.float64:
         h_dtype = torch.float32
-    seed_t = _norm_seed(seed) if p > 0.0 else unused_seed()
+    seed_t = seed_tensor(seed) if p > 0.0 else unused_seed()
     backend = backends.resolve("layer_norm", x.device)
     y, h = DropoutAddLayerNormFunction.apply(x, residual, weight, bias, len(shape), eps, p, seed_t,
                                              rms, h_dtype, prenorm, backend)
