@@ -85,6 +85,20 @@ def _short(name: str) -> str:
     return re.sub(r"\(Activation\)(\d)", lambda m: _ACT.get(m.group(1), m.group(1)), name)
 
 
+def _rows_from_log(rel: str, log: str) -> list[dict]:
+    funcs = {k: v for k, v in _aot.parse_ptxas_log(log).items() if v["registers"] is not None}
+    names = _demangle(sorted(funcs))
+    return [dict(file=rel, kernel=_short(names[m]), error=None, **funcs[m])
+            for m in sorted(funcs, key=lambda m: _short(names[m]))]
+
+
+def cuda_rows_from_build_log(path: str) -> list[dict]:
+    """The ptxas reports in a build log (setup.py with FUSEDREG_NVCC_FLAGS="-Xptxas -v")."""
+    with open(path, errors="replace") as f:
+        rows = _rows_from_log(f"(build log {os.path.basename(path)})", f.read())
+    return rows or [dict(file=path, kernel="(no ptxas report in the log)", error="no ptxas -v lines")]
+
+
 def cuda_rows(arch: int) -> list[dict]:
     nvcc = _nvcc()
     if nvcc is None:
@@ -99,11 +113,7 @@ def cuda_rows(arch: int) -> list[dict]:
         if r.returncode != 0:
             rows.append(dict(file=rel, kernel="(compile failed)", error=(r.stdout + r.stderr)[-3000:]))
             continue
-        funcs = {k: v for k, v in _aot.parse_ptxas_log(r.stdout + r.stderr).items()
-                 if v["registers"] is not None}
-        names = _demangle(sorted(funcs))
-        for mangled in sorted(funcs, key=lambda m: _short(names[m])):
-            rows.append(dict(file=rel, kernel=_short(names[mangled]), error=None, **funcs[mangled]))
+        rows += _rows_from_log(rel, r.stdout + r.stderr)
     return rows
 
 
@@ -170,9 +180,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="markdown file (default: print only)")
     ap.add_argument("--skip-cuda", action="store_true")
     ap.add_argument("--skip-triton", action="store_true")
+    ap.add_argument("--cuda-log", default=None, metavar="PATH",
+                    help="read the CUDA kernels' ptxas reports from this build log instead of compiling")
     args = ap.parse_args(argv)
     trows = [] if args.skip_triton else triton_rows(args.arch)
-    crows = [] if args.skip_cuda else cuda_rows(args.arch)
+    if args.skip_cuda:
+        crows = []
+    elif args.cuda_log and os.path.exists(args.cuda_log):
+        crows = cuda_rows_from_build_log(args.cuda_log)
+    else:
+        crows = cuda_rows(args.arch)
     text = markdown(args.arch, trows, crows)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

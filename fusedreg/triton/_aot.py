@@ -76,10 +76,11 @@ def parse_ptxas_log(log: str) -> dict[str, dict]:
 
 
 def _describe(constexprs: dict, signature: dict) -> str:
-    ints = sorted({v for v in signature.values() if v in ("i32", "i64")})
-    ptrs = sorted({v[1:] for v in signature.values() if v.startswith("*")})
-    parts = [f"{k}={v}" for k, v in constexprs.items()]
-    return " ".join(["/".join(ptrs), "/".join(ints)] + parts)
+    """'bf16/fp32 i64:total HAS_BIAS=True ...' : pointer dtypes, 64-bit int arguments, constexprs."""
+    ptrs = "/".join(dict.fromkeys(v[1:] for v in signature.values() if v.startswith("*")))
+    wide = ",".join(k for k, v in signature.items() if v == "i64")
+    parts = [ptrs] + ([f"i64:{wide}"] if wide else []) + [f"{k}={v}" for k, v in constexprs.items()]
+    return " ".join(parts)
 
 
 def _ptxas_again(ptx: str, arch: int) -> str:
@@ -148,6 +149,14 @@ def _worker(out_path: str, archs: list[int], modules: list[str] | None) -> None:
             results.append(dict(module=name, kernel=None, spec="import", arch=None,
                                 error=f"{type(e).__name__}: {e}"))
             continue
+        # Every module-level kernel (a JITFunction named *_kernel, the convention of these
+        # modules; helpers are inlined into kernels) must have a spec.
+        module = sys.modules[name]
+        covered = {id(spec[0]) for spec in specs}
+        for attr, obj in sorted(vars(module).items()):
+            if attr.endswith("_kernel") and hasattr(obj, "arg_names") and id(obj) not in covered:
+                results.append(dict(module=name, kernel=attr, spec="", arch=None,
+                                    error=f"{attr} has no entry in COMPILE_SPECS"))
         for spec in specs:
             kernel, signature, constexprs = spec[:3]
             options = spec[3] if len(spec) > 3 else {}
