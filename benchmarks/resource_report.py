@@ -94,9 +94,18 @@ def _rows_from_log(rel: str, log: str) -> list[dict]:
 
 def cuda_rows_from_build_log(path: str) -> list[dict]:
     """The ptxas reports in a build log (setup.py with FUSEDREG_NVCC_FLAGS="-Xptxas -v")."""
+    chunks: dict[str, list[str]] = {}
+    current = f"(build log {os.path.basename(path)})"
     with open(path, errors="replace") as f:
-        rows = _rows_from_log(f"(build log {os.path.basename(path)})", f.read())
-    return rows or [dict(file=path, kernel="(no ptxas report in the log)", error="no ptxas -v lines")]
+        for line in f:
+            m = re.search(r"nvcc\b.*?(\S+\.cu)\b", line)  # ninja echoes each command first
+            if m:
+                current = os.path.relpath(m.group(1), ROOT) if os.path.isabs(m.group(1)) else m.group(1)
+            chunks.setdefault(current, []).append(line)
+    rows = []
+    for rel, lines in chunks.items():
+        rows += _rows_from_log(rel, "".join(lines))
+    return rows
 
 
 def cuda_rows(arch: int) -> list[dict]:
@@ -186,10 +195,9 @@ def main(argv=None) -> int:
     trows = [] if args.skip_triton else triton_rows(args.arch)
     if args.skip_cuda:
         crows = []
-    elif args.cuda_log and os.path.exists(args.cuda_log):
-        crows = cuda_rows_from_build_log(args.cuda_log)
-    else:
-        crows = cuda_rows(args.arch)
+    else:  # from the build log when it has the reports (an up-to-date build compiles nothing)
+        crows = cuda_rows_from_build_log(args.cuda_log) if args.cuda_log and os.path.exists(args.cuda_log) else []
+        crows = crows or cuda_rows(args.arch)
     text = markdown(args.arch, trows, crows)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

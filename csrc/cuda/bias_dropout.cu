@@ -43,11 +43,16 @@ constexpr int elems_per_thread() {
   return sizeof(T) >= 4 ? 4 : 8;
 }
 
-// Minimum resident blocks for __launch_bounds__: 2 (at most 128 registers, ptxas's default
-// for 256 threads) except for fp64, whose erf/exp need more registers than that.
-template <typename T>
+// Minimum resident blocks per SM for __launch_bounds__, which caps the registers at
+// 65536 / (256 * n): 4 (64 registers, 1024 threads) for the memory-bound variants without an
+// activation, or with relu in the flat kernels, which fit there without spilling (ptxas
+// otherwise takes up to 128 and halves the threads in flight); 2 where erf/exp/tanh or the
+// rows kernel's two rows of x need more; 1 for fp64, whose erf/exp need more than 128.
+template <typename T, Activation A, bool ROWS_KERNEL = false>
 constexpr int min_blocks() {
-  return sizeof(T) == 8 ? 1 : 2;
+  if (sizeof(T) == 8) return 1;
+  if (A == Activation::kNone || (A == Activation::kRelu && !ROWS_KERNEL)) return 4;
+  return 2;
 }
 
 template <typename T, int n>
@@ -143,7 +148,7 @@ __device__ __forceinline__ void load_bias(const T* __restrict__ bias, int64_t co
 }
 
 template <typename scalar_t, Activation A>
-__global__ void __launch_bounds__(kThreads, min_blocks<scalar_t>()) bias_dropout_fwd_kernel(
+__global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, A>()) bias_dropout_fwd_kernel(
     const scalar_t* __restrict__ x,         // (M, N) input
     const scalar_t* __restrict__ bias,      // (N,) bias, or nullptr
     const scalar_t* __restrict__ residual,  // (M, N) residual, or nullptr
@@ -210,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t>()) bias_dropout
 
 // grad_x = grad_out * keep * scale * act'(x + bias), flat, without a bias gradient.
 template <typename scalar_t, Activation A>
-__global__ void __launch_bounds__(kThreads, min_blocks<scalar_t>()) bias_dropout_bwd_kernel(
+__global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, A>()) bias_dropout_bwd_kernel(
     const scalar_t* __restrict__ g,     // (M, N) grad_out
     const scalar_t* __restrict__ x,     // (M, N) input, if A != kNone
     const scalar_t* __restrict__ bias,  // (N,) bias, or nullptr (read only if A != kNone)
@@ -273,13 +278,67 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t>()) bias_dropout
   }
 }
 
+// R rows (R = 2 in the main loop, so that two rows' loads are in flight at once) of one
+// thread of the rows kernel below: elements e + r * step + k, k < n_in; adds grad_x to acc.
+template <typename scalar_t, Activation A, bool ALIGNED, int R>
+__device__ __forceinline__ void bwd_rows_step(
+    const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, scalar_t* __restrict__ gx,
+    int64_t e, int64_t step, int n_in, const at::opmath_type<scalar_t>* b,
+    at::opmath_type<scalar_t>* acc, bool dropout, float p, at::opmath_type<scalar_t> scale,
+    uint64_t seed) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = elems_per_thread<scalar_t>();
+  constexpr bool kAct = A != Activation::kNone;
+  acc_t d[R][V], z[R][V];
+  float u[R][V];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t er = e + r * step;
+    if (ALIGNED) {
+      load_vec<V>(g + er, d[r]);
+      if (kAct) load_vec<V>(x + er, z[r]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const bool in = k < n_in;
+        d[r][k] = in ? static_cast<acc_t>(g[er + k]) : acc_t(0);
+        if (kAct) z[r][k] = in ? static_cast<acc_t>(x[er + k]) : acc_t(0);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t er = e + r * step;
+    if (dropout) {
+      if (ALIGNED) {
+        group_uniforms<V / 4>(seed, static_cast<uint64_t>(er) >> 2, u[r]);
+      } else {
+        shifted_uniforms<V>(seed, static_cast<uint64_t>(er), u[r]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      if (dropout) d[r][k] = u[r][k] >= p ? d[r][k] * scale : acc_t(0);
+      if (kAct) d[r][k] *= activate_grad<A>(z[r][k] + b[k]);
+      acc[k] += d[r][k];  // row order: the sum is the same whatever R is
+    }
+    if (ALIGNED) {
+      store_vec<V>(gx + er, d[r]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        if (k < n_in) gx[er + k] = static_cast<scalar_t>(d[r][k]);
+    }
+  }
+}
+
 // Backward with a bias gradient. Block (kColLanes, kRowLanes) covers columns
 // [blockIdx.x * kColLanes * V, +kColLanes * V) of rows [blockIdx.y * rows_per_block, +rows_per_block);
 // thread (tx, ty) takes V columns and every kRowLanes-th row from ty. ALIGNED: N % V == 0,
 // so each thread's V columns are whole Philox groups and whole 16-byte loads.
 //   grad_x = grad_out * keep * scale * act'(x + bias);   partial[blockIdx.y, c] = sum of grad_x[r, c]
 template <typename scalar_t, Activation A, bool ALIGNED>
-__global__ void __launch_bounds__(kColLanes* kRowLanes, min_blocks<scalar_t>()) bias_dropout_bwd_rows_kernel(
+__global__ void __launch_bounds__(kColLanes* kRowLanes, min_blocks<scalar_t, A, true>()) bias_dropout_bwd_rows_kernel(
     const scalar_t* __restrict__ g,     // (M, N) grad_out
     const scalar_t* __restrict__ x,     // (M, N) input, if A != kNone
     const scalar_t* __restrict__ bias,  // (N,) bias
@@ -288,7 +347,6 @@ __global__ void __launch_bounds__(kColLanes* kRowLanes, min_blocks<scalar_t>()) 
     int64_t M, int64_t N, int64_t rows_per_block, float p, uint64_t seed) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = elems_per_thread<scalar_t>();
-  constexpr bool kAct = A != Activation::kNone;
   __shared__ acc_t lanes[kRowLanes][V][kColLanes];  // [row lane][column in V][column lane]
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t col = (static_cast<int64_t>(blockIdx.x) * kColLanes + tx) * V;
@@ -306,45 +364,19 @@ __global__ void __launch_bounds__(kColLanes* kRowLanes, min_blocks<scalar_t>()) 
     // in the loop).
     const int n_in = ALIGNED || N - col >= V ? V : static_cast<int>(N - col);
     acc_t b[V];
-    if (kAct) {
 #pragma unroll
-      for (int k = 0; k < V; ++k) b[k] = k < n_in ? static_cast<acc_t>(bias[col + k]) : acc_t(0);
-    }
+    for (int k = 0; k < V; ++k)
+      b[k] = A != Activation::kNone && k < n_in ? static_cast<acc_t>(bias[col + k]) : acc_t(0);
     // The row count fits 32 bits (rows_per_block < 2^31 is checked on the host); only the
     // element offset needs 64.
     const int n_rows = row0 < row_end ? static_cast<int>((row_end - row0 + kRowLanes - 1) / kRowLanes) : 0;
     const int64_t step = kRowLanes * N;
     int64_t e = row0 * N + col;
-    for (int it = 0; it < n_rows; ++it, e += step) {
-      acc_t d[V], z[V];
-      float u[V];
-      if (ALIGNED) {
-        load_vec<V>(g + e, d);
-        if (kAct) load_vec<V>(x + e, z);
-        if (dropout) group_uniforms<V / 4>(seed, static_cast<uint64_t>(e) >> 2, u);
-      } else {
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-          const bool in = k < n_in;
-          d[k] = in ? static_cast<acc_t>(g[e + k]) : acc_t(0);
-          if (kAct) z[k] = in ? static_cast<acc_t>(x[e + k]) : acc_t(0);
-        }
-        if (dropout) shifted_uniforms<V>(seed, static_cast<uint64_t>(e), u);
-      }
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        if (dropout) d[k] = u[k] >= p ? d[k] * scale : acc_t(0);
-        if (kAct) d[k] *= activate_grad<A>(z[k] + b[k]);
-        acc[k] += d[k];
-      }
-      if (ALIGNED) {
-        store_vec<V>(gx + e, d);
-      } else {
-#pragma unroll
-        for (int k = 0; k < V; ++k)
-          if (k < n_in) gx[e + k] = static_cast<scalar_t>(d[k]);
-      }
-    }
+    int it = 0;
+    for (; it + 2 <= n_rows; it += 2, e += 2 * step)
+      bwd_rows_step<scalar_t, A, ALIGNED, 2>(g, x, gx, e, step, n_in, b, acc, dropout, p, scale, seed);
+    if (it < n_rows)
+      bwd_rows_step<scalar_t, A, ALIGNED, 1>(g, x, gx, e, step, n_in, b, acc, dropout, p, scale, seed);
   }
 
   // Sum the row lanes in a fixed order (lane 0 first).
