@@ -24,8 +24,32 @@ TORCH_LIBRARY(fusedreg, m) {
   m.def(
       "bias_dropout_bwd(Tensor grad_out, Tensor? x, Tensor? bias, float p, int activation, "
       "Tensor seed, bool need_grad_bias) -> (Tensor grad_x, Tensor grad_bias)");
+  // The mask's uniforms u(seed, i) for i in [start, start + count), float32 on `device_like`'s
+  // device: lets tests check the kernels' Philox at any index (e.g. beyond 2^34) cheaply.
+  m.def("dropout_uniform(Tensor seed, int start, int count, Tensor device_like) -> Tensor");
 
   // ---- layer_norm (LayerNorm, RMSNorm, dropout + residual + norm) -----------------------
 
   // ---- optimizers ---------------------------------------------------------------------
+  // One call steps a list of parameters of one device and dtype (multi-tensor), in place.
+  // params/grads: same dtype and shape, contiguous; state tensors (exp_avgs, ...) are in the
+  // compute type (float32 for fp16/bf16/fp32 params, float64 for float64), contiguous.
+  // steps: Adam's already-incremented step count per parameter (read on the host, so a CUDA
+  // launch never waits); inv_scale: 1/grad_scale (1 without AMP); l1: the L1 proximal
+  // strength (threshold lr·l1 after the update); decoupled: weight decay as p·(1 − lr·wd)
+  // instead of L2 added to the gradient. max_exp_avg_sqs is empty unless amsgrad,
+  // momentum_buffers empty when momentum == 0; first_step: buffers are new (buf ← g).
+  m.def(
+      "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float[] steps, float lr, "
+      "float beta1, float beta2, float eps, float weight_decay, float l1, bool amsgrad, "
+      "bool maximize, bool decoupled, float inv_scale) -> ()");
+  m.def(
+      "sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr, "
+      "float momentum, float dampening, float weight_decay, float l1, bool nesterov, "
+      "bool maximize, bool decoupled, bool first_step, float inv_scale) -> ()");
+  m.def(
+      "lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float lr, "
+      "float beta1, float beta2, float weight_decay, float l1, bool maximize, "
+      "float inv_scale) -> ()");
 }

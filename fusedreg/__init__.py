@@ -17,6 +17,7 @@ from .backends import (
 )
 from . import ops  # noqa: F401  (registers the custom ops)
 from . import autograd, functional, nn
+from .patch import patch, unpatch  # noqa: E402  (fusedreg.patch(model): drop-in swap)
 
 __version__ = "0.1.0"
 
@@ -24,3 +25,4 @@ __all__ = [
     "BACKENDS", "BackendUnavailableError", "autograd", "available_backends", "backend_status",
     "backends", "functional", "get_backend", "nn", "set_backend", "use_backend",
 ]
+__all__ += ["patch", "unpatch"]

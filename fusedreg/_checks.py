@@ -26,7 +26,7 @@ def check_like(t, name: str, ref: torch.Tensor, ref_name: str, shape=None, same_
     """``t`` is a float tensor on ref's device (and of ref's dtype), of ``shape`` if given."""
     check_tensor(t, name)
     if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
     if same_dtype and t.dtype != ref.dtype:
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
     if shape is not None and tuple(t.shape) != tuple(shape):

@@ -10,7 +10,7 @@ def seed_tensor(seed) -> torch.Tensor:
     """The seed to pass to an op: ``seed`` if given, else a draw from torch's default CPU
     generator, so that ``torch.manual_seed`` makes runs reproducible."""
     if seed is None:
-        return torch.empty((), dtype=torch.int64).random_()
+        return torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
     return torch.tensor(seed_to_int64(seed), dtype=torch.int64)
 
 

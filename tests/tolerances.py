@@ -29,3 +29,30 @@ REDUCTION = {
     torch.float16: dict(atol=5e-3, rtol=2e-3),
     torch.bfloat16: dict(atol=5e-2, rtol=1.6e-2),
 }
+
+# ---- optimizers (fusedreg.optim) ----------------------------------------------------------
+# Parity with torch's optimizers after 100 steps of a small model (parameters O(0.1..1),
+# lr ≤ 1e-2). The reference backend runs torch's own ops in torch's order and must match
+# bit for bit; fused backends evaluate the same formulas element by element in fp32, where
+# torch's vectorized kernels may fuse or reorder (lerp with fma, addcdiv): a few fp32 ulps per
+# step, compounding over 100 steps through the moments into parameter differences of ~1e-6.
+OPTIM_PARITY = {
+    torch.float64: dict(atol=1e-12, rtol=1e-10),
+    torch.float32: dict(atol=5e-6, rtol=2e-5),
+}
+# One step of a fused backend against the reference on fp16/bf16 parameters (fp32 state):
+# the same fp32 math, one final rounding to the parameter dtype (1 ulp, the Triton
+# interpreter truncates instead of rounding) — plus fp32 noise on the state. The fp32 state
+# of such runs is compared at the same tolerance: it is fed the parameters (L2 decay) of the
+# earlier steps, rounded to the low dtype.
+OPTIM_LOWP = {
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+# A patched model's output against the same model unpatched (fusedreg.patch): the fused
+# norms reduce mean and variance in another order than torch's (~1e-6 relative per norm in
+# fp32), and the differences pass through a few Linear layers and norms of the test models.
+PATCHED_MODEL = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+}

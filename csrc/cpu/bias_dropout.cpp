@@ -12,6 +12,7 @@
 
 #include "fusedreg/activation.h"
 #include "fusedreg/cpu/uniforms.h"
+#include "fusedreg/cpu/vmath.h"
 #include "fusedreg/philox.h"
 
 namespace fusedreg {
@@ -46,37 +47,57 @@ void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& bias,
   }
 }
 
+// Per-task scratch: the uniforms of the chunk, and stand-ins that make the element loops
+// branch-free (so they vectorize): zeros for a missing bias/residual, ones (always kept)
+// when there is no dropout.
+template <typename scalar_t>
+struct Scratch {
+  float u[kChunk];
+  scalar_t zeros[kChunk];
+  Scratch() {
+    for (int64_t i = 0; i < kChunk; ++i) zeros[i] = scalar_t(0);
+  }
+  const float* uniforms(bool dropout, uint64_t seed, int64_t start, int64_t len) {
+    if (dropout) {
+      fill_uniforms(seed, start, len, u);
+    } else {
+      for (int64_t i = 0; i < len; ++i) u[i] = 1.0f;
+    }
+    return u;
+  }
+};
+
+// out = (u >= p ? act(x + bias) * scale : 0) + residual over one row segment.
 template <typename scalar_t, Activation A>
-void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* residual,
-                    scalar_t* out, Rows rows, float p, uint64_t seed) {
+FUSEDREG_CPU_CLONES void forward_segment(const scalar_t* __restrict x, const scalar_t* __restrict bias,
+                                         const scalar_t* __restrict residual, const float* __restrict u,
+                                         scalar_t* __restrict out, int64_t len, float p,
+                                         at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
+#pragma omp simd
+  for (int64_t t = 0; t < len; ++t) {
+    const acc_t v = activate<A, acc_t, cpu::VecMath>(static_cast<acc_t>(x[t]) + static_cast<acc_t>(bias[t]));
+    out[t] = static_cast<scalar_t>((u[t] >= p ? v * scale : acc_t(0)) + static_cast<acc_t>(residual[t]));
+  }
+}
+
+// Runs fn(i, col, len, u, zeros) over the tensor in parallel, one row segment at a time:
+// elements [i, i + len) lie in one row starting at column col, u points at their uniforms
+// (all ones without dropout) and zeros at len zeros (the stand-in for a missing operand).
+template <typename scalar_t, typename Fn>
+void for_each_row_segment(Rows rows, bool dropout, uint64_t seed, const Fn& fn) {
   const int64_t total = rows.M * rows.N;
-  const bool dropout = p > 0.0f;
-  const acc_t scale = static_cast<acc_t>(dropout_scale(p));
   at::parallel_for(0, (total + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
-    float u[kChunk];
+    Scratch<scalar_t> scratch;
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t start = chunk * kChunk;
       const int64_t len = std::min(kChunk, total - start);
-      if (dropout) fill_uniforms(seed, start, len, u);
-      // Walk the chunk one row segment at a time so that the bias index is a plain offset.
+      const float* u = scratch.uniforms(dropout, seed, start, len);
       int64_t j = 0;
       int64_t col = start % rows.N;
       while (j < len) {
         const int64_t seg = std::min(len - j, rows.N - col);
-        const scalar_t* xs = x + start + j;
-        const scalar_t* rs = residual ? residual + start + j : nullptr;
-        scalar_t* os = out + start + j;
-        const float* us = u + j;
-        const scalar_t* bs = bias ? bias + col : nullptr;
-        for (int64_t t = 0; t < seg; ++t) {
-          acc_t z = static_cast<acc_t>(xs[t]);
-          if (bs) z += static_cast<acc_t>(bs[t]);
-          acc_t v = activate<A>(z);
-          if (dropout) v = us[t] >= p ? v * scale : acc_t(0);
-          if (rs) v += static_cast<acc_t>(rs[t]);
-          os[t] = static_cast<scalar_t>(v);
-        }
+        fn(start + j, col, seg, u + j, scratch.zeros);
         j += seg;
         col = 0;
       }
@@ -84,21 +105,33 @@ void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* res
   });
 }
 
-// grad_x = grad_out * keep * scale * act'(x + bias) over the element range
-// [start, start + len) of one row segment; returns nothing, writes gx.
 template <typename scalar_t, Activation A>
-inline void backward_segment(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
-                             const float* u, scalar_t* gx, int64_t len, float p,
-                             at::opmath_type<scalar_t> scale, bool dropout,
-                             at::opmath_type<scalar_t>* bias_acc) {
+void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* residual,
+                    scalar_t* out, Rows rows, float p, uint64_t seed) {
   using acc_t = at::opmath_type<scalar_t>;
+  const bool dropout = p > 0.0f;
+  const acc_t scale = dropout ? static_cast<acc_t>(dropout_scale(p)) : acc_t(1);
+  for_each_row_segment<scalar_t>(rows, dropout, seed, [&](int64_t i, int64_t col, int64_t len,
+                                                          const float* u, const scalar_t* zeros) {
+    forward_segment<scalar_t, A>(x + i, bias ? bias + col : zeros, residual ? residual + i : zeros,
+                                 u, out + i, len, p, scale);
+  });
+}
+
+// grad_x = grad_out * keep * scale * act'(x + bias) over one row segment of len elements;
+// adds grad_x into bias_acc when given (the bias gradient's partial sums).
+template <typename scalar_t, Activation A>
+FUSEDREG_CPU_CLONES void backward_segment(const scalar_t* __restrict g, const scalar_t* __restrict x,
+                             const scalar_t* __restrict bias, const float* __restrict u,
+                             scalar_t* __restrict gx, int64_t len, float p,
+                             at::opmath_type<scalar_t> scale,
+                             at::opmath_type<scalar_t>* __restrict bias_acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp simd
   for (int64_t t = 0; t < len; ++t) {
-    acc_t d = static_cast<acc_t>(g[t]);
-    if (dropout) d = u[t] >= p ? d * scale : acc_t(0);
+    acc_t d = u[t] >= p ? static_cast<acc_t>(g[t]) * scale : acc_t(0);
     if constexpr (A != Activation::kNone) {
-      acc_t z = static_cast<acc_t>(x[t]);
-      if (bias) z += static_cast<acc_t>(bias[t]);
-      d *= activate_grad<A>(z);
+      d *= activate_grad<A, acc_t, cpu::VecMath>(static_cast<acc_t>(x[t]) + static_cast<acc_t>(bias[t]));
     }
     gx[t] = static_cast<scalar_t>(d);
     if (bias_acc) bias_acc[t] += d;
@@ -110,26 +143,12 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
                      scalar_t* grad_bias, Rows rows, float p, uint64_t seed) {
   using acc_t = at::opmath_type<scalar_t>;
   const bool dropout = p > 0.0f;
-  const acc_t scale = static_cast<acc_t>(dropout_scale(p));
+  const acc_t scale = dropout ? static_cast<acc_t>(dropout_scale(p)) : acc_t(1);
   if (grad_bias == nullptr) {
-    const int64_t total = rows.M * rows.N;
-    at::parallel_for(0, (total + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
-      float u[kChunk];
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int64_t start = chunk * kChunk;
-        const int64_t len = std::min(kChunk, total - start);
-        if (dropout) fill_uniforms(seed, start, len, u);
-        int64_t j = 0;
-        int64_t col = start % rows.N;
-        while (j < len) {
-          const int64_t seg = std::min(len - j, rows.N - col);
-          backward_segment<scalar_t, A>(g + start + j, x ? x + start + j : nullptr,
-                                        bias ? bias + col : nullptr, u + j, gx + start + j, seg,
-                                        p, scale, dropout, nullptr);
-          j += seg;
-          col = 0;
-        }
-      }
+    for_each_row_segment<scalar_t>(rows, dropout, seed, [&](int64_t i, int64_t col, int64_t len,
+                                                            const float* u, const scalar_t* zeros) {
+      backward_segment<scalar_t, A>(g + i, x ? x + i : nullptr, bias ? bias + col : zeros, u,
+                                    gx + i, len, p, scale, nullptr);
     });
     return;
   }
@@ -142,7 +161,7 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
   const int64_t n_cb = (rows.N + kChunk - 1) / kChunk;
   std::vector<acc_t> partial(static_cast<size_t>(n_rb * rows.N), acc_t(0));
   at::parallel_for(0, n_rb * n_cb, 1, [&](int64_t begin, int64_t end) {
-    float u[kChunk];
+    Scratch<scalar_t> scratch;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t rb = task / n_cb, cb = task % n_cb;
       const int64_t c0 = cb * kChunk, len = std::min(kChunk, rows.N - c0);
@@ -150,9 +169,9 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
       const int64_t r_end = std::min(rows.M, (rb + 1) * row_block);
       for (int64_t r = rb * row_block; r < r_end; ++r) {
         const int64_t start = r * rows.N + c0;
-        if (dropout) fill_uniforms(seed, start, len, u);
+        const float* u = scratch.uniforms(dropout, seed, start, len);
         backward_segment<scalar_t, A>(g + start, x ? x + start : nullptr, bias + c0, u,
-                                      gx + start, len, p, scale, dropout, acc);
+                                      gx + start, len, p, scale, acc);
       }
     }
   });
@@ -225,9 +244,18 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_bwd_cpu(
   return {gx, gb};
 }
 
+at::Tensor dropout_uniform_cpu(const at::Tensor& seed, int64_t start, int64_t count,
+                               const at::Tensor& device_like) {
+  TORCH_CHECK(start >= 0 && count >= 0, "fusedreg::dropout_uniform: start and count must be >= 0");
+  at::Tensor u = at::empty({count}, device_like.options().dtype(at::kFloat));
+  fill_uniforms(static_cast<uint64_t>(seed.item<int64_t>()), start, count, u.mutable_data_ptr<float>());
+  return u;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedreg, CPU, m) {
+  m.impl("dropout_uniform", &dropout_uniform_cpu);
   m.impl("bias_dropout_fwd", &bias_dropout_fwd_cpu);
   m.impl("bias_dropout_bwd", &bias_dropout_bwd_cpu);
 }

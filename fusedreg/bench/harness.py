@@ -50,26 +50,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, *, min_reps: int = 5,
-            max_reps: int = 200, budget_s: float = 1.0, warmup: int = 2) -> Timing:
-    """Median and spread of ``fn()`` wall time (CUDA: events), within a time budget."""
+def time_fn(fn: Callable[..., object], device: torch.device, *, min_reps: int = 5,
+            max_reps: int = 200, budget_s: float = 1.0, warmup: int = 2,
+            setup: Callable[[], object] | None = None) -> Timing:
+    """Median and spread of ``fn()`` wall time (CUDA: events), within a time budget.
+
+    With ``setup``, each repetition first runs ``arg = setup()`` untimed and then times
+    ``fn(arg)`` (e.g. a fresh forward graph, then only its backward)."""
+    call = (lambda: fn(setup())) if setup is not None else fn
     for _ in range(warmup):
-        fn()
+        call()
     _sync(device)
     times = []
     t_end = time.perf_counter() + budget_s
     while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() < t_end):
+        if setup is not None:
+            arg = setup()
+            _sync(device)
+            run = lambda: fn(arg)
+        else:
+            run = fn
         if device.type == "cuda":
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            run()
             stop.record()
             stop.synchronize()
             times.append(start.elapsed_time(stop))
         else:
             t0 = time.perf_counter()
-            fn()
+            run()
             times.append((time.perf_counter() - t0) * 1e3)
+        del run
     times.sort()
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
     return Timing(statistics.median(times), q[0], q[-1], len(times))
@@ -95,8 +107,10 @@ class Context:
     budget_s: float = 1.0   # timing budget per measurement
     sizes: list | None = None  # --sizes override (meaning is per op), None = op's defaults
 
-    def time(self, fn: Callable[[], object]) -> Timing:
-        return time_fn(fn, self.device, budget_s=self.budget_s * (0.3 if self.quick else 1.0))
+    def time(self, fn: Callable[..., object], setup: Callable[[], object] | None = None) -> Timing:
+        """Times ``fn()``, or ``fn(setup())`` with ``setup`` untimed (see ``time_fn``)."""
+        return time_fn(fn, self.device, budget_s=self.budget_s * (0.3 if self.quick else 1.0),
+                       setup=setup)
 
     def row(self, op, case, dtype, impl, pass_, timing: Timing, nbytes: int, **extra) -> Row:
         gbps = nbytes / (timing.median_ms * 1e-3) / 1e9

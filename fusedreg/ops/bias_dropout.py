@@ -111,3 +111,9 @@ class BiasDropoutFunction(torch.autograd.Function):
             grad_bias = grad_bias if need_bias else None
         grad_residual = grad_out if need_residual else None
         return grad_x, grad_bias, grad_residual, None, None, None, None
+
+
+if _cpp is not None:
+    @torch.library.register_fake("fusedreg::dropout_uniform")
+    def _uniform_fake(seed, start, count, device_like):
+        return device_like.new_empty((count,), dtype=torch.float32)

@@ -11,27 +11,15 @@ namespace fusedreg {
 
 enum class Activation : int64_t { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4 };
 
-namespace detail {
-FUSEDREG_INLINE float erf_(float v) { return erff(v); }
-FUSEDREG_INLINE double erf_(double v) { return erf(v); }
-FUSEDREG_INLINE float exp_(float v) { return expf(v); }
-FUSEDREG_INLINE double exp_(double v) { return exp(v); }
-FUSEDREG_INLINE float tanh_(float v) { return tanhf(v); }
-FUSEDREG_INLINE double tanh_(double v) { return tanh(v); }
-FUSEDREG_INLINE float abs_(float v) { return fabsf(v); }
-FUSEDREG_INLINE double abs_(double v) { return fabs(v); }
-
-// 1 + tanh(v) and 1 - tanh(v)^2 from e = exp(-2|v|) in (0, 1]: no overflow and no
-// cancellation. Formed from t = tanh(v) they lose ~1e-7 absolute near |t| = 1 (more with
-// CUDA's tanhf, 2 ulp), which gelu_tanh's gradient multiplies by z * dinner (~10).
-template <typename T>
-FUSEDREG_INLINE void tanh_parts(T v, T* one_plus_t, T* sech2) {
-  const T e = exp_(T(-2) * abs_(v));
-  const T r = T(1) / (T(1) + e);
-  *one_plus_t = v >= T(0) ? T(2) * r : T(2) * e * r;
-  *sech2 = T(4) * e * r * r;
-}
-}  // namespace detail
+// The transcendental functions the formulas need. StdMath calls libm / CUDA's math
+// library; the CPU kernels pass a policy whose float functions vectorize
+// (fusedreg/cpu/vmath.h). The formulas below are written once for every backend.
+struct StdMath {
+  FUSEDREG_HOST_DEVICE static float erf(float v) { return erff(v); }
+  FUSEDREG_HOST_DEVICE static double erf(double v) { return ::erf(v); }
+  FUSEDREG_HOST_DEVICE static float exp(float v) { return expf(v); }
+  FUSEDREG_HOST_DEVICE static double exp(double v) { return ::exp(v); }
+};
 
 // Constants of the GELU forms: 1/sqrt(2), 1/sqrt(2*pi), sqrt(2/pi), 0.044715.
 template <typename T>
@@ -42,43 +30,42 @@ struct GeluConst {
   static constexpr T kCoeff = T(0.044715);
 };
 
-template <Activation A, typename T>
+// gelu_tanh uses 0.5 * (1 + tanh(u)) == sigmoid(2u), which has no cancellation near u = 0,
+// and 1 - tanh(u)^2 == 4 s (1 - s) with s = sigmoid(2u).
+template <Activation A, typename T, typename M = StdMath>
 FUSEDREG_INLINE T activate(T z) {
   if constexpr (A == Activation::kNone) {
     return z;
   } else if constexpr (A == Activation::kRelu) {
     return z > T(0) ? z : T(0);
   } else if constexpr (A == Activation::kGelu) {
-    return T(0.5) * z * (T(1) + detail::erf_(z * GeluConst<T>::kInvSqrt2));
+    return T(0.5) * z * (T(1) + M::erf(z * GeluConst<T>::kInvSqrt2));
   } else if constexpr (A == Activation::kGeluTanh) {
-    const T inner = GeluConst<T>::kSqrt2OverPi * (z + GeluConst<T>::kCoeff * z * z * z);
-    T one_plus_t, sech2;
-    detail::tanh_parts(inner, &one_plus_t, &sech2);
-    return T(0.5) * z * one_plus_t;
+    const T u = GeluConst<T>::kSqrt2OverPi * (z + GeluConst<T>::kCoeff * z * z * z);
+    return z / (T(1) + M::exp(T(-2) * u));
   } else {  // kSilu
-    return z / (T(1) + detail::exp_(-z));
+    return z / (T(1) + M::exp(-z));
   }
 }
 
 // d act(z) / dz
-template <Activation A, typename T>
+template <Activation A, typename T, typename M = StdMath>
 FUSEDREG_INLINE T activate_grad(T z) {
   if constexpr (A == Activation::kNone) {
     return T(1);
   } else if constexpr (A == Activation::kRelu) {
     return z > T(0) ? T(1) : T(0);
   } else if constexpr (A == Activation::kGelu) {
-    const T cdf = T(0.5) * (T(1) + detail::erf_(z * GeluConst<T>::kInvSqrt2));
-    const T pdf = GeluConst<T>::kInvSqrt2Pi * detail::exp_(T(-0.5) * z * z);
+    const T cdf = T(0.5) * (T(1) + M::erf(z * GeluConst<T>::kInvSqrt2));
+    const T pdf = GeluConst<T>::kInvSqrt2Pi * M::exp(T(-0.5) * z * z);
     return cdf + z * pdf;
   } else if constexpr (A == Activation::kGeluTanh) {
-    const T inner = GeluConst<T>::kSqrt2OverPi * (z + GeluConst<T>::kCoeff * z * z * z);
-    T one_plus_t, sech2;
-    detail::tanh_parts(inner, &one_plus_t, &sech2);
-    const T dinner = GeluConst<T>::kSqrt2OverPi * (T(1) + T(3) * GeluConst<T>::kCoeff * z * z);
-    return T(0.5) * one_plus_t + T(0.5) * z * sech2 * dinner;
+    const T u = GeluConst<T>::kSqrt2OverPi * (z + GeluConst<T>::kCoeff * z * z * z);
+    const T s = T(1) / (T(1) + M::exp(T(-2) * u));
+    const T du = GeluConst<T>::kSqrt2OverPi * (T(1) + T(3) * GeluConst<T>::kCoeff * z * z);
+    return s + T(2) * z * s * (T(1) - s) * du;
   } else {  // kSilu
-    const T s = T(1) / (T(1) + detail::exp_(-z));
+    const T s = T(1) / (T(1) + M::exp(-z));
     return s * (T(1) + z * (T(1) - s));
   }
 }

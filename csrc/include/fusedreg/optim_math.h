@@ -1,0 +1,159 @@
+// Per-element update math of the fused optimizers (DESIGN.md §5), in the compute type S
+// (float for fp32/fp16/bf16 parameters, double for float64), shared by csrc/cpu/optim.cpp
+// and csrc/cuda/optim.cu so that the CPU tests exercise the arithmetic the GPU runs.
+//
+// One element's step, in torch's order (so that l1 = 0 reproduces torch to fp32 rounding):
+//   g ← g·gscale + wd_l2·p          gscale = ±1/grad_scale (− when maximize); wd_l2 = L2 decay
+//   p ← p·decay                     decay = 1 − lr·weight_decay when decoupled, else 1
+//   p ← p − lr·update(g, state)     the algorithm
+//   p ← sign(p)·max(|p| − thr, 0)   thr = lr·l1, only when L1 (soft threshold, exact zeros)
+// The "identity" constants (gscale = 1, wd_l2 = 0, decay = 1) leave values bit-unchanged, so
+// the loops need no branches for maximize / decay / grad scaling and vectorize cleanly.
+// The host computes every constant in double (as torch's Python does) and rounds once to S.
+#pragma once
+
+#include <cmath>
+
+#include "fusedreg/macros.h"
+
+// The update functions are small and called once per element inside vectorized loops (CPU,
+// compiled for several instruction sets) or 4x unrolled ones (CUDA): always inline them.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FUSEDREG_OPTIM_INLINE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define FUSEDREG_OPTIM_INLINE inline __attribute__((always_inline))
+#else
+#define FUSEDREG_OPTIM_INLINE inline
+#endif
+
+namespace fusedreg {
+namespace optim {
+
+namespace detail {
+FUSEDREG_OPTIM_INLINE float sqrt_(float v) { return sqrtf(v); }
+FUSEDREG_OPTIM_INLINE double sqrt_(double v) { return sqrt(v); }
+}  // namespace detail
+
+// sign(p)·max(|p| − thr, 0), thr ≥ 0. Written with selects, no copysign: branch-free.
+template <typename S>
+FUSEDREG_OPTIM_INLINE S soft_threshold(S p, S thr) {
+  const S shrunk_pos = p - thr;  // used when p > thr
+  const S shrunk_neg = p + thr;  // used when p < −thr
+  return p > thr ? shrunk_pos : (p < -thr ? shrunk_neg : S(0));
+}
+
+// torch.lerp's formula (ATen/native/Lerp.h): a + w·(b − a) when |w| < 0.5, else
+// b − (b − a)·(1 − w). Written as base + coef·(b − a) with (base, coef) = (a, w) or
+// (b, −(1 − w)) — the same roundings, since negation is exact — so that the only select is
+// between two loaded values and the loops still vectorize.
+template <typename S>
+FUSEDREG_OPTIM_INLINE S lerp(S a, S b, S coef, bool w_small) {
+  return (w_small ? a : b) + coef * (b - a);
+}
+
+// Adam / AdamW (torch.optim.Adam single-tensor path). Per tensor: neg_step_size = −lr/bc1,
+// bc2_sqrt = sqrt(1 − beta2^step).
+template <typename S>
+struct AdamConsts {
+  S gscale, wd_l2, decay, w1_coef, beta2, omb2, eps, thr;  // w1_coef: lerp's coef, omb2 = 1 − beta2
+  bool w1_small;
+};
+
+template <typename S, bool AMSGRAD, bool L1>
+FUSEDREG_OPTIM_INLINE void adam_update(const AdamConsts<S>& c, S neg_step_size, S bc2_sqrt, S& p, S g,
+                                 S& m, S& v, S& vmax) {
+  g = g * c.gscale + c.wd_l2 * p;
+  p = p * c.decay;
+  m = lerp(m, g, c.w1_coef, c.w1_small);
+  v = v * c.beta2 + c.omb2 * g * g;
+  S v_used = v;
+  if (AMSGRAD) {
+    v_used = vmax > v ? vmax : v;
+    vmax = v_used;
+  }
+  const S denom = detail::sqrt_(v_used) / bc2_sqrt + c.eps;
+  p = p + neg_step_size * (m / denom);
+  if (L1) p = soft_threshold(p, c.thr);
+}
+
+// SGD (torch.optim.SGD): buf ← g on the first step, else momentum·buf + (1 − dampening)·g;
+// the update is g + momentum·buf with nesterov, else buf.
+template <typename S>
+struct SgdConsts {
+  S gscale, wd_l2, decay, neg_lr, momentum, damp1, thr;  // damp1 = 1 − dampening
+  bool first, nesterov;
+};
+
+template <typename S, bool MOMENTUM, bool L1>
+FUSEDREG_OPTIM_INLINE void sgd_update(const SgdConsts<S>& c, S& p, S g, S* buf) {
+  g = g * c.gscale + c.wd_l2 * p;
+  p = p * c.decay;
+  S d = g;
+  if (MOMENTUM) {
+    const S b = c.first ? g : *buf * c.momentum + c.damp1 * g;
+    *buf = b;
+    d = c.nesterov ? g + c.momentum * b : b;
+  }
+  p = p + c.neg_lr * d;
+  if (L1) p = soft_threshold(p, c.thr);
+}
+
+// Lion (Chen et al. 2023), decoupled decay first as in the paper's Algorithm 2:
+//   u = sign(beta1·m + (1 − beta1)·g);  p ← p·decay − lr·u;  m ← beta2·m + (1 − beta2)·g
+template <typename S>
+struct LionConsts {
+  S gscale, decay, neg_lr, beta1, omb1, beta2, omb2, thr;
+};
+
+template <typename S, bool L1>
+FUSEDREG_OPTIM_INLINE void lion_update(const LionConsts<S>& c, S& p, S g, S& m) {
+  g = g * c.gscale;
+  p = p * c.decay;
+  const S u = m * c.beta1 + g * c.omb1;
+  const S sgn = u > S(0) ? S(1) : (u < S(0) ? S(-1) : S(0));
+  p = p + c.neg_lr * sgn;
+  m = m * c.beta2 + g * c.omb2;
+  if (L1) p = soft_threshold(p, c.thr);
+}
+
+// ---- host-side constants (double math, one rounding to S) --------------------------------
+template <typename S>
+inline AdamConsts<S> make_adam_consts(double lr, double beta1, double beta2, double eps,
+                                      double weight_decay, double l1, bool maximize,
+                                      bool decoupled, double inv_scale) {
+  const S w1 = S(1.0 - beta1);  // torch rounds the lerp weight to the tensor's type
+  const bool w1_small = std::abs(w1) < S(0.5);
+  return AdamConsts<S>{S(maximize ? -inv_scale : inv_scale),
+                       S(decoupled ? 0.0 : weight_decay),
+                       S(decoupled ? 1.0 - lr * weight_decay : 1.0),
+                       w1_small ? w1 : -(S(1) - w1), S(beta2), S(1.0 - beta2), S(eps), S(lr * l1),
+                       w1_small};
+}
+
+template <typename S>
+inline SgdConsts<S> make_sgd_consts(double lr, double momentum, double dampening,
+                                    double weight_decay, double l1, bool nesterov,
+                                    bool maximize, bool decoupled, bool first, double inv_scale) {
+  return SgdConsts<S>{S(maximize ? -inv_scale : inv_scale),
+                      S(decoupled ? 0.0 : weight_decay),
+                      S(decoupled ? 1.0 - lr * weight_decay : 1.0),
+                      S(-lr), S(momentum), S(1.0 - dampening), S(lr * l1), first, nesterov};
+}
+
+template <typename S>
+inline LionConsts<S> make_lion_consts(double lr, double beta1, double beta2,
+                                      double weight_decay, double l1, bool maximize,
+                                      double inv_scale) {
+  return LionConsts<S>{S(maximize ? -inv_scale : inv_scale), S(1.0 - lr * weight_decay),
+                       S(-lr), S(beta1), S(1.0 - beta1), S(beta2), S(1.0 - beta2), S(lr * l1)};
+}
+
+// Per-tensor Adam scalars from the (already incremented) step count.
+inline void adam_bias_corrections(double lr, double beta1, double beta2, double step,
+                                  double* neg_step_size, double* bc2_sqrt) {
+  *neg_step_size = -(lr / (1.0 - std::pow(beta1, step)));
+  *bc2_sqrt = std::sqrt(1.0 - std::pow(beta2, step));
+}
+
+}  // namespace optim
+}  // namespace fusedreg

@@ -1,0 +1,56 @@
+"""fusedreg.optim.SGD: torch's API and state layout, plus ``l1``."""
+from __future__ import annotations
+
+from ._base import FusedOptimizer, _local, _scalar, check_lr, check_nonneg
+
+
+class SGD(FusedOptimizer):
+    """torch.optim.SGD with a fused step and an L1 proximal step (``l1``, per group).
+
+    ``weight_decay`` is L2 (added to the gradient) unless ``decoupled_weight_decay=True``
+    (then p ← p·(1 − lr·weight_decay)). State: ``momentum_buffer`` when momentum != 0, set
+    to the gradient on its first step, as torch does.
+    """
+
+    _ALGO = "sgd"
+    _defaults_for_old_groups = dict(l1=0.0, maximize=False, decoupled_weight_decay=False,
+                                    nesterov=False, dampening=0.0)
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, l1=0.0, *, maximize=False, decoupled_weight_decay=False):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, l1=l1, maximize=maximize,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group):
+        check_lr(group["lr"])
+        check_nonneg(group["momentum"], "momentum")
+        check_nonneg(group["dampening"], "dampening")
+        check_nonneg(group["weight_decay"], "weight_decay")
+        check_nonneg(group["l1"], "l1")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def _step_bucket(self, op, group, params, lps, lgs, inv_scale):
+        momentum = float(group["momentum"])
+        args = (_scalar(group["lr"]), momentum, float(group["dampening"]),
+                float(group["weight_decay"]), float(group["l1"]), bool(group["nesterov"]),
+                bool(group["maximize"]), bool(group["decoupled_weight_decay"]))
+        if momentum == 0.0:
+            op(lps, lgs, [], *args, False, inv_scale)
+            return
+        # Parameters whose buffer is new take buf = g (first_step); one call per kind.
+        calls = {True: ([], [], []), False: ([], [], [])}
+        for p, lp, lg in zip(params, lps, lgs):
+            st = self.state[p]
+            first = st.get("momentum_buffer") is None
+            if first:
+                st["momentum_buffer"] = self._zeros_state(p)
+            ps, gs, bufs = calls[first]
+            ps.append(lp)
+            gs.append(lg)
+            bufs.append(_local(st["momentum_buffer"]))
+        for first, (ps, gs, bufs) in calls.items():
+            if ps:
+                op(ps, gs, bufs, *args, first, inv_scale)

@@ -1,0 +1,105 @@
+"""Reference optimizer steps: readable single-tensor functions, the oracle of every backend.
+
+Each function steps one parameter in place, in the compute type (float32 for fp16/bf16/fp32
+parameters, float64 for float64 ones), with the operations of torch's single-tensor
+optimizers in torch's order, so that with ``l1 = 0`` the result is torch's:
+
+    g ← g / grad_scale, negated when maximize
+    g ← g + wd·p            (L2 weight decay: Adam, SGD unless decoupled)
+    p ← p·(1 − lr·wd)       (decoupled weight decay: AdamW, Lion, decoupled Adam/SGD)
+    p ← p − lr·update(g, state)
+    p ← sign(p)·max(|p| − lr·l1, 0)     (L1 proximal step, only when l1 > 0)
+
+State tensors are in the compute type; ``step`` is the already-incremented count (a float).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def soft_threshold_(p: Tensor, thr: float) -> Tensor:
+    """p ← sign(p)·max(|p| − thr, 0), in place."""
+    return p.copy_(torch.sign(p) * torch.clamp(p.abs() - thr, min=0.0))
+
+
+def _prologue(param: Tensor, grad: Tensor, inv_scale: float, maximize: bool):
+    """The parameter and gradient in the compute type (copies for low precision)."""
+    ct = compute_dtype(param.dtype)
+    p = param if param.dtype == ct else param.to(ct)
+    g = grad if grad.dtype == ct else grad.to(ct)
+    if inv_scale != 1.0:
+        g = g * inv_scale
+    if maximize:
+        g = -g
+    return p, g
+
+
+def _epilogue(param: Tensor, p: Tensor, lr: float, l1: float) -> None:
+    if l1 != 0.0:
+        soft_threshold_(p, lr * l1)
+    if p is not param:
+        param.copy_(p)
+
+
+def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+              max_exp_avg_sq: Tensor | None, step: float, *, lr: float, beta1: float,
+              beta2: float, eps: float, weight_decay: float, l1: float, amsgrad: bool,
+              maximize: bool, decoupled: bool, inv_scale: float = 1.0) -> None:
+    p, g = _prologue(param, grad, inv_scale, maximize)
+    if weight_decay != 0.0:
+        if decoupled:
+            p.mul_(1.0 - lr * weight_decay)
+        else:
+            g = g.add(p, alpha=weight_decay)
+    exp_avg.lerp_(g, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2_sqrt = (1.0 - beta2 ** step) ** 0.5
+    step_size = lr / bias_correction1
+    if amsgrad:
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        denom = (max_exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    else:
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-step_size)
+    _epilogue(param, p, lr, l1)
+
+
+def sgd_step(param: Tensor, grad: Tensor, momentum_buffer: Tensor | None, first_step: bool, *,
+             lr: float, momentum: float, dampening: float, weight_decay: float, l1: float,
+             nesterov: bool, maximize: bool, decoupled: bool, inv_scale: float = 1.0) -> None:
+    """``momentum_buffer`` (allocated by the caller when momentum != 0) is set to g on the
+    first step (``first_step``), as torch does with a fresh buffer."""
+    p, g = _prologue(param, grad, inv_scale, maximize)
+    if weight_decay != 0.0:
+        if decoupled:
+            p.mul_(1.0 - lr * weight_decay)
+        else:
+            g = g.add(p, alpha=weight_decay)
+    if momentum != 0.0:
+        buf = momentum_buffer
+        if first_step:
+            buf.copy_(g)
+        else:
+            buf.mul_(momentum).add_(g, alpha=1.0 - dampening)
+        g = g.add(buf, alpha=momentum) if nesterov else buf
+    p.add_(g, alpha=-lr)
+    _epilogue(param, p, lr, l1)
+
+
+def lion_step(param: Tensor, grad: Tensor, exp_avg: Tensor, *, lr: float, beta1: float,
+              beta2: float, weight_decay: float, l1: float, maximize: bool,
+              inv_scale: float = 1.0) -> None:
+    """Lion (Chen et al. 2023, Algorithm 2): decoupled decay, then the sign update."""
+    p, g = _prologue(param, grad, inv_scale, maximize)
+    if weight_decay != 0.0:
+        p.mul_(1.0 - lr * weight_decay)
+    update = (exp_avg * beta1).add_(g, alpha=1.0 - beta1).sign_()
+    p.add_(update, alpha=-lr)
+    exp_avg.mul_(beta2).add_(g, alpha=1.0 - beta2)
+    _epilogue(param, p, lr, l1)

@@ -1,0 +1,293 @@
+"""Triton multi-tensor optimizer steps: one launch steps every tensor of a list (one device,
+one dtype), whatever their number and sizes.
+
+Each call builds two small int64 tables on the host and copies them to the device:
+  ADDR  (n_tensors, K)   the addresses of the K tensors of one parameter (p, g, state...)
+  WORK  (n_programs, 3)  per program: tensor index, first element, numel of that tensor
+Program i steps elements [start, start + CHUNK) of tensor WORK[i, 0], BLOCK at a time,
+after turning the addresses into typed pointers. Per-tensor scalars (Adam's bias
+corrections) come from SCAL (n_tensors, 2), the per-call constants from CONSTS: both in the
+compute type (float32, or float64 for float64 parameters), rounded once from the double
+values that the host computes, as the C++ kernels do (csrc/include/fusedreg/optim_math.h).
+
+The per-element math is that header's, in the same order:
+  g ← g·gscale + wd_l2·p;  p ← p·decay;  p ← p − lr·update;  p ← soft_threshold(p, lr·l1)
+Divisions and square roots are the IEEE-rounded ones (div_rn, sqrt_rn) as in torch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 1024
+_CHUNK = 16 * _BLOCK  # elements per program: ~7,600 programs for 124M parameters
+
+
+@triton.jit
+def _soft_threshold(p, thr):
+    return tl.where(p > thr, p - thr, tl.where(p < -thr, p + thr, 0.0))
+
+
+@triton.jit
+def _sqrt_div(x, d, IS_FP64: tl.constexpr):
+    """sqrt(x) / d, IEEE-rounded (div_rn/sqrt_rn are fp32-only; fp64 ones already are)."""
+    if IS_FP64:
+        return tl.sqrt(x) / d
+    else:
+        return tl.div_rn(tl.sqrt_rn(x), d)
+
+
+@triton.jit
+def _div(a, b, IS_FP64: tl.constexpr):
+    if IS_FP64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def _work(WORK, ADDR, K: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(WORK + pid * 3)
+    start = tl.load(WORK + pid * 3 + 1)
+    numel = tl.load(WORK + pid * 3 + 2)
+    return t, start, numel, ADDR + t * K
+
+
+@triton.jit
+def _adam_kernel(
+    ADDR,    # (n_tensors, 5) int64: addresses of p, g, exp_avg, exp_avg_sq, max_exp_avg_sq
+    WORK,    # (n_programs, 3) int64: tensor index, first element, numel
+    SCAL,    # (n_tensors, 2) compute type: −lr/(1 − beta1^step), sqrt(1 − beta2^step)
+    CONSTS,  # (8,) compute type: gscale, wd_l2, decay, w1_coef, beta2, 1 − beta2, eps, lr·l1
+    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, IS_FP64: tl.constexpr, W1_SMALL: tl.constexpr,
+    AMSGRAD: tl.constexpr, HAS_L1: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    t, start, numel, row = _work(WORK, ADDR, 5)
+    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE))
+    v_ptr = tl.load(row + 3).to(tl.pointer_type(S_DTYPE))
+    vm_ptr = tl.load(row + 4).to(tl.pointer_type(S_DTYPE))
+    nss = tl.load(SCAL + t * 2)
+    bc2 = tl.load(SCAL + t * 2 + 1)
+    gscale = tl.load(CONSTS)
+    wd_l2 = tl.load(CONSTS + 1)
+    decay = tl.load(CONSTS + 2)
+    w1 = tl.load(CONSTS + 3)
+    beta2 = tl.load(CONSTS + 4)
+    omb2 = tl.load(CONSTS + 5)
+    eps = tl.load(CONSTS + 6)
+    thr = tl.load(CONSTS + 7)
+    for off in range(0, CHUNK, BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        mask = idx < numel
+        p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
+        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
+        v = tl.load(v_ptr + idx, mask=mask, other=0.0)
+        g = g * gscale + wd_l2 * p
+        p = p * decay
+        if W1_SMALL:  # torch.lerp's two forms (see optim_math.h)
+            m = m + w1 * (g - m)
+        else:
+            m = g + w1 * (g - m)
+        v = v * beta2 + omb2 * g * g
+        if AMSGRAD:
+            vm = tl.maximum(tl.load(vm_ptr + idx, mask=mask, other=0.0), v)
+            tl.store(vm_ptr + idx, vm, mask=mask)
+            denom = _sqrt_div(vm, bc2, IS_FP64) + eps
+        else:
+            denom = _sqrt_div(v, bc2, IS_FP64) + eps
+        p = p + nss * _div(m, denom, IS_FP64)
+        if HAS_L1:
+            p = _soft_threshold(p, thr)
+        tl.store(m_ptr + idx, m, mask=mask)
+        tl.store(v_ptr + idx, v, mask=mask)
+        tl.store(p_ptr + idx, p.to(P_DTYPE), mask=mask)
+
+
+@triton.jit
+def _sgd_kernel(
+    ADDR,    # (n_tensors, 3) int64: addresses of p, g, momentum_buffer
+    WORK,    # (n_programs, 3) int64: tensor index, first element, numel
+    CONSTS,  # (7,) compute type: gscale, wd_l2, decay, −lr, momentum, 1 − dampening, lr·l1
+    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
+    NESTEROV: tl.constexpr, HAS_L1: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    t, start, numel, row = _work(WORK, ADDR, 3)
+    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
+    b_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE))
+    gscale = tl.load(CONSTS)
+    wd_l2 = tl.load(CONSTS + 1)
+    decay = tl.load(CONSTS + 2)
+    neg_lr = tl.load(CONSTS + 3)
+    momentum = tl.load(CONSTS + 4)
+    damp1 = tl.load(CONSTS + 5)
+    thr = tl.load(CONSTS + 6)
+    for off in range(0, CHUNK, BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        mask = idx < numel
+        p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
+        g = g * gscale + wd_l2 * p
+        p = p * decay
+        d = g
+        if MOMENTUM:
+            if FIRST:
+                b = g
+            else:
+                b = tl.load(b_ptr + idx, mask=mask, other=0.0) * momentum + damp1 * g
+            tl.store(b_ptr + idx, b, mask=mask)
+            if NESTEROV:
+                d = g + momentum * b
+            else:
+                d = b
+        p = p + neg_lr * d
+        if HAS_L1:
+            p = _soft_threshold(p, thr)
+        tl.store(p_ptr + idx, p.to(P_DTYPE), mask=mask)
+
+
+@triton.jit
+def _lion_kernel(
+    ADDR,    # (n_tensors, 3) int64: addresses of p, g, exp_avg
+    WORK,    # (n_programs, 3) int64: tensor index, first element, numel
+    CONSTS,  # (8,) compute type: gscale, decay, −lr, beta1, 1 − beta1, beta2, 1 − beta2, lr·l1
+    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_L1: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    t, start, numel, row = _work(WORK, ADDR, 3)
+    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE))
+    gscale = tl.load(CONSTS)
+    decay = tl.load(CONSTS + 1)
+    neg_lr = tl.load(CONSTS + 2)
+    beta1 = tl.load(CONSTS + 3)
+    omb1 = tl.load(CONSTS + 4)
+    beta2 = tl.load(CONSTS + 5)
+    omb2 = tl.load(CONSTS + 6)
+    thr = tl.load(CONSTS + 7)
+    for off in range(0, CHUNK, BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        mask = idx < numel
+        p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(S_DTYPE) * gscale
+        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
+        p = p * decay
+        u = m * beta1 + g * omb1
+        p = p + neg_lr * tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)).to(S_DTYPE)
+        m = m * beta2 + g * omb2
+        if HAS_L1:
+            p = _soft_threshold(p, thr)
+        tl.store(m_ptr + idx, m, mask=mask)
+        tl.store(p_ptr + idx, p.to(P_DTYPE), mask=mask)
+
+
+# ---- host side ------------------------------------------------------------------------------
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+              torch.float64: tl.float64}
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tables(lists, device):
+    """ADDR (n, K) from K parallel tensor lists (an empty list reuses the params' addresses:
+    a constexpr switch keeps the kernel off them) and WORK (n_programs, 3); chunk sizes."""
+    params = lists[0]
+    cols = [lst if lst else params for lst in lists]
+    addr = [[c[i].data_ptr() for c in cols] for i in range(len(params))]
+    longest = max(p.numel() for p in params)
+    chunk = min(_CHUNK, max(16, triton.next_power_of_2(longest)))
+    block = min(_BLOCK, chunk)
+    work = [(i, s, p.numel()) for i, p in enumerate(params) for s in range(0, p.numel(), chunk)]
+    as_dev = lambda x: torch.tensor(x, dtype=torch.int64).to(device, non_blocking=True)  # noqa: E731
+    return as_dev(addr), as_dev(work), len(work), chunk, block
+
+
+def _consts(values, ct, device):
+    return torch.tensor(values, dtype=torch.float64).to(ct).to(device, non_blocking=True)
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
+              eps, weight_decay, l1, amsgrad, maximize, decoupled, inv_scale):
+    if not params or all(p.numel() == 0 for p in params):
+        return
+    device, ct = params[0].device, _compute_dtype(params[0].dtype)
+    addr, work, n_prog, chunk, block = _tables(
+        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []], device)
+    scal = _consts([[-(lr / (1.0 - beta1 ** s)), math.sqrt(1.0 - beta2 ** s)] for s in steps], ct, device)
+    w1 = torch.tensor(1.0 - beta1, dtype=ct).item()  # rounded like the C++ S(1 − beta1)
+    w1_small = abs(w1) < 0.5
+    consts = _consts([-inv_scale if maximize else inv_scale, 0.0 if decoupled else weight_decay,
+                      1.0 - lr * weight_decay if decoupled else 1.0,
+                      w1 if w1_small else -(1.0 - w1), beta2, 1.0 - beta2, eps, lr * l1], ct, device)
+    _adam_kernel[(n_prog,)](
+        addr, work, scal, consts, P_DTYPE=_TL_DTYPES[params[0].dtype], S_DTYPE=_TL_DTYPES[ct],
+        IS_FP64=ct == torch.float64, W1_SMALL=w1_small, AMSGRAD=bool(amsgrad), HAS_L1=l1 != 0.0, CHUNK=chunk, BLOCK=block,
+        num_warps=4)
+
+
+def sgd_step(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, l1,
+             nesterov, maximize, decoupled, first_step, inv_scale):
+    if not params or all(p.numel() == 0 for p in params):
+        return
+    device, ct = params[0].device, _compute_dtype(params[0].dtype)
+    has_momentum = momentum != 0.0
+    addr, work, n_prog, chunk, block = _tables(
+        [params, grads, momentum_buffers if has_momentum else []], device)
+    consts = _consts([-inv_scale if maximize else inv_scale, 0.0 if decoupled else weight_decay,
+                      1.0 - lr * weight_decay if decoupled else 1.0, -lr, momentum,
+                      1.0 - dampening, lr * l1], ct, device)
+    _sgd_kernel[(n_prog,)](
+        addr, work, consts, P_DTYPE=_TL_DTYPES[params[0].dtype], S_DTYPE=_TL_DTYPES[ct],
+        MOMENTUM=has_momentum, FIRST=bool(first_step), NESTEROV=bool(nesterov),
+        HAS_L1=l1 != 0.0, CHUNK=chunk, BLOCK=block, num_warps=4)
+
+
+def lion_step(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, l1, maximize, inv_scale):
+    if not params or all(p.numel() == 0 for p in params):
+        return
+    device, ct = params[0].device, _compute_dtype(params[0].dtype)
+    addr, work, n_prog, chunk, block = _tables([params, grads, exp_avgs], device)
+    consts = _consts([-inv_scale if maximize else inv_scale, 1.0 - lr * weight_decay, -lr, beta1,
+                      1.0 - beta1, beta2, 1.0 - beta2, lr * l1], ct, device)
+    _lion_kernel[(n_prog,)](
+        addr, work, consts, P_DTYPE=_TL_DTYPES[params[0].dtype], S_DTYPE=_TL_DTYPES[ct],
+        HAS_L1=l1 != 0.0, CHUNK=chunk, BLOCK=block, num_warps=4)
+
+
+# ---- compile specs (tests/test_triton_compile.py compiles each for sm_80 and sm_90) ---------
+def _specs():
+    specs = []
+    for p_dt, pname in ((tl.float32, "fp32"), (tl.bfloat16, "bf16"), (tl.float16, "fp16"),
+                        (tl.float64, "fp64")):
+        s_dt = tl.float64 if pname == "fp64" else tl.float32
+        sname = "fp64" if pname == "fp64" else "fp32"
+        base = dict(P_DTYPE=p_dt, S_DTYPE=s_dt, CHUNK=_CHUNK, BLOCK=_BLOCK)
+        for ams in (False, True):
+            for l1 in (False, True):
+                specs.append((_adam_kernel,
+                              {"ADDR": "*i64", "WORK": "*i64", "SCAL": f"*{sname}", "CONSTS": f"*{sname}"},
+                              dict(base, IS_FP64=pname == "fp64", W1_SMALL=True, AMSGRAD=ams, HAS_L1=l1)))
+        specs.append((_adam_kernel, {"ADDR": "*i64", "WORK": "*i64", "SCAL": f"*{sname}", "CONSTS": f"*{sname}"},
+                      dict(base, IS_FP64=pname == "fp64", W1_SMALL=False, AMSGRAD=False, HAS_L1=False)))
+        for mom, first, nest in ((False, False, False), (True, True, False), (True, False, False),
+                                 (True, False, True)):
+            for l1 in (False, True):
+                specs.append((_sgd_kernel, {"ADDR": "*i64", "WORK": "*i64", "CONSTS": f"*{sname}"},
+                              dict(base, MOMENTUM=mom, FIRST=first, NESTEROV=nest, HAS_L1=l1)))
+        for l1 in (False, True):
+            specs.append((_lion_kernel, {"ADDR": "*i64", "WORK": "*i64", "CONSTS": f"*{sname}"},
+                          dict(base, HAS_L1=l1)))
+    return specs
+
+
+COMPILE_SPECS = _specs()

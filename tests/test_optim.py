@@ -1,0 +1,470 @@
+"""fusedreg.optim: parity with torch's optimizers, the L1 proximal step, state dicts, AMP,
+bad input, and the registered ops, on every backend that runs on CPU tensors here."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+import fusedreg
+import fusedreg.optim as fo
+from fusedreg.ops import optim as optim_ops
+from conftest import cpu_backends
+from tolerances import OPTIM_LOWP, OPTIM_PARITY
+
+BACKENDS = cpu_backends("optim")
+FUSED = [b for b in BACKENDS if b != "reference"]
+
+
+def _tol(backend, dtype):
+    if backend == "reference":  # torch's own ops in torch's order: bit-identical
+        return dict(atol=0.0, rtol=0.0)
+    return OPTIM_PARITY[dtype]
+
+
+def _model(dtype=torch.float32, seed=0):
+    # 17 -> 33 -> 5: odd sizes, so no tensor is a multiple of a vector width or block.
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(17, 33), torch.nn.GELU(),
+                               torch.nn.Linear(33, 5)).to(dtype)
+
+
+def _groups(model, **second):
+    """Two param groups: the weights with the defaults, the biases with ``second``."""
+    ws = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    bs = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return [{"params": ws}, {"params": bs, **second}]
+
+
+def _data(dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 17, generator=g, dtype=dtype) + 0.5  # non-zero mean
+    y = torch.randn(64, 5, generator=g, dtype=dtype)
+    return x, y
+
+
+def _train(model, opt, steps, sched=None, x_y=None):
+    x, y = x_y or _data(next(model.parameters()).dtype)
+    sign = -1.0 if opt.defaults.get("maximize") else 1.0  # maximize(-loss): stays bounded
+    for _ in range(steps):
+        opt.zero_grad()
+        (sign * torch.nn.functional.mse_loss(model(x), y)).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def _assert_params(a, b, **tol):
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, msg=lambda m: f"{n}: {m}", **tol)
+
+
+# (torch class, fusedreg class, defaults, second-group overrides): every hyperparameter and
+# flag is exercised somewhere, and the second group differs in lr and weight decay.
+CASES = {
+    "adamw": (torch.optim.AdamW, fo.AdamW, dict(lr=1e-2, weight_decay=0.1), dict(lr=3e-3, weight_decay=0.0)),
+    "adamw_amsgrad_max": (torch.optim.AdamW, fo.AdamW, dict(lr=1e-2, betas=(0.8, 0.99), amsgrad=True, maximize=True),
+                          dict(weight_decay=0.3)),
+    "adam_l2": (torch.optim.Adam, fo.Adam, dict(lr=1e-2, weight_decay=0.05), dict(lr=2e-3, eps=1e-6)),
+    "adam_decoupled": (torch.optim.Adam, fo.Adam, dict(lr=1e-2, weight_decay=0.05, decoupled_weight_decay=True),
+                       dict(betas=(0.3, 0.9))),  # beta1 < 0.5: lerp's other form
+    "sgd": (torch.optim.SGD, fo.SGD, dict(lr=1e-2), dict(lr=5e-2, weight_decay=0.1)),
+    "sgd_momentum": (torch.optim.SGD, fo.SGD, dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01),
+                     dict(momentum=0.5)),
+    "sgd_nesterov_max": (torch.optim.SGD, fo.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, maximize=True),
+                         dict(weight_decay=0.2)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_parity_with_torch_100_steps(backend, case):
+    tcls, fcls, kw, second = CASES[case]
+    steps = 100 if backend != "triton" else 30  # the interpreter is slow; 30 steps suffice there
+    a, b = _model(), _model()
+    ta = tcls(_groups(a, **second), foreach=False, **kw)
+    fb = fcls(_groups(b, **second), **kw)
+    sa = torch.optim.lr_scheduler.StepLR(ta, step_size=7, gamma=0.7)
+    sb = torch.optim.lr_scheduler.StepLR(fb, step_size=7, gamma=0.7)
+    _train(a, ta, steps, sa)
+    with fusedreg.use_backend(backend):
+        _train(b, fb, steps, sb)
+    _assert_params(a, b, **_tol(backend, torch.float32))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        for k, v in ta.state[pa].items():
+            torch.testing.assert_close(fb.state[pb][k], v, **(_tol(backend, torch.float32) if k != "step" else {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity_float64_and_tensor_lr(backend):
+    a, b = _model(torch.float64), _model(torch.float64)
+    # A float64 lr tensor: torch does part of its scalar math in the lr tensor's dtype, fusedreg
+    # all of it in double, as for a float lr.
+    lr = torch.tensor(1e-2, dtype=torch.float64)
+    ta = torch.optim.AdamW(a.parameters(), lr=lr, weight_decay=0.1, foreach=False)
+    fb = fo.AdamW(b.parameters(), lr=lr.clone(), weight_decay=0.1)
+    _train(a, ta, 20)
+    with fusedreg.use_backend(backend):
+        _train(b, fb, 20)
+    _assert_params(a, b, **_tol(backend, torch.float64))
+
+
+def _lion_oracle(params, grads, m, lr, beta1, beta2, wd):
+    """Lion as the paper writes it (Algorithm 2), independent of fusedreg."""
+    for p, g, e in zip(params, grads, m):
+        p.mul_(1 - lr * wd)
+        p.add_(torch.sign(beta1 * e + (1 - beta1) * g), alpha=-lr)
+        e.mul_(beta2).add_(g, alpha=1 - beta2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lion_matches_the_paper(backend):
+    a, b = _model(), _model()
+    fb = fo.Lion(b.parameters(), lr=1e-3, weight_decay=0.5)
+    m = [torch.zeros_like(p) for p in a.parameters()]
+    x, y = _data()
+    for _ in range(40 if backend != "triton" else 15):
+        a.zero_grad()
+        torch.nn.functional.mse_loss(a(x), y).backward()
+        with torch.no_grad():
+            _lion_oracle(list(a.parameters()), [p.grad for p in a.parameters()], m, 1e-3, 0.9, 0.99, 0.5)
+    with fusedreg.use_backend(backend):
+        _train(b, fb, 40 if backend != "triton" else 15, x_y=(x, y))
+    # sign() makes the update discontinuous: tiny fp32 differences can flip an element whose
+    # momentum is ~0; compare with an lr-sized allowance on at most a few elements.
+    for p, q in zip(a.parameters(), b.parameters()):
+        bad = ~torch.isclose(q, p, atol=1e-6, rtol=1e-5)
+        assert bad.float().mean() < 0.01 and (q - p).abs().max() < 2.5e-3
+
+
+# ---- the L1 proximal step ---------------------------------------------------------------
+def _soft_threshold_(params, thr):
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.sign(p) * torch.clamp(p.abs() - thr, min=0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("algo", ["adamw", "adam_l2", "sgd_momentum"])
+def test_l1_equals_step_then_soft_threshold(backend, algo):
+    tcls, fcls, kw, _ = CASES[algo]
+    lr, l1 = kw["lr"], 0.05
+    a, b = _model(), _model()
+    ta = tcls(a.parameters(), foreach=False, **kw)
+    fb = fcls(b.parameters(), l1=l1, **kw)
+    x, y = _data()
+    steps = 25 if backend != "triton" else 8
+    for _ in range(steps):
+        ta.zero_grad()
+        torch.nn.functional.mse_loss(a(x), y).backward()
+        ta.step()
+        _soft_threshold_(a.parameters(), lr * l1)
+    with fusedreg.use_backend(backend):
+        _train(b, fb, steps, x_y=(x, y))
+    _assert_params(a, b, **_tol(backend, torch.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [fo.AdamW, fo.SGD, fo.Lion])
+def test_l1_makes_exact_zeros_and_sparsity_counts_them(backend, cls):
+    model = _model()
+    opt = cls([{"params": model[0].parameters(), "l1": 2.0}, {"params": model[2].parameters()}], lr=1e-2)
+    with fusedreg.use_backend(backend):
+        _train(model, opt, 10 if backend != "triton" else 4)
+    s = opt.sparsity()
+    w = torch.cat([p.detach().flatten() for p in model[0].parameters()])
+    assert s[0] == pytest.approx((w == 0).float().mean().item()) and s[0] > 0.1  # thr = 0.02 a step; weights are U(±0.24)
+    assert s[1] == 0.0  # no l1 in the second group: dense
+    zeros = w == 0
+    assert torch.equal(w[zeros], torch.zeros_like(w[zeros]))
+
+
+# ---- low-precision and multi-tensor lists against the reference ---------------------------
+SIZES = [1, 3, 1023, 1151, 4096 + 5, 0]  # odd sizes, a 1-element and an empty tensor
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("cls,kw", [(fo.AdamW, dict(amsgrad=True)), (fo.Adam, dict(weight_decay=0.1)),
+                                    (fo.SGD, dict(momentum=0.9, nesterov=True)), (fo.Lion, {})])
+def test_fused_matches_reference_on_many_tensors(backend, dtype, cls, kw):
+    torch.manual_seed(0)
+    base = [torch.randn(n, dtype=dtype) + 0.25 for n in SIZES]
+    grads = [[torch.randn(n, dtype=dtype) for n in SIZES] for _ in range(3)]
+    runs = {}
+    for b in ("reference", backend):
+        ps = [t.clone().requires_grad_() for t in base]
+        opt = cls(ps, lr=1e-2, l1=0.1, **kw)
+        with fusedreg.use_backend(b):
+            for gs in grads:
+                for p, g in zip(ps, gs):
+                    p.grad = g.clone()
+                opt.step()
+        runs[b] = (ps, opt)
+    (pr, orf), (pf, off) = runs["reference"], runs[backend]
+    tol = OPTIM_PARITY[dtype] if dtype in (torch.float32, torch.float64) else OPTIM_LOWP[dtype]
+    for p, q in zip(pr, pf):
+        torch.testing.assert_close(q, p, **tol)
+    for p, q in zip(pr, pf):
+        for k, v in orf.state[p].items():
+            assert off.state[q][k].dtype == (torch.float64 if dtype == torch.float64 else torch.float32) or k == "step"
+            # fp32 state, but fed by earlier steps' parameters rounded to the (low) dtype
+            torch.testing.assert_close(off.state[q][k], v, **tol)
+
+
+# ---- state dicts --------------------------------------------------------------------------
+def _roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_state_dict_exchange_with_torch(backend, amsgrad):
+    kw = dict(lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
+    n1, n2 = (30, 30) if backend != "triton" else (10, 10)
+    # torch -> fusedreg: both continue from torch's state as torch would
+    a = _model()
+    ta = torch.optim.AdamW(_groups(a, lr=3e-3), foreach=False, **kw)
+    _train(a, ta, n1)
+    b = copy.deepcopy(a)
+    fb = fo.AdamW(_groups(b, lr=3e-3), **kw)
+    fb.load_state_dict(_roundtrip(ta.state_dict()))
+    assert fb.param_groups[0]["l1"] == 0.0
+    _train(a, ta, n2)
+    with fusedreg.use_backend(backend):
+        _train(b, fb, n2)
+    _assert_params(a, b, **_tol(backend, torch.float32))
+    # fusedreg -> torch
+    c = _model()
+    fc = fo.AdamW(_groups(c, lr=3e-3), **kw)
+    with fusedreg.use_backend(backend):
+        _train(c, fc, n1)
+    sd = _roundtrip(fc.state_dict())
+    assert set(sd["state"][0]) == set(ta.state_dict()["state"][0])
+    assert sd["state"][0]["step"].dtype == torch.float32 and sd["state"][0]["step"].dim() == 0
+    d = copy.deepcopy(c)
+    td = torch.optim.AdamW(_groups(d, lr=3e-3), foreach=False, **kw)
+    td.load_state_dict(sd)
+    _train(d, td, n2)
+    with fusedreg.use_backend(backend):
+        _train(c, fc, n2)
+    _assert_params(d, c, **_tol(backend, torch.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kw", [(fo.AdamW, dict(l1=0.01)), (fo.SGD, dict(momentum=0.9, l1=0.01)),
+                                    (fo.Lion, dict(l1=0.01))])
+def test_resume_is_bit_identical(backend, cls, kw):
+    n = 10 if backend != "triton" else 4
+    with fusedreg.use_backend(backend):
+        a = _model()
+        oa = cls(_groups(a, lr=5e-3), lr=1e-2, **kw)
+        _train(a, oa, 2 * n)
+        b = _model()
+        ob = cls(_groups(b, lr=5e-3), lr=1e-2, **kw)
+        _train(b, ob, n)
+        saved = _roundtrip({"model": b.state_dict(), "opt": ob.state_dict()})
+        c = _model(seed=123)
+        c.load_state_dict(saved["model"])
+        oc = cls(_groups(c, lr=5e-3), lr=1e-2, **kw)
+        oc.load_state_dict(saved["opt"])
+        _train(c, oc, n)
+    _assert_params(a, c, atol=0.0, rtol=0.0)
+
+
+def test_sgd_state_matches_torch_layout():
+    a, b = _model(), _model()
+    ta = torch.optim.SGD(a.parameters(), lr=1e-2, foreach=False)
+    fb = fo.SGD(b.parameters(), lr=1e-2)
+    _train(a, ta, 2)
+    _train(b, fb, 2)
+    assert ta.state_dict()["state"] == fb.state_dict()["state"] == {}  # no buffer without momentum
+
+
+# ---- AMP ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_unscales_and_skips_inf_steps(backend):
+    a, b = _model(), _model()
+    ta = torch.optim.AdamW(a.parameters(), lr=1e-2, foreach=False)
+    fb = fo.AdamW(b.parameters(), lr=1e-2, l1=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
+    x, y = _data()
+    with fusedreg.use_backend(backend):
+        for step in range(4):
+            ta.zero_grad()
+            torch.nn.functional.mse_loss(a(x), y).backward()
+            fb.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(b(x), y)).backward()
+            if step == 2:  # an overflow: the step must change nothing
+                next(b.parameters()).grad[0, 0] = float("inf")
+                before = ([p.detach().clone() for p in b.parameters()],
+                          copy.deepcopy(fb.state_dict()["state"]))
+                scaler.step(fb)
+                scaler.update()
+                for p, q in zip(before[0], b.parameters()):
+                    assert torch.equal(p, q)
+                after = fb.state_dict()["state"]
+                for i, st in before[1].items():
+                    for k, v in st.items():
+                        assert torch.equal(after[i][k], v), k
+                continue
+            ta.step()
+            scaler.step(fb)
+            scaler.update()
+    _assert_params(a, b, **_tol(backend, torch.float32))  # power-of-two scale: exact unscale
+
+
+# ---- bad input ------------------------------------------------------------------------------
+@pytest.mark.parametrize("ctor", [
+    lambda ps: fo.AdamW(ps, lr=-1e-3),
+    lambda ps: fo.AdamW(ps, lr=float("nan")),
+    lambda ps: fo.AdamW(ps, eps=-1.0),
+    lambda ps: fo.AdamW(ps, weight_decay=-0.1),
+    lambda ps: fo.AdamW(ps, betas=(1.0, 0.999)),
+    lambda ps: fo.AdamW(ps, betas=(0.9, -0.1)),
+    lambda ps: fo.AdamW(ps, betas=(float("nan"), 0.9)),
+    lambda ps: fo.AdamW(ps, l1=-1e-3),
+    lambda ps: fo.AdamW(ps, l1=float("nan")),
+    lambda ps: fo.Adam(ps, weight_decay=float("nan")),
+    lambda ps: fo.SGD(ps, lr=-1.0),
+    lambda ps: fo.SGD(ps, momentum=-0.5),
+    lambda ps: fo.SGD(ps, l1=-1.0),
+    lambda ps: fo.SGD(ps, nesterov=True),  # nesterov needs momentum
+    lambda ps: fo.Lion(ps, betas=(0.9, 1.5)),
+    lambda ps: fo.Lion(ps, lr=float("inf")),
+    lambda ps: fo.AdamW([{"params": ps, "l1": -2.0}]),  # per-group check
+])
+def test_bad_hyperparameters_raise_at_construction(ctor):
+    with pytest.raises(ValueError):
+        ctor([torch.nn.Parameter(torch.randn(3))])
+
+
+def test_bad_added_group_is_refused():
+    opt = fo.AdamW([torch.nn.Parameter(torch.randn(3))])
+    with pytest.raises(ValueError):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "lr": -1.0})
+    assert len(opt.param_groups) == 1
+
+
+def _two_params():
+    good = torch.nn.Parameter(torch.randn(5))
+    good.grad = torch.randn(5)
+    return good, good.detach().clone()
+
+
+@pytest.mark.parametrize("cls", [fo.AdamW, fo.SGD, fo.Lion])
+def test_sparse_grad_raises_before_any_write(cls):
+    good, before = _two_params()
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    opt = cls([{"params": [good]}, {"params": emb.parameters()}], lr=0.1)
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert torch.equal(good, before) and len(opt.state) == 0
+
+
+def test_mismatched_grad_raises_before_any_write():
+    good, before = _two_params()
+    bad = torch.nn.Parameter(torch.randn(4))
+    bad.grad_dtype = None  # torch refuses a grad of another dtype unless told
+    bad.grad = torch.randn(4, dtype=torch.float64)
+    opt = fo.AdamW([good, bad], lr=0.1)
+    with pytest.raises(ValueError, match="does not match"):
+        opt.step()
+    assert torch.equal(good, before) and len(opt.state) == 0
+
+
+def test_device_without_backend_raises_before_any_write():
+    good, before = _two_params()
+    meta = torch.nn.Parameter(torch.empty(4, device="meta"))
+    meta.grad = torch.empty(4, device="meta")
+    opt = fo.AdamW([good, meta], lr=0.1)
+    with fusedreg.use_backend("cpu") if "cpu" in BACKENDS else fusedreg.use_backend("reference"):
+        if "cpu" not in BACKENDS:
+            pytest.skip("the cpu backend is not built")
+        with pytest.raises(fusedreg.BackendUnavailableError):
+            opt.step()
+    assert torch.equal(good, before) and len(opt.state) == 0
+
+
+# ---- the registered ops ---------------------------------------------------------------------
+def _op_args(algo, n=37, amsgrad=True):
+    torch.manual_seed(0)
+    ps = [torch.randn(n), torch.randn(2 * n + 1)]
+    gs = [torch.randn_like(p) for p in ps]
+    z = lambda: [torch.rand_like(p) for p in ps]  # noqa: E731
+    if algo == "adam":
+        return (ps, gs, z(), z(), z() if amsgrad else [], [3.0, 4.0], 1e-2, 0.9, 0.999, 1e-8, 0.1,
+                0.01, amsgrad, False, True, 0.5)
+    if algo == "sgd":
+        return (ps, gs, z(), 1e-2, 0.9, 0.0, 0.1, 0.01, True, False, False, False, 1.0)
+    return (ps, gs, z(), 1e-2, 0.9, 0.99, 0.1, 0.01, True, 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("algo", ["adam", "sgd", "lion"])
+def test_opcheck(backend, algo):
+    torch.library.opcheck(optim_ops.OPS[backend][algo], _op_args(algo))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("algo", ["adam", "sgd", "lion"])
+def test_ops_match_reference(backend, algo):
+    ref_args, args = _op_args(algo), _op_args(algo)
+    optim_ops.OPS["reference"][algo](*ref_args)
+    optim_ops.OPS[backend][algo](*args)
+    for a, b in zip(ref_args, args):
+        if isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(y, x, **OPTIM_PARITY[torch.float32])
+
+
+def test_cpp_op_checks_its_arguments():
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu backend is not built")
+    args = list(_op_args("lion"))
+    args[1] = [args[1][0]]  # one grad for two params
+    with pytest.raises(RuntimeError, match="one grad per parameter"):
+        optim_ops.OPS["cpu"]["lion"](*args)
+    assert math.isfinite(args[0][0].sum().item())
+
+
+# ---- Triton kernels compile for the GPU targets, without a GPU -------------------------------
+_COMPILE_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusedreg.triton import optim as tri
+assert {k for k, _, _ in tri.COMPILE_SPECS} == {tri._adam_kernel, tri._sgd_kernel, tri._lion_kernel}
+n = 0
+for kernel, sig, constexprs in tri.COMPILE_SPECS:
+    # every variant for sm_90, the fp32 ones for sm_80 too (keeps the test short on 2 cores)
+    archs = (80, 90) if constexprs["P_DTYPE"] == triton.language.float32 else (90,)
+    for arch in archs:
+        k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+                           target=GPUTarget("cuda", arch, 32))
+        spills = k.metadata._asdict().get("n_spills", 0) if hasattr(k.metadata, "_asdict") else 0
+        assert k.asm["cubin"] and not spills, (kernel.__name__, constexprs, spills)
+        n += 1
+print("compiled", n)
+"""
+
+
+def test_triton_compile_specs():
+    """In a subprocess: under TRITON_INTERPRET=1 (set for these tests) kernels cannot compile."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compiled" in r.stdout

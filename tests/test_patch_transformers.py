@@ -1,0 +1,161 @@
+"""fusedreg.patch on real model code that nobody here wrote (issue 5, item 2): Hugging Face
+transformers GPT-2, BERT and Llama built from small configs with random weights (no
+downloads). Runs when transformers is installed (the ``test`` extra installs it)."""
+import copy
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+import fusedreg  # noqa: E402
+import fusedreg.nn as fnn  # noqa: E402
+from test_patch import fused  # noqa: E402,F401  (fixture: stand-ins where fusedreg.nn lacks a norm)
+from tolerances import PATCHED_MODEL  # noqa: E402
+
+patched_modules = sys.modules["fusedreg.patch"].patched_modules
+SMALL = dict(vocab_size=128, max_position_embeddings=64)
+
+
+def gpt2():
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=128,
+                                  resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def bert():
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, hidden_dropout_prob=0.1, **SMALL)
+    return transformers.BertForMaskedLM(cfg)
+
+
+def llama():
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, **SMALL)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+# model -> {class the patch must replace: how many the config has}
+MODELS = {
+    "gpt2": (gpt2, {nn.LayerNorm: 5, nn.Dropout: 7}),   # ln_1, ln_2 per layer + ln_f; drop + 3/layer
+    "bert": (bert, {nn.LayerNorm: 6, nn.Dropout: 7}),   # embeddings + 2/layer + MLM head transform
+    "llama": (llama, {"LlamaRMSNorm": 5}),              # 2 per layer + final; no Dropout modules
+}
+
+
+def build(name, seed=0):
+    torch.manual_seed(seed)
+    model = MODELS[name][0]()
+    with torch.no_grad():  # norm weights away from 1 so that a wrong weight would show
+        for pname, p in model.named_parameters():
+            if "norm" in pname.lower() or "ln_" in pname:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def tokens(batch=3, seq=17):
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(5))
+
+
+def logits(model, ids):
+    return model(input_ids=ids).logits
+
+
+def class_key(m):
+    t = type(m)
+    return t if t in (nn.LayerNorm, nn.Dropout, nn.RMSNorm) else t.__name__
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_patch_replaces_norms_and_dropout_keeping_parameters(fused, name):
+    model = build(name)
+    counts = {}
+    for m in model.modules():
+        counts[class_key(m)] = counts.get(class_key(m), 0) + 1
+    expected = MODELS[name][1]
+    assert {k: counts.get(k, 0) for k in expected} == expected
+    params = {n: id(p) for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+
+    fusedreg.patch(model)
+    replaced = patched_modules(model)
+    assert len(replaced) == sum(expected.values())
+    left = [n for n, m in model.named_modules() if class_key(m) in expected]
+    assert left == []  # nothing of the replaced kinds is left in the model
+    assert {n: id(p) for n, p in model.named_parameters()} == params
+    assert list(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_patched_eval_output_equals_unpatched(fused, name):
+    model = build(name).eval()
+    ref = copy.deepcopy(model)
+    fusedreg.patch(model)
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, ids), logits(ref, ids), **PATCHED_MODEL[torch.float32])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_training_step_runs_with_optimizer_built_before_patch(fused, name):
+    model = build(name).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fusedreg.patch(model)
+    ids = tokens()
+    for _ in range(2):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    norm_weights = [n for n in before if ("norm" in n.lower() or "ln_" in n) and n.endswith("weight")]
+    assert norm_weights and set(norm_weights) <= set(moved)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_unpatch_restores_the_original_modules(fused, name):
+    model = build(name).eval()
+    objects = {n: m for n, m in model.named_modules()}
+    kinds = {n: type(m) for n, m in objects.items()}
+    ids = tokens()
+    with torch.no_grad():
+        expected = logits(model, ids)
+    fusedreg.unpatch(fusedreg.patch(model))
+    assert {n: type(m) for n, m in model.named_modules()} == kinds
+    # class swaps keep the object; rebuilt Llama norms get their original object back
+    assert all(m is objects[n] for n, m in model.named_modules())
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, ids), expected, atol=0, rtol=0)
+
+
+def test_llama_norms_become_fusedreg_rmsnorm_with_the_same_weight(fused):
+    model = build("llama")
+    norm = model.model.layers[1].post_attention_layernorm
+    fusedreg.patch(model)
+    new = model.model.layers[1].post_attention_layernorm
+    assert type(new) is fnn.RMSNorm and new.weight is norm.weight
+    assert new.eps == norm.variance_epsilon and new.normalized_shape == (64,)
+    assert model.model.norm.weight is model.get_submodule("model.norm").weight
+
+
+def test_rmsnorm_with_other_semantics_is_left_alone(fused):
+    # GemmaRMSNorm scales by (1 + weight): not Llama's forward, so not replaced
+    gemma = pytest.importorskip("transformers.models.gemma.modeling_gemma")
+    model = nn.Sequential(nn.Linear(8, 8), gemma.GemmaRMSNorm(8))
+    fusedreg.patch(model)
+    assert type(model[1]) is gemma.GemmaRMSNorm and patched_modules(model) == {}
+
+
+def test_compile_fullgraph_of_patched_gpt2_matches_eager(fused):
+    torch._dynamo.reset()
+    model = fusedreg.patch(build("gpt2")).eval()
+    ids = tokens()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(out, model(input_ids=ids, use_cache=False).logits,
+                                   **PATCHED_MODEL[torch.float32])
