@@ -91,8 +91,7 @@ for m in ("pytest", "pytest_timeout", "matplotlib", "ninja"):
     except ImportError:
         print(m, "missing")
 EOF
-    NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
-    echo "nvcc: $NVCC $("$NVCC" --version 2>&1 | tail -n 2 | tr '\n' ' ')"
+    echo "nvcc: $(command -v nvcc) $(nvcc --version 2>&1 | tail -n 2 | tr '\n' ' ')"
     echo "gcc: $(gcc --version 2>&1 | head -n 1)"
     nvidia-smi 2>&1
 } >"$SUMMARY"
@@ -100,8 +99,17 @@ cat "$SUMMARY"
 STEPS+=("env|ok|$(($(date +%s) - t0))")
 
 # ---- 2. build ----------------------------------------------------------------------------
-NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
-export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}
+# CUDA_HOME: as given, else /usr/local/cuda, else where nvcc really lives (a /usr/local/bin/nvcc
+# link would make it /usr/local, where the linker finds no libcudart).
+if [ -z "${CUDA_HOME:-}" ]; then
+    if [ -x /usr/local/cuda/bin/nvcc ]; then
+        CUDA_HOME=/usr/local/cuda
+    else
+        CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+    fi
+fi
+export CUDA_HOME
+echo "CUDA_HOME=$CUDA_HOME" >>"$SUMMARY"
 run_step build 240 "$OUT/build.log" \
     env FUSEDREG_BUILD_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 \
     FUSEDREG_NVCC_FLAGS="-Xptxas -v" "$PY" setup.py build_ext --inplace
