@@ -115,12 +115,14 @@ run_step build 240 "$OUT/build.log" \
     FUSEDREG_NVCC_FLAGS="-Xptxas -v" "$PY" setup.py build_ext --inplace
 
 # ---- 3. import ---------------------------------------------------------------------------
-run_step import 60 "$OUT/build.log" "$PY" -c '
+run_step import 60 "$OUT/import.tmp" "$PY" -c '
 import torch, fusedreg
 print("backend_status:", fusedreg.backend_status())
 ok = torch._C._dispatch_has_kernel_for_dispatch_key("fusedreg::bias_dropout_fwd", "CUDA")
 print("CUDA kernel registered for fusedreg::bias_dropout_fwd:", ok)
 raise SystemExit(0 if ok else 1)'
+cat "$OUT/import.tmp" >>"$OUT/build.log" 2>/dev/null
+rm -f "$OUT/import.tmp"
 
 # ---- 4. resources (background) and 5. pytest -----------------------------------------------
 t_res=$(date +%s)
