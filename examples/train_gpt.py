@@ -2,6 +2,7 @@
 
     python examples/train_gpt.py                  # 6 layers, width 384, dropout 0.1
     python examples/train_gpt.py --steps 3 --layers 2 --width 64   # a smoke run
+    torchrun --nproc_per_node=2 examples/train_gpt.py --fsdp       # FSDP2 over 2 ranks
 
 The text is the Python language reference topics that ship with Python (``pydoc_data``),
 character-level: nothing is downloaded. Both runs start from the same initial weights and see
@@ -18,6 +19,13 @@ run: tokens/s (after the warm-up steps; on CPU the runs' steps are interleaved s
 load on the machine slows them alike), peak memory (CUDA: max allocated; everywhere: the
 activation bytes autograd saves in one training forward, measured with saved-tensor hooks),
 and the loss curve (CSV + PNG under ``--out``).
+
+``--fsdp`` (under torchrun) trains each run with FSDP2: ``fully_shard`` on every block and on
+the model, gloo on CPU, nccl on GPU (one GPU per rank). ``--batch`` stays the global batch:
+every rank draws the same batches and takes its slice of the rows, so the averaged gradient
+and the reported loss (the mean over ranks) are those of one process on the whole batch.
+The optimizers step the DTensor parameters on their local shards. Dropout masks are drawn
+per rank (seed + 1000·rank). Tokens/s count the global batch; memory figures are per rank.
 """
 from __future__ import annotations
 
@@ -59,11 +67,13 @@ class CharData:
         split = int(0.9 * len(data))
         self.train, self.val, self.device = data[:split], data[split:], device
 
-    def batches(self, batch, seq, seed, split="train"):
+    def batches(self, batch, seq, seed, split="train", rank=0, world=1):
+        """Global batches of ``batch`` rows; rank ``rank`` of ``world`` gets its slice."""
         data = self.train if split == "train" else self.val
         gen = torch.Generator().manual_seed(seed)
+        rows = slice(rank * batch // world, (rank + 1) * batch // world)
         while True:
-            start = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
+            start = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)[rows]
             x = torch.stack([data[s:s + seq] for s in start.tolist()])
             y = torch.stack([data[s + 1:s + seq + 1] for s in start.tolist()])
             yield x.to(self.device), y.to(self.device)
@@ -112,6 +122,54 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+# ---- FSDP2 (--fsdp) -------------------------------------------------------------------------
+class Dist:
+    """Rank and world of this process; world 1 without --fsdp (and then nothing is sharded)."""
+
+    def __init__(self, args):
+        self.rank, self.world, self.mesh = 0, 1, None
+        if not args.fsdp:
+            return
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if "RANK" not in os.environ:
+            raise SystemExit("--fsdp runs under torchrun: "
+                             "torchrun --nproc_per_node=2 examples/train_gpt.py --fsdp")
+        self.dist = dist
+        device = torch.device(args.device)
+        if device.type == "cuda":  # one GPU per rank
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+        self.device = device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.mesh = init_device_mesh(device.type, (self.world,))
+
+    def shard(self, model):
+        """FSDP2: each block is its own unit (its parameters gathered just for its forward and
+        backward); the root holds the embeddings (tied with the head), ln_f and the head."""
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block, mesh=self.mesh)
+        fully_shard(model, mesh=self.mesh)
+
+    def mean(self, t: torch.Tensor) -> float:
+        """The mean of a scalar over the ranks (gloo has no AVG reduction: sum, divide)."""
+        if self.world > 1:
+            t = t.detach().clone()
+            self.dist.all_reduce(t)
+            t /= self.world
+        return t.item()
+
+    def close(self):
+        if self.mesh is not None:
+            self.dist.destroy_process_group()
+
+
 # ---- runs -----------------------------------------------------------------------------------
 RUNS = ("torch", "fusedreg", "torch.compile", "fusedreg.compile", "torch.seed2")
 
@@ -132,14 +190,20 @@ def make_optimizer(run, model, args):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95)), ""
 
 
+def _param_storages(model) -> set:
+    # under FSDP2 a module holds plain (all-gathered) parameters while it runs and DTensor
+    # shards otherwise: ask at each saved tensor so that gathered weights count as parameters
+    return {(p.to_local() if hasattr(p, "to_local") else p).untyped_storage().data_ptr()
+            for p in model.parameters()}
+
+
 def saved_activation_bytes(model, x, y) -> int:
     """Bytes autograd saves for backward in one training forward (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
+        if ptr not in _param_storages(model):
             seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
         return t
 
@@ -153,22 +217,27 @@ class Run:
     """One training run. Its dropout masks come from its own copy of torch's RNG state, so
     runs can be stepped in turn (interleaved) and still each see the masks it would alone."""
 
-    def __init__(self, run, base_model, data, args, device):
+    def __init__(self, run, base_model, data, args, device, ranks=None):
         self.run, self.args, self.device, self.data = run, args, device, data
+        self.ranks = ranks = ranks or Dist(argparse.Namespace(fsdp=False))
         self.model = copy.deepcopy(base_model).to(device)
         notes = []
         if run.startswith("fusedreg"):
             fusedreg.patch(self.model)
             notes.append(f"patched {len(sys.modules['fusedreg.patch'].patched_modules(self.model))} modules")
+        if ranks.mesh is not None:  # patch first: fully_shard then wraps the patched blocks
+            ranks.shard(self.model)
+            notes.append(f"FSDP2 over {ranks.world} ranks")
         self.opt, note = make_optimizer(run, self.model, args)
         self.notes = "; ".join(notes + ([note] if note else []))
         self.step_fn = torch.compile(self.model) if run.endswith("compile") else self.model
-        torch.manual_seed(args.seed + (1 if run == "torch.seed2" else 0))  # the dropout masks' seed
+        # the dropout masks' seed (per rank under FSDP)
+        torch.manual_seed(args.seed + (1 if run == "torch.seed2" else 0) + 1000 * ranks.rank)
         self.rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         self.autocast = lambda: (torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16
                                  else torch.autocast(device.type, enabled=False))
-        self.batches = data.batches(args.batch, args.seq, seed=args.seed)
+        self.batches = data.batches(args.batch, args.seq, seed=args.seed, rank=ranks.rank, world=ranks.world)
         self.losses, self.times = [], []
         self.model.train()
 
@@ -184,7 +253,7 @@ class Run:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        self.losses.append(loss.item())  # .item() synchronizes
+        self.losses.append(self.ranks.mean(loss))  # .item() synchronizes
         self.times.append(time.perf_counter() - t0)
         self.rng = torch.get_rng_state()
         if self.cuda_rng is not None:
@@ -201,16 +270,17 @@ class Run:
             out["saved_mb"] = saved_activation_bytes(self.model, x, y) / 1e6
         self.model.eval()
         with torch.no_grad(), self.autocast():
-            vb = self.data.batches(args.batch, args.seq, seed=1234, split="val")
-            out["val_loss"] = sum(self.model(*next(vb)).item() for _ in range(args.val_batches)) / args.val_batches
+            vb = self.data.batches(args.batch, args.seq, seed=1234, split="val",
+                                   rank=self.ranks.rank, world=self.ranks.world)
+            out["val_loss"] = sum(self.ranks.mean(self.model(*next(vb))) for _ in range(args.val_batches)) / args.val_batches
         return out
 
 
-def train_all(base, data, args, device):
+def train_all(base, data, args, device, ranks=None):
     """Sequential runs on a GPU (each run's peak memory is its own); interleaved steps on a CPU
     (default), so that other load on a shared machine slows every run alike."""
     if args.interleave:
-        runs = [Run(name, base, data, args, device) for name in args.runs]
+        runs = [Run(name, base, data, args, device, ranks) for name in args.runs]
         for _ in range(args.steps):
             for r in runs:
                 r.step()
@@ -220,7 +290,7 @@ def train_all(base, data, args, device):
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        r = Run(name, base, data, args, device)
+        r = Run(name, base, data, args, device, ranks)
         for _ in range(args.steps):
             r.step()
         peak = torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else None
@@ -282,6 +352,8 @@ def parse_args(argv):
                         "the other so that each peak memory is its own)")
     p.add_argument("--val-batches", type=int, default=4)
     p.add_argument("--out", default=os.path.join("results", "train_gpt"))
+    p.add_argument("--fsdp", action="store_true",
+                   help="FSDP2 under torchrun (gloo on CPU, nccl on GPU); --batch is the global batch")
     args = p.parse_args(argv)
     if args.steps < 1 or args.width % args.heads:
         p.error("--steps must be >= 1 and --width a multiple of --heads")
@@ -290,29 +362,42 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
+    ranks = Dist(args)
+    try:
+        return _main(args, ranks)
+    finally:
+        ranks.close()
+
+
+def _main(args, ranks):
+    device = ranks.device if ranks.mesh is not None else torch.device(args.device)
+    if args.batch % ranks.world:
+        raise SystemExit(f"--batch {args.batch} must be a multiple of the {ranks.world} ranks")
+    say = print if ranks.rank == 0 else (lambda *a, **k: None)
     data = CharData(load_text(), device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     base = GPT(data.vocab, args.seq, args.layers, args.width, args.heads, args.dropout)
     n_params = sum(p.numel() for p in base.parameters())
-    print(f"GPT {args.layers}x{args.width}, {n_params / 1e6:.2f}M parameters, vocab {data.vocab}, "
-          f"{len(data.train)} training chars, batch {args.batch}x{args.seq}, {args.steps} steps on {device}")
-    results = train_all(base, data, args, device)
+    say(f"GPT {args.layers}x{args.width}, {n_params / 1e6:.2f}M parameters, vocab {data.vocab}, "
+        f"{len(data.train)} training chars, batch {args.batch}x{args.seq}, {args.steps} steps on {device}"
+        + (f", FSDP2 over {ranks.world} ranks" if ranks.mesh is not None else ""))
+    results = train_all(base, data, args, device, ranks)
     for r in results:
         run = r["run"]
         tail = r["losses"][-min(10, len(r["losses"])):]
-        print(f"{run:>16}: {r['tokens_per_s']:9.0f} tokens/s  saved activations {r['saved_mb']:8.1f} MB"
-              + (f"  peak CUDA {r['peak_cuda_mb']:8.1f} MB" if r["peak_cuda_mb"] is not None else "")
-              + f"  loss (last {len(tail)}) {sum(tail) / len(tail):.4f}  val {r['val_loss']:.4f}"
-              + (f"  [{r['notes']}]" if r["notes"] else ""), flush=True)
+        say(f"{run:>16}: {r['tokens_per_s']:9.0f} tokens/s  saved activations {r['saved_mb']:8.1f} MB"
+            + (f"  peak CUDA {r['peak_cuda_mb']:8.1f} MB" if r["peak_cuda_mb"] is not None else "")
+            + f"  loss (last {len(tail)}) {sum(tail) / len(tail):.4f}  val {r['val_loss']:.4f}"
+            + (f"  [{r['notes']}]" if r["notes"] else ""), flush=True)
     by_run = {r["run"]: r for r in results}
     if "torch" in by_run:
         for r in results:
             if r["run"] != "torch":
-                print(f"{r['run']} vs torch: {r['tokens_per_s'] / by_run['torch']['tokens_per_s']:.2f}x "
-                      f"tokens/s, saved activations {r['saved_mb'] / by_run['torch']['saved_mb']:.2f}x")
-    for path in write_outputs(results, args.out):
-        print("wrote", path)
+                say(f"{r['run']} vs torch: {r['tokens_per_s'] / by_run['torch']['tokens_per_s']:.2f}x "
+                    f"tokens/s, saved activations {r['saved_mb'] / by_run['torch']['saved_mb']:.2f}x")
+    if ranks.rank == 0:
+        for path in write_outputs(results, args.out):
+            print("wrote", path)
     return results
 
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "fusedreg/activation.h"
+#include "fusedreg/cpu/alloc.h"
 #include "fusedreg/cpu/uniforms.h"
 #include "fusedreg/cpu/vmath.h"
 #include "fusedreg/philox.h"
@@ -193,7 +194,7 @@ at::Tensor bias_dropout_fwd_cpu(const at::Tensor& x_in, const std::optional<at::
       bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   const std::optional<at::Tensor> residual =
       residual_in ? std::optional<at::Tensor>(residual_in->contiguous()) : std::nullopt;
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor out = cpu::empty_output_like(x);
   if (x.numel() == 0) return out;
   const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
   const Rows rows = as_rows(x);
@@ -225,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_bwd_cpu(
     x = x_in->contiguous();
   }
   at::Tensor bias = bias_in ? bias_in->contiguous() : at::Tensor();
-  at::Tensor gx = at::empty_like(g, at::MemoryFormat::Contiguous);
+  at::Tensor gx = cpu::empty_output_like(g);
   at::Tensor gb = need_grad_bias ? at::zeros_like(bias) : at::empty({0}, g.options());
   if (g.numel() == 0) return {gx, gb};
   const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());

@@ -52,8 +52,10 @@ def discover() -> tuple[dict, dict]:
     return found, broken
 
 
-def parse_sizes(text: str) -> list[tuple[int, ...]]:
-    """"4096x1024,8192x1024" -> [(4096, 1024), (8192, 1024)]; "1000000" -> [(1000000,)]."""
+def parse_sizes(text: str) -> list:
+    """"4096x1024,8192x1024" -> [(4096, 1024), (8192, 1024)]; "1000000" -> [1000000].
+    A plain number stays an int (an element count, e.g. for the optimizers); a shape with
+    'x' becomes a tuple (rows x features for bias_dropout and the norms)."""
     sizes = []
     for token in filter(None, (t.strip() for t in text.split(","))):
         try:
@@ -63,7 +65,7 @@ def parse_sizes(text: str) -> list[tuple[int, ...]]:
         if not dims or any(d <= 0 for d in dims):
             raise argparse.ArgumentTypeError(
                 f"bad size {token!r}: expected positive integers joined by 'x', e.g. 8192x1024")
-        sizes.append(dims)
+        sizes.append(dims if "x" in token.lower() else dims[0])
     if not sizes:
         raise argparse.ArgumentTypeError("--sizes needs at least one size, e.g. 8192x1024")
     return sizes
@@ -102,8 +104,9 @@ def build_parser(ops: list[str]) -> argparse.ArgumentParser:
                    help=f"dtypes to run: {', '.join(DTYPES)} (default: float32 on CPU, "
                         "bfloat16 on CUDA)")
     p.add_argument("--sizes", type=parse_sizes, metavar="AxB,...",
-                   help="problem sizes instead of each op's defaults, e.g. 4096x1024,8192x1024 "
-                        "(for bias_dropout and the norms: rows x features)")
+                   help="problem sizes instead of each op's defaults: rows x features for "
+                        "bias_dropout and the norms (e.g. 4096x1024,8192x1024), an element "
+                        "count for the optimizers (e.g. 16777216)")
     p.add_argument("--quick", action="store_true", help="fewer, smaller cases and shorter timing")
     p.add_argument("--device", type=_device, default=None,
                    help="cpu or cuda[:N] (default: cuda if available, else cpu)")
@@ -117,6 +120,9 @@ def build_parser(ops: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--no-csv", action="store_true", help="do not write the CSV")
     p.add_argument("--no-plots", action="store_true", help="do not draw plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--replot", metavar="CSV", default=None,
+                   help="measure nothing: redraw the plots of the last run in CSV (into --plots, "
+                        "default the CSV's folder)")
     return p
 
 
@@ -176,6 +182,13 @@ def main(argv=None) -> int:
     for name, why in broken.items():
         print(f"warning: benchmark module fusedreg.bench.{name} cannot be imported, skipped: {why}",
               file=sys.stderr)
+    if args.replot:
+        if not os.path.isfile(args.replot):
+            print(f"error: --replot: no such file {args.replot}", file=sys.stderr)
+            return 2
+        written = report.plot_csv(args.replot, args.plots or os.path.dirname(os.path.abspath(args.replot)))
+        print("plots: " + (", ".join(written) if written else "none (matplotlib missing or no rows)"))
+        return 0
     if not modules:
         print("error: no benchmark modules found in fusedreg.bench", file=sys.stderr)
         return 2

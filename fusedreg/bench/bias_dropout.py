@@ -114,9 +114,9 @@ def _cases(ctx: Context):
     if ctx.sizes:
         sizes = []
         for s in ctx.sizes:
-            if len(s) != 2:
-                raise ValueError(f"bias_dropout sizes are rows x features (e.g. 8192x1024), got "
-                                 f"{'x'.join(map(str, s))}")
+            if isinstance(s, int) or len(s) != 2:
+                shown = s if isinstance(s, int) else "x".join(map(str, s))
+                raise ValueError(f"bias_dropout sizes are rows x features (e.g. 8192x1024), got {shown}")
             sizes.append(tuple(s))
     else:
         sizes = _SIZES[(ctx.device.type, ctx.quick)]

@@ -83,7 +83,9 @@ def time_fn(fn: Callable[..., object], device: torch.device, *, min_reps: int = 
             times.append((time.perf_counter() - t0) * 1e3)
         del run
     times.sort()
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    # "inclusive": percentiles within the observed range (the default extrapolates, and a
+    # p10 below the fastest run, even negative, can come out of a handful of noisy samples)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
     return Timing(statistics.median(times), q[0], q[-1], len(times))
 
 
