@@ -4,6 +4,8 @@ Switches (environment):
   FUSEDREG_BUILD_CUDA   "1" forces the CUDA kernels (fails if it cannot), "0" skips them,
                         unset/"auto" builds them when torch is a CUDA build and nvcc is found.
   TORCH_CUDA_ARCH_LIST  the usual torch switch; when unset and no GPU is visible, "9.0".
+  FUSEDREG_NVCC_FLAGS   extra nvcc flags, e.g. "-Xptxas -v" (benchmarks/gpu_check.sh reads the
+                        register report from the build log).
   FUSEDREG_CPU_ARCH     extra -m flags for the CPU kernels (default: none, portable x86-64).
   MAX_JOBS              parallel compile jobs (ninja).
 """
@@ -71,6 +73,7 @@ def _extensions():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc += os.environ.get("FUSEDREG_NVCC_FLAGS", "").split()
         _log(f"building CPU + CUDA kernels ({reason}); {len(cu)} .cu files, "
              f"arch list {os.environ.get('TORCH_CUDA_ARCH_LIST', 'native')}")
         ext = cpp_extension.CUDAExtension(

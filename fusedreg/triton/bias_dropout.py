@@ -23,28 +23,32 @@ _VIRTUAL_WIDTH = 1024
 
 
 @triton.jit
-def _tile(pid, n_col_blocks, M, N, total, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = pid // n_col_blocks
-    pid_n = pid % n_col_blocks
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols_start = pid_n * BLOCK_N
-    cols = cols_start + tl.arange(0, BLOCK_N)
-    offs = rows[:, None] * N + cols[None, :]
-    mask = (rows[:, None] < M) & (cols[None, :] < N) & (offs < total)
-    return rows, cols_start, cols, offs, mask
+def _tile_offsets(base, row_start, col_start, M, N, total, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Offsets of a (BLOCK_M, BLOCK_N) tile relative to ``base`` (int64 flat index of its
+    first element, at (row_start, col_start)), and its mask. The offsets are int32: BLOCK_M > 1 only
+    when N < _TILE, so they stay below max(N, _TILE * _TILE); only ``base`` needs 64 bits."""
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
+    local = r[:, None] * N + c[None, :]
+    rows_left = tl.minimum(M - row_start, BLOCK_M).to(tl.int32)
+    elems_left = tl.minimum(total - base, 1 << 30).to(tl.int32)
+    mask = (r[:, None] < rows_left) & (c[None, :] < N - col_start) & (local < elems_left)
+    return local, mask
 
 
 @triton.jit
-def _keep_scale(seed, rows, col_start, offs, N, p, scale, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, ALIGNED4: tl.constexpr):
+def _keep_scale(seed, base, local, N, p, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                ALIGNED4: tl.constexpr):
     """scale where the element is kept, 0 where dropped, for a (BLOCK_M, BLOCK_N) tile."""
     if ALIGNED4:
-        # N % 4 == 0: columns 4j..4j+3 of a row share Philox counter (row * N + col_start) / 4 + j
-        cols4 = col_start + 4 * tl.arange(0, BLOCK_N // 4)
-        group = (rows[:, None] * N + cols4[None, :]) >> 2
-        u = dropout_uniform_x4(seed, group)
+        # N % 4 == 0, so base % 4 == 0 and columns 4j..4j+3 of a row share one Philox group:
+        # base / 4 + (r * N + 4j) / 4.
+        r = tl.arange(0, BLOCK_M)
+        local4 = r[:, None] * N + 4 * tl.arange(0, BLOCK_N // 4)[None, :]
+        u = dropout_uniform_x4(seed, (base >> 2) + (local4 >> 2))
     else:
-        u = dropout_uniform(seed, offs)
+        u = dropout_uniform(seed, base + local)
     return tl.where(u >= p, scale, 0.0)
 
 
@@ -60,17 +64,22 @@ def _bias_dropout_fwd_kernel(
     ACT: tl.constexpr, ALIGNED4: tl.constexpr, IS_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    rows, cols_start, cols, offs, mask = _tile(tl.program_id(0), n_col_blocks, M, N, total, BLOCK_M, BLOCK_N)
+    pid = tl.program_id(0)
+    row_start = (pid // n_col_blocks).to(tl.int64) * BLOCK_M
+    col_start = (pid % n_col_blocks) * BLOCK_N
+    base = row_start * N + col_start
+    local, mask = _tile_offsets(base, row_start, col_start, M, N, total, BLOCK_M, BLOCK_N)
     ct = tl.float64 if IS_FP64 else tl.float32
-    z = tl.load(X + offs, mask=mask, other=0.0).to(ct)
+    z = tl.load(X + base + local, mask=mask, other=0.0).to(ct)
     if HAS_BIAS:
+        cols = col_start + tl.arange(0, BLOCK_N)
         z += tl.load(B + cols, mask=cols < N, other=0.0).to(ct)[None, :]
     v = activate(z, ACT)
     if HAS_DROPOUT:
-        v = v * _keep_scale(seed, rows, cols_start, offs, N, p, scale, BLOCK_M, BLOCK_N, ALIGNED4).to(ct)
+        v = v * _keep_scale(seed, base, local, N, p, scale, BLOCK_M, BLOCK_N, ALIGNED4).to(ct)
     if HAS_RESIDUAL:
-        v += tl.load(R + offs, mask=mask, other=0.0).to(ct)
-    tl.store(Y + offs, v.to(Y.dtype.element_ty), mask=mask)
+        v += tl.load(R + base + local, mask=mask, other=0.0).to(ct)
+    tl.store(Y + base + local, v.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -89,27 +98,26 @@ def _bias_dropout_bwd_kernel(
     # Program (pid_m, pid_n) covers rows [pid_m * rows_per_program, ...) in BLOCK_M steps.
     pid = tl.program_id(0)
     pid_m = pid // n_col_blocks
-    pid_n = pid % n_col_blocks
     ct = tl.float64 if IS_FP64 else tl.float32
-    cols_start = pid_n * BLOCK_N
-    cols = cols_start + tl.arange(0, BLOCK_N)
+    col_start = (pid % n_col_blocks) * BLOCK_N
+    cols = col_start + tl.arange(0, BLOCK_N)
     if HAS_BIAS and ACT != 0:
         b = tl.load(B + cols, mask=cols < N, other=0.0).to(ct)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     row0 = pid_m.to(tl.int64) * rows_per_program
     for r in range(0, rows_per_program, BLOCK_M):
-        rows = row0 + r + tl.arange(0, BLOCK_M)
-        offs = rows[:, None] * N + cols[None, :]
-        mask = (rows[:, None] < M) & (cols[None, :] < N) & (offs < total)
-        d = tl.load(G + offs, mask=mask, other=0.0).to(ct)
+        row_start = row0 + r
+        base = row_start * N + col_start  # the only 64-bit index arithmetic: one per step
+        local, mask = _tile_offsets(base, row_start, col_start, M, N, total, BLOCK_M, BLOCK_N)
+        d = tl.load(G + base + local, mask=mask, other=0.0).to(ct)
         if HAS_DROPOUT:
-            d = d * _keep_scale(seed, rows, cols_start, offs, N, p, scale, BLOCK_M, BLOCK_N, ALIGNED4).to(ct)
+            d = d * _keep_scale(seed, base, local, N, p, scale, BLOCK_M, BLOCK_N, ALIGNED4).to(ct)
         if ACT != 0:
-            z = tl.load(X + offs, mask=mask, other=0.0).to(ct)
+            z = tl.load(X + base + local, mask=mask, other=0.0).to(ct)
             if HAS_BIAS:
                 z += b[None, :]
             d = d * activate_grad(z, ACT)
-        tl.store(GX + offs, d.to(GX.dtype.element_ty), mask=mask)
+        tl.store(GX + base + local, d.to(GX.dtype.element_ty), mask=mask)
         if NEED_GRAD_BIAS:
             acc += tl.sum(tl.where(mask, d, 0.0).to(tl.float32), axis=0)
     if NEED_GRAD_BIAS:
@@ -126,9 +134,15 @@ def _geometry(x, has_bias):
     return triton.cdiv(total, n), n
 
 
+# Elements per program: 8 per thread with 4 warps (16-byte loads of bf16). Larger tiles
+# (4096 were tried) need 110-250 registers per thread and spill in the fp32 per-element-mask
+# and fp64 variants (sm_90 compile, benchmarks/results/sm90_resources.md).
+_TILE = 1024
+
+
 def _blocks(M, N):
-    block_n = min(1024, max(4, triton.next_power_of_2(N)))
-    block_m = max(1, min(4096 // block_n, triton.next_power_of_2(M)))
+    block_n = min(_TILE, max(4, triton.next_power_of_2(N)))
+    block_m = max(1, min(_TILE // block_n, triton.next_power_of_2(M)))
     return block_m, block_n
 
 
@@ -181,3 +195,49 @@ def bias_dropout_bwd(grad_out, x, bias, p: float, activation: int, seed: int, ne
     )
     gb = partial.sum(0).to(bias.dtype) if need_grad_bias else g.new_empty(0)
     return gx, gb
+
+
+# ---- compile specs (tests/test_triton_compile.py, benchmarks/resource_report.py) -------------
+# One spec per meaningful constexpr variant, as the launchers above produce them: the main
+# case (bf16, bias + residual, aligned groups of 4, (1, 1024) tiles), each activation, the
+# per-element mask (N % 4 != 0), (4, 256) and small-N (256, 4) tiles, no dropout, fp64, int64 sizes
+# (tensors of more than 2^31 elements: Triton types such int arguments as i64).
+def _fwd_spec(dt, act, block_m=1, block_n=1024, bias=True, residual=True, dropout=True,
+              aligned4=True, **ints):
+    sig = dict(X=f"*{dt}", B=f"*{dt}", R=f"*{dt}", Y=f"*{dt}", M="i32", N="i32", total="i32",
+               n_col_blocks="i32", p="fp32", scale="fp32", seed="i64")
+    sig.update(ints)
+    consts = dict(HAS_BIAS=bias, HAS_RESIDUAL=residual, HAS_DROPOUT=dropout, ACT=act,
+                  ALIGNED4=aligned4, IS_FP64=dt == "fp64", BLOCK_M=block_m, BLOCK_N=block_n)
+    return _bias_dropout_fwd_kernel, sig, consts, {"num_warps": 4}
+
+
+def _bwd_spec(dt, act, block_m=1, block_n=1024, bias=True, grad_bias=True, dropout=True,
+              aligned4=True, **ints):
+    sig = dict(G=f"*{dt}", X=f"*{dt}", B=f"*{dt}", GX=f"*{dt}",
+               GB_PARTIAL="*fp32" if grad_bias else f"*{dt}", M="i32", N="i32", total="i32",
+               n_col_blocks="i32", rows_per_program="i32", p="fp32", scale="fp32", seed="i64")
+    sig.update(ints)
+    consts = dict(HAS_BIAS=bias, HAS_DROPOUT=dropout, NEED_GRAD_BIAS=grad_bias, ACT=act,
+                  ALIGNED4=aligned4, IS_FP64=dt == "fp64", BLOCK_M=block_m, BLOCK_N=block_n)
+    return _bias_dropout_bwd_kernel, sig, consts, {"num_warps": 4}
+
+
+COMPILE_SPECS = [
+    _fwd_spec("bf16", 0),
+    _fwd_spec("fp16", 1, residual=False),
+    _fwd_spec("fp32", 2, aligned4=False),
+    _fwd_spec("bf16", 3, bias=False, dropout=False, block_m=4, block_n=256),
+    _fwd_spec("bf16", 4, block_m=256, block_n=4),
+    _fwd_spec("fp64", 2),
+    _fwd_spec("bf16", 0, total="i64", bias=False),
+    _fwd_spec("fp32", 0, M="i64", N="i64", total="i64", aligned4=False),
+    _bwd_spec("bf16", 0),
+    _bwd_spec("fp16", 1, grad_bias=False),
+    _bwd_spec("fp32", 2, aligned4=False),
+    _bwd_spec("bf16", 3, dropout=False, block_m=4, block_n=256),
+    _bwd_spec("bf16", 4, block_m=256, block_n=4),
+    _bwd_spec("fp64", 2),
+    _bwd_spec("bf16", 0, total="i64", bias=False, grad_bias=False),
+    _bwd_spec("fp32", 0, M="i64", N="i64", total="i64", rows_per_program="i64"),
+]
