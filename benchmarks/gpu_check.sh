@@ -16,6 +16,8 @@
 # 6. bench      python -m fusedreg.bench --device cuda --quick (all ops) -> OUTDIR/bench.csv,
 #               OUTDIR/bench.log, plots packed in OUTDIR/plots.tar.gz
 # 7. target     the issue's target case: bias_dropout, bf16, 16384x8192 (same CSV and log)
+# 8. train      examples/train_gpt.py, 60 bf16 steps: torch, fusedreg, torch.compile (tokens/s,
+#               peak memory, loss) -> OUTDIR/bench.log, CSV/PNG inside plots.tar.gz
 #
 # Every step runs under `timeout`, inside one overall deadline (CHECK_BUDGET_S, default 460 s)
 # so that the whole script ends in under 8 minutes; a failed step does not stop the others.
@@ -157,6 +159,10 @@ run_step bench 120 "$OUT/bench.log" "$PY" -m fusedreg.bench "${quick_args[@]}"
 target_args=("${bench_args[@]}" --ops bias_dropout --dtypes bfloat16 --sizes 16384x8192)
 if grep -q -- "--no-plots" <<<"$BENCH_HELP"; then target_args+=(--no-plots); fi
 run_step target 100 "$OUT/bench.log" "$PY" -m fusedreg.bench "${target_args[@]}"
+
+# ---- 8. the training step of issue 5 (torch vs fusedreg vs torch.compile), if time is left
+run_step train 80 "$OUT/bench.log" "$PY" examples/train_gpt.py --device cuda --steps 60 --bf16 \
+    --runs torch fusedreg torch.compile --out "$OUT/plots/train_gpt"
 
 if [ -d "$OUT/plots" ]; then
     tar -czf "$OUT/plots.tar.gz" -C "$OUT" plots && rm -rf "$OUT/plots"
