@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -46,20 +47,62 @@ FUSEDREG_CPU_CLONES void row_uniforms(uint64_t seed, int64_t start, int64_t len,
 }
 
 // Runs body(next_task) on every thread of the pool; next_task() hands out task indices
-// 0..n_tasks-1 first come, first served, then -1. Dynamic rather than at::parallel_for's
-// static split: on a shared machine a thread that is descheduled takes fewer tasks
-// instead of holding the others at the end of the region.
+// 0..n_tasks-1, each once, then -1. Thread i starts at the front of its own contiguous range
+// of tasks; a thread that runs out takes tasks from the back of the others' ranges. Why:
+// - dynamic rather than at::parallel_for's static split: on a shared machine a thread that
+//   is descheduled takes fewer tasks instead of holding the others at the end of the region;
+// - contiguous ranges rather than one shared counter: consecutive tasks write neighbouring
+//   rows of the fresh (huge-page advised) outputs, and two threads first-touching the same
+//   2 MiB page at once both zero a huge page in the fault handler, one of them for nothing;
+//   with one counter the threads interleave 256 KiB tasks and collide on nearly every page.
+// A range is one 64-bit word, [lo, hi) packed as two 32-bit halves, so that the owner
+// (taking lo) and a thief (taking hi - 1) claim tasks with one compare-exchange.
 template <typename Body>
 void for_each_task(int64_t n_tasks, const Body& body) {
-  std::atomic<int64_t> counter{0};
-  auto next_task = [&]() -> int64_t {
-    const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
-    return t < n_tasks ? t : -1;
-  };
   const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), n_tasks);
-  if (n_threads <= 1) return body(next_task);
+  if (n_threads <= 1 || n_tasks >= (int64_t(1) << 31)) {
+    std::atomic<int64_t> counter{0};
+    auto next_task = [&]() -> int64_t {
+      const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
+      return t < n_tasks ? t : -1;
+    };
+    if (n_threads <= 1) return body(next_task);
+    at::parallel_for(0, n_threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) body(next_task);
+    });
+    return;
+  }
+  struct alignas(64) Range {
+    std::atomic<uint64_t> lo_hi;
+  };
+  std::vector<Range> ranges(n_threads);
+  for (int64_t i = 0; i < n_threads; ++i) {
+    const uint64_t lo = i * n_tasks / n_threads, hi = (i + 1) * n_tasks / n_threads;
+    ranges[i].lo_hi.store(lo | (hi << 32), std::memory_order_relaxed);
+  }
+  // Claims the front (own range) or back (another's) task of range r; -1 when it is empty.
+  auto claim = [&](int64_t r, bool front) -> int64_t {
+    std::atomic<uint64_t>& a = ranges[r].lo_hi;
+    uint64_t v = a.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t lo = v & 0xffffffffu, hi = v >> 32;
+      if (lo >= hi) return -1;
+      const uint64_t nv = front ? (lo + 1) | (hi << 32) : lo | ((hi - 1) << 32);
+      if (a.compare_exchange_weak(v, nv, std::memory_order_relaxed)) return front ? lo : hi - 1;
+    }
+  };
   at::parallel_for(0, n_threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) body(next_task);
+    for (int64_t i = begin; i < end; ++i) {
+      int64_t k = 0;  // ranges emptied so far, own range first
+      auto next_task = [&]() -> int64_t {
+        for (; k < n_threads; ++k) {
+          const int64_t t = claim((i + k) % n_threads, k == 0);
+          if (t >= 0) return t;
+        }
+        return -1;
+      };
+      body(next_task);
+    }
   });
 }
 
@@ -297,6 +340,24 @@ FUSEDREG_CPU_CLONES void backward_rows(const BwdArgs<x_t, w_t, h_t>& a, int64_t 
   }
 }
 
+// out[c] = sum of p[blk * N + c] over blk = 0..n_blocks-1 in that order, for c in [c0, c1):
+// the same additions in the same order for any thread count.
+template <typename acc_t, typename w_t>
+void sum_partials(const acc_t* p, int64_t n_blocks, int64_t N, int64_t c0, int64_t c1, w_t* out) {
+  constexpr int64_t kCols = 256;
+  acc_t s[kCols];
+  for (int64_t a = c0; a < c1; a += kCols) {
+    const int64_t n = std::min(kCols, c1 - a);
+    std::fill(s, s + n, acc_t(0));
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      const acc_t* q = p + blk * N + a;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) s[j] += q[j];
+    }
+    for (int64_t j = 0; j < n; ++j) out[a + j] = static_cast<w_t>(s[j]);
+  }
+}
+
 template <typename x_t, typename w_t, typename h_t>
 void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* gb) {
   using acc_t = at::opmath_type<x_t>;
@@ -311,27 +372,26 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
   const int64_t rows_per_block = partials ? std::max((M + max_blocks - 1) / max_blocks, min_rows)
                                           : std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
   const int64_t n_blocks = (M + rows_per_block - 1) / rows_per_block;
-  std::vector<acc_t> pw(gw ? n_blocks * N : 0, acc_t(0)), pb(gb ? n_blocks * N : 0, acc_t(0));
+  // Zeroed by the task that fills them (in its cache, in parallel), not here.
+  std::unique_ptr<acc_t[]> pw(gw ? new acc_t[n_blocks * N] : nullptr), pb(gb ? new acc_t[n_blocks * N] : nullptr);
   for_each_task(n_blocks, [&](auto next_task) {
     std::vector<acc_t> g(N);
     std::vector<float> u(a.p > 0.0f ? N : 0);
     for (int64_t blk = next_task(); blk >= 0; blk = next_task()) {
-      backward_rows(a, blk * rows_per_block, std::min(M, (blk + 1) * rows_per_block),
-                    gw ? pw.data() + blk * N : nullptr, gb ? pb.data() + blk * N : nullptr,
+      acc_t* aw = gw ? pw.get() + blk * N : nullptr;
+      acc_t* ab = gb ? pb.get() + blk * N : nullptr;
+      if (aw) std::fill(aw, aw + N, acc_t(0));
+      if (ab) std::fill(ab, ab + N, acc_t(0));
+      backward_rows(a, blk * rows_per_block, std::min(M, (blk + 1) * rows_per_block), aw, ab,
                     g.data(), u.data());
     }
   });
   if (!partials) return;
+  // Column chunks in parallel; within a chunk the blocks are added in block order, rows of
+  // contiguous columns at a time (vectorized) rather than one strided column at a time.
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      acc_t sw = 0, sb = 0;
-      for (int64_t blk = 0; blk < n_blocks; ++blk) {
-        if (gw) sw += pw[blk * N + c];
-        if (gb) sb += pb[blk * N + c];
-      }
-      if (gw) gw[c] = static_cast<w_t>(sw);
-      if (gb) gb[c] = static_cast<w_t>(sb);
-    }
+    if (gw) sum_partials(pw.get(), n_blocks, N, begin, end, gw);
+    if (gb) sum_partials(pb.get(), n_blocks, N, begin, end, gb);
   });
 }
 
