@@ -128,6 +128,28 @@ struct FwdArgs {
 
 #define FUSEDREG_ALWAYS_INLINE inline __attribute__((always_inline))
 
+// The hardware prefetchers stop at 4 KiB page boundaries, and a row of 1024 floats is one
+// page: left alone, every row would start its input streams cold (the loads of the first
+// pass over a row were the hot spot). So the last pass over row r, which works from L1,
+// prefetches row r + 1's inputs chunk by chunk. Only for rows up to kPrefetchRowBytes:
+// longer rows would evict the current one, and the prefetchers ramp up within them anyway.
+constexpr int64_t kPrefetchChunk = 64;  // elements per prefetch step of the last pass
+constexpr int64_t kPrefetchRowBytes = 16384;
+
+// Prefetches the cache lines of p[j0, j0 + kPrefetchChunk) (nothing when p is null).
+template <typename T>
+FUSEDREG_ALWAYS_INLINE void prefetch_chunk(const T* p, int64_t j0) {
+  if (!p) return;
+  const char* c = reinterpret_cast<const char*>(p + j0);
+  for (int64_t k = 0; k < kPrefetchChunk * int64_t(sizeof(T)); k += 64) __builtin_prefetch(c + k, 0, 3);
+}
+
+// Row r + 1 of a (rows, N) array, or null when there is none or rows are too long to prefetch.
+template <typename T>
+FUSEDREG_ALWAYS_INLINE const T* next_row(const T* a, int64_t r, int64_t rows, int64_t N) {
+  return a && r + 1 < rows && N * int64_t(sizeof(T)) <= kPrefetchRowBytes ? a + (r + 1) * N : nullptr;
+}
+
 // v = h = residual + dropout(x) rounded to h_t (stored to hr if STORE_H); returns sum(v).
 // The switches are template parameters so that each variant is one vectorized loop.
 template <bool DROPOUT, bool RESIDUAL, bool STORE_H, typename x_t, typename h_t, typename acc_t>
@@ -204,19 +226,26 @@ FUSEDREG_CPU_CLONES void forward_rows(const FwdArgs<x_t, w_t, h_t>& a, int64_t r
     x_t* yr = a.y + r * N;
     const w_t* w = a.w;
     const w_t* b = a.b;
-    if (w && b) {
+    const x_t* nx = next_row(a.x, r, r1, N);
+    const h_t* nr = next_row(a.residual, r, r1, N);
+    for (int64_t j0 = 0; j0 < N; j0 += kPrefetchChunk) {
+      prefetch_chunk(nx, j0);
+      prefetch_chunk(nr, j0);
+      const int64_t j1 = std::min(N, j0 + kPrefetchChunk);
+      if (w && b) {
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j)
-        yr[j] = static_cast<x_t>((vr[j] - mu) * rs * static_cast<acc_t>(w[j]) + static_cast<acc_t>(b[j]));
-    } else if (w) {
+        for (int64_t j = j0; j < j1; ++j)
+          yr[j] = static_cast<x_t>((vr[j] - mu) * rs * static_cast<acc_t>(w[j]) + static_cast<acc_t>(b[j]));
+      } else if (w) {
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<x_t>((vr[j] - mu) * rs * static_cast<acc_t>(w[j]));
-    } else if (b) {
+        for (int64_t j = j0; j < j1; ++j) yr[j] = static_cast<x_t>((vr[j] - mu) * rs * static_cast<acc_t>(w[j]));
+      } else if (b) {
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<x_t>((vr[j] - mu) * rs + static_cast<acc_t>(b[j]));
-    } else {
+        for (int64_t j = j0; j < j1; ++j) yr[j] = static_cast<x_t>((vr[j] - mu) * rs + static_cast<acc_t>(b[j]));
+      } else {
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<x_t>((vr[j] - mu) * rs);
+        for (int64_t j = j0; j < j1; ++j) yr[j] = static_cast<x_t>((vr[j] - mu) * rs);
+      }
     }
   }
 }
@@ -285,17 +314,25 @@ FUSEDREG_ALWAYS_INLINE void bwd_sums(const x_t* dyr, const h_t* hr, const w_t* w
 
 // dh = rs * (g - c1 - xhat * c2) + dh_out; grad_residual = dh; grad_x = dh * keep * scale.
 template <bool DOUT, bool GRES, bool DROPOUT, typename x_t, typename h_t, typename acc_t>
+// ndy, nh, ndo: the next row of dy, h, dh_out to prefetch (or null).
 FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const h_t* hr, const h_t* dor, h_t* grr,
                                         x_t* gxr, const float* u, int64_t N, acc_t mu, acc_t rs,
-                                        acc_t c1, acc_t c2, float p, acc_t scale) {
+                                        acc_t c1, acc_t c2, float p, acc_t scale, const x_t* ndy,
+                                        const h_t* nh, const h_t* ndo) {
+  for (int64_t j0 = 0; j0 < N; j0 += kPrefetchChunk) {
+    prefetch_chunk(ndy, j0);
+    prefetch_chunk(nh, j0);
+    if constexpr (DOUT) prefetch_chunk(ndo, j0);
+    const int64_t j1 = std::min(N, j0 + kPrefetchChunk);
 #pragma omp simd
-  for (int64_t j = 0; j < N; ++j) {
-    const acc_t xhat = (static_cast<acc_t>(hr[j]) - mu) * rs;
-    acc_t dh = rs * (g[j] - c1 - xhat * c2);
-    if constexpr (DOUT) dh += static_cast<acc_t>(dor[j]);
-    if constexpr (GRES) grr[j] = static_cast<h_t>(dh);
-    if constexpr (DROPOUT) dh = u[j] >= p ? dh * scale : acc_t(0);
-    gxr[j] = static_cast<x_t>(dh);
+    for (int64_t j = j0; j < j1; ++j) {
+      const acc_t xhat = (static_cast<acc_t>(hr[j]) - mu) * rs;
+      acc_t dh = rs * (g[j] - c1 - xhat * c2);
+      if constexpr (DOUT) dh += static_cast<acc_t>(dor[j]);
+      if constexpr (GRES) grr[j] = static_cast<h_t>(dh);
+      if constexpr (DROPOUT) dh = u[j] >= p ? dh * scale : acc_t(0);
+      gxr[j] = static_cast<x_t>(dh);
+    }
   }
 }
 
@@ -330,9 +367,13 @@ FUSEDREG_CPU_CLONES void backward_rows(const BwdArgs<x_t, w_t, h_t>& a, int64_t 
     h_t* grr = a.gres ? a.gres + r * N : nullptr;
     x_t* gxr = a.gx + r * N;
     if (dropout) row_uniforms(a.seed, r * N, N, u);
+    // The next row of this block (the next block's first row is likely another thread's).
+    const x_t* ndy = next_row(a.dy, r, r1, N);
+    const h_t* nh = next_row(a.h, r, r1, N);
+    const h_t* ndo = next_row(a.dh_out, r, r1, N);
     switch ((dor ? 1 : 0) | (grr ? 2 : 0) | (dropout ? 4 : 0)) {
 #define FUSEDREG_CASE(F) \
-  case F: store_grads<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(g, hr, dor, grr, gxr, u, N, mu, rs, c1, c2, p, scale); break;
+  case F: store_grads<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(g, hr, dor, grr, gxr, u, N, mu, rs, c1, c2, p, scale, ndy, nh, ndo); break;
       FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
       FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
 #undef FUSEDREG_CASE
