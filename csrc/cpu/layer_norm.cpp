@@ -438,48 +438,8 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
   });
 }
 
-// ---- outputs ----------------------------------------------------------------------------
-// Large fresh outputs are backed by transparent huge pages: their page faults otherwise cost
-// as much as the kernel on the benchmark shapes. cpu::advise_huge_pages (fusedreg/cpu/alloc.h)
-// can only get huge pages for the 2 MiB-aligned interior of a tensor, and a 32 MiB tensor of
-// the default allocator is an mmap starting at any 4 KiB page: its partial first and last
-// 2 MiB (2 MiB in all: 512 faults of 4 KiB per output) stayed small pages, ~5% of the
-// backward at 8192 x 1024 fp32. So large outputs come from HugeAlignedAllocator below: the
-// block 2 MiB-aligned, its length rounded up to 2 MiB, all of it advised. The storage is an
-// ordinary resizable CPU storage (resizing allocates from the same allocator).
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-struct HugeAlignedAllocator final : c10::Allocator {
-  static constexpr size_t kHuge = size_t(2) << 20;
-  static void free_block(void* p) { std::free(p); }
-  c10::DataPtr allocate(size_t n) override {
-    if (n == 0) return {nullptr, nullptr, &free_block, at::Device(at::kCPU)};
-    const size_t len = (n + kHuge - 1) / kHuge * kHuge;
-    void* p = nullptr;
-    TORCH_CHECK(posix_memalign(&p, kHuge, len) == 0, "fusedreg::layer_norm: out of memory allocating ", n, " bytes");
-    madvise(p, len, MADV_HUGEPAGE);  // a hint: failure leaves small pages, nothing worse
-    return {p, p, &free_block, at::Device(at::kCPU)};
-  }
-  c10::DeleterFnPtr raw_deleter() const override { return &free_block; }
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
-};
-
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  static HugeAlignedAllocator allocator;
-  int64_t nbytes = options.dtype().itemsize();
-  for (const int64_t s : sizes) nbytes *= s;
-  if (nbytes < int64_t(4) << 20) return at::empty(sizes, options);  // mostly small pages anyway
-  return at::Tensor(at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                              options.dtype().toScalarType(), c10::MemoryFormat::Contiguous));
-}
-#else
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-  cpu::advise_huge_pages(t);
-  return t;
-}
-#endif
+// ---- outputs: cpu::empty_output (fusedreg/cpu/alloc.h), on 2 MiB-aligned huge pages ------------
+using cpu::empty_output;
 
 // ---- dtype dispatch -------------------------------------------------------------------------
 // x_t is the activation type; w_t (weight, bias) and h_t (residual, h) are x_t, or float when
