@@ -167,6 +167,7 @@ class Dist:
 
     def close(self):
         if self.mesh is not None:
+            self.dist.barrier()  # leave together: tearing gloo down under a busy peer can abort
             self.dist.destroy_process_group()
 
 

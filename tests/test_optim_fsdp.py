@@ -56,6 +56,9 @@ def _worker(rank, world, init_file, out_file, cls):
         sparsity = opt.sparsity()
         if rank == 0:
             torch.save({"params": full, "sparsity": sparsity}, out_file)
+        # Both ranks leave together: a rank that tears gloo down while its peer is still
+        # busy can abort at exit ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
