@@ -14,39 +14,13 @@
 #include "fusedreg/cpu/alloc.h"
 #include "fusedreg/cpu/uniforms.h"
 #include "fusedreg/cpu/vmath.h"
+#include "fusedreg/host.h"
 #include "fusedreg/philox.h"
 
 namespace fusedreg {
 namespace {
 
 constexpr int64_t kChunk = 4096;  // elements per task: fits the uniforms in L1
-
-struct Rows {
-  int64_t M, N;
-};
-
-Rows as_rows(const at::Tensor& x) {
-  const int64_t N = x.dim() == 0 ? 1 : x.size(-1);
-  return {N == 0 ? 0 : x.numel() / N, N};
-}
-
-void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& bias,
-                  const std::optional<at::Tensor>& residual, const at::Tensor& seed) {
-  TORCH_CHECK(x.device().is_cpu(), "fusedreg::bias_dropout (cpu): x must be a CPU tensor");
-  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1,
-              "fusedreg::bias_dropout: seed must be a 1-element int64 CPU tensor");
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == (x.dim() ? x.size(-1) : 1),
-                "fusedreg::bias_dropout: bias must have shape (x.shape[-1],)");
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
-                "fusedreg::bias_dropout: bias must match x in dtype and device");
-  }
-  if (residual) {
-    TORCH_CHECK(residual->sizes() == x.sizes(), "fusedreg::bias_dropout: residual must match x");
-    TORCH_CHECK(residual->scalar_type() == x.scalar_type() && residual->device() == x.device(),
-                "fusedreg::bias_dropout: residual must match x in dtype and device");
-  }
-}
 
 // Per-task scratch: the uniforms of the chunk, and stand-ins that make the element loops
 // branch-free (so they vectorize): zeros for a missing bias/residual, ones (always kept)
@@ -188,7 +162,7 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
 at::Tensor bias_dropout_fwd_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in,
                                 const std::optional<at::Tensor>& residual_in, double p,
                                 int64_t activation, const at::Tensor& seed) {
-  check_inputs(x_in, bias_in, residual_in, seed);
+  check_bias_dropout_inputs(x_in, bias_in, residual_in, seed, at::kCPU);
   const at::Tensor x = x_in.contiguous();
   const std::optional<at::Tensor> bias =
       bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
@@ -215,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_bwd_cpu(
     const at::Tensor& seed, bool need_grad_bias) {
   TORCH_CHECK(activation == 0 || x_in.has_value(),
               "fusedreg::bias_dropout_bwd: x is required with an activation");
-  check_inputs(grad_in, bias_in, std::nullopt, seed);
+  check_bias_dropout_inputs(grad_in, bias_in, std::nullopt, seed, at::kCPU);
   TORCH_CHECK(!need_grad_bias || bias_in.has_value(),
               "fusedreg::bias_dropout_bwd: need_grad_bias without a bias");
   const at::Tensor g = grad_in.contiguous();

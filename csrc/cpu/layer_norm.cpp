@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "fusedreg/cpu/alloc.h"
+#include "fusedreg/host.h"
 #include "fusedreg/cpu/uniforms.h"
 #include "fusedreg/philox.h"
 
@@ -441,25 +442,7 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
 // ---- outputs: cpu::empty_output (fusedreg/cpu/alloc.h), on 2 MiB-aligned huge pages ------------
 using cpu::empty_output;
 
-// ---- dtype dispatch -------------------------------------------------------------------------
-// x_t is the activation type; w_t (weight, bias) and h_t (residual, h) are x_t, or float when
-// x is half/bfloat16 (fusedreg/_checks.py: check_norm_param).
-
-template <typename x_t, typename F>
-void dispatch_wh(at::ScalarType w_type, at::ScalarType h_type, F f) {
-  const at::ScalarType xs = c10::CppTypeToScalarType<x_t>::value;
-  TORCH_CHECK(w_type == xs || w_type == at::kFloat, "fusedreg::layer_norm: weight/bias dtype ",
-              w_type, " not supported with x of dtype ", xs);
-  TORCH_CHECK(h_type == xs || h_type == at::kFloat, "fusedreg::layer_norm: residual/h dtype ",
-              h_type, " not supported with x of dtype ", xs);
-  if (w_type == xs && h_type == xs) return f(x_t(), x_t());
-  if constexpr (!std::is_same_v<x_t, float> && !std::is_same_v<x_t, double>) {
-    if (w_type == at::kFloat && h_type == xs) return f(float(), x_t());
-    if (w_type == xs && h_type == at::kFloat) return f(x_t(), float());
-    return f(float(), float());
-  }
-  TORCH_CHECK(false, "fusedreg::layer_norm: unsupported dtype combination");
-}
+// ---- dtype dispatch: dispatch_wh (fusedreg/host.h) -------------------------------------------
 
 void check_row_input(const at::Tensor& t, const char* name, const at::Tensor& x) {
   TORCH_CHECK(t.device().is_cpu(), "fusedreg::layer_norm (cpu): ", name, " must be a CPU tensor");

@@ -26,6 +26,7 @@
 #include <cstdint>
 
 #include "fusedreg/activation.h"
+#include "fusedreg/host.h"
 #include "fusedreg/philox.h"
 
 namespace fusedreg {
@@ -418,32 +419,6 @@ __global__ void __launch_bounds__(kColLanes* kRowLanes) bias_grad_reduce_kernel(
 
 // ---- host side ---------------------------------------------------------------------------
 
-struct Rows {
-  int64_t M, N;
-};
-
-Rows as_rows(const at::Tensor& x) {
-  const int64_t N = x.dim() == 0 ? 1 : x.size(-1);
-  return {N == 0 ? 0 : x.numel() / N, N};
-}
-
-void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& bias,
-                  const std::optional<at::Tensor>& residual, const at::Tensor& seed) {
-  TORCH_CHECK(x.device().is_cuda(), "fusedreg::bias_dropout (cuda): x must be a CUDA tensor");
-  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1,
-              "fusedreg::bias_dropout: seed must be a 1-element int64 CPU tensor");
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == (x.dim() ? x.size(-1) : 1),
-                "fusedreg::bias_dropout: bias must have shape (x.shape[-1],)");
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
-                "fusedreg::bias_dropout: bias must match x in dtype and device");
-  }
-  if (residual) {
-    TORCH_CHECK(residual->sizes() == x.sizes(), "fusedreg::bias_dropout: residual must match x");
-    TORCH_CHECK(residual->scalar_type() == x.scalar_type() && residual->device() == x.device(),
-                "fusedreg::bias_dropout: residual must match x in dtype and device");
-  }
-}
 
 // Contiguous, with a 16-byte aligned data pointer (the kernels' vector loads need it). A
 // view at an odd storage offset is copied; fresh allocations are always aligned.
@@ -538,7 +513,7 @@ void launch_bwd(const at::Tensor& g, const at::Tensor& x, const at::Tensor& bias
 at::Tensor bias_dropout_fwd_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in,
                                  const std::optional<at::Tensor>& residual_in, double p,
                                  int64_t activation, const at::Tensor& seed) {
-  check_inputs(x_in, bias_in, residual_in, seed);
+  check_bias_dropout_inputs(x_in, bias_in, residual_in, seed, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = aligned(x_in);
   const std::optional<at::Tensor> bias = aligned(bias_in);
@@ -561,7 +536,7 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_bwd_cuda(
     const at::Tensor& seed, bool need_grad_bias) {
   TORCH_CHECK(activation == 0 || x_in.has_value(),
               "fusedreg::bias_dropout_bwd: x is required with an activation");
-  check_inputs(grad_in, bias_in, std::nullopt, seed);
+  check_bias_dropout_inputs(grad_in, bias_in, std::nullopt, seed, at::kCUDA);
   TORCH_CHECK(!need_grad_bias || bias_in.has_value(),
               "fusedreg::bias_dropout_bwd: need_grad_bias without a bias");
   const c10::cuda::CUDAGuard guard(grad_in.device());

@@ -26,6 +26,7 @@
 #include <type_traits>
 
 #include "fusedreg/philox.h"
+#include "fusedreg/host.h"
 
 namespace fusedreg {
 namespace {
@@ -266,23 +267,7 @@ __global__ void sum_partials_kernel(const acc_t* __restrict__ PW, const acc_t* _
   if (GB) GB[j] = static_cast<w_t>(sb);
 }
 
-// ---- host ------------------------------------------------------------------------------------
-
-template <typename x_t, typename F>
-void dispatch_wh(at::ScalarType w_type, at::ScalarType h_type, F f) {
-  const at::ScalarType xs = c10::CppTypeToScalarType<x_t>::value;
-  TORCH_CHECK(w_type == xs || w_type == at::kFloat, "fusedreg::layer_norm: weight/bias dtype ",
-              w_type, " not supported with x of dtype ", xs);
-  TORCH_CHECK(h_type == xs || h_type == at::kFloat, "fusedreg::layer_norm: residual/h dtype ",
-              h_type, " not supported with x of dtype ", xs);
-  if (w_type == xs && h_type == xs) return f(x_t(), x_t());
-  if constexpr (!std::is_same_v<x_t, float> && !std::is_same_v<x_t, double>) {
-    if (w_type == at::kFloat && h_type == xs) return f(float(), x_t());
-    if (w_type == xs && h_type == at::kFloat) return f(x_t(), float());
-    return f(float(), float());
-  }
-  TORCH_CHECK(false, "fusedreg::layer_norm: unsupported dtype combination");
-}
+// ---- host (dtype dispatch: dispatch_wh, fusedreg/host.h) --------------------------------------
 
 void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& ref) {
   TORCH_CHECK(t.device() == ref.device(), "fusedreg::layer_norm (cuda): ", name, " must be on ", ref.device());
