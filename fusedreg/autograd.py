@@ -1,7 +1,5 @@
 """The public autograd Functions, one per op, each over that op's registered custom ops."""
-from .ops.bias_dropout import BiasDropoutFunction
+from .ops.bias_dropout import BiasDropoutConfig, BiasDropoutFunction
+from .ops.layer_norm import LayerNormConfig, LayerNormFunction
 
-__all__ = ["BiasDropoutFunction"]
-from .ops.layer_norm import DropoutAddLayerNormFunction, LayerNormFunction, RMSNormFunction
-
-__all__ += ["DropoutAddLayerNormFunction", "LayerNormFunction", "RMSNormFunction"]
+__all__ = ["BiasDropoutConfig", "BiasDropoutFunction", "LayerNormConfig", "LayerNormFunction"]

@@ -1,36 +1,58 @@
-"""Backend dispatch: which implementation serves a call. One place, one table.
+"""Backend dispatch: which implementation serves a call. One registry, one choice.
 
-Policy: an explicit choice (``set_backend``, ``use_backend``, env ``FUSEDREG_BACKEND``) is
-honoured or refused with the reason; ``auto`` picks per op and device from ``_AUTO``, the
-fastest available backend, never ``reference`` on a GPU when a fused backend is built.
+The registry maps ``(op, backend)`` to the implementation that ``fusedreg/ops/<op>.py``
+registered (``register``); every caller — the functional API, the autograd Functions, the
+optimizers, the benchmarks and the tests — asks it through the public functions below
+(``implementation``, ``implemented_backends``, ``resolve``) and keeps no table of its own.
+
+The choice: ``set_backend`` (or the environment variable ``FUSEDREG_BACKEND`` at import)
+sets the process-wide default; ``use_backend`` overrides it inside a block, for the current
+thread or asyncio task only (a ``contextvars.ContextVar``), so that blocks in two threads
+never see each other's choice and the default is what it was once both have left. With
+``auto`` a call gets, per op and device type, the first backend of ``AUTO`` that implements
+the op and can run here — never ``reference`` when a fused backend is built.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import os
+from typing import Any
 
 import torch
+
+__all__ = [
+    "AUTO", "BACKENDS", "BackendUnavailableError", "available_backends", "backend_status",
+    "extension_available", "get_backend", "implementation", "implemented_backends", "register",
+    "resolve", "set_backend", "triton_available", "triton_interpreter", "use_backend",
+    "why_unusable",
+]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
 
-# auto: preference order per device type; per-op overrides justified by GPU benchmarks go
-# in _AUTO_BY_OP (op -> device type -> order).
-_AUTO = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
-_AUTO_BY_OP: dict[str, dict[str, tuple[str, ...]]] = {}
+# auto: the preference order per op and device type. On CPU the C++ kernels serve every op.
+# On CUDA the order is cuda, then triton, until GPU measurements justify per-op choices
+# (docs/design.md, "The auto table").
+_DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+AUTO: dict[str, dict[str, tuple[str, ...]]] = {
+    op: dict(_DEFAULT_ORDER) for op in ("bias_dropout", "layer_norm", "adam", "sgd", "lion")
+}
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for that cannot serve the call; the message says why."""
 
 
-def _probe_extension():
+# ---- what this build and machine have (probed once, at import) ------------------------------
+
+def _probe_extension() -> tuple[bool, bool, str | None]:
     try:
         importlib.import_module("fusedreg._C")
     except ImportError as e:  # not built, or built against another torch
         return False, False, f"the C++ extension fusedreg._C is not importable ({e})"
-    # CUDA kernels exist if any fusedreg C++ op has one (all .cu files build together).
+    # The CUDA kernels exist if any fusedreg C++ op has one (all .cu files build together).
     has_cuda = any(
         torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
         for name in torch._C._dispatch_get_all_op_names() if name.startswith("fusedreg::")
@@ -38,7 +60,7 @@ def _probe_extension():
     return True, has_cuda, None
 
 
-def _probe_triton():
+def _probe_triton() -> str | None:
     try:
         importlib.import_module("triton")
     except ImportError as e:
@@ -51,16 +73,22 @@ _TRITON_WHY = _probe_triton()
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def extension_available(with_cuda: bool = False) -> bool:
+    """True when ``fusedreg._C`` is importable (and, with ``with_cuda``, has CUDA kernels)."""
+    return _EXT_OK and (_EXT_CUDA or not with_cuda)
+
+
+def triton_available() -> bool:
+    """True when Triton is installed (whether it can run here is ``backend_status()``'s)."""
+    return _TRITON_WHY is None
+
+
 def triton_interpreter() -> bool:
     """True when Triton kernels run in the interpreter (CPU tensors), set before import."""
     return _INTERPRET
 
 
-def _cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
-def _why_unusable(backend: str, device_type: str | None = None) -> str | None:
+def why_unusable(backend: str, device_type: str | None = None) -> str | None:
     """None if ``backend`` can run on ``device_type`` (any device if None), else the reason."""
     if backend == "reference":
         return None
@@ -75,7 +103,7 @@ def _why_unusable(backend: str, device_type: str | None = None) -> str | None:
             return _EXT_WHY
         if not _EXT_CUDA:
             return "fusedreg._C was built without CUDA kernels (CPU-only torch or no nvcc at build time)"
-        if not _cuda_available():
+        if not torch.cuda.is_available():
             return "no CUDA device is available"
         if device_type not in (None, "cuda"):
             return f"the cuda backend runs on CUDA tensors, not {device_type}"
@@ -83,14 +111,14 @@ def _why_unusable(backend: str, device_type: str | None = None) -> str | None:
     if backend == "triton":
         if _TRITON_WHY:
             return _TRITON_WHY
-        if device_type == "cpu" or (device_type is None and not _cuda_available()):
+        if device_type == "cpu" or (device_type is None and not torch.cuda.is_available()):
             if not _INTERPRET:
                 return ("triton runs on CUDA tensors; set TRITON_INTERPRET=1 before importing "
                         "fusedreg to run it on CPU tensors in the interpreter")
             return None
         if device_type not in (None, "cuda"):
             return f"the triton backend runs on CUDA tensors, not {device_type}"
-        if not _cuda_available():
+        if not torch.cuda.is_available():
             return "no CUDA device is available"
         return None
     raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(_CHOICES)}")
@@ -98,76 +126,115 @@ def _why_unusable(backend: str, device_type: str | None = None) -> str | None:
 
 def backend_status() -> dict[str, str]:
     """For each backend, "available" or the reason it is not usable here."""
-    return {b: (_why_unusable(b) or "available") for b in BACKENDS}
+    return {b: (why_unusable(b) or "available") for b in BACKENDS}
 
 
 def available_backends() -> list[str]:
-    return [b for b in BACKENDS if _why_unusable(b) is None]
+    """The backends that can run here (on some device)."""
+    return [b for b in BACKENDS if why_unusable(b) is None]
 
+
+# ---- the registry -----------------------------------------------------------------------------
+
+_REGISTRY: dict[tuple[str, str], Any] = {}
+# resolve() is on every call's path: its answer per (op, device type, choice) is cached and
+# the cache is dropped whenever the registry changes.
+_RESOLVED: dict[tuple[str, str, str], str] = {}
+
+
+def register(op: str, backend: str, impl: Any) -> None:
+    """Records ``impl`` as ``op``'s implementation in ``backend`` (called by fusedreg/ops)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    _REGISTRY[(op, backend)] = impl
+    _RESOLVED.clear()
+
+
+def implementation(op: str, backend: str) -> Any:
+    """What ``register(op, backend, impl)`` recorded; raises with the reason if nothing."""
+    try:
+        return _REGISTRY[(op, backend)]
+    except KeyError:
+        known = sorted({o for o, _ in _REGISTRY})
+        if op not in known:
+            raise ValueError(f"unknown op {op!r}; expected one of {', '.join(known)}") from None
+        raise BackendUnavailableError(
+            f"{op} has no {backend} implementation in this build: "
+            f"{why_unusable(backend) or 'not registered'}") from None
+
+
+def implemented_backends(op: str, device_type: str | None = None) -> list[str]:
+    """The backends (in ``BACKENDS`` order) that implement ``op`` and can run on
+    ``device_type`` here (on any device if None)."""
+    return [b for b in BACKENDS
+            if (op, b) in _REGISTRY and why_unusable(b, device_type) is None]
+
+
+# ---- the choice ---------------------------------------------------------------------------
 
 def _check_choice(name: str) -> str:
     if not isinstance(name, str) or name not in _CHOICES:
         raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(_CHOICES)}")
     if name != "auto":
-        why = _why_unusable(name)
+        why = why_unusable(name)
         if why:
             raise BackendUnavailableError(f"backend {name!r} is not usable: {why}")
     return name
 
 
-_state = {"backend": "auto"}
+def _default_from_env() -> str:
+    env = os.environ.get("FUSEDREG_BACKEND", "").strip().lower()
+    return _check_choice(env) if env else "auto"
 
 
-def _init_from_env():
-    env = os.environ.get("FUSEDREG_BACKEND")
-    if env:
-        _state["backend"] = _check_choice(env.strip().lower())
+_default = _default_from_env()
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedreg_backend", default=None)
 
 
 def set_backend(name: str) -> None:
-    """Selects the backend for all later calls: "auto" or one of ``BACKENDS``."""
-    _state["backend"] = _check_choice(name)
+    """Sets the process-wide default backend: "auto" or one of ``BACKENDS``. A
+    ``use_backend`` block that is open in this thread keeps its own choice until it ends."""
+    global _default
+    _default = _check_choice(name)
 
 
 def get_backend() -> str:
-    return _state["backend"]
+    """The choice in force here: the innermost ``use_backend`` block's, else the default."""
+    scoped = _scoped.get()
+    return _default if scoped is None else scoped
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """``with fusedreg.use_backend("triton"): ...`` selects a backend inside the block."""
-    previous = _state["backend"]
-    _state["backend"] = _check_choice(name)
+    """``with fusedreg.use_backend("triton"): ...`` selects a backend inside the block, for
+    this thread (or asyncio task) only."""
+    token = _scoped.set(_check_choice(name))
     try:
         yield
     finally:
-        _state["backend"] = previous
-
-
-_IMPLEMENTED: dict[str, set[str]] = {}
-
-
-def register_impl(op: str, backend: str) -> None:
-    """Called by fusedreg/ops/<op>.py for each backend it registered."""
-    _IMPLEMENTED.setdefault(op, set()).add(backend)
+        _scoped.reset(token)
 
 
 def resolve(op: str, device: torch.device) -> str:
     """The backend that serves ``op`` for tensors on ``device``; raises with the reason."""
-    choice = _state["backend"]
-    implemented = _IMPLEMENTED.get(op, set())
+    choice = get_backend()
+    key = (op, device.type, choice)
+    backend = _RESOLVED.get(key)
+    if backend is None:
+        backend = _RESOLVED[key] = _resolve_uncached(op, device.type, choice)
+    return backend
+
+
+def _resolve_uncached(op: str, device_type: str, choice: str) -> str:
     if choice != "auto":
-        why = _why_unusable(choice, device.type)
-        if why is None and choice not in implemented:
+        why = why_unusable(choice, device_type)
+        if why is None and (op, choice) not in _REGISTRY:
             why = f"{op} has no {choice} implementation in this build"
         if why:
             raise BackendUnavailableError(f"{op}: backend {choice!r} cannot run here: {why}")
         return choice
-    order = _AUTO_BY_OP.get(op, {}).get(device.type) or _AUTO.get(device.type, ("reference",))
+    order = AUTO.get(op, {}).get(device_type, ("reference",))
     for backend in order:
-        if backend in implemented and _why_unusable(backend, device.type) is None:
+        if (op, backend) in _REGISTRY and why_unusable(backend, device_type) is None:
             return backend
     return "reference"
-
-
-_init_from_env()

@@ -1,16 +1,22 @@
 """Functional API: argument checks, backend choice, then the autograd Function of the op."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from . import backends
 from ._activations import activation_code
-from ._checks import check_like, check_probability, check_seed, check_tensor
+from ._checks import (check_like, check_norm_param, check_normalized_shape, check_number,
+                      check_probability, check_seed, check_tensor)
 from ._seed import seed_tensor, unused_seed
-from .ops.bias_dropout import BiasDropoutFunction
+from .ops.bias_dropout import BiasDropoutConfig, BiasDropoutFunction
+from .ops.layer_norm import LayerNormConfig, LayerNormFunction
 from .reference.philox import dropout_keep
 
-__all__ = ["bias_dropout", "dropout", "dropout_mask"]
+__all__ = ["bias_dropout", "dropout", "dropout_add_layer_norm", "dropout_mask", "layer_norm",
+           "rms_norm"]
 
 
 def bias_dropout(x, bias=None, residual=None, p: float = 0.5, training: bool = True,
@@ -24,8 +30,9 @@ def bias_dropout(x, bias=None, residual=None, p: float = 0.5, training: bool = T
         p: drop probability in [0, 1]; kept values are scaled by 1 / (1 - p).
         training: if False, no dropout (the mask is not drawn).
         activation: None, "relu", "gelu", "gelu_tanh" or "silu".
-        seed: 64-bit seed of the mask (DESIGN.md §3); None draws one from torch's default
-            generator. The same seed gives the same mask on every backend and device.
+        seed: 64-bit seed of the mask (docs/design.md, "The dropout mask"); None draws one
+            from torch's default generator. The same seed gives the same mask on every
+            backend and device.
     """
     check_tensor(x, "x")
     p = check_probability(p)
@@ -41,12 +48,13 @@ def bias_dropout(x, bias=None, residual=None, p: float = 0.5, training: bool = T
         p = 0.0
     seed_t = seed_tensor(seed) if p > 0.0 else unused_seed()
     backend = backends.resolve("bias_dropout", x.device)
-    return BiasDropoutFunction.apply(x, bias, residual, p, act, seed_t, backend)
+    return BiasDropoutFunction.apply(x, bias, residual, seed_t, BiasDropoutConfig(p, act, backend))
 
 
 def dropout(x, p: float = 0.5, training: bool = True, seed=None, inplace: bool = False):
-    """Dropout with the seeded mask of DESIGN.md §3 (``torch.nn.functional.dropout``'s
-    arguments plus ``seed``). With ``training=False`` or ``p == 0`` it returns ``x``."""
+    """Dropout with the seeded mask (docs/design.md, "The dropout mask"):
+    ``torch.nn.functional.dropout``'s arguments plus ``seed``. With ``training=False`` or
+    ``p == 0`` it returns ``x``."""
     check_tensor(x, "x")
     p = check_probability(p)
     check_seed(seed)
@@ -67,15 +75,7 @@ def dropout_mask(shape, p: float, seed: int) -> torch.Tensor:
     return dropout_keep(tuple(shape), p, seed)
 
 
-# ---- layer_norm: LayerNorm, RMSNorm, dropout + residual + norm -------------------------------
-import math  # noqa: E402
-import numbers  # noqa: E402
-
-from ._checks import check_norm_param, check_normalized_shape, check_number  # noqa: E402
-from .ops.layer_norm import (  # noqa: E402
-    DropoutAddLayerNormFunction, LayerNormFunction, RMSNormFunction)
-
-__all__ += ["dropout_add_layer_norm", "layer_norm", "rms_norm"]
+# ---- LayerNorm, RMSNorm, dropout + residual + norm --------------------------------------------
 
 def _norm_params(x, weight, bias, shape):
     if weight is not None:
@@ -102,8 +102,9 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
     shape = check_normalized_shape(normalized_shape, x)
     _norm_params(x, weight, bias, shape)
     eps = _norm_eps(eps, x)
-    backend = backends.resolve("layer_norm", x.device)
-    return LayerNormFunction.apply(x, weight, bias, len(shape), eps, backend)
+    config = LayerNormConfig(len(shape), eps, 0.0, False, x.dtype, False,
+                             backends.resolve("layer_norm", x.device))
+    return LayerNormFunction.apply(x, None, weight, bias, unused_seed(), config)[0]
 
 
 def rms_norm(x, normalized_shape, weight=None, eps=None):
@@ -112,15 +113,17 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     shape = check_normalized_shape(normalized_shape, x)
     _norm_params(x, weight, None, shape)
     eps = _norm_eps(eps, x)
-    backend = backends.resolve("layer_norm", x.device)
-    return RMSNormFunction.apply(x, weight, len(shape), eps, backend)
+    config = LayerNormConfig(len(shape), eps, 0.0, True, x.dtype, False,
+                             backends.resolve("layer_norm", x.device))
+    return LayerNormFunction.apply(x, None, weight, None, unused_seed(), config)[0]
 
 
 def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float = 1e-5,
                            training: bool = True, prenorm: bool = False, rms: bool = False,
                            residual_in_fp32: bool = False, seed=None):
     """h = residual + dropout(x, p); y = norm(h) * weight + bias, in one pass forward and one
-    backward (the mask is the seeded one of DESIGN.md §3, recomputed in backward).
+    backward; the mask is the seeded one (docs/design.md, "The dropout mask"), recomputed in
+    backward.
 
     The norm runs over weight's shape (bias's if weight is None, else x's last dim); residual
     (optional) has x's shape and x's dtype or float32. h has residual's dtype (x's without a
@@ -150,7 +153,7 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
     if residual_in_fp32 and h_dtype != torch.float64:
         h_dtype = torch.float32
     seed_t = seed_tensor(seed) if p > 0.0 else unused_seed()
-    backend = backends.resolve("layer_norm", x.device)
-    y, h = DropoutAddLayerNormFunction.apply(x, residual, weight, bias, len(shape), eps, p, seed_t,
-                                             rms, h_dtype, prenorm, backend)
+    config = LayerNormConfig(len(shape), eps, p, rms, h_dtype, prenorm,
+                             backends.resolve("layer_norm", x.device))
+    y, h, _, _ = LayerNormFunction.apply(x, residual, weight, bias, seed_t, config)
     return (y, h) if prenorm else y

@@ -8,12 +8,12 @@ from . import functional as F
 from ._activations import activation_code
 from ._checks import check_probability
 
-__all__ = ["Dropout", "BiasDropout"]
+__all__ = ["BiasDropout", "Dropout", "DropoutAddLayerNorm", "LayerNorm", "RMSNorm"]
 
 
 class Dropout(nn.Dropout):
     """Drop-in for ``torch.nn.Dropout`` (same arguments, repr and state) whose mask comes
-    from a seed (DESIGN.md §3) and is recomputed in backward instead of being stored."""
+    from a seed (docs/design.md, "The dropout mask") and is recomputed in backward instead of being stored."""
 
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
         check_probability(p)
@@ -42,10 +42,6 @@ class BiasDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.bias.shape[0]}, p={self.p}, activation={self.activation!r}"
-
-
-# ---- layer_norm -----------------------------------------------------------------------------
-__all__ += ["LayerNorm", "RMSNorm", "DropoutAddLayerNorm"]
 
 
 class LayerNorm(nn.LayerNorm):

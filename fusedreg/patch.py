@@ -2,7 +2,7 @@
 
 Every ``torch.nn.LayerNorm``, ``torch.nn.RMSNorm`` and ``torch.nn.Dropout`` in the module tree
 becomes the fusedreg module of the same name by swapping the module's class in place. The
-fusedreg modules subclass the torch ones with the same constructor and state (DESIGN.md §5b),
+fusedreg modules subclass the torch ones with the same constructor and state,
 so the module object, its Parameter objects (an optimizer built before patching keeps
 working), buffers, hooks and ``state_dict`` keys all stay as they were, wherever the module
 is referenced (Sequential, ModuleList, ModuleDict, plain attributes, shared modules, the root).
@@ -16,9 +16,6 @@ rebuilt as a fusedreg RMSNorm holding the SAME weight Parameter (``state_dict`` 
 unchanged) and put in its parent's place; ``unpatch`` puts the original object back. A class
 qualifies only if its ``forward`` is, line for line, LlamaRMSNorm's: GemmaRMSNorm
 (``1 + weight``) and the like are left alone.
-
-The fusedreg classes are looked up in ``fusedreg.nn`` at call time, so a build that does not
-have one of them yet simply leaves those torch modules as they are (and says so in the log).
 """
 from __future__ import annotations
 
@@ -28,20 +25,22 @@ import logging
 
 from torch import nn
 
+from . import nn as fnn
+
 __all__ = ["patch", "unpatch", "patched_modules"]
 
 log = logging.getLogger("fusedreg.patch")
 
-# option -> (torch class, fusedreg.nn class name, constructor call reproducing a module's
+# option -> (torch class, fusedreg.nn class, constructor call reproducing a module's
 # configuration; used to check that the fusedreg class is a drop-in, and to give the swapped
 # object any plain attribute that the fusedreg constructor sets and the torch one does not)
 _TARGETS = {
-    "layer_norm": (nn.LayerNorm, "LayerNorm", lambda cls, m: cls(
+    "layer_norm": (nn.LayerNorm, fnn.LayerNorm, lambda cls, m: cls(
         m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine,
         bias=getattr(m, "bias", None) is not None, device="meta")),
-    "rms_norm": (nn.RMSNorm, "RMSNorm", lambda cls, m: cls(
+    "rms_norm": (nn.RMSNorm, fnn.RMSNorm, lambda cls, m: cls(
         m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine, device="meta")),
-    "dropout": (nn.Dropout, "Dropout", lambda cls, m: cls(p=m.p, inplace=m.inplace)),
+    "dropout": (nn.Dropout, fnn.Dropout, lambda cls, m: cls(p=m.p, inplace=m.inplace)),
 }
 OPTIONS = tuple(_TARGETS)
 
@@ -61,23 +60,10 @@ def _check_model(model, fn: str) -> None:
         raise TypeError(f"fusedreg.{fn} expects a torch.nn.Module, got {type(model).__name__}")
 
 
-def _fused_class(option: str):
-    """The fusedreg.nn class for ``option``, or None if this build does not have it."""
-    from . import nn as fnn
-
-    torch_cls, name, _ = _TARGETS[option]
-    cls = getattr(fnn, name, None)
-    if cls is None:
-        return None
-    if not (isinstance(cls, type) and issubclass(cls, torch_cls)):
-        raise RuntimeError(f"fusedreg.nn.{name} is not a subclass of torch.nn.{name}; "
-                           "fusedreg.patch can only swap in drop-in subclasses")
-    return cls
-
-
 def _swap(module: nn.Module, option: str, cls: type) -> None:
     """Turns ``module`` (exactly of the torch class) into an instance of ``cls`` in place."""
-    torch_cls, name, construct = _TARGETS[option]
+    torch_cls, _, construct = _TARGETS[option]
+    name = torch_cls.__name__
     try:
         template = construct(cls, module)
     except (TypeError, ValueError) as e:
@@ -162,14 +148,7 @@ def patch(model: nn.Module, layer_norm: bool = True, rms_norm: bool = True, drop
         if not isinstance(value, bool):
             raise TypeError(f"fusedreg.patch: {option} must be True or False, got {value!r}")
 
-    classes, missing = {}, []
-    for option, on in chosen.items():
-        if on:
-            cls = _fused_class(option)
-            if cls is None:
-                missing.append(option)
-            else:
-                classes[option] = cls
+    classes = {option: _TARGETS[option][1] for option, on in chosen.items() if on}
 
     replaced, rebuilt = [], []
     for name, module in list(model.named_modules(remove_duplicate=True)):
@@ -188,11 +167,6 @@ def patch(model: nn.Module, layer_norm: bool = True, rms_norm: bool = True, drop
         replaced.append((name, type(module), type(new)))
     for name, old, new in replaced:
         log.info("%s: %s -> fusedreg.nn.%s", name or "<model>", _class_name(old), new.__name__)
-    for option in missing:
-        torch_cls = _TARGETS[option][0]
-        if any(type(m) is torch_cls for m in model.modules()):
-            log.warning("fusedreg.nn has no %s in this build: torch.nn.%s modules left unchanged",
-                        _TARGETS[option][1], torch_cls.__name__)
     log.info("fusedreg.patch: replaced %d module(s) in %s", len(replaced), type(model).__name__)
     return model
 

@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import fusedreg
-from fusedreg import backends
 
-from .harness import Context, Row, Timing
+from .harness import Context, Row, Timing, fused_backends
 
 OP = "bias_dropout"
 P = 0.1
@@ -44,12 +43,6 @@ _ACTIVATION = "gelu"  # the variant with an activation: exact (erf) GELU, F.gelu
 _TORCH_ACT = {None: lambda t: t, "gelu": F.gelu}
 
 
-def fused_backends(device: torch.device) -> list[str]:
-    """The fused backends that can serve bias_dropout on ``device`` (never the Triton
-    interpreter on CPU: it is a test vehicle, not a CPU implementation)."""
-    wanted = ("cpu",) if device.type == "cpu" else ("cuda", "triton")
-    implemented = backends._IMPLEMENTED.get(OP, set())
-    return [b for b in wanted if b in implemented and backends._why_unusable(b, device.type) is None]
 
 
 def _fused(backend, activation):
@@ -129,7 +122,7 @@ def _cases(ctx: Context):
 
 def benchmark(ctx: Context) -> list[Row]:
     rows = []
-    fused = fused_backends(ctx.device)
+    fused = fused_backends(OP, ctx.device)
     for dtype in ctx.dtypes:
         for M, N, activation in _cases(ctx):
             rows += _case(ctx, M, N, activation, dtype, fused)

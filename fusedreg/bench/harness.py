@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from .. import backends
+
 
 @dataclasses.dataclass
 class Timing:
@@ -118,3 +120,10 @@ class Context:
         gbps = nbytes / (timing.median_ms * 1e-3) / 1e9
         return Row(op, case, str(dtype).replace("torch.", ""), impl, pass_, timing.median_ms,
                    timing.p10_ms, timing.p90_ms, int(nbytes), gbps, gbps / self.copy_gbps, **extra)
+
+
+def fused_backends(op: str, device: torch.device) -> list[str]:
+    """The fused backends that can serve ``op`` on ``device`` (never the Triton interpreter
+    on CPU: it is a test vehicle, not a CPU implementation)."""
+    wanted = ("cpu",) if device.type == "cpu" else ("cuda", "triton")
+    return [b for b in backends.implemented_backends(op, device.type) if b in wanted]

@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import fusedreg
-from fusedreg import backends
 
-from .harness import Context, Row, Timing
+from .harness import Context, Row, Timing, fused_backends
 
 OP = "layer_norm"
 P = 0.1
@@ -39,11 +38,6 @@ _GPU_TOTAL = {False: 1 << 28, True: 1 << 24}
 VARIANTS = ("layer_norm", "rms_norm", "dropout_add_layer_norm")
 
 
-def fused_backends(device: torch.device) -> list[str]:
-    """Fused backends that serve layer_norm on ``device`` (never the Triton interpreter)."""
-    wanted = ("cpu",) if device.type == "cpu" else ("cuda", "triton")
-    implemented = backends._IMPLEMENTED.get(OP, set())
-    return [b for b in wanted if b in implemented and backends._why_unusable(b, device.type) is None]
 
 
 def _sizes(ctx: Context):
@@ -175,7 +169,7 @@ def _case(ctx, variant, M, N, dtype, fused) -> list[Row]:
 
 def benchmark(ctx: Context) -> list[Row]:
     rows = []
-    fused = fused_backends(ctx.device)
+    fused = fused_backends(OP, ctx.device)
     for dtype in ctx.dtypes:
         for M, N in _sizes(ctx):
             for variant in VARIANTS:

@@ -66,7 +66,7 @@ def _soft_threshold_(params, thr):
 def _candidates(ctx: Context, ps):
     """(op, impl, step function, bytes per parameter) for every available candidate."""
     dev = ctx.device
-    backend = backends.resolve(OP, dev)
+    backend = backends.resolve("adam", dev)
     fr = f"fusedreg[{backend}]"
     out = []
 

@@ -1,32 +1,74 @@
-"""Helpers for registering one op's forward/backward in every backend."""
+"""Registration helpers shared by the ops modules: each op's Python signature is declared
+once, and its reference and Triton custom ops are made from that declaration."""
 from __future__ import annotations
+
+import inspect
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from .. import backends
+from .._seed import seed_value
 
 
-def cpp_ops(*names: str):
-    """The C++ ops ``torch.ops.fusedreg.<name>`` if the extension registered them, else None.
-    They serve the "cpu" backend (CPU kernel) and the "cuda" backend (CUDA kernel)."""
-    if not backends._EXT_OK:
+def cpp_op(name: str):
+    """``torch.ops.fusedreg.<name>.default`` if the C++ extension registered it, else None.
+    It serves the "cpu" backend (CPU kernel) and, when built, the "cuda" one."""
+    if not backends.extension_available():
         return None
     try:
-        return tuple(getattr(torch.ops.fusedreg, n).default for n in names)
+        return getattr(torch.ops.fusedreg, name).default
     except (AttributeError, RuntimeError):
         return None
 
 
-def triton_available() -> bool:
-    return backends._TRITON_WHY is None
+def python_ops(signature: Callable, impls: dict[str, Optional[Callable]], *,
+               fake: Callable, mutates_args: Sequence[str] = ()) -> dict:
+    """Registers ``fusedreg::<name>_<backend>`` for each backend of ``impls`` (None entries are
+    skipped), all with the schema inferred once from ``signature`` (a typed, body-less
+    function named like the C++ op; its docstring documents the op) and the fake function
+    ``fake``. Each implementation takes the signature's arguments in the same order, except
+    that a ``seed`` argument reaches it as a Python int. Returns {backend: op}."""
+    name = signature.__name__
+    schema = torch.library.infer_schema(signature, mutates_args=tuple(mutates_args))
+    params = list(inspect.signature(signature).parameters)
+    seed_at = params.index("seed") if "seed" in params else None
+    ops = {}
+    for backend, impl in impls.items():
+        if impl is None:
+            continue
+        if seed_at is None:
+            fn = impl
+        else:
+            def fn(*args, _impl=impl, **kwargs):
+                args = list(args)
+                args[seed_at] = seed_value(args[seed_at])
+                return _impl(*args, **kwargs)
+        op = torch.library.custom_op(f"fusedreg::{name}_{backend}", fn,
+                                     mutates_args=tuple(mutates_args), schema=schema)
+        op.register_fake(fake)
+        ops[backend] = op
+    return ops
 
 
-def register(op: str, table: dict, impls: dict) -> None:
-    """Records ``impls`` (backend -> ops) in ``table`` and tells the dispatcher."""
-    for backend, ops in impls.items():
-        if ops is None:
-            continue
-        if backend == "cuda" and not backends._EXT_CUDA:
-            continue
-        table[backend] = ops
-        backends.register_impl(op, backend)
+def cpp_backends(name: str, fake: Callable) -> dict:
+    """{"cpu": op, "cuda": op} for the C++ op ``name`` (only the backends this build has),
+    with ``fake`` registered as its fake function."""
+    op = cpp_op(name)
+    if op is None:
+        return {}
+    torch.library.register_fake(f"fusedreg::{name}")(fake)
+    out = {"cpu": op}
+    if backends.extension_available(with_cuda=True):
+        out["cuda"] = op
+    return out
+
+
+def triton_module(name: str):
+    """``fusedreg.triton.<name>`` if Triton is installed, else None. Imported with fusedreg
+    (no kernel is compiled then), so that a broken kernel module fails at import."""
+    if not backends.triton_available():
+        return None
+    import importlib
+
+    return importlib.import_module(f"fusedreg.triton.{name}")

@@ -1,23 +1,37 @@
-"""bias_dropout: registered forward/backward ops per backend and ``BiasDropoutFunction``.
+"""bias_dropout: out = residual + dropout(act(x + bias)) — the registered forward/backward ops
+of every backend and ``BiasDropoutFunction``, the autograd Function over them.
 
-out = residual + dropout(act(x + bias)). Ops per backend:
-  reference  fusedreg::bias_dropout_fwd_reference / _bwd_reference (Python custom ops)
-  triton     fusedreg::bias_dropout_fwd_triton / _bwd_triton       (Python custom ops)
-  cpu, cuda  fusedreg::bias_dropout_fwd / _bwd                      (C++, csrc/ops.cpp)
-Backward saves x (only with an activation), the bias and the 8-byte seed: never a mask.
+Ops: ``fusedreg::bias_dropout_fwd`` / ``_bwd`` (C++, schemas in csrc/ops.cpp) serve the cpu and
+cuda backends; ``fusedreg::bias_dropout_fwd_reference`` / ``_triton`` (and ``_bwd_…``) are
+made from the one Python declaration below. Backward saves x (only with an activation), the
+bias and the 8-byte seed: never a mask.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from .._seed import seed_value
+from .. import backends
 from ..reference import bias_dropout as ref
-from ._common import cpp_ops, register, triton_available
+from ._common import cpp_backends, python_ops, triton_module
+
+__all__ = ["BiasDropoutConfig", "BiasDropoutFunction", "Kernels"]
 
 OP = "bias_dropout"
+
+
+def bias_dropout_fwd(x: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], p: float,
+                     activation: int, seed: Tensor) -> Tensor:
+    """residual + dropout(act(x + bias), p) with the mask of ``seed`` (a 0-dim int64 CPU
+    tensor); bias (N,) over x's last dim; ``activation`` a code of fusedreg._activations."""
+
+
+def bias_dropout_bwd(grad_out: Tensor, x: Optional[Tensor], bias: Optional[Tensor], p: float,
+                     activation: int, seed: Tensor, need_grad_bias: bool) -> tuple[Tensor, Tensor]:
+    """(grad_x, grad_bias); x is needed only with an activation; grad_bias is empty unless
+    ``need_grad_bias``."""
 
 
 def _fwd_fake(x, bias, residual, p, activation, seed):
@@ -32,88 +46,70 @@ def _bwd_fake(grad_out, x, bias, p, activation, seed, need_grad_bias):
     return gx, gb
 
 
-@torch.library.custom_op("fusedreg::bias_dropout_fwd_reference", mutates_args=())
-def _fwd_reference(x: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], p: float,
-                   activation: int, seed: Tensor) -> Tensor:
-    return ref.bias_dropout_fwd(x, bias, residual, p, activation, seed_value(seed))
+class Kernels(NamedTuple):
+    """One backend's pair of ops."""
+    fwd: object
+    bwd: object
 
 
-@torch.library.custom_op("fusedreg::bias_dropout_bwd_reference", mutates_args=())
-def _bwd_reference(grad_out: Tensor, x: Optional[Tensor], bias: Optional[Tensor], p: float,
-                   activation: int, seed: Tensor, need_grad_bias: bool) -> tuple[Tensor, Tensor]:
-    return ref.bias_dropout_bwd(grad_out, x, bias, p, activation, seed_value(seed), need_grad_bias)
+def _register() -> None:
+    tri = triton_module("bias_dropout")
+    fwd = python_ops(bias_dropout_fwd, {"reference": ref.bias_dropout_fwd,
+                                        "triton": tri and tri.bias_dropout_fwd}, fake=_fwd_fake)
+    bwd = python_ops(bias_dropout_bwd, {"reference": ref.bias_dropout_bwd,
+                                        "triton": tri and tri.bias_dropout_bwd}, fake=_bwd_fake)
+    fwd.update(cpp_backends("bias_dropout_fwd", _fwd_fake))
+    bwd.update(cpp_backends("bias_dropout_bwd", _bwd_fake))
+    for backend in fwd:
+        backends.register(OP, backend, Kernels(fwd[backend], bwd[backend]))
+    if backends.extension_available():
+        torch.library.register_fake("fusedreg::dropout_uniform")(
+            lambda seed, start, count, device_like: device_like.new_empty((count,), dtype=torch.float32))
 
 
-_fwd_reference.register_fake(_fwd_fake)
-_bwd_reference.register_fake(_bwd_fake)
-_IMPLS = {"reference": (_fwd_reference, _bwd_reference)}
+_register()
 
-if triton_available():
-    @torch.library.custom_op("fusedreg::bias_dropout_fwd_triton", mutates_args=())
-    def _fwd_triton(x: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], p: float,
-                    activation: int, seed: Tensor) -> Tensor:
-        from ..triton import bias_dropout as tri
 
-        return tri.bias_dropout_fwd(x, bias, residual, p, activation, seed_value(seed))
-
-    @torch.library.custom_op("fusedreg::bias_dropout_bwd_triton", mutates_args=())
-    def _bwd_triton(grad_out: Tensor, x: Optional[Tensor], bias: Optional[Tensor], p: float,
-                    activation: int, seed: Tensor, need_grad_bias: bool) -> tuple[Tensor, Tensor]:
-        from ..triton import bias_dropout as tri
-
-        return tri.bias_dropout_bwd(grad_out, x, bias, p, activation, seed_value(seed), need_grad_bias)
-
-    _fwd_triton.register_fake(_fwd_fake)
-    _bwd_triton.register_fake(_bwd_fake)
-    _IMPLS["triton"] = (_fwd_triton, _bwd_triton)
-
-_cpp = cpp_ops("bias_dropout_fwd", "bias_dropout_bwd")
-if _cpp is not None:
-    torch.library.register_fake("fusedreg::bias_dropout_fwd")(_fwd_fake)
-    torch.library.register_fake("fusedreg::bias_dropout_bwd")(_bwd_fake)
-    _IMPLS["cpu"] = _IMPLS["cuda"] = _cpp
-
-OPS: dict = {}
-register(OP, OPS, _IMPLS)
+class BiasDropoutConfig(NamedTuple):
+    """The non-tensor arguments of ``BiasDropoutFunction``."""
+    p: float          # drop probability in [0, 1] (0: no dropout, no seed read)
+    activation: int   # a code of fusedreg._activations.ACTIVATIONS
+    backend: str      # a name of fusedreg.backends.BACKENDS that implements bias_dropout
 
 
 class BiasDropoutFunction(torch.autograd.Function):
-    """Autograd over the registered ops of one backend.
-
-    ``BiasDropoutFunction.apply(x, bias, residual, p, activation, seed, backend)`` with
-    ``activation`` a code of ``fusedreg._activations.ACTIVATIONS``, ``seed`` a 0-dim int64 CPU
-    tensor and ``backend`` a name from ``fusedreg.backends.BACKENDS``;
-    ``fusedreg.functional.bias_dropout`` checks the arguments and calls it.
-    """
+    """``BiasDropoutFunction.apply(x, bias, residual, seed, config)``: autograd over the
+    registered ops of ``config.backend``; ``seed`` is a 0-dim int64 CPU tensor.
+    ``fusedreg.functional.bias_dropout`` checks the arguments and calls it."""
 
     @staticmethod
-    def forward(x, bias, residual, p, activation, seed, backend):
-        fwd, _ = OPS[backend]
-        return fwd(x, bias, residual, p, activation, seed)
+    def forward(x, bias, residual, seed, config: BiasDropoutConfig):
+        fwd = backends.implementation(OP, config.backend).fwd
+        return fwd(x, bias, residual, config.p, config.activation, seed)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, bias, residual, p, activation, seed, backend = inputs
-        ctx.p, ctx.activation, ctx.backend = p, activation, backend
+        x, bias, residual, seed, config = inputs
+        ctx.config = config
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x if activation != 0 else None, bias, seed)
+        need_x, need_bias = ctx.needs_input_grad[:2]
+        if not (need_x or need_bias):
+            return
+        # x and the bias enter the backward only through act'(x + bias); without an
+        # activation the bias is kept only for grad_bias's shape and dtype.
+        act = config.activation != 0
+        ctx.save_for_backward(x if act else None, bias if (act or need_bias) else None, seed)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, bias, seed = ctx.saved_tensors
         need_x, need_bias, need_residual = ctx.needs_input_grad[:3]
         grad_x = grad_bias = None
         if need_x or need_bias:
-            _, bwd = OPS[ctx.backend]
-            grad_x, grad_bias = bwd(grad_out, x, bias, ctx.p, ctx.activation, seed,
+            x, bias, seed = ctx.saved_tensors
+            cfg = ctx.config
+            bwd = backends.implementation(OP, cfg.backend).bwd
+            grad_x, grad_bias = bwd(grad_out, x, bias, cfg.p, cfg.activation, seed,
                                     bool(need_bias and ctx.has_bias))
             grad_x = grad_x if need_x else None
             grad_bias = grad_bias if need_bias else None
-        grad_residual = grad_out if need_residual else None
-        return grad_x, grad_bias, grad_residual, None, None, None, None
-
-
-if _cpp is not None:
-    @torch.library.register_fake("fusedreg::dropout_uniform")
-    def _uniform_fake(seed, start, count, device_like):
-        return device_like.new_empty((count,), dtype=torch.float32)
+        return grad_x, grad_bias, grad_out if need_residual else None, None, None

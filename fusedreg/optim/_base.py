@@ -17,8 +17,7 @@ from torch import Tensor
 
 from .. import backends
 from .._checks import FLOAT_DTYPES, check_number
-from ..ops import optim as optim_ops
-from ..reference.optim import compute_dtype
+from .._dtypes import compute_dtype
 
 try:  # DTensor parameters (FSDP2) are stepped on their local shards
     from torch.distributed.tensor import DTensor
@@ -61,7 +60,7 @@ def _scalar(x) -> float:
 
 
 class FusedOptimizer(torch.optim.Optimizer):
-    """Subclasses define ``_ALGO`` ("adam", "sgd", "lion"), ``_check_group(group)``,
+    """Subclasses define ``_ALGO`` (the op: "adam", "sgd" or "lion"), ``_check_group(group)``,
     ``_defaults_for_old_groups`` and ``_step_bucket(op, group, params, grads, states,
     inv_scale)`` (plain local tensors)."""
 
@@ -151,7 +150,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             key = (lp.device, lp.dtype)
             bucket = buckets.get(key)
             if bucket is None:
-                bucket = buckets[key] = (backends.resolve(optim_ops.OP, lp.device), [], [], [])
+                bucket = buckets[key] = (backends.resolve(self._ALGO, lp.device), [], [], [])
             bucket[1].append(p)
             bucket[2].append(lp)
             bucket[3].append(lg if lg.is_contiguous() else lg.contiguous())
@@ -190,5 +189,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Phase 2 + 3 per bucket: allocate missing state, then one op call.
         for group, buckets in plan:
             for backend, ps, lps, lgs in buckets.values():
-                self._step_bucket(optim_ops.OPS[backend][self._ALGO], group, ps, lps, lgs, inv_scale)
+                self._step_bucket(backends.implementation(self._ALGO, backend), group, ps, lps, lgs,
+                                  inv_scale)
         return loss

@@ -54,9 +54,11 @@ class Adam(FusedOptimizer):
         torch._foreach_add_(step_ts, 1.0)
         steps = torch.stack(step_ts).tolist()
         beta1, beta2 = group["betas"]
-        op(lps, lgs, exp_avgs, exp_avg_sqs, max_sqs, steps, _scalar(group["lr"]), _scalar(beta1),
-           _scalar(beta2), float(group["eps"]), float(group["weight_decay"]), float(group["l1"]),
-           amsgrad, bool(group["maximize"]), bool(group["decoupled_weight_decay"]), inv_scale)
+        op(lps, lgs, exp_avgs, exp_avg_sqs, max_sqs, steps, lr=_scalar(group["lr"]),
+           beta1=_scalar(beta1), beta2=_scalar(beta2), eps=float(group["eps"]),
+           weight_decay=float(group["weight_decay"]), l1=float(group["l1"]), amsgrad=amsgrad,
+           maximize=bool(group["maximize"]), decoupled=bool(group["decoupled_weight_decay"]),
+           inv_scale=inv_scale)
 
 
 class AdamW(Adam):

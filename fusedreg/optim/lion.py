@@ -34,5 +34,6 @@ class Lion(FusedOptimizer):
                 st["exp_avg"] = self._zeros_state(p)
             exp_avgs.append(_local(st["exp_avg"]))
         beta1, beta2 = group["betas"]
-        op(lps, lgs, exp_avgs, _scalar(group["lr"]), _scalar(beta1), _scalar(beta2),
-           float(group["weight_decay"]), float(group["l1"]), bool(group["maximize"]), inv_scale)
+        op(lps, lgs, exp_avgs, lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2),
+           weight_decay=float(group["weight_decay"]), l1=float(group["l1"]),
+           maximize=bool(group["maximize"]), inv_scale=inv_scale)

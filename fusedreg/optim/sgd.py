@@ -34,11 +34,13 @@ class SGD(FusedOptimizer):
 
     def _step_bucket(self, op, group, params, lps, lgs, inv_scale):
         momentum = float(group["momentum"])
-        args = (_scalar(group["lr"]), momentum, float(group["dampening"]),
-                float(group["weight_decay"]), float(group["l1"]), bool(group["nesterov"]),
-                bool(group["maximize"]), bool(group["decoupled_weight_decay"]))
+        hyper = dict(lr=_scalar(group["lr"]), momentum=momentum,
+                     dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
+                     l1=float(group["l1"]), nesterov=bool(group["nesterov"]),
+                     maximize=bool(group["maximize"]),
+                     decoupled=bool(group["decoupled_weight_decay"]), inv_scale=inv_scale)
         if momentum == 0.0:
-            op(lps, lgs, [], *args, False, inv_scale)
+            op(lps, lgs, [], first_step=False, **hyper)
             return
         # Parameters whose buffer is new take buf = g (first_step); one call per kind.
         calls = {True: ([], [], []), False: ([], [], [])}
@@ -53,4 +55,4 @@ class SGD(FusedOptimizer):
             bufs.append(_local(st["momentum_buffer"]))
         for first, (ps, gs, bufs) in calls.items():
             if ps:
-                op(ps, gs, bufs, *args, first, inv_scale)
+                op(ps, gs, bufs, first_step=first, **hyper)

@@ -10,11 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .philox import dropout_keep, dropout_scale
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._dtypes import compute_dtype
+from .philox import apply_dropout
 
 
 def activate(z: torch.Tensor, activation: int) -> torch.Tensor:
@@ -51,19 +48,12 @@ def activate_grad(z: torch.Tensor, activation: int) -> torch.Tensor:
     raise ValueError(f"unknown activation code {activation}")
 
 
-def _apply_dropout(v: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    if p <= 0.0:
-        return v
-    keep = dropout_keep(v.shape, p, seed, device=v.device)
-    return torch.where(keep, v * dropout_scale(p), torch.zeros((), dtype=v.dtype, device=v.device))
-
-
 def bias_dropout_fwd(x, bias, residual, p: float, activation: int, seed: int) -> torch.Tensor:
     ct = compute_dtype(x.dtype)
     z = x.to(ct)
     if bias is not None:
         z = z + bias.to(ct)
-    v = _apply_dropout(activate(z, activation), p, seed)
+    v = apply_dropout(activate(z, activation), p, seed)
     if residual is not None:
         v = v + residual.to(ct)
     out = v.to(x.dtype)
@@ -72,7 +62,7 @@ def bias_dropout_fwd(x, bias, residual, p: float, activation: int, seed: int) ->
 
 def bias_dropout_bwd(grad_out, x, bias, p: float, activation: int, seed: int, need_grad_bias: bool):
     ct = compute_dtype(grad_out.dtype)
-    d = _apply_dropout(grad_out.to(ct), p, seed)
+    d = apply_dropout(grad_out.to(ct), p, seed)
     if activation != 0:
         z = x.to(ct)
         if bias is not None:

@@ -19,18 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .philox import dropout_keep, dropout_scale
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _dropout(v: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    if p <= 0.0:
-        return v
-    keep = dropout_keep(v.shape, p, seed, device=v.device)
-    return torch.where(keep, v * dropout_scale(p), torch.zeros((), dtype=v.dtype, device=v.device))
+from .._dtypes import compute_dtype
+from .philox import apply_dropout
 
 
 def layer_norm_fwd(x, residual, weight, bias, eps: float, p: float, seed: int, rms: bool,
@@ -39,7 +29,7 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, p: float, seed: int, r
     y (M, N) in x's dtype; h (M, N) in h_dtype if store_h else empty; mean (M,) (empty for
     RMS) and rstd (M,) in the compute dtype."""
     ct = compute_dtype(x.dtype)
-    h = _dropout(x.to(ct), p, seed)
+    h = apply_dropout(x.to(ct), p, seed)
     if residual is not None:
         h = h + residual.to(ct)
     h_rounded = h.to(h_dtype)
@@ -90,7 +80,7 @@ def layer_norm_bwd(dy, dh_out, h, weight, bias, mean, rstd, p: float, seed: int,
     if dh_out is not None:
         dh = dh + dh_out.to(ct)
     grad_residual = dh.to(h.dtype).contiguous() if need_grad_residual else dy.new_empty(0)
-    grad_x = _dropout(dh, p, seed).to(x_dtype).contiguous()
+    grad_x = apply_dropout(dh, p, seed).to(x_dtype).contiguous()
     grad_w = (dyc * xhat).sum(0).to(weight.dtype) if need_grad_weight else dy.new_empty(0)
     grad_b = dyc.sum(0).to(bias.dtype) if need_grad_bias else dy.new_empty(0)
     if grad_x.data_ptr() == dy.data_ptr():

@@ -17,9 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._dtypes import compute_dtype
 
 
 def soft_threshold_(p: Tensor, thr: float) -> Tensor:
@@ -103,3 +101,29 @@ def lion_step(param: Tensor, grad: Tensor, exp_avg: Tensor, *, lr: float, beta1:
     p.add_(update, alpha=-lr)
     exp_avg.mul_(beta2).add_(g, alpha=1.0 - beta2)
     _epilogue(param, p, lr, l1)
+
+
+# ---- the multi-tensor ops of the reference backend: one tensor after another ------------------
+
+def multi_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1,
+                    beta2, eps, weight_decay, l1, amsgrad, maximize, decoupled, inv_scale) -> None:
+    for i, p in enumerate(params):
+        adam_step(p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
+                  steps[i], lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                  l1=l1, amsgrad=amsgrad, maximize=maximize, decoupled=decoupled,
+                  inv_scale=inv_scale)
+
+
+def multi_sgd_step(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, l1,
+                   nesterov, maximize, decoupled, first_step, inv_scale) -> None:
+    for i, p in enumerate(params):
+        sgd_step(p, grads[i], momentum_buffers[i] if momentum != 0.0 else None, first_step,
+                 lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, l1=l1,
+                 nesterov=nesterov, maximize=maximize, decoupled=decoupled, inv_scale=inv_scale)
+
+
+def multi_lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, l1, maximize,
+                    inv_scale) -> None:
+    for i, p in enumerate(params):
+        lion_step(p, grads[i], exp_avgs[i], lr=lr, beta1=beta1, beta2=beta2,
+                  weight_decay=weight_decay, l1=l1, maximize=maximize, inv_scale=inv_scale)

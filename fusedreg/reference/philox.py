@@ -81,3 +81,12 @@ def dropout_scale(p: float) -> float:
     """1 / (1 - p) rounded through float32, as every backend computes it (0 when p == 1)."""
     p32 = torch.tensor(p, dtype=torch.float32)
     return 0.0 if p >= 1.0 else float(torch.tensor(1.0, dtype=torch.float32) / (1.0 - p32))
+
+
+def apply_dropout(v: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """v with the elements that the mask of ``seed`` drops set to zero and the kept ones
+    scaled by 1 / (1 - p) (v unchanged when p == 0)."""
+    if p <= 0.0:
+        return v
+    keep = dropout_keep(v.shape, p, seed, device=v.device)
+    return torch.where(keep, v * dropout_scale(p), torch.zeros((), dtype=v.dtype, device=v.device))

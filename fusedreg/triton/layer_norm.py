@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dtypes import compute_dtype
+
 from ..reference.philox import dropout_scale
 from .philox import dropout_uniform, dropout_uniform_x4
 
@@ -257,7 +259,7 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, p: float, seed: int, r
                    h_dtype: torch.dtype, store_h: bool):
     M, N = x.shape
     x = x.contiguous()
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ct = compute_dtype(x.dtype)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     # h is always materialized when it is not x itself, so that y normalizes the rounded h.
     need_h = store_h or residual is not None or p > 0.0 or h_dtype != x.dtype

@@ -6,9 +6,10 @@ Each call builds two small int64 tables on the host and copies them to the devic
   WORK  (n_programs, 3)  per program: tensor index, first element, numel of that tensor
 Program i steps elements [start, start + CHUNK) of tensor WORK[i, 0], BLOCK at a time,
 after turning the addresses into typed pointers. Per-tensor scalars (Adam's bias
-corrections) come from SCAL (n_tensors, 2), the per-call constants from CONSTS: both in the
-compute type (float32, or float64 for float64 parameters), rounded once from the double
-values that the host computes, as the C++ kernels do (csrc/include/fusedreg/optim_math.h).
+corrections) come from SCAL (n_tensors, 2), the per-call constants from CONSTS (its layout is
+named once, below): both in the compute type (float32, or float64 for float64 parameters),
+rounded once from the double values that the host computes, as the C++ kernels do
+(csrc/include/fusedreg/optim_math.h).
 
 The per-element math is that header's, in the same order:
   g ← g·gscale + wd_l2·p;  p ← p·decay;  p ← p − lr·update;  p ← soft_threshold(p, lr·l1)
@@ -21,6 +22,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from .._dtypes import compute_dtype
 
 _BLOCK = 1024
 _CHUNK = 16 * _BLOCK  # elements per program: ~7,600 programs for 124M parameters
@@ -57,12 +60,33 @@ def _work(WORK, ADDR, K: tl.constexpr):
     return t, start, numel, ADDR + t * K
 
 
+# ---- CONSTS: the per-call constants, one vector per call ---------------------------------
+# The index of each constant in CONSTS, named once: the kernels load by these names and the
+# host (``_pack``) writes by them. The common ones first; each algorithm's own after them.
+_GSCALE = tl.constexpr(0)    # ±1/grad_scale (− when maximize)
+_WD_L2 = tl.constexpr(1)     # L2 decay added to the gradient (0 when decoupled)
+_DECAY = tl.constexpr(2)     # 1 − lr·weight_decay when decoupled, else 1
+_THR = tl.constexpr(3)       # lr·l1, the soft threshold
+_NEG_LR = tl.constexpr(4)    # −lr (SGD, Lion)
+_ADAM_W1 = tl.constexpr(5)   # torch.lerp's coefficient for 1 − beta1 (see optim_math.h)
+_ADAM_BETA2 = tl.constexpr(6)
+_ADAM_OMB2 = tl.constexpr(7)  # 1 − beta2
+_ADAM_EPS = tl.constexpr(8)
+_SGD_MOMENTUM = tl.constexpr(5)
+_SGD_DAMP1 = tl.constexpr(6)  # 1 − dampening
+_LION_BETA1 = tl.constexpr(5)
+_LION_OMB1 = tl.constexpr(6)  # 1 − beta1
+_LION_BETA2 = tl.constexpr(7)
+_LION_OMB2 = tl.constexpr(8)  # 1 − beta2
+_N_CONSTS = 9
+
+
 @triton.jit
 def _adam_kernel(
     ADDR,    # (n_tensors, 5) int64: addresses of p, g, exp_avg, exp_avg_sq, max_exp_avg_sq
     WORK,    # (n_programs, 3) int64: tensor index, first element, numel
     SCAL,    # (n_tensors, 2) compute type: −lr/(1 − beta1^step), sqrt(1 − beta2^step)
-    CONSTS,  # (8,) compute type: gscale, wd_l2, decay, w1_coef, beta2, 1 − beta2, eps, lr·l1
+    CONSTS,  # (_N_CONSTS,) compute type, at the indices below
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, IS_FP64: tl.constexpr, W1_SMALL: tl.constexpr,
     AMSGRAD: tl.constexpr, HAS_L1: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -74,14 +98,14 @@ def _adam_kernel(
     vm_ptr = tl.load(row + 4).to(tl.pointer_type(S_DTYPE))
     nss = tl.load(SCAL + t * 2)
     bc2 = tl.load(SCAL + t * 2 + 1)
-    gscale = tl.load(CONSTS)
-    wd_l2 = tl.load(CONSTS + 1)
-    decay = tl.load(CONSTS + 2)
-    w1 = tl.load(CONSTS + 3)
-    beta2 = tl.load(CONSTS + 4)
-    omb2 = tl.load(CONSTS + 5)
-    eps = tl.load(CONSTS + 6)
-    thr = tl.load(CONSTS + 7)
+    gscale = tl.load(CONSTS + _GSCALE)
+    wd_l2 = tl.load(CONSTS + _WD_L2)
+    decay = tl.load(CONSTS + _DECAY)
+    w1 = tl.load(CONSTS + _ADAM_W1)
+    beta2 = tl.load(CONSTS + _ADAM_BETA2)
+    omb2 = tl.load(CONSTS + _ADAM_OMB2)
+    eps = tl.load(CONSTS + _ADAM_EPS)
+    thr = tl.load(CONSTS + _THR)
     for off in range(0, CHUNK, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < numel
@@ -114,7 +138,7 @@ def _adam_kernel(
 def _sgd_kernel(
     ADDR,    # (n_tensors, 3) int64: addresses of p, g, momentum_buffer
     WORK,    # (n_programs, 3) int64: tensor index, first element, numel
-    CONSTS,  # (7,) compute type: gscale, wd_l2, decay, −lr, momentum, 1 − dampening, lr·l1
+    CONSTS,  # (_N_CONSTS,) compute type, at the indices below
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
     NESTEROV: tl.constexpr, HAS_L1: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -122,13 +146,13 @@ def _sgd_kernel(
     p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
     b_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE))
-    gscale = tl.load(CONSTS)
-    wd_l2 = tl.load(CONSTS + 1)
-    decay = tl.load(CONSTS + 2)
-    neg_lr = tl.load(CONSTS + 3)
-    momentum = tl.load(CONSTS + 4)
-    damp1 = tl.load(CONSTS + 5)
-    thr = tl.load(CONSTS + 6)
+    gscale = tl.load(CONSTS + _GSCALE)
+    wd_l2 = tl.load(CONSTS + _WD_L2)
+    decay = tl.load(CONSTS + _DECAY)
+    neg_lr = tl.load(CONSTS + _NEG_LR)
+    momentum = tl.load(CONSTS + _SGD_MOMENTUM)
+    damp1 = tl.load(CONSTS + _SGD_DAMP1)
+    thr = tl.load(CONSTS + _THR)
     for off in range(0, CHUNK, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < numel
@@ -157,7 +181,7 @@ def _sgd_kernel(
 def _lion_kernel(
     ADDR,    # (n_tensors, 3) int64: addresses of p, g, exp_avg
     WORK,    # (n_programs, 3) int64: tensor index, first element, numel
-    CONSTS,  # (8,) compute type: gscale, decay, −lr, beta1, 1 − beta1, beta2, 1 − beta2, lr·l1
+    CONSTS,  # (_N_CONSTS,) compute type, at the indices below
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_L1: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -165,14 +189,14 @@ def _lion_kernel(
     p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
     m_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE))
-    gscale = tl.load(CONSTS)
-    decay = tl.load(CONSTS + 1)
-    neg_lr = tl.load(CONSTS + 2)
-    beta1 = tl.load(CONSTS + 3)
-    omb1 = tl.load(CONSTS + 4)
-    beta2 = tl.load(CONSTS + 5)
-    omb2 = tl.load(CONSTS + 6)
-    thr = tl.load(CONSTS + 7)
+    gscale = tl.load(CONSTS + _GSCALE)
+    decay = tl.load(CONSTS + _DECAY)
+    neg_lr = tl.load(CONSTS + _NEG_LR)
+    beta1 = tl.load(CONSTS + _LION_BETA1)
+    omb1 = tl.load(CONSTS + _LION_OMB1)
+    beta2 = tl.load(CONSTS + _LION_BETA2)
+    omb2 = tl.load(CONSTS + _LION_OMB2)
+    thr = tl.load(CONSTS + _THR)
     for off in range(0, CHUNK, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < numel
@@ -194,10 +218,6 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
               torch.float64: tl.float64}
 
 
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _tables(lists, device):
     """ADDR (n, K) from K parallel tensor lists (an empty list reuses the params' addresses:
     a constexpr switch keeps the kernel off them) and WORK (n_programs, 3); chunk sizes."""
@@ -212,53 +232,70 @@ def _tables(lists, device):
     return as_dev(addr), as_dev(work), len(work), chunk, block
 
 
-def _consts(values, ct, device):
+def _pack(consts: dict, ct, device):
+    """CONSTS from {index: value}: computed in double (as torch's Python does), rounded once
+    to the compute type ``ct``, as the C++ kernels do (csrc/include/fusedreg/optim_math.h)."""
+    values = [0.0] * _N_CONSTS
+    for index, value in consts.items():
+        values[index.value] = value
     return torch.tensor(values, dtype=torch.float64).to(ct).to(device, non_blocking=True)
 
 
-def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
+def _common(lr, weight_decay, l1, maximize, decoupled, inv_scale):
+    return {_GSCALE: -inv_scale if maximize else inv_scale,
+            _WD_L2: 0.0 if decoupled else weight_decay,
+            _DECAY: 1.0 - lr * weight_decay if decoupled else 1.0,
+            _THR: lr * l1, _NEG_LR: -lr}
+
+
+def _empty(params) -> bool:
+    return not params or all(p.numel() == 0 for p in params)
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2,
               eps, weight_decay, l1, amsgrad, maximize, decoupled, inv_scale):
-    if not params or all(p.numel() == 0 for p in params):
+    if _empty(params):
         return
-    device, ct = params[0].device, _compute_dtype(params[0].dtype)
+    device, ct = params[0].device, compute_dtype(params[0].dtype)
     addr, work, n_prog, chunk, block = _tables(
         [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []], device)
-    scal = _consts([[-(lr / (1.0 - beta1 ** s)), math.sqrt(1.0 - beta2 ** s)] for s in steps], ct, device)
+    scal = torch.tensor([[-(lr / (1.0 - beta1 ** s)), math.sqrt(1.0 - beta2 ** s)] for s in steps],
+                        dtype=torch.float64).to(ct).to(device, non_blocking=True)
     w1 = torch.tensor(1.0 - beta1, dtype=ct).item()  # rounded like the C++ S(1 − beta1)
     w1_small = abs(w1) < 0.5
-    consts = _consts([-inv_scale if maximize else inv_scale, 0.0 if decoupled else weight_decay,
-                      1.0 - lr * weight_decay if decoupled else 1.0,
-                      w1 if w1_small else -(1.0 - w1), beta2, 1.0 - beta2, eps, lr * l1], ct, device)
+    consts = _pack({**_common(lr, weight_decay, l1, maximize, decoupled, inv_scale),
+                    _ADAM_W1: w1 if w1_small else -(1.0 - w1), _ADAM_BETA2: beta2,
+                    _ADAM_OMB2: 1.0 - beta2, _ADAM_EPS: eps}, ct, device)
     _adam_kernel[(n_prog,)](
         addr, work, scal, consts, P_DTYPE=_TL_DTYPES[params[0].dtype], S_DTYPE=_TL_DTYPES[ct],
-        IS_FP64=ct == torch.float64, W1_SMALL=w1_small, AMSGRAD=bool(amsgrad), HAS_L1=l1 != 0.0, CHUNK=chunk, BLOCK=block,
-        num_warps=4)
+        IS_FP64=ct == torch.float64, W1_SMALL=w1_small, AMSGRAD=bool(amsgrad), HAS_L1=l1 != 0.0,
+        CHUNK=chunk, BLOCK=block, num_warps=4)
 
 
-def sgd_step(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, l1,
+def sgd_step(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, l1,
              nesterov, maximize, decoupled, first_step, inv_scale):
-    if not params or all(p.numel() == 0 for p in params):
+    if _empty(params):
         return
-    device, ct = params[0].device, _compute_dtype(params[0].dtype)
+    device, ct = params[0].device, compute_dtype(params[0].dtype)
     has_momentum = momentum != 0.0
     addr, work, n_prog, chunk, block = _tables(
         [params, grads, momentum_buffers if has_momentum else []], device)
-    consts = _consts([-inv_scale if maximize else inv_scale, 0.0 if decoupled else weight_decay,
-                      1.0 - lr * weight_decay if decoupled else 1.0, -lr, momentum,
-                      1.0 - dampening, lr * l1], ct, device)
+    consts = _pack({**_common(lr, weight_decay, l1, maximize, decoupled, inv_scale),
+                    _SGD_MOMENTUM: momentum, _SGD_DAMP1: 1.0 - dampening}, ct, device)
     _sgd_kernel[(n_prog,)](
         addr, work, consts, P_DTYPE=_TL_DTYPES[params[0].dtype], S_DTYPE=_TL_DTYPES[ct],
         MOMENTUM=has_momentum, FIRST=bool(first_step), NESTEROV=bool(nesterov),
         HAS_L1=l1 != 0.0, CHUNK=chunk, BLOCK=block, num_warps=4)
 
 
-def lion_step(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, l1, maximize, inv_scale):
-    if not params or all(p.numel() == 0 for p in params):
+def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, l1, maximize, inv_scale):
+    if _empty(params):
         return
-    device, ct = params[0].device, _compute_dtype(params[0].dtype)
+    device, ct = params[0].device, compute_dtype(params[0].dtype)
     addr, work, n_prog, chunk, block = _tables([params, grads, exp_avgs], device)
-    consts = _consts([-inv_scale if maximize else inv_scale, 1.0 - lr * weight_decay, -lr, beta1,
-                      1.0 - beta1, beta2, 1.0 - beta2, lr * l1], ct, device)
+    consts = _pack({**_common(lr, weight_decay, l1, maximize, True, inv_scale),
+                    _LION_BETA1: beta1, _LION_OMB1: 1.0 - beta1, _LION_BETA2: beta2,
+                    _LION_OMB2: 1.0 - beta2}, ct, device)
     _lion_kernel[(n_prog,)](
         addr, work, consts, P_DTYPE=_TL_DTYPES[params[0].dtype], S_DTYPE=_TL_DTYPES[ct],
         HAS_L1=l1 != 0.0, CHUNK=chunk, BLOCK=block, num_warps=4)
