@@ -20,9 +20,11 @@
 #               peak memory, loss) -> OUTDIR/bench.log, CSV/PNG inside plots.tar.gz
 #
 # Every step runs under `timeout`, inside one overall deadline (CHECK_BUDGET_S, default 460 s)
-# so that the whole script ends in under 8 minutes; a failed step does not stop the others.
-# The last thing printed is a table of step, status and seconds, and the test counts.
-# OUTDIR ends with at most 8 files (what the device tool brings back).
+# so that the whole script ends in under 8 minutes. A failed build or import stops the script
+# at once (nothing after it could run); any other failed step does not stop the others. The
+# last thing printed is a table of step, status and seconds, and the test counts; the exit
+# status is 1 if any step failed or timed out. OUTDIR ends with at most 8 files (what the
+# device tool brings back).
 set -u
 set -o pipefail
 
@@ -70,6 +72,54 @@ run_step() {
     return "$rc"
 }
 
+# ---- summary (printed last) --------------------------------------------------------------
+summary() {
+    {
+        echo
+        echo "==================== fusedreg GPU check summary ===================="
+        printf '%-10s %-28s %8s\n' step status seconds
+        for s in "${STEPS[@]}"; do
+            IFS='|' read -r name status secs <<<"$s"
+            printf '%-10s %-28s %8s\n' "$name" "$status" "$secs"
+        done
+        printf '%-10s %-28s %8s\n' total "" "$(($(date +%s) - START))"
+        if [ -f "$OUT/junit.xml" ]; then
+            "$PY" - "$OUT/junit.xml" <<'EOF'
+import sys
+import xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else list(root)
+n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+print("pytest: {tests} tests, {failures} failed, {errors} errors, {skipped} skipped".format(**n))
+bad = [f"{c.get('classname')}::{c.get('name')}" for s in suites for c in s.iter("testcase")
+       if c.find("failure") is not None or c.find("error") is not None]
+for name in bad[:15]:
+    print("  FAILED", name)
+if len(bad) > 15:
+    print(f"  ... and {len(bad) - 15} more (pytest.log)")
+EOF
+        fi
+        if [ -f "$OUT/sm90_resources.md" ]; then
+            grep -E "variants, .* kernels;" "$OUT/sm90_resources.md"
+        fi
+        echo "files in $OUT:" "$OUT"/*
+    } | tee -a "$SUMMARY"
+}
+
+# finish: prints the summary; exits 1 if any step failed, timed out or was skipped.
+finish() {
+    summary
+    for s in "${STEPS[@]}"; do
+        IFS='|' read -r name status secs <<<"$s"
+        if [ "$status" != ok ]; then
+            echo "GPU check FAILED: step $name: $status" | tee -a "$SUMMARY"
+            exit 1
+        fi
+    done
+    echo "GPU check passed" | tee -a "$SUMMARY"
+    exit 0
+}
+
 # ---- 1. env ------------------------------------------------------------------------------
 t0=$(date +%s)
 {
@@ -112,19 +162,36 @@ if [ -z "${CUDA_HOME:-}" ]; then
 fi
 export CUDA_HOME
 echo "CUDA_HOME=$CUDA_HOME" >>"$SUMMARY"
-run_step build 240 "$OUT/build.log" \
+if ! run_step build 240 "$OUT/build.log" \
     env FUSEDREG_BUILD_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 \
-    FUSEDREG_NVCC_FLAGS="-Xptxas -v" "$PY" setup.py build_ext --inplace
+    FUSEDREG_NVCC_FLAGS="-Xptxas -v" "$PY" setup.py build_ext --inplace; then
+    echo "STOP: the CUDA build failed (versions above; log: build.log); nothing else can run" >&2
+    finish
+fi
 
 # ---- 3. import ---------------------------------------------------------------------------
+# Every registered op must have a CUDA kernel (C++) or a Triton implementation that can run.
 run_step import 60 "$OUT/import.tmp" "$PY" -c '
 import torch, fusedreg
+from fusedreg import backends
 print("backend_status:", fusedreg.backend_status())
-ok = torch._C._dispatch_has_kernel_for_dispatch_key("fusedreg::bias_dropout_fwd", "CUDA")
-print("CUDA kernel registered for fusedreg::bias_dropout_fwd:", ok)
-raise SystemExit(0 if ok else 1)'
+bad = []
+for op in sorted(backends.AUTO):
+    have = backends.implemented_backends(op, "cuda")
+    print(f"{op:14s} runs on cuda with: {have}")
+    bad += [f"{op}/{b}" for b in ("triton", "cuda") if b not in have]
+cpp = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fusedreg::")
+       and not n.endswith(("_reference", "_triton"))]
+bad += [n for n in cpp if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
+print("missing on the GPU:", bad or "nothing")
+raise SystemExit(1 if bad else 0)'
+import_ok=$?
 cat "$OUT/import.tmp" >>"$OUT/build.log" 2>/dev/null
 rm -f "$OUT/import.tmp"
+if [ "$import_ok" -ne 0 ]; then
+    echo "STOP: fusedreg does not import with every GPU backend (see above); nothing else can run" >&2
+    finish
+fi
 
 # ---- 4. resources (background) and 5. pytest -----------------------------------------------
 t_res=$(date +%s)
@@ -133,7 +200,9 @@ timeout --kill-after=10 150 "$PY" benchmarks/resource_report.py --arch 90 \
 RES_PID=$!
 
 # Triton compiles each kernel variant on first use (CPU-bound): 8 xdist workers when present.
-PYTEST_ARGS=(-q -rfE -p no:cacheprovider --junitxml="$OUT/junit.xml")
+# The default selection (not slow): every op's GPU cases for both GPU backends; the slow ones
+# (sm_80/sm_90 compiles, torchrun, training runs) are CPU checks or step 8 here.
+PYTEST_ARGS=(-q -rfE -p no:cacheprovider -m "not slow" --junitxml="$OUT/junit.xml")
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_ARGS+=(--timeout=150); fi
 if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n 8); fi
 run_step pytest 240 "$OUT/pytest.log" \
@@ -160,7 +229,7 @@ target_args=("${bench_args[@]}" --ops bias_dropout --dtypes bfloat16 --sizes 163
 if grep -q -- "--no-plots" <<<"$BENCH_HELP"; then target_args+=(--no-plots); fi
 run_step target 100 "$OUT/bench.log" "$PY" -m fusedreg.bench "${target_args[@]}"
 
-# ---- 8. the training step of issue 5 (torch vs fusedreg vs torch.compile), if time is left
+# ---- 8. the training example (torch vs fusedreg vs torch.compile), if time is left
 run_step train 80 "$OUT/bench.log" "$PY" examples/train_gpt.py --device cuda --steps 60 --bf16 \
     --runs torch fusedreg torch.compile --out "$OUT/plots/train_gpt"
 
@@ -168,34 +237,5 @@ if [ -d "$OUT/plots" ]; then
     tar -czf "$OUT/plots.tar.gz" -C "$OUT" plots && rm -rf "$OUT/plots"
 fi
 
-# ---- summary (printed last) --------------------------------------------------------------
-{
-    echo
-    echo "==================== fusedreg GPU check summary ===================="
-    printf '%-10s %-28s %8s\n' step status seconds
-    for s in "${STEPS[@]}"; do
-        IFS='|' read -r name status secs <<<"$s"
-        printf '%-10s %-28s %8s\n' "$name" "$status" "$secs"
-    done
-    printf '%-10s %-28s %8s\n' total "" "$(($(date +%s) - START))"
-    if [ -f "$OUT/junit.xml" ]; then
-        "$PY" - "$OUT/junit.xml" <<'EOF'
-import sys
-import xml.etree.ElementTree as ET
-root = ET.parse(sys.argv[1]).getroot()
-suites = [root] if root.tag == "testsuite" else list(root)
-n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-print("pytest: {tests} tests, {failures} failed, {errors} errors, {skipped} skipped".format(**n))
-bad = [f"{c.get('classname')}::{c.get('name')}" for s in suites for c in s.iter("testcase")
-       if c.find("failure") is not None or c.find("error") is not None]
-for name in bad[:15]:
-    print("  FAILED", name)
-if len(bad) > 15:
-    print(f"  ... and {len(bad) - 15} more (pytest.log)")
-EOF
-    fi
-    if [ -f "$OUT/sm90_resources.md" ]; then
-        grep -E "variants, .* kernels;" "$OUT/sm90_resources.md"
-    fi
-    echo "files in $OUT:" "$OUT"/*
-} | tee -a "$SUMMARY"
+
+finish

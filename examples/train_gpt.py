@@ -9,9 +9,8 @@ character-level: nothing is downloaded. Both runs start from the same initial we
 the same batches; they differ only in
 
   torch     torch.nn modules, torch.optim.AdamW
-  fusedreg  the same model after ``fusedreg.patch`` (fused LayerNorm and Dropout where this
-            build has them), ``fusedreg.optim.AdamW`` (torch's AdamW when this build has no
-            fusedreg.optim; the summary says so), optional ``--l1``
+  fusedreg  the same model after ``fusedreg.patch`` (fused LayerNorm and Dropout),
+            ``fusedreg.optim.AdamW``, optional ``--l1``
 
 Dropout masks come from different generators, so the two loss curves agree only up to
 seed-to-seed noise (``--runs`` can add a second torch seed to show its size). Reported per
@@ -46,6 +45,8 @@ try:
 except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import fusedreg
+import fusedreg.optim
+from fusedreg.patch import patched_modules
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -179,15 +180,7 @@ def make_optimizer(run, model, args):
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
     if run.startswith("fusedreg"):
-        try:
-            import fusedreg.optim
-
-            return fusedreg.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), l1=args.l1), ""
-        except (ImportError, AttributeError):
-            if args.l1:
-                raise SystemExit("--l1 needs fusedreg.optim, which this build does not have")
-            note = "fusedreg.optim not in this build: torch.optim.AdamW used"
-            return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95)), note
+        return fusedreg.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), l1=args.l1), ""
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95)), ""
 
 
@@ -225,7 +218,7 @@ class Run:
         notes = []
         if run.startswith("fusedreg"):
             fusedreg.patch(self.model)
-            notes.append(f"patched {len(sys.modules['fusedreg.patch'].patched_modules(self.model))} modules")
+            notes.append(f"patched {len(patched_modules(self.model))} modules")
         if ranks.mesh is not None:  # patch first: fully_shard then wraps the patched blocks
             ranks.shard(self.model)
             notes.append(f"FSDP2 over {ranks.world} ranks")

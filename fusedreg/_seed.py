@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from .reference.philox import seed_to_int64
+
+def seed_to_int64(seed: int) -> int:
+    """The 64 bits of a seed in [-2**63, 2**64) as a signed int64 (two's complement)."""
+    seed = int(seed)
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must fit in 64 bits, got {seed}")
+    return seed - 2**64 if seed >= 2**63 else seed
 
 
 def seed_tensor(seed) -> torch.Tensor:

@@ -14,7 +14,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip setuptools wheel
-python -m pip install -q "${FUSEDREG_TORCH:-torch==2.14.1}" triton numpy pytest ninja
+python -m pip install -q "${FUSEDREG_TORCH:-torch==2.14.1}" triton pytest ninja
 python -m pip install -q ${FUSEDREG_EXTRAS:-matplotlib tqdm transformers timm}
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then

@@ -1,7 +1,9 @@
-"""Backend dispatch: status, explicit choices, the environment variable and auto."""
+"""Backend dispatch: the registry, status, explicit choices (per thread), the environment
+variable and auto."""
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -9,14 +11,53 @@ import torch
 import fusedreg
 from fusedreg import backends
 
+OPS = ("bias_dropout", "layer_norm", "adam", "sgd", "lion")
 
-def test_status_lists_every_backend_with_a_reason():
+
+def test_status_agrees_with_what_the_machine_has():
     status = fusedreg.backend_status()
     assert list(status) == list(fusedreg.BACKENDS)
     assert status["reference"] == "available"
     for name, why in status.items():
-        assert why == "available" or len(why) > 10
+        assert why == "available" or len(why) > 10, (name, why)
         assert (name in fusedreg.available_backends()) == (why == "available")
+    # each reason follows from the build and the machine, not from where the test runs
+    assert (status["cpu"] == "available") == backends.extension_available()
+    cuda_ok = backends.extension_available(with_cuda=True) and torch.cuda.is_available()
+    assert (status["cuda"] == "available") == cuda_ok
+    if not torch.cuda.is_available():
+        assert (status["triton"] == "available") == (
+            backends.triton_available() and backends.triton_interpreter())
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_is_registered_for_every_backend_this_build_has(op):
+    """reference always; cpu with the extension; cuda with its CUDA kernels; triton when it
+    is installed. Each implementation is what the op's module registered, and nothing else
+    answers for it."""
+    expected = {"reference"}
+    if backends.extension_available():
+        expected.add("cpu")
+    if backends.extension_available(with_cuda=True):
+        expected.add("cuda")
+    if backends.triton_available():
+        expected.add("triton")
+    got = {b for b in fusedreg.BACKENDS if (op, b) in backends._REGISTRY}
+    assert got == expected
+    for b in expected:
+        impl = backends.implementation(op, b)
+        parts = impl if isinstance(impl, tuple) else (impl,)
+        assert all(callable(f) for f in parts)
+    usable_cpu = backends.implemented_backends(op, "cpu")
+    assert usable_cpu[0] == "reference" and "cuda" not in usable_cpu
+
+
+def test_unknown_op_and_missing_backend_raise_with_the_reason():
+    with pytest.raises(ValueError, match="unknown op 'nope'"):
+        backends.implementation("nope", "reference")
+    if not backends.extension_available(with_cuda=True):
+        with pytest.raises(fusedreg.BackendUnavailableError, match="no cuda implementation"):
+            backends.implementation("bias_dropout", "cuda")
 
 
 def test_use_backend_restores_previous_choice():
@@ -30,9 +71,60 @@ def test_use_backend_restores_previous_choice():
     assert fusedreg.get_backend() == "reference"
 
 
+def test_use_backend_blocks_in_two_threads_do_not_see_each_other():
+    """Two threads enter and leave blocks in an interleaved order (A enters, B enters, A
+    leaves, B leaves): each sees only its own choice, and the default is back after both."""
+    fusedreg.set_backend("auto")
+    steps = [threading.Event() for _ in range(4)]
+    seen = {}
+
+    def worker(name, backend, enter_after, enter_done, leave_after, leave_done):
+        if enter_after is not None:
+            steps[enter_after].wait(5)
+        with fusedreg.use_backend(backend):
+            seen[name, "inside"] = fusedreg.get_backend()
+            steps[enter_done].set()
+            steps[leave_after].wait(5)
+            seen[name, "before leaving"] = fusedreg.get_backend()
+        seen[name, "after"] = fusedreg.get_backend()
+        steps[leave_done].set()
+
+    a = threading.Thread(target=worker, args=("A", "reference", None, 0, 1, 2))
+    b = threading.Thread(target=worker, args=("B", "cpu" if "cpu" in fusedreg.available_backends()
+                                              else "reference", 0, 1, 2, 3))
+    a.start(), b.start()
+    a.join(10), b.join(10)
+    b_choice = "cpu" if "cpu" in fusedreg.available_backends() else "reference"
+    assert seen["A", "inside"] == seen["A", "before leaving"] == "reference"
+    assert seen["B", "inside"] == seen["B", "before leaving"] == b_choice
+    assert seen["A", "after"] == seen["B", "after"] == "auto"
+    assert fusedreg.get_backend() == "auto"
+
+
+def test_a_block_in_another_thread_does_not_change_this_threads_calls():
+    if "cpu" not in fusedreg.available_backends():
+        pytest.skip("needs the cpu backend as the auto choice")
+    inside, release = threading.Event(), threading.Event()
+
+    def other():
+        with fusedreg.use_backend("reference"):
+            inside.set()
+            release.wait(5)
+
+    t = threading.Thread(target=other)
+    t.start()
+    inside.wait(5)
+    try:
+        assert backends.resolve("bias_dropout", torch.device("cpu")) == "cpu"
+    finally:
+        release.set()
+        t.join(10)
+
+
 def test_auto_never_picks_reference_when_cpu_kernels_are_built():
     expected = "cpu" if "cpu" in fusedreg.available_backends() else "reference"
-    assert backends.resolve("bias_dropout", torch.device("cpu")) == expected
+    for op in OPS:
+        assert backends.resolve(op, torch.device("cpu")) == expected
 
 
 def test_explicit_backend_on_wrong_device_is_refused():
@@ -41,6 +133,17 @@ def test_explicit_backend_on_wrong_device_is_refused():
     fusedreg.set_backend("cpu")
     with pytest.raises(fusedreg.BackendUnavailableError, match="CPU tensors"):
         backends.resolve("bias_dropout", torch.device("meta"))
+
+
+def test_the_resolution_cache_follows_the_choice():
+    """resolve() caches per (op, device type, choice): a new choice is a new answer."""
+    cpu = torch.device("cpu")
+    with fusedreg.use_backend("reference"):
+        assert backends.resolve("layer_norm", cpu) == "reference"
+    auto = backends.resolve("layer_norm", cpu)
+    assert auto == ("cpu" if "cpu" in fusedreg.available_backends() else "reference")
+    with fusedreg.use_backend("reference"):
+        assert backends.resolve("layer_norm", cpu) == "reference"
 
 
 def _run_python(code, **env):
@@ -59,9 +162,19 @@ def test_env_variable_selects_backend():
 
 
 def test_triton_needs_interpreter_or_gpu():
-    res = _run_python("import fusedreg; print(fusedreg.backend_status()['triton'])")
+    code = ("import fusedreg, torch; from fusedreg import backends; "
+            "print(torch.cuda.is_available(), backends.triton_available(), "
+            "fusedreg.backend_status()['triton'])")
+    res = _run_python(code)
     assert res.returncode == 0, res.stderr
-    if not torch.cuda.is_available():
-        assert "TRITON_INTERPRET" in res.stdout or "not installed" in res.stdout
-    res = _run_python("import fusedreg; print(fusedreg.backend_status()['triton'])", TRITON_INTERPRET="1")
-    assert res.stdout.strip() == "available" or "not installed" in res.stdout
+    gpu, installed, status = res.stdout.strip().split(" ", 2)
+    if installed == "False":
+        assert "not installed" in status
+    elif gpu == "False":
+        assert "TRITON_INTERPRET" in status
+    else:
+        assert status == "available"
+    res = _run_python(code, TRITON_INTERPRET="1")
+    assert res.returncode == 0, res.stderr
+    gpu, installed, status = res.stdout.strip().split(" ", 2)
+    assert status == "available" if installed == "True" else "not installed" in status

@@ -1,4 +1,4 @@
-"""The dropout mask function of DESIGN.md §3 in plain int64 torch ops.
+"""The dropout mask function (docs/design.md, "The dropout mask") in plain int64 torch ops.
 
 Philox4x32-10 with 32-bit words held in int64 tensors; the 32x32-bit multiplies are split
 into 16-bit halves so that no intermediate leaves int64. This is the readable definition the
@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from .._seed import seed_to_int64
+
 _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _UNIFORM_SCALE = 4.6566127342e-10
-
-
-def seed_to_int64(seed: int) -> int:
-    """The 64 bits of a seed in [-2**63, 2**64) as a signed int64 (two's complement)."""
-    seed = int(seed)
-    if not -(2**63) <= seed < 2**64:
-        raise ValueError(f"seed must fit in 64 bits, got {seed}")
-    return seed - 2**64 if seed >= 2**63 else seed
 
 
 def _mulhilo(a: int, b: torch.Tensor):
