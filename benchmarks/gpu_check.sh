@@ -15,7 +15,7 @@
 #               the GPU; 8 xdist workers if installed) -> OUTDIR/junit.xml, OUTDIR/pytest.log
 # 6. bench      python -m fusedreg.bench --device cuda --quick (all ops) -> OUTDIR/bench.csv,
 #               OUTDIR/bench.log, plots packed in OUTDIR/plots.tar.gz
-# 7. target     the target case: bias_dropout, bf16, 16384x8192 (same CSV and log)
+# 7. target     the headline case: bias_dropout, bf16, 16384x8192 (same CSV and log)
 # 8. train      examples/train_gpt.py, 60 bf16 steps: torch, fusedreg, torch.compile (tokens/s,
 #               peak memory, loss) -> OUTDIR/bench.log, CSV/PNG inside plots.tar.gz
 #

@@ -31,7 +31,7 @@ from .harness import Context, Row, Timing, fused_backends
 OP = "bias_dropout"
 P = 0.1
 
-# (M, N) cases per device: the issue-2 target case last (the largest), smaller ones for the
+# (M, N) cases per device: the headline case last (the largest), smaller ones for the
 # size sweep of the plots; the activation variant only at the target size.
 _SIZES = {
     ("cpu", False): [(1024, 1024), (4096, 1024), (8192, 1024)],

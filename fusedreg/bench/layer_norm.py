@@ -3,7 +3,7 @@ backward and forward+backward; fusedreg (every fused backend usable on the devic
 eager torch, ``torch.compile`` of the eager expression, and liger-kernel / apex when they are
 installed (GPU).
 
-Cases: on CPU the issue's shape (fp32 8192 x 1024; --quick 2048 x 1024); on CUDA rows of
+Cases: on CPU the headline shape (fp32 8192 x 1024; --quick 2048 x 1024); on CUDA rows of
 N in {1024, 4096, 8192, 16384, 65536, 262144} at a fixed total of 2^28 elements (--quick
 2^24). ``--sizes MxN,...`` overrides both.
 

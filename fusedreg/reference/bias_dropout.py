@@ -1,7 +1,7 @@
 """bias_dropout in plain PyTorch: out = residual + dropout(act(x + bias)).
 
-Math in float32 (float64 for float64 inputs), one cast at the end; the mask is the §3
-function of fusedreg/reference/philox.py.
+Math in float32 (float64 for float64 inputs), one cast at the end; the mask is the seeded
+function of fusedreg/reference/philox.py (docs/design.md, "The dropout mask").
 """
 from __future__ import annotations
 

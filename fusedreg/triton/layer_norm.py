@@ -3,8 +3,9 @@
 One program per row in forward. A row that fits one block (N <= _MAX_BLOCK_N) is loaded once
 and kept in registers (ONE_BLOCK); a longer row is walked in BLOCK_N chunks twice: the first
 walk forms h (stored to H) and combines per-chunk (mean, M2) pairs (Chan et al.), the second
-re-reads h and writes y. The mask index of element (row, col) is row * N + col (DESIGN §3);
-when N % 4 == 0 one Philox call serves four adjacent columns (ALIGNED4).
+re-reads h and writes y. The mask index of element (row, col) is row * N + col
+(docs/design.md, "The dropout mask"); when N % 4 == 0 one Philox call serves four adjacent
+columns (ALIGNED4).
 
 Backward (xhat = (h - mean) * rstd, RMS: h * rstd; g = dy * w):
     c1 = mean(g) (0 for RMS), c2 = mean(g * xhat)

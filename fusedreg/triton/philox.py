@@ -1,4 +1,4 @@
-"""The dropout mask function of DESIGN.md §3 as Triton helpers.
+"""The dropout mask function (docs/design.md, "The dropout mask") as Triton helpers.
 
 ``tl.philox`` is called with explicit uint32 counter words (g_lo, g_hi, 0, 0): its handling
 of the words is stable across Triton releases, unlike ``tl.randint4x`` with int64 offsets.
