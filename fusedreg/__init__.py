@@ -17,7 +17,7 @@ from .backends import (
 )
 from . import ops  # noqa: F401  (registers the custom ops)
 from . import autograd, functional, nn, optim
-from .patch import patch, unpatch  # noqa: E402  (fusedreg.patch(model): drop-in swap)
+from .patch import patch, unpatch  # fusedreg.patch(model): the drop-in swap
 
 __version__ = "0.1.0"
 

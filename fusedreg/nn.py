@@ -13,7 +13,8 @@ __all__ = ["BiasDropout", "Dropout", "DropoutAddLayerNorm", "LayerNorm", "RMSNor
 
 class Dropout(nn.Dropout):
     """Drop-in for ``torch.nn.Dropout`` (same arguments, repr and state) whose mask comes
-    from a seed (docs/design.md, "The dropout mask") and is recomputed in backward instead of being stored."""
+    from a seed (docs/design.md, "The dropout mask") and is recomputed in backward instead of
+    being stored."""
 
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
         check_probability(p)

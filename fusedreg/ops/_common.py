@@ -2,6 +2,7 @@
 once, and its reference and Triton custom ops are made from that declaration."""
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Callable, Optional, Sequence
 
@@ -69,6 +70,4 @@ def triton_module(name: str):
     (no kernel is compiled then), so that a broken kernel module fails at import."""
     if not backends.triton_available():
         return None
-    import importlib
-
     return importlib.import_module(f"fusedreg.triton.{name}")

@@ -142,6 +142,8 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dh_out, _dmean, _drstd):
         cfg = ctx.config
+        if not cfg.prenorm:  # h is not an output then: a grad for it (zeros) carries nothing
+            dh_out = None
         has_residual, has_weight, has_bias = ctx.has
         need_x, need_residual, need_w, need_b = ctx.needs_input_grad[:4]
         need_residual = bool(need_residual and has_residual)
