@@ -98,24 +98,23 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
     """``torch.nn.functional.layer_norm`` (same arguments and result) in one fused pass
     forward and one backward. weight and bias have x's dtype, or float32 with float16/bfloat16
     x; the output has x's dtype."""
-    check_tensor(x, "x")
-    shape = check_normalized_shape(normalized_shape, x)
-    _norm_params(x, weight, bias, shape)
-    eps = _norm_eps(eps, x)
-    config = LayerNormConfig(len(shape), eps, 0.0, False, x.dtype, False,
-                             backends.resolve("layer_norm", x.device))
-    return LayerNormFunction.apply(x, None, weight, bias, unused_seed(), config)[0]
+    return _norm(x, normalized_shape, weight, bias, eps, rms=False)
 
 
 def rms_norm(x, normalized_shape, weight=None, eps=None):
     """``torch.nn.functional.rms_norm``: eps=None means ``torch.finfo(x.dtype).eps``."""
+    return _norm(x, normalized_shape, weight, None, eps, rms=True)
+
+
+def _norm(x, normalized_shape, weight, bias, eps, rms: bool):
+    """layer_norm / rms_norm: the norm of x alone (no residual, no dropout)."""
     check_tensor(x, "x")
     shape = check_normalized_shape(normalized_shape, x)
-    _norm_params(x, weight, None, shape)
+    _norm_params(x, weight, bias, shape)
     eps = _norm_eps(eps, x)
-    config = LayerNormConfig(len(shape), eps, 0.0, True, x.dtype, False,
+    config = LayerNormConfig(len(shape), eps, 0.0, rms, x.dtype, False,
                              backends.resolve("layer_norm", x.device))
-    return LayerNormFunction.apply(x, None, weight, None, unused_seed(), config)[0]
+    return LayerNormFunction.apply(x, None, weight, bias, unused_seed(), config)[0]
 
 
 def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float = 1e-5,

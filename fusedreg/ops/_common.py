@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
 from .. import backends
 from .._seed import seed_value
+
+
+class Kernels(NamedTuple):
+    """One backend's forward and backward ops of an op with autograd."""
+    fwd: Callable
+    bwd: Callable
 
 
 def cpp_op(name: str):
@@ -71,3 +77,21 @@ def triton_module(name: str):
     if not backends.triton_available():
         return None
     return importlib.import_module(f"fusedreg.triton.{name}")
+
+
+def register_kernels(op: str, fwd_signature: Callable, bwd_signature: Callable, reference,
+                     *, fwd_fake: Callable, bwd_fake: Callable) -> None:
+    """Registers ``op``'s forward/backward pair in every backend this build has: the Python
+    ops made from the two signatures over ``reference``'s and ``fusedreg.triton.<op>``'s
+    functions of the same names, and the C++ ops of those names."""
+    tri = triton_module(op)
+    kernels = {}
+    for signature, fake in ((fwd_signature, fwd_fake), (bwd_signature, bwd_fake)):
+        name = signature.__name__
+        ops = python_ops(signature, {"reference": getattr(reference, name),
+                                     "triton": tri and getattr(tri, name)}, fake=fake)
+        ops.update(cpp_backends(name, fake))
+        for backend, f in ops.items():
+            kernels.setdefault(backend, []).append(f)
+    for backend, (fwd, bwd) in kernels.items():
+        backends.register(op, backend, Kernels(fwd, bwd))

@@ -15,9 +15,9 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import bias_dropout as ref
-from ._common import cpp_backends, python_ops, triton_module
+from ._common import Kernels, register_kernels  # noqa: F401  (Kernels: what is registered)
 
-__all__ = ["BiasDropoutConfig", "BiasDropoutFunction", "Kernels"]
+__all__ = ["BiasDropoutConfig", "BiasDropoutFunction"]
 
 OP = "bias_dropout"
 
@@ -46,28 +46,11 @@ def _bwd_fake(grad_out, x, bias, p, activation, seed, need_grad_bias):
     return gx, gb
 
 
-class Kernels(NamedTuple):
-    """One backend's pair of ops."""
-    fwd: object
-    bwd: object
-
-
-def _register() -> None:
-    tri = triton_module("bias_dropout")
-    fwd = python_ops(bias_dropout_fwd, {"reference": ref.bias_dropout_fwd,
-                                        "triton": tri and tri.bias_dropout_fwd}, fake=_fwd_fake)
-    bwd = python_ops(bias_dropout_bwd, {"reference": ref.bias_dropout_bwd,
-                                        "triton": tri and tri.bias_dropout_bwd}, fake=_bwd_fake)
-    fwd.update(cpp_backends("bias_dropout_fwd", _fwd_fake))
-    bwd.update(cpp_backends("bias_dropout_bwd", _bwd_fake))
-    for backend in fwd:
-        backends.register(OP, backend, Kernels(fwd[backend], bwd[backend]))
-    if backends.extension_available():
-        torch.library.register_fake("fusedreg::dropout_uniform")(
-            lambda seed, start, count, device_like: device_like.new_empty((count,), dtype=torch.float32))
-
-
-_register()
+register_kernels(OP, bias_dropout_fwd, bias_dropout_bwd, ref, fwd_fake=_fwd_fake,
+                 bwd_fake=_bwd_fake)
+if backends.extension_available():
+    torch.library.register_fake("fusedreg::dropout_uniform")(
+        lambda seed, start, count, device_like: device_like.new_empty((count,), dtype=torch.float32))
 
 
 class BiasDropoutConfig(NamedTuple):

@@ -20,8 +20,7 @@ from torch import Tensor
 from .. import backends
 from .._dtypes import compute_dtype
 from ..reference import layer_norm as ref
-from ._common import cpp_backends, python_ops, triton_module
-from .bias_dropout import Kernels
+from ._common import register_kernels
 
 __all__ = ["LayerNormConfig", "LayerNormFunction"]
 
@@ -67,19 +66,8 @@ def _bwd_fake(dy, dh_out, h, weight, bias, mean, rstd, p, seed, rms, x_dtype,
     return gx, gr, gw, gb
 
 
-def _register() -> None:
-    tri = triton_module("layer_norm")
-    fwd = python_ops(layer_norm_fwd, {"reference": ref.layer_norm_fwd,
-                                      "triton": tri and tri.layer_norm_fwd}, fake=_fwd_fake)
-    bwd = python_ops(layer_norm_bwd, {"reference": ref.layer_norm_bwd,
-                                      "triton": tri and tri.layer_norm_bwd}, fake=_bwd_fake)
-    fwd.update(cpp_backends("layer_norm_fwd", _fwd_fake))
-    bwd.update(cpp_backends("layer_norm_bwd", _bwd_fake))
-    for backend in fwd:
-        backends.register(OP, backend, Kernels(fwd[backend], bwd[backend]))
-
-
-_register()
+register_kernels(OP, layer_norm_fwd, layer_norm_bwd, ref, fwd_fake=_fwd_fake,
+                 bwd_fake=_bwd_fake)
 
 
 class LayerNormConfig(NamedTuple):

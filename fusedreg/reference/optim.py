@@ -37,6 +37,16 @@ def _prologue(param: Tensor, grad: Tensor, inv_scale: float, maximize: bool):
     return p, g
 
 
+def _weight_decay(p: Tensor, g: Tensor, lr: float, weight_decay: float, decoupled: bool) -> Tensor:
+    """Decoupled: p ← p·(1 − lr·wd) in place; else L2: returns g + wd·p."""
+    if weight_decay != 0.0:
+        if decoupled:
+            p.mul_(1.0 - lr * weight_decay)
+        else:
+            g = g.add(p, alpha=weight_decay)
+    return g
+
+
 def _epilogue(param: Tensor, p: Tensor, lr: float, l1: float) -> None:
     if l1 != 0.0:
         soft_threshold_(p, lr * l1)
@@ -49,11 +59,7 @@ def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
               beta2: float, eps: float, weight_decay: float, l1: float, amsgrad: bool,
               maximize: bool, decoupled: bool, inv_scale: float = 1.0) -> None:
     p, g = _prologue(param, grad, inv_scale, maximize)
-    if weight_decay != 0.0:
-        if decoupled:
-            p.mul_(1.0 - lr * weight_decay)
-        else:
-            g = g.add(p, alpha=weight_decay)
+    g = _weight_decay(p, g, lr, weight_decay, decoupled)
     exp_avg.lerp_(g, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
     bias_correction1 = 1.0 - beta1 ** step
@@ -74,11 +80,7 @@ def sgd_step(param: Tensor, grad: Tensor, momentum_buffer: Tensor | None, first_
     """``momentum_buffer`` (allocated by the caller when momentum != 0) is set to g on the
     first step (``first_step``), as torch does with a fresh buffer."""
     p, g = _prologue(param, grad, inv_scale, maximize)
-    if weight_decay != 0.0:
-        if decoupled:
-            p.mul_(1.0 - lr * weight_decay)
-        else:
-            g = g.add(p, alpha=weight_decay)
+    g = _weight_decay(p, g, lr, weight_decay, decoupled)
     if momentum != 0.0:
         buf = momentum_buffer
         if first_step:

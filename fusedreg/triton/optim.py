@@ -82,6 +82,19 @@ _N_CONSTS = 9
 
 
 @triton.jit
+def _ptr(row, k, DTYPE: tl.constexpr):
+    """The k-th address of a tensor's ADDR row as a typed pointer."""
+    return tl.load(row + k).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _common_consts(CONSTS):
+    """(gscale, wd_l2, decay, −lr, lr·l1): the constants every algorithm reads."""
+    return (tl.load(CONSTS + _GSCALE), tl.load(CONSTS + _WD_L2), tl.load(CONSTS + _DECAY),
+            tl.load(CONSTS + _NEG_LR), tl.load(CONSTS + _THR))
+
+
+@triton.jit
 def _adam_kernel(
     ADDR,    # (n_tensors, 5) int64: addresses of p, g, exp_avg, exp_avg_sq, max_exp_avg_sq
     WORK,    # (n_programs, 3) int64: tensor index, first element, numel
@@ -91,21 +104,15 @@ def _adam_kernel(
     AMSGRAD: tl.constexpr, HAS_L1: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, start, numel, row = _work(WORK, ADDR, 5)
-    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE))
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(S_DTYPE))
-    vm_ptr = tl.load(row + 4).to(tl.pointer_type(S_DTYPE))
+    p_ptr, g_ptr = _ptr(row, 0, P_DTYPE), _ptr(row, 1, P_DTYPE)
+    m_ptr, v_ptr, vm_ptr = _ptr(row, 2, S_DTYPE), _ptr(row, 3, S_DTYPE), _ptr(row, 4, S_DTYPE)
     nss = tl.load(SCAL + t * 2)
     bc2 = tl.load(SCAL + t * 2 + 1)
-    gscale = tl.load(CONSTS + _GSCALE)
-    wd_l2 = tl.load(CONSTS + _WD_L2)
-    decay = tl.load(CONSTS + _DECAY)
+    gscale, wd_l2, decay, _, thr = _common_consts(CONSTS)
     w1 = tl.load(CONSTS + _ADAM_W1)
     beta2 = tl.load(CONSTS + _ADAM_BETA2)
     omb2 = tl.load(CONSTS + _ADAM_OMB2)
     eps = tl.load(CONSTS + _ADAM_EPS)
-    thr = tl.load(CONSTS + _THR)
     for off in range(0, CHUNK, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < numel
@@ -143,16 +150,10 @@ def _sgd_kernel(
     NESTEROV: tl.constexpr, HAS_L1: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, start, numel, row = _work(WORK, ADDR, 3)
-    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
-    b_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE))
-    gscale = tl.load(CONSTS + _GSCALE)
-    wd_l2 = tl.load(CONSTS + _WD_L2)
-    decay = tl.load(CONSTS + _DECAY)
-    neg_lr = tl.load(CONSTS + _NEG_LR)
+    p_ptr, g_ptr, b_ptr = _ptr(row, 0, P_DTYPE), _ptr(row, 1, P_DTYPE), _ptr(row, 2, S_DTYPE)
+    gscale, wd_l2, decay, neg_lr, thr = _common_consts(CONSTS)
     momentum = tl.load(CONSTS + _SGD_MOMENTUM)
     damp1 = tl.load(CONSTS + _SGD_DAMP1)
-    thr = tl.load(CONSTS + _THR)
     for off in range(0, CHUNK, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < numel
@@ -186,17 +187,12 @@ def _lion_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, start, numel, row = _work(WORK, ADDR, 3)
-    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE))
-    gscale = tl.load(CONSTS + _GSCALE)
-    decay = tl.load(CONSTS + _DECAY)
-    neg_lr = tl.load(CONSTS + _NEG_LR)
+    p_ptr, g_ptr, m_ptr = _ptr(row, 0, P_DTYPE), _ptr(row, 1, P_DTYPE), _ptr(row, 2, S_DTYPE)
+    gscale, _, decay, neg_lr, thr = _common_consts(CONSTS)
     beta1 = tl.load(CONSTS + _LION_BETA1)
     omb1 = tl.load(CONSTS + _LION_OMB1)
     beta2 = tl.load(CONSTS + _LION_BETA2)
     omb2 = tl.load(CONSTS + _LION_OMB2)
-    thr = tl.load(CONSTS + _THR)
     for off in range(0, CHUNK, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < numel
