@@ -1,4 +1,4 @@
-"""The benchmark command ``python -m fusedreg.bench`` (issue 5, items 4 and 8): it runs,
+"""The benchmark command ``python -m fusedreg.bench`` (docs/design.md, "Benchmarks"): it runs,
 writes the CSV and plots, discovers benchmark modules generically, and refuses bad options.
 Nothing here asserts a timing (timing belongs to benchmarks, not tests)."""
 import csv
@@ -14,7 +14,7 @@ import fusedreg.bench
 from fusedreg.bench import bias_dropout as bench_bd
 from fusedreg.bench import report
 from fusedreg.bench.__main__ import discover, main
-from fusedreg.bench.harness import Row
+from fusedreg.bench.harness import Row, fused_backends
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--quick", "--budget", "0.02", "--no-progress", "--device", "cpu"]
@@ -36,7 +36,7 @@ def test_quick_bias_dropout_run_writes_csv_and_plots(tmp_path, capsys):
     with open(path, newline="") as f:
         assert next(csv.reader(f)) == report.CSV_COLUMNS
     rows = read_rows(path)
-    fused = bench_bd.fused_backends(torch.device("cpu"))
+    fused = fused_backends(bench_bd.OP, torch.device("cpu"))
     impls = {f"fusedreg[{b}]" for b in fused} or {"fusedreg[reference]"}
     assert {r["impl"] for r in rows} == impls | {"torch eager", "torch.compile"}
     assert {r["pass"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}

@@ -1,37 +1,62 @@
 """bias_dropout and dropout: every backend against the reference, masks bit for bit,
-gradients, statistics, identities, registration (opcheck, torch.compile) and bad input."""
+gradients, statistics, identities, registration (opcheck, torch.compile) and bad input.
+
+Each backend x device case is a param of ``tests/_helpers.device_cases``: the CPU backends
+(reference, cpu, and triton under the interpreter) on CPU tensors, and the triton and cuda
+backends on CUDA tensors, compared against the reference on the CPU and their masks bit for
+bit against ``fusedreg.functional.dropout_mask``. The GPU cases are skipped where there is no
+GPU ("needs a CUDA GPU"); on a GPU a backend that cannot serve bias_dropout (an extension
+built without CUDA, say) fails with the reason. Run them with ``FUSEDREG_TEST_NO_INTERPRET=1``
+so that triton compiles for the GPU instead of interpreting (benchmarks/gpu_check.sh does).
+"""
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fusedreg
+from fusedreg import backends
 from fusedreg import functional as FF
 from fusedreg.reference.philox import dropout_keep, dropout_scale, dropout_uniform
 
+from _helpers import device_cases, serving
 from conftest import cpu_backends
 from tolerances import ELEMENTWISE, REDUCTION
 
-BACKENDS = cpu_backends("bias_dropout")
+OP = "bias_dropout"
+BACKENDS = cpu_backends(OP)
 SEEDS = [0, 1, 2**32 + 5, 2**63 + 11]
 ACTIVATIONS = [None, "relu", "gelu", "gelu_tanh", "silu"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GPU_DTYPES = DTYPES + [torch.float64]
 
 # Shapes, each chosen for what it exercises:
 SHAPES = [
     (1, 1, 1023),  # one row, odd N: the Philox groups straddle rows; scalar lane path
     (3, 7, 256),   # 3-D input, N % 4 == 0: the four-lanes-per-call path
-    (37, 130),     # N % 4 == 2 and a row count that fills no tile exactly
-    (5,),          # 1-D input: bias over the only dimension
+    (37, 130),     # N % 4 == 2 and a row count that fills no tile exactly; cuda rows kernel unaligned
+    (5,),          # 1-D input: bias over the only dimension; total < 8, only the tail path
+                   # of the cuda flat kernels
+]
+# and on a GPU also:
+GPU_SHAPES = SHAPES + [
+    (1151, 96),    # many row blocks in the cuda grad_bias kernel (M / 64 of them), aligned
+    (515, 1151),   # many row blocks, odd N, and a flat grid that loops
 ]
 
 
-def _inputs(shape, dtype, bias=True, residual=True, seed=0):
+def _on_cpu_interpreter(backend, device):
+    return backend == "triton" and device == "cpu"
+
+
+def _inputs(shape, dtype, bias=True, residual=True, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) + 0.5).to(dtype)  # non-zero mean
     b = (torch.randn(shape[-1], generator=g, dtype=torch.float64) - 0.25).to(dtype) if bias else None
     r = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) if residual else None
-    return x, b, r
+    return [t.to(device) if t is not None else None for t in (x, b, r)]
 
 
 def _run(backend, x, b, r, **kw):
@@ -39,21 +64,39 @@ def _run(backend, x, b, r, **kw):
         return FF.bias_dropout(x, b, r, **kw)
 
 
-def _mask_of(backend, shape, p, seed, with_bias):
+def _cpu_leaves(*tensors):
+    """CPU copies (leaves that require grad) of the given tensors, for the reference."""
+    return [t.detach().cpu().requires_grad_() if t is not None else None for t in tensors]
+
+
+def _mask_of(backend, shape, p, seed, with_bias, device="cpu"):
     """The keep mask a backend applies, read off its output for x = 1 (bias 0, no residual)."""
-    x = torch.ones(shape)
-    b = torch.zeros(shape[-1]) if with_bias else None
-    return _run(backend, x, b, None, p=p, seed=seed) != 0
+    x = torch.ones(shape, device=device)
+    b = torch.zeros(shape[-1], device=device) if with_bias else None
+    out = _run(backend, x, b, None, p=p, seed=seed)
+    assert out.device.type == device
+    return (out != 0).cpu()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("shape", [(1, 1023), (3, 7, 256), (2, 5, 3)])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_mask_bit_identical(backend, seed, shape, with_bias):
+@pytest.mark.parametrize("backend,device,seed,shape,with_bias", device_cases(
+    OP, [(s, sh, wb) for s in SEEDS for sh in [(1, 1023), (3, 7, 256), (2, 5, 3)] for wb in (False, True)],
+    [(s, sh, wb) for s in SEEDS for sh in [(1, 1023), (3, 7, 256), (2, 5, 3), (4097,), (33, 1151)]
+     for wb in (False, True)]))
+def test_mask_bit_identical(backend, device, seed, shape, with_bias):
+    serving(OP, backend, device)
     expected = dropout_keep(shape, 0.3, seed)
-    assert torch.equal(_mask_of(backend, shape, 0.3, seed, with_bias), expected)
+    assert torch.equal(_mask_of(backend, shape, 0.3, seed, with_bias, device), expected)
     assert torch.equal(FF.dropout_mask(shape, 0.3, seed), expected)
+
+
+@pytest.mark.parametrize("backend,device,shape", device_cases(
+    OP, [], [((2048, 1000),), ((2048, 1001),), ((1, 3_000_001),)]))
+def test_mask_bit_identical_large(backend, device, shape):
+    # GPU only: more elements than one sweep of the cuda flat kernels' resident grid (the
+    # bias column is carried from sweep to sweep) and more than one Triton tile row.
+    serving(OP, backend, device)
+    kept = _mask_of(backend, shape, 0.5, 2**40 + 3, with_bias=True, device=device)
+    assert torch.equal(kept, FF.dropout_mask(shape, 0.5, 2**40 + 3))
 
 
 def test_cpu_philox_at_large_indices():
@@ -94,7 +137,7 @@ def _triton_uniform_kernel():
 
 def test_triton_philox_at_large_indices():
     if "triton" not in BACKENDS:
-        pytest.skip("triton backend not available")
+        pytest.skip("triton backend not available on CPU tensors (needs TRITON_INTERPRET=1)")
     _kernel = _triton_uniform_kernel()
     for seed in SEEDS:
         for start in (2**34 + 1, 2**40 + 7):
@@ -103,34 +146,42 @@ def test_triton_philox_at_large_indices():
             assert torch.equal(out, _ref_uniform_at(seed, start, 32)), (seed, start)
 
 
-def _fwd_bwd_cases():
-    # Every backend x dtype x shape x activation, except that the (slow) Triton interpreter
-    # runs the other activations on one shape only: the activation code is shape-independent.
-    for backend in BACKENDS:
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for shape in SHAPES:
-                for act in ACTIVATIONS:
-                    if backend == "triton" and act not in (None, "gelu") and shape != (3, 7, 256):
-                        continue
-                    yield pytest.param(backend, dtype, shape, act,
-                                       id=f"{backend}-{str(dtype)[6:]}-{'x'.join(map(str, shape))}-{act}")
+def _interpreter_subset(backend, device, dtype, shape, act):
+    # The (slow) Triton interpreter runs the other activations on one shape only: the
+    # activation code is shape-independent.
+    return not _on_cpu_interpreter(backend, device) or act in (None, "gelu") or shape == (3, 7, 256)
 
 
-@pytest.mark.parametrize("backend,dtype,shape,activation", list(_fwd_bwd_cases()))
-def test_forward_backward_against_reference(backend, dtype, shape, activation):
-    x, b, r = _inputs(shape, dtype)
-    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    outs = {}
-    for be in ("reference", backend):
-        xx, bb, rr = (t.clone().requires_grad_() for t in (x, b, r))
-        out = _run(be, xx, bb, rr, p=0.25, activation=activation, seed=123)
-        out.backward(grad)
-        outs[be] = (out.detach(), xx.grad, bb.grad, rr.grad)
-    ref, got = outs["reference"], outs[backend]
-    torch.testing.assert_close(got[0], ref[0], **ELEMENTWISE[dtype])
-    torch.testing.assert_close(got[1], ref[1], **ELEMENTWISE[dtype])
-    torch.testing.assert_close(got[2], ref[2], **REDUCTION[dtype])
-    torch.testing.assert_close(got[3], ref[3], rtol=0, atol=0)  # grad residual is grad_out
+# The data of each device's cases: (p, seed, grad_out in float64) — the GPU cases keep theirs.
+FWD_BWD_DATA = {
+    "cpu": (0.25, 123, lambda shape: torch.randn(shape, generator=torch.Generator().manual_seed(1))),
+    "cuda": (0.2, 7, lambda shape: torch.randn(shape, generator=torch.Generator().manual_seed(1),
+                                               dtype=torch.float64) - 0.1),
+}
+
+
+@pytest.mark.parametrize("backend,device,dtype,shape,activation", device_cases(
+    OP, [(d, s, a) for d in DTYPES for s in SHAPES for a in ACTIVATIONS],
+    [(d, s, a) for d in GPU_DTYPES for s in GPU_SHAPES for a in ACTIVATIONS],
+    keep=_interpreter_subset))
+def test_forward_backward_against_reference(backend, device, dtype, shape, activation):
+    serving(OP, backend, device)
+    p, seed, grad_of = FWD_BWD_DATA[device]
+    x, b, r = _inputs(shape, dtype, device=device)
+    grad = grad_of(shape).to(dtype)
+    # the reference, on CPU copies
+    xc, bc, rc = _cpu_leaves(x, b, r)
+    expected = _run("reference", xc, bc, rc, p=p, activation=activation, seed=seed)
+    expected.backward(grad)
+    # the backend, on the device
+    xs, bs, rs = (t.detach().clone().requires_grad_() for t in (x, b, r))
+    out = _run(backend, xs, bs, rs, p=p, activation=activation, seed=seed)
+    assert out.dtype == dtype and out.shape == x.shape and out.device.type == device
+    out.backward(grad.to(device))
+    torch.testing.assert_close(out.detach().cpu(), expected.detach(), **ELEMENTWISE[dtype])
+    torch.testing.assert_close(xs.grad.cpu(), xc.grad, **ELEMENTWISE[dtype])
+    torch.testing.assert_close(bs.grad.cpu(), bc.grad, **REDUCTION[dtype])
+    torch.testing.assert_close(rs.grad.cpu(), rc.grad, rtol=0, atol=0)  # grad residual is grad_out
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -155,48 +206,104 @@ def test_reference_matches_torch_autograd(activation):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS])
-@pytest.mark.parametrize("activation", [None, "gelu", "silu"])
-def test_gradcheck_float64(backend, activation):
-    x, b, r = (t.requires_grad_() for t in _inputs((4, 6), torch.float64))
+@pytest.mark.parametrize("backend,device,activation", device_cases(
+    OP, [(a,) for a in (None, "gelu", "silu")]))
+def test_gradcheck_float64(backend, device, activation):
+    serving(OP, backend, device)
+    x, b, r = (t.requires_grad_() for t in _inputs((4, 6), torch.float64, device=device))
     fn = lambda x, b, r: _run(backend, x, b, r, p=0.3, activation=activation, seed=11)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, b, r), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_input(backend):
-    x, b, r = _inputs((8, 40), torch.float32)
+@pytest.mark.parametrize("backend,device", device_cases(OP, [()]))
+def test_non_contiguous_input(backend, device):
+    serving(OP, backend, device)
+    x, b, r = _inputs((8, 40), torch.float32, device=device)
     xt = x.t()  # (40, 8) non-contiguous; bias over its last dimension
-    bt = torch.randn(8)
-    rt = torch.randn(80, 8)[::2]  # strided residual
+    bt = torch.randn(8).to(device)
+    rt = torch.randn(80, 8).to(device)[::2]  # strided residual
     got = _run(backend, xt, bt, rt, p=0.5, seed=3, activation="relu")
-    want = _run("reference", xt.contiguous(), bt, rt.contiguous(), p=0.5, seed=3, activation="relu")
-    torch.testing.assert_close(got, want, **ELEMENTWISE[torch.float32])
+    want = _run("reference", xt.contiguous().cpu(), bt.cpu(), rt.contiguous().cpu(), p=0.5, seed=3,
+                activation="relu")
+    torch.testing.assert_close(got.cpu(), want, **ELEMENTWISE[torch.float32])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_tensors(backend):
-    x = torch.empty(0, 16, requires_grad=True)
-    b = torch.zeros(16, requires_grad=True)
+@pytest.mark.parametrize("backend,device", device_cases(OP, [()]))
+def test_empty_tensors(backend, device):
+    serving(OP, backend, device)
+    x = torch.empty(0, 16, device=device, requires_grad=True)
+    b = torch.zeros(16, device=device, requires_grad=True)
     out = _run(backend, x, b, None, p=0.5, seed=1, activation="gelu")
-    assert out.shape == (0, 16)
+    assert out.shape == (0, 16) and out.device.type == device
     out.sum().backward()
-    assert x.grad.shape == (0, 16) and torch.equal(b.grad, torch.zeros(16))
+    assert x.grad.shape == (0, 16) and torch.equal(b.grad.cpu(), torch.zeros(16))
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_keep_rate_within_six_sigma(backend, p):
+@pytest.mark.parametrize("backend,device", device_cases(OP, [()]))
+def test_empty_and_non_contiguous_and_misaligned(backend, device):
+    serving(OP, backend, device)
+    # zero rows: empty output, zero bias gradient
+    x = torch.empty((0, 64), device=device, requires_grad=True)
+    b = torch.randn(64, device=device, requires_grad=True)
+    out = _run(backend, x, b, None, p=0.5, seed=1)
+    assert out.shape == (0, 64)
+    out.sum().backward()
+    assert torch.equal(b.grad, torch.zeros_like(b))
+    # a transposed view, and a contiguous view 4 bytes past an aligned address
+    base, _, _ = _inputs((70, 66), torch.float32, device=device)
+    for x in (base.t(), base.flatten()[1:4616].view(65, 71)):
+        bias_x = torch.randn(x.shape[-1]).to(device)
+        out = _run(backend, x, bias_x, None, p=0.3, seed=9)
+        expected = _run("reference", x.cpu(), bias_x.cpu(), None, p=0.3, seed=9)
+        torch.testing.assert_close(out.cpu(), expected, **ELEMENTWISE[torch.float32])
+
+
+@pytest.mark.parametrize("backend,device,dtype", device_cases(OP, [(torch.float32,), (torch.bfloat16,)]))
+def test_plain_dropout(backend, device, dtype):
+    # no bias, no residual: the cuda flat kernels without bias columns, Triton's virtual rows
+    serving(OP, backend, device)
+    x, _, _ = _inputs((129, 77), dtype, device=device)
+    xs = x.detach().clone().requires_grad_()
+    with fusedreg.use_backend(backend):
+        out = FF.dropout(xs, p=0.4, seed=3)
+    xc = x.detach().cpu().requires_grad_()
+    expected = _run("reference", xc, None, None, p=0.4, seed=3)
+    torch.testing.assert_close(out.detach().cpu(), expected.detach(), **ELEMENTWISE[dtype])
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(xs.grad.cpu(), xc.grad, **ELEMENTWISE[dtype])
+
+
+# The fused kernels' column sums (the reference's is torch's own sum; the interpreter is slow)
+@pytest.mark.parametrize("backend,device", device_cases(
+    OP, [()], keep=lambda b, d: b != "reference" and not _on_cpu_interpreter(b, d)))
+def test_grad_bias_is_deterministic(backend, device):
+    serving(OP, backend, device)
+    x, b, _ = _inputs((4096, 1000), torch.float32, residual=False, device=device)
+    g = torch.randn_like(x)
+    grads = []
+    for _ in range(3):
+        bs = b.detach().clone().requires_grad_()
+        _run(backend, x, bs, None, p=0.1, activation="gelu", seed=11).backward(g)
+        grads.append(bs.grad)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
+@pytest.mark.parametrize("backend,device,p", device_cases(
+    OP, [(p,) for p in (0.1, 0.5, 0.9)], keep=lambda b, d, p: not _on_cpu_interpreter(b, d)))
+def test_keep_rate_within_six_sigma(backend, device, p):
+    serving(OP, backend, device)
     n = 1 << 20  # 1,048,576 elements
-    keep = _mask_of(backend, (1024, 1024), p, seed=2024, with_bias=False)
+    keep = _mask_of(backend, (1024, 1024), p, seed=2024, with_bias=False, device=device)
     rate = keep.double().mean().item()
     sigma = math.sqrt(p * (1 - p) / n)
     assert abs(rate - (1 - p)) < 6 * sigma, (rate, 1 - p, sigma)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_identities_and_limits(backend):
-    x, b, r = _inputs((6, 12), torch.float32)
+@pytest.mark.parametrize("backend,device", device_cases(OP, [()]))
+def test_identities_and_limits(backend, device):
+    serving(OP, backend, device)
+    x, b, r = _inputs((6, 12), torch.float32, device=device)
     with fusedreg.use_backend(backend):
         # p = 0 and training=False are the identity (draw no seed: the RNG is untouched)
         state = torch.get_rng_state()
@@ -208,6 +315,7 @@ def test_identities_and_limits(backend):
         # p = 1 drops everything
         assert torch.equal(FF.dropout(x, 1.0), torch.zeros_like(x))
         torch.testing.assert_close(FF.bias_dropout(x, b, r, p=1.0, activation="gelu"), r)
+        torch.testing.assert_close(FF.bias_dropout(x, b, r, p=1.0, seed=5), r)
         # the same seed gives the same output; another seed another mask
         assert torch.equal(FF.dropout(x, 0.5, seed=9), FF.dropout(x, 0.5, seed=9))
         assert not torch.equal(FF.dropout(x, 0.5, seed=9), FF.dropout(x, 0.5, seed=10))
@@ -217,7 +325,7 @@ def test_identities_and_limits(backend):
         torch.manual_seed(5)
         assert torch.equal(a, FF.dropout(x, 0.5))
         # kept values are scaled by 1/(1-p)
-        out = FF.dropout(torch.ones(4096), 0.2, seed=1)
+        out = FF.dropout(torch.ones(4096, device=device), 0.2, seed=1)
         assert set(out.unique().tolist()) == {0.0, float(torch.tensor(1.0) / torch.tensor(0.8))}
 
 
@@ -278,20 +386,16 @@ def test_bias_dropout_module():
 
 # ---- registration ----------------------------------------------------------------------
 
-def _registered_ops():
-    from fusedreg.ops.bias_dropout import OPS
-
-    return [(be, OPS[be]) for be in BACKENDS]
-
-
-@pytest.mark.parametrize("backend,ops", _registered_ops(), ids=lambda v: v if isinstance(v, str) else "")
-def test_opcheck(backend, ops):
-    fwd, bwd = ops
-    x, b, r = _inputs((4, 8), torch.float32)
-    seed = torch.tensor(5, dtype=torch.int64)
+@pytest.mark.parametrize("backend,device", device_cases(OP, [()]))
+def test_opcheck(backend, device):
+    serving(OP, backend, device)
+    kernels = backends.implementation(OP, backend)
+    fwd, bwd = kernels.fwd, kernels.bwd
+    x, b, r = _inputs((4, 8), torch.float32, device=device)
+    seed = torch.tensor(5, dtype=torch.int64)  # a CPU tensor on every device: read on the host
     torch.library.opcheck(fwd, (x, b, r, 0.3, 2, seed))
     torch.library.opcheck(fwd, (x, None, None, 0.3, 0, seed))
-    g = torch.randn(4, 8)
+    g = torch.randn(4, 8).to(device)
     torch.library.opcheck(bwd, (g, x, b, 0.3, 2, seed, True))
     torch.library.opcheck(bwd, (g, None, None, 0.3, 0, seed, False))
 
@@ -333,12 +437,21 @@ def test_torch_compile_module_with_drawn_seed():
 
 # ---- bad input -------------------------------------------------------------------------
 
+# check_probability's documented errors: ValueError naming p, for a bad value or a non-number
+# (None included: p has no default meaning "no dropout").
+BAD_P = r"^(dropout probability )?p must be"
+
+
 @pytest.mark.parametrize("p", [-0.1, 1.1, float("nan"), float("inf"), "0.5", None])
 def test_bad_probability(p):
-    with pytest.raises(ValueError, match="p"):
+    with pytest.raises(ValueError, match=BAD_P):
         FF.bias_dropout(torch.randn(4), p=p)
-    with pytest.raises(ValueError):
-        fusedreg.nn.Dropout(p) if p is not None else (_ for _ in ()).throw(ValueError())
+    with pytest.raises(ValueError, match=BAD_P):
+        FF.dropout(torch.randn(4), p=p)
+    with pytest.raises(ValueError, match=BAD_P):
+        fusedreg.nn.Dropout(p)
+    with pytest.raises(ValueError, match=BAD_P):
+        fusedreg.nn.BiasDropout(4, p=p)
 
 
 def test_bad_inputs_raise_before_any_kernel():
@@ -369,8 +482,18 @@ def test_bad_inputs_raise_before_any_kernel():
         FF.bias_dropout(torch.tensor(1.0), torch.randn(1))
 
 
-def test_unusable_backend_says_why():
-    with pytest.raises(fusedreg.BackendUnavailableError, match="cuda"):
-        fusedreg.set_backend("cuda")
+@pytest.mark.parametrize("backend", fusedreg.BACKENDS)
+def test_set_backend_agrees_with_backend_status(backend):
+    # Whatever this machine has: a backend that backend_status() calls available is
+    # accepted, any other is refused with that same reason.
+    why = fusedreg.backend_status()[backend]
+    if why == "available":
+        fusedreg.set_backend(backend)
+        assert fusedreg.get_backend() == backend
+    else:
+        with pytest.raises(fusedreg.BackendUnavailableError, match=re.escape(why)):
+            fusedreg.set_backend(backend)
+        assert fusedreg.get_backend() == "auto"
     with pytest.raises(ValueError, match="unknown backend"):
         fusedreg.set_backend("tpu")
+

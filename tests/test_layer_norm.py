@@ -1,6 +1,8 @@
 """layer_norm, rms_norm and dropout_add_layer_norm on every backend that runs on CPU tensors
 (reference, cpu, and triton under the interpreter), against a float64 torch oracle under the
-rule of tests/tolerances.py: error <= FACTOR * torch's own error at the same dtype + atol."""
+rule of tests/tolerances.py: error <= FACTOR * torch's own error at the same dtype + atol; and
+the triton and cuda backends on CUDA tensors against the reference (skipped without a GPU,
+"needs a CUDA GPU"; on a GPU a backend that cannot serve layer_norm fails with the reason)."""
 import math
 
 import pytest
@@ -9,14 +11,16 @@ import torch.nn.functional as TF
 from torch.library import opcheck
 
 import fusedreg
+from fusedreg import backends
 from fusedreg import functional as F
-from fusedreg.ops import layer_norm as ln_ops
 from fusedreg.reference.philox import dropout_scale
 
-from conftest import cpu_backends, gpu_backends
-from tolerances import FACTOR, NORM_ATOL
+from _helpers import device_cases, serving
+from conftest import cpu_backends
+from tolerances import FACTOR, NORM_ATOL, NORM_GPU
 
-BACKENDS = cpu_backends("layer_norm")
+OP = "layer_norm"
+BACKENDS = cpu_backends(OP)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Backends for the large or float64-gradcheck tests: the Triton interpreter is too slow there.
 FAST = [b for b in BACKENDS if b != "triton"]
@@ -227,7 +231,8 @@ def test_backward_is_bitwise_deterministic(backend):
         assert torch.equal(g1, g2)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
+@pytest.mark.skipif("triton" not in BACKENDS,
+                    reason="the triton backend does not run on CPU tensors here (needs TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("shape", [(3, 1151), (2, 1000)], ids=str)  # N % 4 != 0 and == 0
 def test_triton_chunked_rows_match_reference(shape, monkeypatch):
     """Rows longer than the largest block are walked in chunks (what N = 262,144 takes on a
@@ -290,7 +295,7 @@ def _op_samples():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    fwd_op, bwd_op = ln_ops.OPS[backend]
+    fwd_op, bwd_op = backends.implementation(OP, backend)
     for args in _op_samples():
         opcheck(fwd_op, args)
         x, r, w, b, eps, p, seed, rms, h_dtype, store_h = args
@@ -411,20 +416,27 @@ def test_bad_input_raises_before_any_kernel(i, monkeypatch):
     def no_kernel(*args, **kwargs):
         raise AssertionError("a kernel ran on bad input")
 
-    for backend in list(ln_ops.OPS):
-        monkeypatch.setitem(ln_ops.OPS, backend, (no_kernel, no_kernel))
+    # Every registered implementation is replaced (resolve() caches backend names, not
+    # implementations, so the replacement is what a call reaches).
+    kernels = type(backends.implementation(OP, "reference"))
+    registered = [b for b in fusedreg.BACKENDS if (OP, b) in backends._REGISTRY]
+    assert "reference" in registered
+    for backend in registered:
+        monkeypatch.setitem(backends._REGISTRY, (OP, backend), kernels(no_kernel, no_kernel))
+    with pytest.raises(AssertionError, match="a kernel ran"):  # the replacement is reached
+        F.layer_norm(_data((3, 4), torch.float32), (4,))
     exc, call = _bad_calls()[i]
     with pytest.raises(exc):
         call()
 
 
-@pytest.mark.parametrize("backend", gpu_backends("layer_norm"))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(33, 1023), (4, 4096), (2, 262144), (64, 8)], ids=str)
-def test_gpu_backends_match_reference(backend, dtype, shape):
+@pytest.mark.parametrize("backend,device,dtype,shape", device_cases(
+    OP, [], [(d, s) for d in DTYPES for s in [(33, 1023), (4, 4096), (2, 262144), (64, 8)]]))
+def test_gpu_backends_match_reference(backend, device, dtype, shape):
     """CUDA tensors (run where a GPU is present): every switch against the reference backend
-    on the same device and the float64 rule, and a bitwise-deterministic backward."""
-    dev = torch.device("cuda")
+    on the same device, and a bitwise-deterministic backward."""
+    serving(OP, backend, device)
+    dev = torch.device(device)
     x = _data(shape, dtype).to(dev)
     r = _data(shape, dtype, 2).to(dev)
     w = _data(shape[-1:], torch.float32, 3).to(dev)
@@ -442,9 +454,11 @@ def test_gpu_backends_match_reference(backend, dtype, shape):
             out2, grads2 = _run(fn, [x, r, w, b], grads_out[:n_out])
         with fusedreg.use_backend("reference"):
             rout, rgrads = _run(fn, [x, r, w, b], grads_out[:n_out])
+        assert all(o.device == x.device for o in out)
         for a, c in zip(out + grads, rout + rgrads):
             if c is not None:
-                tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
-                torch.testing.assert_close(a.float(), c.float(), **tol)
+                torch.testing.assert_close(a.float(), c.float(), **NORM_GPU[dtype])
+        for o1, o2 in zip(out, out2):
+            assert torch.equal(o1, o2)
         for g1, g2 in zip(grads, grads2):
             assert g1 is None or torch.equal(g1, g2)

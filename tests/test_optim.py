@@ -1,5 +1,8 @@
 """fusedreg.optim: parity with torch's optimizers, the L1 proximal step, state dicts, AMP,
-bad input, and the registered ops, on every backend that runs on CPU tensors here."""
+bad input, and the registered ops (one per algorithm: "adam", "sgd", "lion"), on every backend
+that runs on CPU tensors here; and the triton and cuda backends on CUDA tensors (skipped without
+a GPU, "needs a CUDA GPU"; on a GPU a backend that cannot serve an algorithm fails with the
+reason)."""
 import copy
 import io
 import math
@@ -9,12 +12,22 @@ import torch
 
 import fusedreg
 import fusedreg.optim as fo
-from fusedreg.ops import optim as optim_ops
-from conftest import cpu_backends, gpu_backends, requires_cuda
+from fusedreg import backends
+
+from _helpers import device_cases, serving
+from conftest import cpu_backends
 from tolerances import OPTIM_LOWP, OPTIM_PARITY
 
-BACKENDS = cpu_backends("optim")
+ALGORITHMS = ("adam", "sgd", "lion")  # the registry's op names, one per algorithm
+# Every backend that runs one of the algorithms on CPU tensors here: the tests step all three
+# with it, so a backend that serves only some of them fails there instead of being left out.
+BACKENDS = [b for b in fusedreg.BACKENDS if any(b in cpu_backends(a) for a in ALGORITHMS)]
 FUSED = [b for b in BACKENDS if b != "reference"]
+
+
+def _algo(cls) -> str:
+    """The op a fusedreg.optim class steps with."""
+    return {fo.Adam: "adam", fo.AdamW: "adam", fo.SGD: "sgd", fo.Lion: "lion"}[cls]
 
 
 def _tol(backend, dtype):
@@ -421,76 +434,94 @@ def test_device_without_backend_raises_before_any_write():
 
 # ---- the registered ops ---------------------------------------------------------------------
 def _op_args(algo, n=37, amsgrad=True):
+    """(tensor lists, hyperparameters): the ops take the lists positionally and every
+    hyperparameter by keyword."""
     torch.manual_seed(0)
     ps = [torch.randn(n), torch.randn(2 * n + 1)]
     gs = [torch.randn_like(p) for p in ps]
     z = lambda: [torch.rand_like(p) for p in ps]  # noqa: E731
     if algo == "adam":
-        return (ps, gs, z(), z(), z() if amsgrad else [], [3.0, 4.0], 1e-2, 0.9, 0.999, 1e-8, 0.1,
-                0.01, amsgrad, False, True, 0.5)
+        return (ps, gs, z(), z(), z() if amsgrad else [], [3.0, 4.0]), dict(
+            lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, l1=0.01,
+            amsgrad=amsgrad, maximize=False, decoupled=True, inv_scale=0.5)
     if algo == "sgd":
-        return (ps, gs, z(), 1e-2, 0.9, 0.0, 0.1, 0.01, True, False, False, False, 1.0)
-    return (ps, gs, z(), 1e-2, 0.9, 0.99, 0.1, 0.01, True, 1.0)
+        return (ps, gs, z()), dict(
+            lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=0.1, l1=0.01, nesterov=True,
+            maximize=False, decoupled=False, first_step=False, inv_scale=1.0)
+    return (ps, gs, z()), dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, l1=0.01,
+                               maximize=True, inv_scale=1.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("algo", ["adam", "sgd", "lion"])
+@pytest.mark.parametrize("algo", ALGORITHMS)
 def test_opcheck(backend, algo):
-    torch.library.opcheck(optim_ops.OPS[backend][algo], _op_args(algo))
+    args, kwargs = _op_args(algo)
+    torch.library.opcheck(backends.implementation(algo, backend), args, kwargs)
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("algo", ["adam", "sgd", "lion"])
+@pytest.mark.parametrize("algo", ALGORITHMS)
 def test_ops_match_reference(backend, algo):
-    ref_args, args = _op_args(algo), _op_args(algo)
-    optim_ops.OPS["reference"][algo](*ref_args)
-    optim_ops.OPS[backend][algo](*args)
+    (ref_args, ref_kw), (args, kw) = _op_args(algo), _op_args(algo)
+    backends.implementation(algo, "reference")(*ref_args, **ref_kw)
+    backends.implementation(algo, backend)(*args, **kw)
+    compared = 0
     for a, b in zip(ref_args, args):
         if isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
             for x, y in zip(a, b):
                 torch.testing.assert_close(y, x, **OPTIM_PARITY[torch.float32])
+                compared += 1
+    assert compared >= 3 * 2  # params, grads and at least one state list, two tensors each
+    before, _ = _op_args(algo)
+    assert not torch.equal(ref_args[0][0], before[0][0])  # the step did write the params
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_every_algorithm_is_registered_for_the_same_backends(algo):
+    # an optimizer's backend list is the same for the three algorithms on every device
+    for device in ("cpu", "cuda"):
+        assert backends.implemented_backends(algo, device) == backends.implemented_backends("adam", device)
+    assert "reference" in backends.implemented_backends(algo, "cpu")
 
 
 def test_cpp_op_checks_its_arguments():
     if "cpu" not in BACKENDS:
         pytest.skip("the cpu backend is not built")
-    args = list(_op_args("lion"))
+    args, kw = _op_args("lion")
+    args = list(args)
     args[1] = [args[1][0]]  # one grad for two params
     with pytest.raises(RuntimeError, match="one grad per parameter"):
-        optim_ops.OPS["cpu"]["lion"](*args)
+        backends.implementation("lion", "cpu")(*args, **kw)
     assert math.isfinite(args[0][0].sum().item())
 
 
-# ---- Triton kernels compile for the GPU targets, without a GPU -------------------------------
-
-
 # ---- GPU backends (run when a GPU is present) -------------------------------------------------
-@requires_cuda
-@pytest.mark.parametrize("backend", gpu_backends("optim"))
-@pytest.mark.parametrize("case", ["adamw", "adamw_amsgrad_max", "adam_l2", "sgd_momentum", "sgd_nesterov_max"])
-def test_gpu_parity_with_torch(backend, case):
+@pytest.mark.parametrize("backend,device,case", device_cases(
+    "adam", [], [(c,) for c in ["adamw", "adamw_amsgrad_max", "adam_l2", "sgd_momentum", "sgd_nesterov_max"]]))
+def test_gpu_parity_with_torch(backend, device, case):
     tcls, fcls, kw, second = CASES[case]
-    a, b = _model().cuda(), _model().cuda()
+    serving(_algo(fcls), backend, device)
+    a, b = _model().to(device), _model().to(device)
     ta = tcls(_groups(a, **second), foreach=False, **kw)
     fb = fcls(_groups(b, **second), **kw)
-    x, y = (t.cuda() for t in _data())
+    x, y = (t.to(device) for t in _data())
     _train(a, ta, 100, x_y=(x, y))
     with fusedreg.use_backend(backend):
         _train(b, fb, 100, x_y=(x, y))
     _assert_params(a, b, **OPTIM_PARITY[torch.float32])
 
 
-@requires_cuda
-@pytest.mark.parametrize("backend", gpu_backends("optim"))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("cls,kw", [(fo.AdamW, dict(amsgrad=True, l1=0.1)), (fo.SGD, dict(momentum=0.9, l1=0.1)),
-                                    (fo.Lion, dict(l1=0.1))])
-def test_gpu_matches_reference_on_many_tensors(backend, dtype, cls, kw):
+@pytest.mark.parametrize("backend,device,dtype,cls,kw", device_cases(
+    "adam", [], [(d, c, k) for d in [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+                 for c, k in [(fo.AdamW, dict(amsgrad=True, l1=0.1)), (fo.SGD, dict(momentum=0.9, l1=0.1)),
+                              (fo.Lion, dict(l1=0.1))]]))
+def test_gpu_matches_reference_on_many_tensors(backend, device, dtype, cls, kw):
     # 200 tensors up to 300K elements: several launches of the multi-tensor kernels
+    serving(_algo(cls), backend, device)
     torch.manual_seed(0)
     sizes = [1, 1023, 1151, 65536 + 3, 300_001] + [int(s) for s in torch.randint(1, 5000, (195,))]
-    base = [torch.randn(n, dtype=dtype, device="cuda") for n in sizes]
-    grads = [torch.randn(n, dtype=dtype, device="cuda") for n in sizes]
+    base = [torch.randn(n, dtype=dtype, device=device) for n in sizes]
+    grads = [torch.randn(n, dtype=dtype, device=device) for n in sizes]
     out = {}
     for b in ("reference", backend):
         ps = [t.clone().requires_grad_() for t in base]

@@ -63,6 +63,7 @@ def _worker(rank, world, init_file, out_file, cls):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned gloo processes
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 @pytest.mark.parametrize("cls", ["adamw", "sgd"])
 def test_fsdp2_two_processes_match_one(cls):

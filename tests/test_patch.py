@@ -1,9 +1,6 @@
-"""fusedreg.patch / fusedreg.unpatch (issue 5, items 1, 3 and 8) on a small torch model.
-
-Where this build's fusedreg.nn lacks LayerNorm or RMSNorm, a stand-in subclass takes its place
-(the ``fused`` fixture) so that the swap mechanism is still tested; with the real classes
-present the same tests run on them.
-"""
+"""fusedreg.patch / fusedreg.unpatch on a small torch model: every torch LayerNorm, RMSNorm and
+Dropout becomes the fusedreg.nn class of the same name in place (docs/design.md, "Modules and
+drop-in use"), and unpatch restores them."""
 import copy
 import logging
 import sys
@@ -14,28 +11,11 @@ from torch import nn
 
 import fusedreg
 import fusedreg.nn as fnn
+from _helpers import FUSED_CLASSES
 from tolerances import PATCHED_MODEL
 
 patch_module = sys.modules["fusedreg.patch"]
 patched_modules = patch_module.patched_modules
-
-
-class _StandInLayerNorm(nn.LayerNorm):
-    """Used only while fusedreg.nn has no LayerNorm: the torch forward, a distinct class."""
-
-
-class _StandInRMSNorm(nn.RMSNorm):
-    """Used only while fusedreg.nn has no RMSNorm."""
-
-
-@pytest.fixture
-def fused(monkeypatch):
-    """{torch class: fusedreg class} patch will use, stand-ins where fusedreg.nn has none."""
-    if not hasattr(fnn, "LayerNorm"):
-        monkeypatch.setattr(fnn, "LayerNorm", _StandInLayerNorm, raising=False)
-    if not hasattr(fnn, "RMSNorm"):
-        monkeypatch.setattr(fnn, "RMSNorm", _StandInRMSNorm, raising=False)
-    return {nn.LayerNorm: fnn.LayerNorm, nn.RMSNorm: fnn.RMSNorm, nn.Dropout: fnn.Dropout}
 
 
 class Block(nn.Module):
@@ -100,7 +80,7 @@ def kinds(model):
     return {name: type(m) for name, m in model.named_modules()}
 
 
-def test_patch_swaps_every_torch_module_in_place(fused):
+def test_patch_swaps_every_torch_module_in_place():
     net = make_net()
     before = kinds(net)
     objects = dict(net.named_modules())
@@ -109,25 +89,25 @@ def test_patch_swaps_every_torch_module_in_place(fused):
 
     assert fusedreg.patch(net) is net
     after = kinds(net)
-    expected = {name: fused.get(cls, cls) if cls in TORCH_CLASSES else cls for name, cls in before.items()}
+    expected = {name: FUSED_CLASSES.get(cls, cls) if cls in TORCH_CLASSES else cls for name, cls in before.items()}
     assert after == expected
     swapped = {n for n, c in before.items() if c in TORCH_CLASSES}
     assert len(swapped) == 11  # 5 LayerNorm + 3 RMSNorm + 3 Dropout
     assert set(patched_modules(net)) == swapped
     assert type(net.custom) is Net.MyLayerNorm and type(net.drop2d) is nn.Dropout2d
-    assert net.tied is net.final_norm and type(net.tied) is fused[nn.LayerNorm]
+    assert net.tied is net.final_norm and type(net.tied) is FUSED_CLASSES[nn.LayerNorm]
     assert dict(net.named_modules()) == objects  # the same objects, nothing rebuilt
     assert [id(p) for p in net.parameters()] == params
     assert list(net.state_dict()) == keys
 
 
-def test_root_module_is_patched(fused):
+def test_root_module_is_patched():
     drop = nn.Dropout(0.3)
     assert fusedreg.patch(drop) is drop
     assert type(drop) is fnn.Dropout and drop.p == 0.3
 
 
-def test_eval_outputs_equal_and_state_dict_round_trips(fused):
+def test_eval_outputs_equal_and_state_dict_round_trips():
     net = make_net()
     ref = copy.deepcopy(net).eval()
     fusedreg.patch(net).eval()
@@ -139,7 +119,7 @@ def test_eval_outputs_equal_and_state_dict_round_trips(fused):
     torch.testing.assert_close(other.eval()(x), ref(x), atol=0, rtol=0)
 
 
-def test_optimizer_built_before_patch_still_works(fused):
+def test_optimizer_built_before_patch_still_works():
     net = make_net()
     twin = copy.deepcopy(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -158,7 +138,7 @@ def test_optimizer_built_before_patch_still_works(fused):
     assert not torch.equal(net.final_norm.weight, make_net().final_norm.weight)
 
 
-def test_patched_dropout_is_fusedregs_and_trains(fused):
+def test_patched_dropout_is_fusedregs_and_trains():
     net = make_net()
     fusedreg.patch(net).train()
     x = torch.randn(64, 24) + 0.5
@@ -172,7 +152,7 @@ def test_patched_dropout_is_fusedregs_and_trains(fused):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
 
 
-def test_patch_twice_changes_nothing_and_unpatch_restores(fused):
+def test_patch_twice_changes_nothing_and_unpatch_restores():
     net = make_net()
     before = kinds(net)
     dicts = {n: set(vars(m)) for n, m in net.named_modules()}
@@ -191,22 +171,42 @@ def test_patch_twice_changes_nothing_and_unpatch_restores(fused):
     assert fusedreg.unpatch(net) is net  # nothing left to restore: a no-op
 
 
-def test_options_switch_kinds_off(fused):
+def test_options_switch_kinds_off():
     net = fusedreg.patch(make_net(), dropout=False, rms_norm=False)
     assert type(net.embed[1]) is nn.Dropout and type(net.blocks[0].norm2) is nn.RMSNorm
-    assert type(net.blocks[0].norm1) is fused[nn.LayerNorm]
+    assert type(net.blocks[0].norm1) is FUSED_CLASSES[nn.LayerNorm]
     fusedreg.patch(net, layer_norm=False)  # a second call can add the other kinds
-    assert type(net.embed[1]) is fnn.Dropout and type(net.blocks[0].norm2) is fused[nn.RMSNorm]
+    assert type(net.embed[1]) is fnn.Dropout and type(net.blocks[0].norm2) is FUSED_CLASSES[nn.RMSNorm]
 
 
-def test_missing_fusedreg_class_leaves_torch_modules(monkeypatch, caplog):
-    monkeypatch.delattr(fnn, "RMSNorm", raising=False)
+def test_patch_logs_every_swap(caplog):
     net = make_net()
     with caplog.at_level(logging.INFO, logger="fusedreg.patch"):
         fusedreg.patch(net)
-    assert type(net.blocks[1].norm2) is nn.RMSNorm
-    assert "no RMSNorm" in caplog.text
     assert "blocks.0.drop: torch.nn.Dropout -> fusedreg.nn.Dropout" in caplog.text
+    assert "blocks.1.norm2: torch.nn.RMSNorm -> fusedreg.nn.RMSNorm" in caplog.text
+    assert "embed.2: torch.nn.LayerNorm -> fusedreg.nn.LayerNorm" in caplog.text
+    assert "replaced 11 module(s) in Net" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fusedreg.patch"):
+        fusedreg.unpatch(net)
+    assert "blocks.0.drop: fusedreg.nn.Dropout -> torch.nn.Dropout" in caplog.text
+    assert "restored 11 module(s) in Net" in caplog.text
+
+
+def test_patch_swaps_in_the_drop_in_subclasses():
+    # what patch swaps in is fusedreg.nn's class of the same name, a subclass of torch's
+    for torch_cls, cls in FUSED_CLASSES.items():
+        assert cls is getattr(fnn, torch_cls.__name__) and issubclass(cls, torch_cls)
+        module = torch_cls(4) if torch_cls is not nn.Dropout else torch_cls(0.25)
+        assert type(fusedreg.patch(module)) is cls
+
+
+def _replace_target(monkeypatch, option, cls):
+    """Makes patch swap in ``cls`` for ``option`` (patch's table holds the fusedreg.nn
+    classes themselves, bound at import)."""
+    torch_cls, _, construct = patch_module._TARGETS[option]
+    monkeypatch.setitem(patch_module._TARGETS, option, (torch_cls, cls, construct))
 
 
 def test_fusedreg_constructor_attributes_are_added_and_removed(monkeypatch):
@@ -219,26 +219,28 @@ def test_fusedreg_constructor_attributes_are_added_and_removed(monkeypatch):
             assert self.backend == "auto"
             return super().forward(x)
 
-    monkeypatch.setattr(fnn, "LayerNorm", WithBackend, raising=False)
+    _replace_target(monkeypatch, "layer_norm", WithBackend)
     net = fusedreg.patch(make_net())
+    assert type(net.final_norm) is WithBackend
     assert net.final_norm.backend == "auto"
     net(make_input())
     fusedreg.unpatch(net)
+    assert type(net.final_norm) is nn.LayerNorm
     assert "backend" not in vars(net.final_norm)
 
 
 @pytest.mark.parametrize("bad", ["not_a_subclass", "extra_parameter"])
 def test_fusedreg_class_that_is_no_drop_in_is_refused(monkeypatch, bad):
-    if bad == "not_a_subclass":
+    if bad == "not_a_subclass":  # cannot be built with LayerNorm's arguments
         cls = type("LayerNorm", (nn.Module,), {})
-        match = "not a subclass"
+        match = "cannot build fusedreg.nn.LayerNorm"
     else:
         class cls(nn.LayerNorm):
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
                 self.scale = nn.Parameter(torch.ones(()))
         match = "scale"
-    monkeypatch.setattr(fnn, "LayerNorm", cls, raising=False)
+    _replace_target(monkeypatch, "layer_norm", cls)
     net = make_net()
     with pytest.raises(RuntimeError, match=match):
         fusedreg.patch(net, dropout=False, rms_norm=False)
@@ -259,7 +261,7 @@ def test_bad_input():
     assert patched_modules(net) == {}
 
 
-def test_compile_fullgraph_of_patched_model_matches_eager(fused):
+def test_compile_fullgraph_of_patched_model_matches_eager():
     torch._dynamo.reset()
     net = fusedreg.patch(make_net()).eval()
     x = make_input()

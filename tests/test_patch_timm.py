@@ -1,4 +1,4 @@
-"""fusedreg.patch on a timm Vision Transformer (issue 5, item 2), built with
+"""fusedreg.patch on a timm Vision Transformer, built with
 ``timm.create_model(..., pretrained=False)`` from a small config: random weights, no
 downloads. Runs when timm is installed (the ``test`` extra installs it).
 
@@ -16,7 +16,7 @@ from torch import nn
 timm = pytest.importorskip("timm")
 
 import fusedreg  # noqa: E402
-from test_patch import fused  # noqa: E402,F401  (fixture: stand-ins where fusedreg.nn lacks a norm)
+from _helpers import FUSED_CLASSES  # noqa: E402
 from tolerances import PATCHED_MODEL  # noqa: E402
 
 patched_modules = sys.modules["fusedreg.patch"].patched_modules
@@ -52,7 +52,7 @@ def images(batch=3):
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_patch_replaces_the_torch_modules_of_a_vit(fused, config):
+def test_patch_replaces_the_torch_modules_of_a_vit(config):
     model = build(config)
     expected = CONFIGS[config][1]
     params = {n: id(p) for n, p in model.named_parameters()}
@@ -64,7 +64,7 @@ def test_patch_replaces_the_torch_modules_of_a_vit(fused, config):
         got[original] = got.get(original, 0) + 1
     assert got == expected
     assert [n for n, m in model.named_modules() if type(m) in (nn.LayerNorm, nn.Dropout)] == []
-    assert all(type(m) is fused[orig] for m, (orig, _) in
+    assert all(type(m) is FUSED_CLASSES[orig] for m, (orig, _) in
                ((model.get_submodule(n), v) for n, v in replaced.items()))
     assert {n: id(p) for n, p in model.named_parameters()} == params
     assert list(model.state_dict()) == keys
@@ -73,7 +73,7 @@ def test_patch_replaces_the_torch_modules_of_a_vit(fused, config):
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_patched_vit_eval_output_equals_unpatched(fused, config):
+def test_patched_vit_eval_output_equals_unpatched(config):
     model = build(config).eval()
     ref = copy.deepcopy(model)
     fusedreg.patch(model)
@@ -83,7 +83,7 @@ def test_patched_vit_eval_output_equals_unpatched(fused, config):
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_vit_training_step_runs_with_optimizer_built_before_patch(fused, config):
+def test_vit_training_step_runs_with_optimizer_built_before_patch(config):
     model = build(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -99,7 +99,7 @@ def test_vit_training_step_runs_with_optimizer_built_before_patch(fused, config)
     assert moved == set(before)  # every parameter, the norms' included, was trained
 
 
-def test_vit_train_mode_dropout_is_fusedreg_and_unpatch_restores(fused):
+def test_vit_train_mode_dropout_is_fusedreg_and_unpatch_restores():
     model = build("torch_norms").train()
     x = images()
     fusedreg.patch(model)

@@ -1,4 +1,4 @@
-"""fusedreg.patch on real model code that nobody here wrote (issue 5, item 2): Hugging Face
+"""fusedreg.patch on real model code that nobody here wrote: Hugging Face
 transformers GPT-2, BERT and Llama built from small configs with random weights (no
 downloads). Runs when transformers is installed (the ``test`` extra installs it)."""
 import copy
@@ -12,7 +12,6 @@ transformers = pytest.importorskip("transformers")
 
 import fusedreg  # noqa: E402
 import fusedreg.nn as fnn  # noqa: E402
-from test_patch import fused  # noqa: E402,F401  (fixture: stand-ins where fusedreg.nn lacks a norm)
 from tolerances import PATCHED_MODEL  # noqa: E402
 
 patched_modules = sys.modules["fusedreg.patch"].patched_modules
@@ -69,7 +68,7 @@ def class_key(m):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_patch_replaces_norms_and_dropout_keeping_parameters(fused, name):
+def test_patch_replaces_norms_and_dropout_keeping_parameters(name):
     model = build(name)
     counts = {}
     for m in model.modules():
@@ -89,7 +88,7 @@ def test_patch_replaces_norms_and_dropout_keeping_parameters(fused, name):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_patched_eval_output_equals_unpatched(fused, name):
+def test_patched_eval_output_equals_unpatched(name):
     model = build(name).eval()
     ref = copy.deepcopy(model)
     fusedreg.patch(model)
@@ -99,7 +98,7 @@ def test_patched_eval_output_equals_unpatched(fused, name):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_training_step_runs_with_optimizer_built_before_patch(fused, name):
+def test_training_step_runs_with_optimizer_built_before_patch(name):
     model = build(name).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -117,7 +116,7 @@ def test_training_step_runs_with_optimizer_built_before_patch(fused, name):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_unpatch_restores_the_original_modules(fused, name):
+def test_unpatch_restores_the_original_modules(name):
     model = build(name).eval()
     objects = {n: m for n, m in model.named_modules()}
     kinds = {n: type(m) for n, m in objects.items()}
@@ -132,7 +131,7 @@ def test_unpatch_restores_the_original_modules(fused, name):
         torch.testing.assert_close(logits(model, ids), expected, atol=0, rtol=0)
 
 
-def test_llama_norms_become_fusedreg_rmsnorm_with_the_same_weight(fused):
+def test_llama_norms_become_fusedreg_rmsnorm_with_the_same_weight():
     model = build("llama")
     norm = model.model.layers[1].post_attention_layernorm
     fusedreg.patch(model)
@@ -142,7 +141,7 @@ def test_llama_norms_become_fusedreg_rmsnorm_with_the_same_weight(fused):
     assert model.model.norm.weight is model.get_submodule("model.norm").weight
 
 
-def test_rmsnorm_with_other_semantics_is_left_alone(fused):
+def test_rmsnorm_with_other_semantics_is_left_alone():
     # GemmaRMSNorm scales by (1 + weight): not Llama's forward, so not replaced
     gemma = pytest.importorskip("transformers.models.gemma.modeling_gemma")
     model = nn.Sequential(nn.Linear(8, 8), gemma.GemmaRMSNorm(8))
@@ -150,7 +149,7 @@ def test_rmsnorm_with_other_semantics_is_left_alone(fused):
     assert type(model[1]) is gemma.GemmaRMSNorm and patched_modules(model) == {}
 
 
-def test_compile_fullgraph_of_patched_gpt2_matches_eager(fused):
+def test_compile_fullgraph_of_patched_gpt2_matches_eager():
     torch._dynamo.reset()
     model = fusedreg.patch(build("gpt2")).eval()
     ids = tokens()

@@ -1,4 +1,4 @@
-"""examples/train_gpt.py (issue 5, item 6) runs end to end on a tiny configuration: both runs,
+"""examples/train_gpt.py runs end to end on a tiny configuration: both runs,
 the loss CSV, and the same starting point for plain torch and fusedreg."""
 import csv
 import importlib.util

@@ -1,4 +1,4 @@
-"""examples/train_gpt.py under FSDP2 (issue 5, item 7): two gloo ranks launched with torchrun
+"""examples/train_gpt.py under FSDP2: two gloo ranks launched with torchrun
 reach the losses of one process over a few steps, for both runs (plain torch with
 torch.optim.AdamW, and the patched model with fusedreg.optim.AdamW stepping the DTensor
 parameters on their local shards)."""
@@ -35,6 +35,7 @@ def torchrun(args, out, nproc=2):
     return losses
 
 
+@pytest.mark.slow  # torchrun, two gloo ranks
 def test_two_ranks_reach_the_losses_of_one_process(tmp_path):
     # no dropout: the masks of 2 ranks (per-rank seeds over half batches) cannot equal those of
     # one process over the whole batch; everything else (weights, batches) is the same
@@ -51,6 +52,7 @@ def test_two_ranks_reach_the_losses_of_one_process(tmp_path):
     assert one["torch"][-1] < one["torch"][0]  # it trains
 
 
+@pytest.mark.slow  # torchrun, two gloo ranks
 def test_fsdp_with_dropout_and_l1_trains(tmp_path):
     # dropout masks per rank, the l1 step of fusedreg.optim.AdamW on the local shards
     got = torchrun(FSDP_TINY + ["--dropout", "0.1", "--l1", "1e-4", "--runs", "fusedreg"], tmp_path)

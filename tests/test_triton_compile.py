@@ -31,6 +31,7 @@ def test_discovery_finds_the_op_modules():
     assert "fusedreg.triton.philox" not in MODULES
 
 
+@pytest.mark.slow  # one subprocess compiles every spec for both targets: ~30-80 s on 2 cores
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("module", MODULES)
 def test_compiles_without_spills(compiled, module, arch):

@@ -1,0 +1,53 @@
+"""Helpers shared by the per-op test modules: backend x device parametrization with cases
+that depend on the device, and the check that a GPU backend can serve the op it is asked for.
+"""
+import pytest
+from torch import nn
+
+import fusedreg.nn as fnn
+from conftest import backend_params, gpu_backend_or_fail
+
+# torch class -> the fusedreg.nn class that fusedreg.patch swaps in for it
+FUSED_CLASSES = {nn.LayerNorm: fnn.LayerNorm, nn.RMSNorm: fnn.RMSNorm, nn.Dropout: fnn.Dropout}
+
+
+def _case_id(case) -> str:
+    parts = []
+    for v in case:
+        if isinstance(v, tuple):
+            parts.append("x".join(map(str, v)))
+        elif hasattr(v, "is_floating_point"):  # a torch.dtype
+            parts.append(str(v).replace("torch.", ""))
+        elif isinstance(v, type):
+            parts.append(v.__name__)
+        elif isinstance(v, dict):
+            parts.append(",".join(f"{k}={x}" for k, x in v.items()) or "defaults")
+        else:
+            parts.append(str(v))
+    return "-".join(parts)
+
+
+def device_cases(op: str, cpu_cases, gpu_cases=None, keep=None) -> list:
+    """pytest params ``(backend, device, *case)``: each CPU backend of ``op`` with every case of
+    ``cpu_cases``, and each GPU backend (triton, cuda; skipped with the reason where there is
+    no GPU) with every case of ``gpu_cases`` (``cpu_cases`` if None). A case is a tuple of
+    the test's remaining arguments. ``keep(backend, device, *case)``, if given, drops the
+    cases for which it returns False (the Triton interpreter is too slow for some)."""
+    params = []
+    for bp in backend_params(op):
+        backend, device = bp.values[0]
+        cases = cpu_cases if device == "cpu" else (cpu_cases if gpu_cases is None else gpu_cases)
+        for case in cases:
+            if keep is not None and not keep(backend, device, *case):
+                continue
+            params.append(pytest.param(backend, device, *case, marks=bp.marks,
+                                       id=f"{bp.id}-{_case_id(case)}" if case else bp.id))
+    return params
+
+
+def serving(op: str, backend: str, device: str) -> str:
+    """``backend``, after checking that it can serve ``op`` on ``device``: on a GPU machine a
+    GPU backend that cannot fails the test with the reason (nothing is silently skipped)."""
+    if device == "cuda":
+        gpu_backend_or_fail(op, backend)
+    return backend
