@@ -2,9 +2,10 @@
 // (LayerNorm, or RMSNorm when rms). The math is written out in fusedreg/reference/layer_norm.py.
 //
 // x, residual, h, y, dy: (M, N) contiguous rows; weight, bias: (N,); mean, rstd: (M,).
-// Rows are spread over threads; each row is copied once into an fp32 scratch row (L1/L2
-// resident) so the statistics and the output read it from cache, and the dropout uniforms of
-// a row are drawn in bulk (fusedreg/cpu/uniforms.h). Sums run in blocks of kSumBlock (a
+// Row blocks are spread over threads by cpu::for_each_task (fusedreg/cpu/scheduler.h). Each
+// row is copied once into an fp32 scratch row (L1/L2 resident) so the statistics and the
+// output read it from cache, and the dropout uniforms of a row are drawn in bulk
+// (fusedreg/cpu/uniforms.h). Sums run in blocks of kSumBlock (a
 // two-level sum: error ~ sqrt(N / kSumBlock) * kSumBlock * eps instead of N * eps).
 //
 // grad_weight / grad_bias: the rows are cut into row blocks that depend only on (M, N); each
@@ -18,7 +19,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <memory>
@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "fusedreg/cpu/alloc.h"
+#include "fusedreg/cpu/scheduler.h"
 #include "fusedreg/host.h"
 #include "fusedreg/cpu/uniforms.h"
 #include "fusedreg/philox.h"
@@ -49,65 +50,7 @@ FUSEDREG_CPU_CLONES void row_uniforms(uint64_t seed, int64_t start, int64_t len,
   fill_uniforms(seed, start, len, u);
 }
 
-// Runs body(next_task) on every thread of the pool; next_task() hands out task indices
-// 0..n_tasks-1, each once, then -1. Thread i starts at the front of its own contiguous range
-// of tasks; a thread that runs out takes tasks from the back of the others' ranges. Why:
-// - dynamic rather than at::parallel_for's static split: on a shared machine a thread that
-//   is descheduled takes fewer tasks instead of holding the others at the end of the region;
-// - contiguous ranges rather than one shared counter: consecutive tasks write neighbouring
-//   rows of the fresh (huge-page advised) outputs, and two threads first-touching the same
-//   2 MiB page at once both zero a huge page in the fault handler, one of them for nothing;
-//   with one counter the threads interleave 256 KiB tasks and collide on nearly every page.
-// A range is one 64-bit word, [lo, hi) packed as two 32-bit halves, so that the owner
-// (taking lo) and a thief (taking hi - 1) claim tasks with one compare-exchange.
-template <typename Body>
-void for_each_task(int64_t n_tasks, const Body& body) {
-  const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), n_tasks);
-  if (n_threads <= 1 || n_tasks >= (int64_t(1) << 31)) {
-    std::atomic<int64_t> counter{0};
-    auto next_task = [&]() -> int64_t {
-      const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
-      return t < n_tasks ? t : -1;
-    };
-    if (n_threads <= 1) return body(next_task);
-    at::parallel_for(0, n_threads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) body(next_task);
-    });
-    return;
-  }
-  struct alignas(64) Range {
-    std::atomic<uint64_t> lo_hi;
-  };
-  std::vector<Range> ranges(n_threads);
-  for (int64_t i = 0; i < n_threads; ++i) {
-    const uint64_t lo = i * n_tasks / n_threads, hi = (i + 1) * n_tasks / n_threads;
-    ranges[i].lo_hi.store(lo | (hi << 32), std::memory_order_relaxed);
-  }
-  // Claims the front (own range) or back (another's) task of range r; -1 when it is empty.
-  auto claim = [&](int64_t r, bool front) -> int64_t {
-    std::atomic<uint64_t>& a = ranges[r].lo_hi;
-    uint64_t v = a.load(std::memory_order_relaxed);
-    for (;;) {
-      const uint64_t lo = v & 0xffffffffu, hi = v >> 32;
-      if (lo >= hi) return -1;
-      const uint64_t nv = front ? (lo + 1) | (hi << 32) : lo | ((hi - 1) << 32);
-      if (a.compare_exchange_weak(v, nv, std::memory_order_relaxed)) return front ? lo : hi - 1;
-    }
-  };
-  at::parallel_for(0, n_threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      int64_t k = 0;  // ranges emptied so far, own range first
-      auto next_task = [&]() -> int64_t {
-        for (; k < n_threads; ++k) {
-          const int64_t t = claim((i + k) % n_threads, k == 0);
-          if (t >= 0) return t;
-        }
-        return -1;
-      };
-      body(next_task);
-    }
-  });
-}
+using cpu::for_each_task;
 
 // ---- forward --------------------------------------------------------------------------------
 
