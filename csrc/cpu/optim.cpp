@@ -3,9 +3,8 @@
 // One call steps every tensor of the list: the tensors are cut into spans of kSpan elements,
 // and the concatenated list of spans is split over the threads (at::parallel_for), so that
 // many small tensors and one big tensor both use every core. Each span runs a simple loop of
-// the per-element math of fusedreg/optim_math.h that the compiler vectorizes; the loop is
-// compiled twice, for baseline x86-64 and for AVX-512, and the AVX-512 one is chosen at run
-// time when the CPU has it (the build stays portable, FUSEDREG_CPU_ARCH is not needed).
+// the per-element math of fusedreg/optim_math.h that the compiler vectorizes, at the CPU's
+// instruction-set level (fusedreg/cpu/isa.h, dispatched once per span).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,24 +12,19 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
+#include "fusedreg/cpu/isa.h"
+#include "fusedreg/macros.h"
 #include "fusedreg/optim_args.h"
 #include "fusedreg/optim_math.h"
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define FUSEDREG_HAS_AVX512_CLONE 1
-#define FUSEDREG_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")))
-#else
-#define FUSEDREG_HAS_AVX512_CLONE 0
-#define FUSEDREG_TARGET_AVX512
-#endif
-#define FUSEDREG_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace fusedreg {
 namespace {
 
 using namespace fusedreg::optim;
+using cpu::dispatch_isa;
 
 constexpr int64_t kSpan = 1 << 15;  // elements per task: 128 KiB of fp32 per stream
 
@@ -66,16 +60,6 @@ Plan make_plan(at::TensorList params) {
   return plan;
 }
 
-bool cpu_has_avx512() {
-#if FUSEDREG_HAS_AVX512_CLONE
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has;
-#else
-  return false;
-#endif
-}
-
 // Runs fn(span) over all spans, one task per thread at a time.
 template <typename F>
 void parallel_spans(const Plan& plan, const F& fn) {
@@ -85,10 +69,10 @@ void parallel_spans(const Plan& plan, const F& fn) {
   });
 }
 
-// ---- the loops (one body, two instruction sets) -----------------------------------------
+// ---- the loops (force-inlined into each instruction-set variant of the dispatch) --------
 // p, g: parameter and gradient (T); m, v, vm / buf: state (S); n elements.
 template <typename T, typename S, bool AMS, bool L1>
-FUSEDREG_ALWAYS_INLINE void adam_loop(const AdamConsts<S>& cref, S nss, S bc2, T* p, const T* g,
+inline FUSEDREG_ALWAYS_INLINE void adam_loop(const AdamConsts<S>& cref, S nss, S bc2, T* p, const T* g,
                                       S* m, S* v, S* vm, int64_t n) {
   // A local copy: the constants cannot alias the stores, so they stay in registers and the
   // selects on them (lerp's form) are if-converted instead of blocking vectorization.
@@ -104,7 +88,7 @@ FUSEDREG_ALWAYS_INLINE void adam_loop(const AdamConsts<S>& cref, S nss, S bc2, T
 }
 
 template <typename T, typename S, bool MOM, bool L1>
-FUSEDREG_ALWAYS_INLINE void sgd_loop(const SgdConsts<S>& cref, T* p, const T* g, S* buf, int64_t n) {
+inline FUSEDREG_ALWAYS_INLINE void sgd_loop(const SgdConsts<S>& cref, T* p, const T* g, S* buf, int64_t n) {
   const SgdConsts<S> c = cref;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -115,7 +99,7 @@ FUSEDREG_ALWAYS_INLINE void sgd_loop(const SgdConsts<S>& cref, T* p, const T* g,
 }
 
 template <typename T, typename S, bool L1>
-FUSEDREG_ALWAYS_INLINE void lion_loop(const LionConsts<S>& cref, T* p, const T* g, S* m, int64_t n) {
+inline FUSEDREG_ALWAYS_INLINE void lion_loop(const LionConsts<S>& cref, T* p, const T* g, S* m, int64_t n) {
   const LionConsts<S> c = cref;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -125,41 +109,14 @@ FUSEDREG_ALWAYS_INLINE void lion_loop(const LionConsts<S>& cref, T* p, const T* 
   }
 }
 
-// ISA::kBase / kAvx512 instantiate the same loop for each instruction set.
-#define FUSEDREG_DEFINE_ISA_VARIANTS(NAME, TPARAMS, TARGS, PARAMS, ARGS) \
-  template <TPARAMS>                                                    \
-  void NAME##_base PARAMS { NAME##_loop<TARGS> ARGS; }                  \
-  template <TPARAMS>                                                    \
-  FUSEDREG_TARGET_AVX512 void NAME##_avx512 PARAMS { NAME##_loop<TARGS> ARGS; }
-
-#define COMMA ,
-FUSEDREG_DEFINE_ISA_VARIANTS(adam, typename T COMMA typename S COMMA bool AMS COMMA bool L1,
-                             T COMMA S COMMA AMS COMMA L1,
-                             (const AdamConsts<S>& c, S nss, S bc2, T* p, const T* g, S* m, S* v, S* vm, int64_t n),
-                             (c, nss, bc2, p, g, m, v, vm, n))
-FUSEDREG_DEFINE_ISA_VARIANTS(sgd, typename T COMMA typename S COMMA bool MOM COMMA bool L1,
-                             T COMMA S COMMA MOM COMMA L1,
-                             (const SgdConsts<S>& c, T* p, const T* g, S* buf, int64_t n),
-                             (c, p, g, buf, n))
-FUSEDREG_DEFINE_ISA_VARIANTS(lion, typename T COMMA typename S COMMA bool L1, T COMMA S COMMA L1,
-                             (const LionConsts<S>& c, T* p, const T* g, S* m, int64_t n),
-                             (c, p, g, m, n))
-#undef COMMA
-
-// One span with the loop of the best instruction set.
-template <typename T, typename S, bool AMS, bool L1>
-void adam_span(bool avx512, const AdamConsts<S>& c, S nss, S bc2, T* p, const T* g, S* m, S* v,
-               S* vm, int64_t n) {
-  avx512 ? adam_avx512<T, S, AMS, L1>(c, nss, bc2, p, g, m, v, vm, n)
-         : adam_base<T, S, AMS, L1>(c, nss, bc2, p, g, m, v, vm, n);
-}
-template <typename T, typename S, bool MOM, bool L1>
-void sgd_span(bool avx512, const SgdConsts<S>& c, T* p, const T* g, S* buf, int64_t n) {
-  avx512 ? sgd_avx512<T, S, MOM, L1>(c, p, g, buf, n) : sgd_base<T, S, MOM, L1>(c, p, g, buf, n);
-}
-template <typename T, typename S, bool L1>
-void lion_span(bool avx512, const LionConsts<S>& c, T* p, const T* g, S* m, int64_t n) {
-  avx512 ? lion_avx512<T, S, L1>(c, p, g, m, n) : lion_base<T, S, L1>(c, p, g, m, n);
+// f(std::bool_constant<b>) for the runtime b: the loops' switches are template parameters.
+template <typename F>
+void with_bool(bool b, const F& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
 }
 
 template <typename S>
@@ -180,7 +137,6 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
               "fusedreg::adam_step: expected one state tensor and one step per parameter");
   if (params.empty()) return;
   const Plan spans = make_plan(params);
-  const bool avx512 = cpu_has_avx512();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_step", [&] {
     using S = at::opmath_type<scalar_t>;
     const AdamConsts<S> c = make_adam_consts<S>(lr, beta1, beta2, eps, weight_decay, l1, maximize,
@@ -192,22 +148,21 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       nss[t] = S(a);
       bc2[t] = S(b);
     }
-    const bool has_l1 = l1 != 0.0;
-    parallel_spans(spans, [&](const Span& s) {
-      scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
-      const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
-      S* m = state_ptr<S>(exp_avgs, s);
-      S* v = state_ptr<S>(exp_avg_sqs, s);
-      S* vm = amsgrad ? state_ptr<S>(max_exp_avg_sqs, s) : nullptr;
-      const int64_t n = s.end - s.begin;
-      const S a = nss[s.tensor], b = bc2[s.tensor];
-      if (amsgrad) {
-        has_l1 ? adam_span<scalar_t, S, true, true>(avx512, c, a, b, p, g, m, v, vm, n)
-               : adam_span<scalar_t, S, true, false>(avx512, c, a, b, p, g, m, v, vm, n);
-      } else {
-        has_l1 ? adam_span<scalar_t, S, false, true>(avx512, c, a, b, p, g, m, v, vm, n)
-               : adam_span<scalar_t, S, false, false>(avx512, c, a, b, p, g, m, v, vm, n);
-      }
+    with_bool(amsgrad, [&](auto ams) {
+      with_bool(l1 != 0.0, [&](auto has_l1) {
+        constexpr bool kAms = decltype(ams)::value, kL1 = decltype(has_l1)::value;
+        parallel_spans(spans, [&](const Span& s) {
+          scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
+          const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
+          S* m = state_ptr<S>(exp_avgs, s);
+          S* v = state_ptr<S>(exp_avg_sqs, s);
+          S* vm = amsgrad ? state_ptr<S>(max_exp_avg_sqs, s) : nullptr;
+          const S a = nss[s.tensor], b = bc2[s.tensor];
+          dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+            adam_loop<scalar_t, S, kAms, kL1>(c, a, b, p, g, m, v, vm, s.end - s.begin);
+          });
+        });
+      });
     });
   });
 }
@@ -222,24 +177,22 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
               "fusedreg::sgd_step: momentum needs one buffer per parameter");
   if (params.empty()) return;
   const Plan spans = make_plan(params);
-  const bool avx512 = cpu_has_avx512();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step", [&] {
     using S = at::opmath_type<scalar_t>;
     const SgdConsts<S> c = make_sgd_consts<S>(lr, momentum, dampening, weight_decay, l1, nesterov,
                                               maximize, decoupled, first_step, inv_scale);
-    const bool has_l1 = l1 != 0.0;
-    parallel_spans(spans, [&](const Span& s) {
-      scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
-      const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
-      S* buf = has_momentum ? state_ptr<S>(momentum_buffers, s) : nullptr;
-      const int64_t n = s.end - s.begin;
-      if (has_momentum) {
-        has_l1 ? sgd_span<scalar_t, S, true, true>(avx512, c, p, g, buf, n)
-               : sgd_span<scalar_t, S, true, false>(avx512, c, p, g, buf, n);
-      } else {
-        has_l1 ? sgd_span<scalar_t, S, false, true>(avx512, c, p, g, buf, n)
-               : sgd_span<scalar_t, S, false, false>(avx512, c, p, g, buf, n);
-      }
+    with_bool(has_momentum, [&](auto mom) {
+      with_bool(l1 != 0.0, [&](auto has_l1) {
+        constexpr bool kMom = decltype(mom)::value, kL1 = decltype(has_l1)::value;
+        parallel_spans(spans, [&](const Span& s) {
+          scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
+          const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
+          S* buf = has_momentum ? state_ptr<S>(momentum_buffers, s) : nullptr;
+          dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+            sgd_loop<scalar_t, S, kMom, kL1>(c, p, g, buf, s.end - s.begin);
+          });
+        });
+      });
     });
   });
 }
@@ -251,18 +204,19 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   TORCH_CHECK(exp_avgs.size() == params.size(), "fusedreg::lion_step: one exp_avg per parameter");
   if (params.empty()) return;
   const Plan spans = make_plan(params);
-  const bool avx512 = cpu_has_avx512();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "lion_step", [&] {
     using S = at::opmath_type<scalar_t>;
     const LionConsts<S> c = make_lion_consts<S>(lr, beta1, beta2, weight_decay, l1, maximize, inv_scale);
-    const bool has_l1 = l1 != 0.0;
-    parallel_spans(spans, [&](const Span& s) {
-      scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
-      const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
-      S* m = state_ptr<S>(exp_avgs, s);
-      const int64_t n = s.end - s.begin;
-      has_l1 ? lion_span<scalar_t, S, true>(avx512, c, p, g, m, n)
-             : lion_span<scalar_t, S, false>(avx512, c, p, g, m, n);
+    with_bool(l1 != 0.0, [&](auto has_l1) {
+      constexpr bool kL1 = decltype(has_l1)::value;
+      parallel_spans(spans, [&](const Span& s) {
+        scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
+        const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
+        S* m = state_ptr<S>(exp_avgs, s);
+        dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+          lion_loop<scalar_t, S, kL1>(c, p, g, m, s.end - s.begin);
+        });
+      });
     });
   });
 }

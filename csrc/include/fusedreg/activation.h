@@ -33,7 +33,7 @@ struct GeluConst {
 // gelu_tanh uses 0.5 * (1 + tanh(u)) == sigmoid(2u), which has no cancellation near u = 0,
 // and 1 - tanh(u)^2 == 4 s (1 - s) with s = sigmoid(2u).
 template <Activation A, typename T, typename M = StdMath>
-FUSEDREG_INLINE T activate(T z) {
+FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE T activate(T z) {
   if constexpr (A == Activation::kNone) {
     return z;
   } else if constexpr (A == Activation::kRelu) {
@@ -50,7 +50,7 @@ FUSEDREG_INLINE T activate(T z) {
 
 // d act(z) / dz
 template <Activation A, typename T, typename M = StdMath>
-FUSEDREG_INLINE T activate_grad(T z) {
+FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE T activate_grad(T z) {
   if constexpr (A == Activation::kNone) {
     return T(1);
   } else if constexpr (A == Activation::kRelu) {

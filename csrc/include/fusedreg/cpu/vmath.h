@@ -15,18 +15,13 @@
 #include <cstdint>
 #include <cstring>
 
-// Element loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
-// (GCC/Clang function multiversioning), so the build stays portable.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
-#define FUSEDREG_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FUSEDREG_CPU_CLONES
-#endif
+#include "fusedreg/macros.h"
 
 namespace fusedreg {
 namespace cpu {
 
-inline float vexp(float x) {
+// Force-inlined, as everything a dispatched loop calls (fusedreg/cpu/isa.h).
+inline FUSEDREG_ALWAYS_INLINE float vexp(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   // n = round(x / ln2) by the 1.5 * 2^23 trick, which vectorizes on any x86-64 (no SSE4.1)
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -45,7 +40,7 @@ inline float vexp(float x) {
   return p * scale;
 }
 
-inline float verf(float x) {
+inline FUSEDREG_ALWAYS_INLINE float verf(float x) {
   const float z = std::fabs(x);
   const float t = 1.0f / (1.0f + 0.5f * z);
   float q = 0.17087277f;
@@ -64,10 +59,10 @@ inline float verf(float x) {
 }
 
 struct VecMath {
-  static float erf(float v) { return verf(v); }
-  static double erf(double v) { return std::erf(v); }
-  static float exp(float v) { return vexp(v); }
-  static double exp(double v) { return std::exp(v); }
+  FUSEDREG_ALWAYS_INLINE static float erf(float v) { return verf(v); }
+  FUSEDREG_ALWAYS_INLINE static double erf(double v) { return std::erf(v); }
+  FUSEDREG_ALWAYS_INLINE static float exp(float v) { return vexp(v); }
+  FUSEDREG_ALWAYS_INLINE static double exp(double v) { return std::exp(v); }
 };
 
 }  // namespace cpu
