@@ -18,7 +18,6 @@
 #include "fusedreg/cpu/isa.h"
 #include "fusedreg/macros.h"
 #include "fusedreg/optim_args.h"
-#include "fusedreg/optim_math.h"
 
 namespace fusedreg {
 namespace {
@@ -35,6 +34,10 @@ struct Span {
 // The spans of all tensors, and tasks: runs of consecutive spans of at least kSpan elements
 // in all (task i = spans[task[i], task[i + 1])), so that many small tensors make few tasks
 // and a small list runs on the calling thread without waking the thread pool.
+// Plan and parallel_spans stay here rather than in fusedreg/cpu/scheduler.h: they exist for
+// the lists of tensors only the optimizers take, and a static split suits them, since they
+// update tensors in place (no fresh pages to first-touch, which for_each_task's ranges are
+// for) in spans of equal size.
 struct Plan {
   std::vector<Span> spans;
   std::vector<int64_t> task;
@@ -124,12 +127,11 @@ S* state_ptr(at::TensorList list, const Span& s) {
   return list.empty() ? nullptr : list[s.tensor].data_ptr<S>() + s.begin;
 }
 
-// ---- the ops ----------------------------------------------------------------------------
+// ---- the ops (registered through adam_step_op & co., fusedreg/optim_args.h) ------------
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                   at::ArrayRef<double> steps, double lr, double beta1, double beta2, double eps,
-                   double weight_decay, double l1, bool amsgrad, bool maximize, bool decoupled,
-                   double inv_scale) {
+                   at::ArrayRef<double> steps, const AdamHyper& h) {
+  const bool amsgrad = h.amsgrad;
   check_lists("fusedreg::adam_step", at::kCPU, params, grads,
               {exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()});
   TORCH_CHECK(exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size() &&
@@ -139,17 +141,15 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const Plan spans = make_plan(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_step", [&] {
     using S = at::opmath_type<scalar_t>;
-    const AdamConsts<S> c = make_adam_consts<S>(lr, beta1, beta2, eps, weight_decay, l1, maximize,
-                                                decoupled, inv_scale);
+    const AdamConsts<S> c = make_adam_consts<S>(h);
     std::vector<S> nss(params.size()), bc2(params.size());
     for (size_t t = 0; t < params.size(); ++t) {
-      double a, b;
-      adam_bias_corrections(lr, beta1, beta2, steps[t], &a, &b);
-      nss[t] = S(a);
-      bc2[t] = S(b);
+      const AdamBiasCorrection bc = adam_bias_correction(h, steps[t]);
+      nss[t] = S(bc.neg_step_size);
+      bc2[t] = S(bc.bc2_sqrt);
     }
     with_bool(amsgrad, [&](auto ams) {
-      with_bool(l1 != 0.0, [&](auto has_l1) {
+      with_bool(h.l1 != 0.0, [&](auto has_l1) {
         constexpr bool kAms = decltype(ams)::value, kL1 = decltype(has_l1)::value;
         parallel_spans(spans, [&](const Span& s) {
           scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
@@ -168,9 +168,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 }
 
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                  double lr, double momentum, double dampening, double weight_decay, double l1,
-                  bool nesterov, bool maximize, bool decoupled, bool first_step, double inv_scale) {
-  const bool has_momentum = momentum != 0.0;
+                  const SgdHyper& h) {
+  const bool has_momentum = h.momentum != 0.0;
   check_lists("fusedreg::sgd_step", at::kCPU, params, grads,
               {has_momentum ? momentum_buffers : at::TensorList()});
   TORCH_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
@@ -179,10 +178,9 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   const Plan spans = make_plan(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step", [&] {
     using S = at::opmath_type<scalar_t>;
-    const SgdConsts<S> c = make_sgd_consts<S>(lr, momentum, dampening, weight_decay, l1, nesterov,
-                                              maximize, decoupled, first_step, inv_scale);
+    const SgdConsts<S> c = make_sgd_consts<S>(h);
     with_bool(has_momentum, [&](auto mom) {
-      with_bool(l1 != 0.0, [&](auto has_l1) {
+      with_bool(h.l1 != 0.0, [&](auto has_l1) {
         constexpr bool kMom = decltype(mom)::value, kL1 = decltype(has_l1)::value;
         parallel_spans(spans, [&](const Span& s) {
           scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
@@ -197,17 +195,16 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   });
 }
 
-void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, double lr,
-                   double beta1, double beta2, double weight_decay, double l1, bool maximize,
-                   double inv_scale) {
+void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   const LionHyper& h) {
   check_lists("fusedreg::lion_step", at::kCPU, params, grads, {exp_avgs});
   TORCH_CHECK(exp_avgs.size() == params.size(), "fusedreg::lion_step: one exp_avg per parameter");
   if (params.empty()) return;
   const Plan spans = make_plan(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "lion_step", [&] {
     using S = at::opmath_type<scalar_t>;
-    const LionConsts<S> c = make_lion_consts<S>(lr, beta1, beta2, weight_decay, l1, maximize, inv_scale);
-    with_bool(l1 != 0.0, [&](auto has_l1) {
+    const LionConsts<S> c = make_lion_consts<S>(h);
+    with_bool(h.l1 != 0.0, [&](auto has_l1) {
       constexpr bool kL1 = decltype(has_l1)::value;
       parallel_spans(spans, [&](const Span& s) {
         scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
@@ -224,9 +221,9 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedreg, CPU, m) {
-  m.impl("adam_step", &adam_step_cpu);
-  m.impl("sgd_step", &sgd_step_cpu);
-  m.impl("lion_step", &lion_step_cpu);
+  m.impl("adam_step", &adam_step_op<adam_step_cpu>);
+  m.impl("sgd_step", &sgd_step_op<sgd_step_cpu>);
+  m.impl("lion_step", &lion_step_op<lion_step_cpu>);
 }
 
 }  // namespace fusedreg

@@ -10,7 +10,8 @@
 //   p ← sign(p)·max(|p| − thr, 0)   thr = lr·l1, only when L1 (soft threshold, exact zeros)
 // The "identity" constants (gscale = 1, wd_l2 = 0, decay = 1) leave values bit-unchanged, so
 // the loops need no branches for maximize / decay / grad scaling and vectorize cleanly.
-// The host computes every constant in double (as torch's Python does) and rounds once to S.
+// The host computes every constant in double (as torch's Python does) and rounds once to S
+// (make_*_consts, fusedreg/optim_args.h).
 #pragma once
 
 #include <cmath>
@@ -109,45 +110,6 @@ FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE void lion_update(const LionConsts<S>& c, 
   p = p + c.neg_lr * sgn;
   m = m * c.beta2 + g * c.omb2;
   if (L1) p = soft_threshold(p, c.thr);
-}
-
-// ---- host-side constants (double math, one rounding to S) --------------------------------
-template <typename S>
-inline AdamConsts<S> make_adam_consts(double lr, double beta1, double beta2, double eps,
-                                      double weight_decay, double l1, bool maximize,
-                                      bool decoupled, double inv_scale) {
-  const S w1 = S(1.0 - beta1);  // torch rounds the lerp weight to the tensor's type
-  const bool w1_small = std::abs(w1) < S(0.5);
-  return AdamConsts<S>{S(maximize ? -inv_scale : inv_scale),
-                       S(decoupled ? 0.0 : weight_decay),
-                       S(decoupled ? 1.0 - lr * weight_decay : 1.0),
-                       w1_small ? w1 : -(S(1) - w1), S(beta2), S(1.0 - beta2), S(eps), S(lr * l1),
-                       w1_small};
-}
-
-template <typename S>
-inline SgdConsts<S> make_sgd_consts(double lr, double momentum, double dampening,
-                                    double weight_decay, double l1, bool nesterov,
-                                    bool maximize, bool decoupled, bool first, double inv_scale) {
-  return SgdConsts<S>{S(maximize ? -inv_scale : inv_scale),
-                      S(decoupled ? 0.0 : weight_decay),
-                      S(decoupled ? 1.0 - lr * weight_decay : 1.0),
-                      S(-lr), S(momentum), S(1.0 - dampening), S(lr * l1), first, nesterov};
-}
-
-template <typename S>
-inline LionConsts<S> make_lion_consts(double lr, double beta1, double beta2,
-                                      double weight_decay, double l1, bool maximize,
-                                      double inv_scale) {
-  return LionConsts<S>{S(maximize ? -inv_scale : inv_scale), S(1.0 - lr * weight_decay),
-                       S(-lr), S(beta1), S(1.0 - beta1), S(beta2), S(1.0 - beta2), S(lr * l1)};
-}
-
-// Per-tensor Adam scalars from the (already incremented) step count.
-inline void adam_bias_corrections(double lr, double beta1, double beta2, double step,
-                                  double* neg_step_size, double* bc2_sqrt) {
-  *neg_step_size = -(lr / (1.0 - std::pow(beta1, step)));
-  *bc2_sqrt = std::sqrt(1.0 - std::pow(beta2, step));
 }
 
 }  // namespace optim
