@@ -5,10 +5,21 @@
 // exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and a degree-6 Taylor/minimax
 // polynomial for e^r (error below 2 ulp on [-87, 88]); inputs are clamped to that range, so
 // the result saturates at ~1e38 / ~1e-38 instead of inf / denormals, which the activation
-// formulas (1 / (1 + e^-z), z * e^..) turn into the same 0 / 1 limits.
+// formulas (1 / (1 + e^-z), z * e^..) turn into the same 0 / 1 limits as long as the other
+// factor stays moderate (not for huge |z|: silu(-1e30) is -6e-9 here, -0 with libm).
 // erf: erf(x) = 1 - erfc(|x|) (sign restored), erfc from the Chebyshev-fitted form
 // t * exp(-x^2 + P(t)), t = 1 / (1 + x/2), of fractional error < 1.2e-7 (Numerical Recipes,
 // "erfcc"); the absolute error of erf is then < 2e-7, below half an ulp of 1 + erf in GELU.
+//
+// CPU and CUDA: the activation formulas are one code (activation.h); what differs is only
+// the float32 exp and erf they call, these polynomials on the CPU and CUDA's expf/erff
+// (StdMath) on the GPU. float64 calls libm's exp and erf on both. tests/test_cpu_math.py
+// bounds the CPU's float32 results, forward and backward, against the formulas evaluated in
+// float64: within 4 float32 ulps of the largest term the formula combines, plus erf's 2e-7
+// (gelu) and exp's amplification of its float32-rounded argument (shared with CUDA), and,
+// where an argument is clamped, within 2^-100 of the limit. float64 results equal the libm
+// formula exactly in the baseline variant and, where FMA contraction moves the roundings
+// (AVX2, AVX-512), are within 2 ulps of its largest term plus exp's argument amplification.
 #pragma once
 
 #include <cmath>
