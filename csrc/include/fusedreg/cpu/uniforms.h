@@ -34,9 +34,12 @@ inline FUSEDREG_ALWAYS_INLINE void fill_uniform_groups_scalar(uint64_t seed, uin
 }
 
 #if FUSEDREG_X86_DISPATCH
-// GCC 12 warns that the intrinsics' internal undefined vectors "may be used uninitialized".
+// GCC 12 warns that the intrinsics' internal undefined vectors "may be used uninitialized"
+// (clang has no such warning, and would warn about the unknown option).
+#if !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 // (hi, lo) of the 16 products m * a, each 32 x 32 -> 64 bits.
 FUSEDREG_TARGET_AVX512 inline __m512i mulhilo16(__m512i m, __m512i a, __m512i* lo) {
   const __m512i even = _mm512_mul_epu32(a, m);                         // lanes 0, 2, ...
@@ -105,7 +108,9 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) inline void fill_uniform_groups
   fill_uniform_groups_scalar(seed, g0 + static_cast<uint64_t>(k), groups - k, u + 4 * k);
 }
 
+#if !defined(__clang__)
 #pragma GCC diagnostic pop
+#endif
 #endif  // FUSEDREG_X86_DISPATCH
 
 }  // namespace detail
