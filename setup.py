@@ -78,7 +78,7 @@ def _extensions():
              f"arch list {os.environ.get('TORCH_CUDA_ARCH_LIST', 'native')}")
         ext = cpp_extension.CUDAExtension(
             "fusedreg._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx + ["-DFUSEDREG_WITH_CUDA"], "nvcc": nvcc + ["-DFUSEDREG_WITH_CUDA"]},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=link, py_limited_api=False)
     else:
         _log(f"building CPU kernels only (CUDA skipped: {reason})")

@@ -46,6 +46,9 @@ TORCH_LIBRARY(fusedreg, m) {
 
   // ---- optimizers ---------------------------------------------------------------------
   // One call steps a list of parameters of one device and dtype (multi-tensor), in place.
+  // The hyperparameters are keyword-only (after `*`): several are adjacent floats that a
+  // positional call could swap unnoticed. Both backends turn them into one named struct and
+  // check their ranges before any write (fusedreg/optim_args.h).
   // params/grads: same dtype and shape, contiguous; state tensors (exp_avgs, ...) are in the
   // compute type (float32 for fp16/bf16/fp32 params, float64 for float64), contiguous.
   // steps: Adam's already-incremented step count per parameter (read on the host, so a CUDA
@@ -55,15 +58,15 @@ TORCH_LIBRARY(fusedreg, m) {
   // momentum_buffers empty when momentum == 0; first_step: buffers are new (buf ← g).
   m.def(
       "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float[] steps, float lr, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float[] steps, *, float lr, "
       "float beta1, float beta2, float eps, float weight_decay, float l1, bool amsgrad, "
       "bool maximize, bool decoupled, float inv_scale) -> ()");
   m.def(
-      "sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr, "
-      "float momentum, float dampening, float weight_decay, float l1, bool nesterov, "
+      "sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, "
+      "float lr, float momentum, float dampening, float weight_decay, float l1, bool nesterov, "
       "bool maximize, bool decoupled, bool first_step, float inv_scale) -> ()");
   m.def(
-      "lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float lr, "
+      "lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, *, float lr, "
       "float beta1, float beta2, float weight_decay, float l1, bool maximize, "
       "float inv_scale) -> ()");
 }

@@ -1,6 +1,8 @@
 // CPU kernels of bias_dropout: out = residual + dropout(act(x + bias)).
 // x, residual, out: (M, N) contiguous; bias: (N,). The mask is recomputed from the seed
-// (fusedreg/philox.h), four elements per Philox call, never stored.
+// (fusedreg/philox.h), four elements per Philox call, never stored. The element loops run at
+// the CPU's instruction-set level (fusedreg/cpu/isa.h), dispatched once per thread's range
+// of chunks.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,9 +14,11 @@
 
 #include "fusedreg/activation.h"
 #include "fusedreg/cpu/alloc.h"
+#include "fusedreg/cpu/isa.h"
 #include "fusedreg/cpu/uniforms.h"
 #include "fusedreg/cpu/vmath.h"
 #include "fusedreg/host.h"
+#include "fusedreg/macros.h"
 #include "fusedreg/philox.h"
 
 namespace fusedreg {
@@ -44,10 +48,10 @@ struct Scratch {
 
 // out = (u >= p ? act(x + bias) * scale : 0) + residual over one row segment.
 template <typename scalar_t, Activation A>
-FUSEDREG_CPU_CLONES void forward_segment(const scalar_t* __restrict x, const scalar_t* __restrict bias,
-                                         const scalar_t* __restrict residual, const float* __restrict u,
-                                         scalar_t* __restrict out, int64_t len, float p,
-                                         at::opmath_type<scalar_t> scale) {
+inline FUSEDREG_ALWAYS_INLINE void forward_segment(
+    const scalar_t* __restrict x, const scalar_t* __restrict bias,
+    const scalar_t* __restrict residual, const float* __restrict u, scalar_t* __restrict out,
+    int64_t len, float p, at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
 #pragma omp simd
   for (int64_t t = 0; t < len; ++t) {
@@ -59,24 +63,27 @@ FUSEDREG_CPU_CLONES void forward_segment(const scalar_t* __restrict x, const sca
 // Runs fn(i, col, len, u, zeros) over the tensor in parallel, one row segment at a time:
 // elements [i, i + len) lie in one row starting at column col, u points at their uniforms
 // (all ones without dropout) and zeros at len zeros (the stand-in for a missing operand).
+// fn must be a FUSEDREG_ALWAYS_INLINE lambda: it is compiled into each instruction-set variant.
 template <typename scalar_t, typename Fn>
 void for_each_row_segment(Rows rows, bool dropout, uint64_t seed, const Fn& fn) {
   const int64_t total = rows.M * rows.N;
   at::parallel_for(0, (total + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
     Scratch<scalar_t> scratch;
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t start = chunk * kChunk;
-      const int64_t len = std::min(kChunk, total - start);
-      const float* u = scratch.uniforms(dropout, seed, start, len);
-      int64_t j = 0;
-      int64_t col = start % rows.N;
-      while (j < len) {
-        const int64_t seg = std::min(len - j, rows.N - col);
-        fn(start + j, col, seg, u + j, scratch.zeros);
-        j += seg;
-        col = 0;
+    cpu::dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t start = chunk * kChunk;
+        const int64_t len = std::min(kChunk, total - start);
+        const float* u = scratch.uniforms(dropout, seed, start, len);
+        int64_t j = 0;
+        int64_t col = start % rows.N;
+        while (j < len) {
+          const int64_t seg = std::min(len - j, rows.N - col);
+          fn(start + j, col, seg, u + j, scratch.zeros);
+          j += seg;
+          col = 0;
+        }
       }
-    }
+    });
   });
 }
 
@@ -87,7 +94,8 @@ void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* res
   const bool dropout = p > 0.0f;
   const acc_t scale = dropout ? static_cast<acc_t>(dropout_scale(p)) : acc_t(1);
   for_each_row_segment<scalar_t>(rows, dropout, seed, [&](int64_t i, int64_t col, int64_t len,
-                                                          const float* u, const scalar_t* zeros) {
+                                                          const float* u, const scalar_t* zeros)
+                                                          FUSEDREG_ALWAYS_INLINE {
     forward_segment<scalar_t, A>(x + i, bias ? bias + col : zeros, residual ? residual + i : zeros,
                                  u, out + i, len, p, scale);
   });
@@ -96,11 +104,10 @@ void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* res
 // grad_x = grad_out * keep * scale * act'(x + bias) over one row segment of len elements;
 // adds grad_x into bias_acc when given (the bias gradient's partial sums).
 template <typename scalar_t, Activation A>
-FUSEDREG_CPU_CLONES void backward_segment(const scalar_t* __restrict g, const scalar_t* __restrict x,
-                             const scalar_t* __restrict bias, const float* __restrict u,
-                             scalar_t* __restrict gx, int64_t len, float p,
-                             at::opmath_type<scalar_t> scale,
-                             at::opmath_type<scalar_t>* __restrict bias_acc) {
+inline FUSEDREG_ALWAYS_INLINE void backward_segment(
+    const scalar_t* __restrict g, const scalar_t* __restrict x, const scalar_t* __restrict bias,
+    const float* __restrict u, scalar_t* __restrict gx, int64_t len, float p,
+    at::opmath_type<scalar_t> scale, at::opmath_type<scalar_t>* __restrict bias_acc) {
   using acc_t = at::opmath_type<scalar_t>;
 #pragma omp simd
   for (int64_t t = 0; t < len; ++t) {
@@ -121,7 +128,8 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
   const acc_t scale = dropout ? static_cast<acc_t>(dropout_scale(p)) : acc_t(1);
   if (grad_bias == nullptr) {
     for_each_row_segment<scalar_t>(rows, dropout, seed, [&](int64_t i, int64_t col, int64_t len,
-                                                            const float* u, const scalar_t* zeros) {
+                                                            const float* u, const scalar_t* zeros)
+                                                            FUSEDREG_ALWAYS_INLINE {
       backward_segment<scalar_t, A>(g + i, x ? x + i : nullptr, bias ? bias + col : zeros, u,
                                     gx + i, len, p, scale, nullptr);
     });
@@ -137,18 +145,20 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
   std::vector<acc_t> partial(static_cast<size_t>(n_rb * rows.N), acc_t(0));
   at::parallel_for(0, n_rb * n_cb, 1, [&](int64_t begin, int64_t end) {
     Scratch<scalar_t> scratch;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t rb = task / n_cb, cb = task % n_cb;
-      const int64_t c0 = cb * kChunk, len = std::min(kChunk, rows.N - c0);
-      acc_t* acc = partial.data() + rb * rows.N + c0;
-      const int64_t r_end = std::min(rows.M, (rb + 1) * row_block);
-      for (int64_t r = rb * row_block; r < r_end; ++r) {
-        const int64_t start = r * rows.N + c0;
-        const float* u = scratch.uniforms(dropout, seed, start, len);
-        backward_segment<scalar_t, A>(g + start, x ? x + start : nullptr, bias + c0, u,
-                                      gx + start, len, p, scale, acc);
+    cpu::dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t rb = task / n_cb, cb = task % n_cb;
+        const int64_t c0 = cb * kChunk, len = std::min(kChunk, rows.N - c0);
+        acc_t* acc = partial.data() + rb * rows.N + c0;
+        const int64_t r_end = std::min(rows.M, (rb + 1) * row_block);
+        for (int64_t r = rb * row_block; r < r_end; ++r) {
+          const int64_t start = r * rows.N + c0;
+          const float* u = scratch.uniforms(dropout, seed, start, len);
+          backward_segment<scalar_t, A>(g + start, x ? x + start : nullptr, bias + c0, u,
+                                        gx + start, len, p, scale, acc);
+        }
       }
-    }
+    });
   });
   at::parallel_for(0, rows.N, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {

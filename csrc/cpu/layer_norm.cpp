@@ -2,32 +2,34 @@
 // (LayerNorm, or RMSNorm when rms). The math is written out in fusedreg/reference/layer_norm.py.
 //
 // x, residual, h, y, dy: (M, N) contiguous rows; weight, bias: (N,); mean, rstd: (M,).
-// Rows are spread over threads; each row is copied once into an fp32 scratch row (L1/L2
-// resident) so the statistics and the output read it from cache, and the dropout uniforms of
-// a row are drawn in bulk (fusedreg/cpu/uniforms.h). Sums run in blocks of kSumBlock (a
-// two-level sum: error ~ sqrt(N / kSumBlock) * kSumBlock * eps instead of N * eps).
+// Row blocks are spread over threads by cpu::for_each_task (fusedreg/cpu/scheduler.h) and run
+// at the CPU's instruction-set level (fusedreg/cpu/isa.h). Each row is copied once into an
+// fp32 scratch row (L1/L2 resident) so the statistics and the output read it from cache, and
+// the dropout uniforms of a row are drawn in bulk (fusedreg/cpu/uniforms.h). Sums run in
+// blocks of kSumBlock (a two-level sum: error ~ sqrt(N / kSumBlock) * kSumBlock * eps instead
+// of N * eps).
 //
 // grad_weight / grad_bias: the rows are cut into row blocks that depend only on (M, N); each
 // block accumulates its fp32 partial row, and the partials are summed in block order, so
 // the result is bitwise the same for any number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "fusedreg/cpu/alloc.h"
-#include "fusedreg/host.h"
+#include "fusedreg/cpu/isa.h"
+#include "fusedreg/cpu/scheduler.h"
 #include "fusedreg/cpu/uniforms.h"
+#include "fusedreg/host.h"
+#include "fusedreg/macros.h"
 #include "fusedreg/philox.h"
 
 namespace fusedreg {
@@ -35,79 +37,9 @@ namespace {
 
 constexpr int64_t kSumBlock = 512;
 
-// The row kernels are compiled for AVX-512, AVX2 and baseline x86-64, picked at load time
-// (GCC function multiversioning): the extension stays portable and the hot loops get wide
-// vectors, which the Philox multiplies of the dropout mask need most.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FUSEDREG_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FUSEDREG_CPU_CLONES
-#endif
-
-// fill_uniforms compiled for each target (GCC does not always inline it into the clones).
-FUSEDREG_CPU_CLONES void row_uniforms(uint64_t seed, int64_t start, int64_t len, float* u) {
-  fill_uniforms(seed, start, len, u);
-}
-
-// Runs body(next_task) on every thread of the pool; next_task() hands out task indices
-// 0..n_tasks-1, each once, then -1. Thread i starts at the front of its own contiguous range
-// of tasks; a thread that runs out takes tasks from the back of the others' ranges. Why:
-// - dynamic rather than at::parallel_for's static split: on a shared machine a thread that
-//   is descheduled takes fewer tasks instead of holding the others at the end of the region;
-// - contiguous ranges rather than one shared counter: consecutive tasks write neighbouring
-//   rows of the fresh (huge-page advised) outputs, and two threads first-touching the same
-//   2 MiB page at once both zero a huge page in the fault handler, one of them for nothing;
-//   with one counter the threads interleave 256 KiB tasks and collide on nearly every page.
-// A range is one 64-bit word, [lo, hi) packed as two 32-bit halves, so that the owner
-// (taking lo) and a thief (taking hi - 1) claim tasks with one compare-exchange.
-template <typename Body>
-void for_each_task(int64_t n_tasks, const Body& body) {
-  const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), n_tasks);
-  if (n_threads <= 1 || n_tasks >= (int64_t(1) << 31)) {
-    std::atomic<int64_t> counter{0};
-    auto next_task = [&]() -> int64_t {
-      const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
-      return t < n_tasks ? t : -1;
-    };
-    if (n_threads <= 1) return body(next_task);
-    at::parallel_for(0, n_threads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) body(next_task);
-    });
-    return;
-  }
-  struct alignas(64) Range {
-    std::atomic<uint64_t> lo_hi;
-  };
-  std::vector<Range> ranges(n_threads);
-  for (int64_t i = 0; i < n_threads; ++i) {
-    const uint64_t lo = i * n_tasks / n_threads, hi = (i + 1) * n_tasks / n_threads;
-    ranges[i].lo_hi.store(lo | (hi << 32), std::memory_order_relaxed);
-  }
-  // Claims the front (own range) or back (another's) task of range r; -1 when it is empty.
-  auto claim = [&](int64_t r, bool front) -> int64_t {
-    std::atomic<uint64_t>& a = ranges[r].lo_hi;
-    uint64_t v = a.load(std::memory_order_relaxed);
-    for (;;) {
-      const uint64_t lo = v & 0xffffffffu, hi = v >> 32;
-      if (lo >= hi) return -1;
-      const uint64_t nv = front ? (lo + 1) | (hi << 32) : lo | ((hi - 1) << 32);
-      if (a.compare_exchange_weak(v, nv, std::memory_order_relaxed)) return front ? lo : hi - 1;
-    }
-  };
-  at::parallel_for(0, n_threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      int64_t k = 0;  // ranges emptied so far, own range first
-      auto next_task = [&]() -> int64_t {
-        for (; k < n_threads; ++k) {
-          const int64_t t = claim((i + k) % n_threads, k == 0);
-          if (t >= 0) return t;
-        }
-        return -1;
-      };
-      body(next_task);
-    }
-  });
-}
+using cpu::dispatch_isa;
+using cpu::empty_output;
+using cpu::for_each_task;
 
 // ---- forward --------------------------------------------------------------------------------
 
@@ -129,8 +61,6 @@ struct FwdArgs {
   bool rms;
 };
 
-#define FUSEDREG_ALWAYS_INLINE inline __attribute__((always_inline))
-
 // The hardware prefetchers stop at 4 KiB page boundaries, and a row of 1024 floats is one
 // page: left alone, every row would start its input streams cold (the loads of the first
 // pass over a row were the hot spot). So the last pass over row r, which works from L1,
@@ -141,7 +71,7 @@ constexpr int64_t kPrefetchRowBytes = 16384;
 
 // Prefetches the cache lines of p[j0, j0 + kPrefetchChunk) (nothing when p is null).
 template <typename T>
-FUSEDREG_ALWAYS_INLINE void prefetch_chunk(const T* p, int64_t j0) {
+inline FUSEDREG_ALWAYS_INLINE void prefetch_chunk(const T* p, int64_t j0) {
   if (!p) return;
   const char* c = reinterpret_cast<const char*>(p + j0);
   for (int64_t k = 0; k < kPrefetchChunk * int64_t(sizeof(T)); k += 64) __builtin_prefetch(c + k, 0, 3);
@@ -149,14 +79,14 @@ FUSEDREG_ALWAYS_INLINE void prefetch_chunk(const T* p, int64_t j0) {
 
 // Row r + 1 of a (rows, N) array, or null when there is none or rows are too long to prefetch.
 template <typename T>
-FUSEDREG_ALWAYS_INLINE const T* next_row(const T* a, int64_t r, int64_t rows, int64_t N) {
+inline FUSEDREG_ALWAYS_INLINE const T* next_row(const T* a, int64_t r, int64_t rows, int64_t N) {
   return a && r + 1 < rows && N * int64_t(sizeof(T)) <= kPrefetchRowBytes ? a + (r + 1) * N : nullptr;
 }
 
 // v = h = residual + dropout(x) rounded to h_t (stored to hr if STORE_H); returns sum(v).
 // The switches are template parameters so that each variant is one vectorized loop.
 template <bool DROPOUT, bool RESIDUAL, bool STORE_H, typename x_t, typename h_t, typename acc_t>
-FUSEDREG_ALWAYS_INLINE acc_t load_h(const x_t* xr, const h_t* rr, const float* u, h_t* hr, acc_t* v,
+inline FUSEDREG_ALWAYS_INLINE acc_t load_h(const x_t* xr, const h_t* rr, const float* u, h_t* hr, acc_t* v,
                                     int64_t N, float p, acc_t scale) {
   acc_t sum = 0;
   for (int64_t j0 = 0; j0 < N; j0 += kSumBlock) {
@@ -180,7 +110,7 @@ FUSEDREG_ALWAYS_INLINE acc_t load_h(const x_t* xr, const h_t* rr, const float* u
 
 // Rows [r0, r1); v: N-element scratch, u: N uniforms (dropout only).
 template <typename x_t, typename w_t, typename h_t>
-FUSEDREG_CPU_CLONES void forward_rows(const FwdArgs<x_t, w_t, h_t>& a, int64_t r0, int64_t r1,
+inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a, int64_t r0, int64_t r1,
                                       at::opmath_type<x_t>* v, float* u) {
   using acc_t = at::opmath_type<x_t>;
   const int64_t N = a.N;
@@ -190,7 +120,7 @@ FUSEDREG_CPU_CLONES void forward_rows(const FwdArgs<x_t, w_t, h_t>& a, int64_t r
   for (int64_t r = r0; r < r1; ++r) {
     const x_t* xr = a.x + r * N;
     // h = residual + dropout(x), rounded to h_t, kept in v; sum(h) on the way.
-    if (dropout) row_uniforms(a.seed, r * N, N, u);
+    if (dropout) fill_uniforms(a.seed, r * N, N, u);
     const h_t* rr = a.residual ? a.residual + r * N : nullptr;
     h_t* hr = a.h ? a.h + r * N : nullptr;
     acc_t sum = 0;
@@ -257,11 +187,16 @@ template <typename x_t, typename w_t, typename h_t>
 void forward_kernel(const FwdArgs<x_t, w_t, h_t>& a, int64_t M) {
   using acc_t = at::opmath_type<x_t>;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.N, 1));
+  // Dispatched here, not inside the task body: for_each_task instantiates the body twice.
+  auto run_task = [&](int64_t t, acc_t* v, float* u) {
+    dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+      forward_rows(a, t * grain, std::min(M, (t + 1) * grain), v, u);
+    });
+  };
   for_each_task((M + grain - 1) / grain, [&](auto next_task) {
     std::vector<acc_t> v(a.N);
     std::vector<float> u(a.p > 0.0f ? a.N : 0);
-    for (int64_t t = next_task(); t >= 0; t = next_task())
-      forward_rows(a, t * grain, std::min(M, (t + 1) * grain), v.data(), u.data());
+    for (int64_t t = next_task(); t >= 0; t = next_task()) run_task(t, v.data(), u.data());
   });
 }
 
@@ -293,7 +228,7 @@ struct BwdArgs {
 // aw += dy * xhat, ab += dy; c1 = sum(g), c2 = sum(g * xhat). xhat is recomputed by
 // store_grads from the L1-resident row of h rather than stored.
 template <bool HAS_W, bool NEED_W, bool NEED_B, typename x_t, typename h_t, typename w_t, typename acc_t>
-FUSEDREG_ALWAYS_INLINE void bwd_sums(const x_t* dyr, const h_t* hr, const w_t* w, acc_t* aw, acc_t* ab,
+inline FUSEDREG_ALWAYS_INLINE void bwd_sums(const x_t* dyr, const h_t* hr, const w_t* w, acc_t* aw, acc_t* ab,
                                      acc_t* g, int64_t N, acc_t mu, acc_t rs, acc_t& c1, acc_t& c2) {
   for (int64_t j0 = 0; j0 < N; j0 += kSumBlock) {
     const int64_t j1 = std::min(N, j0 + kSumBlock);
@@ -316,9 +251,9 @@ FUSEDREG_ALWAYS_INLINE void bwd_sums(const x_t* dyr, const h_t* hr, const w_t* w
 }
 
 // dh = rs * (g - c1 - xhat * c2) + dh_out; grad_residual = dh; grad_x = dh * keep * scale.
-template <bool DOUT, bool GRES, bool DROPOUT, typename x_t, typename h_t, typename acc_t>
 // ndy, nh, ndo: the next row of dy, h, dh_out to prefetch (or null).
-FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const h_t* hr, const h_t* dor, h_t* grr,
+template <bool DOUT, bool GRES, bool DROPOUT, typename x_t, typename h_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const h_t* hr, const h_t* dor, h_t* grr,
                                         x_t* gxr, const float* u, int64_t N, acc_t mu, acc_t rs,
                                         acc_t c1, acc_t c2, float p, acc_t scale, const x_t* ndy,
                                         const h_t* nh, const h_t* ndo) {
@@ -342,7 +277,7 @@ FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const h_t* hr, const h_t
 // Rows [r0, r1); aw/ab: this row block's fp32 partial rows (or null); g: N-element scratch;
 // u: N uniforms (dropout only).
 template <typename x_t, typename w_t, typename h_t>
-FUSEDREG_CPU_CLONES void backward_rows(const BwdArgs<x_t, w_t, h_t>& a, int64_t r0, int64_t r1,
+inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a, int64_t r0, int64_t r1,
                                        at::opmath_type<x_t>* aw, at::opmath_type<x_t>* ab,
                                        at::opmath_type<x_t>* g, float* u) {
   using acc_t = at::opmath_type<x_t>;
@@ -369,7 +304,7 @@ FUSEDREG_CPU_CLONES void backward_rows(const BwdArgs<x_t, w_t, h_t>& a, int64_t 
     const h_t* dor = a.dh_out ? a.dh_out + r * N : nullptr;
     h_t* grr = a.gres ? a.gres + r * N : nullptr;
     x_t* gxr = a.gx + r * N;
-    if (dropout) row_uniforms(a.seed, r * N, N, u);
+    if (dropout) fill_uniforms(a.seed, r * N, N, u);
     // The next row of this block (the next block's first row is likely another thread's).
     const x_t* ndy = next_row(a.dy, r, r1, N);
     const h_t* nh = next_row(a.h, r, r1, N);
@@ -417,18 +352,23 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
                                           : std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
   const int64_t n_blocks = (M + rows_per_block - 1) / rows_per_block;
   // Zeroed by the task that fills them (in its cache, in parallel), not here.
-  std::unique_ptr<acc_t[]> pw(gw ? new acc_t[n_blocks * N] : nullptr), pb(gb ? new acc_t[n_blocks * N] : nullptr);
+  std::unique_ptr<acc_t[]> pw, pb;
+  if (gw) pw = std::make_unique_for_overwrite<acc_t[]>(n_blocks * N);
+  if (gb) pb = std::make_unique_for_overwrite<acc_t[]>(n_blocks * N);
+  // Dispatched here, not inside the task body: for_each_task instantiates the body twice.
+  auto run_task = [&](int64_t blk, acc_t* g, float* u) {
+    acc_t* aw = gw ? pw.get() + blk * N : nullptr;
+    acc_t* ab = gb ? pb.get() + blk * N : nullptr;
+    if (aw) std::fill(aw, aw + N, acc_t(0));
+    if (ab) std::fill(ab, ab + N, acc_t(0));
+    dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+      backward_rows(a, blk * rows_per_block, std::min(M, (blk + 1) * rows_per_block), aw, ab, g, u);
+    });
+  };
   for_each_task(n_blocks, [&](auto next_task) {
     std::vector<acc_t> g(N);
     std::vector<float> u(a.p > 0.0f ? N : 0);
-    for (int64_t blk = next_task(); blk >= 0; blk = next_task()) {
-      acc_t* aw = gw ? pw.get() + blk * N : nullptr;
-      acc_t* ab = gb ? pb.get() + blk * N : nullptr;
-      if (aw) std::fill(aw, aw + N, acc_t(0));
-      if (ab) std::fill(ab, ab + N, acc_t(0));
-      backward_rows(a, blk * rows_per_block, std::min(M, (blk + 1) * rows_per_block), aw, ab,
-                    g.data(), u.data());
-    }
+    for (int64_t blk = next_task(); blk >= 0; blk = next_task()) run_task(blk, g.data(), u.data());
   });
   if (!partials) return;
   // Column chunks in parallel; within a chunk the blocks are added in block order, rows of
@@ -439,10 +379,7 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
   });
 }
 
-// ---- outputs: cpu::empty_output (fusedreg/cpu/alloc.h), on 2 MiB-aligned huge pages ------------
-using cpu::empty_output;
-
-// ---- dtype dispatch: dispatch_wh (fusedreg/host.h) -------------------------------------------
+// ---- the ops (outputs from cpu::empty_output, dtype combinations from dispatch_wh) ------------
 
 void check_row_input(const at::Tensor& t, const char* name, const at::Tensor& x) {
   TORCH_CHECK(t.device().is_cpu(), "fusedreg::layer_norm (cpu): ", name, " must be a CPU tensor");

@@ -15,7 +15,6 @@
 #include <vector>
 
 #include "fusedreg/optim_args.h"
-#include "fusedreg/optim_math.h"
 
 namespace fusedreg {
 namespace {
@@ -152,9 +151,8 @@ void bool_dispatch(bool b, const F& f) {
 
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                    at::ArrayRef<double> steps, double lr, double beta1, double beta2, double eps,
-                    double weight_decay, double l1, bool amsgrad, bool maximize, bool decoupled,
-                    double inv_scale) {
+                    at::ArrayRef<double> steps, const AdamHyper& h) {
+  const bool amsgrad = h.amsgrad;
   check_lists("fusedreg::adam_step", at::kCUDA, params, grads,
               {exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()});
   TORCH_CHECK(exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size() &&
@@ -164,15 +162,18 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   std::vector<double> nss(params.size()), bc2(params.size());
-  for (size_t t = 0; t < params.size(); ++t) adam_bias_corrections(lr, beta1, beta2, steps[t], &nss[t], &bc2[t]);
+  for (size_t t = 0; t < params.size(); ++t) {
+    const AdamBiasCorrection bc = adam_bias_correction(h, steps[t]);
+    nss[t] = bc.neg_step_size;
+    bc2[t] = bc.bc2_sqrt;
+  }
   const std::vector<at::TensorList> lists = {params, grads, exp_avgs, exp_avg_sqs,
                                              amsgrad ? max_exp_avg_sqs : at::TensorList()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_step", [&] {
     using S = at::opmath_type<scalar_t>;
-    const AdamConsts<S> c = make_adam_consts<S>(lr, beta1, beta2, eps, weight_decay, l1, maximize,
-                                                decoupled, inv_scale);
+    const AdamConsts<S> c = make_adam_consts<S>(h);
     bool_dispatch(amsgrad, [&](auto ams) {
-      bool_dispatch(l1 != 0.0, [&](auto has_l1) {
+      bool_dispatch(h.l1 != 0.0, [&](auto has_l1) {
         multi_tensor_apply<5>(lists, &nss, &bc2, [&](const TensorListArgs<5>& a, int n_blocks) {
           adam_kernel<scalar_t, S, decltype(ams)::value, decltype(has_l1)::value>
               <<<n_blocks, kThreads, 0, stream>>>(a, c);
@@ -184,9 +185,8 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
 }
 
 void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                   double lr, double momentum, double dampening, double weight_decay, double l1,
-                   bool nesterov, bool maximize, bool decoupled, bool first_step, double inv_scale) {
-  const bool has_momentum = momentum != 0.0;
+                   const SgdHyper& h) {
+  const bool has_momentum = h.momentum != 0.0;
   check_lists("fusedreg::sgd_step", at::kCUDA, params, grads,
               {has_momentum ? momentum_buffers : at::TensorList()});
   TORCH_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
@@ -198,10 +198,9 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
                                              has_momentum ? momentum_buffers : at::TensorList()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step", [&] {
     using S = at::opmath_type<scalar_t>;
-    const SgdConsts<S> c = make_sgd_consts<S>(lr, momentum, dampening, weight_decay, l1, nesterov,
-                                              maximize, decoupled, first_step, inv_scale);
+    const SgdConsts<S> c = make_sgd_consts<S>(h);
     bool_dispatch(has_momentum, [&](auto mom) {
-      bool_dispatch(l1 != 0.0, [&](auto has_l1) {
+      bool_dispatch(h.l1 != 0.0, [&](auto has_l1) {
         multi_tensor_apply<3>(lists, nullptr, nullptr, [&](const TensorListArgs<3>& a, int n_blocks) {
           sgd_kernel<scalar_t, S, decltype(mom)::value, decltype(has_l1)::value>
               <<<n_blocks, kThreads, 0, stream>>>(a, c);
@@ -212,9 +211,8 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   });
 }
 
-void lion_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, double lr,
-                    double beta1, double beta2, double weight_decay, double l1, bool maximize,
-                    double inv_scale) {
+void lion_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    const LionHyper& h) {
   check_lists("fusedreg::lion_step", at::kCUDA, params, grads, {exp_avgs});
   TORCH_CHECK(exp_avgs.size() == params.size(), "fusedreg::lion_step: one exp_avg per parameter");
   if (params.empty()) return;
@@ -223,8 +221,8 @@ void lion_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const std::vector<at::TensorList> lists = {params, grads, exp_avgs};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "lion_step", [&] {
     using S = at::opmath_type<scalar_t>;
-    const LionConsts<S> c = make_lion_consts<S>(lr, beta1, beta2, weight_decay, l1, maximize, inv_scale);
-    bool_dispatch(l1 != 0.0, [&](auto has_l1) {
+    const LionConsts<S> c = make_lion_consts<S>(h);
+    bool_dispatch(h.l1 != 0.0, [&](auto has_l1) {
       multi_tensor_apply<3>(lists, nullptr, nullptr, [&](const TensorListArgs<3>& a, int n_blocks) {
         lion_kernel<scalar_t, S, decltype(has_l1)::value><<<n_blocks, kThreads, 0, stream>>>(a, c);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -236,9 +234,9 @@ void lion_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedreg, CUDA, m) {
-  m.impl("adam_step", &adam_step_cuda);
-  m.impl("sgd_step", &sgd_step_cuda);
-  m.impl("lion_step", &lion_step_cuda);
+  m.impl("adam_step", &adam_step_op<adam_step_cuda>);
+  m.impl("sgd_step", &sgd_step_op<sgd_step_cuda>);
+  m.impl("lion_step", &lion_step_op<lion_step_cuda>);
 }
 
 }  // namespace fusedreg

@@ -1,5 +1,12 @@
 // Activations and their derivatives, evaluated in the compute type T (float for
 // fp32/fp16/bf16 inputs, double for float64), shared by the CPU and CUDA backends.
+//
+// The backends run these formulas as written; they differ only in the exp and erf behind
+// them (the math policy M): CUDA uses StdMath (expf/erff, exp/erf), the CPU uses
+// cpu::VecMath, whose float32 exp and erf are vectorizable polynomials (fusedreg/cpu/vmath.h:
+// exp within 2 ulp, erf within 2e-7 absolute, exp's input clamped to [-87, 88]) and whose
+// float64 ones are libm's. tests/test_cpu_math.py bounds the CPU results against these
+// formulas evaluated in float64 (its docstring states the error model).
 #pragma once
 
 #include <cmath>
@@ -33,7 +40,7 @@ struct GeluConst {
 // gelu_tanh uses 0.5 * (1 + tanh(u)) == sigmoid(2u), which has no cancellation near u = 0,
 // and 1 - tanh(u)^2 == 4 s (1 - s) with s = sigmoid(2u).
 template <Activation A, typename T, typename M = StdMath>
-FUSEDREG_INLINE T activate(T z) {
+FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE T activate(T z) {
   if constexpr (A == Activation::kNone) {
     return z;
   } else if constexpr (A == Activation::kRelu) {
@@ -50,7 +57,7 @@ FUSEDREG_INLINE T activate(T z) {
 
 // d act(z) / dz
 template <Activation A, typename T, typename M = StdMath>
-FUSEDREG_INLINE T activate_grad(T z) {
+FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE T activate_grad(T z) {
   if constexpr (A == Activation::kNone) {
     return T(1);
   } else if constexpr (A == Activation::kRelu) {

@@ -1,15 +1,98 @@
-// Host-side argument checks of the optimizer ops (csrc/ops.cpp "optimizers"), shared by the
-// CPU and CUDA implementations. The Python optimizers check everything before the first
-// call; these checks guard direct calls of the ops and run before any tensor is written.
+// The host side of the optimizer ops (csrc/ops.cpp "optimizers"), shared by the CPU and CUDA
+// implementations: the hyperparameters as one named struct per algorithm, their checks, the
+// tensor-list checks, and the per-call constants of fusedreg/optim_math.h computed from them.
+//
+// The ops' hyperparameters are keyword-only in the schemas, and the op entry points
+// (adam_step_op, ... below, what both backends register) copy them into the struct by name,
+// with designated initializers, then check them, then call the backend's implementation
+// with the struct: nothing after the schema passes a run of adjacent doubles by position.
+// The Python optimizers check everything before the first call; these checks guard direct
+// calls of the ops and run before any tensor is written.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <string>
+
+#include "fusedreg/optim_math.h"
 
 namespace fusedreg {
 namespace optim {
 
+// ---- hyperparameters (the ops' keyword arguments, same names) ------------------------------
+struct AdamHyper {
+  double lr, beta1, beta2, eps, weight_decay, l1;
+  bool amsgrad, maximize, decoupled;
+  double inv_scale;
+};
+
+struct SgdHyper {
+  double lr, momentum, dampening, weight_decay, l1;
+  bool nesterov, maximize, decoupled, first_step;
+  double inv_scale;
+};
+
+struct LionHyper {
+  double lr, beta1, beta2, weight_decay, l1;
+  bool maximize;
+  double inv_scale;
+};
+
+// The ranges the Python optimizers enforce (fusedreg/optim: lr, eps, weight_decay, l1,
+// momentum, dampening finite and >= 0; betas in [0, 1); nesterov needs momentum > 0 and no
+// dampening), plus inv_scale finite and > 0 and Adam's step counts >= 1 (the bias
+// corrections divide by 1 - beta^step).
+namespace detail {
+inline void check_nonneg(const char* op, const char* name, double v) {
+  TORCH_CHECK(std::isfinite(v) && v >= 0.0, op, ": ", name, " must be finite and >= 0, got ", v);
+}
+inline void check_beta(const char* op, const char* name, double v) {
+  TORCH_CHECK(v >= 0.0 && v < 1.0, op, ": ", name, " must be in [0, 1), got ", v);
+}
+inline void check_inv_scale(const char* op, double v) {
+  TORCH_CHECK(std::isfinite(v) && v > 0.0, op, ": inv_scale must be finite and > 0, got ", v);
+}
+}  // namespace detail
+
+inline void check_hyper(const AdamHyper& h, at::ArrayRef<double> steps) {
+  constexpr const char* op = "fusedreg::adam_step";
+  detail::check_nonneg(op, "lr", h.lr);
+  detail::check_beta(op, "beta1", h.beta1);
+  detail::check_beta(op, "beta2", h.beta2);
+  detail::check_nonneg(op, "eps", h.eps);
+  detail::check_nonneg(op, "weight_decay", h.weight_decay);
+  detail::check_nonneg(op, "l1", h.l1);
+  detail::check_inv_scale(op, h.inv_scale);
+  for (const double step : steps) {
+    TORCH_CHECK(std::isfinite(step) && step >= 1.0, op, ": steps must be finite and >= 1, got ",
+                step);
+  }
+}
+
+inline void check_hyper(const SgdHyper& h) {
+  constexpr const char* op = "fusedreg::sgd_step";
+  detail::check_nonneg(op, "lr", h.lr);
+  detail::check_nonneg(op, "momentum", h.momentum);
+  detail::check_nonneg(op, "dampening", h.dampening);
+  detail::check_nonneg(op, "weight_decay", h.weight_decay);
+  detail::check_nonneg(op, "l1", h.l1);
+  TORCH_CHECK(!h.nesterov || (h.momentum > 0.0 && h.dampening == 0.0), op,
+              ": nesterov needs momentum > 0 and dampening == 0");
+  detail::check_inv_scale(op, h.inv_scale);
+}
+
+inline void check_hyper(const LionHyper& h) {
+  constexpr const char* op = "fusedreg::lion_step";
+  detail::check_nonneg(op, "lr", h.lr);
+  detail::check_beta(op, "beta1", h.beta1);
+  detail::check_beta(op, "beta2", h.beta2);
+  detail::check_nonneg(op, "weight_decay", h.weight_decay);
+  detail::check_nonneg(op, "l1", h.l1);
+  detail::check_inv_scale(op, h.inv_scale);
+}
+
+// ---- tensor lists -------------------------------------------------------------------------
 // The compute type of the state tensors for a parameter dtype.
 inline at::ScalarType state_dtype(at::ScalarType param) {
   return param == at::kDouble ? at::kDouble : at::kFloat;
@@ -47,6 +130,109 @@ inline void check_lists(const char* op, at::DeviceType device_type, at::TensorLi
                   " tensor on ", device, " with the parameter's size");
     }
   }
+}
+
+// ---- per-call constants (double math, one rounding to S) ---------------------------------
+template <typename S>
+inline AdamConsts<S> make_adam_consts(const AdamHyper& h) {
+  const S w1 = S(1.0 - h.beta1);  // torch rounds the lerp weight to the tensor's type
+  const bool w1_small = std::abs(w1) < S(0.5);
+  return AdamConsts<S>{S(h.maximize ? -h.inv_scale : h.inv_scale),
+                       S(h.decoupled ? 0.0 : h.weight_decay),
+                       S(h.decoupled ? 1.0 - h.lr * h.weight_decay : 1.0),
+                       w1_small ? w1 : -(S(1) - w1), S(h.beta2), S(1.0 - h.beta2), S(h.eps),
+                       S(h.lr * h.l1), w1_small};
+}
+
+template <typename S>
+inline SgdConsts<S> make_sgd_consts(const SgdHyper& h) {
+  return SgdConsts<S>{S(h.maximize ? -h.inv_scale : h.inv_scale),
+                      S(h.decoupled ? 0.0 : h.weight_decay),
+                      S(h.decoupled ? 1.0 - h.lr * h.weight_decay : 1.0),
+                      S(-h.lr), S(h.momentum), S(1.0 - h.dampening), S(h.lr * h.l1), h.first_step,
+                      h.nesterov};
+}
+
+template <typename S>
+inline LionConsts<S> make_lion_consts(const LionHyper& h) {
+  return LionConsts<S>{S(h.maximize ? -h.inv_scale : h.inv_scale), S(1.0 - h.lr * h.weight_decay),
+                       S(-h.lr), S(h.beta1), S(1.0 - h.beta1), S(h.beta2), S(1.0 - h.beta2),
+                       S(h.lr * h.l1)};
+}
+
+// Adam's per-tensor scalars from its (already incremented) step count.
+struct AdamBiasCorrection {
+  double neg_step_size;  // -lr / (1 - beta1^step)
+  double bc2_sqrt;       // sqrt(1 - beta2^step)
+};
+
+inline AdamBiasCorrection adam_bias_correction(const AdamHyper& h, double step) {
+  return {-(h.lr / (1.0 - std::pow(h.beta1, step))), std::sqrt(1.0 - std::pow(h.beta2, step))};
+}
+
+// ---- op entry points ----------------------------------------------------------------------
+// What each backend registers for the schemas of csrc/ops.cpp: the positional C++ signature
+// the dispatcher calls, turned into the struct by name, checked, and handed to the backend's
+// implementation (`impl`), e.g. m.impl("adam_step", &adam_step_op<adam_step_cpu>).
+using AdamImpl = void (*)(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                          at::ArrayRef<double> steps, const AdamHyper& h);
+using SgdImpl = void (*)(at::TensorList params, at::TensorList grads,
+                         at::TensorList momentum_buffers, const SgdHyper& h);
+using LionImpl = void (*)(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          const LionHyper& h);
+
+template <AdamImpl impl>
+void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                  at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                  at::ArrayRef<double> steps, double lr, double beta1, double beta2, double eps,
+                  double weight_decay, double l1, bool amsgrad, bool maximize, bool decoupled,
+                  double inv_scale) {
+  const AdamHyper h{.lr = lr,
+                    .beta1 = beta1,
+                    .beta2 = beta2,
+                    .eps = eps,
+                    .weight_decay = weight_decay,
+                    .l1 = l1,
+                    .amsgrad = amsgrad,
+                    .maximize = maximize,
+                    .decoupled = decoupled,
+                    .inv_scale = inv_scale};
+  check_hyper(h, steps);
+  impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h);
+}
+
+template <SgdImpl impl>
+void sgd_step_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                 double lr, double momentum, double dampening, double weight_decay, double l1,
+                 bool nesterov, bool maximize, bool decoupled, bool first_step, double inv_scale) {
+  const SgdHyper h{.lr = lr,
+                   .momentum = momentum,
+                   .dampening = dampening,
+                   .weight_decay = weight_decay,
+                   .l1 = l1,
+                   .nesterov = nesterov,
+                   .maximize = maximize,
+                   .decoupled = decoupled,
+                   .first_step = first_step,
+                   .inv_scale = inv_scale};
+  check_hyper(h);
+  impl(params, grads, momentum_buffers, h);
+}
+
+template <LionImpl impl>
+void lion_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, double lr,
+                  double beta1, double beta2, double weight_decay, double l1, bool maximize,
+                  double inv_scale) {
+  const LionHyper h{.lr = lr,
+                    .beta1 = beta1,
+                    .beta2 = beta2,
+                    .weight_decay = weight_decay,
+                    .l1 = l1,
+                    .maximize = maximize,
+                    .inv_scale = inv_scale};
+  check_hyper(h);
+  impl(params, grads, exp_avgs, h);
 }
 
 }  // namespace optim

@@ -1,6 +1,7 @@
-// Per-element update math of the fused optimizers (DESIGN.md §5), in the compute type S
-// (float for fp32/fp16/bf16 parameters, double for float64), shared by csrc/cpu/optim.cpp
-// and csrc/cuda/optim.cu so that the CPU tests exercise the arithmetic the GPU runs.
+// Per-element update math of the fused optimizers (docs/design.md, "Optimizers"), in the
+// compute type S (float for fp32/fp16/bf16 parameters, double for float64), shared by
+// csrc/cpu/optim.cpp and csrc/cuda/optim.cu so that the CPU tests exercise the arithmetic the
+// GPU runs.
 //
 // One element's step, in torch's order (so that l1 = 0 reproduces torch to fp32 rounding):
 //   g ← g·gscale + wd_l2·p          gscale = ±1/grad_scale (− when maximize); wd_l2 = L2 decay
@@ -9,34 +10,29 @@
 //   p ← sign(p)·max(|p| − thr, 0)   thr = lr·l1, only when L1 (soft threshold, exact zeros)
 // The "identity" constants (gscale = 1, wd_l2 = 0, decay = 1) leave values bit-unchanged, so
 // the loops need no branches for maximize / decay / grad scaling and vectorize cleanly.
-// The host computes every constant in double (as torch's Python does) and rounds once to S.
+// The host computes every constant in double (as torch's Python does) and rounds once to S
+// (make_*_consts, fusedreg/optim_args.h).
 #pragma once
 
 #include <cmath>
 
 #include "fusedreg/macros.h"
 
-// The update functions are small and called once per element inside vectorized loops (CPU,
-// compiled for several instruction sets) or 4x unrolled ones (CUDA): always inline them.
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define FUSEDREG_OPTIM_INLINE __host__ __device__ __forceinline__
-#elif defined(__GNUC__)
-#define FUSEDREG_OPTIM_INLINE inline __attribute__((always_inline))
-#else
-#define FUSEDREG_OPTIM_INLINE inline
-#endif
+// The update functions are force-inlined (FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE): they are
+// called once per element inside the CPU's vectorized loops, compiled for each instruction
+// set (fusedreg/cpu/isa.h), and inside CUDA's unrolled ones.
 
 namespace fusedreg {
 namespace optim {
 
 namespace detail {
-FUSEDREG_OPTIM_INLINE float sqrt_(float v) { return sqrtf(v); }
-FUSEDREG_OPTIM_INLINE double sqrt_(double v) { return sqrt(v); }
+FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE float sqrt_(float v) { return sqrtf(v); }
+FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE double sqrt_(double v) { return sqrt(v); }
 }  // namespace detail
 
 // sign(p)·max(|p| − thr, 0), thr ≥ 0. Written with selects, no copysign: branch-free.
 template <typename S>
-FUSEDREG_OPTIM_INLINE S soft_threshold(S p, S thr) {
+FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE S soft_threshold(S p, S thr) {
   const S shrunk_pos = p - thr;  // used when p > thr
   const S shrunk_neg = p + thr;  // used when p < −thr
   return p > thr ? shrunk_pos : (p < -thr ? shrunk_neg : S(0));
@@ -47,7 +43,7 @@ FUSEDREG_OPTIM_INLINE S soft_threshold(S p, S thr) {
 // (b, −(1 − w)) — the same roundings, since negation is exact — so that the only select is
 // between two loaded values and the loops still vectorize.
 template <typename S>
-FUSEDREG_OPTIM_INLINE S lerp(S a, S b, S coef, bool w_small) {
+FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE S lerp(S a, S b, S coef, bool w_small) {
   return (w_small ? a : b) + coef * (b - a);
 }
 
@@ -60,7 +56,7 @@ struct AdamConsts {
 };
 
 template <typename S, bool AMSGRAD, bool L1>
-FUSEDREG_OPTIM_INLINE void adam_update(const AdamConsts<S>& c, S neg_step_size, S bc2_sqrt, S& p, S g,
+FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE void adam_update(const AdamConsts<S>& c, S neg_step_size, S bc2_sqrt, S& p, S g,
                                  S& m, S& v, S& vmax) {
   g = g * c.gscale + c.wd_l2 * p;
   p = p * c.decay;
@@ -85,7 +81,7 @@ struct SgdConsts {
 };
 
 template <typename S, bool MOMENTUM, bool L1>
-FUSEDREG_OPTIM_INLINE void sgd_update(const SgdConsts<S>& c, S& p, S g, S* buf) {
+FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE void sgd_update(const SgdConsts<S>& c, S& p, S g, S* buf) {
   g = g * c.gscale + c.wd_l2 * p;
   p = p * c.decay;
   S d = g;
@@ -106,7 +102,7 @@ struct LionConsts {
 };
 
 template <typename S, bool L1>
-FUSEDREG_OPTIM_INLINE void lion_update(const LionConsts<S>& c, S& p, S g, S& m) {
+FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE void lion_update(const LionConsts<S>& c, S& p, S g, S& m) {
   g = g * c.gscale;
   p = p * c.decay;
   const S u = m * c.beta1 + g * c.omb1;
@@ -114,45 +110,6 @@ FUSEDREG_OPTIM_INLINE void lion_update(const LionConsts<S>& c, S& p, S g, S& m) 
   p = p + c.neg_lr * sgn;
   m = m * c.beta2 + g * c.omb2;
   if (L1) p = soft_threshold(p, c.thr);
-}
-
-// ---- host-side constants (double math, one rounding to S) --------------------------------
-template <typename S>
-inline AdamConsts<S> make_adam_consts(double lr, double beta1, double beta2, double eps,
-                                      double weight_decay, double l1, bool maximize,
-                                      bool decoupled, double inv_scale) {
-  const S w1 = S(1.0 - beta1);  // torch rounds the lerp weight to the tensor's type
-  const bool w1_small = std::abs(w1) < S(0.5);
-  return AdamConsts<S>{S(maximize ? -inv_scale : inv_scale),
-                       S(decoupled ? 0.0 : weight_decay),
-                       S(decoupled ? 1.0 - lr * weight_decay : 1.0),
-                       w1_small ? w1 : -(S(1) - w1), S(beta2), S(1.0 - beta2), S(eps), S(lr * l1),
-                       w1_small};
-}
-
-template <typename S>
-inline SgdConsts<S> make_sgd_consts(double lr, double momentum, double dampening,
-                                    double weight_decay, double l1, bool nesterov,
-                                    bool maximize, bool decoupled, bool first, double inv_scale) {
-  return SgdConsts<S>{S(maximize ? -inv_scale : inv_scale),
-                      S(decoupled ? 0.0 : weight_decay),
-                      S(decoupled ? 1.0 - lr * weight_decay : 1.0),
-                      S(-lr), S(momentum), S(1.0 - dampening), S(lr * l1), first, nesterov};
-}
-
-template <typename S>
-inline LionConsts<S> make_lion_consts(double lr, double beta1, double beta2,
-                                      double weight_decay, double l1, bool maximize,
-                                      double inv_scale) {
-  return LionConsts<S>{S(maximize ? -inv_scale : inv_scale), S(1.0 - lr * weight_decay),
-                       S(-lr), S(beta1), S(1.0 - beta1), S(beta2), S(1.0 - beta2), S(lr * l1)};
-}
-
-// Per-tensor Adam scalars from the (already incremented) step count.
-inline void adam_bias_corrections(double lr, double beta1, double beta2, double step,
-                                  double* neg_step_size, double* bc2_sqrt) {
-  *neg_step_size = -(lr / (1.0 - std::pow(beta1, step)));
-  *bc2_sqrt = std::sqrt(1.0 - std::pow(beta2, step));
 }
 
 }  // namespace optim

@@ -1,4 +1,5 @@
-// The dropout mask of DESIGN.md §3, written once for the CPU and CUDA backends.
+// The dropout mask (docs/design.md, "The dropout mask"), written once for the CPU and CUDA
+// backends.
 //
 // Element i (flat int64 index into the logical, contiguous tensor) is kept iff
 // uniform(seed, i) >= p, where the uniform comes from lane i % 4 of

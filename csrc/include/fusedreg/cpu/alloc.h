@@ -9,6 +9,10 @@
 // (512 faults per output). So large outputs come from HugeAlignedAllocator: the block 2 MiB-
 // aligned, its length rounded up to 2 MiB, all of it advised. The result is an ordinary
 // resizable CPU tensor (resizing allocates from the same allocator); nothing global changes.
+// What it costs: up to 2 MiB less one page of slack per large output; a huge page zeroed in
+// the fault handler even when only part of it is written; these blocks bypass torch's CPU
+// allocator, so its memory reporting (the profiler's) does not count them. Outputs under
+// 4 MiB are ordinary at::empty tensors.
 #pragma once
 
 #include <ATen/ATen.h>

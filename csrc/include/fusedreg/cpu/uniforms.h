@@ -1,25 +1,28 @@
 // Bulk generation of the dropout uniforms on the CPU: one Philox call per aligned group
 // of four flat indices. x86-64 machines with AVX-512 run 16 Philox streams per vector
 // (hand-written below: the 32x32->64-bit multiplies as two vpmuludq on even/odd lanes);
-// elsewhere the scalar header function runs in a loop the compiler vectorizes. The choice
-// is made at run time, so the build stays portable. Both give the bits of philox.h.
+// elsewhere the scalar header function runs in a loop the compiler vectorizes for the
+// CPU's level. The choice is the kernels' own (fusedreg/cpu/isa.h), so the build stays
+// portable. Both give the bits of philox.h.
 #pragma once
 
 #include <cstdint>
 
+#include "fusedreg/cpu/isa.h"
+#include "fusedreg/macros.h"
 #include "fusedreg/philox.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
-#define FUSEDREG_HAVE_AVX512_PATH 1
+#if FUSEDREG_X86_DISPATCH
 #include <immintrin.h>
 #endif
 
 namespace fusedreg {
 namespace detail {
 
-// u[4k + j] = uint_to_uniform(Philox(seed, g0 + k).w[j]) for k in [0, groups).
-inline void fill_uniform_groups_scalar(uint64_t seed, uint64_t g0, int64_t groups,
-                                       float* __restrict u) {
+// u[4k + j] = uint_to_uniform(Philox(seed, g0 + k).w[j]) for k in [0, groups). Force-inlined:
+// it is compiled for the level of each caller (the dispatch below and the AVX-512 tail).
+inline FUSEDREG_ALWAYS_INLINE void fill_uniform_groups_scalar(uint64_t seed, uint64_t g0,
+                                                              int64_t groups, float* __restrict u) {
 #pragma omp simd
   for (int64_t k = 0; k < groups; ++k) {
     const Philox4 r = philox4x32_10(seed, g0 + static_cast<uint64_t>(k));
@@ -30,14 +33,15 @@ inline void fill_uniform_groups_scalar(uint64_t seed, uint64_t g0, int64_t group
   }
 }
 
-#ifdef FUSEDREG_HAVE_AVX512_PATH
-// GCC 12 warns that the intrinsics' internal undefined vectors "may be used uninitialized".
+#if FUSEDREG_X86_DISPATCH
+// GCC 12 warns that the intrinsics' internal undefined vectors "may be used uninitialized"
+// (clang has no such warning, and would warn about the unknown option).
+#if !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#define FUSEDREG_AVX512 __attribute__((target("avx512f,avx512dq")))
-
+#endif
 // (hi, lo) of the 16 products m * a, each 32 x 32 -> 64 bits.
-FUSEDREG_AVX512 inline __m512i mulhilo16(__m512i m, __m512i a, __m512i* lo) {
+FUSEDREG_TARGET_AVX512 inline __m512i mulhilo16(__m512i m, __m512i a, __m512i* lo) {
   const __m512i even = _mm512_mul_epu32(a, m);                         // lanes 0, 2, ...
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);   // lanes 1, 3, ...
   *lo = _mm512_mullo_epi32(a, m);
@@ -45,12 +49,12 @@ FUSEDREG_AVX512 inline __m512i mulhilo16(__m512i m, __m512i a, __m512i* lo) {
 }
 
 // Triton's uint_to_uniform_float on 16 words.
-FUSEDREG_AVX512 inline __m512 to_uniform16(__m512i w) {
+FUSEDREG_TARGET_AVX512 inline __m512 to_uniform16(__m512i w) {
   const __m512i folded = _mm512_mask_xor_epi32(w, _mm512_movepi32_mask(w), w, _mm512_set1_epi32(-1));
   return _mm512_mul_ps(_mm512_cvtepi32_ps(folded), _mm512_set1_ps(4.6566127342e-10f));
 }
 
-FUSEDREG_AVX512 __attribute__((noinline)) inline void fill_uniform_groups_avx512(
+FUSEDREG_TARGET_AVX512 __attribute__((noinline)) inline void fill_uniform_groups_avx512(
     uint64_t seed, uint64_t g0, int64_t groups, float* __restrict u) {
   uint32_t k0[10], k1[10];
   k0[0] = static_cast<uint32_t>(seed);
@@ -104,12 +108,10 @@ FUSEDREG_AVX512 __attribute__((noinline)) inline void fill_uniform_groups_avx512
   fill_uniform_groups_scalar(seed, g0 + static_cast<uint64_t>(k), groups - k, u + 4 * k);
 }
 
-inline bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-  return has;
-}
+#if !defined(__clang__)
 #pragma GCC diagnostic pop
-#endif  // FUSEDREG_HAVE_AVX512_PATH
+#endif
+#endif  // FUSEDREG_X86_DISPATCH
 
 }  // namespace detail
 
@@ -119,15 +121,16 @@ inline void fill_uniforms(uint64_t seed, int64_t start, int64_t len, float* u) {
   const int64_t end = start + len;
   for (; i < end && (i & 3) != 0; ++i) *u++ = dropout_uniform(seed, i);
   const int64_t groups = (end - i) >> 2;
-#ifdef FUSEDREG_HAVE_AVX512_PATH
-  if (detail::cpu_has_avx512()) {
-    detail::fill_uniform_groups_avx512(seed, static_cast<uint64_t>(i) >> 2, groups, u);
-  } else {
-    detail::fill_uniform_groups_scalar(seed, static_cast<uint64_t>(i) >> 2, groups, u);
-  }
-#else
-  detail::fill_uniform_groups_scalar(seed, static_cast<uint64_t>(i) >> 2, groups, u);
+  const uint64_t g0 = static_cast<uint64_t>(i) >> 2;
+  cpu::dispatch_isa([&](auto isa) FUSEDREG_ALWAYS_INLINE {
+#if FUSEDREG_X86_DISPATCH
+    if constexpr (decltype(isa)::value == cpu::Isa::kAvx512) {
+      detail::fill_uniform_groups_avx512(seed, g0, groups, u);
+      return;
+    }
 #endif
+    detail::fill_uniform_groups_scalar(seed, g0, groups, u);
+  });
   i += groups * 4;
   u += groups * 4;
   for (; i < end; ++i) *u++ = dropout_uniform(seed, i);

@@ -5,28 +5,34 @@
 // exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and a degree-6 Taylor/minimax
 // polynomial for e^r (error below 2 ulp on [-87, 88]); inputs are clamped to that range, so
 // the result saturates at ~1e38 / ~1e-38 instead of inf / denormals, which the activation
-// formulas (1 / (1 + e^-z), z * e^..) turn into the same 0 / 1 limits.
+// formulas (1 / (1 + e^-z), z * e^..) turn into the same 0 / 1 limits as long as the other
+// factor stays moderate (not for huge |z|: silu(-1e30) is -6e-9 here, -0 with libm).
 // erf: erf(x) = 1 - erfc(|x|) (sign restored), erfc from the Chebyshev-fitted form
 // t * exp(-x^2 + P(t)), t = 1 / (1 + x/2), of fractional error < 1.2e-7 (Numerical Recipes,
 // "erfcc"); the absolute error of erf is then < 2e-7, below half an ulp of 1 + erf in GELU.
+//
+// CPU and CUDA: the activation formulas are one code (activation.h); what differs is only
+// the float32 exp and erf they call, these polynomials on the CPU and CUDA's expf/erff
+// (StdMath) on the GPU. float64 calls libm's exp and erf on both. tests/test_cpu_math.py
+// bounds the CPU's float32 results, forward and backward, against the formulas evaluated in
+// float64: within 4 float32 ulps of the largest term the formula combines, plus erf's 2e-7
+// (gelu) and exp's amplification of its float32-rounded argument (shared with CUDA), and,
+// where an argument is clamped, within 2^-100 of the limit. float64 results equal the libm
+// formula exactly in the baseline variant and, where FMA contraction moves the roundings
+// (AVX2, AVX-512), are within 2 ulps of its largest term plus exp's argument amplification.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
-// Element loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
-// (GCC/Clang function multiversioning), so the build stays portable.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
-#define FUSEDREG_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FUSEDREG_CPU_CLONES
-#endif
+#include "fusedreg/macros.h"
 
 namespace fusedreg {
 namespace cpu {
 
-inline float vexp(float x) {
+// Force-inlined, as everything a dispatched loop calls (fusedreg/cpu/isa.h).
+inline FUSEDREG_ALWAYS_INLINE float vexp(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   // n = round(x / ln2) by the 1.5 * 2^23 trick, which vectorizes on any x86-64 (no SSE4.1)
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -45,7 +51,7 @@ inline float vexp(float x) {
   return p * scale;
 }
 
-inline float verf(float x) {
+inline FUSEDREG_ALWAYS_INLINE float verf(float x) {
   const float z = std::fabs(x);
   const float t = 1.0f / (1.0f + 0.5f * z);
   float q = 0.17087277f;
@@ -64,10 +70,10 @@ inline float verf(float x) {
 }
 
 struct VecMath {
-  static float erf(float v) { return verf(v); }
-  static double erf(double v) { return std::erf(v); }
-  static float exp(float v) { return vexp(v); }
-  static double exp(double v) { return std::exp(v); }
+  FUSEDREG_ALWAYS_INLINE static float erf(float v) { return verf(v); }
+  FUSEDREG_ALWAYS_INLINE static double erf(double v) { return std::erf(v); }
+  FUSEDREG_ALWAYS_INLINE static float exp(float v) { return vexp(v); }
+  FUSEDREG_ALWAYS_INLINE static double exp(double v) { return std::exp(v); }
 };
 
 }  // namespace cpu

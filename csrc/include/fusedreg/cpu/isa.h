@@ -1,0 +1,140 @@
+// Instruction-set dispatch of the CPU kernels: the one mechanism every CPU op uses.
+//
+// Why it exists: the extension is built for baseline x86-64 (it must load on any x86-64 CPU),
+// but its element loops run several times faster with wide vectors (the dropout mask's
+// Philox multiplies most of all). So each hot loop is compiled for three levels and the CPU's
+// level, detected once, picks one at run time:
+//     dispatch_isa([&](auto isa) FUSEDREG_ALWAYS_INLINE { kernel(...); });
+// calls the lambda from run_avx512, run_avx2 or run_baseline, templates that carry the target
+// attribute. The lambda and the kernel it calls are force-inlined (fusedreg/macros.h), so
+// their loops are compiled for that target; `isa` (an IsaTag) tells the body which one, for
+// the code that uses intrinsics (fusedreg/cpu/uniforms.h).
+//
+// Why runtime dispatch rather than GCC's target_clones (which it replaced): a clone's callees
+// are compiled for the baseline unless the inliner happens to take them, and for "arch="
+// clones it refuses to (the callee's arch must match); hand-written intrinsics cannot be a
+// clone and so needed a second feature check of their own; the resolver is an ifunc
+// (GCC/glibc only). The targets below are feature lists without "arch=", so every ordinary
+// inline function can be inlined into every variant, the intrinsics and the loops share
+// cpu_isa(), and a test can force the baseline (FUSEDREG_CPU_ISA, below).
+//
+// What it costs: three copies of every dispatched kernel (build time and .so size of those
+// loops); one predictable switch per dispatched call, so call it per row block, chunk or
+// span, never per element; and the AVX2 and AVX-512 variants contract a * b + c into FMA
+// while the baseline cannot, so results may differ in the last bit between CPUs of
+// different levels (never between runs on one machine).
+//
+// Levels (each needs everything the one below does):
+//   avx512    avx512f, avx512bw, avx512cd, avx512dq, avx512vl (the AVX-512 of x86-64-v4)
+//   avx2      avx2, fma, bmi, bmi2, popcnt (x86-64-v3 less f16c, lzcnt and movbe, which these
+//             loops do not use and which clang's __builtin_cpu_supports cannot check)
+//   baseline  x86-64 (SSE2)
+// FUSEDREG_CPU_ISA=baseline|avx2|avx512 in the environment caps the level (read once, at the
+// first dispatch); it never raises it. On other architectures, other compilers and in CUDA
+// translation units the target macros expand to nothing and everything runs the baseline.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "fusedreg/macros.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+#define FUSEDREG_X86_DISPATCH 1
+#define FUSEDREG_TARGET_AVX2 __attribute__((target("avx2,fma,bmi,bmi2,popcnt")))
+#define FUSEDREG_TARGET_AVX512 \
+  __attribute__((target("avx2,fma,bmi,bmi2,popcnt,avx512f,avx512bw,avx512cd,avx512dq,avx512vl")))
+#else
+#define FUSEDREG_X86_DISPATCH 0
+#define FUSEDREG_TARGET_AVX2
+#define FUSEDREG_TARGET_AVX512
+#endif
+
+// The run_* variants stay out of line: each is then one symbol, compiled for one target (what
+// objdump shows), and a dispatch nested in an inlined helper (fill_uniforms) does not copy
+// the other levels' code into its caller.
+#if defined(__GNUC__) || defined(__clang__)
+#define FUSEDREG_ISA_VARIANT __attribute__((noinline))
+#else
+#define FUSEDREG_ISA_VARIANT
+#endif
+
+namespace fusedreg {
+namespace cpu {
+
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+template <Isa I>
+using IsaTag = std::integral_constant<Isa, I>;
+
+namespace detail {
+
+inline Isa detect_isa() {
+#if FUSEDREG_X86_DISPATCH
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
+                    __builtin_cpu_supports("popcnt");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512cd") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  Isa best = avx512 ? Isa::kAvx512 : (avx2 ? Isa::kAvx2 : Isa::kBaseline);
+  if (const char* cap = std::getenv("FUSEDREG_CPU_ISA")) {
+    const Isa c = std::strcmp(cap, "baseline") == 0 ? Isa::kBaseline
+                  : std::strcmp(cap, "avx2") == 0   ? Isa::kAvx2
+                                                    : Isa::kAvx512;
+    if (static_cast<int>(c) < static_cast<int>(best)) best = c;
+  }
+  return best;
+#else
+  return Isa::kBaseline;
+#endif
+}
+
+}  // namespace detail
+
+// The level the kernels run at: the CPU's (its features and the OS's support for their
+// registers, as __builtin_cpu_supports reports), capped by FUSEDREG_CPU_ISA.
+inline Isa cpu_isa() {
+  static const Isa isa = detail::detect_isa();
+  return isa;
+}
+
+inline bool cpu_has_avx512() { return cpu_isa() == Isa::kAvx512; }
+
+template <typename F>
+FUSEDREG_ISA_VARIANT FUSEDREG_TARGET_AVX512 decltype(auto) run_avx512(const F& f) {
+  return f(IsaTag<Isa::kAvx512>{});
+}
+
+template <typename F>
+FUSEDREG_ISA_VARIANT FUSEDREG_TARGET_AVX2 decltype(auto) run_avx2(const F& f) {
+  return f(IsaTag<Isa::kAvx2>{});
+}
+
+template <typename F>
+FUSEDREG_ISA_VARIANT decltype(auto) run_baseline(const F& f) {
+  return f(IsaTag<Isa::kBaseline>{});
+}
+
+// f(IsaTag<level>) compiled for, and run at, the level of this CPU. f must be a lambda marked
+// FUSEDREG_ALWAYS_INLINE whose hot callees are FUSEDREG_ALWAYS_INLINE too: what is not
+// inlined into the run_* function is compiled for the baseline.
+template <typename F>
+decltype(auto) dispatch_isa(const F& f) {
+#if FUSEDREG_X86_DISPATCH
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return run_avx512(f);
+    case Isa::kAvx2:
+      return run_avx2(f);
+    default:
+      break;
+  }
+#endif
+  return run_baseline(f);
+}
+
+}  // namespace cpu
+}  // namespace fusedreg

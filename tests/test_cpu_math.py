@@ -1,0 +1,240 @@
+"""The CPU kernels' activation arithmetic, bounded against the formulas of activation.h.
+
+The CPU float32 path evaluates exp and erf with the polynomials of vmath.h (they vectorize;
+libm's expf/erff are opaque calls), where CUDA calls its math library; float64 calls libm on
+both. This bounds what that costs: for every activation, forward and backward, the cpu
+backend's op on a dense float32 sweep is compared with the same formula evaluated in
+float64, under an error model built from vmath.h's documented bounds (below). The same
+check runs at every instruction-set level of the build (FUSEDREG_CPU_ISA), since the AVX2
+and AVX-512 variants contract into FMA and the baseline does not.
+
+Error model, per output element: |got - ref| <= MAX_ULP * ulp32(T) + E, where
+  ref  the formula in float64 on the same float32 input, not rounded (the rounding to
+       float32 is one of MAX_ULP's); torch's float64 exp/erf (the float64 check below uses
+       the C library's, which the kernels call);
+  T    the largest magnitude the formula's last additions combine (the result itself where
+       nothing cancels): float32 rounding errors are relative to it;
+  E    what the float32 evaluation cannot avoid and what vmath.h documents, each measured
+       as the change of the float64 formula under that perturbation:
+       - erf's absolute error (ERF_ABS_ERR) where the formula uses erf;
+       - the float32 rounding of exp's argument (EXP_ARG_ROUNDING relative), which exp
+         amplifies by |argument| (the same on CUDA, whose argument is float32 too).
+Where an exp argument leaves vexp's range [-87, 88] it is clamped there (vmath.h): the
+result then saturates at ~1e-38 instead of underflowing further, and is only checked to be
+within SATURATED_ABS of the formula.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+try:
+    import fusedreg._C  # noqa: F401  (registers the C++ ops)
+except ImportError as e:  # pragma: no cover - depends on the build
+    pytest.skip(f"fusedreg._C is not built ({e})", allow_module_level=True)
+
+OPS = torch.ops.fusedreg
+NONE, RELU, GELU, GELU_TANH, SILU = range(5)  # activation codes of the op schemas
+
+# vmath.h: vexp's error is below 2 ulp; a formula adds at most ~4 float32 roundings of half an
+# ulp each (1 + e, the division or product, the final sum), relative to T.
+MAX_ULP = 4.0
+# vmath.h: |verf(x) - erf(x)| < 2e-7 (the erfc fit's fractional error 1.2e-7, plus rounding).
+ERF_ABS_ERR = 2e-7
+# exp's argument is computed in float32 from the input (gelu_tanh: z + 0.044715 z^3, times
+# sqrt(2/pi), times -2; gelu's pdf: -0.5 z^2): at most 5 roundings of half an ulp, relative.
+EXP_ARG_ROUNDING = 5 * 2.0**-24
+# |z| * e^-87, bounded for |z| <= 20 with room: the most a clamped exp can leave behind.
+SATURATED_ABS = 2.0**-100
+# float64 calls libm on both sides, so only the formula's roundings can differ: not at all in
+# the baseline variant (the same operations as here), by FMA contraction in the AVX2 and
+# AVX-512 ones, which moves the roundings of the formula and of exp's argument.
+MAX_ULP_F64 = 2.0
+EXP_ARG_ROUNDING_F64 = 5 * 2.0**-53
+
+GRID = 2**17  # float32 sweep: a fine grid on [-20, 20] (step 3e-4) plus random values
+
+
+def _sweep():
+    g = torch.Generator().manual_seed(0)
+    grid = torch.linspace(-20.0, 20.0, GRID + 1, dtype=torch.float64)
+    rand = torch.randn(2**15, generator=g, dtype=torch.float64) * 4.0 + 1.5  # non-zero mean
+    small = torch.randn(2**12, generator=g, dtype=torch.float64) * 1e-3  # near 0
+    return torch.cat([grid, rand, small, torch.tensor([0.0, -0.0])]).to(torch.float32)
+
+
+# ---- the formulas of activation.h in float64, with hooks for the perturbations ----------------
+K_INV_SQRT2 = 0.70710678118654752440
+K_INV_SQRT2PI = 0.39894228040143267794
+K_SQRT2_OVER_PI = 0.79788456080286535588
+K_COEFF = 0.044715
+
+
+def _exp(a, rel=0.0):
+    return torch.exp(a * (1.0 + rel))
+
+
+def _erf(x, add=0.0):
+    return torch.erf(x) + add
+
+
+def _elementwise(fn):
+    return lambda t: torch.from_numpy(np.frompyfunc(fn, 1, 1)(t.numpy()).astype(np.float64))
+
+
+# The C library's exp and erf, which the float64 kernels call (torch's own may differ by an ulp).
+_libm_exp, _libm_erf = _elementwise(math.exp), _elementwise(math.erf)
+
+
+def _exp_libm(a, rel=0.0):
+    return _libm_exp(a * (1.0 + rel))
+
+
+def _erf_libm(x, add=0.0):
+    return _libm_erf(x) + add
+
+
+def formula(act, z, grad, exp=_exp, erf=_erf):
+    """(value, T, exp arguments) of act (or its derivative when grad) at z, float64."""
+    one = torch.ones_like(z)
+    if act == NONE:
+        return (one if grad else z), (one if grad else z.abs()), []
+    if act == RELU:
+        v = (z > 0).to(z.dtype) if grad else z.clamp(min=0)
+        return v, v.abs(), []
+    if act == GELU:
+        cdf = 0.5 * (1.0 + erf(z * K_INV_SQRT2))
+        if not grad:
+            v = z * cdf
+            return v, v.abs(), [-(z * K_INV_SQRT2) ** 2]
+        a = -0.5 * z * z
+        zpdf = z * (K_INV_SQRT2PI * exp(a))
+        return cdf + zpdf, torch.maximum(cdf.abs(), zpdf.abs()), [a, -(z * K_INV_SQRT2) ** 2]
+    if act == GELU_TANH:
+        u = K_SQRT2_OVER_PI * (z + K_COEFF * z * z * z)
+        a = -2.0 * u
+        if not grad:
+            v = z / (1.0 + exp(a))
+            return v, v.abs(), [a]
+        s = 1.0 / (1.0 + exp(a))
+        du = K_SQRT2_OVER_PI * (1.0 + 3.0 * K_COEFF * z * z)
+        # 1 - s cancels where s -> 1: its error is scaled by 2 z s du
+        return s + 2.0 * z * s * (1.0 - s) * du, torch.maximum(s.abs(), (2.0 * z * s * du).abs()), [a]
+    # SILU
+    a = -z
+    if not grad:
+        v = z / (1.0 + exp(a))
+        return v, v.abs(), [a]
+    s = 1.0 / (1.0 + exp(a))
+    # 1 - s cancels where s -> 1: its error is scaled by z s
+    return s * (1.0 + z * (1.0 - s)), s * torch.maximum(one, z.abs()), [a]
+
+
+def _ulp(t, dtype):
+    """The spacing of `dtype` at |t| (that of its smallest normal number below it)."""
+    mantissa_bits = {torch.float32: 23, torch.float64: 52}[dtype]
+    t = t.abs().clamp(min=torch.finfo(dtype).tiny)
+    return torch.exp2(torch.floor(torch.log2(t)) - mantissa_bits)
+
+
+def allowed_error(act, z64, grad, max_ulp, arg_rounding, erf_err, dtype):
+    """(ref, bound, in_range): the float64 formula, the error allowed (see the module's
+    docstring) and where every exp argument is in vexp's range."""
+    exp, erf = (_exp, _erf) if dtype == torch.float32 else (_exp_libm, _erf_libm)
+    ref, t, args = formula(act, z64, grad, exp=exp, erf=erf)
+    bound = max_ulp * _ulp(t, dtype)
+    for sign in (1.0, -1.0):
+        if arg_rounding and args:
+            moved = formula(act, z64, grad, exp=lambda a: exp(a, sign * arg_rounding), erf=erf)[0]
+            bound = bound + (moved - ref).abs()
+        if erf_err and act == GELU:
+            moved = formula(act, z64, grad, exp=exp, erf=lambda x: erf(x, sign * erf_err))[0]
+            bound = bound + (moved - ref).abs()
+    in_range = torch.ones_like(z64, dtype=torch.bool)
+    for a in args:
+        in_range &= (a >= -87.0) & (a <= 88.0)
+    return ref, bound, in_range
+
+
+def run_op(act, x, grad):
+    seed = torch.zeros((), dtype=torch.int64)
+    if not grad:
+        return OPS.bias_dropout_fwd(x, None, None, 0.0, act, seed)
+    # grad_out = 1: grad_x is the derivative itself
+    return OPS.bias_dropout_bwd(torch.ones_like(x), x, None, 0.0, act, seed, False)[0]
+
+
+def check_float32(act, grad):
+    """Max error in units of the bound (<= 1 passes) on the sweep, over two layouts: one long
+    row, and rows of 127 (most elements then go through the vector loops' epilogues)."""
+    x = _sweep()
+    n = x.numel() // 127 * 127
+    worst = 0.0
+    for xs in (x.reshape(1, -1), x[:n].reshape(-1, 127)):
+        got = run_op(act, xs.contiguous(), grad).flatten().double()
+        z = xs.flatten().double()
+        ref, bound, in_range = allowed_error(act, z, grad, MAX_ULP, EXP_ARG_ROUNDING, ERF_ABS_ERR,
+                                             torch.float32)
+        err = (got - ref).abs()
+        assert torch.isfinite(got).all()
+        assert (err[~in_range] <= SATURATED_ABS).all(), "saturated exp beyond its ~1e-38 floor"
+        worst = max(worst, (err[in_range] / bound[in_range]).max().item())
+    return worst
+
+
+ACTS = [(NONE, "none"), (RELU, "relu"), (GELU, "gelu"), (GELU_TANH, "gelu_tanh"), (SILU, "silu")]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("act", [a for a, _ in ACTS], ids=[n for _, n in ACTS])
+def test_float32_within_vmath_error_model(act, grad):
+    worst = check_float32(act, grad)
+    assert worst <= 1.0, f"error {worst:.2f}x the bound"
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("act", [a for a, _ in ACTS], ids=[n for _, n in ACTS])
+def test_float64_matches_the_libm_formula(act, grad):
+    x = _sweep().double()
+    x = torch.cat([x, x + 1e-9])  # values that are not float32
+    got = run_op(act, x.reshape(1, -1), grad).flatten()
+    ref, bound, _ = allowed_error(act, x, grad, MAX_ULP_F64, EXP_ARG_ROUNDING_F64, 0.0,
+                                  torch.float64)
+    err = (got - ref).abs()
+    assert (err <= bound).all(), f"max error {(err / bound).max().item():.2f}x the bound"
+
+
+def test_the_bound_catches_a_one_percent_exp_error():
+    """The model is tight enough to matter: exp off by 1% (in the formula, in float32)
+    breaks it for every exp-based activation."""
+    z = _sweep()[: GRID + 1].double()  # the grid
+    for act in (GELU, GELU_TANH, SILU):
+        for grad in (False, True):
+            # verf is 1 - t * vexp(...) = 1 - erfc: vexp's error goes to erfc
+            off = formula(act, z, grad, exp=lambda a: 1.01 * torch.exp(a),
+                          erf=lambda x: torch.sign(x) * (1.0 - 1.01 * torch.erfc(x.abs())))[0]
+            off = off.float().double()
+            ref, bound, in_range = allowed_error(act, z, grad, MAX_ULP, EXP_ARG_ROUNDING,
+                                                 ERF_ABS_ERR, torch.float32)
+            assert ((off - ref).abs() > bound)[in_range].any(), (act, grad)
+
+
+LEVELS = ["baseline", "avx2"]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_float32_at_lower_instruction_set_levels(level):
+    """The same float32 check with the kernels capped at `level` (a fresh process: the level
+    is read once). On a CPU below `level` this repeats the native check."""
+    code = ("import sys; sys.path[:0] = {path!r}; import test_cpu_math as t; "
+            "print(max(t.check_float32(a, g) for a, _ in t.ACTS for g in (False, True)))")
+    out = subprocess.run([sys.executable, "-c", code.format(path=[os.path.dirname(__file__)] + sys.path)],
+                         env={**os.environ, "FUSEDREG_CPU_ISA": level}, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    worst = float(out.stdout.strip().splitlines()[-1])
+    assert worst <= 1.0, f"error {worst:.2f}x the bound at {level}"
