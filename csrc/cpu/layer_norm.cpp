@@ -351,10 +351,12 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
   const int64_t rows_per_block = partials ? std::max((M + max_blocks - 1) / max_blocks, min_rows)
                                           : std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
   const int64_t n_blocks = (M + rows_per_block - 1) / rows_per_block;
-  // Zeroed by the task that fills them (in its cache, in parallel), not here.
+  // Zeroed by the task that fills them (in its cache, in parallel), not here: `new acc_t[n]`
+  // leaves them uninitialized (C++17; torch 2.11 builds extensions as C++17, so no
+  // make_unique_for_overwrite).
   std::unique_ptr<acc_t[]> pw, pb;
-  if (gw) pw = std::make_unique_for_overwrite<acc_t[]>(n_blocks * N);
-  if (gb) pb = std::make_unique_for_overwrite<acc_t[]>(n_blocks * N);
+  if (gw) pw.reset(new acc_t[n_blocks * N]);
+  if (gb) pb.reset(new acc_t[n_blocks * N]);
   // Dispatched here, not inside the task body: for_each_task instantiates the body twice.
   auto run_task = [&](int64_t blk, acc_t* g, float* u) {
     acc_t* aw = gw ? pw.get() + blk * N : nullptr;
