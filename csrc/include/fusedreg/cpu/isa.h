@@ -21,8 +21,11 @@
 // What it costs: three copies of every dispatched kernel (build time and .so size of those
 // loops); one predictable switch per dispatched call, so call it per row block, chunk or
 // span, never per element; and the AVX2 and AVX-512 variants contract a * b + c into FMA
-// while the baseline cannot, so results may differ in the last bit between CPUs of
-// different levels (never between runs on one machine).
+// while the baseline cannot, so results may differ in the last bits between CPUs of
+// different levels (more where exp amplifies a rounding of its argument), never between
+// runs at one level. Under GCC's default -ftrapping-math, a loop whose selects compare
+// floats (the dropout keep test, Lion's sign) is if-converted only with AVX-512's masks:
+// in the AVX2 and baseline variants such loops stay scalar, as they did as clones.
 //
 // Levels (each needs everything the one below does):
 //   avx512    avx512f, avx512bw, avx512cd, avx512dq, avx512vl (the AVX-512 of x86-64-v4)
