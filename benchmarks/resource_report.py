@@ -55,7 +55,7 @@ def _nvcc_flags(arch: int) -> list[str]:
     incs.append(sysconfig.get_paths()["include"])
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
     return ([f"-I{d}" for d in incs] + list(ce.COMMON_NVCC_FLAGS) +
-            ["-std=c++20", "-O3", "-lineinfo", "-DFUSEDREG_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
+            ["-std=c++20", "-O3", "-lineinfo", "-DTORCH_EXTENSION_NAME=_C",
              f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-gencode=arch=compute_{arch},code=sm_{arch}",
              "--compiler-options", "-fPIC", "-Xptxas", "-v"])
 
