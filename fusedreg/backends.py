@@ -189,6 +189,10 @@ def _default_from_env() -> str:
 
 _default = _default_from_env()
 _scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedreg_backend", default=None)
+# torch.compile traces ContextVar.get (and guards on it) from torch 2.14; older Dynamo cannot,
+# so there a compiled function sees the process default only (set_backend / the environment
+# variable, guarded as a global), not a use_backend block around the call (README, "Backends").
+_COMPILE_SEES_SCOPED = torch.__version__ >= (2, 14)
 
 
 def set_backend(name: str) -> None:
@@ -200,6 +204,8 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     """The choice in force here: the innermost ``use_backend`` block's, else the default."""
+    if not _COMPILE_SEES_SCOPED and torch.compiler.is_compiling():
+        return _default
     scoped = _scoped.get()
     return _default if scoped is None else scoped
 
@@ -218,6 +224,8 @@ def use_backend(name: str):
 def resolve(op: str, device: torch.device) -> str:
     """The backend that serves ``op`` for tensors on ``device``; raises with the reason."""
     choice = get_backend()
+    if torch.compiler.is_compiling():  # a cache read would become a guard on the cache
+        return _resolve_uncached(op, device.type, choice)
     key = (op, device.type, choice)
     backend = _RESOLVED.get(key)
     if backend is None:

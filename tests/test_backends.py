@@ -177,3 +177,36 @@ def test_triton_needs_interpreter_or_gpu():
     assert res.returncode == 0, res.stderr
     gpu, installed, status = res.stdout.strip().split(" ", 2)
     assert status == "available" if installed == "True" else "not installed" in status
+
+
+def test_torch_compile_follows_the_choice():
+    """A compiled call runs the backend chosen where it is called: the process default, and
+    (torch >= 2.14, whose Dynamo traces ContextVar.get) a use_backend block around it."""
+    from fusedreg import functional as F
+
+    seen = []
+
+    def record(gm, example_inputs):
+        seen.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: F.layer_norm(x, (8,)), fullgraph=True, backend=record)
+    x = torch.randn(2, 8)
+    auto = backends.resolve("layer_norm", x.device)
+    if auto == "reference":
+        pytest.skip("needs a fused CPU backend as the auto choice")
+    f(x)
+    fusedreg.set_backend("reference")
+    f(x)
+    fusedreg.set_backend("auto")
+    with fusedreg.use_backend("reference"):
+        f(x)
+    ops = [{t for t in s if "fusedreg" in t} for s in seen]
+    suffix = {"reference": "_reference", "cpu": "", "triton": "_triton"}
+    assert ops[0] == {f"fusedreg.layer_norm_fwd{suffix[auto]}.default"}
+    assert ops[1] == {"fusedreg.layer_norm_fwd_reference.default"}
+    if backends._COMPILE_SEES_SCOPED:
+        assert len(ops) == 3 and ops[2] == ops[1]
+    else:  # the process default (auto) serves it: the first graph is reused
+        assert len(ops) == 2 or ops[2] == ops[0]
