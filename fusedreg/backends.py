@@ -191,7 +191,8 @@ _default = _default_from_env()
 _scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedreg_backend", default=None)
 # torch.compile traces ContextVar.get (and guards on it) from torch 2.14; older Dynamo cannot,
 # so there a compiled function sees the process default only (set_backend / the environment
-# variable, guarded as a global), not a use_backend block around the call (README, "Backends").
+# variable, guarded as a global), not a use_backend block around the call (docs/design.md,
+# "Backends and dispatch").
 _COMPILE_SEES_SCOPED = torch.__version__ >= (2, 14)
 
 
