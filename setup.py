@@ -54,7 +54,9 @@ def _extensions():
 
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    # -g0 overrides the -g of Python's CFLAGS: debug info of the three instruction-set copies
+    # of every loop made the CPU compile a third slower and the objects 14x larger.
+    cxx = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
     cxx += os.environ.get("FUSEDREG_CPU_ARCH", "").split()
     link = ["-fopenmp"]
 
