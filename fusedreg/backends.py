@@ -25,8 +25,8 @@ import torch
 __all__ = [
     "AUTO", "BACKENDS", "BackendUnavailableError", "available_backends", "backend_status",
     "extension_available", "get_backend", "implementation", "implemented_backends", "register",
-    "resolve", "set_backend", "triton_available", "triton_interpreter", "use_backend",
-    "why_unusable",
+    "registered_backends", "resolve", "set_backend", "triton_available", "triton_interpreter",
+    "use_backend", "why_unusable",
 ]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -163,11 +163,16 @@ def implementation(op: str, backend: str) -> Any:
             f"{why_unusable(backend) or 'not registered'}") from None
 
 
+def registered_backends(op: str) -> list[str]:
+    """The backends (in ``BACKENDS`` order) that registered ``op`` in this build, whether or
+    not they can run here."""
+    return [b for b in BACKENDS if (op, b) in _REGISTRY]
+
+
 def implemented_backends(op: str, device_type: str | None = None) -> list[str]:
     """The backends (in ``BACKENDS`` order) that implement ``op`` and can run on
     ``device_type`` here (on any device if None)."""
-    return [b for b in BACKENDS
-            if (op, b) in _REGISTRY and why_unusable(b, device_type) is None]
+    return [b for b in registered_backends(op) if why_unusable(b, device_type) is None]
 
 
 # ---- the choice ---------------------------------------------------------------------------
