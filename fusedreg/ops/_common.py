@@ -79,19 +79,24 @@ def triton_module(name: str):
     return importlib.import_module(f"fusedreg.triton.{name}")
 
 
+def backend_ops(signature: Callable, reference: Callable, triton: Optional[Callable], *,
+                fake: Callable, mutates_args: Sequence[str] = ()) -> dict:
+    """{backend: op} for one op in every backend this build has: the reference and Triton
+    custom ops made from ``signature`` over ``reference`` and ``triton`` (None without
+    Triton), and the C++ op of the signature's name."""
+    ops = python_ops(signature, {"reference": reference, "triton": triton}, fake=fake,
+                     mutates_args=mutates_args)
+    ops.update(cpp_backends(signature.__name__, fake))
+    return ops
+
+
 def register_kernels(op: str, fwd_signature: Callable, bwd_signature: Callable, reference,
                      *, fwd_fake: Callable, bwd_fake: Callable) -> None:
-    """Registers ``op``'s forward/backward pair in every backend this build has: the Python
-    ops made from the two signatures over ``reference``'s and ``fusedreg.triton.<op>``'s
-    functions of the same names, and the C++ ops of those names."""
+    """Registers ``op``'s forward/backward pair in every backend this build has, over
+    ``reference``'s and ``fusedreg.triton.<op>``'s functions of the signatures' names."""
     tri = triton_module(op)
-    kernels = {}
-    for signature, fake in ((fwd_signature, fwd_fake), (bwd_signature, bwd_fake)):
-        name = signature.__name__
-        ops = python_ops(signature, {"reference": getattr(reference, name),
-                                     "triton": tri and getattr(tri, name)}, fake=fake)
-        ops.update(cpp_backends(name, fake))
-        for backend, f in ops.items():
-            kernels.setdefault(backend, []).append(f)
-    for backend, (fwd, bwd) in kernels.items():
-        backends.register(op, backend, Kernels(fwd, bwd))
+    fwd, bwd = (backend_ops(sig, getattr(reference, sig.__name__),
+                            tri and getattr(tri, sig.__name__), fake=fake)
+                for sig, fake in ((fwd_signature, fwd_fake), (bwd_signature, bwd_fake)))
+    for backend in fwd:
+        backends.register(op, backend, Kernels(fwd[backend], bwd[backend]))

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import optim as ref
-from ._common import cpp_backends, python_ops, triton_module
+from ._common import backend_ops, triton_module
 
 __all__ = ["ALGORITHMS"]
 
@@ -74,10 +74,8 @@ def _register() -> None:
     for algo, signature, fake in (("adam", adam_step, _adam_fake), ("sgd", sgd_step, _sgd_fake),
                                   ("lion", lion_step, _lion_fake)):
         name = signature.__name__
-        impls = {"reference": getattr(ref, f"multi_{name}"),
-                 "triton": tri and getattr(tri, name)}
-        ops = python_ops(signature, impls, fake=fake, mutates_args=_MUTATES[algo])
-        ops.update(cpp_backends(name, fake))
+        ops = backend_ops(signature, getattr(ref, f"multi_{name}"), tri and getattr(tri, name),
+                          fake=fake, mutates_args=_MUTATES[algo])
         for backend, op in ops.items():
             backends.register(algo, backend, op)
 
