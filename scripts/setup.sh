@@ -15,7 +15,7 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip setuptools wheel
 python -m pip install -q "${FUSEDREG_TORCH:-torch==2.14.1}" triton pytest ninja
-python -m pip install -q ${FUSEDREG_EXTRAS:-matplotlib tqdm transformers timm}
+python -m pip install -q ${FUSEDREG_EXTRAS:-matplotlib tqdm transformers timm hypothesis expecttest}
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
