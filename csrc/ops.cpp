@@ -49,24 +49,27 @@ TORCH_LIBRARY(fusedreg, m) {
   // The hyperparameters are keyword-only (after `*`): several are adjacent floats that a
   // positional call could swap unnoticed. Both backends turn them into one named struct and
   // check their ranges before any write (fusedreg/optim_args.h).
-  // params/grads: same dtype and shape, contiguous; state tensors (exp_avgs, ...) are in the
-  // compute type (float32 for fp16/bf16/fp32 params, float64 for float64), contiguous.
+  // params/grads: same dtype and shape; state tensors (exp_avgs, ...) all in one dtype, the
+  // compute type (float32 for fp16/bf16/fp32 params, float64 for float64) or the params'.
+  // Each param is dense and non-overlapping in any layout (contiguous, channels_last,
+  // transposed); its grad and state tensors have its strides: the kernels step the storage.
   // steps: Adam's already-incremented step count per parameter (read on the host, so a CUDA
   // launch never waits); inv_scale: 1/grad_scale (1 without AMP); l1: the L1 proximal
-  // strength (threshold lr·l1 after the update); decoupled: weight decay as p·(1 − lr·wd)
-  // instead of L2 added to the gradient. max_exp_avg_sqs is empty unless amsgrad,
+  // strength (threshold lr·l1 after the update; l1 itself when not l1_lr_scaled);
+  // decoupled: weight decay as p·(1 − lr·wd) instead of L2 added to the gradient. max_exp_avg_sqs is empty unless amsgrad,
   // momentum_buffers empty when momentum == 0; first_step: buffers are new (buf ← g).
   m.def(
       "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float[] steps, *, float lr, "
-      "float beta1, float beta2, float eps, float weight_decay, float l1, bool amsgrad, "
-      "bool maximize, bool decoupled, float inv_scale) -> ()");
+      "float beta1, float beta2, float eps, float weight_decay, float l1, bool l1_lr_scaled, "
+      "bool amsgrad, bool maximize, bool decoupled, float inv_scale) -> ()");
   m.def(
       "sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, "
-      "float lr, float momentum, float dampening, float weight_decay, float l1, bool nesterov, "
-      "bool maximize, bool decoupled, bool first_step, float inv_scale) -> ()");
+      "float lr, float momentum, float dampening, float weight_decay, float l1, "
+      "bool l1_lr_scaled, bool nesterov, bool maximize, bool decoupled, bool first_step, "
+      "float inv_scale) -> ()");
   m.def(
       "lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, *, float lr, "
-      "float beta1, float beta2, float weight_decay, float l1, bool maximize, "
+      "float beta1, float beta2, float weight_decay, float l1, bool l1_lr_scaled, bool maximize, "
       "float inv_scale) -> ()");
 }

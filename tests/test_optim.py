@@ -188,7 +188,7 @@ def test_l1_makes_exact_zeros_and_sparsity_counts_them(backend, cls):
     s = opt.sparsity()
     w = torch.cat([p.detach().flatten() for p in model[0].parameters()])
     assert s[0] == pytest.approx((w == 0).float().mean().item()) and s[0] > 0.1  # thr = 0.02 a step; weights are U(±0.24)
-    assert s[1] == 0.0  # no l1 in the second group: dense
+    assert s[1] is None  # no l1 in the second group: not counted
     zeros = w == 0
     assert torch.equal(w[zeros], torch.zeros_like(w[zeros]))
 
@@ -443,13 +443,13 @@ def _op_args(algo, n=37, amsgrad=True):
     if algo == "adam":
         return (ps, gs, z(), z(), z() if amsgrad else [], [3.0, 4.0]), dict(
             lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, l1=0.01,
-            amsgrad=amsgrad, maximize=False, decoupled=True, inv_scale=0.5)
+            l1_lr_scaled=True, amsgrad=amsgrad, maximize=False, decoupled=True, inv_scale=0.5)
     if algo == "sgd":
         return (ps, gs, z()), dict(
-            lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=0.1, l1=0.01, nesterov=True,
-            maximize=False, decoupled=False, first_step=False, inv_scale=1.0)
+            lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=0.1, l1=0.01, l1_lr_scaled=False,
+            nesterov=True, maximize=False, decoupled=False, first_step=False, inv_scale=1.0)
     return (ps, gs, z()), dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, l1=0.01,
-                               maximize=True, inv_scale=1.0)
+                               l1_lr_scaled=True, maximize=True, inv_scale=1.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

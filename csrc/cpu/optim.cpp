@@ -73,41 +73,47 @@ void parallel_spans(const Plan& plan, const F& fn) {
 }
 
 // ---- the loops (force-inlined into each instruction-set variant of the dispatch) --------
-// p, g: parameter and gradient (T); m, v, vm / buf: state (S); n elements.
-template <typename T, typename S, bool AMS, bool L1>
+// p, g: parameter and gradient (T); m, v, vm / buf: state (M: S, or T when the state is kept
+// in the parameter's dtype); math in S; n elements of the tensors' storage.
+template <typename T, typename S, typename M, bool AMS, bool L1>
 inline FUSEDREG_ALWAYS_INLINE void adam_loop(const AdamConsts<S>& cref, S nss, S bc2, T* p, const T* g,
-                                      S* m, S* v, S* vm, int64_t n) {
+                                      M* m, M* v, M* vm, int64_t n) {
   // A local copy: the constants cannot alias the stores, so they stay in registers and the
   // selects on them (lerp's form) are if-converted instead of blocking vectorization.
   const AdamConsts<S> c = cref;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    S pv = static_cast<S>(p[i]);
-    S vmv = AMS ? vm[i] : S(0);
-    adam_update<S, AMS, L1>(c, nss, bc2, pv, static_cast<S>(g[i]), m[i], v[i], vmv);
-    if constexpr (AMS) vm[i] = vmv;
+    S pv = static_cast<S>(p[i]), mv = static_cast<S>(m[i]), vv = static_cast<S>(v[i]);
+    S vmv = AMS ? static_cast<S>(vm[i]) : S(0);
+    adam_update<S, AMS, L1>(c, nss, bc2, pv, static_cast<S>(g[i]), mv, vv, vmv);
+    if constexpr (AMS) vm[i] = static_cast<M>(vmv);
+    m[i] = static_cast<M>(mv);
+    v[i] = static_cast<M>(vv);
     p[i] = static_cast<T>(pv);
   }
 }
 
-template <typename T, typename S, bool MOM, bool L1>
-inline FUSEDREG_ALWAYS_INLINE void sgd_loop(const SgdConsts<S>& cref, T* p, const T* g, S* buf, int64_t n) {
+template <typename T, typename S, typename M, bool MOM, bool L1>
+inline FUSEDREG_ALWAYS_INLINE void sgd_loop(const SgdConsts<S>& cref, T* p, const T* g, M* buf, int64_t n) {
   const SgdConsts<S> c = cref;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     S pv = static_cast<S>(p[i]);
-    sgd_update<S, MOM, L1>(c, pv, static_cast<S>(g[i]), MOM ? buf + i : nullptr);
+    S bv = MOM ? static_cast<S>(buf[i]) : S(0);
+    sgd_update<S, MOM, L1>(c, pv, static_cast<S>(g[i]), &bv);
+    if constexpr (MOM) buf[i] = static_cast<M>(bv);
     p[i] = static_cast<T>(pv);
   }
 }
 
-template <typename T, typename S, bool L1>
-inline FUSEDREG_ALWAYS_INLINE void lion_loop(const LionConsts<S>& cref, T* p, const T* g, S* m, int64_t n) {
+template <typename T, typename S, typename M, bool L1>
+inline FUSEDREG_ALWAYS_INLINE void lion_loop(const LionConsts<S>& cref, T* p, const T* g, M* m, int64_t n) {
   const LionConsts<S> c = cref;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    S pv = static_cast<S>(p[i]);
-    lion_update<S, L1>(c, pv, static_cast<S>(g[i]), m[i]);
+    S pv = static_cast<S>(p[i]), mv = static_cast<S>(m[i]);
+    lion_update<S, L1>(c, pv, static_cast<S>(g[i]), mv);
+    m[i] = static_cast<M>(mv);
     p[i] = static_cast<T>(pv);
   }
 }
@@ -122,6 +128,8 @@ void with_bool(bool b, const F& f) {
   }
 }
 
+// A span's pointer into the storage of list[s.tensor] (dense in any layout: the flat range
+// from the data pointer).
 template <typename S>
 S* state_ptr(at::TensorList list, const Span& s) {
   return list.empty() ? nullptr : list[s.tensor].data_ptr<S>() + s.begin;
@@ -132,8 +140,9 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                    at::ArrayRef<double> steps, const AdamHyper& h) {
   const bool amsgrad = h.amsgrad;
-  check_lists("fusedreg::adam_step", at::kCPU, params, grads,
-              {exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()});
+  const at::ScalarType sdtype =
+      check_lists("fusedreg::adam_step", at::kCPU, params, grads,
+                  {exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()});
   TORCH_CHECK(exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size() &&
                   steps.size() == params.size() && (!amsgrad || max_exp_avg_sqs.size() == params.size()),
               "fusedreg::adam_step: expected one state tensor and one step per parameter");
@@ -148,18 +157,21 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       nss[t] = S(bc.neg_step_size);
       bc2[t] = S(bc.bc2_sqrt);
     }
-    with_bool(amsgrad, [&](auto ams) {
-      with_bool(h.l1 != 0.0, [&](auto has_l1) {
-        constexpr bool kAms = decltype(ams)::value, kL1 = decltype(has_l1)::value;
-        parallel_spans(spans, [&](const Span& s) {
-          scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
-          const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
-          S* m = state_ptr<S>(exp_avgs, s);
-          S* v = state_ptr<S>(exp_avg_sqs, s);
-          S* vm = amsgrad ? state_ptr<S>(max_exp_avg_sqs, s) : nullptr;
-          const S a = nss[s.tensor], b = bc2[s.tensor];
-          dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-            adam_loop<scalar_t, S, kAms, kL1>(c, a, b, p, g, m, v, vm, s.end - s.begin);
+    with_state_type<scalar_t, S>(sdtype, [&](auto state_type) {
+      using M = typename decltype(state_type)::type;
+      with_bool(amsgrad, [&](auto ams) {
+        with_bool(h.l1 != 0.0, [&](auto has_l1) {
+          constexpr bool kAms = decltype(ams)::value, kL1 = decltype(has_l1)::value;
+          parallel_spans(spans, [&](const Span& s) {
+            scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
+            const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
+            M* m = state_ptr<M>(exp_avgs, s);
+            M* v = state_ptr<M>(exp_avg_sqs, s);
+            M* vm = amsgrad ? state_ptr<M>(max_exp_avg_sqs, s) : nullptr;
+            const S a = nss[s.tensor], b = bc2[s.tensor];
+            dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+              adam_loop<scalar_t, S, M, kAms, kL1>(c, a, b, p, g, m, v, vm, s.end - s.begin);
+            });
           });
         });
       });
@@ -170,8 +182,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                   const SgdHyper& h) {
   const bool has_momentum = h.momentum != 0.0;
-  check_lists("fusedreg::sgd_step", at::kCPU, params, grads,
-              {has_momentum ? momentum_buffers : at::TensorList()});
+  const at::ScalarType sdtype = check_lists("fusedreg::sgd_step", at::kCPU, params, grads,
+                                            {has_momentum ? momentum_buffers : at::TensorList()});
   TORCH_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
               "fusedreg::sgd_step: momentum needs one buffer per parameter");
   if (params.empty()) return;
@@ -179,15 +191,18 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step", [&] {
     using S = at::opmath_type<scalar_t>;
     const SgdConsts<S> c = make_sgd_consts<S>(h);
-    with_bool(has_momentum, [&](auto mom) {
-      with_bool(h.l1 != 0.0, [&](auto has_l1) {
-        constexpr bool kMom = decltype(mom)::value, kL1 = decltype(has_l1)::value;
-        parallel_spans(spans, [&](const Span& s) {
-          scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
-          const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
-          S* buf = has_momentum ? state_ptr<S>(momentum_buffers, s) : nullptr;
-          dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-            sgd_loop<scalar_t, S, kMom, kL1>(c, p, g, buf, s.end - s.begin);
+    with_state_type<scalar_t, S>(sdtype, [&](auto state_type) {
+      using M = typename decltype(state_type)::type;
+      with_bool(has_momentum, [&](auto mom) {
+        with_bool(h.l1 != 0.0, [&](auto has_l1) {
+          constexpr bool kMom = decltype(mom)::value, kL1 = decltype(has_l1)::value;
+          parallel_spans(spans, [&](const Span& s) {
+            scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
+            const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
+            M* buf = has_momentum ? state_ptr<M>(momentum_buffers, s) : nullptr;
+            dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+              sgd_loop<scalar_t, S, M, kMom, kL1>(c, p, g, buf, s.end - s.begin);
+            });
           });
         });
       });
@@ -197,21 +212,25 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
 
 void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    const LionHyper& h) {
-  check_lists("fusedreg::lion_step", at::kCPU, params, grads, {exp_avgs});
+  const at::ScalarType sdtype =
+      check_lists("fusedreg::lion_step", at::kCPU, params, grads, {exp_avgs});
   TORCH_CHECK(exp_avgs.size() == params.size(), "fusedreg::lion_step: one exp_avg per parameter");
   if (params.empty()) return;
   const Plan spans = make_plan(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "lion_step", [&] {
     using S = at::opmath_type<scalar_t>;
     const LionConsts<S> c = make_lion_consts<S>(h);
-    with_bool(h.l1 != 0.0, [&](auto has_l1) {
-      constexpr bool kL1 = decltype(has_l1)::value;
-      parallel_spans(spans, [&](const Span& s) {
-        scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
-        const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
-        S* m = state_ptr<S>(exp_avgs, s);
-        dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-          lion_loop<scalar_t, S, kL1>(c, p, g, m, s.end - s.begin);
+    with_state_type<scalar_t, S>(sdtype, [&](auto state_type) {
+      using M = typename decltype(state_type)::type;
+      with_bool(h.l1 != 0.0, [&](auto has_l1) {
+        constexpr bool kL1 = decltype(has_l1)::value;
+        parallel_spans(spans, [&](const Span& s) {
+          scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
+          const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
+          M* m = state_ptr<M>(exp_avgs, s);
+          dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+            lion_loop<scalar_t, S, M, kL1>(c, p, g, m, s.end - s.begin);
+          });
         });
       });
     });

@@ -99,47 +99,52 @@ __device__ __forceinline__ void for_chunk(const TensorListArgs<DEPTH>& args, con
   }
 }
 
-template <typename T, typename S, bool AMS, bool L1>
+// T: parameter and gradient type; S: compute type; M: state storage type (S, or T when the
+// state is kept in the parameter's dtype). Element i is the i-th of the tensor's storage
+// (dense in any layout; p, g and state share strides, checked on the host).
+template <typename T, typename S, typename M, bool AMS, bool L1>
 __global__ void __launch_bounds__(kThreads) adam_kernel(TensorListArgs<5> args, AdamConsts<S> c) {
   for_chunk<5>(args, [&](int t, int64_t i) {
     T* p = static_cast<T*>(args.addr[0][t]);
     const T* g = static_cast<const T*>(args.addr[1][t]);
-    S* m = static_cast<S*>(args.addr[2][t]);
-    S* v = static_cast<S*>(args.addr[3][t]);
-    S* vm = static_cast<S*>(args.addr[4][t]);
-    S pv = static_cast<S>(p[i]), mv = m[i], vv = v[i];
-    S vmv = AMS ? vm[i] : S(0);
+    M* m = static_cast<M*>(args.addr[2][t]);
+    M* v = static_cast<M*>(args.addr[3][t]);
+    M* vm = static_cast<M*>(args.addr[4][t]);
+    S pv = static_cast<S>(p[i]), mv = static_cast<S>(m[i]), vv = static_cast<S>(v[i]);
+    S vmv = AMS ? static_cast<S>(vm[i]) : S(0);
     adam_update<S, AMS, L1>(c, S(args.scalar[0][t]), S(args.scalar[1][t]), pv,
                             static_cast<S>(g[i]), mv, vv, vmv);
     p[i] = static_cast<T>(pv);
-    m[i] = mv;
-    v[i] = vv;
-    if (AMS) vm[i] = vmv;
+    m[i] = static_cast<M>(mv);
+    v[i] = static_cast<M>(vv);
+    if (AMS) vm[i] = static_cast<M>(vmv);
   });
 }
 
-template <typename T, typename S, bool MOM, bool L1>
+template <typename T, typename S, typename M, bool MOM, bool L1>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(TensorListArgs<3> args, SgdConsts<S> c) {
   for_chunk<3>(args, [&](int t, int64_t i) {
     T* p = static_cast<T*>(args.addr[0][t]);
     const T* g = static_cast<const T*>(args.addr[1][t]);
-    S* buf = static_cast<S*>(args.addr[2][t]);
+    M* buf = static_cast<M*>(args.addr[2][t]);
     S pv = static_cast<S>(p[i]);
-    sgd_update<S, MOM, L1>(c, pv, static_cast<S>(g[i]), MOM ? buf + i : nullptr);
+    S bv = MOM ? static_cast<S>(buf[i]) : S(0);
+    sgd_update<S, MOM, L1>(c, pv, static_cast<S>(g[i]), &bv);
     p[i] = static_cast<T>(pv);
+    if (MOM) buf[i] = static_cast<M>(bv);
   });
 }
 
-template <typename T, typename S, bool L1>
+template <typename T, typename S, typename M, bool L1>
 __global__ void __launch_bounds__(kThreads) lion_kernel(TensorListArgs<3> args, LionConsts<S> c) {
   for_chunk<3>(args, [&](int t, int64_t i) {
     T* p = static_cast<T*>(args.addr[0][t]);
     const T* g = static_cast<const T*>(args.addr[1][t]);
-    S* m = static_cast<S*>(args.addr[2][t]);
-    S pv = static_cast<S>(p[i]), mv = m[i];
+    M* m = static_cast<M*>(args.addr[2][t]);
+    S pv = static_cast<S>(p[i]), mv = static_cast<S>(m[i]);
     lion_update<S, L1>(c, pv, static_cast<S>(g[i]), mv);
     p[i] = static_cast<T>(pv);
-    m[i] = mv;
+    m[i] = static_cast<M>(mv);
   });
 }
 
@@ -153,8 +158,9 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                     at::ArrayRef<double> steps, const AdamHyper& h) {
   const bool amsgrad = h.amsgrad;
-  check_lists("fusedreg::adam_step", at::kCUDA, params, grads,
-              {exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()});
+  const at::ScalarType sdtype =
+      check_lists("fusedreg::adam_step", at::kCUDA, params, grads,
+                  {exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()});
   TORCH_CHECK(exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size() &&
                   steps.size() == params.size() && (!amsgrad || max_exp_avg_sqs.size() == params.size()),
               "fusedreg::adam_step: expected one state tensor and one step per parameter");
@@ -172,12 +178,15 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_step", [&] {
     using S = at::opmath_type<scalar_t>;
     const AdamConsts<S> c = make_adam_consts<S>(h);
-    bool_dispatch(amsgrad, [&](auto ams) {
-      bool_dispatch(h.l1 != 0.0, [&](auto has_l1) {
-        multi_tensor_apply<5>(lists, &nss, &bc2, [&](const TensorListArgs<5>& a, int n_blocks) {
-          adam_kernel<scalar_t, S, decltype(ams)::value, decltype(has_l1)::value>
-              <<<n_blocks, kThreads, 0, stream>>>(a, c);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_state_type<scalar_t, S>(sdtype, [&](auto state_type) {
+      using M = typename decltype(state_type)::type;
+      bool_dispatch(amsgrad, [&](auto ams) {
+        bool_dispatch(h.l1 != 0.0, [&](auto has_l1) {
+          multi_tensor_apply<5>(lists, &nss, &bc2, [&](const TensorListArgs<5>& a, int n_blocks) {
+            adam_kernel<scalar_t, S, M, decltype(ams)::value, decltype(has_l1)::value>
+                <<<n_blocks, kThreads, 0, stream>>>(a, c);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
         });
       });
     });
@@ -187,8 +196,8 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
 void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                    const SgdHyper& h) {
   const bool has_momentum = h.momentum != 0.0;
-  check_lists("fusedreg::sgd_step", at::kCUDA, params, grads,
-              {has_momentum ? momentum_buffers : at::TensorList()});
+  const at::ScalarType sdtype = check_lists("fusedreg::sgd_step", at::kCUDA, params, grads,
+                                            {has_momentum ? momentum_buffers : at::TensorList()});
   TORCH_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
               "fusedreg::sgd_step: momentum needs one buffer per parameter");
   if (params.empty()) return;
@@ -199,12 +208,15 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step", [&] {
     using S = at::opmath_type<scalar_t>;
     const SgdConsts<S> c = make_sgd_consts<S>(h);
-    bool_dispatch(has_momentum, [&](auto mom) {
-      bool_dispatch(h.l1 != 0.0, [&](auto has_l1) {
-        multi_tensor_apply<3>(lists, nullptr, nullptr, [&](const TensorListArgs<3>& a, int n_blocks) {
-          sgd_kernel<scalar_t, S, decltype(mom)::value, decltype(has_l1)::value>
-              <<<n_blocks, kThreads, 0, stream>>>(a, c);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_state_type<scalar_t, S>(sdtype, [&](auto state_type) {
+      using M = typename decltype(state_type)::type;
+      bool_dispatch(has_momentum, [&](auto mom) {
+        bool_dispatch(h.l1 != 0.0, [&](auto has_l1) {
+          multi_tensor_apply<3>(lists, nullptr, nullptr, [&](const TensorListArgs<3>& a, int n_blocks) {
+            sgd_kernel<scalar_t, S, M, decltype(mom)::value, decltype(has_l1)::value>
+                <<<n_blocks, kThreads, 0, stream>>>(a, c);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
         });
       });
     });
@@ -213,7 +225,8 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
 
 void lion_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     const LionHyper& h) {
-  check_lists("fusedreg::lion_step", at::kCUDA, params, grads, {exp_avgs});
+  const at::ScalarType sdtype =
+      check_lists("fusedreg::lion_step", at::kCUDA, params, grads, {exp_avgs});
   TORCH_CHECK(exp_avgs.size() == params.size(), "fusedreg::lion_step: one exp_avg per parameter");
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -222,10 +235,13 @@ void lion_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "lion_step", [&] {
     using S = at::opmath_type<scalar_t>;
     const LionConsts<S> c = make_lion_consts<S>(h);
-    bool_dispatch(h.l1 != 0.0, [&](auto has_l1) {
-      multi_tensor_apply<3>(lists, nullptr, nullptr, [&](const TensorListArgs<3>& a, int n_blocks) {
-        lion_kernel<scalar_t, S, decltype(has_l1)::value><<<n_blocks, kThreads, 0, stream>>>(a, c);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_state_type<scalar_t, S>(sdtype, [&](auto state_type) {
+      using M = typename decltype(state_type)::type;
+      bool_dispatch(h.l1 != 0.0, [&](auto has_l1) {
+        multi_tensor_apply<3>(lists, nullptr, nullptr, [&](const TensorListArgs<3>& a, int n_blocks) {
+          lion_kernel<scalar_t, S, M, decltype(has_l1)::value><<<n_blocks, kThreads, 0, stream>>>(a, c);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
     });
   });

@@ -5,12 +5,19 @@ Ops: ``fusedreg::adam_step``, ``sgd_step``, ``lion_step`` (C++, schemas in csrc/
 the cpu and cuda backends; ``fusedreg::<op>_reference`` / ``_triton`` are made from the
 declarations below. The tensor lists are positional, every hyperparameter is keyword-only
 (they are passed by name, so two adjacent floats cannot be swapped). Parameters and
-gradients share a dtype; state tensors are in the compute type (fusedreg._dtypes). Every
-tensor has its parameter's shape; the optimizer classes (fusedreg/optim) check everything
-before the first call. ``steps`` are the already-incremented step counts (Adam),
-``inv_scale`` is 1/grad_scale (1 without AMP).
+gradients share a dtype; state tensors are all in the compute type (fusedreg._dtypes) or all
+in the parameters' dtype. Every tensor has its parameter's size, and its layout: each
+parameter is dense and non-overlapping (contiguous, channels_last, transposed...) and the
+kernels step its storage as a flat range. The optimizer classes (fusedreg/optim) check
+everything before the first call; every op checks its arguments again (a raw call from user
+code) before any write, in C++ (fusedreg/optim_args.h) or in the checks below, which the
+fake functions run too (a list mixing CPU and meta tensors dispatches to them). ``steps``
+are the already-incremented step counts (Adam), ``inv_scale`` is 1/grad_scale (1 without
+AMP), ``l1_lr_scaled``: the L1 threshold is lr·l1 (else l1).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -19,7 +26,7 @@ from .. import backends
 from ..reference import optim as ref
 from ._common import backend_ops, triton_module
 
-__all__ = ["ALGORITHMS"]
+__all__ = ["ALGORITHMS", "is_dense"]
 
 ALGORITHMS = ("adam", "sgd", "lion")  # each is an op name of the registry
 
@@ -27,41 +34,144 @@ ALGORITHMS = ("adam", "sgd", "lion")  # each is an op name of the registry
 def adam_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
               exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[float], *,
               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, l1: float,
-              amsgrad: bool, maximize: bool, decoupled: bool, inv_scale: float) -> None:
+              l1_lr_scaled: bool, amsgrad: bool, maximize: bool, decoupled: bool,
+              inv_scale: float) -> None:
     """Adam/AdamW; max_exp_avg_sqs is empty unless amsgrad; decoupled: p·(1 − lr·wd) instead
-    of L2 added to the gradient; l1: soft threshold lr·l1 after the update."""
+    of L2 added to the gradient; l1: soft threshold lr·l1 (l1 when not l1_lr_scaled) after
+    the update."""
 
 
 def sgd_step(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *,
              lr: float, momentum: float, dampening: float, weight_decay: float, l1: float,
-             nesterov: bool, maximize: bool, decoupled: bool, first_step: bool,
-             inv_scale: float) -> None:
+             l1_lr_scaled: bool, nesterov: bool, maximize: bool, decoupled: bool,
+             first_step: bool, inv_scale: float) -> None:
     """SGD; momentum_buffers is empty when momentum == 0; first_step: the buffers are new
     (buf ← g, as torch does)."""
 
 
 def lion_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float,
-              beta1: float, beta2: float, weight_decay: float, l1: float, maximize: bool,
-              inv_scale: float) -> None:
+              beta1: float, beta2: float, weight_decay: float, l1: float, l1_lr_scaled: bool,
+              maximize: bool, inv_scale: float) -> None:
     """Lion with decoupled weight decay."""
 
 
+# ---- argument checks: the fake functions and the Python backends run them (the C++ ops run
+# the same checks in fusedreg/optim_args.h) ------------------------------------------------------
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fail(op: str, msg: str):
+    raise RuntimeError(f"fusedreg::{op}: {msg}")
+
+
+def is_dense(t: Tensor) -> bool:
+    """Dense and non-overlapping (ATen's is_non_overlapping_and_dense): the elements fill
+    exactly numel slots of storage from the data pointer, in some order of the dims — what
+    the kernels step as one flat range."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_storage_order(t: Tensor, p: Tensor) -> bool:
+    """As the C++ check: both contiguous, or the same sizes and strides (size-1 dims aside)."""
+    if p.is_contiguous():
+        return t.is_contiguous()
+    return t.shape == p.shape and all(n == 1 or a == b
+                                      for n, a, b in zip(p.shape, t.stride(), p.stride()))
+
+
+def _check_lists(op: str, params, grads, states) -> None:
+    if len(grads) != len(params):
+        _fail(op, f"expected one grad per parameter, got {len(grads)} grads for {len(params)} params")
+    for s in states:
+        if s and len(s) != len(params):
+            _fail(op, f"expected one state tensor per parameter, got {len(s)} for {len(params)} params")
+    if not params:
+        return
+    dtype, device = params[0].dtype, params[0].device
+    if dtype not in _FLOAT:
+        _fail(op, f"params must be float16, bfloat16, float32 or float64, got {dtype}")
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    sdt = next((s[0].dtype for s in states if s), ct)
+    if sdt not in (ct, dtype):
+        _fail(op, f"state tensors must be {ct} or {dtype} for {dtype} params, got {sdt}")
+    for i, p in enumerate(params):
+        g = grads[i]
+        if p.dtype != dtype or p.device != device:
+            _fail(op, f"all params of one call must share a dtype and a device (param {i} is "
+                      f"{p.dtype} on {p.device}, param 0 {dtype} on {device})")
+        if not is_dense(p):
+            _fail(op, f"param {i} must be dense and non-overlapping (any memory format)")
+        if g.dtype != dtype or g.device != device or g.numel() != p.numel():
+            _fail(op, f"grad {i} must match its parameter in dtype, device and size (got "
+                      f"{g.dtype} on {g.device})")
+        if not _same_storage_order(g, p):
+            _fail(op, f"grad {i} must have its parameter's layout (strides)")
+        for s in states:
+            if s and (s[i].dtype != sdt or s[i].device != device or s[i].numel() != p.numel()
+                      or not _same_storage_order(s[i], p)):
+                _fail(op, f"state tensor {i} must be a {sdt} tensor on {device} with the "
+                          "parameter's size and layout")
+
+
+def _check_hyper(op: str, hyper: dict, steps=()) -> None:
+    for name in ("lr", "eps", "weight_decay", "l1", "momentum", "dampening"):
+        if name in hyper:
+            v = hyper[name]
+            if not (math.isfinite(v) and v >= 0.0):
+                _fail(op, f"{name} must be finite and >= 0, got {v}")
+    for name in ("beta1", "beta2"):
+        if name in hyper and not 0.0 <= hyper[name] < 1.0:
+            _fail(op, f"{name} must be in [0, 1), got {hyper[name]}")
+    if hyper.get("nesterov") and not (hyper["momentum"] > 0.0 and hyper["dampening"] == 0.0):
+        _fail(op, "nesterov needs momentum > 0 and dampening == 0")
+    if not (math.isfinite(hyper["inv_scale"]) and hyper["inv_scale"] > 0.0):
+        _fail(op, f"inv_scale must be finite and > 0, got {hyper['inv_scale']}")
+    for v in steps:
+        if not (math.isfinite(v) and v >= 1.0):
+            _fail(op, f"steps must be finite and >= 1, got {v}")
+
+
 def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **hyper) -> None:
-    torch._check(len(grads) == len(params) == len(exp_avgs) == len(exp_avg_sqs) == len(steps),
-                 lambda: "adam_step: tensor lists must have the same length")
-    torch._check(not hyper["amsgrad"] or len(max_exp_avg_sqs) == len(params),
-                 lambda: "adam_step: amsgrad needs one max_exp_avg_sq per parameter")
+    amsgrad = hyper["amsgrad"]
+    if not (len(exp_avgs) == len(exp_avg_sqs) == len(steps) == len(params)) or (
+            amsgrad and len(max_exp_avg_sqs) != len(params)):
+        _fail("adam_step", "expected one state tensor and one step per parameter")
+    _check_lists("adam_step", params, grads,
+                 (exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []))
+    _check_hyper("adam_step", hyper, steps)
 
 
 def _sgd_fake(params, grads, momentum_buffers, **hyper) -> None:
-    torch._check(len(grads) == len(params), lambda: "sgd_step: one grad per parameter")
-    torch._check(hyper["momentum"] == 0.0 or len(momentum_buffers) == len(params),
-                 lambda: "sgd_step: momentum needs one buffer per parameter")
+    has_momentum = hyper["momentum"] != 0.0
+    if has_momentum and len(momentum_buffers) != len(params):
+        _fail("sgd_step", "momentum needs one buffer per parameter")
+    _check_lists("sgd_step", params, grads, (momentum_buffers if has_momentum else [],))
+    _check_hyper("sgd_step", hyper)
 
 
 def _lion_fake(params, grads, exp_avgs, **hyper) -> None:
-    torch._check(len(grads) == len(params) == len(exp_avgs),
-                 lambda: "lion_step: tensor lists must have the same length")
+    if len(exp_avgs) != len(params):
+        _fail("lion_step", "one exp_avg per parameter")
+    _check_lists("lion_step", params, grads, (exp_avgs,))
+    _check_hyper("lion_step", hyper)
+
+
+def _checked(impl, check):
+    """A Python backend's op body: the checks first (as the C++ ops), then the kernel."""
+    if impl is None:
+        return None
+
+    def run(*args, **kwargs):
+        check(*args, **kwargs)
+        impl(*args, **kwargs)
+    return run
 
 
 _MUTATES = {"adam": ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
@@ -74,7 +184,8 @@ def _register() -> None:
     for algo, signature, fake in (("adam", adam_step, _adam_fake), ("sgd", sgd_step, _sgd_fake),
                                   ("lion", lion_step, _lion_fake)):
         name = signature.__name__
-        ops = backend_ops(signature, getattr(ref, f"multi_{name}"), tri and getattr(tri, name),
+        ops = backend_ops(signature, _checked(getattr(ref, f"multi_{name}"), fake),
+                          _checked(tri and getattr(tri, name), fake),
                           fake=fake, mutates_args=_MUTATES[algo])
         for backend, op in ops.items():
             backends.register(algo, backend, op)

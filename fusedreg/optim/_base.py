@@ -1,11 +1,21 @@
-"""The base of the fused optimizers: param-group checks, validation of a whole step before any
-write, grouping by (device, dtype), local shards of DTensor parameters, AMP and state dicts.
+"""The base of the fused optimizers: torch's constructor checks, param-group checks, validation
+of a whole step before any write, grouping by (device, dtype), local shards of DTensor
+parameters, AMP, parameter layouts and transactional state dicts.
 
 A step runs in three phases so that bad input never leaves a half-updated model:
-  1. check every parameter with a gradient of every group (sparse grad, dtype, shape,
-     device, layout, loaded state) and resolve the backend of every (device, dtype) bucket;
+  1. check every parameter with a gradient of every group (sparse grad, dtype, shape, device,
+     layout, loaded state: missing keys, shapes, a Python-float ``step``) and resolve the
+     backend of every (device, dtype) bucket; the value-preserving fixes this finds (a
+     gradient or state copied into the parameter's layout, a float ``step`` made a tensor)
+     are applied only once everything has passed;
   2. allocate missing state (torch's lazy initialization) — still no parameter is written;
   3. one multi-tensor op call per (group, device, dtype) bucket.
+
+Layouts: the kernels step the flat storage of each parameter, so a parameter of any dense
+non-overlapping layout (contiguous, channels_last, transposed...) is stepped in place, with
+its gradient and state in the same layout (state is allocated with the parameter's strides; a
+gradient or loaded state of other strides is copied into them first). A parameter that is
+not dense (a strided view) is stepped through a contiguous copy that is written back.
 """
 from __future__ import annotations
 
@@ -16,57 +26,131 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._checks import FLOAT_DTYPES, check_number
+from .._checks import FLOAT_DTYPES
 from .._dtypes import compute_dtype
+from ..ops.optim import is_dense as _is_dense
 
 try:  # DTensor parameters (FSDP2) are stepped on their local shards
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch built without distributed
     DTensor = None
 
+STATE_DTYPES = ("compute", "param")  # the state_dtype option (see FusedOptimizer)
+
 
 def _local(t):
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
-
-
-def check_lr(lr) -> None:
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        lr = lr.item()
-    check_number(lr, "lr", low=0.0)
-
-
-def check_betas(betas, name: str = "betas") -> None:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
-    for i, b in enumerate(betas):
-        if isinstance(b, Tensor):
-            b = b.item()
-        if isinstance(b, bool) or not isinstance(b, numbers.Real) or math.isnan(float(b)):
-            raise ValueError(f"Invalid beta parameter at index {i}: {b!r}")
-        if not 0.0 <= float(b) < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1))")
-
-
-def check_nonneg(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    check_number(value, name, low=0.0)
 
 
 def _scalar(x) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
+def _real(value, name: str, *, message: str) -> float:
+    """A finite real number (or 1-element tensor); ``message`` is torch's error text."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{message}: {name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{message}: {name} must be finite, got {value}")
+    return value
+
+
+def check_lr(lr) -> None:
+    if _real(lr, "lr", message=f"Invalid learning rate: {lr}") < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def check_nonneg(value, name: str, label: str | None = None) -> None:
+    """torch's "Invalid <label> value: v" for a negative value; also refuses nan/inf."""
+    msg = f"Invalid {label or name} value: {value}"
+    if _real(value, name, message=msg) < 0.0:
+        raise ValueError(msg)
+
+
+def check_betas(betas, group: dict) -> None:
+    """torch's checks of ``betas``: a pair in [0, 1), both floats or both 1-element tensors;
+    a tensor beta with foreach=True needs capturable=True (torch refuses it otherwise)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        v = _real(b, f"betas[{i}]", message=f"Invalid beta parameter at index {i}: {b!r}")
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, b in enumerate(betas):
+        if isinstance(b, Tensor) and group.get("foreach") and not group.get("capturable"):
+            raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and "
+                             "foreach=True")
+
+
+def check_flags(group: dict, cls: str) -> None:
+    """torch's implementation flags: ``foreach`` and ``fused`` change nothing here (every step is
+    fused) but keep torch's rules; ``differentiable`` is not supported; ``capturable`` runs
+    on CPU parameters only (see FusedOptimizer)."""
+    if group.get("fused") and group.get("foreach"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if group.get("differentiable"):
+        raise NotImplementedError(
+            f"fusedreg.optim.{cls} does not support differentiable=True (its fused step is not "
+            f"differentiable through the update); use torch.optim.{cls}(differentiable=True) for "
+            "a step that autograd can differentiate")
+    if group.get("state_dtype", "compute") not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {group['state_dtype']!r}")
+    if not isinstance(group.get("l1_lr_scaled", True), bool):
+        raise ValueError(f"l1_lr_scaled must be a bool, got {group['l1_lr_scaled']!r}")
+    if group.get("capturable"):
+        for p in group.get("params", ()):
+            if _local(p).device.type != "cpu":
+                raise RuntimeError(
+                    f"fusedreg.optim.{cls}(capturable=True) runs on CPU parameters only, got one on "
+                    f"{_local(p).device}: the fused GPU steps read Adam's step counts on the host, "
+                    f"which a CUDA graph cannot capture; use torch.optim.{cls}(capturable=True, "
+                    "fused=True) to capture the optimizer step in a CUDA graph")
+
+
+def _in_layout(src: Tensor, like: Tensor, dtype=None) -> Tensor:
+    """``src`` with ``like``'s strides (and ``dtype``, default src's): src itself if it already
+    has them, else a copy (torch.empty_like keeps a dense tensor's strides)."""
+    dtype = dtype or src.dtype
+    if src.dtype == dtype and src.stride() == like.stride() and src.device == like.device:
+        return src
+    return torch.empty_like(like, dtype=dtype).copy_(src)
+
+
 class FusedOptimizer(torch.optim.Optimizer):
-    """Subclasses define ``_ALGO`` (the op: "adam", "sgd" or "lion"), ``_check_group(group)``,
-    ``_defaults_for_old_groups`` and ``_step_bucket(op, group, params, grads, states,
-    inv_scale)`` (plain local tensors)."""
+    """Subclasses define ``_ALGO`` (the op: "adam", "sgd" or "lion"), ``_STATE_KEYS`` (the state
+    tensors of a stepped parameter, in the state dtype), ``_check_group(group)``,
+    ``_defaults_for_old_groups``, ``_required_state(group)`` (the keys a non-empty loaded state
+    must have) and ``_step_bucket(op, group, params, grads, states, inv_scale)`` (plain local
+    tensors).
+
+    Options every fusedreg optimizer adds (keyword-only, per group):
+
+    - ``l1``: the L1 proximal strength; after the update p ← sign(p)·max(|p| − lr·l1, 0)
+      (``l1_lr_scaled=True``, the default: the threshold follows the learning rate and its
+      schedule) or p ← sign(p)·max(|p| − l1, 0) (``l1_lr_scaled=False``: lr-independent).
+    - ``state_dtype``: "compute" (default: the moments of fp16/bf16/fp32 parameters are
+      float32, of float64 ones float64) or "param" (the parameter's dtype, as torch keeps them:
+      half the state memory for bf16/fp16 parameters; the math stays in float32).
+    """
 
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf to step()
     _ALGO = ""
+    _STATE_KEYS: tuple = ()
     _defaults_for_old_groups: dict = {}
+    _FUSEDREG_DEFAULTS = dict(l1=0.0, l1_lr_scaled=True, state_dtype="compute", foreach=None,
+                              fused=None, differentiable=False, maximize=False)
+
+    def __init__(self, params, defaults: dict) -> None:
+        # torch checks the hyperparameters before it looks at params
+        self._check_group(defaults)
+        super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -79,36 +163,97 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_group(self, group: dict) -> None:
         raise NotImplementedError
 
+    def _required_state(self, group: dict) -> tuple:
+        return ()
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # groups from torch's optimizers lack our keys
-            for k, v in self._defaults_for_old_groups.items():
+            for k, v in {**self._FUSEDREG_DEFAULTS, **self._defaults_for_old_groups}.items():
                 group.setdefault(k, v)
+            for p in group["params"]:  # old checkpoints hold "step" as a Python number
+                st = self.state.get(p)
+                if st and isinstance(st.get("step"), numbers.Real) and not isinstance(st["step"], bool):
+                    st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
 
-    _state_unchecked = False  # set by load_state_dict: the next step checks the state
+    # ---- state dicts ---------------------------------------------------------------------------
+    def _state_dtype(self, p: Tensor, group: dict) -> torch.dtype:
+        return p.dtype if group.get("state_dtype") == "param" else compute_dtype(p.dtype)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        self._state_unchecked = True
-        # torch's load casts state to the parameter's dtype and may put "step" on the
-        # parameter's device (fused/capturable torch optimizers): bring both to our layout —
-        # "step" a 0-dim float32 CPU tensor, moments in the compute type.
-        for p, st in self.state.items():
-            ct = compute_dtype(p.dtype)
-            for k, v in list(st.items()):
-                if not isinstance(v, Tensor):
-                    continue
-                if k == "step":
-                    st[k] = v.detach().to(device="cpu", dtype=torch.float32).reshape(())
-                elif v.is_floating_point() and v.dtype != ct:
-                    st[k] = v.to(ct)
+        """torch's load, made transactional: either the whole state dict loads or nothing
+        changes (an error names the parameter and the key). The state tensors are taken from
+        ``state_dict`` as they were saved, converted once to this optimizer's state dtype and
+        the parameter's layout — not through torch's cast to the parameter dtype, which would
+        round float32 moments of bf16/fp16 parameters (resume then equals an uninterrupted
+        run bit for bit). Extra state for an id that is no parameter is kept as is, as torch
+        does."""
+        saved = {k: self.__dict__[k] for k in ("state", "param_groups")}
+        try:
+            ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+            params = [p for g in self.param_groups for p in g["params"]]
+            originals = {p: state_dict["state"][i] for i, p in zip(ids, params)
+                         if i in state_dict.get("state", {})}
+            position = {p: i for i, p in zip(ids, params)}
+            super().load_state_dict(state_dict)
+            group_of = {p: g for g in self.param_groups for p in g["params"]}
+            for p, original in originals.items():
+                self.state[p] = self._loaded_state(p, position[p], group_of[p], original)
+        except Exception as e:
+            self.__dict__.update(saved)
+            if isinstance(e, (ValueError, KeyError, TypeError)):
+                raise type(e)(f"{type(self).__name__}.load_state_dict: {e}; nothing was "
+                              "loaded") from e
+            raise
+
+    def _loaded_state(self, p: Tensor, pid, group: dict, original: dict) -> dict:
+        if not isinstance(original, dict):
+            raise TypeError(f"the state of parameter {pid} must be a dict, got "
+                            f"{type(original).__name__}")
+        lp = _local(p)
+        st = {}
+        for k, v in original.items():
+            if k == "step":
+                if isinstance(v, Tensor):
+                    if v.numel() != 1:
+                        raise ValueError(f"parameter {pid}: state 'step' must hold one number, "
+                                         f"got a tensor of shape {tuple(v.shape)}")
+                    v = float(v.item())
+                elif isinstance(v, bool) or not isinstance(v, numbers.Real):
+                    raise TypeError(f"parameter {pid}: state 'step' must be a number, got "
+                                    f"{type(v).__name__}")
+                if not math.isfinite(float(v)) or float(v) < 0:
+                    raise ValueError(f"parameter {pid}: state 'step' must be finite and >= 0, "
+                                     f"got {v}")
+                st[k] = torch.tensor(float(v), dtype=torch.float32)
+            elif isinstance(v, Tensor) and v.is_floating_point() and k in self._STATE_KEYS:
+                lv = _local(v)
+                if tuple(lv.shape) != tuple(lp.shape):
+                    raise ValueError(f"parameter {pid}: state {k!r} has shape {tuple(lv.shape)}, "
+                                     f"the parameter {tuple(lp.shape)}")
+                sdt = self._state_dtype(lp, group)
+                if DTensor is not None and isinstance(p, DTensor):
+                    st[k] = v.to(dtype=sdt)  # torch's load placed it like the parameter
+                elif _is_dense(lp):
+                    st[k] = _in_layout(v.to(lp.device), lp, sdt)
+                else:
+                    st[k] = v.to(device=lp.device, dtype=sdt).contiguous()
+            elif isinstance(v, Tensor):
+                st[k] = v.to(lp.device)
+            else:
+                st[k] = v
+        return st
 
     @torch.no_grad()
-    def sparsity(self) -> list[float]:
-        """Per param group, the fraction of exactly-zero parameter entries (of the local shard
-        for DTensor parameters)."""
+    def sparsity(self) -> list:
+        """Per param group, the fraction of exactly-zero entries among the parameters the L1
+        step applies to (of the local shard for DTensor parameters): a float for a group with
+        ``l1 > 0``, None for a group without L1 (its zeros are not the proximal step's)."""
         out = []
         for group in self.param_groups:
+            if not _scalar(group.get("l1", 0.0)) > 0.0:
+                out.append(None)
+                continue
             zeros = total = 0
             for p in group["params"]:
                 t = _local(p)
@@ -117,12 +262,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             out.append(zeros / total if total else 0.0)
         return out
 
-    def _collect(self, group: dict):
+    # ---- the step ------------------------------------------------------------------------------
+    def _collect(self, group: dict, fixes: list):
         """Checks every parameter of ``group`` that has a gradient; returns
-        {(device, dtype): (backend, [param], [local param], [local grad])}. Lean on purpose:
-        it runs for every parameter at every step."""
+        {(device, dtype): (backend, [param], [local param], [local grad])}. Value-preserving
+        fixes (layout copies, a float step) go to ``fixes`` as (dict, key, value), applied
+        after every group has passed. Lean on purpose: it runs for every parameter at every
+        step."""
         buckets: dict = {}
-        check_state = self._state_unchecked
         for p in group["params"]:
             g = p.grad
             if g is None:
@@ -142,33 +289,72 @@ class FusedOptimizer(torch.optim.Optimizer):
             if lp.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"fusedreg.optim: parameters must be float16, bfloat16, float32 or "
                                 f"float64, got {lp.dtype}; nothing was updated")
-            if not lp.is_contiguous():
-                raise ValueError("fusedreg.optim: parameters must be contiguous (the fused step "
-                                 "writes them in place); nothing was updated")
-            if check_state:  # state that we did not create (loaded): check it once
-                self._check_state(p, lp)
+            st = self.state.get(p)
+            if st:
+                self._check_state(p, lp, group, st, fixes)
             key = (lp.device, lp.dtype)
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = (backends.resolve(self._ALGO, lp.device), [], [], [])
             bucket[1].append(p)
             bucket[2].append(lp)
-            bucket[3].append(lg if lg.is_contiguous() else lg.contiguous())
+            # the kernels read the gradient over the parameter's storage order
+            bucket[3].append(lg if lg.stride() == lp.stride() or not _is_dense(lp)
+                             else _in_layout(lg, lp))
         return buckets
 
-    def _check_state(self, p, lp) -> None:
-        for k, v in self.state.get(p, {}).items():
-            if k == "step" or not isinstance(v, Tensor):
+    def _check_state(self, p, lp, group, st: dict, fixes: list) -> None:
+        """A parameter's existing state (created here, loaded, or set by hand): every key the
+        step reads is present, with the parameter's shape and device; a float step or a state
+        tensor of another dtype or layout is converted (after all checks pass)."""
+        for k in self._required_state(group):
+            if k not in st:
+                raise KeyError(f"fusedreg.optim.{type(self).__name__}: the state of a parameter "
+                               f"of shape {tuple(lp.shape)} has no {k!r} (a partial state, e.g. a "
+                               "truncated checkpoint); nothing was updated")
+        step = st.get("step")
+        if step is not None and not isinstance(step, Tensor):
+            if isinstance(step, bool) or not isinstance(step, numbers.Real):
+                raise TypeError(f"fusedreg.optim: state 'step' must be a number or a tensor, got "
+                                f"{type(step).__name__}; nothing was updated")
+            fixes.append((st, "step", torch.tensor(float(step), dtype=torch.float32)))
+        elif step is not None and (step.numel() != 1 or step.device.type != "cpu"
+                                   or step.dtype != torch.float32 or step.dim() != 0):
+            if step.numel() != 1:
+                raise ValueError(f"fusedreg.optim: state 'step' of a parameter of shape "
+                                 f"{tuple(lp.shape)} has {step.numel()} elements; nothing was "
+                                 "updated")
+            fixes.append((st, "step", step.detach().to("cpu", torch.float32).reshape(())))
+        sdt = self._state_dtype(lp, group)
+        for k in self._STATE_KEYS:
+            v = st.get(k)
+            if v is None:
                 continue
             lv = _local(v)
-            if lv.shape != lp.shape or lv.device != lp.device or not lv.is_contiguous():
+            if not isinstance(lv, Tensor) or lv.shape != lp.shape or lv.device != lp.device:
                 raise ValueError(
-                    f"fusedreg.optim: state {k!r} ({tuple(lv.shape)}, {lv.device}) does not "
-                    f"match its parameter ({tuple(lp.shape)}, {lp.device}); nothing was updated")
+                    f"fusedreg.optim: state {k!r} ({tuple(getattr(lv, 'shape', ()))}, "
+                    f"{getattr(lv, 'device', type(lv).__name__)}) does not match its parameter "
+                    f"({tuple(lp.shape)}, {lp.device}); nothing was updated")
+            if lv.dtype != sdt or (_is_dense(lp) and lv.stride() != lp.stride()) \
+                    or (not _is_dense(lp) and not lv.is_contiguous()):
+                if lv is not v:
+                    raise ValueError(f"fusedreg.optim: DTensor state {k!r} must have the "
+                                     f"parameter's local layout and dtype {sdt}")
+                like = lp if _is_dense(lp) else lp.contiguous()
+                fixes.append((st, k, _in_layout(lv, like, sdt)))
 
-    def _zeros_state(self, p: Tensor) -> Tensor:
-        """A state tensor for ``p`` in the compute type (a DTensor for a DTensor p)."""
-        return torch.zeros_like(p, dtype=compute_dtype(p.dtype), memory_format=torch.contiguous_format)
+    def _zeros_state(self, p: Tensor, group: dict) -> Tensor:
+        """A state tensor for ``p`` in the state dtype, with p's layout (a DTensor for a
+        DTensor p)."""
+        return torch.zeros_like(p, dtype=self._state_dtype(_local(p), group),
+                                memory_format=torch.preserve_format)
+
+    def _op_hyper(self, group: dict) -> dict:
+        """The hyperparameters every op takes."""
+        return dict(lr=_scalar(group["lr"]), weight_decay=_scalar(group["weight_decay"]),
+                    l1=_scalar(group["l1"]), l1_lr_scaled=bool(group.get("l1_lr_scaled", True)),
+                    maximize=bool(group["maximize"]))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -179,8 +365,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # Phase 1: validate everything.
-        plan = [(group, self._collect(group)) for group in self.param_groups]
-        self._state_unchecked = False
+        fixes: list = []
+        plan = [(group, self._collect(group, fixes)) for group in self.param_groups]
+        for st, k, v in fixes:
+            st[k] = v
         # AMP: an inf/nan step changes no parameter and no state (a host read of found_inf:
         # one sync per step on a GPU, and only under GradScaler).
         if found_inf is not None and float(found_inf.sum().item()) != 0.0:
@@ -189,6 +377,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Phase 2 + 3 per bucket: allocate missing state, then one op call.
         for group, buckets in plan:
             for backend, ps, lps, lgs in buckets.values():
-                self._step_bucket(backends.implementation(self._ALGO, backend), group, ps, lps, lgs,
-                                  inv_scale)
+                op = backends.implementation(self._ALGO, backend)
+                # a parameter that is not dense is stepped through a contiguous copy
+                sparse_layout = [i for i, lp in enumerate(lps) if not _is_dense(lp)]
+                if not sparse_layout:
+                    self._step_bucket(op, group, ps, lps, lgs, inv_scale)
+                    continue
+                lps = list(lps)
+                views = {i: lps[i] for i in sparse_layout}
+                for i in sparse_layout:
+                    lps[i] = lps[i].contiguous()
+                    lgs[i] = lgs[i].contiguous()
+                self._step_bucket(op, group, ps, lps, lgs, inv_scale)
+                for i, view in views.items():
+                    view.copy_(lps[i])
         return loss

@@ -1,37 +1,53 @@
-"""fusedreg.optim.Adam and AdamW: torch's API and state layout, plus ``l1``."""
+"""fusedreg.optim.Adam and AdamW: torch's API (arguments, positions, defaults, state layout),
+plus ``l1`` and the options of FusedOptimizer."""
 from __future__ import annotations
 
 import torch
 
-from ._base import FusedOptimizer, _local, _scalar, check_betas, check_lr, check_nonneg
+from ._base import FusedOptimizer, _local, _scalar, check_betas, check_flags, check_lr, check_nonneg
 
 
 class Adam(FusedOptimizer):
     """torch.optim.Adam with a fused step and an L1 proximal step (``l1``, per group).
 
-    ``weight_decay`` is L2 (added to the gradient) unless ``decoupled_weight_decay=True``
-    (then it is AdamW's). State per parameter: ``step`` (0-dim float32 CPU tensor),
-    ``exp_avg``, ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq``; moments are float32 for
-    fp16/bf16/fp32 parameters and float64 for float64 ones.
+    Positional arguments and defaults are torch's; ``foreach`` and ``fused`` are accepted and
+    change nothing (every step is fused); ``capturable=True`` is accepted for CPU parameters
+    (the step counts stay on the parameter's device; nothing to synchronize) and refused for
+    GPU ones; ``differentiable=True`` raises NotImplementedError. ``weight_decay`` is L2 (added
+    to the gradient) unless ``decoupled_weight_decay=True`` (then it is AdamW's). State per
+    parameter: ``step`` (0-dim float32 CPU tensor), ``exp_avg``, ``exp_avg_sq`` and, with
+    amsgrad, ``max_exp_avg_sq``, in the parameter's layout; moments are float32 for
+    fp16/bf16/fp32 parameters and float64 for float64 ones (``state_dtype="param"``: the
+    parameter's dtype).
     """
 
     _ALGO = "adam"
-    _defaults_for_old_groups = dict(l1=0.0, amsgrad=False, maximize=False,
-                                    decoupled_weight_decay=False)
+    _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _defaults_for_old_groups = dict(amsgrad=False, capturable=False, decoupled_weight_decay=False)
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, l1=0.0,
-                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, l1=l1,
-                        amsgrad=amsgrad, maximize=maximize,
-                        decoupled_weight_decay=decoupled_weight_decay)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False, l1=0.0,
+                 l1_lr_scaled=True, state_dtype="compute"):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay, l1=l1,
+                        l1_lr_scaled=l1_lr_scaled, state_dtype=state_dtype)
         super().__init__(params, defaults)
 
     def _check_group(self, group):
+        if isinstance(group["lr"], torch.Tensor) and group["foreach"] and not group["capturable"]:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
         check_lr(group["lr"])
-        check_betas(group["betas"])
-        check_nonneg(group["eps"], "eps")
+        check_nonneg(group["eps"], "eps", "epsilon")
+        check_betas(group["betas"], group)
         check_nonneg(group["weight_decay"], "weight_decay")
         check_nonneg(group["l1"], "l1")
+        check_flags(group, type(self).__name__)
+
+    def _required_state(self, group):
+        return ("step", "exp_avg", "exp_avg_sq")
 
     def _step_bucket(self, op, group, params, lps, lgs, inv_scale):
         amsgrad = bool(group["amsgrad"])
@@ -40,10 +56,10 @@ class Adam(FusedOptimizer):
             st = self.state[p]
             if len(st) == 0:
                 st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                st["exp_avg"] = self._zeros_state(p)
-                st["exp_avg_sq"] = self._zeros_state(p)
+                st["exp_avg"] = self._zeros_state(p, group)
+                st["exp_avg_sq"] = self._zeros_state(p, group)
             if amsgrad and "max_exp_avg_sq" not in st:
-                st["max_exp_avg_sq"] = self._zeros_state(p)
+                st["max_exp_avg_sq"] = self._zeros_state(p, group)
             step_ts.append(st["step"])
             exp_avgs.append(_local(st["exp_avg"]))
             exp_avg_sqs.append(_local(st["exp_avg_sq"]))
@@ -54,20 +70,24 @@ class Adam(FusedOptimizer):
         torch._foreach_add_(step_ts, 1.0)
         steps = torch.stack(step_ts).tolist()
         beta1, beta2 = group["betas"]
-        op(lps, lgs, exp_avgs, exp_avg_sqs, max_sqs, steps, lr=_scalar(group["lr"]),
-           beta1=_scalar(beta1), beta2=_scalar(beta2), eps=float(group["eps"]),
-           weight_decay=float(group["weight_decay"]), l1=float(group["l1"]), amsgrad=amsgrad,
-           maximize=bool(group["maximize"]), decoupled=bool(group["decoupled_weight_decay"]),
-           inv_scale=inv_scale)
+        op(lps, lgs, exp_avgs, exp_avg_sqs, max_sqs, steps, beta1=_scalar(beta1),
+           beta2=_scalar(beta2), eps=_scalar(group["eps"]), amsgrad=amsgrad,
+           decoupled=bool(group["decoupled_weight_decay"]), inv_scale=inv_scale,
+           **self._op_hyper(group))
 
 
 class AdamW(Adam):
-    """torch.optim.AdamW (decoupled weight decay) with a fused step and ``l1``."""
+    """torch.optim.AdamW (decoupled weight decay) with a fused step and ``l1``; torch's
+    positional arguments and defaults (weight_decay=1e-2)."""
 
-    _defaults_for_old_groups = dict(l1=0.0, amsgrad=False, maximize=False,
-                                    decoupled_weight_decay=True)
+    _defaults_for_old_groups = dict(amsgrad=False, capturable=False, decoupled_weight_decay=True)
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, l1=0.0,
-                 amsgrad=False, *, maximize=False):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, l1=l1,
-                         amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, l1=0.0, l1_lr_scaled=True,
+                 state_dtype="compute"):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, l1=l1, l1_lr_scaled=l1_lr_scaled,
+                         state_dtype=state_dtype)

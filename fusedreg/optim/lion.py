@@ -1,7 +1,7 @@
 """fusedreg.optim.Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms")."""
 from __future__ import annotations
 
-from ._base import FusedOptimizer, _local, _scalar, check_betas, check_lr, check_nonneg
+from ._base import FusedOptimizer, _local, _scalar, check_betas, check_flags, check_lr, check_nonneg
 
 
 class Lion(FusedOptimizer):
@@ -9,31 +9,34 @@ class Lion(FusedOptimizer):
 
         u = sign(beta1·m + (1 − beta1)·g);  p ← p·(1 − lr·wd) − lr·u;  m ← beta2·m + (1 − beta2)·g
 
-    State: ``exp_avg`` (m), in the compute type.
+    No torch class to follow: its own signature, with ``l1`` and FusedOptimizer's options
+    keyword-only. State: ``exp_avg`` (m), in the state dtype and the parameter's layout.
     """
 
     _ALGO = "lion"
-    _defaults_for_old_groups = dict(l1=0.0, maximize=False)
+    _STATE_KEYS = ("exp_avg",)
+    _defaults_for_old_groups: dict = {}
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, l1=0.0, *,
-                 maximize=False):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, l1=l1,
-                                      maximize=maximize))
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
+                 l1=0.0, l1_lr_scaled=True, state_dtype="compute"):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                                      maximize=maximize, l1=l1, l1_lr_scaled=l1_lr_scaled,
+                                      state_dtype=state_dtype))
 
     def _check_group(self, group):
         check_lr(group["lr"])
-        check_betas(group["betas"])
+        check_betas(group["betas"], group)
         check_nonneg(group["weight_decay"], "weight_decay")
         check_nonneg(group["l1"], "l1")
+        check_flags(group, type(self).__name__)
 
     def _step_bucket(self, op, group, params, lps, lgs, inv_scale):
         exp_avgs = []
         for p in params:
             st = self.state[p]
             if "exp_avg" not in st:
-                st["exp_avg"] = self._zeros_state(p)
+                st["exp_avg"] = self._zeros_state(p, group)
             exp_avgs.append(_local(st["exp_avg"]))
         beta1, beta2 = group["betas"]
-        op(lps, lgs, exp_avgs, lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2),
-           weight_decay=float(group["weight_decay"]), l1=float(group["l1"]),
-           maximize=bool(group["maximize"]), inv_scale=inv_scale)
+        op(lps, lgs, exp_avgs, beta1=_scalar(beta1), beta2=_scalar(beta2), inv_scale=inv_scale,
+           **self._op_hyper(group))

@@ -1,26 +1,33 @@
-"""fusedreg.optim.SGD: torch's API and state layout, plus ``l1``."""
+"""fusedreg.optim.SGD: torch's API (arguments, positions, defaults, state layout), plus ``l1``
+and the options of FusedOptimizer."""
 from __future__ import annotations
 
-from ._base import FusedOptimizer, _local, _scalar, check_lr, check_nonneg
+from ._base import FusedOptimizer, _local, _scalar, check_flags, check_lr, check_nonneg
 
 
 class SGD(FusedOptimizer):
     """torch.optim.SGD with a fused step and an L1 proximal step (``l1``, per group).
 
-    ``weight_decay`` is L2 (added to the gradient) unless ``decoupled_weight_decay=True``
-    (then p ← p·(1 − lr·weight_decay)). State: ``momentum_buffer`` when momentum != 0, set
-    to the gradient on its first step, as torch does.
+    Positional arguments and defaults are torch's; ``foreach`` and ``fused`` are accepted and
+    change nothing; ``differentiable=True`` raises NotImplementedError. ``weight_decay`` is L2
+    (added to the gradient) unless ``decoupled_weight_decay=True`` (then
+    p ← p·(1 − lr·weight_decay)). State: ``momentum_buffer`` when momentum != 0, set to the
+    gradient on its first step, as torch does.
     """
 
     _ALGO = "sgd"
-    _defaults_for_old_groups = dict(l1=0.0, maximize=False, decoupled_weight_decay=False,
-                                    nesterov=False, dampening=0.0)
+    _STATE_KEYS = ("momentum_buffer",)
+    _defaults_for_old_groups = dict(decoupled_weight_decay=False, nesterov=False, dampening=0.0)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, l1=0.0, *, maximize=False, decoupled_weight_decay=False):
+                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
+                 fused=None, decoupled_weight_decay=False, l1=0.0, l1_lr_scaled=True,
+                 state_dtype="compute"):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, l1=l1, maximize=maximize,
-                        decoupled_weight_decay=decoupled_weight_decay)
+                        nesterov=nesterov, maximize=maximize, foreach=foreach,
+                        differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay, l1=l1,
+                        l1_lr_scaled=l1_lr_scaled, state_dtype=state_dtype)
         super().__init__(params, defaults)
 
     def _check_group(self, group):
@@ -29,16 +36,16 @@ class SGD(FusedOptimizer):
         check_nonneg(group["dampening"], "dampening")
         check_nonneg(group["weight_decay"], "weight_decay")
         check_nonneg(group["l1"], "l1")
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        if group["nesterov"] and (_scalar(group["momentum"]) <= 0 or _scalar(group["dampening"]) != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        check_flags(group, type(self).__name__)
 
     def _step_bucket(self, op, group, params, lps, lgs, inv_scale):
-        momentum = float(group["momentum"])
-        hyper = dict(lr=_scalar(group["lr"]), momentum=momentum,
-                     dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
-                     l1=float(group["l1"]), nesterov=bool(group["nesterov"]),
-                     maximize=bool(group["maximize"]),
-                     decoupled=bool(group["decoupled_weight_decay"]), inv_scale=inv_scale)
+        momentum = _scalar(group["momentum"])
+        hyper = dict(momentum=momentum, dampening=_scalar(group["dampening"]),
+                     nesterov=bool(group["nesterov"]),
+                     decoupled=bool(group["decoupled_weight_decay"]), inv_scale=inv_scale,
+                     **self._op_hyper(group))
         if momentum == 0.0:
             op(lps, lgs, [], first_step=False, **hyper)
             return
@@ -48,7 +55,7 @@ class SGD(FusedOptimizer):
             st = self.state[p]
             first = st.get("momentum_buffer") is None
             if first:
-                st["momentum_buffer"] = self._zeros_state(p)
+                st["momentum_buffer"] = self._zeros_state(p, group)
             ps, gs, bufs = calls[first]
             ps.append(lp)
             gs.append(lg)

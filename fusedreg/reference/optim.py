@@ -8,9 +8,12 @@ optimizers in torch's order, so that with ``l1 = 0`` the result is torch's:
     g ← g + wd·p            (L2 weight decay: Adam, SGD unless decoupled)
     p ← p·(1 − lr·wd)       (decoupled weight decay: AdamW, Lion, decoupled Adam/SGD)
     p ← p − lr·update(g, state)
-    p ← sign(p)·max(|p| − lr·l1, 0)     (L1 proximal step, only when l1 > 0)
+    p ← sign(p)·max(|p| − thr, 0)       (L1 proximal step, only when l1 > 0; thr = lr·l1,
+                                         or l1 when not l1_lr_scaled)
 
-State tensors are in the compute type; ``step`` is the already-incremented count (a float).
+State tensors are in the compute type, or in the parameter's dtype (then the math runs on
+compute-type copies, written back once); ``step`` is the already-incremented count (a float).
+Every tensor may have any layout (torch's ops follow the strides).
 """
 from __future__ import annotations
 
@@ -47,18 +50,32 @@ def _weight_decay(p: Tensor, g: Tensor, lr: float, weight_decay: float, decouple
     return g
 
 
-def _epilogue(param: Tensor, p: Tensor, lr: float, l1: float) -> None:
+def _epilogue(param: Tensor, p: Tensor, lr: float, l1: float, l1_lr_scaled: bool) -> None:
     if l1 != 0.0:
-        soft_threshold_(p, lr * l1)
+        soft_threshold_(p, lr * l1 if l1_lr_scaled else l1)
     if p is not param:
         param.copy_(p)
+
+
+def _upcast(states, ct):
+    """The state tensors in the compute type: themselves, or copies (see _writeback)."""
+    return [s if s is None or s.dtype == ct else s.to(ct) for s in states]
+
+
+def _writeback(states, work) -> None:
+    for s, w in zip(states, work):
+        if s is not None and w is not s:
+            s.copy_(w)
 
 
 def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
               max_exp_avg_sq: Tensor | None, step: float, *, lr: float, beta1: float,
               beta2: float, eps: float, weight_decay: float, l1: float, amsgrad: bool,
-              maximize: bool, decoupled: bool, inv_scale: float = 1.0) -> None:
+              maximize: bool, decoupled: bool, inv_scale: float = 1.0,
+              l1_lr_scaled: bool = True) -> None:
     p, g = _prologue(param, grad, inv_scale, maximize)
+    states = (exp_avg, exp_avg_sq, max_exp_avg_sq)
+    exp_avg, exp_avg_sq, max_exp_avg_sq = work = _upcast(states, p.dtype)
     g = _weight_decay(p, g, lr, weight_decay, decoupled)
     exp_avg.lerp_(g, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
@@ -71,61 +88,71 @@ def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
     else:
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     p.addcdiv_(exp_avg, denom, value=-step_size)
-    _epilogue(param, p, lr, l1)
+    _epilogue(param, p, lr, l1, l1_lr_scaled)
+    _writeback(states, work)
 
 
 def sgd_step(param: Tensor, grad: Tensor, momentum_buffer: Tensor | None, first_step: bool, *,
              lr: float, momentum: float, dampening: float, weight_decay: float, l1: float,
-             nesterov: bool, maximize: bool, decoupled: bool, inv_scale: float = 1.0) -> None:
+             nesterov: bool, maximize: bool, decoupled: bool, inv_scale: float = 1.0,
+             l1_lr_scaled: bool = True) -> None:
     """``momentum_buffer`` (allocated by the caller when momentum != 0) is set to g on the
     first step (``first_step``), as torch does with a fresh buffer."""
     p, g = _prologue(param, grad, inv_scale, maximize)
+    work = _upcast([momentum_buffer], p.dtype)
     g = _weight_decay(p, g, lr, weight_decay, decoupled)
     if momentum != 0.0:
-        buf = momentum_buffer
+        buf = work[0]
         if first_step:
             buf.copy_(g)
         else:
             buf.mul_(momentum).add_(g, alpha=1.0 - dampening)
         g = g.add(buf, alpha=momentum) if nesterov else buf
     p.add_(g, alpha=-lr)
-    _epilogue(param, p, lr, l1)
+    _epilogue(param, p, lr, l1, l1_lr_scaled)
+    _writeback([momentum_buffer], work)
 
 
 def lion_step(param: Tensor, grad: Tensor, exp_avg: Tensor, *, lr: float, beta1: float,
               beta2: float, weight_decay: float, l1: float, maximize: bool,
-              inv_scale: float = 1.0) -> None:
+              inv_scale: float = 1.0, l1_lr_scaled: bool = True) -> None:
     """Lion (Chen et al. 2023, Algorithm 2): decoupled decay, then the sign update."""
     p, g = _prologue(param, grad, inv_scale, maximize)
+    state = exp_avg
+    (exp_avg,) = _upcast([state], p.dtype)
     if weight_decay != 0.0:
         p.mul_(1.0 - lr * weight_decay)
     update = (exp_avg * beta1).add_(g, alpha=1.0 - beta1).sign_()
     p.add_(update, alpha=-lr)
     exp_avg.mul_(beta2).add_(g, alpha=1.0 - beta2)
-    _epilogue(param, p, lr, l1)
+    _epilogue(param, p, lr, l1, l1_lr_scaled)
+    _writeback([state], [exp_avg])
 
 
 # ---- the multi-tensor ops of the reference backend: one tensor after another ------------------
 
 def multi_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1,
-                    beta2, eps, weight_decay, l1, amsgrad, maximize, decoupled, inv_scale) -> None:
+                    beta2, eps, weight_decay, l1, l1_lr_scaled, amsgrad, maximize, decoupled,
+                    inv_scale) -> None:
     for i, p in enumerate(params):
         adam_step(p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
                   steps[i], lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                   l1=l1, amsgrad=amsgrad, maximize=maximize, decoupled=decoupled,
-                  inv_scale=inv_scale)
+                  inv_scale=inv_scale, l1_lr_scaled=l1_lr_scaled)
 
 
 def multi_sgd_step(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, l1,
-                   nesterov, maximize, decoupled, first_step, inv_scale) -> None:
+                   l1_lr_scaled, nesterov, maximize, decoupled, first_step, inv_scale) -> None:
     for i, p in enumerate(params):
         sgd_step(p, grads[i], momentum_buffers[i] if momentum != 0.0 else None, first_step,
                  lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, l1=l1,
-                 nesterov=nesterov, maximize=maximize, decoupled=decoupled, inv_scale=inv_scale)
+                 nesterov=nesterov, maximize=maximize, decoupled=decoupled, inv_scale=inv_scale,
+                 l1_lr_scaled=l1_lr_scaled)
 
 
-def multi_lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, l1, maximize,
-                    inv_scale) -> None:
+def multi_lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, l1, l1_lr_scaled,
+                    maximize, inv_scale) -> None:
     for i, p in enumerate(params):
         lion_step(p, grads[i], exp_avgs[i], lr=lr, beta1=beta1, beta2=beta2,
-                  weight_decay=weight_decay, l1=l1, maximize=maximize, inv_scale=inv_scale)
+                  weight_decay=weight_decay, l1=l1, maximize=maximize, inv_scale=inv_scale,
+                  l1_lr_scaled=l1_lr_scaled)

@@ -5,7 +5,10 @@ Each call builds two small int64 tables on the host and copies them to the devic
   ADDR  (n_tensors, K)   the addresses of the K tensors of one parameter (p, g, state...)
   WORK  (n_programs, 3)  per program: tensor index, first element, numel of that tensor
 Program i steps elements [start, start + CHUNK) of tensor WORK[i, 0], BLOCK at a time,
-after turning the addresses into typed pointers. Per-tensor scalars (Adam's bias
+after turning the addresses into typed pointers: the elements of a tensor's storage, which
+is the tensor itself for any dense layout (the host checks that p, g and the state share
+strides). State is loaded as M_DTYPE (the compute type, or the parameter's dtype with
+state_dtype="param") and computed in the compute type S_DTYPE. Per-tensor scalars (Adam's bias
 corrections) come from SCAL (n_tensors, 2), the per-call constants from CONSTS (its layout is
 named once, below): both in the compute type (float32, or float64 for float64 parameters),
 rounded once from the double values that the host computes, as the C++ kernels do
@@ -100,12 +103,13 @@ def _adam_kernel(
     WORK,    # (n_programs, 3) int64: tensor index, first element, numel
     SCAL,    # (n_tensors, 2) compute type: −lr/(1 − beta1^step), sqrt(1 − beta2^step)
     CONSTS,  # (_N_CONSTS,) compute type, at the indices below
-    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, IS_FP64: tl.constexpr, W1_SMALL: tl.constexpr,
-    AMSGRAD: tl.constexpr, HAS_L1: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, IS_FP64: tl.constexpr,
+    W1_SMALL: tl.constexpr, AMSGRAD: tl.constexpr, HAS_L1: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     t, start, numel, row = _work(WORK, ADDR, 5)
     p_ptr, g_ptr = _ptr(row, 0, P_DTYPE), _ptr(row, 1, P_DTYPE)
-    m_ptr, v_ptr, vm_ptr = _ptr(row, 2, S_DTYPE), _ptr(row, 3, S_DTYPE), _ptr(row, 4, S_DTYPE)
+    m_ptr, v_ptr, vm_ptr = _ptr(row, 2, M_DTYPE), _ptr(row, 3, M_DTYPE), _ptr(row, 4, M_DTYPE)
     nss = tl.load(SCAL + t * 2)
     bc2 = tl.load(SCAL + t * 2 + 1)
     gscale, wd_l2, decay, _, thr = _common_consts(CONSTS)
@@ -118,8 +122,8 @@ def _adam_kernel(
         mask = idx < numel
         p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
         g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
-        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
-        v = tl.load(v_ptr + idx, mask=mask, other=0.0)
+        m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
+        v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
         g = g * gscale + wd_l2 * p
         p = p * decay
         if W1_SMALL:  # torch.lerp's two forms (see optim_math.h)
@@ -128,16 +132,16 @@ def _adam_kernel(
             m = g + w1 * (g - m)
         v = v * beta2 + omb2 * g * g
         if AMSGRAD:
-            vm = tl.maximum(tl.load(vm_ptr + idx, mask=mask, other=0.0), v)
-            tl.store(vm_ptr + idx, vm, mask=mask)
+            vm = tl.maximum(tl.load(vm_ptr + idx, mask=mask, other=0.0).to(S_DTYPE), v)
+            tl.store(vm_ptr + idx, vm.to(M_DTYPE), mask=mask)
             denom = _sqrt_div(vm, bc2, IS_FP64) + eps
         else:
             denom = _sqrt_div(v, bc2, IS_FP64) + eps
         p = p + nss * _div(m, denom, IS_FP64)
         if HAS_L1:
             p = _soft_threshold(p, thr)
-        tl.store(m_ptr + idx, m, mask=mask)
-        tl.store(v_ptr + idx, v, mask=mask)
+        tl.store(m_ptr + idx, m.to(M_DTYPE), mask=mask)
+        tl.store(v_ptr + idx, v.to(M_DTYPE), mask=mask)
         tl.store(p_ptr + idx, p.to(P_DTYPE), mask=mask)
 
 
@@ -146,11 +150,12 @@ def _sgd_kernel(
     ADDR,    # (n_tensors, 3) int64: addresses of p, g, momentum_buffer
     WORK,    # (n_programs, 3) int64: tensor index, first element, numel
     CONSTS,  # (_N_CONSTS,) compute type, at the indices below
-    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
-    NESTEROV: tl.constexpr, HAS_L1: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr,
+    FIRST: tl.constexpr, NESTEROV: tl.constexpr, HAS_L1: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     t, start, numel, row = _work(WORK, ADDR, 3)
-    p_ptr, g_ptr, b_ptr = _ptr(row, 0, P_DTYPE), _ptr(row, 1, P_DTYPE), _ptr(row, 2, S_DTYPE)
+    p_ptr, g_ptr, b_ptr = _ptr(row, 0, P_DTYPE), _ptr(row, 1, P_DTYPE), _ptr(row, 2, M_DTYPE)
     gscale, wd_l2, decay, neg_lr, thr = _common_consts(CONSTS)
     momentum = tl.load(CONSTS + _SGD_MOMENTUM)
     damp1 = tl.load(CONSTS + _SGD_DAMP1)
@@ -166,8 +171,8 @@ def _sgd_kernel(
             if FIRST:
                 b = g
             else:
-                b = tl.load(b_ptr + idx, mask=mask, other=0.0) * momentum + damp1 * g
-            tl.store(b_ptr + idx, b, mask=mask)
+                b = tl.load(b_ptr + idx, mask=mask, other=0.0).to(S_DTYPE) * momentum + damp1 * g
+            tl.store(b_ptr + idx, b.to(M_DTYPE), mask=mask)
             if NESTEROV:
                 d = g + momentum * b
             else:
@@ -183,11 +188,11 @@ def _lion_kernel(
     ADDR,    # (n_tensors, 3) int64: addresses of p, g, exp_avg
     WORK,    # (n_programs, 3) int64: tensor index, first element, numel
     CONSTS,  # (_N_CONSTS,) compute type, at the indices below
-    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_L1: tl.constexpr,
+    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_L1: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, start, numel, row = _work(WORK, ADDR, 3)
-    p_ptr, g_ptr, m_ptr = _ptr(row, 0, P_DTYPE), _ptr(row, 1, P_DTYPE), _ptr(row, 2, S_DTYPE)
+    p_ptr, g_ptr, m_ptr = _ptr(row, 0, P_DTYPE), _ptr(row, 1, P_DTYPE), _ptr(row, 2, M_DTYPE)
     gscale, _, decay, neg_lr, thr = _common_consts(CONSTS)
     beta1 = tl.load(CONSTS + _LION_BETA1)
     omb1 = tl.load(CONSTS + _LION_OMB1)
@@ -198,14 +203,14 @@ def _lion_kernel(
         mask = idx < numel
         p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
         g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(S_DTYPE) * gscale
-        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
+        m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
         p = p * decay
         u = m * beta1 + g * omb1
         p = p + neg_lr * tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)).to(S_DTYPE)
         m = m * beta2 + g * omb2
         if HAS_L1:
             p = _soft_threshold(p, thr)
-        tl.store(m_ptr + idx, m, mask=mask)
+        tl.store(m_ptr + idx, m.to(M_DTYPE), mask=mask)
         tl.store(p_ptr + idx, p.to(P_DTYPE), mask=mask)
 
 
@@ -237,11 +242,19 @@ def _pack(consts: dict, ct, device):
     return torch.tensor(values, dtype=torch.float64).to(ct).to(device, non_blocking=True)
 
 
-def _common(lr, weight_decay, l1, maximize, decoupled, inv_scale):
+def _common(lr, weight_decay, l1, l1_lr_scaled, maximize, decoupled, inv_scale):
     return {_GSCALE: -inv_scale if maximize else inv_scale,
             _WD_L2: 0.0 if decoupled else weight_decay,
             _DECAY: 1.0 - lr * weight_decay if decoupled else 1.0,
-            _THR: lr * l1, _NEG_LR: -lr}
+            _THR: lr * l1 if l1_lr_scaled else l1, _NEG_LR: -lr}
+
+
+def _state_dtype(states, ct):
+    """The Triton type of the state tensors: the compute type, or the parameters' dtype."""
+    for lst in states:
+        if lst:
+            return _TL_DTYPES[lst[0].dtype]
+    return _TL_DTYPES[ct]
 
 
 def _empty(params) -> bool:
@@ -249,7 +262,7 @@ def _empty(params) -> bool:
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2,
-              eps, weight_decay, l1, amsgrad, maximize, decoupled, inv_scale):
+              eps, weight_decay, l1, l1_lr_scaled, amsgrad, maximize, decoupled, inv_scale):
     if _empty(params):
         return
     device, ct = params[0].device, compute_dtype(params[0].dtype)
@@ -259,42 +272,43 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, l
                         dtype=torch.float64).to(ct).to(device, non_blocking=True)
     w1 = torch.tensor(1.0 - beta1, dtype=ct).item()  # rounded like the C++ S(1 − beta1)
     w1_small = abs(w1) < 0.5
-    consts = _pack({**_common(lr, weight_decay, l1, maximize, decoupled, inv_scale),
+    consts = _pack({**_common(lr, weight_decay, l1, l1_lr_scaled, maximize, decoupled, inv_scale),
                     _ADAM_W1: w1 if w1_small else -(1.0 - w1), _ADAM_BETA2: beta2,
                     _ADAM_OMB2: 1.0 - beta2, _ADAM_EPS: eps}, ct, device)
     _adam_kernel[(n_prog,)](
         addr, work, scal, consts, P_DTYPE=_TL_DTYPES[params[0].dtype], S_DTYPE=_TL_DTYPES[ct],
-        IS_FP64=ct == torch.float64, W1_SMALL=w1_small, AMSGRAD=bool(amsgrad), HAS_L1=l1 != 0.0,
+        M_DTYPE=_state_dtype([exp_avgs], ct), IS_FP64=ct == torch.float64, W1_SMALL=w1_small, AMSGRAD=bool(amsgrad), HAS_L1=l1 != 0.0,
         CHUNK=chunk, BLOCK=block, num_warps=4)
 
 
 def sgd_step(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, l1,
-             nesterov, maximize, decoupled, first_step, inv_scale):
+             l1_lr_scaled, nesterov, maximize, decoupled, first_step, inv_scale):
     if _empty(params):
         return
     device, ct = params[0].device, compute_dtype(params[0].dtype)
     has_momentum = momentum != 0.0
     addr, work, n_prog, chunk, block = _tables(
         [params, grads, momentum_buffers if has_momentum else []], device)
-    consts = _pack({**_common(lr, weight_decay, l1, maximize, decoupled, inv_scale),
+    consts = _pack({**_common(lr, weight_decay, l1, l1_lr_scaled, maximize, decoupled, inv_scale),
                     _SGD_MOMENTUM: momentum, _SGD_DAMP1: 1.0 - dampening}, ct, device)
     _sgd_kernel[(n_prog,)](
         addr, work, consts, P_DTYPE=_TL_DTYPES[params[0].dtype], S_DTYPE=_TL_DTYPES[ct],
-        MOMENTUM=has_momentum, FIRST=bool(first_step), NESTEROV=bool(nesterov),
+        M_DTYPE=_state_dtype([momentum_buffers if has_momentum else []], ct), MOMENTUM=has_momentum, FIRST=bool(first_step), NESTEROV=bool(nesterov),
         HAS_L1=l1 != 0.0, CHUNK=chunk, BLOCK=block, num_warps=4)
 
 
-def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, l1, maximize, inv_scale):
+def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, l1, l1_lr_scaled, maximize,
+              inv_scale):
     if _empty(params):
         return
     device, ct = params[0].device, compute_dtype(params[0].dtype)
     addr, work, n_prog, chunk, block = _tables([params, grads, exp_avgs], device)
-    consts = _pack({**_common(lr, weight_decay, l1, maximize, True, inv_scale),
+    consts = _pack({**_common(lr, weight_decay, l1, l1_lr_scaled, maximize, True, inv_scale),
                     _LION_BETA1: beta1, _LION_OMB1: 1.0 - beta1, _LION_BETA2: beta2,
                     _LION_OMB2: 1.0 - beta2}, ct, device)
     _lion_kernel[(n_prog,)](
         addr, work, consts, P_DTYPE=_TL_DTYPES[params[0].dtype], S_DTYPE=_TL_DTYPES[ct],
-        HAS_L1=l1 != 0.0, CHUNK=chunk, BLOCK=block, num_warps=4)
+        M_DTYPE=_state_dtype([exp_avgs], ct), HAS_L1=l1 != 0.0, CHUNK=chunk, BLOCK=block, num_warps=4)
 
 
 # ---- compile specs (tests/test_triton_compile.py compiles each for sm_80 and sm_90) ---------
@@ -304,7 +318,7 @@ def _specs():
                         (tl.float64, "fp64")):
         s_dt = tl.float64 if pname == "fp64" else tl.float32
         sname = "fp64" if pname == "fp64" else "fp32"
-        base = dict(P_DTYPE=p_dt, S_DTYPE=s_dt, CHUNK=_CHUNK, BLOCK=_BLOCK)
+        base = dict(P_DTYPE=p_dt, S_DTYPE=s_dt, M_DTYPE=s_dt, CHUNK=_CHUNK, BLOCK=_BLOCK)
         for ams in (False, True):
             for l1 in (False, True):
                 specs.append((_adam_kernel,
@@ -320,6 +334,14 @@ def _specs():
         for l1 in (False, True):
             specs.append((_lion_kernel, {"ADDR": "*i64", "WORK": "*i64", "CONSTS": f"*{sname}"},
                           dict(base, HAS_L1=l1)))
+        if pname in ("bf16", "fp16"):  # state in the parameter's dtype (state_dtype="param")
+            low = dict(base, M_DTYPE=p_dt)
+            specs.append((_adam_kernel, {"ADDR": "*i64", "WORK": "*i64", "SCAL": f"*{sname}", "CONSTS": f"*{sname}"},
+                          dict(low, IS_FP64=False, W1_SMALL=True, AMSGRAD=True, HAS_L1=True)))
+            specs.append((_sgd_kernel, {"ADDR": "*i64", "WORK": "*i64", "CONSTS": f"*{sname}"},
+                          dict(low, MOMENTUM=True, FIRST=False, NESTEROV=True, HAS_L1=True)))
+            specs.append((_lion_kernel, {"ADDR": "*i64", "WORK": "*i64", "CONSTS": f"*{sname}"},
+                          dict(low, HAS_L1=True)))
     return specs
 
 

@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include "fusedreg/optim_math.h"
 
@@ -23,19 +24,19 @@ namespace optim {
 // ---- hyperparameters (the ops' keyword arguments, same names) ------------------------------
 struct AdamHyper {
   double lr, beta1, beta2, eps, weight_decay, l1;
-  bool amsgrad, maximize, decoupled;
+  bool l1_lr_scaled, amsgrad, maximize, decoupled;
   double inv_scale;
 };
 
 struct SgdHyper {
   double lr, momentum, dampening, weight_decay, l1;
-  bool nesterov, maximize, decoupled, first_step;
+  bool l1_lr_scaled, nesterov, maximize, decoupled, first_step;
   double inv_scale;
 };
 
 struct LionHyper {
   double lr, beta1, beta2, weight_decay, l1;
-  bool maximize;
+  bool l1_lr_scaled, maximize;
   double inv_scale;
 };
 
@@ -98,13 +99,34 @@ inline at::ScalarType state_dtype(at::ScalarType param) {
   return param == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Whether `t` covers the same storage positions, element for element, as `p` (a dense,
+// non-overlapping tensor), so that a kernel can step both as flat arrays from their data
+// pointers: both contiguous, or the same sizes and the same strides (size-1 dims aside).
+inline bool same_storage_order(const at::Tensor& t, const at::Tensor& p) {
+  if (p.is_contiguous()) return t.is_contiguous();
+  if (t.sizes() != p.sizes()) return false;
+  for (int64_t d = 0; d < p.dim(); ++d) {
+    if (p.size(d) > 1 && t.stride(d) != p.stride(d)) return false;
+  }
+  return true;
+}
+
 // params[i], grads[i] (and each non-empty state list's [i]) share a device and a numel; all
-// params have one dtype (that of grads too), all state the compute type; all contiguous.
-inline void check_lists(const char* op, at::DeviceType device_type, at::TensorList params,
-                        at::TensorList grads, std::initializer_list<at::TensorList> states) {
+// params have one dtype (that of grads too); all state tensors one dtype, the compute type or
+// the params' dtype; every param dense and non-overlapping (any layout: contiguous,
+// channels_last, transposed), its grad and state in the same storage order. Returns the
+// state dtype (the compute type when there is no state).
+inline at::ScalarType check_lists(const char* op, at::DeviceType device_type,
+                                  at::TensorList params, at::TensorList grads,
+                                  std::initializer_list<at::TensorList> states) {
   TORCH_CHECK(grads.size() == params.size(), op, ": expected one grad per parameter, got ",
               grads.size(), " grads for ", params.size(), " params");
-  if (params.empty()) return;
+  for (const at::TensorList& s : states) {
+    TORCH_CHECK(s.empty() || s.size() == params.size(), op,
+                ": expected one state tensor per parameter, got ", s.size(), " for ",
+                params.size(), " params");
+  }
+  if (params.empty()) return at::kFloat;
   const at::ScalarType dtype = params[0].scalar_type();
   const at::Device device = params[0].device();
   TORCH_CHECK(device.type() == device_type, op, ": tensors must be on ",
@@ -112,27 +134,65 @@ inline void check_lists(const char* op, at::DeviceType device_type, at::TensorLi
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                   dtype == at::kBFloat16,
               op, ": params must be float16, bfloat16, float32 or float64, got ", dtype);
+  at::ScalarType sdtype = state_dtype(dtype);
+  for (const at::TensorList& s : states) {
+    if (!s.empty()) {
+      sdtype = s[0].scalar_type();
+      break;
+    }
+  }
+  TORCH_CHECK(sdtype == state_dtype(dtype) || sdtype == dtype, op, ": state tensors must be ",
+              state_dtype(dtype), " or ", dtype, " for ", dtype, " params, got ", sdtype);
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
+    TORCH_CHECK(p.defined() && grads[i].defined(), op, ": undefined tensor (param ", i, ")");
     TORCH_CHECK(p.scalar_type() == dtype && p.device() == device, op,
-                ": all params of one call must share a dtype and a device (param ", i, ")");
-    TORCH_CHECK(p.is_contiguous() && grads[i].is_contiguous(), op,
-                ": params and grads must be contiguous (param ", i, ")");
+                ": all params of one call must share a dtype and a device (param ", i, " is ",
+                p.scalar_type(), " on ", p.device(), ", param 0 ", dtype, " on ", device, ")");
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": param ", i,
+                " must be dense and non-overlapping (any memory format)");
     TORCH_CHECK(grads[i].scalar_type() == dtype && grads[i].device() == device &&
                     grads[i].numel() == p.numel(),
-                op, ": grad ", i, " must match its parameter in dtype, device and size");
+                op, ": grad ", i, " must match its parameter in dtype, device and size (got ",
+                grads[i].scalar_type(), " on ", grads[i].device(), ")");
+    TORCH_CHECK(same_storage_order(grads[i], p), op, ": grad ", i,
+                " must have its parameter's layout (strides)");
     for (const at::TensorList& s : states) {
       if (s.empty()) continue;
-      TORCH_CHECK(s.size() == params.size(), op, ": expected one state tensor per parameter");
-      TORCH_CHECK(s[i].scalar_type() == state_dtype(dtype) && s[i].device() == device &&
-                      s[i].numel() == p.numel() && s[i].is_contiguous(),
-                  op, ": state tensor ", i, " must be a contiguous ", state_dtype(dtype),
-                  " tensor on ", device, " with the parameter's size");
+      TORCH_CHECK(s[i].defined() && s[i].scalar_type() == sdtype && s[i].device() == device &&
+                      s[i].numel() == p.numel() && same_storage_order(s[i], p),
+                  op, ": state tensor ", i, " must be a ", sdtype, " tensor on ", device,
+                  " with the parameter's size and layout");
     }
+  }
+  return sdtype;
+}
+
+template <typename M>
+struct StateType {
+  using type = M;
+};
+
+// f(StateType<M>) with M the state's storage type: S (the compute type), or the
+// parameter's type T when the state is kept in the parameter's dtype (fp16/bf16 only).
+template <typename T, typename S, typename F>
+void with_state_type(at::ScalarType sdtype, const F& f) {
+  if constexpr (std::is_same_v<T, S>) {
+    f(StateType<S>{});
+  } else if (sdtype == c10::CppTypeToScalarType<T>::value) {
+    f(StateType<T>{});
+  } else {
+    f(StateType<S>{});
   }
 }
 
 // ---- per-call constants (double math, one rounding to S) ---------------------------------
+// The soft threshold of the L1 proximal step: lr·l1, or l1 itself when not l1_lr_scaled.
+template <typename H>
+inline double l1_threshold(const H& h) {
+  return h.l1_lr_scaled ? h.lr * h.l1 : h.l1;
+}
+
 template <typename S>
 inline AdamConsts<S> make_adam_consts(const AdamHyper& h) {
   const S w1 = S(1.0 - h.beta1);  // torch rounds the lerp weight to the tensor's type
@@ -141,7 +201,7 @@ inline AdamConsts<S> make_adam_consts(const AdamHyper& h) {
                        S(h.decoupled ? 0.0 : h.weight_decay),
                        S(h.decoupled ? 1.0 - h.lr * h.weight_decay : 1.0),
                        w1_small ? w1 : -(S(1) - w1), S(h.beta2), S(1.0 - h.beta2), S(h.eps),
-                       S(h.lr * h.l1), w1_small};
+                       S(l1_threshold(h)), w1_small};
 }
 
 template <typename S>
@@ -149,7 +209,7 @@ inline SgdConsts<S> make_sgd_consts(const SgdHyper& h) {
   return SgdConsts<S>{S(h.maximize ? -h.inv_scale : h.inv_scale),
                       S(h.decoupled ? 0.0 : h.weight_decay),
                       S(h.decoupled ? 1.0 - h.lr * h.weight_decay : 1.0),
-                      S(-h.lr), S(h.momentum), S(1.0 - h.dampening), S(h.lr * h.l1), h.first_step,
+                      S(-h.lr), S(h.momentum), S(1.0 - h.dampening), S(l1_threshold(h)), h.first_step,
                       h.nesterov};
 }
 
@@ -157,7 +217,7 @@ template <typename S>
 inline LionConsts<S> make_lion_consts(const LionHyper& h) {
   return LionConsts<S>{S(h.maximize ? -h.inv_scale : h.inv_scale), S(1.0 - h.lr * h.weight_decay),
                        S(-h.lr), S(h.beta1), S(1.0 - h.beta1), S(h.beta2), S(1.0 - h.beta2),
-                       S(h.lr * h.l1)};
+                       S(l1_threshold(h))};
 }
 
 // Adam's per-tensor scalars from its (already incremented) step count.
@@ -186,14 +246,15 @@ template <AdamImpl impl>
 void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                   at::ArrayRef<double> steps, double lr, double beta1, double beta2, double eps,
-                  double weight_decay, double l1, bool amsgrad, bool maximize, bool decoupled,
-                  double inv_scale) {
+                  double weight_decay, double l1, bool l1_lr_scaled, bool amsgrad, bool maximize,
+                  bool decoupled, double inv_scale) {
   const AdamHyper h{.lr = lr,
                     .beta1 = beta1,
                     .beta2 = beta2,
                     .eps = eps,
                     .weight_decay = weight_decay,
                     .l1 = l1,
+                    .l1_lr_scaled = l1_lr_scaled,
                     .amsgrad = amsgrad,
                     .maximize = maximize,
                     .decoupled = decoupled,
@@ -205,12 +266,14 @@ void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList ex
 template <SgdImpl impl>
 void sgd_step_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                  double lr, double momentum, double dampening, double weight_decay, double l1,
-                 bool nesterov, bool maximize, bool decoupled, bool first_step, double inv_scale) {
+                 bool l1_lr_scaled, bool nesterov, bool maximize, bool decoupled, bool first_step,
+                 double inv_scale) {
   const SgdHyper h{.lr = lr,
                    .momentum = momentum,
                    .dampening = dampening,
                    .weight_decay = weight_decay,
                    .l1 = l1,
+                   .l1_lr_scaled = l1_lr_scaled,
                    .nesterov = nesterov,
                    .maximize = maximize,
                    .decoupled = decoupled,
@@ -222,13 +285,14 @@ void sgd_step_op(at::TensorList params, at::TensorList grads, at::TensorList mom
 
 template <LionImpl impl>
 void lion_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, double lr,
-                  double beta1, double beta2, double weight_decay, double l1, bool maximize,
-                  double inv_scale) {
+                  double beta1, double beta2, double weight_decay, double l1, bool l1_lr_scaled,
+                  bool maximize, double inv_scale) {
   const LionHyper h{.lr = lr,
                     .beta1 = beta1,
                     .beta2 = beta2,
                     .weight_decay = weight_decay,
                     .l1 = l1,
+                    .l1_lr_scaled = l1_lr_scaled,
                     .maximize = maximize,
                     .inv_scale = inv_scale};
   check_hyper(h);
