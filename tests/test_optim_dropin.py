@@ -460,3 +460,16 @@ def test_l1_not_scaled_by_lr(backend, cls):
     for p, q in zip(a, b):
         torch.testing.assert_close(q, p, **OPTIM_PARITY[torch.float32])
     assert ob.sparsity()[0] > 0.1  # l1 = 0.05 a step at lr = 1e-3 still makes zeros
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck_channels_last_with_state_in_the_param_dtype(backend):
+    """The registered op (schema, fake function, mutation) on channels_last bf16 parameters
+    with bf16 state — the layout and state dtype the optimizer hands it."""
+    g = torch.Generator().manual_seed(0)
+    cl = lambda *s: (torch.randn(*s, generator=g) + 0.1).to(torch.bfloat16).to(memory_format=torch.channels_last)  # noqa: E731
+    ps, gs = [cl(2, 3, 4, 5), cl(1, 2, 3, 3)], [cl(2, 3, 4, 5), cl(1, 2, 3, 3)]
+    st = lambda: [torch.rand_like(p) for p in ps]  # noqa: E731 - channels_last, bf16
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, l1=0.01, l1_lr_scaled=False,
+              amsgrad=True, maximize=False, decoupled=True, inv_scale=0.5)
+    torch.library.opcheck(backends.implementation("adam", backend), (ps, gs, st(), st(), st(), [2.0, 3.0]), kw)
