@@ -14,6 +14,7 @@ import fusedreg
 import fusedreg.optim as fo
 from fusedreg import backends
 
+from _helpers import device_cases, serving
 from conftest import cpu_backends
 from tolerances import OPTIM_LOWP, OPTIM_PARITY
 
@@ -211,11 +212,16 @@ def _roundtrip(obj):
     return torch.load(buf)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("cls,kw", [(fo.AdamW, dict(amsgrad=True)), (fo.SGD, dict(momentum=0.9)),
-                                    (fo.Lion, dict(lr=1e-3))], ids=["AdamW", "SGD", "Lion"])
-@pytest.mark.parametrize("state_dtype", ["compute", "param"])
+RESUME_CASES = [(b, d, c, kw, sd) for b in CPU_BACKENDS
+                for d in (torch.float16, torch.bfloat16, torch.float32)
+                for c, kw in ((fo.AdamW, dict(amsgrad=True)), (fo.SGD, dict(momentum=0.9)), (fo.Lion, dict(lr=1e-3)))
+                for sd in ("compute", "param")]
+if "triton" in ALL_BACKENDS:  # a subset on the (slow) interpreter
+    RESUME_CASES += [("triton", torch.bfloat16, fo.AdamW, dict(amsgrad=True), sd) for sd in ("compute", "param")]
+
+
+@pytest.mark.parametrize("backend,dtype,cls,kw,state_dtype", RESUME_CASES,
+                         ids=lambda v: getattr(v, "__name__", None) or (str(v) if not isinstance(v, dict) else None))
 def test_resume_is_bit_identical_for_every_dtype(backend, dtype, cls, kw, state_dtype):
     kw = {"lr": 1e-2, **kw, "state_dtype": state_dtype, "l1": 0.01}
     full = _params(dtype=dtype)
@@ -473,3 +479,31 @@ def test_opcheck_channels_last_with_state_in_the_param_dtype(backend):
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, l1=0.01, l1_lr_scaled=False,
               amsgrad=True, maximize=False, decoupled=True, inv_scale=0.5)
     torch.library.opcheck(backends.implementation("adam", backend), (ps, gs, st(), st(), st(), [2.0, 3.0]), kw)
+
+
+# ---- GPU backends (run when a GPU is present) ---------------------------------------------------
+@pytest.mark.parametrize("backend,device,dtype,state_dtype", device_cases(
+    "adam", [], [(d, sd) for d in (torch.float32, torch.bfloat16) for sd in ("compute", "param")]))
+def test_gpu_layouts_and_state_dtype_match_the_reference(backend, device, dtype, state_dtype):
+    """On the GPU kernels: channels_last, transposed and contiguous parameters (with a
+    gradient of other strides), state in either dtype, against the reference on the same
+    device."""
+    serving("adam", backend, device)
+    g = torch.Generator().manual_seed(0)
+    base = [(torch.randn(8, 16, 3, 3, generator=g) + 0.1).to(memory_format=torch.channels_last),
+            torch.randn(70, 33, generator=g).t(), torch.randn(100_003, generator=g)]
+    grads = [[torch.randn(t.shape, generator=g) for t in base] for _ in range(3)]  # contiguous
+    out = {}
+    for b in ("reference", backend):
+        ps = [torch.nn.Parameter(t.to(device=device, dtype=dtype)) for t in base]
+        opt = fo.AdamW(ps, lr=1e-2, amsgrad=True, l1=0.05, state_dtype=state_dtype)
+        with fusedreg.use_backend(b):
+            for gs in grads:
+                for p, gr in zip(ps, gs):
+                    p.grad = gr.to(device=device, dtype=dtype)
+                opt.step()
+        out[b] = ps
+    tol = OPTIM_PARITY[dtype] if dtype == torch.float32 else OPTIM_LOWP[dtype]
+    for p, q in zip(out["reference"], out[backend]):
+        torch.testing.assert_close(q, p, **tol)
+        assert q.stride() == p.stride()
