@@ -335,6 +335,20 @@ def test_float_step_set_by_hand_is_accepted_at_step():
         assert torch.equal(p, q)
 
 
+def test_state_changed_by_hand_after_steps_is_checked_before_any_write():
+    """The full state check runs once per state object (not every step); a state replaced
+    by hand later is checked again before the step writes anything."""
+    ps, opt = _trained()
+    _steps(opt, ps, n=1)
+    opt.state[ps[2]]["exp_avg_sq"] = torch.zeros(4)  # the last parameter: wrong shape
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    snap = _snapshot(ps, opt)
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        opt.step()
+    _unchanged(ps, opt, snap)
+
+
 @pytest.mark.parametrize("corrupt,match", [
     (lambda sd: sd["state"][1].__setitem__("step", torch.tensor([1.0, 2.0])), r"parameter 1.*'step'"),
     (lambda sd: sd["state"][2].__setitem__("exp_avg", torch.zeros(4)), r"parameter 2.*'exp_avg'"),

@@ -150,6 +150,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict) -> None:
         # torch checks the hyperparameters before it looks at params
         self._check_group(defaults)
+        self._verified: dict = {}  # see _state_verified
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -168,6 +169,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._verified = {}
         for group in self.param_groups:  # groups from torch's optimizers lack our keys
             for k, v in {**self._FUSEDREG_DEFAULTS, **self._defaults_for_old_groups}.items():
                 group.setdefault(k, v)
@@ -189,6 +191,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         run bit for bit). Extra state for an id that is no parameter is kept as is, as torch
         does."""
         saved = {k: self.__dict__[k] for k in ("state", "param_groups")}
+        self._verified = {}
         try:
             ids = [i for g in state_dict["param_groups"] for i in g["params"]]
             params = [p for g in self.param_groups for p in g["params"]]
@@ -263,11 +266,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         return out
 
     # ---- the step ------------------------------------------------------------------------------
-    def _collect(self, group: dict, fixes: list):
+    def _state_verified(self, p, st: dict) -> bool:
+        """Whether p's state holds the very objects that passed the last check (kept
+        referenced, so no id is reused): the full check runs once per state object — after
+        the state is created, loaded or changed by hand — not at every step."""
+        seen = self._verified.get(p)
+        return (seen is not None and seen[0] is st and len(seen[1]) == len(st)
+                and all(a is b for a, b in zip(seen[1], st.values())))
+
+    def _collect(self, group: dict, fixes: list, checked: list):
         """Checks every parameter of ``group`` that has a gradient; returns
         {(device, dtype): (backend, [param], [local param], [local grad])}. Value-preserving
         fixes (layout copies, a float step) go to ``fixes`` as (dict, key, value), applied
-        after every group has passed. Lean on purpose: it runs for every parameter at every
+        after every group has passed; the parameters whose state was checked to
+        ``checked``. Lean on purpose: it runs for every parameter at every
         step."""
         buckets: dict = {}
         for p in group["params"]:
@@ -290,8 +302,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"fusedreg.optim: parameters must be float16, bfloat16, float32 or "
                                 f"float64, got {lp.dtype}; nothing was updated")
             st = self.state.get(p)
-            if st:
+            if st and not self._state_verified(p, st):
                 self._check_state(p, lp, group, st, fixes)
+                checked.append(p)
             key = (lp.device, lp.dtype)
             bucket = buckets.get(key)
             if bucket is None:
@@ -366,9 +379,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         # Phase 1: validate everything.
         fixes: list = []
-        plan = [(group, self._collect(group, fixes)) for group in self.param_groups]
+        checked: list = []
+        plan = [(group, self._collect(group, fixes, checked)) for group in self.param_groups]
         for st, k, v in fixes:
             st[k] = v
+        for p in checked:
+            st = self.state[p]
+            self._verified[p] = (st, tuple(st.values()))
         # AMP: an inf/nan step changes no parameter and no state (a host read of found_inf:
         # one sync per step on a GPU, and only under GradScaler).
         if found_inf is not None and float(found_inf.sum().item()) != 0.0:
