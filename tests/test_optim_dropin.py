@@ -353,6 +353,7 @@ def test_state_changed_by_hand_after_steps_is_checked_before_any_write():
     (lambda sd: sd["state"][1].__setitem__("step", torch.tensor([1.0, 2.0])), r"parameter 1.*'step'"),
     (lambda sd: sd["state"][2].__setitem__("exp_avg", torch.zeros(4)), r"parameter 2.*'exp_avg'"),
     (lambda sd: sd["state"][0].__setitem__("step", "three"), r"parameter 0.*'step'"),
+    (lambda sd: sd["param_groups"][1].__setitem__("lr", -1.0), r"param group 1.*learning rate"),
 ])
 def test_bad_state_dict_loads_nothing_and_names_param_and_key(corrupt, match):
     ps, opt = _trained()

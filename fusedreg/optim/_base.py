@@ -184,7 +184,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, made transactional: either the whole state dict loads or nothing
-        changes (an error names the parameter and the key). The state tensors are taken from
+        changes (an error names the parameter and the key, or the param group whose
+        hyperparameters fail the constructor's checks). The state tensors are taken from
         ``state_dict`` as they were saved, converted once to this optimizer's state dtype and
         the parameter's layout — not through torch's cast to the parameter dtype, which would
         round float32 moments of bf16/fp16 parameters (resume then equals an uninterrupted
@@ -199,6 +200,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                          if i in state_dict.get("state", {})}
             position = {p: i for i, p in zip(ids, params)}
             super().load_state_dict(state_dict)
+            for i, group in enumerate(self.param_groups):  # the loaded hyperparameters
+                try:
+                    self._check_group(group)
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"param group {i}: {e}") from e
             group_of = {p: g for g in self.param_groups for p in g["params"]}
             for p, original in originals.items():
                 self.state[p] = self._loaded_state(p, position[p], group_of[p], original)
