@@ -16,10 +16,10 @@ from torch import nn
 timm = pytest.importorskip("timm")
 
 import fusedreg  # noqa: E402
-from _helpers import FUSED_CLASSES  # noqa: E402
 from tolerances import PATCHED_MODEL  # noqa: E402
 
-patched_modules = sys.modules["fusedreg.patch"].patched_modules
+patched_modules = sys.modules["fusedreg.patching"].patched_modules
+FUSED_CLASSES = {s.torch_class: s.fused_class for s in fusedreg.patching.SWAPS.values()}
 
 # 32x32 images in 8x8 patches: 16 tokens + the class token; every dropout rate non-zero so
 # that each Dropout site is a module (timm makes Identity for rate 0)

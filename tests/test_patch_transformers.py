@@ -14,7 +14,7 @@ import fusedreg  # noqa: E402
 import fusedreg.nn as fnn  # noqa: E402
 from tolerances import PATCHED_MODEL  # noqa: E402
 
-patched_modules = sys.modules["fusedreg.patch"].patched_modules
+patched_modules = sys.modules["fusedreg.patching"].patched_modules
 SMALL = dict(vocab_size=128, max_position_embeddings=64)
 
 
