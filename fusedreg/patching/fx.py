@@ -123,11 +123,14 @@ def _add_args(node):
     return a, b
 
 
+_NORMS = (TF.layer_norm, TF.rms_norm, torch.rms_norm)  # Dynamo records F.rms_norm as torch's
+
+
 def _norm_args(node):
     """(x, shape, weight, bias, eps, rms) of a layer_norm / rms_norm node, else None."""
-    if node.op != "call_function" or node.target not in (TF.layer_norm, TF.rms_norm):
+    if node.op != "call_function" or node.target not in _NORMS:
         return None
-    rms = node.target is TF.rms_norm
+    rms = node.target in (TF.rms_norm, torch.rms_norm)
     x = _arg(node, 0, "input", None)
     shape = _arg(node, 1, "normalized_shape", None)
     weight = _arg(node, 2, "weight", None)
@@ -351,7 +354,7 @@ class _Rewriter:
             training = _arg(node, 2, "training", True)
             if training is not False and p:
                 self.count(LEFT_DROPOUT)
-        elif node.target in (TF.layer_norm, TF.rms_norm):
+        elif node.target in _NORMS:
             n = _norm_args(node)
             if n is None:
                 self.count(LEFT_NORM)
