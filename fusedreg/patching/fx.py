@@ -59,7 +59,10 @@ def _capture():
     global _active
     before, _active = _active, True
     try:
-        yield
+        # dropout probabilities and eps as constants in the graph (Dynamo would otherwise turn
+        # a float that changed between captures into a graph input the pass cannot read)
+        with torch._dynamo.config.patch(specialize_float=True):
+            yield
     finally:
         _active = before
 
