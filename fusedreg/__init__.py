@@ -19,7 +19,7 @@ from . import ops  # noqa: F401  (registers the custom ops)
 from . import autograd, functional, nn, optim
 from . import patching
 from .patching import patch, patched_modules, unpatch  # fusedreg.patch(model): the function
-from .compile import compile, compile_backend  # noqa: A004 (fusedreg.compile(model))
+from .compiling import compile, compile_backend  # noqa: A004 (fusedreg.compile(model): the function)
 
 __version__ = "0.1.0"
 

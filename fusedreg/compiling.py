@@ -1,4 +1,5 @@
-"""``fusedreg.compile(model)``: ``torch.compile`` with the fusions of
+"""``fusedreg.compile(model)`` (the function; this module is ``fusedreg.compiling``):
+``torch.compile`` with the fusions of
 ``fusedreg.patching.fx`` (dropout -> residual add (-> LayerNorm/RMSNorm), bias ->
 activation (-> dropout)) put in the Dynamo graph as fusedreg's fused ops, then Inductor.
 
