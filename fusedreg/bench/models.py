@@ -143,7 +143,7 @@ def measure(name, dropout, width, layers, batch_size, seq, steps, warmup, which=
         value = loss(fn, inputs)
         value.backward()
         opt.step()
-        return float(value)
+        return float(value.detach())
 
     for _ in range(warmup):
         for r in runs:

@@ -319,6 +319,8 @@ class _Rewriter:
         vx, vr = _val(x), _val(residual)
         if vx is None or vr is None or vx.dtype != vr.dtype or vx.shape != vr.shape:
             return False
+        if weight is None and bias is None and len(shape) != 1:
+            return False  # dropout_add_layer_norm takes the norm's shape from weight or bias
         prenorm = len(add.users) > 1
         new = self.call(norm if not prenorm else add, F.dropout_add_layer_norm, x, residual,
                         weight, bias, p, eps, True, prenorm, rms)
