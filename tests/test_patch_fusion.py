@@ -197,3 +197,17 @@ def test_compile_backend_alone_and_bad_input():
         fusedreg.compile(nn.Linear(2, 2), backend="eager")
     with pytest.raises(TypeError, match="fuse must be True or False"):
         fusedreg.patch(nn.Linear(2, 2), fuse=1)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_gpt2_under_bf16_autocast_matches_unpatched(fuse):
+    # autocast: bf16 matmul outputs meet the fp32 residual stream and fp32 norm weights
+    torch._dynamo.reset()
+    model, ref = build("gpt2", 0.0).train(), build("gpt2", 0.0).train()
+    fusedreg.patch(model, fuse=fuse)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, expected = loss_of("gpt2", model), loss_of("gpt2", ref)
+    assert loss.dtype == expected.dtype
+    torch.testing.assert_close(loss, expected, atol=2e-2, rtol=1e-2)  # bf16 matmuls: ~2^-8 each
+    loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())

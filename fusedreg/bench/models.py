@@ -156,10 +156,12 @@ def measure(name, dropout, width, layers, batch_size, seq, steps, warmup, which=
     return {r: ntok / statistics.median(t) for r, t in times.items()}
 
 
-def losses_at_dropout_0(name, width, layers):
-    """First-step loss of every run against torch's, dropout 0 (eval-equivalent numerics)."""
+def losses_at_dropout_0(name, width, layers, which=("torch", "patch")):
+    """First-step loss of the runs against torch's, dropout 0 (eval-equivalent numerics).
+    The compiled runs are left out by default (two more Inductor compiles per model; the
+    tests check fusedreg.compile's numerics)."""
     torch._dynamo.reset()
-    runs, batch, loss, _ = _runs(name, 0.0, width, layers, RUNS)
+    runs, batch, loss, _ = _runs(name, 0.0, width, layers, which)
     inputs = batch(2, 32, torch.Generator().manual_seed(2))
     return {r: float(loss(fn, inputs)) for r, (_, fn, _) in runs.items()}
 
@@ -203,7 +205,7 @@ def main(argv=None) -> str:
              f"{args.warmup} warm-up rounds; training step = forward + backward + AdamW",
              "",
              "| model | dropout calls fused / left in torch | norms patched | tokens/s torch | "
-             "patch / torch | compile / torch | fr.compile / compile | loss at p=0: max abs diff vs torch |",
+             "patch / torch | compile / torch | fr.compile / compile | loss at p=0: patch - torch |",
              "|---|---|---|---|---|---|---|---|"]
     details = []
     for name in names:
