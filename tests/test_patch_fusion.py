@@ -148,7 +148,7 @@ EXPECTED = {
     "gpt2": {fx.BIAS_ACT, fx.DROPOUT_ADD_NORM},   # c_fc + gelu_tanh; resid dropout + add + ln
     "bert": {fx.BIAS_ACT, fx.DROPOUT_ADD_NORM},   # intermediate + gelu; post-norm output
     "llama": {fx.ADD_NORM},                       # residual add + RMSNorm (no dropout in Llama)
-    "t5": {fx.DROPOUT_ADD_NORM},                  # dropout + residual + T5LayerNorm
+    "t5": {fx.BIAS_ACT, fx.DROPOUT_ADD_NORM},     # relu + dropout (no bias); dropout + add + norm
     "vit": {fx.BIAS_ACT, fx.DROPOUT_ADD_NORM},    # fc1 + gelu + drop1; proj_drop + add + norm2
 }
 

@@ -22,7 +22,7 @@ alone):
 
     act(x + b) [-> dropout] [-> + r]      ->  F.bias_dropout(x, b, r, p, activation=act)
         (x + b also as ``F.linear(x, W, b)`` or ``addmm(b, x, W)`` [-> view]: the bias is
-        split off the matmul)
+        split off the matmul; without a bias only when a dropout follows)
     dropout(x) -> + r -> norm             ->  F.dropout_add_layer_norm(x, r, w, b, p, prenorm=
                                               the sum is used again, rms=RMSNorm)
     x + r -> norm                         ->  F.dropout_add_layer_norm(..., p=0)
@@ -252,10 +252,15 @@ class _Rewriter:
         if not isinstance(t, fx.Node) or self.only_user(t) is not act:
             return
         split = self.split_bias(t)
-        if split is None:
-            return
+        vy = _val(act)
+        if split is None:  # no bias: worth a call only when a dropout follows (T5's relu)
+            user = self.only_user(act)
+            d = _dropout_args(user) if user is not None else None
+            if d is None or d[0] is not act or not d[2] or not _ok_tensor(act):
+                return
+            split = ((lambda: t), None, [])
         build, b, dead = split
-        vy, vb = _val(act), _val(b)
+        vb = _val(b) if b is not None else vy.new_empty(vy.shape[-1:])
         if (vb is None or vy is None or vb.dtype != vy.dtype or vb.dim() != 1
                 or vb.shape[0] != vy.shape[-1] or not _ok_tensor(act)):
             return
