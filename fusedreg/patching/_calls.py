@@ -57,10 +57,6 @@ class CallCounts:
 _state = threading.local()  # .counts: CallCounts of the forward running on this thread
 
 
-def current_counts():
-    return getattr(_state, "counts", None)
-
-
 def count_module_call() -> None:
     """Called by the patched Dropout modules (when they drop something)."""
     counts = getattr(_state, "counts", None)

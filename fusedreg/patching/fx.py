@@ -226,7 +226,8 @@ class _Rewriter:
             for x, b in (t.args, t.args[::-1]):
                 vx, vb = _val(x), _val(b)
                 if vx is not None and vb is not None and vb.dim() == 1 and vx.dim() >= 1 \
-                        and vb.shape[0] == vx.shape[-1] and vx.shape == _val(t).shape:
+                        and vb.shape[0] == vx.shape[-1] and vx.shape == _val(t).shape \
+                        and vx.dtype == vb.dtype == _val(t).dtype:  # no type promotion
                     return (lambda x=x: x), b, [t]
             return None
         if t.target is TF.linear:
@@ -275,11 +276,8 @@ class _Rewriter:
         if add is not None:
             a = _add_args(add)
             if a is not None and end in a and a[0] is not a[1] and _val(add).shape == vy.shape:
-                residual = a[1] if a[0] is end else a[0]
-                if not self.before(residual, t):
-                    residual = None
-                else:
-                    end = add
+                residual = a[1] if a[0] is end else a[0]  # an input of add: before it
+                end = add
         x = build()
         new = self.call(end, F.bias_dropout, x, b, residual, p, True, name)
         self.replace(end, new)
@@ -349,6 +347,8 @@ class _Rewriter:
         return True
 
     def before(self, a, b):
+        if a not in self.order or b not in self.order:  # a node this pass made
+            self.order = {n: i for i, n in enumerate(self.g.nodes)}
         return self.order[a] < self.order[b]
 
     def leftovers(self, node):
