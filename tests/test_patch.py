@@ -186,8 +186,8 @@ def test_patch_logs_every_swap(caplog):
     with caplog.at_level(logging.INFO, logger="fusedreg.patch"):
         fusedreg.patch(net)
     assert "blocks.0.drop: torch.nn.Dropout -> fusedreg.patching.Dropout" in caplog.text
-    assert "blocks.1.norm2: torch.nn.RMSNorm -> fusedreg.nn.RMSNorm" in caplog.text
-    assert "embed.2: torch.nn.LayerNorm -> fusedreg.nn.LayerNorm" in caplog.text
+    assert "blocks.1.norm2: torch.nn.RMSNorm -> fusedreg.patching.RMSNorm" in caplog.text
+    assert "embed.2: torch.nn.LayerNorm -> fusedreg.patching.LayerNorm" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="fusedreg.patch"):
         fusedreg.unpatch(net)

@@ -153,24 +153,38 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("name", list(EXPECTED))
+# GPT-2 and T5 take the longest to capture: they run with the slow tests
+CHEAP = ("bert", "llama", "vit")
+
+
+@pytest.mark.parametrize("name", [n if n in CHEAP else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in EXPECTED])
 def test_real_model_fused_eagerly(name):
+    # with dropout, training: the fused graph's loss equals the patched eager model's from the
+    # same torch seed (same seeded masks, one seed per dropout in the model's order) and,
+    # through it, the unpatched model's function; the fused ops ran; gradients flow
     torch._dynamo.reset()
-    # dropout 0: the fused model's loss equals the unpatched one's to rounding
-    model, ref = build(name, 0.0).train(), build(name, 0.0).train()
+    eager, model = fusedreg.patch(build(name, 0.1)).train(), build(name, 0.1).train()
     fusedreg.patch(model, fuse=True)
-    torch.testing.assert_close(loss_of(name, model), loss_of(name, ref), **PATCHED_MODEL[torch.float32])
-    # with dropout: the fused ops ran, and every parameter gets a finite gradient
-    model = fusedreg.patch(build(name, 0.1), fuse=True).train()
+    torch.manual_seed(8)
     loss = loss_of(name, model)
+    torch.manual_seed(8)
+    torch.testing.assert_close(loss, loss_of(name, eager), **PATCHED_MODEL[torch.float32])
     loss.backward()
     stats = report(model).fusions
     missing = {k for k in EXPECTED[name] if not stats.get(k)}
     assert not missing, stats
-    assert torch.isfinite(loss)
-    grads = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for _, g in grads if g is not None)
-    assert sum(g is not None for _, g in grads) >= len(grads) - 1  # T5's tied/unused at most one
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(torch.isfinite(g).all() for g in grads if g is not None)
+    assert sum(g is not None for g in grads) >= len(grads) - 1  # T5's tied/unused at most one
+
+
+def test_real_model_at_dropout_0_equals_unpatched():
+    torch._dynamo.reset()
+    model, ref = build("bert", 0.0).train(), build("bert", 0.0).train()
+    fusedreg.patch(model, fuse=True)
+    torch.testing.assert_close(loss_of("bert", model), loss_of("bert", ref), **PATCHED_MODEL[torch.float32])
+    assert report(model).fusions[fx.ADD_NORM] >= 4  # dropout 0: the adds + norms still fused
 
 
 @pytest.mark.slow
@@ -199,12 +213,11 @@ def test_compile_backend_alone_and_bad_input():
         fusedreg.patch(nn.Linear(2, 2), fuse=1)
 
 
-@pytest.mark.parametrize("fuse", [False, True])
-def test_gpt2_under_bf16_autocast_matches_unpatched(fuse):
-    # autocast: bf16 matmul outputs meet the fp32 residual stream and fp32 norm weights
-    torch._dynamo.reset()
+def test_gpt2_under_bf16_autocast_matches_unpatched():
+    # autocast: bf16 matmul outputs meet the fp32 residual stream and fp32 norm weights (the
+    # fused graph under autocast: test_autocast_dtype_change_is_left_alone)
     model, ref = build("gpt2", 0.0).train(), build("gpt2", 0.0).train()
-    fusedreg.patch(model, fuse=fuse)
+    fusedreg.patch(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, expected = loss_of("gpt2", model), loss_of("gpt2", ref)
     assert loss.dtype == expected.dtype
