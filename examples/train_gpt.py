@@ -11,6 +11,9 @@ the same batches; they differ only in
   torch     torch.nn modules, torch.optim.AdamW
   fusedreg  the same model after ``fusedreg.patch`` (fused LayerNorm and Dropout),
             ``fusedreg.optim.AdamW``, optional ``--l1``
+  (``--runs`` adds ``fusedreg.fuse``: ``patch(model, fuse=True)``, dropout + residual + norm
+  and bias + gelu fused, run eagerly; ``torch.compile``; ``fusedreg.compile``: the fusions,
+  then Inductor)
 
 Dropout masks come from different generators, so the two loss curves agree only up to
 seed-to-seed noise (``--runs`` can add a second torch seed to show its size). Reported per
@@ -46,7 +49,7 @@ except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import fusedreg
 import fusedreg.optim
-from fusedreg.patch import patched_modules
+from fusedreg.patching import patched_modules
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -173,7 +176,7 @@ class Dist:
 
 
 # ---- runs -----------------------------------------------------------------------------------
-RUNS = ("torch", "fusedreg", "torch.compile", "fusedreg.compile", "torch.seed2")
+RUNS = ("torch", "fusedreg", "fusedreg.fuse", "torch.compile", "fusedreg.compile", "torch.seed2")
 
 
 def make_optimizer(run, model, args):
@@ -216,15 +219,18 @@ class Run:
         self.ranks = ranks = ranks or Dist(argparse.Namespace(fsdp=False))
         self.model = copy.deepcopy(base_model).to(device)
         notes = []
-        if run.startswith("fusedreg"):
-            fusedreg.patch(self.model)
+        if run.startswith("fusedreg"):  # .fuse: dropout + residual + norm fused, run eagerly
+            fusedreg.patch(self.model, fuse=run == "fusedreg.fuse")
             notes.append(f"patched {len(patched_modules(self.model))} modules")
         if ranks.mesh is not None:  # patch first: fully_shard then wraps the patched blocks
             ranks.shard(self.model)
             notes.append(f"FSDP2 over {ranks.world} ranks")
         self.opt, note = make_optimizer(run, self.model, args)
         self.notes = "; ".join(notes + ([note] if note else []))
-        self.step_fn = torch.compile(self.model) if run.endswith("compile") else self.model
+        if run == "fusedreg.compile":  # the fusions in the graph, then Inductor
+            self.step_fn = fusedreg.compile(self.model)
+        else:
+            self.step_fn = torch.compile(self.model) if run.endswith("compile") else self.model
         # the dropout masks' seed (per rank under FSDP)
         torch.manual_seed(args.seed + (1 if run == "torch.seed2" else 0) + 1000 * ranks.rank)
         self.rng = torch.get_rng_state()

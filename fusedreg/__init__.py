@@ -17,12 +17,16 @@ from .backends import (
 )
 from . import ops  # noqa: F401  (registers the custom ops)
 from . import autograd, functional, nn, optim
-from .patch import patch, unpatch  # fusedreg.patch(model): the drop-in swap
+from . import patching
+from .patching import patch, patched_modules, unpatch  # fusedreg.patch(model): the function
+from .compiling import compile, compile_backend  # noqa: A004 (fusedreg.compile(model): the function)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "autograd", "available_backends", "backend_status",
-    "backends", "functional", "get_backend", "nn", "optim", "patch", "set_backend", "unpatch",
+    "compile", "compile_backend",
+    "backends", "functional", "get_backend", "nn", "optim", "patch", "patched_modules", "patching",
+    "set_backend", "unpatch",
     "use_backend",
 ]

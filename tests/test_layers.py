@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "fusedreg"
 # rank of each layer: a module may import modules of its own rank or lower
 LAYERS = {
     "tools": 4,      # fusedreg.bench: the benchmark command
-    "user API": 3,   # functional, nn, autograd, optim, patch, the package itself
+    "user API": 3,   # functional, nn, autograd, optim, patching, compiling, the package
     "ops": 2,        # registered custom ops and the autograd Functions over them
     "kernels": 1,    # reference and Triton implementations
     "shared": 0,     # the registry and the small helpers every layer uses
@@ -27,7 +27,7 @@ def layer_of(module: str) -> str:
     top = parts[1]
     if top == "bench":
         return "tools"
-    if top in ("functional", "nn", "autograd", "optim", "patch"):
+    if top in ("functional", "nn", "autograd", "optim", "patching", "compiling"):
         return "user API"
     if top == "ops":
         return "ops"

@@ -11,11 +11,12 @@ from torch import nn
 
 import fusedreg
 import fusedreg.nn as fnn
-from _helpers import FUSED_CLASSES
 from tolerances import PATCHED_MODEL
 
-patch_module = sys.modules["fusedreg.patch"]
+patch_module = sys.modules["fusedreg.patching"]
 patched_modules = patch_module.patched_modules
+# torch class -> the class patch swaps in for it
+FUSED_CLASSES = {s.torch_class: s.fused_class for s in patch_module.SWAPS.values()}
 
 
 class Block(nn.Module):
@@ -35,8 +36,9 @@ class Net(nn.Module):
     LayerNorm (two references, one module), a LayerNorm without bias and one without affine
     parameters, and modules patch must leave alone (a LayerNorm subclass, Dropout2d)."""
 
-    class MyLayerNorm(nn.LayerNorm):  # a user subclass may override forward: not swapped
-        pass
+    class MyLayerNorm(nn.LayerNorm):  # a user subclass computing something else: left alone
+        def forward(self, x):
+            return super().forward(x) * 2.0
 
     def __init__(self, d=24):
         super().__init__()
@@ -104,7 +106,7 @@ def test_patch_swaps_every_torch_module_in_place():
 def test_root_module_is_patched():
     drop = nn.Dropout(0.3)
     assert fusedreg.patch(drop) is drop
-    assert type(drop) is fnn.Dropout and drop.p == 0.3
+    assert type(drop) is FUSED_CLASSES[nn.Dropout] and isinstance(drop, fnn.Dropout) and drop.p == 0.3
 
 
 def test_eval_outputs_equal_and_state_dict_round_trips():
@@ -176,37 +178,41 @@ def test_options_switch_kinds_off():
     assert type(net.embed[1]) is nn.Dropout and type(net.blocks[0].norm2) is nn.RMSNorm
     assert type(net.blocks[0].norm1) is FUSED_CLASSES[nn.LayerNorm]
     fusedreg.patch(net, layer_norm=False)  # a second call can add the other kinds
-    assert type(net.embed[1]) is fnn.Dropout and type(net.blocks[0].norm2) is FUSED_CLASSES[nn.RMSNorm]
+    assert type(net.embed[1]) is FUSED_CLASSES[nn.Dropout] and type(net.blocks[0].norm2) is FUSED_CLASSES[nn.RMSNorm]
 
 
 def test_patch_logs_every_swap(caplog):
     net = make_net()
     with caplog.at_level(logging.INFO, logger="fusedreg.patch"):
         fusedreg.patch(net)
-    assert "blocks.0.drop: torch.nn.Dropout -> fusedreg.nn.Dropout" in caplog.text
-    assert "blocks.1.norm2: torch.nn.RMSNorm -> fusedreg.nn.RMSNorm" in caplog.text
-    assert "embed.2: torch.nn.LayerNorm -> fusedreg.nn.LayerNorm" in caplog.text
-    assert "replaced 11 module(s) in Net" in caplog.text
+    assert "blocks.0.drop: torch.nn.Dropout -> fusedreg.patching.Dropout" in caplog.text
+    assert "blocks.1.norm2: torch.nn.RMSNorm -> fusedreg.patching.RMSNorm" in caplog.text
+    assert "embed.2: torch.nn.LayerNorm -> fusedreg.patching.LayerNorm" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="fusedreg.patch"):
         fusedreg.unpatch(net)
-    assert "blocks.0.drop: fusedreg.nn.Dropout -> torch.nn.Dropout" in caplog.text
     assert "restored 11 module(s) in Net" in caplog.text
+
+
+def test_patch_logs_a_one_line_summary_at_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="fusedreg.patch"):
+        fusedreg.patch(make_net())
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+    assert "11 module(s) replaced" in warnings[0].getMessage()
 
 
 def test_patch_swaps_in_the_drop_in_subclasses():
     # what patch swaps in is fusedreg.nn's class of the same name, a subclass of torch's
     for torch_cls, cls in FUSED_CLASSES.items():
-        assert cls is getattr(fnn, torch_cls.__name__) and issubclass(cls, torch_cls)
+        assert issubclass(cls, getattr(fnn, torch_cls.__name__)) and issubclass(cls, torch_cls)
         module = torch_cls(4) if torch_cls is not nn.Dropout else torch_cls(0.25)
         assert type(fusedreg.patch(module)) is cls
 
 
 def _replace_target(monkeypatch, option, cls):
-    """Makes patch swap in ``cls`` for ``option`` (patch's table holds the fusedreg.nn
-    classes themselves, bound at import)."""
-    torch_cls, _, construct = patch_module._TARGETS[option]
-    monkeypatch.setitem(patch_module._TARGETS, option, (torch_cls, cls, construct))
+    """Makes patch swap in ``cls`` for ``option`` (a row of patch's table)."""
+    monkeypatch.setitem(patch_module.SWAPS, option, patch_module.SWAPS[option]._replace(fused_class=cls))
 
 
 def test_fusedreg_constructor_attributes_are_added_and_removed(monkeypatch):

@@ -11,10 +11,9 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 import fusedreg  # noqa: E402
-import fusedreg.nn as fnn  # noqa: E402
 from tolerances import PATCHED_MODEL  # noqa: E402
 
-patched_modules = sys.modules["fusedreg.patch"].patched_modules
+patched_modules = sys.modules["fusedreg.patching"].patched_modules
 SMALL = dict(vocab_size=128, max_position_embeddings=64)
 
 
@@ -62,9 +61,12 @@ def logits(model, ids):
     return model(input_ids=ids).logits
 
 
-def class_key(m):
-    t = type(m)
+def class_key_of(t):
     return t if t in (nn.LayerNorm, nn.Dropout, nn.RMSNorm) else t.__name__
+
+
+def class_key(m):
+    return class_key_of(type(m))
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -80,8 +82,9 @@ def test_patch_replaces_norms_and_dropout_keeping_parameters(name):
 
     fusedreg.patch(model)
     replaced = patched_modules(model)
-    assert len(replaced) == sum(expected.values())
-    left = [n for n, m in model.named_modules() if class_key(m) in expected]
+    kinds = [k for k in (class_key_of(orig) for orig, _ in replaced.values()) if k in expected]
+    assert len(kinds) == sum(expected.values())
+    left = [n for n, m in model.named_modules() if class_key(m) in expected and n not in replaced]
     assert left == []  # nothing of the replaced kinds is left in the model
     assert {n: id(p) for n, p in model.named_parameters()} == params
     assert list(model.state_dict()) == keys
@@ -131,22 +134,25 @@ def test_unpatch_restores_the_original_modules(name):
         torch.testing.assert_close(logits(model, ids), expected, atol=0, rtol=0)
 
 
-def test_llama_norms_become_fusedreg_rmsnorm_with_the_same_weight():
+def test_llama_norms_stay_the_same_objects_with_a_fused_class():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
     model = build("llama")
     norm = model.model.layers[1].post_attention_layernorm
+    weight = norm.weight
     fusedreg.patch(model)
-    new = model.model.layers[1].post_attention_layernorm
-    assert type(new) is fnn.RMSNorm and new.weight is norm.weight
-    assert new.eps == norm.variance_epsilon and new.normalized_shape == (64,)
-    assert model.model.norm.weight is model.get_submodule("model.norm").weight
+    assert model.model.layers[1].post_attention_layernorm is norm and norm.weight is weight
+    assert isinstance(norm, LlamaRMSNorm) and type(norm) is not LlamaRMSNorm
+    spec = norm._fusedreg_norm_spec
+    assert spec.rms and not spec.offset and spec.eps == norm.variance_epsilon and spec.shape == (64,)
+    assert spec.out == "promote"  # weight * x.to(input dtype): the output dtype promotes
 
 
-def test_rmsnorm_with_other_semantics_is_left_alone():
-    # GemmaRMSNorm scales by (1 + weight): not Llama's forward, so not replaced
+def test_gemma_norm_is_recognized_as_one_plus_weight():
     gemma = pytest.importorskip("transformers.models.gemma.modeling_gemma")
     model = nn.Sequential(nn.Linear(8, 8), gemma.GemmaRMSNorm(8))
     fusedreg.patch(model)
-    assert type(model[1]) is gemma.GemmaRMSNorm and patched_modules(model) == {}
+    assert isinstance(model[1], gemma.GemmaRMSNorm) and set(patched_modules(model)) == {"1"}
+    assert model[1]._fusedreg_norm_spec.offset and model[1]._fusedreg_norm_spec.out == "input"
 
 
 def test_compile_fullgraph_of_patched_gpt2_matches_eager():

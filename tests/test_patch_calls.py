@@ -1,0 +1,197 @@
+"""fusedreg.patch reaches dropout call sites that are functions, not modules
+(fusedreg/patching/_calls.py): ``nn.functional.dropout`` / ``dropout1d/2d/3d`` called inside a
+patched model's forward run fusedreg's seeded mask, only there, and ``report`` counts per
+call-site kind what ran fused and what stayed in torch."""
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as TF
+import torch.utils.checkpoint
+from torch import nn
+
+import fusedreg
+from fusedreg.patching import report
+
+
+class Functional(nn.Module):
+    """Dropouts called as functions, the way Hugging Face forwards call them."""
+
+    def __init__(self, d=24, p=0.3, kind="dropout"):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.p, self.kind = p, kind
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.kind == "dropout":
+            return TF.dropout(h, self.p, training=self.training)
+        if self.kind == "dropout2d":
+            return TF.dropout2d(h, self.p, self.training)
+        if self.kind == "torch.dropout":
+            return torch.dropout(h, self.p, self.training)
+        raise AssertionError(self.kind)
+
+
+def x_of(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(3)) + 0.5
+
+
+def test_functional_dropout_in_forward_uses_the_seeded_mask():
+    model = Functional().train()
+    x = x_of(37, 24)
+    fusedreg.patch(model)
+    torch.manual_seed(7)
+    out = model(x)
+    torch.manual_seed(7)  # the seed is drawn from torch's generator, then fusedreg's mask
+    expected = fusedreg.functional.dropout(model.fc(x), 0.3)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    calls = report(model).dropout_calls
+    assert calls == {"functional dropout": {"fused": 1, "left in torch": 0}}
+    # eval: identity, nothing counted as dropping
+    model.eval()
+    torch.testing.assert_close(model(x), model.fc(x), atol=0, rtol=0)
+    assert report(model).dropout_calls == {}
+
+
+def test_torch_dropout_is_routed_too_and_gradients_flow():
+    model = fusedreg.patch(Functional(kind="torch.dropout")).train()
+    x = x_of(9, 24).requires_grad_()
+    torch.manual_seed(1)
+    out = model(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(out, fusedreg.functional.dropout(model.fc(x), 0.3), atol=0, rtol=0)
+    out.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and model.fc.weight.grad is not None
+
+
+def test_only_inside_the_patched_forward():
+    model = fusedreg.patch(Functional()).train()
+    model(x_of(4, 24))
+    assert torch._C._len_torch_function_stack() == 0  # the mode left with the forward
+    torch.manual_seed(2)
+    a = TF.dropout(x_of(64, 24), 0.5)
+    torch.manual_seed(2)
+    b = fusedreg.functional.dropout(x_of(64, 24), 0.5)
+    assert not torch.equal(a, b)  # outside the forward torch's own dropout runs
+
+
+def test_mode_is_popped_when_forward_raises():
+    model = fusedreg.patch(Functional()).train()
+    with pytest.raises(RuntimeError):
+        model(torch.randn(3, 5))  # wrong width: the Linear raises inside the forward
+    assert torch._C._len_torch_function_stack() == 0
+    model(x_of(3, 24))  # and the next forward works and counts again
+    assert report(model).dropout_calls["functional dropout"]["fused"] == 1
+
+
+def test_other_threads_are_not_affected():
+    model = fusedreg.patch(Functional()).train()
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):  # while the patched forward runs, another thread calls dropout
+            t = threading.Thread(target=lambda: seen.append(torch._C._len_torch_function_stack()))
+            t.start()
+            t.join()
+            return x
+
+    model.fc = nn.Sequential(nn.Linear(24, 24), Probe())
+    model(x_of(3, 24))
+    assert seen == [0]
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 5, 3), (2, 3, 1, 7)])
+def test_dropout2d_drops_whole_channels_with_the_seeded_mask(shape):
+    model = fusedreg.patch(Functional(kind="dropout2d", d=shape[-1], p=0.4)).train()
+    x = x_of(*shape)
+    torch.manual_seed(11)
+    out = model(x)
+    h = model.fc(x)
+    torch.manual_seed(11)
+    mask = fusedreg.functional.dropout(torch.ones(shape[:2] + (1, 1)), 0.4)
+    torch.testing.assert_close(out, h * mask, atol=0, rtol=0)
+    kept = (out != 0).flatten(2).any(-1)
+    assert torch.equal(kept, mask[..., 0, 0] != 0)  # a channel is all kept or all dropped
+    assert report(model).dropout_calls == {"functional dropout1d/2d/3d": {"fused": 1, "left in torch": 0}}
+
+
+def test_bad_probability_raises_torchs_error():
+    model = fusedreg.patch(Functional(p=1.5)).train()
+    with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
+        model(x_of(2, 24))
+
+
+class Attention(nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, q):
+        a = TF.scaled_dot_product_attention(q, q, q, dropout_p=self.p if self.training else 0.0)
+        return TF.alpha_dropout(a, 0.2, self.training)
+
+
+def test_sdpa_and_alpha_dropout_are_counted_as_left_in_torch():
+    model = fusedreg.patch(Attention(0.1)).train()
+    model(x_of(2, 3, 5, 8))
+    calls = report(model).dropout_calls
+    assert calls == {"alpha dropout": {"fused": 0, "left in torch": 1},
+                     "attention dropout inside scaled_dot_product_attention": {"fused": 0, "left in torch": 1}}
+    assert "left in torch" in report(model).summary()
+
+
+class Blocks(nn.Module):
+    """Functional dropout inside ModuleList blocks, optionally checkpointed."""
+
+    def __init__(self, checkpoint):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([Functional(p=0.5) for _ in range(2)])
+        self.checkpoint = checkpoint
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(b, x, use_reentrant=False) if self.checkpoint else b(x)
+        return x
+
+
+def test_gradient_checkpointing_recomputes_the_same_masks():
+    # backward recomputes each checkpointed block outside the root's forward: the block's own
+    # hook must route its dropout to fusedreg again, with the same seed, or the grads are wrong
+    x = x_of(16, 24)
+    grads = []
+    for checkpoint in (False, True):
+        model = fusedreg.patch(Blocks(checkpoint)).train()
+        torch.manual_seed(5)
+        model(x).square().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_unpatch_removes_the_hooks():
+    model = fusedreg.patch(Functional()).train()
+    fusedreg.unpatch(model)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    torch.manual_seed(4)
+    a = model(x_of(8, 24))
+    torch.manual_seed(4)
+    assert torch.equal(a, TF.dropout(model.fc(x_of(8, 24)), 0.3))  # torch's dropout again
+    assert report(model).dropout_calls == {}
+
+
+def test_hugging_face_eager_attention_dropout_is_fused():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                   max_position_embeddings=32, attention_dropout=0.1,
+                                   attn_implementation="eager")
+    torch.manual_seed(0)
+    model = fusedreg.patch(transformers.LlamaForCausalLM(cfg)).train()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    # the eager attention calls nn.functional.dropout on the attention weights, once per layer
+    assert report(model).dropout_calls == {"functional dropout": {"fused": 2, "left in torch": 0}}
+    assert all(p.grad is not None for p in model.parameters())

@@ -1,0 +1,226 @@
+"""The fusions without rewriting the model (fusedreg/patching/fx.py): dropout -> residual add
+(-> LayerNorm/RMSNorm) and bias -> activation (-> dropout) fused in the graphs Dynamo captures,
+run eagerly (``fusedreg.patch(model, fuse=True)``) or by Inductor (``fusedreg.compile``).
+
+Checked on a small block and on GPT-2, BERT, Llama, T5 (transformers) and ViT (timm) at tiny
+configs: losses at dropout 0 equal the unpatched model's to rounding, the fused ops ran
+(counted per pattern), gradients flow, and with dropout the masks are fusedreg's seeded ones
+(the fused graph gives what the patched model gives eagerly from the same torch seed)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+import fusedreg
+from fusedreg.patching import fx, report
+from tolerances import PATCHED_MODEL
+
+
+class Block(nn.Module):
+    """Pre-norm block: ln -> linear -> gelu (bias) -> dropout -> + residual, then a post-norm
+    dropout -> + residual -> LayerNorm, and an add -> RMSNorm."""
+
+    def __init__(self, d=32, p=0.2):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+        self.drop = nn.Dropout(p)
+        self.ln2 = nn.LayerNorm(d)
+        self.rms = nn.RMSNorm(d, eps=1e-6)
+        self.p = p
+
+    def forward(self, x):
+        h = self.down(TF.gelu(self.up(self.ln1(x)), approximate="tanh"))
+        x = x + self.drop(h)                                   # dropout + add (+ ln2 below)
+        y = self.ln2(x)
+        z = TF.dropout(y @ torch.ones(y.shape[-1], y.shape[-1]) / 8, self.p, self.training)
+        return self.rms(z + x) + x                             # add + rms (prenorm: x reused)
+
+
+def make_block(seed=0, p=0.2):
+    torch.manual_seed(seed)
+    block = Block(p=p)
+    with torch.no_grad():
+        for n, q in block.named_parameters():
+            if "ln" in n or "rms" in n:
+                q.add_(torch.randn_like(q) * 0.3)
+    return block
+
+
+def x_of(shape=(3, 7, 32)):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
+
+
+def test_block_patterns_are_fused_and_equal_unpatched_at_dropout_0():
+    torch._dynamo.reset()
+    block = make_block(p=0.0).train()
+    ref = copy.deepcopy(block)
+    fusedreg.patch(block, fuse=True)
+    x = x_of()
+    torch.testing.assert_close(block(x), ref(x), **PATCHED_MODEL[torch.float32])
+    fused = report(block).fusions
+    assert fused[fx.BIAS_ACT] == 1 and fused[fx.ADD_NORM] == 2 and fused[fx.NORM] == 1
+
+
+def test_block_masks_are_fusedregs_seeded_ones():
+    # the fused graph draws one seed per dropout in the model's order, like eager fusedreg
+    torch._dynamo.reset()
+    eager, fused = fusedreg.patch(make_block()).train(), fusedreg.patch(make_block(), fuse=True).train()
+    x = x_of().requires_grad_()
+    outs = []
+    for m in (eager, fused):
+        torch.manual_seed(3)
+        out = m(x)
+        out.square().sum().backward()
+        outs.append((out, [p.grad for p in m.parameters()]))
+    torch.testing.assert_close(outs[1][0], outs[0][0], **PATCHED_MODEL[torch.float32])
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)  # tolerances.REDUCTION[float32]
+    stats = report(fused).fusions
+    assert stats[fx.DROPOUT_ADD_NORM] == 2 and stats[fx.BIAS_ACT] == 1
+    assert not torch.equal(outs[0][0], make_block().eval()(x))  # dropout acted
+
+
+def test_unpatch_removes_the_fusion():
+    block = fusedreg.patch(make_block(), fuse=True)
+    fusedreg.unpatch(block)
+    assert block._compiled_call_impl is None and report(block).fusions == {}
+
+
+def test_autocast_dtype_change_is_left_alone():
+    # under CPU autocast the graph's layer_norm returns float32 for bfloat16 input, which no
+    # fusedreg call returns: that norm stays in torch (and is counted)
+    torch._dynamo.reset()
+    block = fusedreg.patch(make_block(p=0.0), fuse=True).train()
+    ref = make_block(p=0.0).train()
+    x = x_of()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = block(x), ref(x)
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, atol=5e-2, rtol=2e-2)  # bf16 matmuls, 2 roundings
+
+
+# ---- real models --------------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+
+
+def build(name, p):
+    torch.manual_seed(0)
+    if name == "vit":
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                 embed_dim=32, depth=2, num_heads=2, num_classes=10, drop_rate=p,
+                                 pos_drop_rate=p, proj_drop_rate=p, attn_drop_rate=0.0)
+    small = dict(vocab_size=64)
+    if name == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=p,
+                                      embd_pdrop=p, attn_pdrop=0.0, **small)
+        return transformers.GPT2LMHeadModel(cfg)
+    if name == "bert":
+        cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, hidden_dropout_prob=p,
+                                      attention_probs_dropout_prob=0.0, max_position_embeddings=32, **small)
+        return transformers.BertForMaskedLM(cfg)
+    if name == "llama":
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=2,
+                                       max_position_embeddings=32, **small)
+        return transformers.LlamaForCausalLM(cfg)
+    cfg = transformers.T5Config(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, dropout_rate=p,
+                                decoder_start_token_id=0, pad_token_id=0, **small)
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+def loss_of(name, model):
+    g = torch.Generator().manual_seed(4)
+    if name == "vit":
+        return TF.cross_entropy(model(torch.randn(2, 3, 32, 32, generator=g) + 0.5), torch.tensor([1, 7]))
+    ids = torch.randint(0, 64, (2, 12), generator=g)
+    return model(input_ids=ids, labels=ids).loss
+
+
+# name -> patterns the fused graphs must contain at least once (tiny configs, training)
+EXPECTED = {
+    "gpt2": {fx.BIAS_ACT, fx.DROPOUT_ADD_NORM},   # c_fc + gelu_tanh; resid dropout + add + ln
+    "bert": {fx.BIAS_ACT, fx.DROPOUT_ADD_NORM},   # intermediate + gelu; post-norm output
+    "llama": {fx.ADD_NORM},                       # residual add + RMSNorm (no dropout in Llama)
+    "t5": {fx.BIAS_ACT, fx.DROPOUT_ADD_NORM},     # relu + dropout (no bias); dropout + add + norm
+    "vit": {fx.BIAS_ACT, fx.DROPOUT_ADD_NORM},    # fc1 + gelu + drop1; proj_drop + add + norm2
+}
+
+
+# GPT-2 and T5 take the longest to capture: they run with the slow tests
+CHEAP = ("bert", "llama", "vit")
+
+
+@pytest.mark.parametrize("name", [n if n in CHEAP else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in EXPECTED])
+def test_real_model_fused_eagerly(name):
+    # with dropout, training: the fused graph's loss equals the patched eager model's from the
+    # same torch seed (same seeded masks, one seed per dropout in the model's order) and,
+    # through it, the unpatched model's function; the fused ops ran; gradients flow
+    torch._dynamo.reset()
+    eager, model = fusedreg.patch(build(name, 0.1)).train(), build(name, 0.1).train()
+    fusedreg.patch(model, fuse=True)
+    torch.manual_seed(8)
+    loss = loss_of(name, model)
+    torch.manual_seed(8)
+    torch.testing.assert_close(loss, loss_of(name, eager), **PATCHED_MODEL[torch.float32])
+    loss.backward()
+    stats = report(model).fusions
+    missing = {k for k in EXPECTED[name] if not stats.get(k)}
+    assert not missing, stats
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(torch.isfinite(g).all() for g in grads if g is not None)
+    assert sum(g is not None for g in grads) >= len(grads) - 1  # T5's tied/unused at most one
+
+
+def test_real_model_at_dropout_0_equals_unpatched():
+    torch._dynamo.reset()
+    model, ref = build("bert", 0.0).train(), build("bert", 0.0).train()
+    fusedreg.patch(model, fuse=True)
+    torch.testing.assert_close(loss_of("bert", model), loss_of("bert", ref), **PATCHED_MODEL[torch.float32])
+    assert report(model).fusions[fx.ADD_NORM] >= 4  # dropout 0: the adds + norms still fused
+
+
+@pytest.mark.slow
+def test_fusedreg_compile_with_inductor_matches_eager():
+    torch._dynamo.reset()
+    block, ref = make_block(p=0.0).train(), make_block(p=0.0).train()
+    compiled = fusedreg.compile(block)
+    x = x_of()
+    torch.testing.assert_close(compiled(x), ref(x), **PATCHED_MODEL[torch.float32])
+    stats = report(block).fusions
+    assert stats[fx.BIAS_ACT] == 1 and stats[fx.ADD_NORM] == 2
+    block.p = 0.2  # dropout on (a recompile): trains, masks from fusedreg's seeded function
+    block.drop.p = 0.2
+    out = compiled(x)
+    out.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in block.parameters())
+    assert report(block).fusions[fx.DROPOUT_ADD_NORM] >= 1
+
+
+def test_compile_backend_alone_and_bad_input():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fusedreg.compile(lambda x: x)
+    with pytest.raises(TypeError, match="chooses the backend"):
+        fusedreg.compile(nn.Linear(2, 2), backend="eager")
+    with pytest.raises(TypeError, match="fuse must be True or False"):
+        fusedreg.patch(nn.Linear(2, 2), fuse=1)
+
+
+def test_gpt2_under_bf16_autocast_matches_unpatched():
+    # autocast: bf16 matmul outputs meet the fp32 residual stream and fp32 norm weights (the
+    # fused graph under autocast: test_autocast_dtype_change_is_left_alone)
+    model, ref = build("gpt2", 0.0).train(), build("gpt2", 0.0).train()
+    fusedreg.patch(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, expected = loss_of("gpt2", model), loss_of("gpt2", ref)
+    assert loss.dtype == expected.dtype
+    torch.testing.assert_close(loss, expected, atol=2e-2, rtol=1e-2)  # bf16 matmuls: ~2^-8 each
+    loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
