@@ -38,9 +38,10 @@ def _tile_offsets(base, row_start, col_start, M, N, total, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _keep_scale(seed, base, local, N, p, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                ALIGNED4: tl.constexpr):
-    """scale where the element is kept, 0 where dropped, for a (BLOCK_M, BLOCK_N) tile."""
+def _dropout(v, seed, base, local, N, p, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             ALIGNED4: tl.constexpr):
+    """v * scale where the element is kept, exactly 0 where dropped (also for an inf or NaN
+    v: a select, not a multiply by 0), for a (BLOCK_M, BLOCK_N) tile."""
     if ALIGNED4:
         # N % 4 == 0, so base % 4 == 0 and columns 4j..4j+3 of a row share one Philox group:
         # base / 4 + (r * N + 4j) / 4.
@@ -49,7 +50,7 @@ def _keep_scale(seed, base, local, N, p, scale, BLOCK_M: tl.constexpr, BLOCK_N: 
         u = dropout_uniform_x4(seed, (base >> 2) + (local4 >> 2))
     else:
         u = dropout_uniform(seed, base + local)
-    return tl.where(u >= p, scale, 0.0)
+    return tl.where(u >= p, v * scale, 0.0)
 
 
 @triton.jit
@@ -76,7 +77,7 @@ def _bias_dropout_fwd_kernel(
         z += tl.load(B + cols, mask=cols < N, other=0.0).to(ct)[None, :]
     v = activate(z, ACT)
     if HAS_DROPOUT:
-        v = v * _keep_scale(seed, base, local, N, p, scale, BLOCK_M, BLOCK_N, ALIGNED4).to(ct)
+        v = _dropout(v, seed, base, local, N, p, scale, BLOCK_M, BLOCK_N, ALIGNED4)
     if HAS_RESIDUAL:
         v += tl.load(R + base + local, mask=mask, other=0.0).to(ct)
     tl.store(Y + base + local, v.to(Y.dtype.element_ty), mask=mask)
@@ -111,7 +112,7 @@ def _bias_dropout_bwd_kernel(
         local, mask = _tile_offsets(base, row_start, col_start, M, N, total, BLOCK_M, BLOCK_N)
         d = tl.load(G + base + local, mask=mask, other=0.0).to(ct)
         if HAS_DROPOUT:
-            d = d * _keep_scale(seed, base, local, N, p, scale, BLOCK_M, BLOCK_N, ALIGNED4).to(ct)
+            d = _dropout(d, seed, base, local, N, p, scale, BLOCK_M, BLOCK_N, ALIGNED4)
         if ACT != 0:
             z = tl.load(X + base + local, mask=mask, other=0.0).to(ct)
             if HAS_BIAS:
@@ -146,8 +147,14 @@ def _blocks(M, N):
     return block_m, block_n
 
 
+def _dense(t):
+    """t contiguous (None stays None): the kernels index every operand as a dense array, so
+    an expanded, stepped or transposed view is copied here rather than read out of bounds."""
+    return None if t is None else t.contiguous()
+
+
 def bias_dropout_fwd(x, bias, residual, p: float, activation: int, seed: int) -> torch.Tensor:
-    x = x.contiguous()
+    x, bias, residual = _dense(x), _dense(bias), _dense(residual)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     total = x.numel()
     if total == 0:
@@ -157,7 +164,7 @@ def bias_dropout_fwd(x, bias, residual, p: float, activation: int, seed: int) ->
     n_col_blocks = triton.cdiv(N, block_n)
     grid = (triton.cdiv(M, block_m) * n_col_blocks,)
     _bias_dropout_fwd_kernel[grid](
-        x, bias if bias is not None else x, residual.contiguous() if residual is not None else x, out,
+        x, bias if bias is not None else x, residual if residual is not None else x, out,
         M, N, total, n_col_blocks,
         p, dropout_scale(p), seed,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=p > 0.0,
@@ -168,7 +175,7 @@ def bias_dropout_fwd(x, bias, residual, p: float, activation: int, seed: int) ->
 
 
 def bias_dropout_bwd(grad_out, x, bias, p: float, activation: int, seed: int, need_grad_bias: bool):
-    g = grad_out.contiguous()
+    g, bias = grad_out.contiguous(), _dense(bias)
     gx = torch.empty_like(g, memory_format=torch.contiguous_format)
     total = g.numel()
     has_bias = bias is not None
