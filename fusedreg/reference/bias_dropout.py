@@ -89,7 +89,8 @@ def bias_dropout_bwd(grad_out, x, bias, p: float, activation: int, seed: int, ne
     if grad_x.data_ptr() == grad_out.data_ptr():
         grad_x = grad_x.clone()
     if need_grad_bias:
-        grad_bias = d.reshape(-1, bias.shape[0]).sum(0).to(bias.dtype)
+        n = bias.shape[0]  # (a 0-element d cannot be reshaped to (-1, 0))
+        grad_bias = (d.reshape(-1, n).sum(0) if d.numel() else d.new_zeros(n)).to(bias.dtype)
     else:
         grad_bias = grad_out.new_empty(0)
     return grad_x.contiguous(), grad_bias
