@@ -202,14 +202,14 @@ def check_bias_dropout(backend, case):
                         scaled=True, scale=_max_finite(grad))
 
 
-@_settings(250)
+@_settings(450)
 @given(case=bias_dropout_cases())
 def test_bias_dropout_cpu_matches_reference(case):
     _need("cpu", "bias_dropout")
     check_bias_dropout("cpu", case)
 
 
-@_settings(12, triton=True)
+@_settings(25, triton=True)
 @given(case=bias_dropout_cases(max_numel=256, triton=True))
 def test_bias_dropout_triton_matches_reference(case):
     _need("triton", "bias_dropout")
@@ -281,14 +281,14 @@ def check_norm(backend, case):
             assert_same(g, w, NORM_TOL[w.dtype], f"grad of leaf {i}", scaled=True)
 
 
-@_settings(200)
+@_settings(350)
 @given(case=norm_cases())
 def test_norms_cpu_match_reference(case):
     _need("cpu", "layer_norm")
     check_norm("cpu", case)
 
 
-@_settings(12, triton=True)
+@_settings(25, triton=True)
 @given(case=norm_cases(max_numel=256, triton=True))
 def test_norms_triton_match_reference(case):
     _need("triton", "layer_norm")
