@@ -76,12 +76,14 @@ def _layout_ok(layout, shape):
     return True
 
 
-def operand(draw, shape, dtype, specials=False, huge=False, layout=None):
+def operand(draw, shape, dtype, specials=False, huge=False, layout=None, constant_ok=True):
     """(leaf, view): ``view`` has ``shape`` in a drawn layout and is a differentiable view of
     the leaf ``leaf`` (requires_grad), which receives the gradient."""
     shape = tuple(shape)
     if layout is None:
-        layout = draw(st.sampled_from([l for l in LAYOUTS if _layout_ok(l, shape)]))
+        ok = [l for l in LAYOUTS if _layout_ok(l, shape) and (constant_ok or l != "expanded"
+                                                              or len(shape) > 1)]
+        layout = draw(st.sampled_from(ok))
     if layout == "transposed":
         base = _values(draw, shape[:-2] + (shape[-1], shape[-2]), dtype, specials, huge)
         leaf = base.requires_grad_()
@@ -235,8 +237,10 @@ def norm_cases(draw, max_numel=2048, triton=False):
     if math.prod(norm_shape) == 0:
         norm_shape, norm_ndim = shape[-1:], 1
     kind = draw(st.sampled_from(["layer_norm", "rms_norm", "dropout_add"]))
-    specials = draw(st.integers(0, 3)) == 0  # inf/NaN only: huge finite values overflow the
-    x_leaf, x = operand(draw, shape, dtype, specials)  # variance order-dependently
+    # inf/NaN only: huge finite values overflow the variance order-dependently; no constant
+    # rows (a 1-d x expanded): rstd = 1/sqrt(eps) there amplifies rounding beyond any scale
+    specials = draw(st.integers(0, 3)) == 0
+    x_leaf, x = operand(draw, shape, dtype, specials, constant_ok=False)
     leaves = [x_leaf]
     pdt = dtype if dtype == torch.float64 or draw(st.booleans()) else torch.float32
     w = b = None
@@ -275,10 +279,12 @@ def check_norm(backend, case):
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want)):
         assert_same(g, w, NORM_TOL[w.dtype], f"output {i}", scaled=True)
+    # a gradient's error is relative to the scale of the terms it combines (grad_out's)
+    scale = max(_max_finite(g) for g in grads)
     for i, (g, w) in enumerate(zip(got_g, want_g)):
         assert (g is None) == (w is None)
         if g is not None:
-            assert_same(g, w, NORM_TOL[w.dtype], f"grad of leaf {i}", scaled=True)
+            assert_same(g, w, NORM_TOL[w.dtype], f"grad of leaf {i}", scaled=True, scale=scale)
 
 
 @_settings(350)

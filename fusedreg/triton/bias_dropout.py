@@ -8,13 +8,15 @@ tiles full for any shape. When N % 4 == 0 each Philox call serves four adjacent 
 
 Backward (z = x + bias, k = keep(i) * scale):
     grad_x    = grad_out * k * act'(z)
-    grad_bias = sum over rows of grad_x, from fp32 per-program partials (n_row_programs, N)
+    grad_bias = sum over rows of grad_x, from per-program partials (n_row_programs, N) in the
+                compute type (fp32; fp64 for fp64)
                 summed in a fixed order on the host: bitwise deterministic.
 """
 import torch
 import triton
 import triton.language as tl
 
+from .._dtypes import compute_dtype
 from ..reference.philox import dropout_scale
 from .activation import activate, activate_grad
 from .philox import dropout_uniform, dropout_uniform_x4
@@ -89,7 +91,7 @@ def _bias_dropout_bwd_kernel(
     X,   # (M, N) input, if ACT != 0
     B,   # (N,) bias, if HAS_BIAS and ACT != 0
     GX,  # (M, N) grad_x
-    GB_PARTIAL,  # (n_row_programs, N) fp32 partial sums, if NEED_GRAD_BIAS
+    GB_PARTIAL,  # (n_row_programs, N) fp32 (fp64 for fp64) partial sums, if NEED_GRAD_BIAS
     M, N, total, n_col_blocks, rows_per_program,
     p, scale, seed,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEED_GRAD_BIAS: tl.constexpr,
@@ -104,7 +106,7 @@ def _bias_dropout_bwd_kernel(
     cols = col_start + tl.arange(0, BLOCK_N)
     if HAS_BIAS and ACT != 0:
         b = tl.load(B + cols, mask=cols < N, other=0.0).to(ct)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N,), dtype=ct)
     row0 = pid_m.to(tl.int64) * rows_per_program
     for r in range(0, rows_per_program, BLOCK_M):
         row_start = row0 + r
@@ -120,7 +122,7 @@ def _bias_dropout_bwd_kernel(
             d = d * activate_grad(z, ACT)
         tl.store(GX + base + local, d.to(GX.dtype.element_ty), mask=mask)
         if NEED_GRAD_BIAS:
-            acc += tl.sum(tl.where(mask, d, 0.0).to(tl.float32), axis=0)
+            acc += tl.sum(tl.where(mask, d, 0.0), axis=0)
     if NEED_GRAD_BIAS:
         tl.store(GB_PARTIAL + pid_m * N + cols, acc, mask=cols < N)
 
@@ -189,7 +191,7 @@ def bias_dropout_bwd(grad_out, x, bias, p: float, activation: int, seed: int, ne
     # M and N only, so the partial sums (and grad_bias) are the same on every run.
     rows_per_program = max(block_m, triton.cdiv(triton.cdiv(M, 256), block_m) * block_m)
     n_row_programs = triton.cdiv(M, rows_per_program)
-    partial = (torch.empty((n_row_programs, N), dtype=torch.float32, device=g.device)
+    partial = (torch.empty((n_row_programs, N), dtype=compute_dtype(g.dtype), device=g.device)
                if need_grad_bias else gx)
     xc = x.contiguous() if activation != 0 else g
     _bias_dropout_bwd_kernel[(n_row_programs * n_col_blocks,)](
@@ -222,7 +224,7 @@ def _fwd_spec(dt, act, block_m=1, block_n=1024, bias=True, residual=True, dropou
 def _bwd_spec(dt, act, block_m=1, block_n=1024, bias=True, grad_bias=True, dropout=True,
               aligned4=True, **ints):
     sig = dict(G=f"*{dt}", X=f"*{dt}", B=f"*{dt}", GX=f"*{dt}",
-               GB_PARTIAL="*fp32" if grad_bias else f"*{dt}", M="i32", N="i32", total="i32",
+               GB_PARTIAL=("*fp64" if dt == "fp64" else "*fp32") if grad_bias else f"*{dt}", M="i32", N="i32", total="i32",
                n_col_blocks="i32", rows_per_program="i32", p="fp32", scale="fp32", seed="i64")
     sig.update(ints)
     consts = dict(HAS_BIAS=bias, HAS_DROPOUT=dropout, NEED_GRAD_BIAS=grad_bias, ACT=act,
