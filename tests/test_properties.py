@@ -9,7 +9,7 @@ the op's arguments (p, activation, bias/residual presence, eps, seed anywhere in
 Both backends run the functional API on the same tensors; outputs and the leaves' gradients
 must agree within the tolerances of tests/tolerances.py (NaN where NaN, inf where inf).
 
-Hypothesis runs derandomized (the same cases on every run, so CI is reproducible), about 60 s
+Hypothesis runs derandomized (the same cases on every run, so CI is reproducible), 30-60 s
 in all by default; FUSEDREG_HYPOTHESIS_EXAMPLES=N runs N cases per cpu test (N // 10 for the
 Triton ones) for a longer local search.
 """
@@ -204,14 +204,14 @@ def check_bias_dropout(backend, case):
                         scaled=True, scale=_max_finite(grad))
 
 
-@_settings(450)
+@_settings(800)
 @given(case=bias_dropout_cases())
 def test_bias_dropout_cpu_matches_reference(case):
     _need("cpu", "bias_dropout")
     check_bias_dropout("cpu", case)
 
 
-@_settings(25, triton=True)
+@_settings(40, triton=True)
 @given(case=bias_dropout_cases(max_numel=256, triton=True))
 def test_bias_dropout_triton_matches_reference(case):
     _need("triton", "bias_dropout")
@@ -289,14 +289,14 @@ def check_norm(backend, case):
             assert_same(g, w, NORM_TOL[dtype], f"grad of leaf {i}", scaled=True, scale=scale)
 
 
-@_settings(350)
+@_settings(600)
 @given(case=norm_cases())
 def test_norms_cpu_match_reference(case):
     _need("cpu", "layer_norm")
     check_norm("cpu", case)
 
 
-@_settings(25, triton=True)
+@_settings(40, triton=True)
 @given(case=norm_cases(max_numel=256, triton=True))
 def test_norms_triton_match_reference(case):
     _need("triton", "layer_norm")
