@@ -85,7 +85,9 @@ FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE T activate_grad(T z) {
   } else {  // kSilu
     const T s = T(1) / (T(1) + M::exp(-z));
     const T c = T(1) - s;
-    return (s == T(0) || c == T(0)) ? s : s * (T(1) + z * c);
+    const T zc = c == T(0) ? T(0) : z * c;  // 0 at z = +inf (not inf * 0)
+    const T g = s * (T(1) + zc);
+    return s == T(0) ? T(0) : g;            // 0 at z = -inf (not 0 * -inf)
   }
 }
 
