@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "fusedreg/activation.h"
@@ -172,7 +173,7 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
 at::Tensor bias_dropout_fwd_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in,
                                 const std::optional<at::Tensor>& residual_in, double p,
                                 int64_t activation, const at::Tensor& seed) {
-  check_bias_dropout_inputs(x_in, bias_in, residual_in, seed, at::kCPU);
+  check_bias_dropout_inputs(x_in, bias_in, residual_in, p, activation, seed, at::kCPU);
   const at::Tensor x = x_in.contiguous();
   const std::optional<at::Tensor> bias =
       bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
@@ -199,14 +200,15 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_bwd_cpu(
     const at::Tensor& seed, bool need_grad_bias) {
   TORCH_CHECK(activation == 0 || x_in.has_value(),
               "fusedreg::bias_dropout_bwd: x is required with an activation");
-  check_bias_dropout_inputs(grad_in, bias_in, std::nullopt, seed, at::kCPU);
+  check_bias_dropout_inputs(grad_in, bias_in, std::nullopt, p, activation, seed, at::kCPU);
   TORCH_CHECK(!need_grad_bias || bias_in.has_value(),
               "fusedreg::bias_dropout_bwd: need_grad_bias without a bias");
   const at::Tensor g = grad_in.contiguous();
   at::Tensor x;
   if (x_in) {
-    TORCH_CHECK(x_in->sizes() == g.sizes() && x_in->scalar_type() == g.scalar_type(),
-                "fusedreg::bias_dropout_bwd: x must match grad_out");
+    TORCH_CHECK(x_in->sizes() == g.sizes() && x_in->scalar_type() == g.scalar_type() &&
+                    x_in->device() == g.device(),
+                "fusedreg::bias_dropout_bwd: x must match grad_out in shape, dtype and device");
     x = x_in->contiguous();
   }
   at::Tensor bias = bias_in ? bias_in->contiguous() : at::Tensor();
@@ -232,6 +234,10 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_bwd_cpu(
 at::Tensor dropout_uniform_cpu(const at::Tensor& seed, int64_t start, int64_t count,
                                const at::Tensor& device_like) {
   TORCH_CHECK(start >= 0 && count >= 0, "fusedreg::dropout_uniform: start and count must be >= 0");
+  TORCH_CHECK(count <= std::numeric_limits<int64_t>::max() - start,
+              "fusedreg::dropout_uniform: start + count must be below 2^63, got start ", start,
+              " and count ", count);
+  check_seed(seed, "dropout_uniform");
   at::Tensor u = at::empty({count}, device_like.options().dtype(at::kFloat));
   fill_uniforms(static_cast<uint64_t>(seed.item<int64_t>()), start, count, u.mutable_data_ptr<float>());
   return u;

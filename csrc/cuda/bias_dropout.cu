@@ -513,7 +513,7 @@ void launch_bwd(const at::Tensor& g, const at::Tensor& x, const at::Tensor& bias
 at::Tensor bias_dropout_fwd_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in,
                                  const std::optional<at::Tensor>& residual_in, double p,
                                  int64_t activation, const at::Tensor& seed) {
-  check_bias_dropout_inputs(x_in, bias_in, residual_in, seed, at::kCUDA);
+  check_bias_dropout_inputs(x_in, bias_in, residual_in, p, activation, seed, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = aligned(x_in);
   const std::optional<at::Tensor> bias = aligned(bias_in);
@@ -536,7 +536,7 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_bwd_cuda(
     const at::Tensor& seed, bool need_grad_bias) {
   TORCH_CHECK(activation == 0 || x_in.has_value(),
               "fusedreg::bias_dropout_bwd: x is required with an activation");
-  check_bias_dropout_inputs(grad_in, bias_in, std::nullopt, seed, at::kCUDA);
+  check_bias_dropout_inputs(grad_in, bias_in, std::nullopt, p, activation, seed, at::kCUDA);
   TORCH_CHECK(!need_grad_bias || bias_in.has_value(),
               "fusedreg::bias_dropout_bwd: need_grad_bias without a bias");
   const c10::cuda::CUDAGuard guard(grad_in.device());

@@ -273,17 +273,12 @@ void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& ref) {
   TORCH_CHECK(t.device() == ref.device(), "fusedreg::layer_norm (cuda): ", name, " must be on ", ref.device());
 }
 
-void check_seed(const at::Tensor& seed) {
-  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1,
-              "fusedreg::layer_norm: seed must be a 1-element int64 CPU tensor");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
     const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
     const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in, double eps,
     double p, const at::Tensor& seed, bool rms, at::ScalarType h_dtype, bool store_h) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.is_cuda(), "fusedreg::layer_norm_fwd (cuda): x must be a CUDA (M, N) tensor");
-  check_seed(seed);
+  check_layer_norm_args(x_in, h_dtype, eps, p, seed, "layer_norm_fwd");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t M = x_in.size(0), N = x_in.size(1);
   const at::Tensor x = x_in.contiguous();
@@ -350,15 +345,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
   check_cuda(dy_in, "dy", h_in);
   TORCH_CHECK(dy_in.sizes() == h_in.sizes() && dy_in.scalar_type() == x_dtype,
               "fusedreg::layer_norm_bwd: dy must have h's shape and x_dtype");
-  check_seed(seed);
+  check_layer_norm_args(dy_in, h_in.scalar_type(), 0.0, p, seed, "layer_norm_bwd");
   TORCH_CHECK(!need_grad_weight || weight_in, "fusedreg::layer_norm_bwd: need_grad_weight without a weight");
   TORCH_CHECK(!need_grad_bias || bias_in, "fusedreg::layer_norm_bwd: need_grad_bias without a bias");
   const c10::cuda::CUDAGuard guard(h_in.device());
   const int64_t M = h_in.size(0), N = h_in.size(1);
   const at::ScalarType st = x_dtype == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(rstd_in.scalar_type() == st && rstd_in.numel() == M &&
-                  (rms || (mean_in.scalar_type() == st && mean_in.numel() == M)),
-              "fusedreg::layer_norm_bwd: mean/rstd must be (M,) of the statistics dtype");
+  check_statistics(mean_in, rstd_in, rms, M, st, h_in.device());
   const at::Tensor dy = dy_in.contiguous(), h = h_in.contiguous();
   const at::Tensor rstd = rstd_in.contiguous(), mean = rms ? rstd : mean_in.contiguous();
   at::Tensor dh_out, weight, bias;

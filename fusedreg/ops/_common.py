@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
 from .. import backends
+from .._activations import NAMES as _ACTIVATION_NAMES
+from .._dtypes import compute_dtype
 from .._seed import seed_value
+
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 class Kernels(NamedTuple):
@@ -29,6 +34,92 @@ def cpp_op(name: str):
         return None
 
 
+def _fail(name: str, msg: str):
+    raise RuntimeError(f"fusedreg::{name}: {msg}")
+
+
+def _wide_ok(dtype, x_dtype) -> bool:
+    """A norm's weight/bias/residual/h dtype: x's, or float32 with float16/bfloat16 x."""
+    return dtype == x_dtype or (dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16))
+
+
+def check_kernel_args(name: str, args: dict, shapes: bool = True) -> None:
+    """What the C++ ops check (csrc/include/fusedreg/host.h), for the Python ones: an op called
+    directly (torch.ops.fusedreg.<name>_<backend>) raises RuntimeError, as a TORCH_CHECK does,
+    before any kernel runs. The arguments follow the schemas' naming (csrc/ops.cpp): the first
+    tensor is the main one (x, grad_out or dy), the others must be on its device; ``bias``
+    and ``weight`` are (N,), ``residual``, ``x``, ``h`` and ``dh_out`` have the main one's
+    shape; the norms' main tensor is (M, N) with ``mean``/``rstd`` (M,). Ops whose first
+    argument is a list (the optimizer steps) check their own arguments. The fake functions run
+    the checks without ``shapes`` (a mixed-device call dispatches to them: a meta operand makes
+    the dispatcher pick the fake, where torch's own ops would raise)."""
+    items = list(args.items())
+    if not items or not isinstance(items[0][1], torch.Tensor):
+        return
+    main_name, main = items[0]
+    seed = args.get("seed")
+    if seed is not None and not (isinstance(seed, torch.Tensor) and seed.device.type == "cpu"
+                                 and seed.dtype == torch.int64 and seed.numel() == 1):
+        _fail(name, "seed must be a 1-element int64 CPU tensor")
+    if "p" in args and not 0.0 <= args["p"] <= 1.0:
+        _fail(name, f"p must be in [0, 1], got {args['p']}")
+    if "activation" in args and args["activation"] not in _ACTIVATION_NAMES:
+        _fail(name, f"activation must be a code in [0, 4] (none, relu, gelu, gelu_tanh, silu), "
+                    f"got {args['activation']}")
+    if "eps" in args and not (math.isfinite(args["eps"]) and args["eps"] >= 0.0):
+        _fail(name, f"eps must be finite and >= 0, got {args['eps']}")
+    for key in ("h_dtype", "x_dtype"):
+        if key in args and args[key] not in _FLOAT_DTYPES:
+            _fail(name, f"{key} must be a floating dtype, got {args[key]}")
+    norm = "rstd" in args or "h_dtype" in args
+    for key, t in items:
+        if key != "seed" and isinstance(t, torch.Tensor) and t.device != main.device:
+            _fail(name, f"{key} must be on {main_name}'s device {main.device}, got {t.device}")
+    if not shapes:
+        return
+    if norm and main.dim() != 2:
+        _fail(name, f"{main_name} must be (M, N), got shape {tuple(main.shape)}")
+    N = main.shape[-1] if main.dim() else 1
+    x_dtype = args.get("x_dtype", main.dtype)
+    for key, t in items:
+        if key == "seed" or not isinstance(t, torch.Tensor):
+            continue
+        if t.dtype not in _FLOAT_DTYPES:
+            _fail(name, f"{key} must be float64, float32, float16 or bfloat16, got {t.dtype}")
+        if key in ("bias", "weight") and tuple(t.shape) != (N,):
+            _fail(name, f"{key} must have shape ({N},), got {tuple(t.shape)}")
+        if key in ("residual", "x", "dy", "dh_out", "h") and t.shape != main.shape:
+            _fail(name, f"{key} must have {main_name}'s shape {tuple(main.shape)}, got {tuple(t.shape)}")
+        if key in ("mean", "rstd") and not (args["rms"] and key == "mean"):
+            if tuple(t.shape) != (main.shape[0],) or t.dtype != compute_dtype(x_dtype):
+                _fail(name, f"{key} must be ({main.shape[0]},) {compute_dtype(x_dtype)}, got "
+                            f"{tuple(t.shape)} {t.dtype}")
+        # dtypes: bias_dropout's tensors all have x's; a norm's follow fusedreg/_checks.py
+        if not norm and t.dtype != main.dtype:
+            _fail(name, f"{key} must have {main_name}'s dtype {main.dtype}, got {t.dtype}")
+        if norm and key in ("bias", "weight") and not _wide_ok(t.dtype, x_dtype):
+            _fail(name, f"{key} dtype {t.dtype} is not supported with x of dtype {x_dtype}")
+    if norm:
+        w, b = args.get("weight"), args.get("bias")
+        if w is not None and b is not None and w.dtype != b.dtype:
+            _fail(name, "weight and bias must have the same dtype")
+        h_dtype = args.get("h_dtype", main.dtype if "rstd" in args else None)
+        if not _wide_ok(h_dtype, x_dtype):
+            _fail(name, f"h dtype {h_dtype} is not supported with x of dtype {x_dtype}")
+        if "h_dtype" in args and args.get("residual") is not None and args["residual"].dtype != h_dtype:
+            _fail(name, f"residual must have h_dtype {h_dtype}")
+        if "rstd" in args:
+            if args.get("dy") is not None and args["dy"].dtype != x_dtype:
+                _fail(name, f"dy must have x_dtype {x_dtype}, got {args['dy'].dtype}")
+            if args.get("dh_out") is not None and args["dh_out"].dtype != args["h"].dtype:
+                _fail(name, "dh_out must have h's dtype")
+    for flag, key in (("need_grad_bias", "bias"), ("need_grad_weight", "weight")):
+        if args.get(flag) and args.get(key) is None:
+            _fail(name, f"{flag} without a {key}")
+    if args.get("activation") and "x" in args and args["x"] is None:
+        _fail(name, "x is required with an activation")
+
+
 def python_ops(signature: Callable, impls: dict[str, Optional[Callable]], *,
                fake: Callable, mutates_args: Sequence[str] = ()) -> dict:
     """Registers ``fusedreg::<name>_<backend>`` for each backend of ``impls`` (None entries are
@@ -38,33 +129,46 @@ def python_ops(signature: Callable, impls: dict[str, Optional[Callable]], *,
     that a ``seed`` argument reaches it as a Python int. Returns {backend: op}."""
     name = signature.__name__
     schema = torch.library.infer_schema(signature, mutates_args=tuple(mutates_args))
-    params = list(inspect.signature(signature).parameters)
+    sig = inspect.signature(signature)
+    params = list(sig.parameters)
     seed_at = params.index("seed") if "seed" in params else None
     ops = {}
     for backend, impl in impls.items():
         if impl is None:
             continue
-        if seed_at is None:
-            fn = impl
-        else:
-            def fn(*args, _impl=impl, **kwargs):
+
+        def fn(*args, _impl=impl, **kwargs):
+            check_kernel_args(name, sig.bind(*args, **kwargs).arguments)
+            if seed_at is not None:
                 args = list(args)
                 args[seed_at] = seed_value(args[seed_at])
-                return _impl(*args, **kwargs)
+            return _impl(*args, **kwargs)
         op = torch.library.custom_op(f"fusedreg::{name}_{backend}", fn,
                                      mutates_args=tuple(mutates_args), schema=schema)
-        op.register_fake(fake)
+        op.register_fake(_checked_fake(signature, fake))
         ops[backend] = op
     return ops
 
 
-def cpp_backends(name: str, fake: Callable) -> dict:
+def _checked_fake(signature: Callable, fake: Callable) -> Callable:
+    """``fake`` after the device and value checks of ``check_kernel_args``."""
+    sig = inspect.signature(signature)
+
+    def checked(*args, **kwargs):
+        check_kernel_args(signature.__name__, sig.bind(*args, **kwargs).arguments, shapes=False)
+        return fake(*args, **kwargs)
+    return checked
+
+
+def cpp_backends(name: str, fake: Callable, signature: Optional[Callable] = None) -> dict:
     """{"cpu": op, "cuda": op} for the C++ op ``name`` (only the backends this build has),
-    with ``fake`` registered as its fake function."""
+    with ``fake`` registered as its fake function (after ``signature``'s argument checks
+    when given)."""
     op = cpp_op(name)
     if op is None:
         return {}
-    torch.library.register_fake(f"fusedreg::{name}")(fake)
+    torch.library.register_fake(f"fusedreg::{name}")(
+        fake if signature is None else _checked_fake(signature, fake))
     out = {"cpu": op}
     if backends.extension_available(with_cuda=True):
         out["cuda"] = op
@@ -86,7 +190,7 @@ def backend_ops(signature: Callable, reference: Callable, triton: Optional[Calla
     Triton), and the C++ op of the signature's name."""
     ops = python_ops(signature, {"reference": reference, "triton": triton}, fake=fake,
                      mutates_args=mutates_args)
-    ops.update(cpp_backends(signature.__name__, fake))
+    ops.update(cpp_backends(signature.__name__, fake, signature))
     return ops
 
 

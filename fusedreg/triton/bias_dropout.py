@@ -8,13 +8,15 @@ tiles full for any shape. When N % 4 == 0 each Philox call serves four adjacent 
 
 Backward (z = x + bias, k = keep(i) * scale):
     grad_x    = grad_out * k * act'(z)
-    grad_bias = sum over rows of grad_x, from fp32 per-program partials (n_row_programs, N)
+    grad_bias = sum over rows of grad_x, from per-program partials (n_row_programs, N) in the
+                compute type (fp32; fp64 for fp64)
                 summed in a fixed order on the host: bitwise deterministic.
 """
 import torch
 import triton
 import triton.language as tl
 
+from .._dtypes import compute_dtype
 from ..reference.philox import dropout_scale
 from .activation import activate, activate_grad
 from .philox import dropout_uniform, dropout_uniform_x4
@@ -38,9 +40,10 @@ def _tile_offsets(base, row_start, col_start, M, N, total, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _keep_scale(seed, base, local, N, p, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                ALIGNED4: tl.constexpr):
-    """scale where the element is kept, 0 where dropped, for a (BLOCK_M, BLOCK_N) tile."""
+def _dropout(v, seed, base, local, N, p, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             ALIGNED4: tl.constexpr):
+    """v * scale where the element is kept, exactly 0 where dropped (also for an inf or NaN
+    v: a select, not a multiply by 0), for a (BLOCK_M, BLOCK_N) tile."""
     if ALIGNED4:
         # N % 4 == 0, so base % 4 == 0 and columns 4j..4j+3 of a row share one Philox group:
         # base / 4 + (r * N + 4j) / 4.
@@ -49,7 +52,7 @@ def _keep_scale(seed, base, local, N, p, scale, BLOCK_M: tl.constexpr, BLOCK_N: 
         u = dropout_uniform_x4(seed, (base >> 2) + (local4 >> 2))
     else:
         u = dropout_uniform(seed, base + local)
-    return tl.where(u >= p, scale, 0.0)
+    return tl.where(u >= p, v * scale, 0.0)
 
 
 @triton.jit
@@ -76,7 +79,7 @@ def _bias_dropout_fwd_kernel(
         z += tl.load(B + cols, mask=cols < N, other=0.0).to(ct)[None, :]
     v = activate(z, ACT)
     if HAS_DROPOUT:
-        v = v * _keep_scale(seed, base, local, N, p, scale, BLOCK_M, BLOCK_N, ALIGNED4).to(ct)
+        v = _dropout(v, seed, base, local, N, p, scale, BLOCK_M, BLOCK_N, ALIGNED4)
     if HAS_RESIDUAL:
         v += tl.load(R + base + local, mask=mask, other=0.0).to(ct)
     tl.store(Y + base + local, v.to(Y.dtype.element_ty), mask=mask)
@@ -88,7 +91,7 @@ def _bias_dropout_bwd_kernel(
     X,   # (M, N) input, if ACT != 0
     B,   # (N,) bias, if HAS_BIAS and ACT != 0
     GX,  # (M, N) grad_x
-    GB_PARTIAL,  # (n_row_programs, N) fp32 partial sums, if NEED_GRAD_BIAS
+    GB_PARTIAL,  # (n_row_programs, N) fp32 (fp64 for fp64) partial sums, if NEED_GRAD_BIAS
     M, N, total, n_col_blocks, rows_per_program,
     p, scale, seed,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEED_GRAD_BIAS: tl.constexpr,
@@ -103,7 +106,7 @@ def _bias_dropout_bwd_kernel(
     cols = col_start + tl.arange(0, BLOCK_N)
     if HAS_BIAS and ACT != 0:
         b = tl.load(B + cols, mask=cols < N, other=0.0).to(ct)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N,), dtype=ct)
     row0 = pid_m.to(tl.int64) * rows_per_program
     for r in range(0, rows_per_program, BLOCK_M):
         row_start = row0 + r
@@ -111,7 +114,7 @@ def _bias_dropout_bwd_kernel(
         local, mask = _tile_offsets(base, row_start, col_start, M, N, total, BLOCK_M, BLOCK_N)
         d = tl.load(G + base + local, mask=mask, other=0.0).to(ct)
         if HAS_DROPOUT:
-            d = d * _keep_scale(seed, base, local, N, p, scale, BLOCK_M, BLOCK_N, ALIGNED4).to(ct)
+            d = _dropout(d, seed, base, local, N, p, scale, BLOCK_M, BLOCK_N, ALIGNED4)
         if ACT != 0:
             z = tl.load(X + base + local, mask=mask, other=0.0).to(ct)
             if HAS_BIAS:
@@ -119,7 +122,7 @@ def _bias_dropout_bwd_kernel(
             d = d * activate_grad(z, ACT)
         tl.store(GX + base + local, d.to(GX.dtype.element_ty), mask=mask)
         if NEED_GRAD_BIAS:
-            acc += tl.sum(tl.where(mask, d, 0.0).to(tl.float32), axis=0)
+            acc += tl.sum(tl.where(mask, d, 0.0), axis=0)
     if NEED_GRAD_BIAS:
         tl.store(GB_PARTIAL + pid_m * N + cols, acc, mask=cols < N)
 
@@ -146,8 +149,14 @@ def _blocks(M, N):
     return block_m, block_n
 
 
+def _dense(t):
+    """t contiguous (None stays None): the kernels index every operand as a dense array, so
+    an expanded, stepped or transposed view is copied here rather than read out of bounds."""
+    return None if t is None else t.contiguous()
+
+
 def bias_dropout_fwd(x, bias, residual, p: float, activation: int, seed: int) -> torch.Tensor:
-    x = x.contiguous()
+    x, bias, residual = _dense(x), _dense(bias), _dense(residual)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     total = x.numel()
     if total == 0:
@@ -157,7 +166,7 @@ def bias_dropout_fwd(x, bias, residual, p: float, activation: int, seed: int) ->
     n_col_blocks = triton.cdiv(N, block_n)
     grid = (triton.cdiv(M, block_m) * n_col_blocks,)
     _bias_dropout_fwd_kernel[grid](
-        x, bias if bias is not None else x, residual.contiguous() if residual is not None else x, out,
+        x, bias if bias is not None else x, residual if residual is not None else x, out,
         M, N, total, n_col_blocks,
         p, dropout_scale(p), seed,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=p > 0.0,
@@ -168,7 +177,7 @@ def bias_dropout_fwd(x, bias, residual, p: float, activation: int, seed: int) ->
 
 
 def bias_dropout_bwd(grad_out, x, bias, p: float, activation: int, seed: int, need_grad_bias: bool):
-    g = grad_out.contiguous()
+    g, bias = grad_out.contiguous(), _dense(bias)
     gx = torch.empty_like(g, memory_format=torch.contiguous_format)
     total = g.numel()
     has_bias = bias is not None
@@ -182,7 +191,7 @@ def bias_dropout_bwd(grad_out, x, bias, p: float, activation: int, seed: int, ne
     # M and N only, so the partial sums (and grad_bias) are the same on every run.
     rows_per_program = max(block_m, triton.cdiv(triton.cdiv(M, 256), block_m) * block_m)
     n_row_programs = triton.cdiv(M, rows_per_program)
-    partial = (torch.empty((n_row_programs, N), dtype=torch.float32, device=g.device)
+    partial = (torch.empty((n_row_programs, N), dtype=compute_dtype(g.dtype), device=g.device)
                if need_grad_bias else gx)
     xc = x.contiguous() if activation != 0 else g
     _bias_dropout_bwd_kernel[(n_row_programs * n_col_blocks,)](
@@ -215,7 +224,7 @@ def _fwd_spec(dt, act, block_m=1, block_n=1024, bias=True, residual=True, dropou
 def _bwd_spec(dt, act, block_m=1, block_n=1024, bias=True, grad_bias=True, dropout=True,
               aligned4=True, **ints):
     sig = dict(G=f"*{dt}", X=f"*{dt}", B=f"*{dt}", GX=f"*{dt}",
-               GB_PARTIAL="*fp32" if grad_bias else f"*{dt}", M="i32", N="i32", total="i32",
+               GB_PARTIAL=("*fp64" if dt == "fp64" else "*fp32") if grad_bias else f"*{dt}", M="i32", N="i32", total="i32",
                n_col_blocks="i32", rows_per_program="i32", p="fp32", scale="fp32", seed="i64")
     sig.update(ints)
     consts = dict(HAS_BIAS=bias, HAS_DROPOUT=dropout, NEED_GRAD_BIAS=grad_bias, ACT=act,

@@ -32,14 +32,15 @@ _MAX_BWD_BLOCK_N = 4096
 
 
 @triton.jit
-def _keep_scale(seed, row, cols, col0, N, p, scale, BLOCK_N: tl.constexpr, ALIGNED4: tl.constexpr):
-    """scale where element (row, cols) is kept, 0 where dropped; cols = col0 + arange."""
+def _dropout(v, seed, row, cols, col0, N, p, scale, BLOCK_N: tl.constexpr, ALIGNED4: tl.constexpr):
+    """v * scale where element (row, cols) is kept, exactly 0 where dropped (a select: a
+    dropped inf or NaN gives 0, not NaN); cols = col0 + arange."""
     if ALIGNED4:
         group = (row * N + col0 + 4 * tl.arange(0, BLOCK_N // 4)) >> 2
         u = dropout_uniform_x4(seed, group)
     else:
         u = dropout_uniform(seed, row * N + cols)
-    return tl.where(u >= p, scale, 0.0)
+    return tl.where(u >= p, v * scale, 0.0)
 
 
 @triton.jit
@@ -49,7 +50,7 @@ def _load_h(X, R, H, row, cols, col0, mask, N, p, scale, seed,
     """h = residual + dropout(x) for one chunk of a row, rounded through H's dtype."""
     h = tl.load(X + row * N + cols, mask=mask, other=0.0).to(CT)
     if HAS_DROPOUT:
-        h = h * _keep_scale(seed, row, cols, col0, N, p, scale, BLOCK_N, ALIGNED4).to(CT)
+        h = _dropout(h, seed, row, cols, col0, N, p, scale, BLOCK_N, ALIGNED4)
     if HAS_RESIDUAL:
         h += tl.load(R + row * N + cols, mask=mask, other=0.0).to(CT)
     if STORE_H:
@@ -188,7 +189,7 @@ def _layer_norm_bwd_kernel(
             if STORE_DRESIDUAL:
                 tl.store(DR + row * N + offs, dh.to(DR.dtype.element_ty), mask=mask)
             if HAS_DROPOUT:
-                dh = dh * _keep_scale(seed, row, offs, 0, N, p, scale, BLOCK_N, ALIGNED4).to(CT)
+                dh = _dropout(dh, seed, row, offs, 0, N, p, scale, BLOCK_N, ALIGNED4)
             tl.store(DX + row * N + offs, dh.to(DX.dtype.element_ty), mask=mask)
             if NEED_DW:
                 acc_w += dy * xhat
@@ -239,7 +240,7 @@ def _layer_norm_bwd_kernel(
                 if STORE_DRESIDUAL:
                     tl.store(DR + row * N + cols, dh.to(DR.dtype.element_ty), mask=mask)
                 if HAS_DROPOUT:
-                    dh = dh * _keep_scale(seed, row, cols, col0, N, p, scale, BLOCK_N, ALIGNED4).to(CT)
+                    dh = _dropout(dh, seed, row, cols, col0, N, p, scale, BLOCK_N, ALIGNED4)
                 tl.store(DX + row * N + cols, dh.to(DX.dtype.element_ty), mask=mask)
                 if NEED_DW:
                     pw = DW_PARTIAL + pid * N + cols
@@ -259,7 +260,10 @@ def _block(N, max_one_block=_MAX_BLOCK_N):
 def layer_norm_fwd(x, residual, weight, bias, eps: float, p: float, seed: int, rms: bool,
                    h_dtype: torch.dtype, store_h: bool):
     M, N = x.shape
-    x = x.contiguous()
+    # the kernels index every operand as a dense array: views (expanded, stepped, transposed)
+    # are copied here rather than read out of bounds
+    x, residual, weight, bias = (t.contiguous() if t is not None else None
+                                 for t in (x, residual, weight, bias))
     ct = compute_dtype(x.dtype)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     # h is always materialized when it is not x itself, so that y normalizes the rounded h.
@@ -270,7 +274,6 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, p: float, seed: int, r
     if M == 0 or N == 0:
         return y, (h if store_h else torch.empty(0, dtype=h_dtype, device=x.device)), mean, rstd
     one_block, block_n, num_warps = _block(N)
-    residual = residual.contiguous() if residual is not None else None
     _layer_norm_fwd_kernel[(M,)](
         x, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, y, h if need_h else y, mean if not rms else rstd, rstd,
@@ -295,7 +298,8 @@ def layer_norm_bwd(dy, dh_out, h, weight, bias, mean, rstd, p: float, seed: int,
                    x_dtype: torch.dtype, need_grad_residual: bool, need_grad_weight: bool,
                    need_grad_bias: bool):
     M, N = h.shape
-    dy, h = dy.contiguous(), h.contiguous()
+    dy, dh_out, h, weight, mean, rstd = (t.contiguous() if t is not None else None
+                                         for t in (dy, dh_out, h, weight, mean, rstd))
     ct = rstd.dtype
     dx = torch.empty((M, N), dtype=x_dtype, device=h.device)
     dr = torch.empty((M, N) if need_grad_residual else (0,), dtype=h.dtype if need_grad_residual else dy.dtype,
@@ -311,7 +315,7 @@ def layer_norm_bwd(dy, dh_out, h, weight, bias, mean, rstd, p: float, seed: int,
     pw = torch.zeros((n_prog, N), dtype=ct, device=h.device) if need_grad_weight else rstd
     pb = torch.zeros((n_prog, N), dtype=ct, device=h.device) if need_grad_bias else rstd
     _layer_norm_bwd_kernel[(n_prog,)](
-        dy, dh_out.contiguous() if dh_out is not None else dy, h,
+        dy, dh_out if dh_out is not None else dy, h,
         weight if weight is not None else dy, mean if not rms else rstd, rstd, dx,
         dr if need_grad_residual else dx, pw, pb,
         M, N, rows_per_program, p, dropout_scale(p), seed,

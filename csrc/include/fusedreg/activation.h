@@ -4,7 +4,7 @@
 // The backends run these formulas as written; they differ only in the exp and erf behind
 // them (the math policy M): CUDA uses StdMath (expf/erff, exp/erf), the CPU uses
 // cpu::VecMath, whose float32 exp and erf are vectorizable polynomials (fusedreg/cpu/vmath.h:
-// exp within 2 ulp, erf within 2e-7 absolute, exp's input clamped to [-87, 88]) and whose
+// exp within 2 ulp, erf within 2e-7 absolute, both with libm's limits at +-inf) and whose
 // float64 ones are libm's. tests/test_cpu_math.py bounds the CPU results against these
 // formulas evaluated in float64 (its docstring states the error model).
 #pragma once
@@ -37,6 +37,13 @@ struct GeluConst {
   static constexpr T kCoeff = T(0.044715);
 };
 
+// Special values (docs/design.md, "Numerics"): each formula gives the exact limit at +-inf
+// (act(+inf) = +inf, act(-inf) = 0, act'(+inf) = 1, act'(-inf) = 0), saturates for huge
+// finite |z| (e^x is inf or 0 there, never clamped), and propagates NaN; relu(NaN) = NaN and
+// relu'(NaN) = 1, as torch's relu and its backward give. The guards below are selects on
+// values the formula already has (0 * inf and inf / inf would give NaN otherwise); a NaN
+// fails every comparison and so takes the formula.
+//
 // gelu_tanh uses 0.5 * (1 + tanh(u)) == sigmoid(2u), which has no cancellation near u = 0,
 // and 1 - tanh(u)^2 == 4 s (1 - s) with s = sigmoid(2u).
 template <Activation A, typename T, typename M = StdMath>
@@ -44,14 +51,17 @@ FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE T activate(T z) {
   if constexpr (A == Activation::kNone) {
     return z;
   } else if constexpr (A == Activation::kRelu) {
-    return z > T(0) ? z : T(0);
+    return z <= T(0) ? T(0) : z;
   } else if constexpr (A == Activation::kGelu) {
-    return T(0.5) * z * (T(1) + M::erf(z * GeluConst<T>::kInvSqrt2));
+    const T c = T(1) + M::erf(z * GeluConst<T>::kInvSqrt2);
+    return c == T(0) ? T(-0.0) : T(0.5) * z * c;  // c == 0: z below about -5.6 (float), -inf
   } else if constexpr (A == Activation::kGeluTanh) {
     const T u = GeluConst<T>::kSqrt2OverPi * (z + GeluConst<T>::kCoeff * z * z * z);
-    return z / (T(1) + M::exp(T(-2) * u));
+    const T d = T(1) + M::exp(T(-2) * u);
+    return d == T(INFINITY) ? T(-0.0) : z / d;  // d == inf: z very negative or -inf
   } else {  // kSilu
-    return z / (T(1) + M::exp(-z));
+    const T d = T(1) + M::exp(-z);
+    return d == T(INFINITY) ? T(-0.0) : z / d;
   }
 }
 
@@ -61,19 +71,23 @@ FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE T activate_grad(T z) {
   if constexpr (A == Activation::kNone) {
     return T(1);
   } else if constexpr (A == Activation::kRelu) {
-    return z > T(0) ? T(1) : T(0);
+    return z <= T(0) ? T(0) : T(1);
   } else if constexpr (A == Activation::kGelu) {
     const T cdf = T(0.5) * (T(1) + M::erf(z * GeluConst<T>::kInvSqrt2));
     const T pdf = GeluConst<T>::kInvSqrt2Pi * M::exp(T(-0.5) * z * z);
-    return cdf + z * pdf;
+    return pdf == T(0) ? cdf : cdf + z * pdf;  // pdf == 0: |z| huge or inf (z * pdf -> 0)
   } else if constexpr (A == Activation::kGeluTanh) {
     const T u = GeluConst<T>::kSqrt2OverPi * (z + GeluConst<T>::kCoeff * z * z * z);
     const T s = T(1) / (T(1) + M::exp(T(-2) * u));
     const T du = GeluConst<T>::kSqrt2OverPi * (T(1) + T(3) * GeluConst<T>::kCoeff * z * z);
-    return s + T(2) * z * s * (T(1) - s) * du;
+    const T q = s * (T(1) - s);  // 0 once s rounds to 0 or 1: the term's limit is 0 too
+    return q == T(0) ? s : s + T(2) * z * q * du;
   } else {  // kSilu
     const T s = T(1) / (T(1) + M::exp(-z));
-    return s * (T(1) + z * (T(1) - s));
+    const T c = T(1) - s;
+    const T zc = c == T(0) ? T(0) : z * c;  // 0 at z = +inf (not inf * 0)
+    const T g = s * (T(1) + zc);
+    return s == T(0) ? T(0) : g;            // 0 at z = -inf (not 0 * -inf)
   }
 }
 

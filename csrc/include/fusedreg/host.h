@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 #include <type_traits>
 
@@ -19,15 +20,54 @@ inline Rows as_rows(const at::Tensor& x) {
   return {N == 0 ? 0 : x.numel() / N, N};
 }
 
-// bias_dropout's inputs: x on `device_type`, the seed a 1-element int64 CPU tensor, bias (N,)
-// and residual (x's shape) of x's dtype and device.
+// The scalar arguments every registered op checks before it allocates or launches anything
+// (user code can call an op directly, with any value its schema types allow). NaN fails
+// every range check.
+inline void check_seed(const at::Tensor& seed, const char* op) {
+  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1,
+              "fusedreg::", op, ": seed must be a 1-element int64 CPU tensor, got ",
+              seed.scalar_type(), " of ", seed.numel(), " elements on ", seed.device());
+}
+
+inline void check_probability(double p, const char* op) {
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "fusedreg::", op, ": p must be in [0, 1], got ", p);
+}
+
+// The codes of fusedreg/_activations.py (Activation in fusedreg/activation.h).
+inline void check_activation(int64_t activation, const char* op) {
+  TORCH_CHECK(activation >= 0 && activation <= 4, "fusedreg::", op,
+              ": activation must be a code in [0, 4] (none, relu, gelu, gelu_tanh, silu), got ",
+              activation);
+}
+
+inline void check_eps(double eps, const char* op) {
+  TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), "fusedreg::", op,
+              ": eps must be finite and >= 0, got ", eps);
+}
+
+inline void check_floating(at::ScalarType st, const char* name, const char* op) {
+  TORCH_CHECK(st == at::kDouble || st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+              "fusedreg::", op, ": ", name, " must be float64, float32, float16 or bfloat16, got ",
+              st);
+}
+
+inline void check_floating(const at::Tensor& t, const char* name, const char* op) {
+  check_floating(t.scalar_type(), name, op);
+}
+
+// bias_dropout's arguments: x a floating tensor on `device_type`, p a probability, an
+// activation code, the seed a 1-element int64 CPU tensor, bias (N,) and residual (x's shape)
+// of x's dtype and device.
 inline void check_bias_dropout_inputs(const at::Tensor& x, const std::optional<at::Tensor>& bias,
-                                      const std::optional<at::Tensor>& residual,
-                                      const at::Tensor& seed, at::DeviceType device_type) {
+                                      const std::optional<at::Tensor>& residual, double p,
+                                      int64_t activation, const at::Tensor& seed,
+                                      at::DeviceType device_type) {
   TORCH_CHECK(x.device().type() == device_type, "fusedreg::bias_dropout (", device_type,
               "): x must be a ", device_type, " tensor");
-  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1,
-              "fusedreg::bias_dropout: seed must be a 1-element int64 CPU tensor");
+  check_floating(x, "x", "bias_dropout");
+  check_probability(p, "bias_dropout");
+  check_activation(activation, "bias_dropout");
+  check_seed(seed, "bias_dropout");
   if (bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == (x.dim() ? x.size(-1) : 1),
                 "fusedreg::bias_dropout: bias must have shape (x.shape[-1],)");
@@ -38,6 +78,28 @@ inline void check_bias_dropout_inputs(const at::Tensor& x, const std::optional<a
     TORCH_CHECK(residual->sizes() == x.sizes(), "fusedreg::bias_dropout: residual must match x");
     TORCH_CHECK(residual->scalar_type() == x.scalar_type() && residual->device() == x.device(),
                 "fusedreg::bias_dropout: residual must match x in dtype and device");
+  }
+}
+
+// layer_norm's scalar arguments and the dtype of x (dy in backward) and h.
+inline void check_layer_norm_args(const at::Tensor& x, at::ScalarType h_dtype, double eps,
+                                  double p, const at::Tensor& seed, const char* op) {
+  check_floating(x, "x", op);
+  check_floating(h_dtype, "h", op);
+  check_eps(eps, op);
+  check_probability(p, op);
+  check_seed(seed, op);
+}
+
+// The statistics the backward reads: (M,) tensors of the compute type on x's device (mean
+// only for LayerNorm).
+inline void check_statistics(const at::Tensor& mean, const at::Tensor& rstd, bool rms, int64_t M,
+                             at::ScalarType st, const at::Device& device) {
+  for (const at::Tensor* t : {&rstd, &mean}) {
+    if (rms && t == &mean) continue;
+    TORCH_CHECK(t->scalar_type() == st && t->numel() == M && t->device() == device,
+                "fusedreg::layer_norm_bwd: mean/rstd must be (M,) ", st, " tensors on ", device,
+                ", got ", t->scalar_type(), " of ", t->numel(), " elements on ", t->device());
   }
 }
 

@@ -3,10 +3,9 @@
 // into the activation formulas of fusedreg/activation.h. double stays on libm.
 //
 // exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and a degree-6 Taylor/minimax
-// polynomial for e^r (error below 2 ulp on [-87, 88]); inputs are clamped to that range, so
-// the result saturates at ~1e38 / ~1e-38 instead of inf / denormals, which the activation
-// formulas (1 / (1 + e^-z), z * e^..) turn into the same 0 / 1 limits as long as the other
-// factor stays moderate (not for huge |z|: silu(-1e30) is -6e-9 here, -0 with libm).
+// polynomial for e^r (error below 2 ulp where the result is a normal float); beyond that it
+// overflows to inf and underflows through the denormals to 0 as libm's expf does, so
+// e^inf = inf, e^-inf = 0 and NaN stays NaN (the activation formulas rely on these limits).
 // erf: erf(x) = 1 - erfc(|x|) (sign restored), erfc from the Chebyshev-fitted form
 // t * exp(-x^2 + P(t)), t = 1 / (1 + x/2), of fractional error < 1.2e-7 (Numerical Recipes,
 // "erfcc"); the absolute error of erf is then < 2e-7, below half an ulp of 1 + erf in GELU.
@@ -17,7 +16,7 @@
 // bounds the CPU's float32 results, forward and backward, against the formulas evaluated in
 // float64: within 4 float32 ulps of the largest term the formula combines, plus erf's 2e-7
 // (gelu) and exp's amplification of its float32-rounded argument (shared with CUDA), and,
-// where an argument is clamped, within 2^-100 of the limit. float64 results equal the libm
+// where e^x leaves the normal range, within 2^-100 of the formula. float64 results equal the libm
 // formula exactly in the baseline variant and, where FMA contraction moves the roundings
 // (AVX2, AVX-512), are within 2 ulps of its largest term plus exp's argument amplification.
 #pragma once
@@ -33,9 +32,18 @@ namespace cpu {
 
 // Force-inlined, as everything a dispatched loop calls (fusedreg/cpu/isa.h).
 inline FUSEDREG_ALWAYS_INLINE float vexp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  // n = round(x / ln2) by the 1.5 * 2^23 trick, which vectorizes on any x86-64 (no SSE4.1)
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  // The input is clamped to [-105, 89], beyond which e^x rounds to 0 / overflows to inf in
+  // float32; the scale 2^n is applied as two factors 2^(n/2), each a normal float, so the
+  // result overflows to inf and underflows through the denormals to 0 as libm's does. A NaN
+  // passes the clamp (both comparisons are false) and gives NaN.
+  x = x < -105.0f ? -105.0f : (x > 89.0f ? 89.0f : x);
+  // n = round(x / ln2) by the 1.5 * 2^23 trick, which vectorizes on any x86-64 (no SSE4.1);
+  // the integer is read from the low mantissa bits (no float-to-int conversion)
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  int32_t ni;
+  std::memcpy(&ni, &shifted, sizeof(ni));
+  ni -= 0x4B400000;  // the bits of 12582912.0f
   // ln2 split in a high part with trailing zero bits and a low correction
   const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
   float p = 1.9875691500e-4f;
@@ -45,10 +53,13 @@ inline FUSEDREG_ALWAYS_INLINE float vexp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  // 2^n = 2^h * 2^(n - h), h = floor(n / 2): both in [2^-76, 2^64] for n in [-152, 129]
+  const int32_t h = ni >> 1;
+  const int32_t bits_a = (h + 127) << 23, bits_b = (ni - h + 127) << 23;
+  float scale_a, scale_b;
+  std::memcpy(&scale_a, &bits_a, sizeof(scale_a));
+  std::memcpy(&scale_b, &bits_b, sizeof(scale_b));
+  return (p * scale_a) * scale_b;
 }
 
 inline FUSEDREG_ALWAYS_INLINE float verf(float x) {
