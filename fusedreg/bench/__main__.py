@@ -230,6 +230,11 @@ def steady_worker(spec: dict) -> int:
     return 0
 
 
+def _run_worker(spec: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fusedreg.bench", "--steady-worker", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=900)
+
+
 def run_steady(ctx: Context, tagged_rows: list, args, device) -> list:
     """Steady-state rows for every finite loop row but torch.compile's (whose fresh process
     would compile again each time), one fresh process per row."""
@@ -244,8 +249,7 @@ def run_steady(ctx: Context, tagged_rows: list, args, device) -> list:
             print(f"  steady [{i + 1}/{len(todo)}] {r.op} {r.case} {r.dtype} {r.impl} {r.pass_}",
                   file=sys.stderr, flush=True)
         try:
-            done = subprocess.run([sys.executable, "-m", "fusedreg.bench", "--steady-worker",
-                                   json.dumps(spec)], capture_output=True, text=True, timeout=900)
+            done = _run_worker(spec)
         except subprocess.TimeoutExpired:
             print(f"warning: steady-state worker timed out: {spec}", file=sys.stderr)
             continue

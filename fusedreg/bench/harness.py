@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from .. import backends
-from .limits import Limits
+from .limits import STREAM_COPY, Limits
 
 
 @dataclasses.dataclass
@@ -195,10 +195,13 @@ class Context:
         return label, sum(moved) / seconds / 1e9
 
     def row(self, op, case, dtype, impl, pass_, timing: Timing, nbytes: int, *,
-            pattern, array_bytes: int, **extra) -> Row:
+            pattern=None, array_bytes: int = 0, **extra) -> Row:
         """A Row; its fraction of the limit of ``pattern`` (see ``limit``) for arrays of
         ``array_bytes``. A result above the limit makes the limit be measured again (the
-        better kept): a probe slowed by a noisy moment must not make a row exceed 100%."""
+        better kept): a probe slowed by a noisy moment must not make a row exceed 100%.
+        Without a pattern the pass is taken for a copy (stream 1R1W of nbytes / 2)."""
+        if pattern is None:
+            pattern, array_bytes = STREAM_COPY, max(1, int(nbytes) // 2)
         gbps = nbytes / (timing.median_ms * 1e-3) / 1e9
         label, lim = self.limit(pattern, array_bytes)
         if math.isfinite(gbps) and gbps > lim:
