@@ -281,6 +281,8 @@ def test_probe_kernels_refuse_bad_operands():
         ops.stream([torch.ones(5)], [torch.ones(5)], False)
     with pytest.raises(RuntimeError, match="contiguous"):
         ops.reduce([torch.ones(32)[::2]])
+    with pytest.raises(RuntimeError, match="at most 4"):
+        ops.stream([torch.ones(16)] * 5, [torch.ones(16)], False)
 
 
 def test_patterns_validate_and_label():

@@ -34,6 +34,7 @@ namespace {
 
 constexpr int64_t kLine = 64;             // bytes per step (one cache line, one zmm)
 constexpr int64_t kGrainLines = 1 << 10;  // 64 KiB per thread at least
+constexpr int kMaxArrays = 4;             // reads, and writes, per call at most
 
 struct Operands {
   std::vector<const char*> reads;
@@ -44,6 +45,8 @@ struct Operands {
 Operands check(const std::vector<at::Tensor>& reads, const std::vector<at::Tensor>& writes,
                const char* name) {
   TORCH_CHECK(!reads.empty() || !writes.empty(), "fusedreg_bench::", name, ": no operands");
+  TORCH_CHECK(reads.size() <= kMaxArrays && writes.size() <= kMaxArrays, "fusedreg_bench::", name,
+              ": at most ", kMaxArrays, " arrays read and ", kMaxArrays, " written");
   const at::Tensor& first = reads.empty() ? writes[0] : reads[0];
   const int64_t nbytes = first.nbytes();
   TORCH_CHECK(nbytes % kLine == 0, "fusedreg_bench::", name, ": operands must be a multiple of 64 bytes");
@@ -63,26 +66,41 @@ Operands check(const std::vector<at::Tensor>& reads, const std::vector<at::Tenso
 }
 
 #if FUSEDREG_X86_DISPATCH
-// Lines [begin, end) with AVX-512: one cache line per load and store.
-template <bool IN_PLACE>
-FUSEDREG_TARGET_AVX512 void lines_avx512(const Operands& ops, int64_t begin, int64_t end, bool nontemporal) {
-  const int64_t nr = static_cast<int64_t>(ops.reads.size());
-  const int64_t nw = static_cast<int64_t>(ops.writes.size());
-  for (int64_t l = begin; l < end; ++l) {
-    const int64_t off = l * kLine;
+// Lines [begin, end) with AVX-512, NR reads and NW writes known at compile time (so the
+// pointers stay in registers and the line loop is straight-line code): one cache line per
+// load and store.
+template <bool IN_PLACE, int NR, int NW, bool NT>
+FUSEDREG_TARGET_AVX512 void lines_avx512(const Operands& ops, int64_t begin, int64_t end) {
+  const char* r[NR > 0 ? NR : 1];
+  char* w[NW > 0 ? NW : 1];
+  for (int k = 0; k < NR; ++k) r[k] = ops.reads[k];
+  for (int k = 0; k < NW; ++k) w[k] = ops.writes[k];
+  for (int64_t off = begin * kLine; off < end * kLine; off += kLine) {
     __m512i v = _mm512_setzero_si512();
-    for (int64_t k = 0; k < nr; ++k) v = _mm512_xor_si512(v, _mm512_load_si512(ops.reads[k] + off));
-    for (int64_t k = 0; k < nw; ++k) {
-      char* dst = ops.writes[k] + off;
-      const __m512i w = IN_PLACE ? _mm512_xor_si512(v, _mm512_load_si512(dst)) : v;
-      if (nontemporal) {
-        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), w);
+    for (int k = 0; k < NR; ++k) v = _mm512_xor_si512(v, _mm512_load_si512(r[k] + off));
+    for (int k = 0; k < NW; ++k) {
+      const __m512i x = IN_PLACE ? _mm512_xor_si512(v, _mm512_load_si512(w[k] + off)) : v;
+      if (NT) {
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(w[k] + off), x);
       } else {
-        _mm512_store_si512(dst, w);
+        _mm512_store_si512(w[k] + off, x);
       }
     }
   }
-  if (nontemporal) _mm_sfence();
+  if (NT) _mm_sfence();
+}
+
+// The variant for ops' counts (reads 0..4, writes 0..4; more is refused by check()).
+template <bool IN_PLACE, int NR = 0, int NW = 0>
+void lines_avx512_any(const Operands& ops, int64_t begin, int64_t end, bool nontemporal) {
+  if constexpr (NR < kMaxArrays) {
+    if (static_cast<int>(ops.reads.size()) > NR) return lines_avx512_any<IN_PLACE, NR + 1, NW>(ops, begin, end, nontemporal);
+  }
+  if constexpr (NW < kMaxArrays) {
+    if (static_cast<int>(ops.writes.size()) > NW) return lines_avx512_any<IN_PLACE, NR, NW + 1>(ops, begin, end, nontemporal);
+  }
+  if (nontemporal) return lines_avx512<IN_PLACE, NR, NW, true>(ops, begin, end);
+  lines_avx512<IN_PLACE, NR, NW, false>(ops, begin, end);
 }
 #endif
 
@@ -106,7 +124,7 @@ template <bool IN_PLACE>
 void run(const Operands& ops, bool nontemporal) {
   at::parallel_for(0, ops.lines, kGrainLines, [&](int64_t begin, int64_t end) {
 #if FUSEDREG_X86_DISPATCH
-    if (cpu::cpu_has_avx512()) return lines_avx512<IN_PLACE>(ops, begin, end, nontemporal);
+    if (cpu::cpu_has_avx512()) return lines_avx512_any<IN_PLACE>(ops, begin, end, nontemporal);
 #endif
     lines_portable<IN_PLACE>(ops, begin, end);
   });

@@ -90,13 +90,16 @@ inline FUSEDREG_ALWAYS_INLINE void prefetch_ahead(const Streams<scalar_t>& s, in
   const int64_t ahead = start + kPrefetchChunks * kChunk;
   if (ahead >= total) return;
   const int64_t bytes = std::min(kChunk, total - ahead) * int64_t(sizeof(scalar_t));
-  const char* in0 = reinterpret_cast<const char*>(s.in0 + ahead);
-  const char* in1 = reinterpret_cast<const char*>(s.in1 + ahead);
-  const char* out = reinterpret_cast<const char*>(s.out + ahead);
+  const auto at = [&](const scalar_t* p) FUSEDREG_ALWAYS_INLINE {
+    return p ? reinterpret_cast<const char*>(p + ahead) : nullptr;
+  };
+  const char* in0 = at(s.in0);
+  const char* in1 = at(s.in1);
+  const char* out = at(s.out);
   for (int64_t k = 0; k < bytes; k += 64) {
-    if (s.in0) __builtin_prefetch(in0 + k, 0, 3);
-    if (s.in1) __builtin_prefetch(in1 + k, 0, 3);
-    if (s.out) __builtin_prefetch(out + k, 1, 3);
+    if (in0) __builtin_prefetch(in0 + k, 0, 3);
+    if (in1) __builtin_prefetch(in1 + k, 0, 3);
+    if (out) __builtin_prefetch(out + k, 1, 3);
   }
 }
 
