@@ -226,7 +226,7 @@ def steady_worker(spec: dict) -> int:
         print(f"error: steady-state worker found {len(rows)} rows for {spec}", file=sys.stderr)
         return 1
     r = rows[0]
-    print("STEADY " + json.dumps([r.median_ms, r.p10_ms, r.p90_ms, spec["reps"]]), flush=True)
+    print("STEADY " + json.dumps([r.median_ms, r.p10_ms, r.p90_ms, spec["reps"], r.min_ms]), flush=True)
     return 0
 
 
@@ -258,8 +258,8 @@ def run_steady(ctx: Context, tagged_rows: list, args, device) -> list:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
             print(f"warning: steady-state worker failed ({tail}): {spec}", file=sys.stderr)
             continue
-        median, p10, p90, reps = json.loads(line[len("STEADY "):])
-        out.append(ctx.retimed(r, Timing(median, p10, p90, reps, math.nan), "steady"))
+        median, p10, p90, reps, best = json.loads(line[len("STEADY "):])
+        out.append(ctx.retimed(r, Timing(median, p10, p90, reps, best), "steady"))
     return out
 
 
@@ -332,8 +332,9 @@ def main(argv=None) -> int:
     report.fill_speedups(rows)
     records = [report.to_record(r, meta) for r in rows]
     print(f"\nlimits for {ref_bytes >> 20} MB operands on {meta['device']}: {limits_text}. "
-          "GB/s counts the minimal bytes of each pass; % limit is the fraction of the limit of "
-          "the pass's access pattern measured for operands of the case's size; mode loop = "
+          "GB/s counts the minimal bytes of each pass (at the median time); % limit is the "
+          "fastest repetition's GB/s as a fraction of the limit of the pass's access pattern "
+          "(the probes' fastest) for operands of the case's size; mode loop = "
           "repeated in this process, steady = a fresh process per timing (a training loop's "
           "view); saved MB = bytes saved for backward beyond the inputs")
     print(report.format_table(records) if records else "(no rows)")

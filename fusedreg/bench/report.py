@@ -20,7 +20,7 @@ from .harness import Row
 CSV_COLUMNS = [
     "run_id", "timestamp", "device", "device_slug", "torch", "triton", "fusedreg", "commit",
     "copy_gbps", "threads", "mode", "op", "case", "dtype", "impl", "pass", "median_ms", "p10_ms",
-    "p90_ms", "bytes", "gbps", "limit", "limit_gbps", "frac_limit", "saved_bytes", "note", "speedup",
+    "p90_ms", "min_ms", "bytes", "gbps", "limit", "limit_gbps", "frac_limit", "saved_bytes", "note", "speedup",
 ]
 
 
@@ -112,7 +112,7 @@ def to_record(row: Row, meta: dict) -> dict:
     rec.update({
         "mode": row.mode, "op": row.op, "case": row.case, "dtype": row.dtype, "impl": row.impl, "pass": row.pass_,
         "median_ms": f"{row.median_ms:.6g}", "p10_ms": f"{row.p10_ms:.6g}",
-        "p90_ms": f"{row.p90_ms:.6g}", "bytes": row.bytes, "gbps": f"{row.gbps:.5g}",
+        "p90_ms": f"{row.p90_ms:.6g}", "min_ms": f"{row.min_ms:.6g}", "bytes": row.bytes, "gbps": f"{row.gbps:.5g}",
         "limit": row.limit, "limit_gbps": f"{row.limit_gbps:.5g}",
         "frac_limit": f"{row.frac_limit:.5g}",
         "saved_bytes": "" if row.saved_bytes is None else row.saved_bytes, "note": row.note,
