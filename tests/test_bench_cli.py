@@ -398,3 +398,17 @@ def test_steady_state_worker_runs_in_a_fresh_process():
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("STEADY "))
     median, p10, p90, reps, best = json.loads(line[len("STEADY "):])
     assert reps == 5 and 0 < best <= p10 <= median <= p90
+
+
+def test_a_row_still_above_its_limit_says_so(monkeypatch):
+    # every probe measurement is slow: three remeasurements, then the row carries a note
+    ctx = Context(device=torch.device("cpu"), dtypes=[torch.float32], quick=True, copy_gbps=1.0)
+    calls = []
+    monkeypatch.setattr(ctx, "_limit_time", lambda fn: calls.append(fn) or 4.0)
+    ctx.limits._time = ctx._limit_time
+    pat = bench_limits.Pattern("stream", 1, 1)
+    row = ctx.row("op", "case", torch.float32, "fusedreg[cpu]", "fwd", Timing(1.0, 1.0, 1.0, 1, 1.0),
+                  2 << 20, pattern=pat, array_bytes=1 << 20, note="n")
+    assert len(calls) == 2 * 4  # the first measurement and three more, two probes each
+    assert row.frac_limit == pytest.approx(4.0) and "above the measured limit" in row.note
+    assert row.note.startswith("n; ")
