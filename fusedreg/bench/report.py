@@ -101,7 +101,8 @@ def fill_speedups(rows: list[Row]) -> None:
     for r in rows:
         groups.setdefault((r.op, r.case, r.dtype, r.pass_, r.mode), []).append(r)
     for group in groups.values():
-        baselines = [b for b in group if not is_fused(b.impl) and math.isfinite(b.median_ms)]
+        baselines = [b for b in group if not is_fused(b.impl) and math.isfinite(b.median_ms)
+                     and b.median_ms > 0]  # a derived time (fwd+bwd - fwd) can come out <= 0
         for r in group:
             if is_fused(r.impl) and math.isfinite(r.median_ms) and r.median_ms > 0:
                 r.speedup = {b.impl: b.median_ms / r.median_ms for b in baselines}
