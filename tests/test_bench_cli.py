@@ -2,6 +2,7 @@
 writes the CSV and plots, discovers benchmark modules generically, and refuses bad options.
 Nothing here asserts a timing (timing belongs to benchmarks, not tests)."""
 import csv
+import json
 import math
 import os
 import subprocess
@@ -30,7 +31,7 @@ def test_quick_bias_dropout_run_writes_csv_and_plots(tmp_path, capsys):
     argv = ["--ops", "bias_dropout", "--sizes", "33x64", "--results", str(out), *TINY]
     assert main(argv) == 0
     table = capsys.readouterr().out
-    assert "bias_dropout" in table and "% copy BW" in table
+    assert "bias_dropout" in table and "% limit" in table
 
     path = out / "bench.csv"
     with open(path, newline="") as f:
@@ -42,12 +43,24 @@ def test_quick_bias_dropout_run_writes_csv_and_plots(tmp_path, capsys):
     assert {r["pass"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
     for r in rows:
         assert r["device"] and r["torch"] == torch.__version__ and r["commit"]
-        assert float(r["copy_gbps"]) > 0 and r["dtype"] == "float32"
+        assert float(r["copy_gbps"]) > 0 and r["dtype"] == "float32" and r["mode"] == "loop"
         assert r["case"].startswith("33x64 ")
         if r["impl"] != "torch.compile" or "failed" not in r["note"]:
             assert float(r["median_ms"]) > 0 and float(r["gbps"]) > 0
     fwd = next(r for r in rows if r["pass"] == "fwd")
     assert int(fwd["bytes"]) == (3 * 33 * 64 + 64) * 4  # read x, residual (and bias), write out
+    # each pass is held to its own access pattern's limit, measured in this run
+    expected = {"fwd": "stream 2R1W", "bwd": "stream 1R1W", "fwd+bwd": "stream 2R1W"}
+    for r in rows:
+        assert r["limit"].startswith(expected[r["pass"]]), r["limit"]
+        if r["pass"] == "fwd+bwd":
+            assert " + stream 1R1W" in r["limit"]
+        if math.isfinite(float(r["median_ms"])):
+            assert float(r["limit_gbps"]) > 0
+            # the fraction compares the fastest repetition with the limit (the probes' fastest)
+            assert 0 < float(r["min_ms"]) <= float(r["median_ms"])
+            best_gbps = int(r["bytes"]) / (float(r["min_ms"]) * 1e-3) / 1e9
+            assert float(r["frac_limit"]) == pytest.approx(best_gbps / float(r["limit_gbps"]), rel=1e-3)
     for r in rows:
         if r["impl"].startswith("fusedreg"):
             assert "torch eager" in report.parse_speedup(r["speedup"])
@@ -147,16 +160,18 @@ def test_modules_are_discovered_generically(tmp_path, monkeypatch, capsys):
     assert all(s > 0 for s in speedup.values())
 
 
-def _row(impl, ms, case="8x8 v", pass_="fwd"):
-    return Row("op", case, "float32", impl, pass_, ms, ms, ms, 100, 1.0, 0.5)
+def _row(impl, ms, case="8x8 v", pass_="fwd", mode="loop"):
+    return Row("op", case, "float32", impl, pass_, ms, ms, ms, 100, 1.0, 0.5, mode=mode)
 
 
 def test_fill_speedups_pairs_rows_of_the_same_case():
     rows = [_row("fusedreg[cpu]", 2.0), _row("torch eager", 6.0), _row("torch.compile", math.nan),
-            _row("torch eager", 1.0, case="16x8 v"), _row("fusedreg[cpu]", 5.0, pass_="bwd")]
+            _row("torch eager", 1.0, case="16x8 v"), _row("fusedreg[cpu]", 5.0, pass_="bwd"),
+            _row("fusedreg[cpu]", 4.0, mode="steady"), _row("torch eager", 2.0, mode="steady")]
     report.fill_speedups(rows)
     assert rows[0].speedup == {"torch eager": 3.0}  # the skipped (NaN) baseline is left out
     assert rows[1].speedup == {} and rows[4].speedup == {}  # baselines get none; no bwd baseline
+    assert rows[5].speedup == {"torch eager": 0.5}  # steady state against steady state only
 
 
 def test_split_case_and_device_slug():
@@ -228,3 +243,172 @@ def test_spread_stays_within_the_observed_times(monkeypatch):
     t = harness.time_fn(fn, torch.device("cpu"), min_reps=6, max_reps=6, warmup=0, budget_s=0)
     assert t.reps == 6
     assert 1.0 - 1e-9 <= t.p10_ms <= t.median_ms <= t.p90_ms <= 9.0 + 1e-9
+
+
+# ---- limits of the access patterns (fusedreg/bench/limits.py) ---------------------------------
+
+from fusedreg.bench import limits as bench_limits  # noqa: E402
+from fusedreg.bench.harness import Context, Timing  # noqa: E402
+
+
+def _probes():
+    import fusedreg._C  # noqa: F401
+    return torch.ops.fusedreg_bench
+
+
+@pytest.mark.parametrize("n", [16, 16 * 1000 + 16 * 3])  # one cache line; many, over 2 threads
+def test_probe_kernels_touch_every_byte(n):
+    # the probes must really read and write what the limit counts: check their results
+    ops = _probes()
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randint(-2**31, 2**31 - 1, (n,), generator=gen, dtype=torch.int32) for _ in range(3))
+    for nontemporal in (False, True):
+        w1, w2 = torch.zeros(n, dtype=torch.int32), torch.zeros(n, dtype=torch.int32)
+        ops.stream([a, b, c], [w1, w2], nontemporal)
+        assert torch.equal(w1, a ^ b ^ c) and torch.equal(w2, a ^ b ^ c)
+        rw = [a.clone(), b.clone()]
+        ops.update(rw, [c], nontemporal)
+        assert torch.equal(rw[0], a ^ c) and torch.equal(rw[1], b ^ c)
+    words = torch.cat([a, b]).view(torch.int64)
+    acc = 0
+    for w in words.tolist():
+        acc ^= w
+    assert ops.reduce([a, b]) == acc
+
+
+def test_probe_kernels_refuse_bad_operands():
+    ops = _probes()
+    with pytest.raises(RuntimeError, match="same size"):
+        ops.stream([torch.ones(16)], [torch.ones(32)], False)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        ops.stream([torch.ones(5)], [torch.ones(5)], False)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.reduce([torch.ones(32)[::2]])
+    with pytest.raises(RuntimeError, match="at most 4"):
+        ops.stream([torch.ones(16)] * 5, [torch.ones(16)], False)
+
+
+def test_patterns_validate_and_label():
+    assert bench_limits.Pattern("stream", 2, 1).label == "stream 2R1W"
+    assert bench_limits.Pattern("inplace", 4, 3).arrays_moved == 7
+    for bad in (("copy", 1, 1), ("inplace", 1, 2), ("reduce", 1, 1), ("stream", 0, 0)):
+        with pytest.raises(ValueError):
+            bench_limits.Pattern(*bad)
+
+
+def test_limits_are_measured_per_pattern_and_size_and_used(monkeypatch):
+    # a fake clock: every probe call "takes" bytes / 10 GB/s, so each limit must come out at
+    # 10 GB/s whatever the pattern -- and a second size is measured again, not reused
+    calls = []
+
+    def fake_time(fn):
+        calls.append(fn)
+        return 1.0  # ms
+
+    lim = bench_limits.Limits(torch.device("cpu"), fake_time)
+    pat = bench_limits.Pattern("stream", 2, 1)
+    one = lim.get(pat, 4096)
+    assert one.gbps == pytest.approx(3 * 4096 / 1e-3 / 1e9) and one.probe in ("stores", "nt-stores")
+    assert len(calls) == 2  # ordinary and non-temporal stores
+    assert lim.get(pat, 4096) is one and len(calls) == 2  # kept for the run
+    lim.get(pat, 8192)
+    assert len(calls) == 4
+    inplace = lim.get(bench_limits.Pattern("inplace", 4, 3), 4096)
+    assert inplace.gbps == pytest.approx(7 * 4096 / 1e-3 / 1e9)
+    assert lim.get(bench_limits.REDUCE, 4096).probe == "loads"
+
+
+def test_a_row_above_its_limit_remeasures_the_limit(monkeypatch):
+    # the first probe is slow (a noisy moment): the row would be at 200%; the limit is measured
+    # again, and the row uses the better measurement
+    ctx = Context(device=torch.device("cpu"), dtypes=[torch.float32], quick=True, copy_gbps=1.0)
+    times = iter([4.0, 4.0, 1.0, 1.0])  # ms: first measurement (2 probes), then the second
+    monkeypatch.setattr(ctx, "_limit_time", lambda fn: next(times))
+    ctx.limits._time = ctx._limit_time
+    pat = bench_limits.Pattern("stream", 1, 1)
+    nbytes = 2 * 1 << 20  # 1 MiB arrays, read + written
+    # 2 MiB in 1.5 ms: above the slow limit (2 MiB / 4 ms), below the fast one (2 MiB / 1 ms)
+    row = ctx.row("op", "case", torch.float32, "fusedreg[cpu]", "fwd", Timing(1.5, 1.5, 1.5, 1, 1.5),
+                  nbytes, pattern=pat, array_bytes=1 << 20)
+    assert row.frac_limit == pytest.approx(1.0 / 1.5)
+    assert row.limit.startswith("stream 1R1W") and row.limit_gbps == pytest.approx(nbytes / 1e-3 / 1e9)
+    # passes run one after the other: the limit time is the sum of theirs
+    label, gbps = ctx.limit((pat, pat), 1 << 20)
+    assert label.count("stream 1R1W") == 2 and gbps == pytest.approx(nbytes / 1e-3 / 1e9)
+
+
+def test_sweep_writes_its_own_csv_and_plots_without_compile(tmp_path, capsys):
+    out = tmp_path / "res"
+    argv = ["--ops", "bias_dropout", "--sweep", "--sizes", "4x768", "--results", str(out), *TINY]
+    assert main(argv) == 0
+    rows = read_rows(out / "sweep.csv")
+    assert {r["impl"] for r in rows} <= {"fusedreg[cpu]", "fusedreg[reference]", "torch eager"}
+    assert {r["case"] for r in rows} == {"4x768 bias+res p=0.1"}  # no activation variant
+    if _has("matplotlib"):
+        assert (out / "bias_dropout-speedup-sweep.png").exists()
+
+
+def test_optimizer_sweep_lists_are_model_like():
+    from fusedreg.bench import optim as bench_optim
+
+    for target in bench_optim.SWEEP:
+        shapes = bench_optim.sweep_shapes(target)
+        n = sum(torch.Size(s).numel() for s in shapes)
+        assert target / 3 <= n <= 3 * target, (target, n)
+        assert len(shapes) >= 4 and any(len(s) == 1 for s in shapes)  # weights and biases
+    assert bench_optim.sweep_shapes(10**6)[0] == (8 * bench_optim.sweep_shapes(10**6)[1][1],
+                                                   bench_optim.sweep_shapes(10**6)[1][1])
+
+
+def test_steady_state_times_each_row_in_a_fresh_process(tmp_path, monkeypatch, capsys):
+    # every row but torch.compile's is timed again by a worker process; here the workers run
+    # in this process (the real subprocess is checked once below), with the spec they get
+    from fusedreg.bench import __main__ as driver
+
+    specs = []
+
+    def fake_run(spec):
+        specs.append(spec)
+        code = main(["--steady-worker", json.dumps(spec)])
+        return subprocess.CompletedProcess([], code, capsys.readouterr().out, "")
+
+    monkeypatch.setattr(driver, "_run_worker", fake_run)
+    argv = ["--ops", "bias_dropout", "--sizes", "8x32", "--steady", "--steady-reps", "3",
+            "--csv", str(tmp_path / "s.csv"), "--no-plots", *TINY]
+    assert main(argv) == 0
+    rows = read_rows(tmp_path / "s.csv")
+    steady = [r for r in rows if r["mode"] == "steady"]
+    loop = [r for r in rows if r["mode"] == "loop" and r["impl"] != "torch.compile"]
+    assert sorted((r["impl"], r["pass"]) for r in steady) == sorted((r["impl"], r["pass"]) for r in loop)
+    assert all(s["reps"] == 3 for s in specs) and len(specs) == len(steady)
+    for r in steady:
+        assert float(r["median_ms"]) > 0 and float(r["limit_gbps"]) > 0
+        if r["impl"].startswith("fusedreg"):
+            assert set(report.parse_speedup(r["speedup"])) == {"torch eager"}
+
+
+def test_steady_state_worker_runs_in_a_fresh_process():
+    spec = {"module": "layer_norm", "op": "rms_norm", "case": "16x64", "dtype": "float32",
+            "impl": "torch eager", "pass": "fwd", "device": "cpu", "quick": True,
+            "sizes": [[16, 64]], "reps": 5}
+    done = subprocess.run([sys.executable, "-m", "fusedreg.bench", "--steady-worker", json.dumps(spec)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stderr
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("STEADY "))
+    median, p10, p90, reps, best = json.loads(line[len("STEADY "):])
+    assert reps == 5 and 0 < best <= p10 <= median <= p90
+
+
+def test_a_row_still_above_its_limit_says_so(monkeypatch):
+    # every probe measurement is slow: three remeasurements, then the row carries a note
+    ctx = Context(device=torch.device("cpu"), dtypes=[torch.float32], quick=True, copy_gbps=1.0)
+    calls = []
+    monkeypatch.setattr(ctx, "_limit_time", lambda fn: calls.append(fn) or 4.0)
+    ctx.limits._time = ctx._limit_time
+    pat = bench_limits.Pattern("stream", 1, 1)
+    row = ctx.row("op", "case", torch.float32, "fusedreg[cpu]", "fwd", Timing(1.0, 1.0, 1.0, 1, 1.0),
+                  2 << 20, pattern=pat, array_bytes=1 << 20, note="n")
+    assert len(calls) == 2 * 4  # the first measurement and three more, two probes each
+    assert row.frac_limit == pytest.approx(4.0) and "above the measured limit" in row.note
+    assert row.note.startswith("n; ")

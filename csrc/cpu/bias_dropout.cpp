@@ -16,6 +16,7 @@
 #include "fusedreg/activation.h"
 #include "fusedreg/cpu/alloc.h"
 #include "fusedreg/cpu/isa.h"
+#include "fusedreg/cpu/philox_stream.h"
 #include "fusedreg/cpu/uniforms.h"
 #include "fusedreg/cpu/vmath.h"
 #include "fusedreg/host.h"
@@ -25,24 +26,34 @@
 namespace fusedreg {
 namespace {
 
-constexpr int64_t kChunk = 4096;  // elements per task: fits the uniforms in L1
+// Elements per step: the step's uniforms are generated (fusedreg/cpu/philox_stream.h) and
+// consumed from L1 right away, so the Philox arithmetic overlaps the streams' loads instead of
+// running as a pass of its own. Small enough that the scratch below is a few KB of stack
+// (threads may run with a small OMP_STACKSIZE).
+constexpr int64_t kChunk = 256;
+// Chunks per thread at least (16K elements): below that one thread does it all, since
+// waking the pool costs more than it saves.
+constexpr int64_t kGrainChunks = 64;
 
-// Per-task scratch: the uniforms of the chunk, and stand-ins that make the element loops
-// branch-free (so they vectorize): zeros for a missing bias/residual, ones (always kept)
-// when there is no dropout.
+// Per-task scratch (kChunk floats and kChunk scalars, at most 3 KB): the uniforms of a chunk,
+// and stand-ins that make the element loops branch-free (so they vectorize): zeros for a
+// missing bias/residual, ones (always kept) when there is no dropout.
 template <typename scalar_t>
 struct Scratch {
   float u[kChunk];
+  float ones[kChunk];
   scalar_t zeros[kChunk];
   Scratch() {
-    for (int64_t i = 0; i < kChunk; ++i) zeros[i] = scalar_t(0);
-  }
-  const float* uniforms(bool dropout, uint64_t seed, int64_t start, int64_t len) {
-    if (dropout) {
-      fill_uniforms(seed, start, len, u);
-    } else {
-      for (int64_t i = 0; i < len; ++i) u[i] = 1.0f;
+    for (int64_t i = 0; i < kChunk; ++i) {
+      ones[i] = 1.0f;
+      zeros[i] = scalar_t(0);
     }
+  }
+  template <cpu::Isa ISA>
+  inline FUSEDREG_ALWAYS_INLINE const float* uniforms(bool dropout, const cpu::PhiloxKeys& keys,
+                                                      uint64_t seed, int64_t start, int64_t len) {
+    if (!dropout) return ones;
+    cpu::fill_uniforms_at<ISA>(keys, seed, start, len, u);
     return u;
   }
 };
@@ -61,27 +72,64 @@ inline FUSEDREG_ALWAYS_INLINE void forward_segment(
   }
 }
 
+// The streams' lines kPrefetchChunks chunks ahead are prefetched before a chunk's uniforms
+// are generated: the hardware prefetchers alone stop short of covering the Philox time, and
+// the loads of the next chunks would then wait on the last-level cache with the core idle.
+// The output is prefetched with write intent (its read-for-ownership starts early too).
+constexpr int64_t kPrefetchChunks = 4;
+
+// Up to three streams of (M, N) arrays of scalar_t (null: none) to prefetch ahead.
+template <typename scalar_t>
+struct Streams {
+  const scalar_t* in0;
+  const scalar_t* in1;
+  const scalar_t* out;
+};
+
+template <typename scalar_t>
+inline FUSEDREG_ALWAYS_INLINE void prefetch_ahead(const Streams<scalar_t>& s, int64_t start, int64_t total) {
+  const int64_t ahead = start + kPrefetchChunks * kChunk;
+  if (ahead >= total) return;
+  const int64_t bytes = std::min(kChunk, total - ahead) * int64_t(sizeof(scalar_t));
+  const auto at = [&](const scalar_t* p) FUSEDREG_ALWAYS_INLINE {
+    return p ? reinterpret_cast<const char*>(p + ahead) : nullptr;
+  };
+  const char* in0 = at(s.in0);
+  const char* in1 = at(s.in1);
+  const char* out = at(s.out);
+  for (int64_t k = 0; k < bytes; k += 64) {
+    if (in0) __builtin_prefetch(in0 + k, 0, 3);
+    if (in1) __builtin_prefetch(in1 + k, 0, 3);
+    if (out) __builtin_prefetch(out + k, 1, 3);
+  }
+}
+
 // Runs fn(i, col, len, u, zeros) over the tensor in parallel, one row segment at a time:
 // elements [i, i + len) lie in one row starting at column col, u points at their uniforms
 // (all ones without dropout) and zeros at len zeros (the stand-in for a missing operand).
 // fn must be a FUSEDREG_ALWAYS_INLINE lambda: it is compiled into each instruction-set variant.
 template <typename scalar_t, typename Fn>
-void for_each_row_segment(Rows rows, bool dropout, uint64_t seed, const Fn& fn) {
+void for_each_row_segment(Rows rows, bool dropout, uint64_t seed, const Streams<scalar_t>& streams,
+                          const Fn& fn) {
   const int64_t total = rows.M * rows.N;
-  at::parallel_for(0, (total + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
+  const cpu::PhiloxKeys keys(seed);
+  at::parallel_for(0, (total + kChunk - 1) / kChunk, kGrainChunks, [&](int64_t begin, int64_t end) {
     Scratch<scalar_t> scratch;
-    cpu::dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+    cpu::dispatch_isa([&](auto isa) FUSEDREG_ALWAYS_INLINE {
+      constexpr cpu::Isa I = decltype(isa)::value;
+      int64_t col = (begin * kChunk) % rows.N;
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         const int64_t start = chunk * kChunk;
         const int64_t len = std::min(kChunk, total - start);
-        const float* u = scratch.uniforms(dropout, seed, start, len);
+        if (dropout) prefetch_ahead(streams, start, total);
+        const float* u = scratch.template uniforms<I>(dropout, keys, seed, start, len);
         int64_t j = 0;
-        int64_t col = start % rows.N;
         while (j < len) {
           const int64_t seg = std::min(len - j, rows.N - col);
           fn(start + j, col, seg, u + j, scratch.zeros);
           j += seg;
-          col = 0;
+          col += seg;
+          if (col == rows.N) col = 0;
         }
       }
     });
@@ -94,7 +142,8 @@ void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* res
   using acc_t = at::opmath_type<scalar_t>;
   const bool dropout = p > 0.0f;
   const acc_t scale = dropout ? static_cast<acc_t>(dropout_scale(p)) : acc_t(1);
-  for_each_row_segment<scalar_t>(rows, dropout, seed, [&](int64_t i, int64_t col, int64_t len,
+  const Streams<scalar_t> streams{x, residual, out};
+  for_each_row_segment<scalar_t>(rows, dropout, seed, streams, [&](int64_t i, int64_t col, int64_t len,
                                                           const float* u, const scalar_t* zeros)
                                                           FUSEDREG_ALWAYS_INLINE {
     forward_segment<scalar_t, A>(x + i, bias ? bias + col : zeros, residual ? residual + i : zeros,
@@ -128,7 +177,8 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
   const bool dropout = p > 0.0f;
   const acc_t scale = dropout ? static_cast<acc_t>(dropout_scale(p)) : acc_t(1);
   if (grad_bias == nullptr) {
-    for_each_row_segment<scalar_t>(rows, dropout, seed, [&](int64_t i, int64_t col, int64_t len,
+    const Streams<scalar_t> streams{g, x, gx};
+    for_each_row_segment<scalar_t>(rows, dropout, seed, streams, [&](int64_t i, int64_t col, int64_t len,
                                                             const float* u, const scalar_t* zeros)
                                                             FUSEDREG_ALWAYS_INLINE {
       backward_segment<scalar_t, A>(g + i, x ? x + i : nullptr, bias ? bias + col : zeros, u,
@@ -136,27 +186,40 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
     });
     return;
   }
-  // With a bias gradient: tasks are (row block, column block) tiles. The row blocks depend
-  // only on M, so each tile's fp32 partial sum, and their in-order sum, is the same for
-  // any number of threads: the result is bitwise deterministic.
+  // With a bias gradient: tasks are (row block, column block) tiles, each row of a tile
+  // walked in kChunk steps. The row blocks depend only on M, so each block's fp32 partial
+  // row, and their in-order sum, is the same for any number of threads: the result is
+  // bitwise deterministic. Column blocks (kCols wide) only give rows too long for the row
+  // blocks alone some parallelism; they do not change any sum.
   constexpr int64_t kMaxRowBlocks = 64;
+  constexpr int64_t kCols = 64 * kChunk;
   const int64_t row_block = std::max<int64_t>(1, (rows.M + kMaxRowBlocks - 1) / kMaxRowBlocks);
   const int64_t n_rb = (rows.M + row_block - 1) / row_block;
-  const int64_t n_cb = (rows.N + kChunk - 1) / kChunk;
+  const int64_t n_cb = (rows.N + kCols - 1) / kCols;
+  const int64_t tile = row_block * std::min(rows.N, kCols);
+  const int64_t grain = std::max<int64_t>(1, kGrainChunks * kChunk / std::max<int64_t>(tile, 1));
   std::vector<acc_t> partial(static_cast<size_t>(n_rb * rows.N), acc_t(0));
-  at::parallel_for(0, n_rb * n_cb, 1, [&](int64_t begin, int64_t end) {
+  const cpu::PhiloxKeys keys(seed);
+  const Streams<scalar_t> streams{g, x, gx};
+  const int64_t total = rows.M * rows.N;
+  at::parallel_for(0, n_rb * n_cb, grain, [&](int64_t begin, int64_t end) {
     Scratch<scalar_t> scratch;
-    cpu::dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+    cpu::dispatch_isa([&](auto isa) FUSEDREG_ALWAYS_INLINE {
+      constexpr cpu::Isa I = decltype(isa)::value;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t rb = task / n_cb, cb = task % n_cb;
-        const int64_t c0 = cb * kChunk, len = std::min(kChunk, rows.N - c0);
-        acc_t* acc = partial.data() + rb * rows.N + c0;
+        const int64_t c0 = cb * kCols, c1 = std::min(rows.N, c0 + kCols);
+        acc_t* acc = partial.data() + rb * rows.N;
         const int64_t r_end = std::min(rows.M, (rb + 1) * row_block);
         for (int64_t r = rb * row_block; r < r_end; ++r) {
-          const int64_t start = r * rows.N + c0;
-          const float* u = scratch.uniforms(dropout, seed, start, len);
-          backward_segment<scalar_t, A>(g + start, x ? x + start : nullptr, bias + c0, u,
-                                        gx + start, len, p, scale, acc);
+          for (int64_t c = c0; c < c1; c += kChunk) {
+            const int64_t len = std::min(kChunk, c1 - c);
+            const int64_t start = r * rows.N + c;
+            if (dropout) prefetch_ahead(streams, start, total);
+            const float* u = scratch.template uniforms<I>(dropout, keys, seed, start, len);
+            backward_segment<scalar_t, A>(g + start, x ? x + start : nullptr, bias + c, u,
+                                          gx + start, len, p, scale, acc + c);
+          }
         }
       }
     });

@@ -1,20 +1,27 @@
 """``python -m fusedreg.bench`` (console script ``fusedreg-bench``): the project's main job.
 
-1. measures the device's copy bandwidth (bytes read + written by ``dst.copy_(src)``);
+1. measures the limits of the three access patterns (out-of-place streaming, in-place
+   update, read-only reduction; fusedreg/bench/limits.py) at a reference size, for the
+   header; each row's own limit is measured for its operands' size when first needed;
 2. runs every benchmark module ``fusedreg/bench/<name>.py`` that defines ``OP`` and
    ``benchmark(ctx)`` (found by listing the package, so a new op needs no change here);
-3. fills each fusedreg row's speedup over every baseline of the same op/case/dtype/pass,
+3. with ``--steady``, times every row again the way a training loop runs it: a fresh
+   process per (op, case, dtype, impl, pass) that repeats the one call ``--steady-reps``
+   times, each output freed before the next (``--steady-worker`` is that process);
+4. fills each fusedreg row's speedup over every baseline of the same op/case/dtype/pass/mode,
    prints one table, appends the rows to a CSV (device, versions, commit, time) and draws
-   PNG plots of speedup and % of copy bandwidth against size, by default under
-   ``results/<device-slug>/``.
+   PNG plots of speedup and % of limit against size, by default under
+   ``results/<device-slug>/`` (``--sweep``: sweep.csv and ``*-sweep.png``).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import os
 import pkgutil
+import subprocess
 import sys
 import time
 import traceback
@@ -22,10 +29,11 @@ import traceback
 import torch
 
 from . import report
-from .harness import Context, measure_copy_bandwidth
+from .harness import Context, Timing, time_fn
+from .limits import REFERENCE_PATTERNS
 
 # Modules of this package that are not benchmarks.
-_NOT_BENCHMARKS = {"harness", "report"}
+_NOT_BENCHMARKS = {"harness", "report", "limits"}
 # Order of the table when present; any other benchmark module follows, alphabetically.
 _PREFERRED_ORDER = ("bias_dropout", "layer_norm", "rms_norm", "optim")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -97,7 +105,8 @@ def build_parser(ops: list[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fusedreg-bench",
         description="Times fusedreg's ops against their baselines on this device, as speedups "
-                    "and as a fraction of the device copy bandwidth measured first.")
+                    "and as a fraction of the limit of each pass's memory-access pattern, "
+                    "measured in the same run.")
     p.add_argument("--ops", nargs="+", choices=ops, metavar="OP",
                    help=f"ops to run (default: all): {', '.join(ops) or 'none found'}")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), metavar="DTYPE",
@@ -123,6 +132,19 @@ def build_parser(ops: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--replot", metavar="CSV", default=None,
                    help="measure nothing: redraw the plots of the last run in CSV (into --plots, "
                         "default the CSV's folder)")
+    p.add_argument("--sweep", action="store_true",
+                   help="the size sweep: (1, 768) to 8192x4096 for bias_dropout and the norms, "
+                        "10 to 10^7 parameters for the optimizers (eager/torch baselines only); "
+                        "rows go to <results>/sweep.csv, plots to *-sweep.png")
+    p.add_argument("--sweep-max", action="store_true",
+                   help="with --sweep on a CPU: up to 32768x4096 and 10^8 parameters (slow, "
+                        "several GB of memory)")
+    p.add_argument("--steady", action="store_true",
+                   help="also time every row (but torch.compile's) in steady state: a fresh "
+                        "process per timing, the same call repeated --steady-reps times")
+    p.add_argument("--steady-reps", type=int, default=40, metavar="N",
+                   help="calls per steady-state timing (default 40; the median is reported)")
+    p.add_argument("--steady-worker", default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -176,9 +198,76 @@ class _ProgressContext(Context):
         return t
 
 
+class _SteadyContext(Context):
+    """A worker's Context: the one selected timing, as a training loop sees it (no warm-up
+    beyond what the loop itself does, ``reps`` calls, each output freed before the next)."""
+
+    def __init__(self, *args, reps=40, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reps = reps
+
+    def time(self, fn, setup=None):
+        return time_fn(fn, self.device, min_reps=self.reps, max_reps=self.reps, budget_s=0.0,
+                       warmup=0, setup=setup)
+
+
+def steady_worker(spec: dict) -> int:
+    """The fresh process of one steady-state timing: prints ``STEADY <json Timing>``."""
+    modules, _ = discover()
+    device = torch.device(spec["device"])
+    sizes = [tuple(s) if isinstance(s, list) else s for s in spec["sizes"]] if spec["sizes"] else None
+    ctx = _SteadyContext(device=device, dtypes=[DTYPES[spec["dtype"]]], quick=spec["quick"],
+                         copy_gbps=math.nan, sizes=sizes, select_op=spec["op"],
+                         select_case=spec["case"], select=(spec["impl"], spec["pass"]),
+                         reps=spec["reps"])
+    rows = [r for r in modules[spec["module"]].benchmark(ctx)
+            if (r.op, r.case, r.impl, r.pass_) == (spec["op"], spec["case"], spec["impl"], spec["pass"])]
+    if len(rows) != 1:
+        print(f"error: steady-state worker found {len(rows)} rows for {spec}", file=sys.stderr)
+        return 1
+    r = rows[0]
+    print("STEADY " + json.dumps([r.median_ms, r.p10_ms, r.p90_ms, spec["reps"], r.min_ms]), flush=True)
+    return 0
+
+
+def _run_worker(spec: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fusedreg.bench", "--steady-worker", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=900)
+
+
+def run_steady(ctx: Context, tagged_rows: list, args, device) -> list:
+    """Steady-state rows for every finite loop row but torch.compile's (whose fresh process
+    would compile again each time), one fresh process per row."""
+    out = []
+    todo = [(m, r) for m, r in tagged_rows
+            if r.impl != "torch.compile" and math.isfinite(r.median_ms) and r.mode == "loop"]
+    for i, (module, r) in enumerate(todo):
+        spec = {"module": module, "op": r.op, "case": r.case, "dtype": r.dtype, "impl": r.impl,
+                "pass": r.pass_, "device": str(device), "quick": args.quick,
+                "sizes": args.sizes, "reps": args.steady_reps}
+        if not args.no_progress:
+            print(f"  steady [{i + 1}/{len(todo)}] {r.op} {r.case} {r.dtype} {r.impl} {r.pass_}",
+                  file=sys.stderr, flush=True)
+        try:
+            done = _run_worker(spec)
+        except subprocess.TimeoutExpired:
+            print(f"warning: steady-state worker timed out: {spec}", file=sys.stderr)
+            continue
+        line = next((ln for ln in done.stdout.splitlines() if ln.startswith("STEADY ")), None)
+        if done.returncode != 0 or line is None:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"warning: steady-state worker failed ({tail}): {spec}", file=sys.stderr)
+            continue
+        median, p10, p90, reps, best = json.loads(line[len("STEADY "):])
+        out.append(ctx.retimed(r, Timing(median, p10, p90, reps, best), "steady"))
+    return out
+
+
 def main(argv=None) -> int:
     modules, broken = discover()
     args = build_parser(list(modules)).parse_args(argv)
+    if args.steady_worker:
+        return steady_worker(json.loads(args.steady_worker))
     for name, why in broken.items():
         print(f"warning: benchmark module fusedreg.bench.{name} cannot be imported, skipped: {why}",
               file=sys.stderr)
@@ -186,11 +275,16 @@ def main(argv=None) -> int:
         if not os.path.isfile(args.replot):
             print(f"error: --replot: no such file {args.replot}", file=sys.stderr)
             return 2
-        written = report.plot_csv(args.replot, args.plots or os.path.dirname(os.path.abspath(args.replot)))
+        suffix = "-sweep" if os.path.basename(args.replot).startswith("sweep") else ""
+        written = report.plot_csv(args.replot, args.plots or os.path.dirname(os.path.abspath(args.replot)),
+                                  suffix=suffix)
         print("plots: " + (", ".join(written) if written else "none (matplotlib missing or no rows)"))
         return 0
     if not modules:
         print("error: no benchmark modules found in fusedreg.bench", file=sys.stderr)
+        return 2
+    if args.steady_reps < 3:
+        print("error: --steady-reps must be at least 3", file=sys.stderr)
         return 2
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is not None:
@@ -198,16 +292,24 @@ def main(argv=None) -> int:
     dtypes = [DTYPES[d] for d in (args.dtypes or _DEFAULT_DTYPES[device.type])]
     ops = args.ops or list(modules)
 
-    copy_gbps = measure_copy_bandwidth(device)
-    meta = report.run_metadata(device, copy_gbps)
-    print(f"fusedreg-bench on {meta['device']}: copy bandwidth {copy_gbps:.1f} GB/s "
-          f"(read + write); torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}",
+    progress = _Progress(ops, enabled=not args.no_progress)
+    ctx = _ProgressContext(device=device, dtypes=dtypes, quick=args.quick, copy_gbps=math.nan,
+                           budget_s=args.budget, sizes=args.sizes, sweep=args.sweep,
+                           sweep_max=args.sweep_max, on_time=progress.tick)
+    # The reference limits (the header line): operands of 256 MB (1 GB on a GPU), past the
+    # caches of most CPUs (not all: the last-level cache of some server CPUs holds them).
+    ref_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    if args.quick:
+        ref_bytes //= 8
+    ref = [ctx.limits.get(p, ref_bytes) for p in REFERENCE_PATTERNS]
+    ctx.copy_gbps = ref[0].gbps
+    meta = report.run_metadata(device, ctx.copy_gbps)
+    limits_text = ", ".join(f"{lim.pattern.label} {lim.gbps:.1f} GB/s ({lim.probe})" for lim in ref)
+    print(f"fusedreg-bench on {meta['device']}: limits for {ref_bytes >> 20} MB operands: "
+          f"{limits_text}; torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}",
           file=sys.stderr, flush=True)
 
-    progress = _Progress(ops, enabled=not args.no_progress)
-    ctx = _ProgressContext(device=device, dtypes=dtypes, quick=args.quick, copy_gbps=copy_gbps,
-                           budget_s=args.budget, sizes=args.sizes, on_time=progress.tick)
-    rows, failed = [], []
+    rows, tagged, failed = [], [], []
     try:
         for i, op in enumerate(ops):
             progress.start(i, op)
@@ -220,22 +322,30 @@ def main(argv=None) -> int:
                 print(f"\nerror: benchmark {op} failed: {type(e).__name__}: {e}", file=sys.stderr)
                 traceback.print_exc(file=sys.stderr)
             rows += new
+            tagged += [(op, r) for r in new]
             progress.done(op, len(new), time.perf_counter() - t0)
     finally:
         progress.close()
+    if args.steady and not args.sweep:
+        rows += run_steady(ctx, tagged, args, device)
 
     report.fill_speedups(rows)
     records = [report.to_record(r, meta) for r in rows]
-    print(f"\ncopy bandwidth {copy_gbps:.1f} GB/s on {meta['device']}; GB/s counts the minimal "
-          "bytes of each pass; saved MB = bytes saved for backward beyond the inputs")
+    print(f"\nlimits for {ref_bytes >> 20} MB operands on {meta['device']}: {limits_text}. "
+          "GB/s counts the minimal bytes of each pass (at the median time); % limit is the "
+          "fastest repetition's GB/s as a fraction of the limit of the pass's access pattern "
+          "(the probes' fastest) for operands of the case's size; mode loop = "
+          "repeated in this process, steady = a fresh process per timing (a training loop's "
+          "view); saved MB = bytes saved for backward beyond the inputs")
     print(report.format_table(records) if records else "(no rows)")
 
     folder = args.results or os.path.join("results", meta["device_slug"])
+    name, suffix = ("sweep.csv", "-sweep") if args.sweep else ("bench.csv", "")
     if records and not args.no_csv:
-        path = report.append_csv(args.csv or os.path.join(folder, "bench.csv"), records)
+        path = report.append_csv(args.csv or os.path.join(folder, name), records)
         print(f"\n{len(records)} rows appended to {path}")
     if records and not args.no_plots:
-        written = report.plot_records(records, args.plots or folder)
+        written = report.plot_records(records, args.plots or folder, suffix=suffix)
         print("plots: " + (", ".join(written) if written else "none (matplotlib is not installed)"))
     if failed:
         print(f"error: these benchmarks failed: {', '.join(failed)}", file=sys.stderr)

@@ -7,7 +7,8 @@ a training step. Backward uses ``torch.autograd.grad`` so that nothing accumulat
 ``.grad`` between repetitions; the backward-only pass runs an untimed forward before each
 timed backward (torch.compile's donated buffers forbid ``retain_graph``).
 
-Minimal bytes (what a perfect fused kernel must move; GB/s and % of copy bandwidth use them):
+Minimal bytes (what a perfect fused kernel must move; GB/s and the fraction of the limit use
+them; the limit is that of the same access pattern, fusedreg/bench/limits.py):
   fwd:  read x and residual, write out                   3·M·N elements (+ the N of bias)
   bwd:  read grad_out, write grad_x                      2·M·N elements (+ N for grad_bias)
         (+ read x with an activation, whose derivative needs it: 3·M·N)
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 import fusedreg
 
 from .harness import Context, Row, Timing, fused_backends
+from .limits import Pattern
 
 OP = "bias_dropout"
 P = 0.1
@@ -60,6 +62,14 @@ def _eager(activation):
     return fn
 
 
+def patterns(activation) -> dict:
+    """Each pass's access pattern: fwd reads x and residual, writes out; bwd reads grad_out
+    (and x with an activation), writes grad_x."""
+    fwd = Pattern("stream", 2, 1)
+    bwd = Pattern("stream", 2 if activation else 1, 1)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": (fwd, bwd)}
+
+
 def minimal_bytes(M, N, itemsize, activation) -> dict:
     n = M * N
     fwd = (3 * n + N) * itemsize
@@ -86,21 +96,30 @@ def saved_for_backward(fn, inputs) -> tuple[int, list[str]]:
     return sum(seen.values()), sorted(set(kept))
 
 
-def _skipped(ctx, case, dtype, impl, note, nbytes) -> list[Row]:
+def _skipped(ctx, case, dtype, impl, note, nbytes, pats, array_bytes) -> list[Row]:
     nan = Timing(math.nan, math.nan, math.nan, 0)
-    return [ctx.row(OP, case, dtype, impl, pass_, nan, nbytes[pass_], note=note) for pass_ in nbytes]
+    return [ctx.row(OP, case, dtype, impl, pass_, nan, nbytes[pass_], pattern=pats[pass_],
+                    array_bytes=array_bytes, note=note)
+            for pass_ in nbytes if ctx.wants(impl, pass_)]
 
 
-def _measure(ctx: Context, case, dtype, impl, fn, inputs, grad, nbytes, note="") -> list[Row]:
-    saved, kept = saved_for_backward(fn, inputs)
+def _measure(ctx: Context, case, dtype, impl, fn, inputs, grad, nbytes, pats, array_bytes,
+             note="") -> list[Row]:
+    if ctx.select is None:  # a steady-state worker calls nothing but what it times
+        saved, kept = saved_for_backward(fn, inputs)
+    else:
+        saved, kept = None, []
     if kept:
         note = "; ".join(filter(None, [note, "keeps input " + "+".join(kept)]))
     grad_of = lambda out: torch.autograd.grad(out, inputs, grad)
-    fwd = ctx.time(lambda: fn(*inputs))
-    bwd = ctx.time(grad_of, setup=lambda: fn(*inputs))  # a fresh forward graph each time
-    both = ctx.time(lambda: grad_of(fn(*inputs)))
-    return [ctx.row(OP, case, dtype, impl, pass_, t, nbytes[pass_], saved_bytes=saved, note=note)
-            for pass_, t in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", both))]
+    timings = {
+        "fwd": lambda: ctx.time(lambda: fn(*inputs)),
+        "bwd": lambda: ctx.time(grad_of, setup=lambda: fn(*inputs)),  # a fresh forward graph each time
+        "fwd+bwd": lambda: ctx.time(lambda: grad_of(fn(*inputs))),
+    }
+    return [ctx.row(OP, case, dtype, impl, pass_, timed(), nbytes[pass_], pattern=pats[pass_],
+                    array_bytes=array_bytes, saved_bytes=saved, note=note)
+            for pass_, timed in timings.items() if ctx.wants(impl, pass_)]
 
 
 def _cases(ctx: Context):
@@ -111,10 +130,12 @@ def _cases(ctx: Context):
                 shown = s if isinstance(s, int) else "x".join(map(str, s))
                 raise ValueError(f"bias_dropout sizes are rows x features (e.g. 8192x1024), got {shown}")
             sizes.append(tuple(s))
+    elif ctx.sweep:
+        sizes = sweep_sizes(ctx)
     else:
         sizes = _SIZES[(ctx.device.type, ctx.quick)]
     cases = [(M, N, None) for M, N in sizes]
-    if not ctx.quick:
+    if not ctx.quick and not ctx.sweep:
         M, N = max(sizes, key=lambda s: s[0] * s[1])
         cases.append((M, N, _ACTIVATION))
     return cases
@@ -131,17 +152,23 @@ def benchmark(ctx: Context) -> list[Row]:
 
 def _case(ctx, M, N, activation, dtype, fused) -> list[Row]:
     case = f"{M}x{N} {activation + '+' if activation else ''}bias+res p={P}"
+    if ctx.skip_case(OP, case):
+        return []
     gen = torch.Generator(device=ctx.device).manual_seed(0)
     make = lambda *shape: (torch.randn(*shape, generator=gen, device=ctx.device) + 0.5).to(dtype)
     inputs = tuple(t.requires_grad_() for t in (make(M, N), make(N), make(M, N)))
     grad = make(M, N)
     nbytes = minimal_bytes(M, N, inputs[0].element_size(), activation)
+    pats, array_bytes = patterns(activation), M * N * inputs[0].element_size()
 
     def measure(impl, fn, note=""):
+        if not any(ctx.wants(impl, p) for p in nbytes):
+            return []
         try:
-            return _measure(ctx, case, dtype, impl, fn, inputs, grad, nbytes, note=note)
+            return _measure(ctx, case, dtype, impl, fn, inputs, grad, nbytes, pats, array_bytes, note=note)
         except Exception as e:  # one broken candidate must not hide the others' results
-            return _skipped(ctx, case, dtype, impl, f"failed: {type(e).__name__}: {_first_line(e)}", nbytes)
+            return _skipped(ctx, case, dtype, impl, f"failed: {type(e).__name__}: {_first_line(e)}",
+                            nbytes, pats, array_bytes)
 
     rows = []
     for backend in fused:
@@ -152,6 +179,8 @@ def _case(ctx, M, N, activation, dtype, fused) -> list[Row]:
 
     eager = _eager(activation)
     rows += measure("torch eager", eager)
+    if ctx.sweep or not any(ctx.wants("torch.compile", p) for p in nbytes):
+        return rows  # the sweep compares with eager only (a compile per size is too slow)
 
     # torch.compile of the same expression: compiled (forward and backward graphs) before
     # timing; a fresh dynamo cache per case keeps the recompile limit out of the way and
@@ -164,9 +193,22 @@ def _case(ctx, M, N, activation, dtype, fused) -> list[Row]:
         note = f"compiled in {time.perf_counter() - t0:.0f} s"
     except Exception as e:  # compile needs a working C++/Triton toolchain: skip, say why
         return rows + _skipped(ctx, case, dtype, "torch.compile",
-                               f"torch.compile failed: {type(e).__name__}: {_first_line(e)}", nbytes)
+                               f"torch.compile failed: {type(e).__name__}: {_first_line(e)}", nbytes,
+                               pats, array_bytes)
     rows += measure("torch.compile", compiled, note=note)
     return rows
+
+
+# --sweep: from one row of GPT-2 small's width to 32768 x 4096; the largest only with
+# --sweep-max on a CPU (512 MB per operand, and minutes of eager time).
+SWEEP = [(1, 768), (4, 768), (32, 768), (256, 768), (1024, 1024), (4096, 1024), (8192, 1024),
+         (2048, 4096), (8192, 4096), (32768, 4096)]
+
+
+def sweep_sizes(ctx: Context) -> list:
+    if ctx.sweep_max or ctx.device.type == "cuda":
+        return list(SWEEP)
+    return [s for s in SWEEP if s[0] * s[1] <= 8192 * 4096]
 
 
 def _first_line(e: Exception) -> str:

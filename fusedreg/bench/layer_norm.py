@@ -7,8 +7,8 @@ Cases: on CPU the headline shape (fp32 8192 x 1024; --quick 2048 x 1024); on CUD
 N in {1024, 4096, 8192, 16384, 65536, 262144} at a fixed total of 2^28 elements (--quick
 2^24). ``--sizes MxN,...`` overrides both.
 
-Minimal bytes (GB/s and % of copy bandwidth use them; parameters and statistics are
-negligible and left out):
+Minimal bytes (GB/s and the fraction of the limit of the same access pattern use them,
+fusedreg/bench/limits.py; parameters and statistics are negligible and left out):
   layer_norm / rms_norm      fwd: read x, write y                      2·M·N elements
                              bwd: read dy and x, write dx              3·M·N
   dropout_add_layer_norm     fwd: read x, residual, write y, h         4·M·N
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import fusedreg
 
 from .harness import Context, Row, Timing, fused_backends
+from .limits import Pattern
 
 OP = "layer_norm"
 P = 0.1
@@ -46,10 +47,21 @@ def _sizes(ctx: Context):
             if len(s) != 2:
                 raise ValueError(f"layer_norm sizes are rows x features, got {'x'.join(map(str, s))}")
         return [tuple(s) for s in ctx.sizes]
+    if ctx.sweep:
+        from .bias_dropout import sweep_sizes
+        return sweep_sizes(ctx)
     if ctx.device.type == "cpu":
         return _CPU_SIZES[ctx.quick]
     total = _GPU_TOTAL[ctx.quick]
     return [(total // n, n) for n in _GPU_N]
+
+
+def _patterns(variant) -> dict:
+    if variant == "dropout_add_layer_norm":
+        fwd, bwd = Pattern("stream", 2, 2), Pattern("stream", 2, 2)
+    else:
+        fwd, bwd = Pattern("stream", 1, 1), Pattern("stream", 2, 1)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": (fwd, bwd)}
 
 
 def _minimal_bytes(variant, M, N, itemsize) -> dict:
@@ -108,29 +120,42 @@ def _peers(variant, device):
 
 # ---- timing -------------------------------------------------------------------------------------
 
-def _nan_rows(ctx, op, case, dtype, impl, nbytes, note):
+def _nan_rows(ctx, op, case, dtype, impl, nbytes, pats, array_bytes, note):
     nan = Timing(math.nan, math.nan, math.nan, 0)
-    return [ctx.row(op, case, dtype, impl, pass_, nan, nbytes[pass_], note=note) for pass_ in nbytes]
+    return [ctx.row(op, case, dtype, impl, pass_, nan, nbytes[pass_], pattern=pats[pass_],
+                    array_bytes=array_bytes, note=note)
+            for pass_ in nbytes if ctx.wants(impl, pass_)]
 
 
-def _measure(ctx, op, case, dtype, impl, fn, inputs, grad, nbytes, note=""):
+def _measure(ctx, op, case, dtype, impl, fn, inputs, grad, nbytes, pats, array_bytes, note=""):
     diff = [t for t in inputs if t is not None]
     grad_of = lambda out, **kw: torch.autograd.grad(out, diff, grad, **kw)  # noqa: E731
-    fwd = ctx.time(lambda: fn(*inputs))
-    both = ctx.time(lambda: grad_of(fn(*inputs)))
-    try:
-        out = fn(*inputs)
-        bwd = ctx.time(lambda: grad_of(out, retain_graph=True))
-    except RuntimeError:  # e.g. torch.compile's donated buffers
-        d = both.median_ms - fwd.median_ms
-        bwd = Timing(d, d, d, 0)
-        note = "; ".join(filter(None, [note, "bwd = fwd+bwd - fwd"]))
-    return [ctx.row(op, case, dtype, impl, pass_, t, nbytes[pass_], note=note)
-            for pass_, t in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", both))]
+    nan = Timing(math.nan, math.nan, math.nan, 0)
+    want = {p: ctx.wants(impl, p) for p in ("fwd", "bwd", "fwd+bwd")}
+    fwd = ctx.time(lambda: fn(*inputs)) if want["fwd"] else nan
+    both = ctx.time(lambda: grad_of(fn(*inputs))) if want["fwd+bwd"] else nan
+    bwd = nan
+    if want["bwd"]:
+        try:
+            out = fn(*inputs)
+            bwd = ctx.time(lambda: grad_of(out, retain_graph=True))
+        except RuntimeError:  # e.g. torch.compile's donated buffers
+            if not want["fwd"]:
+                fwd = ctx.time(lambda: fn(*inputs))
+            if not want["fwd+bwd"]:
+                both = ctx.time(lambda: grad_of(fn(*inputs)))
+            d = both.median_ms - fwd.median_ms
+            bwd = Timing(d, d, d, 0)
+            note = "; ".join(filter(None, [note, "bwd = fwd+bwd - fwd"]))
+    return [ctx.row(op, case, dtype, impl, pass_, t, nbytes[pass_], pattern=pats[pass_],
+                    array_bytes=array_bytes, note=note)
+            for pass_, t in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", both)) if want[pass_]]
 
 
 def _case(ctx, variant, M, N, dtype, fused) -> list[Row]:
     case = f"{M}x{N}" + (f" p={P} +res" if variant == "dropout_add_layer_norm" else "")
+    if ctx.skip_case(variant, case):
+        return []
     gen = torch.Generator(device=ctx.device).manual_seed(0)
     make = lambda *s: (torch.randn(*s, generator=gen, device=ctx.device) + 0.5).to(dtype)  # noqa: E731
     x, r = make(M, N).requires_grad_(), make(M, N).requires_grad_()
@@ -139,12 +164,17 @@ def _case(ctx, variant, M, N, dtype, fused) -> list[Row]:
               "dropout_add_layer_norm": (x, r, w, b)}[variant]
     grad = make(M, N)
     nbytes = _minimal_bytes(variant, M, N, x.element_size())
+    pats, array_bytes = _patterns(variant), M * N * x.element_size()
 
     def measure(impl, fn, note=""):
+        if not any(ctx.wants(impl, p) for p in nbytes):
+            return []
         try:
-            return _measure(ctx, variant, case, dtype, impl, fn, inputs, grad, nbytes, note)
+            return _measure(ctx, variant, case, dtype, impl, fn, inputs, grad, nbytes, pats,
+                            array_bytes, note)
         except Exception as e:  # one broken candidate must not hide the others
-            return _nan_rows(ctx, variant, case, dtype, impl, nbytes, f"failed: {type(e).__name__}: {_first_line(e)}")
+            return _nan_rows(ctx, variant, case, dtype, impl, nbytes, pats, array_bytes,
+                             f"failed: {type(e).__name__}: {_first_line(e)}")
 
     rows = []
     for backend in fused or ["reference"]:
@@ -154,6 +184,8 @@ def _case(ctx, variant, M, N, dtype, fused) -> list[Row]:
     rows += measure("torch eager", eager)
     for name, fn in _peers(variant, ctx.device):
         rows += measure(name, fn)
+    if ctx.sweep or not any(ctx.wants("torch.compile", p) for p in nbytes):
+        return rows  # the sweep compares with eager (and peers) only
     torch._dynamo.reset()
     compiled = torch.compile(eager, dynamic=False)
     try:
@@ -162,7 +194,7 @@ def _case(ctx, variant, M, N, dtype, fused) -> list[Row]:
         torch.autograd.grad(compiled(*inputs), diff, grad)
         note = f"compiled in {time.perf_counter() - t0:.0f} s"
     except Exception as e:  # compile needs a working toolchain: skip, say why
-        return rows + _nan_rows(ctx, variant, case, dtype, "torch.compile", nbytes,
+        return rows + _nan_rows(ctx, variant, case, dtype, "torch.compile", nbytes, pats, array_bytes,
                                 f"torch.compile failed: {type(e).__name__}: {_first_line(e)}")
     return rows + measure("torch.compile", compiled, note)
 

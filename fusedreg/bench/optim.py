@@ -9,6 +9,13 @@ momentum reads p, g, buf and writes p, buf (20 B).
 Rows per case: fusedreg AdamW (l1 = 0 and l1 > 0), torch AdamW (foreach, fused), torch
 AdamW fused followed by the soft-threshold in torch ops (the composite that l1 replaces),
 apex FusedAdam (GPU, if installed), fusedreg SGD and torch SGD (foreach, fused), momentum 0.9.
+Each step is an in-place pass (fusedreg/bench/limits.py): AdamW reads 4 arrays and rewrites
+3 of them, SGD with momentum reads 3 and rewrites 2; the limit is that pattern's, measured
+for arrays of the case's total parameter count.
+
+--sweep: model-like tensor lists from 10 to 10^7 parameters (10^8 with --sweep-max): a small
+MLP (weight and bias per layer) below 10^4, GPT-2-like lists (embeddings, 12 tensors per
+block) above.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import torch
 from .. import backends
 from ..optim import SGD, AdamW
 from .harness import Context, Row
+from .limits import Pattern
 
 OP = "optim"
 
@@ -32,7 +40,36 @@ def gpt2_shapes(d: int, n_layer: int, vocab: int, n_ctx: int) -> list[tuple[int,
     return shapes + [(d,), (d,)]
 
 
+def mlp_shapes(target: int) -> list[tuple[int, ...]]:
+    """A 2-layer MLP (in -> hidden -> 1) of about ``target`` parameters."""
+    h = max(1, int((target / 2) ** 0.5))
+    return [(h, h), (h,), (1, h), (1,)]
+
+
+def sweep_shapes(target: int) -> list[tuple[int, ...]]:
+    """A realistic tensor list of about ``target`` parameters."""
+    if target < 10**4:
+        return mlp_shapes(target)
+    n_layer = 2 if target < 10**6 else (6 if target < 10**7 else 12)
+    # GPT-2 layout with vocab = 8 d and n_ctx = d: about (12 n_layer + 9) d^2 parameters
+    d = max(8, int((target / (12 * n_layer + 9)) ** 0.5) // 8 * 8)
+    return gpt2_shapes(d, n_layer, 8 * d, d)
+
+
+SWEEP = [10, 100, 10**3, 10**4, 10**5, 10**6, 10**7, 10**8]
+
+
+def _sweep_cases(ctx: Context):
+    top = 10**8 if (ctx.sweep_max or ctx.device.type == "cuda") else 10**7
+    for target in (t for t in SWEEP if t <= top):
+        shapes = sweep_shapes(target)
+        n = sum(torch.Size(s).numel() for s in shapes)
+        yield f"{len(shapes)} tensors {n:,} params", shapes
+
+
 def _cases(ctx: Context):
+    if ctx.sweep:
+        return list(_sweep_cases(ctx))
     gpu = ctx.device.type == "cuda"
     big = 64 * 2**20 if gpu else 16 * 2**20
     if ctx.sizes:  # --sizes: the single tensor's element count (or shape); the list stays
@@ -109,12 +146,16 @@ def benchmark(ctx: Context) -> list[Row]:
             ps = _params(shapes, ctx.device, dtype)
             n = sum(p.numel() for p in ps)
             for op, impl, step, bpp in _candidates(ctx, ps):
+                if not ctx.wants(impl, "step") or ctx.skip_case(op, case):
+                    continue
                 try:
                     step()  # allocate state outside the timing
                     t = ctx.time(step)
                 except (RuntimeError, ValueError) as e:  # e.g. a baseline this torch lacks
                     print(f"[bench optim] {op} {case} {impl} skipped: {e}".splitlines()[0])
                     continue
-                rows.append(ctx.row(op, case, dtype, impl, "step", t, n * bpp))
+                pattern = Pattern("inplace", 4, 3) if bpp == 28 else Pattern("inplace", 3, 2)
+                rows.append(ctx.row(op, case, dtype, impl, "step", t, n * bpp, pattern=pattern,
+                                    array_bytes=n * 4))
             del ps
     return rows

@@ -19,8 +19,8 @@ from .harness import Row
 
 CSV_COLUMNS = [
     "run_id", "timestamp", "device", "device_slug", "torch", "triton", "fusedreg", "commit",
-    "copy_gbps", "op", "case", "dtype", "impl", "pass", "median_ms", "p10_ms", "p90_ms", "bytes",
-    "gbps", "frac_copy_bw", "saved_bytes", "note", "speedup",
+    "copy_gbps", "threads", "mode", "op", "case", "dtype", "impl", "pass", "median_ms", "p10_ms",
+    "p90_ms", "min_ms", "bytes", "gbps", "limit", "limit_gbps", "frac_limit", "saved_bytes", "note", "speedup",
 ]
 
 
@@ -83,7 +83,7 @@ def run_metadata(device: torch.device, copy_gbps: float) -> dict:
         "run_id": now.strftime("%Y%m%dT%H%M%SZ"), "timestamp": now.isoformat(timespec="seconds"),
         "device": name, "device_slug": device_slug(name, device), "torch": torch.__version__,
         "triton": triton_version, "fusedreg": fusedreg.__version__, "commit": git_commit(),
-        "copy_gbps": f"{copy_gbps:.2f}",
+        "copy_gbps": f"{copy_gbps:.2f}", "threads": torch.get_num_threads(),
     }
 
 
@@ -96,12 +96,13 @@ def is_fused(impl: str) -> bool:
 
 def fill_speedups(rows: list[Row]) -> None:
     """Each fusedreg row gets baseline_ms / fused_ms for every baseline of the same
-    (op, case, dtype, pass) that was measured (a skipped baseline has a NaN time)."""
+    (op, case, dtype, pass, mode) that was measured (a skipped baseline has a NaN time)."""
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r.op, r.case, r.dtype, r.pass_), []).append(r)
+        groups.setdefault((r.op, r.case, r.dtype, r.pass_, r.mode), []).append(r)
     for group in groups.values():
-        baselines = [b for b in group if not is_fused(b.impl) and math.isfinite(b.median_ms)]
+        baselines = [b for b in group if not is_fused(b.impl) and math.isfinite(b.median_ms)
+                     and b.median_ms > 0]  # a derived time (fwd+bwd - fwd) can come out <= 0
         for r in group:
             if is_fused(r.impl) and math.isfinite(r.median_ms) and r.median_ms > 0:
                 r.speedup = {b.impl: b.median_ms / r.median_ms for b in baselines}
@@ -110,10 +111,11 @@ def fill_speedups(rows: list[Row]) -> None:
 def to_record(row: Row, meta: dict) -> dict:
     rec = dict(meta)
     rec.update({
-        "op": row.op, "case": row.case, "dtype": row.dtype, "impl": row.impl, "pass": row.pass_,
+        "mode": row.mode, "op": row.op, "case": row.case, "dtype": row.dtype, "impl": row.impl, "pass": row.pass_,
         "median_ms": f"{row.median_ms:.6g}", "p10_ms": f"{row.p10_ms:.6g}",
-        "p90_ms": f"{row.p90_ms:.6g}", "bytes": row.bytes, "gbps": f"{row.gbps:.5g}",
-        "frac_copy_bw": f"{row.frac_copy_bw:.5g}",
+        "p90_ms": f"{row.p90_ms:.6g}", "min_ms": f"{row.min_ms:.6g}", "bytes": row.bytes, "gbps": f"{row.gbps:.5g}",
+        "limit": row.limit, "limit_gbps": f"{row.limit_gbps:.5g}",
+        "frac_limit": f"{row.frac_limit:.5g}",
         "saved_bytes": "" if row.saved_bytes is None else row.saved_bytes, "note": row.note,
         "speedup": ";".join(f"{k}={v:.3f}" for k, v in row.speedup.items()),
     })
@@ -140,9 +142,11 @@ def _num(value: str, fmt: str) -> str:
 
 
 def format_table(records: list[dict]) -> str:
-    header = ["op", "case", "dtype", "impl", "pass", "median ms", "p10-p90 ms", "GB/s",
-              "% copy BW", "saved MB", "speedup"]
-    lines = []
+    """The table: each row's % of its own access pattern's limit (and which limit that is:
+    the legend below the table), and the speedups over the baselines of the same case."""
+    header = ["op", "case", "dtype", "mode", "impl", "pass", "median ms", "p10-p90 ms", "GB/s",
+              "% limit", "limit", "saved MB", "speedup"]
+    lines, legend = [], {}
     for r in records:
         spread = (f"{_num(r['p10_ms'], '.3g')}-{_num(r['p90_ms'], '.3g')}"
                   if _num(r["median_ms"], "g") != "-" else "-")
@@ -150,9 +154,13 @@ def format_table(records: list[dict]) -> str:
         speed = ", ".join(f"{v:.2f}x {k}" for k, v in parse_speedup(r["speedup"]).items())
         if r["note"]:
             speed = f"{speed} [{r['note']}]" if speed else f"[{r['note']}]"
-        lines.append([r["op"], r["case"], r["dtype"], r["impl"], r["pass"],
-                      _num(r["median_ms"], ".3f"), spread, _num(r["gbps"], ".1f"),
-                      _num(float(r["frac_copy_bw"]) * 100 if r["frac_copy_bw"] else "", ".1f"),
+        frac = _num(float(r["frac_limit"]) * 100 if r["frac_limit"] else "", ".1f")
+        limit = r.get("limit", "")
+        if limit and limit not in legend:
+            legend[limit] = f"L{len(legend) + 1}"
+        tag = f"{legend[limit]} {_num(r['limit_gbps'], '.0f')}" if limit else "-"
+        lines.append([r["op"], r["case"], r["dtype"], r.get("mode", "loop"), r["impl"], r["pass"],
+                      _num(r["median_ms"], ".3f"), spread, _num(r["gbps"], ".1f"), frac, tag,
                       saved, speed])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     widths[-1] = len(header[-1])  # the last column is free text: do not pad
@@ -160,11 +168,16 @@ def format_table(records: list[dict]) -> str:
     out = [fmt(header), fmt(["-" * w for w in widths])]
     previous = None
     for cells in lines:
-        key = tuple(cells[:3])
+        key = tuple(cells[:4])
         if previous is not None and key != previous:
             out.append("")
         previous = key
         out.append(fmt(cells))
+    if legend:
+        out.append("")
+        out.append("limit column: the access pattern's limit and its GB/s for operands of the "
+                   "case's size (R/W = arrays read/written; probe: stores, nt-stores, loads, torch):")
+        out += [f"  {tag}: {label}" for label, tag in legend.items()]
     return "\n".join(out)
 
 
@@ -220,9 +233,19 @@ def split_case(case: str) -> tuple[int | None, str]:
     return None, case
 
 
-def plot_records(records: list[dict], folder: str) -> list[str]:
-    """Two PNGs per op: speedup over each baseline, and % of the copy bandwidth, against the
-    problem size (elements of the case's leading shape; bytes moved when it has none).
+_PARAMS = re.compile(r"([\d,]+) params")
+
+
+def params_of(case: str) -> int | None:
+    """"148 tensors 1,000,000 params" -> 1000000 (the optimizers' cases)."""
+    m = _PARAMS.search(case)
+    return int(m.group(1).replace(",", "")) if m else None
+
+
+def plot_records(records: list[dict], folder: str, suffix: str = "") -> list[str]:
+    """Two PNGs per op: speedup over each baseline, and % of the access pattern's limit,
+    against the problem size (elements of the case's leading shape, parameters of an
+    optimizer case, else bytes moved); ``suffix`` ends the file names (e.g. "-sweep").
     Returns the files written; [] when matplotlib is not installed."""
     try:
         import matplotlib
@@ -246,37 +269,39 @@ def plot_records(records: list[dict], folder: str) -> list[str]:
                     if r["pass"] != pass_:
                         continue
                     size, variant = split_case(r["case"])
-                    x = size if size is not None else int(r["bytes"])
-                    tag = f" {variant}" if variant else ""
+                    x = size if size is not None else params_of(r["case"]) or int(r["bytes"])
+                    tag = f" {variant}" if variant and size is not None else ""
+                    if r.get("mode", "loop") != "loop":
+                        tag += f" [{r['mode']}]"
                     if kind == "speedup":
                         for base, s in parse_speedup(r["speedup"]).items():
                             series.setdefault(f"{r['impl']} vs {base}{tag} {r['dtype']}", []).append((x, s))
                     else:
                         series.setdefault(f"{r['impl']}{tag} {r['dtype']}", []).append(
-                            (x, 100 * float(r["frac_copy_bw"])))
+                            (x, 100 * float(r["frac_limit"])))
                 for label, pts in series.items():
                     pts.sort()
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
                 ax.set_xscale("log")
-                ax.set_xlabel("problem size (elements)")
+                ax.set_xlabel("problem size (elements; parameters for optimizers)")
                 if kind == "speedup":
                     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
                     ax.set_ylabel("speedup (baseline time / fusedreg time)")
                 else:
                     ax.axhline(100.0, color="gray", lw=0.8, ls="--")
-                    ax.set_ylabel("% of measured copy bandwidth")
+                    ax.set_ylabel("% of the access pattern's measured limit")
                 ax.set_title(f"{op} {pass_}")
                 ax.grid(True, alpha=0.3)
                 if series:
                     ax.legend(fontsize=7)
             fig.suptitle(f"{op} on {device}", fontsize=10)
             fig.tight_layout()
-            path = os.path.join(folder, f"{op}-{kind}.png")
+            path = os.path.join(folder, f"{op}-{kind}{suffix}.png")
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
     return written
 
 
-def plot_csv(path: str, folder: str, run_id: str | None = None) -> list[str]:
-    return plot_records(read_csv(path, run_id), folder)
+def plot_csv(path: str, folder: str, run_id: str | None = None, suffix: str = "") -> list[str]:
+    return plot_records(read_csv(path, run_id), folder, suffix)
