@@ -388,8 +388,8 @@ def _bad_calls():
         (TypeError, lambda: F.layer_norm(x, "4")),
         (ValueError, lambda: F.layer_norm(x, (4,), torch.ones(5))),            # weight shape
         (ValueError, lambda: F.layer_norm(x, (4,), torch.ones(4), torch.ones(3))),  # bias shape
-        (ValueError, lambda: F.layer_norm(x, (4,), eps=0.0)),
-        (ValueError, lambda: F.layer_norm(x, (4,), eps=-1e-5)),
+        (ValueError, lambda: F.layer_norm(x, (4,), eps=float("inf"))),       # 0, < 0: accepted
+        (ValueError, lambda: F.layer_norm(x, (4,), eps=10**400)),
         (ValueError, lambda: F.layer_norm(x, (4,), eps=float("nan"))),
         (TypeError, lambda: F.layer_norm(x, (4,), eps="1e-5")),
         (ValueError, lambda: F.layer_norm(x, (4,), meta)),                    # mixed devices
@@ -398,7 +398,7 @@ def _bad_calls():
         (TypeError, lambda: F.layer_norm(x, (4,), torch.ones(4, dtype=torch.bfloat16))),
         (ValueError, lambda: F.rms_norm(x, (5,))),
         (ValueError, lambda: F.rms_norm(x, (4,), torch.ones(2, 2))),
-        (ValueError, lambda: F.rms_norm(x, (4,), eps=0.0)),
+        (ValueError, lambda: F.rms_norm(x, (4,), eps=float("-inf"))),
         (ValueError, lambda: F.rms_norm(x, (4,), meta)),
         (TypeError, lambda: F.rms_norm(x.int(), (4,))),
         (ValueError, lambda: F.dropout_add_layer_norm(x, torch.ones(3, 5), torch.ones(4), None)),

@@ -14,7 +14,10 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from .._activations import NAMES
+from .._dtypes import compute_dtype
 from ..reference import bias_dropout as ref
+from ..reference.philox import apply_dropout
 from ._common import Kernels, register_kernels  # noqa: F401  (Kernels: what is registered)
 
 __all__ = ["BiasDropoutConfig", "BiasDropoutFunction"]
@@ -54,7 +57,7 @@ if backends.extension_available():
 
 
 class BiasDropoutConfig(NamedTuple):
-    """The non-tensor arguments of ``BiasDropoutFunction``."""
+    """The non-tensor arguments of ``BiasDropoutFunction`` (checked by its forward)."""
     p: float          # drop probability in [0, 1] (0: no dropout, no seed read)
     activation: int   # a code of fusedreg._activations.ACTIVATIONS
     backend: str      # a name of fusedreg.backends.BACKENDS that implements bias_dropout
@@ -67,6 +70,7 @@ class BiasDropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, bias, residual, seed, config: BiasDropoutConfig):
+        check_config(config)
         fwd = backends.implementation(OP, config.backend).fwd
         return fwd(x, bias, residual, config.p, config.activation, seed)
 
@@ -90,9 +94,48 @@ class BiasDropoutFunction(torch.autograd.Function):
         if need_x or need_bias:
             x, bias, seed = ctx.saved_tensors
             cfg = ctx.config
+            if torch.is_grad_enabled():  # create_graph: the gradient must be differentiable
+                grad_x, grad_bias = _differentiable_backward(grad_out, x, bias, seed, cfg,
+                                                             need_x, need_bias and ctx.has_bias)
+                return grad_x, grad_bias, grad_out if need_residual else None, None, None
             bwd = backends.implementation(OP, cfg.backend).bwd
             grad_x, grad_bias = bwd(grad_out, x, bias, cfg.p, cfg.activation, seed,
                                     bool(need_bias and ctx.has_bias))
             grad_x = grad_x if need_x else None
             grad_bias = grad_bias if need_bias else None
         return grad_x, grad_bias, grad_out if need_residual else None, None, None
+
+
+def check_config(config) -> None:
+    """The config's values, for callers of ``BiasDropoutFunction.apply`` that skip the
+    functional API's checks: a clear error instead of a kernel given nonsense."""
+    if not isinstance(config, BiasDropoutConfig):
+        raise TypeError(f"config must be a BiasDropoutConfig, got {type(config).__name__}")
+    p, activation, backend = config
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"BiasDropoutConfig.p must be a number in [0, 1], got {p!r}")
+    if isinstance(activation, bool) or activation not in NAMES:
+        raise ValueError(f"BiasDropoutConfig.activation must be one of the codes {sorted(NAMES)} "
+                         f"(fusedreg._activations.ACTIVATIONS), got {activation!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"BiasDropoutConfig.backend must be a backend name, got {backend!r}")
+
+
+def _differentiable_backward(grad_out, x, bias, seed, cfg, need_x, need_bias):
+    """(grad_x, grad_bias) built from differentiable torch ops — the gradient of the reference
+    composite with the same seeded mask — so that a second backward (create_graph=True:
+    gradient penalties, Hessian-vector products) sees its true derivative."""
+    if cfg.activation == 0:  # linear: grad_x = dropout(grad_out), grad_bias its column sum
+        d = apply_dropout(grad_out.to(compute_dtype(grad_out.dtype)), cfg.p, seed)
+        grad_x = d.to(grad_out.dtype) if need_x else None
+        grad_bias = (d.reshape(-1, bias.shape[0]).sum(0).to(bias.dtype) if need_bias else None)
+        return grad_x, grad_bias
+    leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in (x, bias)
+              if t is not None]
+    with torch.enable_grad():
+        out = ref.bias_dropout_composite(leaves[0], leaves[1] if bias is not None else None,
+                                         None, cfg.p, cfg.activation, seed)
+        grads = torch.autograd.grad(out, leaves, grad_out, create_graph=True)
+    grad_x = grads[0] if need_x else None
+    grad_bias = grads[1] if need_bias else None
+    return grad_x, grad_bias

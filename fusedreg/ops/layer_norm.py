@@ -20,6 +20,7 @@ from torch import Tensor
 from .. import backends
 from .._dtypes import compute_dtype
 from ..reference import layer_norm as ref
+from ..reference.philox import apply_dropout
 from ._common import register_kernels
 
 __all__ = ["LayerNormConfig", "LayerNormFunction"]
@@ -71,7 +72,7 @@ register_kernels(OP, layer_norm_fwd, layer_norm_bwd, ref, fwd_fake=_fwd_fake,
 
 
 class LayerNormConfig(NamedTuple):
-    """The non-tensor arguments of ``LayerNormFunction``."""
+    """The non-tensor arguments of ``LayerNormFunction`` (checked by its forward)."""
     ndim: int              # the norm runs over x's last ``ndim`` dims
     eps: float
     p: float               # dropout of x before the residual add (0: none, seed unread)
@@ -96,6 +97,7 @@ class LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, residual, weight, bias, seed, config: LayerNormConfig):
+        check_config(config, x)
         nd = x.dim() - config.ndim
         M, N = math.prod(x.shape[:nd]), math.prod(x.shape[nd:])
         store_h = _stores_h(x, residual, config)
@@ -118,19 +120,23 @@ class LayerNormFunction(torch.autograd.Function):
         ctx.residual_dtype = residual.dtype if residual is not None else None
         ctx.has = (residual is not None, weight is not None, bias is not None)
         ctx.mark_non_differentiable(mean, rstd)
-        if not config.prenorm:
+        # A stored h stays differentiable even when it is not returned (prenorm=False): the
+        # backward saves it, and a differentiable backward (create_graph=True) reaches x and
+        # the residual through it, its grad arriving here as dh_out.
+        ctx.stores_h = _stores_h(x, residual, config)
+        if not ctx.stores_h:
             ctx.mark_non_differentiable(h)
         ctx.set_materialize_grads(False)
         if not any(ctx.needs_input_grad[:4]):
             return
         # The bias enters the backward only through grad_bias's shape and dtype.
-        ctx.save_for_backward(h if _stores_h(x, residual, config) else x, weight,
+        ctx.save_for_backward(h if ctx.stores_h else x, weight,
                               bias if ctx.needs_input_grad[3] else None, mean, rstd, seed)
 
     @staticmethod
     def backward(ctx, dy, dh_out, _dmean, _drstd):
         cfg = ctx.config
-        if not cfg.prenorm:  # h is not an output then: a grad for it (zeros) carries nothing
+        if not ctx.stores_h:  # h is an empty placeholder then: a grad for it carries nothing
             dh_out = None
         has_residual, has_weight, has_bias = ctx.has
         need_x, need_residual, need_w, need_b = ctx.needs_input_grad[:4]
@@ -139,6 +145,9 @@ class LayerNormFunction(torch.autograd.Function):
         if not (need_x or need_residual or need_w or need_b) or (dy is None and dh_out is None):
             return None, None, None, None, None, None
         h, w, b, mean, rstd, seed = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the gradient must be differentiable
+            return _differentiable_backward(ctx, dy, dh_out, h, w, b, seed, need_x,
+                                            need_residual, need_w, need_b)
         nd = len(ctx.x_shape) - cfg.ndim
         M, N = math.prod(ctx.x_shape[:nd]), math.prod(ctx.x_shape[nd:])
         h = h.reshape(M, N)
@@ -157,3 +166,40 @@ class LayerNormFunction(torch.autograd.Function):
         grad_w = gw.view(w.shape) if need_w else None
         grad_b = gb.view(b.shape) if need_b else None
         return grad_x, grad_residual, grad_w, grad_b, None, None
+
+
+def check_config(config, x) -> None:
+    """The config's values, for callers of ``LayerNormFunction.apply`` that skip the functional
+    API's checks: a clear error instead of a kernel given nonsense. Comparisons only, so that
+    torch.compile traces them with symbolic values (guards, no graph break)."""
+    if not isinstance(config, LayerNormConfig):
+        raise TypeError(f"config must be a LayerNormConfig, got {type(config).__name__}")
+    ndim, eps, p = config.ndim, config.eps, config.p
+    if isinstance(ndim, bool) or not isinstance(ndim, int) or not 1 <= ndim <= x.dim():
+        raise ValueError(f"LayerNormConfig.ndim must be an int in [1, x.dim()] = [1, {x.dim()}], "
+                         f"got {ndim!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not -math.inf < eps < math.inf:
+        raise ValueError(f"LayerNormConfig.eps must be a finite number, got {eps!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"LayerNormConfig.p must be a number in [0, 1], got {p!r}")
+    if not isinstance(config.h_dtype, torch.dtype) or not config.h_dtype.is_floating_point:
+        raise TypeError(f"LayerNormConfig.h_dtype must be a floating dtype, got {config.h_dtype!r}")
+
+
+def _differentiable_backward(ctx, dy, dh_out, h, w, b, seed, need_x, need_residual, need_w,
+                             need_b):
+    """The backward as differentiable torch ops of the saved h (an output of the forward, or
+    x itself), the weight and dy — the reference formulas with mean and rstd recomputed from h,
+    then the same seeded mask — so that a second backward (create_graph=True) sees its true
+    derivative: through h it reaches x and the residual, through w the weight."""
+    cfg = ctx.config
+    if dy is None:
+        dy = torch.zeros(h.shape, dtype=ctx.x_dtype, device=h.device)
+    dh, grad_w, grad_b = ref.norm_backward_composite(dy, h, w, cfg.ndim, cfg.eps, cfg.rms)
+    if dh_out is not None:
+        dh = dh + dh_out.to(dh.dtype)
+    grad_x = apply_dropout(dh, cfg.p, seed).to(ctx.x_dtype) if need_x else None
+    grad_residual = dh.to(ctx.residual_dtype) if need_residual else None
+    grad_w = grad_w.reshape(w.shape) if need_w else None
+    grad_b = grad_b.to(b.dtype).reshape(b.shape) if need_b else None
+    return grad_x, grad_residual, grad_w, grad_b, None, None
