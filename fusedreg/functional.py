@@ -63,6 +63,12 @@ def _common_dtype(*tensors):
     return dtype
 
 
+def _distinct(t, *others):
+    """``t``, or a view of it when it is the very tensor of another operand (``bias_dropout(x,
+    b, x)``): torch.compile cannot trace an autograd Function given one tensor twice."""
+    return t.view_as(t) if t is not None and any(t is o for o in others) else t
+
+
 def bias_dropout(x, bias=None, residual=None, p: float = 0.5, training: bool = True,
                  activation=None, seed=None):
     """``residual + dropout(act(x + bias), p)`` in one pass, forward and backward.
@@ -97,6 +103,7 @@ def bias_dropout(x, bias=None, residual=None, p: float = 0.5, training: bool = T
         check_like(bias, "bias", x, "x", shape=(x.shape[-1],), same_dtype=False)
     if residual is not None:
         check_like(residual, "residual", x, "x", shape=x.shape, same_dtype=False)
+    residual = _distinct(residual, x, bias)
     dtype = _common_dtype(x, bias, residual)
     if x.dtype != dtype:
         x = x.to(dtype)
@@ -246,6 +253,7 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
     _norm_params(x, weight, bias, shape)
     if residual is not None:
         check_norm_param(residual, "residual", x, x.shape)
+    residual, bias = _distinct(residual, x), _distinct(bias, weight)
     eps = _norm_eps(eps, x)
     if not training:
         p = 0.0
