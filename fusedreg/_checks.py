@@ -15,6 +15,9 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 class ShapeError(ValueError, RuntimeError):
     """A shape that does not fit: a ValueError, and a RuntimeError as torch raises."""
 
@@ -103,6 +106,11 @@ def check_seed(seed) -> None:
 
 def check_normalized_shape(normalized_shape, x: torch.Tensor) -> tuple:
     """normalized_shape (an int or a sequence of ints) as a tuple matching x's trailing dims."""
+    if type(normalized_shape) is tuple and normalized_shape:  # the common case, checked fast
+        n = len(normalized_shape)
+        if n <= x.dim() and all(type(d) is int for d in normalized_shape) \
+                and x.shape[x.dim() - n:] == normalized_shape:
+            return normalized_shape
     if isinstance(normalized_shape, bool):
         raise TypeError("normalized_shape must be an int or a sequence of ints, got bool")
     if isinstance(normalized_shape, numbers.Integral):
@@ -126,6 +134,9 @@ def check_normalized_shape(normalized_shape, x: torch.Tensor) -> tuple:
 def check_norm_param(t, name: str, x: torch.Tensor, shape) -> None:
     """A norm weight/bias (or residual, with shape=x.shape): on x's device, of ``shape``, of
     x's dtype or float32 when x is float16/bfloat16 (fp32 master weights, fp32 residuals)."""
+    if type(t) in _PLAIN and t.dtype == x.dtype and t.device == x.device and t.layout == torch.strided \
+            and t.shape == shape:  # the common case (x's dtype and device), checked fast
+        return
     check_like(t, name, x, "x", shape=shape, same_dtype=False)
     if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
         raise DTypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; expected "

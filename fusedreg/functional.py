@@ -1,10 +1,11 @@
 """Functional API: argument checks, backend choice, then the autograd Function of the op.
 
-Two other paths leave the Function aside, each computing the same thing:
+Other paths leave the Function aside, each computing the same thing (``_route``):
+- when no operand needs a gradient (no_grad, inference), the registered forward op alone;
 - under torch.func transforms (vmap, grad, jacrev, jacfwd, hessian, functional_call with
   wrapped tensors) and forward-mode AD (``torch.autograd.forward_ad``), a differentiable
-  composite of the reference math with the same seeded mask (``_transformed``); the seed is
-  drawn with a torch random op, so vmap's ``randomness`` rules apply to it as to torch's dropout;
+  composite of the reference math with the same seeded mask; the seed is drawn with a torch
+  random op, so vmap's ``randomness`` rules apply to it as to torch's dropout;
 - under a ``__torch_function__`` override (fx symbolic tracing, tensor subclasses, modes), the
   call is handed to it, so an fx graph calls these functions.
 """
@@ -24,7 +25,9 @@ from ._checks import (DTypeError, ShapeError, check_bool, check_like, check_norm
 from ._dtypes import compute_dtype
 from ._seed import seed_tensor, unused_seed
 from .ops.bias_dropout import BiasDropoutConfig, BiasDropoutFunction
+from .ops.bias_dropout import run_forward as _bias_dropout_forward
 from .ops.layer_norm import LayerNormConfig, LayerNormFunction
+from .ops.layer_norm import run_forward as _layer_norm_forward
 from .reference import bias_dropout as _ref_bias_dropout
 from .reference import layer_norm as _ref_layer_norm
 from .reference.philox import dropout_keep
@@ -40,18 +43,29 @@ except ImportError:  # pragma: no cover - every supported torch has it
 from torch.autograd import forward_ad as _forward_ad
 
 
-def _transformed(*tensors) -> bool:
-    """True under a torch.func transform (a functorch-wrapped operand) or inside a
-    forward-mode AD level: the call then runs as the differentiable composite. Not while
-    torch.compile traces (Dynamo handles the transforms it traces itself)."""
-    if torch.compiler.is_compiling():
-        return False
+# How a call runs (``_route``): the registered forward op alone when nothing needs a gradient
+# (no autograd Function: its apply costs more than a small call's kernel), the autograd
+# Function over the registered ops, or the differentiable composite of the reference math.
+_OP, _FUNCTION, _COMPOSITE = 0, 1, 2
+
+
+def _route(*tensors) -> int:
+    """_COMPOSITE under a torch.func transform (a functorch-wrapped operand) or inside a
+    forward-mode AD level; _OP when grad mode is off or no operand requires grad; else
+    _FUNCTION. While torch.compile or torch.jit.trace traces, always _FUNCTION (Dynamo traces
+    the Function and handles the transforms it traces itself; a jit trace must record the same
+    graph whether or not its check run needs gradients)."""
+    if torch.compiler.is_compiling() or torch._C._is_tracing():
+        return _FUNCTION
     if _forward_ad._current_level >= 0:
-        return True
+        return _COMPOSITE
+    grad = False
     for t in tensors:
-        if t is not None and _is_functorch_wrapped(t):
-            return True
-    return False
+        if t is not None:
+            if _is_functorch_wrapped(t):
+                return _COMPOSITE
+            grad = grad or t.requires_grad
+    return _FUNCTION if grad and torch.is_grad_enabled() else _OP
 
 
 def _common_dtype(*tensors):
@@ -114,10 +128,13 @@ def bias_dropout(x, bias=None, residual=None, p: float = 0.5, training: bool = T
     if not training:
         p = 0.0
     seed_t = seed_tensor(seed) if p > 0.0 else unused_seed()
-    if _transformed(x, bias, residual):
+    route = _route(x, bias, residual)
+    if route == _COMPOSITE:
         return _ref_bias_dropout.bias_dropout_composite(x, bias, residual, p, act, seed_t)
-    backend = backends.resolve("bias_dropout", x.device)
-    return BiasDropoutFunction.apply(x, bias, residual, seed_t, BiasDropoutConfig(p, act, backend))
+    config = BiasDropoutConfig(p, act, backends.resolve("bias_dropout", x.device))
+    if route == _OP:
+        return _bias_dropout_forward(x, bias, residual, seed_t, config)
+    return BiasDropoutFunction.apply(x, bias, residual, seed_t, config)
 
 
 def dropout(x, p: float = 0.5, training: bool = True, seed=None, inplace: bool = False):
@@ -133,7 +150,16 @@ def dropout(x, p: float = 0.5, training: bool = True, seed=None, inplace: bool =
     check_seed(seed)
     if not training or p == 0.0:
         return x
-    out = bias_dropout(x, p=p, training=True, seed=seed)
+    seed_t = seed_tensor(seed)
+    route = _route(x)
+    if route == _COMPOSITE:
+        out = _ref_bias_dropout.bias_dropout_composite(x, None, None, p, 0, seed_t)
+    else:
+        config = BiasDropoutConfig(p, 0, backends.resolve("bias_dropout", x.device))
+        if route == _OP:
+            out = _bias_dropout_forward(x, None, None, seed_t, config)
+        else:
+            out = BiasDropoutFunction.apply(x, None, None, seed_t, config)
     if inplace:
         return x.copy_(out)
     return out
@@ -171,6 +197,8 @@ def _norm_eps(eps, x):
     """eps as torch takes it: any finite number (0 and negative ones too: torch computes
     rsqrt(var + eps) whatever its sign); None for RMSNorm means the epsilon of the compute
     type (float32 for float16/bfloat16 inputs), as torch's rms_norm."""
+    if type(eps) is float and -math.inf < eps < math.inf:  # the common case, checked fast
+        return eps
     if eps is None:
         return float(torch.finfo(compute_dtype(x.dtype)).eps)
     if is_symbolic(eps):  # traced with a symbolic value (torch.compile, dynamic=True)
@@ -213,11 +241,14 @@ def _norm(x, normalized_shape, weight, bias, eps, rms: bool):
                            else t for t in (x, weight, bias))
     _norm_params(x, weight, bias, shape)
     eps = _norm_eps(eps, x)
-    if _transformed(x, weight, bias):
+    route = _route(x, weight, bias)
+    if route == _COMPOSITE:
         return _ref_layer_norm.layer_norm_composite(x, None, weight, bias, len(shape), eps, 0.0, 0,
                                                     rms, x.dtype)[0]
     config = LayerNormConfig(len(shape), eps, 0.0, rms, x.dtype, False,
                              backends.resolve("layer_norm", x.device))
+    if route == _OP:
+        return _layer_norm_forward(x, None, weight, bias, unused_seed(), config)[0]
     return LayerNormFunction.apply(x, None, weight, bias, unused_seed(), config)[0]
 
 
@@ -261,11 +292,13 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
     if residual_in_fp32 and h_dtype != torch.float64:
         h_dtype = torch.float32
     seed_t = seed_tensor(seed) if p > 0.0 else unused_seed()
-    if _transformed(x, residual, weight, bias):
+    route = _route(x, residual, weight, bias)
+    if route == _COMPOSITE:
         y, h = _ref_layer_norm.layer_norm_composite(x, residual, weight, bias, len(shape), eps, p,
                                                     seed_t, rms, h_dtype)
     else:
         config = LayerNormConfig(len(shape), eps, p, rms, h_dtype, prenorm,
                                  backends.resolve("layer_norm", x.device))
-        y, h, _, _ = LayerNormFunction.apply(x, residual, weight, bias, seed_t, config)
+        run = _layer_norm_forward if route == _OP else LayerNormFunction.apply
+        y, h, _, _ = run(x, residual, weight, bias, seed_t, config)
     return (y, h) if prenorm else y

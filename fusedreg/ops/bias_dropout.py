@@ -20,7 +20,7 @@ from ..reference import bias_dropout as ref
 from ..reference.philox import apply_dropout
 from ._common import Kernels, register_kernels  # noqa: F401  (Kernels: what is registered)
 
-__all__ = ["BiasDropoutConfig", "BiasDropoutFunction"]
+__all__ = ["BiasDropoutConfig", "BiasDropoutFunction", "run_forward"]
 
 OP = "bias_dropout"
 
@@ -63,29 +63,35 @@ class BiasDropoutConfig(NamedTuple):
     backend: str      # a name of fusedreg.backends.BACKENDS that implements bias_dropout
 
 
+def run_forward(x, bias, residual, seed, config: BiasDropoutConfig):
+    """``BiasDropoutFunction``'s forward without autograd, for arguments already checked (the
+    functional API calls it directly when nothing needs a gradient)."""
+    return backends.implementation(OP, config.backend).fwd(x, bias, residual, config.p,
+                                                           config.activation, seed)
+
+
 class BiasDropoutFunction(torch.autograd.Function):
     """``BiasDropoutFunction.apply(x, bias, residual, seed, config)``: autograd over the
     registered ops of ``config.backend``; ``seed`` is a 0-dim int64 CPU tensor.
     ``fusedreg.functional.bias_dropout`` checks the arguments and calls it."""
 
+    # forward takes ctx (no setup_context): Function.apply binds the arguments to forward's
+    # signature on every call of a Function with a setup_context, which cost more than a small
+    # call's kernel. torch.func transforms do not reach this Function (fusedreg.functional
+    # routes them to the differentiable composite); torch.compile traces it either way.
     @staticmethod
-    def forward(x, bias, residual, seed, config: BiasDropoutConfig):
+    def forward(ctx, x, bias, residual, seed, config: BiasDropoutConfig):
         check_config(config)
-        fwd = backends.implementation(OP, config.backend).fwd
-        return fwd(x, bias, residual, config.p, config.activation, seed)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, bias, residual, seed, config = inputs
+        out = run_forward(x, bias, residual, seed, config)
         ctx.config = config
         ctx.has_bias = bias is not None
         need_x, need_bias = ctx.needs_input_grad[:2]
-        if not (need_x or need_bias):
-            return
-        # x and the bias enter the backward only through act'(x + bias); without an
-        # activation the bias is kept only for grad_bias's shape and dtype.
-        act = config.activation != 0
-        ctx.save_for_backward(x if act else None, bias if (act or need_bias) else None, seed)
+        if need_x or need_bias:
+            # x and the bias enter the backward only through act'(x + bias); without an
+            # activation the bias is kept only for grad_bias's shape and dtype.
+            act = config.activation != 0
+            ctx.save_for_backward(x if act else None, bias if (act or need_bias) else None, seed)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -139,3 +145,4 @@ def _differentiable_backward(grad_out, x, bias, seed, cfg, need_x, need_bias):
     grad_x = grads[0] if need_x else None
     grad_bias = grads[1] if need_bias else None
     return grad_x, grad_bias
+

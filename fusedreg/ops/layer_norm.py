@@ -23,7 +23,7 @@ from ..reference import layer_norm as ref
 from ..reference.philox import apply_dropout
 from ._common import register_kernels
 
-__all__ = ["LayerNormConfig", "LayerNormFunction"]
+__all__ = ["LayerNormConfig", "LayerNormFunction", "run_forward"]
 
 OP = "layer_norm"
 
@@ -87,6 +87,51 @@ def _stores_h(x, residual, config) -> bool:
     return config.prenorm or residual is not None or config.p > 0.0 or config.h_dtype != x.dtype
 
 
+def run_forward(x, residual, weight, bias, seed, config: LayerNormConfig):
+    """``LayerNormFunction``'s forward without autograd, for arguments already checked (the
+    functional API calls it directly when nothing needs a gradient)."""
+    if x.dim() == 2 and config.ndim == 1:  # already (M, N): no views to make
+        x2, N = x, x.shape[1]
+    else:
+        nd = x.dim() - config.ndim
+        N = math.prod(x.shape[nd:])
+        x2 = x.reshape(math.prod(x.shape[:nd]), N)
+    store_h = _stores_h(x, residual, config)
+    # The ops take the residual in h's dtype (a bf16 residual with residual_in_fp32 is cast).
+    r2 = residual.reshape(x2.shape).to(config.h_dtype) if residual is not None else None
+    w = weight.reshape(N) if weight is not None and weight.dim() != 1 else weight
+    b = bias.reshape(N) if bias is not None and bias.dim() != 1 else bias
+    fwd = backends.implementation(OP, config.backend).fwd
+    y, h, mean, rstd = fwd(x2, r2, w, b, config.eps, config.p, seed, config.rms, config.h_dtype,
+                           store_h)
+    if x2 is x:
+        return y, h, mean, rstd
+    return y.view(x.shape), (h.view(x.shape) if store_h else h), mean, rstd
+
+
+def _setup_context(ctx, inputs, output):
+    """What the backward needs, saved from the forward's inputs and outputs."""
+    x, residual, weight, bias, seed, config = inputs
+    y, h, mean, rstd = output
+    ctx.config = config
+    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.has = (residual is not None, weight is not None, bias is not None)
+    ctx.mark_non_differentiable(mean, rstd)
+    # A stored h stays differentiable even when it is not returned (prenorm=False): the
+    # backward saves it, and a differentiable backward (create_graph=True) reaches x and
+    # the residual through it, its grad arriving here as dh_out.
+    ctx.stores_h = _stores_h(x, residual, config)
+    if not ctx.stores_h:
+        ctx.mark_non_differentiable(h)
+    ctx.set_materialize_grads(False)
+    if not any(ctx.needs_input_grad[:4]):
+        return
+    # The bias enters the backward only through grad_bias's shape and dtype.
+    ctx.save_for_backward(h if ctx.stores_h else x, weight,
+                          bias if ctx.needs_input_grad[3] else None, mean, rstd, seed)
+
+
 class LayerNormFunction(torch.autograd.Function):
     """``LayerNormFunction.apply(x, residual, weight, bias, seed, config)`` -> ``(y, h, mean,
     rstd)``: h = residual + dropout(x) (residual and weight/bias may be None), y = norm(h) *
@@ -95,43 +140,16 @@ class LayerNormFunction(torch.autograd.Function):
     the backward reuses. ``fusedreg.functional.layer_norm``, ``rms_norm`` and
     ``dropout_add_layer_norm`` check the arguments and call it."""
 
+    # forward takes ctx (no setup_context): Function.apply binds the arguments to forward's
+    # signature on every call of a Function with a setup_context, which cost more than a small
+    # norm's kernel. torch.func transforms do not reach this Function (fusedreg.functional
+    # routes them to the differentiable composite); torch.compile traces it either way.
     @staticmethod
-    def forward(x, residual, weight, bias, seed, config: LayerNormConfig):
+    def forward(ctx, x, residual, weight, bias, seed, config: LayerNormConfig):
         check_config(config, x)
-        nd = x.dim() - config.ndim
-        M, N = math.prod(x.shape[:nd]), math.prod(x.shape[nd:])
-        store_h = _stores_h(x, residual, config)
-        # The ops take the residual in h's dtype (a bf16 residual with residual_in_fp32 is cast).
-        r2 = residual.reshape(M, N).to(config.h_dtype) if residual is not None else None
-        w = weight.reshape(N) if weight is not None else None
-        b = bias.reshape(N) if bias is not None else None
-        fwd = backends.implementation(OP, config.backend).fwd
-        y, h, mean, rstd = fwd(x.reshape(M, N), r2, w, b, config.eps, config.p, seed, config.rms,
-                               config.h_dtype, store_h)
-        h = h.view(x.shape) if store_h else h
-        return y.view(x.shape), h, mean, rstd
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, residual, weight, bias, seed, config = inputs
-        y, h, mean, rstd = output
-        ctx.config = config
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.residual_dtype = residual.dtype if residual is not None else None
-        ctx.has = (residual is not None, weight is not None, bias is not None)
-        ctx.mark_non_differentiable(mean, rstd)
-        # A stored h stays differentiable even when it is not returned (prenorm=False): the
-        # backward saves it, and a differentiable backward (create_graph=True) reaches x and
-        # the residual through it, its grad arriving here as dh_out.
-        ctx.stores_h = _stores_h(x, residual, config)
-        if not ctx.stores_h:
-            ctx.mark_non_differentiable(h)
-        ctx.set_materialize_grads(False)
-        if not any(ctx.needs_input_grad[:4]):
-            return
-        # The bias enters the backward only through grad_bias's shape and dtype.
-        ctx.save_for_backward(h if ctx.stores_h else x, weight,
-                              bias if ctx.needs_input_grad[3] else None, mean, rstd, seed)
+        output = run_forward(x, residual, weight, bias, seed, config)
+        _setup_context(ctx, (x, residual, weight, bias, seed, config), output)
+        return output
 
     @staticmethod
     def backward(ctx, dy, dh_out, _dmean, _drstd):
@@ -203,3 +221,4 @@ def _differentiable_backward(ctx, dy, dh_out, h, w, b, seed, need_x, need_residu
     grad_w = grad_w.reshape(w.shape) if need_w else None
     grad_b = grad_b.to(b.dtype).reshape(b.shape) if need_b else None
     return grad_x, grad_residual, grad_w, grad_b, None, None
+
