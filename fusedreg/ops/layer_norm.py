@@ -115,6 +115,8 @@ def _setup_context(ctx, inputs, output):
     y, h, mean, rstd = output
     ctx.config = config
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    ctx.wb_shapes = (weight.shape if weight is not None else None,
+                     bias.shape if bias is not None else None)
     ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.has = (residual is not None, weight is not None, bias is not None)
     ctx.mark_non_differentiable(mean, rstd)
@@ -166,23 +168,35 @@ class LayerNormFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: the gradient must be differentiable
             return _differentiable_backward(ctx, dy, dh_out, h, w, b, seed, need_x,
                                             need_residual, need_w, need_b)
-        nd = len(ctx.x_shape) - cfg.ndim
-        M, N = math.prod(ctx.x_shape[:nd]), math.prod(ctx.x_shape[nd:])
-        h = h.reshape(M, N)
-        dy = torch.zeros_like(h, dtype=ctx.x_dtype) if dy is None else dy.reshape(h.shape)
-        dh_out = dh_out.reshape(h.shape) if dh_out is not None else None
+        x_shape = ctx.x_shape
+        flat = len(x_shape) == 2 and cfg.ndim == 1  # already (M, N): no views to make
+        if not flat:
+            nd = len(x_shape) - cfg.ndim
+            N = math.prod(x_shape[nd:])
+            h = h.reshape(math.prod(x_shape[:nd]), N)
+            w = w.reshape(N) if w is not None else None
+            b = b.reshape(N) if b is not None else None
+        if dy is None:
+            dy = torch.zeros_like(h, dtype=ctx.x_dtype)
+        elif not flat:
+            dy = dy.reshape(h.shape)
+        if dh_out is not None and not flat:
+            dh_out = dh_out.reshape(h.shape)
         # grad_residual equals the grad of h; the op writes it separately only when it
         # differs from grad_x (dropout, or another dtype).
         separate = need_residual and (cfg.p > 0.0 or h.dtype != ctx.x_dtype)
         bwd = backends.implementation(OP, cfg.backend).bwd
-        gx, gr, gw, gb = bwd(dy, dh_out, h, w.reshape(N) if w is not None else None,
-                             b.reshape(N) if b is not None else None, mean, rstd, cfg.p, seed,
-                             cfg.rms, ctx.x_dtype, separate, need_w, need_b)
-        grad_x = gx.view(ctx.x_shape) if need_x else None
-        grad_residual = ((gr if separate else gx).view(ctx.x_shape).to(ctx.residual_dtype)
+        gx, gr, gw, gb = bwd(dy, dh_out, h, w, b, mean, rstd, cfg.p, seed, cfg.rms, ctx.x_dtype,
+                             separate, need_w, need_b)
+        if flat:
+            grad_residual = (gr if separate else gx).to(ctx.residual_dtype) if need_residual else None
+            return (gx if need_x else None), grad_residual, (gw if need_w else None), \
+                (gb if need_b else None), None, None
+        grad_x = gx.view(x_shape) if need_x else None
+        grad_residual = ((gr if separate else gx).view(x_shape).to(ctx.residual_dtype)
                          if need_residual else None)
-        grad_w = gw.view(w.shape) if need_w else None
-        grad_b = gb.view(b.shape) if need_b else None
+        grad_w = gw.view(ctx.wb_shapes[0]) if need_w else None
+        grad_b = gb.view(ctx.wb_shapes[1]) if need_b else None
         return grad_x, grad_residual, grad_w, grad_b, None, None
 
 
