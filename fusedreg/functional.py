@@ -232,7 +232,8 @@ def _norm(x, normalized_shape, weight, bias, eps, rms: bool):
     shape = check_normalized_shape(normalized_shape, x)
     if rms and weight is not None:
         check_tensor(weight, "weight")
-        if weight.dtype != x.dtype and weight.dtype != torch.float32:
+        if weight.dtype != x.dtype and not (weight.dtype == torch.float32
+                                            and x.dtype in (torch.float16, torch.bfloat16)):
             # torch multiplies x (in its compute type) by the weight and rounds to x's dtype
             weight = weight.to(compute_dtype(x.dtype))
     if x.is_cuda and not rms and torch.is_autocast_enabled("cuda"):

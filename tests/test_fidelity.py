@@ -226,7 +226,8 @@ def test_eps_zero_and_negative_as_torch(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("xdtype,wdtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float64),
-                                           (torch.bfloat16, torch.float64), (torch.float16, torch.bfloat16)])
+                                           (torch.bfloat16, torch.float64), (torch.float16, torch.bfloat16),
+                                           (torch.float64, torch.float32)])
 def test_rms_norm_weight_of_another_dtype(backend, xdtype, wdtype):
     x = _t(3, 16, dtype=xdtype, grad=False)
     w = _t(16, seed=2, offset=1.0, dtype=wdtype)
