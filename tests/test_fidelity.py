@@ -56,6 +56,11 @@ def _gradgrad_cases(backend):
             x, r, w, b, p=0.3, seed=3, prenorm=True), (x, r, w, b)),
         ("dropout_add_rms_norm", lambda x, r, w: F.dropout_add_layer_norm(
             x, r, w, None, p=0.3, seed=3, rms=True), (x, r, w)),
+        # h stored but not returned: the second backward reaches x through it
+        ("dropout_layer_norm-no-residual", lambda x, b: F.dropout_add_layer_norm(
+            x, None, None, b, p=0.3, seed=4), (x, b)),
+        ("add_layer_norm-residual-in-fp32", lambda x, r, w: F.dropout_add_layer_norm(
+            x, r, w, None, residual_in_fp32=True), (x, r, w)),
     ]
     if backend == "triton":  # the interpreter is slow: one case per kernel, few inputs
         rc = r.detach()
