@@ -18,7 +18,7 @@ from fusedreg.autograd import (BiasDropoutConfig, BiasDropoutFunction, LayerNorm
                                LayerNormFunction)
 from fusedreg.reference.philox import dropout_scale
 
-from conftest import cpu_backends
+from conftest import cpu_backends, gpu_backends, requires_cuda
 from tolerances import FACTOR, NORM_ATOL
 
 BACKENDS = cpu_backends("layer_norm")
@@ -341,6 +341,22 @@ def test_autocast_cpu_norms_return_what_torch_returns(backend):
                              (F.layer_norm(x, (16,)), TF.layer_norm(x, (16,)))]:
             assert ours.dtype == theirs.dtype
             torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=1.6e-2)
+
+
+@requires_cuda
+def test_autocast_cuda_norms_return_what_torch_returns():
+    # torch's CUDA autocast policy (layer_norm in float32); whatever it is, the dtypes and
+    # values must be torch's
+    x = _t(3, 16, dtype=torch.float32, grad=False).cuda()
+    w = _t(16, seed=2, offset=1.0, dtype=torch.float32, grad=False).cuda()
+    lin = torch.nn.Linear(16, 16).cuda()
+    for backend in gpu_backends("layer_norm"):
+        with fusedreg.use_backend(backend), torch.autocast("cuda", dtype=torch.bfloat16):
+            h = lin(x)
+            for ours, theirs in [(F.layer_norm(h, (16,), w, w), TF.layer_norm(h, (16,), w, w)),
+                                 (F.rms_norm(h, (16,), w), TF.rms_norm(h, (16,), w))]:
+                assert ours.dtype == theirs.dtype, backend
+                torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=1.6e-2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
