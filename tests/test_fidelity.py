@@ -63,9 +63,9 @@ def _gradgrad_cases(backend):
             x, r, w, None, residual_in_fp32=True), (x, r, w)),
     ]
     if backend == "triton":  # the interpreter is slow: one case per kernel, few inputs
-        rc = r.detach()
+        rc = r[:1].detach()
         cases = [("dropout_add_layer_norm", lambda x, w: F.dropout_add_layer_norm(
-            x, rc, w, None, p=0.3, seed=3, prenorm=True), (x, w))]
+            x, rc, w, None, p=0.3, seed=3, prenorm=True), (x[:1].detach().requires_grad_(), w))]
     acts = ["gelu"] if backend == "triton" else ACTIVATIONS
     cases += [(f"bias_dropout-{a}", lambda x, b, r, a=a: F.bias_dropout(
         x, b, r, p=0.3, activation=a, seed=5), (x, b, r)) for a in acts]
@@ -281,9 +281,8 @@ def _compile_cases():
                                                                       prenorm=True)),
         ("nn.LayerNorm", fusedreg.nn.LayerNorm(8)),
         ("nn.RMSNorm", fusedreg.nn.RMSNorm(8)),
-        ("nn.Dropout", fusedreg.nn.Dropout(0.0)),
-        ("nn.BiasDropout", fusedreg.nn.BiasDropout(8, p=0.0, activation="silu")),
-        ("nn.DropoutAddLayerNorm", fusedreg.nn.DropoutAddLayerNorm(8, p=0.0, prenorm=True)),
+        ("nn.Dropout", fusedreg.nn.Dropout(0.25)),  # draws its seed inside the graph
+        # (BiasDropout and DropoutAddLayerNorm forward to the functionals above)
     ]
 
 
@@ -299,7 +298,10 @@ def test_compile_dynamic_fullgraph(dynamic):
         compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic, backend="aot_eager")
         for shape in [(3, 8), (5, 8)]:
             x = torch.randn(shape, requires_grad=True)
-            out, ref = compiled(x), fn(x)
+            torch.manual_seed(0)  # the same drawn seed on both sides (nn.Dropout)
+            out = compiled(x)
+            torch.manual_seed(0)
+            ref = fn(x)
             out, ref = (out if isinstance(out, tuple) else (out,)), (ref if isinstance(ref, tuple) else (ref,))
             for o, r in zip(out, ref):
                 torch.testing.assert_close(o, r, msg=lambda m: f"{name} {shape}: {m}")
