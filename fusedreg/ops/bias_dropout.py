@@ -128,21 +128,19 @@ def check_config(config) -> None:
 
 
 def _differentiable_backward(grad_out, x, bias, seed, cfg, need_x, need_bias):
-    """(grad_x, grad_bias) built from differentiable torch ops — the gradient of the reference
-    composite with the same seeded mask — so that a second backward (create_graph=True:
-    gradient penalties, Hessian-vector products) sees its true derivative."""
-    if cfg.activation == 0:  # linear: grad_x = dropout(grad_out), grad_bias its column sum
-        d = apply_dropout(grad_out.to(compute_dtype(grad_out.dtype)), cfg.p, seed)
-        grad_x = d.to(grad_out.dtype) if need_x else None
-        grad_bias = (d.reshape(-1, bias.shape[0]).sum(0).to(bias.dtype) if need_bias else None)
-        return grad_x, grad_bias
-    leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in (x, bias)
-              if t is not None]
-    with torch.enable_grad():
-        out = ref.bias_dropout_composite(leaves[0], leaves[1] if bias is not None else None,
-                                         None, cfg.p, cfg.activation, seed)
-        grads = torch.autograd.grad(out, leaves, grad_out, create_graph=True)
-    grad_x = grads[0] if need_x else None
-    grad_bias = grads[1] if need_bias else None
+    """(grad_x, grad_bias) as differentiable torch ops of grad_out, x and the bias — the
+    reference backward (the mask of ``seed`` times act'(x + bias), written out in
+    fusedreg/reference/bias_dropout.py: activate_grad) — so that a second backward
+    (create_graph=True: gradient penalties, Hessian-vector products) sees its true derivative.
+    Written out rather than taken with autograd.grad of the forward, which would return total
+    derivatives where x itself depends on the bias."""
+    ct = compute_dtype(grad_out.dtype)
+    d = apply_dropout(grad_out.to(ct), cfg.p, seed)
+    if cfg.activation != 0:
+        z = x.to(ct)
+        if bias is not None:
+            z = z + bias.to(ct)
+        d = d * ref.activate_grad(z, cfg.activation)
+    grad_x = d.to(grad_out.dtype) if need_x else None
+    grad_bias = d.reshape(-1, bias.shape[0]).sum(0).to(bias.dtype) if need_bias else None
     return grad_x, grad_bias
-
