@@ -4,6 +4,11 @@ forward + backward; one thread; min of N calls, the pairs interleaved so that lo
 other processes hits both sides alike.
 
     python benchmarks/overhead.py [--rows 4] [--cols 768] [--calls 300] [--backend auto]
+    python benchmarks/overhead.py --crossover   # torch's norm vs the fused kernel, by size
+
+``--crossover`` times torch's own ``layer_norm`` / ``rms_norm`` against fusedreg's fused kernel
+(the cpu backend named explicitly) over a range of sizes, without and with grad: the measurement
+behind ``fusedreg.backends.AUTO_TORCH_BELOW`` (under auto, smaller plain norms are torch's op).
 """
 from __future__ import annotations
 
@@ -80,6 +85,43 @@ def measure(rows=4, cols=768, calls=300, rounds=5):
     return rows_out
 
 
+def crossover(calls=200, rounds=3, cols=(768, 4096), rows=(1, 2, 4, 8, 16, 64, 256, 1024)):
+    """Rows (norm, rows, cols, numel, mode, torch us, fused us, ratio): torch's op against the
+    fused kernel of the cpu backend, each timed as in ``measure`` (min of N, interleaved)."""
+    out = []
+    for norm in ("layer_norm", "rms_norm"):
+        for n in cols:
+            for m in rows:
+                x, w, b = torch.randn(m, n), torch.randn(n), torch.randn(n)
+                grads = tuple(t.clone().requires_grad_() for t in (x, w, b))
+                if norm == "layer_norm":
+                    def tfn(x, w, b):
+                        return TF.layer_norm(x, (n,), w, b)
+
+                    def ffn(x, w, b):
+                        return F.layer_norm(x, (n,), w, b)
+                else:
+                    def tfn(x, w, b):
+                        return TF.rms_norm(x, (n,), w)
+
+                    def ffn(x, w, b):
+                        return F.rms_norm(x, (n,), w)
+                reps = max(5, min(calls, 20_000_000 // (m * n)) // rounds)
+                for mode, args in (("no_grad", (x, w, b)), ("fwd+bwd", grads)):
+                    def run(f, args=args, mode=mode):
+                        if mode == "no_grad":
+                            return lambda: f(*args)
+                        return lambda: f(*args).sum().backward()
+                    t_torch = t_fused = float("inf")
+                    with fusedreg.use_backend("cpu"):
+                        for _ in range(rounds):
+                            t_torch = min(t_torch, _min_time(run(tfn), reps))
+                            t_fused = min(t_fused, _min_time(run(ffn), reps))
+                    out.append((norm, m, n, m * n, mode, t_torch * 1e6, t_fused * 1e6,
+                                t_fused / t_torch))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=4)
@@ -87,8 +129,18 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--crossover", action="store_true",
+                    help="torch's layer_norm/rms_norm against the fused cpu kernel, by size")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.crossover:
+        print(f"torch's norm vs the fused cpu kernel, fp32, {args.threads} thread(s), torch "
+              f"{torch.__version__}; min of N calls, interleaved; ratio = fused / torch")
+        print(f"{'norm':10s} {'shape':>12s} {'numel':>9s} {'mode':8s} {'torch us':>9s} "
+              f"{'fused us':>9s} {'ratio':>6s}")
+        for norm, m, n, numel, mode, t, f, ratio in crossover():
+            print(f"{norm:10s} {f'{m}x{n}':>12s} {numel:9d} {mode:8s} {t:9.1f} {f:9.1f} {ratio:6.2f}")
+        return
     fusedreg.set_backend(args.backend)
     for _ in range(2):  # warm up caches and lazy initialisation
         measure(args.rows, args.cols, calls=10, rounds=1)

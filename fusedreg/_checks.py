@@ -44,6 +44,10 @@ def check_tensor(t, name: str) -> None:
 
 def check_like(t, name: str, ref: torch.Tensor, ref_name: str, shape=None, same_dtype=True) -> None:
     """``t`` is a float tensor on ref's device (and of ref's dtype), of ``shape`` if given."""
+    if type(t) in _PLAIN and t.is_cpu and ref.is_cpu and t.layout == torch.strided \
+            and t.dtype in FLOAT_DTYPES and (not same_dtype or t.dtype == ref.dtype) \
+            and (shape is None or t.shape == shape):  # the common case (CPU), checked fast
+        return
     check_tensor(t, name)
     if t.device != ref.device:
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
@@ -73,6 +77,8 @@ def check_number(value, name: str, *, low=None, high=None, low_open=False, high_
 
 
 def check_probability(p, name: str = "p") -> float:
+    if type(p) is float and 0.0 <= p <= 1.0:  # the common case, checked fast
+        return p
     if is_symbolic(p):  # traced with a symbolic value: checked when the graph was made eager
         return p
     msg = f"dropout probability {name} must be a number in [0, 1], got {p!r}"
@@ -108,7 +114,11 @@ def check_normalized_shape(normalized_shape, x: torch.Tensor) -> tuple:
     """normalized_shape (an int or a sequence of ints) as a tuple matching x's trailing dims."""
     if type(normalized_shape) is tuple and normalized_shape:  # the common case, checked fast
         n = len(normalized_shape)
-        if n <= x.dim() and all(type(d) is int for d in normalized_shape) \
+        if n == 1:
+            if type(normalized_shape[0]) is int and x.dim() >= 1 \
+                    and x.shape[-1] == normalized_shape[0]:
+                return normalized_shape
+        elif n <= x.dim() and all(type(d) is int for d in normalized_shape) \
                 and x.shape[x.dim() - n:] == normalized_shape:
             return normalized_shape
     if isinstance(normalized_shape, bool):
@@ -134,9 +144,10 @@ def check_normalized_shape(normalized_shape, x: torch.Tensor) -> tuple:
 def check_norm_param(t, name: str, x: torch.Tensor, shape) -> None:
     """A norm weight/bias (or residual, with shape=x.shape): on x's device, of ``shape``, of
     x's dtype or float32 when x is float16/bfloat16 (fp32 master weights, fp32 residuals)."""
-    if type(t) in _PLAIN and t.dtype == x.dtype and t.device == x.device and t.layout == torch.strided \
-            and t.shape == shape:  # the common case (x's dtype and device), checked fast
-        return
+    if type(t) in _PLAIN and t.dtype == x.dtype and t.layout == torch.strided and t.shape == shape \
+            and ((t.is_cpu and x.is_cpu) or t.device == x.device):
+        return  # the common case (x's dtype and device), checked fast; CPU without torch.device
+
     check_like(t, name, x, "x", shape=shape, same_dtype=False)
     if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
         raise DTypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; expected "

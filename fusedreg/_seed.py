@@ -12,11 +12,16 @@ def seed_to_int64(seed: int) -> int:
     return seed - 2**64 if seed >= 2**63 else seed
 
 
+_HIGH = 2**63 - 1
+
+
 def seed_tensor(seed) -> torch.Tensor:
     """The seed to pass to an op: ``seed`` if given, else a draw from torch's default CPU
     generator, so that ``torch.manual_seed`` makes runs reproducible."""
     if seed is None:
-        return torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
+        # torch.randint(0, 2**63 - 1, (), dtype=torch.int64) draws the same value (low 0 and
+        # int64 are randint's defaults); the short form parses faster on every call.
+        return torch.randint(_HIGH, ())
     return torch.tensor(seed_to_int64(seed), dtype=torch.int64)
 
 

@@ -19,7 +19,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from . import backends
 from ._activations import activation_code
-from ._checks import (DTypeError, ShapeError, check_bool, check_like, check_norm_param,
+from ._checks import (FLOAT_DTYPES, DTypeError, ShapeError, check_bool, check_like, check_norm_param,
                       check_normalized_shape, check_number, check_probability, check_seed,
                       check_tensor, is_symbolic)
 from ._dtypes import compute_dtype
@@ -42,27 +42,41 @@ except ImportError:  # pragma: no cover - every supported torch has it
         return False
 from torch.autograd import forward_ad as _forward_ad
 
+try:
+    from torch._C._functorch import maybe_current_level as _functorch_level
+except ImportError:  # pragma: no cover - every supported torch has it
+    def _functorch_level():
+        return None
+
+_Tensor, _STRIDED, _F32, _F64 = torch.Tensor, torch.strided, torch.float32, torch.float64
+_FINFO_EPS = {_F32: float(torch.finfo(_F32).eps), _F64: float(torch.finfo(_F64).eps)}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
 
 # How a call runs (``_route``): the registered forward op alone when nothing needs a gradient
 # (no autograd Function: its apply costs more than a small call's kernel), the autograd
 # Function over the registered ops, or the differentiable composite of the reference math.
-_OP, _FUNCTION, _COMPOSITE = 0, 1, 2
+# _TRACED runs the Function too (while torch.compile or torch.jit.trace traces); it is told
+# apart only so that a small plain norm under auto (torch's own op, ``_norm``) is an eager
+# choice: a traced graph always holds the fused op.
+_OP, _FUNCTION, _COMPOSITE, _TRACED = 0, 1, 2, 3
 
 
 def _route(*tensors) -> int:
     """_COMPOSITE under a torch.func transform (a functorch-wrapped operand) or inside a
     forward-mode AD level; _OP when grad mode is off or no operand requires grad; else
-    _FUNCTION. While torch.compile or torch.jit.trace traces, always _FUNCTION (Dynamo traces
-    the Function and handles the transforms it traces itself; a jit trace must record the same
-    graph whether or not its check run needs gradients)."""
+    _FUNCTION. While torch.compile or torch.jit.trace traces, always _TRACED, which runs the
+    Function (Dynamo traces the Function and handles the transforms it traces itself; a jit
+    trace must record the same graph whether or not its check run needs gradients)."""
     if torch.compiler.is_compiling() or torch._C._is_tracing():
-        return _FUNCTION
+        return _TRACED
     if _forward_ad._current_level >= 0:
         return _COMPOSITE
     grad = False
+    transformed = _functorch_level() is not None  # a torch.func transform is active
     for t in tensors:
         if t is not None:
-            if _is_functorch_wrapped(t):
+            if transformed and _is_functorch_wrapped(t):
                 return _COMPOSITE
             grad = grad or t.requires_grad
     return _FUNCTION if grad and torch.is_grad_enabled() else _OP
@@ -80,7 +94,16 @@ def _common_dtype(*tensors):
 def _distinct(t, *others):
     """``t``, or a view of it when it is the very tensor of another operand (``bias_dropout(x,
     b, x)``): torch.compile cannot trace an autograd Function given one tensor twice."""
-    return t.view_as(t) if t is not None and any(t is o for o in others) else t
+    if t is not None:
+        for o in others:
+            if t is o:
+                return t.view_as(t)
+    return t
+
+
+def _device_type(x) -> str:
+    """x.device.type without making a torch.device (a third of a microsecond per call)."""
+    return "cpu" if x.is_cpu else x.device.type
 
 
 def bias_dropout(x, bias=None, residual=None, p: float = 0.5, training: bool = True,
@@ -131,7 +154,7 @@ def bias_dropout(x, bias=None, residual=None, p: float = 0.5, training: bool = T
     route = _route(x, bias, residual)
     if route == _COMPOSITE:
         return _ref_bias_dropout.bias_dropout_composite(x, bias, residual, p, act, seed_t)
-    config = BiasDropoutConfig(p, act, backends.resolve("bias_dropout", x.device))
+    config = BiasDropoutConfig(p, act, backends.resolve_type("bias_dropout", _device_type(x)))
     if route == _OP:
         return _bias_dropout_forward(x, bias, residual, seed_t, config)
     return BiasDropoutFunction.apply(x, bias, residual, seed_t, config)
@@ -155,7 +178,7 @@ def dropout(x, p: float = 0.5, training: bool = True, seed=None, inplace: bool =
     if route == _COMPOSITE:
         out = _ref_bias_dropout.bias_dropout_composite(x, None, None, p, 0, seed_t)
     else:
-        config = BiasDropoutConfig(p, 0, backends.resolve("bias_dropout", x.device))
+        config = BiasDropoutConfig(p, 0, backends.resolve_type("bias_dropout", _device_type(x)))
         if route == _OP:
             out = _bias_dropout_forward(x, None, None, seed_t, config)
         else:
@@ -213,6 +236,10 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
     if has_torch_function((x, weight, bias)):
         return handle_torch_function(layer_norm, (x, weight, bias), x, normalized_shape,
                                      weight=weight, bias=bias, eps=eps)
+    if type(eps) is float and -math.inf < eps < math.inf:
+        y = _torch_small_norm(x, normalized_shape, weight, bias, eps, "layer_norm")
+        if y is not None:
+            return y
     return _norm(x, normalized_shape, weight, bias, eps, rms=False)
 
 
@@ -223,7 +250,53 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     if has_torch_function((x, weight)):
         return handle_torch_function(rms_norm, (x, weight), x, normalized_shape, weight=weight,
                                      eps=eps)
+    if eps is None or type(eps) is float and -math.inf < eps < math.inf:
+        y = _torch_small_norm(x, normalized_shape, weight, None, eps, "rms_norm")
+        if y is not None:
+            return y
     return _norm(x, normalized_shape, weight, None, eps, rms=True)
+
+
+def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
+    """Under auto, a small plain norm (backends.AUTO_TORCH_BELOW) is served by torch's own op:
+    its result (torch's autograd records the backward), or None for any other call, which
+    ``_norm`` then checks and routes as always.
+
+    Recognised here, before ``_norm``'s checks, is only the common case, each condition of
+    which implies that a check of ``_norm`` passes and that its route is the registered op or
+    the Function (not the composite nor a traced Function): an exact torch.Tensor x, float32 or
+    float64 (the dtypes that CPU autocast leaves alone), strided, on CPU; one normalized dim
+    given as a tuple of x's last size; weight and bias None or plain strided CPU tensors of x's
+    dtype and the normalized shape; eps a finite float (None for rms_norm); eager (no
+    torch.compile or jit trace, no forward-mode AD level, no torch.func transform)."""
+    limits = backends.auto_torch_limits(norm, "cpu")
+    if limits is None or type(x) is not _Tensor or torch.compiler.is_compiling() \
+            or torch._C._is_tracing() or _forward_ad._current_level >= 0 \
+            or _functorch_level() is not None:
+        return None
+    grad = x.requires_grad
+    for t in (weight, bias):
+        if t is not None:
+            if type(t) not in _PLAIN:
+                return None
+            grad = grad or t.requires_grad
+    if x.numel() >= limits[1 if grad and torch.is_grad_enabled() else 0]:
+        return None
+    if not x.is_cpu or type(normalized_shape) is not tuple or len(normalized_shape) != 1:
+        return None
+    dtype, n = x.dtype, normalized_shape[0]
+    if (dtype is not _F32 and dtype is not _F64) or type(n) is not int \
+            or x.layout is not _STRIDED or not x.dim() or x.size(-1) != n:
+        return None
+    for t in (weight, bias):
+        if t is not None and (t.dtype is not dtype or not t.is_cpu or t.layout is not _STRIDED
+                              or t.shape != normalized_shape):
+            return None
+    if norm == "rms_norm":
+        if eps is None:
+            eps = _FINFO_EPS[dtype]
+        return torch.rms_norm(x, normalized_shape, weight, eps)
+    return torch.layer_norm(x, normalized_shape, weight, bias, eps, False)
 
 
 def _norm(x, normalized_shape, weight, bias, eps, rms: bool):
@@ -243,11 +316,23 @@ def _norm(x, normalized_shape, weight, bias, eps, rms: bool):
     _norm_params(x, weight, bias, shape)
     eps = _norm_eps(eps, x)
     route = _route(x, weight, bias)
+    device_type = _device_type(x)
+    if route <= _FUNCTION:
+        limits = backends.auto_torch_limits("rms_norm" if rms else "layer_norm", device_type)
+        if limits is not None and x.numel() < limits[1 if route == _FUNCTION else 0] \
+                and (weight is None or weight.dtype == x.dtype) \
+                and (bias is None or bias.dtype == x.dtype) \
+                and not torch.is_autocast_enabled(device_type):
+            # auto, a small plain norm that _torch_small_norm did not recognise (a list for
+            # normalized_shape, a Parameter x, half precision...): torch's own op as there.
+            if rms:
+                return torch.rms_norm(x, shape, weight, eps)
+            return torch.layer_norm(x, shape, weight, bias, eps, False)
     if route == _COMPOSITE:
         return _ref_layer_norm.layer_norm_composite(x, None, weight, bias, len(shape), eps, 0.0, 0,
                                                     rms, x.dtype)[0]
     config = LayerNormConfig(len(shape), eps, 0.0, rms, x.dtype, False,
-                             backends.resolve("layer_norm", x.device))
+                             backends.resolve_type("layer_norm", device_type))
     if route == _OP:
         return _layer_norm_forward(x, None, weight, bias, unused_seed(), config)[0]
     return LayerNormFunction.apply(x, None, weight, bias, unused_seed(), config)[0]
@@ -274,9 +359,11 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
     check_tensor(x, "x")
     p = check_probability(p)
     check_seed(seed)
-    for flag, name in ((training, "training"), (prenorm, "prenorm"), (rms, "rms"),
-                       (residual_in_fp32, "residual_in_fp32")):
-        check_bool(flag, name)
+    if not (type(training) is bool and type(prenorm) is bool and type(rms) is bool
+            and type(residual_in_fp32) is bool):
+        for flag, name in ((training, "training"), (prenorm, "prenorm"), (rms, "rms"),
+                           (residual_in_fp32, "residual_in_fp32")):
+            check_bool(flag, name)
     for t, name in ((weight, "weight"), (bias, "bias")):
         if t is not None:
             check_tensor(t, name)
@@ -299,7 +386,7 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
                                                     seed_t, rms, h_dtype)
     else:
         config = LayerNormConfig(len(shape), eps, p, rms, h_dtype, prenorm,
-                                 backends.resolve("layer_norm", x.device))
+                                 backends.resolve_type("layer_norm", _device_type(x)))
         run = _layer_norm_forward if route == _OP else LayerNormFunction.apply
         y, h, _, _ = run(x, residual, weight, bias, seed_t, config)
     return (y, h) if prenorm else y

@@ -87,20 +87,24 @@ def _stores_h(x, residual, config) -> bool:
     return config.prenorm or residual is not None or config.p > 0.0 or config.h_dtype != x.dtype
 
 
-def run_forward(x, residual, weight, bias, seed, config: LayerNormConfig):
+def run_forward(x, residual, weight, bias, seed, config: LayerNormConfig, store_h=None):
     """``LayerNormFunction``'s forward without autograd, for arguments already checked (the
-    functional API calls it directly when nothing needs a gradient)."""
+    functional API calls it directly when nothing needs a gradient); ``store_h`` is
+    ``_stores_h``'s answer when the caller has it."""
+    if store_h is None:
+        store_h = _stores_h(x, residual, config)
     if x.dim() == 2 and config.ndim == 1:  # already (M, N): no views to make
-        x2, N = x, x.shape[1]
+        x2, r2, w, b = x, residual, weight, bias
     else:
         nd = x.dim() - config.ndim
         N = math.prod(x.shape[nd:])
         x2 = x.reshape(math.prod(x.shape[:nd]), N)
-    store_h = _stores_h(x, residual, config)
+        r2 = residual.reshape(x2.shape) if residual is not None else None
+        w = weight.reshape(N) if weight is not None and weight.dim() != 1 else weight
+        b = bias.reshape(N) if bias is not None and bias.dim() != 1 else bias
     # The ops take the residual in h's dtype (a bf16 residual with residual_in_fp32 is cast).
-    r2 = residual.reshape(x2.shape).to(config.h_dtype) if residual is not None else None
-    w = weight.reshape(N) if weight is not None and weight.dim() != 1 else weight
-    b = bias.reshape(N) if bias is not None and bias.dim() != 1 else bias
+    if r2 is not None and r2.dtype != config.h_dtype:
+        r2 = r2.to(config.h_dtype)
     fwd = backends.implementation(OP, config.backend).fwd
     y, h, mean, rstd = fwd(x2, r2, w, b, config.eps, config.p, seed, config.rms, config.h_dtype,
                            store_h)
@@ -109,7 +113,7 @@ def run_forward(x, residual, weight, bias, seed, config: LayerNormConfig):
     return y.view(x.shape), (h.view(x.shape) if store_h else h), mean, rstd
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, stores_h):
     """What the backward needs, saved from the forward's inputs and outputs."""
     x, residual, weight, bias, seed, config = inputs
     y, h, mean, rstd = output
@@ -123,8 +127,8 @@ def _setup_context(ctx, inputs, output):
     # A stored h stays differentiable even when it is not returned (prenorm=False): the
     # backward saves it, and a differentiable backward (create_graph=True) reaches x and
     # the residual through it, its grad arriving here as dh_out.
-    ctx.stores_h = _stores_h(x, residual, config)
-    if not ctx.stores_h:
+    ctx.stores_h = stores_h
+    if not stores_h:
         ctx.mark_non_differentiable(h)
     ctx.set_materialize_grads(False)
     if not any(ctx.needs_input_grad[:4]):
@@ -149,8 +153,9 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, seed, config: LayerNormConfig):
         check_config(config, x)
-        output = run_forward(x, residual, weight, bias, seed, config)
-        _setup_context(ctx, (x, residual, weight, bias, seed, config), output)
+        stores_h = _stores_h(x, residual, config)
+        output = run_forward(x, residual, weight, bias, seed, config, stores_h)
+        _setup_context(ctx, (x, residual, weight, bias, seed, config), output, stores_h)
         return output
 
     @staticmethod
