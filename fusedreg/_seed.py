@@ -12,17 +12,26 @@ def seed_to_int64(seed: int) -> int:
     return seed - 2**64 if seed >= 2**63 else seed
 
 
+_HIGH = 2**63 - 1
+
+
 def seed_tensor(seed) -> torch.Tensor:
     """The seed to pass to an op: ``seed`` if given, else a draw from torch's default CPU
     generator, so that ``torch.manual_seed`` makes runs reproducible."""
     if seed is None:
-        return torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
+        # torch.randint(0, 2**63 - 1, (), dtype=torch.int64) draws the same value (low 0 and
+        # int64 are randint's defaults); the short form parses faster on every call.
+        return torch.randint(_HIGH, ())
     return torch.tensor(seed_to_int64(seed), dtype=torch.int64)
 
 
+_UNUSED = torch.zeros((), dtype=torch.int64)
+
+
 def unused_seed() -> torch.Tensor:
-    """A placeholder for calls that draw no mask (p == 0): draws nothing."""
-    return torch.zeros((), dtype=torch.int64)
+    """A placeholder for calls that draw no mask (p == 0): draws nothing. One shared tensor
+    (no op reads or writes it: allocating one per call was a tenth of a small norm's time)."""
+    return _UNUSED
 
 
 def seed_value(seed: torch.Tensor) -> int:

@@ -24,8 +24,8 @@ import torch
 
 __all__ = [
     "AUTO", "BACKENDS", "BackendUnavailableError", "available_backends", "backend_status",
-    "extension_available", "get_backend", "implementation", "implemented_backends", "register",
-    "registered_backends", "resolve", "set_backend", "triton_available", "triton_interpreter",
+    "auto_torch_limits", "extension_available", "get_backend", "implementation", "implemented_backends", "register",
+    "registered_backends", "resolve", "resolve_type", "set_backend", "triton_available", "triton_interpreter",
     "use_backend", "why_unusable",
 ]
 
@@ -38,6 +38,21 @@ _CHOICES = ("auto",) + BACKENDS
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 AUTO: dict[str, dict[str, tuple[str, ...]]] = {
     op: dict(_DEFAULT_ORDER) for op in ("bias_dropout", "layer_norm", "adam", "sgd", "lion")
+}
+
+# auto and small plain norms: a ``layer_norm`` / ``rms_norm`` call with no dropout and no
+# residual (nothing to fuse) whose input has fewer elements than the limit is served by torch's
+# own ATen op, faster there than the fused backend's call (docs/design.md, "The auto table").
+# Per norm and device type: (limit without grad, limit with grad); 0: never. Measured on the
+# 2-core CPU machine, fp32, one thread (``python benchmarks/overhead.py --crossover``):
+# layer_norm: torch's op was 1.2-3x faster at every size below 2**18 elements, both ways; from
+# about 2**19 the two are within noise. rms_norm without grad: the fused call is as fast
+# (1x768) or faster from there up, so never; with grad below 4096 elements torch's forward is
+# about 1.5x faster and its forward + backward 5-12% slower (the same few microseconds either
+# way), from 4096 up the fused call wins both.
+AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
+    "layer_norm": {"cpu": (1 << 19, 1 << 19)},
+    "rms_norm": {"cpu": (0, 4096)},
 }
 
 
@@ -229,14 +244,30 @@ def use_backend(name: str):
 
 def resolve(op: str, device: torch.device) -> str:
     """The backend that serves ``op`` for tensors on ``device``; raises with the reason."""
+    return resolve_type(op, device.type)
+
+
+def resolve_type(op: str, device_type: str) -> str:
+    """``resolve`` for a device type ("cpu", "cuda"): the functional API's hot path, which
+    reads the type without making a torch.device."""
     choice = get_backend()
     if torch.compiler.is_compiling():  # a cache read would become a guard on the cache
-        return _resolve_uncached(op, device.type, choice)
-    key = (op, device.type, choice)
+        return _resolve_uncached(op, device_type, choice)
+    key = (op, device_type, choice)
     backend = _RESOLVED.get(key)
     if backend is None:
-        backend = _RESOLVED[key] = _resolve_uncached(op, device.type, choice)
+        backend = _RESOLVED[key] = _resolve_uncached(op, device_type, choice)
     return backend
+
+
+def auto_torch_limits(norm: str, device_type: str) -> tuple[int, int] | None:
+    """``AUTO_TORCH_BELOW``'s (limit without grad, limit with grad) for a plain ``norm``
+    ("layer_norm" or "rms_norm") on ``device_type`` when the choice in force is auto: a call
+    with fewer elements is served by torch's own op. None under an explicit backend (which
+    always runs its kernel) or where the table has no entry."""
+    if get_backend() != "auto":
+        return None
+    return AUTO_TORCH_BELOW.get(norm, {}).get(device_type)
 
 
 def _resolve_uncached(op: str, device_type: str, choice: str) -> str:

@@ -1,22 +1,109 @@
-"""Functional API: argument checks, backend choice, then the autograd Function of the op."""
+"""Functional API: argument checks, backend choice, then the autograd Function of the op.
+
+Other paths leave the Function aside, each computing the same thing (``_route``):
+- when no operand needs a gradient (no_grad, inference), the registered forward op alone;
+- under torch.func transforms (vmap, grad, jacrev, jacfwd, hessian, functional_call with
+  wrapped tensors) and forward-mode AD (``torch.autograd.forward_ad``), a differentiable
+  composite of the reference math with the same seeded mask; the seed is drawn with a torch
+  random op, so vmap's ``randomness`` rules apply to it as to torch's dropout;
+- under a ``__torch_function__`` override (fx symbolic tracing, tensor subclasses, modes), the
+  call is handed to it, so an fx graph calls these functions.
+"""
 from __future__ import annotations
 
 import math
 import numbers
 
 import torch
+from torch.overrides import handle_torch_function, has_torch_function
 
 from . import backends
 from ._activations import activation_code
-from ._checks import (check_like, check_norm_param, check_normalized_shape, check_number,
-                      check_probability, check_seed, check_tensor)
+from ._checks import (FLOAT_DTYPES, DTypeError, ShapeError, check_bool, check_like, check_norm_param,
+                      check_normalized_shape, check_number, check_probability, check_seed,
+                      check_tensor, is_symbolic)
+from ._dtypes import compute_dtype
 from ._seed import seed_tensor, unused_seed
 from .ops.bias_dropout import BiasDropoutConfig, BiasDropoutFunction
+from .ops.bias_dropout import run_forward as _bias_dropout_forward
 from .ops.layer_norm import LayerNormConfig, LayerNormFunction
+from .ops.layer_norm import run_forward as _layer_norm_forward
+from .reference import bias_dropout as _ref_bias_dropout
+from .reference import layer_norm as _ref_layer_norm
 from .reference.philox import dropout_keep
 
 __all__ = ["bias_dropout", "dropout", "dropout_add_layer_norm", "dropout_mask", "layer_norm",
            "rms_norm"]
+
+try:
+    from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
+except ImportError:  # pragma: no cover - every supported torch has it
+    def _is_functorch_wrapped(t):
+        return False
+from torch.autograd import forward_ad as _forward_ad
+
+try:
+    from torch._C._functorch import maybe_current_level as _functorch_level
+except ImportError:  # pragma: no cover - every supported torch has it
+    def _functorch_level():
+        return None
+
+_Tensor, _STRIDED, _F32, _F64 = torch.Tensor, torch.strided, torch.float32, torch.float64
+_FINFO_EPS = {_F32: float(torch.finfo(_F32).eps), _F64: float(torch.finfo(_F64).eps)}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+# How a call runs (``_route``): the registered forward op alone when nothing needs a gradient
+# (no autograd Function: its apply costs more than a small call's kernel), the autograd
+# Function over the registered ops, or the differentiable composite of the reference math.
+# _TRACED runs the Function too (while torch.compile or torch.jit.trace traces); it is told
+# apart only so that a small plain norm under auto (torch's own op, ``_norm``) is an eager
+# choice: a traced graph always holds the fused op.
+_OP, _FUNCTION, _COMPOSITE, _TRACED = 0, 1, 2, 3
+
+
+def _route(*tensors) -> int:
+    """_COMPOSITE under a torch.func transform (a functorch-wrapped operand) or inside a
+    forward-mode AD level; _OP when grad mode is off or no operand requires grad; else
+    _FUNCTION. While torch.compile or torch.jit.trace traces, always _TRACED, which runs the
+    Function (Dynamo traces the Function and handles the transforms it traces itself; a jit
+    trace must record the same graph whether or not its check run needs gradients)."""
+    if torch.compiler.is_compiling() or torch._C._is_tracing():
+        return _TRACED
+    if _forward_ad._current_level >= 0:
+        return _COMPOSITE
+    grad = False
+    transformed = _functorch_level() is not None  # a torch.func transform is active
+    for t in tensors:
+        if t is not None:
+            if transformed and _is_functorch_wrapped(t):
+                return _COMPOSITE
+            grad = grad or t.requires_grad
+    return _FUNCTION if grad and torch.is_grad_enabled() else _OP
+
+
+def _common_dtype(*tensors):
+    """The dtype torch's type promotion gives the tensors (None entries skipped)."""
+    dtype = None
+    for t in tensors:
+        if t is not None:
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _distinct(t, *others):
+    """``t``, or a view of it when it is the very tensor of another operand (``bias_dropout(x,
+    b, x)``): torch.compile cannot trace an autograd Function given one tensor twice."""
+    if t is not None:
+        for o in others:
+            if t is o:
+                return t.view_as(t)
+    return t
+
+
+def _device_type(x) -> str:
+    """x.device.type without making a torch.device (a third of a microsecond per call)."""
+    return "cpu" if x.is_cpu else x.device.type
 
 
 def bias_dropout(x, bias=None, residual=None, p: float = 0.5, training: bool = True,
@@ -28,39 +115,74 @@ def bias_dropout(x, bias=None, residual=None, p: float = 0.5, training: bool = T
         bias: optional (N,) tensor added over the last dimension before the activation.
         residual: optional tensor of x's shape added after dropout.
         p: drop probability in [0, 1]; kept values are scaled by 1 / (1 - p).
-        training: if False, no dropout (the mask is not drawn).
+        training: if False, no dropout (the mask is not drawn). A bool, as torch's dropout
+            requires.
         activation: None, "relu", "gelu", "gelu_tanh" or "silu".
         seed: 64-bit seed of the mask (docs/design.md, "The dropout mask"); None draws one
             from torch's default generator. The same seed gives the same mask on every
             backend and device.
+
+    bias and residual may have another float dtype than x (fp32 ones with bf16 activations
+    under autocast): the result has the dtype torch's composite would have (type promotion),
+    computed in float32 (float64 for float64).
     """
+    if has_torch_function((x, bias, residual)):
+        return handle_torch_function(bias_dropout, (x, bias, residual), x, bias, residual, p=p,
+                                     training=training, activation=activation, seed=seed)
     check_tensor(x, "x")
     p = check_probability(p)
+    check_bool(training, "training")
     act = activation_code(activation)
     check_seed(seed)
     if bias is not None:
         if x.dim() == 0:
-            raise ValueError("x must have at least one dimension when a bias is given")
-        check_like(bias, "bias", x, "x", shape=(x.shape[-1],))
+            raise ShapeError("x must have at least one dimension when a bias is given")
+        check_like(bias, "bias", x, "x", shape=(x.shape[-1],), same_dtype=False)
     if residual is not None:
-        check_like(residual, "residual", x, "x", shape=x.shape)
+        check_like(residual, "residual", x, "x", shape=x.shape, same_dtype=False)
+    residual = _distinct(residual, x, bias)
+    dtype = _common_dtype(x, bias, residual)
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    if residual is not None and residual.dtype != dtype:
+        residual = residual.to(dtype)
     if not training:
         p = 0.0
     seed_t = seed_tensor(seed) if p > 0.0 else unused_seed()
-    backend = backends.resolve("bias_dropout", x.device)
-    return BiasDropoutFunction.apply(x, bias, residual, seed_t, BiasDropoutConfig(p, act, backend))
+    route = _route(x, bias, residual)
+    if route == _COMPOSITE:
+        return _ref_bias_dropout.bias_dropout_composite(x, bias, residual, p, act, seed_t)
+    config = BiasDropoutConfig(p, act, backends.resolve_type("bias_dropout", _device_type(x)))
+    if route == _OP:
+        return _bias_dropout_forward(x, bias, residual, seed_t, config)
+    return BiasDropoutFunction.apply(x, bias, residual, seed_t, config)
 
 
 def dropout(x, p: float = 0.5, training: bool = True, seed=None, inplace: bool = False):
     """Dropout with the seeded mask (docs/design.md, "The dropout mask"):
     ``torch.nn.functional.dropout``'s arguments plus ``seed``. With ``training=False`` or
     ``p == 0`` it returns ``x``."""
+    if has_torch_function((x,)):
+        return handle_torch_function(dropout, (x,), x, p=p, training=training, seed=seed,
+                                     inplace=inplace)
     check_tensor(x, "x")
     p = check_probability(p)
+    check_bool(training, "training")
     check_seed(seed)
     if not training or p == 0.0:
         return x
-    out = bias_dropout(x, p=p, training=True, seed=seed)
+    seed_t = seed_tensor(seed)
+    route = _route(x)
+    if route == _COMPOSITE:
+        out = _ref_bias_dropout.bias_dropout_composite(x, None, None, p, 0, seed_t)
+    else:
+        config = BiasDropoutConfig(p, 0, backends.resolve_type("bias_dropout", _device_type(x)))
+        if route == _OP:
+            out = _bias_dropout_forward(x, None, None, seed_t, config)
+        else:
+            out = BiasDropoutFunction.apply(x, None, None, seed_t, config)
     if inplace:
         return x.copy_(out)
     return out
@@ -72,7 +194,15 @@ def dropout_mask(shape, p: float, seed: int) -> torch.Tensor:
     check_seed(seed)
     if seed is None:
         raise TypeError("dropout_mask needs an explicit seed")
-    return dropout_keep(tuple(shape), p, seed)
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of ints, got {type(shape).__name__}") from None
+    if any(isinstance(d, bool) or not isinstance(d, numbers.Integral) for d in shape):
+        raise TypeError(f"shape must hold ints, got {shape!r}")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"shape must hold sizes >= 0, got {shape!r}")
+    return dropout_keep(tuple(int(d) for d in shape), p, seed)
 
 
 # ---- LayerNorm, RMSNorm, dropout + residual + norm --------------------------------------------
@@ -83,37 +213,128 @@ def _norm_params(x, weight, bias, shape):
     if bias is not None:
         check_norm_param(bias, "bias", x, shape)
         if weight is not None and bias.dtype != weight.dtype:
-            raise TypeError(f"bias has dtype {bias.dtype} but weight has dtype {weight.dtype}")
+            raise DTypeError(f"bias has dtype {bias.dtype} but weight has dtype {weight.dtype}")
 
 
 def _norm_eps(eps, x):
+    """eps as torch takes it: any finite number (0 and negative ones too: torch computes
+    rsqrt(var + eps) whatever its sign); None for RMSNorm means the epsilon of the compute
+    type (float32 for float16/bfloat16 inputs), as torch's rms_norm."""
+    if type(eps) is float and -math.inf < eps < math.inf:  # the common case, checked fast
+        return eps
     if eps is None:
-        return float(torch.finfo(x.dtype).eps)
-    if isinstance(eps, numbers.Real) and not isinstance(eps, bool) and math.isnan(float(eps)):
-        raise ValueError("eps must be a positive number, got nan")
-    return check_number(eps, "eps", low=0.0, low_open=True)
+        return float(torch.finfo(compute_dtype(x.dtype)).eps)
+    if is_symbolic(eps):  # traced with a symbolic value (torch.compile, dynamic=True)
+        return eps
+    return check_number(eps, "eps")
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
     """``torch.nn.functional.layer_norm`` (same arguments and result) in one fused pass
     forward and one backward. weight and bias have x's dtype, or float32 with float16/bfloat16
     x; the output has x's dtype."""
+    if has_torch_function((x, weight, bias)):
+        return handle_torch_function(layer_norm, (x, weight, bias), x, normalized_shape,
+                                     weight=weight, bias=bias, eps=eps)
+    if type(eps) is float and -math.inf < eps < math.inf:
+        y = _torch_small_norm(x, normalized_shape, weight, bias, eps, "layer_norm")
+        if y is not None:
+            return y
     return _norm(x, normalized_shape, weight, bias, eps, rms=False)
 
 
 def rms_norm(x, normalized_shape, weight=None, eps=None):
-    """``torch.nn.functional.rms_norm``: eps=None means ``torch.finfo(x.dtype).eps``."""
+    """``torch.nn.functional.rms_norm``: eps=None means the epsilon of the compute type
+    (``torch.finfo(torch.float32).eps`` for float16/bfloat16/float32 x), as torch's. The weight
+    may have any float dtype (torch's rule): the result has x's dtype."""
+    if has_torch_function((x, weight)):
+        return handle_torch_function(rms_norm, (x, weight), x, normalized_shape, weight=weight,
+                                     eps=eps)
+    if eps is None or type(eps) is float and -math.inf < eps < math.inf:
+        y = _torch_small_norm(x, normalized_shape, weight, None, eps, "rms_norm")
+        if y is not None:
+            return y
     return _norm(x, normalized_shape, weight, None, eps, rms=True)
+
+
+def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
+    """Under auto, a small plain norm (backends.AUTO_TORCH_BELOW) is served by torch's own op:
+    its result (torch's autograd records the backward), or None for any other call, which
+    ``_norm`` then checks and routes as always.
+
+    Recognised here, before ``_norm``'s checks, is only the common case, each condition of
+    which implies that a check of ``_norm`` passes and that its route is the registered op or
+    the Function (not the composite nor a traced Function): an exact torch.Tensor x, float32 or
+    float64 (the dtypes that CPU autocast leaves alone), strided, on CPU; one normalized dim
+    given as a tuple of x's last size; weight and bias None or plain strided CPU tensors of x's
+    dtype and the normalized shape; eps a finite float (None for rms_norm); eager (no
+    torch.compile or jit trace, no forward-mode AD level, no torch.func transform)."""
+    limits = backends.auto_torch_limits(norm, "cpu")
+    if limits is None or type(x) is not _Tensor or torch.compiler.is_compiling() \
+            or torch._C._is_tracing() or _forward_ad._current_level >= 0 \
+            or _functorch_level() is not None:
+        return None
+    grad = x.requires_grad
+    for t in (weight, bias):
+        if t is not None:
+            if type(t) not in _PLAIN:
+                return None
+            grad = grad or t.requires_grad
+    if x.numel() >= limits[1 if grad and torch.is_grad_enabled() else 0]:
+        return None
+    if not x.is_cpu or type(normalized_shape) is not tuple or len(normalized_shape) != 1:
+        return None
+    dtype, n = x.dtype, normalized_shape[0]
+    if (dtype is not _F32 and dtype is not _F64) or type(n) is not int \
+            or x.layout is not _STRIDED or not x.dim() or x.size(-1) != n:
+        return None
+    for t in (weight, bias):
+        if t is not None and (t.dtype is not dtype or not t.is_cpu or t.layout is not _STRIDED
+                              or t.shape != normalized_shape):
+            return None
+    if norm == "rms_norm":
+        if eps is None:
+            eps = _FINFO_EPS[dtype]
+        return torch.rms_norm(x, normalized_shape, weight, eps)
+    return torch.layer_norm(x, normalized_shape, weight, bias, eps, False)
 
 
 def _norm(x, normalized_shape, weight, bias, eps, rms: bool):
     """layer_norm / rms_norm: the norm of x alone (no residual, no dropout)."""
     check_tensor(x, "x")
     shape = check_normalized_shape(normalized_shape, x)
+    if rms and weight is not None:
+        check_tensor(weight, "weight")
+        if weight.dtype != x.dtype and not (weight.dtype == torch.float32
+                                            and x.dtype in (torch.float16, torch.bfloat16)):
+            # torch multiplies x (in its compute type) by the weight and rounds to x's dtype
+            weight = weight.to(compute_dtype(x.dtype))
+    if x.is_cuda and not rms and torch.is_autocast_enabled("cuda"):
+        # torch's CUDA autocast runs layer_norm in float32 (its "fp32" list)
+        x, weight, bias = (t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16)
+                           else t for t in (x, weight, bias))
     _norm_params(x, weight, bias, shape)
     eps = _norm_eps(eps, x)
+    route = _route(x, weight, bias)
+    device_type = _device_type(x)
+    if route <= _FUNCTION:
+        limits = backends.auto_torch_limits("rms_norm" if rms else "layer_norm", device_type)
+        if limits is not None and x.numel() < limits[1 if route == _FUNCTION else 0] \
+                and (weight is None or weight.dtype == x.dtype) \
+                and (bias is None or bias.dtype == x.dtype) \
+                and not torch.is_autocast_enabled(device_type):
+            # auto, a small plain norm that _torch_small_norm did not recognise (a list for
+            # normalized_shape, a Parameter x, half precision...): torch's own op as there.
+            if rms:
+                return torch.rms_norm(x, shape, weight, eps)
+            return torch.layer_norm(x, shape, weight, bias, eps, False)
+    if route == _COMPOSITE:
+        return _ref_layer_norm.layer_norm_composite(x, None, weight, bias, len(shape), eps, 0.0, 0,
+                                                    rms, x.dtype)[0]
     config = LayerNormConfig(len(shape), eps, 0.0, rms, x.dtype, False,
-                             backends.resolve("layer_norm", x.device))
+                             backends.resolve_type("layer_norm", device_type))
+    if route == _OP:
+        return _layer_norm_forward(x, None, weight, bias, unused_seed(), config)[0]
     return LayerNormFunction.apply(x, None, weight, bias, unused_seed(), config)[0]
 
 
@@ -130,13 +351,19 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
     ``rms=True`` gives RMSNorm (a bias is still added if given). Returns y, or (y, h) with
     ``prenorm=True`` so that h can be the next block's residual.
     """
+    if has_torch_function((x, residual, weight, bias)):
+        return handle_torch_function(
+            dropout_add_layer_norm, (x, residual, weight, bias), x, residual, weight, bias, p=p,
+            eps=eps, training=training, prenorm=prenorm, rms=rms,
+            residual_in_fp32=residual_in_fp32, seed=seed)
     check_tensor(x, "x")
     p = check_probability(p)
     check_seed(seed)
-    for flag, name in ((training, "training"), (prenorm, "prenorm"), (rms, "rms"),
-                       (residual_in_fp32, "residual_in_fp32")):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if not (type(training) is bool and type(prenorm) is bool and type(rms) is bool
+            and type(residual_in_fp32) is bool):
+        for flag, name in ((training, "training"), (prenorm, "prenorm"), (rms, "rms"),
+                           (residual_in_fp32, "residual_in_fp32")):
+            check_bool(flag, name)
     for t, name in ((weight, "weight"), (bias, "bias")):
         if t is not None:
             check_tensor(t, name)
@@ -145,6 +372,7 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
     _norm_params(x, weight, bias, shape)
     if residual is not None:
         check_norm_param(residual, "residual", x, x.shape)
+    residual, bias = _distinct(residual, x), _distinct(bias, weight)
     eps = _norm_eps(eps, x)
     if not training:
         p = 0.0
@@ -152,7 +380,13 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
     if residual_in_fp32 and h_dtype != torch.float64:
         h_dtype = torch.float32
     seed_t = seed_tensor(seed) if p > 0.0 else unused_seed()
-    config = LayerNormConfig(len(shape), eps, p, rms, h_dtype, prenorm,
-                             backends.resolve("layer_norm", x.device))
-    y, h, _, _ = LayerNormFunction.apply(x, residual, weight, bias, seed_t, config)
+    route = _route(x, residual, weight, bias)
+    if route == _COMPOSITE:
+        y, h = _ref_layer_norm.layer_norm_composite(x, residual, weight, bias, len(shape), eps, p,
+                                                    seed_t, rms, h_dtype)
+    else:
+        config = LayerNormConfig(len(shape), eps, p, rms, h_dtype, prenorm,
+                                 backends.resolve_type("layer_norm", _device_type(x)))
+        run = _layer_norm_forward if route == _OP else LayerNormFunction.apply
+        y, h, _, _ = run(x, residual, weight, bias, seed_t, config)
     return (y, h) if prenorm else y

@@ -11,7 +11,19 @@ from ._checks import check_probability
 __all__ = ["BiasDropout", "Dropout", "DropoutAddLayerNorm", "LayerNorm", "RMSNorm"]
 
 
-class Dropout(nn.Dropout):
+class _Traceable:
+    """torch.jit.script cannot compile these modules (their forward runs Python argument
+    checks before a registered op): it raises this error, naming what works instead."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"torch.jit.script cannot compile fusedreg.nn.{type(self).__name__}: its forward "
+            "checks arguments in Python before calling a registered custom op. Use "
+            "torch.jit.trace, torch.export.export or torch.compile (all supported), or "
+            "fusedreg.unpatch(model) before scripting.")
+
+
+class Dropout(_Traceable, nn.Dropout):
     """Drop-in for ``torch.nn.Dropout`` (same arguments, repr and state) whose mask comes
     from a seed (docs/design.md, "The dropout mask") and is recomputed in backward instead of
     being stored."""
@@ -24,7 +36,7 @@ class Dropout(nn.Dropout):
         return F.dropout(input, self.p, self.training, inplace=self.inplace)
 
 
-class BiasDropout(nn.Module):
+class BiasDropout(_Traceable, nn.Module):
     """``residual + dropout(act(x + bias))`` with a learned bias of shape (features,)."""
 
     def __init__(self, features: int, p: float = 0.5, activation=None, device=None, dtype=None) -> None:
@@ -45,7 +57,7 @@ class BiasDropout(nn.Module):
         return f"{self.bias.shape[0]}, p={self.p}, activation={self.activation!r}"
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(_Traceable, nn.LayerNorm):
     """Drop-in for ``torch.nn.LayerNorm``: same constructor, parameters and ``state_dict``
     (a state dict moves between the two either way), forward by ``fusedreg.functional.layer_norm``."""
 
@@ -53,14 +65,15 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-class RMSNorm(nn.RMSNorm):
-    """Drop-in for ``torch.nn.RMSNorm`` (eps=None means ``torch.finfo(input.dtype).eps``)."""
+class RMSNorm(_Traceable, nn.RMSNorm):
+    """Drop-in for ``torch.nn.RMSNorm`` (eps=None means the epsilon of the compute type,
+    float32's for float16/bfloat16/float32 input, as torch's)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
-class DropoutAddLayerNorm(nn.Module):
+class DropoutAddLayerNorm(_Traceable, nn.Module):
     """``norm(residual + dropout(x))`` with a learned weight (and bias, unless ``rms``);
     ``forward(x, residual=None)`` returns y, or (y, h) with ``prenorm=True`` where h is the
     sum before the norm (the next block's residual). See

@@ -210,3 +210,114 @@ def test_torch_compile_follows_the_choice():
         assert len(ops) == 3 and ops[2] == ops[1]
     else:  # the process default (auto) serves it: the first graph is reused
         assert len(ops) == 2 or ops[2] == ops[0]
+
+
+# ---- auto: small plain norms are torch's own op (AUTO_TORCH_BELOW) -----------------------------
+
+@pytest.fixture
+def fused_calls():
+    """The calls that reach layer_norm's forward kernel in the backend auto picks on CPU (the
+    registered implementation is wrapped with a counter for the test)."""
+    auto = backends.resolve("layer_norm", torch.device("cpu"))
+    impl = backends.implementation("layer_norm", auto)
+    calls = []
+
+    def fwd(*args, **kwargs):
+        calls.append(auto)
+        return impl.fwd(*args, **kwargs)
+
+    backends.register("layer_norm", auto, type(impl)(fwd, impl.bwd))
+    try:
+        yield calls
+    finally:
+        backends.register("layer_norm", auto, impl)
+
+
+def _small_norm_cases(dtype=torch.float32):
+    x = torch.randn(3, 8, dtype=dtype) * 3 + 1
+    w, b = torch.randn(8, dtype=dtype), torch.randn(8, dtype=dtype)
+    return [  # (name, fusedreg call, torch call, (x, w, b))
+        ("layer_norm", lambda F, x, w, b: F.layer_norm(x, (8,), w, b, 1e-5), (x, w, b)),
+        ("layer_norm no affine", lambda F, x, w, b: F.layer_norm(x, (8,)), (x, w, b)),
+        ("rms_norm", lambda F, x, w, b: F.rms_norm(x, (8,), w), (x, w, b)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_auto_serves_small_plain_norms_with_torchs_op(fused_calls, dtype):
+    """Under auto: what torch's op returns, bit for bit, with torch's autograd (its gradients,
+    double backward included); rms_norm without grad stays fused (its limit is 0). Under the
+    same backend named explicitly, the fused kernel runs."""
+    from fusedreg import functional as F
+    import torch.nn.functional as TF
+
+    auto = backends.resolve("layer_norm", torch.device("cpu"))
+    for name, call, (x, w, b) in _small_norm_cases(dtype):
+        # with grad
+        ours_in = [t.clone().requires_grad_() for t in (x, w, b)]
+        theirs_in = [t.clone().requires_grad_() for t in (x, w, b)]
+        y, ref = call(F, *ours_in), call(TF, *theirs_in)
+        assert torch.equal(y, ref), name
+        assert "LayerNormFunction" not in type(y.grad_fn).__name__, name
+        dy = torch.randn_like(y)
+        g = torch.autograd.grad(y, ours_in, dy, allow_unused=True)
+        gref = torch.autograd.grad(ref, theirs_in, dy, allow_unused=True)
+        for a, c in zip(g, gref):
+            assert (a is None) == (c is None) and (a is None or torch.equal(a, c)), name
+        # without grad: layer_norm is torch's op, rms_norm the fused kernel
+        with torch.no_grad():
+            before = len(fused_calls)
+            y = call(F, x, w, b)
+            torch.testing.assert_close(y, call(TF, x, w, b))
+            assert len(fused_calls) - before == (1 if name == "rms_norm" else 0), name
+    assert fused_calls == [auto]  # the rms_norm call without grad, nothing else
+    with fusedreg.use_backend(auto):
+        for name, call, (x, w, b) in _small_norm_cases(dtype):
+            before = len(fused_calls)
+            y = call(F, *[t.clone().requires_grad_() for t in (x, w, b)])
+            assert type(y.grad_fn).__name__ == "LayerNormFunctionBackward", name
+            assert len(fused_calls) == before + 1, name
+
+
+def test_auto_runs_the_fused_kernel_from_the_limit_up(fused_calls, monkeypatch):
+    """The limit is a number of elements, per norm and per grad mode; the table is read at
+    call time."""
+    from fusedreg import functional as F
+
+    monkeypatch.setitem(backends.AUTO_TORCH_BELOW["layer_norm"], "cpu", (32, 16))
+    w = torch.randn(8)
+    F.layer_norm(torch.randn(3, 8), (8,), w)                         # 24 < 32: torch
+    assert fused_calls == []
+    F.layer_norm(torch.randn(4, 8), (8,), w)                         # 32: fused
+    assert len(fused_calls) == 1
+    F.layer_norm(torch.randn(3, 8, requires_grad=True), (8,), w)     # with grad, 24 >= 16
+    assert len(fused_calls) == 2
+    monkeypatch.setitem(backends.AUTO_TORCH_BELOW["layer_norm"], "cpu", (0, 0))
+    F.layer_norm(torch.randn(1, 8), (8,), w)
+    assert len(fused_calls) == 3
+
+
+def test_auto_small_norm_route_is_eager_only(fused_calls):
+    """Calls the quick predicate does not take (a list for normalized_shape, a Parameter as x,
+    bfloat16) still reach torch's op after the full checks; a dropout_add_layer_norm (even
+    without dropout and residual), a jit trace and a torch.func transform never do."""
+    from fusedreg import functional as F
+    import torch.nn.functional as TF
+
+    x, w, b = torch.randn(3, 8), torch.randn(8), torch.randn(8)
+    for args in [(x, [8], w, b), (torch.nn.Parameter(x), (8,), w, b),
+                 (x.bfloat16(), (8,), w.bfloat16(), b.bfloat16())]:
+        assert torch.equal(F.layer_norm(*args), TF.layer_norm(*args))
+    assert torch.equal(F.layer_norm(x, 8, w, b), TF.layer_norm(x, (8,), w, b))  # an int: fusedreg's
+    assert fused_calls == []
+    F.dropout_add_layer_norm(x, None, w, b, p=0.0)
+    assert len(fused_calls) == 1
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in torch 2.14
+        traced = torch.jit.trace(lambda x: F.layer_norm(x, (8,), w, b), x)
+    assert "LayerNormFunction" in str(traced.graph) and "aten::layer_norm" not in str(traced.graph)
+    before = len(fused_calls)
+    g = torch.func.grad(lambda x: F.layer_norm(x, (8,), w, b).square().sum())(x)
+    torch.testing.assert_close(g, torch.func.grad(lambda x: TF.layer_norm(x, (8,), w, b).square().sum())(x))
+    assert len(fused_calls) == before  # the differentiable composite, not torch's op either

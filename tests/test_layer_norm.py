@@ -388,8 +388,8 @@ def _bad_calls():
         (TypeError, lambda: F.layer_norm(x, "4")),
         (ValueError, lambda: F.layer_norm(x, (4,), torch.ones(5))),            # weight shape
         (ValueError, lambda: F.layer_norm(x, (4,), torch.ones(4), torch.ones(3))),  # bias shape
-        (ValueError, lambda: F.layer_norm(x, (4,), eps=0.0)),
-        (ValueError, lambda: F.layer_norm(x, (4,), eps=-1e-5)),
+        (ValueError, lambda: F.layer_norm(x, (4,), eps=float("inf"))),       # 0, < 0: accepted
+        (ValueError, lambda: F.layer_norm(x, (4,), eps=10**400)),
         (ValueError, lambda: F.layer_norm(x, (4,), eps=float("nan"))),
         (TypeError, lambda: F.layer_norm(x, (4,), eps="1e-5")),
         (ValueError, lambda: F.layer_norm(x, (4,), meta)),                    # mixed devices
@@ -398,7 +398,7 @@ def _bad_calls():
         (TypeError, lambda: F.layer_norm(x, (4,), torch.ones(4, dtype=torch.bfloat16))),
         (ValueError, lambda: F.rms_norm(x, (5,))),
         (ValueError, lambda: F.rms_norm(x, (4,), torch.ones(2, 2))),
-        (ValueError, lambda: F.rms_norm(x, (4,), eps=0.0)),
+        (ValueError, lambda: F.rms_norm(x, (4,), eps=float("-inf"))),
         (ValueError, lambda: F.rms_norm(x, (4,), meta)),
         (TypeError, lambda: F.rms_norm(x.int(), (4,))),
         (ValueError, lambda: F.dropout_add_layer_norm(x, torch.ones(3, 5), torch.ones(4), None)),
@@ -411,8 +411,11 @@ def _bad_calls():
     ]
 
 
+@pytest.mark.parametrize("choice", ["reference", "auto"])
 @pytest.mark.parametrize("i", range(len(_bad_calls())))
-def test_bad_input_raises_before_any_kernel(i):
+def test_bad_input_raises_before_any_kernel(i, choice):
+    """Under an explicit backend and under auto (where a small plain norm would be torch's
+    own op: backends.AUTO_TORCH_BELOW), the checks reject bad input with fusedreg's error."""
     def no_kernel(*args, **kwargs):
         raise AssertionError("a kernel ran on bad input")
 
@@ -424,10 +427,11 @@ def test_bad_input_raises_before_any_kernel(i):
     try:
         for backend in registered:
             backends.register(OP, backend, kernels(no_kernel, no_kernel))
-        with pytest.raises(AssertionError, match="a kernel ran"):  # the replacement is reached
-            F.layer_norm(_data((3, 4), torch.float32), (4,))
+        with fusedreg.use_backend("reference"):
+            with pytest.raises(AssertionError, match="a kernel ran"):  # the replacement is reached
+                F.layer_norm(_data((3, 4), torch.float32), (4,))
         exc, call = _bad_calls()[i]
-        with pytest.raises(exc):
+        with fusedreg.use_backend(choice), pytest.raises(exc):
             call()
     finally:
         for backend, impl in registered.items():

@@ -14,10 +14,13 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from .._activations import NAMES
+from .._dtypes import compute_dtype
 from ..reference import bias_dropout as ref
+from ..reference.philox import apply_dropout
 from ._common import Kernels, register_kernels  # noqa: F401  (Kernels: what is registered)
 
-__all__ = ["BiasDropoutConfig", "BiasDropoutFunction"]
+__all__ = ["BiasDropoutConfig", "BiasDropoutFunction", "run_forward"]
 
 OP = "bias_dropout"
 
@@ -54,10 +57,17 @@ if backends.extension_available():
 
 
 class BiasDropoutConfig(NamedTuple):
-    """The non-tensor arguments of ``BiasDropoutFunction``."""
+    """The non-tensor arguments of ``BiasDropoutFunction`` (checked by its forward)."""
     p: float          # drop probability in [0, 1] (0: no dropout, no seed read)
     activation: int   # a code of fusedreg._activations.ACTIVATIONS
     backend: str      # a name of fusedreg.backends.BACKENDS that implements bias_dropout
+
+
+def run_forward(x, bias, residual, seed, config: BiasDropoutConfig):
+    """``BiasDropoutFunction``'s forward without autograd, for arguments already checked (the
+    functional API calls it directly when nothing needs a gradient)."""
+    return backends.implementation(OP, config.backend).fwd(x, bias, residual, config.p,
+                                                           config.activation, seed)
 
 
 class BiasDropoutFunction(torch.autograd.Function):
@@ -65,23 +75,23 @@ class BiasDropoutFunction(torch.autograd.Function):
     registered ops of ``config.backend``; ``seed`` is a 0-dim int64 CPU tensor.
     ``fusedreg.functional.bias_dropout`` checks the arguments and calls it."""
 
+    # forward takes ctx (no setup_context): Function.apply binds the arguments to forward's
+    # signature on every call of a Function with a setup_context, which cost more than a small
+    # call's kernel. torch.func transforms do not reach this Function (fusedreg.functional
+    # routes them to the differentiable composite); torch.compile traces it either way.
     @staticmethod
-    def forward(x, bias, residual, seed, config: BiasDropoutConfig):
-        fwd = backends.implementation(OP, config.backend).fwd
-        return fwd(x, bias, residual, config.p, config.activation, seed)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, bias, residual, seed, config = inputs
+    def forward(ctx, x, bias, residual, seed, config: BiasDropoutConfig):
+        check_config(config)
+        out = run_forward(x, bias, residual, seed, config)
         ctx.config = config
         ctx.has_bias = bias is not None
         need_x, need_bias = ctx.needs_input_grad[:2]
-        if not (need_x or need_bias):
-            return
-        # x and the bias enter the backward only through act'(x + bias); without an
-        # activation the bias is kept only for grad_bias's shape and dtype.
-        act = config.activation != 0
-        ctx.save_for_backward(x if act else None, bias if (act or need_bias) else None, seed)
+        if need_x or need_bias:
+            # x and the bias enter the backward only through act'(x + bias); without an
+            # activation the bias is kept only for grad_bias's shape and dtype.
+            act = config.activation != 0
+            ctx.save_for_backward(x if act else None, bias if (act or need_bias) else None, seed)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -90,9 +100,47 @@ class BiasDropoutFunction(torch.autograd.Function):
         if need_x or need_bias:
             x, bias, seed = ctx.saved_tensors
             cfg = ctx.config
+            if torch.is_grad_enabled():  # create_graph: the gradient must be differentiable
+                grad_x, grad_bias = _differentiable_backward(grad_out, x, bias, seed, cfg,
+                                                             need_x, need_bias and ctx.has_bias)
+                return grad_x, grad_bias, grad_out if need_residual else None, None, None
             bwd = backends.implementation(OP, cfg.backend).bwd
             grad_x, grad_bias = bwd(grad_out, x, bias, cfg.p, cfg.activation, seed,
                                     bool(need_bias and ctx.has_bias))
             grad_x = grad_x if need_x else None
             grad_bias = grad_bias if need_bias else None
         return grad_x, grad_bias, grad_out if need_residual else None, None, None
+
+
+def check_config(config) -> None:
+    """The config's values, for callers of ``BiasDropoutFunction.apply`` that skip the
+    functional API's checks: a clear error instead of a kernel given nonsense."""
+    if not isinstance(config, BiasDropoutConfig):
+        raise TypeError(f"config must be a BiasDropoutConfig, got {type(config).__name__}")
+    p, activation, backend = config
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"BiasDropoutConfig.p must be a number in [0, 1], got {p!r}")
+    if isinstance(activation, bool) or activation not in NAMES:
+        raise ValueError(f"BiasDropoutConfig.activation must be one of the codes {sorted(NAMES)} "
+                         f"(fusedreg._activations.ACTIVATIONS), got {activation!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"BiasDropoutConfig.backend must be a backend name, got {backend!r}")
+
+
+def _differentiable_backward(grad_out, x, bias, seed, cfg, need_x, need_bias):
+    """(grad_x, grad_bias) as differentiable torch ops of grad_out, x and the bias — the
+    reference backward (the mask of ``seed`` times act'(x + bias), written out in
+    fusedreg/reference/bias_dropout.py: activate_grad) — so that a second backward
+    (create_graph=True: gradient penalties, Hessian-vector products) sees its true derivative.
+    Written out rather than taken with autograd.grad of the forward, which would return total
+    derivatives where x itself depends on the bias."""
+    ct = compute_dtype(grad_out.dtype)
+    d = apply_dropout(grad_out.to(ct), cfg.p, seed)
+    if cfg.activation != 0:
+        z = x.to(ct)
+        if bias is not None:
+            z = z + bias.to(ct)
+        d = d * ref.activate_grad(z, cfg.activation)
+    grad_x = d.to(grad_out.dtype) if need_x else None
+    grad_bias = d.reshape(-1, bias.shape[0]).sum(0).to(bias.dtype) if need_bias else None
+    return grad_x, grad_bias

@@ -20,9 +20,10 @@ from torch import Tensor
 from .. import backends
 from .._dtypes import compute_dtype
 from ..reference import layer_norm as ref
+from ..reference.philox import apply_dropout
 from ._common import register_kernels
 
-__all__ = ["LayerNormConfig", "LayerNormFunction"]
+__all__ = ["LayerNormConfig", "LayerNormFunction", "run_forward"]
 
 OP = "layer_norm"
 
@@ -71,7 +72,7 @@ register_kernels(OP, layer_norm_fwd, layer_norm_bwd, ref, fwd_fake=_fwd_fake,
 
 
 class LayerNormConfig(NamedTuple):
-    """The non-tensor arguments of ``LayerNormFunction``."""
+    """The non-tensor arguments of ``LayerNormFunction`` (checked by its forward)."""
     ndim: int              # the norm runs over x's last ``ndim`` dims
     eps: float
     p: float               # dropout of x before the residual add (0: none, seed unread)
@@ -86,6 +87,57 @@ def _stores_h(x, residual, config) -> bool:
     return config.prenorm or residual is not None or config.p > 0.0 or config.h_dtype != x.dtype
 
 
+def run_forward(x, residual, weight, bias, seed, config: LayerNormConfig, store_h=None):
+    """``LayerNormFunction``'s forward without autograd, for arguments already checked (the
+    functional API calls it directly when nothing needs a gradient); ``store_h`` is
+    ``_stores_h``'s answer when the caller has it."""
+    if store_h is None:
+        store_h = _stores_h(x, residual, config)
+    if x.dim() == 2 and config.ndim == 1:  # already (M, N): no views to make
+        x2, r2, w, b = x, residual, weight, bias
+    else:
+        nd = x.dim() - config.ndim
+        N = math.prod(x.shape[nd:])
+        x2 = x.reshape(math.prod(x.shape[:nd]), N)
+        r2 = residual.reshape(x2.shape) if residual is not None else None
+        w = weight.reshape(N) if weight is not None and weight.dim() != 1 else weight
+        b = bias.reshape(N) if bias is not None and bias.dim() != 1 else bias
+    # The ops take the residual in h's dtype (a bf16 residual with residual_in_fp32 is cast).
+    if r2 is not None and r2.dtype != config.h_dtype:
+        r2 = r2.to(config.h_dtype)
+    fwd = backends.implementation(OP, config.backend).fwd
+    y, h, mean, rstd = fwd(x2, r2, w, b, config.eps, config.p, seed, config.rms, config.h_dtype,
+                           store_h)
+    if x2 is x:
+        return y, h, mean, rstd
+    return y.view(x.shape), (h.view(x.shape) if store_h else h), mean, rstd
+
+
+def _setup_context(ctx, inputs, output, stores_h):
+    """What the backward needs, saved from the forward's inputs and outputs."""
+    x, residual, weight, bias, seed, config = inputs
+    y, h, mean, rstd = output
+    ctx.config = config
+    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    ctx.wb_shapes = (weight.shape if weight is not None else None,
+                     bias.shape if bias is not None else None)
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.has = (residual is not None, weight is not None, bias is not None)
+    ctx.mark_non_differentiable(mean, rstd)
+    # A stored h stays differentiable even when it is not returned (prenorm=False): the
+    # backward saves it, and a differentiable backward (create_graph=True) reaches x and
+    # the residual through it, its grad arriving here as dh_out.
+    ctx.stores_h = stores_h
+    if not stores_h:
+        ctx.mark_non_differentiable(h)
+    ctx.set_materialize_grads(False)
+    if not any(ctx.needs_input_grad[:4]):
+        return
+    # The bias enters the backward only through grad_bias's shape and dtype.
+    ctx.save_for_backward(h if ctx.stores_h else x, weight,
+                          bias if ctx.needs_input_grad[3] else None, mean, rstd, seed)
+
+
 class LayerNormFunction(torch.autograd.Function):
     """``LayerNormFunction.apply(x, residual, weight, bias, seed, config)`` -> ``(y, h, mean,
     rstd)``: h = residual + dropout(x) (residual and weight/bias may be None), y = norm(h) *
@@ -94,43 +146,22 @@ class LayerNormFunction(torch.autograd.Function):
     the backward reuses. ``fusedreg.functional.layer_norm``, ``rms_norm`` and
     ``dropout_add_layer_norm`` check the arguments and call it."""
 
+    # forward takes ctx (no setup_context): Function.apply binds the arguments to forward's
+    # signature on every call of a Function with a setup_context, which cost more than a small
+    # norm's kernel. torch.func transforms do not reach this Function (fusedreg.functional
+    # routes them to the differentiable composite); torch.compile traces it either way.
     @staticmethod
-    def forward(x, residual, weight, bias, seed, config: LayerNormConfig):
-        nd = x.dim() - config.ndim
-        M, N = math.prod(x.shape[:nd]), math.prod(x.shape[nd:])
-        store_h = _stores_h(x, residual, config)
-        # The ops take the residual in h's dtype (a bf16 residual with residual_in_fp32 is cast).
-        r2 = residual.reshape(M, N).to(config.h_dtype) if residual is not None else None
-        w = weight.reshape(N) if weight is not None else None
-        b = bias.reshape(N) if bias is not None else None
-        fwd = backends.implementation(OP, config.backend).fwd
-        y, h, mean, rstd = fwd(x.reshape(M, N), r2, w, b, config.eps, config.p, seed, config.rms,
-                               config.h_dtype, store_h)
-        h = h.view(x.shape) if store_h else h
-        return y.view(x.shape), h, mean, rstd
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, residual, weight, bias, seed, config = inputs
-        y, h, mean, rstd = output
-        ctx.config = config
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.residual_dtype = residual.dtype if residual is not None else None
-        ctx.has = (residual is not None, weight is not None, bias is not None)
-        ctx.mark_non_differentiable(mean, rstd)
-        if not config.prenorm:
-            ctx.mark_non_differentiable(h)
-        ctx.set_materialize_grads(False)
-        if not any(ctx.needs_input_grad[:4]):
-            return
-        # The bias enters the backward only through grad_bias's shape and dtype.
-        ctx.save_for_backward(h if _stores_h(x, residual, config) else x, weight,
-                              bias if ctx.needs_input_grad[3] else None, mean, rstd, seed)
+    def forward(ctx, x, residual, weight, bias, seed, config: LayerNormConfig):
+        check_config(config, x)
+        stores_h = _stores_h(x, residual, config)
+        output = run_forward(x, residual, weight, bias, seed, config, stores_h)
+        _setup_context(ctx, (x, residual, weight, bias, seed, config), output, stores_h)
+        return output
 
     @staticmethod
     def backward(ctx, dy, dh_out, _dmean, _drstd):
         cfg = ctx.config
-        if not cfg.prenorm:  # h is not an output then: a grad for it (zeros) carries nothing
+        if not ctx.stores_h:  # h is an empty placeholder then: a grad for it carries nothing
             dh_out = None
         has_residual, has_weight, has_bias = ctx.has
         need_x, need_residual, need_w, need_b = ctx.needs_input_grad[:4]
@@ -139,21 +170,74 @@ class LayerNormFunction(torch.autograd.Function):
         if not (need_x or need_residual or need_w or need_b) or (dy is None and dh_out is None):
             return None, None, None, None, None, None
         h, w, b, mean, rstd, seed = ctx.saved_tensors
-        nd = len(ctx.x_shape) - cfg.ndim
-        M, N = math.prod(ctx.x_shape[:nd]), math.prod(ctx.x_shape[nd:])
-        h = h.reshape(M, N)
-        dy = torch.zeros_like(h, dtype=ctx.x_dtype) if dy is None else dy.reshape(h.shape)
-        dh_out = dh_out.reshape(h.shape) if dh_out is not None else None
+        if torch.is_grad_enabled():  # create_graph: the gradient must be differentiable
+            return _differentiable_backward(ctx, dy, dh_out, h, w, b, seed, need_x,
+                                            need_residual, need_w, need_b)
+        x_shape = ctx.x_shape
+        flat = len(x_shape) == 2 and cfg.ndim == 1  # already (M, N): no views to make
+        if not flat:
+            nd = len(x_shape) - cfg.ndim
+            N = math.prod(x_shape[nd:])
+            h = h.reshape(math.prod(x_shape[:nd]), N)
+            w = w.reshape(N) if w is not None else None
+            b = b.reshape(N) if b is not None else None
+        if dy is None:
+            dy = torch.zeros_like(h, dtype=ctx.x_dtype)
+        elif not flat:
+            dy = dy.reshape(h.shape)
+        if dh_out is not None and not flat:
+            dh_out = dh_out.reshape(h.shape)
         # grad_residual equals the grad of h; the op writes it separately only when it
         # differs from grad_x (dropout, or another dtype).
         separate = need_residual and (cfg.p > 0.0 or h.dtype != ctx.x_dtype)
         bwd = backends.implementation(OP, cfg.backend).bwd
-        gx, gr, gw, gb = bwd(dy, dh_out, h, w.reshape(N) if w is not None else None,
-                             b.reshape(N) if b is not None else None, mean, rstd, cfg.p, seed,
-                             cfg.rms, ctx.x_dtype, separate, need_w, need_b)
-        grad_x = gx.view(ctx.x_shape) if need_x else None
-        grad_residual = ((gr if separate else gx).view(ctx.x_shape).to(ctx.residual_dtype)
+        gx, gr, gw, gb = bwd(dy, dh_out, h, w, b, mean, rstd, cfg.p, seed, cfg.rms, ctx.x_dtype,
+                             separate, need_w, need_b)
+        if flat:
+            grad_residual = (gr if separate else gx).to(ctx.residual_dtype) if need_residual else None
+            return (gx if need_x else None), grad_residual, (gw if need_w else None), \
+                (gb if need_b else None), None, None
+        grad_x = gx.view(x_shape) if need_x else None
+        grad_residual = ((gr if separate else gx).view(x_shape).to(ctx.residual_dtype)
                          if need_residual else None)
-        grad_w = gw.view(w.shape) if need_w else None
-        grad_b = gb.view(b.shape) if need_b else None
+        grad_w = gw.view(ctx.wb_shapes[0]) if need_w else None
+        grad_b = gb.view(ctx.wb_shapes[1]) if need_b else None
         return grad_x, grad_residual, grad_w, grad_b, None, None
+
+
+def check_config(config, x) -> None:
+    """The config's values, for callers of ``LayerNormFunction.apply`` that skip the functional
+    API's checks: a clear error instead of a kernel given nonsense. Comparisons only, so that
+    torch.compile traces them with symbolic values (guards, no graph break)."""
+    if not isinstance(config, LayerNormConfig):
+        raise TypeError(f"config must be a LayerNormConfig, got {type(config).__name__}")
+    ndim, eps, p = config.ndim, config.eps, config.p
+    if isinstance(ndim, bool) or not isinstance(ndim, int) or not 1 <= ndim <= x.dim():
+        raise ValueError(f"LayerNormConfig.ndim must be an int in [1, x.dim()] = [1, {x.dim()}], "
+                         f"got {ndim!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not -math.inf < eps < math.inf:
+        raise ValueError(f"LayerNormConfig.eps must be a finite number, got {eps!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"LayerNormConfig.p must be a number in [0, 1], got {p!r}")
+    if not isinstance(config.h_dtype, torch.dtype) or not config.h_dtype.is_floating_point:
+        raise TypeError(f"LayerNormConfig.h_dtype must be a floating dtype, got {config.h_dtype!r}")
+
+
+def _differentiable_backward(ctx, dy, dh_out, h, w, b, seed, need_x, need_residual, need_w,
+                             need_b):
+    """The backward as differentiable torch ops of the saved h (an output of the forward, or
+    x itself), the weight and dy — the reference formulas with mean and rstd recomputed from h,
+    then the same seeded mask — so that a second backward (create_graph=True) sees its true
+    derivative: through h it reaches x and the residual, through w the weight."""
+    cfg = ctx.config
+    if dy is None:
+        dy = torch.zeros(h.shape, dtype=ctx.x_dtype, device=h.device)
+    dh, grad_w, grad_b = ref.norm_backward_composite(dy, h, w, cfg.ndim, cfg.eps, cfg.rms)
+    if dh_out is not None:
+        dh = dh + dh_out.to(dh.dtype)
+    grad_x = apply_dropout(dh, cfg.p, seed).to(ctx.x_dtype) if need_x else None
+    grad_residual = dh.to(ctx.residual_dtype) if need_residual else None
+    grad_w = grad_w.reshape(w.shape) if need_w else None
+    grad_b = grad_b.to(b.dtype).reshape(b.shape) if need_b else None
+    return grad_x, grad_residual, grad_w, grad_b, None, None
+

@@ -94,3 +94,18 @@ def bias_dropout_bwd(grad_out, x, bias, p: float, activation: int, seed: int, ne
     else:
         grad_bias = grad_out.new_empty(0)
     return grad_x.contiguous(), grad_bias
+
+
+def bias_dropout_composite(x, bias, residual, p: float, activation: int, seed) -> torch.Tensor:
+    """The forward above as one differentiable expression (no copies, no data pointers): what
+    the autograd Function differentiates when a gradient must itself be differentiable
+    (double backward) and what runs under torch.func transforms and forward-mode AD. ``seed``
+    is an int64 tensor (batched under vmap) or an int."""
+    ct = compute_dtype(x.dtype)
+    z = x.to(ct)
+    if bias is not None:
+        z = z + bias.to(ct)
+    v = apply_dropout(activate(z, activation), p, seed)
+    if residual is not None:
+        v = v + residual.to(ct)
+    return v.to(x.dtype)

@@ -86,3 +86,66 @@ def layer_norm_bwd(dy, dh_out, h, weight, bias, mean, rstd, p: float, seed: int,
     if grad_x.data_ptr() == dy.data_ptr():
         grad_x = grad_x.clone()
     return grad_x, grad_residual, grad_w, grad_b
+
+
+def norm_composite(h, weight, bias, ndim: int, eps: float, rms: bool, out_dtype: torch.dtype):
+    """y = norm(h) * weight + bias over h's last ``ndim`` dims as one differentiable expression
+    (math in the compute type, one cast to ``out_dtype``): the norm of
+    ``layer_norm_composite``."""
+    ct = compute_dtype(h.dtype)
+    dims = tuple(range(h.dim() - ndim, h.dim()))
+    hc = h.to(ct)
+    if rms:
+        xhat = hc * torch.rsqrt(hc.square().mean(dims, keepdim=True) + eps)
+    else:
+        centered = hc - hc.mean(dims, keepdim=True)
+        xhat = centered * torch.rsqrt(centered.square().mean(dims, keepdim=True) + eps)
+    y = xhat
+    if weight is not None:
+        y = y * weight.to(ct)
+    if bias is not None:
+        y = y + bias.to(ct)
+    return y.to(out_dtype)
+
+
+def layer_norm_composite(x, residual, weight, bias, ndim: int, eps: float, p: float, seed,
+                         rms: bool, h_dtype: torch.dtype):
+    """(y, h) of the forward above for x of any shape (the norm over its last ``ndim`` dims),
+    as one differentiable expression: what runs under torch.func transforms and forward-mode
+    AD. ``seed`` is an int64 tensor (batched under vmap) or an int."""
+    ct = compute_dtype(x.dtype)
+    h = apply_dropout(x.to(ct), p, seed)
+    if residual is not None:
+        h = h + residual.to(ct)
+    h = h.to(h_dtype)
+    return norm_composite(h, weight, bias, ndim, eps, rms, x.dtype), h
+
+
+def norm_backward_composite(dy, h, weight, ndim: int, eps: float, rms: bool):
+    """(dh, grad_weight, grad_bias) of ``norm_composite`` — the backward formulas of the module
+    docstring over h's last ``ndim`` dims, with mean and rstd recomputed from h — as one
+    differentiable expression in dy, h and weight: what the autograd Function's backward
+    computes when its result must itself be differentiable (create_graph=True). dh is in the
+    compute type; grad_weight and grad_bias (sums over the leading dims) in weight's dtype."""
+    ct = compute_dtype(h.dtype)
+    dims = tuple(range(h.dim() - ndim, h.dim()))
+    lead = tuple(range(h.dim() - ndim))
+    hc = h.to(ct)
+    if rms:
+        rstd = torch.rsqrt(hc.square().mean(dims, keepdim=True) + eps)
+        xhat = hc * rstd
+    else:
+        centered = hc - hc.mean(dims, keepdim=True)
+        rstd = torch.rsqrt(centered.square().mean(dims, keepdim=True) + eps)
+        xhat = centered * rstd
+    dyc = dy.to(ct)
+    g = dyc * weight.to(ct) if weight is not None else dyc
+    c2 = (g * xhat).mean(dims, keepdim=True)
+    if rms:
+        dh = rstd * (g - xhat * c2)
+    else:
+        dh = rstd * (g - g.mean(dims, keepdim=True) - xhat * c2)
+    wdtype = weight.dtype if weight is not None else h.dtype
+    grad_w = (dyc * xhat).sum(lead).to(wdtype)
+    grad_b = dyc.sum(lead).to(wdtype)
+    return dh, grad_w, grad_b

@@ -31,11 +31,18 @@ def _mulhilo(a: int, b: torch.Tensor):
     return hi, lo
 
 
-def philox4x32_10(seed: int, group: torch.Tensor):
+def philox4x32_10(seed, group: torch.Tensor):
     """The four 32-bit words (as int64 tensors) of Philox4x32-10 for counters
-    (group_lo, group_hi, 0, 0) under the key (seed_lo, seed_hi)."""
-    s = seed_to_int64(seed) & 0xFFFFFFFFFFFFFFFF
-    k0, k1 = s & _MASK32, s >> 32
+    (group_lo, group_hi, 0, 0) under the key (seed_lo, seed_hi). ``seed`` is an int or an
+    int64 tensor (a 0-dim one, or one seed per entry of a vmap batch: the key words are then
+    tensors and broadcast like any operand, which is how ``vmap(randomness="different")``
+    gets a mask per batch entry)."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(group.device)
+        k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32  # arithmetic shift, then the low word
+    else:
+        s = seed_to_int64(seed) & 0xFFFFFFFFFFFFFFFF
+        k0, k1 = s & _MASK32, s >> 32
     c0 = group & _MASK32
     c1 = (group >> 32) & _MASK32
     c2 = torch.zeros_like(group)
@@ -56,7 +63,7 @@ def uint_to_uniform(word: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 
-def dropout_uniform(seed: int, numel: int, device=None) -> torch.Tensor:
+def dropout_uniform(seed, numel: int, device=None) -> torch.Tensor:
     """uniform(seed, i) for i in [0, numel), float32."""
     n_groups = (numel + 3) // 4
     group = torch.arange(n_groups, dtype=torch.int64, device=device)
@@ -64,7 +71,7 @@ def dropout_uniform(seed: int, numel: int, device=None) -> torch.Tensor:
     return uint_to_uniform(words)
 
 
-def dropout_keep(shape, p: float, seed: int, device=None) -> torch.Tensor:
+def dropout_keep(shape, p: float, seed, device=None) -> torch.Tensor:
     """The boolean keep mask of a tensor of ``shape``: element i kept iff u(seed, i) >= p."""
     shape = torch.Size(shape)
     u = dropout_uniform(seed, shape.numel(), device=device)
@@ -77,9 +84,10 @@ def dropout_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else float(torch.tensor(1.0, dtype=torch.float32) / (1.0 - p32))
 
 
-def apply_dropout(v: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """v with the elements that the mask of ``seed`` drops set to zero and the kept ones
-    scaled by 1 / (1 - p) (v unchanged when p == 0)."""
+def apply_dropout(v: torch.Tensor, p: float, seed) -> torch.Tensor:
+    """v with the elements that the mask of ``seed`` (an int or an int64 tensor) drops set to
+    zero and the kept ones scaled by 1 / (1 - p) (v unchanged when p == 0). Differentiable in
+    v (the mask is a constant), so it also serves the composites of the autograd paths."""
     if p <= 0.0:
         return v
     keep = dropout_keep(v.shape, p, seed, device=v.device)
