@@ -243,7 +243,7 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
                 activation, residual, p, seed, process_group=None):
     """batch_norm / batch_norm_act, and SyncBatchNorm's forward when ``process_group`` is
     given (training: statistics over every rank's batch)."""
-    from .ops.batch_norm import BatchNormConfig, BatchNormFunction, SyncBatchNormFunction
+    from .ops.batch_norm import BatchNormConfig, batch_norm_act as fused
 
     momentum, eps = _check_batch_norm(x, running_mean, running_var, weight, bias, training,
                                       momentum, eps, residual)
@@ -254,15 +254,8 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
         p = 0.0
     seed_t = seed_tensor(seed) if p > 0.0 else unused_seed()
     config = BatchNormConfig(training, eps, act, p, backends.resolve("batch_norm", x.device))
-    if process_group is not None and training:
-        count_t = torch.zeros((), dtype=torch.float64)
-        y, mean, var = SyncBatchNormFunction.apply(x, residual, weight, bias, process_group,
-                                                   count_t, seed_t, config)
-        count = float(count_t)
-    else:
-        y, mean, var = BatchNormFunction.apply(x, residual, weight, bias, running_mean,
-                                               running_var, seed_t, config)
-        count = x.numel() // x.shape[1] if x.shape[1] else 0
+    y, mean, var, count = fused(x, residual, weight, bias, running_mean, running_var, seed_t,
+                                config, process_group if training else None)
     if training and running_mean is not None and count > 0:
         _update_running(running_mean, running_var, mean, var, count, momentum)
     return y

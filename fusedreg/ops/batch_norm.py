@@ -32,7 +32,7 @@ from ..reference import batch_norm as ref
 from ._common import backend_ops, triton_module
 
 __all__ = ["BatchNormConfig", "BatchNormFunction", "BatchNormKernels", "SyncBatchNormFunction",
-           "from_storage", "to_storage"]
+           "batch_norm_act", "from_storage", "storage_layout", "to_storage"]
 
 OP = "batch_norm"
 
@@ -174,44 +174,41 @@ class BatchNormConfig(NamedTuple):
     activation: int        # code of fusedreg/_activations.py, applied after the residual add
     p: float               # dropout after the activation (0: none, seed unread)
     backend: str           # a name of fusedreg.backends.BACKENDS that implements batch_norm
+    channels_last: bool = False  # x is stored (N, S, C), not (N, C, S)
 
 
 def _vec(t: Optional[Tensor], ct: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(ct).contiguous()
 
 
-def _forward(x, residual, weight, bias, seed, config, stats_fn, running_mean, running_var):
-    """Shared by both Functions: returns (y, mean, var, saved) with saved what backward needs."""
-    ct = compute_dtype(x.dtype)
-    cl = storage_layout(x)
-    xs = to_storage(x, cl)
-    rs = to_storage(residual, cl) if residual is not None else None
+def _forward(xs, rs, weight, bias, seed, config, stats, running_mean, running_var):
+    """Shared by both Functions: (y, mean, var, invstd) for x stored as ``xs``."""
+    ct = compute_dtype(xs.dtype)
     kernels = backends.implementation(OP, config.backend)
     if config.training:
-        mean, var = stats_fn(kernels, xs, cl)
+        mean, var = stats(kernels, xs, config.channels_last)
     else:
         # copies: an output must not be an input (running stats already in the compute type)
         mean, var = running_mean.to(ct, copy=True), running_var.to(ct, copy=True)
     invstd = torch.rsqrt(var + config.eps)
-    w, b = _vec(weight, ct), _vec(bias, ct)
-    y = kernels.fwd(xs, rs, w, b, mean, invstd, config.activation, config.p, seed, cl)
-    return from_storage(y, x.shape, cl), mean, var, (xs, rs, w, b, mean, invstd, cl)
+    y = kernels.fwd(xs, rs, _vec(weight, ct), _vec(bias, ct), mean, invstd, config.activation,
+                    config.p, seed, config.channels_last)
+    return y, mean, var, invstd
 
 
-def _setup(ctx, inputs, config, saved, sync_group=None):
-    x, residual, weight, bias = inputs[:4]
-    seed = inputs[6]
-    xs, rs, w, b, mean, invstd, cl = saved
-    ctx.config, ctx.cl, ctx.x_shape, ctx.x_dtype = config, cl, x.shape, x.dtype
-    ctx.has = (residual is not None, weight is not None, bias is not None)
+def _setup(ctx, xs, rs, weight, bias, seed, config, mean, invstd, sync_group=None):
+    ctx.config = config
+    ctx.has = (rs is not None, weight is not None, bias is not None)
     ctx.p_dtypes = (weight.dtype if weight is not None else None,
                     bias.dtype if bias is not None else None)
     ctx.sync_group = sync_group
     ctx.set_materialize_grads(False)
     if not any(ctx.needs_input_grad[:4]):
         return
+    ct = mean.dtype
     act = config.activation != 0  # z (so the residual and bias) is needed only for act'(z)
-    ctx.save_for_backward(xs, rs if act else None, w, b if act else None, mean, invstd, seed)
+    ctx.save_for_backward(xs, rs if act else None, _vec(weight, ct),
+                          _vec(bias, ct) if act else None, mean, invstd, seed)
 
 
 def _backward(ctx, dy, all_reduce=None, count=None):
@@ -225,9 +222,9 @@ def _backward(ctx, dy, all_reduce=None, count=None):
     if not (need_x or need_r or need_w or need_b):
         return none
     xs, rs, w, b, mean, invstd, seed = ctx.saved_tensors
-    cl = ctx.cl
+    cl = cfg.channels_last
     kernels = backends.implementation(OP, cfg.backend)
-    dys = to_storage(dy, cl)
+    dys = dy.contiguous()
     args = (rs, w, b, mean, invstd)
     sums = None
     if need_w or need_b or (need_x and cfg.training):
@@ -247,11 +244,8 @@ def _backward(ctx, dy, all_reduce=None, count=None):
         gx, gr = kernels.bwd_elemt(dys, xs, *args, sum_dz, sum_dzx, float(count or 0),
                                    cfg.activation, cfg.p, seed, cl, cfg.training, bool(need_x),
                                    bool(need_r and not plain))
-    grad_x = from_storage(gx, ctx.x_shape, cl) if need_x else None
-    if need_r:
-        grad_r = dy if plain else from_storage(gr, ctx.x_shape, cl)
-    else:
-        grad_r = None
+    grad_x = gx if need_x else None
+    grad_r = (dy if plain else gr) if need_r else None
     return grad_x, grad_r, grad_w, grad_b, None, None, None, None
 
 
@@ -260,31 +254,27 @@ def _local_stats(kernels, xs, cl):
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """``BatchNormFunction.apply(x, residual, weight, bias, running_mean, running_var, seed,
-    config)`` -> ``(y, mean, var)``: y = dropout(act(bn(x) + residual)) with the batch
-    statistics in training (mean and biased var returned, not differentiable, for the
-    running-stat update) or running_mean / running_var in eval (mean and var returned as
-    given, cast to the compute type). x is (N, C, *spatial), any memory layout; y has x's
-    layout when x is channels-last, else it is contiguous. residual, weight, bias may be None.
-    ``fusedreg.functional.batch_norm`` / ``batch_norm_act`` check the arguments and call it."""
+    """``BatchNormFunction.apply(xs, rs, weight, bias, running_mean, running_var, seed,
+    config)`` -> ``(y, mean, var)``: y = dropout(act(bn(x) + residual)) for x and the
+    residual stored as the ops take them (``to_storage``; ``config.channels_last`` says which
+    layout), with the batch statistics in training (mean and biased var returned, not
+    differentiable, for the running-stat update) or running_mean / running_var in eval.
+    residual, weight, bias may be None. ``batch_norm_act`` below makes the storage views (a
+    view made inside a Function could not be modified in place, as ResNet's inplace ReLU
+    does) and ``fusedreg.functional.batch_norm`` / ``batch_norm_act`` check the arguments."""
 
     @staticmethod
-    def forward(x, residual, weight, bias, running_mean, running_var, seed, config: BatchNormConfig):
-        y, mean, var, _ = _forward(x, residual, weight, bias, seed, config, _local_stats,
+    def forward(xs, rs, weight, bias, running_mean, running_var, seed, config: BatchNormConfig):
+        y, mean, var, _ = _forward(xs, rs, weight, bias, seed, config, _local_stats,
                                    running_mean, running_var)
         return y, mean, var
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, residual, weight, bias, running_mean, running_var, seed, config = inputs
-        y, mean, var = output
+        xs, rs, weight, bias, running_mean, running_var, seed, config = inputs
+        _, mean, var = output
         ctx.mark_non_differentiable(mean, var)
-        ct = compute_dtype(x.dtype)
-        cl = storage_layout(x)
-        invstd = torch.rsqrt(var + config.eps)
-        saved = (to_storage(x, cl), to_storage(residual, cl) if residual is not None else None,
-                 _vec(weight, ct), _vec(bias, ct), mean, invstd, cl)
-        _setup(ctx, inputs, config, saved)
+        _setup(ctx, xs, rs, weight, bias, seed, config, mean, torch.rsqrt(var + config.eps))
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
@@ -297,11 +287,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
     and combined in rank order (Chan et al.'s parallel formula, the same on every rank), and
     in backward the per-channel sums of dz and dz * xhat are all-reduced before grad_x, as
     ``torch.nn.SyncBatchNorm`` does; grad_weight and grad_bias stay local (DDP averages them).
-    ``apply(x, residual, weight, bias, group, count_out, seed, config)``: ``count_out`` is a
-    1-element tensor that receives the total count per channel (for the running variance)."""
+    ``apply(xs, rs, weight, bias, group, count_out, seed, config)``: ``count_out`` is a
+    0-dim tensor that receives the total count per channel (for the running variance)."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, group, count_out, seed, config: BatchNormConfig):
+    def forward(ctx, xs, rs, weight, bias, group, count_out, seed, config: BatchNormConfig):
         import torch.distributed as dist
 
         def gathered_stats(kernels, xs, cl):
@@ -310,7 +300,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             mine = torch.cat([mean.new_full((1,), float(n)), mean, var])
             parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, mine, group=group)
-            stacked = torch.stack(parts)                     # (ranks, 1 + 2C)
+            stacked = torch.stack(parts)                     # (ranks, 1 + 2C), rank order
             C = mean.numel()
             counts, means, vars_ = stacked[:, :1], stacked[:, 1:1 + C], stacked[:, 1 + C:]
             total = counts.sum()
@@ -319,11 +309,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
             count_out.fill_(total)
             return g_mean, m2 / total
 
-        y, mean, var, saved = _forward(x, residual, weight, bias, seed, config, gathered_stats,
-                                       None, None)
+        y, mean, var, invstd = _forward(xs, rs, weight, bias, seed, config, gathered_stats,
+                                        None, None)
         ctx.mark_non_differentiable(mean, var)
-        _setup(ctx, (x, residual, weight, bias, group, count_out, seed), config, saved,
-               sync_group=group)
+        _setup(ctx, xs, rs, weight, bias, seed, config, mean, invstd, sync_group=group)
         ctx.count = float(count_out.item())
         return y, mean, var
 
@@ -337,3 +326,25 @@ class SyncBatchNormFunction(torch.autograd.Function):
             return both[:a.numel()], both[a.numel():]
 
         return _backward(ctx, dy, all_reduce=all_reduce, count=ctx.count)
+
+
+def batch_norm_act(x, residual, weight, bias, running_mean, running_var, seed,
+                   config: BatchNormConfig, group=None):
+    """(y, mean, var, count): the Function over x (N, C, *spatial) in any memory layout, the
+    storage views made outside it; with ``group`` (training) the SyncBatchNorm Function.
+    y has x's layout when x is channels-last, else it is contiguous. count: the number of
+    values per channel behind mean and var (over every rank with ``group``)."""
+    cl = storage_layout(x)
+    config = config._replace(channels_last=cl)
+    xs = to_storage(x, cl)
+    rs = to_storage(residual, cl) if residual is not None else None
+    if group is not None:
+        count_t = torch.zeros((), dtype=torch.float64)
+        y, mean, var = SyncBatchNormFunction.apply(xs, rs, weight, bias, group, count_t, seed,
+                                                   config)
+        count = float(count_t)
+    else:
+        y, mean, var = BatchNormFunction.apply(xs, rs, weight, bias, running_mean, running_var,
+                                               seed, config)
+        count = x.numel() // x.shape[1] if x.shape[1] else 0
+    return from_storage(y, x.shape, cl), mean, var, count

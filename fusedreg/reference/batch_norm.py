@@ -35,7 +35,9 @@ def _logical(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 def _stored(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return (t.transpose(1, 2) if channels_last else t).contiguous()
+    """A fresh contiguous tensor, never a view (element-wise ops on a transposed view keep its
+    strides, so .contiguous() could return a view, and an op's output must not be one)."""
+    return (t.transpose(1, 2) if channels_last else t).clone(memory_format=torch.contiguous_format)
 
 
 def _bc(v: torch.Tensor) -> torch.Tensor:
@@ -69,8 +71,7 @@ def batch_norm_fwd(x, residual, weight, bias, mean, invstd, activation: int, p: 
     """y = dropout(act((x - mean) * invstd * w + b + residual)) in x's layout and dtype."""
     _, z = _z(x, residual, weight, bias, mean, invstd, channels_last)
     y = apply_dropout(activate(z, activation), p, seed)
-    y = _stored(y.to(x.dtype), channels_last)
-    return y.clone() if y.data_ptr() == x.data_ptr() else y
+    return _stored(y.to(x.dtype), channels_last)
 
 
 def _dz(dy, x, residual, weight, bias, mean, invstd, activation, p, seed, channels_last):
@@ -104,7 +105,4 @@ def batch_norm_bwd_elemt(dy, x, residual, weight, bias, mean, invstd, sum_dz, su
         grad_x = _stored(gx.to(x.dtype), channels_last)
     else:
         grad_x = empty
-    # dz is dy itself without activation and dropout: a custom op's output must not alias
-    if grad_res.numel() and grad_res.data_ptr() in (dy.data_ptr(), x.data_ptr()):
-        grad_res = grad_res.clone()
     return grad_x, grad_res
