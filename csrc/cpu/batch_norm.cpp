@@ -151,18 +151,21 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
   const int64_t len = l.row_len();
   for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
     std::vector<float> u(drop ? len : 0);
-    for (int64_t row = r0; row < r1; ++row) {
-      if (drop) row_uniforms(l, seed, row, u.data());
-      const int64_t c = l.channel(row), off = row * len;
-      const x_t* rr = r ? r + off : nullptr;
-      dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-        if (l.cl)
-          fwd_span<A, true>(x + off, rr, y + off, u.data(), len, mean, scale, shift, drop, p, dscale);
-        else
-          fwd_span<A, false>(x + off, rr, y + off, u.data(), len, mean + c, scale + c, shift + c, drop, p,
-                             dscale);
-      });
-    }
+    float* uu = u.data();
+    // One dispatch per chunk of rows: rows can be short (C = 64 channels, a 7x7 map).
+    dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+      for (int64_t row = r0; row < r1; ++row) {
+        if (drop) row_uniforms(l, seed, row, uu);
+        const int64_t off = row * len;
+        const x_t* rr = r ? r + off : nullptr;
+        if (l.cl) {
+          fwd_span<A, true>(x + off, rr, y + off, uu, len, mean, scale, shift, drop, p, dscale);
+        } else {
+          const int64_t c = l.channel(row);
+          fwd_span<A, false>(x + off, rr, y + off, uu, len, mean + c, scale + c, shift + c, drop, p, dscale);
+        }
+      }
+    });
   });
 }
 
@@ -218,14 +221,14 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         acc_t n = 0, mu = 0, m2 = 0;
-        for (int64_t i = 0; i < l.N; ++i) {
-          const x_t* row = x + (i * C + c) * l.S;
-          dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+        dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+          for (int64_t i = 0; i < l.N; ++i) {
+            const x_t* row = x + (i * C + c) * l.S;
             const acc_t mr = block_sum(row, l.S, acc_t(0), false) / l.S;
             const acc_t m2r = block_sum(row, l.S, mr, true);
             chan_merge(n, mu, m2, static_cast<acc_t>(l.S), mr, m2r);
-          });
-        }
+          }
+        });
         mean[c] = mu;
         var[c] = m2 / n;
       }
@@ -307,19 +310,19 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
   const bool drop = a.p > 0.0f;
   const acc_t dscale = static_cast<acc_t>(dropout_scale(a.p));
   const int64_t C = l.C, len = l.row_len();
-  // dz and xhat of one stored row, into g and xh
-  auto row_dz = [&](int64_t row, float* u, acc_t* g, acc_t* xh) {
+  // dz and xhat of one stored row, into g and xh (called inside a dispatched region)
+  auto row_dz = [&](int64_t row, float* u, acc_t* g, acc_t* xh) FUSEDREG_ALWAYS_INLINE {
     if (drop) row_uniforms(l, a.seed, row, u);
-    const int64_t c = l.channel(row), off = row * len;
+    const int64_t off = row * len;
     const x_t* rr = a.r ? a.r + off : nullptr;
-    dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-      if (l.cl)
-        dz_span<A, true>(a.dy + off, a.x + off, rr, u, len, a.mean, a.invstd, a.scale, a.shift, drop, a.p,
-                         dscale, g, xh);
-      else
-        dz_span<A, false>(a.dy + off, a.x + off, rr, u, len, a.mean + c, a.invstd + c, a.scale + c,
-                          a.shift + c, drop, a.p, dscale, g, xh);
-    });
+    if (l.cl) {
+      dz_span<A, true>(a.dy + off, a.x + off, rr, u, len, a.mean, a.invstd, a.scale, a.shift, drop, a.p, dscale,
+                       g, xh);
+    } else {
+      const int64_t c = l.channel(row);
+      dz_span<A, false>(a.dy + off, a.x + off, rr, u, len, a.mean + c, a.invstd + c, a.scale + c, a.shift + c,
+                        drop, a.p, dscale, g, xh);
+    }
   };
   if (!l.cl) {
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
@@ -327,22 +330,24 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
       std::vector<acc_t> g(len), xh(len);
       for (int64_t c = c0; c < c1; ++c) {
         acc_t s1 = 0, s2 = 0;
-        for (int64_t i = 0; i < l.N; ++i) {
-          row_dz(i * C + c, u.data(), g.data(), xh.data());
-          dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+        dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+          for (int64_t i = 0; i < l.N; ++i) {
+            row_dz(i * C + c, u.data(), g.data(), xh.data());
+            const acc_t* gg = g.data();
+            const acc_t* xx = xh.data();
             for (int64_t j0 = 0; j0 < len; j0 += kSumBlock) {
               const int64_t j1 = std::min(len, j0 + kSumBlock);
               acc_t t1 = 0, t2 = 0;
 #pragma omp simd reduction(+ : t1, t2)
               for (int64_t j = j0; j < j1; ++j) {
-                t1 += g[j];
-                t2 += g[j] * xh[j];
+                t1 += gg[j];
+                t2 += gg[j] * xx[j];
               }
               s1 += t1;
               s2 += t2;
             }
-          });
-        }
+          }
+        });
         sum_dz[c] = s1;
         sum_dzx[c] = s2;
       }
@@ -361,16 +366,18 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
       std::fill(q1, q1 + C, acc_t(0));
       std::fill(q2, q2 + C, acc_t(0));
       const int64_t r1 = std::min(L, (b + 1) * rb.per_block);
-      for (int64_t row = b * rb.per_block; row < r1; ++row) {
-        row_dz(row, u.data(), g.data(), xh.data());
-        dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+      dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+        const acc_t* gg = g.data();
+        const acc_t* xx = xh.data();
+        for (int64_t row = b * rb.per_block; row < r1; ++row) {
+          row_dz(row, u.data(), g.data(), xh.data());
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            q1[c] += g[c];
-            q2[c] += g[c] * xh[c];
+            q1[c] += gg[c];
+            q2[c] += gg[c] * xx[c];
           }
-        });
-      }
+        }
+      });
     }
   });
   at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
@@ -398,26 +405,27 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
   for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
     std::vector<float> u(drop ? len : 0);
     std::vector<acc_t> g(len), xh(len);
-    for (int64_t row = r0; row < r1; ++row) {
-      if (drop) row_uniforms(l, a.seed, row, u.data());
-      const int64_t c = l.channel(row), off = row * len;
-      const x_t* rr = a.r ? a.r + off : nullptr;
-      dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+    float* uu = u.data();
+    acc_t* gg = g.data();
+    acc_t* xx = xh.data();
+    dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+      for (int64_t row = r0; row < r1; ++row) {
+        if (drop) row_uniforms(l, a.seed, row, uu);
+        const int64_t c = l.channel(row), off = row * len;
         const int64_t cc = l.cl ? 0 : c;
+        const x_t* rr = a.r ? a.r + off : nullptr;
         if (l.cl)
-          dz_span<A, true>(a.dy + off, a.x + off, rr, u.data(), len, a.mean, a.invstd, a.scale, a.shift, drop,
-                           a.p, dscale, g.data(), xh.data());
+          dz_span<A, true>(a.dy + off, a.x + off, rr, uu, len, a.mean, a.invstd, a.scale, a.shift, drop, a.p,
+                           dscale, gg, xx);
         else
-          dz_span<A, false>(a.dy + off, a.x + off, rr, u.data(), len, a.mean + c, a.invstd + c, a.scale + c,
-                            a.shift + c, drop, a.p, dscale, g.data(), xh.data());
-        const acc_t* gg = g.data();
-        const acc_t* xx = xh.data();
+          dz_span<A, false>(a.dy + off, a.x + off, rr, uu, len, a.mean + c, a.invstd + c, a.scale + c,
+                            a.shift + c, drop, a.p, dscale, gg, xx);
         if (gr) {
           x_t* o = gr + off;
 #pragma omp simd
           for (int64_t j = 0; j < len; ++j) o[j] = static_cast<x_t>(gg[j]);
         }
-        if (!gx) return;
+        if (!gx) continue;
         x_t* o = gx + off;
         const acc_t* k = a.scale + cc;
         if (training) {
@@ -439,8 +447,8 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
 #pragma omp simd
           for (int64_t j = 0; j < len; ++j) o[j] = static_cast<x_t>(kk * gg[j]);
         }
-      });
-    }
+      }
+    });
   });
 }
 
