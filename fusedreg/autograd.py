@@ -3,4 +3,5 @@ from .ops.batch_norm import BatchNormConfig, BatchNormFunction, SyncBatchNormFun
 from .ops.bias_dropout import BiasDropoutConfig, BiasDropoutFunction
 from .ops.layer_norm import LayerNormConfig, LayerNormFunction
 
-__all__ = ["BatchNormConfig", "BatchNormFunction", "SyncBatchNormFunction", "BiasDropoutConfig", "BiasDropoutFunction", "LayerNormConfig", "LayerNormFunction"]
+__all__ = ["BatchNormConfig", "BatchNormFunction", "BiasDropoutConfig", "BiasDropoutFunction",
+           "LayerNormConfig", "LayerNormFunction", "SyncBatchNormFunction"]

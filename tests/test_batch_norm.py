@@ -216,6 +216,32 @@ def test_backward_is_bitwise_deterministic(backend, layout):
         assert torch.equal(a, c)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS,
+                    reason="the triton backend does not run on CPU tensors here (needs TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("layout", ["c", "cl"])
+def test_triton_multi_block_reductions_match_reference(layout, monkeypatch):
+    """Statistics and backward sums combined from several per-channel blocks (what large
+    batches take on a GPU): one sample per block for (N, C, S), 32-row blocks channels-last."""
+    from fusedreg.triton import batch_norm as tri
+
+    monkeypatch.setattr(tri, "_MIN_BLOCK_VALUES", 1)
+    shape = (5, 3, 4, 5) if layout == "c" else (3, 3, 5, 7)  # 5 blocks; 105 rows: 4 blocks
+    assert tri._blocks(5, 20, False)[1] == 5 and tri._blocks(3, 35, True)[1] == 4
+    x = _layout(_data(shape, torch.float32, offset=50.0), layout)
+    r = _layout(_data(shape, torch.float32, 2), layout)
+    dy = _layout(_data(shape, torch.float32, 5, 0.0), layout)
+    w, b, rm, rv = _params(3, torch.float32)
+    fn = lambda x, r, w, b, rm, rv: F.batch_norm_act(  # noqa: E731
+        x, rm, rv, w, b, True, activation="gelu", residual=r)
+    results = {}
+    for backend in ("reference", "triton"):
+        with fusedreg.use_backend(backend):
+            results[backend] = _run(fn, [x, r, w, b], dy, [rm, rv])
+    flat = lambda o: [o[0]] + o[1] + o[2]  # noqa: E731
+    for a, c in zip(flat(results["reference"]), flat(results["triton"])):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_gradcheck_float64(backend):
     g = torch.Generator().manual_seed(0)

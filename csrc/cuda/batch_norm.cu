@@ -125,11 +125,13 @@ struct Blocks {
   int64_t units, per_block, n_blocks, per_unit;
 };
 
+// At most kMaxPartials blocks per channel; a channels-last block is at least 4 * kTileR rows
+// (of kTileC channels per CUDA block), an (N, C, S) block at least ~2K values of its channel.
 Blocks reduction_blocks(const Geometry& g) {
   const int64_t units = g.cl ? g.N * g.S : g.N;
   const int64_t per_unit = g.cl ? 1 : g.S;
-  const int64_t per_block = std::max<int64_t>({int64_t(1), (4096 + per_unit - 1) / per_unit,
-                                               (units + kMaxPartials - 1) / kMaxPartials});
+  const int64_t min_units = g.cl ? 4 * kTileR : (2048 + g.S - 1) / std::max<int64_t>(g.S, 1);
+  const int64_t per_block = std::max<int64_t>(min_units, (units + kMaxPartials - 1) / kMaxPartials);
   return {units, per_block, (units + per_block - 1) / per_block, per_unit};
 }
 

@@ -33,6 +33,7 @@ _BLOCK = 1024          # elements per program of the element-wise kernels
 _BLOCK_S = 256         # spatial chunk of the (N, C, S) reductions
 _BLOCK_R, _BLOCK_C = 32, 64   # (rows, channels) tile of the channels-last reductions
 _MAX_PARTIALS = 1024   # blocks per channel at most (fixed by the shape)
+_MIN_BLOCK_VALUES = 2048  # values of its channel an (N, C, S) block holds at least
 
 
 @triton.jit
@@ -241,11 +242,14 @@ def _dims(x, channels_last):
 
 def _blocks(N, S, channels_last):
     """(per_block, n_blocks): rows of (L, C) per block (CL) or samples per block; fixed by
-    the shape, so the partials and their sum are the same on every run."""
-    units = N * S if channels_last else N
-    per_unit = 1 if channels_last else S
-    # at least ~4K elements per block, at most _MAX_PARTIALS blocks
-    per_block = max(1, triton.cdiv(4096, per_unit), triton.cdiv(units, _MAX_PARTIALS))
+    the shape, so the partials and their sum are the same on every run. At most
+    _MAX_PARTIALS blocks; an (N, C, S) block holds at least _MIN_BLOCK_VALUES of its channel."""
+    if channels_last:
+        units = N * S
+        per_block = max(_BLOCK_R, triton.cdiv(units, _MAX_PARTIALS))
+    else:
+        units = N
+        per_block = max(triton.cdiv(_MIN_BLOCK_VALUES, max(S, 1)), triton.cdiv(units, _MAX_PARTIALS))
     return per_block, triton.cdiv(units, per_block)
 
 
