@@ -59,47 +59,45 @@ inline FUSEDREG_ALWAYS_INLINE int64_t ch(int64_t j) {
 
 // ---- element-wise pieces ----------------------------------------------------------------------
 
-// y[j] = dropout(act((x[j] - mean) * scale + shift + r[j])) for j in [0, len).
+// y[j] = act((x[j] - mean) * scale + shift + r[j]) * ks[j] for j in [0, len), with ks the
+// row's keep-scale factors (dropout: 1 / (1 - p) or 0; all 1 without dropout). A factor, not
+// a select on the uniforms: the loops have no condition inside (which would keep them scalar).
 template <Activation A, bool VEC, typename x_t, typename acc_t>
-inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, const float* u,
+inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, const float* ks,
                                             int64_t len, const acc_t* mean, const acc_t* scale,
-                                            const acc_t* shift, bool drop, float p, acc_t dscale) {
+                                            const acc_t* shift) {
   if (r) {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
       acc_t t = (static_cast<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)] +
                 static_cast<acc_t>(r[j]);
-      t = activate<A, acc_t, cpu::VecMath>(t);
-      if (drop) t = u[j] >= p ? t * dscale : acc_t(0);
+      t = activate<A, acc_t, cpu::VecMath>(t) * static_cast<acc_t>(ks[j]);
       y[j] = static_cast<x_t>(t);
     }
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
       acc_t t = (static_cast<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)];
-      t = activate<A, acc_t, cpu::VecMath>(t);
-      if (drop) t = u[j] >= p ? t * dscale : acc_t(0);
+      t = activate<A, acc_t, cpu::VecMath>(t) * static_cast<acc_t>(ks[j]);
       y[j] = static_cast<x_t>(t);
     }
   }
 }
 
-// g[j] = dz = dy * keep * dscale * act'(z), xh[j] = xhat, for j in [0, len).
+// g[j] = dz = dy * ks[j] * act'(z), xh[j] = xhat, for j in [0, len). r is x when there is no
+// residual, with rf = 0 (an unconditional load: a conditional one keeps the loop scalar).
 template <Activation A, bool VEC, typename x_t, typename acc_t>
-inline FUSEDREG_ALWAYS_INLINE void dz_span(const x_t* dy, const x_t* x, const x_t* r, const float* u,
+inline FUSEDREG_ALWAYS_INLINE void dz_span(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, const float* ks,
                                            int64_t len, const acc_t* mean, const acc_t* invstd,
-                                           const acc_t* scale, const acc_t* shift, bool drop, float p,
-                                           acc_t dscale, acc_t* g, acc_t* xh) {
+                                           const acc_t* scale, const acc_t* shift, acc_t* g, acc_t* xh) {
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {
     const acc_t d = static_cast<acc_t>(x[j]) - mean[ch<VEC>(j)];
-    acc_t dz = static_cast<acc_t>(dy[j]);
+    acc_t dz = static_cast<acc_t>(dy[j]) * static_cast<acc_t>(ks[j]);
     if constexpr (A != Activation::kNone) {
-      acc_t z = d * scale[ch<VEC>(j)] + shift[ch<VEC>(j)];
-      if (r) z += static_cast<acc_t>(r[j]);
+      const acc_t z = d * scale[ch<VEC>(j)] + shift[ch<VEC>(j)] + rf * static_cast<acc_t>(r[j]);
       dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
     }
-    if (drop) dz = u[j] >= p ? dz * dscale : acc_t(0);
     g[j] = dz;
     xh[j] = d * invstd[ch<VEC>(j)];
   }
@@ -115,8 +113,9 @@ struct Layout {
   int64_t channel(int64_t row) const { return cl ? 0 : row % C; }
 };
 
-// The dropout uniforms of stored row `row` (its row_len() elements).
-inline void row_uniforms(const Layout& l, uint64_t seed, int64_t row, float* u) {
+// The keep-scale factors of stored row `row` (its row_len() elements): dscale where the mask
+// keeps the element, 0 where it drops it.
+inline void row_keep_scale(const Layout& l, uint64_t seed, float p, float dscale, int64_t row, float* u) {
   if (!l.cl) {
     fill_uniforms(seed, row * l.S, l.S, u);  // NCS row (n, c) starts at (n * C + c) * S
   } else if (l.S == 1) {
@@ -126,7 +125,19 @@ inline void row_uniforms(const Layout& l, uint64_t seed, int64_t row, float* u) 
     const int64_t base = n * l.C * l.S + s;
     for (int64_t c = 0; c < l.C; ++c) u[c] = dropout_uniform(seed, base + c * l.S);
   }
+  const int64_t len = l.row_len();
+  for (int64_t j = 0; j < len; ++j) u[j] = u[j] >= p ? dscale : 0.0f;
 }
+
+// Per task: the keep-scale row (all ones without dropout).
+struct KeepScale {
+  std::vector<float> ks;
+  KeepScale(int64_t len) : ks(len, 1.0f) {}
+  const float* row(const Layout& l, bool drop, uint64_t seed, float p, int64_t r) {
+    if (drop) row_keep_scale(l, seed, p, dropout_scale(p), r, ks.data());
+    return ks.data();
+  }
+};
 
 template <typename Body>
 void for_each_row_chunk(const Layout& l, const Body& body) {
@@ -145,24 +156,21 @@ template <Activation A, typename x_t>
 void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const at::opmath_type<x_t>* mean,
                     const at::opmath_type<x_t>* scale, const at::opmath_type<x_t>* shift, float p,
                     uint64_t seed) {
-  using acc_t = at::opmath_type<x_t>;
   const bool drop = p > 0.0f;
-  const acc_t dscale = static_cast<acc_t>(dropout_scale(p));
   const int64_t len = l.row_len();
   for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
-    std::vector<float> u(drop ? len : 0);
-    float* uu = u.data();
+    KeepScale keep(len);
     // One dispatch per chunk of rows: rows can be short (C = 64 channels, a 7x7 map).
     dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
       for (int64_t row = r0; row < r1; ++row) {
-        if (drop) row_uniforms(l, seed, row, uu);
+        const float* ks = keep.row(l, drop, seed, p, row);
         const int64_t off = row * len;
         const x_t* rr = r ? r + off : nullptr;
         if (l.cl) {
-          fwd_span<A, true>(x + off, rr, y + off, uu, len, mean, scale, shift, drop, p, dscale);
+          fwd_span<A, true>(x + off, rr, y + off, ks, len, mean, scale, shift);
         } else {
           const int64_t c = l.channel(row);
-          fwd_span<A, false>(x + off, rr, y + off, uu, len, mean + c, scale + c, shift + c, drop, p, dscale);
+          fwd_span<A, false>(x + off, rr, y + off, ks, len, mean + c, scale + c, shift + c);
         }
       }
     });
@@ -302,37 +310,43 @@ struct BwdArgs {
   uint64_t seed;
 };
 
+// dz and xhat of stored row `row` into g and xh (inside a dispatched region).
+template <Activation A, typename x_t>
+inline FUSEDREG_ALWAYS_INLINE void dz_row(const Layout& l, const BwdArgs<x_t>& a, int64_t row, const float* ks,
+                                          at::opmath_type<x_t>* g, at::opmath_type<x_t>* xh) {
+  using acc_t = at::opmath_type<x_t>;
+  const int64_t len = l.row_len(), off = row * len;
+  const x_t* rr = a.r ? a.r + off : a.x + off;
+  const acc_t rf = a.r ? acc_t(1) : acc_t(0);
+  if (l.cl) {
+    dz_span<A, true>(a.dy + off, a.x + off, rr, rf, ks, len, a.mean, a.invstd, a.scale, a.shift, g, xh);
+  } else {
+    const int64_t c = l.channel(row);
+    dz_span<A, false>(a.dy + off, a.x + off, rr, rf, ks, len, a.mean + c, a.invstd + c, a.scale + c, a.shift + c,
+                      g, xh);
+  }
+}
+
 // sum_dz[c], sum_dzx[c] (c in [0, C)).
 template <Activation A, typename x_t>
 void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x_t>* sum_dz,
                        at::opmath_type<x_t>* sum_dzx) {
   using acc_t = at::opmath_type<x_t>;
   const bool drop = a.p > 0.0f;
-  const acc_t dscale = static_cast<acc_t>(dropout_scale(a.p));
   const int64_t C = l.C, len = l.row_len();
   // dz and xhat of one stored row, into g and xh (called inside a dispatched region)
-  auto row_dz = [&](int64_t row, float* u, acc_t* g, acc_t* xh) FUSEDREG_ALWAYS_INLINE {
-    if (drop) row_uniforms(l, a.seed, row, u);
-    const int64_t off = row * len;
-    const x_t* rr = a.r ? a.r + off : nullptr;
-    if (l.cl) {
-      dz_span<A, true>(a.dy + off, a.x + off, rr, u, len, a.mean, a.invstd, a.scale, a.shift, drop, a.p, dscale,
-                       g, xh);
-    } else {
-      const int64_t c = l.channel(row);
-      dz_span<A, false>(a.dy + off, a.x + off, rr, u, len, a.mean + c, a.invstd + c, a.scale + c, a.shift + c,
-                        drop, a.p, dscale, g, xh);
-    }
+  auto row_dz = [&](int64_t row, KeepScale& keep, acc_t* g, acc_t* xh) FUSEDREG_ALWAYS_INLINE {
+    dz_row<A>(l, a, row, keep.row(l, drop, a.seed, a.p, row), g, xh);
   };
   if (!l.cl) {
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<float> u(drop ? len : 0);
+      KeepScale keep(len);
       std::vector<acc_t> g(len), xh(len);
       for (int64_t c = c0; c < c1; ++c) {
         acc_t s1 = 0, s2 = 0;
         dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
           for (int64_t i = 0; i < l.N; ++i) {
-            row_dz(i * C + c, u.data(), g.data(), xh.data());
+            row_dz(i * C + c, keep, g.data(), xh.data());
             const acc_t* gg = g.data();
             const acc_t* xx = xh.data();
             for (int64_t j0 = 0; j0 < len; j0 += kSumBlock) {
@@ -358,7 +372,7 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
   const RowBlocks rb = row_blocks(L, C);
   std::unique_ptr<acc_t[]> p1(new acc_t[rb.n_blocks * C]), p2(new acc_t[rb.n_blocks * C]);
   for_each_task(rb.n_blocks, [&](auto next_task) {
-    std::vector<float> u(drop ? len : 0);
+    KeepScale keep(len);
     std::vector<acc_t> g(len), xh(len);
     for (int64_t b = next_task(); b >= 0; b = next_task()) {
       acc_t* q1 = p1.get() + b * C;
@@ -370,7 +384,7 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
         const acc_t* gg = g.data();
         const acc_t* xx = xh.data();
         for (int64_t row = b * rb.per_block; row < r1; ++row) {
-          row_dz(row, u.data(), g.data(), xh.data());
+          row_dz(row, keep, g.data(), xh.data());
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             q1[c] += gg[c];
@@ -400,26 +414,17 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
                       const at::opmath_type<x_t>* m2, bool training, x_t* gx, x_t* gr) {
   using acc_t = at::opmath_type<x_t>;
   const bool drop = a.p > 0.0f;
-  const acc_t dscale = static_cast<acc_t>(dropout_scale(a.p));
   const int64_t len = l.row_len();
   for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
-    std::vector<float> u(drop ? len : 0);
+    KeepScale keep(len);
     std::vector<acc_t> g(len), xh(len);
-    float* uu = u.data();
     acc_t* gg = g.data();
     acc_t* xx = xh.data();
     dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
       for (int64_t row = r0; row < r1; ++row) {
-        if (drop) row_uniforms(l, a.seed, row, uu);
-        const int64_t c = l.channel(row), off = row * len;
-        const int64_t cc = l.cl ? 0 : c;
-        const x_t* rr = a.r ? a.r + off : nullptr;
-        if (l.cl)
-          dz_span<A, true>(a.dy + off, a.x + off, rr, uu, len, a.mean, a.invstd, a.scale, a.shift, drop, a.p,
-                           dscale, gg, xx);
-        else
-          dz_span<A, false>(a.dy + off, a.x + off, rr, uu, len, a.mean + c, a.invstd + c, a.scale + c,
-                            a.shift + c, drop, a.p, dscale, gg, xx);
+        const int64_t off = row * len;
+        const int64_t cc = l.cl ? 0 : l.channel(row);
+        dz_row<A>(l, a, row, keep.row(l, drop, a.seed, a.p, row), gg, xx);
         if (gr) {
           x_t* o = gr + off;
 #pragma omp simd
