@@ -14,7 +14,8 @@ Four ops per backend, each made from the one Python declaration below
 
 The statistics and the backward sums are separate ops so that SyncBatchNorm can reduce them
 across ranks between the passes. The ops see x stored as (N, C, S) or, channels-last, as
-(N, S, C) (the Functions make the view); the per-channel vectors are in the compute type.
+(N, S, C) (``batch_norm_act`` below makes the views, outside the Functions); the
+per-channel vectors are in the compute type.
 Backward saves x, mean, invstd, the weight and the 8-byte seed (the residual and bias only
 with an activation, where z is recomputed): never a mask, never the output.
 """
