@@ -72,4 +72,26 @@ TORCH_LIBRARY(fusedreg, m) {
       "lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, *, float lr, "
       "float beta1, float beta2, float weight_decay, float l1, bool l1_lr_scaled, bool maximize, "
       "float inv_scale) -> ()");
+
+  // ---- batch_norm: y = dropout(act((x - mean) * invstd * weight + bias + residual)) ------------
+  // x (and residual, dy, the grads) stored as contiguous (N, C, S), or (N, S, C) when
+  // channels_last; mean, invstd, weight, bias and the backward sums are (C,) in the compute type
+  // (float32, float64 for float64 x). The dropout mask index is the flat index in the logical
+  // (N, C, S) tensor. stats: per-channel mean and biased variance; bwd_reduce: sum dz and
+  // sum dz * xhat (dz = dy * keep * scale * act'(z)); bwd_elemt: grad_x (training: with the
+  // sums over `count` values per channel; eval: without) and grad_residual = dz, each empty
+  // unless asked for.
+  m.def("batch_norm_stats(Tensor x, bool channels_last) -> (Tensor mean, Tensor var)");
+  m.def(
+      "batch_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor invstd, int activation, float p, Tensor seed, bool channels_last) -> Tensor");
+  m.def(
+      "batch_norm_bwd_reduce(Tensor dy, Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, "
+      "Tensor mean, Tensor invstd, int activation, float p, Tensor seed, bool channels_last) "
+      "-> (Tensor sum_dz, Tensor sum_dz_xhat)");
+  m.def(
+      "batch_norm_bwd_elemt(Tensor dy, Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, "
+      "Tensor mean, Tensor invstd, Tensor sum_dz, Tensor sum_dz_xhat, float count, int activation, "
+      "float p, Tensor seed, bool channels_last, bool training, bool need_grad_input, "
+      "bool need_grad_residual) -> (Tensor grad_x, Tensor grad_residual)");
 }

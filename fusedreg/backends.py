@@ -37,7 +37,7 @@ _CHOICES = ("auto",) + BACKENDS
 # (docs/design.md, "The auto table").
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 AUTO: dict[str, dict[str, tuple[str, ...]]] = {
-    op: dict(_DEFAULT_ORDER) for op in ("bias_dropout", "layer_norm", "adam", "sgd", "lion")
+    op: dict(_DEFAULT_ORDER) for op in ("bias_dropout", "layer_norm", "adam", "sgd", "lion", "batch_norm")
 }
 
 # auto and small plain norms: a ``layer_norm`` / ``rms_norm`` call with no dropout and no

@@ -34,6 +34,7 @@ from .reference.philox import dropout_keep
 
 __all__ = ["bias_dropout", "dropout", "dropout_add_layer_norm", "dropout_mask", "layer_norm",
            "rms_norm"]
+__all__ += ["batch_norm", "batch_norm_act"]
 
 try:
     from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
@@ -390,3 +391,105 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
         run = _layer_norm_forward if route == _OP else LayerNormFunction.apply
         y, h, _, _ = run(x, residual, weight, bias, seed_t, config)
     return (y, h) if prenorm else y
+
+
+# ---- BatchNorm, alone and fused with residual add, activation and dropout ---------------------
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5):
+    """``torch.nn.functional.batch_norm`` (same arguments and result): per-channel statistics
+    of input (N, C, *spatial) — the batch's in training (fp32 accumulation, running stats
+    updated in place with the unbiased variance: r ← (1 − momentum)·r + momentum·stat), the
+    running ones in eval, where they fold into one scale and shift per channel. Contiguous and
+    channels-last inputs (y keeps the channels-last layout); float16/bfloat16 input with
+    float32 (or input-dtype) parameters and running stats."""
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       None, None, 0.0, None)
+
+
+def batch_norm_act(input, running_mean, running_var, weight=None, bias=None,
+                   training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                   activation=None, residual=None, p: float = 0.0, seed=None):
+    """``dropout(act(batch_norm(input) + residual), p)`` in one pass forward (two in training:
+    the statistics, then the rest) and two backward, in this order: normalize with the
+    batch (or running) statistics, scale and shift by weight and bias, add ``residual``
+    (x's shape and dtype, optional), apply ``activation`` (None, "relu", "silu", "gelu",
+    "gelu_tanh"), then dropout with drop probability ``p`` (training only; the seeded mask of
+    docs/design.md, "The dropout mask", recomputed in backward, indexed by the logical NCHW
+    position whatever the memory layout). ResNet's ``relu(bn(x) + identity)`` is
+    ``activation="relu", residual=identity``; timm's ``BatchNormAct2d`` (bn, then its drop
+    layer, then the activation) is this with residual=None where drop and activation commute
+    (dropout with relu or no activation). Arguments and running-stat update as
+    ``batch_norm``."""
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       activation, residual, p, seed)
+
+
+def _check_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                      residual):
+    """Every check of batch_norm / batch_norm_act, with torch's messages where torch has one.
+    Returns (momentum, eps) as floats."""
+    check_tensor(x, "input")
+    if x.dim() < 2:
+        raise ValueError(f"batch_norm expects an input of shape (N, C, ...) with at least 2 "
+                         f"dimensions, got {tuple(x.shape)}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    C = x.shape[1]
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if running_mean is None and not training:
+        raise ValueError("running_mean must be defined in evaluation mode")
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"),
+                    (weight, "weight"), (bias, "bias")):
+        if t is not None:
+            check_tensor(t, name)
+            if t.numel() != C or t.dim() != 1:
+                raise ValueError(f"{name} should contain {C} elements (shape ({C},)), got shape "
+                                 f"{tuple(t.shape)}")
+            check_norm_param(t, name, x, (C,))
+    if residual is not None:
+        check_like(residual, "residual", x, "input", shape=x.shape)
+    if momentum is None:
+        raise TypeError("momentum must be a float, not None (modules pass 1 / num_batches_tracked "
+                        "for a cumulative average)")
+    momentum = check_number(momentum, "momentum")
+    eps = check_number(eps, "eps")
+    if training and eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if training and x.numel() > 0 and x.numel() // max(C, 1) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{x.shape}")
+    return momentum, eps
+
+
+def _update_running(running_mean, running_var, mean, var, count, momentum):
+    """r ← (1 − momentum)·r + momentum·stat, with the unbiased variance, in the compute type."""
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1)) if count > 1 else var
+        for r, stat in ((running_mean, mean), (running_var, unbiased)):
+            r.copy_((r.to(stat.dtype) * (1.0 - momentum) + stat * momentum).to(r.dtype))
+
+
+def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                activation, residual, p, seed, process_group=None):
+    """batch_norm / batch_norm_act, and SyncBatchNorm's forward when ``process_group`` is
+    given (training: statistics over every rank's batch)."""
+    from .ops.batch_norm import BatchNormConfig, batch_norm_act as fused
+
+    momentum, eps = _check_batch_norm(x, running_mean, running_var, weight, bias, training,
+                                      momentum, eps, residual)
+    act = activation_code(activation)
+    p = check_probability(p)
+    check_seed(seed)
+    if not training:
+        p = 0.0
+    seed_t = seed_tensor(seed) if p > 0.0 else unused_seed()
+    config = BatchNormConfig(training, eps, act, p, backends.resolve("batch_norm", x.device))
+    y, mean, var, count = fused(x, residual, weight, bias, running_mean, running_var, seed_t,
+                                config, process_group if training else None)
+    if training and running_mean is not None and count > 0:
+        _update_running(running_mean, running_var, mean, var, count, momentum)
+    return y

@@ -110,3 +110,173 @@ class DropoutAddLayerNorm(_Traceable, nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, p={self.p}, eps={self.eps}, prenorm={self.prenorm}, "
                 f"rms={self.rms}, residual_in_fp32={self.residual_in_fp32}")
+
+
+# ---- BatchNorm ------------------------------------------------------------------------------
+
+__all__ += ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "SyncBatchNorm",
+            "batchnorm_patch_targets"]
+
+
+def _batch_norm_forward(m, input, activation=None, residual=None, p=0.0, process_group=None):
+    """torch's ``_BatchNorm.forward`` (momentum=None: cumulative average over
+    num_batches_tracked; track_running_stats=False: batch statistics, buffers untouched),
+    over ``fusedreg.functional.batch_norm_act``."""
+    factor = 0.0 if m.momentum is None else m.momentum
+    if m.training and m.track_running_stats and m.num_batches_tracked is not None:
+        m.num_batches_tracked.add_(1)
+        factor = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
+    bn_training = m.training or (m.running_mean is None and m.running_var is None)
+    use_buffers = not m.training or m.track_running_stats
+    return F._batch_norm(input, m.running_mean if use_buffers else None,
+                         m.running_var if use_buffers else None, m.weight, m.bias, bn_training,
+                         factor, m.eps, activation, residual, p, None,
+                         process_group=process_group if bn_training else None)
+
+
+class BatchNorm1d(nn.BatchNorm1d):
+    """Drop-in for ``torch.nn.BatchNorm1d``: same constructor, parameters, buffers
+    (``num_batches_tracked`` included) and ``state_dict``; forward by
+    ``fusedreg.functional.batch_norm``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        return _batch_norm_forward(self, input)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """Drop-in for ``torch.nn.BatchNorm2d`` (contiguous or channels_last input)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        return _batch_norm_forward(self, input)
+
+
+class BatchNorm3d(nn.BatchNorm3d):
+    """Drop-in for ``torch.nn.BatchNorm3d`` (contiguous or channels_last_3d input)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        return _batch_norm_forward(self, input)
+
+
+def _fused_activation(act: nn.Module):
+    """The activation name of ``fusedreg.functional.batch_norm_act`` that computes ``act``,
+    or False when it has none (the module then runs after the fused norm)."""
+    if type(act) in (nn.Identity,):
+        return None
+    if type(act) in (nn.ReLU,):
+        return "relu"
+    if type(act) in (nn.SiLU,):
+        return "silu"
+    if type(act) in (nn.GELU,):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    # timm's own GELU classes (timm.layers.activations) call F.gelu the same way
+    if type(act).__module__.startswith("timm.") and type(act).__name__ in ("GELU", "GELUTanh"):
+        return "gelu_tanh" if type(act).__name__ == "GELUTanh" else "gelu"
+    return False
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """BatchNorm2d + dropout + activation in one fused pass: timm's ``BatchNormAct2d``
+    (``timm.layers.BatchNormAct2d``: same constructor, submodules ``drop`` and ``act``,
+    parameters, buffers and ``state_dict`` keys, so a timm model's modules can be swapped to
+    it). timm's order is bn → drop → act; fused, it is act then dropout, which is the same
+    function for the activations that commute with dropout (ReLU, none). So the whole module
+    is one ``batch_norm_act`` call when ``drop`` is an ``nn.Identity``, or an ``nn.Dropout``
+    with ReLU or no activation (the dropout mask is then fusedreg's seeded one); any other
+    ``drop`` or ``act`` runs as its own module after the fused norm, in timm's order.
+    ``forward(x, residual=None)``: a residual is added before the activation (ResNet's
+    ``relu(bn(x) + identity)``)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, apply_act: bool = True,
+                 act_layer=nn.ReLU, act_kwargs=None, inplace: bool = True, drop_layer=None,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        act = None
+        if apply_act and act_layer is not None:
+            kwargs = dict(act_kwargs or {})
+            if isinstance(act_layer, str):
+                act_layer = {"relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU,
+                             "gelu": nn.GELU}.get(act_layer)
+                if act_layer is None:
+                    raise ValueError("act_layer given by name must be 'relu', 'silu', 'swish' or "
+                                     "'gelu' (or pass a module class)")
+            try:
+                act = act_layer(inplace=inplace, **kwargs)
+            except TypeError:  # activations without an inplace argument (GELU)
+                act = act_layer(**kwargs)
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+        act = _fused_activation(self.act)
+        drop = self.drop
+        p = 0.0
+        fused_drop = type(drop) is nn.Identity
+        if not fused_drop and isinstance(drop, nn.Dropout) and act in (None, "relu") \
+                and not isinstance(drop, (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)):
+            fused_drop, p = True, drop.p
+        if act is not False and fused_drop:
+            return _batch_norm_forward(self, x, act, residual, p if self.training else 0.0)
+        y = _batch_norm_forward(self, x, None, residual)
+        return self.act(self.drop(y))
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """Drop-in for ``torch.nn.SyncBatchNorm``: in training with an initialized process group
+    of more than one rank, the statistics are those of the whole batch across the ranks of
+    ``process_group`` (each rank's count, mean and variance all-gathered and combined in rank
+    order) and backward all-reduces the per-channel sums before grad_input, as torch's does;
+    otherwise it is ``BatchNorm``. ``convert_sync_batchnorm`` turns every BatchNorm (torch's or
+    fusedreg's) of a model into this class, keeping the Parameter objects and buffers."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        group = None
+        if self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
+            group = self.process_group or torch.distributed.group.WORLD
+            if torch.distributed.get_world_size(group) <= 1:
+                group = None
+        return _batch_norm_forward(self, input, process_group=group)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        out = module
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+            out = cls(module.num_features, module.eps, module.momentum, module.affine,
+                      module.track_running_stats, process_group)
+            if module.affine:
+                with torch.no_grad():
+                    out.weight = module.weight
+                    out.bias = module.bias
+            out.running_mean = module.running_mean
+            out.running_var = module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
+            out.training = module.training
+            if hasattr(module, "qconfig"):
+                out.qconfig = module.qconfig
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        del module
+        return out
+
+
+def batchnorm_patch_targets() -> dict:
+    """{module class: fusedreg class} for a drop-in swap of BatchNorm modules by class (the
+    instance, its Parameter objects, buffers and state_dict keys stay): torch's exact
+    ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``, and timm's ``BatchNormAct2d`` when timm is
+    installed (imported here, not at fusedreg's import)."""
+    targets = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
+               nn.BatchNorm3d: BatchNorm3d, nn.SyncBatchNorm: SyncBatchNorm}
+    try:
+        from timm.layers import BatchNormAct2d as TimmBatchNormAct2d
+    except ImportError:
+        return targets
+    targets[TimmBatchNormAct2d] = BatchNormAct2d
+    return targets

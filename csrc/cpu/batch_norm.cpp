@@ -1,0 +1,605 @@
+// CPU kernels of batch_norm: y = dropout(act((x - mean) * invstd * w + b + residual)). The
+// math is written out in fusedreg/reference/batch_norm.py.
+//
+// x is stored (N, C, S) ("NCS": a channel is N rows of S contiguous values) or channels-last
+// (N, S, C) = (L, C) rows ("CL": a channel is a column). The element-wise passes (forward,
+// backward element-wise) walk memory in order, spread over threads in row chunks by
+// cpu::for_each_task (fusedreg/cpu/scheduler.h) and run at the CPU's instruction-set level
+// (fusedreg/cpu/isa.h); z = (x - mean) * scale + shift with scale = invstd * w, shift = b.
+// The dropout mask index is the logical (N, C, S) flat index: contiguous along an NCS row (one
+// Philox call per four elements, fusedreg/cpu/uniforms.h), stride S along a CL row (one call
+// per element; with S == 1 contiguous again).
+//
+// Reductions are deterministic, whatever the thread count:
+//   NCS: each channel is reduced by one thread, row after row in order (per row: a sum in
+//        blocks of kSumBlock, then added to the channel's total);
+//   CL:  rows are cut into blocks fixed by (L, C); each block writes its per-channel partial
+//        row, and the partials are combined in block order.
+// Statistics are two-pass per row (NCS) or per block (CL): mean, then sum (x - mean)^2 over
+// the cache-resident row/block, and the (count, mean, m2) parts are combined with Chan et
+// al.'s formula, so a mean of 1e3 with a std of 1e-2 keeps its digits.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "fusedreg/activation.h"
+#include "fusedreg/batch_norm_host.h"
+#include "fusedreg/cpu/alloc.h"
+#include "fusedreg/cpu/isa.h"
+#include "fusedreg/cpu/scheduler.h"
+#include "fusedreg/cpu/uniforms.h"
+#include "fusedreg/cpu/vmath.h"
+#include "fusedreg/macros.h"
+#include "fusedreg/philox.h"
+
+namespace fusedreg {
+namespace {
+
+constexpr int64_t kSumBlock = 512;
+constexpr int64_t kTaskElems = 16384;  // elements per task of the element-wise passes
+constexpr int64_t kMaxBlocks = 256;    // CL reductions: row blocks at most
+
+using cpu::dispatch_isa;
+using cpu::empty_output;
+using cpu::for_each_task;
+
+// Per-channel vectors: VEC (CL) indexes them by the element j of a row, else (NCS) the
+// pointers are at the row's channel and index 0.
+template <bool VEC>
+inline FUSEDREG_ALWAYS_INLINE int64_t ch(int64_t j) {
+  return VEC ? j : 0;
+}
+
+// ---- element-wise pieces ----------------------------------------------------------------------
+
+// y[j] = act((x[j] - mean) * scale + shift + r[j]) * ks[j] for j in [0, len), with ks the
+// row's keep-scale factors (dropout: 1 / (1 - p) or 0; all 1 without dropout). A factor, not
+// a select on the uniforms: the loops have no condition inside (which would keep them scalar).
+template <Activation A, bool VEC, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, const float* ks,
+                                            int64_t len, const acc_t* mean, const acc_t* scale,
+                                            const acc_t* shift) {
+  if (r) {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      acc_t t = (static_cast<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)] +
+                static_cast<acc_t>(r[j]);
+      t = activate<A, acc_t, cpu::VecMath>(t) * static_cast<acc_t>(ks[j]);
+      y[j] = static_cast<x_t>(t);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      acc_t t = (static_cast<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)];
+      t = activate<A, acc_t, cpu::VecMath>(t) * static_cast<acc_t>(ks[j]);
+      y[j] = static_cast<x_t>(t);
+    }
+  }
+}
+
+// g[j] = dz = dy * ks[j] * act'(z), xh[j] = xhat, for j in [0, len). r is x when there is no
+// residual, with rf = 0 (an unconditional load: a conditional one keeps the loop scalar).
+template <Activation A, bool VEC, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void dz_span(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, const float* ks,
+                                           int64_t len, const acc_t* mean, const acc_t* invstd,
+                                           const acc_t* scale, const acc_t* shift, acc_t* g, acc_t* xh) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    const acc_t d = static_cast<acc_t>(x[j]) - mean[ch<VEC>(j)];
+    acc_t dz = static_cast<acc_t>(dy[j]) * static_cast<acc_t>(ks[j]);
+    if constexpr (A != Activation::kNone) {
+      const acc_t z = d * scale[ch<VEC>(j)] + shift[ch<VEC>(j)] + rf * static_cast<acc_t>(r[j]);
+      dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
+    }
+    g[j] = dz;
+    xh[j] = d * invstd[ch<VEC>(j)];
+  }
+}
+
+// ---- layout: which elements a row is, and its uniforms ------------------------------------------
+
+struct Layout {
+  int64_t N, C, S;
+  bool cl;
+  int64_t rows() const { return cl ? N * S : N * C; }
+  int64_t row_len() const { return cl ? C : S; }
+  int64_t channel(int64_t row) const { return cl ? 0 : row % C; }
+};
+
+// The keep-scale factors of stored row `row` (its row_len() elements): dscale where the mask
+// keeps the element, 0 where it drops it.
+inline void row_keep_scale(const Layout& l, uint64_t seed, float p, float dscale, int64_t row, float* u) {
+  if (!l.cl) {
+    fill_uniforms(seed, row * l.S, l.S, u);  // NCS row (n, c) starts at (n * C + c) * S
+  } else if (l.S == 1) {
+    fill_uniforms(seed, row * l.C, l.C, u);
+  } else {
+    const int64_t n = row / l.S, s = row % l.S;
+    const int64_t base = n * l.C * l.S + s;
+    for (int64_t c = 0; c < l.C; ++c) u[c] = dropout_uniform(seed, base + c * l.S);
+  }
+  const int64_t len = l.row_len();
+  for (int64_t j = 0; j < len; ++j) u[j] = u[j] >= p ? dscale : 0.0f;
+}
+
+// Per task: the keep-scale row (all ones without dropout).
+struct KeepScale {
+  std::vector<float> ks;
+  KeepScale(int64_t len) : ks(len, 1.0f) {}
+  const float* row(const Layout& l, bool drop, uint64_t seed, float p, int64_t r) {
+    if (drop) row_keep_scale(l, seed, p, dropout_scale(p), r, ks.data());
+    return ks.data();
+  }
+};
+
+template <typename Body>
+void for_each_row_chunk(const Layout& l, const Body& body) {
+  const int64_t rows = l.rows();
+  const int64_t per_task = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(l.row_len(), 1));
+  const int64_t n_tasks = (rows + per_task - 1) / per_task;
+  for_each_task(n_tasks, [&](auto next_task) {
+    for (int64_t t = next_task(); t >= 0; t = next_task())
+      body(t * per_task, std::min(rows, (t + 1) * per_task));
+  });
+}
+
+// ---- forward ---------------------------------------------------------------------------------
+
+template <Activation A, typename x_t>
+void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const at::opmath_type<x_t>* mean,
+                    const at::opmath_type<x_t>* scale, const at::opmath_type<x_t>* shift, float p,
+                    uint64_t seed) {
+  const bool drop = p > 0.0f;
+  const int64_t len = l.row_len();
+  for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
+    KeepScale keep(len);
+    // One dispatch per chunk of rows: rows can be short (C = 64 channels, a 7x7 map).
+    dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+      for (int64_t row = r0; row < r1; ++row) {
+        const float* ks = keep.row(l, drop, seed, p, row);
+        const int64_t off = row * len;
+        const x_t* rr = r ? r + off : nullptr;
+        if (l.cl) {
+          fwd_span<A, true>(x + off, rr, y + off, ks, len, mean, scale, shift);
+        } else {
+          const int64_t c = l.channel(row);
+          fwd_span<A, false>(x + off, rr, y + off, ks, len, mean + c, scale + c, shift + c);
+        }
+      }
+    });
+  });
+}
+
+// ---- statistics ------------------------------------------------------------------------------
+
+// (count, mean, m2) += (nb, mb, m2b) (Chan et al.).
+template <typename acc_t>
+inline void chan_merge(acc_t& n, acc_t& mean, acc_t& m2, acc_t nb, acc_t mb, acc_t m2b) {
+  const acc_t total = n + nb;
+  const acc_t delta = mb - mean;
+  mean += delta * (nb / total);
+  m2 += m2b + delta * delta * (n * nb / total);
+  n = total;
+}
+
+template <typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE acc_t block_sum(const x_t* v, int64_t len, acc_t shift, bool square) {
+  acc_t total = 0;
+  for (int64_t j0 = 0; j0 < len; j0 += kSumBlock) {
+    const int64_t j1 = std::min(len, j0 + kSumBlock);
+    acc_t s = 0;
+    if (square) {
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = j0; j < j1; ++j) {
+        const acc_t d = static_cast<acc_t>(v[j]) - shift;
+        s += d * d;
+      }
+    } else {
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = j0; j < j1; ++j) s += static_cast<acc_t>(v[j]);
+    }
+    total += s;
+  }
+  return total;
+}
+
+// The CL row blocks of a reduction: fixed by (L, C).
+struct RowBlocks {
+  int64_t per_block, n_blocks;
+};
+
+inline RowBlocks row_blocks(int64_t L, int64_t C) {
+  const int64_t min_rows = std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1));
+  const int64_t per_block = std::max(min_rows, (L + kMaxBlocks - 1) / kMaxBlocks);
+  return {per_block, (L + per_block - 1) / per_block};
+}
+
+template <typename x_t>
+void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at::opmath_type<x_t>* var) {
+  using acc_t = at::opmath_type<x_t>;
+  const int64_t C = l.C;
+  if (!l.cl) {
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        acc_t n = 0, mu = 0, m2 = 0;
+        dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+          for (int64_t i = 0; i < l.N; ++i) {
+            const x_t* row = x + (i * C + c) * l.S;
+            const acc_t mr = block_sum(row, l.S, acc_t(0), false) / l.S;
+            const acc_t m2r = block_sum(row, l.S, mr, true);
+            chan_merge(n, mu, m2, static_cast<acc_t>(l.S), mr, m2r);
+          }
+        });
+        mean[c] = mu;
+        var[c] = m2 / n;
+      }
+    });
+    return;
+  }
+  const int64_t L = l.N * l.S;
+  const RowBlocks rb = row_blocks(L, C);
+  std::unique_ptr<acc_t[]> pm(new acc_t[rb.n_blocks * C]), pm2(new acc_t[rb.n_blocks * C]);
+  for_each_task(rb.n_blocks, [&](auto next_task) {
+    for (int64_t b = next_task(); b >= 0; b = next_task()) {
+      const int64_t r0 = b * rb.per_block, r1 = std::min(L, r0 + rb.per_block);
+      acc_t* m = pm.get() + b * C;
+      acc_t* q = pm2.get() + b * C;
+      std::fill(m, m + C, acc_t(0));
+      std::fill(q, q + C, acc_t(0));
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(r1 - r0);
+      dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+        for (int64_t r = r0; r < r1; ++r) {
+          const x_t* row = x + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) m[c] += static_cast<acc_t>(row[c]);
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) m[c] *= inv;
+        for (int64_t r = r0; r < r1; ++r) {
+          const x_t* row = x + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t d = static_cast<acc_t>(row[c]) - m[c];
+            q[c] += d * d;
+          }
+        }
+      });
+    }
+  });
+  // Combine the blocks in block order: mean = sum n_b mean_b / L, m2 = sum m2_b + n_b (mean_b - mean)^2.
+  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t s = 0;
+      for (int64_t b = 0; b < rb.n_blocks; ++b) {
+        const int64_t nb = std::min(L, (b + 1) * rb.per_block) - b * rb.per_block;
+        s += static_cast<acc_t>(nb) * pm[b * C + c];
+      }
+      const acc_t mu = s / static_cast<acc_t>(L);
+      acc_t m2 = 0;
+      for (int64_t b = 0; b < rb.n_blocks; ++b) {
+        const int64_t nb = std::min(L, (b + 1) * rb.per_block) - b * rb.per_block;
+        const acc_t d = pm[b * C + c] - mu;
+        m2 += pm2[b * C + c] + static_cast<acc_t>(nb) * d * d;
+      }
+      mean[c] = mu;
+      var[c] = m2 / static_cast<acc_t>(L);
+    }
+  });
+}
+
+// ---- backward ------------------------------------------------------------------------------
+
+template <typename x_t>
+struct BwdArgs {
+  using acc_t = at::opmath_type<x_t>;
+  const x_t* dy;
+  const x_t* x;
+  const x_t* r;       // or null (read only with an activation)
+  const acc_t* mean;
+  const acc_t* invstd;
+  const acc_t* scale;  // invstd * w
+  const acc_t* shift;  // b
+  float p;
+  uint64_t seed;
+};
+
+// dz and xhat of stored row `row` into g and xh (inside a dispatched region).
+template <Activation A, typename x_t>
+inline FUSEDREG_ALWAYS_INLINE void dz_row(const Layout& l, const BwdArgs<x_t>& a, int64_t row, const float* ks,
+                                          at::opmath_type<x_t>* g, at::opmath_type<x_t>* xh) {
+  using acc_t = at::opmath_type<x_t>;
+  const int64_t len = l.row_len(), off = row * len;
+  const x_t* rr = a.r ? a.r + off : a.x + off;
+  const acc_t rf = a.r ? acc_t(1) : acc_t(0);
+  if (l.cl) {
+    dz_span<A, true>(a.dy + off, a.x + off, rr, rf, ks, len, a.mean, a.invstd, a.scale, a.shift, g, xh);
+  } else {
+    const int64_t c = l.channel(row);
+    dz_span<A, false>(a.dy + off, a.x + off, rr, rf, ks, len, a.mean + c, a.invstd + c, a.scale + c, a.shift + c,
+                      g, xh);
+  }
+}
+
+// sum_dz[c], sum_dzx[c] (c in [0, C)).
+template <Activation A, typename x_t>
+void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x_t>* sum_dz,
+                       at::opmath_type<x_t>* sum_dzx) {
+  using acc_t = at::opmath_type<x_t>;
+  const bool drop = a.p > 0.0f;
+  const int64_t C = l.C, len = l.row_len();
+  // dz and xhat of one stored row, into g and xh (called inside a dispatched region)
+  auto row_dz = [&](int64_t row, KeepScale& keep, acc_t* g, acc_t* xh) FUSEDREG_ALWAYS_INLINE {
+    dz_row<A>(l, a, row, keep.row(l, drop, a.seed, a.p, row), g, xh);
+  };
+  if (!l.cl) {
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      KeepScale keep(len);
+      std::vector<acc_t> g(len), xh(len);
+      for (int64_t c = c0; c < c1; ++c) {
+        acc_t s1 = 0, s2 = 0;
+        dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+          for (int64_t i = 0; i < l.N; ++i) {
+            row_dz(i * C + c, keep, g.data(), xh.data());
+            const acc_t* gg = g.data();
+            const acc_t* xx = xh.data();
+            for (int64_t j0 = 0; j0 < len; j0 += kSumBlock) {
+              const int64_t j1 = std::min(len, j0 + kSumBlock);
+              acc_t t1 = 0, t2 = 0;
+#pragma omp simd reduction(+ : t1, t2)
+              for (int64_t j = j0; j < j1; ++j) {
+                t1 += gg[j];
+                t2 += gg[j] * xx[j];
+              }
+              s1 += t1;
+              s2 += t2;
+            }
+          }
+        });
+        sum_dz[c] = s1;
+        sum_dzx[c] = s2;
+      }
+    });
+    return;
+  }
+  const int64_t L = l.N * l.S;
+  const RowBlocks rb = row_blocks(L, C);
+  std::unique_ptr<acc_t[]> p1(new acc_t[rb.n_blocks * C]), p2(new acc_t[rb.n_blocks * C]);
+  for_each_task(rb.n_blocks, [&](auto next_task) {
+    KeepScale keep(len);
+    std::vector<acc_t> g(len), xh(len);
+    for (int64_t b = next_task(); b >= 0; b = next_task()) {
+      acc_t* q1 = p1.get() + b * C;
+      acc_t* q2 = p2.get() + b * C;
+      std::fill(q1, q1 + C, acc_t(0));
+      std::fill(q2, q2 + C, acc_t(0));
+      const int64_t r1 = std::min(L, (b + 1) * rb.per_block);
+      dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+        const acc_t* gg = g.data();
+        const acc_t* xx = xh.data();
+        for (int64_t row = b * rb.per_block; row < r1; ++row) {
+          row_dz(row, keep, g.data(), xh.data());
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            q1[c] += gg[c];
+            q2[c] += gg[c] * xx[c];
+          }
+        }
+      });
+    }
+  });
+  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t s1 = 0, s2 = 0;
+      for (int64_t b = 0; b < rb.n_blocks; ++b) {
+        s1 += p1[b * C + c];
+        s2 += p2[b * C + c];
+      }
+      sum_dz[c] = s1;
+      sum_dzx[c] = s2;
+    }
+  });
+}
+
+// grad_residual = dz; grad_x = scale * (dz - m1 - xhat * m2) (training; m1 = sum_dz / count,
+// m2 = sum_dzx / count), scale * dz (eval).
+template <Activation A, typename x_t>
+void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_type<x_t>* m1,
+                      const at::opmath_type<x_t>* m2, bool training, x_t* gx, x_t* gr) {
+  using acc_t = at::opmath_type<x_t>;
+  const bool drop = a.p > 0.0f;
+  const int64_t len = l.row_len();
+  for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
+    KeepScale keep(len);
+    std::vector<acc_t> g(len), xh(len);
+    acc_t* gg = g.data();
+    acc_t* xx = xh.data();
+    dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t off = row * len;
+        const int64_t cc = l.cl ? 0 : l.channel(row);
+        dz_row<A>(l, a, row, keep.row(l, drop, a.seed, a.p, row), gg, xx);
+        if (gr) {
+          x_t* o = gr + off;
+#pragma omp simd
+          for (int64_t j = 0; j < len; ++j) o[j] = static_cast<x_t>(gg[j]);
+        }
+        if (!gx) continue;
+        x_t* o = gx + off;
+        const acc_t* k = a.scale + cc;
+        if (training) {
+          const acc_t* q1 = m1 + cc;
+          const acc_t* q2 = m2 + cc;
+          if (l.cl) {
+#pragma omp simd
+            for (int64_t j = 0; j < len; ++j) o[j] = static_cast<x_t>(k[j] * (gg[j] - q1[j] - xx[j] * q2[j]));
+          } else {
+            const acc_t kk = k[0], a1 = q1[0], a2 = q2[0];
+#pragma omp simd
+            for (int64_t j = 0; j < len; ++j) o[j] = static_cast<x_t>(kk * (gg[j] - a1 - xx[j] * a2));
+          }
+        } else if (l.cl) {
+#pragma omp simd
+          for (int64_t j = 0; j < len; ++j) o[j] = static_cast<x_t>(k[j] * gg[j]);
+        } else {
+          const acc_t kk = k[0];
+#pragma omp simd
+          for (int64_t j = 0; j < len; ++j) o[j] = static_cast<x_t>(kk * gg[j]);
+        }
+      }
+    });
+  });
+}
+
+// ---- the ops -----------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x_in, bool channels_last) {
+  bn_check_x(x_in, at::kCPU);
+  const BnDims d = bn_dims(x_in, channels_last);
+  const at::Tensor x = x_in.contiguous();
+  const auto ct = bn_compute_type(x.scalar_type());
+  at::Tensor mean = at::empty({d.C}, x.options().dtype(ct));
+  at::Tensor var = at::empty({d.C}, x.options().dtype(ct));
+  if (d.C == 0) return {mean, var};
+  if (d.N * d.S == 0) {
+    mean.fill_(NAN);
+    var.fill_(NAN);
+    return {mean, var};
+  }
+  const Layout l{d.N, d.C, d.S, channels_last};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    stats_kernel<scalar_t>(l, x.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
+                           var.mutable_data_ptr<acc_t>());
+  });
+  return {mean, var};
+}
+
+at::Tensor batch_norm_fwd_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
+                              const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
+                              const at::Tensor& mean_in, const at::Tensor& invstd_in, int64_t activation,
+                              double p, const at::Tensor& seed, bool channels_last) {
+  bn_check_x(x_in, at::kCPU);
+  const BnDims d = bn_dims(x_in, channels_last);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor residual = bn_like_x(residual_in, "residual", x);
+  const at::Tensor weight = bn_vec(weight_in, "weight", x, d.C), bias = bn_vec(bias_in, "bias", x, d.C);
+  const at::Tensor mean = bn_vec(mean_in, "mean", x, d.C), invstd = bn_vec(invstd_in, "invstd", x, d.C);
+  TORCH_CHECK(activation >= 0 && activation <= 4, "fusedreg::batch_norm: unknown activation code ", activation);
+  const uint64_t s = bn_seed(seed);
+  at::Tensor y = empty_output(x.sizes(), x.options());
+  if (x.numel() == 0) return y;
+  auto [scale, shift] = bn_affine(invstd, weight, bias);
+  const Layout l{d.N, d.C, d.S, channels_last};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
+      forward_kernel<A, scalar_t>(l, x.const_data_ptr<scalar_t>(),
+                                  residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
+                                  y.mutable_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
+                                  scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
+                                  static_cast<float>(p), s);
+    });
+  });
+  return y;
+}
+
+struct BwdInputs {
+  at::Tensor dy, x, residual, mean, invstd, scale, shift;
+  Layout l;
+  uint64_t seed;
+};
+
+BwdInputs bwd_inputs(const at::Tensor& dy_in, const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
+                     const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
+                     const at::Tensor& mean_in, const at::Tensor& invstd_in, int64_t activation,
+                     const at::Tensor& seed, bool channels_last) {
+  bn_check_x(x_in, at::kCPU);
+  const BnDims d = bn_dims(x_in, channels_last);
+  BwdInputs b;
+  b.x = x_in.contiguous();
+  b.dy = bn_like_x(dy_in, "dy", b.x);
+  b.residual = bn_like_x(residual_in, "residual", b.x);
+  const at::Tensor weight = bn_vec(weight_in, "weight", b.x, d.C), bias = bn_vec(bias_in, "bias", b.x, d.C);
+  b.mean = bn_vec(mean_in, "mean", b.x, d.C);
+  b.invstd = bn_vec(invstd_in, "invstd", b.x, d.C);
+  TORCH_CHECK(activation >= 0 && activation <= 4, "fusedreg::batch_norm: unknown activation code ", activation);
+  b.seed = bn_seed(seed);
+  std::tie(b.scale, b.shift) = bn_affine(b.invstd, weight, bias);
+  b.l = Layout{d.N, d.C, d.S, channels_last};
+  return b;
+}
+
+template <typename x_t>
+BwdArgs<x_t> bwd_args(const BwdInputs& b, double p) {
+  using acc_t = at::opmath_type<x_t>;
+  return BwdArgs<x_t>{b.dy.const_data_ptr<x_t>(), b.x.const_data_ptr<x_t>(),
+                      b.residual.defined() ? b.residual.const_data_ptr<x_t>() : nullptr,
+                      b.mean.const_data_ptr<acc_t>(), b.invstd.const_data_ptr<acc_t>(),
+                      b.scale.const_data_ptr<acc_t>(), b.shift.const_data_ptr<acc_t>(),
+                      static_cast<float>(p), b.seed};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+    const at::Tensor& invstd, int64_t activation, double p, const at::Tensor& seed, bool channels_last) {
+  const BwdInputs b = bwd_inputs(dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last);
+  at::Tensor sum_dz = at::zeros({b.l.C}, b.mean.options());
+  at::Tensor sum_dzx = at::zeros({b.l.C}, b.mean.options());
+  if (b.x.numel() == 0) return {sum_dz, sum_dzx};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
+      bwd_reduce_kernel<A, scalar_t>(b.l, bwd_args<scalar_t>(b, p), sum_dz.mutable_data_ptr<acc_t>(),
+                                     sum_dzx.mutable_data_ptr<acc_t>());
+    });
+  });
+  return {sum_dz, sum_dzx};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_elemt_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& sum_dz_in, const at::Tensor& sum_dzx_in, double count,
+    int64_t activation, double p, const at::Tensor& seed, bool channels_last, bool training,
+    bool need_grad_input, bool need_grad_residual) {
+  const BwdInputs b = bwd_inputs(dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last);
+  at::Tensor gx = need_grad_input ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
+  at::Tensor gr = need_grad_residual ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
+  if (b.x.numel() == 0 || !(need_grad_input || need_grad_residual)) return {gx, gr};
+  at::Tensor m1, m2;
+  const bool use_sums = training && need_grad_input;
+  if (use_sums) {
+    TORCH_CHECK(count > 0, "fusedreg::batch_norm_bwd_elemt: count must be positive in training");
+    m1 = bn_vec(sum_dz_in, "sum_dz", b.x, b.l.C) / count;
+    m2 = bn_vec(sum_dzx_in, "sum_dz_xhat", b.x, b.l.C) / count;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_elemt", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
+      bwd_elemt_kernel<A, scalar_t>(b.l, bwd_args<scalar_t>(b, p), use_sums ? m1.const_data_ptr<acc_t>() : nullptr,
+                                    use_sums ? m2.const_data_ptr<acc_t>() : nullptr, use_sums,
+                                    need_grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr,
+                                    need_grad_residual ? gr.mutable_data_ptr<scalar_t>() : nullptr);
+    });
+  });
+  return {gx, gr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedreg, CPU, m) {
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("batch_norm_fwd", &batch_norm_fwd_cpu);
+  m.impl("batch_norm_bwd_reduce", &batch_norm_bwd_reduce_cpu);
+  m.impl("batch_norm_bwd_elemt", &batch_norm_bwd_elemt_cpu);
+}
+
+}  // namespace fusedreg

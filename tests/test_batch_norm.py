@@ -1,0 +1,496 @@
+"""batch_norm and batch_norm_act on every backend that runs on CPU tensors (reference, cpu, and
+triton under the interpreter, on small shapes), against a float64 torch oracle under the rule
+of tests/tolerances.py (error <= FACTOR * torch's own error at the same dtype + atol); the
+registered ops (opcheck), torch.compile, bad input, the modules against torch's; and the
+triton and cuda backends on CUDA tensors against the reference (skipped without a GPU)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch.library import opcheck
+
+import fusedreg
+from fusedreg import backends
+from fusedreg import functional as F
+from fusedreg.reference.philox import dropout_scale
+
+from _helpers import device_cases, serving
+from conftest import cpu_backends
+from tolerances import BATCH_NORM_GPU, FACTOR, NORM_ATOL
+
+OP = "batch_norm"
+BACKENDS = cpu_backends(OP)
+FAST = [b for b in BACKENDS if b != "triton"]  # the interpreter is too slow for the big cases
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ACTS = {None: lambda t: t, "relu": torch.relu, "silu": TF.silu, "gelu": TF.gelu,
+        "gelu_tanh": lambda t: TF.gelu(t, approximate="tanh")}
+
+
+def _data(shape, dtype, seed=0, offset=3.0, std=2.0):
+    g = torch.Generator().manual_seed(seed)
+    # a non-zero mean, so that a kernel that forgets to subtract it cannot pass
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * std + offset).to(dtype)
+
+
+def _layout(x, layout):
+    if layout == "cl":
+        return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+# (shape, layout): what each exercises
+CASES = [
+    ((6, 5), "c"),              # (N, C): one value per (n, c), the channels-last kernels
+    ((4, 3, 7), "c"),           # NCL, odd length
+    ((3, 4, 5, 6), "c"),        # NCHW
+    ((3, 4, 5, 6), "cl"),       # channels_last: (N*H*W, C) rows
+    ((2, 3, 2, 3, 4), "cl"),    # channels_last_3d
+    ((5, 3, 1, 1), "c"),        # spatial size 1 (both layouts are the same memory)
+    ((2, 7, 33, 40), "cl"),     # more rows than one reduction block (CPU/Triton partials)
+    ((2, 3, 65, 70), "c"),      # rows longer than a summation block
+]
+SMALL = [c for c in CASES if math.prod(c[0]) < 1000]
+
+
+def _case_id(c):
+    return f"{'x'.join(map(str, c[0]))}-{c[1]}"
+
+
+def _backends_for(shape):
+    return FAST if math.prod(shape) > 1000 else BACKENDS
+
+
+def _check(name, out, ref64, twin, dtype, pass_):
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert out.dtype == twin.dtype, f"{name}: dtype {out.dtype} != torch's {twin.dtype}"
+    if ref64.numel() == 0:
+        return
+    scale = max(ref64.abs().max().item(), 1.0)
+    err = (out.double() - ref64).abs().max().item() / scale
+    terr = (twin.double() - ref64).abs().max().item() / scale
+    bound = FACTOR * terr + NORM_ATOL[pass_][dtype]
+    assert err <= bound, f"{name} ({pass_}): error {err:.3g} > {FACTOR} x torch's {terr:.3g} + atol"
+
+
+def _run(fn, inputs, grad_out, buffers):
+    """(y, grads of sum(y * grad_out) w.r.t. the float inputs, buffers after the call)."""
+    inputs = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    buffers = [b.clone() if b is not None else None for b in buffers]
+    y = fn(*inputs, *buffers)
+    (y.double() * grad_out.double()).sum().backward()
+    return y.detach(), [t.grad if t is not None else None for t in inputs], buffers
+
+
+def _compare(fn, twin, inputs, grad_out, buffers, dtype, names, layout=None):
+    out, grads, bufs = _run(fn, inputs, grad_out, buffers)
+    tout, tgrads, tbufs = _run(twin, inputs, grad_out, buffers)
+    rout, rgrads, rbufs = _run(twin, [t.double() if t is not None else None for t in inputs],
+                               grad_out.double(),
+                               [b.double() if b is not None else None for b in buffers])
+    _check("y", out, rout, tout, dtype, "fwd")
+    if layout == "cl":
+        assert out.stride() == tout.stride(), "a channels-last input gives a channels-last output"
+    for name, g, t, r in zip(names, grads, tgrads, rgrads):
+        if r is not None:
+            assert g is not None, f"no grad for {name}"
+            _check(f"grad {name}", g, r, t, dtype, "bwd")
+    for b, t, r in zip(bufs, tbufs, rbufs):
+        if r is not None:
+            _check("running stat", b, r, t, dtype if b.dtype == dtype else torch.float32, "fwd")
+
+
+def _params(C, dtype, pdtype=torch.float32):
+    w = _data((C,), pdtype, 3, offset=1.0, std=0.5)
+    b = _data((C,), pdtype, 4, offset=0.5, std=0.5)
+    rm = _data((C,), pdtype, 5, offset=2.0, std=1.0)
+    rv = _data((C,), pdtype, 6, offset=3.0, std=0.5).abs() + 0.5
+    return w, b, rm, rv
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_batch_norm_matches_float64(case, dtype):
+    shape, layout = case
+    C = shape[1]
+    x = _layout(_data(shape, dtype), layout)
+    dy = _layout(_data(shape, dtype, seed=7, offset=0.0), layout)
+    w, b, rm, rv = _params(C, dtype)
+    for backend in _backends_for(shape):
+        for training in (True, False):
+            with fusedreg.use_backend(backend):
+                _compare(lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5),
+                         lambda x, w, b, rm, rv: TF.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5),
+                         [x, w, b], dy, [rm, rv], dtype, ["x", "weight", "bias"], layout)
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("case", [((3, 4, 5, 6), "c"), ((3, 4, 5, 6), "cl"), ((6, 5), "c")], ids=_case_id)
+def test_batch_norm_act_matches_float64(case, act):
+    """dropout(act(bn(x) + residual)) with p = 0, against torch's composite."""
+    shape, layout = case
+    dtype = torch.float32
+    x = _layout(_data(shape, dtype), layout)
+    r = _layout(_data(shape, dtype, seed=2, offset=-1.0), layout)
+    dy = _layout(_data(shape, dtype, seed=7, offset=0.0), layout)
+    w, b, rm, rv = _params(shape[1], dtype)
+    for backend in BACKENDS:
+        for training in (True, False):
+            with fusedreg.use_backend(backend):
+                _compare(
+                    lambda x, r, w, b, rm, rv: F.batch_norm_act(x, rm, rv, w, b, training, 0.1, 1e-5,
+                                                                activation=act, residual=r),
+                    lambda x, r, w, b, rm, rv: ACTS[act](TF.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5) + r),
+                    [x, r, w, b], dy, [rm, rv], dtype, ["x", "residual", "weight", "bias"], layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_activations_with_own_dtype_params(dtype):
+    """Parameters and running stats in the activations' dtype (torch accepts both)."""
+    x = _data((4, 3, 5, 5), dtype)
+    dy = _data((4, 3, 5, 5), dtype, 7, 0.0)
+    w, b, rm, rv = (t.to(dtype) for t in _params(3, dtype))
+    for backend in BACKENDS:
+        with fusedreg.use_backend(backend):
+            _compare(lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5),
+                     lambda x, w, b, rm, rv: TF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5),
+                     [x, w, b], dy, [rm, rv], dtype, ["x", "weight", "bias"])
+
+
+@pytest.mark.parametrize("layout", ["c", "cl"])
+def test_large_mean_small_std_is_stable(layout):
+    """mean 1e3, std 1e-2 in float32: one-pass sum-of-squares statistics lose every digit."""
+    shape = (4, 3, 16, 16)
+    x = _layout(_data(shape, torch.float32, offset=1e3, std=1e-2), layout)
+    dy = _layout(_data(shape, torch.float32, 7, 0.0), layout)
+    w, b, rm, rv = _params(3, torch.float32)
+    for backend in BACKENDS:
+        with fusedreg.use_backend(backend):
+            _compare(lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5),
+                     lambda x, w, b, rm, rv: TF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5),
+                     [x, w, b], dy, [rm, rv], torch.float32, ["x", "weight", "bias"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_mask_is_the_seeded_one_in_every_layout(backend):
+    """The mask index is the logical NCHW index: NCHW and channels-last give the same y, and
+    y equals dropout_mask applied to act(bn(x) + r), in forward and backward."""
+    p, seed, shape = 0.3, 2**40 + 5, (2, 3, 4, 5)
+    x, r = _data(shape, torch.float64), _data(shape, torch.float64, 2, -1.0)
+    dy = _data(shape, torch.float64, 7, 0.0)
+    w, b, rm, rv = (t.double() for t in _params(3, torch.float64))
+    keep = F.dropout_mask(shape, p, seed)
+
+    def twin(x, r, w, b, rm, rv):
+        z = torch.relu(TF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5) + r)
+        return torch.where(keep, z * dropout_scale(p), torch.zeros((), dtype=z.dtype))
+
+    results = []
+    for layout in ("c", "cl"):
+        with fusedreg.use_backend(backend):
+            fn = lambda x, r, w, b, rm, rv: F.batch_norm_act(  # noqa: E731
+                x, rm, rv, w, b, True, 0.1, 1e-5, activation="relu", residual=r, p=p, seed=seed)
+            results.append(_run(fn, [_layout(x, layout), _layout(r, layout), w, b], dy, [rm, rv]))
+    expected = _run(twin, [x, r, w, b], dy, [rm, rv])
+    for got in results:
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-10, atol=1e-10)
+        for g, e in zip(got[1], expected[1]):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+    assert torch.equal(results[0][0] == 0, results[1][0] == 0)  # the same elements dropped
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["c", "cl"])
+def test_backward_is_bitwise_deterministic(backend, layout):
+    shape = (4, 6, 9, 11) if backend != "triton" else (2, 6, 5, 7)
+    x, r = _layout(_data(shape, torch.float32), layout), _layout(_data(shape, torch.float32, 2), layout)
+    dy = _layout(_data(shape, torch.float32, 5, 0.0), layout)
+    w, b, rm, rv = _params(6, torch.float32)
+    runs = []
+    with fusedreg.use_backend(backend):
+        for _ in range(2):
+            runs.append(_run(lambda x, r, w, b, rm, rv: F.batch_norm_act(
+                x, rm, rv, w, b, True, activation="silu", residual=r, p=0.1, seed=9),
+                [x, r, w, b], dy, [rm, rv]))
+    for a, c in zip([runs[0][0]] + runs[0][1] + runs[0][2], [runs[1][0]] + runs[1][1] + runs[1][2]):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS,
+                    reason="the triton backend does not run on CPU tensors here (needs TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("layout", ["c", "cl"])
+def test_triton_multi_block_reductions_match_reference(layout, monkeypatch):
+    """Statistics and backward sums combined from several per-channel blocks (what large
+    batches take on a GPU): one sample per block for (N, C, S), 32-row blocks channels-last."""
+    from fusedreg.triton import batch_norm as tri
+
+    monkeypatch.setattr(tri, "_MIN_BLOCK_VALUES", 1)
+    shape = (5, 3, 4, 5) if layout == "c" else (3, 3, 5, 7)  # 5 blocks; 105 rows: 4 blocks
+    assert tri._blocks(5, 20, False)[1] == 5 and tri._blocks(3, 35, True)[1] == 4
+    x = _layout(_data(shape, torch.float32, offset=50.0), layout)
+    r = _layout(_data(shape, torch.float32, 2), layout)
+    dy = _layout(_data(shape, torch.float32, 5, 0.0), layout)
+    w, b, rm, rv = _params(3, torch.float32)
+    fn = lambda x, r, w, b, rm, rv: F.batch_norm_act(  # noqa: E731
+        x, rm, rv, w, b, True, activation="gelu", residual=r)
+    results = {}
+    for backend in ("reference", "triton"):
+        with fusedreg.use_backend(backend):
+            results[backend] = _run(fn, [x, r, w, b], dy, [rm, rv])
+    flat = lambda o: [o[0]] + o[1] + o[2]  # noqa: E731
+    for a, c in zip(flat(results["reference"]), flat(results["triton"])):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_gradcheck_float64(backend):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 2, 3, dtype=torch.float64, generator=g) + 2
+    r = torch.randn(3, 4, 2, 3, dtype=torch.float64, generator=g)
+    w = torch.randn(4, dtype=torch.float64, generator=g)
+    b = torch.randn(4, dtype=torch.float64, generator=g)
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    x, r, w, b = (t.requires_grad_() for t in (x, r, w, b))
+    xcl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    with fusedreg.use_backend(backend):
+        for training in (True, False):
+            assert torch.autograd.gradcheck(
+                lambda x, w, b: F.batch_norm(x, rm.clone(), rv.clone(), w, b, training), (x, w, b))
+            assert torch.autograd.gradcheck(
+                lambda x, r, w, b: F.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training,
+                                                    activation="gelu", residual=r, p=0.2, seed=3),
+                (xcl, r, w, b))
+
+
+def _op_samples():
+    """Argument tuples (stats, fwd, bwd_reduce, bwd_elemt) for the registered ops."""
+    seed = torch.tensor(42, dtype=torch.int64)
+    out = []
+    for shape, cl, act, p, dtype in [((3, 5, 7), False, 0, 0.0, torch.float32),
+                                      ((3, 7, 5), True, 1, 0.25, torch.float32),
+                                      ((2, 6, 4), False, 4, 0.1, torch.bfloat16)]:
+        x = _data(shape, dtype)
+        r = _data(shape, dtype, 2)
+        C = shape[2] if cl else shape[1]
+        w, b = _data((C,), torch.float32, 3), _data((C,), torch.float32, 4)
+        mean = _data((C,), torch.float32, 5)
+        invstd = _data((C,), torch.float32, 6, 1.0, 0.1)
+        dy = _data(shape, dtype, 7, 0.0)
+        s1, s2 = _data((C,), torch.float32, 8, 0.0), _data((C,), torch.float32, 9, 0.0)
+        out.append(((x, cl), (x, r, w, b, mean, invstd, act, p, seed, cl),
+                    (dy, x, r, w, b, mean, invstd, act, p, seed, cl),
+                    (dy, x, r, w, b, mean, invstd, s1, s2, 21.0, act, p, seed, cl, True, True, True)))
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    kernels = backends.implementation(OP, backend)
+    for samples in _op_samples():
+        for op, args in zip(kernels, samples):
+            opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_matches_eager(backend):
+    torch._dynamo.reset()
+    x = _layout(_data((4, 3, 5, 6), torch.float32), "cl")
+    r = _data((4, 3, 5, 6), torch.float32, 2)
+    for make in (lambda: fusedreg.nn.BatchNorm2d(3), lambda: fusedreg.nn.BatchNormAct2d(3, act_layer=torch.nn.SiLU)):
+        outs = []
+        for compiled in (False, True):
+            mod = make()
+            with torch.no_grad():
+                mod.weight.copy_(_data((3,), torch.float32, 9, 1.0))
+            with fusedreg.use_backend(backend):
+                m = torch.compile(mod, fullgraph=True) if compiled else mod
+                xi = x.clone().requires_grad_()
+                args = (xi, r) if isinstance(mod, fusedreg.nn.BatchNormAct2d) else (xi,)
+                y = m(*args)
+                (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
+                mod.eval()
+                ye = m(*args)
+            outs.append([y.detach(), ye.detach(), xi.grad, mod.weight.grad, mod.bias.grad,
+                         mod.running_mean, mod.running_var, mod.num_batches_tracked])
+        for a, c in zip(*outs):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+def _bad_calls(f=F):
+    """(exception, call); the first TORCH_TOO calls are torch.nn.functional.batch_norm's too."""
+    x = _data((4, 3, 5), torch.float32)
+    rm, rv, w = torch.zeros(3), torch.ones(3), torch.ones(3)
+    meta = torch.zeros(3, device="meta")
+    return [
+        (ValueError, lambda: f.batch_norm(x, torch.zeros(4), torch.ones(4), training=True)),  # channels
+        (ValueError, lambda: f.batch_norm(x, rm, rv, torch.ones(4))),
+        (ValueError, lambda: f.batch_norm(x, rm, rv, None, torch.ones(2, 3))),
+        (ValueError, lambda: f.batch_norm(torch.ones(1, 3), None, None, training=True)),  # 1 value
+        (ValueError, lambda: f.batch_norm(torch.ones(1, 3, 1, 1), rm, rv, training=True)),
+        (ValueError, lambda: f.batch_norm(torch.ones(3), rm, rv)),                       # 1-D
+        (ValueError, lambda: f.batch_norm(x, None, None, training=False)),                # eval, no stats
+        (ValueError, lambda: f.batch_norm(x, rm, None, training=True)),
+        (TypeError, lambda: f.batch_norm(x, rm.double(), rv.double())),                   # buffer dtype
+        (TypeError, lambda: f.batch_norm(x, rm.half(), rv.half())),
+        (TypeError, lambda: f.batch_norm(x, rm.long(), rv)),
+        (ValueError, lambda: f.batch_norm(x, meta, meta)),                                # buffer device
+        (ValueError, lambda: f.batch_norm(x, rm, rv, meta)),
+        (TypeError, lambda: f.batch_norm(x.long(), rm, rv)),
+        (ValueError, lambda: f.batch_norm(x, rm, rv, training=True, eps=0.0)),
+        (TypeError, lambda: f.batch_norm(x, rm, rv, training=True, momentum=None)),
+        (TypeError, lambda: f.batch_norm(x, rm, rv, training=1)),
+        (ValueError, lambda: F.batch_norm_act(x, rm, rv, w, activation="tanh")),
+        (ValueError, lambda: F.batch_norm_act(x, rm, rv, w, training=True, p=1.5)),
+        (ValueError, lambda: F.batch_norm_act(x, rm, rv, w, residual=torch.ones(4, 3, 6))),
+        (TypeError, lambda: F.batch_norm_act(x, rm, rv, w, residual=x.double())),
+        (TypeError, lambda: F.batch_norm_act(x, rm, rv, w, training=True, p=0.1, seed=1.5)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_bad_calls())))
+def test_bad_input_raises_before_any_kernel(i):
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel ran on bad input")
+
+    kernels = type(backends.implementation(OP, "reference"))
+    registered = {b: backends.implementation(OP, b) for b in backends.registered_backends(OP)}
+    try:
+        for backend in registered:
+            backends.register(OP, backend, kernels(*([no_kernel] * len(kernels._fields))))
+        with pytest.raises(AssertionError, match="a kernel ran"):  # the replacement is reached
+            F.batch_norm(_data((4, 3, 5), torch.float32), None, None, training=True)
+        exc, call = _bad_calls()[i]
+        with pytest.raises(exc):
+            call()
+    finally:
+        for backend, impl in registered.items():
+            backends.register(OP, backend, impl)
+
+
+TORCH_TOO = 17  # the calls of _bad_calls that use only torch's own arguments
+
+
+def test_torch_refuses_the_same_inputs():
+    """The errors are drop-in, not stricter: torch's batch_norm refuses each of those too."""
+    for _, call in _bad_calls(TF)[:TORCH_TOO]:
+        with pytest.raises((ValueError, TypeError, RuntimeError, NotImplementedError)):
+            call()
+
+
+def test_empty_batch_matches_torch():
+    x = torch.zeros(0, 3, 4, 4)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    for backend in BACKENDS:
+        with fusedreg.use_backend(backend):
+            y = F.batch_norm(x, rm, rv, training=True)
+        assert y.shape == x.shape
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+# ---- modules -----------------------------------------------------------------------------------
+
+MODULE_ARGS = [dict(), dict(momentum=None), dict(track_running_stats=False), dict(affine=False),
+               dict(eps=1e-3, momentum=0.3)]
+
+
+@pytest.mark.parametrize("kwargs", MODULE_ARGS, ids=lambda k: ",".join(f"{a}={v}" for a, v in k.items()) or "defaults")
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_modules_match_torch(dim, kwargs):
+    theirs_cls = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}[dim]
+    ours_cls = {1: fusedreg.nn.BatchNorm1d, 2: fusedreg.nn.BatchNorm2d, 3: fusedreg.nn.BatchNorm3d}[dim]
+    theirs, ours = theirs_cls(4, **kwargs), ours_cls(4, **kwargs)
+    assert isinstance(ours, theirs_cls)
+    assert list(theirs.state_dict()) == list(ours.state_dict())
+    if theirs.weight is not None:
+        with torch.no_grad():
+            theirs.weight.copy_(_data((4,), torch.float32, 3, 1.0, 0.3))
+    ours.load_state_dict(theirs.state_dict())
+    shape = {1: (5, 4, 3), 2: (3, 4, 3, 2), 3: (2, 4, 2, 3, 2)}[dim]
+    for step in range(3):
+        x = _data(shape, torch.float32, step)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    for a, b in zip(theirs.state_dict().values(), ours.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    ours.eval(), theirs.eval()
+    x = _data(shape, torch.float32, 9)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        ours(_data((4,) * (dim + 3), torch.float32))  # torch's input-dim check
+
+
+def test_batch_norm_act2d_matches_timm_order():
+    timm_layers = pytest.importorskip("timm.layers")
+    for act_layer, drop in ((torch.nn.ReLU, None), (torch.nn.SiLU, None), (torch.nn.GELU, None),
+                            (torch.nn.ReLU, lambda: torch.nn.Dropout(0.0)), (torch.nn.Tanh, None)):
+        theirs = timm_layers.BatchNormAct2d(5, act_layer=act_layer, drop_layer=drop)
+        ours = fusedreg.nn.BatchNormAct2d(5, act_layer=act_layer, drop_layer=drop)
+        assert list(theirs.state_dict()) == list(ours.state_dict())
+        ours.load_state_dict(theirs.state_dict())
+        for train in (True, False):
+            theirs.train(train), ours.train(train)
+            x = _data((2, 5, 4, 3), torch.float32, 1)
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def test_batch_norm_act2d_residual_and_dropout():
+    mod = fusedreg.nn.BatchNormAct2d(3, drop_layer=lambda: torch.nn.Dropout(0.5))
+    x, r = _data((2, 3, 4, 4), torch.float32), _data((2, 3, 4, 4), torch.float32, 2)
+    torch.manual_seed(0)
+    y = mod(x, r)
+    zeros = (y == 0).float().mean().item()
+    assert 0.5 < zeros < 0.95  # relu zeros plus about half dropped
+    mod.eval()
+    torch.testing.assert_close(mod(x, r), torch.relu(TF.batch_norm(
+        x, mod.running_mean, mod.running_var, mod.weight, mod.bias, False) + r))
+
+
+def test_patch_targets_cover_torch_and_timm_classes():
+    targets = fusedreg.nn.batchnorm_patch_targets()
+    for cls in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm):
+        assert issubclass(targets[cls], cls)
+    timm_layers = pytest.importorskip("timm.layers")
+    assert targets[timm_layers.BatchNormAct2d] is fusedreg.nn.BatchNormAct2d
+
+
+def test_convert_sync_batchnorm_keeps_parameters():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4),
+                                torch.nn.Sequential(fusedreg.nn.BatchNorm1d(2)))
+    w = model[1].weight
+    conv = fusedreg.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(conv[1], fusedreg.nn.SyncBatchNorm) and conv[1].weight is w
+    assert isinstance(conv[2][0], fusedreg.nn.SyncBatchNorm)
+    # without a process group it is BatchNorm
+    x = _data((2, 3, 4, 4), torch.float32)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith(("0.", "1."))})
+    torch.testing.assert_close(conv[:2](x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+# ---- CUDA tensors ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device,dtype,case", device_cases(
+    OP, [], [(d, c) for d in DTYPES for c in [((32, 64, 28, 28), "c"), ((32, 64, 28, 28), "cl"),
+                                              ((64, 96), "c"), ((5, 7, 3, 2, 9), "cl")]]))
+def test_gpu_backends_match_reference(backend, device, dtype, case):
+    """CUDA tensors (run where a GPU is present): against the reference backend on the same
+    device, and a bitwise-deterministic backward."""
+    serving(OP, backend, device)
+    shape, layout = case
+    dev = torch.device(device)
+    x = _layout(_data(shape, dtype), layout).to(dev)
+    r = _layout(_data(shape, dtype, 2), layout).to(dev)
+    dy = _layout(_data(shape, dtype, 5, 0.0), layout).to(dev)
+    w, b, rm, rv = (t.to(dev) for t in _params(shape[1], dtype))
+    fn = lambda x, r, w, b, rm, rv: F.batch_norm_act(  # noqa: E731
+        x, rm, rv, w, b, True, activation="relu", residual=r, p=0.1, seed=5)
+    with fusedreg.use_backend(backend):
+        out = _run(fn, [x, r, w, b], dy, [rm, rv])
+        out2 = _run(fn, [x, r, w, b], dy, [rm, rv])
+    with fusedreg.use_backend("reference"):
+        ref = _run(fn, [x, r, w, b], dy, [rm, rv])
+    flat = lambda o: [o[0]] + o[1] + o[2]  # noqa: E731
+    for a, c in zip(flat(out), flat(ref)):
+        torch.testing.assert_close(a.float(), c.float(), **BATCH_NORM_GPU[dtype])
+    for a, c in zip(flat(out), flat(out2)):
+        assert torch.equal(a, c)
