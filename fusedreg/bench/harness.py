@@ -134,17 +134,6 @@ def summarize(times: list) -> Timing:
     return Timing(statistics.median(times), q[0], q[-1], len(times), times[0])
 
 
-def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
-    """Device copy bandwidth in GB/s, counting bytes read + written (``dst.copy_(src)``)."""
-    if nbytes is None:
-        nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
-    n = nbytes // 4
-    src = torch.ones(n, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device, min_reps=5, budget_s=1.0)
-    return 2 * n * 4 / (t.median_ms * 1e-3) / 1e9
-
-
 @dataclasses.dataclass
 class Context:
     device: torch.device
