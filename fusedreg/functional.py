@@ -49,6 +49,11 @@ except ImportError:  # pragma: no cover - every supported torch has it
         return None
 
 _Tensor, _STRIDED, _F32, _F64 = torch.Tensor, torch.strided, torch.float32, torch.float64
+# bound once: _torch_small_norm's budget is about a microsecond (Dynamo knows these functions
+# by identity, whatever name they are called through)
+_is_compiling, _is_tracing, _is_grad_enabled = (torch.compiler.is_compiling, torch._C._is_tracing,
+                                                torch.is_grad_enabled)
+_auto_torch_limits = backends.auto_torch_limits
 _FINFO_EPS = {_F32: float(torch.finfo(_F32).eps), _F64: float(torch.finfo(_F64).eps)}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -262,41 +267,44 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
     its result (torch's autograd records the backward), or None for any other call, which
     ``_norm`` then checks and routes as always.
 
-    Recognised here, before ``_norm``'s checks, is only the common case, each condition of
-    which implies that a check of ``_norm`` passes and that its route is the registered op or
-    the Function (not the composite nor a traced Function): an exact torch.Tensor x, float32 or
-    float64 (the dtypes that CPU autocast leaves alone), strided, on CPU; one normalized dim
-    given as a tuple of x's last size; weight and bias None or plain strided CPU tensors of x's
-    dtype and the normalized shape; eps a finite float (None for rms_norm); eager (no
-    torch.compile or jit trace, no forward-mode AD level, no torch.func transform)."""
-    limits = backends.auto_torch_limits(norm, "cpu")
-    if limits is None or type(x) is not _Tensor or torch.compiler.is_compiling() \
-            or torch._C._is_tracing() or _forward_ad._current_level >= 0 \
-            or _functorch_level() is not None:
+    Recognised here, before ``_norm``'s checks (a small call's budget is about a microsecond),
+    is only the common case: an exact torch.Tensor x, float32 or float64 (the dtypes that CPU
+    autocast leaves alone), on CPU; a tuple of one int for normalized_shape; weight and bias
+    None or plain CPU tensors of x's dtype; eps a finite float (None for rms_norm); eager (no
+    torch.compile or jit trace, no forward-mode AD level, no torch.func transform), so that the
+    route would be the registered op or the Function. The rest of ``_norm``'s checks (layouts,
+    normalized_shape against x, weight and bias) torch's op makes before its kernel runs: when
+    it raises, the call goes through ``_norm``, whose checks raise fusedreg's error."""
+    limits = _auto_torch_limits(norm, "cpu")
+    if limits is None or type(x) is not _Tensor or _is_compiling() or _is_tracing() \
+            or _forward_ad._current_level >= 0 or _functorch_level() is not None:
         return None
     grad = x.requires_grad
-    for t in (weight, bias):
-        if t is not None:
-            if type(t) not in _PLAIN:
-                return None
-            grad = grad or t.requires_grad
-    if x.numel() >= limits[1 if grad and torch.is_grad_enabled() else 0]:
-        return None
-    if not x.is_cpu or type(normalized_shape) is not tuple or len(normalized_shape) != 1:
-        return None
-    dtype, n = x.dtype, normalized_shape[0]
-    if (dtype is not _F32 and dtype is not _F64) or type(n) is not int \
-            or x.layout is not _STRIDED or not x.dim() or x.size(-1) != n:
-        return None
-    for t in (weight, bias):
-        if t is not None and (t.dtype is not dtype or not t.is_cpu or t.layout is not _STRIDED
-                              or t.shape != normalized_shape):
+    if weight is not None:
+        if type(weight) not in _PLAIN:
             return None
-    if norm == "rms_norm":
-        if eps is None:
-            eps = _FINFO_EPS[dtype]
-        return torch.rms_norm(x, normalized_shape, weight, eps)
-    return torch.layer_norm(x, normalized_shape, weight, bias, eps, False)
+        grad = grad or weight.requires_grad
+    if bias is not None:
+        if type(bias) not in _PLAIN:
+            return None
+        grad = grad or bias.requires_grad
+    if x.numel() >= limits[1 if grad and _is_grad_enabled() else 0] or not x.is_cpu \
+            or type(normalized_shape) is not tuple or len(normalized_shape) != 1 \
+            or type(normalized_shape[0]) is not int:
+        return None
+    dtype = x.dtype
+    if (dtype is not _F32 and dtype is not _F64) \
+            or (weight is not None and (weight.dtype is not dtype or not weight.is_cpu)) \
+            or (bias is not None and (bias.dtype is not dtype or not bias.is_cpu)):
+        return None
+    # What is left unchecked here (the layouts, normalized_shape against the shapes) torch's op
+    # checks before its kernel runs; when it raises, ``_norm``'s checks raise fusedreg's error.
+    try:
+        if norm == "rms_norm":
+            return torch.rms_norm(x, normalized_shape, weight, _FINFO_EPS[dtype] if eps is None else eps)
+        return torch.layer_norm(x, normalized_shape, weight, bias, eps, False)
+    except Exception:
+        return None
 
 
 def _norm(x, normalized_shape, weight, bias, eps, rms: bool):
