@@ -265,9 +265,15 @@ def auto_torch_limits(norm: str, device_type: str) -> tuple[int, int] | None:
     ("layer_norm" or "rms_norm") on ``device_type`` when the choice in force is auto: a call
     with fewer elements is served by torch's own op. None under an explicit backend (which
     always runs its kernel) or where the table has no entry."""
-    if get_backend() != "auto":
+    if _COMPILE_SEES_SCOPED:  # get_backend() written out: this is on a small call's path
+        scoped = _scoped.get()
+        choice = _default if scoped is None else scoped
+    else:
+        choice = get_backend()
+    if choice != "auto":
         return None
-    return AUTO_TORCH_BELOW.get(norm, {}).get(device_type)
+    per_device = AUTO_TORCH_BELOW.get(norm)
+    return per_device.get(device_type) if per_device else None
 
 
 def _resolve_uncached(op: str, device_type: str, choice: str) -> str:

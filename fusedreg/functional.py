@@ -15,7 +15,7 @@ import math
 import numbers
 
 import torch
-from torch.overrides import handle_torch_function, has_torch_function
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import backends
 from ._activations import activation_code
@@ -48,7 +48,8 @@ except ImportError:  # pragma: no cover - every supported torch has it
     def _functorch_level():
         return None
 
-_Tensor, _STRIDED, _F32, _F64 = torch.Tensor, torch.strided, torch.float32, torch.float64
+_Tensor, _F32, _F64 = torch.Tensor, torch.float32, torch.float64
+_INF = math.inf
 # bound once: _torch_small_norm's budget is about a microsecond (Dynamo knows these functions
 # by identity, whatever name they are called through)
 _is_compiling, _is_tracing, _is_grad_enabled = (torch.compiler.is_compiling, torch._C._is_tracing,
@@ -131,7 +132,7 @@ def bias_dropout(x, bias=None, residual=None, p: float = 0.5, training: bool = T
     under autocast): the result has the dtype torch's composite would have (type promotion),
     computed in float32 (float64 for float64).
     """
-    if has_torch_function((x, bias, residual)):
+    if has_torch_function_variadic(x, bias, residual):
         return handle_torch_function(bias_dropout, (x, bias, residual), x, bias, residual, p=p,
                                      training=training, activation=activation, seed=seed)
     check_tensor(x, "x")
@@ -169,7 +170,7 @@ def dropout(x, p: float = 0.5, training: bool = True, seed=None, inplace: bool =
     """Dropout with the seeded mask (docs/design.md, "The dropout mask"):
     ``torch.nn.functional.dropout``'s arguments plus ``seed``. With ``training=False`` or
     ``p == 0`` it returns ``x``."""
-    if has_torch_function((x,)):
+    if has_torch_function_variadic(x):
         return handle_torch_function(dropout, (x,), x, p=p, training=training, seed=seed,
                                      inplace=inplace)
     check_tensor(x, "x")
@@ -238,10 +239,10 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
     """``torch.nn.functional.layer_norm`` (same arguments and result) in one fused pass
     forward and one backward. weight and bias have x's dtype, or float32 with float16/bfloat16
     x; the output has x's dtype."""
-    if has_torch_function((x, weight, bias)):
+    if has_torch_function_variadic(x, weight, bias):
         return handle_torch_function(layer_norm, (x, weight, bias), x, normalized_shape,
                                      weight=weight, bias=bias, eps=eps)
-    if type(eps) is float and -math.inf < eps < math.inf:
+    if type(eps) is float and -_INF < eps < _INF:
         y = _torch_small_norm(x, normalized_shape, weight, bias, eps, "layer_norm")
         if y is not None:
             return y
@@ -252,10 +253,10 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     """``torch.nn.functional.rms_norm``: eps=None means the epsilon of the compute type
     (``torch.finfo(torch.float32).eps`` for float16/bfloat16/float32 x), as torch's. The weight
     may have any float dtype (torch's rule): the result has x's dtype."""
-    if has_torch_function((x, weight)):
+    if has_torch_function_variadic(x, weight):
         return handle_torch_function(rms_norm, (x, weight), x, normalized_shape, weight=weight,
                                      eps=eps)
-    if eps is None or type(eps) is float and -math.inf < eps < math.inf:
+    if eps is None or type(eps) is float and -_INF < eps < _INF:
         y = _torch_small_norm(x, normalized_shape, weight, None, eps, "rms_norm")
         if y is not None:
             return y
@@ -359,7 +360,7 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
     ``rms=True`` gives RMSNorm (a bias is still added if given). Returns y, or (y, h) with
     ``prenorm=True`` so that h can be the next block's residual.
     """
-    if has_torch_function((x, residual, weight, bias)):
+    if has_torch_function_variadic(x, residual, weight, bias):
         return handle_torch_function(
             dropout_add_layer_norm, (x, residual, weight, bias), x, residual, weight, bias, p=p,
             eps=eps, training=training, prenorm=prenorm, rms=rms,
