@@ -271,11 +271,11 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
     Recognised here, before ``_norm``'s checks (a small call's budget is about a microsecond),
     is only the common case: an exact torch.Tensor x, float32 or float64 (the dtypes that CPU
     autocast leaves alone), on CPU; a tuple of one int for normalized_shape; weight and bias
-    None or plain CPU tensors of x's dtype; eps a finite float (None for rms_norm); eager (no
-    torch.compile or jit trace, no forward-mode AD level, no torch.func transform), so that the
-    route would be the registered op or the Function. The rest of ``_norm``'s checks (layouts,
-    normalized_shape against x, weight and bias) torch's op makes before its kernel runs: when
-    it raises, the call goes through ``_norm``, whose checks raise fusedreg's error."""
+    None or plain tensors (rms_norm's weight on CPU and of x's dtype); eps a finite float (None
+    for rms_norm); eager (no torch.compile or jit trace, no forward-mode AD level, no torch.func
+    transform), so that the route would be the registered op or the Function. The rest of
+    ``_norm``'s checks torch's op makes before its kernel runs (below): when it raises, the call
+    goes through ``_norm``, whose checks raise fusedreg's error."""
     limits = _auto_torch_limits(norm, "cpu")
     if limits is None or type(x) is not _Tensor or _is_compiling() or _is_tracing() \
             or _forward_ad._current_level >= 0 or _functorch_level() is not None:
@@ -294,16 +294,19 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
             or type(normalized_shape[0]) is not int:
         return None
     dtype = x.dtype
-    if (dtype is not _F32 and dtype is not _F64) \
-            or (weight is not None and (weight.dtype is not dtype or not weight.is_cpu)) \
-            or (bias is not None and (bias.dtype is not dtype or not bias.is_cpu)):
+    if dtype is not _F32 and dtype is not _F64:
         return None
-    # What is left unchecked here (the layouts, normalized_shape against the shapes) torch's op
-    # checks before its kernel runs; when it raises, ``_norm``'s checks raise fusedreg's error.
+    # What is left unchecked here torch's op checks before its kernel runs: the layouts,
+    # normalized_shape against the shapes and, for layer_norm, the weight's and bias's device
+    # and dtype (torch's CPU layer_norm takes no other dtype than a float32/float64 x's; its
+    # rms_norm takes any, with another result dtype than fusedreg's rule, so they are checked
+    # here). When it raises, ``_norm``'s checks raise fusedreg's error.
     try:
-        if norm == "rms_norm":
-            return torch.rms_norm(x, normalized_shape, weight, _FINFO_EPS[dtype] if eps is None else eps)
-        return torch.layer_norm(x, normalized_shape, weight, bias, eps, False)
+        if norm == "layer_norm":
+            return torch.layer_norm(x, normalized_shape, weight, bias, eps, False)
+        if weight is not None and (weight.dtype is not dtype or not weight.is_cpu):
+            return None
+        return torch.rms_norm(x, normalized_shape, weight, _FINFO_EPS[dtype] if eps is None else eps)
     except Exception:
         return None
 
