@@ -19,7 +19,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import backends
 from ._activations import activation_code
-from ._checks import (FLOAT_DTYPES, DTypeError, ShapeError, check_bool, check_like, check_norm_param,
+from ._checks import (DTypeError, ShapeError, check_bool, check_like, check_norm_param,
                       check_normalized_shape, check_number, check_probability, check_seed,
                       check_tensor, is_symbolic)
 from ._dtypes import compute_dtype
