@@ -147,7 +147,6 @@ def check_norm_param(t, name: str, x: torch.Tensor, shape) -> None:
     if type(t) in _PLAIN and t.dtype == x.dtype and t.layout == torch.strided and t.shape == shape \
             and ((t.is_cpu and x.is_cpu) or t.device == x.device):
         return  # the common case (x's dtype and device), checked fast; CPU without torch.device
-
     check_like(t, name, x, "x", shape=shape, same_dtype=False)
     if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
         raise DTypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; expected "

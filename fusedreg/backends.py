@@ -23,10 +23,11 @@ from typing import Any
 import torch
 
 __all__ = [
-    "AUTO", "BACKENDS", "BackendUnavailableError", "available_backends", "backend_status",
-    "auto_torch_limits", "extension_available", "get_backend", "implementation", "implemented_backends", "register",
-    "registered_backends", "resolve", "resolve_type", "set_backend", "triton_available", "triton_interpreter",
-    "use_backend", "why_unusable",
+    "AUTO", "AUTO_TORCH_BELOW", "BACKENDS", "BackendUnavailableError", "auto_torch_limits",
+    "available_backends", "backend_status", "extension_available", "get_backend",
+    "implementation", "implemented_backends", "register", "registered_backends", "resolve",
+    "resolve_type", "set_backend", "triton_available", "triton_interpreter", "use_backend",
+    "why_unusable",
 ]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -42,7 +43,8 @@ AUTO: dict[str, dict[str, tuple[str, ...]]] = {
 
 # auto and small plain norms: a ``layer_norm`` / ``rms_norm`` call with no dropout and no
 # residual (nothing to fuse) whose input has fewer elements than the limit is served by torch's
-# own ATen op, faster there than the fused backend's call (docs/design.md, "The auto table").
+# own ATen op, faster there than the fused backend's call (docs/design.md, "Backends and
+# dispatch").
 # Per norm and device type: (limit without grad, limit with grad); 0: never. Measured on the
 # 2-core CPU machine, fp32, one thread (``python benchmarks/overhead.py --crossover``):
 # layer_norm: torch's op was 1.2-3x faster at every size below 2**18 elements, both ways; from
@@ -265,9 +267,15 @@ def auto_torch_limits(norm: str, device_type: str) -> tuple[int, int] | None:
     ("layer_norm" or "rms_norm") on ``device_type`` when the choice in force is auto: a call
     with fewer elements is served by torch's own op. None under an explicit backend (which
     always runs its kernel) or where the table has no entry."""
-    if get_backend() != "auto":
+    if _COMPILE_SEES_SCOPED:  # get_backend() written out: this is on a small call's path
+        scoped = _scoped.get()
+        choice = _default if scoped is None else scoped
+    else:
+        choice = get_backend()
+    if choice != "auto":
         return None
-    return AUTO_TORCH_BELOW.get(norm, {}).get(device_type)
+    per_device = AUTO_TORCH_BELOW.get(norm)
+    return per_device.get(device_type) if per_device else None
 
 
 def _resolve_uncached(op: str, device_type: str, choice: str) -> str:

@@ -15,11 +15,11 @@ import math
 import numbers
 
 import torch
-from torch.overrides import handle_torch_function, has_torch_function
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import backends
 from ._activations import activation_code
-from ._checks import (FLOAT_DTYPES, DTypeError, ShapeError, check_bool, check_like, check_norm_param,
+from ._checks import (DTypeError, ShapeError, check_bool, check_like, check_norm_param,
                       check_normalized_shape, check_number, check_probability, check_seed,
                       check_tensor, is_symbolic)
 from ._dtypes import compute_dtype
@@ -49,7 +49,13 @@ except ImportError:  # pragma: no cover - every supported torch has it
     def _functorch_level():
         return None
 
-_Tensor, _STRIDED, _F32, _F64 = torch.Tensor, torch.strided, torch.float32, torch.float64
+_Tensor, _F32, _F64 = torch.Tensor, torch.float32, torch.float64
+_INF = math.inf
+# bound once: _torch_small_norm's budget is about a microsecond (Dynamo knows these functions
+# by identity, whatever name they are called through)
+_is_compiling, _is_tracing, _is_grad_enabled = (torch.compiler.is_compiling, torch._C._is_tracing,
+                                                torch.is_grad_enabled)
+_auto_torch_limits = backends.auto_torch_limits
 _FINFO_EPS = {_F32: float(torch.finfo(_F32).eps), _F64: float(torch.finfo(_F64).eps)}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -127,7 +133,7 @@ def bias_dropout(x, bias=None, residual=None, p: float = 0.5, training: bool = T
     under autocast): the result has the dtype torch's composite would have (type promotion),
     computed in float32 (float64 for float64).
     """
-    if has_torch_function((x, bias, residual)):
+    if has_torch_function_variadic(x, bias, residual):
         return handle_torch_function(bias_dropout, (x, bias, residual), x, bias, residual, p=p,
                                      training=training, activation=activation, seed=seed)
     check_tensor(x, "x")
@@ -165,7 +171,7 @@ def dropout(x, p: float = 0.5, training: bool = True, seed=None, inplace: bool =
     """Dropout with the seeded mask (docs/design.md, "The dropout mask"):
     ``torch.nn.functional.dropout``'s arguments plus ``seed``. With ``training=False`` or
     ``p == 0`` it returns ``x``."""
-    if has_torch_function((x,)):
+    if has_torch_function_variadic(x):
         return handle_torch_function(dropout, (x,), x, p=p, training=training, seed=seed,
                                      inplace=inplace)
     check_tensor(x, "x")
@@ -234,10 +240,10 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
     """``torch.nn.functional.layer_norm`` (same arguments and result) in one fused pass
     forward and one backward. weight and bias have x's dtype, or float32 with float16/bfloat16
     x; the output has x's dtype."""
-    if has_torch_function((x, weight, bias)):
+    if has_torch_function_variadic(x, weight, bias):
         return handle_torch_function(layer_norm, (x, weight, bias), x, normalized_shape,
                                      weight=weight, bias=bias, eps=eps)
-    if type(eps) is float and -math.inf < eps < math.inf:
+    if type(eps) is float and -_INF < eps < _INF:
         y = _torch_small_norm(x, normalized_shape, weight, bias, eps, "layer_norm")
         if y is not None:
             return y
@@ -248,10 +254,10 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     """``torch.nn.functional.rms_norm``: eps=None means the epsilon of the compute type
     (``torch.finfo(torch.float32).eps`` for float16/bfloat16/float32 x), as torch's. The weight
     may have any float dtype (torch's rule): the result has x's dtype."""
-    if has_torch_function((x, weight)):
+    if has_torch_function_variadic(x, weight):
         return handle_torch_function(rms_norm, (x, weight), x, normalized_shape, weight=weight,
                                      eps=eps)
-    if eps is None or type(eps) is float and -math.inf < eps < math.inf:
+    if eps is None or type(eps) is float and -_INF < eps < _INF:
         y = _torch_small_norm(x, normalized_shape, weight, None, eps, "rms_norm")
         if y is not None:
             return y
@@ -263,41 +269,47 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
     its result (torch's autograd records the backward), or None for any other call, which
     ``_norm`` then checks and routes as always.
 
-    Recognised here, before ``_norm``'s checks, is only the common case, each condition of
-    which implies that a check of ``_norm`` passes and that its route is the registered op or
-    the Function (not the composite nor a traced Function): an exact torch.Tensor x, float32 or
-    float64 (the dtypes that CPU autocast leaves alone), strided, on CPU; one normalized dim
-    given as a tuple of x's last size; weight and bias None or plain strided CPU tensors of x's
-    dtype and the normalized shape; eps a finite float (None for rms_norm); eager (no
-    torch.compile or jit trace, no forward-mode AD level, no torch.func transform)."""
-    limits = backends.auto_torch_limits(norm, "cpu")
-    if limits is None or type(x) is not _Tensor or torch.compiler.is_compiling() \
-            or torch._C._is_tracing() or _forward_ad._current_level >= 0 \
-            or _functorch_level() is not None:
+    Recognised here, before ``_norm``'s checks (a small call's budget is about a microsecond),
+    is only the common case: an exact torch.Tensor x, float32 or float64 (the dtypes that CPU
+    autocast leaves alone), on CPU; a tuple of one int for normalized_shape; weight and bias
+    None or plain tensors (rms_norm's weight on CPU and of x's dtype); eps a finite float (None
+    for rms_norm); eager (no torch.compile or jit trace, no forward-mode AD level, no torch.func
+    transform), so that the route would be the registered op or the Function. The rest of
+    ``_norm``'s checks torch's op makes before its kernel runs (below): when it raises, the call
+    goes through ``_norm``, whose checks raise fusedreg's error."""
+    limits = _auto_torch_limits(norm, "cpu")
+    if limits is None or type(x) is not _Tensor or _is_compiling() or _is_tracing() \
+            or _forward_ad._current_level >= 0 or _functorch_level() is not None:
         return None
     grad = x.requires_grad
-    for t in (weight, bias):
-        if t is not None:
-            if type(t) not in _PLAIN:
-                return None
-            grad = grad or t.requires_grad
-    if x.numel() >= limits[1 if grad and torch.is_grad_enabled() else 0]:
-        return None
-    if not x.is_cpu or type(normalized_shape) is not tuple or len(normalized_shape) != 1:
-        return None
-    dtype, n = x.dtype, normalized_shape[0]
-    if (dtype is not _F32 and dtype is not _F64) or type(n) is not int \
-            or x.layout is not _STRIDED or not x.dim() or x.size(-1) != n:
-        return None
-    for t in (weight, bias):
-        if t is not None and (t.dtype is not dtype or not t.is_cpu or t.layout is not _STRIDED
-                              or t.shape != normalized_shape):
+    if weight is not None:
+        if type(weight) not in _PLAIN:
             return None
-    if norm == "rms_norm":
-        if eps is None:
-            eps = _FINFO_EPS[dtype]
-        return torch.rms_norm(x, normalized_shape, weight, eps)
-    return torch.layer_norm(x, normalized_shape, weight, bias, eps, False)
+        grad = grad or weight.requires_grad
+    if bias is not None:
+        if type(bias) not in _PLAIN:
+            return None
+        grad = grad or bias.requires_grad
+    if x.numel() >= limits[1 if grad and _is_grad_enabled() else 0] or not x.is_cpu \
+            or type(normalized_shape) is not tuple or len(normalized_shape) != 1 \
+            or type(normalized_shape[0]) is not int:
+        return None
+    dtype = x.dtype
+    if dtype is not _F32 and dtype is not _F64:
+        return None
+    # What is left unchecked here torch's op checks before its kernel runs: the layouts,
+    # normalized_shape against the shapes and, for layer_norm, the weight's and bias's device
+    # and dtype (torch's CPU layer_norm takes no other dtype than a float32/float64 x's; its
+    # rms_norm takes any, with another result dtype than fusedreg's rule, so they are checked
+    # here). When it raises, ``_norm``'s checks raise fusedreg's error.
+    try:
+        if norm == "layer_norm":
+            return torch.layer_norm(x, normalized_shape, weight, bias, eps, False)
+        if weight is not None and (weight.dtype is not dtype or not weight.is_cpu):
+            return None
+        return torch.rms_norm(x, normalized_shape, weight, _FINFO_EPS[dtype] if eps is None else eps)
+    except Exception:
+        return None
 
 
 def _norm(x, normalized_shape, weight, bias, eps, rms: bool):
@@ -352,7 +364,7 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
     ``rms=True`` gives RMSNorm (a bias is still added if given). Returns y, or (y, h) with
     ``prenorm=True`` so that h can be the next block's residual.
     """
-    if has_torch_function((x, residual, weight, bias)):
+    if has_torch_function_variadic(x, residual, weight, bias):
         return handle_torch_function(
             dropout_add_layer_norm, (x, residual, weight, bias), x, residual, weight, bias, p=p,
             eps=eps, training=training, prenorm=prenorm, rms=rms,

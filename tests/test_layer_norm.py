@@ -396,6 +396,9 @@ def _bad_calls():
         (TypeError, lambda: F.layer_norm(x.long(), (4,))),                    # integer dtype
         (TypeError, lambda: F.layer_norm(x, (4,), torch.ones(4, dtype=torch.int32))),
         (TypeError, lambda: F.layer_norm(x, (4,), torch.ones(4, dtype=torch.bfloat16))),
+        (TypeError, lambda: F.layer_norm(x, (4,), None, torch.ones(4, dtype=torch.float64))),
+        (TypeError, lambda: F.layer_norm(x.to_sparse(), (4,))),                # layout
+        (TypeError, lambda: F.layer_norm(x, (4,), torch.ones(4).to_sparse())),
         (ValueError, lambda: F.rms_norm(x, (5,))),
         (ValueError, lambda: F.rms_norm(x, (4,), torch.ones(2, 2))),
         (ValueError, lambda: F.rms_norm(x, (4,), eps=float("-inf"))),
