@@ -49,8 +49,9 @@ def check_kernel_args(name: str, args: dict, shapes: bool = True) -> None:
     before any kernel runs. The arguments follow the schemas' naming (csrc/ops.cpp): the first
     tensor is the main one (x, grad_out or dy), the others must be on its device; ``bias``
     and ``weight`` are (N,), ``residual``, ``x``, ``h`` and ``dh_out`` have the main one's
-    shape; the norms' main tensor is (M, N) with ``mean``/``rstd`` (M,). Ops whose first
-    argument is a list (the optimizer steps) check their own arguments. The fake functions run
+    shape; the norms' main tensor is (M, N) with ``mean``/``rstd`` (M,). It serves the ops of
+    ``register_kernels`` (bias_dropout, layer_norm); the optimizer and batch_norm ops pass
+    checks of their own. The fake functions run
     the checks without ``shapes`` (a mixed-device call dispatches to them: a meta operand makes
     the dispatcher pick the fake, where torch's own ops would raise)."""
     items = list(args.items())
@@ -66,8 +67,8 @@ def check_kernel_args(name: str, args: dict, shapes: bool = True) -> None:
     if "activation" in args and args["activation"] not in _ACTIVATION_NAMES:
         _fail(name, f"activation must be a code in [0, 4] (none, relu, gelu, gelu_tanh, silu), "
                     f"got {args['activation']}")
-    if "eps" in args and not (math.isfinite(args["eps"]) and args["eps"] >= 0.0):
-        _fail(name, f"eps must be finite and >= 0, got {args['eps']}")
+    if "eps" in args and not math.isfinite(args["eps"]):  # any finite eps, as torch accepts
+        _fail(name, f"eps must be finite, got {args['eps']}")
     for key in ("h_dtype", "x_dtype"):
         if key in args and args[key] not in _FLOAT_DTYPES:
             _fail(name, f"{key} must be a floating dtype, got {args[key]}")
@@ -121,12 +122,15 @@ def check_kernel_args(name: str, args: dict, shapes: bool = True) -> None:
 
 
 def python_ops(signature: Callable, impls: dict[str, Optional[Callable]], *,
-               fake: Callable, mutates_args: Sequence[str] = ()) -> dict:
+               fake: Callable, mutates_args: Sequence[str] = (),
+               check: Optional[Callable] = None) -> dict:
     """Registers ``fusedreg::<name>_<backend>`` for each backend of ``impls`` (None entries are
     skipped), all with the schema inferred once from ``signature`` (a typed, body-less
     function named like the C++ op; its docstring documents the op) and the fake function
     ``fake``. Each implementation takes the signature's arguments in the same order, except
-    that a ``seed`` argument reaches it as a Python int. Returns {backend: op}."""
+    that a ``seed`` argument reaches it as a Python int. ``check(name, arguments, shapes)``
+    (``check_kernel_args`` for the ops whose schemas follow its naming) validates every call
+    before the kernel, and the fake function's calls without ``shapes``. Returns {backend: op}."""
     name = signature.__name__
     schema = torch.library.infer_schema(signature, mutates_args=tuple(mutates_args))
     sig = inspect.signature(signature)
@@ -138,37 +142,41 @@ def python_ops(signature: Callable, impls: dict[str, Optional[Callable]], *,
             continue
 
         def fn(*args, _impl=impl, **kwargs):
-            check_kernel_args(name, sig.bind(*args, **kwargs).arguments)
+            if check is not None:
+                check(name, sig.bind(*args, **kwargs).arguments)
             if seed_at is not None:
                 args = list(args)
                 args[seed_at] = seed_value(args[seed_at])
             return _impl(*args, **kwargs)
         op = torch.library.custom_op(f"fusedreg::{name}_{backend}", fn,
                                      mutates_args=tuple(mutates_args), schema=schema)
-        op.register_fake(_checked_fake(signature, fake))
+        op.register_fake(_checked_fake(signature, fake, check))
         ops[backend] = op
     return ops
 
 
-def _checked_fake(signature: Callable, fake: Callable) -> Callable:
-    """``fake`` after the device and value checks of ``check_kernel_args``."""
+def _checked_fake(signature: Callable, fake: Callable, check: Optional[Callable]) -> Callable:
+    """``fake`` after ``check``'s device and value checks (``fake`` itself without a check)."""
+    if check is None:
+        return fake
     sig = inspect.signature(signature)
 
     def checked(*args, **kwargs):
-        check_kernel_args(signature.__name__, sig.bind(*args, **kwargs).arguments, shapes=False)
+        check(signature.__name__, sig.bind(*args, **kwargs).arguments, shapes=False)
         return fake(*args, **kwargs)
     return checked
 
 
-def cpp_backends(name: str, fake: Callable, signature: Optional[Callable] = None) -> dict:
+def cpp_backends(name: str, fake: Callable, signature: Optional[Callable] = None,
+                 check: Optional[Callable] = None) -> dict:
     """{"cpu": op, "cuda": op} for the C++ op ``name`` (only the backends this build has),
-    with ``fake`` registered as its fake function (after ``signature``'s argument checks
-    when given)."""
+    with ``fake`` registered as its fake function (after ``check`` of ``signature``'s
+    arguments when given)."""
     op = cpp_op(name)
     if op is None:
         return {}
     torch.library.register_fake(f"fusedreg::{name}")(
-        fake if signature is None else _checked_fake(signature, fake))
+        fake if signature is None else _checked_fake(signature, fake, check))
     out = {"cpu": op}
     if backends.extension_available(with_cuda=True):
         out["cuda"] = op
@@ -184,13 +192,14 @@ def triton_module(name: str):
 
 
 def backend_ops(signature: Callable, reference: Callable, triton: Optional[Callable], *,
-                fake: Callable, mutates_args: Sequence[str] = ()) -> dict:
+                fake: Callable, mutates_args: Sequence[str] = (),
+                check: Optional[Callable] = None) -> dict:
     """{backend: op} for one op in every backend this build has: the reference and Triton
     custom ops made from ``signature`` over ``reference`` and ``triton`` (None without
     Triton), and the C++ op of the signature's name."""
     ops = python_ops(signature, {"reference": reference, "triton": triton}, fake=fake,
-                     mutates_args=mutates_args)
-    ops.update(cpp_backends(signature.__name__, fake, signature))
+                     mutates_args=mutates_args, check=check)
+    ops.update(cpp_backends(signature.__name__, fake, signature, check))
     return ops
 
 
@@ -200,7 +209,8 @@ def register_kernels(op: str, fwd_signature: Callable, bwd_signature: Callable, 
     ``reference``'s and ``fusedreg.triton.<op>``'s functions of the signatures' names."""
     tri = triton_module(op)
     fwd, bwd = (backend_ops(sig, getattr(reference, sig.__name__),
-                            tri and getattr(tri, sig.__name__), fake=fake)
+                            tri and getattr(tri, sig.__name__), fake=fake,
+                            check=check_kernel_args)
                 for sig, fake in ((fwd_signature, fwd_fake), (bwd_signature, bwd_fake)))
     for backend in fwd:
         backends.register(op, backend, Kernels(fwd[backend], bwd[backend]))
