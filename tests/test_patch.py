@@ -278,3 +278,53 @@ def test_compile_fullgraph_of_patched_model_matches_eager():
     loss = compiled(x).square().mean()
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+class ConvNet(nn.Module):
+    """BatchNorm2d (one with track_running_stats=False, one without affine), BatchNorm1d and a
+    SyncBatchNorm (single process: plain batch norm) around convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.bn_batch = nn.BatchNorm2d(8, track_running_stats=False)
+        self.bn_plain = nn.BatchNorm2d(8, affine=False, momentum=None)
+        self.sync = nn.SyncBatchNorm(8)
+        self.fc = nn.Linear(8, 5)
+        self.bn1d = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        h = self.sync(self.bn_plain(self.bn_batch(h)))
+        return self.bn1d(self.fc(h.mean((2, 3))))
+
+
+def test_patch_swaps_batch_norms_in_place_and_back():
+    torch.manual_seed(0)
+    net = ConvNet()
+    ref = copy.deepcopy(net)
+    keys, params = list(net.state_dict()), [id(p) for p in net.parameters()]
+    fusedreg.patch(net)
+    for name, cls in (("bn", fnn.BatchNorm2d), ("bn_batch", fnn.BatchNorm2d),
+                      ("bn_plain", fnn.BatchNorm2d), ("sync", fnn.SyncBatchNorm),
+                      ("bn1d", fnn.BatchNorm1d)):
+        assert type(getattr(net, name)) is cls, name
+    assert list(net.state_dict()) == keys and [id(p) for p in net.parameters()] == params
+    assert fusedreg.patching.report(net).modules["torch.nn.BatchNorm2d"] == 3
+    # training (batch statistics, running-stat updates, cumulative average) and eval
+    x = torch.randn(6, 3, 9, 9) + 2.0
+    for train in (True, True, False):
+        net.train(train), ref.train(train)
+        torch.testing.assert_close(net(x), ref(x), **PATCHED_MODEL)
+    for a, b in zip(net.state_dict().values(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, **PATCHED_MODEL)
+    fusedreg.unpatch(net)
+    assert type(net.bn) is nn.BatchNorm2d and type(net.sync) is nn.SyncBatchNorm
+
+
+def test_patch_batch_norm_option_leaves_them_alone():
+    net = ConvNet()
+    fusedreg.patch(net, batch_norm=False)
+    assert type(net.bn) is nn.BatchNorm2d and type(net.bn1d) is nn.BatchNorm1d
+    assert "batch_norm" in patch_module.OPTIONS

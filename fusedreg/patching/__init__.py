@@ -4,8 +4,10 @@ is ``fusedreg.patching`` (``from fusedreg.patching import patched_modules, repor
 
 What ``patch`` does, each part switchable:
 
-- **modules** (``layer_norm``, ``rms_norm``, ``dropout``): every exact ``torch.nn.LayerNorm``,
-  ``RMSNorm`` and ``Dropout`` becomes the fusedreg module of the same name by swapping the
+- **modules** (``layer_norm``, ``rms_norm``, ``dropout``, ``batch_norm``): every exact
+  ``torch.nn.LayerNorm``, ``RMSNorm``, ``Dropout``, ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``
+  (and timm's ``BatchNormAct2d`` when timm is loaded) becomes the fusedreg module of the same
+  name by swapping the
   object's class in place (``SWAPS``: one row per torch class, easy to extend). The fusedreg
   classes subclass torch's with the same constructor and state, so the object, its Parameters
   (an optimizer built before keeps working), buffers, hooks and ``state_dict`` keys stay.
@@ -27,7 +29,8 @@ the last training forward, how many dropout calls ran fused and how many stayed 
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
+import sys
+from typing import NamedTuple, Optional
 
 from torch import nn
 
@@ -75,6 +78,28 @@ class Swap(NamedTuple):
     # state): checks that the fused class is a drop-in, and gives the swapped object any plain
     # attribute that the fusedreg constructor sets and the torch one does not
     template: object
+    # the patch() option that switches it (None: the row's key)
+    option: Optional[str] = None
+
+
+def _batch_norm_template(cls, m):
+    kwargs = dict(eps=m.eps, momentum=m.momentum, affine=m.affine,
+                  track_running_stats=m.track_running_stats, device="meta")
+    if issubclass(cls, nn.SyncBatchNorm):
+        kwargs["process_group"] = m.process_group
+    if issubclass(cls, fnn.BatchNormAct2d):  # the object keeps its own drop and act modules
+        kwargs["apply_act"] = False
+    return cls(m.num_features, **kwargs)
+
+
+def _timm_swaps() -> dict:
+    """timm's BatchNormAct2d row, only when timm is already loaded (a timm model's is; importing
+    timm here would cost every patch call a second)."""
+    norm_act = sys.modules.get("timm.layers.norm_act")
+    if norm_act is None:
+        return {}
+    return {"timm_batch_norm_act2d": Swap(norm_act.BatchNormAct2d, fnn.BatchNormAct2d,
+                                          _batch_norm_template, "batch_norm")}
 
 
 # option -> the swap it switches; to add a module kind, add a row (and its option to patch)
@@ -85,8 +110,12 @@ SWAPS = {
     "rms_norm": Swap(nn.RMSNorm, RMSNorm, lambda cls, m: cls(
         m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine, device="meta")),
     "dropout": Swap(nn.Dropout, Dropout, lambda cls, m: cls(p=m.p, inplace=m.inplace)),
+    **{name: Swap(getattr(nn, cls), getattr(fnn, cls), _batch_norm_template, "batch_norm")
+       for name, cls in (("batch_norm1d", "BatchNorm1d"), ("batch_norm2d", "BatchNorm2d"),
+                         ("batch_norm3d", "BatchNorm3d"), ("sync_batch_norm", "SyncBatchNorm"))},
 }
-OPTIONS = tuple(SWAPS) + ("norms", "activations", "fuse")
+OPTIONS = tuple(dict.fromkeys(s.option or k for k, s in SWAPS.items())) + (
+    "norms", "activations", "fuse")
 _EXACT = {s.torch_class for s in SWAPS.values()}
 
 # Set on each replaced module: (the class it was, attributes patch added to it)
@@ -126,12 +155,13 @@ def _swap(module: nn.Module, swap: Swap) -> None:
 
 
 def patch(model: nn.Module, layer_norm: bool = True, rms_norm: bool = True, dropout: bool = True,
-          norms: bool = True, activations: bool = True, fuse: bool = False,
+          batch_norm: bool = True, norms: bool = True, activations: bool = True, fuse: bool = False,
           **unknown) -> nn.Module:
     """Switches ``model`` to fusedreg in place (see the package doc); returns ``model``.
 
-    ``layer_norm`` / ``rms_norm`` / ``dropout``: swap torch's modules of that kind (``dropout``
-    also routes functional dropouts called in the forward); ``norms``: recognized norm classes
+    ``layer_norm`` / ``rms_norm`` / ``dropout`` / ``batch_norm``: swap torch's modules of that
+    kind (``dropout`` also routes functional dropouts called in the forward; ``batch_norm``
+    covers BatchNorm1d/2d/3d, SyncBatchNorm and timm's BatchNormAct2d); ``norms``: recognized norm classes
     of other libraries; ``activations``: activation classes written as Python formulas
     (Hugging Face's ``NewGELUActivation``) become torch's single op; ``fuse``: the dropout/residual/norm and bias/activation fusions
     (``fusedreg.patching.fx``). Patching twice changes nothing. A one-line summary is logged at
@@ -142,11 +172,12 @@ def patch(model: nn.Module, layer_norm: bool = True, rms_norm: bool = True, drop
                         f"valid options: {', '.join(OPTIONS)}")
     _check_model(model, "patch")
     chosen = {"layer_norm": layer_norm, "rms_norm": rms_norm, "dropout": dropout,
-              "norms": norms, "activations": activations, "fuse": fuse}
+              "batch_norm": batch_norm, "norms": norms, "activations": activations, "fuse": fuse}
     for option, value in chosen.items():
         if not isinstance(value, bool):
             raise TypeError(f"fusedreg.patch: {option} must be True or False, got {value!r}")
-    swaps = {s.torch_class: s for option, s in SWAPS.items() if chosen[option]}
+    swaps = {s.torch_class: s for key, s in {**SWAPS, **_timm_swaps()}.items()
+             if chosen[s.option or key]}
 
     left = model.__dict__.get(_LEFT, {})
     for name, module in list(model.named_modules(remove_duplicate=True)):
