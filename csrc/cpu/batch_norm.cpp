@@ -15,9 +15,10 @@
 //        blocks of kSumBlock, then added to the channel's total);
 //   CL:  rows are cut into blocks fixed by (L, C); each block writes its per-channel partial
 //        row, and the partials are combined in block order.
-// Statistics are two-pass per row (NCS) or per block (CL): mean, then sum (x - mean)^2 over
-// the cache-resident row/block, and the (count, mean, m2) parts are combined with Chan et
-// al.'s formula, so a mean of 1e3 with a std of 1e-2 keeps its digits.
+// Statistics are two-pass per row (NCS) or per block (CL): the mean (of the deviations from
+// the row's / block's first value), then sum (x - mean)^2 over the cache-resident row/block,
+// and the (count, mean, m2) parts are combined with Chan et al.'s formula, so a mean of 1e3
+// with a std of 1e-2 keeps its digits at every instruction-set level.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -189,6 +190,7 @@ inline void chan_merge(acc_t& n, acc_t& mean, acc_t& m2, acc_t nb, acc_t mb, acc
   n = total;
 }
 
+// sum of (v[j] - shift), or of (v[j] - shift)^2, in blocks of kSumBlock.
 template <typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE acc_t block_sum(const x_t* v, int64_t len, acc_t shift, bool square) {
   acc_t total = 0;
@@ -203,7 +205,7 @@ inline FUSEDREG_ALWAYS_INLINE acc_t block_sum(const x_t* v, int64_t len, acc_t s
       }
     } else {
 #pragma omp simd reduction(+ : s)
-      for (int64_t j = j0; j < j1; ++j) s += static_cast<acc_t>(v[j]);
+      for (int64_t j = j0; j < j1; ++j) s += static_cast<acc_t>(v[j]) - shift;
     }
     total += s;
   }
@@ -232,7 +234,10 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
         dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
           for (int64_t i = 0; i < l.N; ++i) {
             const x_t* row = x + (i * C + c) * l.S;
-            const acc_t mr = block_sum(row, l.S, acc_t(0), false) / l.S;
+            // the mean of the deviations from the row's first value: a mean of 1e3 is then
+            // exact to the last bits of the spread, not to an ulp of the row's sum
+            const acc_t k = static_cast<acc_t>(row[0]);
+            const acc_t mr = k + block_sum(row, l.S, k, false) / l.S;
             const acc_t m2r = block_sum(row, l.S, mr, true);
             chan_merge(n, mu, m2, static_cast<acc_t>(l.S), mr, m2r);
           }
@@ -247,6 +252,7 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
   const RowBlocks rb = row_blocks(L, C);
   std::unique_ptr<acc_t[]> pm(new acc_t[rb.n_blocks * C]), pm2(new acc_t[rb.n_blocks * C]);
   for_each_task(rb.n_blocks, [&](auto next_task) {
+    std::vector<acc_t> shift(C);  // the block's first row: the mean is taken of deviations from it
     for (int64_t b = next_task(); b >= 0; b = next_task()) {
       const int64_t r0 = b * rb.per_block, r1 = std::min(L, r0 + rb.per_block);
       acc_t* m = pm.get() + b * C;
@@ -254,14 +260,16 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
       std::fill(m, m + C, acc_t(0));
       std::fill(q, q + C, acc_t(0));
       const acc_t inv = acc_t(1) / static_cast<acc_t>(r1 - r0);
+      acc_t* k = shift.data();
+      for (int64_t c = 0; c < C; ++c) k[c] = static_cast<acc_t>(x[r0 * C + c]);
       dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
         for (int64_t r = r0; r < r1; ++r) {
           const x_t* row = x + r * C;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) m[c] += static_cast<acc_t>(row[c]);
+          for (int64_t c = 0; c < C; ++c) m[c] += static_cast<acc_t>(row[c]) - k[c];
         }
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) m[c] *= inv;
+        for (int64_t c = 0; c < C; ++c) m[c] = k[c] + m[c] * inv;
         for (int64_t r = r0; r < r1; ++r) {
           const x_t* row = x + r * C;
 #pragma omp simd
