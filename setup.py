@@ -49,6 +49,10 @@ def _cuda_decision():
 
 
 def _extensions():
+    # Decided (and CUDA_HOME set) before torch.utils.cpp_extension is imported: that import
+    # fixes its CUDA_HOME guess, which is /usr/local when only a /usr/local/bin/nvcc wrapper is
+    # on the PATH, and the link then cannot find -lcudart.
+    build_cuda, reason = _cuda_decision()
     import torch
     from torch.utils import cpp_extension
 
@@ -60,7 +64,6 @@ def _extensions():
     cxx += os.environ.get("FUSEDREG_CPU_ARCH", "").split()
     link = ["-fopenmp"]
 
-    build_cuda, reason = _cuda_decision()
     if build_cuda:
         cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         sources += cu

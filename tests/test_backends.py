@@ -11,7 +11,7 @@ import torch
 import fusedreg
 from fusedreg import backends
 
-OPS = ("bias_dropout", "layer_norm", "adam", "sgd", "lion")
+OPS = ("bias_dropout", "layer_norm", "batch_norm", "adam", "sgd", "lion")
 
 
 def test_status_agrees_with_what_the_machine_has():
