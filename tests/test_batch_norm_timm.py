@@ -1,7 +1,7 @@
 """A real client: timm's resnet18 (torch.nn.BatchNorm2d) and tinynet_e (timm's BatchNormAct2d with
-SiLU), created with pretrained=False, their BatchNorm modules swapped by class to fusedreg's
-(fusedreg.nn.batchnorm_patch_targets(): the modules, Parameter objects and state_dict keys
-stay): eval outputs within the error rule of tests/tolerances.py against a float64 copy, and
+SiLU), created with pretrained=False and patched by ``fusedreg.patch`` (its BatchNorm modules
+swapped by class to fusedreg's, the classes of fusedreg.nn.batchnorm_patch_targets(): the
+modules, Parameter objects and state_dict keys stay): eval outputs within the error rule of tests/tolerances.py against a float64 copy, and
 30 SGD training steps give the same losses as the unswapped model, to rounding."""
 import copy
 
@@ -21,14 +21,10 @@ STEPS = 30
 
 
 def _swap(model):
-    targets = fusedreg.nn.batchnorm_patch_targets()
-    swapped = 0
-    for m in model.modules():
-        cls = targets.get(type(m))
-        if cls is not None:
-            m.__class__ = cls
-            swapped += 1
-    return swapped
+    """fusedreg.patch(model); the number of BatchNorm modules it swapped."""
+    fusedreg.patch(model)
+    bn = set(fusedreg.nn.batchnorm_patch_targets().values())
+    return sum(type(m) in bn for m in model.modules())
 
 
 def _model(name):
