@@ -28,9 +28,16 @@ def seed_tensor(seed) -> torch.Tensor:
 _UNUSED = torch.zeros((), dtype=torch.int64)
 
 
+_FAKE = torch._C._TorchDispatchModeKey.FAKE
+
+
 def unused_seed() -> torch.Tensor:
     """A placeholder for calls that draw no mask (p == 0): draws nothing. One shared tensor
-    (no op reads or writes it: allocating one per call was a tenth of a small norm's time)."""
+    (no op reads or writes it: allocating one per call was a tenth of a small norm's time),
+    except while a graph is traced with fake tensors (a compile backend's AOT/Inductor pass over
+    a graph that calls fusedreg's functions), where a real tensor may not enter an op."""
+    if torch._C._get_dispatch_mode(_FAKE) is not None:
+        return torch.zeros((), dtype=torch.int64)
     return _UNUSED
 
 
