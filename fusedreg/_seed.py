@@ -36,7 +36,7 @@ def unused_seed() -> torch.Tensor:
     (no op reads or writes it: allocating one per call was a tenth of a small norm's time),
     except while a graph is traced with fake tensors (a compile backend's AOT/Inductor pass over
     a graph that calls fusedreg's functions), where a real tensor may not enter an op."""
-    if torch._C._get_dispatch_mode(_FAKE) is not None:
+    if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(_FAKE) is not None:
         return torch.zeros((), dtype=torch.int64)
     return _UNUSED
 
