@@ -26,6 +26,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cmath>
 #include <memory>
 #include <vector>
@@ -60,9 +62,17 @@ inline FUSEDREG_ALWAYS_INLINE int64_t ch(int64_t j) {
 
 // ---- element-wise pieces ----------------------------------------------------------------------
 
+// A keep-scale factor is not 0 (the element is kept): an integer test of its bits (0.0f is
+// all zero bits; the factors are never -0), since under -ftrapping-math a select on a float
+// compare is if-converted only with AVX-512's masks and would keep the AVX2 loops scalar.
+inline FUSEDREG_ALWAYS_INLINE bool kept(float k) {
+  return std::bit_cast<uint32_t>(k) != 0u;
+}
+
 // y[j] = act((x[j] - mean) * scale + shift + r[j]) * ks[j] for j in [0, len), with ks the
-// row's keep-scale factors (dropout: 1 / (1 - p) or 0; all 1 without dropout). A factor, not
-// a select on the uniforms: the loops have no condition inside (which would keep them scalar).
+// row's keep-scale factors (dropout: 1 / (1 - p) or 0; all 1 without dropout). A dropped
+// element is 0 even where act(z) is inf or NaN: a select on the factor (a blend, branch-free, so
+// the loops stay vectorized), not a multiply by 0.
 template <Activation A, bool VEC, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, const float* ks,
                                             int64_t len, const acc_t* mean, const acc_t* scale,
@@ -73,19 +83,19 @@ inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, 
       acc_t t = (static_cast<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)] +
                 static_cast<acc_t>(r[j]);
       t = activate<A, acc_t, cpu::VecMath>(t) * static_cast<acc_t>(ks[j]);
-      y[j] = static_cast<x_t>(t);
+      y[j] = static_cast<x_t>(kept(ks[j]) ? t : acc_t(0));
     }
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
       acc_t t = (static_cast<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)];
       t = activate<A, acc_t, cpu::VecMath>(t) * static_cast<acc_t>(ks[j]);
-      y[j] = static_cast<x_t>(t);
+      y[j] = static_cast<x_t>(kept(ks[j]) ? t : acc_t(0));
     }
   }
 }
 
-// g[j] = dz = dy * ks[j] * act'(z), xh[j] = xhat, for j in [0, len). r is x when there is no
+// g[j] = dz = dy * ks[j] * act'(z) (0 where dropped), xh[j] = xhat, for j in [0, len). r is x when there is no
 // residual, with rf = 0 (an unconditional load: a conditional one keeps the loop scalar).
 template <Activation A, bool VEC, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void dz_span(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, const float* ks,
@@ -99,7 +109,7 @@ inline FUSEDREG_ALWAYS_INLINE void dz_span(const x_t* dy, const x_t* x, const x_
       const acc_t z = d * scale[ch<VEC>(j)] + shift[ch<VEC>(j)] + rf * static_cast<acc_t>(r[j]);
       dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
     }
-    g[j] = dz;
+    g[j] = kept(ks[j]) ? dz : acc_t(0);  // dropped: 0 even for an inf/NaN dy or act'(z)
     xh[j] = d * invstd[ch<VEC>(j)];
   }
 }
