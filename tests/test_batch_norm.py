@@ -262,6 +262,93 @@ def test_gradcheck_float64(backend):
                 (xcl, r, w, b))
 
 
+@pytest.mark.parametrize("act", ["relu", "silu"])
+@pytest.mark.parametrize("layout", ["c", "cl"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropped_inf_and_nan_are_zero(backend, layout, act):
+    """Dropped means zero: an inf or NaN in the residual or in dy at a dropped position leaves
+    no trace (y and grad_residual are 0 there, every other value is what finite ones give),
+    not the NaN of inf * 0. (x itself cannot hold one: it reaches every element of its
+    channel through the batch statistics.)"""
+    p, seed, shape = 0.5, 11, (2, 3, 4, 5)
+    keep = _layout(F.dropout_mask(shape, p, seed).reshape(shape), layout)
+    specials = torch.tensor([math.inf, -math.inf, math.nan], dtype=torch.float32)
+    plant = specials.repeat(math.prod(shape) // 3 + 1)[:math.prod(shape)].reshape(shape)
+    x = _layout(_data(shape, torch.float32), layout)
+    r = _layout(_data(shape, torch.float32, 2, -1.0), layout)
+    dy = _layout(_data(shape, torch.float32, 5, 0.0), layout)
+    w, b, rm, rv = _params(3, torch.float32)
+    assert (~keep).any() and keep.any()
+    bad_r, bad_dy = torch.where(keep, r, plant), torch.where(keep, dy, plant)
+    fn = lambda x, r, w, b, rm, rv: F.batch_norm_act(  # noqa: E731
+        x, rm, rv, w, b, True, activation=act, residual=r, p=p, seed=seed)
+    with fusedreg.use_backend(backend):
+        got = _run(fn, [x, bad_r, w, b], bad_dy, [rm, rv])
+        clean = _run(fn, [x, r, w, b], dy, [rm, rv])
+    y, (gx, gr, gw, gb) = got[0], got[1]
+    assert torch.equal(y[~keep], torch.zeros_like(y[~keep])), "a dropped y is not 0"
+    assert torch.equal(gr[~keep], torch.zeros_like(gr[~keep])), "a dropped grad_residual is not 0"
+    for name, a, c in zip(["y", "grad x", "grad residual", "grad weight", "grad bias"],
+                          [y, gx, gr, gw, gb], [clean[0]] + clean[1]):
+        assert torch.isfinite(a).all(), f"{name}: a dropped inf/NaN leaked"
+        torch.testing.assert_close(a, c, rtol=0, atol=0, msg=f"{name} differs from finite data")
+
+
+def _gradgrad_inputs(layout):
+    g = torch.Generator().manual_seed(1)
+    shape = (3, 2, 2, 2)
+    x = torch.randn(shape, dtype=torch.float64, generator=g) * 1.5 + 2
+    r = torch.randn(shape, dtype=torch.float64, generator=g)
+    w = torch.randn(2, dtype=torch.float64, generator=g)
+    b = torch.randn(2, dtype=torch.float64, generator=g)
+    x, r = _layout(x, layout), _layout(r, layout)
+    return [t.requires_grad_() for t in (x, r, w, b)]
+
+
+@pytest.mark.parametrize("layout", ["c", "cl"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", FAST)
+def test_gradgradcheck_float64(backend, training, layout):
+    """Higher-order gradients (create_graph=True) of batch_norm and of batch_norm_act with an
+    activation, a residual and dropout, against finite differences; and the differentiable
+    first-order backward equals the kernels' one."""
+    x, r, w, b = _gradgrad_inputs(layout)
+    rm = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    rv = torch.tensor([2.0, 0.7], dtype=torch.float64)
+    plain = lambda x, w, b: F.batch_norm(x, rm.clone(), rv.clone(), w, b, training)  # noqa: E731
+    fused = lambda x, r, w, b: F.batch_norm_act(  # noqa: E731
+        x, rm.clone(), rv.clone(), w, b, training, activation="silu", residual=r, p=0.3, seed=5)
+    with fusedreg.use_backend(backend):
+        assert torch.autograd.gradgradcheck(plain, (x, w, b))
+        assert torch.autograd.gradgradcheck(fused, (x, r, w, b))
+        y = fused(x, r, w, b)
+        dy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(2))
+        first = torch.autograd.grad(y, (x, r, w, b), dy, retain_graph=True)
+        graph = torch.autograd.grad(y, (x, r, w, b), dy, create_graph=True)
+    for a, c in zip(graph, first):
+        assert a.requires_grad
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_torch_func_grad_matches_autograd(backend):
+    """torch.func.grad (eval; training without running stats) gives autograd's gradients."""
+    x, r, w, b = (t.detach() for t in _gradgrad_inputs("c"))
+    rm = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    rv = torch.tensor([2.0, 0.7], dtype=torch.float64)
+    with fusedreg.use_backend(backend):
+        for training, stats in ((False, (rm, rv)), (True, (None, None))):
+            def loss(x, r, w, b):
+                y = F.batch_norm_act(x, *stats, w, b, training, activation="gelu", residual=r,
+                                     p=0.3, seed=4)
+                return (y.sin() * torch.arange(y.numel(), dtype=y.dtype).view(y.shape)).sum()
+            got = torch.func.grad(loss, argnums=(0, 1, 2, 3))(x, r, w, b)
+            leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
+            want = torch.autograd.grad(loss(*leaves), leaves)
+            for a, c in zip(got, want):
+                torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
 def _op_samples():
     """Argument tuples (stats, fwd, bwd_reduce, bwd_elemt) for the registered ops."""
     seed = torch.tensor(42, dtype=torch.int64)

@@ -26,6 +26,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <type_traits>
 #include <cmath>
 #include <memory>
 #include <vector>
@@ -58,11 +61,47 @@ inline FUSEDREG_ALWAYS_INLINE int64_t ch(int64_t j) {
   return VEC ? j : 0;
 }
 
+// ---- element conversions --------------------------------------------------------------------
+
+// x_t <-> the compute type in the element loops. bfloat16 is converted with integer operations
+// only (a shift up; round-to-nearest-even, NaN to 0x7FC0 by an integer select), bit for bit what
+// c10::BFloat16's conversions give: theirs test std::isnan on the float, a compare that under
+// -ftrapping-math keeps the AVX2 loops scalar, and calls through the struct that GCC did not
+// vectorize; these become 16-wide shifts, adds and blends in the AVX-512 variant (8 in AVX2).
+template <typename acc_t, typename T>
+inline FUSEDREG_ALWAYS_INLINE acc_t to_acc(T v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return std::bit_cast<float>(static_cast<uint32_t>(v.x) << 16);
+  } else {
+    return static_cast<acc_t>(v);
+  }
+}
+
+template <typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE x_t from_acc(acc_t v) {
+  if constexpr (std::is_same_v<x_t, c10::BFloat16>) {
+    const uint32_t u = std::bit_cast<uint32_t>(static_cast<float>(v));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    return c10::BFloat16(static_cast<uint16_t>(nan ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<x_t>(v);
+  }
+}
+
 // ---- element-wise pieces ----------------------------------------------------------------------
 
+// A keep-scale factor is not 0 (the element is kept): an integer test of its bits (0.0f is
+// all zero bits; the factors are never -0), since under -ftrapping-math a select on a float
+// compare is if-converted only with AVX-512's masks and would keep the AVX2 loops scalar.
+inline FUSEDREG_ALWAYS_INLINE bool kept(float k) {
+  return std::bit_cast<uint32_t>(k) != 0u;
+}
+
 // y[j] = act((x[j] - mean) * scale + shift + r[j]) * ks[j] for j in [0, len), with ks the
-// row's keep-scale factors (dropout: 1 / (1 - p) or 0; all 1 without dropout). A factor, not
-// a select on the uniforms: the loops have no condition inside (which would keep them scalar).
+// row's keep-scale factors (dropout: 1 / (1 - p) or 0; all 1 without dropout). A dropped
+// element is 0 even where act(z) is inf or NaN: a select on the factor (a blend, branch-free, so
+// the loops stay vectorized), not a multiply by 0.
 template <Activation A, bool VEC, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, const float* ks,
                                             int64_t len, const acc_t* mean, const acc_t* scale,
@@ -70,22 +109,22 @@ inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, 
   if (r) {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
-      acc_t t = (static_cast<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)] +
-                static_cast<acc_t>(r[j]);
+      acc_t t = (to_acc<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)] +
+                to_acc<acc_t>(r[j]);
       t = activate<A, acc_t, cpu::VecMath>(t) * static_cast<acc_t>(ks[j]);
-      y[j] = static_cast<x_t>(t);
+      y[j] = from_acc<x_t>(kept(ks[j]) ? t : acc_t(0));
     }
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
-      acc_t t = (static_cast<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)];
+      acc_t t = (to_acc<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)];
       t = activate<A, acc_t, cpu::VecMath>(t) * static_cast<acc_t>(ks[j]);
-      y[j] = static_cast<x_t>(t);
+      y[j] = from_acc<x_t>(kept(ks[j]) ? t : acc_t(0));
     }
   }
 }
 
-// g[j] = dz = dy * ks[j] * act'(z), xh[j] = xhat, for j in [0, len). r is x when there is no
+// g[j] = dz = dy * ks[j] * act'(z) (0 where dropped), xh[j] = xhat, for j in [0, len). r is x when there is no
 // residual, with rf = 0 (an unconditional load: a conditional one keeps the loop scalar).
 template <Activation A, bool VEC, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void dz_span(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, const float* ks,
@@ -93,13 +132,13 @@ inline FUSEDREG_ALWAYS_INLINE void dz_span(const x_t* dy, const x_t* x, const x_
                                            const acc_t* scale, const acc_t* shift, acc_t* g, acc_t* xh) {
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {
-    const acc_t d = static_cast<acc_t>(x[j]) - mean[ch<VEC>(j)];
-    acc_t dz = static_cast<acc_t>(dy[j]) * static_cast<acc_t>(ks[j]);
+    const acc_t d = to_acc<acc_t>(x[j]) - mean[ch<VEC>(j)];
+    acc_t dz = to_acc<acc_t>(dy[j]) * static_cast<acc_t>(ks[j]);
     if constexpr (A != Activation::kNone) {
-      const acc_t z = d * scale[ch<VEC>(j)] + shift[ch<VEC>(j)] + rf * static_cast<acc_t>(r[j]);
+      const acc_t z = d * scale[ch<VEC>(j)] + shift[ch<VEC>(j)] + rf * to_acc<acc_t>(r[j]);
       dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
     }
-    g[j] = dz;
+    g[j] = kept(ks[j]) ? dz : acc_t(0);  // dropped: 0 even for an inf/NaN dy or act'(z)
     xh[j] = d * invstd[ch<VEC>(j)];
   }
 }
@@ -200,12 +239,12 @@ inline FUSEDREG_ALWAYS_INLINE acc_t block_sum(const x_t* v, int64_t len, acc_t s
     if (square) {
 #pragma omp simd reduction(+ : s)
       for (int64_t j = j0; j < j1; ++j) {
-        const acc_t d = static_cast<acc_t>(v[j]) - shift;
+        const acc_t d = to_acc<acc_t>(v[j]) - shift;
         s += d * d;
       }
     } else {
 #pragma omp simd reduction(+ : s)
-      for (int64_t j = j0; j < j1; ++j) s += static_cast<acc_t>(v[j]) - shift;
+      for (int64_t j = j0; j < j1; ++j) s += to_acc<acc_t>(v[j]) - shift;
     }
     total += s;
   }
@@ -266,7 +305,7 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
         for (int64_t r = r0; r < r1; ++r) {
           const x_t* row = x + r * C;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) m[c] += static_cast<acc_t>(row[c]) - k[c];
+          for (int64_t c = 0; c < C; ++c) m[c] += to_acc<acc_t>(row[c]) - k[c];
         }
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) m[c] = k[c] + m[c] * inv;
@@ -274,7 +313,7 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
           const x_t* row = x + r * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            const acc_t d = static_cast<acc_t>(row[c]) - m[c];
+            const acc_t d = to_acc<acc_t>(row[c]) - m[c];
             q[c] += d * d;
           }
         }
@@ -436,7 +475,7 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
         if (gr) {
           x_t* o = gr + off;
 #pragma omp simd
-          for (int64_t j = 0; j < len; ++j) o[j] = static_cast<x_t>(gg[j]);
+          for (int64_t j = 0; j < len; ++j) o[j] = from_acc<x_t>(gg[j]);
         }
         if (!gx) continue;
         x_t* o = gx + off;
@@ -446,19 +485,19 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
           const acc_t* q2 = m2 + cc;
           if (l.cl) {
 #pragma omp simd
-            for (int64_t j = 0; j < len; ++j) o[j] = static_cast<x_t>(k[j] * (gg[j] - q1[j] - xx[j] * q2[j]));
+            for (int64_t j = 0; j < len; ++j) o[j] = from_acc<x_t>(k[j] * (gg[j] - q1[j] - xx[j] * q2[j]));
           } else {
             const acc_t kk = k[0], a1 = q1[0], a2 = q2[0];
 #pragma omp simd
-            for (int64_t j = 0; j < len; ++j) o[j] = static_cast<x_t>(kk * (gg[j] - a1 - xx[j] * a2));
+            for (int64_t j = 0; j < len; ++j) o[j] = from_acc<x_t>(kk * (gg[j] - a1 - xx[j] * a2));
           }
         } else if (l.cl) {
 #pragma omp simd
-          for (int64_t j = 0; j < len; ++j) o[j] = static_cast<x_t>(k[j] * gg[j]);
+          for (int64_t j = 0; j < len; ++j) o[j] = from_acc<x_t>(k[j] * gg[j]);
         } else {
           const acc_t kk = k[0];
 #pragma omp simd
-          for (int64_t j = 0; j < len; ++j) o[j] = static_cast<x_t>(kk * gg[j]);
+          for (int64_t j = 0; j < len; ++j) o[j] = from_acc<x_t>(kk * gg[j]);
         }
       }
     });

@@ -17,7 +17,10 @@ across ranks between the passes. The ops see x stored as (N, C, S) or, channels-
 (N, S, C) (``batch_norm_act`` below makes the views, outside the Functions); the
 per-channel vectors are in the compute type.
 Backward saves x, mean, invstd, the weight and the 8-byte seed (the residual and bias only
-with an activation, where z is recomputed): never a mask, never the output.
+with an activation, where z is recomputed): never a mask, never the output. Under
+create_graph=True the backward is differentiable torch ops of the reference formulas (with the
+statistics recomputed from x in training and the same seeded mask), so higher-order gradients
+are exact; SyncBatchNorm's is first-order only.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ from torch import Tensor
 from .. import backends
 from .._dtypes import compute_dtype
 from ..reference import batch_norm as ref
+from ..reference.bias_dropout import activate_grad
+from ..reference.philox import apply_dropout
 from ._common import backend_ops, triton_module
 
 __all__ = ["BatchNormConfig", "BatchNormFunction", "BatchNormKernels", "SyncBatchNormFunction",
@@ -206,10 +211,11 @@ def _setup(ctx, xs, rs, weight, bias, seed, config, mean, invstd, sync_group=Non
     ctx.set_materialize_grads(False)
     if not any(ctx.needs_input_grad[:4]):
         return
-    ct = mean.dtype
     act = config.activation != 0  # z (so the residual and bias) is needed only for act'(z)
-    ctx.save_for_backward(xs, rs if act else None, _vec(weight, ct),
-                          _vec(bias, ct) if act else None, mean, invstd, seed)
+    # the parameters themselves, not compute-type copies: a differentiable backward
+    # (create_graph=True) must reach them
+    ctx.save_for_backward(xs, rs if act else None, weight, bias if act else None, mean, invstd,
+                          seed)
 
 
 def _backward(ctx, dy, all_reduce=None, count=None):
@@ -223,9 +229,17 @@ def _backward(ctx, dy, all_reduce=None, count=None):
     if not (need_x or need_r or need_w or need_b):
         return none
     xs, rs, w, b, mean, invstd, seed = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: the gradient must be differentiable
+        if all_reduce is not None:
+            raise NotImplementedError(
+                "SyncBatchNorm (fusedreg) does not support higher-order gradients "
+                "(create_graph=True); use it for first-order training only")
+        return _differentiable_backward(ctx, dy, xs, rs, w, b, mean, invstd, seed, need_x,
+                                        need_r, need_w, need_b)
     cl = cfg.channels_last
     kernels = backends.implementation(OP, cfg.backend)
     dys = dy.contiguous()
+    w, b = _vec(w, mean.dtype), _vec(b, mean.dtype)
     args = (rs, w, b, mean, invstd)
     sums = None
     if need_w or need_b or (need_x and cfg.training):
@@ -247,6 +261,47 @@ def _backward(ctx, dy, all_reduce=None, count=None):
                                    bool(need_r and not plain))
     grad_x = gx if need_x else None
     grad_r = (dy if plain else gr) if need_r else None
+    return grad_x, grad_r, grad_w, grad_b, None, None, None, None
+
+
+def _differentiable_backward(ctx, dy, xs, rs, w, b, mean, invstd, seed, need_x, need_r, need_w,
+                             need_b):
+    """The backward as differentiable torch ops of the saved x, residual, weight, bias and dy —
+    the formulas of fusedreg/reference/batch_norm.py written out, with the statistics
+    recomputed from x in training (in eval they are constants) and the same seeded mask — so
+    that a second backward (create_graph=True) sees its true derivative."""
+    cfg = ctx.config
+    cl, ct = cfg.channels_last, mean.dtype
+    xl = ref._logical(xs, cl).to(ct)
+    if cfg.training:
+        mean = xl.mean(dim=(0, 2))
+        invstd = torch.rsqrt((xl - ref._bc(mean)).square().mean(dim=(0, 2)) + cfg.eps)
+    xhat = (xl - ref._bc(mean)) * ref._bc(invstd)
+    dz = ref._logical(dy, cl).to(ct)
+    if cfg.activation != 0:
+        z = xhat
+        if w is not None:
+            z = z * ref._bc(w.to(ct))
+        if b is not None:
+            z = z + ref._bc(b.to(ct))
+        if rs is not None:
+            z = z + ref._logical(rs, cl).to(ct)
+        dz = dz * activate_grad(z, cfg.activation)
+    dz = apply_dropout(dz, cfg.p, seed)
+    grad_x = grad_r = grad_w = grad_b = None
+    if need_x:
+        k = invstd * w.to(ct) if w is not None else invstd
+        if cfg.training:
+            gx = dz - ref._bc(dz.mean(dim=(0, 2))) - xhat * ref._bc((dz * xhat).mean(dim=(0, 2)))
+        else:
+            gx = dz
+        grad_x = ref._stored((ref._bc(k) * gx).to(xs.dtype), cl)
+    if need_r:
+        grad_r = ref._stored(dz.to(xs.dtype), cl)
+    if need_w:
+        grad_w = (dz * xhat).sum(dim=(0, 2)).to(ctx.p_dtypes[0])
+    if need_b:
+        grad_b = dz.sum(dim=(0, 2)).to(ctx.p_dtypes[1])
     return grad_x, grad_r, grad_w, grad_b, None, None, None, None
 
 

@@ -11,7 +11,8 @@ stats     mean[c] = mean over (n, s) of x;  var[c] = mean of (x - mean[c])^2 (bi
           passes, so a mean of 1e3 with a std of 1e-2 keeps its digits)
 forward   xhat = (x - mean) * invstd;  z = xhat * w + b (+ residual)
           y    = dropout(act(z))                         (rounded once to x's dtype)
-backward  dz   = dy * keep * scale * act'(z)             (= grad_residual)
+backward  dz   = dy * keep * scale * act'(z)             (= grad_residual; 0 where dropped,
+                                                          even for an inf/NaN dy or act'(z))
           sum_dz[c] = sum dz (= grad_bias), sum_dz_xhat[c] = sum dz * xhat (= grad_weight)
           training: grad_x = w * invstd * (dz - sum_dz / count - xhat * sum_dz_xhat / count)
           eval:     grad_x = w * invstd * dz            (mean and invstd are constants then)
@@ -76,10 +77,11 @@ def batch_norm_fwd(x, residual, weight, bias, mean, invstd, activation: int, p: 
 
 def _dz(dy, x, residual, weight, bias, mean, invstd, activation, p, seed, channels_last):
     xhat, z = _z(x, residual, weight, bias, mean, invstd, channels_last)
-    dz = apply_dropout(_logical(dy, channels_last).to(mean.dtype), p, seed)
+    dz = _logical(dy, channels_last).to(mean.dtype)
     if activation != 0:
         dz = dz * activate_grad(z, activation)
-    return xhat, dz
+    # dropout last: a dropped element's dz is 0 even where dy or act'(z) is inf or NaN
+    return xhat, apply_dropout(dz, p, seed)
 
 
 def batch_norm_bwd_reduce(dy, x, residual, weight, bias, mean, invstd, activation: int, p: float,
