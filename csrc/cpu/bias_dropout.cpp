@@ -255,6 +255,26 @@ void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* res
   });
 }
 
+// Whether |x + bias| <= cpu::kNormalRangeBound over a segment (false with any inf or NaN):
+// the activations' exp then needs no range handling (cpu::VecMathNormal, same results). The
+// test is an integer max of the sums' magnitude bits, which vectorizes at every level.
+inline FUSEDREG_ALWAYS_INLINE bool all_in_normal_range(const float* __restrict x,
+                                                       const float* __restrict bias, int64_t len) {
+  int32_t m = 0;
+#pragma omp simd reduction(max : m)
+  for (int64_t t = 0; t < len; ++t) {
+    const float z = x[t] + bias[t];
+    int32_t w;
+    std::memcpy(&w, &z, sizeof(w));
+    w &= 0x7FFFFFFF;
+    m = w > m ? w : m;
+  }
+  float bound = cpu::kNormalRangeBound;
+  int32_t b;
+  std::memcpy(&b, &bound, sizeof(b));
+  return m <= b;
+}
+
 // grad_x = grad_out * keep * scale * act'(x + bias) over one row segment of len elements;
 // adds grad_x into bias_acc when given (the bias gradient's partial sums).
 template <typename scalar_t, Activation A>
@@ -263,15 +283,23 @@ inline FUSEDREG_ALWAYS_INLINE void backward_segment(
     const float* __restrict u, scalar_t* __restrict gx, int64_t len, float p,
     at::opmath_type<scalar_t> scale, at::opmath_type<scalar_t>* __restrict bias_acc) {
   using acc_t = at::opmath_type<scalar_t>;
+  const auto loop = [&](auto math) FUSEDREG_ALWAYS_INLINE {
+    using M = decltype(math);
 #pragma omp simd
-  for (int64_t t = 0; t < len; ++t) {
-    acc_t d = u[t] >= p ? static_cast<acc_t>(g[t]) * scale : acc_t(0);
-    if constexpr (A != Activation::kNone) {
-      d *= activate_grad<A, acc_t, cpu::VecMath>(static_cast<acc_t>(x[t]) + static_cast<acc_t>(bias[t]));
+    for (int64_t t = 0; t < len; ++t) {
+      acc_t d = u[t] >= p ? static_cast<acc_t>(g[t]) * scale : acc_t(0);
+      if constexpr (A != Activation::kNone) {
+        d *= activate_grad<A, acc_t, M>(static_cast<acc_t>(x[t]) + static_cast<acc_t>(bias[t]));
+      }
+      gx[t] = static_cast<scalar_t>(d);
+      if (bias_acc) bias_acc[t] += d;
     }
-    gx[t] = static_cast<scalar_t>(d);
-    if (bias_acc) bias_acc[t] += d;
+  };
+  if constexpr (std::is_same_v<scalar_t, float> && (A == Activation::kGelu || A == Activation::kGeluTanh ||
+                                                    A == Activation::kSilu)) {
+    if (all_in_normal_range(x, bias, len)) return loop(cpu::VecMathNormal{});
   }
+  loop(cpu::VecMath{});
 }
 
 // backward_segment on fp32 copies for bf16/fp16 (see to_float), in place otherwise.
