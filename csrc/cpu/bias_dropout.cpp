@@ -39,7 +39,7 @@ constexpr int64_t kChunk = 256;
 constexpr int64_t kGrainChunks = 64;
 
 // Per-task scratch (kChunk floats and kChunk scalars, at most 3 KB): the uniforms of a chunk,
-// and stand-ins that make the element loops branch-free (so they vectorize): zeros for a
+// and stand-ins that make the element loops branch-free (so they vectorize): -0s for a
 // missing bias/residual, ones (always kept) when there is no dropout.
 template <typename scalar_t>
 struct Scratch {
@@ -49,7 +49,7 @@ struct Scratch {
   Scratch() {
     for (int64_t i = 0; i < kChunk; ++i) {
       ones[i] = 1.0f;
-      zeros[i] = scalar_t(0);
+      zeros[i] = scalar_t(-0.0);  // -0: z + (-0) == z for every z, -0 included
     }
   }
   template <cpu::Isa ISA>
@@ -109,7 +109,8 @@ inline FUSEDREG_ALWAYS_INLINE void prefetch_ahead(const Streams<scalar_t>& s, in
 
 // Runs fn(i, col, len, u, zeros) over the tensor in parallel, one row segment at a time:
 // elements [i, i + len) lie in one row starting at column col, u points at their uniforms
-// (all ones without dropout) and zeros at len zeros (the stand-in for a missing operand).
+// (all ones without dropout) and zeros at len negative zeros (the stand-in for a missing
+// operand: z + (-0) is z for every z, where + 0 would turn a -0 result into +0).
 // fn must be a FUSEDREG_ALWAYS_INLINE lambda: it is compiled into each instruction-set variant.
 template <typename scalar_t, typename Fn>
 void for_each_row_segment(Rows rows, bool dropout, uint64_t seed, const Streams<scalar_t>& streams,
