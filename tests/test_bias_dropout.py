@@ -497,3 +497,38 @@ def test_set_backend_agrees_with_backend_status(backend):
     with pytest.raises(ValueError, match="unknown backend"):
         fusedreg.set_backend("tpu")
 
+
+
+@pytest.mark.parametrize("level", ["baseline", "avx2", "avx512"])
+def test_cpu_half_rounding_matches_torch(level):
+    """The CPU op rounds its fp32 result to bf16/fp16 exactly as torch's .to(dtype) does:
+    x + residual (no bias, activation or dropout) is exact in fp32 for these inputs, so the
+    output must equal (x.float() + r.float()).to(dtype) bit for bit — ties (to even), fp16
+    subnormals and the fp16 overflow threshold, inf and signed zeros included; NaN stays NaN
+    (its payload is not compared: torch's vectorized and scalar conversions differ). Every
+    instruction-set level runs in a fresh process (the level is read once)."""
+    import os
+    import subprocess
+    import sys
+    code = r'''
+import torch, fusedreg  # noqa: F401
+def run(dt, lo):
+    # x: every fp16/bf16 bit pattern; residual: small offsets that land between, on and
+    # across the rounding points of the sum
+    x = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dt)
+    r = lo.to(dt)
+    got = torch.ops.fusedreg.bias_dropout_fwd(x, None, r.expand_as(x).contiguous(), 0.0, 0,
+                                              torch.tensor(1))
+    want = (x.float() + r.float()).to(dt)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan), dt
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16)), dt
+for dt in (torch.bfloat16, torch.float16):
+    for lo in (0.0, -0.0, 1.0, 2.0 ** -20, -(2.0 ** -24), 3.0 ** -9, 65504.0):
+        run(dt, torch.tensor(lo))
+print("ok")
+'''
+    env = {**os.environ, "FUSEDREG_CPU_ISA": level}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

@@ -10,7 +10,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "fusedreg/activation.h"
@@ -36,7 +39,7 @@ constexpr int64_t kChunk = 256;
 constexpr int64_t kGrainChunks = 64;
 
 // Per-task scratch (kChunk floats and kChunk scalars, at most 3 KB): the uniforms of a chunk,
-// and stand-ins that make the element loops branch-free (so they vectorize): zeros for a
+// and stand-ins that make the element loops branch-free (so they vectorize): -0s for a
 // missing bias/residual, ones (always kept) when there is no dropout.
 template <typename scalar_t>
 struct Scratch {
@@ -46,7 +49,7 @@ struct Scratch {
   Scratch() {
     for (int64_t i = 0; i < kChunk; ++i) {
       ones[i] = 1.0f;
-      zeros[i] = scalar_t(0);
+      zeros[i] = scalar_t(-0.0);  // -0: z + (-0) == z for every z, -0 included
     }
   }
   template <cpu::Isa ISA>
@@ -106,7 +109,8 @@ inline FUSEDREG_ALWAYS_INLINE void prefetch_ahead(const Streams<scalar_t>& s, in
 
 // Runs fn(i, col, len, u, zeros) over the tensor in parallel, one row segment at a time:
 // elements [i, i + len) lie in one row starting at column col, u points at their uniforms
-// (all ones without dropout) and zeros at len zeros (the stand-in for a missing operand).
+// (all ones without dropout) and zeros at len negative zeros (the stand-in for a missing
+// operand: z + (-0) is z for every z, where + 0 would turn a -0 result into +0).
 // fn must be a FUSEDREG_ALWAYS_INLINE lambda: it is compiled into each instruction-set variant.
 template <typename scalar_t, typename Fn>
 void for_each_row_segment(Rows rows, bool dropout, uint64_t seed, const Streams<scalar_t>& streams,
@@ -136,6 +140,98 @@ void for_each_row_segment(Rows rows, bool dropout, uint64_t seed, const Streams<
   });
 }
 
+// bf16 and fp16: the element loops run on fp32 copies of each row segment (at most kChunk
+// elements, on the stack, so in L1), converted by the loops below, which vectorize at every
+// level (integer and bit arithmetic only; no float compare, which would keep a loop scalar
+// under -ftrapping-math, fusedreg/cpu/isa.h). They round exactly as c10's scalar
+// conversions do (round to nearest even; a NaN becomes the quiet NaN 0x7FC0 in bf16 and
+// sign | 0x7E00 in fp16), so the results are bitwise those of the per-element code.
+template <typename scalar_t>
+constexpr bool kIsHalf = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
+
+inline FUSEDREG_ALWAYS_INLINE uint32_t float_bits(float f) {
+  uint32_t w;
+  std::memcpy(&w, &f, sizeof(w));
+  return w;
+}
+
+inline FUSEDREG_ALWAYS_INLINE float bits_float(uint32_t w) {
+  float f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+inline FUSEDREG_ALWAYS_INLINE void to_float(const at::BFloat16* __restrict src, float* __restrict dst,
+                                            int64_t len) {
+  const uint16_t* __restrict h = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t t = 0; t < len; ++t) dst[t] = bits_float(uint32_t(h[t]) << 16);
+}
+
+inline FUSEDREG_ALWAYS_INLINE void from_float(const float* __restrict src, at::BFloat16* __restrict dst,
+                                              int64_t len) {
+  uint16_t* __restrict h = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t t = 0; t < len; ++t) {
+    const uint32_t w = float_bits(src[t]);
+    const uint32_t rounded = (w + ((w >> 16) & 1u) + 0x7FFFu) >> 16;
+    h[t] = static_cast<uint16_t>((w & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+  }
+}
+
+// fp16 -> fp32 is exact: normals rebias the exponent (127 - 15), subnormals are m * 2^-24,
+// inf/NaN keep the payload (a NaN made quiet, as c10's conversion gives).
+inline FUSEDREG_ALWAYS_INLINE void to_float(const at::Half* __restrict src, float* __restrict dst,
+                                            int64_t len) {
+  const uint16_t* __restrict h = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t t = 0; t < len; ++t) {
+    const uint32_t a = h[t] & 0x7FFFu, sign = uint32_t(h[t] & 0x8000u) << 16;
+    const uint32_t normal = (a << 13) + 0x38000000u;
+    const uint32_t special = 0x7F800000u | (a << 13) | (a > 0x7C00u ? 0x00400000u : 0u);
+    const uint32_t sub = float_bits(static_cast<float>(static_cast<int32_t>(a)) * 5.9604644775390625e-08f);
+    dst[t] = bits_float(sign | (a < 0x0400u ? sub : (a >= 0x7C00u ? special : normal)));
+  }
+}
+
+// fp32 -> fp16, round to nearest even: normals round the 13 dropped mantissa bits (a carry
+// moves into the exponent), |f| >= 65520 (halfway past the largest fp16) gives inf, results
+// below 2^-14 are round(|f| * 2^24) in fp16 subnormal units, taken from the float sum
+// |f| + 0.5 (whose ulp is 2^-24; the addition rounds to nearest even).
+inline FUSEDREG_ALWAYS_INLINE void from_float(const float* __restrict src, at::Half* __restrict dst,
+                                              int64_t len) {
+  uint16_t* __restrict h = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t t = 0; t < len; ++t) {
+    const uint32_t w = float_bits(src[t]);
+    const uint32_t a = w & 0x7FFFFFFFu, sign = (w >> 16) & 0x8000u;
+    const uint32_t r = a - 0x38000000u;
+    const uint32_t normal = (r + 0x0FFFu + ((r >> 13) & 1u)) >> 13;
+    const uint32_t sub = float_bits(bits_float(a) + 0.5f) - 0x3F000000u;
+    const uint32_t v = a > 0x7F800000u   ? 0x7E00u
+                       : a >= 0x477FF000u ? 0x7C00u
+                       : a < 0x38800000u  ? sub
+                                          : normal;
+    h[t] = static_cast<uint16_t>(sign | v);
+  }
+}
+
+// forward_segment on fp32 copies (bf16, fp16), with the residual added in a loop of its own:
+// act * scale and + residual stay two roundings at every level, as the per-element code
+// they replace compiled them (in one loop, the AVX2 variant would contract them into an FMA).
+template <Activation A>
+inline FUSEDREG_ALWAYS_INLINE void forward_segment_split(
+    const float* __restrict x, const float* __restrict bias, const float* __restrict residual,
+    const float* __restrict u, float* __restrict out, int64_t len, float p, float scale) {
+#pragma omp simd
+  for (int64_t t = 0; t < len; ++t) {
+    const float v = activate<A, float, cpu::VecMath>(x[t] + bias[t]);
+    out[t] = u[t] >= p ? v * scale : 0.0f;
+  }
+#pragma omp simd
+  for (int64_t t = 0; t < len; ++t) out[t] += residual[t];
+}
+
 template <typename scalar_t, Activation A>
 void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* residual,
                     scalar_t* out, Rows rows, float p, uint64_t seed) {
@@ -146,9 +242,38 @@ void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* res
   for_each_row_segment<scalar_t>(rows, dropout, seed, streams, [&](int64_t i, int64_t col, int64_t len,
                                                           const float* u, const scalar_t* zeros)
                                                           FUSEDREG_ALWAYS_INLINE {
-    forward_segment<scalar_t, A>(x + i, bias ? bias + col : zeros, residual ? residual + i : zeros,
-                                 u, out + i, len, p, scale);
+    if constexpr (kIsHalf<scalar_t>) {
+      alignas(64) float xf[kChunk], bf[kChunk], rf[kChunk], of[kChunk];
+      to_float(x + i, xf, len);
+      to_float(bias ? bias + col : zeros, bf, len);
+      to_float(residual ? residual + i : zeros, rf, len);
+      forward_segment_split<A>(xf, bf, rf, u, of, len, p, scale);
+      from_float(of, out + i, len);
+    } else {
+      forward_segment<scalar_t, A>(x + i, bias ? bias + col : zeros, residual ? residual + i : zeros,
+                                   u, out + i, len, p, scale);
+    }
   });
+}
+
+// Whether |x + bias| <= cpu::kNormalRangeBound over a segment (false with any inf or NaN):
+// the activations' exp then needs no range handling (cpu::VecMathNormal, same results). The
+// test is an integer max of the sums' magnitude bits, which vectorizes at every level.
+inline FUSEDREG_ALWAYS_INLINE bool all_in_normal_range(const float* __restrict x,
+                                                       const float* __restrict bias, int64_t len) {
+  int32_t m = 0;
+#pragma omp simd reduction(max : m)
+  for (int64_t t = 0; t < len; ++t) {
+    const float z = x[t] + bias[t];
+    int32_t w;
+    std::memcpy(&w, &z, sizeof(w));
+    w &= 0x7FFFFFFF;
+    m = w > m ? w : m;
+  }
+  float bound = cpu::kNormalRangeBound;
+  int32_t b;
+  std::memcpy(&b, &bound, sizeof(b));
+  return m <= b;
 }
 
 // grad_x = grad_out * keep * scale * act'(x + bias) over one row segment of len elements;
@@ -159,14 +284,39 @@ inline FUSEDREG_ALWAYS_INLINE void backward_segment(
     const float* __restrict u, scalar_t* __restrict gx, int64_t len, float p,
     at::opmath_type<scalar_t> scale, at::opmath_type<scalar_t>* __restrict bias_acc) {
   using acc_t = at::opmath_type<scalar_t>;
+  const auto loop = [&](auto math) FUSEDREG_ALWAYS_INLINE {
+    using M = decltype(math);
 #pragma omp simd
-  for (int64_t t = 0; t < len; ++t) {
-    acc_t d = u[t] >= p ? static_cast<acc_t>(g[t]) * scale : acc_t(0);
-    if constexpr (A != Activation::kNone) {
-      d *= activate_grad<A, acc_t, cpu::VecMath>(static_cast<acc_t>(x[t]) + static_cast<acc_t>(bias[t]));
+    for (int64_t t = 0; t < len; ++t) {
+      acc_t d = u[t] >= p ? static_cast<acc_t>(g[t]) * scale : acc_t(0);
+      if constexpr (A != Activation::kNone) {
+        d *= activate_grad<A, acc_t, M>(static_cast<acc_t>(x[t]) + static_cast<acc_t>(bias[t]));
+      }
+      gx[t] = static_cast<scalar_t>(d);
+      if (bias_acc) bias_acc[t] += d;
     }
-    gx[t] = static_cast<scalar_t>(d);
-    if (bias_acc) bias_acc[t] += d;
+  };
+  if constexpr (std::is_same_v<scalar_t, float> && (A == Activation::kGelu || A == Activation::kGeluTanh ||
+                                                    A == Activation::kSilu)) {
+    if (all_in_normal_range(x, bias, len)) return loop(cpu::VecMathNormal{});
+  }
+  loop(cpu::VecMath{});
+}
+
+// backward_segment on fp32 copies for bf16/fp16 (see to_float), in place otherwise.
+template <typename scalar_t, Activation A>
+inline FUSEDREG_ALWAYS_INLINE void backward_segment_any(
+    const scalar_t* g, const scalar_t* x, const scalar_t* bias, const float* u, scalar_t* gx,
+    int64_t len, float p, at::opmath_type<scalar_t> scale, at::opmath_type<scalar_t>* bias_acc) {
+  if constexpr (kIsHalf<scalar_t>) {
+    alignas(64) float gf[kChunk], xf[kChunk], bf[kChunk], of[kChunk];
+    to_float(g, gf, len);
+    if (x) to_float(x, xf, len);
+    to_float(bias, bf, len);
+    backward_segment<float, A>(gf, x ? xf : nullptr, bf, u, of, len, p, scale, bias_acc);
+    from_float(of, gx, len);
+  } else {
+    backward_segment<scalar_t, A>(g, x, bias, u, gx, len, p, scale, bias_acc);
   }
 }
 
@@ -181,8 +331,8 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
     for_each_row_segment<scalar_t>(rows, dropout, seed, streams, [&](int64_t i, int64_t col, int64_t len,
                                                             const float* u, const scalar_t* zeros)
                                                             FUSEDREG_ALWAYS_INLINE {
-      backward_segment<scalar_t, A>(g + i, x ? x + i : nullptr, bias ? bias + col : zeros, u,
-                                    gx + i, len, p, scale, nullptr);
+      backward_segment_any<scalar_t, A>(g + i, x ? x + i : nullptr, bias ? bias + col : zeros, u,
+                                        gx + i, len, p, scale, nullptr);
     });
     return;
   }
@@ -217,8 +367,8 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
             const int64_t start = r * rows.N + c;
             if (dropout) prefetch_ahead(streams, start, total);
             const float* u = scratch.template uniforms<I>(dropout, keys, seed, start, len);
-            backward_segment<scalar_t, A>(g + start, x ? x + start : nullptr, bias + c, u,
-                                          gx + start, len, p, scale, acc + c);
+            backward_segment_any<scalar_t, A>(g + start, x ? x + start : nullptr, bias + c, u,
+                                              gx + start, len, p, scale, acc + c);
           }
         }
       }
