@@ -66,14 +66,8 @@ def activate_grad(z: torch.Tensor, activation: int) -> torch.Tensor:
 
 
 def bias_dropout_fwd(x, bias, residual, p: float, activation: int, seed: int) -> torch.Tensor:
-    ct = compute_dtype(x.dtype)
-    z = x.to(ct)
-    if bias is not None:
-        z = z + bias.to(ct)
-    v = apply_dropout(activate(z, activation), p, seed)
-    if residual is not None:
-        v = v + residual.to(ct)
-    out = v.to(x.dtype)
+    out = bias_dropout_composite(x, bias, residual, p, activation, seed)
+    # a registered op's output may not alias its input (p == 0, no activation, no bias)
     return out.clone() if out.data_ptr() == x.data_ptr() else out.contiguous()
 
 
