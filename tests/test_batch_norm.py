@@ -17,7 +17,7 @@ from fusedreg.reference.philox import dropout_scale
 
 from _helpers import device_cases, serving
 from conftest import cpu_backends
-from tolerances import BATCH_NORM_GPU, FACTOR, NORM_ATOL
+from tolerances import BATCH_NORM_GPU, check_norm_error as _check
 
 OP = "batch_norm"
 BACKENDS = cpu_backends(OP)
@@ -59,18 +59,6 @@ def _case_id(c):
 
 def _backends_for(shape):
     return FAST if math.prod(shape) > 1000 else BACKENDS
-
-
-def _check(name, out, ref64, twin, dtype, pass_):
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
-    assert out.dtype == twin.dtype, f"{name}: dtype {out.dtype} != torch's {twin.dtype}"
-    if ref64.numel() == 0:
-        return
-    scale = max(ref64.abs().max().item(), 1.0)
-    err = (out.double() - ref64).abs().max().item() / scale
-    terr = (twin.double() - ref64).abs().max().item() / scale
-    bound = FACTOR * terr + NORM_ATOL[pass_][dtype]
-    assert err <= bound, f"{name} ({pass_}): error {err:.3g} > {FACTOR} x torch's {terr:.3g} + atol"
 
 
 def _run(fn, inputs, grad_out, buffers):

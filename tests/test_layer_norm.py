@@ -17,7 +17,7 @@ from fusedreg.reference.philox import dropout_scale
 
 from _helpers import device_cases, serving
 from conftest import cpu_backends
-from tolerances import FACTOR, NORM_ATOL, NORM_GPU
+from tolerances import NORM_GPU, check_norm_error as _check
 
 OP = "layer_norm"
 BACKENDS = cpu_backends(OP)
@@ -30,18 +30,6 @@ def _data(shape, dtype, seed=0, offset=3.0):
     g = torch.Generator().manual_seed(seed)
     # a non-zero mean, so that a kernel that forgets to subtract it cannot pass
     return (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + offset).to(dtype)
-
-
-def _check(name, out, ref64, twin, dtype, pass_):
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
-    assert out.dtype == twin.dtype, f"{name}: dtype {out.dtype} != torch's {twin.dtype}"
-    if ref64.numel() == 0:
-        return
-    scale = max(ref64.abs().max().item(), 1.0)
-    err = (out.double() - ref64).abs().max().item() / scale
-    terr = (twin.double() - ref64).abs().max().item() / scale
-    bound = FACTOR * terr + NORM_ATOL[pass_][dtype]
-    assert err <= bound, f"{name} ({pass_}): error {err:.3g} > {FACTOR} x torch's {terr:.3g} + atol"
 
 
 def _run(fn, inputs, grads_out):

@@ -104,3 +104,18 @@ BATCH_NORM_GPU = {
     torch.float16: dict(rtol=2e-2, atol=2e-2),
     torch.bfloat16: dict(rtol=2e-2, atol=3e-2),
 }
+
+
+def check_norm_error(name, out, ref64, twin, dtype, pass_):
+    """The norms' error rule: ``out`` has torch's shape and dtype (``twin`` is torch's own result
+    at that dtype) and its error against the float64 ``ref64``, relative to max(|ref64|, 1), is
+    at most FACTOR x torch's own error + NORM_ATOL[pass_][dtype]."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert out.dtype == twin.dtype, f"{name}: dtype {out.dtype} != torch's {twin.dtype}"
+    if ref64.numel() == 0:
+        return
+    scale = max(ref64.abs().max().item(), 1.0)
+    err = (out.double() - ref64).abs().max().item() / scale
+    terr = (twin.double() - ref64).abs().max().item() / scale
+    bound = FACTOR * terr + NORM_ATOL[pass_][dtype]
+    assert err <= bound, f"{name} ({pass_}): error {err:.3g} > {FACTOR} x torch's {terr:.3g} + atol"
