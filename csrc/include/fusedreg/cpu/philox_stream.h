@@ -87,19 +87,8 @@ FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void philox_uniforms64_avx5
   // 32-bit lane L = group g + L: A's low words in the even lanes, B's in the odd ones.
   const __m512 w0 = fusedreg::detail::to_uniform16(merge_low_words(a0, b0)), w1 = fusedreg::detail::to_uniform16(merge_low_words(a1, b1));
   const __m512 w2 = fusedreg::detail::to_uniform16(merge_low_words(a2, b2)), w3 = fusedreg::detail::to_uniform16(merge_low_words(a3, b3));
-  // element 4k + j = word j of group k: the 4 x 16 transpose of uniforms.h
-  const __m512 a01lo = _mm512_unpacklo_ps(w0, w1), a01hi = _mm512_unpackhi_ps(w0, w1);
-  const __m512 a23lo = _mm512_unpacklo_ps(w2, w3), a23hi = _mm512_unpackhi_ps(w2, w3);
-  const __m512 t0 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a01lo), _mm512_castps_pd(a23lo)));
-  const __m512 t1 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a01lo), _mm512_castps_pd(a23lo)));
-  const __m512 t2 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a01hi), _mm512_castps_pd(a23hi)));
-  const __m512 t3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a01hi), _mm512_castps_pd(a23hi)));
-  const __m512 t01lo = _mm512_shuffle_f32x4(t0, t1, 0x44), t01hi = _mm512_shuffle_f32x4(t0, t1, 0xEE);
-  const __m512 t23lo = _mm512_shuffle_f32x4(t2, t3, 0x44), t23hi = _mm512_shuffle_f32x4(t2, t3, 0xEE);
-  _mm512_storeu_ps(u + 0, _mm512_shuffle_f32x4(t01lo, t23lo, 0x88));
-  _mm512_storeu_ps(u + 16, _mm512_shuffle_f32x4(t01lo, t23lo, 0xDD));
-  _mm512_storeu_ps(u + 32, _mm512_shuffle_f32x4(t01hi, t23hi, 0x88));
-  _mm512_storeu_ps(u + 48, _mm512_shuffle_f32x4(t01hi, t23hi, 0xDD));
+  // element 4k + j = word j of group k
+  fusedreg::detail::store_uniform_groups16(w0, w1, w2, w3, u);
 }
 
 // u[0, 64 * blocks) = the uniforms of groups g .. g + 16 * blocks - 1. Out of line: a

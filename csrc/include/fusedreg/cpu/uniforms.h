@@ -54,6 +54,27 @@ FUSEDREG_TARGET_AVX512 inline __m512 to_uniform16(__m512i w) {
   return _mm512_mul_ps(_mm512_cvtepi32_ps(folded), _mm512_set1_ps(4.6566127342e-10f));
 }
 
+// Stores the uniforms of 16 Philox groups as elements u[4k + j] = word j of group k, from
+// w_j = word j of the 16 groups (lane k = group k): a 4 x 16 transpose.
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store_uniform_groups16(
+    __m512 w0, __m512 w1, __m512 w2, __m512 w3, float* u) {
+  // 4x4 transposes inside each 128-bit lane: t_j holds, per lane L (groups 4L..4L+3),
+  // the four words of group 4L + j.
+  const __m512 a01lo = _mm512_unpacklo_ps(w0, w1), a01hi = _mm512_unpackhi_ps(w0, w1);
+  const __m512 a23lo = _mm512_unpacklo_ps(w2, w3), a23hi = _mm512_unpackhi_ps(w2, w3);
+  const __m512 t0 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a01lo), _mm512_castps_pd(a23lo)));
+  const __m512 t1 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a01lo), _mm512_castps_pd(a23lo)));
+  const __m512 t2 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a01hi), _mm512_castps_pd(a23hi)));
+  const __m512 t3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a01hi), _mm512_castps_pd(a23hi)));
+  // t_j lane L = group 4L + j. Output vector q must hold groups 4q..4q+3 = lane q of t0..t3.
+  const __m512 t01lo = _mm512_shuffle_f32x4(t0, t1, 0x44), t01hi = _mm512_shuffle_f32x4(t0, t1, 0xEE);
+  const __m512 t23lo = _mm512_shuffle_f32x4(t2, t3, 0x44), t23hi = _mm512_shuffle_f32x4(t2, t3, 0xEE);
+  _mm512_storeu_ps(u + 0, _mm512_shuffle_f32x4(t01lo, t23lo, 0x88));
+  _mm512_storeu_ps(u + 16, _mm512_shuffle_f32x4(t01lo, t23lo, 0xDD));
+  _mm512_storeu_ps(u + 32, _mm512_shuffle_f32x4(t01hi, t23hi, 0x88));
+  _mm512_storeu_ps(u + 48, _mm512_shuffle_f32x4(t01hi, t23hi, 0xDD));
+}
+
 FUSEDREG_TARGET_AVX512 __attribute__((noinline)) inline void fill_uniform_groups_avx512(
     uint64_t seed, uint64_t g0, int64_t groups, float* __restrict u) {
   uint32_t k0[10], k1[10];
@@ -87,23 +108,8 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) inline void fill_uniform_groups
       c1 = lo1;
       c3 = lo0;
     }
-    const __m512 w0 = to_uniform16(c0), w1 = to_uniform16(c1);
-    const __m512 w2 = to_uniform16(c2), w3 = to_uniform16(c3);
-    // 4x4 transposes inside each 128-bit lane: t_j holds, per lane L (groups 4L..4L+3),
-    // the four words of group 4L + j.
-    const __m512 a01lo = _mm512_unpacklo_ps(w0, w1), a01hi = _mm512_unpackhi_ps(w0, w1);
-    const __m512 a23lo = _mm512_unpacklo_ps(w2, w3), a23hi = _mm512_unpackhi_ps(w2, w3);
-    const __m512 t0 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a01lo), _mm512_castps_pd(a23lo)));
-    const __m512 t1 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a01lo), _mm512_castps_pd(a23lo)));
-    const __m512 t2 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a01hi), _mm512_castps_pd(a23hi)));
-    const __m512 t3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a01hi), _mm512_castps_pd(a23hi)));
-    // t_j lane L = group 4L + j. Output vector q must hold groups 4q..4q+3 = lane q of t0..t3.
-    const __m512 t01lo = _mm512_shuffle_f32x4(t0, t1, 0x44), t01hi = _mm512_shuffle_f32x4(t0, t1, 0xEE);
-    const __m512 t23lo = _mm512_shuffle_f32x4(t2, t3, 0x44), t23hi = _mm512_shuffle_f32x4(t2, t3, 0xEE);
-    _mm512_storeu_ps(u + 4 * k + 0, _mm512_shuffle_f32x4(t01lo, t23lo, 0x88));
-    _mm512_storeu_ps(u + 4 * k + 16, _mm512_shuffle_f32x4(t01lo, t23lo, 0xDD));
-    _mm512_storeu_ps(u + 4 * k + 32, _mm512_shuffle_f32x4(t01hi, t23hi, 0x88));
-    _mm512_storeu_ps(u + 4 * k + 48, _mm512_shuffle_f32x4(t01hi, t23hi, 0xDD));
+    store_uniform_groups16(to_uniform16(c0), to_uniform16(c1), to_uniform16(c2),
+                           to_uniform16(c3), u + 4 * k);
   }
   fill_uniform_groups_scalar(seed, g0 + static_cast<uint64_t>(k), groups - k, u + 4 * k);
 }
