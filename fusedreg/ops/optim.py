@@ -14,21 +14,31 @@ code) before any write, in C++ (fusedreg/optim_args.h) or in the checks below, w
 fake functions run too (a list mixing CPU and meta tensors dispatches to them). ``steps``
 are the already-incremented step counts (Adam), ``inv_scale`` is 1/grad_scale (1 without
 AMP), ``l1_lr_scaled``: the L1 threshold is lr·l1 (else l1).
+
+``adam_step_capturable`` (algorithm "adam_capturable": reference, triton, cuda — no cpu
+kernel, a CPU step reads nothing from a device) is Adam for ``capturable=True``: everything
+that can change between two replays of a captured step stays on the parameters' device and
+is read there, never on the host — ``steps`` (0-dim float32 tensors, already incremented),
+``lr_tensor`` (a 1-element float tensor; None: the float ``lr``), ``grad_scale`` (None: 1)
+and ``found_inf`` (None: 0; non-zero: nothing is written). Its checks are host-side only
+(lengths, dtypes, devices, layouts, the host hyperparameters): no device value is read.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import backends
 from ..reference import optim as ref
-from ._common import backend_ops, triton_module
+from ._common import backend_ops, cpp_op, python_ops, triton_module
 
 __all__ = ["ALGORITHMS", "is_dense"]
 
 ALGORITHMS = ("adam", "sgd", "lion")  # each is an op name of the registry
+CAPTURABLE = "adam_capturable"  # the registry's name of adam_step_capturable
 
 
 def adam_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -39,6 +49,18 @@ def adam_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     """Adam/AdamW; max_exp_avg_sqs is empty unless amsgrad; decoupled: p·(1 − lr·wd) instead
     of L2 added to the gradient; l1: soft threshold lr·l1 (l1 when not l1_lr_scaled) after
     the update."""
+
+
+def adam_step_capturable(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                         exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor],
+                         steps: list[Tensor], lr_tensor: Optional[Tensor],
+                         grad_scale: Optional[Tensor], found_inf: Optional[Tensor], *, lr: float,
+                         beta1: float, beta2: float, eps: float, weight_decay: float, l1: float,
+                         l1_lr_scaled: bool, amsgrad: bool, maximize: bool,
+                         decoupled: bool) -> None:
+    """adam_step with the per-step values on the device: ``steps`` (0-dim float32, already
+    incremented), ``lr_tensor`` (or the float ``lr``), ``grad_scale`` and ``found_inf``
+    (found_inf != 0: nothing is written), each read by the kernels, never on the host."""
 
 
 def sgd_step(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *,
@@ -148,6 +170,43 @@ def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **h
     _check_hyper("adam_step", hyper, steps)
 
 
+def _check_device_scalar(op: str, name: str, t, device) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor) or t.numel() != 1 or not t.is_floating_point() \
+            or t.device != device:
+        _fail(op, f"{name} must be None or a 1-element float tensor on {device} (the "
+                  f"parameters' device), got {_describe(t)}")
+
+
+def _describe(t) -> str:
+    if not isinstance(t, Tensor):
+        return type(t).__name__
+    return f"a {t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+
+
+def _adam_capturable_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                          lr_tensor, grad_scale, found_inf, **hyper) -> None:
+    """Host-side checks only: no device value is read (a read would synchronize)."""
+    op = "adam_step_capturable"
+    amsgrad = hyper["amsgrad"]
+    if not (len(exp_avgs) == len(exp_avg_sqs) == len(steps) == len(params)) or (
+            amsgrad and len(max_exp_avg_sqs) != len(params)):
+        _fail(op, "expected one state tensor and one step per parameter")
+    _check_lists(op, params, grads, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []))
+    _check_hyper(op, dict(hyper, inv_scale=1.0))
+    if not params:
+        return
+    device = params[0].device
+    for i, s in enumerate(steps):
+        if s.dtype != torch.float32 or s.numel() != 1 or s.device != device:
+            _fail(op, f"step {i} must be a 1-element float32 tensor on {device}, got "
+                      f"{_describe(s)}")
+    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale),
+                    ("found_inf", found_inf)):
+        _check_device_scalar(op, name, t, device)
+
+
 def _sgd_fake(params, grads, momentum_buffers, **hyper) -> None:
     has_momentum = hyper["momentum"] != 0.0
     if has_momentum and len(momentum_buffers) != len(params):
@@ -175,6 +234,7 @@ def _checked(impl, check):
 
 
 _MUTATES = {"adam": ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+            CAPTURABLE: ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
             "sgd": ("params", "momentum_buffers"),
             "lion": ("params", "exp_avgs")}
 
@@ -189,6 +249,18 @@ def _register() -> None:
                           fake=fake, mutates_args=_MUTATES[algo])
         for backend, op in ops.items():
             backends.register(algo, backend, op)
+    # capturable Adam: reference and Triton custom ops; the C++ op has a CUDA kernel only
+    ops = python_ops(adam_step_capturable,
+                     {"reference": _checked(ref.multi_adam_step_capturable, _adam_capturable_fake),
+                      "triton": _checked(tri and tri.adam_step_capturable, _adam_capturable_fake)},
+                     fake=_adam_capturable_fake, mutates_args=_MUTATES[CAPTURABLE])
+    cpp = cpp_op("adam_step_capturable")
+    if cpp is not None:
+        torch.library.register_fake("fusedreg::adam_step_capturable")(_adam_capturable_fake)
+        if backends.extension_available(with_cuda=True):
+            ops["cuda"] = cpp
+    for backend, op in ops.items():
+        backends.register(CAPTURABLE, backend, op)
 
 
 _register()

@@ -36,6 +36,7 @@ except ImportError:  # torch built without distributed
     DTensor = None
 
 STATE_DTYPES = ("compute", "param")  # the state_dtype option (see FusedOptimizer)
+CAPTURABLE_DEVICES = ("cpu", "cuda")  # capturable=True: where the step runs without host reads
 
 
 def _local(t):
@@ -92,7 +93,7 @@ def check_betas(betas, group: dict) -> None:
 def check_flags(group: dict, cls: str) -> None:
     """torch's implementation flags: ``foreach`` and ``fused`` change nothing here (every step is
     fused) but keep torch's rules; ``differentiable`` is not supported; ``capturable`` runs
-    on CPU parameters only (see FusedOptimizer)."""
+    on CPU and CUDA parameters (see FusedOptimizer)."""
     if group.get("fused") and group.get("foreach"):
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     if group.get("differentiable"):
@@ -106,12 +107,20 @@ def check_flags(group: dict, cls: str) -> None:
         raise ValueError(f"l1_lr_scaled must be a bool, got {group['l1_lr_scaled']!r}")
     if group.get("capturable"):
         for p in group.get("params", ()):
-            if _local(p).device.type != "cpu":
+            if _local(p).device.type not in CAPTURABLE_DEVICES:
                 raise RuntimeError(
-                    f"fusedreg.optim.{cls}(capturable=True) runs on CPU parameters only, got one on "
-                    f"{_local(p).device}: the fused GPU steps read Adam's step counts on the host, "
-                    f"which a CUDA graph cannot capture; use torch.optim.{cls}(capturable=True, "
-                    "fused=True) to capture the optimizer step in a CUDA graph")
+                    f"fusedreg.optim.{cls}(capturable=True) runs on CPU and CUDA parameters, got "
+                    f"one on {_local(p).device}; use torch.optim.{cls}(capturable=True) there")
+
+
+def _step_device(lp: Tensor, group: dict) -> torch.device:
+    """Where a parameter's ``step`` count lives: on the parameter's device with
+    capturable=True (read there by the kernels), else on the CPU (read on the host), as in
+    torch."""
+    return lp.device if group.get("capturable") else _CPU
+
+
+_CPU = torch.device("cpu")
 
 
 def _in_layout(src: Tensor, like: Tensor, dtype=None) -> Tensor:
@@ -234,7 +243,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if not math.isfinite(float(v)) or float(v) < 0:
                     raise ValueError(f"parameter {pid}: state 'step' must be finite and >= 0, "
                                      f"got {v}")
-                st[k] = torch.tensor(float(v), dtype=torch.float32)
+                st[k] = torch.tensor(float(v), dtype=torch.float32, device=_step_device(lp, group))
             elif isinstance(v, Tensor) and v.is_floating_point() and k in self._STATE_KEYS:
                 lv = _local(v)
                 if tuple(lv.shape) != tuple(lp.shape):
@@ -336,14 +345,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             if isinstance(step, bool) or not isinstance(step, numbers.Real):
                 raise TypeError(f"fusedreg.optim: state 'step' must be a number or a tensor, got "
                                 f"{type(step).__name__}; nothing was updated")
-            fixes.append((st, "step", torch.tensor(float(step), dtype=torch.float32)))
-        elif step is not None and (step.numel() != 1 or step.device.type != "cpu"
+            fixes.append((st, "step", torch.tensor(float(step), dtype=torch.float32,
+                                                   device=_step_device(lp, group))))
+        elif step is not None and (step.numel() != 1 or step.device != _step_device(lp, group)
                                    or step.dtype != torch.float32 or step.dim() != 0):
             if step.numel() != 1:
                 raise ValueError(f"fusedreg.optim: state 'step' of a parameter of shape "
                                  f"{tuple(lp.shape)} has {step.numel()} elements; nothing was "
                                  "updated")
-            fixes.append((st, "step", step.detach().to("cpu", torch.float32).reshape(())))
+            fixes.append((st, "step", step.detach().to(_step_device(lp, group),
+                                                       torch.float32).reshape(())))
         sdt = self._state_dtype(lp, group)
         for k in self._STATE_KEYS:
             v = st.get(k)
@@ -392,26 +403,72 @@ class FusedOptimizer(torch.optim.Optimizer):
         for p in checked:
             st = self.state[p]
             self._verified[p] = (st, tuple(st.values()))
-        # AMP: an inf/nan step changes no parameter and no state (a host read of found_inf:
-        # one sync per step on a GPU, and only under GradScaler).
-        if found_inf is not None and float(found_inf.sum().item()) != 0.0:
-            return loss
-        inv_scale = 1.0 / float(grad_scale.item()) if grad_scale is not None else 1.0
+        self._graph_capture_check(plan)
+        # AMP on the host path: an inf/nan step changes no parameter and no state (a host read
+        # of found_inf: one sync per step on a GPU, and only under GradScaler). Capturable
+        # buckets read found_inf and grad_scale on the device instead.
+        host_amp = None
         # Phase 2 + 3 per bucket: allocate missing state, then one op call.
         for group, buckets in plan:
             for backend, ps, lps, lgs in buckets.values():
-                op = backends.implementation(self._ALGO, backend)
+                op, capturable = self._bucket_op(group, backend)
+                if capturable:
+                    amp = (grad_scale, found_inf)
+                else:
+                    if host_amp is None:
+                        host_amp = _host_amp(grad_scale, found_inf)
+                    if host_amp[0]:
+                        continue
+                    amp = host_amp[1]
+                step_bucket = self._step_bucket_capturable if capturable else self._step_bucket
                 # a parameter that is not dense is stepped through a contiguous copy
                 sparse_layout = [i for i, lp in enumerate(lps) if not _is_dense(lp)]
                 if not sparse_layout:
-                    self._step_bucket(op, group, ps, lps, lgs, inv_scale)
+                    step_bucket(op, group, ps, lps, lgs, amp)
                     continue
                 lps = list(lps)
                 views = {i: lps[i] for i in sparse_layout}
                 for i in sparse_layout:
                     lps[i] = lps[i].contiguous()
                     lgs[i] = lgs[i].contiguous()
-                self._step_bucket(op, group, ps, lps, lgs, inv_scale)
+                step_bucket(op, group, ps, lps, lgs, amp)
                 for i, view in views.items():
                     view.copy_(lps[i])
         return loss
+
+    # ---- capturable=True ------------------------------------------------------------------------
+    _CAPTURABLE_ALGO: str | None = None  # the registry's op of the capturable step, if any
+
+    def _bucket_op(self, group: dict, backend: str):
+        """(op, capturable): the capturable op of ``backend`` for a capturable group when the
+        backend has one (reference, triton, cuda), else the plain op — the cpu backend's,
+        which serves CPU parameters only: its host reads of CPU tensors synchronize nothing."""
+        cap = self._CAPTURABLE_ALGO
+        if group.get("capturable") and cap and backend in backends.registered_backends(cap):
+            return backends.implementation(cap, backend), True
+        return backends.implementation(self._ALGO, backend), False
+
+    def _step_bucket_capturable(self, op, group, params, lps, lgs, amp):
+        raise NotImplementedError
+
+    def _graph_capture_check(self, plan) -> None:
+        """torch's rule (Optimizer._cuda_graph_capture_health_check): capturing step() in a
+        CUDA graph needs capturable=True in every group stepping CUDA parameters. (torch's
+        warning for a capturable step outside a capture is switched off by its constructor,
+        which this class runs too.)"""
+        cuda_groups = [g for g, buckets in plan if any(k[0].type == "cuda" for k in buckets)]
+        if not cuda_groups or torch.compiler.is_compiling():
+            return
+        capturing = torch.cuda.is_current_stream_capturing()
+        if capturing and not all(g.get("capturable") for g in cuda_groups):
+            raise RuntimeError(
+                f"Attempting CUDA graph capture of step() for an instance of "
+                f"fusedreg.optim.{type(self).__name__} but param_groups' capturable is False; "
+                "construct it with capturable=True (Adam, AdamW)")
+
+
+def _host_amp(grad_scale, found_inf):
+    """(skip, inv_scale) read on the host."""
+    if found_inf is not None and float(found_inf.sum().item()) != 0.0:
+        return True, 1.0
+    return False, 1.0 / float(grad_scale.item()) if grad_scale is not None else 1.0

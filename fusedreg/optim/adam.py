@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import torch
 
-from ._base import FusedOptimizer, _local, _scalar, check_betas, check_flags, check_lr, check_nonneg
+from ..ops.optim import CAPTURABLE
+from ._base import FusedOptimizer, _local, _scalar, _step_device, check_betas, check_flags, check_lr, check_nonneg
 
 
 class Adam(FusedOptimizer):
     """torch.optim.Adam with a fused step and an L1 proximal step (``l1``, per group).
 
     Positional arguments and defaults are torch's; ``foreach`` and ``fused`` are accepted and
-    change nothing (every step is fused); ``capturable=True`` is accepted for CPU parameters
-    (the step counts stay on the parameter's device; nothing to synchronize) and refused for
-    GPU ones; ``differentiable=True`` raises NotImplementedError. ``weight_decay`` is L2 (added
-    to the gradient) unless ``decoupled_weight_decay=True`` (then it is AdamW's). State per
-    parameter: ``step`` (0-dim float32 CPU tensor), ``exp_avg``, ``exp_avg_sq`` and, with
+    change nothing (every step is fused); ``capturable=True`` (CPU and CUDA parameters) keeps
+    the step counts on the parameters' device and makes a step that reads nothing on the host
+    (step counts, a tensor lr, grad_scale and found_inf are read by the kernels), so that it
+    can be captured in a CUDA graph; ``differentiable=True`` raises NotImplementedError.
+    ``weight_decay`` is L2 (added to the gradient) unless ``decoupled_weight_decay=True``
+    (then it is AdamW's). State per parameter: ``step`` (0-dim float32 tensor, on the CPU, or
+    on the parameter's device with capturable), ``exp_avg``, ``exp_avg_sq`` and, with
     amsgrad, ``max_exp_avg_sq``, in the parameter's layout; moments are float32 for
     fp16/bf16/fp32 parameters and float64 for float64 ones (``state_dtype="param"``: the
     parameter's dtype).
     """
 
     _ALGO = "adam"
+    _CAPTURABLE_ALGO = CAPTURABLE
     _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _defaults_for_old_groups = dict(amsgrad=False, capturable=False, decoupled_weight_decay=False)
 
@@ -49,13 +53,15 @@ class Adam(FusedOptimizer):
     def _required_state(self, group):
         return ("step", "exp_avg", "exp_avg_sq")
 
-    def _step_bucket(self, op, group, params, lps, lgs, inv_scale):
+    def _bucket_state(self, group, params, lps):
+        """The state lists of a bucket, allocating missing state (torch's lazy init): step
+        counts on the CPU, or on the parameter's device with capturable (a fill there)."""
         amsgrad = bool(group["amsgrad"])
         exp_avgs, exp_avg_sqs, max_sqs, step_ts = [], [], [], []
-        for p in params:
+        for p, lp in zip(params, lps):
             st = self.state[p]
             if len(st) == 0:
-                st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(lp, group))
                 st["exp_avg"] = self._zeros_state(p, group)
                 st["exp_avg_sq"] = self._zeros_state(p, group)
             if amsgrad and "max_exp_avg_sq" not in st:
@@ -65,6 +71,40 @@ class Adam(FusedOptimizer):
             exp_avg_sqs.append(_local(st["exp_avg_sq"]))
             if amsgrad:
                 max_sqs.append(_local(st["max_exp_avg_sq"]))
+        return exp_avgs, exp_avg_sqs, max_sqs, step_ts
+
+    def _step_bucket_capturable(self, op, group, params, lps, lgs, amp):
+        """The capturable step: no host read of a device tensor. The step counts are
+        incremented on the device before the op and, after an inf/nan step (found_inf != 0),
+        decremented again by found_inf, as torch's fused Adam does; a tensor lr on the
+        parameters' device is read there (a CPU one with CUDA parameters is read on the host,
+        as torch does); grad_scale and found_inf are moved to the parameters' device (an
+        asynchronous copy, no-op when already there)."""
+        grad_scale, found_inf = amp
+        device = lps[0].device
+        exp_avgs, exp_avg_sqs, max_sqs, step_ts = self._bucket_state(group, params, lps)
+        lr, lr_tensor = group["lr"], None
+        if isinstance(lr, torch.Tensor):
+            if lr.device.type == "cpu" and device.type != "cpu":
+                lr = float(lr.item())  # a CPU tensor: a host value, nothing to synchronize
+            else:
+                lr_tensor, lr = lr.detach().to(device, non_blocking=True), 0.0
+        gs = None if grad_scale is None else grad_scale.to(device, non_blocking=True)
+        fi = None if found_inf is None else found_inf.to(device, non_blocking=True)
+        torch._foreach_add_(step_ts, 1.0)
+        beta1, beta2 = group["betas"]
+        hyper = self._op_hyper(dict(group, lr=lr))
+        del hyper["lr"]
+        op(lps, lgs, exp_avgs, exp_avg_sqs, max_sqs, step_ts, lr_tensor, gs, fi, lr=float(lr),
+           beta1=_scalar(beta1), beta2=_scalar(beta2), eps=_scalar(group["eps"]),
+           amsgrad=bool(group["amsgrad"]), decoupled=bool(group["decoupled_weight_decay"]),
+           **hyper)
+        if fi is not None:  # a skipped step does not count
+            torch._foreach_sub_(step_ts, [fi.reshape(()).to(torch.float32)] * len(step_ts))
+
+    def _step_bucket(self, op, group, params, lps, lgs, inv_scale):
+        amsgrad = bool(group["amsgrad"])
+        exp_avgs, exp_avg_sqs, max_sqs, step_ts = self._bucket_state(group, params, lps)
         # the step counters are 0-dim float32 CPU tensors, as torch's: two calls for all of
         # them rather than an increment and an .item() per parameter
         torch._foreach_add_(step_ts, 1.0)

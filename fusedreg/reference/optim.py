@@ -156,3 +156,70 @@ def multi_lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, 
         lion_step(p, grads[i], exp_avgs[i], lr=lr, beta1=beta1, beta2=beta2,
                   weight_decay=weight_decay, l1=l1, maximize=maximize, inv_scale=inv_scale,
                   l1_lr_scaled=l1_lr_scaled)
+
+
+# ---- capturable Adam: every per-step value read on the device ----------------------------------
+
+def _device_value(t: Tensor | None, default: float, like: Tensor) -> Tensor:
+    """A 0-dim float64 tensor on ``like``'s device: ``t`` (a 1-element tensor there) or
+    ``default`` — made by a fill, never by a host read or a host-to-device copy."""
+    if t is None:
+        return torch.full((), default, dtype=torch.float64, device=like.device)
+    return t.reshape(()).to(torch.float64)
+
+
+def adam_step_capturable(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                         max_exp_avg_sq: Tensor | None, step: Tensor, lr: Tensor,
+                         inv_scale: Tensor, skip: Tensor, *, beta1: float, beta2: float,
+                         eps: float, weight_decay: float, l1: float, amsgrad: bool,
+                         maximize: bool, decoupled: bool, l1_lr_scaled: bool = True) -> None:
+    """adam_step with ``step`` (the incremented count), ``lr`` and ``inv_scale`` as 0-dim
+    float64 tensors on the parameter's device, and ``skip`` a 0-dim bool tensor there (True:
+    nothing changes, as torch's fused Adam with found_inf). Tensor ops only, no host read:
+    the new values are computed into copies and written back with torch.where(skip, old,
+    new). The per-step scalars are computed in float64 and rounded once to the compute type,
+    as the host computes them for adam_step."""
+    ct = compute_dtype(param.dtype)
+    p = param.to(ct, copy=True)
+    g = grad.to(ct) * (-inv_scale if maximize else inv_scale).to(ct)
+    states = (exp_avg, exp_avg_sq, max_exp_avg_sq)
+    m, v, vm = (None if s is None else s.to(ct, copy=True) for s in states)
+    if weight_decay != 0.0:
+        if decoupled:
+            p.mul_((1.0 - lr * weight_decay).to(ct))
+        else:
+            g = g.add(p, alpha=weight_decay)
+    m.lerp_(g, 1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    neg_step_size = (-(lr / (1.0 - torch.pow(beta1, step)))).to(ct)
+    bias_correction2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, step)).to(ct)
+    if amsgrad:
+        torch.maximum(vm, v, out=vm)
+    denom = ((vm if amsgrad else v).sqrt() / bias_correction2_sqrt).add_(eps)
+    p.add_(neg_step_size * (m / denom))
+    if l1 != 0.0:
+        thr = (lr * l1).to(ct) if l1_lr_scaled else l1
+        p.copy_(torch.sign(p) * torch.clamp(p.abs() - thr, min=0.0))
+    for dst, new in ((param, p), (exp_avg, m), (exp_avg_sq, v), (max_exp_avg_sq, vm)):
+        if dst is not None:
+            dst.copy_(torch.where(skip, dst, new.to(dst.dtype)))
+
+
+def multi_adam_step_capturable(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                               lr_tensor, grad_scale, found_inf, *, lr, beta1, beta2, eps,
+                               weight_decay, l1, l1_lr_scaled, amsgrad, maximize,
+                               decoupled) -> None:
+    if not params:
+        return
+    like = params[0]
+    lr_t = _device_value(lr_tensor, lr, like)
+    inv_scale = (_device_value(grad_scale, 1.0, like).reciprocal() if grad_scale is not None
+                 else _device_value(None, 1.0, like))
+    skip = _device_value(found_inf, 0.0, like) != 0.0
+    for i, p in enumerate(params):
+        adam_step_capturable(p, grads[i], exp_avgs[i], exp_avg_sqs[i],
+                             max_exp_avg_sqs[i] if amsgrad else None,
+                             steps[i].reshape(()).to(torch.float64), lr_t, inv_scale, skip,
+                             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, l1=l1,
+                             amsgrad=amsgrad, maximize=maximize, decoupled=decoupled,
+                             l1_lr_scaled=l1_lr_scaled)

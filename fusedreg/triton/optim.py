@@ -103,11 +103,14 @@ def _adam_kernel(
     WORK,    # (n_programs, 3) int64: tensor index, first element, numel
     SCAL,    # (n_tensors, 2) compute type: −lr/(1 − beta1^step), sqrt(1 − beta2^step)
     CONSTS,  # (_N_CONSTS,) compute type, at the indices below
+    FOUND_INF,  # (1,) any float type: non-zero skips the step (read only with HAS_FOUND_INF)
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, IS_FP64: tl.constexpr,
-    W1_SMALL: tl.constexpr, AMSGRAD: tl.constexpr, HAS_L1: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK: tl.constexpr,
+    W1_SMALL: tl.constexpr, AMSGRAD: tl.constexpr, HAS_L1: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, start, numel, row = _work(WORK, ADDR, 5)
+    if HAS_FOUND_INF:  # an inf/nan step (GradScaler) touches nothing: every access masked off
+        numel = tl.where(tl.load(FOUND_INF) == 0, numel, 0)
     p_ptr, g_ptr = _ptr(row, 0, P_DTYPE), _ptr(row, 1, P_DTYPE)
     m_ptr, v_ptr, vm_ptr = _ptr(row, 2, M_DTYPE), _ptr(row, 3, M_DTYPE), _ptr(row, 4, M_DTYPE)
     nss = tl.load(SCAL + t * 2)
@@ -276,8 +279,110 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, l
                     _ADAM_W1: w1 if w1_small else -(1.0 - w1), _ADAM_BETA2: beta2,
                     _ADAM_OMB2: 1.0 - beta2, _ADAM_EPS: eps}, ct, device)
     _adam_kernel[(n_prog,)](
-        addr, work, scal, consts, P_DTYPE=_TL_DTYPES[params[0].dtype], S_DTYPE=_TL_DTYPES[ct],
-        M_DTYPE=_state_dtype([exp_avgs], ct), IS_FP64=ct == torch.float64, W1_SMALL=w1_small, AMSGRAD=bool(amsgrad), HAS_L1=l1 != 0.0,
+        addr, work, scal, consts, consts, P_DTYPE=_TL_DTYPES[params[0].dtype],
+        S_DTYPE=_TL_DTYPES[ct], M_DTYPE=_state_dtype([exp_avgs], ct), IS_FP64=ct == torch.float64,
+        W1_SMALL=w1_small, AMSGRAD=bool(amsgrad), HAS_L1=l1 != 0.0, HAS_FOUND_INF=False,
+        CHUNK=chunk, BLOCK=block, num_warps=4)
+
+
+# ---- capturable Adam ------------------------------------------------------------------------
+# adam_step_capturable launches the same kernel, but nothing it reads is made on the host per
+# call: a CUDA graph replays the launches with the arguments of the capture, and a host-to-
+# device copy there would replay stale host memory (a copy from pageable memory cannot even
+# be captured). So
+#   - ADDR/WORK and the constants that are host values (betas, eps, wd, l1, and lr / 1 when
+#     they are floats) are device tensors made once per distinct value, on an eager step, and
+#     cached (_cached): a graph captured later reads the cached tensors, which stay alive;
+#   - SCAL and the lr- and grad_scale-dependent CONSTS entries are computed per call by a few
+#     device tensor ops from the step tensors, the lr tensor and grad_scale, in float64 and
+#     rounded once to the compute type (the host path's rule);
+#   - found_inf is passed as a pointer (HAS_FOUND_INF): non-zero masks every access off.
+_CACHE: dict = {}
+_CACHE_LIMIT = 4096  # entries of a few KiB; far more than any model's (param set, hyper) pairs
+
+
+def _cached(key, make):
+    """A device tensor made once per ``key``; made again only on a miss outside a capture (a
+    miss under capture is an error: its host-to-device copy cannot be replayed)."""
+    t = _CACHE.get(key)
+    if t is None:
+        device = key[0]
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "fusedreg.optim (capturable=True): the first step of these parameters (or of "
+                "these hyperparameters) is being captured in a CUDA graph; run one eager step "
+                "before the capture (torch's CUDA graph recipe runs warm-up steps) so that the "
+                "kernel's tables exist on the device")
+        if len(_CACHE) >= _CACHE_LIMIT:
+            _CACHE.pop(next(iter(_CACHE)))
+        t = _CACHE[key] = make()
+    return t
+
+
+def _adam_const_rows(ct, beta1, beta2, eps, weight_decay, l1, l1_lr_scaled, maximize, decoupled):
+    """(A0, A1, A2): CONSTS = A0 + A1·inv_scale + A2·lr, entry by entry (each constant is
+    affine in inv_scale and lr; torch.addcmul / add(alpha=) evaluate a0 + a·x with the host
+    path's double roundings: 1 − lr·wd, lr·l1, −lr, ±inv_scale)."""
+    w1 = torch.tensor(1.0 - beta1, dtype=ct).item()  # a host rounding, as in adam_step
+    a0, a1, a2 = ([0.0] * _N_CONSTS for _ in range(3))
+    a1[_GSCALE.value] = -1.0 if maximize else 1.0
+    a0[_WD_L2.value] = 0.0 if decoupled else weight_decay
+    a0[_DECAY.value] = 1.0
+    a2[_DECAY.value] = -weight_decay if decoupled else 0.0
+    a0[_THR.value], a2[_THR.value] = (0.0, l1) if l1_lr_scaled else (l1, 0.0)
+    a2[_NEG_LR.value] = -1.0
+    a0[_ADAM_W1.value] = w1 if abs(w1) < 0.5 else -(1.0 - w1)
+    a0[_ADAM_BETA2.value], a0[_ADAM_OMB2.value], a0[_ADAM_EPS.value] = beta2, 1.0 - beta2, eps
+    return a0, a1, a2
+
+
+def capturable_scalars(like, steps, lr_tensor, grad_scale, *, lr, beta1, beta2, eps,
+                       weight_decay, l1, l1_lr_scaled, maximize, decoupled):
+    """(CONSTS, SCAL) of adam_step for ``like``'s device and compute type, made by device
+    tensor ops from the device step counts, lr tensor and grad_scale (a float ``lr`` and
+    inv_scale = 1 without grad_scale enter as host scalars of those ops, which a CUDA graph
+    keeps by value): float64 math, one rounding to the compute type."""
+    device, ct = like.device, compute_dtype(like.dtype)
+    rows = _adam_const_rows(ct, beta1, beta2, eps, weight_decay, l1, l1_lr_scaled, maximize,
+                            decoupled)
+    a = _cached((device, "consts", ct) + tuple(map(tuple, rows)),
+                lambda: torch.tensor(rows, dtype=torch.float64).to(device))
+    if grad_scale is None:
+        consts = a[0].add(a[1])  # inv_scale = 1
+    else:
+        consts = torch.addcmul(a[0], a[1], grad_scale.reshape(()).to(torch.float64).reciprocal())
+    if lr_tensor is None:
+        lr64 = torch.full((), lr, dtype=torch.float64, device=device)
+    else:
+        lr64 = lr_tensor.reshape(()).to(torch.float64)
+    consts = torch.addcmul(consts, a[2], lr64).to(ct)
+    s = torch.stack([t.reshape(()) for t in steps]).to(torch.float64)
+    neg_step_size = torch.div(lr64, 1.0 - torch.pow(beta1, s)).neg_()
+    bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, s))
+    return consts, torch.stack([neg_step_size, bc2_sqrt], dim=1).to(ct)
+
+
+def adam_step_capturable(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor,
+                         grad_scale, found_inf, *, lr, beta1, beta2, eps, weight_decay, l1,
+                         l1_lr_scaled, amsgrad, maximize, decoupled):
+    if _empty(params):
+        return
+    device, ct = params[0].device, compute_dtype(params[0].dtype)
+    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []]
+    key = (device, "tables", tuple(tuple(t.data_ptr() for t in lst) for lst in lists),
+           tuple(p.numel() for p in params))
+    addr, work, n_prog, chunk, block = _cached(key, lambda: _tables(lists, device))
+    consts, scal = capturable_scalars(params[0], steps, lr_tensor, grad_scale, lr=lr,
+                                      beta1=beta1, beta2=beta2, eps=eps,
+                                      weight_decay=weight_decay, l1=l1,
+                                      l1_lr_scaled=l1_lr_scaled, maximize=maximize,
+                                      decoupled=decoupled)
+    w1_small = abs(torch.tensor(1.0 - beta1, dtype=ct).item()) < 0.5
+    _adam_kernel[(n_prog,)](
+        addr, work, scal, consts, found_inf if found_inf is not None else consts,
+        P_DTYPE=_TL_DTYPES[params[0].dtype], S_DTYPE=_TL_DTYPES[ct],
+        M_DTYPE=_state_dtype([exp_avgs], ct), IS_FP64=ct == torch.float64, W1_SMALL=w1_small,
+        AMSGRAD=bool(amsgrad), HAS_L1=l1 != 0.0, HAS_FOUND_INF=found_inf is not None,
         CHUNK=chunk, BLOCK=block, num_warps=4)
 
 
@@ -312,6 +417,12 @@ def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, l1, l1
 
 
 # ---- compile specs (tests/test_triton_compile.py compiles each for sm_80 and sm_90) ---------
+def _ADAM_SIG(sname):  # noqa: N802 (a table of the kernel's pointer arguments)
+    """Adam's pointer arguments; FOUND_INF is float32 (GradScaler's found_inf)."""
+    return {"ADDR": "*i64", "WORK": "*i64", "SCAL": f"*{sname}", "CONSTS": f"*{sname}",
+            "FOUND_INF": "*fp32"}
+
+
 def _specs():
     specs = []
     for p_dt, pname in ((tl.float32, "fp32"), (tl.bfloat16, "bf16"), (tl.float16, "fp16"),
@@ -322,10 +433,12 @@ def _specs():
         for ams in (False, True):
             for l1 in (False, True):
                 specs.append((_adam_kernel,
-                              {"ADDR": "*i64", "WORK": "*i64", "SCAL": f"*{sname}", "CONSTS": f"*{sname}"},
-                              dict(base, IS_FP64=pname == "fp64", W1_SMALL=True, AMSGRAD=ams, HAS_L1=l1)))
-        specs.append((_adam_kernel, {"ADDR": "*i64", "WORK": "*i64", "SCAL": f"*{sname}", "CONSTS": f"*{sname}"},
-                      dict(base, IS_FP64=pname == "fp64", W1_SMALL=False, AMSGRAD=False, HAS_L1=False)))
+                              _ADAM_SIG(sname),
+                              dict(base, IS_FP64=pname == "fp64", W1_SMALL=True, AMSGRAD=ams, HAS_L1=l1,
+                                   HAS_FOUND_INF=l1)))
+        specs.append((_adam_kernel, _ADAM_SIG(sname),
+                      dict(base, IS_FP64=pname == "fp64", W1_SMALL=False, AMSGRAD=False, HAS_L1=False,
+                           HAS_FOUND_INF=True)))
         for mom, first, nest in ((False, False, False), (True, True, False), (True, False, False),
                                  (True, False, True)):
             for l1 in (False, True):
@@ -336,8 +449,9 @@ def _specs():
                           dict(base, HAS_L1=l1)))
         if pname in ("bf16", "fp16"):  # state in the parameter's dtype (state_dtype="param")
             low = dict(base, M_DTYPE=p_dt)
-            specs.append((_adam_kernel, {"ADDR": "*i64", "WORK": "*i64", "SCAL": f"*{sname}", "CONSTS": f"*{sname}"},
-                          dict(low, IS_FP64=False, W1_SMALL=True, AMSGRAD=True, HAS_L1=True)))
+            specs.append((_adam_kernel, _ADAM_SIG(sname),
+                          dict(low, IS_FP64=False, W1_SMALL=True, AMSGRAD=True, HAS_L1=True,
+                               HAS_FOUND_INF=True)))
             specs.append((_sgd_kernel, {"ADDR": "*i64", "WORK": "*i64", "CONSTS": f"*{sname}"},
                           dict(low, MOMENTUM=True, FIRST=False, NESTEROV=True, HAS_L1=True)))
             specs.append((_lion_kernel, {"ADDR": "*i64", "WORK": "*i64", "CONSTS": f"*{sname}"},
