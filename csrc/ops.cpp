@@ -63,6 +63,16 @@ TORCH_LIBRARY(fusedreg, m) {
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float[] steps, *, float lr, "
       "float beta1, float beta2, float eps, float weight_decay, float l1, bool l1_lr_scaled, "
       "bool amsgrad, bool maximize, bool decoupled, float inv_scale) -> ()");
+  // adam_step for capturable=True: the values that change from step to step are device
+  // tensors read by the kernel, never on the host (a CUDA graph replays the capture):
+  // steps (1-element float32, already incremented), lr_tensor (None: the float lr),
+  // grad_scale (None: 1) and found_inf (None: 0; non-zero: nothing is written). CUDA only.
+  m.def(
+      "adam_step_capturable(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] steps, "
+      "Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf, *, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, float l1, bool l1_lr_scaled, bool amsgrad, "
+      "bool maximize, bool decoupled) -> ()");
   m.def(
       "sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, "
       "float lr, float momentum, float dampening, float weight_decay, float l1, "

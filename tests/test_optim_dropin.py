@@ -121,15 +121,15 @@ def test_flags_keep_torchs_rules():
             cls(ps, differentiable=True)
 
 
-def test_capturable_refuses_a_gpu_parameter_with_the_alternative():
-    """fusedreg's GPU steps read Adam's step counts on the host, which a CUDA graph cannot
-    capture: capturable=True on a non-CPU parameter (a meta one stands in for a GPU here) is
-    refused at construction, naming torch's capturable optimizer."""
+def test_capturable_refuses_a_device_other_than_cpu_and_cuda():
+    """capturable=True runs on CPU and CUDA parameters (tests/test_optim_capturable.py);
+    another device (a meta parameter here) is refused at construction and by
+    add_param_group, naming torch's capturable optimizer."""
     p = torch.nn.Parameter(torch.empty(3, device="meta"))
     with pytest.raises(RuntimeError, match=r"torch\.optim\.AdamW\(capturable=True"):
         fo.AdamW([p], capturable=True)
     opt = fo.AdamW([torch.nn.Parameter(torch.randn(2))], capturable=True)
-    with pytest.raises(RuntimeError, match="CPU parameters only"):
+    with pytest.raises(RuntimeError, match="CPU and CUDA parameters"):
         opt.add_param_group({"params": [p]})
     assert len(opt.param_groups) == 1
 

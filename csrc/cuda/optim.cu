@@ -1,5 +1,5 @@
-// CUDA kernels of the fused optimizer steps (adam_step, sgd_step, lion_step): multi-tensor
-// apply. The host packs the addresses of up to kTensors<DEPTH> parameters (DEPTH tensors
+// CUDA kernels of the fused optimizer steps (adam_step, adam_step_capturable, sgd_step,
+// lion_step): multi-tensor apply. The host packs the addresses of up to kTensors<DEPTH> parameters (DEPTH tensors
 // each: p, g, state...) and a (tensor, chunk) pair for each of up to kBlocks blocks into the
 // kernel's argument struct, and launches whenever one of them is full — a handful of launches
 // for any number of tensors. Each block steps one chunk of kChunk elements of one tensor;
@@ -38,7 +38,8 @@ struct TensorListArgs {
   unsigned char block_tensor[kBlocks];     // block b steps tensor block_tensor[b] ...
   int block_chunk[kBlocks];                // ... from element block_chunk[b] * kChunk
 };
-static_assert(sizeof(TensorListArgs<5>) + 64 <= 4096 && sizeof(TensorListArgs<3>) + 64 <= 4096,
+static_assert(sizeof(TensorListArgs<5>) + 64 <= 4096 && sizeof(TensorListArgs<3>) + 64 <= 4096 &&
+                  sizeof(TensorListArgs<6>) + sizeof(AdamHyper) + 64 <= 4096,
               "kernel arguments must fit in 4 KiB");
 
 // Launches `launch(args, n_blocks)` as often as needed to cover every chunk of every tensor.
@@ -121,6 +122,38 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(TensorListArgs<5> args, 
   });
 }
 
+// capturable=True: the same update, with everything that changes between two replays of a
+// captured step read on the device. addr[5][t] is parameter t's step count (float32, already
+// incremented); dyn = (inv_scale, lr, found_inf) in double. Each thread computes the
+// constants and the bias corrections of its block's tensor from them with the host path's
+// double math (fusedreg/optim_math.h), rounded once to S. found_inf != 0: nothing is written.
+template <typename T, typename S, typename M, bool AMS, bool L1>
+__global__ void __launch_bounds__(kThreads)
+    adam_capturable_kernel(TensorListArgs<6> args, AdamHyper h, const double* __restrict__ dyn) {
+  if (dyn[2] != 0.0) return;
+  const double inv_scale = dyn[0], lr = dyn[1];
+  const AdamConsts<S> c = adam_consts<S>(lr, inv_scale, h.beta1, h.beta2, h.eps, h.weight_decay,
+                                         h.l1, h.l1_lr_scaled, h.maximize, h.decoupled);
+  const int slot = args.block_tensor[blockIdx.x];
+  const double step = static_cast<double>(*static_cast<const float*>(args.addr[5][slot]));
+  const AdamBiasCorrection bc = adam_bias_correction(lr, h.beta1, h.beta2, step);
+  const S nss = S(bc.neg_step_size), bc2 = S(bc.bc2_sqrt);
+  for_chunk<6>(args, [&](int t, int64_t i) {
+    T* p = static_cast<T*>(args.addr[0][t]);
+    const T* g = static_cast<const T*>(args.addr[1][t]);
+    M* m = static_cast<M*>(args.addr[2][t]);
+    M* v = static_cast<M*>(args.addr[3][t]);
+    M* vm = static_cast<M*>(args.addr[4][t]);
+    S pv = static_cast<S>(p[i]), mv = static_cast<S>(m[i]), vv = static_cast<S>(v[i]);
+    S vmv = AMS ? static_cast<S>(vm[i]) : S(0);
+    adam_update<S, AMS, L1>(c, nss, bc2, pv, static_cast<S>(g[i]), mv, vv, vmv);
+    p[i] = static_cast<T>(pv);
+    m[i] = static_cast<M>(mv);
+    v[i] = static_cast<M>(vv);
+    if (AMS) vm[i] = static_cast<M>(vmv);
+  });
+}
+
 template <typename T, typename S, typename M, bool MOM, bool L1>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(TensorListArgs<3> args, SgdConsts<S> c) {
   for_chunk<3>(args, [&](int t, int64_t i) {
@@ -193,6 +226,69 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   });
 }
 
+// The device values of a capturable step as one float64 vector (inv_scale, lr, found_inf),
+// made by device ops only (fills and device-to-device copies: nothing read on the host,
+// nothing copied from it, so the step can be captured in a CUDA graph).
+at::Tensor capturable_values(const at::Tensor& like, const std::optional<at::Tensor>& lr_tensor,
+                             const std::optional<at::Tensor>& grad_scale,
+                             const std::optional<at::Tensor>& found_inf, double lr) {
+  at::Tensor dyn = at::empty({3}, like.options().dtype(at::kDouble));
+  if (grad_scale.has_value() && grad_scale->defined()) {
+    dyn.select(0, 0).copy_(grad_scale->reshape({})).reciprocal_();
+  } else {
+    dyn.select(0, 0).fill_(1.0);
+  }
+  if (lr_tensor.has_value() && lr_tensor->defined()) {
+    dyn.select(0, 1).copy_(lr_tensor->reshape({}));
+  } else {
+    dyn.select(0, 1).fill_(lr);
+  }
+  if (found_inf.has_value() && found_inf->defined()) {
+    dyn.select(0, 2).copy_(found_inf->reshape({}));
+  } else {
+    dyn.select(0, 2).fill_(0.0);
+  }
+  return dyn;
+}
+
+void adam_step_capturable_cuda(at::TensorList params, at::TensorList grads,
+                               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                               at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                               const std::optional<at::Tensor>& lr_tensor,
+                               const std::optional<at::Tensor>& grad_scale,
+                               const std::optional<at::Tensor>& found_inf, const AdamHyper& h) {
+  const bool amsgrad = h.amsgrad;
+  const at::ScalarType sdtype =
+      check_lists("fusedreg::adam_step_capturable", at::kCUDA, params, grads,
+                  {exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()});
+  TORCH_CHECK(exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size() &&
+                  (!amsgrad || max_exp_avg_sqs.size() == params.size()),
+              "fusedreg::adam_step_capturable: expected one state tensor per parameter");
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor dyn = capturable_values(params[0], lr_tensor, grad_scale, found_inf, h.lr);
+  const double* dyn_ptr = dyn.const_data_ptr<double>();
+  const std::vector<at::TensorList> lists = {params, grads, exp_avgs, exp_avg_sqs,
+                                             amsgrad ? max_exp_avg_sqs : at::TensorList(), steps};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
+                                  "adam_step_capturable", [&] {
+    using S = at::opmath_type<scalar_t>;
+    with_state_type<scalar_t, S>(sdtype, [&](auto state_type) {
+      using M = typename decltype(state_type)::type;
+      bool_dispatch(amsgrad, [&](auto ams) {
+        bool_dispatch(h.l1 != 0.0, [&](auto has_l1) {
+          multi_tensor_apply<6>(lists, nullptr, nullptr, [&](const TensorListArgs<6>& a, int n_blocks) {
+            adam_capturable_kernel<scalar_t, S, M, decltype(ams)::value, decltype(has_l1)::value>
+                <<<n_blocks, kThreads, 0, stream>>>(a, h, dyn_ptr);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        });
+      });
+    });
+  });
+}
+
 void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                    const SgdHyper& h) {
   const bool has_momentum = h.momentum != 0.0;
@@ -251,6 +347,7 @@ void lion_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
 
 TORCH_LIBRARY_IMPL(fusedreg, CUDA, m) {
   m.impl("adam_step", &adam_step_op<adam_step_cuda>);
+  m.impl("adam_step_capturable", &adam_step_capturable_op<adam_step_capturable_cuda>);
   m.impl("sgd_step", &sgd_step_op<sgd_step_cuda>);
   m.impl("lion_step", &lion_step_op<lion_step_cuda>);
 }

@@ -13,7 +13,9 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <optional>
 #include <string>
+#include <utility>
 #include <type_traits>
 
 #include "fusedreg/optim_math.h"
@@ -56,8 +58,8 @@ inline void check_inv_scale(const char* op, double v) {
 }
 }  // namespace detail
 
-inline void check_hyper(const AdamHyper& h, at::ArrayRef<double> steps) {
-  constexpr const char* op = "fusedreg::adam_step";
+inline void check_hyper(const AdamHyper& h, at::ArrayRef<double> steps,
+                        const char* op = "fusedreg::adam_step") {
   detail::check_nonneg(op, "lr", h.lr);
   detail::check_beta(op, "beta1", h.beta1);
   detail::check_beta(op, "beta2", h.beta2);
@@ -195,13 +197,8 @@ inline double l1_threshold(const H& h) {
 
 template <typename S>
 inline AdamConsts<S> make_adam_consts(const AdamHyper& h) {
-  const S w1 = S(1.0 - h.beta1);  // torch rounds the lerp weight to the tensor's type
-  const bool w1_small = std::abs(w1) < S(0.5);
-  return AdamConsts<S>{S(h.maximize ? -h.inv_scale : h.inv_scale),
-                       S(h.decoupled ? 0.0 : h.weight_decay),
-                       S(h.decoupled ? 1.0 - h.lr * h.weight_decay : 1.0),
-                       w1_small ? w1 : -(S(1) - w1), S(h.beta2), S(1.0 - h.beta2), S(h.eps),
-                       S(l1_threshold(h)), w1_small};
+  return adam_consts<S>(h.lr, h.inv_scale, h.beta1, h.beta2, h.eps, h.weight_decay, h.l1,
+                        h.l1_lr_scaled, h.maximize, h.decoupled);
 }
 
 template <typename S>
@@ -220,14 +217,38 @@ inline LionConsts<S> make_lion_consts(const LionHyper& h) {
                        S(l1_threshold(h))};
 }
 
-// Adam's per-tensor scalars from its (already incremented) step count.
-struct AdamBiasCorrection {
-  double neg_step_size;  // -lr / (1 - beta1^step)
-  double bc2_sqrt;       // sqrt(1 - beta2^step)
-};
-
 inline AdamBiasCorrection adam_bias_correction(const AdamHyper& h, double step) {
-  return {-(h.lr / (1.0 - std::pow(h.beta1, step))), std::sqrt(1.0 - std::pow(h.beta2, step))};
+  return adam_bias_correction(h.lr, h.beta1, h.beta2, step);
+}
+
+// ---- capturable Adam ---------------------------------------------------------------------
+// adam_step_capturable's arguments beyond adam_step's: one 1-element float32 step tensor per
+// parameter and the optional 1-element float tensors lr_tensor, grad_scale, found_inf, all on
+// the parameters' device. Metadata only: no device value is read here (a read would
+// synchronize the host with the device, which a CUDA graph capture forbids).
+inline void check_capturable(const char* op, at::TensorList params, at::TensorList steps,
+                             const std::optional<at::Tensor>& lr_tensor,
+                             const std::optional<at::Tensor>& grad_scale,
+                             const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(steps.size() == params.size(), op, ": expected one step per parameter, got ",
+              steps.size(), " for ", params.size(), " params");
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK(steps[i].defined() && steps[i].scalar_type() == at::kFloat &&
+                    steps[i].numel() == 1 && steps[i].device() == device,
+                op, ": step ", i, " must be a 1-element float32 tensor on ", device);
+  }
+  const std::pair<const char*, const std::optional<at::Tensor>*> scalars[] = {
+      {"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}};
+  for (const auto& [name, t] : scalars) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    const at::Tensor& v = **t;
+    TORCH_CHECK(v.numel() == 1 && at::isFloatingType(v.scalar_type()) && v.device() == device,
+                op, ": ", name, " must be None or a 1-element float tensor on ", device,
+                " (the parameters' device), got a ", v.scalar_type(), " tensor of ", v.numel(),
+                " elements on ", v.device());
+  }
 }
 
 // ---- op entry points ----------------------------------------------------------------------
@@ -261,6 +282,42 @@ void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList ex
                     .inv_scale = inv_scale};
   check_hyper(h, steps);
   impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h);
+}
+
+// adam_step_capturable: the hyperparameters' struct with inv_scale = 1 (grad_scale, when
+// given, is read on the device) and lr the float used when lr_tensor is None.
+using AdamCapturableImpl = void (*)(at::TensorList params, at::TensorList grads,
+                                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                    at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                                    const std::optional<at::Tensor>& lr_tensor,
+                                    const std::optional<at::Tensor>& grad_scale,
+                                    const std::optional<at::Tensor>& found_inf,
+                                    const AdamHyper& h);
+
+template <AdamCapturableImpl impl>
+void adam_step_capturable_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                             at::TensorList steps, const std::optional<at::Tensor>& lr_tensor,
+                             const std::optional<at::Tensor>& grad_scale,
+                             const std::optional<at::Tensor>& found_inf, double lr, double beta1,
+                             double beta2, double eps, double weight_decay, double l1,
+                             bool l1_lr_scaled, bool amsgrad, bool maximize, bool decoupled) {
+  const AdamHyper h{.lr = lr,
+                    .beta1 = beta1,
+                    .beta2 = beta2,
+                    .eps = eps,
+                    .weight_decay = weight_decay,
+                    .l1 = l1,
+                    .l1_lr_scaled = l1_lr_scaled,
+                    .amsgrad = amsgrad,
+                    .maximize = maximize,
+                    .decoupled = decoupled,
+                    .inv_scale = 1.0};
+  check_hyper(h, {}, "fusedreg::adam_step_capturable");
+  check_capturable("fusedreg::adam_step_capturable", params, steps, lr_tensor, grad_scale,
+                   found_inf);
+  impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, grad_scale,
+       found_inf, h);
 }
 
 template <SgdImpl impl>

@@ -55,6 +55,34 @@ struct AdamConsts {
   bool w1_small;
 };
 
+// Adam's per-call constants from the hyperparameters: double math, one rounding to S. The
+// host computes them once per call (make_adam_consts, fusedreg/optim_args.h); the capturable
+// CUDA kernel computes them per block from the lr and inv_scale it reads on the device.
+template <typename S>
+FUSEDREG_INLINE AdamConsts<S> adam_consts(double lr, double inv_scale, double beta1, double beta2,
+                                          double eps, double weight_decay, double l1,
+                                          bool l1_lr_scaled, bool maximize, bool decoupled) {
+  const S w1 = S(1.0 - beta1);  // torch rounds the lerp weight to the tensor's type
+  const bool w1_small = w1 < S(0.5) && w1 > S(-0.5);
+  return AdamConsts<S>{S(maximize ? -inv_scale : inv_scale),
+                       S(decoupled ? 0.0 : weight_decay),
+                       S(decoupled ? 1.0 - lr * weight_decay : 1.0),
+                       w1_small ? w1 : -(S(1) - w1), S(beta2), S(1.0 - beta2), S(eps),
+                       S(l1_lr_scaled ? lr * l1 : l1), w1_small};
+}
+
+// Adam's per-tensor scalars from its (already incremented) step count, in double:
+// −lr/(1 − beta1^step) and sqrt(1 − beta2^step).
+struct AdamBiasCorrection {
+  double neg_step_size;
+  double bc2_sqrt;
+};
+
+FUSEDREG_INLINE AdamBiasCorrection adam_bias_correction(double lr, double beta1, double beta2,
+                                                        double step) {
+  return {-(lr / (1.0 - pow(beta1, step))), sqrt(1.0 - pow(beta2, step))};
+}
+
 template <typename S, bool AMSGRAD, bool L1>
 FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE void adam_update(const AdamConsts<S>& c, S neg_step_size, S bc2_sqrt, S& p, S g,
                                  S& m, S& v, S& vmax) {
