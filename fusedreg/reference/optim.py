@@ -178,7 +178,8 @@ def adam_step_capturable(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_s
     nothing changes, as torch's fused Adam with found_inf). Tensor ops only, no host read:
     the new values are computed into copies and written back with torch.where(skip, old,
     new). The per-step scalars are computed in float64 and rounded once to the compute type,
-    as the host computes them for adam_step."""
+    as the host computes them for adam_step: the result is adam_step's bit for bit (and so
+    torch's single-tensor Adam's)."""
     ct = compute_dtype(param.dtype)
     p = param.to(ct, copy=True)
     g = grad.to(ct) * (-inv_scale if maximize else inv_scale).to(ct)
@@ -191,12 +192,14 @@ def adam_step_capturable(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_s
             g = g.add(p, alpha=weight_decay)
     m.lerp_(g, 1.0 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    # adam_step's double arithmetic, with tensors: (1 − beta2^step)^0.5 as its ** 0.5, and
+    # addcdiv's p + (value·m)/denom written out (addcdiv takes no tensor value)
     neg_step_size = (-(lr / (1.0 - torch.pow(beta1, step)))).to(ct)
-    bias_correction2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, step)).to(ct)
+    bias_correction2_sqrt = torch.pow(1.0 - torch.pow(beta2, step), 0.5).to(ct)
     if amsgrad:
         torch.maximum(vm, v, out=vm)
     denom = ((vm if amsgrad else v).sqrt() / bias_correction2_sqrt).add_(eps)
-    p.add_(neg_step_size * (m / denom))
+    p.add_((neg_step_size * m) / denom)
     if l1 != 0.0:
         thr = (lr * l1).to(ct) if l1_lr_scaled else l1
         p.copy_(torch.sign(p) * torch.clamp(p.abs() - thr, min=0.0))
