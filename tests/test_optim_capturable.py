@@ -430,7 +430,7 @@ def test_cuda_step_makes_no_host_sync(backend):
     gpu_backend_or_fail(CAPTURABLE, backend)
     ps, _, opt, _ = _graph_case(backend, lr_tensor=True)
     with fusedreg.use_backend(backend):
-        for s in range(2):  # the first step makes the device tables (one host copy each)
+        for s in range(2):  # the first step creates the state
             for p, g in zip(ps, _grads(s, ps, 8.0)):
                 p.grad = g
             opt.grad_scale = torch.full((), 8.0, device="cuda")
@@ -448,3 +448,16 @@ def test_cuda_step_makes_no_host_sync(backend):
         with pytest.raises(RuntimeError, match="capturable is False"):
             with torch.cuda.graph(graph):
                 plain.step()
+
+
+@pytest.mark.parametrize("backend", CPU_CAPTURABLE)
+def test_opcheck(backend):
+    """The capturable op passes torch.library.opcheck (schema, mutation, fake function) with
+    every optional device value given."""
+    ps = _params()
+    args = (ps, _grads(0, ps, 2.0), *[[torch.rand_like(p) for p in ps] for _ in range(3)],
+            [torch.full((), 3.0) for _ in ps], torch.tensor(1e-2), torch.tensor(2.0),
+            torch.tensor(0.0))
+    kwargs = dict(lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, l1=0.1,
+                  l1_lr_scaled=True, amsgrad=True, maximize=False, decoupled=True)
+    torch.library.opcheck(backends.implementation(CAPTURABLE, backend), args, kwargs)

@@ -222,9 +222,10 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
               torch.float64: tl.float64}
 
 
-def _tables(lists, device):
-    """ADDR (n, K) from K parallel tensor lists (an empty list reuses the params' addresses:
-    a constexpr switch keeps the kernel off them) and WORK (n_programs, 3); chunk sizes."""
+def _host_tables(lists):
+    """ADDR rows (one per parameter: the K addresses) and WORK rows as host lists, from K
+    parallel tensor lists (an empty list reuses the params' addresses: a constexpr switch keeps
+    the kernel off them); the chunk and block sizes."""
     params = lists[0]
     cols = [lst if lst else params for lst in lists]
     addr = [[c[i].data_ptr() for c in cols] for i in range(len(params))]
@@ -232,6 +233,12 @@ def _tables(lists, device):
     chunk = min(_CHUNK, max(16, triton.next_power_of_2(longest)))
     block = min(_BLOCK, chunk)
     work = [(i, s, p.numel()) for i, p in enumerate(params) for s in range(0, p.numel(), chunk)]
+    return addr, work, chunk, block
+
+
+def _tables(lists, device):
+    """ADDR (n, K) and WORK (n_programs, 3) on ``device`` (copied from the host); chunk sizes."""
+    addr, work, chunk, block = _host_tables(lists)
     as_dev = lambda x: torch.tensor(x, dtype=torch.int64).to(device, non_blocking=True)  # noqa: E731
     return as_dev(addr), as_dev(work), len(work), chunk, block
 
@@ -286,35 +293,35 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, l
 
 
 # ---- capturable Adam ------------------------------------------------------------------------
-# adam_step_capturable launches the same kernel, but nothing it reads is made on the host per
-# call: a CUDA graph replays the launches with the arguments of the capture, and a host-to-
-# device copy there would replay stale host memory (a copy from pageable memory cannot even
-# be captured). So
-#   - ADDR/WORK and the constants that are host values (betas, eps, wd, l1, and lr / 1 when
-#     they are floats) are device tensors made once per distinct value, on an eager step, and
-#     cached (_cached): a graph captured later reads the cached tensors, which stay alive;
+# adam_step_capturable launches the same kernel, but nothing it reads is copied from the host
+# per call: a CUDA graph replays the launches with the arguments of the capture, and a
+# host-to-device copy from pageable memory cannot be captured (nor replayed with new data).
+#   - ADDR is made per call by kernels that take the addresses as arguments (a zero fill and
+#     one torch._foreach_add_ with a scalar list, _device_values): a graph keeps kernel
+#     arguments by value, so the tensors of the capture (gradients allocated inside it
+#     included) are the ones its replays step;
+#   - WORK (a function of the sizes only) and the host-only constants (betas, eps, wd, l1) are
+#     made the same way once per distinct value and cached for the life of the process
+#     (never evicted: a captured graph may read them);
 #   - SCAL and the lr- and grad_scale-dependent CONSTS entries are computed per call by a few
-#     device tensor ops from the step tensors, the lr tensor and grad_scale, in float64 and
-#     rounded once to the compute type (the host path's rule);
+#     float64 device tensor ops from the step tensors, the lr tensor and grad_scale, rounded
+#     once to the compute type (the host path's rule);
 #   - found_inf is passed as a pointer (HAS_FOUND_INF): non-zero masks every access off.
 _CACHE: dict = {}
-_CACHE_LIMIT = 4096  # entries of a few KiB; far more than any model's (param set, hyper) pairs
+
+
+def _device_values(values, dtype, device):
+    """A 1-D tensor on ``device`` holding the host ``values``, written by kernels that take
+    them as arguments (no host-to-device copy; capturable)."""
+    t = torch.zeros(len(values), dtype=dtype, device=device)
+    if values:
+        torch._foreach_add_(list(t.unbind(0)), list(values))
+    return t
 
 
 def _cached(key, make):
-    """A device tensor made once per ``key``; made again only on a miss outside a capture (a
-    miss under capture is an error: its host-to-device copy cannot be replayed)."""
     t = _CACHE.get(key)
     if t is None:
-        device = key[0]
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "fusedreg.optim (capturable=True): the first step of these parameters (or of "
-                "these hyperparameters) is being captured in a CUDA graph; run one eager step "
-                "before the capture (torch's CUDA graph recipe runs warm-up steps) so that the "
-                "kernel's tables exist on the device")
-        if len(_CACHE) >= _CACHE_LIMIT:
-            _CACHE.pop(next(iter(_CACHE)))
         t = _CACHE[key] = make()
     return t
 
@@ -346,7 +353,8 @@ def capturable_scalars(like, steps, lr_tensor, grad_scale, *, lr, beta1, beta2, 
     rows = _adam_const_rows(ct, beta1, beta2, eps, weight_decay, l1, l1_lr_scaled, maximize,
                             decoupled)
     a = _cached((device, "consts", ct) + tuple(map(tuple, rows)),
-                lambda: torch.tensor(rows, dtype=torch.float64).to(device))
+                lambda: _device_values([v for r in rows for v in r], torch.float64,
+                                       device).view(3, _N_CONSTS))
     if grad_scale is None:
         consts = a[0].add(a[1])  # inv_scale = 1
     else:
@@ -369,9 +377,12 @@ def adam_step_capturable(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
         return
     device, ct = params[0].device, compute_dtype(params[0].dtype)
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []]
-    key = (device, "tables", tuple(tuple(t.data_ptr() for t in lst) for lst in lists),
-           tuple(p.numel() for p in params))
-    addr, work, n_prog, chunk, block = _cached(key, lambda: _tables(lists, device))
+    addr_rows, work_rows, chunk, block = _host_tables(lists)
+    addr = _device_values([a for row in addr_rows for a in row], torch.int64, device)
+    work = _cached((device, "work", tuple(p.numel() for p in params)),
+                   lambda: _device_values([w for row in work_rows for w in row], torch.int64,
+                                          device))
+    n_prog = len(work_rows)
     consts, scal = capturable_scalars(params[0], steps, lr_tensor, grad_scale, lr=lr,
                                       beta1=beta1, beta2=beta2, eps=eps,
                                       weight_decay=weight_decay, l1=l1,
