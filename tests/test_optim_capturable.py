@@ -461,3 +461,24 @@ def test_opcheck(backend):
     kwargs = dict(lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, l1=0.1,
                   l1_lr_scaled=True, amsgrad=True, maximize=False, decoupled=True)
     torch.library.opcheck(backends.implementation(CAPTURABLE, backend), args, kwargs)
+
+
+@pytest.mark.parametrize("backend", CPU_CAPTURABLE)
+def test_integer_lr_tensor_and_switching_capturable(backend):
+    """An integer lr tensor (torch accepts one) is read as float32; capturable switched on
+    after some non-capturable steps keeps the counts and continues as the host step does."""
+    ps, qs = _params(), _params()
+    opt = fo.AdamW(ps, lr=1e-2)
+    ref = fo.AdamW(qs, lr=1e-2)
+    _run(opt, ps, 2, backend)
+    _run(ref, qs, 2, backend)
+    opt.param_groups[0]["capturable"] = True
+    _run(opt, ps, 2, backend)
+    _run(ref, qs, 2, backend)
+    _same(ps, qs, **_tol(backend))
+    assert all(float(opt.state[p]["step"]) == 4.0 for p in ps)
+    zs = _params()
+    zero = fo.AdamW(zs, lr=torch.tensor(0), weight_decay=0.5, capturable=True)
+    before = [z.detach().clone() for z in zs]
+    _run(zero, zs, 2, backend)
+    _same(zs, before, atol=0.0, rtol=0.0)  # lr = 0: nothing moves

@@ -16,7 +16,8 @@ are the already-incremented step counts (Adam), ``inv_scale`` is 1/grad_scale (1
 AMP), ``l1_lr_scaled``: the L1 threshold is lr·l1 (else l1).
 
 ``adam_step_capturable`` (algorithm "adam_capturable": reference, triton, cuda — no cpu
-kernel, a CPU step reads nothing from a device) is Adam for ``capturable=True``: everything
+kernel: on CPU parameters a host read synchronizes nothing, so the cpu backend's adam_step
+serves capturable groups there) is Adam for ``capturable=True``: everything
 that can change between two replays of a captured step stays on the parameters' device and
 is read there, never on the host — ``steps`` (0-dim float32 tensors, already incremented),
 ``lr_tensor`` (a 1-element float tensor; None: the float ``lr``), ``grad_scale`` (None: 1)

@@ -60,6 +60,10 @@ class Adam(FusedOptimizer):
         exp_avgs, exp_avg_sqs, max_sqs, step_ts = [], [], [], []
         for p, lp in zip(params, lps):
             st = self.state[p]
+            step = st.get("step")
+            if isinstance(step, torch.Tensor) and step.device != _step_device(lp, group):
+                # capturable switched after the state was checked: move the count (once)
+                st["step"] = step.detach().to(_step_device(lp, group), torch.float32).reshape(())
             if len(st) == 0:
                 st["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(lp, group))
                 st["exp_avg"] = self._zeros_state(p, group)
@@ -87,18 +91,23 @@ class Adam(FusedOptimizer):
         if isinstance(lr, torch.Tensor):
             if lr.device.type == "cpu" and device.type != "cpu":
                 lr = float(lr.item())  # a CPU tensor: a host value, nothing to synchronize
-            else:
-                lr_tensor, lr = lr.detach().to(device, non_blocking=True), 0.0
+            else:  # (an integer lr tensor, which torch accepts, read as float32)
+                dtype = lr.dtype if lr.is_floating_point() else torch.float32
+                lr_tensor, lr = lr.detach().to(device, dtype, non_blocking=True), 0.0
         gs = None if grad_scale is None else grad_scale.to(device, non_blocking=True)
         fi = None if found_inf is None else found_inf.to(device, non_blocking=True)
-        torch._foreach_add_(step_ts, 1.0)
         beta1, beta2 = group["betas"]
         hyper = self._op_hyper(dict(group, lr=lr))
         del hyper["lr"]
-        op(lps, lgs, exp_avgs, exp_avg_sqs, max_sqs, step_ts, lr_tensor, gs, fi, lr=float(lr),
-           beta1=_scalar(beta1), beta2=_scalar(beta2), eps=_scalar(group["eps"]),
-           amsgrad=bool(group["amsgrad"]), decoupled=bool(group["decoupled_weight_decay"]),
-           **hyper)
+        torch._foreach_add_(step_ts, 1.0)
+        try:
+            op(lps, lgs, exp_avgs, exp_avg_sqs, max_sqs, step_ts, lr_tensor, gs, fi,
+               lr=float(lr), beta1=_scalar(beta1), beta2=_scalar(beta2),
+               eps=_scalar(group["eps"]), amsgrad=bool(group["amsgrad"]),
+               decoupled=bool(group["decoupled_weight_decay"]), **hyper)
+        except Exception:  # the op checks before it writes: leave the counts as they were
+            torch._foreach_sub_(step_ts, 1.0)
+            raise
         if fi is not None:  # a skipped step does not count
             torch._foreach_sub_(step_ts, [fi.reshape(()).to(torch.float32)] * len(step_ts))
 
