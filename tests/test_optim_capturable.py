@@ -247,7 +247,8 @@ def test_the_step_reads_nothing_on_the_host(backend, no_host_reads):
     _same(ps, qs, **_tol(backend))
     assert [float(opt.state[p]["step"]) for p in ps] == [3.0] * 3
     host = fo.AdamW(_params(), lr=1e-2)
-    host.grad_scale, host.found_inf = _device_only(torch.tensor(4.0)), _device_only(torch.tensor(0.0))
+    host.grad_scale = _device_only(torch.tensor(4.0))
+    host.found_inf = _device_only(torch.tensor(0.0))
     with pytest.raises(_HostReadError):
         _run(host, host.param_groups[0]["params"], 1, backend)
 

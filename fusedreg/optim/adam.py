@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..ops.optim import CAPTURABLE
-from ._base import FusedOptimizer, _local, _scalar, _step_device, check_betas, check_flags, check_lr, check_nonneg
+from ._base import (FusedOptimizer, _local, _scalar, _step_device, check_betas, check_flags,
+                    check_lr, check_nonneg)
 
 
 class Adam(FusedOptimizer):

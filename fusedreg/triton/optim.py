@@ -428,7 +428,7 @@ def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, l1, l1
 
 
 # ---- compile specs (tests/test_triton_compile.py compiles each for sm_80 and sm_90) ---------
-def _ADAM_SIG(sname):  # noqa: N802 (a table of the kernel's pointer arguments)
+def _adam_sig(sname):
     """Adam's pointer arguments; FOUND_INF is float32 (GradScaler's found_inf)."""
     return {"ADDR": "*i64", "WORK": "*i64", "SCAL": f"*{sname}", "CONSTS": f"*{sname}",
             "FOUND_INF": "*fp32"}
@@ -443,13 +443,12 @@ def _specs():
         base = dict(P_DTYPE=p_dt, S_DTYPE=s_dt, M_DTYPE=s_dt, CHUNK=_CHUNK, BLOCK=_BLOCK)
         for ams in (False, True):
             for l1 in (False, True):
-                specs.append((_adam_kernel,
-                              _ADAM_SIG(sname),
-                              dict(base, IS_FP64=pname == "fp64", W1_SMALL=True, AMSGRAD=ams, HAS_L1=l1,
-                                   HAS_FOUND_INF=l1)))
-        specs.append((_adam_kernel, _ADAM_SIG(sname),
-                      dict(base, IS_FP64=pname == "fp64", W1_SMALL=False, AMSGRAD=False, HAS_L1=False,
-                           HAS_FOUND_INF=True)))
+                specs.append((_adam_kernel, _adam_sig(sname),
+                              dict(base, IS_FP64=pname == "fp64", W1_SMALL=True, AMSGRAD=ams,
+                                   HAS_L1=l1, HAS_FOUND_INF=l1)))
+        specs.append((_adam_kernel, _adam_sig(sname),
+                      dict(base, IS_FP64=pname == "fp64", W1_SMALL=False, AMSGRAD=False,
+                           HAS_L1=False, HAS_FOUND_INF=True)))
         for mom, first, nest in ((False, False, False), (True, True, False), (True, False, False),
                                  (True, False, True)):
             for l1 in (False, True):
@@ -460,7 +459,7 @@ def _specs():
                           dict(base, HAS_L1=l1)))
         if pname in ("bf16", "fp16"):  # state in the parameter's dtype (state_dtype="param")
             low = dict(base, M_DTYPE=p_dt)
-            specs.append((_adam_kernel, _ADAM_SIG(sname),
+            specs.append((_adam_kernel, _adam_sig(sname),
                           dict(low, IS_FP64=False, W1_SMALL=True, AMSGRAD=True, HAS_L1=True,
                                HAS_FOUND_INF=True)))
             specs.append((_sgd_kernel, {"ADDR": "*i64", "WORK": "*i64", "CONSTS": f"*{sname}"},
