@@ -71,8 +71,8 @@ def _tol(backend, dtype=torch.float32, oracle="single"):
     return OPTIM_PARITY[dtype]
 
 
-# (fusedreg kwargs, torch class or None): None compares with fusedreg's non-capturable
-# reference step (torch has no l1)
+# fusedreg class, the torch class to compare with (None: fusedreg's own non-capturable step on
+# the reference backend — torch has no l1) and the constructor's keywords
 CONFIGS = {
     "adamw_amsgrad_wd_tensor_lr": dict(cls=fo.AdamW, torch_cls=torch.optim.AdamW,
                                        kw=dict(lr=torch.tensor(1e-2), weight_decay=0.1,
@@ -89,10 +89,9 @@ CONFIGS = {
 
 
 def _oracle(cfg, params):
+    """The optimizer to compare with, stepped on the reference backend (torch's ignore it)."""
     kw = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in cfg["kw"].items()}
-    if cfg["torch_cls"] is not None:
-        return cfg["torch_cls"](params, **kw), "reference"  # backend unused by torch's
-    return cfg["cls"](params, **kw), "reference"
+    return (cfg["torch_cls"] or cfg["cls"])(params, **kw), "reference"
 
 
 @pytest.mark.parametrize("backend", CPU_CAPTURABLE)
