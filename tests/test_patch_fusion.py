@@ -226,3 +226,50 @@ def test_gpt2_under_bf16_autocast_matches_unpatched():
     torch.testing.assert_close(loss, expected, atol=2e-2, rtol=1e-2)  # bf16 matmuls: ~2^-8 each
     loss.backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+class Attention(nn.Module):
+    def __init__(self, p=0.3):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.p = p
+
+    def forward(self, x, mask):
+        q = self.proj(x).unflatten(-1, (2, 8)).transpose(1, 2)  # (B, heads, L, 8)
+        a = TF.scaled_dot_product_attention(q, q, q, attn_mask=mask,
+                                            dropout_p=self.p if self.training else 0.0)
+        return a.transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("how", ["patch(fuse=True)",
+                                 pytest.param("fusedreg.compile", marks=pytest.mark.slow)])
+def test_attention_dropout_in_graphs_uses_the_seeded_mask(how):
+    # SDPA's dropout (CPU: torch's math kernel) in a captured graph runs the chain of
+    # _attention.py with fusedreg's dropout, eagerly or compiled by Inductor: the same output
+    # and gradients as the patched eager model from the same torch seed (Inductor drawing its
+    # random numbers from torch's generator, fallback_random, so that the seeds are the same)
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(fallback_random=True):
+        _attention_dropout_in_graphs(how)
+
+
+def _attention_dropout_in_graphs(how):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = fusedreg.patch(Attention()).train()
+    model = copy.deepcopy(eager)
+    run = fusedreg.patch(model, fuse=True) if how == "patch(fuse=True)" else fusedreg.compile(model)
+    x = x_of((3, 7, 16))
+    mask = torch.rand(7, 7, generator=torch.Generator().manual_seed(2)) > 0.2
+    outs = []
+    for m in (eager, run):
+        torch.manual_seed(5)
+        out = m(x, mask)
+        out.square().sum().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], **PATCHED_MODEL[torch.float32])
+    for a, b in zip(eager.parameters(), model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4)  # tolerances.REDUCTION
+    assert report(model).fusions[fx.ATTENTION] >= 1
+    assert report(eager).dropout_calls == {
+        "attention dropout inside scaled_dot_product_attention": {"fused": 1, "left in torch": 0}}

@@ -40,10 +40,14 @@ _MATH = int(torch.nn.attention.SDPBackend.MATH)
 _torch_sdpa = TF.scaled_dot_product_attention
 
 
-def _takes(q, k, v, attn_mask, p, is_causal, scale, enable_gqa) -> bool:
+def _takes(q, k, v, attn_mask, p, is_causal, scale, enable_gqa, traced=False) -> bool:
     """Whether the call is one that torch computes with its math kernel and fusedreg's chain
-    reproduces (see the module doc)."""
-    if not (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor):
+    reproduces (see the module doc); ``traced``: decided on the metadata of the tensors a
+    compile backend traces (``sdpa_traced``)."""
+    # eager: plain tensors only (a subclass has its own semantics); traced: the backend's fake
+    # or functional tensors, which stand for plain ones
+    plain = (lambda t: isinstance(t, _Tensor)) if traced else (lambda t: type(t) is _Tensor)
+    if not (plain(q) and plain(k) and plain(v)):
         return False
     if type(p) is not float or not 0.0 < p <= 1.0 or type(is_causal) is not bool \
             or type(enable_gqa) is not bool:
@@ -60,7 +64,7 @@ def _takes(q, k, v, attn_mask, p, is_causal, scale, enable_gqa) -> bool:
         return False
     L, S = q.shape[-2], k.shape[-2]
     if attn_mask is not None:
-        if is_causal or type(attn_mask) is not _Tensor or not attn_mask.is_cpu \
+        if is_causal or not plain(attn_mask) or not attn_mask.is_cpu \
                 or attn_mask.dtype not in (torch.bool, q.dtype):
             return False
         target = tuple(q.shape[:-2]) + (L, S)
@@ -69,8 +73,10 @@ def _takes(q, k, v, attn_mask, p, is_causal, scale, enable_gqa) -> bool:
                 return False
         except RuntimeError:
             return False
-    if torch.compiler.is_compiling() or torch._C._is_tracing() or torch.is_autocast_enabled("cpu") \
-            or _forward_ad._current_level >= 0 or _functorch_level() is not None:
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    if not traced and (torch.compiler.is_compiling() or torch._C._is_tracing()
+                       or _forward_ad._current_level >= 0 or _functorch_level() is not None):
         return False
     try:
         choice = torch._fused_sdp_choice(q, k, v, attn_mask, p, is_causal, scale=scale,
@@ -80,7 +86,7 @@ def _takes(q, k, v, attn_mask, p, is_causal, scale, enable_gqa) -> bool:
     return choice == _MATH
 
 
-def _chain(q, k, v, attn_mask, p, is_causal, scale):
+def _chain(q, k, v, attn_mask, p, is_causal, scale, traced=False):
     E = q.shape[-1]
     if scale is None:
         scale = 1.0 / math.sqrt(E)
@@ -93,11 +99,15 @@ def _chain(q, k, v, attn_mask, p, is_causal, scale):
         if attn_mask.dtype == torch.bool:
             attn_mask = torch.where(attn_mask, 0.0, -math.inf).to(q.dtype)
         a = a + attn_mask
-    y = torch.softmax(a, -1)
-    # torch's _safe_softmax gives 0 for a row that is all -inf, where softmax gives NaN; such a
-    # row (or a NaN input) shows as NaN here: then recompute as torch does (rare, one check)
-    if bool(y.isnan().any()):
+    if traced:  # compiled: torch's own op (Inductor fuses its check into the softmax)
         y = torch._safe_softmax(a, -1)
+    else:
+        # torch's _safe_softmax gives 0 for a row that is all -inf, where softmax gives NaN;
+        # such a row (or a NaN input) shows as NaN here: then recompute as torch does (one
+        # check instead of _safe_softmax's isneginf, all and where)
+        y = torch.softmax(a, -1)
+        if bool(y.isnan().any()):
+            y = torch._safe_softmax(a, -1)
     return torch.matmul(F.dropout(y, p, True), v)
 
 
@@ -124,3 +134,14 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     """``torch.nn.functional.scaled_dot_product_attention``'s signature and result, with
     fusedreg's attention dropout where torch would run its math kernel (module doc)."""
     return sdpa_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)[0]
+
+
+def sdpa_traced(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                enable_gqa=False):
+    """``sdpa`` for a graph that a compile backend traces (``fusedreg.compile``): decided on the
+    traced tensors' metadata, with ``torch._safe_softmax`` (no check of the values)."""
+    p = float(dropout_p) if type(dropout_p) is int else dropout_p
+    if _takes(query, key, value, attn_mask, p, is_causal, scale, enable_gqa, traced=True):
+        return _chain(query, key, value, attn_mask, p, is_causal, scale, traced=True)
+    return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                       is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)

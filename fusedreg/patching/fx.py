@@ -377,10 +377,12 @@ class _Rewriter:
             return
         if node.target is TF.scaled_dot_product_attention:
             p = _arg(node, 4, "dropout_p", 0.0)
-            if p and not self.inductor:
+            vq, vy = _val(node.args[0]) if node.args else None, _val(node)
+            if p and vq is not None and vy is not None and vy.dtype == vq.dtype:
                 # the same call, which runs the math kernel's chain with fusedreg's dropout
-                # where torch would run its math kernel (_attention.py), else torch's
-                node.target = _attention.sdpa
+                # where torch would run its math kernel (_attention.py), else torch's (an
+                # autocast dtype change is left alone)
+                node.target = _attention.sdpa_traced if self.inductor else _attention.sdpa
                 self.count(ATTENTION)
             elif p:
                 self.count(LEFT_SDPA)
