@@ -63,6 +63,8 @@ def _takes(q, k, v, attn_mask, p, is_causal, scale, enable_gqa, traced=False) ->
             or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
         return False
     L, S = q.shape[-2], k.shape[-2]
+    if S == 0:
+        return False
     if attn_mask is not None:
         if is_causal or not plain(attn_mask) or not attn_mask.is_cpu \
                 or attn_mask.dtype not in (torch.bool, q.dtype):
@@ -103,10 +105,11 @@ def _chain(q, k, v, attn_mask, p, is_causal, scale, traced=False):
         y = torch._safe_softmax(a, -1)
     else:
         # torch's _safe_softmax gives 0 for a row that is all -inf, where softmax gives NaN;
-        # such a row (or a NaN input) shows as NaN here: then recompute as torch does (one
-        # check instead of _safe_softmax's isneginf, all and where)
+        # such a row (or one with a NaN) is NaN throughout, so its first column shows it:
+        # then recompute as torch does (a check of L values instead of _safe_softmax's
+        # isneginf, all and where over every score)
         y = torch.softmax(a, -1)
-        if bool(y.isnan().any()):
+        if bool(y[..., 0].isnan().any()):
             y = torch._safe_softmax(a, -1)
     return torch.matmul(F.dropout(y, p, True), v)
 
