@@ -28,6 +28,13 @@ alone):
     x + r -> norm                         ->  F.dropout_add_layer_norm(..., p=0)
     dropout(x) -> + r                     ->  F.bias_dropout(x, None, r, p)
     dropout(x), layer_norm(x), rms_norm(x) alone -> the fusedreg function of the same name
+    scaled_dot_product_attention(..., dropout_p > 0) -> _attention.sdpa (torch's math-kernel
+                                              chain with fusedreg's dropout, where torch
+                                              would run that kernel)
+
+An activation with no dropout after it is replaced only where that is faster
+(``ACT_WITHOUT_DROPOUT``); for Inductor only the patterns with an active dropout are (it fuses
+the others itself).
 
 Masks come from fusedreg's seeded function (docs/design.md, "The dropout mask") with a seed
 drawn per call from torch's generator, as in eager fusedreg. What the pass could not replace is
