@@ -57,7 +57,8 @@ def _takes(q, k, v, attn_mask, p, is_causal, scale, enable_gqa, traced=False) ->
     if not (q.is_cpu and k.is_cpu and v.is_cpu) or q.dtype not in _DTYPES \
             or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    if q.is_nested or k.is_nested or v.is_nested or q.layout != torch.strided:
+    if q.is_nested or k.is_nested or v.is_nested or q.layout != torch.strided \
+            or k.layout != torch.strided or v.layout != torch.strided:
         return False
     if q.dim() < 2 or q.dim() != k.dim() or q.dim() != v.dim() or q.shape[:-2] != k.shape[:-2] \
             or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
