@@ -132,13 +132,96 @@ class Attention(nn.Module):
         return TF.alpha_dropout(a, 0.2, self.training)
 
 
-def test_sdpa_and_alpha_dropout_are_counted_as_left_in_torch():
+def test_sdpa_dropout_runs_fused_on_cpu_and_alpha_dropout_is_left_in_torch():
     model = fusedreg.patch(Attention(0.1)).train()
     model(x_of(2, 3, 5, 8))
     calls = report(model).dropout_calls
     assert calls == {"alpha dropout": {"fused": 0, "left in torch": 1},
-                     "attention dropout inside scaled_dot_product_attention": {"fused": 0, "left in torch": 1}}
+                     "attention dropout inside scaled_dot_product_attention": {"fused": 1, "left in torch": 0}}
     assert "left in torch" in report(model).summary()
+    # bfloat16: torch's own call (not one _attention.py takes), counted as left in torch
+    model(x_of(2, 3, 5, 8).bfloat16())
+    assert report(model).dropout_calls["attention dropout inside scaled_dot_product_attention"] == \
+        {"fused": 0, "left in torch": 1}
+
+
+def attention_reference(q, k, v, mask, p, causal, scale, seed):
+    """softmax(q k^T * scale + mask) with fusedreg's mask of ``seed``, then @ v (float64)."""
+    q, k, v = q.double(), k.double(), v.double()
+    a = q @ k.transpose(-2, -1) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+    if mask is not None:
+        a = a + (torch.where(mask, 0.0, -torch.inf) if mask.dtype == torch.bool else mask.double())
+    dead = torch.isneginf(a).all(-1, keepdim=True)  # a row that is all -inf: 0, as in torch
+    a = torch.softmax(torch.where(dead, 0.0, a), -1) * ~dead
+    keep = fusedreg.functional.dropout_mask(a.shape, p, seed)
+    return (a * keep * float(torch.tensor(1 / (1 - p), dtype=torch.float32))) @ v  # fp32 scale,
+                                                                                # as every dropout
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "bool mask", "float mask", "float64"])
+def test_sdpa_dropout_is_torchs_math_with_the_seeded_mask(case):
+    # scaled_dot_product_attention with dropout on CPU (torch's math kernel) runs the same chain
+    # with fusedreg's seeded dropout: output and gradients against a float64 reference with the
+    # mask of the seed drawn from torch's generator; a fully masked row gives 0 as in torch
+    g = torch.Generator().manual_seed(11)
+    dtype = torch.float64 if case == "float64" else torch.float32
+    L, S = 7, (7 if case == "causal" else 9)
+    q = torch.randn(2, 3, L, 8, generator=g, dtype=dtype) + 0.5
+    k = torch.randn(2, 3, S, 8, generator=g, dtype=dtype) - 0.3
+    v = torch.randn(2, 3, S, 5, generator=g, dtype=dtype)
+    mask, scale = None, None
+    if case == "bool mask":
+        mask = torch.rand(L, S, generator=g) > 0.3
+        mask[2] = False
+    elif case == "float mask":
+        mask, scale = torch.randn(2, 1, L, S, generator=g, dtype=dtype), 0.2
+    qkv = [t.clone().requires_grad_() for t in (q, k, v)]
+    model = fusedreg.patch(nn.Module())  # the call-site mode runs during its forward
+    model.forward = lambda: TF.scaled_dot_product_attention(*qkv, attn_mask=mask, dropout_p=0.3,
+                                                            is_causal=case == "causal", scale=scale)
+    torch.manual_seed(6)
+    out = model()
+    torch.manual_seed(6)
+    seed = int(torch.randint(2**63 - 1, ()))  # the draw fusedreg's dropout makes
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attention_reference(*ref_in, mask, 0.3, case == "causal", scale, seed)
+    assert report(model).dropout_calls == {
+        "attention dropout inside scaled_dot_product_attention": {"fused": 1, "left in torch": 0}}
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-6, rtol=2e-5)
+    torch.testing.assert_close(out, ref.to(dtype), **tol)  # matmuls and softmax in fp32
+    grad = torch.randn(out.shape, generator=g, dtype=dtype)
+    out.backward(grad)
+    ref.backward(grad.double())
+    for a, b in zip(qkv, ref_in):
+        torch.testing.assert_close(a.grad, b.grad.to(dtype), **tol)
+    if case == "bool mask":
+        assert (out[:, :, 2] == 0).all()
+
+
+def test_sdpa_calls_torch_refuses_or_does_not_run_in_its_math_kernel_stay_in_torch():
+    q = x_of(2, 4, 5, 8)
+    kv = x_of(2, 2, 5, 8)
+    model = fusedreg.patch(nn.Module())
+    model.forward = lambda *a, **k: TF.scaled_dot_product_attention(*a, **k)
+    torch.manual_seed(2)
+    out = model(q, kv, kv, dropout_p=0.2, enable_gqa=True)  # GQA: torch's own call
+    torch.manual_seed(2)
+    torch.testing.assert_close(out, TF.scaled_dot_product_attention(q, kv, kv, dropout_p=0.2,
+                                                                    enable_gqa=True), atol=0, rtol=0)
+    assert report(model).dropout_calls == {
+        "attention dropout inside scaled_dot_product_attention": {"fused": 0, "left in torch": 1}}
+    with pytest.raises(RuntimeError):  # torch's error: a mask with is_causal
+        model(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.bool), dropout_p=0.2, is_causal=True)
+    with pytest.raises(TypeError):  # torch's error: an argument it does not take
+        model(q, q, q, dropout=0.2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: torch's own policy
+        assert model(q, q, q, dropout_p=0.2).dtype == torch.bfloat16
+    with torch.no_grad():  # eval-style call without dropout: torch's call, nothing counted
+        torch.testing.assert_close(model(q, q, q), TF.scaled_dot_product_attention(q, q, q),
+                                   atol=0, rtol=0)
+    assert report(model).dropout_calls == {}
 
 
 class Blocks(nn.Module):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -198,6 +199,7 @@ def main(argv=None) -> str:
     p.add_argument("--out", default=None, help="write the markdown table there too")
     args = p.parse_args(argv)
     names = [m for m in args.models.split(",") if m]
+    load_before = os.getloadavg()[0]
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
              f"width {args.width}, {args.layers} layers, batch {args.batch} x seq {args.seq} "
              f"(ViT: 64x64 images, 65 tokens), dropout {args.dropout}, median of {args.steps} "
@@ -220,7 +222,9 @@ def main(argv=None) -> str:
                      f"{tps['fr.compile'] / tps['compile']:.2f}x | {diff:.1e} |")
         print(lines[-1], file=sys.stderr, flush=True)
     lines += ["", f"The dropout call-site mode adds {mode_cost():.1f} us to each torch call made "
-              "inside a patched eager forward (tiny tensors, median of interleaved rounds)."]
+              "inside a patched eager forward (tiny tensors, median of interleaved rounds).",
+              "", f"Load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at "
+              "the end (other processes on this machine)."]
     text = "\n".join(lines + ["", "```"] + details + ["```"])
     print(text)
     if args.out:

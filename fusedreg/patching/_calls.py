@@ -16,9 +16,10 @@ model's own calls (``fusedreg.compile`` rewrites them in the graph instead).
 
 Channel-wise dropouts (``dropout1d/2d/3d``) draw one fusedreg mask element per (sample,
 channel) and multiply: the mask is the seeded function of docs/design.md at the channel
-shape. ``alpha_dropout``, ``feature_alpha_dropout`` and attention dropout inside
-``scaled_dot_product_attention`` have no fusedreg kernel: they stay in torch and are counted
-as such.
+shape. Attention dropout inside ``scaled_dot_product_attention`` runs fusedreg's dropout
+where torch would run its math kernel (on CPU: ``_attention.py``); where torch runs a fused
+attention kernel (GPU), it stays there. ``alpha_dropout`` and ``feature_alpha_dropout`` have no fusedreg
+kernel. What stays in torch is counted as such.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch.nn.functional as TF
 from torch.overrides import TorchFunctionMode
 
 from .. import functional as F
+from . import _attention
 
 # call-site kinds, as the report names them
 MODULE = "nn.Dropout modules"
@@ -37,7 +39,9 @@ CHANNEL = "functional dropout1d/2d/3d"
 ALPHA = "alpha dropout"
 SDPA = "attention dropout inside scaled_dot_product_attention"
 KINDS = (MODULE, FUNCTIONAL, CHANNEL, ALPHA, SDPA)
-NOT_FUSABLE = {ALPHA: "no fusedreg kernel", SDPA: "the attention kernel draws its own mask"}
+NOT_FUSABLE = {ALPHA: "no fusedreg kernel",
+               SDPA: "left in torch only where torch runs a fused attention kernel, which draws "
+                     "its own mask"}
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -129,9 +133,19 @@ def _alpha(counts, func, args, kwargs):
 
 def _sdpa(counts, func, args, kwargs):
     p = args[4] if len(args) > 4 else kwargs.get("dropout_p", 0.0)
-    if p:
+    if not p:
+        return func(*args, **kwargs)
+    try:
+        bound = _attention.bind(*args, **kwargs)
+    except TypeError:  # arguments sdpa's signature does not take: torch's own error
         counts.left[SDPA] += 1
-    return func(*args, **kwargs)
+        return func(*args, **kwargs)
+    out, fused = _attention.sdpa_call(*bound)
+    if fused:
+        counts.fused[SDPA] += 1
+    else:
+        counts.left[SDPA] += 1
+    return out
 
 
 _HANDLERS = {TF.dropout: _dropout, torch.dropout: _dropout,
