@@ -232,6 +232,22 @@ inline FUSEDREG_ALWAYS_INLINE void forward_segment_split(
   for (int64_t t = 0; t < len; ++t) out[t] += residual[t];
 }
 
+// bf16/fp16: the bias row as fp32, converted once per call rather than once per row
+// segment (-0s without a bias, the stand-in of a missing operand). Empty for fp32/fp64.
+template <typename scalar_t>
+std::vector<float> bias_as_float(const scalar_t* bias, int64_t N) {
+  std::vector<float> f;
+  if constexpr (kIsHalf<scalar_t>) {
+    f.resize(static_cast<size_t>(N));
+    if (bias) {
+      to_float(bias, f.data(), N);
+    } else {
+      std::fill(f.begin(), f.end(), -0.0f);
+    }
+  }
+  return f;
+}
+
 template <typename scalar_t, Activation A>
 void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* residual,
                     scalar_t* out, Rows rows, float p, uint64_t seed) {
@@ -239,15 +255,15 @@ void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* res
   const bool dropout = p > 0.0f;
   const acc_t scale = dropout ? static_cast<acc_t>(dropout_scale(p)) : acc_t(1);
   const Streams<scalar_t> streams{x, residual, out};
+  const std::vector<float> bias_f = bias_as_float(bias, rows.N);
   for_each_row_segment<scalar_t>(rows, dropout, seed, streams, [&](int64_t i, int64_t col, int64_t len,
                                                           const float* u, const scalar_t* zeros)
                                                           FUSEDREG_ALWAYS_INLINE {
     if constexpr (kIsHalf<scalar_t>) {
-      alignas(64) float xf[kChunk], bf[kChunk], rf[kChunk], of[kChunk];
+      alignas(64) float xf[kChunk], rf[kChunk], of[kChunk];
       to_float(x + i, xf, len);
-      to_float(bias ? bias + col : zeros, bf, len);
       to_float(residual ? residual + i : zeros, rf, len);
-      forward_segment_split<A>(xf, bf, rf, u, of, len, p, scale);
+      forward_segment_split<A>(xf, bias_f.data() + col, rf, u, of, len, p, scale);
       from_float(of, out + i, len);
     } else {
       forward_segment<scalar_t, A>(x + i, bias ? bias + col : zeros, residual ? residual + i : zeros,
@@ -303,17 +319,19 @@ inline FUSEDREG_ALWAYS_INLINE void backward_segment(
   loop(cpu::VecMath{});
 }
 
-// backward_segment on fp32 copies for bf16/fp16 (see to_float), in place otherwise.
+// backward_segment on fp32 copies for bf16/fp16 (see to_float), in place otherwise. bias_f:
+// the fp32 bias row at this segment's column (bias_as_float; bf16/fp16 with an activation).
 template <typename scalar_t, Activation A>
 inline FUSEDREG_ALWAYS_INLINE void backward_segment_any(
-    const scalar_t* g, const scalar_t* x, const scalar_t* bias, const float* u, scalar_t* gx,
-    int64_t len, float p, at::opmath_type<scalar_t> scale, at::opmath_type<scalar_t>* bias_acc) {
+    const scalar_t* g, const scalar_t* x, const scalar_t* bias, const float* bias_f, const float* u,
+    scalar_t* gx, int64_t len, float p, at::opmath_type<scalar_t> scale,
+    at::opmath_type<scalar_t>* bias_acc) {
   if constexpr (kIsHalf<scalar_t>) {
-    alignas(64) float gf[kChunk], xf[kChunk], bf[kChunk], of[kChunk];
+    alignas(64) float gf[kChunk], xf[kChunk], of[kChunk];
     to_float(g, gf, len);
-    if (x) to_float(x, xf, len);
-    to_float(bias, bf, len);
-    backward_segment<float, A>(gf, x ? xf : nullptr, bf, u, of, len, p, scale, bias_acc);
+    if constexpr (A != Activation::kNone) to_float(x, xf, len);
+    backward_segment<float, A>(gf, A != Activation::kNone ? xf : nullptr, bias_f, u, of, len, p, scale,
+                               bias_acc);
     from_float(of, gx, len);
   } else {
     backward_segment<scalar_t, A>(g, x, bias, u, gx, len, p, scale, bias_acc);
@@ -326,13 +344,18 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
   using acc_t = at::opmath_type<scalar_t>;
   const bool dropout = p > 0.0f;
   const acc_t scale = dropout ? static_cast<acc_t>(dropout_scale(p)) : acc_t(1);
+  // Without an activation the bias does not enter the gradient (only its sum is taken).
+  const std::vector<float> bias_f = A != Activation::kNone ? bias_as_float(bias, rows.N) : std::vector<float>();
+  const auto bias_f_at = [&](int64_t col) FUSEDREG_ALWAYS_INLINE {
+    return bias_f.empty() ? nullptr : bias_f.data() + col;
+  };
   if (grad_bias == nullptr) {
     const Streams<scalar_t> streams{g, x, gx};
     for_each_row_segment<scalar_t>(rows, dropout, seed, streams, [&](int64_t i, int64_t col, int64_t len,
                                                             const float* u, const scalar_t* zeros)
                                                             FUSEDREG_ALWAYS_INLINE {
-      backward_segment_any<scalar_t, A>(g + i, x ? x + i : nullptr, bias ? bias + col : zeros, u,
-                                        gx + i, len, p, scale, nullptr);
+      backward_segment_any<scalar_t, A>(g + i, x ? x + i : nullptr, bias ? bias + col : zeros,
+                                        bias_f_at(col), u, gx + i, len, p, scale, nullptr);
     });
     return;
   }
@@ -367,8 +390,8 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
             const int64_t start = r * rows.N + c;
             if (dropout) prefetch_ahead(streams, start, total);
             const float* u = scratch.template uniforms<I>(dropout, keys, seed, start, len);
-            backward_segment_any<scalar_t, A>(g + start, x ? x + start : nullptr, bias + c, u,
-                                              gx + start, len, p, scale, acc + c);
+            backward_segment_any<scalar_t, A>(g + start, x ? x + start : nullptr, bias + c,
+                                              bias_f_at(c), u, gx + start, len, p, scale, acc + c);
           }
         }
       }
