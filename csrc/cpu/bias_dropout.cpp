@@ -26,6 +26,10 @@
 #include "fusedreg/macros.h"
 #include "fusedreg/philox.h"
 
+#if FUSEDREG_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
 namespace fusedreg {
 namespace {
 
@@ -168,15 +172,47 @@ inline FUSEDREG_ALWAYS_INLINE void to_float(const at::BFloat16* __restrict src, 
   for (int64_t t = 0; t < len; ++t) dst[t] = bits_float(uint32_t(h[t]) << 16);
 }
 
-inline FUSEDREG_ALWAYS_INLINE void from_float(const float* __restrict src, at::BFloat16* __restrict dst,
-                                              int64_t len) {
-  uint16_t* __restrict h = reinterpret_cast<uint16_t*>(dst);
+inline FUSEDREG_ALWAYS_INLINE void from_float_bits(const float* __restrict src, uint16_t* __restrict h,
+                                                   int64_t len) {
 #pragma omp simd
   for (int64_t t = 0; t < len; ++t) {
     const uint32_t w = float_bits(src[t]);
     const uint32_t rounded = (w + ((w >> 16) & 1u) + 0x7FFFu) >> 16;
     h[t] = static_cast<uint16_t>((w & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
   }
+}
+
+#if FUSEDREG_X86_DISPATCH
+// from_float_bits with vcvtne2ps2bf16 (32 elements per instruction, about half the time of
+// the integer rounding, which made up a large part of the bf16 loops). It rounds to nearest
+// even as c10 does, except that it flushes denormal inputs to zero and keeps a NaN's sign
+// and payload: 32 elements with any denormal or NaN (vfpclassps) take the integer path.
+// Checked equal to c10's conversion for all 2^32 float bit patterns.
+FUSEDREG_TARGET_AVX512BF16 __attribute__((noinline)) inline void from_float_avx512bf16(
+    const float* __restrict src, uint16_t* __restrict h, int64_t len) {
+  int64_t t = 0;
+  for (; t + 32 <= len; t += 32) {
+    const __m512 a = _mm512_loadu_ps(src + t), b = _mm512_loadu_ps(src + t + 16);
+    constexpr int kNanOrDenormal = 0x01 | 0x80 | 0x20;  // quiet NaN, signaling NaN, denormal
+    const __mmask16 ka = _mm512_fpclass_ps_mask(a, kNanOrDenormal);
+    const __mmask16 kb = _mm512_fpclass_ps_mask(b, kNanOrDenormal);
+    if (_kortestz_mask16_u8(ka, kb)) {
+      _mm512_storeu_si512(h + t, (__m512i)_mm512_cvtne2ps_pbh(b, a));  // a in the low half
+    } else {
+      from_float_bits(src + t, h + t, 32);
+    }
+  }
+  from_float_bits(src + t, h + t, len - t);
+}
+#endif
+
+inline FUSEDREG_ALWAYS_INLINE void from_float(const float* __restrict src, at::BFloat16* __restrict dst,
+                                              int64_t len) {
+  uint16_t* __restrict h = reinterpret_cast<uint16_t*>(dst);
+#if FUSEDREG_X86_DISPATCH
+  if (cpu::cpu_has_avx512bf16()) return from_float_avx512bf16(src, h, len);
+#endif
+  from_float_bits(src, h, len);
 }
 
 // fp16 -> fp32 is exact: normals rebias the exponent (127 - 15), subnormals are m * 2^-24,
@@ -397,11 +433,20 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
       }
     });
   });
+  // Each column's partials in row-block order, as before, but kSumCols columns at a time
+  // (contiguous, vectorized) instead of one strided column at a time.
   at::parallel_for(0, rows.N, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      acc_t s = 0;
-      for (int64_t rb = 0; rb < n_rb; ++rb) s += partial[rb * rows.N + c];
-      grad_bias[c] = static_cast<scalar_t>(s);
+    constexpr int64_t kSumCols = 256;
+    acc_t s[kSumCols];
+    for (int64_t c0 = begin; c0 < end; c0 += kSumCols) {
+      const int64_t n = std::min(kSumCols, end - c0);
+      std::fill(s, s + n, acc_t(0));
+      for (int64_t rb = 0; rb < n_rb; ++rb) {
+        const acc_t* q = partial.data() + rb * rows.N + c0;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) s[j] += q[j];
+      }
+      for (int64_t j = 0; j < n; ++j) grad_bias[c0 + j] = static_cast<scalar_t>(s[j]);
     }
   });
 }
