@@ -336,23 +336,35 @@ inline FUSEDREG_ALWAYS_INLINE void backward_segment(
     const float* __restrict u, scalar_t* __restrict gx, int64_t len, float p,
     at::opmath_type<scalar_t> scale, at::opmath_type<scalar_t>* __restrict bias_acc) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto loop = [&](auto math) FUSEDREG_ALWAYS_INLINE {
+  // g * scale is computed for every element and then selected: written as a conditional
+  // product, the vectorizer made g[t] a masked load merged through a stack temporary.
+  // Whether there is a bias_acc is a compile-time switch, not a test inside the loop.
+  const auto loop = [&](auto math, auto has_acc) FUSEDREG_ALWAYS_INLINE {
     using M = decltype(math);
+    constexpr bool kAcc = decltype(has_acc)::value;
 #pragma omp simd
     for (int64_t t = 0; t < len; ++t) {
-      acc_t d = u[t] >= p ? static_cast<acc_t>(g[t]) * scale : acc_t(0);
+      const acc_t gs = static_cast<acc_t>(g[t]) * scale;
+      acc_t d = u[t] >= p ? gs : acc_t(0);
       if constexpr (A != Activation::kNone) {
         d *= activate_grad<A, acc_t, M>(static_cast<acc_t>(x[t]) + static_cast<acc_t>(bias[t]));
       }
       gx[t] = static_cast<scalar_t>(d);
-      if (bias_acc) bias_acc[t] += d;
+      if constexpr (kAcc) bias_acc[t] += d;
+    }
+  };
+  const auto run = [&](auto math) FUSEDREG_ALWAYS_INLINE {
+    if (bias_acc) {
+      loop(math, std::true_type{});
+    } else {
+      loop(math, std::false_type{});
     }
   };
   if constexpr (std::is_same_v<scalar_t, float> && (A == Activation::kGelu || A == Activation::kGeluTanh ||
                                                     A == Activation::kSilu)) {
-    if (all_in_normal_range(x, bias, len)) return loop(cpu::VecMathNormal{});
+    if (all_in_normal_range(x, bias, len)) return run(cpu::VecMathNormal{});
   }
-  loop(cpu::VecMath{});
+  run(cpu::VecMath{});
 }
 
 // backward_segment on fp32 copies for bf16/fp16 (see to_float), in place otherwise. bias_f:

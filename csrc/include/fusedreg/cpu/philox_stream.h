@@ -1,18 +1,12 @@
 // Dropout uniforms generated inside a streaming loop (the bits of fusedreg/philox.h).
 //
-// Why it exists, beside fusedreg/cpu/uniforms.h (bulk generation for one call): a kernel that
-// first fills a large buffer of uniforms and then streams its operands runs the Philox
-// arithmetic and the memory traffic one after the other. fill_uniforms_at<isa>() is called
-// from inside an already dispatched loop (no dispatch of its own; one call of the
-// AVX-512 block function per call), a few hundred elements at a time, so the out-of-order core and the hardware prefetchers overlap
-// the next loads with the Philox rounds, and the uniforms stay in L1.
-//
-// The AVX-512 variant keeps the Philox state in 64-bit lanes (8 groups per vector, two
-// vectors per 16 groups): vpmuludq then gives the full 32 x 32 -> 64-bit product in one
-// instruction, its high half is moved down with a shuffle (port 5) instead of a shift, and
-// the two XORs of a round are one vpternlogd. Per 16 groups and round that is 4 multiplies,
-// 4 shuffles and 4 ternary logic ops, against 4 multiplies, 2 two-uop vpmulld, 4 shifts,
-// 2 blends and 4 XORs in the 32-bit-lane form of uniforms.h.
+// Why it exists, beside fill_uniforms() (fusedreg/cpu/uniforms.h, one buffer per call): a
+// kernel that first fills a large buffer of uniforms and then streams its operands runs the
+// Philox arithmetic and the memory traffic one after the other. fill_uniforms_at<isa>() is
+// called from inside an already dispatched loop (no dispatch of its own; one call of the
+// AVX-512 kernel of uniforms.h per call), a few hundred elements at a time, so the
+// out-of-order core and the hardware prefetchers overlap the next loads with the Philox
+// rounds, and the uniforms stay in L1.
 #pragma once
 
 #include <cstdint>
@@ -28,114 +22,6 @@
 
 namespace fusedreg {
 namespace cpu {
-
-// The 10 round keys of a seed (k0 and k1 of each round).
-struct PhiloxKeys {
-  uint32_t k0[10], k1[10];
-  explicit PhiloxKeys(uint64_t seed) {
-    k0[0] = static_cast<uint32_t>(seed);
-    k1[0] = static_cast<uint32_t>(seed >> 32);
-    for (int r = 1; r < 10; ++r) {
-      k0[r] = k0[r - 1] + 0x9E3779B9u;
-      k1[r] = k1[r - 1] + 0xBB67AE85u;
-    }
-  }
-};
-
-#if FUSEDREG_X86_DISPATCH
-#if !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
-
-// 32-bit lane L of the result: the low word of lane L / 2 of a (L even) or of b (L odd).
-// One masked shuffle (a single uop) rather than a shuffle and a blend.
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m512i merge_low_words(__m512i a, __m512i b) {
-  return _mm512_mask_shuffle_epi32(a, 0xAAAA, b, _MM_PERM_CCAA);
-}
-
-// u[0, 64 * NB) = the uniforms of groups g, g + 1, ..., g + 16 * NB - 1 (elements 4g ..).
-// Block b (16 groups) is two vectors: A holds groups g + 16b + 0, 2, ..., 14 and B groups
-// g + 16b + 1, 3, ..., 15, one per 64-bit lane; only the low 32 bits of a lane are state
-// (vpmuludq ignores the high ones). A round of one vector is a dependency chain of a
-// multiply (5 cycles), a shuffle and a ternary logic op: with two chains (NB = 1) the core
-// waits on that latency; four independent chains (NB = 2) keep the multiply and shuffle
-// ports busy (measured: about 0.48 against 0.65 ns per element on one core).
-template <int NB>
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void philox_uniforms_blocks_avx512(
-    const PhiloxKeys& keys, uint64_t g, float* __restrict u) {
-  constexpr int NV = 2 * NB;  // vectors (chains): 2b = A of block b, 2b + 1 = B of block b
-  const __m512i ma = _mm512_set1_epi64(0xD2511F53u);
-  const __m512i mb = _mm512_set1_epi64(0xCD9E8D57u);
-  const __m512i base = _mm512_set1_epi64(static_cast<long long>(g));
-  const __m512i even = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
-  __m512i c0[NV], c1[NV], c2[NV], c3[NV];
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) {
-    const __m512i gv = _mm512_add_epi64(base, _mm512_add_epi64(even, _mm512_set1_epi64(16 * (v / 2) + (v % 2))));
-    c0[v] = gv;
-    c1[v] = _mm512_srli_epi64(gv, 32);
-    c2[v] = _mm512_setzero_si512();
-    c3[v] = c2[v];
-  }
-#pragma GCC unroll 10
-  for (int r = 0; r < 10; ++r) {
-    const __m512i k0 = _mm512_set1_epi32(static_cast<int>(keys.k0[r]));
-    const __m512i k1 = _mm512_set1_epi32(static_cast<int>(keys.k1[r]));
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      const __m512i p0 = _mm512_mul_epu32(c0[v], ma), p1 = _mm512_mul_epu32(c2[v], mb);
-      // high 32 bits of each product into the low half of its lane (_MM_PERM_DDBB)
-      const __m512i h0 = _mm512_shuffle_epi32(p0, _MM_PERM_DDBB);
-      const __m512i h1 = _mm512_shuffle_epi32(p1, _MM_PERM_DDBB);
-      c0[v] = _mm512_ternarylogic_epi32(h1, c1[v], k0, 0x96);  // hi1 ^ c1 ^ k0
-      c2[v] = _mm512_ternarylogic_epi32(h0, c3[v], k1, 0x96);  // hi0 ^ c3 ^ k1
-      c1[v] = p1;                                              // lo1 (low half of the product)
-      c3[v] = p0;                                              // lo0
-    }
-  }
-#pragma GCC unroll 2
-  for (int b = 0; b < NB; ++b) {
-    // Element 4k + j = word j of group k. m01 holds, per 64-bit lane (group), words 0 and 1
-    // as a pair of floats, m23 words 2 and 3; A's lane i is group 2i, B's group 2i + 1. Two
-    // rounds of two-source permutes of those pairs (vpermt2pd, one uop each) put four whole
-    // groups in each output vector: 12 shuffle-port uops, against 20 for a 4 x 16 transpose.
-    const int a = 2 * b, o = 2 * b + 1;
-    const __m512d a01 = _mm512_castps_pd(fusedreg::detail::to_uniform16(merge_low_words(c0[a], c1[a])));
-    const __m512d a23 = _mm512_castps_pd(fusedreg::detail::to_uniform16(merge_low_words(c2[a], c3[a])));
-    const __m512d b01 = _mm512_castps_pd(fusedreg::detail::to_uniform16(merge_low_words(c0[o], c1[o])));
-    const __m512d b23 = _mm512_castps_pd(fusedreg::detail::to_uniform16(merge_low_words(c2[o], c3[o])));
-    const __m512i lo = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);   // lanes 0-3 of x, y paired
-    const __m512i hi = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);  // lanes 4-7
-    const __m512d ea = _mm512_permutex2var_pd(a01, lo, a23);  // groups 0, 2, 4, 6 (of A's 0-3)
-    const __m512d ea2 = _mm512_permutex2var_pd(a01, hi, a23);  // groups 8, 10, 12, 14
-    const __m512d eb = _mm512_permutex2var_pd(b01, lo, b23);  // groups 1, 3, 5, 7
-    const __m512d eb2 = _mm512_permutex2var_pd(b01, hi, b23);  // groups 9, 11, 13, 15
-    const __m512i g0 = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);     // x's groups 1st, 2nd with y's
-    const __m512i g1 = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);   // x's 3rd, 4th with y's
-    float* ub = u + 64 * b;
-    _mm512_storeu_pd(reinterpret_cast<double*>(ub + 0), _mm512_permutex2var_pd(ea, g0, eb));
-    _mm512_storeu_pd(reinterpret_cast<double*>(ub + 16), _mm512_permutex2var_pd(ea, g1, eb));
-    _mm512_storeu_pd(reinterpret_cast<double*>(ub + 32), _mm512_permutex2var_pd(ea2, g0, eb2));
-    _mm512_storeu_pd(reinterpret_cast<double*>(ub + 48), _mm512_permutex2var_pd(ea2, g1, eb2));
-  }
-}
-
-// u[0, 64 * blocks) = the uniforms of groups g .. g + 16 * blocks - 1, two blocks at a time.
-// Out of line: a function without the AVX-512 target (fill_uniforms_at's generic body)
-// cannot inline it.
-FUSEDREG_TARGET_AVX512 __attribute__((noinline)) inline void philox_uniforms_avx512(
-    const PhiloxKeys& keys, uint64_t g, int64_t blocks, float* __restrict u) {
-  int64_t b = 0;
-  for (; b + 2 <= blocks; b += 2) philox_uniforms_blocks_avx512<2>(keys, g + 16 * b, u + 64 * b);
-  if (b < blocks) philox_uniforms_blocks_avx512<1>(keys, g + 16 * b, u + 64 * b);
-}
-
-#if !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
-#endif  // FUSEDREG_X86_DISPATCH
 
 // u[k] = dropout_uniform(seed, start + k) for k in [0, len), at instruction-set level ISA:
 // call it from a dispatch_isa body (it dispatches nothing itself). Any start and len.
