@@ -445,20 +445,11 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
       }
     });
   });
-  // Each column's partials in row-block order, as before, but kSumCols columns at a time
-  // (contiguous, vectorized) instead of one strided column at a time.
   at::parallel_for(0, rows.N, 1024, [&](int64_t begin, int64_t end) {
-    constexpr int64_t kSumCols = 256;
-    acc_t s[kSumCols];
-    for (int64_t c0 = begin; c0 < end; c0 += kSumCols) {
-      const int64_t n = std::min(kSumCols, end - c0);
-      std::fill(s, s + n, acc_t(0));
-      for (int64_t rb = 0; rb < n_rb; ++rb) {
-        const acc_t* q = partial.data() + rb * rows.N + c0;
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) s[j] += q[j];
-      }
-      for (int64_t j = 0; j < n; ++j) grad_bias[c0 + j] = static_cast<scalar_t>(s[j]);
+    for (int64_t c = begin; c < end; ++c) {
+      acc_t s = 0;
+      for (int64_t rb = 0; rb < n_rb; ++rb) s += partial[rb * rows.N + c];
+      grad_bias[c] = static_cast<scalar_t>(s);
     }
   });
 }
