@@ -48,10 +48,15 @@
 #define FUSEDREG_TARGET_AVX2 __attribute__((target("avx2,fma,bmi,bmi2,popcnt")))
 #define FUSEDREG_TARGET_AVX512 \
   __attribute__((target("avx2,fma,bmi,bmi2,popcnt,avx512f,avx512bw,avx512cd,avx512dq,avx512vl")))
+// AVX-512 plus the BF16 conversions: not a level of its own (no kernel is compiled for it);
+// single out-of-line helpers use it after checking cpu_has_avx512bf16().
+#define FUSEDREG_TARGET_AVX512BF16 \
+  __attribute__((target("avx2,fma,bmi,bmi2,popcnt,avx512f,avx512bw,avx512cd,avx512dq,avx512vl,avx512bf16")))
 #else
 #define FUSEDREG_X86_DISPATCH 0
 #define FUSEDREG_TARGET_AVX2
 #define FUSEDREG_TARGET_AVX512
+#define FUSEDREG_TARGET_AVX512BF16
 #endif
 
 // The run_* variants stay out of line: each is then one symbol, compiled for one target (what
@@ -105,6 +110,17 @@ inline Isa cpu_isa() {
 }
 
 inline bool cpu_has_avx512() { return cpu_isa() == Isa::kAvx512; }
+
+// Whether the kernels run at the AVX-512 level (not capped below it) on a CPU with the
+// AVX-512 BF16 conversions (vcvtne2ps2bf16).
+inline bool cpu_has_avx512bf16() {
+#if FUSEDREG_X86_DISPATCH
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
 
 template <typename F>
 FUSEDREG_ISA_VARIANT FUSEDREG_TARGET_AVX512 decltype(auto) run_avx512(const F& f) {

@@ -1,18 +1,12 @@
 // Dropout uniforms generated inside a streaming loop (the bits of fusedreg/philox.h).
 //
-// Why it exists, beside fusedreg/cpu/uniforms.h (bulk generation for one call): a kernel that
-// first fills a large buffer of uniforms and then streams its operands runs the Philox
-// arithmetic and the memory traffic one after the other. fill_uniforms_at<isa>() is called
-// from inside an already dispatched loop (no dispatch of its own; one call of the
-// AVX-512 block function per call), a few hundred elements at a time, so the out-of-order core and the hardware prefetchers overlap
-// the next loads with the Philox rounds, and the uniforms stay in L1.
-//
-// The AVX-512 variant keeps the Philox state in 64-bit lanes (8 groups per vector, two
-// vectors per 16 groups): vpmuludq then gives the full 32 x 32 -> 64-bit product in one
-// instruction, its high half is moved down with a shuffle (port 5) instead of a shift, and
-// the two XORs of a round are one vpternlogd. Per 16 groups and round that is 4 multiplies,
-// 4 shuffles and 4 ternary logic ops, against 4 multiplies, 2 two-uop vpmulld, 4 shifts,
-// 2 blends and 4 XORs in the 32-bit-lane form of uniforms.h.
+// Why it exists, beside fill_uniforms() (fusedreg/cpu/uniforms.h, one buffer per call): a
+// kernel that first fills a large buffer of uniforms and then streams its operands runs the
+// Philox arithmetic and the memory traffic one after the other. fill_uniforms_at<isa>() is
+// called from inside an already dispatched loop (no dispatch of its own; one call of the
+// AVX-512 kernel of uniforms.h per call), a few hundred elements at a time, so the
+// out-of-order core and the hardware prefetchers overlap the next loads with the Philox
+// rounds, and the uniforms stay in L1.
 #pragma once
 
 #include <cstdint>
@@ -28,80 +22,6 @@
 
 namespace fusedreg {
 namespace cpu {
-
-// The 10 round keys of a seed (k0 and k1 of each round).
-struct PhiloxKeys {
-  uint32_t k0[10], k1[10];
-  explicit PhiloxKeys(uint64_t seed) {
-    k0[0] = static_cast<uint32_t>(seed);
-    k1[0] = static_cast<uint32_t>(seed >> 32);
-    for (int r = 1; r < 10; ++r) {
-      k0[r] = k0[r - 1] + 0x9E3779B9u;
-      k1[r] = k1[r - 1] + 0xBB67AE85u;
-    }
-  }
-};
-
-#if FUSEDREG_X86_DISPATCH
-#if !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
-// 32-bit lane L of the result: the low word of lane L / 2 of a (L even) or of b (L odd).
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m512i merge_low_words(__m512i a, __m512i b) {
-  return _mm512_mask_blend_epi32(0xAAAA, a, _mm512_shuffle_epi32(b, _MM_PERM_CCAA));
-}
-
-// u[0, 64) = the uniforms of groups g, g + 1, ..., g + 15 (elements 4g .. 4g + 63).
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void philox_uniforms64_avx512(
-    const PhiloxKeys& keys, uint64_t g, float* __restrict u) {
-  const __m512i ma = _mm512_set1_epi64(0xD2511F53u);
-  const __m512i mb = _mm512_set1_epi64(0xCD9E8D57u);
-  // Vector A holds groups g + 0, 2, ..., 14 and B groups g + 1, 3, ..., 15, one per 64-bit
-  // lane; only the low 32 bits of a lane are state (vpmuludq ignores the high ones).
-  const __m512i base = _mm512_set1_epi64(static_cast<long long>(g));
-  const __m512i ga = _mm512_add_epi64(base, _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0));
-  const __m512i gb = _mm512_add_epi64(base, _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1));
-  __m512i a0 = ga, a1 = _mm512_srli_epi64(ga, 32), a2 = _mm512_setzero_si512(), a3 = a2;
-  __m512i b0 = gb, b1 = _mm512_srli_epi64(gb, 32), b2 = a2, b3 = a2;
-  for (int r = 0; r < 10; ++r) {
-    const __m512i k0 = _mm512_set1_epi32(static_cast<int>(keys.k0[r]));
-    const __m512i k1 = _mm512_set1_epi32(static_cast<int>(keys.k1[r]));
-    const __m512i pa0 = _mm512_mul_epu32(a0, ma), pa1 = _mm512_mul_epu32(a2, mb);
-    const __m512i pb0 = _mm512_mul_epu32(b0, ma), pb1 = _mm512_mul_epu32(b2, mb);
-    // high 32 bits of each product into the low half of its lane (_MM_PERM_DDBB)
-    const __m512i ha0 = _mm512_shuffle_epi32(pa0, _MM_PERM_DDBB);
-    const __m512i ha1 = _mm512_shuffle_epi32(pa1, _MM_PERM_DDBB);
-    const __m512i hb0 = _mm512_shuffle_epi32(pb0, _MM_PERM_DDBB);
-    const __m512i hb1 = _mm512_shuffle_epi32(pb1, _MM_PERM_DDBB);
-    a0 = _mm512_ternarylogic_epi32(ha1, a1, k0, 0x96);  // hi1 ^ c1 ^ k0
-    a2 = _mm512_ternarylogic_epi32(ha0, a3, k1, 0x96);  // hi0 ^ c3 ^ k1
-    a1 = pa1;                                           // lo1 (low half of the product)
-    a3 = pa0;                                           // lo0
-    b0 = _mm512_ternarylogic_epi32(hb1, b1, k0, 0x96);
-    b2 = _mm512_ternarylogic_epi32(hb0, b3, k1, 0x96);
-    b1 = pb1;
-    b3 = pb0;
-  }
-  // 32-bit lane L = group g + L: A's low words in the even lanes, B's in the odd ones.
-  const __m512 w0 = fusedreg::detail::to_uniform16(merge_low_words(a0, b0)), w1 = fusedreg::detail::to_uniform16(merge_low_words(a1, b1));
-  const __m512 w2 = fusedreg::detail::to_uniform16(merge_low_words(a2, b2)), w3 = fusedreg::detail::to_uniform16(merge_low_words(a3, b3));
-  // element 4k + j = word j of group k
-  fusedreg::detail::store_uniform_groups16(w0, w1, w2, w3, u);
-}
-
-// u[0, 64 * blocks) = the uniforms of groups g .. g + 16 * blocks - 1. Out of line: a
-// function without the AVX-512 target (fill_uniforms_at's generic body) cannot inline it.
-FUSEDREG_TARGET_AVX512 __attribute__((noinline)) inline void philox_uniforms_avx512(
-    const PhiloxKeys& keys, uint64_t g, int64_t blocks, float* __restrict u) {
-  for (int64_t b = 0; b < blocks; ++b) philox_uniforms64_avx512(keys, g + 16 * b, u + 64 * b);
-}
-
-#if !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
-#endif  // FUSEDREG_X86_DISPATCH
 
 // u[k] = dropout_uniform(seed, start + k) for k in [0, len), at instruction-set level ISA:
 // call it from a dispatch_isa body (it dispatches nothing itself). Any start and len.
