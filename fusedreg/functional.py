@@ -607,10 +607,15 @@ def _batch_norm_composite(x, running_mean, running_var, weight, bias, training, 
     if training and running_mean is not None and x.numel() > 0:
         count = x.numel() // x.shape[1]
         if _is_functorch_wrapped(running_mean) or _is_functorch_wrapped(running_var):
-            mean, var = mean.detach(), var.detach()  # batched buffers: one update per entry
+            # buffers batched by vmap: one update per entry, through the transforms
+            _update_running(running_mean, running_var, mean.detach(), var.detach(), count,
+                            momentum)
         else:
+            # plain buffers, updated below the transforms as torch's kernel updates them (a
+            # transform refuses an in-place op on a tensor it captured)
             mean, var = _plain_stat(mean), _plain_stat(var)
-        _update_running(running_mean, running_var, mean, var, count, momentum)
+            with torch._C._DisableFuncTorch():
+                _update_running(running_mean, running_var, mean, var, count, momentum)
     return y
 
 
