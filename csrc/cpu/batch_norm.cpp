@@ -507,84 +507,44 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
 // ---- the ops -----------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x_in, bool channels_last) {
-  bn_check_x(x_in, at::kCPU);
-  const BnDims d = bn_dims(x_in, channels_last);
-  const at::Tensor x = x_in.contiguous();
-  const auto ct = bn_compute_type(x.scalar_type());
-  at::Tensor mean = at::empty({d.C}, x.options().dtype(ct));
-  at::Tensor var = at::empty({d.C}, x.options().dtype(ct));
-  if (d.C == 0) return {mean, var};
-  if (d.N * d.S == 0) {
-    mean.fill_(NAN);
-    var.fill_(NAN);
-    return {mean, var};
-  }
-  const Layout l{d.N, d.C, d.S, channels_last};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_stats", [&] {
+  BnStatsIO io = bn_stats_io(x_in, channels_last, at::kCPU);
+  if (io.empty) return {io.mean, io.var};
+  const Layout l{io.d.N, io.d.C, io.d.S, channels_last};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, io.x.scalar_type(), "batch_norm_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    stats_kernel<scalar_t>(l, x.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
-                           var.mutable_data_ptr<acc_t>());
+    stats_kernel<scalar_t>(l, io.x.const_data_ptr<scalar_t>(), io.mean.mutable_data_ptr<acc_t>(),
+                           io.var.mutable_data_ptr<acc_t>());
   });
-  return {mean, var};
+  return {io.mean, io.var};
+}
+
+inline Layout layout_of(const BnInputs& b, bool channels_last) {
+  return Layout{b.d.N, b.d.C, b.d.S, channels_last};
 }
 
 at::Tensor batch_norm_fwd_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
                               const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
                               const at::Tensor& mean_in, const at::Tensor& invstd_in, int64_t activation,
                               double p, const at::Tensor& seed, bool channels_last) {
-  bn_check_x(x_in, at::kCPU);
-  const BnDims d = bn_dims(x_in, channels_last);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor residual = bn_like_x(residual_in, "residual", x);
-  const at::Tensor weight = bn_vec(weight_in, "weight", x, d.C), bias = bn_vec(bias_in, "bias", x, d.C);
-  const at::Tensor mean = bn_vec(mean_in, "mean", x, d.C), invstd = bn_vec(invstd_in, "invstd", x, d.C);
-  TORCH_CHECK(activation >= 0 && activation <= 4, "fusedreg::batch_norm: unknown activation code ", activation);
-  const uint64_t s = bn_seed(seed);
-  at::Tensor y = empty_output(x.sizes(), x.options());
-  if (x.numel() == 0) return y;
-  auto [scale, shift] = bn_affine(invstd, weight, bias);
-  const Layout l{d.N, d.C, d.S, channels_last};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_fwd", [&] {
+  const BnInputs b = bn_inputs(nullptr, x_in, residual_in, weight_in, bias_in, mean_in, invstd_in, activation, seed,
+                               channels_last, at::kCPU);
+  at::Tensor y = empty_output(b.x.sizes(), b.x.options());
+  if (b.x.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
-      forward_kernel<A, scalar_t>(l, x.const_data_ptr<scalar_t>(),
-                                  residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
-                                  y.mutable_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
-                                  scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
-                                  static_cast<float>(p), s);
+      forward_kernel<A, scalar_t>(layout_of(b, channels_last), b.x.const_data_ptr<scalar_t>(),
+                                  b.residual.defined() ? b.residual.const_data_ptr<scalar_t>() : nullptr,
+                                  y.mutable_data_ptr<scalar_t>(), b.mean.const_data_ptr<acc_t>(),
+                                  b.scale.const_data_ptr<acc_t>(), b.shift.const_data_ptr<acc_t>(),
+                                  static_cast<float>(p), b.seed);
     });
   });
   return y;
 }
 
-struct BwdInputs {
-  at::Tensor dy, x, residual, mean, invstd, scale, shift;
-  Layout l;
-  uint64_t seed;
-};
-
-BwdInputs bwd_inputs(const at::Tensor& dy_in, const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
-                     const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
-                     const at::Tensor& mean_in, const at::Tensor& invstd_in, int64_t activation,
-                     const at::Tensor& seed, bool channels_last) {
-  bn_check_x(x_in, at::kCPU);
-  const BnDims d = bn_dims(x_in, channels_last);
-  BwdInputs b;
-  b.x = x_in.contiguous();
-  b.dy = bn_like_x(dy_in, "dy", b.x);
-  b.residual = bn_like_x(residual_in, "residual", b.x);
-  const at::Tensor weight = bn_vec(weight_in, "weight", b.x, d.C), bias = bn_vec(bias_in, "bias", b.x, d.C);
-  b.mean = bn_vec(mean_in, "mean", b.x, d.C);
-  b.invstd = bn_vec(invstd_in, "invstd", b.x, d.C);
-  TORCH_CHECK(activation >= 0 && activation <= 4, "fusedreg::batch_norm: unknown activation code ", activation);
-  b.seed = bn_seed(seed);
-  std::tie(b.scale, b.shift) = bn_affine(b.invstd, weight, bias);
-  b.l = Layout{d.N, d.C, d.S, channels_last};
-  return b;
-}
-
 template <typename x_t>
-BwdArgs<x_t> bwd_args(const BwdInputs& b, double p) {
+BwdArgs<x_t> bwd_args(const BnInputs& b, double p) {
   using acc_t = at::opmath_type<x_t>;
   return BwdArgs<x_t>{b.dy.const_data_ptr<x_t>(), b.x.const_data_ptr<x_t>(),
                       b.residual.defined() ? b.residual.const_data_ptr<x_t>() : nullptr,
@@ -597,15 +557,15 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cpu(
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
     const at::Tensor& invstd, int64_t activation, double p, const at::Tensor& seed, bool channels_last) {
-  const BwdInputs b = bwd_inputs(dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last);
-  at::Tensor sum_dz = at::zeros({b.l.C}, b.mean.options());
-  at::Tensor sum_dzx = at::zeros({b.l.C}, b.mean.options());
+  const BnInputs b = bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last, at::kCPU);
+  at::Tensor sum_dz = at::zeros({b.d.C}, b.mean.options());
+  at::Tensor sum_dzx = at::zeros({b.d.C}, b.mean.options());
   if (b.x.numel() == 0) return {sum_dz, sum_dzx};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
-      bwd_reduce_kernel<A, scalar_t>(b.l, bwd_args<scalar_t>(b, p), sum_dz.mutable_data_ptr<acc_t>(),
-                                     sum_dzx.mutable_data_ptr<acc_t>());
+      bwd_reduce_kernel<A, scalar_t>(layout_of(b, channels_last), bwd_args<scalar_t>(b, p),
+                                     sum_dz.mutable_data_ptr<acc_t>(), sum_dzx.mutable_data_ptr<acc_t>());
     });
   });
   return {sum_dz, sum_dzx};
@@ -617,21 +577,22 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_elemt_cpu(
     const at::Tensor& invstd, const at::Tensor& sum_dz_in, const at::Tensor& sum_dzx_in, double count,
     int64_t activation, double p, const at::Tensor& seed, bool channels_last, bool training,
     bool need_grad_input, bool need_grad_residual) {
-  const BwdInputs b = bwd_inputs(dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last);
+  const BnInputs b = bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last, at::kCPU);
   at::Tensor gx = need_grad_input ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
   at::Tensor gr = need_grad_residual ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
   if (b.x.numel() == 0 || !(need_grad_input || need_grad_residual)) return {gx, gr};
   at::Tensor m1, m2;
   const bool use_sums = training && need_grad_input;
   if (use_sums) {
-    TORCH_CHECK(count > 0, "fusedreg::batch_norm_bwd_elemt: count must be positive in training");
-    m1 = bn_vec(sum_dz_in, "sum_dz", b.x, b.l.C) / count;
-    m2 = bn_vec(sum_dzx_in, "sum_dz_xhat", b.x, b.l.C) / count;
+    auto [s1, s2] = bn_sums(sum_dz_in, sum_dzx_in, count, b);
+    m1 = s1 / count;
+    m2 = s2 / count;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_elemt", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
-      bwd_elemt_kernel<A, scalar_t>(b.l, bwd_args<scalar_t>(b, p), use_sums ? m1.const_data_ptr<acc_t>() : nullptr,
+      bwd_elemt_kernel<A, scalar_t>(layout_of(b, channels_last), bwd_args<scalar_t>(b, p),
+                                    use_sums ? m1.const_data_ptr<acc_t>() : nullptr,
                                     use_sums ? m2.const_data_ptr<acc_t>() : nullptr, use_sums,
                                     need_grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr,
                                     need_grad_residual ? gr.mutable_data_ptr<scalar_t>() : nullptr);
