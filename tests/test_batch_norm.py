@@ -49,6 +49,7 @@ CASES = [
     ((5, 3, 1, 1), "c"),        # spatial size 1 (both layouts are the same memory)
     ((2, 7, 33, 40), "cl"),     # more rows than one reduction block (CPU/Triton partials)
     ((2, 3, 65, 70), "c"),      # rows longer than a summation block
+    ((2, 2, 100, 100), "c"),    # a CPU channel over 64 KB: statistics row by row, merged
 ]
 SMALL = [c for c in CASES if math.prod(c[0]) < 1000]
 

@@ -18,7 +18,8 @@
 // Statistics are two-pass per row (NCS) or per block (CL): the mean (of the deviations from
 // the row's / block's first value), then sum (x - mean)^2 over the cache-resident row/block,
 // and the (count, mean, m2) parts are combined with Chan et al.'s formula, so a mean of 1e3
-// with a std of 1e-2 keeps its digits at every instruction-set level.
+// with a std of 1e-2 keeps its digits at every instruction-set level. An NCS channel of at
+// most kWholeChannelBytes (short rows) takes the same two passes over the whole channel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -49,6 +50,7 @@ namespace {
 constexpr int64_t kSumBlock = 512;
 constexpr int64_t kTaskElems = 16384;  // elements per task of the element-wise passes
 constexpr int64_t kMaxBlocks = 256;    // CL reductions: row blocks at most
+constexpr int64_t kWholeChannelBytes = 64 * 1024;  // NCS statistics: a channel in one pass each
 
 using cpu::dispatch_isa;
 using cpu::empty_output;
@@ -99,13 +101,30 @@ inline FUSEDREG_ALWAYS_INLINE bool kept(float k) {
 }
 
 // y[j] = act((x[j] - mean) * scale + shift + r[j]) * ks[j] for j in [0, len), with ks the
-// row's keep-scale factors (dropout: 1 / (1 - p) or 0; all 1 without dropout). A dropped
+// row's keep-scale factors (dropout: 1 / (1 - p) or 0; null without dropout). A dropped
 // element is 0 even where act(z) is inf or NaN: a select on the factor (a blend, branch-free, so
 // the loops stay vectorized), not a multiply by 0.
 template <Activation A, bool VEC, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, const float* ks,
                                             int64_t len, const acc_t* mean, const acc_t* scale,
                                             const acc_t* shift) {
+  if (!ks) {  // no dropout: no keep-scale factors to load, multiply and test
+    if (r) {
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        const acc_t t = (to_acc<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)] +
+                        to_acc<acc_t>(r[j]);
+        y[j] = from_acc<x_t>(activate<A, acc_t, cpu::VecMath>(t));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        const acc_t t = (to_acc<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)];
+        y[j] = from_acc<x_t>(activate<A, acc_t, cpu::VecMath>(t));
+      }
+    }
+    return;
+  }
   if (r) {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
@@ -203,7 +222,7 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
     // One dispatch per chunk of rows: rows can be short (C = 64 channels, a 7x7 map).
     dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
       for (int64_t row = r0; row < r1; ++row) {
-        const float* ks = keep.row(l, drop, seed, p, row);
+        const float* ks = drop ? keep.row(l, drop, seed, p, row) : nullptr;
         const int64_t off = row * len;
         const x_t* rr = r ? r + off : nullptr;
         if (l.cl) {
@@ -267,8 +286,26 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
   using acc_t = at::opmath_type<x_t>;
   const int64_t C = l.C;
   if (!l.cl) {
+    // A channel that fits in cache (short rows: a 14x14 map) takes its two passes over the
+    // whole channel (the mean of the deviations from its first value, then sum (x - mean)^2)
+    // instead of per row with a merge per row, which cost more than the row's sums there.
+    const bool whole = l.N * l.S * static_cast<int64_t>(sizeof(x_t)) <= kWholeChannelBytes;
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
+        if (whole) {
+          dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+            const acc_t k = static_cast<acc_t>(x[c * l.S]);
+            acc_t s = 0;
+            for (int64_t i = 0; i < l.N; ++i) s += block_sum(x + (i * C + c) * l.S, l.S, k, false);
+            const acc_t count = static_cast<acc_t>(l.N * l.S);
+            const acc_t mu = k + s / count;
+            acc_t q = 0;
+            for (int64_t i = 0; i < l.N; ++i) q += block_sum(x + (i * C + c) * l.S, l.S, mu, true);
+            mean[c] = mu;
+            var[c] = q / count;
+          });
+          continue;
+        }
         acc_t n = 0, mu = 0, m2 = 0;
         dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
           for (int64_t i = 0; i < l.N; ++i) {
@@ -471,6 +508,25 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
       for (int64_t row = r0; row < r1; ++row) {
         const int64_t off = row * len;
         const int64_t cc = l.cl ? 0 : l.channel(row);
+        if (!l.cl && !drop && A == Activation::kNone && gx && !gr) {
+          // the plain backward (dz = dy): grad_x in one loop over the dy and x rows
+          const x_t* dy = a.dy + off;
+          const x_t* x = a.x + off;
+          x_t* o = gx + off;
+          const acc_t kk = a.scale[cc], mu = a.mean[cc], inv = a.invstd[cc];
+          if (training) {
+            const acc_t a1 = m1[cc], a2 = m2[cc];
+#pragma omp simd
+            for (int64_t j = 0; j < len; ++j) {
+              const acc_t xhat = (to_acc<acc_t>(x[j]) - mu) * inv;
+              o[j] = from_acc<x_t>(kk * (to_acc<acc_t>(dy[j]) - a1 - xhat * a2));
+            }
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < len; ++j) o[j] = from_acc<x_t>(kk * to_acc<acc_t>(dy[j]));
+          }
+          continue;
+        }
         dz_row<A>(l, a, row, keep.row(l, drop, a.seed, a.p, row), gg, xx);
         if (gr) {
           x_t* o = gr + off;
