@@ -392,8 +392,8 @@ def batch_norm_act(x, residual, weight, bias, running_mean, running_var, seed,
     forward runs them. y has x's layout when x is channels-last, else it is contiguous. count:
     the number of values per channel behind mean and var (over every rank with ``group``)."""
     cl = storage_layout(x)
-    if cl:
-        config = config._replace(channels_last=True)
+    if cl != config.channels_last:
+        config = config._replace(channels_last=cl)
     xs = to_storage(x, cl)
     rs = to_storage(residual, cl) if residual is not None else None
     C = x.shape[1]
