@@ -5,10 +5,20 @@ other processes hits both sides alike.
 
     python benchmarks/overhead.py [--rows 4] [--cols 768] [--calls 300] [--backend auto]
     python benchmarks/overhead.py --crossover   # torch's norm vs the fused kernel, by size
+    python benchmarks/overhead.py --batch-norm  # BatchNorm calls and modules at CNN shapes
 
-``--crossover`` times torch's own ``layer_norm`` / ``rms_norm`` against fusedreg's fused kernel
-(the cpu backend named explicitly) over a range of sizes, without and with grad: the measurement
-behind ``fusedreg.backends.AUTO_TORCH_BELOW`` (under auto, smaller plain norms are torch's op).
+``--crossover`` times torch's own ``layer_norm`` / ``rms_norm`` / ``batch_norm`` (and
+``relu(batch_norm(x) + residual)``, torch's eager composite of ``batch_norm_act``) against
+fusedreg's fused kernel (the cpu backend named explicitly) over a range of sizes, without and
+with grad, in training and eval for BatchNorm: the measurement behind
+``fusedreg.backends.AUTO_TORCH_BELOW`` (under auto, smaller calls with nothing to fuse are
+torch's ops).
+
+``--batch-norm`` times, at (2, 8), (4, 16, 8, 8), (1, 64, 7, 7), (8, 64, 14, 14) and
+(32, 64, 56, 56) (``--bn-shapes`` to choose), ``F.batch_norm`` against torch's,
+``nn.BatchNorm2d`` against torch's and ``BatchNormAct2d`` (relu, with a residual) against the
+eager composite ``relu(torch.nn.BatchNorm2d(x) + residual)``, in training and eval, forward,
+under no_grad and forward + backward, under the chosen backend (auto by default).
 """
 from __future__ import annotations
 
@@ -122,6 +132,122 @@ def crossover(calls=200, rounds=3, cols=(768, 4096), rows=(1, 2, 4, 8, 16, 64, 2
     return out
 
 
+BN_SHAPES = ((2, 8), (4, 16, 8, 8), (1, 64, 7, 7), (8, 64, 14, 14), (32, 64, 56, 56))
+
+
+def _bn_cases(shape):
+    """name: (torch call, fusedreg call) for one input shape; each call takes (x, residual,
+    weight, bias, training)."""
+    C = shape[1]
+    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    t2d, f2d = (torch.nn.BatchNorm2d(C), fusedreg.nn.BatchNorm2d(C)) if len(shape) == 4 else \
+        (torch.nn.BatchNorm1d(C), fusedreg.nn.BatchNorm1d(C))
+    fact = fusedreg.nn.BatchNormAct2d(C) if len(shape) == 4 else None
+
+    def mod(m, *extra):
+        def run(x, r, w, b, training):
+            m.train(training)
+            return m(x, *extra) if not extra else m(x, r)
+        return run
+
+    cases = {
+        "F.batch_norm": (lambda x, r, w, b, t: TF.batch_norm(x, rm, rv, w, b, t),
+                         lambda x, r, w, b, t: F.batch_norm(x, rm, rv, w, b, t)),
+        "nn.BatchNorm": (mod(t2d), mod(f2d)),
+    }
+    if fact is not None:
+        def composite(x, r, w, b, training):
+            t2d.train(training)
+            return torch.relu(t2d(x) + r)
+        cases["BatchNormAct2d(relu, +res)"] = (composite, mod(fact, True))
+    return cases
+
+
+def measure_batch_norm(shapes=BN_SHAPES, calls=200, rounds=5):
+    """Rows (call, shape, train/eval, mode, torch us, fusedreg us, ratio), timed as
+    ``measure`` (min of N, interleaved) with a per-size number of calls."""
+    out = []
+    for shape in shapes:
+        x, r = torch.randn(shape) + 1.0, torch.randn(shape)
+        C = shape[1]
+        w, b = torch.rand(C) + 0.5, torch.randn(C)
+        plain = (x, r, w, b)
+        grads = tuple(t.clone().requires_grad_() for t in plain)
+        reps = max(5, min(calls, 50_000_000 // x.numel()) // rounds)
+        for name, (tfn, ffn) in _bn_cases(shape).items():
+            for training in (True, False):
+                for mode in ("fwd", "no_grad", "fwd+bwd"):
+                    def run(f, mode=mode, training=training):
+                        if mode == "fwd":
+                            return lambda: f(*plain, training)
+                        if mode == "no_grad":
+                            def ng():
+                                with torch.no_grad():
+                                    f(*plain, training)
+                            return ng
+                        return lambda: f(*grads, training).sum().backward()
+                    t_torch = t_fused = float("inf")
+                    for _ in range(rounds):
+                        t_torch = min(t_torch, _min_time(run(tfn), reps))
+                        t_fused = min(t_fused, _min_time(run(ffn), reps))
+                    out.append((name, shape, "train" if training else "eval", mode,
+                                t_torch * 1e6, t_fused * 1e6, t_fused / t_torch))
+    return out
+
+
+BN_CROSSOVER_SHAPES = ((4, 16), (4, 16, 4, 4), (4, 16, 8, 8), (8, 32, 8, 8), (8, 64, 8, 8),
+                       (8, 64, 14, 14), (16, 64, 16, 16), (16, 64, 28, 28), (32, 64, 28, 28),
+                       (32, 64, 56, 56))
+
+
+def crossover_batch_norm(calls=200, rounds=3, shapes=BN_CROSSOVER_SHAPES):
+    """Rows (table, shape, numel, mode, torch us, fused us, ratio) for the BatchNorm entries
+    of ``AUTO_TORCH_BELOW``: torch.batch_norm against the cpu backend's fused call, plain
+    ("batch_norm") and with a residual and relu ("batch_norm_act", against
+    ``relu(batch_norm(x) + r)``), in training and eval ("..._eval")."""
+    out = []
+    for shape in shapes:
+        C = shape[1]
+        x, r = torch.randn(shape) + 1.0, torch.randn(shape)
+        w, b = torch.rand(C) + 0.5, torch.randn(C)
+        rm, rv = torch.randn(C), torch.rand(C) + 0.5
+        reps = max(5, min(calls, 20_000_000 // x.numel()) // rounds)
+        for fused in (False, True):
+            for training in (True, False):
+                table = ("batch_norm_act" if fused else "batch_norm") + ("" if training else "_eval")
+                if fused:
+                    def tfn(x, r, w, b, training=training):
+                        return torch.relu(TF.batch_norm(x, rm, rv, w, b, training) + r)
+
+                    def ffn(x, r, w, b, training=training):
+                        return F.batch_norm_act(x, rm, rv, w, b, training, activation="relu",
+                                                residual=r)
+                else:
+                    def tfn(x, r, w, b, training=training):
+                        return TF.batch_norm(x, rm, rv, w, b, training)
+
+                    def ffn(x, r, w, b, training=training):
+                        return F.batch_norm(x, rm, rv, w, b, training)
+                plain = (x, r, w, b)
+                grads = tuple(t.clone().requires_grad_() for t in plain)
+                for mode, args in (("no_grad", plain), ("fwd+bwd", grads)):
+                    def run(f, args=args, mode=mode):
+                        if mode == "no_grad":
+                            def ng():
+                                with torch.no_grad():
+                                    f(*args)
+                            return ng
+                        return lambda: f(*args).sum().backward()
+                    t_torch = t_fused = float("inf")
+                    with fusedreg.use_backend("cpu"):
+                        for _ in range(rounds):
+                            t_torch = min(t_torch, _min_time(run(tfn), reps))
+                            t_fused = min(t_fused, _min_time(run(ffn), reps))
+                    out.append((table, shape, x.numel(), mode, t_torch * 1e6, t_fused * 1e6,
+                                t_fused / t_torch))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=4)
@@ -130,9 +256,41 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--crossover", action="store_true",
-                    help="torch's layer_norm/rms_norm against the fused cpu kernel, by size")
+                    help="torch's layer_norm/rms_norm/batch_norm against the fused cpu kernel, "
+                         "by size")
+    ap.add_argument("--batch-norm", action="store_true",
+                    help="BatchNorm functional and modules against torch's at CNN shapes")
+    ap.add_argument("--bn-shapes", default=None,
+                    help="with --batch-norm: shapes as 2x8,4x16x8x8,... (default: the list above)")
+    ap.add_argument("--only", default=None, choices=("norms", "batch_norm"),
+                    help="with --crossover: only the norms' rows or only BatchNorm's")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.batch_norm:
+        fusedreg.set_backend(args.backend)
+        shapes = BN_SHAPES if args.bn_shapes is None else tuple(
+            tuple(int(d) for d in s.split("x")) for s in args.bn_shapes.split(","))
+        measure_batch_norm(shapes=shapes[:1], calls=10, rounds=1)  # warm up
+        print(f"BatchNorm per-call time, fp32, {args.threads} thread(s), backend {args.backend}, "
+              f"torch {torch.__version__}; min of N calls, interleaved; ratio = fusedreg / torch")
+        print(f"{'call':28s} {'shape':>14s} {'':5s} {'mode':8s} {'torch us':>9s} "
+              f"{'fusedreg us':>12s} {'ratio':>6s}")
+        for name, shape, tr, mode, t, f, ratio in measure_batch_norm(shapes=shapes,
+                                                                     calls=args.calls):
+            print(f"{name:28s} {'x'.join(map(str, shape)):>14s} {tr:5s} {mode:8s} {t:9.1f} "
+                  f"{f:12.1f} {ratio:6.2f}")
+        return
+    if args.crossover and args.only != "norms":
+        print(f"torch's batch_norm (and relu(batch_norm(x) + r)) vs the fused cpu kernel, fp32, "
+              f"{args.threads} thread(s), torch {torch.__version__}; min of N calls, "
+              f"interleaved; ratio = fused / torch")
+        print(f"{'table':20s} {'shape':>14s} {'numel':>9s} {'mode':8s} {'torch us':>9s} "
+              f"{'fused us':>9s} {'ratio':>6s}")
+        for table, shape, numel, mode, t, f, ratio in crossover_batch_norm():
+            print(f"{table:20s} {'x'.join(map(str, shape)):>14s} {numel:9d} {mode:8s} {t:9.1f} "
+                  f"{f:9.1f} {ratio:6.2f}")
+        if args.only == "batch_norm":
+            return
     if args.crossover:
         print(f"torch's norm vs the fused cpu kernel, fp32, {args.threads} thread(s), torch "
               f"{torch.__version__}; min of N calls, interleaved; ratio = fused / torch")

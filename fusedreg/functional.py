@@ -24,10 +24,13 @@ from ._checks import (DTypeError, ShapeError, check_bool, check_like, check_norm
                       check_tensor, is_symbolic)
 from ._dtypes import compute_dtype
 from ._seed import seed_tensor, unused_seed
+from .ops.batch_norm import BatchNormConfig as _BatchNormConfig
+from .ops.batch_norm import batch_norm_act as _batch_norm_fused
 from .ops.bias_dropout import BiasDropoutConfig, BiasDropoutFunction
 from .ops.bias_dropout import run_forward as _bias_dropout_forward
 from .ops.layer_norm import LayerNormConfig, LayerNormFunction
 from .ops.layer_norm import run_forward as _layer_norm_forward
+from .reference import batch_norm as _ref_batch_norm
 from .reference import bias_dropout as _ref_bias_dropout
 from .reference import layer_norm as _ref_layer_norm
 from .reference.philox import dropout_keep
@@ -415,6 +418,14 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     running ones in eval, where they fold into one scale and shift per channel. Contiguous and
     channels-last inputs (y keeps the channels-last layout); float16/bfloat16 input with
     float32 (or input-dtype) parameters and running stats."""
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(batch_norm, (input, running_mean, running_var, weight, bias),
+                                     input, running_mean, running_var, weight=weight, bias=bias,
+                                     training=training, momentum=momentum, eps=eps)
+    y = _torch_small_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                momentum, eps)
+    if y is not None:
+        return y
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        None, None, 0.0, None)
 
@@ -433,8 +444,82 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None,
     layer, then the activation) is this with residual=None where drop and activation commute
     (dropout with relu or no activation). Arguments and running-stat update as
     ``batch_norm``."""
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias, residual):
+        return handle_torch_function(
+            batch_norm_act, (input, running_mean, running_var, weight, bias, residual), input,
+            running_mean, running_var, weight=weight, bias=bias, training=training,
+            momentum=momentum, eps=eps, activation=activation, residual=residual, p=p, seed=seed)
+    y = _torch_small_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                momentum, eps, activation, residual, p, seed)
+    if y is not None:
+        return y
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        activation, residual, p, seed)
+
+
+def _torch_small_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                            activation=None, residual=None, p=0.0, seed=None):
+    """Under auto, a small batch_norm (backends.AUTO_TORCH_BELOW: "batch_norm" /
+    "batch_norm_eval" for a plain one, "batch_norm_act" / "batch_norm_act_eval" with a
+    residual and/or relu) with nothing to fuse that torch's ops would not do as fast is served
+    by torch: ``torch.batch_norm``, then ``add_(residual)`` and ``relu_``, as the small plain
+    norms are (``_torch_small_norm``). Returns the result, or None for any other call, which
+    ``_batch_norm`` then checks and routes as always (dropout in training, another activation,
+    an explicit seed: always fusedreg's kernels).
+
+    Recognised here, before ``_batch_norm``'s checks (a small call's budget is a microsecond
+    or two), is only the common case: an exact torch.Tensor float32/float64 x on CPU with at
+    least 2 dims; parameters and buffers 1-D; a residual of x's shape; a bool ``training``, a
+    finite float momentum and eps > 0; both running stats or (training) neither; more than one
+    value per channel in training; eager (no torch.compile or jit trace, no forward-mode AD
+    level, no torch.func transform). The rest of ``_batch_norm``'s checks torch's op makes
+    before it writes anything — on CPU it refuses any parameter, buffer or residual of another
+    dtype or device than a float32/float64 x, and a vector whose length is not C: when it
+    raises, the call goes through ``_batch_norm``, whose checks raise fusedreg's error."""
+    if type(training) is not bool or seed is not None or type(p) is not float \
+            or not (p == 0.0 or (not training and 0.0 < p <= 1.0)):
+        return None
+    if residual is None and activation is None:
+        table = "batch_norm" if training else "batch_norm_eval"
+    elif activation is None or activation == "relu":
+        table = "batch_norm_act" if training else "batch_norm_act_eval"
+    else:
+        return None
+    limits = _auto_torch_limits(table, "cpu")
+    if limits is None or type(x) is not _Tensor or _functorch_level() is not None \
+            or _forward_ad._current_level >= 0 or _is_tracing() or _is_compiling():
+        return None
+    dtype = x.dtype
+    if (dtype is not _F32 and dtype is not _F64) or not x.is_cpu or x.dim() < 2 \
+            or type(eps) is not float or not 0.0 < eps < _INF \
+            or type(momentum) is not float or not -_INF < momentum < _INF \
+            or (weight is not None and weight.dim() != 1) or (bias is not None and bias.dim() != 1):
+        return None
+    if running_mean is None or running_var is None:
+        if running_mean is not running_var or not training:
+            return None
+    elif running_mean.dim() != 1 or running_var.dim() != 1:
+        return None
+    if residual is not None and (residual.dtype is not dtype or not residual.is_cpu
+                                 or residual.shape != x.shape):
+        return None  # checked before torch.batch_norm writes the running stats
+    numel = x.numel()
+    limit = limits[0]
+    if limits[1] != limit and _is_grad_enabled() and (
+            x.requires_grad or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+            or (residual is not None and residual.requires_grad)):
+        limit = limits[1]
+    if numel >= limit or numel == 0 or (training and numel == x.shape[1]):
+        return None
+    try:
+        y = torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum,
+                             eps, False)
+        if residual is not None:
+            y = y.add_(residual)  # y is torch's fresh output; its backward does not read it
+    except Exception:
+        return None
+    return torch.relu_(y) if activation is not None else y
 
 
 def _check_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -465,8 +550,10 @@ def _check_batch_norm(x, running_mean, running_var, weight, bias, training, mome
     if momentum is None:
         raise TypeError("momentum must be a float, not None (modules pass 1 / num_batches_tracked "
                         "for a cumulative average)")
-    momentum = check_number(momentum, "momentum")
-    eps = check_number(eps, "eps")
+    if type(momentum) is not float or is_symbolic(momentum):
+        momentum = check_number(momentum, "momentum")
+    if type(eps) is not float or not -_INF < eps < _INF:
+        eps = check_number(eps, "eps")
     if training and eps <= 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0:
@@ -479,29 +566,83 @@ def _check_batch_norm(x, running_mean, running_var, weight, bias, training, mome
 
 def _update_running(running_mean, running_var, mean, var, count, momentum):
     """r ← (1 − momentum)·r + momentum·stat, with the unbiased variance, in the compute type."""
+    unbiased = var * (count / (count - 1)) if count > 1 else var
+    if running_mean.dtype is mean.dtype and running_var.dtype is mean.dtype \
+            and not (running_mean.requires_grad or running_var.requires_grad):
+        # buffers in the compute type (the common case): r + momentum·(stat − r) in place, the
+        # same value to rounding in one op each (a small call's ops cost more than its kernel)
+        running_mean.lerp_(mean, momentum)
+        running_var.lerp_(unbiased, momentum)
+        return
     with torch.no_grad():
-        unbiased = var * (count / (count - 1)) if count > 1 else var
         for r, stat in ((running_mean, mean), (running_var, unbiased)):
             r.copy_((r.to(stat.dtype) * (1.0 - momentum) + stat * momentum).to(r.dtype))
+
+
+def _plain_stat(t):
+    """The value of a statistic computed under torch.func transforms / forward-mode AD as a
+    plain tensor (no tangent, no functorch wrapper), for the in-place running-stat update of
+    buffers the transforms do not see; a RuntimeError under vmap, where the statistic is one
+    per batch entry and the buffers one (torch's batch_norm refuses the same)."""
+    t = t.detach()
+    while _is_functorch_wrapped(t):
+        if torch._C._functorch.is_batchedtensor(t):
+            raise RuntimeError(
+                "batch_norm (fusedreg): vmap over a batched input in training would update "
+                "running_mean and running_var, which are not batched, in place; as with torch's "
+                "batch_norm, use track_running_stats=False (running_mean=None), eval mode, or "
+                "batched running stats")
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+def _batch_norm_composite(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                          act, residual, p, seed_t):
+    """batch_norm_act as the differentiable composite of the reference math (torch.func
+    transforms, forward-mode AD), with the running-stat update of torch's batch_norm: in
+    place with the statistics' plain values (nothing is written when vmap refuses)."""
+    y, mean, var = _ref_batch_norm.batch_norm_composite(x, running_mean, running_var, weight,
+                                                        bias, training, eps, act, residual, p,
+                                                        seed_t)
+    if training and running_mean is not None and x.numel() > 0:
+        count = x.numel() // x.shape[1]
+        if _is_functorch_wrapped(running_mean) or _is_functorch_wrapped(running_var):
+            # buffers batched by vmap: one update per entry, through the transforms
+            _update_running(running_mean, running_var, mean.detach(), var.detach(), count,
+                            momentum)
+        else:
+            # plain buffers, updated below the transforms as torch's kernel updates them (a
+            # transform refuses an in-place op on a tensor it captured)
+            mean, var = _plain_stat(mean), _plain_stat(var)
+            with torch._C._DisableFuncTorch():
+                _update_running(running_mean, running_var, mean, var, count, momentum)
+    return y
 
 
 def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
                 activation, residual, p, seed, process_group=None):
     """batch_norm / batch_norm_act, and SyncBatchNorm's forward when ``process_group`` is
     given (training: statistics over every rank's batch)."""
-    from .ops.batch_norm import BatchNormConfig, batch_norm_act as fused
-
     momentum, eps = _check_batch_norm(x, running_mean, running_var, weight, bias, training,
                                       momentum, eps, residual)
-    act = activation_code(activation)
+    act = activation_code(activation) if activation is not None else 0
     p = check_probability(p)
     check_seed(seed)
     if not training:
         p = 0.0
     seed_t = seed_tensor(seed) if p > 0.0 else unused_seed()
-    config = BatchNormConfig(training, eps, act, p, backends.resolve("batch_norm", x.device))
-    y, mean, var, count = fused(x, residual, weight, bias, running_mean, running_var, seed_t,
-                                config, process_group if training else None)
+    route = _route(x, residual, weight, bias, running_mean, running_var)
+    if route == _COMPOSITE:
+        if process_group is not None:
+            raise NotImplementedError("SyncBatchNorm (fusedreg) does not support torch.func "
+                                      "transforms or forward-mode AD in training")
+        return _batch_norm_composite(x, running_mean, running_var, weight, bias, training,
+                                     momentum, eps, act, residual, p, seed_t)
+    config = _BatchNormConfig(training, eps, act, p,
+                              backends.resolve_type("batch_norm", _device_type(x)))
+    y, mean, var, count = _batch_norm_fused(x, residual, weight, bias, running_mean, running_var,
+                                            seed_t, config,
+                                            process_group if training else None, route != _OP)
     if training and running_mean is not None and count > 0:
         _update_running(running_mean, running_var, mean, var, count, momentum)
     return y

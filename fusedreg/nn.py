@@ -121,16 +121,31 @@ __all__ += ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "Sync
 def _batch_norm_forward(m, input, activation=None, residual=None, p=0.0, process_group=None):
     """torch's ``_BatchNorm.forward`` (momentum=None: cumulative average over
     num_batches_tracked; track_running_stats=False: batch statistics, buffers untouched),
-    over ``fusedreg.functional.batch_norm_act``."""
-    factor = 0.0 if m.momentum is None else m.momentum
-    if m.training and m.track_running_stats and m.num_batches_tracked is not None:
-        m.num_batches_tracked.add_(1)
-        factor = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
-    bn_training = m.training or (m.running_mean is None and m.running_var is None)
-    use_buffers = not m.training or m.track_running_stats
-    return F._batch_norm(input, m.running_mean if use_buffers else None,
-                         m.running_var if use_buffers else None, m.weight, m.bias, bn_training,
-                         factor, m.eps, activation, residual, p, None,
+    over ``fusedreg.functional.batch_norm_act`` (torch's ops for a small call under auto, as
+    the functional's)."""
+    # parameters and buffers read from their dicts, where Module.__getattr__ finds them (the
+    # same objects, torch.func.functional_call's included), at a fraction of its cost
+    params, buffers = m._parameters, m._buffers
+    training, momentum = m.training, m.momentum
+    running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+    factor = 0.0 if momentum is None else momentum
+    if training and m.track_running_stats:
+        tracked = buffers["num_batches_tracked"]
+        if tracked is not None:
+            tracked.add_(1)
+            if momentum is None:
+                factor = 1.0 / float(tracked)
+    bn_training = training or (running_mean is None and running_var is None)
+    if training and not m.track_running_stats:  # batch statistics, buffers untouched
+        running_mean = running_var = None
+    weight, bias, eps = params["weight"], params["bias"], m.eps
+    if process_group is None:
+        y = F._torch_small_batch_norm(input, running_mean, running_var, weight, bias,
+                                      bn_training, factor, eps, activation, residual, p)
+        if y is not None:
+            return y
+    return F._batch_norm(input, running_mean, running_var, weight, bias, bn_training, factor, eps,
+                         activation, residual, p, None,
                          process_group=process_group if bn_training else None)
 
 
@@ -214,8 +229,9 @@ class BatchNormAct2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"expected 4D input (got {x.dim()}D input)")
-        act = _fused_activation(self.act)
-        drop = self.drop
+        modules = self._modules  # where Module.__getattr__ finds them, read directly
+        act = _fused_activation(modules["act"])
+        drop = modules["drop"]
         p = 0.0
         fused_drop = type(drop) is nn.Identity
         if not fused_drop and isinstance(drop, nn.Dropout) and act in (None, "relu") \

@@ -49,6 +49,7 @@ CASES = [
     ((5, 3, 1, 1), "c"),        # spatial size 1 (both layouts are the same memory)
     ((2, 7, 33, 40), "cl"),     # more rows than one reduction block (CPU/Triton partials)
     ((2, 3, 65, 70), "c"),      # rows longer than a summation block
+    ((2, 2, 100, 100), "c"),    # a CPU channel over 64 KB: statistics row by row, merged
 ]
 SMALL = [c for c in CASES if math.prod(c[0]) < 1000]
 
@@ -424,6 +425,9 @@ def _bad_calls(f=F):
 
 @pytest.mark.parametrize("i", range(len(_bad_calls())))
 def test_bad_input_raises_before_any_kernel(i):
+    """Each bad call raises fusedreg's error before any kernel runs, under auto (where a small
+    call may be torch's op, which then must not have written anything either) and with each
+    backend named."""
     def no_kernel(*args, **kwargs):
         raise AssertionError("a kernel ran on bad input")
 
@@ -432,14 +436,30 @@ def test_bad_input_raises_before_any_kernel(i):
     try:
         for backend in registered:
             backends.register(OP, backend, kernels(*([no_kernel] * len(kernels._fields))))
-        with pytest.raises(AssertionError, match="a kernel ran"):  # the replacement is reached
-            F.batch_norm(_data((4, 3, 5), torch.float32), None, None, training=True)
-        exc, call = _bad_calls()[i]
-        with pytest.raises(exc):
-            call()
+        for backend in ["auto"] + BACKENDS:
+            with fusedreg.use_backend(backend):
+                if backend != "auto":
+                    with pytest.raises(AssertionError, match="a kernel ran"):  # replacement reached
+                        F.batch_norm(_data((4, 3, 5), torch.float32), None, None, training=True)
+                exc, call = _bad_calls()[i]
+                with pytest.raises(exc):
+                    call()
     finally:
         for backend, impl in registered.items():
             backends.register(OP, backend, impl)
+
+
+def test_bad_input_under_auto_writes_nothing():
+    """A call that torch's op would serve under auto and that raises leaves the running stats
+    as they were (the residual is checked before torch.batch_norm updates them)."""
+    x = _data((4, 3, 5), torch.float32)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    for residual in (x.double(), torch.ones(4, 3, 6), torch.ones(3)):
+        with pytest.raises((TypeError, ValueError)):
+            F.batch_norm_act(x, rm, rv, training=True, activation="relu", residual=residual)
+    with pytest.raises(ValueError):
+        F.batch_norm(x, rm, rv, torch.ones(1, 3), training=True)  # torch takes a (1, C) weight
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
 
 
 TORCH_TOO = 17  # the calls of _bad_calls that use only torch's own arguments
@@ -569,3 +589,74 @@ def test_gpu_backends_match_reference(backend, device, dtype, case):
         torch.testing.assert_close(a.float(), c.float(), **BATCH_NORM_GPU[dtype])
     for a, c in zip(flat(out), flat(out2)):
         assert torch.equal(a, c)
+
+
+# ---- auto: small calls with nothing to fuse are torch's ops ----------------------------------
+
+def test_auto_small_calls_are_torch_and_large_ones_fused(monkeypatch):
+    """Under auto a call below backends.AUTO_TORCH_BELOW (plain, or with a residual and relu,
+    no dropout) is torch's op and computes what torch computes (y, running stats, grads); one
+    at or above the limit, one with dropout or another activation, and any call under a
+    backend named explicitly reach fusedreg's kernels."""
+    ran = []
+    real = backends.implementation(OP, "cpu")
+
+    def spy(name):
+        def call(*args, **kwargs):
+            ran.append(name)
+            return getattr(real, name)(*args, **kwargs)
+        return call
+    monkeypatch.setitem(backends._REGISTRY, (OP, "cpu"), type(real)(*map(spy, real._fields)))
+    backends._RESOLVED.clear()
+    limits = {t: (200, 100) for t in ("batch_norm", "batch_norm_eval", "batch_norm_act",
+                                      "batch_norm_act_eval")}
+    monkeypatch.setattr(backends, "AUTO_TORCH_BELOW",
+                        {**backends.AUTO_TORCH_BELOW, **{k: {"cpu": v} for k, v in limits.items()}})
+    w, b = _data((3,), torch.float32, 3, 1.0, 0.3), _data((3,), torch.float32, 4)
+
+    def both(shape, training, grad, act=None, res=False, p=0.0, backend="auto"):
+        x = _data(shape, torch.float32)
+        r = _data(shape, torch.float32, 2) if res else None
+        outs = []
+        for fn in ("fusedreg", "torch"):
+            rm, rv = torch.zeros(3), torch.ones(3)
+            xi = x.clone().requires_grad_(grad)
+            ran.clear()
+            with fusedreg.use_backend(backend):
+                if fn == "fusedreg":
+                    y = F.batch_norm_act(xi, rm, rv, w, b, training, activation=act, residual=r,
+                                         p=p, seed=3 if p else None)
+                    fused = bool(ran)
+                else:
+                    y = TF.batch_norm(xi, rm, rv, w, b, training)
+                    y = y + r if res else y
+                    y = torch.relu(y) if act == "relu" else y
+            if grad:
+                (y * torch.arange(y.numel()).view(y.shape)).sum().backward()
+            outs.append((y.detach(), rm, rv, xi.grad))
+        if p == 0.0 and act in (None, "relu"):
+            for a, c in zip(*outs):
+                if c is not None:
+                    torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+        return fused
+
+    for training in (True, False):
+        for act, res in ((None, False), ("relu", True), ("relu", False), (None, True)):
+            assert not both((4, 3, 2, 2), training, False, act, res)     # 48 < 100 <= 200
+            assert not both((4, 3, 3, 3), training, False, act, res)     # 108 < 200
+            assert both((4, 3, 3, 3), training, True, act, res)          # 108 >= 100 with grad
+            assert both((4, 3, 5, 4), training, False, act, res)         # 240 >= 200
+            assert both((4, 3, 2, 2), training, False, act, res, backend="cpu")
+    assert both((4, 3, 2, 2), True, False, "relu", True, p=0.2)          # dropout: fused
+    assert both((4, 3, 2, 2), True, False, "silu", True)                 # silu: fused
+    # a module takes the same route: BatchNormAct2d(relu) with a residual, then plain
+    for mod, args in ((fusedreg.nn.BatchNormAct2d(3), 2), (fusedreg.nn.BatchNorm2d(3), 1)):
+        x, r = _data((4, 3, 2, 2), torch.float32), _data((4, 3, 2, 2), torch.float32, 2)
+        ran.clear()
+        with torch.no_grad():
+            mod(*(x, r)[:args])
+        assert not ran
+        ran.clear()
+        with torch.no_grad():
+            mod(*(_data((4, 3, 5, 4), torch.float32), _data((4, 3, 5, 4), torch.float32))[:args])
+        assert ran

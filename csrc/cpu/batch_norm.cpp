@@ -18,7 +18,8 @@
 // Statistics are two-pass per row (NCS) or per block (CL): the mean (of the deviations from
 // the row's / block's first value), then sum (x - mean)^2 over the cache-resident row/block,
 // and the (count, mean, m2) parts are combined with Chan et al.'s formula, so a mean of 1e3
-// with a std of 1e-2 keeps its digits at every instruction-set level.
+// with a std of 1e-2 keeps its digits at every instruction-set level. An NCS channel of at
+// most kWholeChannelBytes (short rows) takes the same two passes over the whole channel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -49,6 +50,7 @@ namespace {
 constexpr int64_t kSumBlock = 512;
 constexpr int64_t kTaskElems = 16384;  // elements per task of the element-wise passes
 constexpr int64_t kMaxBlocks = 256;    // CL reductions: row blocks at most
+constexpr int64_t kWholeChannelBytes = 64 * 1024;  // NCS statistics: a channel in one pass each
 
 using cpu::dispatch_isa;
 using cpu::empty_output;
@@ -99,13 +101,30 @@ inline FUSEDREG_ALWAYS_INLINE bool kept(float k) {
 }
 
 // y[j] = act((x[j] - mean) * scale + shift + r[j]) * ks[j] for j in [0, len), with ks the
-// row's keep-scale factors (dropout: 1 / (1 - p) or 0; all 1 without dropout). A dropped
+// row's keep-scale factors (dropout: 1 / (1 - p) or 0; null without dropout). A dropped
 // element is 0 even where act(z) is inf or NaN: a select on the factor (a blend, branch-free, so
 // the loops stay vectorized), not a multiply by 0.
 template <Activation A, bool VEC, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, const float* ks,
                                             int64_t len, const acc_t* mean, const acc_t* scale,
                                             const acc_t* shift) {
+  if (!ks) {  // no dropout: no keep-scale factors to load, multiply and test
+    if (r) {
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        const acc_t t = (to_acc<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)] +
+                        to_acc<acc_t>(r[j]);
+        y[j] = from_acc<x_t>(activate<A, acc_t, cpu::VecMath>(t));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        const acc_t t = (to_acc<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)];
+        y[j] = from_acc<x_t>(activate<A, acc_t, cpu::VecMath>(t));
+      }
+    }
+    return;
+  }
   if (r) {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
@@ -203,7 +222,7 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
     // One dispatch per chunk of rows: rows can be short (C = 64 channels, a 7x7 map).
     dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
       for (int64_t row = r0; row < r1; ++row) {
-        const float* ks = keep.row(l, drop, seed, p, row);
+        const float* ks = drop ? keep.row(l, drop, seed, p, row) : nullptr;
         const int64_t off = row * len;
         const x_t* rr = r ? r + off : nullptr;
         if (l.cl) {
@@ -267,8 +286,26 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
   using acc_t = at::opmath_type<x_t>;
   const int64_t C = l.C;
   if (!l.cl) {
+    // A channel that fits in cache (short rows: a 14x14 map) takes its two passes over the
+    // whole channel (the mean of the deviations from its first value, then sum (x - mean)^2)
+    // instead of per row with a merge per row, which cost more than the row's sums there.
+    const bool whole = l.N * l.S * static_cast<int64_t>(sizeof(x_t)) <= kWholeChannelBytes;
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
+        if (whole) {
+          dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+            const acc_t k = static_cast<acc_t>(x[c * l.S]);
+            acc_t s = 0;
+            for (int64_t i = 0; i < l.N; ++i) s += block_sum(x + (i * C + c) * l.S, l.S, k, false);
+            const acc_t count = static_cast<acc_t>(l.N * l.S);
+            const acc_t mu = k + s / count;
+            acc_t q = 0;
+            for (int64_t i = 0; i < l.N; ++i) q += block_sum(x + (i * C + c) * l.S, l.S, mu, true);
+            mean[c] = mu;
+            var[c] = q / count;
+          });
+          continue;
+        }
         acc_t n = 0, mu = 0, m2 = 0;
         dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
           for (int64_t i = 0; i < l.N; ++i) {
@@ -380,6 +417,7 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
                        at::opmath_type<x_t>* sum_dzx) {
   using acc_t = at::opmath_type<x_t>;
   const bool drop = a.p > 0.0f;
+  const bool plain = !drop && A == Activation::kNone;  // dz = dy
   const int64_t C = l.C, len = l.row_len();
   // dz and xhat of one stored row, into g and xh (called inside a dispatched region)
   auto row_dz = [&](int64_t row, KeepScale& keep, acc_t* g, acc_t* xh) FUSEDREG_ALWAYS_INLINE {
@@ -392,6 +430,26 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
       for (int64_t c = c0; c < c1; ++c) {
         acc_t s1 = 0, s2 = 0;
         dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+          if (plain) {  // dz = dy: the sums straight from the dy and x rows, no row buffers
+            const acc_t mu = a.mean[c], inv = a.invstd[c];
+            for (int64_t i = 0; i < l.N; ++i) {
+              const x_t* dyr = a.dy + (i * C + c) * len;
+              const x_t* xr = a.x + (i * C + c) * len;
+              for (int64_t j0 = 0; j0 < len; j0 += kSumBlock) {
+                const int64_t j1 = std::min(len, j0 + kSumBlock);
+                acc_t t1 = 0, t2 = 0;
+#pragma omp simd reduction(+ : t1, t2)
+                for (int64_t j = j0; j < j1; ++j) {
+                  const acc_t dz = to_acc<acc_t>(dyr[j]);
+                  t1 += dz;
+                  t2 += dz * ((to_acc<acc_t>(xr[j]) - mu) * inv);
+                }
+                s1 += t1;
+                s2 += t2;
+              }
+            }
+            return;
+          }
           for (int64_t i = 0; i < l.N; ++i) {
             row_dz(i * C + c, keep, g.data(), xh.data());
             const acc_t* gg = g.data();
@@ -471,6 +529,25 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
       for (int64_t row = r0; row < r1; ++row) {
         const int64_t off = row * len;
         const int64_t cc = l.cl ? 0 : l.channel(row);
+        if (!l.cl && !drop && A == Activation::kNone && gx && !gr) {
+          // the plain backward (dz = dy): grad_x in one loop over the dy and x rows
+          const x_t* dy = a.dy + off;
+          const x_t* x = a.x + off;
+          x_t* o = gx + off;
+          const acc_t kk = a.scale[cc], mu = a.mean[cc], inv = a.invstd[cc];
+          if (training) {
+            const acc_t a1 = m1[cc], a2 = m2[cc];
+#pragma omp simd
+            for (int64_t j = 0; j < len; ++j) {
+              const acc_t xhat = (to_acc<acc_t>(x[j]) - mu) * inv;
+              o[j] = from_acc<x_t>(kk * (to_acc<acc_t>(dy[j]) - a1 - xhat * a2));
+            }
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < len; ++j) o[j] = from_acc<x_t>(kk * to_acc<acc_t>(dy[j]));
+          }
+          continue;
+        }
         dz_row<A>(l, a, row, keep.row(l, drop, a.seed, a.p, row), gg, xx);
         if (gr) {
           x_t* o = gr + off;
@@ -507,84 +584,44 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
 // ---- the ops -----------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x_in, bool channels_last) {
-  bn_check_x(x_in, at::kCPU);
-  const BnDims d = bn_dims(x_in, channels_last);
-  const at::Tensor x = x_in.contiguous();
-  const auto ct = bn_compute_type(x.scalar_type());
-  at::Tensor mean = at::empty({d.C}, x.options().dtype(ct));
-  at::Tensor var = at::empty({d.C}, x.options().dtype(ct));
-  if (d.C == 0) return {mean, var};
-  if (d.N * d.S == 0) {
-    mean.fill_(NAN);
-    var.fill_(NAN);
-    return {mean, var};
-  }
-  const Layout l{d.N, d.C, d.S, channels_last};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_stats", [&] {
+  BnStatsIO io = bn_stats_io(x_in, channels_last, at::kCPU);
+  if (io.empty) return {io.mean, io.var};
+  const Layout l{io.d.N, io.d.C, io.d.S, channels_last};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, io.x.scalar_type(), "batch_norm_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    stats_kernel<scalar_t>(l, x.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
-                           var.mutable_data_ptr<acc_t>());
+    stats_kernel<scalar_t>(l, io.x.const_data_ptr<scalar_t>(), io.mean.mutable_data_ptr<acc_t>(),
+                           io.var.mutable_data_ptr<acc_t>());
   });
-  return {mean, var};
+  return {io.mean, io.var};
+}
+
+inline Layout layout_of(const BnInputs& b, bool channels_last) {
+  return Layout{b.d.N, b.d.C, b.d.S, channels_last};
 }
 
 at::Tensor batch_norm_fwd_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
                               const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
                               const at::Tensor& mean_in, const at::Tensor& invstd_in, int64_t activation,
                               double p, const at::Tensor& seed, bool channels_last) {
-  bn_check_x(x_in, at::kCPU);
-  const BnDims d = bn_dims(x_in, channels_last);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor residual = bn_like_x(residual_in, "residual", x);
-  const at::Tensor weight = bn_vec(weight_in, "weight", x, d.C), bias = bn_vec(bias_in, "bias", x, d.C);
-  const at::Tensor mean = bn_vec(mean_in, "mean", x, d.C), invstd = bn_vec(invstd_in, "invstd", x, d.C);
-  TORCH_CHECK(activation >= 0 && activation <= 4, "fusedreg::batch_norm: unknown activation code ", activation);
-  const uint64_t s = bn_seed(seed);
-  at::Tensor y = empty_output(x.sizes(), x.options());
-  if (x.numel() == 0) return y;
-  auto [scale, shift] = bn_affine(invstd, weight, bias);
-  const Layout l{d.N, d.C, d.S, channels_last};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_fwd", [&] {
+  const BnInputs b = bn_inputs(nullptr, x_in, residual_in, weight_in, bias_in, mean_in, invstd_in, activation, seed,
+                               channels_last, at::kCPU);
+  at::Tensor y = empty_output(b.x.sizes(), b.x.options());
+  if (b.x.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
-      forward_kernel<A, scalar_t>(l, x.const_data_ptr<scalar_t>(),
-                                  residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
-                                  y.mutable_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
-                                  scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
-                                  static_cast<float>(p), s);
+      forward_kernel<A, scalar_t>(layout_of(b, channels_last), b.x.const_data_ptr<scalar_t>(),
+                                  b.residual.defined() ? b.residual.const_data_ptr<scalar_t>() : nullptr,
+                                  y.mutable_data_ptr<scalar_t>(), b.mean.const_data_ptr<acc_t>(),
+                                  b.scale.const_data_ptr<acc_t>(), b.shift.const_data_ptr<acc_t>(),
+                                  static_cast<float>(p), b.seed);
     });
   });
   return y;
 }
 
-struct BwdInputs {
-  at::Tensor dy, x, residual, mean, invstd, scale, shift;
-  Layout l;
-  uint64_t seed;
-};
-
-BwdInputs bwd_inputs(const at::Tensor& dy_in, const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
-                     const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
-                     const at::Tensor& mean_in, const at::Tensor& invstd_in, int64_t activation,
-                     const at::Tensor& seed, bool channels_last) {
-  bn_check_x(x_in, at::kCPU);
-  const BnDims d = bn_dims(x_in, channels_last);
-  BwdInputs b;
-  b.x = x_in.contiguous();
-  b.dy = bn_like_x(dy_in, "dy", b.x);
-  b.residual = bn_like_x(residual_in, "residual", b.x);
-  const at::Tensor weight = bn_vec(weight_in, "weight", b.x, d.C), bias = bn_vec(bias_in, "bias", b.x, d.C);
-  b.mean = bn_vec(mean_in, "mean", b.x, d.C);
-  b.invstd = bn_vec(invstd_in, "invstd", b.x, d.C);
-  TORCH_CHECK(activation >= 0 && activation <= 4, "fusedreg::batch_norm: unknown activation code ", activation);
-  b.seed = bn_seed(seed);
-  std::tie(b.scale, b.shift) = bn_affine(b.invstd, weight, bias);
-  b.l = Layout{d.N, d.C, d.S, channels_last};
-  return b;
-}
-
 template <typename x_t>
-BwdArgs<x_t> bwd_args(const BwdInputs& b, double p) {
+BwdArgs<x_t> bwd_args(const BnInputs& b, double p) {
   using acc_t = at::opmath_type<x_t>;
   return BwdArgs<x_t>{b.dy.const_data_ptr<x_t>(), b.x.const_data_ptr<x_t>(),
                       b.residual.defined() ? b.residual.const_data_ptr<x_t>() : nullptr,
@@ -597,15 +634,15 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cpu(
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
     const at::Tensor& invstd, int64_t activation, double p, const at::Tensor& seed, bool channels_last) {
-  const BwdInputs b = bwd_inputs(dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last);
-  at::Tensor sum_dz = at::zeros({b.l.C}, b.mean.options());
-  at::Tensor sum_dzx = at::zeros({b.l.C}, b.mean.options());
+  const BnInputs b = bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last, at::kCPU);
+  at::Tensor sum_dz = at::zeros({b.d.C}, b.mean.options());
+  at::Tensor sum_dzx = at::zeros({b.d.C}, b.mean.options());
   if (b.x.numel() == 0) return {sum_dz, sum_dzx};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
-      bwd_reduce_kernel<A, scalar_t>(b.l, bwd_args<scalar_t>(b, p), sum_dz.mutable_data_ptr<acc_t>(),
-                                     sum_dzx.mutable_data_ptr<acc_t>());
+      bwd_reduce_kernel<A, scalar_t>(layout_of(b, channels_last), bwd_args<scalar_t>(b, p),
+                                     sum_dz.mutable_data_ptr<acc_t>(), sum_dzx.mutable_data_ptr<acc_t>());
     });
   });
   return {sum_dz, sum_dzx};
@@ -617,21 +654,22 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_elemt_cpu(
     const at::Tensor& invstd, const at::Tensor& sum_dz_in, const at::Tensor& sum_dzx_in, double count,
     int64_t activation, double p, const at::Tensor& seed, bool channels_last, bool training,
     bool need_grad_input, bool need_grad_residual) {
-  const BwdInputs b = bwd_inputs(dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last);
+  const BnInputs b = bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last, at::kCPU);
   at::Tensor gx = need_grad_input ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
   at::Tensor gr = need_grad_residual ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
   if (b.x.numel() == 0 || !(need_grad_input || need_grad_residual)) return {gx, gr};
   at::Tensor m1, m2;
   const bool use_sums = training && need_grad_input;
   if (use_sums) {
-    TORCH_CHECK(count > 0, "fusedreg::batch_norm_bwd_elemt: count must be positive in training");
-    m1 = bn_vec(sum_dz_in, "sum_dz", b.x, b.l.C) / count;
-    m2 = bn_vec(sum_dzx_in, "sum_dz_xhat", b.x, b.l.C) / count;
+    auto [s1, s2] = bn_sums(sum_dz_in, sum_dzx_in, count, b);
+    m1 = s1 / count;
+    m2 = s2 / count;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_elemt", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
-      bwd_elemt_kernel<A, scalar_t>(b.l, bwd_args<scalar_t>(b, p), use_sums ? m1.const_data_ptr<acc_t>() : nullptr,
+      bwd_elemt_kernel<A, scalar_t>(layout_of(b, channels_last), bwd_args<scalar_t>(b, p),
+                                    use_sums ? m1.const_data_ptr<acc_t>() : nullptr,
                                     use_sums ? m2.const_data_ptr<acc_t>() : nullptr, use_sums,
                                     need_grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr,
                                     need_grad_residual ? gr.mutable_data_ptr<scalar_t>() : nullptr);

@@ -269,89 +269,47 @@ unsigned elementwise_blocks(int64_t total) {
 // ---- the ops -----------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& x_in, bool channels_last) {
-  bn_check_x(x_in, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const BnDims d = bn_dims(x_in, channels_last);
-  const at::Tensor x = x_in.contiguous();
-  const auto ct = bn_compute_type(x.scalar_type());
-  at::Tensor mean = at::empty({d.C}, x.options().dtype(ct));
-  at::Tensor var = at::empty({d.C}, x.options().dtype(ct));
-  if (d.C == 0) return {mean, var};
-  if (d.N * d.S == 0) {
-    mean.fill_(NAN);
-    var.fill_(NAN);
-    return {mean, var};
-  }
-  const Geometry g{d.N, d.C, d.S, channels_last};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_stats_cuda", [&] {
-    reduce<true, Activation::kNone, scalar_t>(at::Tensor(), x, at::Tensor(), {}, g, 0.0f, 0, mean, var);
+  BnStatsIO io = bn_stats_io(x_in, channels_last, at::kCUDA);
+  if (io.empty) return {io.mean, io.var};
+  const Geometry g{io.d.N, io.d.C, io.d.S, channels_last};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, io.x.scalar_type(), "batch_norm_stats_cuda", [&] {
+    reduce<true, Activation::kNone, scalar_t>(at::Tensor(), io.x, at::Tensor(), {}, g, 0.0f, 0, io.mean, io.var);
   });
-  return {mean, var};
+  return {io.mean, io.var};
+}
+
+inline Geometry geometry_of(const BnInputs& b, bool channels_last) {
+  return Geometry{b.d.N, b.d.C, b.d.S, channels_last};
+}
+
+template <typename acc_t>
+Vecs<acc_t> vecs_of(const BnInputs& b) {
+  return Vecs<acc_t>{b.mean.const_data_ptr<acc_t>(), b.invstd.const_data_ptr<acc_t>(), b.scale.const_data_ptr<acc_t>(),
+                     b.shift.const_data_ptr<acc_t>()};
 }
 
 at::Tensor batch_norm_fwd_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
                                const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
                                const at::Tensor& mean_in, const at::Tensor& invstd_in, int64_t activation,
                                double p, const at::Tensor& seed, bool channels_last) {
-  bn_check_x(x_in, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const BnDims d = bn_dims(x_in, channels_last);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor residual = bn_like_x(residual_in, "residual", x);
-  const at::Tensor weight = bn_vec(weight_in, "weight", x, d.C), bias = bn_vec(bias_in, "bias", x, d.C);
-  const at::Tensor mean = bn_vec(mean_in, "mean", x, d.C), invstd = bn_vec(invstd_in, "invstd", x, d.C);
-  TORCH_CHECK(activation >= 0 && activation <= 4, "fusedreg::batch_norm: unknown activation code ", activation);
-  const uint64_t s = bn_seed(seed);
-  at::Tensor y = at::empty_like(x);
-  const int64_t total = x.numel();
+  const BnInputs b = bn_inputs(nullptr, x_in, residual_in, weight_in, bias_in, mean_in, invstd_in, activation, seed,
+                               channels_last, at::kCUDA);
+  at::Tensor y = at::empty_like(b.x);
+  const int64_t total = b.x.numel();
   if (total == 0) return y;
-  auto [scale, shift] = bn_affine(invstd, weight, bias);
-  const Geometry g{d.N, d.C, d.S, channels_last};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_fwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Vecs<acc_t> v{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
-                        shift.const_data_ptr<acc_t>()};
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
       forward_kernel<A, scalar_t, acc_t><<<elementwise_blocks(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          x.const_data_ptr<scalar_t>(), residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
-          y.mutable_data_ptr<scalar_t>(), v, g, total, static_cast<float>(p),
-          static_cast<acc_t>(dropout_scale(static_cast<float>(p))), s);
+          b.x.const_data_ptr<scalar_t>(), b.residual.defined() ? b.residual.const_data_ptr<scalar_t>() : nullptr,
+          y.mutable_data_ptr<scalar_t>(), vecs_of<acc_t>(b), geometry_of(b, channels_last), total,
+          static_cast<float>(p), static_cast<acc_t>(dropout_scale(static_cast<float>(p))), b.seed);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return y;
-}
-
-struct BwdInputs {
-  at::Tensor dy, x, residual, mean, invstd, scale, shift;
-  Geometry g;
-  uint64_t seed;
-};
-
-BwdInputs bwd_inputs(const at::Tensor& dy_in, const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
-                     const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
-                     const at::Tensor& mean_in, const at::Tensor& invstd_in, int64_t activation,
-                     const at::Tensor& seed, bool channels_last) {
-  bn_check_x(x_in, at::kCUDA);
-  const BnDims d = bn_dims(x_in, channels_last);
-  BwdInputs b;
-  b.x = x_in.contiguous();
-  b.dy = bn_like_x(dy_in, "dy", b.x);
-  b.residual = bn_like_x(residual_in, "residual", b.x);
-  const at::Tensor weight = bn_vec(weight_in, "weight", b.x, d.C), bias = bn_vec(bias_in, "bias", b.x, d.C);
-  b.mean = bn_vec(mean_in, "mean", b.x, d.C);
-  b.invstd = bn_vec(invstd_in, "invstd", b.x, d.C);
-  TORCH_CHECK(activation >= 0 && activation <= 4, "fusedreg::batch_norm: unknown activation code ", activation);
-  b.seed = bn_seed(seed);
-  std::tie(b.scale, b.shift) = bn_affine(b.invstd, weight, bias);
-  b.g = Geometry{d.N, d.C, d.S, channels_last};
-  return b;
-}
-
-template <typename acc_t>
-Vecs<acc_t> vecs_of(const BwdInputs& b) {
-  return Vecs<acc_t>{b.mean.const_data_ptr<acc_t>(), b.invstd.const_data_ptr<acc_t>(), b.scale.const_data_ptr<acc_t>(),
-                     b.shift.const_data_ptr<acc_t>()};
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cuda(
@@ -359,15 +317,15 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cuda(
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
     const at::Tensor& invstd, int64_t activation, double p, const at::Tensor& seed, bool channels_last) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const BwdInputs b = bwd_inputs(dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last);
-  at::Tensor sum_dz = at::zeros({b.g.C}, b.mean.options());
-  at::Tensor sum_dzx = at::zeros({b.g.C}, b.mean.options());
+  const BnInputs b = bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last, at::kCUDA);
+  at::Tensor sum_dz = at::zeros({b.d.C}, b.mean.options());
+  at::Tensor sum_dzx = at::zeros({b.d.C}, b.mean.options());
   if (b.x.numel() == 0) return {sum_dz, sum_dzx};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
-      reduce<false, A, scalar_t>(b.dy, b.x, b.residual, vecs_of<acc_t>(b), b.g, static_cast<float>(p), b.seed, sum_dz,
-                                 sum_dzx);
+      reduce<false, A, scalar_t>(b.dy, b.x, b.residual, vecs_of<acc_t>(b), geometry_of(b, channels_last),
+                                 static_cast<float>(p), b.seed, sum_dz, sum_dzx);
     });
   });
   return {sum_dz, sum_dzx};
@@ -380,18 +338,14 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_elemt_cuda(
     int64_t activation, double p, const at::Tensor& seed, bool channels_last, bool training,
     bool need_grad_input, bool need_grad_residual) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const BwdInputs b = bwd_inputs(dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last);
+  const BnInputs b = bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last, at::kCUDA);
   at::Tensor gx = need_grad_input ? at::empty_like(b.x) : at::empty({0}, b.x.options());
   at::Tensor gr = need_grad_residual ? at::empty_like(b.x) : at::empty({0}, b.x.options());
   const int64_t total = b.x.numel();
   if (total == 0 || !(need_grad_input || need_grad_residual)) return {gx, gr};
   const bool use_sums = training && need_grad_input;
   at::Tensor s1, s2;
-  if (use_sums) {
-    TORCH_CHECK(count > 0, "fusedreg::batch_norm_bwd_elemt: count must be positive in training");
-    s1 = bn_vec(sum_dz_in, "sum_dz", b.x, b.g.C);
-    s2 = bn_vec(sum_dzx_in, "sum_dz_xhat", b.x, b.g.C);
-  }
+  if (use_sums) std::tie(s1, s2) = bn_sums(sum_dz_in, sum_dzx_in, count, b);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_elemt_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
@@ -399,8 +353,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_elemt_cuda(
           b.dy.const_data_ptr<scalar_t>(), b.x.const_data_ptr<scalar_t>(),
           b.residual.defined() ? b.residual.const_data_ptr<scalar_t>() : nullptr, vecs_of<acc_t>(b),
           use_sums ? s1.const_data_ptr<acc_t>() : nullptr, use_sums ? s2.const_data_ptr<acc_t>() : nullptr,
-          use_sums ? static_cast<acc_t>(1.0 / count) : acc_t(0), b.g, total, static_cast<float>(p),
-          static_cast<acc_t>(dropout_scale(static_cast<float>(p))), b.seed, use_sums,
+          use_sums ? static_cast<acc_t>(1.0 / count) : acc_t(0), geometry_of(b, channels_last), total,
+          static_cast<float>(p), static_cast<acc_t>(dropout_scale(static_cast<float>(p))), b.seed, use_sums,
           need_grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr,
           need_grad_residual ? gr.mutable_data_ptr<scalar_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -319,18 +319,18 @@ class BatchNormFunction(torch.autograd.Function):
     view made inside a Function could not be modified in place, as ResNet's inplace ReLU
     does) and ``fusedreg.functional.batch_norm`` / ``batch_norm_act`` check the arguments."""
 
+    # forward takes ctx (no setup_context): Function.apply binds the arguments to forward's
+    # signature on every call of a Function with a setup_context, which cost more than a small
+    # batch's kernels. torch.func transforms do not reach this Function (fusedreg.functional
+    # routes them to the differentiable composite); torch.compile traces it either way.
     @staticmethod
-    def forward(xs, rs, weight, bias, running_mean, running_var, seed, config: BatchNormConfig):
-        y, mean, var, _ = _forward(xs, rs, weight, bias, seed, config, _local_stats,
-                                   running_mean, running_var)
-        return y, mean, var
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        xs, rs, weight, bias, running_mean, running_var, seed, config = inputs
-        _, mean, var = output
+    def forward(ctx, xs, rs, weight, bias, running_mean, running_var, seed,
+                config: BatchNormConfig):
+        y, mean, var, invstd = _forward(xs, rs, weight, bias, seed, config, _local_stats,
+                                        running_mean, running_var)
         ctx.mark_non_differentiable(mean, var)
-        _setup(ctx, xs, rs, weight, bias, seed, config, mean, torch.rsqrt(var + config.eps))
+        _setup(ctx, xs, rs, weight, bias, seed, config, mean, invstd)
+        return y, mean, var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
@@ -385,22 +385,29 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
 
 def batch_norm_act(x, residual, weight, bias, running_mean, running_var, seed,
-                   config: BatchNormConfig, group=None):
+                   config: BatchNormConfig, group=None, autograd: bool = True):
     """(y, mean, var, count): the Function over x (N, C, *spatial) in any memory layout, the
-    storage views made outside it; with ``group`` (training) the SyncBatchNorm Function.
-    y has x's layout when x is channels-last, else it is contiguous. count: the number of
-    values per channel behind mean and var (over every rank with ``group``)."""
+    storage views made outside it; with ``group`` (training) the SyncBatchNorm Function;
+    without ``autograd`` (nothing needs a gradient) the registered ops alone, as the Function's
+    forward runs them. y has x's layout when x is channels-last, else it is contiguous. count:
+    the number of values per channel behind mean and var (over every rank with ``group``)."""
     cl = storage_layout(x)
-    config = config._replace(channels_last=cl)
+    if cl != config.channels_last:
+        config = config._replace(channels_last=cl)
     xs = to_storage(x, cl)
     rs = to_storage(residual, cl) if residual is not None else None
+    C = x.shape[1]
     if group is not None:
         count_t = torch.zeros((), dtype=torch.float64)
         y, mean, var = SyncBatchNormFunction.apply(xs, rs, weight, bias, group, count_t, seed,
                                                    config)
         count = float(count_t)
     else:
-        y, mean, var = BatchNormFunction.apply(xs, rs, weight, bias, running_mean, running_var,
-                                               seed, config)
-        count = x.numel() // x.shape[1] if x.shape[1] else 0
+        if autograd:
+            y, mean, var = BatchNormFunction.apply(xs, rs, weight, bias, running_mean,
+                                                   running_var, seed, config)
+        else:
+            y, mean, var, _ = _forward(xs, rs, weight, bias, seed, config, _local_stats,
+                                       running_mean, running_var)
+        count = x.numel() // C if C else 0
     return from_storage(y, x.shape, cl), mean, var, count

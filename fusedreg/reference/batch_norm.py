@@ -49,7 +49,12 @@ def batch_norm_stats(x, channels_last: bool):
     """x: stored (N, C, S) or (N, S, C). Returns (mean, var) per channel, biased, (C,), in
     the compute dtype."""
     xl = _logical(x, channels_last).to(compute_dtype(x.dtype))
-    mean = xl.mean(dim=(0, 2))
+    if xl.numel() == 0:
+        mean = xl.mean(dim=(0, 2))
+    else:  # the mean of the deviations from each channel's first value: a mean of 1e3 with a
+        # std of 1e-2 keeps its digits (a plain float32 mean rounds at 1e3's ulp)
+        k = xl[0, :, 0]
+        mean = k + (xl - _bc(k)).mean(dim=(0, 2))
     var = (xl - _bc(mean)).square().mean(dim=(0, 2))
     return mean, var
 
@@ -108,3 +113,32 @@ def batch_norm_bwd_elemt(dy, x, residual, weight, bias, mean, invstd, sum_dz, su
     else:
         grad_x = empty
     return grad_x, grad_res
+
+
+def batch_norm_composite(x, running_mean, running_var, weight, bias, training: bool, eps: float,
+                         activation: int, residual, p: float, seed):
+    """(y, mean, var) for x (N, C, *spatial) in its logical shape (any layout), as one
+    differentiable expression of x, residual, weight and bias (the statistics too in training:
+    torch's batch_norm differentiates through them): what runs under torch.func transforms and
+    forward-mode AD. mean and the biased var are the batch's in training (in the compute
+    type, for the caller's running-stat update), the running ones in eval. ``seed`` is an
+    int64 tensor (batched under vmap) or an int; the mask is indexed by the logical position,
+    as in the kernels."""
+    ct = compute_dtype(x.dtype)
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    xc = x.to(ct)
+    if training:
+        dims = (0,) + tuple(range(2, x.dim()))
+        mean = xc.mean(dims)
+        var = (xc - mean.view(shape)).square().mean(dims)
+    else:
+        mean, var = running_mean.to(ct), running_var.to(ct)
+    z = (xc - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)
+    if weight is not None:
+        z = z * weight.to(ct).view(shape)
+    if bias is not None:
+        z = z + bias.to(ct).view(shape)
+    if residual is not None:
+        z = z + residual.to(ct)
+    y = apply_dropout(activate(z, activation), p, seed)
+    return y.to(x.dtype), mean, var

@@ -1,5 +1,5 @@
-// Host-side argument checks of the batch_norm ops, shared by csrc/cpu/batch_norm.cpp and
-// csrc/cuda/batch_norm.cu (ATen only, no kernels).
+// Host-side argument checks and input preparation of the batch_norm ops, shared by
+// csrc/cpu/batch_norm.cpp and csrc/cuda/batch_norm.cu (ATen only, no kernels).
 //
 // x is stored as a contiguous (N, C, S) tensor, or (N, S, C) when channels_last
 // (fusedreg/ops/batch_norm.py); residual, dy like x; mean, invstd, weight, bias, the backward
@@ -8,7 +8,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
+#include <tuple>
 #include <utility>
 
 namespace fusedreg {
@@ -68,6 +70,68 @@ inline std::pair<at::Tensor, at::Tensor> bn_affine(const at::Tensor& invstd, con
   at::Tensor scale = weight.defined() ? invstd * weight : invstd.clone();
   at::Tensor shift = bias.defined() ? bias.clone() : at::zeros_like(invstd);
   return {scale.contiguous(), shift.contiguous()};
+}
+
+// The statistics op's checked input and its outputs: (C,) mean and var in the compute type,
+// NaN for an empty batch (``empty`` then says there is nothing left to compute).
+struct BnStatsIO {
+  at::Tensor x, mean, var;
+  BnDims d;
+  bool empty;
+};
+
+inline BnStatsIO bn_stats_io(const at::Tensor& x_in, bool channels_last, at::DeviceType device_type) {
+  bn_check_x(x_in, device_type);
+  BnStatsIO io;
+  io.d = bn_dims(x_in, channels_last);
+  io.x = x_in.contiguous();
+  const auto ct = bn_compute_type(io.x.scalar_type());
+  io.mean = at::empty({io.d.C}, io.x.options().dtype(ct));
+  io.var = at::empty({io.d.C}, io.x.options().dtype(ct));
+  io.empty = io.d.C == 0 || io.d.N * io.d.S == 0;
+  if (io.d.C != 0 && io.empty) {
+    io.mean.fill_(NAN);
+    io.var.fill_(NAN);
+  }
+  return io;
+}
+
+// The checked, contiguous inputs of batch_norm_fwd (dy undefined), batch_norm_bwd_reduce and
+// batch_norm_bwd_elemt, with the per-channel affine map folded from invstd, weight and bias.
+struct BnInputs {
+  at::Tensor dy, x, residual, mean, invstd, scale, shift;
+  BnDims d;
+  uint64_t seed;
+};
+
+inline BnInputs bn_inputs(const at::Tensor* dy, const at::Tensor& x_in,
+                          const std::optional<at::Tensor>& residual_in,
+                          const std::optional<at::Tensor>& weight_in,
+                          const std::optional<at::Tensor>& bias_in, const at::Tensor& mean_in,
+                          const at::Tensor& invstd_in, int64_t activation, const at::Tensor& seed,
+                          bool channels_last, at::DeviceType device_type) {
+  bn_check_x(x_in, device_type);
+  BnInputs b;
+  b.d = bn_dims(x_in, channels_last);
+  b.x = x_in.contiguous();
+  if (dy != nullptr) b.dy = bn_like_x(*dy, "dy", b.x);
+  b.residual = bn_like_x(residual_in, "residual", b.x);
+  const at::Tensor weight = bn_vec(weight_in, "weight", b.x, b.d.C);
+  const at::Tensor bias = bn_vec(bias_in, "bias", b.x, b.d.C);
+  b.mean = bn_vec(mean_in, "mean", b.x, b.d.C);
+  b.invstd = bn_vec(invstd_in, "invstd", b.x, b.d.C);
+  TORCH_CHECK(activation >= 0 && activation <= 4, "fusedreg::batch_norm: unknown activation code ",
+              activation);
+  b.seed = bn_seed(seed);
+  std::tie(b.scale, b.shift) = bn_affine(b.invstd, weight, bias);
+  return b;
+}
+
+// The backward sums of batch_norm_bwd_elemt in training (count > 0), checked like the vectors.
+inline std::pair<at::Tensor, at::Tensor> bn_sums(const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat,
+                                                 double count, const BnInputs& b) {
+  TORCH_CHECK(count > 0, "fusedreg::batch_norm_bwd_elemt: count must be positive in training");
+  return {bn_vec(sum_dz, "sum_dz", b.x, b.d.C), bn_vec(sum_dz_xhat, "sum_dz_xhat", b.x, b.d.C)};
 }
 
 }  // namespace fusedreg
