@@ -58,14 +58,15 @@ AUTO: dict[str, dict[str, tuple[str, ...]]] = {
 # ops (statistics, 1/std, the kernel, the running-stat update) where torch's is one, so torch
 # wins small tensors: in training up to 32K elements without grad (2.5-5x at 4K, 1.2x at
 # 32K, the fused call 1.6x faster at 100K) and up to 100K with grad (1.1-1.4x there, fused
-# 1.1-2x faster from 262K); in eval torch's own kernel is as fast as the fused one or faster
+# 1.1-2x faster from 262K) at one thread; with two threads (the default here) torch's plain
+# call with grad was as fast up to about 2**18 and slower from 2**19, hence 2**19; in eval torch's own kernel is as fast as the fused one or faster
 # at every size for a plain call (1.15-2.6x without grad, within noise with grad from 1.6M),
 # and the composite wins the act call below 262K without grad and below about 1M with grad.
 _EVERY = 1 << 62  # torch's op at every size
 AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
     "layer_norm": {"cpu": (1 << 19, 1 << 19)},
     "rms_norm": {"cpu": (0, 4096)},
-    "batch_norm": {"cpu": (1 << 16, 1 << 17)},
+    "batch_norm": {"cpu": (1 << 16, 1 << 19)},
     "batch_norm_eval": {"cpu": (_EVERY, _EVERY)},
     "batch_norm_act": {"cpu": (1 << 16, 1 << 18)},
     "batch_norm_act_eval": {"cpu": (1 << 18, 1 << 20)},
