@@ -61,6 +61,7 @@ _is_compiling, _is_tracing, _is_grad_enabled = (torch.compiler.is_compiling, tor
 _auto_torch_limits = backends.auto_torch_limits
 _FINFO_EPS = {_F32: float(torch.finfo(_F32).eps), _F64: float(torch.finfo(_F64).eps)}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_SHAPE_TYPES = (tuple, torch.Size, list)  # normalized_shape forms the small-norm path takes
 
 
 # How a call runs (``_route``): the registered forward op alone when nothing needs a gradient
@@ -274,7 +275,8 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
 
     Recognised here, before ``_norm``'s checks (a small call's budget is about a microsecond),
     is only the common case: an exact torch.Tensor x, float32 or float64 (the dtypes that CPU
-    autocast leaves alone), on CPU; a tuple of one int for normalized_shape; weight and bias
+    autocast leaves alone), on CPU; a tuple, torch.Size or list of one int for normalized_shape
+    (``self.weight.shape`` is common in models' own norms); weight and bias
     None or plain tensors (rms_norm's weight on CPU and of x's dtype); eps a finite float (None
     for rms_norm); eager (no torch.compile or jit trace, no forward-mode AD level, no torch.func
     transform), so that the route would be the registered op or the Function. The rest of
@@ -294,7 +296,7 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
             return None
         grad = grad or bias.requires_grad
     if x.numel() >= limits[1 if grad and _is_grad_enabled() else 0] or not x.is_cpu \
-            or type(normalized_shape) is not tuple or len(normalized_shape) != 1 \
+            or type(normalized_shape) not in _SHAPE_TYPES or len(normalized_shape) != 1 \
             or type(normalized_shape[0]) is not int:
         return None
     dtype = x.dtype

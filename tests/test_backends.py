@@ -239,6 +239,9 @@ def _small_norm_cases(dtype=torch.float32):
     return [  # (name, fusedreg call, torch call, (x, w, b))
         ("layer_norm", lambda F, x, w, b: F.layer_norm(x, (8,), w, b, 1e-5), (x, w, b)),
         ("layer_norm no affine", lambda F, x, w, b: F.layer_norm(x, (8,)), (x, w, b)),
+        # normalized_shape as models' own norms pass it: weight.shape (a torch.Size), a list
+        ("layer_norm Size", lambda F, x, w, b: F.layer_norm(x, w.shape, w, b, 1e-5), (x, w, b)),
+        ("layer_norm list", lambda F, x, w, b: F.layer_norm(x, [8], w, b, 1e-5), (x, w, b)),
         ("rms_norm", lambda F, x, w, b: F.rms_norm(x, (8,), w), (x, w, b)),
     ]
 
@@ -321,3 +324,19 @@ def test_auto_small_norm_route_is_eager_only(fused_calls):
     g = torch.func.grad(lambda x: F.layer_norm(x, (8,), w, b).square().sum())(x)
     torch.testing.assert_close(g, torch.func.grad(lambda x: TF.layer_norm(x, (8,), w, b).square().sum())(x))
     assert len(fused_calls) == before  # the differentiable composite, not torch's op either
+
+
+@pytest.mark.parametrize("shape_of", [tuple, list, torch.Size], ids=["tuple", "list", "Size"])
+def test_small_norm_takes_the_short_path_for_each_shape_form(monkeypatch, shape_of):
+    """A small plain norm under auto skips fusedreg's full checks (torch's op checks the
+    rest) whatever form normalized_shape has: models' own norms pass ``self.weight.shape``.
+    The full path is made to fail here, so a call that reaches it fails the test."""
+    from fusedreg import functional as F
+
+    def full_path(*args, **kwargs):
+        raise AssertionError("the small call went through the full checks")
+
+    monkeypatch.setattr(F, "_norm", full_path)
+    x, w, b = torch.randn(3, 8, requires_grad=True), torch.randn(8), torch.randn(8)
+    y = F.layer_norm(x, shape_of((8,)), w, b)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,), w, b), rtol=0, atol=0)

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import fusedreg
 import fusedreg.bench
 from fusedreg.bench import bias_dropout as bench_bd
 from fusedreg.bench import report
@@ -185,10 +186,11 @@ def test_saved_for_backward_counts_what_autograd_keeps():
     x, b, r = (torch.randn(64, 32, requires_grad=True), torch.randn(32, requires_grad=True),
                torch.randn(64, 32, requires_grad=True))
     # fusedreg keeps the inputs it needs and an 8-byte seed: never a mask
-    saved, kept = bench_bd.saved_for_backward(bench_bd._fused("reference", None), (x, b, r))
-    assert (saved, kept) == (8, ["bias"])
-    saved, kept = bench_bd.saved_for_backward(bench_bd._fused("reference", "gelu"), (x, b, r))
-    assert (saved, kept) == (8, ["bias", "x"])
+    with fusedreg.use_backend("reference"):
+        saved, kept = bench_bd.saved_for_backward(bench_bd._fused(None), (x, b, r))
+        assert (saved, kept) == (8, ["bias"])
+        saved, kept = bench_bd.saved_for_backward(bench_bd._fused("gelu"), (x, b, r))
+        assert (saved, kept) == (8, ["bias", "x"])
     # eager GELU keeps x + bias (a new tensor as large as x) and dropout its mask
     saved, _ = bench_bd.saved_for_backward(bench_bd._eager("gelu"), (x, b, r))
     assert saved > x.numel() * x.element_size()

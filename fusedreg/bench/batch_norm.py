@@ -46,15 +46,15 @@ def _sizes(ctx: Context):
     return _SIZES[ctx.quick]
 
 
-def _fused(variant, backend):
+def _fused(variant):
+    """fusedreg's call; the caller scopes the backend around the timing (fusedreg.use_backend)."""
     def fn(x, r, w, b, rm, rv):
-        with fusedreg.use_backend(backend):
-            if variant == "batch_norm":
-                return fusedreg.functional.batch_norm(x, rm, rv, w, b, True)
-            if variant == "batch_norm_act":
-                return fusedreg.functional.batch_norm_act(x, rm, rv, w, b, True,
-                                                          activation="relu", residual=r)
-            return fusedreg.functional.batch_norm(x, rm, rv, w, b, False)
+        if variant == "batch_norm":
+            return fusedreg.functional.batch_norm(x, rm, rv, w, b, True)
+        if variant == "batch_norm_act":
+            return fusedreg.functional.batch_norm_act(x, rm, rv, w, b, True,
+                                                      activation="relu", residual=r)
+        return fusedreg.functional.batch_norm(x, rm, rv, w, b, False)
     return fn
 
 
@@ -126,8 +126,9 @@ def _case(ctx, variant, shape, layout, dtype, fused) -> list[Row]:
 
     rows = []
     for backend in fused or ["reference"]:
-        rows += measure(f"fusedreg[{backend}]", _fused(variant, backend),
-                        "" if fused else "no fused backend built for this device")
+        with fusedreg.use_backend(backend):  # around the timing, not inside each timed call
+            rows += measure(f"fusedreg[{backend}]", _fused(variant),
+                            "" if fused else "no fused backend built for this device")
     eager = _eager(variant)
     rows += measure("torch eager", eager)
     torch._dynamo.reset()
@@ -162,7 +163,10 @@ def _train_step_rows(ctx, dtype, fused) -> list[Row]:
     y = torch.randint(0, 10, (batch,), device=ctx.device)
     targets = fusedreg.nn.batchnorm_patch_targets()
     rows = []
-    for impl, backend in [("torch eager", None)] + [(f"fusedreg[{b}]", b) for b in fused]:
+    # fusedreg[auto]: what fusedreg.patch gives by default (small BatchNorms are torch's op)
+    impls = [("torch eager", None)] + [(f"fusedreg[{b}]", b) for b in fused]
+    impls += [("fusedreg[auto]", "auto")] if fused else []
+    for impl, backend in impls:
         model = copy.deepcopy(base)
         if backend is not None:
             for m in model.modules():
@@ -175,13 +179,8 @@ def _train_step_rows(ctx, dtype, fused) -> list[Row]:
             F.cross_entropy(model(x), y).backward()
             opt.step()
 
-        def run():
-            if backend is None:
-                return step()
-            with fusedreg.use_backend(backend):
-                return step()
-
-        rows.append(ctx.row(OP, case, dtype, impl, "step", ctx.time(run), 0))
+        with fusedreg.use_backend(backend or "auto"):  # around the timing
+            rows.append(ctx.row(OP, case, dtype, impl, "step", ctx.time(step), 0))
     return rows
 
 

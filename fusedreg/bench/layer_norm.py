@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import fusedreg
 
+from .. import backends
 from .harness import Context, Row, Timing, fused_backends
 from .limits import Pattern
 
@@ -72,14 +73,14 @@ def _minimal_bytes(variant, M, N, itemsize) -> dict:
 
 # ---- candidates: fn(x, residual, weight, bias) -> y ------------------------------------------
 
-def _fused(variant, backend):
+def _fused(variant):
+    """fusedreg's call; the caller scopes the backend around the timing (fusedreg.use_backend)."""
     def fn(x, r, w, b):
-        with fusedreg.use_backend(backend):
-            if variant == "layer_norm":
-                return fusedreg.functional.layer_norm(x, w.shape, w, b)
-            if variant == "rms_norm":
-                return fusedreg.functional.rms_norm(x, w.shape, w)
-            return fusedreg.functional.dropout_add_layer_norm(x, r, w, b, p=P)
+        if variant == "layer_norm":
+            return fusedreg.functional.layer_norm(x, w.shape, w, b)
+        if variant == "rms_norm":
+            return fusedreg.functional.rms_norm(x, w.shape, w)
+        return fusedreg.functional.dropout_add_layer_norm(x, r, w, b, p=P)
     return fn
 
 
@@ -178,8 +179,14 @@ def _case(ctx, variant, M, N, dtype, fused) -> list[Row]:
 
     rows = []
     for backend in fused or ["reference"]:
-        rows += measure(f"fusedreg[{backend}]", _fused(variant, backend),
-                        "" if fused else "no fused backend built for this device")
+        with fusedreg.use_backend(backend):  # around the timing, not inside each timed call
+            rows += measure(f"fusedreg[{backend}]", _fused(variant),
+                            "" if fused else "no fused backend built for this device")
+    if ctx.sweep and fused and backends.AUTO_TORCH_BELOW.get(variant, {}).get(ctx.device.type):
+        # what a user gets by default: under auto a small plain norm is torch's own op
+        # (backends.AUTO_TORCH_BELOW), so the sweep shows auto beside the named backend
+        with fusedreg.use_backend("auto"):
+            rows += measure("fusedreg[auto]", _fused(variant))
     eager = _eager(variant)
     rows += measure("torch eager", eager)
     for name, fn in _peers(variant, ctx.device):
