@@ -53,6 +53,8 @@ except ImportError:  # pragma: no cover - every supported torch has it
         return None
 
 _Tensor, _F32, _F64 = torch.Tensor, torch.float32, torch.float64
+_BF16, _F16 = torch.bfloat16, torch.float16
+_autocast_on = torch.is_autocast_enabled
 _INF = math.inf
 # bound once: _torch_small_norm's budget is about a microsecond (Dynamo knows these functions
 # by identity, whatever name they are called through)
@@ -275,7 +277,8 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
 
     Recognised here, before ``_norm``'s checks (a small call's budget is about a microsecond),
     is only the common case: an exact torch.Tensor x, float32 or float64 (the dtypes that CPU
-    autocast leaves alone), on CPU; a tuple, torch.Size or list of one int for normalized_shape
+    autocast leaves alone) — or float16/bfloat16 for layer_norm outside CPU autocast, under
+    the "layer_norm_half" entry — on CPU; a tuple, torch.Size or list of one int for normalized_shape
     (``self.weight.shape`` is common in models' own norms); weight and bias
     None or plain tensors (rms_norm's weight on CPU and of x's dtype); eps a finite float (None
     for rms_norm); eager (no torch.compile or jit trace, no forward-mode AD level, no torch.func
@@ -295,16 +298,23 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
         if type(bias) not in _PLAIN:
             return None
         grad = grad or bias.requires_grad
+    dtype = x.dtype
+    if dtype is not _F32 and dtype is not _F64:
+        # float16/bfloat16 (layer_norm): its own AUTO_TORCH_BELOW entry, and only outside CPU
+        # autocast, whose dtype rules _norm follows
+        if (dtype is not _BF16 and dtype is not _F16) or _autocast_on("cpu"):
+            return None
+        limits = _auto_torch_limits(norm + "_half", "cpu")
+        if limits is None:
+            return None
     if x.numel() >= limits[1 if grad and _is_grad_enabled() else 0] or not x.is_cpu \
             or type(normalized_shape) not in _SHAPE_TYPES or len(normalized_shape) != 1 \
             or type(normalized_shape[0]) is not int:
         return None
-    dtype = x.dtype
-    if dtype is not _F32 and dtype is not _F64:
-        return None
     # What is left unchecked here torch's op checks before its kernel runs: the layouts,
     # normalized_shape against the shapes and, for layer_norm, the weight's and bias's device
-    # and dtype (torch's CPU layer_norm takes no other dtype than a float32/float64 x's; its
+    # and dtype (torch's CPU layer_norm takes x's dtype, or float32 with a float16/bfloat16 x,
+    # fusedreg's rule too; its
     # rms_norm takes any, with another result dtype than fusedreg's rule, so they are checked
     # here). When it raises, ``_norm``'s checks raise fusedreg's error.
     try:

@@ -340,3 +340,30 @@ def test_small_norm_takes_the_short_path_for_each_shape_form(monkeypatch, shape_
     x, w, b = torch.randn(3, 8, requires_grad=True), torch.randn(8), torch.randn(8)
     y = F.layer_norm(x, shape_of((8,)), w, b)
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,), w, b), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_auto_serves_half_layer_norm_with_torchs_op(fused_calls, dtype):
+    """float16/bfloat16 layer_norm under auto on CPU is torch's op at every size
+    (AUTO_TORCH_BELOW["layer_norm_half"]): torch's result bit for bit, torch's gradients; with
+    a float32 weight and bias too (torch's mixed rule); under CPU autocast, and with the
+    backend named, the fused path runs."""
+    from fusedreg import functional as F
+    import torch.nn.functional as TF
+
+    x = (torch.randn(64, 96) * 3 + 1).to(dtype)
+    for wdt in (dtype, torch.float32):
+        w, b = torch.randn(96, dtype=wdt), torch.randn(96, dtype=wdt)
+        ours = [t.clone().requires_grad_() for t in (x, w, b)]
+        theirs = [t.clone().requires_grad_() for t in (x, w, b)]
+        y, ref = F.layer_norm(ours[0], (96,), ours[1], ours[2]), TF.layer_norm(theirs[0], (96,), theirs[1], theirs[2])
+        assert y.dtype == ref.dtype == dtype and torch.equal(y, ref)
+        dy = torch.randn_like(y)
+        for a, c in zip(torch.autograd.grad(y, ours, dy), torch.autograd.grad(ref, theirs, dy)):
+            assert torch.equal(a, c)
+    assert fused_calls == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        F.layer_norm(x, (96,), w, b)
+    with fusedreg.use_backend(backends.resolve("layer_norm", torch.device("cpu"))):
+        F.layer_norm(x, (96,), w, b)
+    assert len(fused_calls) == 2
