@@ -55,7 +55,7 @@ if [ $# -eq 0 ]; then
   # the C++ kernels' tests, the Triton interpreter's cases left out (no C++ in them)
   set -- tests/test_bias_dropout.py tests/test_layer_norm.py tests/test_optim.py \
          tests/test_special_values.py tests/test_strides.py tests/test_op_validation.py \
-         tests/test_properties.py -k "not triton" -m "not slow"
+         tests/test_properties.py tests/test_batch_norm.py -k "not triton" -m "not slow"
 fi
 args=()
 for a in "$@"; do  # test paths are relative to the repository root
