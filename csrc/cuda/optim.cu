@@ -100,25 +100,31 @@ __device__ __forceinline__ void for_chunk(const TensorListArgs<DEPTH>& args, con
   }
 }
 
+// Element i of tensor t: load p, g and the moments (addr[0..4]), one adam_update in S, store.
+template <typename T, typename S, typename M, bool AMS, bool L1, int N>
+__device__ __forceinline__ void adam_element(const TensorListArgs<N>& args, int t, int64_t i,
+                                             const AdamConsts<S>& c, S neg_step_size, S bc2_sqrt) {
+  T* p = static_cast<T*>(args.addr[0][t]);
+  const T* g = static_cast<const T*>(args.addr[1][t]);
+  M* m = static_cast<M*>(args.addr[2][t]);
+  M* v = static_cast<M*>(args.addr[3][t]);
+  M* vm = static_cast<M*>(args.addr[4][t]);
+  S pv = static_cast<S>(p[i]), mv = static_cast<S>(m[i]), vv = static_cast<S>(v[i]);
+  S vmv = AMS ? static_cast<S>(vm[i]) : S(0);
+  adam_update<S, AMS, L1>(c, neg_step_size, bc2_sqrt, pv, static_cast<S>(g[i]), mv, vv, vmv);
+  p[i] = static_cast<T>(pv);
+  m[i] = static_cast<M>(mv);
+  v[i] = static_cast<M>(vv);
+  if (AMS) vm[i] = static_cast<M>(vmv);
+}
+
 // T: parameter and gradient type; S: compute type; M: state storage type (S, or T when the
 // state is kept in the parameter's dtype). Element i is the i-th of the tensor's storage
 // (dense in any layout; p, g and state share strides, checked on the host).
 template <typename T, typename S, typename M, bool AMS, bool L1>
 __global__ void __launch_bounds__(kThreads) adam_kernel(TensorListArgs<5> args, AdamConsts<S> c) {
   for_chunk<5>(args, [&](int t, int64_t i) {
-    T* p = static_cast<T*>(args.addr[0][t]);
-    const T* g = static_cast<const T*>(args.addr[1][t]);
-    M* m = static_cast<M*>(args.addr[2][t]);
-    M* v = static_cast<M*>(args.addr[3][t]);
-    M* vm = static_cast<M*>(args.addr[4][t]);
-    S pv = static_cast<S>(p[i]), mv = static_cast<S>(m[i]), vv = static_cast<S>(v[i]);
-    S vmv = AMS ? static_cast<S>(vm[i]) : S(0);
-    adam_update<S, AMS, L1>(c, S(args.scalar[0][t]), S(args.scalar[1][t]), pv,
-                            static_cast<S>(g[i]), mv, vv, vmv);
-    p[i] = static_cast<T>(pv);
-    m[i] = static_cast<M>(mv);
-    v[i] = static_cast<M>(vv);
-    if (AMS) vm[i] = static_cast<M>(vmv);
+    adam_element<T, S, M, AMS, L1>(args, t, i, c, S(args.scalar[0][t]), S(args.scalar[1][t]));
   });
 }
 
@@ -139,18 +145,7 @@ __global__ void __launch_bounds__(kThreads)
   const AdamBiasCorrection bc = adam_bias_correction(lr, h.beta1, h.beta2, step);
   const S nss = S(bc.neg_step_size), bc2 = S(bc.bc2_sqrt);
   for_chunk<6>(args, [&](int t, int64_t i) {
-    T* p = static_cast<T*>(args.addr[0][t]);
-    const T* g = static_cast<const T*>(args.addr[1][t]);
-    M* m = static_cast<M*>(args.addr[2][t]);
-    M* v = static_cast<M*>(args.addr[3][t]);
-    M* vm = static_cast<M*>(args.addr[4][t]);
-    S pv = static_cast<S>(p[i]), mv = static_cast<S>(m[i]), vv = static_cast<S>(v[i]);
-    S vmv = AMS ? static_cast<S>(vm[i]) : S(0);
-    adam_update<S, AMS, L1>(c, nss, bc2, pv, static_cast<S>(g[i]), mv, vv, vmv);
-    p[i] = static_cast<T>(pv);
-    m[i] = static_cast<M>(mv);
-    v[i] = static_cast<M>(vv);
-    if (AMS) vm[i] = static_cast<M>(vmv);
+    adam_element<T, S, M, AMS, L1>(args, t, i, c, nss, bc2);
   });
 }
 

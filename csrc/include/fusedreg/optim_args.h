@@ -263,23 +263,31 @@ using SgdImpl = void (*)(at::TensorList params, at::TensorList grads,
 using LionImpl = void (*)(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                           const LionHyper& h);
 
+// The ops' Adam arguments as the implementations' struct (both Adam ops build it here).
+inline AdamHyper adam_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
+                            double l1, bool l1_lr_scaled, bool amsgrad, bool maximize,
+                            bool decoupled, double inv_scale) {
+  return AdamHyper{.lr = lr,
+                   .beta1 = beta1,
+                   .beta2 = beta2,
+                   .eps = eps,
+                   .weight_decay = weight_decay,
+                   .l1 = l1,
+                   .l1_lr_scaled = l1_lr_scaled,
+                   .amsgrad = amsgrad,
+                   .maximize = maximize,
+                   .decoupled = decoupled,
+                   .inv_scale = inv_scale};
+}
+
 template <AdamImpl impl>
 void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                   at::ArrayRef<double> steps, double lr, double beta1, double beta2, double eps,
                   double weight_decay, double l1, bool l1_lr_scaled, bool amsgrad, bool maximize,
                   bool decoupled, double inv_scale) {
-  const AdamHyper h{.lr = lr,
-                    .beta1 = beta1,
-                    .beta2 = beta2,
-                    .eps = eps,
-                    .weight_decay = weight_decay,
-                    .l1 = l1,
-                    .l1_lr_scaled = l1_lr_scaled,
-                    .amsgrad = amsgrad,
-                    .maximize = maximize,
-                    .decoupled = decoupled,
-                    .inv_scale = inv_scale};
+  const AdamHyper h = adam_hyper(lr, beta1, beta2, eps, weight_decay, l1, l1_lr_scaled, amsgrad,
+                                 maximize, decoupled, inv_scale);
   check_hyper(h, steps);
   impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h);
 }
@@ -302,17 +310,9 @@ void adam_step_capturable_op(at::TensorList params, at::TensorList grads, at::Te
                              const std::optional<at::Tensor>& found_inf, double lr, double beta1,
                              double beta2, double eps, double weight_decay, double l1,
                              bool l1_lr_scaled, bool amsgrad, bool maximize, bool decoupled) {
-  const AdamHyper h{.lr = lr,
-                    .beta1 = beta1,
-                    .beta2 = beta2,
-                    .eps = eps,
-                    .weight_decay = weight_decay,
-                    .l1 = l1,
-                    .l1_lr_scaled = l1_lr_scaled,
-                    .amsgrad = amsgrad,
-                    .maximize = maximize,
-                    .decoupled = decoupled,
-                    .inv_scale = 1.0};
+  // inv_scale = 1: grad_scale, when given, is read on the device
+  const AdamHyper h = adam_hyper(lr, beta1, beta2, eps, weight_decay, l1, l1_lr_scaled, amsgrad,
+                                 maximize, decoupled, 1.0);
   check_hyper(h, {}, "fusedreg::adam_step_capturable");
   check_capturable("fusedreg::adam_step_capturable", params, steps, lr_tensor, grad_scale,
                    found_inf);
