@@ -68,6 +68,28 @@ def _min_time(fn, calls):
     return best
 
 
+def _crossover_pair(tfn, ffn, args, mode, reps, rounds, no_grad=False):
+    """(torch's, the fused call's) fastest time of ``f(*args)`` ("no_grad": the forward, inside
+    ``torch.no_grad()`` when ``no_grad``; "fwd+bwd": forward and backward of its sum), the two
+    interleaved over ``rounds``, with the cpu backend named."""
+    def run(f):
+        if mode != "no_grad":
+            return lambda: f(*args).sum().backward()
+        if not no_grad:
+            return lambda: f(*args)
+
+        def ng():
+            with torch.no_grad():
+                f(*args)
+        return ng
+    t_torch = t_fused = float("inf")
+    with fusedreg.use_backend("cpu"):
+        for _ in range(rounds):
+            t_torch = min(t_torch, _min_time(run(tfn), reps))
+            t_fused = min(t_fused, _min_time(run(ffn), reps))
+    return t_torch, t_fused
+
+
 def measure(rows=4, cols=768, calls=300, rounds=5):
     cases, plain, grads = _cases(rows, cols)
     rows_out = []
@@ -118,15 +140,7 @@ def crossover(calls=200, rounds=3, cols=(768, 4096), rows=(1, 2, 4, 8, 16, 64, 2
                         return F.rms_norm(x, (n,), w)
                 reps = max(5, min(calls, 20_000_000 // (m * n)) // rounds)
                 for mode, args in (("no_grad", (x, w, b)), ("fwd+bwd", grads)):
-                    def run(f, args=args, mode=mode):
-                        if mode == "no_grad":
-                            return lambda: f(*args)
-                        return lambda: f(*args).sum().backward()
-                    t_torch = t_fused = float("inf")
-                    with fusedreg.use_backend("cpu"):
-                        for _ in range(rounds):
-                            t_torch = min(t_torch, _min_time(run(tfn), reps))
-                            t_fused = min(t_fused, _min_time(run(ffn), reps))
+                    t_torch, t_fused = _crossover_pair(tfn, ffn, args, mode, reps, rounds)
                     out.append((norm, m, n, m * n, mode, t_torch * 1e6, t_fused * 1e6,
                                 t_fused / t_torch))
     return out
@@ -231,18 +245,8 @@ def crossover_batch_norm(calls=200, rounds=3, shapes=BN_CROSSOVER_SHAPES):
                 plain = (x, r, w, b)
                 grads = tuple(t.clone().requires_grad_() for t in plain)
                 for mode, args in (("no_grad", plain), ("fwd+bwd", grads)):
-                    def run(f, args=args, mode=mode):
-                        if mode == "no_grad":
-                            def ng():
-                                with torch.no_grad():
-                                    f(*args)
-                            return ng
-                        return lambda: f(*args).sum().backward()
-                    t_torch = t_fused = float("inf")
-                    with fusedreg.use_backend("cpu"):
-                        for _ in range(rounds):
-                            t_torch = min(t_torch, _min_time(run(tfn), reps))
-                            t_fused = min(t_fused, _min_time(run(ffn), reps))
+                    t_torch, t_fused = _crossover_pair(tfn, ffn, args, mode, reps, rounds,
+                                                       no_grad=True)
                     out.append((table, shape, x.numel(), mode, t_torch * 1e6, t_fused * 1e6,
                                 t_fused / t_torch))
     return out
