@@ -81,18 +81,24 @@ def _route(*tensors) -> int:
     _FUNCTION. While torch.compile or torch.jit.trace traces, always _TRACED, which runs the
     Function (Dynamo traces the Function and handles the transforms it traces itself; a jit
     trace must record the same graph whether or not its check run needs gradients)."""
-    if torch.compiler.is_compiling() or torch._C._is_tracing():
+    if _is_compiling() or _is_tracing():
         return _TRACED
     if _forward_ad._current_level >= 0:
         return _COMPOSITE
-    grad = False
-    transformed = _functorch_level() is not None  # a torch.func transform is active
+    if _functorch_level() is not None:  # a torch.func transform is active
+        grad = False
+        for t in tensors:
+            if t is not None:
+                if _is_functorch_wrapped(t):
+                    return _COMPOSITE
+                grad = grad or t.requires_grad
+        return _FUNCTION if grad and _is_grad_enabled() else _OP
+    if not _is_grad_enabled():  # no_grad / inference: nothing records a backward
+        return _OP
     for t in tensors:
-        if t is not None:
-            if transformed and _is_functorch_wrapped(t):
-                return _COMPOSITE
-            grad = grad or t.requires_grad
-    return _FUNCTION if grad and torch.is_grad_enabled() else _OP
+        if t is not None and t.requires_grad:
+            return _FUNCTION
+    return _OP
 
 
 def _common_dtype(*tensors):
@@ -144,23 +150,31 @@ def bias_dropout(x, bias=None, residual=None, p: float = 0.5, training: bool = T
                                      training=training, activation=activation, seed=seed)
     check_tensor(x, "x")
     p = check_probability(p)
-    check_bool(training, "training")
+    if type(training) is not bool:
+        check_bool(training, "training")
     act = activation_code(activation)
-    check_seed(seed)
+    if seed is not None:
+        check_seed(seed)
+    dtype = x.dtype
+    mixed = False  # an operand of another dtype: type promotion below
     if bias is not None:
         if x.dim() == 0:
             raise ShapeError("x must have at least one dimension when a bias is given")
-        check_like(bias, "bias", x, "x", shape=(x.shape[-1],), same_dtype=False)
+        check_like(bias, "bias", x, "x", shape=x.shape[-1:], same_dtype=False)
+        mixed = bias.dtype is not dtype
     if residual is not None:
         check_like(residual, "residual", x, "x", shape=x.shape, same_dtype=False)
-    residual = _distinct(residual, x, bias)
-    dtype = _common_dtype(x, bias, residual)
-    if x.dtype != dtype:
-        x = x.to(dtype)
-    if bias is not None and bias.dtype != dtype:
-        bias = bias.to(dtype)
-    if residual is not None and residual.dtype != dtype:
-        residual = residual.to(dtype)
+        mixed = mixed or residual.dtype is not dtype
+        if residual is x or residual is bias:
+            residual = _distinct(residual, x, bias)
+    if mixed:
+        dtype = _common_dtype(x, bias, residual)
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        if residual is not None and residual.dtype != dtype:
+            residual = residual.to(dtype)
     if not training:
         p = 0.0
     seed_t = seed_tensor(seed) if p > 0.0 else unused_seed()
@@ -182,8 +196,10 @@ def dropout(x, p: float = 0.5, training: bool = True, seed=None, inplace: bool =
                                      inplace=inplace)
     check_tensor(x, "x")
     p = check_probability(p)
-    check_bool(training, "training")
-    check_seed(seed)
+    if type(training) is not bool:
+        check_bool(training, "training")
+    if seed is not None:
+        check_seed(seed)
     if not training or p == 0.0:
         return x
     seed_t = seed_tensor(seed)
@@ -386,7 +402,8 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
             residual_in_fp32=residual_in_fp32, seed=seed)
     check_tensor(x, "x")
     p = check_probability(p)
-    check_seed(seed)
+    if seed is not None:
+        check_seed(seed)
     if not (type(training) is bool and type(prenorm) is bool and type(rms) is bool
             and type(residual_in_fp32) is bool):
         for flag, name in ((training, "training"), (prenorm, "prenorm"), (rms, "rms"),
@@ -400,7 +417,10 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
     _norm_params(x, weight, bias, shape)
     if residual is not None:
         check_norm_param(residual, "residual", x, x.shape)
-    residual, bias = _distinct(residual, x), _distinct(bias, weight)
+    if residual is x:
+        residual = _distinct(residual, x)
+    if bias is not None and bias is weight:
+        bias = _distinct(bias, weight)
     eps = _norm_eps(eps, x)
     if not training:
         p = 0.0

@@ -23,6 +23,7 @@ from ._common import Kernels, register_kernels  # noqa: F401  (Kernels: what is 
 __all__ = ["BiasDropoutConfig", "BiasDropoutFunction", "run_forward"]
 
 OP = "bias_dropout"
+_is_grad_enabled = torch.is_grad_enabled
 
 
 def bias_dropout_fwd(x: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], p: float,
@@ -82,10 +83,12 @@ class BiasDropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, residual, seed, config: BiasDropoutConfig):
         check_config(config)
-        out = run_forward(x, bias, residual, seed, config)
+        kernels = backends.implementation(OP, config.backend)
+        out = kernels.fwd(x, bias, residual, config.p, config.activation, seed)
         ctx.config = config
+        ctx.bwd = kernels.bwd  # looked up once, here (the backward is on a small call's path)
         ctx.has_bias = bias is not None
-        need_x, need_bias = ctx.needs_input_grad[:2]
+        need_x, need_bias, _, _, _ = ctx.needs_input_grad
         if need_x or need_bias:
             # x and the bias enter the backward only through act'(x + bias); without an
             # activation the bias is kept only for grad_bias's shape and dtype.
@@ -95,20 +98,21 @@ class BiasDropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        need_x, need_bias, need_residual = ctx.needs_input_grad[:3]
+        need_x, need_bias, need_residual, _, _ = ctx.needs_input_grad
         grad_x = grad_bias = None
         if need_x or need_bias:
             x, bias, seed = ctx.saved_tensors
             cfg = ctx.config
-            if torch.is_grad_enabled():  # create_graph: the gradient must be differentiable
+            if _is_grad_enabled():  # create_graph: the gradient must be differentiable
                 grad_x, grad_bias = _differentiable_backward(grad_out, x, bias, seed, cfg,
                                                              need_x, need_bias and ctx.has_bias)
                 return grad_x, grad_bias, grad_out if need_residual else None, None, None
-            bwd = backends.implementation(OP, cfg.backend).bwd
-            grad_x, grad_bias = bwd(grad_out, x, bias, cfg.p, cfg.activation, seed,
-                                    bool(need_bias and ctx.has_bias))
-            grad_x = grad_x if need_x else None
-            grad_bias = grad_bias if need_bias else None
+            grad_x, grad_bias = ctx.bwd(grad_out, x, bias, cfg.p, cfg.activation, seed,
+                                        need_bias and ctx.has_bias)
+            if not need_x:
+                grad_x = None
+            if not need_bias:
+                grad_bias = None
         return grad_x, grad_bias, grad_out if need_residual else None, None, None
 
 
@@ -118,6 +122,9 @@ def check_config(config) -> None:
     if not isinstance(config, BiasDropoutConfig):
         raise TypeError(f"config must be a BiasDropoutConfig, got {type(config).__name__}")
     p, activation, backend = config
+    if type(p) is float and 0.0 <= p <= 1.0 and type(activation) is int and activation in NAMES \
+            and type(backend) is str:  # what the functional API builds, checked fast
+        return
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         raise ValueError(f"BiasDropoutConfig.p must be a number in [0, 1], got {p!r}")
     if isinstance(activation, bool) or activation not in NAMES:

@@ -26,6 +26,9 @@ from ._common import register_kernels
 __all__ = ["LayerNormConfig", "LayerNormFunction", "run_forward"]
 
 OP = "layer_norm"
+_is_grad_enabled = torch.is_grad_enabled
+_INF = math.inf
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
@@ -87,10 +90,12 @@ def _stores_h(x, residual, config) -> bool:
     return config.prenorm or residual is not None or config.p > 0.0 or config.h_dtype != x.dtype
 
 
-def run_forward(x, residual, weight, bias, seed, config: LayerNormConfig, store_h=None):
+def run_forward(x, residual, weight, bias, seed, config: LayerNormConfig, store_h=None,
+                kernels=None):
     """``LayerNormFunction``'s forward without autograd, for arguments already checked (the
     functional API calls it directly when nothing needs a gradient); ``store_h`` is
-    ``_stores_h``'s answer when the caller has it."""
+    ``_stores_h``'s answer and ``kernels`` the backend's registered ops when the caller has
+    them."""
     if store_h is None:
         store_h = _stores_h(x, residual, config)
     if x.dim() == 2 and config.ndim == 1:  # already (M, N): no views to make
@@ -105,7 +110,7 @@ def run_forward(x, residual, weight, bias, seed, config: LayerNormConfig, store_
     # The ops take the residual in h's dtype (a bf16 residual with residual_in_fp32 is cast).
     if r2 is not None and r2.dtype != config.h_dtype:
         r2 = r2.to(config.h_dtype)
-    fwd = backends.implementation(OP, config.backend).fwd
+    fwd = (kernels or backends.implementation(OP, config.backend)).fwd
     y, h, mean, rstd = fwd(x2, r2, w, b, config.eps, config.p, seed, config.rms, config.h_dtype,
                            store_h)
     if x2 is x:
@@ -154,7 +159,9 @@ class LayerNormFunction(torch.autograd.Function):
     def forward(ctx, x, residual, weight, bias, seed, config: LayerNormConfig):
         check_config(config, x)
         stores_h = _stores_h(x, residual, config)
-        output = run_forward(x, residual, weight, bias, seed, config, stores_h)
+        kernels = backends.implementation(OP, config.backend)
+        output = run_forward(x, residual, weight, bias, seed, config, stores_h, kernels)
+        ctx.bwd = kernels.bwd  # looked up once, here (the backward is on a small call's path)
         _setup_context(ctx, (x, residual, weight, bias, seed, config), output, stores_h)
         return output
 
@@ -164,13 +171,13 @@ class LayerNormFunction(torch.autograd.Function):
         if not ctx.stores_h:  # h is an empty placeholder then: a grad for it carries nothing
             dh_out = None
         has_residual, has_weight, has_bias = ctx.has
-        need_x, need_residual, need_w, need_b = ctx.needs_input_grad[:4]
+        need_x, need_residual, need_w, need_b, _, _ = ctx.needs_input_grad
         need_residual = bool(need_residual and has_residual)
         need_w, need_b = bool(need_w and has_weight), bool(need_b and has_bias)
         if not (need_x or need_residual or need_w or need_b) or (dy is None and dh_out is None):
             return None, None, None, None, None, None
         h, w, b, mean, rstd, seed = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: the gradient must be differentiable
+        if _is_grad_enabled():  # create_graph: the gradient must be differentiable
             return _differentiable_backward(ctx, dy, dh_out, h, w, b, seed, need_x,
                                             need_residual, need_w, need_b)
         x_shape = ctx.x_shape
@@ -190,9 +197,8 @@ class LayerNormFunction(torch.autograd.Function):
         # grad_residual equals the grad of h; the op writes it separately only when it
         # differs from grad_x (dropout, or another dtype).
         separate = need_residual and (cfg.p > 0.0 or h.dtype != ctx.x_dtype)
-        bwd = backends.implementation(OP, cfg.backend).bwd
-        gx, gr, gw, gb = bwd(dy, dh_out, h, w, b, mean, rstd, cfg.p, seed, cfg.rms, ctx.x_dtype,
-                             separate, need_w, need_b)
+        gx, gr, gw, gb = ctx.bwd(dy, dh_out, h, w, b, mean, rstd, cfg.p, seed, cfg.rms, ctx.x_dtype,
+                                 separate, need_w, need_b)
         if flat:
             grad_residual = (gr if separate else gx).to(ctx.residual_dtype) if need_residual else None
             return (gx if need_x else None), grad_residual, (gw if need_w else None), \
@@ -212,6 +218,9 @@ def check_config(config, x) -> None:
     if not isinstance(config, LayerNormConfig):
         raise TypeError(f"config must be a LayerNormConfig, got {type(config).__name__}")
     ndim, eps, p = config.ndim, config.eps, config.p
+    if type(ndim) is int and 1 <= ndim <= x.dim() and type(eps) is float and -_INF < eps < _INF \
+            and type(p) is float and 0.0 <= p <= 1.0 and config.h_dtype in _FLOATS:
+        return  # what the functional API builds, checked fast
     if isinstance(ndim, bool) or not isinstance(ndim, int) or not 1 <= ndim <= x.dim():
         raise ValueError(f"LayerNormConfig.ndim must be an int in [1, x.dim()] = [1, {x.dim()}], "
                          f"got {ndim!r}")
