@@ -482,6 +482,48 @@ def test_bad_inputs_raise_before_any_kernel():
         FF.bias_dropout(torch.tensor(1.0), torch.randn(1))
 
 
+def test_function_config_fast_path_keeps_every_check():
+    """BiasDropoutFunction's config check has a fast path for the configs the functional API
+    builds (float p, int code, str backend): a bool where a number belongs, or a p that is no
+    float in [0, 1], still takes the full checks and raises."""
+    from fusedreg.ops.bias_dropout import BiasDropoutConfig, BiasDropoutFunction
+    x, seed = torch.randn(4, 8), torch.zeros((), dtype=torch.int64)
+    for cfg, err in [(BiasDropoutConfig(True, 0, "cpu"), ValueError),
+                     (BiasDropoutConfig(0.1, True, "cpu"), ValueError),
+                     (BiasDropoutConfig(float("inf"), 0, "cpu"), ValueError),
+                     (BiasDropoutConfig(0.1, 0, None), TypeError),
+                     ((0.1, 0, "cpu"), TypeError)]:
+        with pytest.raises(err, match="config|BiasDropoutConfig"):
+            BiasDropoutFunction.apply(x, None, None, seed, cfg)
+    # an int p is a number in [0, 1] (the full checks accept it): the same result as 1.0
+    out = BiasDropoutFunction.apply(x, None, None, seed, BiasDropoutConfig(1, 0, "reference"))
+    torch.testing.assert_close(out, torch.zeros_like(x))
+
+
+def test_mixed_dtypes_and_aliased_operands_after_the_fast_path():
+    """The dtype promotion runs only when an operand's dtype differs from x's, and a residual
+    that is x itself is given as a view: both still compute torch's composite."""
+    x = (torch.randn(3, 16, dtype=torch.float64) + 0.5).requires_grad_()
+    b32 = torch.randn(16, dtype=torch.float32, requires_grad=True)
+    xb = x.detach().to(torch.bfloat16).requires_grad_()
+    for xx, b, r in [(x, b32, None), (xb, b32, None), (xb, None, x), (x, None, x)]:
+        y = FF.bias_dropout(xx, b, r, p=0.3, seed=11)
+        # torch's type promotion gives the dtype; fusedreg computes in it
+        dt = torch.promote_types(torch.promote_types(xx.dtype, (b if b is not None else xx).dtype),
+                                 (r if r is not None else xx).dtype)
+        keep = dropout_keep(tuple(xx.shape), 0.3, 11)
+        z = xx.to(dt) if b is None else xx.to(dt) + b.to(dt)
+        ref = torch.where(keep, z * dropout_scale(0.3), torch.zeros((), dtype=dt))
+        if r is not None:
+            ref = ref + r.to(dt)
+        assert y.dtype == dt
+        torch.testing.assert_close(y, ref, **ELEMENTWISE[dt])
+        (g,) = torch.autograd.grad(y.sum(), xx)
+        (g_ref,) = torch.autograd.grad(ref.sum(), xx)
+        assert g.dtype == xx.dtype
+        torch.testing.assert_close(g, g_ref, **ELEMENTWISE[xx.dtype])
+
+
 @pytest.mark.parametrize("backend", fusedreg.BACKENDS)
 def test_set_backend_agrees_with_backend_status(backend):
     # Whatever this machine has: a backend that backend_status() calls available is

@@ -249,6 +249,24 @@ def test_triton_chunked_rows_match_reference(shape, monkeypatch):
                 torch.testing.assert_close(c, a, rtol=1e-5, atol=2e-5)
 
 
+def test_function_config_fast_path_keeps_every_check():
+    """LayerNormFunction's config check has a fast path for the configs the functional API
+    builds; a bool where an int or float belongs, or a dtype that is not a float, still takes
+    the full checks and raises."""
+    from fusedreg.ops.layer_norm import LayerNormConfig, LayerNormFunction
+    x, seed = torch.randn(4, 8), torch.zeros((), dtype=torch.int64)
+    for cfg, err in [(LayerNormConfig(True, 1e-5, 0.0, False, x.dtype, False, "cpu"), ValueError),
+                     (LayerNormConfig(1, 1e-5, True, False, x.dtype, False, "cpu"), ValueError),
+                     (LayerNormConfig(1, True, 0.0, False, x.dtype, False, "cpu"), ValueError),
+                     (LayerNormConfig(1, 1e-5, 0.0, False, torch.int32, False, "cpu"), TypeError)]:
+        with pytest.raises(err, match="LayerNormConfig"):
+            LayerNormFunction.apply(x, None, None, None, seed, cfg)
+    # an int eps is a finite number (the full checks accept it): torch's result with eps=1
+    cfg = LayerNormConfig(1, 1, 0.0, False, x.dtype, False, "reference")
+    y = LayerNormFunction.apply(x, None, None, None, seed, cfg)[0]
+    torch.testing.assert_close(y, TF.layer_norm(x, (8,), eps=1.0))
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_gradcheck_float64(backend):
     g = torch.Generator().manual_seed(0)
