@@ -184,6 +184,36 @@ def test_forward_backward_against_reference(backend, device, dtype, shape, activ
     torch.testing.assert_close(rs.grad.cpu(), rc.grad, rtol=0, atol=0)  # grad residual is grad_out
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
+def test_cpu_activation_range_paths_match_reference(activation, dtype):
+    """The CPU kernels compute an activation's exp without range handling on row segments
+    whose |x + bias| is at most 8, the full-range exp on the others: segments of each kind,
+    side by side in one row and across rows (large, tiny, inf, nan values among small ones),
+    all against the reference, forward and backward."""
+    serving(OP, "cpu", "cpu")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 700, generator=g) * 0.5
+    x[1, 300] = 9.0            # one element past the bound: that segment takes the full range
+    x[2, :] *= 40.0            # a whole row of large values (exp underflows, erf saturates)
+    x[3, 10] = -200.0
+    x[4, 600] = float("inf")
+    x[5, 5] = float("nan")
+    b = torch.randn(700, generator=g) * 0.1
+    x, b = x.to(dtype), b.to(dtype)
+    grad = torch.randn(6, 700, generator=g).to(dtype)
+    outs = {}
+    for backend in ("reference", "cpu"):
+        xs, bs = x.clone().requires_grad_(), b.clone().requires_grad_()
+        out = _run(backend, xs, bs, None, p=0.2, activation=activation, seed=9)
+        out.backward(grad)
+        outs[backend] = (out.detach(), xs.grad, bs.grad)
+    for got, want in zip(outs["cpu"][:2], outs["reference"][:2]):
+        torch.testing.assert_close(got, want, equal_nan=True, **ELEMENTWISE[dtype])
+    torch.testing.assert_close(outs["cpu"][2], outs["reference"][2], equal_nan=True,
+                               **REDUCTION[dtype])
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_reference_matches_torch_autograd(activation):
     # The oracle itself: the reference's explicit backward equals autograd of the composite

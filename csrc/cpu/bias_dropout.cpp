@@ -65,8 +65,33 @@ struct Scratch {
   }
 };
 
+// Whether |x + bias| <= cpu::kNormalRangeBound over a segment (false with any inf or NaN):
+// the activations' exp then needs no range handling (cpu::VecMathNormal, same results). The
+// test is an integer max of the sums' magnitude bits, which vectorizes at every level.
+inline FUSEDREG_ALWAYS_INLINE bool all_in_normal_range(const float* __restrict x,
+                                                       const float* __restrict bias, int64_t len) {
+  int32_t m = 0;
+#pragma omp simd reduction(max : m)
+  for (int64_t t = 0; t < len; ++t) {
+    const float z = x[t] + bias[t];
+    int32_t w;
+    std::memcpy(&w, &z, sizeof(w));
+    w &= 0x7FFFFFFF;
+    m = w > m ? w : m;
+  }
+  float bound = cpu::kNormalRangeBound;
+  int32_t b;
+  std::memcpy(&b, &bound, sizeof(b));
+  return m <= b;
+}
+
+// The activations whose formulas call exp (and erf): only they have a normal-range variant.
+template <Activation A>
+constexpr bool kCallsExp = A == Activation::kGelu || A == Activation::kGeluTanh || A == Activation::kSilu;
+
 // out = (u >= p ? act(x + bias) * scale : 0) + residual over one row segment.
-template <typename scalar_t, Activation A>
+// M: the math policy (cpu::VecMathNormal where the segment is known to be in its range).
+template <typename scalar_t, Activation A, typename M = cpu::VecMath>
 inline FUSEDREG_ALWAYS_INLINE void forward_segment(
     const scalar_t* __restrict x, const scalar_t* __restrict bias,
     const scalar_t* __restrict residual, const float* __restrict u, scalar_t* __restrict out,
@@ -74,7 +99,7 @@ inline FUSEDREG_ALWAYS_INLINE void forward_segment(
   using acc_t = at::opmath_type<scalar_t>;
 #pragma omp simd
   for (int64_t t = 0; t < len; ++t) {
-    const acc_t v = activate<A, acc_t, cpu::VecMath>(static_cast<acc_t>(x[t]) + static_cast<acc_t>(bias[t]));
+    const acc_t v = activate<A, acc_t, M>(static_cast<acc_t>(x[t]) + static_cast<acc_t>(bias[t]));
     out[t] = static_cast<scalar_t>((u[t] >= p ? v * scale : acc_t(0)) + static_cast<acc_t>(residual[t]));
   }
 }
@@ -255,13 +280,13 @@ inline FUSEDREG_ALWAYS_INLINE void from_float(const float* __restrict src, at::H
 // forward_segment on fp32 copies (bf16, fp16), with the residual added in a loop of its own:
 // act * scale and + residual stay two roundings at every level, as the per-element code
 // they replace compiled them (in one loop, the AVX2 variant would contract them into an FMA).
-template <Activation A>
+template <Activation A, typename M = cpu::VecMath>
 inline FUSEDREG_ALWAYS_INLINE void forward_segment_split(
     const float* __restrict x, const float* __restrict bias, const float* __restrict residual,
     const float* __restrict u, float* __restrict out, int64_t len, float p, float scale) {
 #pragma omp simd
   for (int64_t t = 0; t < len; ++t) {
-    const float v = activate<A, float, cpu::VecMath>(x[t] + bias[t]);
+    const float v = activate<A, float, M>(x[t] + bias[t]);
     out[t] = u[t] >= p ? v * scale : 0.0f;
   }
 #pragma omp simd
@@ -295,37 +320,30 @@ void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* res
   for_each_row_segment<scalar_t>(rows, dropout, seed, streams, [&](int64_t i, int64_t col, int64_t len,
                                                           const float* u, const scalar_t* zeros)
                                                           FUSEDREG_ALWAYS_INLINE {
+    // The activations' exp without range handling where the segment allows it (the same
+    // results, as in the backward; a segment with a large or non-finite input keeps VecMath).
     if constexpr (kIsHalf<scalar_t>) {
       alignas(64) float xf[kChunk], rf[kChunk], of[kChunk];
       to_float(x + i, xf, len);
       to_float(residual ? residual + i : zeros, rf, len);
-      forward_segment_split<A>(xf, bias_f.data() + col, rf, u, of, len, p, scale);
+      const float* bf = bias_f.data() + col;
+      if (kCallsExp<A> && all_in_normal_range(xf, bf, len)) {
+        forward_segment_split<A, cpu::VecMathNormal>(xf, bf, rf, u, of, len, p, scale);
+      } else {
+        forward_segment_split<A>(xf, bf, rf, u, of, len, p, scale);
+      }
       from_float(of, out + i, len);
     } else {
-      forward_segment<scalar_t, A>(x + i, bias ? bias + col : zeros, residual ? residual + i : zeros,
-                                   u, out + i, len, p, scale);
+      const scalar_t* b = bias ? bias + col : zeros;
+      const scalar_t* r = residual ? residual + i : zeros;
+      if constexpr (std::is_same_v<scalar_t, float> && kCallsExp<A>) {
+        if (all_in_normal_range(x + i, b, len)) {
+          return forward_segment<scalar_t, A, cpu::VecMathNormal>(x + i, b, r, u, out + i, len, p, scale);
+        }
+      }
+      forward_segment<scalar_t, A>(x + i, b, r, u, out + i, len, p, scale);
     }
   });
-}
-
-// Whether |x + bias| <= cpu::kNormalRangeBound over a segment (false with any inf or NaN):
-// the activations' exp then needs no range handling (cpu::VecMathNormal, same results). The
-// test is an integer max of the sums' magnitude bits, which vectorizes at every level.
-inline FUSEDREG_ALWAYS_INLINE bool all_in_normal_range(const float* __restrict x,
-                                                       const float* __restrict bias, int64_t len) {
-  int32_t m = 0;
-#pragma omp simd reduction(max : m)
-  for (int64_t t = 0; t < len; ++t) {
-    const float z = x[t] + bias[t];
-    int32_t w;
-    std::memcpy(&w, &z, sizeof(w));
-    w &= 0x7FFFFFFF;
-    m = w > m ? w : m;
-  }
-  float bound = cpu::kNormalRangeBound;
-  int32_t b;
-  std::memcpy(&b, &bound, sizeof(b));
-  return m <= b;
 }
 
 // grad_x = grad_out * keep * scale * act'(x + bias) over one row segment of len elements;
