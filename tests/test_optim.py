@@ -441,7 +441,8 @@ def _op_args(algo, n=37, amsgrad=True):
     gs = [torch.randn_like(p) for p in ps]
     z = lambda: [torch.rand_like(p) for p in ps]  # noqa: E731
     if algo == "adam":
-        return (ps, gs, z(), z(), z() if amsgrad else [], [3.0, 4.0]), dict(
+        steps = [torch.tensor(2.0), torch.tensor(3.0)]  # the op counts them: steps 3 and 4
+        return (ps, gs, z(), z(), z() if amsgrad else [], steps), dict(
             lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, l1=0.01,
             l1_lr_scaled=True, amsgrad=amsgrad, maximize=False, decoupled=True, inv_scale=0.5)
     if algo == "sgd":

@@ -386,7 +386,7 @@ def _raw_args(algo, device2="cpu", n=5):
     st = lambda: [torch.zeros(n), torch.zeros(n + 2, device=device2)]  # noqa: E731
     common = dict(lr=1e-2, weight_decay=0.0, l1=0.0, l1_lr_scaled=True, maximize=False, inv_scale=1.0)
     if algo == "adam":
-        return [ps, gs, st(), st(), [], [1.0, 1.0]], dict(common, beta1=0.9, beta2=0.99, eps=1e-8,
+        return [ps, gs, st(), st(), [], [torch.tensor(0.0), torch.tensor(0.0)]], dict(common, beta1=0.9, beta2=0.99, eps=1e-8,
                                                            amsgrad=False, decoupled=True)
     if algo == "sgd":
         return [ps, gs, st()], dict(common, momentum=0.9, dampening=0.0, nesterov=False,
@@ -420,6 +420,16 @@ def _bad_cases(algo):
     if algo == "adam":
         args[3][0] = torch.zeros(2, 3)
     cases["grad strides"] = (args, kw)
+    if algo == "adam":  # the step counts: checked before the op counts or writes anything
+        for name, bad in (("step nan", torch.tensor(float("nan"))), ("step < 0", torch.tensor(-1.0)),
+                          ("step float64", torch.tensor(1.0, dtype=torch.float64)),
+                          ("step 2 elements", torch.zeros(2)), ("step int", torch.tensor(1))):
+            args, kw = _raw_args(algo)
+            args[5][1] = bad
+            cases[name] = (args, kw)
+        args, kw = _raw_args(algo)
+        args[5] = args[5][:1]
+        cases["one step short"] = (args, kw)
     args, kw = _raw_args(algo)
     kw["lr"] = float("nan")
     cases["nan lr"] = (args, kw)
@@ -432,10 +442,28 @@ def test_raw_ops_refuse_bad_lists_before_any_write(backend, algo):
     op = backends.implementation(algo, backend)
     for name, (args, kw) in _bad_cases(algo).items():
         before = [t.clone() for t in args[0] if t.device.type == "cpu"]
+        counts = [t.clone() for t in args[5]] if algo == "adam" else []
         with pytest.raises(RuntimeError):
             op(*args, **kw)
         after = [t for t in args[0] if t.device.type == "cpu"]
         assert all(torch.equal(a, b) for a, b in zip(before, after)), name
+        # nothing counted either (nan == nan here: equal_nan)
+        if counts:
+            assert all(torch.allclose(a, b, equal_nan=True) for a, b in zip(counts, args[5])), name
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_raw_adam_op_counts_its_steps(backend):
+    """adam_step adds one to each count tensor (in place, float32, as torch's step += 1) and
+    steps with the new counts: counts 0 and 9 step as steps 1 and 10 of the reference."""
+    args, kw = _raw_args("adam")
+    args[5] = [torch.tensor(0.0), torch.tensor([9.0])]  # a 1-element tensor of shape (1,) too
+    ref = [[t.clone() for t in lst] for lst in args[:5]] + [[torch.tensor(0.0), torch.tensor(9.0)]]
+    backends.implementation("adam", backend)(*args, **kw)
+    backends.implementation("adam", "reference")(*ref, **kw)
+    assert [float(t) for t in args[5]] == [1.0, 10.0] and args[5][1].shape == (1,)
+    for a, b in zip(args[0], ref[0]):
+        torch.testing.assert_close(a, b, **_tol(backend))
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -444,8 +472,9 @@ def test_raw_op_steps_a_channels_last_list_in_place(backend):
     g = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
     z = lambda: torch.zeros_like(p)  # noqa: E731 - channels_last too
     ref = p.clone(memory_format=torch.contiguous_format)
-    args = ([p], [g], [z()], [z()], [], [1.0])
-    ref_args = ([ref], [g.contiguous()], [torch.zeros_like(ref)], [torch.zeros_like(ref)], [], [1.0])
+    args = ([p], [g], [z()], [z()], [], [torch.tensor(0.0)])
+    ref_args = ([ref], [g.contiguous()], [torch.zeros_like(ref)], [torch.zeros_like(ref)], [],
+                [torch.tensor(0.0)])
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, l1=0.0, l1_lr_scaled=True,
               amsgrad=False, maximize=False, decoupled=True, inv_scale=1.0)
     backends.implementation("adam", backend)(*args, **kw)
@@ -493,7 +522,7 @@ def test_opcheck_channels_last_with_state_in_the_param_dtype(backend):
     st = lambda: [torch.rand_like(p) for p in ps]  # noqa: E731 - channels_last, bf16
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, l1=0.01, l1_lr_scaled=False,
               amsgrad=True, maximize=False, decoupled=True, inv_scale=0.5)
-    torch.library.opcheck(backends.implementation("adam", backend), (ps, gs, st(), st(), st(), [2.0, 3.0]), kw)
+    torch.library.opcheck(backends.implementation("adam", backend), (ps, gs, st(), st(), st(), [torch.tensor(1.0), torch.tensor(2.0)]), kw)
 
 
 # ---- GPU backends (run when a GPU is present) ---------------------------------------------------

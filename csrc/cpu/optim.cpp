@@ -138,7 +138,7 @@ S* state_ptr(at::TensorList list, const Span& s) {
 // ---- the ops (registered through adam_step_op & co., fusedreg/optim_args.h) ------------
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                   at::ArrayRef<double> steps, const AdamHyper& h) {
+                   at::TensorList steps, const AdamHyper& h) {
   const bool amsgrad = h.amsgrad;
   const at::ScalarType sdtype =
       check_lists("fusedreg::adam_step", at::kCPU, params, grads,
@@ -147,13 +147,14 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                   steps.size() == params.size() && (!amsgrad || max_exp_avg_sqs.size() == params.size()),
               "fusedreg::adam_step: expected one state tensor and one step per parameter");
   if (params.empty()) return;
+  const std::vector<double> counts = increment_steps(steps);  // every check has passed
   const Plan spans = make_plan(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_step", [&] {
     using S = at::opmath_type<scalar_t>;
     const AdamConsts<S> c = make_adam_consts<S>(h);
     std::vector<S> nss(params.size()), bc2(params.size());
     for (size_t t = 0; t < params.size(); ++t) {
-      const AdamBiasCorrection bc = adam_bias_correction(h, steps[t]);
+      const AdamBiasCorrection bc = adam_bias_correction(h, counts[t]);
       nss[t] = S(bc.neg_step_size);
       bc2[t] = S(bc.bc2_sqrt);
     }
