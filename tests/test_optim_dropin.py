@@ -349,6 +349,55 @@ def test_state_changed_by_hand_after_steps_is_checked_before_any_write():
     _unchanged(ps, opt, snap)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cls", [fo.AdamW, fo.SGD])
+def test_grads_zeroed_in_place_step_like_new_grads(backend, cls):
+    """A loop that keeps its gradient objects (zero_grad(set_to_none=False): the step's
+    checks are remembered for them) steps bit for bit like one that makes new ones, and the
+    step counts are those of torch (one per step, a 0-dim float32 CPU tensor)."""
+    a, b = _params(), _params()
+    kw = dict(momentum=0.9) if cls is fo.SGD else {}
+    oa, ob = cls(a, lr=1e-2, **kw), cls(b, lr=1e-2, **kw)
+    for p in b:
+        p.grad = torch.zeros_like(p)
+    with fusedreg.use_backend(backend):
+        for s in range(3):
+            for i, (p, q) in enumerate(zip(a, b)):
+                g = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * s + i))
+                p.grad = g.clone()
+                q.grad.copy_(g)  # the same object every step
+            oa.step()
+            ob.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    if cls is fo.AdamW:
+        for q in b:
+            step = ob.state[q]["step"]
+            assert step.dim() == 0 and step.dtype == torch.float32 and step.device.type == "cpu"
+            assert float(step) == 3.0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("swap", ["param data", "grad data"])
+def test_data_swapped_under_a_remembered_grad_is_checked_before_any_write(backend, swap):
+    """The checks remembered for a (parameter, gradient) pair do not survive new data under
+    either (``.data = ...``): the mismatch is refused before any parameter of any group is
+    written, and no step is counted."""
+    ps, opt = _trained()
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    with fusedreg.use_backend(backend):
+        opt.step()  # remembered with these gradient objects
+    if swap == "param data":
+        ps[2].data = torch.randn(3)  # the last group's parameter: (1,) -> (3,), its grad (1,)
+    else:
+        ps[2].grad.data = torch.randn(3)
+    snap = _snapshot(ps, opt)
+    with fusedreg.use_backend(backend), pytest.raises(ValueError, match="does not match"):
+        opt.step()
+    _unchanged(ps, opt, snap)
+
+
 @pytest.mark.parametrize("corrupt,match", [
     (lambda sd: sd["state"][1].__setitem__("step", torch.tensor([1.0, 2.0])), r"parameter 1.*'step'"),
     (lambda sd: sd["state"][2].__setitem__("exp_avg", torch.zeros(4)), r"parameter 2.*'exp_avg'"),
