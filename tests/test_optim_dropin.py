@@ -398,6 +398,29 @@ def test_data_swapped_under_a_remembered_grad_is_checked_before_any_write(backen
     _unchanged(ps, opt, snap)
 
 
+def test_step_runs_without_autograd_and_restores_grad_mode():
+    """step() runs its update outside autograd (a leaf stays a leaf), its closure with
+    autograd, and leaves the grad mode as it found it — also when it raises."""
+    ps, opt = _trained()
+    seen = []
+
+    def closure():
+        seen.append(torch.is_grad_enabled())
+        return torch.tensor(2.0)
+
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    with torch.no_grad():
+        assert opt.step(closure).item() == 2.0
+        assert not torch.is_grad_enabled()
+    assert seen == [True] and torch.is_grad_enabled()
+    assert all(p.is_leaf and p.grad_fn is None for p in ps)
+    ps[0].grad.data = torch.randn(3)  # a gradient of the wrong shape
+    with pytest.raises(ValueError):
+        opt.step()
+    assert torch.is_grad_enabled()
+
+
 @pytest.mark.parametrize("corrupt,match", [
     (lambda sd: sd["state"][1].__setitem__("step", torch.tensor([1.0, 2.0])), r"parameter 1.*'step'"),
     (lambda sd: sd["state"][2].__setitem__("exp_avg", torch.zeros(4)), r"parameter 2.*'exp_avg'"),
