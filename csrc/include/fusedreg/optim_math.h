@@ -35,19 +35,25 @@ FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE float sqrt_(float v) { return sqrtf(v); }
 FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE double sqrt_(double v) { return sqrt(v); }
 }  // namespace detail
 
-// c ? a : b for values both already computed. On the host a bit mask rather than a select:
-// GCC (under its default -ftrapping-math) does not if-convert every float select in every
-// loop these functions are inlined into — it sinks one side's computation into a branch —
-// and a loop left with control flow stays scalar (the bfloat16 loops did, 5-25x slower).
-// Exact either way: the result is one of the two values, bit for bit.
+// c ? a : b for values both already computed. On the host, for float, a bit mask rather
+// than a select: GCC (under its default -ftrapping-math) does not if-convert every float
+// select in every loop these functions are inlined into — it sinks one side's computation
+// into a branch — and a loop left with control flow stays scalar (the bfloat16 loops with
+// l1 or bf16 state did, 5-25x slower). double keeps the select (its loops vectorize with
+// it, and the 64-bit masks made float64 SGD 2x slower). Exact either way: the result is
+// one of the two values, bit for bit.
 template <typename S>
 FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE S pick(bool c, S a, S b) {
 #if defined(__CUDACC__)
   return c ? a : b;
 #else
-  using U = std::conditional_t<sizeof(S) == 8, uint64_t, uint32_t>;
-  const U mask = U(0) - U(c);  // all ones when c
-  return std::bit_cast<S>((std::bit_cast<U>(a) & mask) | (std::bit_cast<U>(b) & ~mask));
+  if constexpr (sizeof(S) == 4) {
+    const uint32_t mask = 0u - uint32_t(c);  // all ones when c
+    return std::bit_cast<S>((std::bit_cast<uint32_t>(a) & mask) |
+                            (std::bit_cast<uint32_t>(b) & ~mask));
+  } else {
+    return c ? a : b;  // double: the float64 loops vectorize with the selects as they are
+  }
 #endif
 }
 
