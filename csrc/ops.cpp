@@ -53,14 +53,15 @@ TORCH_LIBRARY(fusedreg, m) {
   // compute type (float32 for fp16/bf16/fp32 params, float64 for float64) or the params'.
   // Each param is dense and non-overlapping in any layout (contiguous, channels_last,
   // transposed); its grad and state tensors have its strides: the kernels step the storage.
-  // steps: Adam's already-incremented step count per parameter (read on the host, so a CUDA
-  // launch never waits); inv_scale: 1/grad_scale (1 without AMP); l1: the L1 proximal
+  // steps: Adam's step count per parameter, torch's state["step"] (1-element float32 CPU
+  // tensors, read and written on the host, so a CUDA launch never waits), incremented by the
+  // op after its checks (one call counts and steps); inv_scale: 1/grad_scale (1 without AMP); l1: the L1 proximal
   // strength (threshold lr·l1 after the update; l1 itself when not l1_lr_scaled);
   // decoupled: weight decay as p·(1 − lr·wd) instead of L2 added to the gradient. max_exp_avg_sqs is empty unless amsgrad,
   // momentum_buffers empty when momentum == 0; first_step: buffers are new (buf ← g).
   m.def(
       "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float[] steps, *, float lr, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, *, float lr, "
       "float beta1, float beta2, float eps, float weight_decay, float l1, bool l1_lr_scaled, "
       "bool amsgrad, bool maximize, bool decoupled, float inv_scale) -> ()");
   // adam_step for capturable=True: the values that change from step to step are device

@@ -441,7 +441,8 @@ def _op_args(algo, n=37, amsgrad=True):
     gs = [torch.randn_like(p) for p in ps]
     z = lambda: [torch.rand_like(p) for p in ps]  # noqa: E731
     if algo == "adam":
-        return (ps, gs, z(), z(), z() if amsgrad else [], [3.0, 4.0]), dict(
+        steps = [torch.tensor(2.0), torch.tensor(3.0)]  # the op counts them: steps 3 and 4
+        return (ps, gs, z(), z(), z() if amsgrad else [], steps), dict(
             lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, l1=0.01,
             l1_lr_scaled=True, amsgrad=amsgrad, maximize=False, decoupled=True, inv_scale=0.5)
     if algo == "sgd":
@@ -535,3 +536,35 @@ def test_gpu_matches_reference_on_many_tensors(backend, device, dtype, cls, kw):
     tol = OPTIM_PARITY[dtype] if dtype in (torch.float32, torch.float64) else OPTIM_LOWP[dtype]
     for p, q in zip(out["reference"], out[backend]):
         torch.testing.assert_close(q, p, **tol)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("algo", ["sgd", "adam"])
+def test_cpu_kernels_round_bfloat16_like_torch(algo):
+    """The CPU kernels convert bfloat16 through integer bit operations (so that the loops
+    vectorize): every one of the 65536 bfloat16 gradients — subnormals, infinities, NaNs —
+    gives the parameter torch's own float32 -> bfloat16 rounding of the same float32 value.
+    SGD: p = 0 - lr·(g·inv_scale) with lr = 1; Adam at step 1 with beta1 = beta2 = 0:
+    m = g', v = g'^2, p = 0 - lr·g'/(|g'| + eps) (g' = g·inv_scale), recomputed in float32."""
+    g = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    p = torch.zeros_like(g)
+    inv_scale = 1.0 / 3.0
+    gs = g.float() * torch.tensor(inv_scale, dtype=torch.float32)
+    if algo == "sgd":
+        backends.implementation("sgd", "cpu")(
+            [p], [g], [], lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, l1=0.0,
+            l1_lr_scaled=True, nesterov=False, maximize=False, decoupled=False, first_step=False,
+            inv_scale=inv_scale)
+        want = torch.zeros_like(gs) - gs
+    else:
+        m, v = torch.zeros_like(gs), torch.zeros_like(gs)
+        backends.implementation("adam", "cpu")(
+            [p], [g], [m], [v], [], [torch.tensor(0.0)], lr=1.0, beta1=0.0, beta2=0.0, eps=1e-8,
+            weight_decay=0.0, l1=0.0, l1_lr_scaled=True, amsgrad=False, maximize=False,
+            decoupled=False, inv_scale=inv_scale)
+        denom = (gs * gs).sqrt() / 1.0 + torch.tensor(1e-8, dtype=torch.float32)
+        want = torch.zeros_like(gs) + (-1.0) * (gs / denom)
+    want = want.to(torch.bfloat16)
+    nan = want.isnan()
+    assert torch.equal(p.isnan(), nan)
+    assert torch.equal(p[~nan].view(torch.int16), want[~nan].view(torch.int16))

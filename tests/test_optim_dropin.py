@@ -349,6 +349,78 @@ def test_state_changed_by_hand_after_steps_is_checked_before_any_write():
     _unchanged(ps, opt, snap)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cls", [fo.AdamW, fo.SGD])
+def test_grads_zeroed_in_place_step_like_new_grads(backend, cls):
+    """A loop that keeps its gradient objects (zero_grad(set_to_none=False): the step's
+    checks are remembered for them) steps bit for bit like one that makes new ones, and the
+    step counts are those of torch (one per step, a 0-dim float32 CPU tensor)."""
+    a, b = _params(), _params()
+    kw = dict(momentum=0.9) if cls is fo.SGD else {}
+    oa, ob = cls(a, lr=1e-2, **kw), cls(b, lr=1e-2, **kw)
+    for p in b:
+        p.grad = torch.zeros_like(p)
+    with fusedreg.use_backend(backend):
+        for s in range(3):
+            for i, (p, q) in enumerate(zip(a, b)):
+                g = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * s + i))
+                p.grad = g.clone()
+                q.grad.copy_(g)  # the same object every step
+            oa.step()
+            ob.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    if cls is fo.AdamW:
+        for q in b:
+            step = ob.state[q]["step"]
+            assert step.dim() == 0 and step.dtype == torch.float32 and step.device.type == "cpu"
+            assert float(step) == 3.0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("swap", ["param data", "grad data"])
+def test_data_swapped_under_a_remembered_grad_is_checked_before_any_write(backend, swap):
+    """The checks remembered for a (parameter, gradient) pair do not survive new data under
+    either (``.data = ...``): the mismatch is refused before any parameter of any group is
+    written, and no step is counted."""
+    ps, opt = _trained()
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    with fusedreg.use_backend(backend):
+        opt.step()  # remembered with these gradient objects
+    if swap == "param data":
+        ps[2].data = torch.randn(3)  # the last group's parameter: (1,) -> (3,), its grad (1,)
+    else:
+        ps[2].grad.data = torch.randn(3)
+    snap = _snapshot(ps, opt)
+    with fusedreg.use_backend(backend), pytest.raises(ValueError, match="does not match"):
+        opt.step()
+    _unchanged(ps, opt, snap)
+
+
+def test_step_runs_without_autograd_and_restores_grad_mode():
+    """step() runs its update outside autograd (a leaf stays a leaf), its closure with
+    autograd, and leaves the grad mode as it found it — also when it raises."""
+    ps, opt = _trained()
+    seen = []
+
+    def closure():
+        seen.append(torch.is_grad_enabled())
+        return torch.tensor(2.0)
+
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    with torch.no_grad():
+        assert opt.step(closure).item() == 2.0
+        assert not torch.is_grad_enabled()
+    assert seen == [True] and torch.is_grad_enabled()
+    assert all(p.is_leaf and p.grad_fn is None for p in ps)
+    ps[0].grad.data = torch.randn(3)  # a gradient of the wrong shape
+    with pytest.raises(ValueError):
+        opt.step()
+    assert torch.is_grad_enabled()
+
+
 @pytest.mark.parametrize("corrupt,match", [
     (lambda sd: sd["state"][1].__setitem__("step", torch.tensor([1.0, 2.0])), r"parameter 1.*'step'"),
     (lambda sd: sd["state"][2].__setitem__("exp_avg", torch.zeros(4)), r"parameter 2.*'exp_avg'"),
@@ -386,7 +458,7 @@ def _raw_args(algo, device2="cpu", n=5):
     st = lambda: [torch.zeros(n), torch.zeros(n + 2, device=device2)]  # noqa: E731
     common = dict(lr=1e-2, weight_decay=0.0, l1=0.0, l1_lr_scaled=True, maximize=False, inv_scale=1.0)
     if algo == "adam":
-        return [ps, gs, st(), st(), [], [1.0, 1.0]], dict(common, beta1=0.9, beta2=0.99, eps=1e-8,
+        return [ps, gs, st(), st(), [], [torch.tensor(0.0), torch.tensor(0.0)]], dict(common, beta1=0.9, beta2=0.99, eps=1e-8,
                                                            amsgrad=False, decoupled=True)
     if algo == "sgd":
         return [ps, gs, st()], dict(common, momentum=0.9, dampening=0.0, nesterov=False,
@@ -420,6 +492,16 @@ def _bad_cases(algo):
     if algo == "adam":
         args[3][0] = torch.zeros(2, 3)
     cases["grad strides"] = (args, kw)
+    if algo == "adam":  # the step counts: checked before the op counts or writes anything
+        for name, bad in (("step nan", torch.tensor(float("nan"))), ("step < 0", torch.tensor(-1.0)),
+                          ("step float64", torch.tensor(1.0, dtype=torch.float64)),
+                          ("step 2 elements", torch.zeros(2)), ("step int", torch.tensor(1))):
+            args, kw = _raw_args(algo)
+            args[5][1] = bad
+            cases[name] = (args, kw)
+        args, kw = _raw_args(algo)
+        args[5] = args[5][:1]
+        cases["one step short"] = (args, kw)
     args, kw = _raw_args(algo)
     kw["lr"] = float("nan")
     cases["nan lr"] = (args, kw)
@@ -432,10 +514,28 @@ def test_raw_ops_refuse_bad_lists_before_any_write(backend, algo):
     op = backends.implementation(algo, backend)
     for name, (args, kw) in _bad_cases(algo).items():
         before = [t.clone() for t in args[0] if t.device.type == "cpu"]
+        counts = [t.clone() for t in args[5]] if algo == "adam" else []
         with pytest.raises(RuntimeError):
             op(*args, **kw)
         after = [t for t in args[0] if t.device.type == "cpu"]
         assert all(torch.equal(a, b) for a, b in zip(before, after)), name
+        # nothing counted either (nan == nan here: equal_nan)
+        if counts:
+            assert all(torch.allclose(a, b, equal_nan=True) for a, b in zip(counts, args[5])), name
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_raw_adam_op_counts_its_steps(backend):
+    """adam_step adds one to each count tensor (in place, float32, as torch's step += 1) and
+    steps with the new counts: counts 0 and 9 step as steps 1 and 10 of the reference."""
+    args, kw = _raw_args("adam")
+    args[5] = [torch.tensor(0.0), torch.tensor([9.0])]  # a 1-element tensor of shape (1,) too
+    ref = [[t.clone() for t in lst] for lst in args[:5]] + [[torch.tensor(0.0), torch.tensor(9.0)]]
+    backends.implementation("adam", backend)(*args, **kw)
+    backends.implementation("adam", "reference")(*ref, **kw)
+    assert [float(t) for t in args[5]] == [1.0, 10.0] and args[5][1].shape == (1,)
+    for a, b in zip(args[0], ref[0]):
+        torch.testing.assert_close(a, b, **_tol(backend))
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -444,8 +544,9 @@ def test_raw_op_steps_a_channels_last_list_in_place(backend):
     g = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
     z = lambda: torch.zeros_like(p)  # noqa: E731 - channels_last too
     ref = p.clone(memory_format=torch.contiguous_format)
-    args = ([p], [g], [z()], [z()], [], [1.0])
-    ref_args = ([ref], [g.contiguous()], [torch.zeros_like(ref)], [torch.zeros_like(ref)], [], [1.0])
+    args = ([p], [g], [z()], [z()], [], [torch.tensor(0.0)])
+    ref_args = ([ref], [g.contiguous()], [torch.zeros_like(ref)], [torch.zeros_like(ref)], [],
+                [torch.tensor(0.0)])
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, l1=0.0, l1_lr_scaled=True,
               amsgrad=False, maximize=False, decoupled=True, inv_scale=1.0)
     backends.implementation("adam", backend)(*args, **kw)
@@ -493,7 +594,7 @@ def test_opcheck_channels_last_with_state_in_the_param_dtype(backend):
     st = lambda: [torch.rand_like(p) for p in ps]  # noqa: E731 - channels_last, bf16
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, l1=0.01, l1_lr_scaled=False,
               amsgrad=True, maximize=False, decoupled=True, inv_scale=0.5)
-    torch.library.opcheck(backends.implementation("adam", backend), (ps, gs, st(), st(), st(), [2.0, 3.0]), kw)
+    torch.library.opcheck(backends.implementation("adam", backend), (ps, gs, st(), st(), st(), [torch.tensor(1.0), torch.tensor(2.0)]), kw)
 
 
 # ---- GPU backends (run when a GPU is present) ---------------------------------------------------

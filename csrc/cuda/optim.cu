@@ -184,7 +184,7 @@ void bool_dispatch(bool b, const F& f) {
 
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                    at::ArrayRef<double> steps, const AdamHyper& h) {
+                    at::TensorList steps, const AdamHyper& h) {
   const bool amsgrad = h.amsgrad;
   const at::ScalarType sdtype =
       check_lists("fusedreg::adam_step", at::kCUDA, params, grads,
@@ -193,11 +193,12 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                   steps.size() == params.size() && (!amsgrad || max_exp_avg_sqs.size() == params.size()),
               "fusedreg::adam_step: expected one state tensor and one step per parameter");
   if (params.empty()) return;
+  const std::vector<double> counts = increment_steps(steps);  // every check has passed
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   std::vector<double> nss(params.size()), bc2(params.size());
   for (size_t t = 0; t < params.size(); ++t) {
-    const AdamBiasCorrection bc = adam_bias_correction(h, steps[t]);
+    const AdamBiasCorrection bc = adam_bias_correction(h, counts[t]);
     nss[t] = bc.neg_step_size;
     bc2[t] = bc.bc2_sqrt;
   }

@@ -2,9 +2,14 @@
 
 Cases: one big tensor (64M elements on a GPU, 16M on a CPU) and a GPT-2-small-like list of
 148 tensors (124M parameters on a GPU; on a CPU the same structure scaled to ~16M). Each
-impl steps the same fp32 parameters with fixed gradients. Minimal bytes per parameter:
-AdamW reads p, g, m, v and writes p, m, v (28 B in fp32, with or without l1); SGD with
-momentum reads p, g, buf and writes p, buf (20 B).
+impl steps the same parameters (of each --dtypes dtype) with fixed gradients. Minimal bytes
+per parameter: AdamW reads p, g, m, v and writes p, m, v (28 B in fp32, with or without
+l1); SGD with momentum reads p, g, buf and writes p, buf (20 B). With float16/bfloat16
+parameters torch keeps the state in the parameters' dtype (AdamW 14 B, SGD 10 B) and
+fusedreg by default in float32 (22 B and 14 B: more bytes, more accurate moments); the
+rows "fusedreg[...] param-dtype state" are fusedreg with ``state_dtype="param"``, torch's
+bytes. The limit of a pass whose arrays differ in width is measured for arrays of their
+average width (the same bytes in all).
 
 Rows per case: fusedreg AdamW (l1 = 0 and l1 > 0), torch AdamW (foreach, fused), torch
 AdamW fused followed by the soft-threshold in torch ops (the composite that l1 replaces),
@@ -101,39 +106,51 @@ def _soft_threshold_(params, thr):
 
 
 def _candidates(ctx: Context, ps):
-    """(op, impl, step function, bytes per parameter) for every available candidate."""
+    """(op, impl, step function, bytes per parameter, arrays read, arrays written) for every
+    available candidate."""
     dev = ctx.device
     backend = backends.resolve("adam", dev)
     fr = f"fusedreg[{backend}]"
+    half = ps[0].dtype in (torch.float16, torch.bfloat16)
+    w = ps[0].element_size()          # parameter and gradient bytes
+    sw = 4 if half else w             # fusedreg's default state bytes (float32 for 16-bit)
+    adam_fr, adam_torch = 3 * w + 4 * sw, 7 * w   # p, g, m, v read; p, m, v written
+    sgd_fr, sgd_torch = 3 * w + 2 * sw, 5 * w     # p, g, buf read; p, buf written
     out = []
 
     def opt(factory):
         o = factory()
         return o.step
 
-    out.append(("adamw", fr, opt(lambda: AdamW(ps, lr=LR)), 28))
-    out.append(("adamw", "torch foreach", opt(lambda: torch.optim.AdamW(ps, lr=LR, foreach=True)), 28))
-    out.append(("adamw", "torch fused", opt(lambda: torch.optim.AdamW(ps, lr=LR, fused=True)), 28))
+    out.append(("adamw", fr, opt(lambda: AdamW(ps, lr=LR)), adam_fr, 4, 3))
+    if half:
+        out.append(("adamw", f"{fr} param-dtype state",
+                    opt(lambda: AdamW(ps, lr=LR, state_dtype="param")), adam_torch, 4, 3))
+    out.append(("adamw", "torch foreach", opt(lambda: torch.optim.AdamW(ps, lr=LR, foreach=True)), adam_torch, 4, 3))
+    out.append(("adamw", "torch fused", opt(lambda: torch.optim.AdamW(ps, lr=LR, fused=True)), adam_torch, 4, 3))
     try:
         from apex.optimizers import FusedAdam  # noqa: F401
 
         if dev.type == "cuda":
-            out.append(("adamw", "apex FusedAdam", opt(lambda: FusedAdam(ps, lr=LR, adam_w_mode=True)), 28))
+            out.append(("adamw", "apex FusedAdam", opt(lambda: FusedAdam(ps, lr=LR, adam_w_mode=True)), adam_torch, 4, 3))
     except ImportError:
         pass
-    out.append(("adamw_l1", fr, opt(lambda: AdamW(ps, lr=LR, l1=L1)), 28))
+    out.append(("adamw_l1", fr, opt(lambda: AdamW(ps, lr=LR, l1=L1)), adam_fr, 4, 3))
     tf = torch.optim.AdamW(ps, lr=LR, fused=True)
 
     def composite():
         tf.step()
         _soft_threshold_(ps, LR * L1)
 
-    out.append(("adamw_l1", "torch fused + soft-threshold", composite, 28))
-    out.append(("sgd_momentum", fr, opt(lambda: SGD(ps, lr=LR, momentum=0.9)), 20))
+    out.append(("adamw_l1", "torch fused + soft-threshold", composite, adam_torch, 4, 3))
+    out.append(("sgd_momentum", fr, opt(lambda: SGD(ps, lr=LR, momentum=0.9)), sgd_fr, 3, 2))
+    if half:
+        out.append(("sgd_momentum", f"{fr} param-dtype state",
+                    opt(lambda: SGD(ps, lr=LR, momentum=0.9, state_dtype="param")), sgd_torch, 3, 2))
     out.append(("sgd_momentum", "torch foreach",
-                opt(lambda: torch.optim.SGD(ps, lr=LR, momentum=0.9, foreach=True)), 20))
+                opt(lambda: torch.optim.SGD(ps, lr=LR, momentum=0.9, foreach=True)), sgd_torch, 3, 2))
     out.append(("sgd_momentum", "torch fused",
-                opt(lambda: torch.optim.SGD(ps, lr=LR, momentum=0.9, fused=True)), 20))
+                opt(lambda: torch.optim.SGD(ps, lr=LR, momentum=0.9, fused=True)), sgd_torch, 3, 2))
     return out
 
 
@@ -141,11 +158,11 @@ def benchmark(ctx: Context) -> list[Row]:
     rows = []
     for case, shapes in _cases(ctx):
         for dtype in ctx.dtypes:
-            if dtype != torch.float32:
-                continue  # the targets are stated for fp32; bytes below assume it
+            if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                continue  # float64 optimizers are not a target
             ps = _params(shapes, ctx.device, dtype)
             n = sum(p.numel() for p in ps)
-            for op, impl, step, bpp in _candidates(ctx, ps):
+            for op, impl, step, bpp, reads, writes in _candidates(ctx, ps):
                 if not ctx.wants(impl, "step") or ctx.skip_case(op, case):
                     continue
                 try:
@@ -154,8 +171,9 @@ def benchmark(ctx: Context) -> list[Row]:
                 except (RuntimeError, ValueError) as e:  # e.g. a baseline this torch lacks
                     print(f"[bench optim] {op} {case} {impl} skipped: {e}".splitlines()[0])
                     continue
-                pattern = Pattern("inplace", 4, 3) if bpp == 28 else Pattern("inplace", 3, 2)
-                rows.append(ctx.row(op, case, dtype, impl, "step", t, n * bpp, pattern=pattern,
-                                    array_bytes=n * 4))
+                # arrays of the average width: the pass's bytes, in reads + writes arrays
+                rows.append(ctx.row(op, case, dtype, impl, "step", t, n * bpp,
+                                    pattern=Pattern("inplace", reads, writes),
+                                    array_bytes=n * bpp // (reads + writes)))
             del ps
     return rows

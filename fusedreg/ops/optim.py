@@ -12,7 +12,10 @@ kernels step its storage as a flat range. The optimizer classes (fusedreg/optim)
 everything before the first call; every op checks its arguments again (a raw call from user
 code) before any write, in C++ (fusedreg/optim_args.h) or in the checks below, which the
 fake functions run too (a list mixing CPU and meta tensors dispatches to them). ``steps``
-are the already-incremented step counts (Adam), ``inv_scale`` is 1/grad_scale (1 without
+(Adam) are the parameters' step counts, torch's ``state["step"]`` (1-element float32 CPU
+tensors, finite and >= 0): after its checks the op adds one to each, in float32 as torch's
+``step += 1``, and steps with the new counts — one call checks, counts and updates, with no
+write before every check has passed. ``inv_scale`` is 1/grad_scale (1 without
 AMP), ``l1_lr_scaled``: the L1 threshold is lr·l1 (else l1).
 
 ``adam_step_capturable`` (algorithm "adam_capturable": reference, triton, cuda — no cpu
@@ -43,13 +46,14 @@ CAPTURABLE = "adam_capturable"  # the registry's name of adam_step_capturable
 
 
 def adam_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-              exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[float], *,
+              exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[Tensor], *,
               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, l1: float,
               l1_lr_scaled: bool, amsgrad: bool, maximize: bool, decoupled: bool,
               inv_scale: float) -> None:
-    """Adam/AdamW; max_exp_avg_sqs is empty unless amsgrad; decoupled: p·(1 − lr·wd) instead
-    of L2 added to the gradient; l1: soft threshold lr·l1 (l1 when not l1_lr_scaled) after
-    the update."""
+    """Adam/AdamW; max_exp_avg_sqs is empty unless amsgrad; steps: the step counts (1-element
+    float32 CPU tensors), incremented by the op; decoupled: p·(1 − lr·wd) instead of L2
+    added to the gradient; l1: soft threshold lr·l1 (l1 when not l1_lr_scaled) after the
+    update."""
 
 
 def adam_step_capturable(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -143,7 +147,7 @@ def _check_lists(op: str, params, grads, states) -> None:
                           "parameter's size and layout")
 
 
-def _check_hyper(op: str, hyper: dict, steps=()) -> None:
+def _check_hyper(op: str, hyper: dict) -> None:
     for name in ("lr", "eps", "weight_decay", "l1", "momentum", "dampening"):
         if name in hyper:
             v = hyper[name]
@@ -156,9 +160,17 @@ def _check_hyper(op: str, hyper: dict, steps=()) -> None:
         _fail(op, "nesterov needs momentum > 0 and dampening == 0")
     if not (math.isfinite(hyper["inv_scale"]) and hyper["inv_scale"] > 0.0):
         _fail(op, f"inv_scale must be finite and > 0, got {hyper['inv_scale']}")
-    for v in steps:
-        if not (math.isfinite(v) and v >= 1.0):
-            _fail(op, f"steps must be finite and >= 1, got {v}")
+
+
+def _check_step_tensors(op: str, steps, n: int) -> None:
+    """adam_step's counts: one 1-element float32 CPU tensor per parameter (metadata only: the
+    fake functions cannot read values)."""
+    if len(steps) != n:
+        _fail(op, f"expected one step per parameter, got {len(steps)} for {n} params")
+    for i, s in enumerate(steps):
+        if not (isinstance(s, Tensor) and s.layout == torch.strided and s.dtype == torch.float32
+                and s.numel() == 1 and s.device.type in ("cpu", "meta")):
+            _fail(op, f"step {i} must be a 1-element float32 CPU tensor, got {_describe(s)}")
 
 
 def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **hyper) -> None:
@@ -168,7 +180,30 @@ def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **h
         _fail("adam_step", "expected one state tensor and one step per parameter")
     _check_lists("adam_step", params, grads,
                  (exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []))
-    _check_hyper("adam_step", hyper, steps)
+    _check_hyper("adam_step", hyper)
+    _check_step_tensors("adam_step", steps, len(params))
+
+
+def _counted(impl):
+    """A Python backend's adam_step body over ``impl`` (which takes the new counts as floats):
+    the checks (the fake's, then the count values, read on the host), the increment, the
+    kernel — as the C++ op does."""
+    if impl is None:
+        return None
+
+    def run(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **hyper):
+        _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **hyper)
+        if not params:
+            return
+        flat = [s.reshape(()) for s in steps]
+        for i, v in enumerate(torch.stack(flat).tolist()):
+            if not (math.isfinite(v) and v >= 0.0):
+                _fail("adam_step", f"step {i} must be finite and >= 0, got {v}")
+        for s in flat:  # one at a time: a tensor listed twice counts twice, as in C++
+            s.add_(1.0)
+        impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, torch.stack(flat).tolist(),
+             **hyper)
+    return run
 
 
 def _check_device_scalar(op: str, name: str, t, device) -> None:
@@ -234,7 +269,7 @@ def _checked(impl, check):
     return run
 
 
-_MUTATES = {"adam": ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+_MUTATES = {"adam": ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"),
             CAPTURABLE: ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
             "sgd": ("params", "momentum_buffers"),
             "lion": ("params", "exp_avgs")}
@@ -242,11 +277,13 @@ _MUTATES = {"adam": ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
 
 def _register() -> None:
     tri = triton_module("optim")
-    for algo, signature, fake in (("adam", adam_step, _adam_fake), ("sgd", sgd_step, _sgd_fake),
-                                  ("lion", lion_step, _lion_fake)):
+    for algo, signature, fake, wrap in (
+            ("adam", adam_step, _adam_fake, _counted),
+            ("sgd", sgd_step, _sgd_fake, lambda impl: _checked(impl, _sgd_fake)),
+            ("lion", lion_step, _lion_fake, lambda impl: _checked(impl, _lion_fake))):
         name = signature.__name__
-        ops = backend_ops(signature, _checked(getattr(ref, f"multi_{name}"), fake),
-                          _checked(tri and getattr(tri, name), fake),
+        ops = backend_ops(signature, wrap(getattr(ref, f"multi_{name}")),
+                          wrap(tri and getattr(tri, name)),
                           fake=fake, mutates_args=_MUTATES[algo])
         for backend, op in ops.items():
             backends.register(algo, backend, op)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
+import weakref
 
 import torch
 from torch import Tensor
@@ -136,8 +138,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     """Subclasses define ``_ALGO`` (the op: "adam", "sgd" or "lion"), ``_STATE_KEYS`` (the state
     tensors of a stepped parameter, in the state dtype), ``_check_group(group)``,
     ``_defaults_for_old_groups``, ``_required_state(group)`` (the keys a non-empty loaded state
-    must have) and ``_step_bucket(op, group, params, grads, states, inv_scale)`` (plain local
-    tensors).
+    must have) and ``_step_bucket(op, group, bucket, lps, lgs, inv_scale)`` (``bucket``: a
+    _Bucket, its parameters and their state dicts; ``lps``, ``lgs``: the plain local tensors
+    to step).
 
     Options every fusedreg optimizer adds (keyword-only, per group):
 
@@ -160,6 +163,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # torch checks the hyperparameters before it looks at params
         self._check_group(defaults)
         self._verified: dict = {}  # see _state_verified
+        self._grad_checked: dict = {}  # see _collect
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -179,6 +183,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._verified = {}
+        self._grad_checked = {}
         for group in self.param_groups:  # groups from torch's optimizers lack our keys
             for k, v in {**self._FUSEDREG_DEFAULTS, **self._defaults_for_old_groups}.items():
                 group.setdefault(k, v)
@@ -202,6 +207,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         does."""
         saved = {k: self.__dict__[k] for k in ("state", "param_groups")}
         self._verified = {}
+        self._grad_checked = {}
         try:
             ids = [i for g in state_dict["param_groups"] for i in g["params"]]
             params = [p for g in self.param_groups for p in g["params"]]
@@ -285,51 +291,82 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Whether p's state holds the very objects that passed the last check (kept
         referenced, so no id is reused): the full check runs once per state object — after
         the state is created, loaded or changed by hand — not at every step."""
-        seen = self._verified.get(p)
-        return (seen is not None and seen[0] is st and len(seen[1]) == len(st)
-                and all(a is b for a, b in zip(seen[1], st.values())))
+        seen = self._verified.get(id(p))
+        return (seen is not None and seen[1] is st and len(seen[2]) == len(st)
+                and all(map(operator.is_, seen[2], st.values())))
 
     def _collect(self, group: dict, fixes: list, checked: list):
         """Checks every parameter of ``group`` that has a gradient; returns
-        {(device, dtype): (backend, [param], [local param], [local grad])}. Value-preserving
-        fixes (layout copies, a float step) go to ``fixes`` as (dict, key, value), applied
-        after every group has passed; the parameters whose state was checked to
-        ``checked``. Lean on purpose: it runs for every parameter at every
-        step."""
+        {(device, dtype): _Bucket}. Value-preserving fixes (layout copies, a float step) go
+        to ``fixes`` as (dict, key, value), applied after every group has passed; the
+        parameters whose state was checked to ``checked``. Lean on purpose: it runs for every
+        parameter at every step. A gradient that passed the checks is remembered (weakly: a
+        freed gradient is not kept alive) with its bucket key and the data pointers of both
+        tensors, so that the same gradient of the same parameter — a training loop that
+        zeroes gradients in place — is not checked again; a new gradient object
+        (``zero_grad(set_to_none=True)``) or new data under either (``.data = ...``, as
+        ``module.half()`` does) is checked in full. Both caches are keyed by ``id(p)`` (a
+        tensor's own hash is a Python call) and hold ``p``, so that no id is reused."""
         buckets: dict = {}
+        grad_seen, verified = self._grad_checked, self._verified
+        state_get = self.state.get
+        is_ = operator.is_
         for p in group["params"]:
             g = p.grad
             if g is None:
                 continue
-            if g.layout != torch.strided:
-                raise RuntimeError(f"fusedreg.optim.{type(self).__name__} does not support sparse "
-                                   "gradients; nothing was updated")
-            if DTensor is not None and isinstance(p, DTensor):
-                lp, lg = p.to_local(), g.to_local()
+            pid = id(p)
+            hit = grad_seen.get(pid)
+            if (hit is not None and hit[1]() is g and hit[3] == p.data_ptr()
+                    and hit[4] == g.data_ptr()):
+                key, lp, lg, dense = hit[2], p, g, True
             else:
-                lp, lg = p, g
-            if lg.dtype != lp.dtype or lg.shape != lp.shape or lg.device != lp.device:
-                raise ValueError(
-                    f"fusedreg.optim: a gradient ({lg.dtype}, {tuple(lg.shape)}, {lg.device}) does "
-                    f"not match its parameter ({lp.dtype}, {tuple(lp.shape)}, {lp.device}); "
-                    "nothing was updated")
-            if lp.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"fusedreg.optim: parameters must be float16, bfloat16, float32 or "
-                                f"float64, got {lp.dtype}; nothing was updated")
-            st = self.state.get(p)
-            if st and not self._state_verified(p, st):
-                self._check_state(p, lp, group, st, fixes)
-                checked.append(p)
-            key = (lp.device, lp.dtype)
+                key, lp, lg, dense = self._check_grad(p, g)
+            st = state_get(p)
+            if st:
+                seen = verified.get(pid)
+                if (seen is None or seen[1] is not st or len(seen[2]) != len(st)
+                        or not all(map(is_, seen[2], st.values()))):
+                    self._check_state(p, lp, group, st, fixes)
+                    checked.append(p)
             bucket = buckets.get(key)
             if bucket is None:
-                bucket = buckets[key] = (backends.resolve(self._ALGO, lp.device), [], [], [])
-            bucket[1].append(p)
-            bucket[2].append(lp)
-            # the kernels read the gradient over the parameter's storage order
-            bucket[3].append(lg if lg.stride() == lp.stride() or not _is_dense(lp)
-                             else _in_layout(lg, lp))
+                bucket = buckets[key] = _Bucket(backends.resolve(self._ALGO, lp.device))
+            if not dense:
+                bucket.strided.append(len(bucket.params))
+            if lp is not p:
+                bucket.distributed = True
+            bucket.params.append(p)
+            bucket.lparams.append(lp)
+            bucket.lgrads.append(lg)
+            bucket.states.append(st)
         return buckets
+
+    def _check_grad(self, p, g):
+        """A parameter's gradient checked in full: (bucket key, local param, local grad in the
+        parameter's layout, whether the parameter is dense). Remembered for the next step when
+        the parameter is a dense plain tensor and the gradient was not copied."""
+        if g.layout != torch.strided:
+            raise RuntimeError(f"fusedreg.optim.{type(self).__name__} does not support sparse "
+                               "gradients; nothing was updated")
+        distributed = DTensor is not None and isinstance(p, DTensor)
+        lp, lg = (p.to_local(), g.to_local()) if distributed else (p, g)
+        if lg.dtype != lp.dtype or lg.shape != lp.shape or lg.device != lp.device:
+            raise ValueError(
+                f"fusedreg.optim: a gradient ({lg.dtype}, {tuple(lg.shape)}, {lg.device}) does "
+                f"not match its parameter ({lp.dtype}, {tuple(lp.shape)}, {lp.device}); "
+                "nothing was updated")
+        if lp.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"fusedreg.optim: parameters must be float16, bfloat16, float32 or "
+                            f"float64, got {lp.dtype}; nothing was updated")
+        key = (lp.device, lp.dtype)
+        dense = _is_dense(lp)
+        # the kernels read the gradient over the parameter's storage order
+        if lg.stride() != lp.stride() and dense:
+            lg = _in_layout(lg, lp)
+        elif dense and not distributed:
+            self._grad_checked[id(p)] = (p, weakref.ref(g), key, p.data_ptr(), g.data_ptr())
+        return key, lp, lg, dense
 
     def _check_state(self, p, lp, group, st: dict, fixes: list) -> None:
         """A parameter's existing state (created here, loaded, or set by hand): every key the
@@ -386,12 +423,21 @@ class FusedOptimizer(torch.optim.Optimizer):
                     l1=_scalar(group["l1"]), l1_lr_scaled=bool(group.get("l1_lr_scaled", True)),
                     maximize=bool(group["maximize"]))
 
-    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # no autograd in the step (torch.no_grad() as a decorator, without its per-call cost)
+        grad_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            self._step()
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
+        return loss
+
+    def _step(self) -> None:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # Phase 1: validate everything.
@@ -402,7 +448,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             st[k] = v
         for p in checked:
             st = self.state[p]
-            self._verified[p] = (st, tuple(st.values()))
+            self._verified[id(p)] = (p, st, tuple(st.values()))
         self._graph_capture_check(plan)
         # AMP on the host path: an inf/nan step changes no parameter and no state (a host read
         # of found_inf: one sync per step on a GPU, and only under GradScaler). Capturable
@@ -410,8 +456,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         host_amp = None
         # Phase 2 + 3 per bucket: allocate missing state, then one op call.
         for group, buckets in plan:
-            for backend, ps, lps, lgs in buckets.values():
-                op, capturable = self._bucket_op(group, backend)
+            for b in buckets.values():
+                op, capturable = self._bucket_op(group, b.backend)
                 if capturable:
                     amp = (grad_scale, found_inf)
                 else:
@@ -421,20 +467,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                         continue
                     amp = host_amp[1]
                 step_bucket = self._step_bucket_capturable if capturable else self._step_bucket
-                # a parameter that is not dense is stepped through a contiguous copy
-                sparse_layout = [i for i, lp in enumerate(lps) if not _is_dense(lp)]
-                if not sparse_layout:
-                    step_bucket(op, group, ps, lps, lgs, amp)
+                if not b.strided:
+                    step_bucket(op, group, b, b.lparams, b.lgrads, amp)
                     continue
-                lps = list(lps)
-                views = {i: lps[i] for i in sparse_layout}
-                for i in sparse_layout:
+                # a parameter that is not dense is stepped through a contiguous copy
+                lps, lgs = list(b.lparams), list(b.lgrads)
+                for i in b.strided:
                     lps[i] = lps[i].contiguous()
                     lgs[i] = lgs[i].contiguous()
-                step_bucket(op, group, ps, lps, lgs, amp)
-                for i, view in views.items():
-                    view.copy_(lps[i])
-        return loss
+                step_bucket(op, group, b, lps, lgs, amp)
+                for i in b.strided:
+                    b.lparams[i].copy_(lps[i])
 
     # ---- capturable=True ------------------------------------------------------------------------
     _CAPTURABLE_ALGO: str | None = None  # the registry's op of the capturable step, if any
@@ -448,7 +491,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             return backends.implementation(cap, backend), True
         return backends.implementation(self._ALGO, backend), False
 
-    def _step_bucket_capturable(self, op, group, params, lps, lgs, amp):
+    def _step_bucket_capturable(self, op, group, bucket, lps, lgs, amp):
         raise NotImplementedError
 
     def _graph_capture_check(self, plan) -> None:
@@ -465,6 +508,23 @@ class FusedOptimizer(torch.optim.Optimizer):
                 f"Attempting CUDA graph capture of step() for an instance of "
                 f"fusedreg.optim.{type(self).__name__} but param_groups' capturable is False; "
                 "construct it with capturable=True (Adam, AdamW)")
+
+
+class _Bucket:
+    """The parameters of one (group, device, dtype) that a step updates in one op call:
+    ``params`` (as the optimizer holds them), ``lparams``/``lgrads`` (local tensors, the
+    gradients in the parameters' layout), ``states`` (each parameter's state dict, None
+    before its first step), ``strided`` (positions of parameters that are not dense,
+    stepped through a contiguous copy) and ``distributed`` (whether any parameter is a
+    DTensor, stepped as its local shard)."""
+
+    __slots__ = ("backend", "params", "lparams", "lgrads", "states", "strided", "distributed")
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.params, self.lparams, self.lgrads, self.states, self.strided = [], [], [], [], []
+        self.distributed = False
+
 
 
 def _host_amp(grad_scale, found_inf):

@@ -54,31 +54,37 @@ class Adam(FusedOptimizer):
     def _required_state(self, group):
         return ("step", "exp_avg", "exp_avg_sq")
 
-    def _bucket_state(self, group, params, lps):
+    def _bucket_state(self, group, bucket, lps):
         """The state lists of a bucket, allocating missing state (torch's lazy init): step
         counts on the CPU, or on the parameter's device with capturable (a fill there)."""
         amsgrad = bool(group["amsgrad"])
         exp_avgs, exp_avg_sqs, max_sqs, step_ts = [], [], [], []
-        for p, lp in zip(params, lps):
-            st = self.state[p]
-            step = st.get("step")
-            if isinstance(step, torch.Tensor) and step.device != _step_device(lp, group):
-                # capturable switched after the state was checked: move the count (once)
-                st["step"] = step.detach().to(_step_device(lp, group), torch.float32).reshape(())
-            if len(st) == 0:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(lp, group))
+        state = self.state
+        step_device = _step_device(lps[0], group)  # one device per bucket
+        on_cpu = step_device.type == "cpu"
+        for p, st in zip(bucket.params, bucket.states):
+            if not st:  # no state yet: torch's lazy initialization
+                st = state[p]
+                st["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
                 st["exp_avg"] = self._zeros_state(p, group)
                 st["exp_avg_sq"] = self._zeros_state(p, group)
+            step = st["step"]
+            if (not step.is_cpu) if on_cpu else step.device != step_device:
+                # capturable switched after the state was checked: move the count (once)
+                step = st["step"] = step.detach().to(step_device, torch.float32).reshape(())
             if amsgrad and "max_exp_avg_sq" not in st:
                 st["max_exp_avg_sq"] = self._zeros_state(p, group)
-            step_ts.append(st["step"])
-            exp_avgs.append(_local(st["exp_avg"]))
-            exp_avg_sqs.append(_local(st["exp_avg_sq"]))
+            step_ts.append(step)
+            exp_avgs.append(st["exp_avg"])
+            exp_avg_sqs.append(st["exp_avg_sq"])
             if amsgrad:
-                max_sqs.append(_local(st["max_exp_avg_sq"]))
+                max_sqs.append(st["max_exp_avg_sq"])
+        if bucket.distributed:  # DTensor parameters: their state is stepped as local shards
+            exp_avgs, exp_avg_sqs, max_sqs = ([_local(t) for t in ts]
+                                              for ts in (exp_avgs, exp_avg_sqs, max_sqs))
         return exp_avgs, exp_avg_sqs, max_sqs, step_ts
 
-    def _step_bucket_capturable(self, op, group, params, lps, lgs, amp):
+    def _step_bucket_capturable(self, op, group, bucket, lps, lgs, amp):
         """The capturable step: no host read of a device tensor. The step counts are
         incremented on the device before the op and, after an inf/nan step (found_inf != 0),
         decremented again by found_inf, as torch's fused Adam does; a tensor lr on the
@@ -87,7 +93,7 @@ class Adam(FusedOptimizer):
         asynchronous copy, no-op when already there)."""
         grad_scale, found_inf = amp
         device = lps[0].device
-        exp_avgs, exp_avg_sqs, max_sqs, step_ts = self._bucket_state(group, params, lps)
+        exp_avgs, exp_avg_sqs, max_sqs, step_ts = self._bucket_state(group, bucket, lps)
         lr, lr_tensor = group["lr"], None
         if isinstance(lr, torch.Tensor):
             if lr.device.type == "cpu" and device.type != "cpu":
@@ -112,16 +118,13 @@ class Adam(FusedOptimizer):
         if fi is not None:  # a skipped step does not count
             torch._foreach_sub_(step_ts, [fi.reshape(()).to(torch.float32)] * len(step_ts))
 
-    def _step_bucket(self, op, group, params, lps, lgs, inv_scale):
-        amsgrad = bool(group["amsgrad"])
-        exp_avgs, exp_avg_sqs, max_sqs, step_ts = self._bucket_state(group, params, lps)
-        # the step counters are 0-dim float32 CPU tensors, as torch's: two calls for all of
-        # them rather than an increment and an .item() per parameter
-        torch._foreach_add_(step_ts, 1.0)
-        steps = torch.stack(step_ts).tolist()
+    def _step_bucket(self, op, group, bucket, lps, lgs, inv_scale):
+        # the op checks everything, then adds one to each count (0-dim float32 CPU tensors,
+        # as torch's) and steps with the new counts: no per-tensor increment here
+        exp_avgs, exp_avg_sqs, max_sqs, step_ts = self._bucket_state(group, bucket, lps)
         beta1, beta2 = group["betas"]
-        op(lps, lgs, exp_avgs, exp_avg_sqs, max_sqs, steps, beta1=_scalar(beta1),
-           beta2=_scalar(beta2), eps=_scalar(group["eps"]), amsgrad=amsgrad,
+        op(lps, lgs, exp_avgs, exp_avg_sqs, max_sqs, step_ts, beta1=_scalar(beta1),
+           beta2=_scalar(beta2), eps=_scalar(group["eps"]), amsgrad=bool(group["amsgrad"]),
            decoupled=bool(group["decoupled_weight_decay"]), inv_scale=inv_scale,
            **self._op_hyper(group))
 

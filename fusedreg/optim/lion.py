@@ -30,13 +30,16 @@ class Lion(FusedOptimizer):
         check_nonneg(group["l1"], "l1")
         check_flags(group, type(self).__name__)
 
-    def _step_bucket(self, op, group, params, lps, lgs, inv_scale):
+    def _step_bucket(self, op, group, bucket, lps, lgs, inv_scale):
         exp_avgs = []
-        for p in params:
-            st = self.state[p]
-            if "exp_avg" not in st:
-                st["exp_avg"] = self._zeros_state(p, group)
-            exp_avgs.append(_local(st["exp_avg"]))
+        state = self.state
+        for p, st in zip(bucket.params, bucket.states):
+            m = st.get("exp_avg") if st else None
+            if m is None:
+                m = state[p]["exp_avg"] = self._zeros_state(p, group)
+            exp_avgs.append(m)
+        if bucket.distributed:
+            exp_avgs = [_local(m) for m in exp_avgs]
         beta1, beta2 = group["betas"]
         op(lps, lgs, exp_avgs, beta1=_scalar(beta1), beta2=_scalar(beta2), inv_scale=inv_scale,
            **self._op_hyper(group))

@@ -40,7 +40,7 @@ class SGD(FusedOptimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         check_flags(group, type(self).__name__)
 
-    def _step_bucket(self, op, group, params, lps, lgs, inv_scale):
+    def _step_bucket(self, op, group, bucket, lps, lgs, inv_scale):
         momentum = _scalar(group["momentum"])
         hyper = dict(momentum=momentum, dampening=_scalar(group["dampening"]),
                      nesterov=bool(group["nesterov"]),
@@ -50,16 +50,22 @@ class SGD(FusedOptimizer):
             op(lps, lgs, [], first_step=False, **hyper)
             return
         # Parameters whose buffer is new take buf = g (first_step); one call per kind.
-        calls = {True: ([], [], []), False: ([], [], [])}
-        for p, lp, lg in zip(params, lps, lgs):
-            st = self.state[p]
-            first = st.get("momentum_buffer") is None
-            if first:
-                st["momentum_buffer"] = self._zeros_state(p, group)
-            ps, gs, bufs = calls[first]
-            ps.append(lp)
-            gs.append(lg)
-            bufs.append(_local(st["momentum_buffer"]))
-        for first, (ps, gs, bufs) in calls.items():
-            if ps:
-                op(ps, gs, bufs, first_step=first, **hyper)
+        state = self.state
+        bufs, new = [], []
+        for i, (p, st) in enumerate(zip(bucket.params, bucket.states)):
+            buf = st.get("momentum_buffer") if st else None
+            if buf is None:
+                buf = state[p]["momentum_buffer"] = self._zeros_state(p, group)
+                new.append(i)
+            bufs.append(buf)
+        if bucket.distributed:
+            bufs = [_local(b) for b in bufs]
+        if not new:  # the usual step: every buffer exists, one call
+            op(lps, lgs, bufs, first_step=False, **hyper)
+            return
+        is_new = set(new)
+        old = [i for i in range(len(lps)) if i not in is_new]
+        for first, idx in ((True, new), (False, old)):
+            if idx:
+                op([lps[i] for i in idx], [lgs[i] for i in idx], [bufs[i] for i in idx],
+                   first_step=first, **hyper)

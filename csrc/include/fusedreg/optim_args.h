@@ -17,6 +17,7 @@
 #include <string>
 #include <utility>
 #include <type_traits>
+#include <vector>
 
 #include "fusedreg/optim_math.h"
 
@@ -44,8 +45,7 @@ struct LionHyper {
 
 // The ranges the Python optimizers enforce (fusedreg/optim: lr, eps, weight_decay, l1,
 // momentum, dampening finite and >= 0; betas in [0, 1); nesterov needs momentum > 0 and no
-// dampening), plus inv_scale finite and > 0 and Adam's step counts >= 1 (the bias
-// corrections divide by 1 - beta^step).
+// dampening), plus inv_scale finite and > 0; Adam's step counts are checked by check_steps.
 namespace detail {
 inline void check_nonneg(const char* op, const char* name, double v) {
   TORCH_CHECK(std::isfinite(v) && v >= 0.0, op, ": ", name, " must be finite and >= 0, got ", v);
@@ -58,8 +58,7 @@ inline void check_inv_scale(const char* op, double v) {
 }
 }  // namespace detail
 
-inline void check_hyper(const AdamHyper& h, at::ArrayRef<double> steps,
-                        const char* op = "fusedreg::adam_step") {
+inline void check_hyper(const AdamHyper& h, const char* op = "fusedreg::adam_step") {
   detail::check_nonneg(op, "lr", h.lr);
   detail::check_beta(op, "beta1", h.beta1);
   detail::check_beta(op, "beta2", h.beta2);
@@ -67,10 +66,41 @@ inline void check_hyper(const AdamHyper& h, at::ArrayRef<double> steps,
   detail::check_nonneg(op, "weight_decay", h.weight_decay);
   detail::check_nonneg(op, "l1", h.l1);
   detail::check_inv_scale(op, h.inv_scale);
-  for (const double step : steps) {
-    TORCH_CHECK(std::isfinite(step) && step >= 1.0, op, ": steps must be finite and >= 1, got ",
-                step);
+}
+
+// ---- Adam's step counts ------------------------------------------------------------------
+// adam_step's `steps`: one count per parameter, torch's state["step"] (a 1-element float32
+// CPU tensor: read and written on the host, also for CUDA parameters, as torch keeps them
+// without capturable), finite and >= 0 before the step. The op entry point checks them
+// (check_steps, no write); the implementation, after its tensor-list checks, increments
+// every count by one in float32 (torch's `step += 1`) and takes the new counts
+// (increment_steps): one call checks, counts and steps, with no per-tensor op for the
+// increment and no write before every check has passed.
+inline void check_steps(const char* op, at::TensorList steps, size_t n_params) {
+  TORCH_CHECK(steps.size() == n_params, op, ": expected one step per parameter, got ",
+              steps.size(), " for ", n_params, " params");
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(s.defined() && s.layout() == at::kStrided && s.scalar_type() == at::kFloat &&
+                    s.numel() == 1 && s.device().is_cpu(),
+                op, ": step ", i, " must be a 1-element float32 CPU tensor");
+    const float v = *s.const_data_ptr<float>();
+    TORCH_CHECK(std::isfinite(v) && v >= 0.0f, op, ": step ", i,
+                " must be finite and >= 0, got ", v);
   }
+}
+
+// Adds one to every count (all first, then the reads: a tensor listed twice counts twice and
+// both parameters see its final value, as with torch's _foreach_add_) and returns the new
+// counts. Only after check_steps and the implementation's other checks.
+inline std::vector<double> increment_steps(at::TensorList steps) {
+  for (const at::Tensor& s : steps) {
+    float* v = s.mutable_data_ptr<float>();
+    *v = *v + 1.0f;
+  }
+  std::vector<double> counts(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) counts[i] = *steps[i].const_data_ptr<float>();
+  return counts;
 }
 
 inline void check_hyper(const SgdHyper& h) {
@@ -257,7 +287,7 @@ inline void check_capturable(const char* op, at::TensorList params, at::TensorLi
 // implementation (`impl`), e.g. m.impl("adam_step", &adam_step_op<adam_step_cpu>).
 using AdamImpl = void (*)(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                          at::ArrayRef<double> steps, const AdamHyper& h);
+                          at::TensorList steps, const AdamHyper& h);
 using SgdImpl = void (*)(at::TensorList params, at::TensorList grads,
                          at::TensorList momentum_buffers, const SgdHyper& h);
 using LionImpl = void (*)(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -283,12 +313,13 @@ inline AdamHyper adam_hyper(double lr, double beta1, double beta2, double eps, d
 template <AdamImpl impl>
 void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                  at::ArrayRef<double> steps, double lr, double beta1, double beta2, double eps,
+                  at::TensorList steps, double lr, double beta1, double beta2, double eps,
                   double weight_decay, double l1, bool l1_lr_scaled, bool amsgrad, bool maximize,
                   bool decoupled, double inv_scale) {
   const AdamHyper h = adam_hyper(lr, beta1, beta2, eps, weight_decay, l1, l1_lr_scaled, amsgrad,
                                  maximize, decoupled, inv_scale);
-  check_hyper(h, steps);
+  check_hyper(h);
+  check_steps("fusedreg::adam_step", steps, params.size());
   impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h);
 }
 
@@ -313,7 +344,7 @@ void adam_step_capturable_op(at::TensorList params, at::TensorList grads, at::Te
   // inv_scale = 1: grad_scale, when given, is read on the device
   const AdamHyper h = adam_hyper(lr, beta1, beta2, eps, weight_decay, l1, l1_lr_scaled, amsgrad,
                                  maximize, decoupled, 1.0);
-  check_hyper(h, {}, "fusedreg::adam_step_capturable");
+  check_hyper(h, "fusedreg::adam_step_capturable");
   check_capturable("fusedreg::adam_step_capturable", params, steps, lr_tensor, grad_scale,
                    found_inf);
   impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, grad_scale,

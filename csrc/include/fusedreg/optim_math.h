@@ -15,6 +15,11 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
+#if !defined(__CUDACC__)
+#include <bit>
+#endif
 
 #include "fusedreg/macros.h"
 
@@ -30,12 +35,35 @@ FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE float sqrt_(float v) { return sqrtf(v); }
 FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE double sqrt_(double v) { return sqrt(v); }
 }  // namespace detail
 
-// sign(p)·max(|p| − thr, 0), thr ≥ 0. Written with selects, no copysign: branch-free.
+// c ? a : b for values both already computed. On the host, for float, a bit mask rather
+// than a select: GCC (under its default -ftrapping-math) does not if-convert every float
+// select in every loop these functions are inlined into — it sinks one side's computation
+// into a branch — and a loop left with control flow stays scalar (the bfloat16 loops with
+// l1 or bf16 state did, 5-25x slower). double keeps the select (its loops vectorize with
+// it, and the 64-bit masks made float64 SGD 2x slower). Exact either way: the result is
+// one of the two values, bit for bit.
+template <typename S>
+FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE S pick(bool c, S a, S b) {
+#if defined(__CUDACC__)
+  return c ? a : b;
+#else
+  if constexpr (sizeof(S) == 4) {
+    const uint32_t mask = 0u - uint32_t(c);  // all ones when c
+    return std::bit_cast<S>((std::bit_cast<uint32_t>(a) & mask) |
+                            (std::bit_cast<uint32_t>(b) & ~mask));
+  } else {
+    return c ? a : b;  // double: the float64 loops vectorize with the selects as they are
+  }
+#endif
+}
+
+// sign(p)·max(|p| − thr, 0), thr ≥ 0 (a NaN p gives 0). Written with selects, no copysign:
+// branch-free.
 template <typename S>
 FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE S soft_threshold(S p, S thr) {
   const S shrunk_pos = p - thr;  // used when p > thr
   const S shrunk_neg = p + thr;  // used when p < −thr
-  return p > thr ? shrunk_pos : (p < -thr ? shrunk_neg : S(0));
+  return pick(p > thr, shrunk_pos, pick(p < -thr, shrunk_neg, S(0)));
 }
 
 // torch.lerp's formula (ATen/native/Lerp.h): a + w·(b − a) when |w| < 0.5, else
@@ -44,7 +72,7 @@ FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE S soft_threshold(S p, S thr) {
 // between two loaded values and the loops still vectorize.
 template <typename S>
 FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE S lerp(S a, S b, S coef, bool w_small) {
-  return (w_small ? a : b) + coef * (b - a);
+  return pick(w_small, a, b) + coef * (b - a);
 }
 
 // Adam / AdamW (torch.optim.Adam single-tensor path). Per tensor: neg_step_size = −lr/bc1,
@@ -92,7 +120,7 @@ FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE void adam_update(const AdamConsts<S>& c, 
   v = v * c.beta2 + c.omb2 * g * g;
   S v_used = v;
   if (AMSGRAD) {
-    v_used = vmax > v ? vmax : v;
+    v_used = pick(vmax > v, vmax, v);
     vmax = v_used;
   }
   const S denom = detail::sqrt_(v_used) / bc2_sqrt + c.eps;
@@ -114,9 +142,9 @@ FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE void sgd_update(const SgdConsts<S>& c, S&
   p = p * c.decay;
   S d = g;
   if (MOMENTUM) {
-    const S b = c.first ? g : *buf * c.momentum + c.damp1 * g;
+    const S b = pick(c.first, g, *buf * c.momentum + c.damp1 * g);
     *buf = b;
-    d = c.nesterov ? g + c.momentum * b : b;
+    d = pick(c.nesterov, g + c.momentum * b, b);
   }
   p = p + c.neg_lr * d;
   if (L1) p = soft_threshold(p, c.thr);
@@ -134,7 +162,7 @@ FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE void lion_update(const LionConsts<S>& c, 
   g = g * c.gscale;
   p = p * c.decay;
   const S u = m * c.beta1 + g * c.omb1;
-  const S sgn = u > S(0) ? S(1) : (u < S(0) ? S(-1) : S(0));
+  const S sgn = pick(u > S(0), S(1), pick(u < S(0), S(-1), S(0)));
   p = p + c.neg_lr * sgn;
   m = m * c.beta2 + g * c.omb2;
   if (L1) p = soft_threshold(p, c.thr);
