@@ -28,6 +28,7 @@
 
 #include "fusedreg/cpu/alloc.h"
 #include "fusedreg/cpu/isa.h"
+#include "fusedreg/cpu/philox_stream.h"
 #include "fusedreg/cpu/rows.h"
 #include "fusedreg/cpu/scheduler.h"
 #include "fusedreg/cpu/uniforms.h"
@@ -198,7 +199,7 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
     const h_t* rr = a.residual ? a.residual + r * N : nullptr;
     h_t* hr = a.h ? a.h + r * N : nullptr;
     x_t* yr = a.y + r * N;
-    sc.place(cpu::place_scratch({xr, rr, w, b}, {nt ? nullptr : hr, nt ? nullptr : yr}));
+    sc.place({xr, rr, w, b}, {nt ? nullptr : hr, nt ? nullptr : yr});
     float* u = sc.template at_as<float>(kFwdU);
     if (dropout) fill_uniforms(a.seed, r * N, N, u);
     const acc_t* xv = row_as_acc(xr, sc.at(kFwdX), N);
@@ -367,17 +368,28 @@ inline FUSEDREG_ALWAYS_INLINE void bwd_sums(const acc_t* dyr, const acc_t* hr, c
 }
 
 // dh = rs * (g - c1 - xhat * c2) + dh_out; grad_residual = dh; grad_x = dh * keep * scale
-// (acc_t rows). ndy, nh, ndo: the next row of dy, h, dh_out to prefetch (or null).
-template <bool DOUT, bool GRES, bool DROPOUT, typename x_t, typename h_t, typename acc_t>
+// (acc_t rows), kStoreChunk elements at a time: per chunk, the next row's dy, h, dh_out are
+// prefetched (ndy, nh, ndo, or null), the chunk's dropout uniforms generated (u, from element
+// `start` of the seed's stream) and, after the chunk, emit(j0, j1) stores it. The Philox
+// arithmetic of a chunk then overlaps the prefetches and stores in flight, rather than
+// running alone between the row's memory passes.
+constexpr int64_t kStoreChunk = 2 * kPrefetchChunk;
+
+template <cpu::Isa ISA, bool DOUT, bool GRES, bool DROPOUT, typename x_t, typename h_t, typename acc_t,
+          typename Emit>
 inline FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const acc_t* hr, const acc_t* dor, acc_t* grr,
-                                               acc_t* gxr, const float* u, int64_t N, acc_t mu, acc_t rs,
-                                               acc_t c1, acc_t c2, float p, acc_t scale, const x_t* ndy,
-                                               const h_t* nh, const h_t* ndo) {
-  for (int64_t j0 = 0; j0 < N; j0 += kPrefetchChunk) {
-    prefetch_chunk(ndy, j0);
-    prefetch_chunk(nh, j0);
-    if constexpr (DOUT) prefetch_chunk(ndo, j0);
-    const int64_t j1 = std::min(N, j0 + kPrefetchChunk);
+                                               acc_t* gxr, float* u, const cpu::PhiloxKeys& keys, uint64_t seed,
+                                               int64_t start, int64_t N, acc_t mu, acc_t rs, acc_t c1, acc_t c2,
+                                               float p, acc_t scale, const x_t* ndy, const h_t* nh,
+                                               const h_t* ndo, const Emit& emit) {
+  for (int64_t j0 = 0; j0 < N; j0 += kStoreChunk) {
+    for (int64_t k = j0; k < std::min(N, j0 + kStoreChunk); k += kPrefetchChunk) {
+      prefetch_chunk(ndy, k);
+      prefetch_chunk(nh, k);
+      if constexpr (DOUT) prefetch_chunk(ndo, k);
+    }
+    const int64_t j1 = std::min(N, j0 + kStoreChunk);
+    if constexpr (DROPOUT) cpu::fill_uniforms_at<ISA>(keys, seed, start + j0, j1 - j0, u + j0);
 #pragma omp simd
     for (int64_t j = j0; j < j1; ++j) {
       const acc_t xhat = (hr[j] - mu) * rs;
@@ -387,6 +399,7 @@ inline FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const acc_t* hr, 
       if constexpr (DROPOUT) dh = u[j] >= p ? dh * scale : acc_t(0);
       gxr[j] = dh;
     }
+    emit(j0, j1);
   }
 }
 
@@ -406,13 +419,14 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
   const float p = a.p;
   const bool nt = a.nt;
   const acc_t scale = static_cast<acc_t>(dropout_scale(p));
+  const cpu::PhiloxKeys keys(a.seed);
   for (int64_t r = r0; r < r1; ++r) {
     const x_t* dyr = a.dy + r * N;
     const h_t* hr = a.h + r * N;
     const h_t* dor = a.dh_out ? a.dh_out + r * N : nullptr;
     h_t* grr = a.gres ? a.gres + r * N : nullptr;
     x_t* gxr = a.gx + r * N;
-    sc.place(cpu::place_scratch({dyr, hr, dor, w, aw, ab}, {nt ? nullptr : gxr, nt ? nullptr : grr, aw, ab}));
+    sc.place({dyr, hr, dor, w, aw, ab}, {nt ? nullptr : gxr, nt ? nullptr : grr, aw, ab});
     const acc_t* dyv = row_as_acc(dyr, sc.at(kBwdDy), N);
     const acc_t* hv = row_as_acc(hr, sc.at(kBwdH), N);
     const acc_t* dov = row_as_acc(dor, sc.at(kBwdDo), N);
@@ -430,24 +444,30 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
     c1 = a.rms ? acc_t(0) : c1 / N;
     c2 /= N;
     float* u = sc.template at_as<float>(kBwdU);
-    if (dropout) fill_uniforms(a.seed, r * N, N, u);
     acc_t* gro = grr ? out_row(grr, sc.at(kBwdGres), nt) : nullptr;
     acc_t* gxo = out_row(gxr, sc.at(kBwdGx), nt);
+    const bool gr_copy = gro && gro != reinterpret_cast<acc_t*>(grr);
+    const bool gx_copy = gxo != reinterpret_cast<acc_t*>(gxr);
+    auto emit = [&](int64_t j0, int64_t j1) FUSEDREG_ALWAYS_INLINE {
+      if (gr_copy) write_row<ISA>(grr + j0, static_cast<const acc_t*>(gro + j0), j1 - j0, nt,
+                                  sc.template at_as<h_t>(kBwdBits) + j0);
+      if (gx_copy) write_row<ISA>(gxr + j0, static_cast<const acc_t*>(gxo + j0), j1 - j0, nt,
+                                  sc.template at_as<x_t>(kBwdBits) + j0);
+    };
     // The next row of this block (the next block's first row is likely another thread's).
     const x_t* ndy = next_row(a.dy, r, r1, N);
     const h_t* nh = next_row(a.h, r, r1, N);
     const h_t* ndo = next_row(a.dh_out, r, r1, N);
     switch ((dov ? 1 : 0) | (gro ? 2 : 0) | (dropout ? 4 : 0)) {
-#define FUSEDREG_CASE(F) \
-  case F: store_grads<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(g, hv, dov, gro, gxo, u, N, mu, rs, c1, c2, p, scale, ndy, nh, ndo); break;
+#define FUSEDREG_CASE(F)                                                                                  \
+  case F:                                                                                                 \
+    store_grads<ISA, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(g, hv, dov, gro, gxo, u, keys, a.seed, r * N, \
+                                                               N, mu, rs, c1, c2, p, scale, ndy, nh, ndo, emit); \
+    break;
       FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
       FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
 #undef FUSEDREG_CASE
     }
-    if (gro && gro != reinterpret_cast<acc_t*>(grr))
-      write_row<ISA>(grr, static_cast<const acc_t*>(gro), N, nt, sc.template at_as<h_t>(kBwdBits));
-    if (gxo != reinterpret_cast<acc_t*>(gxr))
-      write_row<ISA>(gxr, static_cast<const acc_t*>(gxo), N, nt, sc.template at_as<x_t>(kBwdBits));
   }
 }
 

@@ -209,26 +209,55 @@ inline int64_t place_scratch(std::initializer_list<const void*> loads, std::init
 
 // A buffer of `arrays` scratch rows of n elements of T, re-placed per row: at(k) is row k of
 // the current placement. The rows are a whole number of pages apart, so that they share one
-// page offset; the buffer has a page of slack to move them within.
+// page offset; the buffer has a page of slack to move them within. place() remembers the
+// placements of the last 64 distinct stream offsets (the offsets of rows of one array cycle
+// through at most 64 values), so that the search runs once per distinct set, not per row.
 template <typename T>
 class ScratchRows {
  public:
+  static constexpr int kMaxStreams = 8;
+
   ScratchRows(int64_t n, int arrays)
       : stride_((n * int64_t(sizeof(T)) + 4095) / 4096 * 4096), buf_(new char[stride_ * arrays + 8192]) {
     base_ = buf_.get() + ((4096 - (reinterpret_cast<uintptr_t>(buf_.get()) & 4095)) & 4095);
     cur_ = base_;
   }
-  // Moves the rows to page offset `offset` (place_scratch's answer).
-  void place(int64_t offset) { cur_ = base_ + offset; }
+
+  // Places the rows for a loop that loads `loads` and stores `stores` (place_scratch).
+  void place(std::initializer_list<const void*> loads, std::initializer_list<const void*> stores) {
+    Key k{};
+    int i = 0;
+    for (const void* p : loads) k.off[i++] = offset_of(p);
+    for (const void* p : stores) k.off[i++] = offset_of(p) | 0x2000;
+    Entry& e = cache_[(k.off[0] >> 6) & 63];
+    if (!e.valid || std::memcmp(e.key.off, k.off, sizeof(k.off)) != 0) {
+      e.key = k;
+      e.offset = place_scratch(loads, stores);
+      e.valid = true;
+    }
+    cur_ = base_ + e.offset;
+  }
   T* at(int k) const { return reinterpret_cast<T*>(cur_ + k * stride_); }
   template <typename U>
   U* at_as(int k) const { return reinterpret_cast<U*>(cur_ + k * stride_); }
 
  private:
+  struct Key {
+    int16_t off[2 * kMaxStreams];
+  };
+  struct Entry {
+    Key key;
+    int64_t offset = 0;
+    bool valid = false;
+  };
+  static int16_t offset_of(const void* p) {
+    return p ? static_cast<int16_t>(reinterpret_cast<uintptr_t>(p) & 4095) : int16_t(0x1000);
+  }
   int64_t stride_;
   std::unique_ptr<char[]> buf_;
   char* base_;
   char* cur_;
+  Entry cache_[64];
 };
 
 }  // namespace cpu
