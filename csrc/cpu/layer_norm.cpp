@@ -128,6 +128,9 @@ struct FwdArgs {
 // longer rows would evict the current one, and the prefetchers ramp up within them anyway.
 constexpr int64_t kPrefetchChunk = 64;  // elements per prefetch step of the last pass
 constexpr int64_t kPrefetchRowBytes = 16384;
+// Elements per step of a row's last pass, which also generates dropout uniforms and stores
+// the outputs step by step: 32 Philox groups, the AVX-512 kernel's widest block (uniforms.h).
+constexpr int64_t kStoreChunk = 2 * kPrefetchChunk;
 
 // Prefetches the cache lines of p[j0, j0 + kPrefetchChunk) (nothing when p is null).
 template <typename T>
@@ -180,13 +183,13 @@ inline FUSEDREG_ALWAYS_INLINE acc_t row_sum(const acc_t* v, int64_t N) {
 }
 
 // Scratch rows of the forward (cpu::ScratchRows indices).
-enum FwdScratch { kFwdH, kFwdX, kFwdRes, kFwdU, kFwdY, kFwdBits, kFwdRows };
+enum FwdScratch { kFwdH, kFwdX, kFwdRes, kFwdY, kFwdBits, kFwdRows };
 
 // Rows [r0, r1); w, b: the weight and bias as acc_t rows (or null); sc: this thread's scratch.
 template <cpu::Isa ISA, typename x_t, typename w_t, typename h_t>
 inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a, int64_t r0, int64_t r1,
                                                 const at::opmath_type<x_t>* w, const at::opmath_type<x_t>* b,
-                                                cpu::ScratchRows<at::opmath_type<x_t>>& sc) {
+                                                cpu::ScratchRows<at::opmath_type<x_t>>& sc, float* u, float* u_next) {
   using acc_t = at::opmath_type<x_t>;
   static_assert(std::is_same_v<h_t, x_t> || std::is_same_v<h_t, acc_t>, "h is x's dtype or the compute type");
   const int64_t N = a.N;
@@ -194,14 +197,16 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
   const float p = a.p;
   const bool nt = a.nt;
   const acc_t scale = static_cast<acc_t>(dropout_scale(p));
+  const cpu::PhiloxKeys keys(a.seed);
+  // The dropout uniforms of row r are in u: the first row's generated here, each next row's
+  // during the last pass over the row before it (see below).
+  if (dropout && r0 < r1) cpu::fill_uniforms_at<ISA>(keys, a.seed, r0 * N, N, u);
   for (int64_t r = r0; r < r1; ++r) {
     const x_t* xr = a.x + r * N;
     const h_t* rr = a.residual ? a.residual + r * N : nullptr;
     h_t* hr = a.h ? a.h + r * N : nullptr;
     x_t* yr = a.y + r * N;
     sc.place({xr, rr, w, b}, {nt ? nullptr : hr, nt ? nullptr : yr});
-    float* u = sc.template at_as<float>(kFwdU);
-    if (dropout) fill_uniforms(a.seed, r * N, N, u);
     const acc_t* xv = row_as_acc(xr, sc.at(kFwdX), N);
     const acc_t* rv = row_as_acc(rr, sc.at(kFwdRes), N);
     // h = residual + dropout(x), rounded to h_t, as an acc_t row vr; sum(h) on the way.
@@ -254,12 +259,20 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
     if (a.mean) a.mean[r] = mu;
     a.rstd[r] = rs;
     acc_t* yo = out_row(yr, sc.at(kFwdY), nt);
+    const bool y_copy = yo != reinterpret_cast<acc_t*>(yr);
     const x_t* nx = next_row(a.x, r, r1, N);
     const h_t* nr = next_row(a.residual, r, r1, N);
-    for (int64_t j0 = 0; j0 < N; j0 += kPrefetchChunk) {
-      prefetch_chunk(nx, j0);
-      prefetch_chunk(nr, j0);
-      const int64_t j1 = std::min(N, j0 + kPrefetchChunk);
+    // kStoreChunk elements at a time: the next row's inputs prefetched, the next row's dropout
+    // uniforms generated (overlapping the prefetches and stores in flight), then the chunk of
+    // y computed and stored.
+    const bool next_u = dropout && r + 1 < r1;
+    for (int64_t j0 = 0; j0 < N; j0 += kStoreChunk) {
+      const int64_t j1 = std::min(N, j0 + kStoreChunk);
+      for (int64_t k = j0; k < j1; k += kPrefetchChunk) {
+        prefetch_chunk(nx, k);
+        prefetch_chunk(nr, k);
+      }
+      if (next_u) cpu::fill_uniforms_at<ISA>(keys, a.seed, (r + 1) * N + j0, j1 - j0, u_next + j0);
       if (w && b) {
 #pragma omp simd
         for (int64_t j = j0; j < j1; ++j) yo[j] = (vr[j] - mu) * rs * w[j] + b[j];
@@ -273,9 +286,10 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
 #pragma omp simd
         for (int64_t j = j0; j < j1; ++j) yo[j] = (vr[j] - mu) * rs;
       }
+      if (y_copy) write_row<ISA>(yr + j0, static_cast<const acc_t*>(yo + j0), j1 - j0, nt,
+                                 sc.template at_as<x_t>(kFwdBits) + j0);
     }
-    if (yo != reinterpret_cast<acc_t*>(yr)) write_row<ISA>(yr, static_cast<const acc_t*>(yo), N, nt,
-                                                           sc.template at_as<x_t>(kFwdBits));
+    std::swap(u, u_next);
   }
 }
 
@@ -300,17 +314,19 @@ void forward_kernel(const FwdArgs<x_t, w_t, h_t>& a, int64_t M) {
   const acc_t* w = weight_as_acc(a.w, wbuf, a.N);
   const acc_t* b = weight_as_acc(a.b, bbuf, a.N);
   // Dispatched here, not inside the task body: for_each_task instantiates the body twice.
-  auto run_task = [&](int64_t t, cpu::ScratchRows<acc_t>& sc, bool last) {
+  auto run_task = [&](int64_t t, cpu::ScratchRows<acc_t>& sc, float* u, bool last) {
     dispatch_isa([&](auto isa) FUSEDREG_ALWAYS_INLINE {
-      forward_rows<decltype(isa)::value>(a, t * grain, std::min(M, (t + 1) * grain), w, b, sc);
+      forward_rows<decltype(isa)::value>(a, t * grain, std::min(M, (t + 1) * grain), w, b, sc, u, u + a.N);
       if (last) cpu::store_fence<decltype(isa)::value>();
     });
   };
   for_each_task((M + grain - 1) / grain, [&](auto next_task) {
     cpu::ScratchRows<acc_t> sc(a.N, kFwdRows);
+    // two rows of dropout uniforms: this row's and the next one's
+    std::unique_ptr<float[]> u(new float[a.p > 0.0f ? 2 * a.N : 0]);
     for (int64_t t = next_task(); t >= 0;) {
       const int64_t next = next_task();
-      run_task(t, sc, next < 0 && a.nt);
+      run_task(t, sc, u.get(), next < 0 && a.nt);
       t = next;
     }
   });
@@ -373,7 +389,6 @@ inline FUSEDREG_ALWAYS_INLINE void bwd_sums(const acc_t* dyr, const acc_t* hr, c
 // `start` of the seed's stream) and, after the chunk, emit(j0, j1) stores it. The Philox
 // arithmetic of a chunk then overlaps the prefetches and stores in flight, rather than
 // running alone between the row's memory passes.
-constexpr int64_t kStoreChunk = 2 * kPrefetchChunk;
 
 template <cpu::Isa ISA, bool DOUT, bool GRES, bool DROPOUT, typename x_t, typename h_t, typename acc_t,
           typename Emit>
