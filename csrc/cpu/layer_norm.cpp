@@ -20,7 +20,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <type_traits>
@@ -58,10 +57,10 @@ using cpu::for_each_task;
 // ends up anyway before the next pass reads it. Smaller outputs stay cache resident.
 constexpr int64_t kNonTemporalMinBytes = int64_t(8) << 20;
 
-inline bool use_nt(int64_t bytes) {
-  if (const char* e = std::getenv("FUSEDREG_NORM_NT")) return e[0] == '1' && cpu::cpu_has_avx512();
-  return bytes >= kNonTemporalMinBytes && cpu::cpu_has_avx512();
-}
+inline bool use_nt(int64_t bytes) { return bytes >= kNonTemporalMinBytes && cpu::cpu_has_avx512(); }
+
+// Calls of at least this many elements place their scratch rows per row (cpu::ScratchRows).
+constexpr int64_t kPlaceMinElements = int64_t(1) << 16;
 
 // The row as acc_t: src itself, or its conversion into scratch.
 template <typename acc_t, typename T>
@@ -321,7 +320,7 @@ void forward_kernel(const FwdArgs<x_t, w_t, h_t>& a, int64_t M) {
     });
   };
   for_each_task((M + grain - 1) / grain, [&](auto next_task) {
-    cpu::ScratchRows<acc_t> sc(a.N, kFwdRows);
+    cpu::ScratchRows<acc_t> sc(a.N, kFwdRows, M * a.N >= kPlaceMinElements);
     // two rows of dropout uniforms: this row's and the next one's
     std::unique_ptr<float[]> u(new float[a.p > 0.0f ? 2 * a.N : 0]);
     for (int64_t t = next_task(); t >= 0;) {
@@ -551,7 +550,7 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
     });
   };
   for_each_task(n_blocks, [&](auto next_task) {
-    cpu::ScratchRows<acc_t> sc(N, kBwdRows);
+    cpu::ScratchRows<acc_t> sc(N, kBwdRows, M * N >= kPlaceMinElements);
     for (int64_t blk = next_task(); blk >= 0;) {
       const int64_t next = next_task();
       run_task(blk, sc, next < 0 && a.nt);

@@ -217,16 +217,25 @@ class ScratchRows {
  public:
   static constexpr int kMaxStreams = 8;
 
-  ScratchRows(int64_t n, int arrays)
-      : stride_((n * int64_t(sizeof(T)) + 4095) / 4096 * 4096), buf_(new char[stride_ * arrays + 8192]) {
+  // adaptive: whether place() searches (else the rows stay at one offset): the search costs
+  // about a microsecond per distinct set of offsets, worth it only for calls of many rows.
+  ScratchRows(int64_t n, int arrays, bool adaptive)
+      : stride_((n * int64_t(sizeof(T)) + 4095) / 4096 * 4096),
+        buf_(new char[stride_ * arrays + 8192]),
+        adaptive_(adaptive) {
     base_ = buf_.get() + ((4096 - (reinterpret_cast<uintptr_t>(buf_.get()) & 4095)) & 4095);
-    cur_ = base_;
+    cur_ = base_ + 2048;
   }
 
   // Places the rows for a loop that loads `loads` and stores `stores` (place_scratch).
   void place(std::initializer_list<const void*> loads, std::initializer_list<const void*> stores) {
+    if (!adaptive_) return;
     Key k{};
     int i = 0;
+    if (loads.size() + stores.size() > 2 * kMaxStreams) {
+      cur_ = base_ + place_scratch(loads, stores);
+      return;
+    }
     for (const void* p : loads) k.off[i++] = offset_of(p);
     for (const void* p : stores) k.off[i++] = offset_of(p) | 0x2000;
     Entry& e = cache_[(k.off[0] >> 6) & 63];
@@ -255,6 +264,7 @@ class ScratchRows {
   }
   int64_t stride_;
   std::unique_ptr<char[]> buf_;
+  bool adaptive_;
   char* base_;
   char* cur_;
   Entry cache_[64];
