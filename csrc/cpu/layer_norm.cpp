@@ -200,12 +200,15 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
   // The dropout uniforms of row r are in u: the first row's generated here, each next row's
   // during the last pass over the row before it (see below).
   if (dropout && r0 < r1) cpu::fill_uniforms_at<ISA>(keys, a.seed, r0 * N, N, u);
+  // A float/double call without dropout, residual or stored h reads x in place and writes y
+  // in place: no scratch row to place.
+  const bool scratch = nt || dropout || a.residual || a.h || !std::is_same_v<x_t, acc_t>;
   for (int64_t r = r0; r < r1; ++r) {
     const x_t* xr = a.x + r * N;
     const h_t* rr = a.residual ? a.residual + r * N : nullptr;
     h_t* hr = a.h ? a.h + r * N : nullptr;
     x_t* yr = a.y + r * N;
-    sc.place({xr, rr, w, b}, {nt ? nullptr : hr, nt ? nullptr : yr});
+    if (scratch) sc.place({xr, rr, w, b}, {nt ? nullptr : hr, nt ? nullptr : yr});
     const acc_t* xv = row_as_acc(xr, sc.at(kFwdX), N);
     const acc_t* rv = row_as_acc(rr, sc.at(kFwdRes), N);
     // h = residual + dropout(x), rounded to h_t, as an acc_t row vr; sum(h) on the way.
