@@ -343,11 +343,11 @@ def test_small_norm_takes_the_short_path_for_each_shape_form(monkeypatch, shape_
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_auto_serves_half_layer_norm_with_torchs_op(fused_calls, dtype):
-    """float16/bfloat16 layer_norm under auto on CPU is torch's op at every size
+def test_auto_serves_half_layer_norm_with_torchs_op(fused_calls, monkeypatch, dtype):
+    """float16/bfloat16 layer_norm under auto on CPU is torch's op below its limit
     (AUTO_TORCH_BELOW["layer_norm_half"]): torch's result bit for bit, torch's gradients; with
-    a float32 weight and bias too (torch's mixed rule); under CPU autocast, and with the
-    backend named, the fused path runs."""
+    a float32 weight and bias too (torch's mixed rule); under CPU autocast, with the backend
+    named, and from the limit up, the fused path runs."""
     from fusedreg import functional as F
     import torch.nn.functional as TF
 
@@ -367,3 +367,8 @@ def test_auto_serves_half_layer_norm_with_torchs_op(fused_calls, dtype):
     with fusedreg.use_backend(backends.resolve("layer_norm", torch.device("cpu"))):
         F.layer_norm(x, (96,), w, b)
     assert len(fused_calls) == 2
+    limit = backends.AUTO_TORCH_BELOW["layer_norm_half"]["cpu"]
+    assert x.numel() < min(limit)  # the calls above were below it
+    monkeypatch.setitem(backends.AUTO_TORCH_BELOW["layer_norm_half"], "cpu", (x.numel(), x.numel()))
+    F.layer_norm(x, (96,), w, b)
+    assert len(fused_calls) == 3

@@ -219,6 +219,35 @@ def test_backward_is_bitwise_deterministic(backend):
         assert torch.equal(g1, g2)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype,rows,res32", [(torch.float32, 2048, False), (torch.bfloat16, 4096, True)],
+                         ids=["float32", "bfloat16-residual-fp32"])
+def test_cpu_streamed_outputs_equal_cached_ones(dtype, rows, res32):
+    """The cpu kernels write outputs of 8 MiB and more with non-temporal stores, smaller ones
+    with ordinary stores (csrc/cpu/layer_norm.cpp): a large call's rows equal, bit for bit,
+    the same rows computed by small calls (rows are independent; p=0, so no mask index moves).
+    1024 features: every row starts at the same page offset, the case the kernels place
+    their scratch rows for."""
+    N = 1024
+    x, r = _data((rows, N), dtype), _data((rows, N), torch.float32 if res32 else dtype, 2, -1.0)
+    w, b = _data((N,), dtype, 3, 1.0), _data((N,), dtype, 4, 0.5)
+    dy, dh = _data((rows, N), dtype, 5, 0.0), _data((rows, N), r.dtype, 6, 0.0)
+
+    def run(sl):
+        ins = [t[sl].clone().requires_grad_() for t in (x, r)]
+        with fusedreg.use_backend("cpu"):
+            y, h = F.dropout_add_layer_norm(ins[0], ins[1], w, b, p=0.0, prenorm=True,
+                                            residual_in_fp32=res32)
+            z = F.rms_norm(ins[0], (N,), w)
+        torch.autograd.backward([y, h, z], [dy[sl], dh[sl], dy[sl]])
+        return [y, h, z, ins[0].grad, ins[1].grad]
+
+    big = run(slice(None))
+    for sl in (slice(0, 40), slice(rows - 24, rows)):  # 40 and 24 rows: 40 KiB / 24 KiB outputs
+        for a, c in zip(big, run(sl)):
+            assert torch.equal(a[sl], c)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS,
                     reason="the triton backend does not run on CPU tensors here (needs TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("shape", [(3, 1151), (2, 1000)], ids=str)  # N % 4 != 0 and == 0

@@ -20,12 +20,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "fusedreg/cpu/alloc.h"
 #include "fusedreg/cpu/isa.h"
+#include "fusedreg/cpu/philox_stream.h"
+#include "fusedreg/cpu/rows.h"
 #include "fusedreg/cpu/scheduler.h"
 #include "fusedreg/cpu/uniforms.h"
 #include "fusedreg/host.h"
@@ -40,6 +43,61 @@ constexpr int64_t kSumBlock = 512;
 using cpu::dispatch_isa;
 using cpu::empty_output;
 using cpu::for_each_task;
+
+// ---- rows in and out -------------------------------------------------------------------------
+// The element loops below run on acc_t rows: a float / double row is read in place, a bf16 /
+// fp16 row is first converted into a scratch row (fusedreg/cpu/rows.h, exact). Outputs are
+// computed in acc_t and written back rounded as c10 rounds; a large output is written with
+// non-temporal stores (Out::nt). Scratch rows are placed per row away from the row's streams
+// in their 4 KiB page offset (fusedreg/cpu/rows.h).
+
+// Outputs of at least this many bytes are written with non-temporal stores (AVX-512 level):
+// they skip the read-for-ownership of every destination line (a third of a 1-read-1-write
+// row's traffic) but leave the output outside the caches, which is where an output this large
+// ends up anyway before the next pass reads it. Smaller outputs stay cache resident.
+constexpr int64_t kNonTemporalMinBytes = int64_t(8) << 20;
+
+inline bool use_nt(int64_t bytes) { return bytes >= kNonTemporalMinBytes && cpu::cpu_has_avx512(); }
+
+// Calls of at least this many elements place their scratch rows per row (cpu::ScratchRows).
+constexpr int64_t kPlaceMinElements = int64_t(1) << 16;
+
+// The row as acc_t: src itself, or its conversion into scratch.
+template <typename acc_t, typename T>
+inline FUSEDREG_ALWAYS_INLINE const acc_t* row_as_acc(const T* src, acc_t* scratch, int64_t n) {
+  if (!src) return nullptr;
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return src;
+  } else {
+    static_assert(std::is_same_v<acc_t, float>, "bf16/fp16 rows compute in float");
+    cpu::row_to_float(src, scratch, n);
+    return scratch;
+  }
+}
+
+// Where the loop writes output row dst (of T) in acc_t: dst itself when T is acc_t and the row
+// is stored in place (not non-temporal), else the scratch row that write_row then stores.
+template <typename acc_t, typename T>
+inline FUSEDREG_ALWAYS_INLINE acc_t* out_row(T* dst, acc_t* scratch, bool nt) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    if (!nt) return dst;
+  }
+  return scratch;
+}
+
+// dst[0, n) = the acc_t row src (out_row's answer) rounded to T; bits: an n-element scratch
+// of T for the rounded row of a non-temporal store.
+template <cpu::Isa ISA, typename acc_t, typename T>
+inline FUSEDREG_ALWAYS_INLINE void write_row(T* dst, const acc_t* src, int64_t n, bool nt, T* bits) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    if (nt) cpu::store_row_nt<ISA>(dst, src, n * int64_t(sizeof(T)));
+  } else {
+    static_assert(std::is_same_v<acc_t, float>, "bf16/fp16 rows compute in float");
+    if (!nt) return cpu::row_from_float(src, dst, n);
+    cpu::row_from_float(src, bits, n);
+    cpu::store_row_nt<ISA>(dst, bits, n * int64_t(sizeof(T)));
+  }
+}
 
 // ---- forward --------------------------------------------------------------------------------
 
@@ -59,6 +117,7 @@ struct FwdArgs {
   float p;
   uint64_t seed;
   bool rms;
+  bool nt;              // y and h with non-temporal stores
 };
 
 // The hardware prefetchers stop at 4 KiB page boundaries, and a row of 1024 floats is one
@@ -68,6 +127,9 @@ struct FwdArgs {
 // longer rows would evict the current one, and the prefetchers ramp up within them anyway.
 constexpr int64_t kPrefetchChunk = 64;  // elements per prefetch step of the last pass
 constexpr int64_t kPrefetchRowBytes = 16384;
+// Elements per step of a row's last pass, which also generates dropout uniforms and stores
+// the outputs step by step: 32 Philox groups, the AVX-512 kernel's widest block (uniforms.h).
+constexpr int64_t kStoreChunk = 2 * kPrefetchChunk;
 
 // Prefetches the cache lines of p[j0, j0 + kPrefetchChunk) (nothing when p is null).
 template <typename T>
@@ -83,23 +145,21 @@ inline FUSEDREG_ALWAYS_INLINE const T* next_row(const T* a, int64_t r, int64_t r
   return a && r + 1 < rows && N * int64_t(sizeof(T)) <= kPrefetchRowBytes ? a + (r + 1) * N : nullptr;
 }
 
-// v = h = residual + dropout(x) rounded to h_t (stored to hr if STORE_H); returns sum(v).
+// v = h = residual + dropout(x) (acc_t rows; stored to hr if STORE_H); returns sum(v).
 // The switches are template parameters so that each variant is one vectorized loop.
-template <bool DROPOUT, bool RESIDUAL, bool STORE_H, typename x_t, typename h_t, typename acc_t>
-inline FUSEDREG_ALWAYS_INLINE acc_t load_h(const x_t* xr, const h_t* rr, const float* u, h_t* hr, acc_t* v,
-                                    int64_t N, float p, acc_t scale) {
+template <bool DROPOUT, bool RESIDUAL, bool STORE_H, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE acc_t load_h(const acc_t* xr, const acc_t* rr, const float* u, acc_t* hr, acc_t* v,
+                                           int64_t N, float p, acc_t scale) {
   acc_t sum = 0;
   for (int64_t j0 = 0; j0 < N; j0 += kSumBlock) {
     const int64_t j1 = std::min(N, j0 + kSumBlock);
     acc_t s = 0;
 #pragma omp simd reduction(+ : s)
     for (int64_t j = j0; j < j1; ++j) {
-      acc_t t = static_cast<acc_t>(xr[j]);
+      acc_t t = xr[j];
       if constexpr (DROPOUT) t = u[j] >= p ? t * scale : acc_t(0);
-      if constexpr (RESIDUAL) t += static_cast<acc_t>(rr[j]);
-      const h_t th = static_cast<h_t>(t);
-      if constexpr (STORE_H) hr[j] = th;
-      t = static_cast<acc_t>(th);
+      if constexpr (RESIDUAL) t += rr[j];
+      if constexpr (STORE_H) hr[j] = t;
       v[j] = t;
       s += t;
     }
@@ -108,40 +168,84 @@ inline FUSEDREG_ALWAYS_INLINE acc_t load_h(const x_t* xr, const h_t* rr, const f
   return sum;
 }
 
-// Rows [r0, r1); v: N-element scratch, u: N uniforms (dropout only).
-template <typename x_t, typename w_t, typename h_t>
+template <typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE acc_t row_sum(const acc_t* v, int64_t N) {
+  acc_t sum = 0;
+  for (int64_t j0 = 0; j0 < N; j0 += kSumBlock) {
+    const int64_t j1 = std::min(N, j0 + kSumBlock);
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = j0; j < j1; ++j) s += v[j];
+    sum += s;
+  }
+  return sum;
+}
+
+// Scratch rows of the forward (cpu::ScratchRows indices).
+enum FwdScratch { kFwdH, kFwdX, kFwdRes, kFwdY, kFwdBits, kFwdRows };
+
+// Rows [r0, r1); w, b: the weight and bias as acc_t rows (or null); sc: this thread's scratch.
+template <cpu::Isa ISA, typename x_t, typename w_t, typename h_t>
 inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a, int64_t r0, int64_t r1,
-                                      at::opmath_type<x_t>* v, float* u) {
+                                                const at::opmath_type<x_t>* w, const at::opmath_type<x_t>* b,
+                                                cpu::ScratchRows<at::opmath_type<x_t>>& sc, float* u, float* u_next) {
   using acc_t = at::opmath_type<x_t>;
+  static_assert(std::is_same_v<h_t, x_t> || std::is_same_v<h_t, acc_t>, "h is x's dtype or the compute type");
   const int64_t N = a.N;
   const bool dropout = a.p > 0.0f;
   const float p = a.p;
+  const bool nt = a.nt;
   const acc_t scale = static_cast<acc_t>(dropout_scale(p));
+  const cpu::PhiloxKeys keys(a.seed);
+  // The dropout uniforms of row r are in u: the first row's generated here, each next row's
+  // during the last pass over the row before it (see below).
+  if (dropout && r0 < r1) cpu::fill_uniforms_at<ISA>(keys, a.seed, r0 * N, N, u);
+  // A float/double call without dropout, residual or stored h reads x in place and writes y
+  // in place: no scratch row to place.
+  const bool scratch = nt || dropout || a.residual || a.h || !std::is_same_v<x_t, acc_t>;
   for (int64_t r = r0; r < r1; ++r) {
     const x_t* xr = a.x + r * N;
-    // h = residual + dropout(x), rounded to h_t, kept in v; sum(h) on the way.
-    if (dropout) fill_uniforms(a.seed, r * N, N, u);
     const h_t* rr = a.residual ? a.residual + r * N : nullptr;
     h_t* hr = a.h ? a.h + r * N : nullptr;
+    x_t* yr = a.y + r * N;
+    if (scratch) sc.place({xr, rr, w, b}, {nt ? nullptr : hr, nt ? nullptr : yr});
+    const acc_t* xv = row_as_acc(xr, sc.at(kFwdX), N);
+    const acc_t* rv = row_as_acc(rr, sc.at(kFwdRes), N);
+    // h = residual + dropout(x), rounded to h_t, as an acc_t row vr; sum(h) on the way.
     acc_t sum = 0;
-    const acc_t* vr = v;  // the row of h the statistics and y read
-    if (std::is_same_v<x_t, acc_t> && !dropout && !rr && !hr) {
-      // h is x itself: read x in place rather than copying it to v.
-      vr = reinterpret_cast<const acc_t*>(xr);
-      for (int64_t j0 = 0; j0 < N; j0 += kSumBlock) {
-        const int64_t j1 = std::min(N, j0 + kSumBlock);
-        acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = j0; j < j1; ++j) s += vr[j];
-        sum += s;
-      }
-    } else {
-      switch ((dropout ? 1 : 0) | (rr ? 2 : 0) | (hr ? 4 : 0)) {
+    const acc_t* vr = sc.at(kFwdH);
+    if (!dropout && !rr && !hr) {
+      vr = xv;  // h is x itself: read it in place
+      sum = row_sum(vr, N);
+    } else if constexpr (std::is_same_v<h_t, acc_t>) {
+      // h is stored by the loop itself (into a scratch row first when non-temporal): one
+      // loop for both, so the two give the same bits.
+      acc_t* ho = hr ? out_row(hr, sc.at(kFwdBits), nt) : nullptr;
+      acc_t* v = sc.at(kFwdH);
+      switch ((dropout ? 1 : 0) | (rv ? 2 : 0) | (ho ? 4 : 0)) {
 #define FUSEDREG_CASE(F) \
-  case F: sum = load_h<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(xr, rr, u, hr, v, N, p, scale); break;
+  case F: sum = load_h<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(xv, rv, u, ho, v, N, p, scale); break;
         FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
         FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
 #undef FUSEDREG_CASE
+      }
+      if (ho && ho != reinterpret_cast<acc_t*>(hr)) write_row<ISA>(hr, static_cast<const acc_t*>(ho), N, nt, hr);
+    } else {
+      // bf16 / fp16 h: computed in float, rounded to h_t, and read back rounded.
+      acc_t* v = sc.at(kFwdH);
+      h_t* bits = sc.template at_as<h_t>(kFwdBits);
+      switch ((dropout ? 1 : 0) | (rv ? 2 : 0)) {
+#define FUSEDREG_CASE(F) \
+  case F: load_h<(F & 1) != 0, (F & 2) != 0, false>(xv, rv, u, static_cast<acc_t*>(nullptr), v, N, p, scale); break;
+        FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) default: FUSEDREG_CASE(3)
+#undef FUSEDREG_CASE
+      }
+      cpu::row_from_float(v, bits, N);
+      cpu::row_to_float(bits, v, N);
+      sum = row_sum(static_cast<const acc_t*>(v), N);
+      if (hr) {
+        if (nt) cpu::store_row_nt<ISA>(hr, bits, N * int64_t(sizeof(h_t)));
+        else std::memcpy(hr, bits, N * sizeof(h_t));
       }
     }
     const acc_t mu = a.rms ? acc_t(0) : sum / N;
@@ -156,30 +260,51 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
     const acc_t rs = acc_t(1) / std::sqrt(var / N + a.eps);
     if (a.mean) a.mean[r] = mu;
     a.rstd[r] = rs;
-    x_t* yr = a.y + r * N;
-    const w_t* w = a.w;
-    const w_t* b = a.b;
+    acc_t* yo = out_row(yr, sc.at(kFwdY), nt);
+    const bool y_copy = yo != reinterpret_cast<acc_t*>(yr);
     const x_t* nx = next_row(a.x, r, r1, N);
     const h_t* nr = next_row(a.residual, r, r1, N);
-    for (int64_t j0 = 0; j0 < N; j0 += kPrefetchChunk) {
-      prefetch_chunk(nx, j0);
-      prefetch_chunk(nr, j0);
-      const int64_t j1 = std::min(N, j0 + kPrefetchChunk);
+    // kStoreChunk elements at a time: the next row's inputs prefetched, the next row's dropout
+    // uniforms generated (overlapping the prefetches and stores in flight), then the chunk of
+    // y computed and stored.
+    const bool next_u = dropout && r + 1 < r1;
+    for (int64_t j0 = 0; j0 < N; j0 += kStoreChunk) {
+      const int64_t j1 = std::min(N, j0 + kStoreChunk);
+      for (int64_t k = j0; k < j1; k += kPrefetchChunk) {
+        prefetch_chunk(nx, k);
+        prefetch_chunk(nr, k);
+      }
+      if (next_u) cpu::fill_uniforms_at<ISA>(keys, a.seed, (r + 1) * N + j0, j1 - j0, u_next + j0);
       if (w && b) {
 #pragma omp simd
-        for (int64_t j = j0; j < j1; ++j)
-          yr[j] = static_cast<x_t>((vr[j] - mu) * rs * static_cast<acc_t>(w[j]) + static_cast<acc_t>(b[j]));
+        for (int64_t j = j0; j < j1; ++j) yo[j] = (vr[j] - mu) * rs * w[j] + b[j];
       } else if (w) {
 #pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) yr[j] = static_cast<x_t>((vr[j] - mu) * rs * static_cast<acc_t>(w[j]));
+        for (int64_t j = j0; j < j1; ++j) yo[j] = (vr[j] - mu) * rs * w[j];
       } else if (b) {
 #pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) yr[j] = static_cast<x_t>((vr[j] - mu) * rs + static_cast<acc_t>(b[j]));
+        for (int64_t j = j0; j < j1; ++j) yo[j] = (vr[j] - mu) * rs + b[j];
       } else {
 #pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) yr[j] = static_cast<x_t>((vr[j] - mu) * rs);
+        for (int64_t j = j0; j < j1; ++j) yo[j] = (vr[j] - mu) * rs;
       }
+      if (y_copy) write_row<ISA>(yr + j0, static_cast<const acc_t*>(yo + j0), j1 - j0, nt,
+                                 sc.template at_as<x_t>(kFwdBits) + j0);
     }
+    std::swap(u, u_next);
+  }
+}
+
+// The weight (or bias) as an acc_t row: w itself, or its conversion into buf.
+template <typename acc_t, typename w_t>
+const acc_t* weight_as_acc(const w_t* w, std::unique_ptr<acc_t[]>& buf, int64_t N) {
+  if (!w) return nullptr;
+  if constexpr (std::is_same_v<w_t, acc_t>) {
+    return w;
+  } else {
+    buf.reset(new acc_t[N]);
+    for (int64_t j = 0; j < N; ++j) buf[j] = static_cast<acc_t>(w[j]);
+    return buf.get();
   }
 }
 
@@ -187,16 +312,25 @@ template <typename x_t, typename w_t, typename h_t>
 void forward_kernel(const FwdArgs<x_t, w_t, h_t>& a, int64_t M) {
   using acc_t = at::opmath_type<x_t>;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.N, 1));
+  std::unique_ptr<acc_t[]> wbuf, bbuf;
+  const acc_t* w = weight_as_acc(a.w, wbuf, a.N);
+  const acc_t* b = weight_as_acc(a.b, bbuf, a.N);
   // Dispatched here, not inside the task body: for_each_task instantiates the body twice.
-  auto run_task = [&](int64_t t, acc_t* v, float* u) {
-    dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-      forward_rows(a, t * grain, std::min(M, (t + 1) * grain), v, u);
+  auto run_task = [&](int64_t t, cpu::ScratchRows<acc_t>& sc, float* u, bool last) {
+    dispatch_isa([&](auto isa) FUSEDREG_ALWAYS_INLINE {
+      forward_rows<decltype(isa)::value>(a, t * grain, std::min(M, (t + 1) * grain), w, b, sc, u, u + a.N);
+      if (last) cpu::store_fence<decltype(isa)::value>();
     });
   };
   for_each_task((M + grain - 1) / grain, [&](auto next_task) {
-    std::vector<acc_t> v(a.N);
-    std::vector<float> u(a.p > 0.0f ? a.N : 0);
-    for (int64_t t = next_task(); t >= 0; t = next_task()) run_task(t, v.data(), u.data());
+    cpu::ScratchRows<acc_t> sc(a.N, kFwdRows, M * a.N >= kPlaceMinElements);
+    // two rows of dropout uniforms: this row's and the next one's
+    std::unique_ptr<float[]> u(new float[a.p > 0.0f ? 2 * a.N : 0]);
+    for (int64_t t = next_task(); t >= 0;) {
+      const int64_t next = next_task();
+      run_task(t, sc, u.get(), next < 0 && a.nt);
+      t = next;
+    }
   });
 }
 
@@ -221,24 +355,25 @@ struct BwdArgs {
   float p;
   uint64_t seed;
   bool rms;
+  bool nt;              // gx and gres with non-temporal stores
 };
 
 // g = dy * w (stored: store_grads must see the very same rounded g that c1 sums, or an
 // FMA-contracted recomputation leaves g - c1 != 0 where it is exactly 0, e.g. N = 1);
 // aw += dy * xhat, ab += dy; c1 = sum(g), c2 = sum(g * xhat). xhat is recomputed by
 // store_grads from the L1-resident row of h rather than stored.
-template <bool HAS_W, bool NEED_W, bool NEED_B, typename x_t, typename h_t, typename w_t, typename acc_t>
-inline FUSEDREG_ALWAYS_INLINE void bwd_sums(const x_t* dyr, const h_t* hr, const w_t* w, acc_t* aw, acc_t* ab,
-                                     acc_t* g, int64_t N, acc_t mu, acc_t rs, acc_t& c1, acc_t& c2) {
+template <bool HAS_W, bool NEED_W, bool NEED_B, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void bwd_sums(const acc_t* dyr, const acc_t* hr, const acc_t* w, acc_t* aw, acc_t* ab,
+                                            acc_t* g, int64_t N, acc_t mu, acc_t rs, acc_t& c1, acc_t& c2) {
   for (int64_t j0 = 0; j0 < N; j0 += kSumBlock) {
     const int64_t j1 = std::min(N, j0 + kSumBlock);
     acc_t s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
     for (int64_t j = j0; j < j1; ++j) {
-      const acc_t d = static_cast<acc_t>(dyr[j]);
-      const acc_t xh = (static_cast<acc_t>(hr[j]) - mu) * rs;
+      const acc_t d = dyr[j];
+      const acc_t xh = (hr[j] - mu) * rs;
       acc_t gj = d;
-      if constexpr (HAS_W) gj *= static_cast<acc_t>(w[j]);
+      if constexpr (HAS_W) gj *= w[j];
       if constexpr (NEED_W) aw[j] += d * xh;
       if constexpr (NEED_B) ab[j] += d;
       g[j] = gj;
@@ -250,68 +385,102 @@ inline FUSEDREG_ALWAYS_INLINE void bwd_sums(const x_t* dyr, const h_t* hr, const
   }
 }
 
-// dh = rs * (g - c1 - xhat * c2) + dh_out; grad_residual = dh; grad_x = dh * keep * scale.
-// ndy, nh, ndo: the next row of dy, h, dh_out to prefetch (or null).
-template <bool DOUT, bool GRES, bool DROPOUT, typename x_t, typename h_t, typename acc_t>
-inline FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const h_t* hr, const h_t* dor, h_t* grr,
-                                        x_t* gxr, const float* u, int64_t N, acc_t mu, acc_t rs,
-                                        acc_t c1, acc_t c2, float p, acc_t scale, const x_t* ndy,
-                                        const h_t* nh, const h_t* ndo) {
-  for (int64_t j0 = 0; j0 < N; j0 += kPrefetchChunk) {
-    prefetch_chunk(ndy, j0);
-    prefetch_chunk(nh, j0);
-    if constexpr (DOUT) prefetch_chunk(ndo, j0);
-    const int64_t j1 = std::min(N, j0 + kPrefetchChunk);
+// dh = rs * (g - c1 - xhat * c2) + dh_out; grad_residual = dh; grad_x = dh * keep * scale
+// (acc_t rows), kStoreChunk elements at a time: per chunk, the next row's dy, h, dh_out are
+// prefetched (ndy, nh, ndo, or null), the chunk's dropout uniforms generated (u, from element
+// `start` of the seed's stream) and, after the chunk, emit(j0, j1) stores it. The Philox
+// arithmetic of a chunk then overlaps the prefetches and stores in flight, rather than
+// running alone between the row's memory passes.
+
+template <cpu::Isa ISA, bool DOUT, bool GRES, bool DROPOUT, typename x_t, typename h_t, typename acc_t,
+          typename Emit>
+inline FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const acc_t* hr, const acc_t* dor, acc_t* grr,
+                                               acc_t* gxr, float* u, const cpu::PhiloxKeys& keys, uint64_t seed,
+                                               int64_t start, int64_t N, acc_t mu, acc_t rs, acc_t c1, acc_t c2,
+                                               float p, acc_t scale, const x_t* ndy, const h_t* nh,
+                                               const h_t* ndo, const Emit& emit) {
+  for (int64_t j0 = 0; j0 < N; j0 += kStoreChunk) {
+    for (int64_t k = j0; k < std::min(N, j0 + kStoreChunk); k += kPrefetchChunk) {
+      prefetch_chunk(ndy, k);
+      prefetch_chunk(nh, k);
+      if constexpr (DOUT) prefetch_chunk(ndo, k);
+    }
+    const int64_t j1 = std::min(N, j0 + kStoreChunk);
+    if constexpr (DROPOUT) cpu::fill_uniforms_at<ISA>(keys, seed, start + j0, j1 - j0, u + j0);
 #pragma omp simd
     for (int64_t j = j0; j < j1; ++j) {
-      const acc_t xhat = (static_cast<acc_t>(hr[j]) - mu) * rs;
+      const acc_t xhat = (hr[j] - mu) * rs;
       acc_t dh = rs * (g[j] - c1 - xhat * c2);
-      if constexpr (DOUT) dh += static_cast<acc_t>(dor[j]);
-      if constexpr (GRES) grr[j] = static_cast<h_t>(dh);
+      if constexpr (DOUT) dh += dor[j];
+      if constexpr (GRES) grr[j] = dh;
       if constexpr (DROPOUT) dh = u[j] >= p ? dh * scale : acc_t(0);
-      gxr[j] = static_cast<x_t>(dh);
+      gxr[j] = dh;
     }
+    emit(j0, j1);
   }
 }
 
-// Rows [r0, r1); aw/ab: this row block's fp32 partial rows (or null); g: N-element scratch;
-// u: N uniforms (dropout only).
-template <typename x_t, typename w_t, typename h_t>
+// Scratch rows of the backward (cpu::ScratchRows indices).
+enum BwdScratch { kBwdDy, kBwdH, kBwdDo, kBwdG, kBwdU, kBwdGres, kBwdGx, kBwdBits, kBwdRows };
+
+// Rows [r0, r1); aw/ab: this row block's fp32 partial rows (or null); w: the weight as an
+// acc_t row (or null); sc: this thread's scratch.
+template <cpu::Isa ISA, typename x_t, typename w_t, typename h_t>
 inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a, int64_t r0, int64_t r1,
-                                       at::opmath_type<x_t>* aw, at::opmath_type<x_t>* ab,
-                                       at::opmath_type<x_t>* g, float* u) {
+                                                 at::opmath_type<x_t>* aw, at::opmath_type<x_t>* ab,
+                                                 const at::opmath_type<x_t>* w,
+                                                 cpu::ScratchRows<at::opmath_type<x_t>>& sc) {
   using acc_t = at::opmath_type<x_t>;
   const int64_t N = a.N;
   const bool dropout = a.p > 0.0f;
   const float p = a.p;
+  const bool nt = a.nt;
   const acc_t scale = static_cast<acc_t>(dropout_scale(p));
-  const w_t* w = a.w;
+  const cpu::PhiloxKeys keys(a.seed);
   for (int64_t r = r0; r < r1; ++r) {
     const x_t* dyr = a.dy + r * N;
     const h_t* hr = a.h + r * N;
+    const h_t* dor = a.dh_out ? a.dh_out + r * N : nullptr;
+    h_t* grr = a.gres ? a.gres + r * N : nullptr;
+    x_t* gxr = a.gx + r * N;
+    sc.place({dyr, hr, dor, w, aw, ab}, {nt ? nullptr : gxr, nt ? nullptr : grr, aw, ab});
+    const acc_t* dyv = row_as_acc(dyr, sc.at(kBwdDy), N);
+    const acc_t* hv = row_as_acc(hr, sc.at(kBwdH), N);
+    const acc_t* dov = row_as_acc(dor, sc.at(kBwdDo), N);
+    acc_t* g = sc.at(kBwdG);
     const acc_t mu = a.rms ? acc_t(0) : a.mean[r];
     const acc_t rs = a.rstd[r];
     acc_t c1 = 0, c2 = 0;
     switch ((w ? 1 : 0) | (aw ? 2 : 0) | (ab ? 4 : 0)) {
 #define FUSEDREG_CASE(F) \
-  case F: bwd_sums<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(dyr, hr, w, aw, ab, g, N, mu, rs, c1, c2); break;
+  case F: bwd_sums<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(dyv, hv, w, aw, ab, g, N, mu, rs, c1, c2); break;
       FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
       FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
 #undef FUSEDREG_CASE
     }
     c1 = a.rms ? acc_t(0) : c1 / N;
     c2 /= N;
-    const h_t* dor = a.dh_out ? a.dh_out + r * N : nullptr;
-    h_t* grr = a.gres ? a.gres + r * N : nullptr;
-    x_t* gxr = a.gx + r * N;
-    if (dropout) fill_uniforms(a.seed, r * N, N, u);
+    float* u = sc.template at_as<float>(kBwdU);
+    acc_t* gro = grr ? out_row(grr, sc.at(kBwdGres), nt) : nullptr;
+    acc_t* gxo = out_row(gxr, sc.at(kBwdGx), nt);
+    const bool gr_copy = gro && gro != reinterpret_cast<acc_t*>(grr);
+    const bool gx_copy = gxo != reinterpret_cast<acc_t*>(gxr);
+    auto emit = [&](int64_t j0, int64_t j1) FUSEDREG_ALWAYS_INLINE {
+      if (gr_copy) write_row<ISA>(grr + j0, static_cast<const acc_t*>(gro + j0), j1 - j0, nt,
+                                  sc.template at_as<h_t>(kBwdBits) + j0);
+      if (gx_copy) write_row<ISA>(gxr + j0, static_cast<const acc_t*>(gxo + j0), j1 - j0, nt,
+                                  sc.template at_as<x_t>(kBwdBits) + j0);
+    };
     // The next row of this block (the next block's first row is likely another thread's).
     const x_t* ndy = next_row(a.dy, r, r1, N);
     const h_t* nh = next_row(a.h, r, r1, N);
     const h_t* ndo = next_row(a.dh_out, r, r1, N);
-    switch ((dor ? 1 : 0) | (grr ? 2 : 0) | (dropout ? 4 : 0)) {
-#define FUSEDREG_CASE(F) \
-  case F: store_grads<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(g, hr, dor, grr, gxr, u, N, mu, rs, c1, c2, p, scale, ndy, nh, ndo); break;
+    switch ((dov ? 1 : 0) | (gro ? 2 : 0) | (dropout ? 4 : 0)) {
+#define FUSEDREG_CASE(F)                                                                                  \
+  case F:                                                                                                 \
+    store_grads<ISA, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(g, hv, dov, gro, gxo, u, keys, a.seed, r * N, \
+                                                               N, mu, rs, c1, c2, p, scale, ndy, nh, ndo, emit); \
+    break;
       FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
       FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
 #undef FUSEDREG_CASE
@@ -319,17 +488,17 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
   }
 }
 
-// out[c] = sum of p[blk * N + c] over blk = 0..n_blocks-1 in that order, for c in [c0, c1):
-// the same additions in the same order for any thread count.
+// out[c] = sum of p[blk * stride + c] over blk = 0..n_blocks-1 in that order, for c in
+// [c0, c1): the same additions in the same order for any thread count.
 template <typename acc_t, typename w_t>
-void sum_partials(const acc_t* p, int64_t n_blocks, int64_t N, int64_t c0, int64_t c1, w_t* out) {
+void sum_partials(const acc_t* p, int64_t n_blocks, int64_t stride, int64_t c0, int64_t c1, w_t* out) {
   constexpr int64_t kCols = 256;
   acc_t s[kCols];
   for (int64_t a = c0; a < c1; a += kCols) {
     const int64_t n = std::min(kCols, c1 - a);
     std::fill(s, s + n, acc_t(0));
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
-      const acc_t* q = p + blk * N + a;
+      const acc_t* q = p + blk * stride + a;
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) s[j] += q[j];
     }
@@ -351,33 +520,52 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
   const int64_t rows_per_block = partials ? std::max((M + max_blocks - 1) / max_blocks, min_rows)
                                           : std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
   const int64_t n_blocks = (M + rows_per_block - 1) / rows_per_block;
-  // Zeroed by the task that fills them (in its cache, in parallel), not here: `new acc_t[n]`
-  // leaves them uninitialized (C++17; torch 2.11 builds extensions as C++17, so no
+  std::unique_ptr<acc_t[]> wbuf;
+  const acc_t* w = weight_as_acc(a.w, wbuf, N);
+  // The partial rows: rows of a page or more are a whole number of pages apart, at a page
+  // offset away from the streams' (fusedreg/cpu/rows.h), since each row block's loop loads
+  // and stores its partial rows beside the rows of dy and h it streams. Zeroed by the task
+  // that fills them (in its cache, in parallel), not here: `new acc_t[n]` leaves them
+  // uninitialized (C++17; torch 2.11 builds extensions as C++17, so no
   // make_unique_for_overwrite).
-  std::unique_ptr<acc_t[]> pw, pb;
-  if (gw) pw.reset(new acc_t[n_blocks * N]);
-  if (gb) pb.reset(new acc_t[n_blocks * N]);
+  const int64_t row_bytes = N * int64_t(sizeof(acc_t));
+  const int64_t stride = row_bytes >= 2048 ? (row_bytes + 4095) / 4096 * 4096 / int64_t(sizeof(acc_t)) : N;
+  const int64_t n_partials = (gw ? 1 : 0) + (gb ? 1 : 0);
+  std::unique_ptr<char[]> pbuf;
+  acc_t *pw = nullptr, *pb = nullptr;
+  if (partials) {
+    pbuf.reset(new char[n_partials * n_blocks * stride * sizeof(acc_t) + 8192]);
+    const int64_t off = cpu::place_scratch({a.dy, a.h, a.dh_out, w}, {a.nt ? nullptr : a.gx, a.nt ? nullptr : a.gres});
+    char* base = pbuf.get() + ((4096 - (reinterpret_cast<uintptr_t>(pbuf.get()) & 4095)) & 4095) + off;
+    pw = gw ? reinterpret_cast<acc_t*>(base) : nullptr;
+    pb = gb ? reinterpret_cast<acc_t*>(base) + (gw ? n_blocks * stride : 0) : nullptr;
+  }
   // Dispatched here, not inside the task body: for_each_task instantiates the body twice.
-  auto run_task = [&](int64_t blk, acc_t* g, float* u) {
-    acc_t* aw = gw ? pw.get() + blk * N : nullptr;
-    acc_t* ab = gb ? pb.get() + blk * N : nullptr;
+  auto run_task = [&](int64_t blk, cpu::ScratchRows<acc_t>& sc, bool last) {
+    acc_t* aw = gw ? pw + blk * stride : nullptr;
+    acc_t* ab = gb ? pb + blk * stride : nullptr;
     if (aw) std::fill(aw, aw + N, acc_t(0));
     if (ab) std::fill(ab, ab + N, acc_t(0));
-    dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-      backward_rows(a, blk * rows_per_block, std::min(M, (blk + 1) * rows_per_block), aw, ab, g, u);
+    dispatch_isa([&](auto isa) FUSEDREG_ALWAYS_INLINE {
+      backward_rows<decltype(isa)::value>(a, blk * rows_per_block, std::min(M, (blk + 1) * rows_per_block), aw,
+                                          ab, w, sc);
+      if (last) cpu::store_fence<decltype(isa)::value>();
     });
   };
   for_each_task(n_blocks, [&](auto next_task) {
-    std::vector<acc_t> g(N);
-    std::vector<float> u(a.p > 0.0f ? N : 0);
-    for (int64_t blk = next_task(); blk >= 0; blk = next_task()) run_task(blk, g.data(), u.data());
+    cpu::ScratchRows<acc_t> sc(N, kBwdRows, M * N >= kPlaceMinElements);
+    for (int64_t blk = next_task(); blk >= 0;) {
+      const int64_t next = next_task();
+      run_task(blk, sc, next < 0 && a.nt);
+      blk = next;
+    }
   });
   if (!partials) return;
   // Column chunks in parallel; within a chunk the blocks are added in block order, rows of
   // contiguous columns at a time (vectorized) rather than one strided column at a time.
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
-    if (gw) sum_partials(pw.get(), n_blocks, N, begin, end, gw);
-    if (gb) sum_partials(pb.get(), n_blocks, N, begin, end, gb);
+    if (gw) sum_partials(pw, n_blocks, stride, begin, end, gw);
+    if (gb) sum_partials(pb, n_blocks, stride, begin, end, gb);
   });
 }
 
@@ -432,7 +620,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
           weight.defined() ? weight.const_data_ptr<w_t>() : nullptr,
           bias.defined() ? bias.const_data_ptr<w_t>() : nullptr, y.mutable_data_ptr<x_t>(),
           store_h ? h.mutable_data_ptr<h_t>() : nullptr, rms ? nullptr : mean.mutable_data_ptr<acc_t>(),
-          rstd.mutable_data_ptr<acc_t>(), N, static_cast<acc_t>(eps), static_cast<float>(p), s, rms};
+          rstd.mutable_data_ptr<acc_t>(), N, static_cast<acc_t>(eps), static_cast<float>(p), s, rms,
+          use_nt(M * N * int64_t(sizeof(x_t)))};
       forward_kernel(args, M);
     });
   });
@@ -485,7 +674,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
           dy.const_data_ptr<x_t>(), dh_out.defined() ? dh_out.const_data_ptr<h_t>() : nullptr,
           h.const_data_ptr<h_t>(), weight.defined() ? weight.const_data_ptr<w_t>() : nullptr,
           mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), gx.mutable_data_ptr<x_t>(),
-          need_grad_residual ? gres.mutable_data_ptr<h_t>() : nullptr, N, static_cast<float>(p), s, rms};
+          need_grad_residual ? gres.mutable_data_ptr<h_t>() : nullptr, N, static_cast<float>(p), s, rms,
+          use_nt(M * N * int64_t(sizeof(x_t)))};
       backward_kernel(args, M, need_grad_weight ? gw.mutable_data_ptr<w_t>() : nullptr,
                       need_grad_bias ? gb.mutable_data_ptr<w_t>() : nullptr);
     });

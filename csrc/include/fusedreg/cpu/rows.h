@@ -1,0 +1,274 @@
+// Row helpers of the CPU norm kernels: vectorized conversions between float and bf16 / fp16,
+// streaming (non-temporal) row stores, and the placement of per-row scratch arrays.
+//
+// Conversions. The element loops run in float on fp32 copies of each row; the copies are made
+// and written back by the loops below, which vectorize at every level of fusedreg/cpu/isa.h
+// (integer and bit arithmetic only: a float compare would keep a loop scalar in the AVX2 and
+// baseline variants under -ftrapping-math). They round exactly as c10's scalar conversions do
+// (round to nearest even; a NaN becomes the quiet NaN 0x7FC0 in bf16 and sign | 0x7E00 in
+// fp16), so results are bitwise those of per-element static_casts. (bias_dropout.cpp has the
+// same conversions as file-local functions.)
+//
+// Streaming stores. A row written with ordinary stores first reads the destination's cache
+// lines (read-for-ownership): a third more traffic for a 1-read-1-write row, and on this
+// project's machines the difference between about 29 and 37 GB/s per core. A large output
+// that the caches cannot keep anyway is written with 64-byte non-temporal stores instead
+// (store_row_nt, AVX-512 level only; elsewhere an ordinary copy). They are weakly ordered:
+// a thread calls store_fence() after its last one, before the parallel region ends.
+//
+// Scratch placement ("4K aliasing"). A load whose address matches an earlier, still buffered
+// store in bits 11..0 waits for that store (the core compares only those bits first). Rows of
+// 1024 floats are exactly one page: a scratch row or a partial-sum row written in the same
+// loop that streams an input row at the same page offset stalls every load of the loop. So a
+// scratch row is placed, per row, at the page offset that keeps every stream's offset at a
+// distance: place_scratch below.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+#include <memory>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "fusedreg/cpu/isa.h"
+#include "fusedreg/macros.h"
+
+#if FUSEDREG_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
+namespace fusedreg {
+namespace cpu {
+
+template <typename T>
+constexpr bool kIsHalfType = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
+inline FUSEDREG_ALWAYS_INLINE uint32_t f32_bits(float f) {
+  uint32_t w;
+  std::memcpy(&w, &f, sizeof(w));
+  return w;
+}
+
+inline FUSEDREG_ALWAYS_INLINE float bits_f32(uint32_t w) {
+  float f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+// ---- half -> float (exact) ----------------------------------------------------------------
+
+inline FUSEDREG_ALWAYS_INLINE void row_to_float(const c10::BFloat16* __restrict src, float* __restrict dst,
+                                                int64_t n) {
+  const uint16_t* __restrict h = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) dst[t] = bits_f32(uint32_t(h[t]) << 16);
+}
+
+// Normals rebias the exponent (127 - 15), subnormals are m * 2^-24, inf/NaN keep the payload
+// (a NaN made quiet).
+inline FUSEDREG_ALWAYS_INLINE void row_to_float(const c10::Half* __restrict src, float* __restrict dst,
+                                                int64_t n) {
+  const uint16_t* __restrict h = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) {
+    const uint32_t a = h[t] & 0x7FFFu, sign = uint32_t(h[t] & 0x8000u) << 16;
+    const uint32_t normal = (a << 13) + 0x38000000u;
+    const uint32_t special = 0x7F800000u | (a << 13) | (a > 0x7C00u ? 0x00400000u : 0u);
+    const uint32_t sub = f32_bits(static_cast<float>(static_cast<int32_t>(a)) * 5.9604644775390625e-08f);
+    dst[t] = bits_f32(sign | (a < 0x0400u ? sub : (a >= 0x7C00u ? special : normal)));
+  }
+}
+
+// ---- float -> half (round to nearest even) --------------------------------------------------
+
+inline FUSEDREG_ALWAYS_INLINE void row_from_float_bf16_bits(const float* __restrict src, uint16_t* __restrict h,
+                                                            int64_t n) {
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) {
+    const uint32_t w = f32_bits(src[t]);
+    const uint32_t rounded = (w + ((w >> 16) & 1u) + 0x7FFFu) >> 16;
+    h[t] = static_cast<uint16_t>((w & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+  }
+}
+
+#if FUSEDREG_X86_DISPATCH
+// With vcvtne2ps2bf16 (32 elements per instruction). It rounds to nearest even as c10 does,
+// except that it flushes denormal inputs to zero and keeps a NaN's sign and payload: 32
+// elements with any denormal or NaN (vfpclassps) take the integer path.
+FUSEDREG_TARGET_AVX512BF16 __attribute__((noinline)) inline void row_from_float_avx512bf16(
+    const float* __restrict src, uint16_t* __restrict h, int64_t n) {
+  int64_t t = 0;
+  for (; t + 32 <= n; t += 32) {
+    const __m512 a = _mm512_loadu_ps(src + t), b = _mm512_loadu_ps(src + t + 16);
+    constexpr int kNanOrDenormal = 0x01 | 0x80 | 0x20;  // quiet NaN, signaling NaN, denormal
+    const __mmask16 ka = _mm512_fpclass_ps_mask(a, kNanOrDenormal);
+    const __mmask16 kb = _mm512_fpclass_ps_mask(b, kNanOrDenormal);
+    if (_kortestz_mask16_u8(ka, kb)) {
+      _mm512_storeu_si512(h + t, (__m512i)_mm512_cvtne2ps_pbh(b, a));  // a in the low half
+    } else {
+      row_from_float_bf16_bits(src + t, h + t, 32);
+    }
+  }
+  row_from_float_bf16_bits(src + t, h + t, n - t);
+}
+#endif
+
+inline FUSEDREG_ALWAYS_INLINE void row_from_float(const float* __restrict src, c10::BFloat16* __restrict dst,
+                                                  int64_t n) {
+  uint16_t* __restrict h = reinterpret_cast<uint16_t*>(dst);
+#if FUSEDREG_X86_DISPATCH
+  if (n >= 32 && cpu_has_avx512bf16()) return row_from_float_avx512bf16(src, h, n);
+#endif
+  row_from_float_bf16_bits(src, h, n);
+}
+
+// Normals round the 13 dropped mantissa bits (a carry moves into the exponent), |f| >= 65520
+// gives inf, results below 2^-14 are round(|f| * 2^24) in subnormal units, taken from the
+// float sum |f| + 0.5 (whose ulp is 2^-24; the addition rounds to nearest even).
+inline FUSEDREG_ALWAYS_INLINE void row_from_float(const float* __restrict src, c10::Half* __restrict dst,
+                                                  int64_t n) {
+  uint16_t* __restrict h = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) {
+    const uint32_t w = f32_bits(src[t]);
+    const uint32_t a = w & 0x7FFFFFFFu, sign = (w >> 16) & 0x8000u;
+    const uint32_t r = a - 0x38000000u;
+    const uint32_t normal = (r + 0x0FFFu + ((r >> 13) & 1u)) >> 13;
+    const uint32_t sub = f32_bits(bits_f32(a) + 0.5f) - 0x3F000000u;
+    const uint32_t v = a > 0x7F800000u   ? 0x7E00u
+                       : a >= 0x477FF000u ? 0x7C00u
+                       : a < 0x38800000u  ? sub
+                                          : normal;
+    h[t] = static_cast<uint16_t>(sign | v);
+  }
+}
+
+// ---- streaming stores -----------------------------------------------------------------------
+
+#if FUSEDREG_X86_DISPATCH
+// The 64-byte lines of d[0, bytes) (d 64-byte aligned, bytes a multiple of 64) from s.
+FUSEDREG_TARGET_AVX512 inline void stream_lines_avx512(char* __restrict d, const char* __restrict s, int64_t bytes) {
+  for (int64_t k = 0; k < bytes; k += 64)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + k), _mm512_loadu_si512(s + k));
+}
+#endif
+
+// dst[0, bytes) = src[0, bytes); the 64-byte-aligned lines of dst with non-temporal stores
+// at the AVX-512 level (ISA), the partial lines at either end with ordinary ones.
+template <Isa ISA>
+inline FUSEDREG_ALWAYS_INLINE void store_row_nt(void* __restrict dst, const void* __restrict src, int64_t bytes) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+#if FUSEDREG_X86_DISPATCH
+  if constexpr (ISA == Isa::kAvx512) {
+    const int64_t head = std::min<int64_t>(bytes, (64 - (reinterpret_cast<uintptr_t>(d) & 63)) & 63);
+    std::memcpy(d, s, head);
+    const int64_t body = (bytes - head) / 64 * 64;
+    stream_lines_avx512(d + head, s + head, body);
+    std::memcpy(d + head + body, s + head + body, bytes - head - body);
+    return;
+  }
+#endif
+  std::memcpy(d, s, bytes);
+}
+
+// Orders this thread's non-temporal stores before anything it does next (the end of the
+// parallel region, whose barrier publishes the rows to the other threads).
+template <Isa ISA>
+inline FUSEDREG_ALWAYS_INLINE void store_fence() {
+#if FUSEDREG_X86_DISPATCH
+  if constexpr (ISA == Isa::kAvx512) _mm_sfence();
+#endif
+}
+
+// ---- scratch placement ----------------------------------------------------------------------
+
+// The page offset (a multiple of 64 in [0, 4096)) for scratch rows that are both loaded and
+// stored in a loop that also loads the rows at `loads` and stores the rows at `stores`
+// (null entries ignored). A store at offset S delays a later load at offset L when
+// (S - L) mod 4096 lies in (0, ~1.5 KiB] (the store is then a few iterations older, still
+// buffered); the offset chosen maximizes the smallest such distance over all streams, where a
+// distance of 0 counts as 4096 (same offset: the store of an iteration follows its load).
+inline int64_t place_scratch(std::initializer_list<const void*> loads, std::initializer_list<const void*> stores) {
+  auto dist = [](int64_t d) { d &= 4095; return d == 0 ? int64_t(4096) : d; };
+  int64_t best = 0, best_score = -1;
+  for (int64_t s = 0; s < 4096; s += 64) {
+    int64_t score = 4096;
+    for (const void* p : loads)
+      if (p) score = std::min(score, dist(s - int64_t(reinterpret_cast<uintptr_t>(p) & 4095)));
+    for (const void* p : stores)
+      if (p) score = std::min(score, dist(int64_t(reinterpret_cast<uintptr_t>(p) & 4095) - s));
+    if (score > best_score) best_score = score, best = s;
+  }
+  return best;
+}
+
+// A buffer of `arrays` scratch rows of n elements of T, re-placed per row: at(k) is row k of
+// the current placement. The rows are a whole number of pages apart, so that they share one
+// page offset; the buffer has a page of slack to move them within. place() remembers the
+// placements of the last 64 distinct stream offsets (the offsets of rows of one array cycle
+// through at most 64 values), so that the search runs once per distinct set, not per row.
+template <typename T>
+class ScratchRows {
+ public:
+  static constexpr int kMaxStreams = 8;
+
+  // adaptive: whether place() searches (else the rows stay at one offset): the search costs
+  // about a microsecond per distinct set of offsets, worth it only for calls of many rows.
+  ScratchRows(int64_t n, int arrays, bool adaptive)
+      : stride_((n * int64_t(sizeof(T)) + 4095) / 4096 * 4096),
+        buf_(new char[stride_ * arrays + 8192]),
+        adaptive_(adaptive) {
+    base_ = buf_.get() + ((4096 - (reinterpret_cast<uintptr_t>(buf_.get()) & 4095)) & 4095);
+    cur_ = base_ + 2048;
+  }
+
+  // Places the rows for a loop that loads `loads` and stores `stores` (place_scratch).
+  void place(std::initializer_list<const void*> loads, std::initializer_list<const void*> stores) {
+    if (!adaptive_) return;
+    Key k{};
+    int i = 0;
+    if (loads.size() + stores.size() > 2 * kMaxStreams) {
+      cur_ = base_ + place_scratch(loads, stores);
+      return;
+    }
+    for (const void* p : loads) k.off[i++] = offset_of(p);
+    for (const void* p : stores) k.off[i++] = offset_of(p) | 0x2000;
+    Entry& e = cache_[(k.off[0] >> 6) & 63];
+    if (!e.valid || std::memcmp(e.key.off, k.off, sizeof(k.off)) != 0) {
+      e.key = k;
+      e.offset = place_scratch(loads, stores);
+      e.valid = true;
+    }
+    cur_ = base_ + e.offset;
+  }
+  T* at(int k) const { return reinterpret_cast<T*>(cur_ + k * stride_); }
+  template <typename U>
+  U* at_as(int k) const { return reinterpret_cast<U*>(cur_ + k * stride_); }
+
+ private:
+  struct Key {
+    int16_t off[2 * kMaxStreams];
+  };
+  struct Entry {
+    Key key;
+    int64_t offset = 0;
+    bool valid = false;
+  };
+  static int16_t offset_of(const void* p) {
+    return p ? static_cast<int16_t>(reinterpret_cast<uintptr_t>(p) & 4095) : int16_t(0x1000);
+  }
+  int64_t stride_;
+  std::unique_ptr<char[]> buf_;
+  bool adaptive_;
+  char* base_;
+  char* cur_;
+  Entry cache_[64];
+};
+
+}  // namespace cpu
+}  // namespace fusedreg
