@@ -9,9 +9,16 @@
 
 #include <torch/library.h>
 
-// Importing fusedreg._C runs the static registrations below; the module itself is empty.
+namespace fusedreg {
+PyMethodDef* optim_direct_methods();  // csrc/cpu/optim.cpp
+}
+
+// Importing fusedreg._C runs the static registrations below. The module's only functions are
+// the optimizers' direct CPU calls (csrc/cpu/optim.cpp says why they exist); every op is
+// reached through torch.ops.fusedreg.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          fusedreg::optim_direct_methods()};
   return PyModule_Create(&module_def);
 }
 

@@ -568,3 +568,87 @@ def test_cpu_kernels_round_bfloat16_like_torch(algo):
     nan = want.isnan()
     assert torch.equal(p.isnan(), nan)
     assert torch.equal(p[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+# ---- the cpu backend's direct calls (fusedreg._C.<op>, no dispatcher) ------------------------
+def _direct_cases():
+    if "cpu" not in BACKENDS:
+        return []
+    from fusedreg.ops.optim import DIRECT
+    return [pytest.param(algo, id=algo) for algo in ALGORITHMS if algo in DIRECT]
+
+
+@pytest.mark.parametrize("algo", _direct_cases())
+def test_direct_call_equals_the_op_bit_for_bit(algo):
+    from fusedreg.ops.optim import DIRECT
+    (op_args, op_kw), (args, kw) = _op_args(algo), _op_args(algo)
+    backends.implementation(algo, "cpu")(*op_args, **op_kw)
+    DIRECT[algo](*args, **kw)
+    for a, b in zip(op_args, args):
+        if isinstance(a, list):
+            for x, y in zip(a, b):
+                assert torch.equal(x, y)
+    before, _ = _op_args(algo)
+    assert not torch.equal(args[0][0], before[0][0])  # it did step
+
+
+@pytest.mark.parametrize("algo", _direct_cases())
+def test_direct_call_declines_what_the_dispatcher_must_route(algo):
+    # The raw C function returns False, writing nothing, for anything the dispatcher would not
+    # send straight to the CPU kernel; the optimizers' wrapper then makes the torch.ops call.
+    from fusedreg import _C
+    from torch.utils._python_dispatch import TorchDispatchMode
+    name = {"adam": "adam_step", "sgd": "sgd_step", "lion": "lion_step"}[algo]
+    fast = getattr(_C, name)
+    args, kw = _op_args(algo)
+    positional = list(args) + list(kw.values())  # the schema's order (_op_args keeps it)
+    before = [t.clone() for t in args[0]]
+
+    class Sub(torch.Tensor):
+        pass
+
+    class Seen(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Seen.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    sub = list(positional)
+    sub[0] = [args[0][0].as_subclass(Sub)] + list(args[0][1:])
+    assert fast(*sub) is False
+    with Seen():
+        assert fast(*positional) is False
+    meta = list(positional)
+    meta[1] = [g.to("meta") for g in args[1]]
+    assert fast(*meta) is False
+    as_int = list(positional)
+    as_int[len(args)] = torch.tensor(1.0)  # lr as a tensor: not a float
+    assert fast(*as_int) is False
+    assert fast(*positional[:-1]) is False
+    for x, y in zip(args[0], before):
+        assert torch.equal(x, y)
+    # through the wrapper under the mode the op is dispatched (the mode sees it) and steps
+    from fusedreg.ops.optim import DIRECT
+    with Seen():
+        DIRECT[algo](*args, **kw)
+    assert any(f"fusedreg.{name}" in op for op in Seen.ops)
+    assert not torch.equal(args[0][0], before[0])
+    assert fast(*positional) is True
+
+
+def test_direct_call_raises_the_ops_errors_before_any_write():
+    if not _direct_cases():
+        pytest.skip("the cpu backend is not built")
+    from fusedreg.ops.optim import DIRECT
+    args, kw = _op_args("sgd")
+    before = [t.clone() for t in args[0]]
+    bad = dict(kw, lr=float("nan"))
+    with pytest.raises(RuntimeError, match="fusedreg::sgd_step"):
+        DIRECT["sgd"](*args, **bad)
+    args2 = list(args)
+    args2[1] = [args[1][0]]
+    with pytest.raises(RuntimeError, match="one grad per parameter"):
+        DIRECT["sgd"](*args2, **kw)
+    for x, y in zip(args[0], before):
+        assert torch.equal(x, y)

@@ -275,6 +275,56 @@ _MUTATES = {"adam": ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "st
             "lion": ("params", "exp_avgs")}
 
 
+# The cpu backend's optimizer steps as the optimizers call them: fusedreg._C's direct calls
+# (csrc/cpu/optim.cpp: the op's checks and kernel without the dispatcher, about 10 us less per
+# call), falling back to the torch.ops call whenever the direct call declines (it returns False
+# before touching anything for a tensor subclass, a non-plain-CPU tensor, or an active dispatch
+# or torch-function mode) and while Dynamo traces (the op call is what a graph records).
+DIRECT: dict = {}  # algorithm -> callable with the op's signature
+
+
+def _direct(algo: str, op):
+    if op is None:
+        return None
+    import importlib
+    fast = getattr(importlib.import_module("fusedreg._C"), op.__name__.split(".")[0], None)
+    if fast is None:
+        return op
+    compiling = torch.compiler.is_compiling
+    if algo == "adam":
+        def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1,
+                 beta2, eps, weight_decay, l1, l1_lr_scaled, amsgrad, maximize, decoupled,
+                 inv_scale):
+            if compiling() or not fast(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                       steps, lr, beta1, beta2, eps, weight_decay, l1,
+                                       l1_lr_scaled, amsgrad, maximize, decoupled, inv_scale):
+                op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr,
+                   beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, l1=l1,
+                   l1_lr_scaled=l1_lr_scaled, amsgrad=amsgrad, maximize=maximize,
+                   decoupled=decoupled, inv_scale=inv_scale)
+        return adam
+    if algo == "sgd":
+        def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, l1,
+                l1_lr_scaled, nesterov, maximize, decoupled, first_step, inv_scale):
+            if compiling() or not fast(params, grads, momentum_buffers, lr, momentum, dampening,
+                                       weight_decay, l1, l1_lr_scaled, nesterov, maximize,
+                                       decoupled, first_step, inv_scale):
+                op(params, grads, momentum_buffers, lr=lr, momentum=momentum,
+                   dampening=dampening, weight_decay=weight_decay, l1=l1,
+                   l1_lr_scaled=l1_lr_scaled, nesterov=nesterov, maximize=maximize,
+                   decoupled=decoupled, first_step=first_step, inv_scale=inv_scale)
+        return sgd
+
+    def lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, l1, l1_lr_scaled,
+             maximize, inv_scale):
+        if compiling() or not fast(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, l1,
+                                   l1_lr_scaled, maximize, inv_scale):
+            op(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2,
+               weight_decay=weight_decay, l1=l1, l1_lr_scaled=l1_lr_scaled, maximize=maximize,
+               inv_scale=inv_scale)
+    return lion
+
+
 def _register() -> None:
     tri = triton_module("optim")
     for algo, signature, fake, wrap in (
@@ -287,6 +337,9 @@ def _register() -> None:
                           fake=fake, mutates_args=_MUTATES[algo])
         for backend, op in ops.items():
             backends.register(algo, backend, op)
+        direct = _direct(algo, ops.get("cpu"))
+        if direct is not None:
+            DIRECT[algo] = direct
     # capturable Adam: reference and Triton custom ops; the C++ op has a CUDA kernel only
     ops = python_ops(adam_step_capturable,
                      {"reference": _checked(ref.multi_adam_step_capturable, _adam_capturable_fake),

@@ -30,6 +30,7 @@ from torch import Tensor
 from .. import backends
 from .._checks import FLOAT_DTYPES
 from .._dtypes import compute_dtype
+from ..ops.optim import DIRECT as _DIRECT
 from ..ops.optim import is_dense as _is_dense
 
 try:  # DTensor parameters (FSDP2) are stepped on their local shards
@@ -489,6 +490,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         cap = self._CAPTURABLE_ALGO
         if group.get("capturable") and cap and backend in backends.registered_backends(cap):
             return backends.implementation(cap, backend), True
+        if backend == "cpu" and self._ALGO in _DIRECT:
+            # the op without the dispatcher where that is the same call (fusedreg/ops/optim.py)
+            return _DIRECT[self._ALGO], False
         return backends.implementation(self._ALGO, backend), False
 
     def _step_bucket_capturable(self, op, group, bucket, lps, lgs, amp):
