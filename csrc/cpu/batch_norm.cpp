@@ -162,6 +162,84 @@ inline FUSEDREG_ALWAYS_INLINE void dz_span(const x_t* dy, const x_t* x, const x_
   }
 }
 
+// Without dropout, the backward's element-wise work in one loop over the dy, x (and residual)
+// rows, no row buffers: dz = dy * act'(z) (dy itself without an activation; the same values
+// dz_span gives with keep-scale factors of 1) and xhat = (x - mean) * invstd.
+//
+// The reduction of a span: t1 += dz, t2 += dz * xhat over j in [0, len) (NCS: one channel).
+template <Activation A, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void dz_sums_span(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
+                                                acc_t mean, acc_t invstd, acc_t scale, acc_t shift, acc_t& s1,
+                                                acc_t& s2) {
+  for (int64_t j0 = 0; j0 < len; j0 += kSumBlock) {
+    const int64_t j1 = std::min(len, j0 + kSumBlock);
+    acc_t t1 = 0, t2 = 0;
+#pragma omp simd reduction(+ : t1, t2)
+    for (int64_t j = j0; j < j1; ++j) {
+      const acc_t d = to_acc<acc_t>(x[j]) - mean;
+      acc_t dz = to_acc<acc_t>(dy[j]);
+      if constexpr (A != Activation::kNone) {
+        const acc_t z = d * scale + shift + rf * to_acc<acc_t>(r[j]);
+        dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
+      }
+      t1 += dz;
+      t2 += dz * (d * invstd);
+    }
+    s1 += t1;
+    s2 += t2;
+  }
+}
+
+// The same of a CL row: q1[c] += dz, q2[c] += dz * xhat.
+template <Activation A, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void dz_sums_row(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
+                                               const acc_t* mean, const acc_t* invstd, const acc_t* scale,
+                                               const acc_t* shift, acc_t* q1, acc_t* q2) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    const acc_t d = to_acc<acc_t>(x[j]) - mean[j];
+    acc_t dz = to_acc<acc_t>(dy[j]);
+    if constexpr (A != Activation::kNone) {
+      const acc_t z = d * scale[j] + shift[j] + rf * to_acc<acc_t>(r[j]);
+      dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
+    }
+    q1[j] += dz;
+    q2[j] += dz * (d * invstd[j]);
+  }
+}
+
+// What the element-wise backward writes: grad_x (training: with the mean terms m1, m2;
+// eval: scale * dz) and/or grad_residual (dz).
+enum class GxMode { kNone, kEval, kTrain };
+
+// grad_x and grad_residual of a span without dropout, in one loop.
+template <Activation A, bool VEC, GxMode GX, bool GR, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void elemt_span(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
+                                              const acc_t* mean, const acc_t* invstd, const acc_t* scale,
+                                              const acc_t* shift, const acc_t* m1, const acc_t* m2, x_t* gx,
+                                              x_t* gr) {
+  // NCS (one channel): the vectors' values in registers (gx may alias them, as far as the
+  // compiler knows, which would reload them per element)
+  const acc_t mu0 = mean[0], inv0 = invstd[0], k0 = scale[0], b0 = shift[0];
+  const acc_t a10 = GX == GxMode::kTrain ? m1[0] : acc_t(0), a20 = GX == GxMode::kTrain ? m2[0] : acc_t(0);
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    const acc_t d = to_acc<acc_t>(x[j]) - (VEC ? mean[j] : mu0);
+    acc_t dz = to_acc<acc_t>(dy[j]);
+    if constexpr (A != Activation::kNone) {
+      const acc_t z = d * (VEC ? scale[j] : k0) + (VEC ? shift[j] : b0) + rf * to_acc<acc_t>(r[j]);
+      dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
+    }
+    if constexpr (GR) gr[j] = from_acc<x_t>(dz);
+    if constexpr (GX == GxMode::kTrain) {
+      const acc_t xhat = d * (VEC ? invstd[j] : inv0);
+      gx[j] = from_acc<x_t>((VEC ? scale[j] : k0) * (dz - (VEC ? m1[j] : a10) - xhat * (VEC ? m2[j] : a20)));
+    } else if constexpr (GX == GxMode::kEval) {
+      gx[j] = from_acc<x_t>((VEC ? scale[j] : k0) * dz);
+    }
+  }
+}
+
 // ---- layout: which elements a row is, and its uniforms ------------------------------------------
 
 struct Layout {
@@ -417,7 +495,6 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
                        at::opmath_type<x_t>* sum_dzx) {
   using acc_t = at::opmath_type<x_t>;
   const bool drop = a.p > 0.0f;
-  const bool plain = !drop && A == Activation::kNone;  // dz = dy
   const int64_t C = l.C, len = l.row_len();
   // dz and xhat of one stored row, into g and xh (called inside a dispatched region)
   auto row_dz = [&](int64_t row, KeepScale& keep, acc_t* g, acc_t* xh) FUSEDREG_ALWAYS_INLINE {
@@ -430,23 +507,13 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
       for (int64_t c = c0; c < c1; ++c) {
         acc_t s1 = 0, s2 = 0;
         dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-          if (plain) {  // dz = dy: the sums straight from the dy and x rows, no row buffers
-            const acc_t mu = a.mean[c], inv = a.invstd[c];
+          if (!drop) {  // the sums straight from the dy, x (and residual) rows, no row buffers
+            const x_t* rb = a.r ? a.r : a.x;
+            const acc_t rf = a.r ? acc_t(1) : acc_t(0);
             for (int64_t i = 0; i < l.N; ++i) {
-              const x_t* dyr = a.dy + (i * C + c) * len;
-              const x_t* xr = a.x + (i * C + c) * len;
-              for (int64_t j0 = 0; j0 < len; j0 += kSumBlock) {
-                const int64_t j1 = std::min(len, j0 + kSumBlock);
-                acc_t t1 = 0, t2 = 0;
-#pragma omp simd reduction(+ : t1, t2)
-                for (int64_t j = j0; j < j1; ++j) {
-                  const acc_t dz = to_acc<acc_t>(dyr[j]);
-                  t1 += dz;
-                  t2 += dz * ((to_acc<acc_t>(xr[j]) - mu) * inv);
-                }
-                s1 += t1;
-                s2 += t2;
-              }
+              const int64_t off = (i * C + c) * len;
+              dz_sums_span<A>(a.dy + off, a.x + off, rb + off, rf, len, a.mean[c], a.invstd[c], a.scale[c],
+                              a.shift[c], s1, s2);
             }
             return;
           }
@@ -488,6 +555,15 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
       dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
         const acc_t* gg = g.data();
         const acc_t* xx = xh.data();
+        if (!drop) {  // one loop per row, no row buffers
+          const x_t* rbase = a.r ? a.r : a.x;
+          const acc_t rf = a.r ? acc_t(1) : acc_t(0);
+          for (int64_t row = b * rb.per_block; row < r1; ++row) {
+            const int64_t off = row * len;
+            dz_sums_row<A>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale, a.shift, q1, q2);
+          }
+          return;
+        }
         for (int64_t row = b * rb.per_block; row < r1; ++row) {
           row_dz(row, keep, g.data(), xh.data());
 #pragma omp simd
@@ -520,6 +596,43 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
   using acc_t = at::opmath_type<x_t>;
   const bool drop = a.p > 0.0f;
   const int64_t len = l.row_len();
+  if (!drop) {  // one loop per row, no row buffers
+    const x_t* rbase = a.r ? a.r : a.x;
+    const acc_t rf = a.r ? acc_t(1) : acc_t(0);
+    auto run = [&](auto gx_mode, auto with_gr) {
+      constexpr GxMode GX = decltype(gx_mode)::value;
+      constexpr bool GR = decltype(with_gr)::value;
+      for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
+        dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+          for (int64_t row = r0; row < r1; ++row) {
+            const int64_t off = row * len;
+            const int64_t c = l.cl ? 0 : l.channel(row);
+            const acc_t* q1 = GX == GxMode::kTrain ? m1 + c : nullptr;
+            const acc_t* q2 = GX == GxMode::kTrain ? m2 + c : nullptr;
+            if (l.cl) {
+              elemt_span<A, true, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale,
+                                          a.shift, q1, q2, gx ? gx + off : nullptr, GR ? gr + off : nullptr);
+            } else {
+              elemt_span<A, false, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean + c, a.invstd + c,
+                                           a.scale + c, a.shift + c, q1, q2, gx ? gx + off : nullptr,
+                                           GR ? gr + off : nullptr);
+            }
+          }
+        });
+      });
+    };
+    using Train = std::integral_constant<GxMode, GxMode::kTrain>;
+    using Eval = std::integral_constant<GxMode, GxMode::kEval>;
+    using NoGx = std::integral_constant<GxMode, GxMode::kNone>;
+    if (gx && gr) {
+      training ? run(Train{}, std::true_type{}) : run(Eval{}, std::true_type{});
+    } else if (gx) {
+      training ? run(Train{}, std::false_type{}) : run(Eval{}, std::false_type{});
+    } else {
+      run(NoGx{}, std::true_type{});
+    }
+    return;
+  }
   for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
     KeepScale keep(len);
     std::vector<acc_t> g(len), xh(len);
@@ -529,25 +642,6 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
       for (int64_t row = r0; row < r1; ++row) {
         const int64_t off = row * len;
         const int64_t cc = l.cl ? 0 : l.channel(row);
-        if (!l.cl && !drop && A == Activation::kNone && gx && !gr) {
-          // the plain backward (dz = dy): grad_x in one loop over the dy and x rows
-          const x_t* dy = a.dy + off;
-          const x_t* x = a.x + off;
-          x_t* o = gx + off;
-          const acc_t kk = a.scale[cc], mu = a.mean[cc], inv = a.invstd[cc];
-          if (training) {
-            const acc_t a1 = m1[cc], a2 = m2[cc];
-#pragma omp simd
-            for (int64_t j = 0; j < len; ++j) {
-              const acc_t xhat = (to_acc<acc_t>(x[j]) - mu) * inv;
-              o[j] = from_acc<x_t>(kk * (to_acc<acc_t>(dy[j]) - a1 - xhat * a2));
-            }
-          } else {
-#pragma omp simd
-            for (int64_t j = 0; j < len; ++j) o[j] = from_acc<x_t>(kk * to_acc<acc_t>(dy[j]));
-          }
-          continue;
-        }
         dz_row<A>(l, a, row, keep.row(l, drop, a.seed, a.p, row), gg, xx);
         if (gr) {
           x_t* o = gr + off;
