@@ -52,6 +52,65 @@ constexpr int64_t kTaskElems = 16384;  // elements per task of the element-wise 
 constexpr int64_t kMaxBlocks = 256;    // CL reductions: row blocks at most
 constexpr int64_t kWholeChannelBytes = 64 * 1024;  // NCS statistics: a channel in one pass each
 
+// ---- lane sums --------------------------------------------------------------------------------
+
+// The NCS reductions (a channel's rows are contiguous runs) sum into K independent lanes:
+// element j of a span goes to lane j % K (the span's tail to lanes 0, 1, ...), so the adds
+// form K / (vector width) independent dependency chains instead of one -- a single vector
+// accumulator is latency-bound at about 4 floats per cycle, below what the memory delivers.
+// The lanes are folded (a fixed pairwise tree) into the running total every kLaneChunk
+// elements or so (at span ends), which bounds each lane's sequential run. Everything is fixed
+// by the shape: the result does not depend on the thread count.
+constexpr int64_t kLaneChunk = 4096;
+
+template <typename acc_t, int K>
+struct Lanes {
+  acc_t part[K];
+  acc_t total;
+  int64_t pending;
+  Lanes() { clear(); }
+  void clear() {
+    for (int k = 0; k < K; ++k) part[k] = acc_t(0);
+    total = acc_t(0);
+    pending = 0;
+  }
+  // adds f(j) for j in [0, len) to the lanes (inside a dispatched region)
+  template <typename F>
+  inline FUSEDREG_ALWAYS_INLINE void add(int64_t len, const F& f) {
+    acc_t* p = part;
+    for (int64_t c0 = 0; c0 < len; c0 += kLaneChunk) {
+      const int64_t c1 = std::min(len, c0 + kLaneChunk);
+      int64_t j = c0;
+      for (; j + K <= c1; j += K) {
+#pragma omp simd
+        for (int k = 0; k < K; ++k) p[k] += f(j + k);
+      }
+      const int rem = static_cast<int>(c1 - j);
+#pragma omp simd
+      for (int k = 0; k < rem; ++k) p[k] += f(j + k);
+      pending += c1 - c0;
+      if (pending >= kLaneChunk) fold();
+    }
+  }
+  inline FUSEDREG_ALWAYS_INLINE void fold() {
+    for (int w = K / 2; w >= 1; w /= 2) {
+      for (int k = 0; k < w; ++k) part[k] += part[k + w];
+    }
+    total += part[0];
+    for (int k = 0; k < K; ++k) part[k] = acc_t(0);
+    pending = 0;
+  }
+  // the sum of everything added
+  inline FUSEDREG_ALWAYS_INLINE acc_t sum() {
+    if (pending) fold();
+    return total;
+  }
+};
+
+// 256 bytes of lanes: four AVX-512 / eight AVX2 accumulators
+template <typename acc_t>
+constexpr int kLanes = static_cast<int>(256 / sizeof(acc_t));
+
 using cpu::dispatch_isa;
 using cpu::empty_output;
 using cpu::for_each_task;
@@ -166,27 +225,43 @@ inline FUSEDREG_ALWAYS_INLINE void dz_span(const x_t* dy, const x_t* x, const x_
 // rows, no row buffers: dz = dy * act'(z) (dy itself without an activation; the same values
 // dz_span gives with keep-scale factors of 1) and xhat = (x - mean) * invstd.
 //
-// The reduction of a span: t1 += dz, t2 += dz * xhat over j in [0, len) (NCS: one channel).
+// The reduction of a span (NCS: one channel's row): dz into the lanes l1, dz * xhat into l2
+// (half as many lanes each as the statistics use: both sets stay in registers).
+template <typename acc_t>
+constexpr int kLanes2 = kLanes<acc_t> / 2;
+
 template <Activation A, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void dz_sums_span(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
-                                                acc_t mean, acc_t invstd, acc_t scale, acc_t shift, acc_t& s1,
-                                                acc_t& s2) {
-  for (int64_t j0 = 0; j0 < len; j0 += kSumBlock) {
-    const int64_t j1 = std::min(len, j0 + kSumBlock);
-    acc_t t1 = 0, t2 = 0;
-#pragma omp simd reduction(+ : t1, t2)
-    for (int64_t j = j0; j < j1; ++j) {
-      const acc_t d = to_acc<acc_t>(x[j]) - mean;
-      acc_t dz = to_acc<acc_t>(dy[j]);
-      if constexpr (A != Activation::kNone) {
-        const acc_t z = d * scale + shift + rf * to_acc<acc_t>(r[j]);
-        dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
-      }
-      t1 += dz;
-      t2 += dz * (d * invstd);
+                                                acc_t mean, acc_t invstd, acc_t scale, acc_t shift,
+                                                Lanes<acc_t, kLanes2<acc_t>>& l1, Lanes<acc_t, kLanes2<acc_t>>& l2) {
+  constexpr int K = kLanes2<acc_t>;
+  acc_t* p1 = l1.part;
+  acc_t* p2 = l2.part;
+  auto body = [&](int64_t j, int k) FUSEDREG_ALWAYS_INLINE {
+    const acc_t d = to_acc<acc_t>(x[j]) - mean;
+    acc_t dz = to_acc<acc_t>(dy[j]);
+    if constexpr (A != Activation::kNone) {
+      const acc_t z = d * scale + shift + rf * to_acc<acc_t>(r[j]);
+      dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
     }
-    s1 += t1;
-    s2 += t2;
+    p1[k] += dz;
+    p2[k] += dz * (d * invstd);
+  };
+  for (int64_t c0 = 0; c0 < len; c0 += kLaneChunk) {
+    const int64_t c1 = std::min(len, c0 + kLaneChunk);
+    int64_t j = c0;
+    for (; j + K <= c1; j += K) {
+#pragma omp simd
+      for (int k = 0; k < K; ++k) body(j + k, k);
+    }
+    const int rem = static_cast<int>(c1 - j);
+#pragma omp simd
+    for (int k = 0; k < rem; ++k) body(j + k, k);
+    l1.pending += c1 - c0;
+    if (l1.pending >= kLaneChunk) {
+      l1.fold();
+      l2.fold();
+    }
   }
 }
 
@@ -326,28 +401,6 @@ inline void chan_merge(acc_t& n, acc_t& mean, acc_t& m2, acc_t nb, acc_t mb, acc
   n = total;
 }
 
-// sum of (v[j] - shift), or of (v[j] - shift)^2, in blocks of kSumBlock.
-template <typename x_t, typename acc_t>
-inline FUSEDREG_ALWAYS_INLINE acc_t block_sum(const x_t* v, int64_t len, acc_t shift, bool square) {
-  acc_t total = 0;
-  for (int64_t j0 = 0; j0 < len; j0 += kSumBlock) {
-    const int64_t j1 = std::min(len, j0 + kSumBlock);
-    acc_t s = 0;
-    if (square) {
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = j0; j < j1; ++j) {
-        const acc_t d = to_acc<acc_t>(v[j]) - shift;
-        s += d * d;
-      }
-    } else {
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = j0; j < j1; ++j) s += to_acc<acc_t>(v[j]) - shift;
-    }
-    total += s;
-  }
-  return total;
-}
-
 // The CL row blocks of a reduction: fixed by (L, C).
 struct RowBlocks {
   int64_t per_block, n_blocks;
@@ -369,18 +422,28 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
     // instead of per row with a merge per row, which cost more than the row's sums there.
     const bool whole = l.N * l.S * static_cast<int64_t>(sizeof(x_t)) <= kWholeChannelBytes;
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      Lanes<acc_t, kLanes<acc_t>> lanes;
       for (int64_t c = c0; c < c1; ++c) {
         if (whole) {
           dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
             const acc_t k = static_cast<acc_t>(x[c * l.S]);
-            acc_t s = 0;
-            for (int64_t i = 0; i < l.N; ++i) s += block_sum(x + (i * C + c) * l.S, l.S, k, false);
+            lanes.clear();
+            for (int64_t i = 0; i < l.N; ++i) {
+              const x_t* row = x + (i * C + c) * l.S;
+              lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - k; });
+            }
             const acc_t count = static_cast<acc_t>(l.N * l.S);
-            const acc_t mu = k + s / count;
-            acc_t q = 0;
-            for (int64_t i = 0; i < l.N; ++i) q += block_sum(x + (i * C + c) * l.S, l.S, mu, true);
+            const acc_t mu = k + lanes.sum() / count;
+            lanes.clear();
+            for (int64_t i = 0; i < l.N; ++i) {
+              const x_t* row = x + (i * C + c) * l.S;
+              lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE {
+                const acc_t d = to_acc<acc_t>(row[j]) - mu;
+                return d * d;
+              });
+            }
             mean[c] = mu;
-            var[c] = q / count;
+            var[c] = lanes.sum() / count;
           });
           continue;
         }
@@ -391,9 +454,15 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
             // the mean of the deviations from the row's first value: a mean of 1e3 is then
             // exact to the last bits of the spread, not to an ulp of the row's sum
             const acc_t k = static_cast<acc_t>(row[0]);
-            const acc_t mr = k + block_sum(row, l.S, k, false) / l.S;
-            const acc_t m2r = block_sum(row, l.S, mr, true);
-            chan_merge(n, mu, m2, static_cast<acc_t>(l.S), mr, m2r);
+            lanes.clear();
+            lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - k; });
+            const acc_t mr = k + lanes.sum() / l.S;
+            lanes.clear();
+            lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE {
+              const acc_t d = to_acc<acc_t>(row[j]) - mr;
+              return d * d;
+            });
+            chan_merge(n, mu, m2, static_cast<acc_t>(l.S), mr, lanes.sum());
           }
         });
         mean[c] = mu;
@@ -435,25 +504,34 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
       });
     }
   });
-  // Combine the blocks in block order: mean = sum n_b mean_b / L, m2 = sum m2_b + n_b (mean_b - mean)^2.
-  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      acc_t s = 0;
-      for (int64_t b = 0; b < rb.n_blocks; ++b) {
-        const int64_t nb = std::min(L, (b + 1) * rb.per_block) - b * rb.per_block;
-        s += static_cast<acc_t>(nb) * pm[b * C + c];
-      }
-      const acc_t mu = s / static_cast<acc_t>(L);
-      acc_t m2 = 0;
-      for (int64_t b = 0; b < rb.n_blocks; ++b) {
-        const int64_t nb = std::min(L, (b + 1) * rb.per_block) - b * rb.per_block;
-        const acc_t d = pm[b * C + c] - mu;
-        m2 += pm2[b * C + c] + static_cast<acc_t>(nb) * d * d;
-      }
-      mean[c] = mu;
-      var[c] = m2 / static_cast<acc_t>(L);
+  // Combine the blocks in block order: mean = sum n_b mean_b / L, m2 = sum m2_b + n_b (mean_b - mean)^2,
+  // walking the partial rows in order (contiguous, vectorized across channels; at the baseline
+  // level, which has no FMA to contract these into: the results do not depend on the CPU).
+  std::vector<acc_t> s(C, acc_t(0)), m2(C, acc_t(0));
+  {
+    acc_t* sp = s.data();
+    acc_t* qp = m2.data();
+    for (int64_t b = 0; b < rb.n_blocks; ++b) {
+      const acc_t nb = static_cast<acc_t>(std::min(L, (b + 1) * rb.per_block) - b * rb.per_block);
+      const acc_t* pb = pm.get() + b * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) sp[c] += nb * pb[c];
     }
-  });
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) mean[c] = sp[c] / static_cast<acc_t>(L);
+    for (int64_t b = 0; b < rb.n_blocks; ++b) {
+      const acc_t nb = static_cast<acc_t>(std::min(L, (b + 1) * rb.per_block) - b * rb.per_block);
+      const acc_t* pb = pm.get() + b * C;
+      const acc_t* qb = pm2.get() + b * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t d = pb[c] - mean[c];
+        qp[c] += qb[c] + nb * d * d;
+      }
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) var[c] = qp[c] / static_cast<acc_t>(L);
+  }
 }
 
 // ---- backward ------------------------------------------------------------------------------
@@ -504,17 +582,23 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       KeepScale keep(len);
       std::vector<acc_t> g(len), xh(len);
+      Lanes<acc_t, kLanes2<acc_t>> l1, l2;
       for (int64_t c = c0; c < c1; ++c) {
         acc_t s1 = 0, s2 = 0;
         dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
           if (!drop) {  // the sums straight from the dy, x (and residual) rows, no row buffers
             const x_t* rb = a.r ? a.r : a.x;
             const acc_t rf = a.r ? acc_t(1) : acc_t(0);
+            l1.clear();
+            l2.clear();
             for (int64_t i = 0; i < l.N; ++i) {
               const int64_t off = (i * C + c) * len;
               dz_sums_span<A>(a.dy + off, a.x + off, rb + off, rf, len, a.mean[c], a.invstd[c], a.scale[c],
-                              a.shift[c], s1, s2);
+                              a.shift[c], l1, l2);
             }
+            l2.pending = l1.pending;
+            s1 = l1.sum();
+            s2 = l2.sum();
             return;
           }
           for (int64_t i = 0; i < l.N; ++i) {
@@ -575,17 +659,20 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
       });
     }
   });
-  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      acc_t s1 = 0, s2 = 0;
-      for (int64_t b = 0; b < rb.n_blocks; ++b) {
-        s1 += p1[b * C + c];
-        s2 += p2[b * C + c];
+  // the blocks' partial rows in block order (contiguous, vectorized across channels)
+  std::fill(sum_dz, sum_dz + C, acc_t(0));
+  std::fill(sum_dzx, sum_dzx + C, acc_t(0));
+  {
+    for (int64_t b = 0; b < rb.n_blocks; ++b) {
+      const acc_t* q1 = p1.get() + b * C;
+      const acc_t* q2 = p2.get() + b * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        sum_dz[c] += q1[c];
+        sum_dzx[c] += q2[c];
       }
-      sum_dz[c] = s1;
-      sum_dzx[c] = s2;
     }
-  });
+  }
 }
 
 // grad_residual = dz; grad_x = scale * (dz - m1 - xhat * m2) (training; m1 = sum_dz / count,
