@@ -167,18 +167,22 @@ template <Activation A, bool VEC, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, const float* ks,
                                             int64_t len, const acc_t* mean, const acc_t* scale,
                                             const acc_t* shift) {
+  // NCS (one channel): the vectors' values in registers (y may alias them, as far as the
+  // compiler knows, which would reload them per element)
+  const acc_t mu0 = mean[0], k0 = scale[0], b0 = shift[0];
   if (!ks) {  // no dropout: no keep-scale factors to load, multiply and test
     if (r) {
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) {
-        const acc_t t = (to_acc<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)] +
-                        to_acc<acc_t>(r[j]);
+        const acc_t t = (to_acc<acc_t>(x[j]) - (VEC ? mean[j] : mu0)) * (VEC ? scale[j] : k0) +
+                        (VEC ? shift[j] : b0) + to_acc<acc_t>(r[j]);
         y[j] = from_acc<x_t>(activate<A, acc_t, cpu::VecMath>(t));
       }
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) {
-        const acc_t t = (to_acc<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)];
+        const acc_t t =
+            (to_acc<acc_t>(x[j]) - (VEC ? mean[j] : mu0)) * (VEC ? scale[j] : k0) + (VEC ? shift[j] : b0);
         y[j] = from_acc<x_t>(activate<A, acc_t, cpu::VecMath>(t));
       }
     }
@@ -187,7 +191,7 @@ inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, 
   if (r) {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
-      acc_t t = (to_acc<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)] +
+      acc_t t = (to_acc<acc_t>(x[j]) - (VEC ? mean[j] : mu0)) * (VEC ? scale[j] : k0) + (VEC ? shift[j] : b0) +
                 to_acc<acc_t>(r[j]);
       t = activate<A, acc_t, cpu::VecMath>(t) * static_cast<acc_t>(ks[j]);
       y[j] = from_acc<x_t>(kept(ks[j]) ? t : acc_t(0));
@@ -195,7 +199,7 @@ inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, 
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
-      acc_t t = (to_acc<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)];
+      acc_t t = (to_acc<acc_t>(x[j]) - (VEC ? mean[j] : mu0)) * (VEC ? scale[j] : k0) + (VEC ? shift[j] : b0);
       t = activate<A, acc_t, cpu::VecMath>(t) * static_cast<acc_t>(ks[j]);
       y[j] = from_acc<x_t>(kept(ks[j]) ? t : acc_t(0));
     }
@@ -374,6 +378,7 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
     KeepScale keep(len);
     // One dispatch per chunk of rows: rows can be short (C = 64 channels, a 7x7 map).
     dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+      int64_t c = l.channel(r0);  // NCS: the row's channel, stepped (not a division per row)
       for (int64_t row = r0; row < r1; ++row) {
         const float* ks = drop ? keep.row(l, drop, seed, p, row) : nullptr;
         const int64_t off = row * len;
@@ -381,8 +386,8 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
         if (l.cl) {
           fwd_span<A, true>(x + off, rr, y + off, ks, len, mean, scale, shift);
         } else {
-          const int64_t c = l.channel(row);
           fwd_span<A, false>(x + off, rr, y + off, ks, len, mean + c, scale + c, shift + c);
+          if (++c == l.C) c = 0;
         }
       }
     });
@@ -691,9 +696,11 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
       constexpr bool GR = decltype(with_gr)::value;
       for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
         dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+          int64_t cn = l.channel(r0);  // NCS: the row's channel, stepped (not a division per row)
           for (int64_t row = r0; row < r1; ++row) {
             const int64_t off = row * len;
-            const int64_t c = l.cl ? 0 : l.channel(row);
+            const int64_t c = cn;
+            if (!l.cl && ++cn == l.C) cn = 0;
             const acc_t* q1 = GX == GxMode::kTrain ? m1 + c : nullptr;
             const acc_t* q2 = GX == GxMode::kTrain ? m2 + c : nullptr;
             if (l.cl) {
