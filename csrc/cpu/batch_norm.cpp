@@ -11,8 +11,9 @@
 // per element; with S == 1 contiguous again).
 //
 // Reductions are deterministic, whatever the thread count:
-//   NCS: each channel is reduced by one thread, row after row in order (per row: a sum in
-//        blocks of kSumBlock, then added to the channel's total);
+//   NCS: each channel is reduced by one thread, row after row in order, into independent
+//        lanes folded every kLaneChunk elements (Lanes, below; with dropout the backward sums
+//        per row in blocks of kSumBlock);
 //   CL:  rows are cut into blocks fixed by (L, C); each block writes its per-channel partial
 //        row, and the partials are combined in block order.
 // Statistics are two-pass per row (NCS) or per block (CL): the mean (of the deviations from
@@ -20,6 +21,9 @@
 // and the (count, mean, m2) parts are combined with Chan et al.'s formula, so a mean of 1e3
 // with a std of 1e-2 keeps its digits at every instruction-set level. An NCS channel of at
 // most kWholeChannelBytes (short rows) takes the same two passes over the whole channel.
+// Without dropout each backward pass is one loop per row (dz_sums_span / dz_sums_row,
+// elemt_span): dz and xhat stay in registers; with dropout the row's keep-scale factors are
+// drawn first and dz, xhat go through row buffers (dz_row).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
