@@ -36,6 +36,7 @@
 #include <type_traits>
 #include <cmath>
 #include <memory>
+#include <tuple>
 #include <vector>
 
 #include "fusedreg/activation.h"
@@ -827,9 +828,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cpu(
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
     const at::Tensor& invstd, int64_t activation, double p, const at::Tensor& seed, bool channels_last) {
   const BnInputs b = bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last, at::kCPU);
-  at::Tensor sum_dz = at::zeros({b.d.C}, b.mean.options());
-  at::Tensor sum_dzx = at::zeros({b.d.C}, b.mean.options());
-  if (b.x.numel() == 0) return {sum_dz, sum_dzx};
+  if (b.x.numel() == 0) return {at::zeros({b.d.C}, b.mean.options()), at::zeros({b.d.C}, b.mean.options())};
+  at::Tensor sum_dz = at::empty({b.d.C}, b.mean.options());  // the kernel writes every channel
+  at::Tensor sum_dzx = at::empty({b.d.C}, b.mean.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
@@ -850,19 +851,28 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_elemt_cpu(
   at::Tensor gx = need_grad_input ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
   at::Tensor gr = need_grad_residual ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
   if (b.x.numel() == 0 || !(need_grad_input || need_grad_residual)) return {gx, gr};
-  at::Tensor m1, m2;
+  at::Tensor s1, s2;
   const bool use_sums = training && need_grad_input;
-  if (use_sums) {
-    auto [s1, s2] = bn_sums(sum_dz_in, sum_dzx_in, count, b);
-    m1 = s1 / count;
-    m2 = s2 / count;
-  }
+  if (use_sums) std::tie(s1, s2) = bn_sums(sum_dz_in, sum_dzx_in, count, b);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_elemt", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    // the means m1 = sum_dz / count, m2 = sum_dzx / count (what `s1 / count` gives: ATen divides
+    // a float tensor by the scalar cast to float), here rather than as two more tensor ops
+    std::vector<acc_t> m1, m2;
+    if (use_sums) {
+      const acc_t n = static_cast<acc_t>(count);
+      const acc_t* p1 = s1.const_data_ptr<acc_t>();
+      const acc_t* p2 = s2.const_data_ptr<acc_t>();
+      m1.resize(b.d.C);
+      m2.resize(b.d.C);
+      for (int64_t c = 0; c < b.d.C; ++c) {
+        m1[c] = p1[c] / n;
+        m2[c] = p2[c] / n;
+      }
+    }
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
       bwd_elemt_kernel<A, scalar_t>(layout_of(b, channels_last), bwd_args<scalar_t>(b, p),
-                                    use_sums ? m1.const_data_ptr<acc_t>() : nullptr,
-                                    use_sums ? m2.const_data_ptr<acc_t>() : nullptr, use_sums,
+                                    use_sums ? m1.data() : nullptr, use_sums ? m2.data() : nullptr, use_sums,
                                     need_grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr,
                                     need_grad_residual ? gr.mutable_data_ptr<scalar_t>() : nullptr);
     });
