@@ -133,6 +133,28 @@ def test_batch_norm_act_matches_float64(case, act):
                     [x, r, w, b], dy, [rm, rv], dtype, ["x", "residual", "weight", "bias"], layout)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", ["relu", "silu"])
+@pytest.mark.parametrize("case", [((2, 3, 65, 70), "c"), ((2, 2, 100, 100), "c"), ((2, 70, 9, 13), "cl")],
+                         ids=_case_id)
+def test_batch_norm_act_long_rows_match_float64(case, act, dtype):
+    """With a residual and an activation on rows of many lane widths, a partial last lane
+    group, and (NCS) lane folds inside a row and across rows: the CPU backward's one-loop
+    reductions, against torch's composite."""
+    shape, layout = case
+    x = _layout(_data(shape, dtype), layout)
+    r = _layout(_data(shape, dtype, seed=2, offset=-0.5), layout)
+    dy = _layout(_data(shape, dtype, seed=7, offset=0.0), layout)
+    w, b, rm, rv = _params(shape[1], dtype)
+    for backend in FAST:
+        with fusedreg.use_backend(backend):
+            _compare(
+                lambda x, r, w, b, rm, rv: F.batch_norm_act(x, rm, rv, w, b, True, 0.1, 1e-5,
+                                                            activation=act, residual=r),
+                lambda x, r, w, b, rm, rv: ACTS[act](TF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5) + r),
+                [x, r, w, b], dy, [rm, rv], dtype, ["x", "residual", "weight", "bias"], layout)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_activations_with_own_dtype_params(dtype):
     """Parameters and running stats in the activations' dtype (torch accepts both)."""

@@ -11,8 +11,9 @@
 // per element; with S == 1 contiguous again).
 //
 // Reductions are deterministic, whatever the thread count:
-//   NCS: each channel is reduced by one thread, row after row in order (per row: a sum in
-//        blocks of kSumBlock, then added to the channel's total);
+//   NCS: each channel is reduced by one thread, row after row in order, into independent
+//        lanes folded every kLaneChunk elements (Lanes, below; with dropout the backward sums
+//        per row in blocks of kSumBlock);
 //   CL:  rows are cut into blocks fixed by (L, C); each block writes its per-channel partial
 //        row, and the partials are combined in block order.
 // Statistics are two-pass per row (NCS) or per block (CL): the mean (of the deviations from
@@ -20,6 +21,9 @@
 // and the (count, mean, m2) parts are combined with Chan et al.'s formula, so a mean of 1e3
 // with a std of 1e-2 keeps its digits at every instruction-set level. An NCS channel of at
 // most kWholeChannelBytes (short rows) takes the same two passes over the whole channel.
+// Without dropout each backward pass is one loop per row (dz_sums_span / dz_sums_row,
+// elemt_span): dz and xhat stay in registers; with dropout the row's keep-scale factors are
+// drawn first and dz, xhat go through row buffers (dz_row).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -32,6 +36,7 @@
 #include <type_traits>
 #include <cmath>
 #include <memory>
+#include <tuple>
 #include <vector>
 
 #include "fusedreg/activation.h"
@@ -51,6 +56,65 @@ constexpr int64_t kSumBlock = 512;
 constexpr int64_t kTaskElems = 16384;  // elements per task of the element-wise passes
 constexpr int64_t kMaxBlocks = 256;    // CL reductions: row blocks at most
 constexpr int64_t kWholeChannelBytes = 64 * 1024;  // NCS statistics: a channel in one pass each
+
+// ---- lane sums --------------------------------------------------------------------------------
+
+// The NCS reductions (a channel's rows are contiguous runs) sum into K independent lanes:
+// element j of a span goes to lane j % K (the span's tail to lanes 0, 1, ...), so the adds
+// form K / (vector width) independent dependency chains instead of one -- a single vector
+// accumulator is latency-bound at about 4 floats per cycle, below what the memory delivers.
+// The lanes are folded (a fixed pairwise tree) into the running total every kLaneChunk
+// elements or so (at span ends), which bounds each lane's sequential run. Everything is fixed
+// by the shape: the result does not depend on the thread count.
+constexpr int64_t kLaneChunk = 4096;
+
+template <typename acc_t, int K>
+struct Lanes {
+  acc_t part[K];
+  acc_t total;
+  int64_t pending;
+  Lanes() { clear(); }
+  void clear() {
+    for (int k = 0; k < K; ++k) part[k] = acc_t(0);
+    total = acc_t(0);
+    pending = 0;
+  }
+  // adds f(j) for j in [0, len) to the lanes (inside a dispatched region)
+  template <typename F>
+  inline FUSEDREG_ALWAYS_INLINE void add(int64_t len, const F& f) {
+    acc_t* p = part;
+    for (int64_t c0 = 0; c0 < len; c0 += kLaneChunk) {
+      const int64_t c1 = std::min(len, c0 + kLaneChunk);
+      int64_t j = c0;
+      for (; j + K <= c1; j += K) {
+#pragma omp simd
+        for (int k = 0; k < K; ++k) p[k] += f(j + k);
+      }
+      const int rem = static_cast<int>(c1 - j);
+#pragma omp simd
+      for (int k = 0; k < rem; ++k) p[k] += f(j + k);
+      pending += c1 - c0;
+      if (pending >= kLaneChunk) fold();
+    }
+  }
+  inline FUSEDREG_ALWAYS_INLINE void fold() {
+    for (int w = K / 2; w >= 1; w /= 2) {
+      for (int k = 0; k < w; ++k) part[k] += part[k + w];
+    }
+    total += part[0];
+    for (int k = 0; k < K; ++k) part[k] = acc_t(0);
+    pending = 0;
+  }
+  // the sum of everything added
+  inline FUSEDREG_ALWAYS_INLINE acc_t sum() {
+    if (pending) fold();
+    return total;
+  }
+};
+
+// 256 bytes of lanes: four AVX-512 / eight AVX2 accumulators
+template <typename acc_t>
+constexpr int kLanes = static_cast<int>(256 / sizeof(acc_t));
 
 using cpu::dispatch_isa;
 using cpu::empty_output;
@@ -108,18 +172,22 @@ template <Activation A, bool VEC, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, const float* ks,
                                             int64_t len, const acc_t* mean, const acc_t* scale,
                                             const acc_t* shift) {
+  // NCS (one channel): the vectors' values in registers (y may alias them, as far as the
+  // compiler knows, which would reload them per element)
+  const acc_t mu0 = mean[0], k0 = scale[0], b0 = shift[0];
   if (!ks) {  // no dropout: no keep-scale factors to load, multiply and test
     if (r) {
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) {
-        const acc_t t = (to_acc<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)] +
-                        to_acc<acc_t>(r[j]);
+        const acc_t t = (to_acc<acc_t>(x[j]) - (VEC ? mean[j] : mu0)) * (VEC ? scale[j] : k0) +
+                        (VEC ? shift[j] : b0) + to_acc<acc_t>(r[j]);
         y[j] = from_acc<x_t>(activate<A, acc_t, cpu::VecMath>(t));
       }
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) {
-        const acc_t t = (to_acc<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)];
+        const acc_t t =
+            (to_acc<acc_t>(x[j]) - (VEC ? mean[j] : mu0)) * (VEC ? scale[j] : k0) + (VEC ? shift[j] : b0);
         y[j] = from_acc<x_t>(activate<A, acc_t, cpu::VecMath>(t));
       }
     }
@@ -128,7 +196,7 @@ inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, 
   if (r) {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
-      acc_t t = (to_acc<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)] +
+      acc_t t = (to_acc<acc_t>(x[j]) - (VEC ? mean[j] : mu0)) * (VEC ? scale[j] : k0) + (VEC ? shift[j] : b0) +
                 to_acc<acc_t>(r[j]);
       t = activate<A, acc_t, cpu::VecMath>(t) * static_cast<acc_t>(ks[j]);
       y[j] = from_acc<x_t>(kept(ks[j]) ? t : acc_t(0));
@@ -136,7 +204,7 @@ inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, 
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
-      acc_t t = (to_acc<acc_t>(x[j]) - mean[ch<VEC>(j)]) * scale[ch<VEC>(j)] + shift[ch<VEC>(j)];
+      acc_t t = (to_acc<acc_t>(x[j]) - (VEC ? mean[j] : mu0)) * (VEC ? scale[j] : k0) + (VEC ? shift[j] : b0);
       t = activate<A, acc_t, cpu::VecMath>(t) * static_cast<acc_t>(ks[j]);
       y[j] = from_acc<x_t>(kept(ks[j]) ? t : acc_t(0));
     }
@@ -159,6 +227,100 @@ inline FUSEDREG_ALWAYS_INLINE void dz_span(const x_t* dy, const x_t* x, const x_
     }
     g[j] = kept(ks[j]) ? dz : acc_t(0);  // dropped: 0 even for an inf/NaN dy or act'(z)
     xh[j] = d * invstd[ch<VEC>(j)];
+  }
+}
+
+// Without dropout, the backward's element-wise work in one loop over the dy, x (and residual)
+// rows, no row buffers: dz = dy * act'(z) (dy itself without an activation; the same values
+// dz_span gives with keep-scale factors of 1) and xhat = (x - mean) * invstd.
+//
+// The reduction of a span (NCS: one channel's row): dz into the lanes l1, dz * xhat into l2
+// (half as many lanes each as the statistics use: both sets stay in registers).
+template <typename acc_t>
+constexpr int kLanes2 = kLanes<acc_t> / 2;
+
+template <Activation A, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void dz_sums_span(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
+                                                acc_t mean, acc_t invstd, acc_t scale, acc_t shift,
+                                                Lanes<acc_t, kLanes2<acc_t>>& l1, Lanes<acc_t, kLanes2<acc_t>>& l2) {
+  constexpr int K = kLanes2<acc_t>;
+  acc_t* p1 = l1.part;
+  acc_t* p2 = l2.part;
+  auto body = [&](int64_t j, int k) FUSEDREG_ALWAYS_INLINE {
+    const acc_t d = to_acc<acc_t>(x[j]) - mean;
+    acc_t dz = to_acc<acc_t>(dy[j]);
+    if constexpr (A != Activation::kNone) {
+      const acc_t z = d * scale + shift + rf * to_acc<acc_t>(r[j]);
+      dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
+    }
+    p1[k] += dz;
+    p2[k] += dz * (d * invstd);
+  };
+  for (int64_t c0 = 0; c0 < len; c0 += kLaneChunk) {
+    const int64_t c1 = std::min(len, c0 + kLaneChunk);
+    int64_t j = c0;
+    for (; j + K <= c1; j += K) {
+#pragma omp simd
+      for (int k = 0; k < K; ++k) body(j + k, k);
+    }
+    const int rem = static_cast<int>(c1 - j);
+#pragma omp simd
+    for (int k = 0; k < rem; ++k) body(j + k, k);
+    l1.pending += c1 - c0;
+    if (l1.pending >= kLaneChunk) {
+      l1.fold();
+      l2.fold();
+    }
+  }
+}
+
+// The same of a CL row: q1[c] += dz, q2[c] += dz * xhat.
+template <Activation A, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void dz_sums_row(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
+                                               const acc_t* mean, const acc_t* invstd, const acc_t* scale,
+                                               const acc_t* shift, acc_t* q1, acc_t* q2) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    const acc_t d = to_acc<acc_t>(x[j]) - mean[j];
+    acc_t dz = to_acc<acc_t>(dy[j]);
+    if constexpr (A != Activation::kNone) {
+      const acc_t z = d * scale[j] + shift[j] + rf * to_acc<acc_t>(r[j]);
+      dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
+    }
+    q1[j] += dz;
+    q2[j] += dz * (d * invstd[j]);
+  }
+}
+
+// What the element-wise backward writes: grad_x (training: with the mean terms m1, m2;
+// eval: scale * dz) and/or grad_residual (dz).
+enum class GxMode { kNone, kEval, kTrain };
+
+// grad_x and grad_residual of a span without dropout, in one loop.
+template <Activation A, bool VEC, GxMode GX, bool GR, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void elemt_span(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
+                                              const acc_t* mean, const acc_t* invstd, const acc_t* scale,
+                                              const acc_t* shift, const acc_t* m1, const acc_t* m2, x_t* gx,
+                                              x_t* gr) {
+  // NCS (one channel): the vectors' values in registers (gx may alias them, as far as the
+  // compiler knows, which would reload them per element)
+  const acc_t mu0 = mean[0], inv0 = invstd[0], k0 = scale[0], b0 = shift[0];
+  const acc_t a10 = GX == GxMode::kTrain ? m1[0] : acc_t(0), a20 = GX == GxMode::kTrain ? m2[0] : acc_t(0);
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    const acc_t d = to_acc<acc_t>(x[j]) - (VEC ? mean[j] : mu0);
+    acc_t dz = to_acc<acc_t>(dy[j]);
+    if constexpr (A != Activation::kNone) {
+      const acc_t z = d * (VEC ? scale[j] : k0) + (VEC ? shift[j] : b0) + rf * to_acc<acc_t>(r[j]);
+      dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
+    }
+    if constexpr (GR) gr[j] = from_acc<x_t>(dz);
+    if constexpr (GX == GxMode::kTrain) {
+      const acc_t xhat = d * (VEC ? invstd[j] : inv0);
+      gx[j] = from_acc<x_t>((VEC ? scale[j] : k0) * (dz - (VEC ? m1[j] : a10) - xhat * (VEC ? m2[j] : a20)));
+    } else if constexpr (GX == GxMode::kEval) {
+      gx[j] = from_acc<x_t>((VEC ? scale[j] : k0) * dz);
+    }
   }
 }
 
@@ -221,6 +383,7 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
     KeepScale keep(len);
     // One dispatch per chunk of rows: rows can be short (C = 64 channels, a 7x7 map).
     dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+      int64_t c = l.channel(r0);  // NCS: the row's channel, stepped (not a division per row)
       for (int64_t row = r0; row < r1; ++row) {
         const float* ks = drop ? keep.row(l, drop, seed, p, row) : nullptr;
         const int64_t off = row * len;
@@ -228,8 +391,8 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
         if (l.cl) {
           fwd_span<A, true>(x + off, rr, y + off, ks, len, mean, scale, shift);
         } else {
-          const int64_t c = l.channel(row);
           fwd_span<A, false>(x + off, rr, y + off, ks, len, mean + c, scale + c, shift + c);
+          if (++c == l.C) c = 0;
         }
       }
     });
@@ -246,28 +409,6 @@ inline void chan_merge(acc_t& n, acc_t& mean, acc_t& m2, acc_t nb, acc_t mb, acc
   mean += delta * (nb / total);
   m2 += m2b + delta * delta * (n * nb / total);
   n = total;
-}
-
-// sum of (v[j] - shift), or of (v[j] - shift)^2, in blocks of kSumBlock.
-template <typename x_t, typename acc_t>
-inline FUSEDREG_ALWAYS_INLINE acc_t block_sum(const x_t* v, int64_t len, acc_t shift, bool square) {
-  acc_t total = 0;
-  for (int64_t j0 = 0; j0 < len; j0 += kSumBlock) {
-    const int64_t j1 = std::min(len, j0 + kSumBlock);
-    acc_t s = 0;
-    if (square) {
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = j0; j < j1; ++j) {
-        const acc_t d = to_acc<acc_t>(v[j]) - shift;
-        s += d * d;
-      }
-    } else {
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = j0; j < j1; ++j) s += to_acc<acc_t>(v[j]) - shift;
-    }
-    total += s;
-  }
-  return total;
 }
 
 // The CL row blocks of a reduction: fixed by (L, C).
@@ -291,18 +432,28 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
     // instead of per row with a merge per row, which cost more than the row's sums there.
     const bool whole = l.N * l.S * static_cast<int64_t>(sizeof(x_t)) <= kWholeChannelBytes;
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      Lanes<acc_t, kLanes<acc_t>> lanes;
       for (int64_t c = c0; c < c1; ++c) {
         if (whole) {
           dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
             const acc_t k = static_cast<acc_t>(x[c * l.S]);
-            acc_t s = 0;
-            for (int64_t i = 0; i < l.N; ++i) s += block_sum(x + (i * C + c) * l.S, l.S, k, false);
+            lanes.clear();
+            for (int64_t i = 0; i < l.N; ++i) {
+              const x_t* row = x + (i * C + c) * l.S;
+              lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - k; });
+            }
             const acc_t count = static_cast<acc_t>(l.N * l.S);
-            const acc_t mu = k + s / count;
-            acc_t q = 0;
-            for (int64_t i = 0; i < l.N; ++i) q += block_sum(x + (i * C + c) * l.S, l.S, mu, true);
+            const acc_t mu = k + lanes.sum() / count;
+            lanes.clear();
+            for (int64_t i = 0; i < l.N; ++i) {
+              const x_t* row = x + (i * C + c) * l.S;
+              lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE {
+                const acc_t d = to_acc<acc_t>(row[j]) - mu;
+                return d * d;
+              });
+            }
             mean[c] = mu;
-            var[c] = q / count;
+            var[c] = lanes.sum() / count;
           });
           continue;
         }
@@ -313,9 +464,15 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
             // the mean of the deviations from the row's first value: a mean of 1e3 is then
             // exact to the last bits of the spread, not to an ulp of the row's sum
             const acc_t k = static_cast<acc_t>(row[0]);
-            const acc_t mr = k + block_sum(row, l.S, k, false) / l.S;
-            const acc_t m2r = block_sum(row, l.S, mr, true);
-            chan_merge(n, mu, m2, static_cast<acc_t>(l.S), mr, m2r);
+            lanes.clear();
+            lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - k; });
+            const acc_t mr = k + lanes.sum() / l.S;
+            lanes.clear();
+            lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE {
+              const acc_t d = to_acc<acc_t>(row[j]) - mr;
+              return d * d;
+            });
+            chan_merge(n, mu, m2, static_cast<acc_t>(l.S), mr, lanes.sum());
           }
         });
         mean[c] = mu;
@@ -357,25 +514,34 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
       });
     }
   });
-  // Combine the blocks in block order: mean = sum n_b mean_b / L, m2 = sum m2_b + n_b (mean_b - mean)^2.
-  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      acc_t s = 0;
-      for (int64_t b = 0; b < rb.n_blocks; ++b) {
-        const int64_t nb = std::min(L, (b + 1) * rb.per_block) - b * rb.per_block;
-        s += static_cast<acc_t>(nb) * pm[b * C + c];
-      }
-      const acc_t mu = s / static_cast<acc_t>(L);
-      acc_t m2 = 0;
-      for (int64_t b = 0; b < rb.n_blocks; ++b) {
-        const int64_t nb = std::min(L, (b + 1) * rb.per_block) - b * rb.per_block;
-        const acc_t d = pm[b * C + c] - mu;
-        m2 += pm2[b * C + c] + static_cast<acc_t>(nb) * d * d;
-      }
-      mean[c] = mu;
-      var[c] = m2 / static_cast<acc_t>(L);
+  // Combine the blocks in block order: mean = sum n_b mean_b / L, m2 = sum m2_b + n_b (mean_b - mean)^2,
+  // walking the partial rows in order (contiguous, vectorized across channels; at the baseline
+  // level, which has no FMA to contract these into: the results do not depend on the CPU).
+  std::vector<acc_t> s(C, acc_t(0)), m2(C, acc_t(0));
+  {
+    acc_t* sp = s.data();
+    acc_t* qp = m2.data();
+    for (int64_t b = 0; b < rb.n_blocks; ++b) {
+      const acc_t nb = static_cast<acc_t>(std::min(L, (b + 1) * rb.per_block) - b * rb.per_block);
+      const acc_t* pb = pm.get() + b * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) sp[c] += nb * pb[c];
     }
-  });
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) mean[c] = sp[c] / static_cast<acc_t>(L);
+    for (int64_t b = 0; b < rb.n_blocks; ++b) {
+      const acc_t nb = static_cast<acc_t>(std::min(L, (b + 1) * rb.per_block) - b * rb.per_block);
+      const acc_t* pb = pm.get() + b * C;
+      const acc_t* qb = pm2.get() + b * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t d = pb[c] - mean[c];
+        qp[c] += qb[c] + nb * d * d;
+      }
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) var[c] = qp[c] / static_cast<acc_t>(L);
+  }
 }
 
 // ---- backward ------------------------------------------------------------------------------
@@ -417,7 +583,6 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
                        at::opmath_type<x_t>* sum_dzx) {
   using acc_t = at::opmath_type<x_t>;
   const bool drop = a.p > 0.0f;
-  const bool plain = !drop && A == Activation::kNone;  // dz = dy
   const int64_t C = l.C, len = l.row_len();
   // dz and xhat of one stored row, into g and xh (called inside a dispatched region)
   auto row_dz = [&](int64_t row, KeepScale& keep, acc_t* g, acc_t* xh) FUSEDREG_ALWAYS_INLINE {
@@ -427,27 +592,23 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       KeepScale keep(len);
       std::vector<acc_t> g(len), xh(len);
+      Lanes<acc_t, kLanes2<acc_t>> l1, l2;
       for (int64_t c = c0; c < c1; ++c) {
         acc_t s1 = 0, s2 = 0;
         dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-          if (plain) {  // dz = dy: the sums straight from the dy and x rows, no row buffers
-            const acc_t mu = a.mean[c], inv = a.invstd[c];
+          if (!drop) {  // the sums straight from the dy, x (and residual) rows, no row buffers
+            const x_t* rb = a.r ? a.r : a.x;
+            const acc_t rf = a.r ? acc_t(1) : acc_t(0);
+            l1.clear();
+            l2.clear();
             for (int64_t i = 0; i < l.N; ++i) {
-              const x_t* dyr = a.dy + (i * C + c) * len;
-              const x_t* xr = a.x + (i * C + c) * len;
-              for (int64_t j0 = 0; j0 < len; j0 += kSumBlock) {
-                const int64_t j1 = std::min(len, j0 + kSumBlock);
-                acc_t t1 = 0, t2 = 0;
-#pragma omp simd reduction(+ : t1, t2)
-                for (int64_t j = j0; j < j1; ++j) {
-                  const acc_t dz = to_acc<acc_t>(dyr[j]);
-                  t1 += dz;
-                  t2 += dz * ((to_acc<acc_t>(xr[j]) - mu) * inv);
-                }
-                s1 += t1;
-                s2 += t2;
-              }
+              const int64_t off = (i * C + c) * len;
+              dz_sums_span<A>(a.dy + off, a.x + off, rb + off, rf, len, a.mean[c], a.invstd[c], a.scale[c],
+                              a.shift[c], l1, l2);
             }
+            l2.pending = l1.pending;
+            s1 = l1.sum();
+            s2 = l2.sum();
             return;
           }
           for (int64_t i = 0; i < l.N; ++i) {
@@ -488,6 +649,15 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
       dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
         const acc_t* gg = g.data();
         const acc_t* xx = xh.data();
+        if (!drop) {  // one loop per row, no row buffers
+          const x_t* rbase = a.r ? a.r : a.x;
+          const acc_t rf = a.r ? acc_t(1) : acc_t(0);
+          for (int64_t row = b * rb.per_block; row < r1; ++row) {
+            const int64_t off = row * len;
+            dz_sums_row<A>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale, a.shift, q1, q2);
+          }
+          return;
+        }
         for (int64_t row = b * rb.per_block; row < r1; ++row) {
           row_dz(row, keep, g.data(), xh.data());
 #pragma omp simd
@@ -499,17 +669,20 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
       });
     }
   });
-  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      acc_t s1 = 0, s2 = 0;
-      for (int64_t b = 0; b < rb.n_blocks; ++b) {
-        s1 += p1[b * C + c];
-        s2 += p2[b * C + c];
+  // the blocks' partial rows in block order (contiguous, vectorized across channels)
+  std::fill(sum_dz, sum_dz + C, acc_t(0));
+  std::fill(sum_dzx, sum_dzx + C, acc_t(0));
+  {
+    for (int64_t b = 0; b < rb.n_blocks; ++b) {
+      const acc_t* q1 = p1.get() + b * C;
+      const acc_t* q2 = p2.get() + b * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        sum_dz[c] += q1[c];
+        sum_dzx[c] += q2[c];
       }
-      sum_dz[c] = s1;
-      sum_dzx[c] = s2;
     }
-  });
+  }
 }
 
 // grad_residual = dz; grad_x = scale * (dz - m1 - xhat * m2) (training; m1 = sum_dz / count,
@@ -520,6 +693,45 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
   using acc_t = at::opmath_type<x_t>;
   const bool drop = a.p > 0.0f;
   const int64_t len = l.row_len();
+  if (!drop) {  // one loop per row, no row buffers
+    const x_t* rbase = a.r ? a.r : a.x;
+    const acc_t rf = a.r ? acc_t(1) : acc_t(0);
+    auto run = [&](auto gx_mode, auto with_gr) {
+      constexpr GxMode GX = decltype(gx_mode)::value;
+      constexpr bool GR = decltype(with_gr)::value;
+      for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
+        dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+          int64_t cn = l.channel(r0);  // NCS: the row's channel, stepped (not a division per row)
+          for (int64_t row = r0; row < r1; ++row) {
+            const int64_t off = row * len;
+            const int64_t c = cn;
+            if (!l.cl && ++cn == l.C) cn = 0;
+            const acc_t* q1 = GX == GxMode::kTrain ? m1 + c : nullptr;
+            const acc_t* q2 = GX == GxMode::kTrain ? m2 + c : nullptr;
+            if (l.cl) {
+              elemt_span<A, true, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale,
+                                          a.shift, q1, q2, gx ? gx + off : nullptr, GR ? gr + off : nullptr);
+            } else {
+              elemt_span<A, false, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean + c, a.invstd + c,
+                                           a.scale + c, a.shift + c, q1, q2, gx ? gx + off : nullptr,
+                                           GR ? gr + off : nullptr);
+            }
+          }
+        });
+      });
+    };
+    using Train = std::integral_constant<GxMode, GxMode::kTrain>;
+    using Eval = std::integral_constant<GxMode, GxMode::kEval>;
+    using NoGx = std::integral_constant<GxMode, GxMode::kNone>;
+    if (gx && gr) {
+      training ? run(Train{}, std::true_type{}) : run(Eval{}, std::true_type{});
+    } else if (gx) {
+      training ? run(Train{}, std::false_type{}) : run(Eval{}, std::false_type{});
+    } else {
+      run(NoGx{}, std::true_type{});
+    }
+    return;
+  }
   for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
     KeepScale keep(len);
     std::vector<acc_t> g(len), xh(len);
@@ -529,25 +741,6 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
       for (int64_t row = r0; row < r1; ++row) {
         const int64_t off = row * len;
         const int64_t cc = l.cl ? 0 : l.channel(row);
-        if (!l.cl && !drop && A == Activation::kNone && gx && !gr) {
-          // the plain backward (dz = dy): grad_x in one loop over the dy and x rows
-          const x_t* dy = a.dy + off;
-          const x_t* x = a.x + off;
-          x_t* o = gx + off;
-          const acc_t kk = a.scale[cc], mu = a.mean[cc], inv = a.invstd[cc];
-          if (training) {
-            const acc_t a1 = m1[cc], a2 = m2[cc];
-#pragma omp simd
-            for (int64_t j = 0; j < len; ++j) {
-              const acc_t xhat = (to_acc<acc_t>(x[j]) - mu) * inv;
-              o[j] = from_acc<x_t>(kk * (to_acc<acc_t>(dy[j]) - a1 - xhat * a2));
-            }
-          } else {
-#pragma omp simd
-            for (int64_t j = 0; j < len; ++j) o[j] = from_acc<x_t>(kk * to_acc<acc_t>(dy[j]));
-          }
-          continue;
-        }
         dz_row<A>(l, a, row, keep.row(l, drop, a.seed, a.p, row), gg, xx);
         if (gr) {
           x_t* o = gr + off;
@@ -635,9 +828,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cpu(
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
     const at::Tensor& invstd, int64_t activation, double p, const at::Tensor& seed, bool channels_last) {
   const BnInputs b = bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last, at::kCPU);
-  at::Tensor sum_dz = at::zeros({b.d.C}, b.mean.options());
-  at::Tensor sum_dzx = at::zeros({b.d.C}, b.mean.options());
-  if (b.x.numel() == 0) return {sum_dz, sum_dzx};
+  if (b.x.numel() == 0) return {at::zeros({b.d.C}, b.mean.options()), at::zeros({b.d.C}, b.mean.options())};
+  at::Tensor sum_dz = at::empty({b.d.C}, b.mean.options());  // the kernel writes every channel
+  at::Tensor sum_dzx = at::empty({b.d.C}, b.mean.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
@@ -658,19 +851,28 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_elemt_cpu(
   at::Tensor gx = need_grad_input ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
   at::Tensor gr = need_grad_residual ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
   if (b.x.numel() == 0 || !(need_grad_input || need_grad_residual)) return {gx, gr};
-  at::Tensor m1, m2;
+  at::Tensor s1, s2;
   const bool use_sums = training && need_grad_input;
-  if (use_sums) {
-    auto [s1, s2] = bn_sums(sum_dz_in, sum_dzx_in, count, b);
-    m1 = s1 / count;
-    m2 = s2 / count;
-  }
+  if (use_sums) std::tie(s1, s2) = bn_sums(sum_dz_in, sum_dzx_in, count, b);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_elemt", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    // the means m1 = sum_dz / count, m2 = sum_dzx / count (what `s1 / count` gives: ATen divides
+    // a float tensor by the scalar cast to float), here rather than as two more tensor ops
+    std::vector<acc_t> m1, m2;
+    if (use_sums) {
+      const acc_t n = static_cast<acc_t>(count);
+      const acc_t* p1 = s1.const_data_ptr<acc_t>();
+      const acc_t* p2 = s2.const_data_ptr<acc_t>();
+      m1.resize(b.d.C);
+      m2.resize(b.d.C);
+      for (int64_t c = 0; c < b.d.C; ++c) {
+        m1[c] = p1[c] / n;
+        m2[c] = p2[c] / n;
+      }
+    }
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
       bwd_elemt_kernel<A, scalar_t>(layout_of(b, channels_last), bwd_args<scalar_t>(b, p),
-                                    use_sums ? m1.const_data_ptr<acc_t>() : nullptr,
-                                    use_sums ? m2.const_data_ptr<acc_t>() : nullptr, use_sums,
+                                    use_sums ? m1.data() : nullptr, use_sums ? m2.data() : nullptr, use_sums,
                                     need_grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr,
                                     need_grad_residual ? gr.mutable_data_ptr<scalar_t>() : nullptr);
     });
