@@ -788,7 +788,57 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x_in, 
   return {io.mean, io.var};
 }
 
-inline Layout layout_of(const BnInputs& b, bool channels_last) {
+// The checked, contiguous inputs of the element-wise ops, as bn_inputs
+// (csrc/include/fusedreg/batch_norm_host.h) checks them, but with the per-channel affine map left
+// to the kernel call (Affine, below: one host loop over C instead of the two or three small
+// tensor ops bn_affine runs, a sizable part of a small batch's time) and the seed read from its
+// CPU storage directly.
+struct CpuBnInputs {
+  at::Tensor dy, x, residual, weight, bias, mean, invstd;
+  BnDims d;
+  uint64_t seed;
+};
+
+CpuBnInputs cpu_bn_inputs(const at::Tensor* dy, const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
+                          const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
+                          const at::Tensor& mean_in, const at::Tensor& invstd_in, int64_t activation,
+                          const at::Tensor& seed, bool channels_last) {
+  bn_check_x(x_in, at::kCPU);
+  CpuBnInputs b;
+  b.d = bn_dims(x_in, channels_last);
+  b.x = x_in.contiguous();
+  if (dy != nullptr) b.dy = bn_like_x(*dy, "dy", b.x);
+  b.residual = bn_like_x(residual_in, "residual", b.x);
+  b.weight = bn_vec(weight_in, "weight", b.x, b.d.C);
+  b.bias = bn_vec(bias_in, "bias", b.x, b.d.C);
+  b.mean = bn_vec(mean_in, "mean", b.x, b.d.C);
+  b.invstd = bn_vec(invstd_in, "invstd", b.x, b.d.C);
+  TORCH_CHECK(activation >= 0 && activation <= 4, "fusedreg::batch_norm: unknown activation code ",
+              activation);
+  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1,
+              "fusedreg::batch_norm: seed must be a 1-element int64 CPU tensor");
+  b.seed = static_cast<uint64_t>(*seed.const_data_ptr<int64_t>());
+  return b;
+}
+
+// z = (x - mean) * scale + shift: scale = invstd * weight (invstd without a weight), shift = bias
+// (0 without one); the same products bn_affine's tensor multiply rounds.
+template <typename acc_t>
+struct Affine {
+  std::vector<acc_t> scale, shift;
+  explicit Affine(const CpuBnInputs& b) : scale(b.d.C), shift(b.d.C) {
+    const int64_t C = b.d.C;
+    const acc_t* inv = b.invstd.const_data_ptr<acc_t>();
+    const acc_t* w = b.weight.defined() ? b.weight.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* bb = b.bias.defined() ? b.bias.const_data_ptr<acc_t>() : nullptr;
+    for (int64_t c = 0; c < C; ++c) {
+      scale[c] = w ? inv[c] * w[c] : inv[c];
+      shift[c] = bb ? bb[c] : acc_t(0);
+    }
+  }
+};
+
+inline Layout layout_of(const CpuBnInputs& b, bool channels_last) {
   return Layout{b.d.N, b.d.C, b.d.S, channels_last};
 }
 
@@ -796,45 +846,45 @@ at::Tensor batch_norm_fwd_cpu(const at::Tensor& x_in, const std::optional<at::Te
                               const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
                               const at::Tensor& mean_in, const at::Tensor& invstd_in, int64_t activation,
                               double p, const at::Tensor& seed, bool channels_last) {
-  const BnInputs b = bn_inputs(nullptr, x_in, residual_in, weight_in, bias_in, mean_in, invstd_in, activation, seed,
-                               channels_last, at::kCPU);
+  const CpuBnInputs b = cpu_bn_inputs(nullptr, x_in, residual_in, weight_in, bias_in, mean_in, invstd_in, activation,
+                                      seed, channels_last);
   at::Tensor y = empty_output(b.x.sizes(), b.x.options());
   if (b.x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const Affine<acc_t> af(b);
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
       forward_kernel<A, scalar_t>(layout_of(b, channels_last), b.x.const_data_ptr<scalar_t>(),
                                   b.residual.defined() ? b.residual.const_data_ptr<scalar_t>() : nullptr,
                                   y.mutable_data_ptr<scalar_t>(), b.mean.const_data_ptr<acc_t>(),
-                                  b.scale.const_data_ptr<acc_t>(), b.shift.const_data_ptr<acc_t>(),
-                                  static_cast<float>(p), b.seed);
+                                  af.scale.data(), af.shift.data(), static_cast<float>(p), b.seed);
     });
   });
   return y;
 }
 
 template <typename x_t>
-BwdArgs<x_t> bwd_args(const BnInputs& b, double p) {
+BwdArgs<x_t> bwd_args(const CpuBnInputs& b, const Affine<at::opmath_type<x_t>>& af, double p) {
   using acc_t = at::opmath_type<x_t>;
   return BwdArgs<x_t>{b.dy.const_data_ptr<x_t>(), b.x.const_data_ptr<x_t>(),
                       b.residual.defined() ? b.residual.const_data_ptr<x_t>() : nullptr,
                       b.mean.const_data_ptr<acc_t>(), b.invstd.const_data_ptr<acc_t>(),
-                      b.scale.const_data_ptr<acc_t>(), b.shift.const_data_ptr<acc_t>(),
-                      static_cast<float>(p), b.seed};
+                      af.scale.data(), af.shift.data(), static_cast<float>(p), b.seed};
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cpu(
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
     const at::Tensor& invstd, int64_t activation, double p, const at::Tensor& seed, bool channels_last) {
-  const BnInputs b = bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last, at::kCPU);
+  const CpuBnInputs b = cpu_bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last);
   if (b.x.numel() == 0) return {at::zeros({b.d.C}, b.mean.options()), at::zeros({b.d.C}, b.mean.options())};
   at::Tensor sum_dz = at::empty({b.d.C}, b.mean.options());  // the kernel writes every channel
   at::Tensor sum_dzx = at::empty({b.d.C}, b.mean.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const Affine<acc_t> af(b);
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
-      bwd_reduce_kernel<A, scalar_t>(layout_of(b, channels_last), bwd_args<scalar_t>(b, p),
+      bwd_reduce_kernel<A, scalar_t>(layout_of(b, channels_last), bwd_args<scalar_t>(b, af, p),
                                      sum_dz.mutable_data_ptr<acc_t>(), sum_dzx.mutable_data_ptr<acc_t>());
     });
   });
@@ -847,13 +897,17 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_elemt_cpu(
     const at::Tensor& invstd, const at::Tensor& sum_dz_in, const at::Tensor& sum_dzx_in, double count,
     int64_t activation, double p, const at::Tensor& seed, bool channels_last, bool training,
     bool need_grad_input, bool need_grad_residual) {
-  const BnInputs b = bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last, at::kCPU);
+  const CpuBnInputs b = cpu_bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last);
   at::Tensor gx = need_grad_input ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
   at::Tensor gr = need_grad_residual ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
   if (b.x.numel() == 0 || !(need_grad_input || need_grad_residual)) return {gx, gr};
   at::Tensor s1, s2;
   const bool use_sums = training && need_grad_input;
-  if (use_sums) std::tie(s1, s2) = bn_sums(sum_dz_in, sum_dzx_in, count, b);
+  if (use_sums) {
+    TORCH_CHECK(count > 0, "fusedreg::batch_norm_bwd_elemt: count must be positive in training");
+    s1 = bn_vec(sum_dz_in, "sum_dz", b.x, b.d.C);
+    s2 = bn_vec(sum_dzx_in, "sum_dz_xhat", b.x, b.d.C);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_elemt", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // the means m1 = sum_dz / count, m2 = sum_dzx / count (what `s1 / count` gives: ATen divides
@@ -870,8 +924,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_elemt_cpu(
         m2[c] = p2[c] / n;
       }
     }
+    const Affine<acc_t> af(b);
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
-      bwd_elemt_kernel<A, scalar_t>(layout_of(b, channels_last), bwd_args<scalar_t>(b, p),
+      bwd_elemt_kernel<A, scalar_t>(layout_of(b, channels_last), bwd_args<scalar_t>(b, af, p),
                                     use_sums ? m1.data() : nullptr, use_sums ? m2.data() : nullptr, use_sums,
                                     need_grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr,
                                     need_grad_residual ? gr.mutable_data_ptr<scalar_t>() : nullptr);
