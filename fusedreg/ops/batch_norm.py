@@ -184,7 +184,13 @@ class BatchNormConfig(NamedTuple):
 
 
 def _vec(t: Optional[Tensor], ct: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(ct).contiguous()
+    if t is None or (t.dtype is ct and t.is_contiguous()):
+        return t  # the common case without the two no-op calls (a small call's host time)
+    return t.to(ct).contiguous()
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype is dtype else t.to(dtype)
 
 
 def _forward(xs, rs, weight, bias, seed, config, stats, running_mean, running_var):
@@ -245,8 +251,8 @@ def _backward(ctx, dy, all_reduce=None, count=None):
     if need_w or need_b or (need_x and cfg.training):
         sums = kernels.bwd_reduce(dys, xs, *args, cfg.activation, cfg.p, seed, cl)
     sum_dz, sum_dzx = sums if sums is not None else (mean.new_empty(0), mean.new_empty(0))
-    grad_w = sum_dzx.to(ctx.p_dtypes[0]) if need_w else None
-    grad_b = sum_dz.to(ctx.p_dtypes[1]) if need_b else None
+    grad_w = _as_dtype(sum_dzx, ctx.p_dtypes[0]) if need_w else None
+    grad_b = _as_dtype(sum_dz, ctx.p_dtypes[1]) if need_b else None
     if need_x and cfg.training:
         if all_reduce is not None:  # SyncBatchNorm: the sums over every rank's batch
             sum_dz, sum_dzx = all_reduce(sum_dz, sum_dzx)
