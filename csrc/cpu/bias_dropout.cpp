@@ -20,6 +20,7 @@
 #include "fusedreg/cpu/alloc.h"
 #include "fusedreg/cpu/isa.h"
 #include "fusedreg/cpu/philox_stream.h"
+#include "fusedreg/cpu/rows.h"
 #include "fusedreg/cpu/uniforms.h"
 #include "fusedreg/cpu/vmath.h"
 #include "fusedreg/host.h"
@@ -170,112 +171,12 @@ void for_each_row_segment(Rows rows, bool dropout, uint64_t seed, const Streams<
 }
 
 // bf16 and fp16: the element loops run on fp32 copies of each row segment (at most kChunk
-// elements, on the stack, so in L1), converted by the loops below, which vectorize at every
-// level (integer and bit arithmetic only; no float compare, which would keep a loop scalar
-// under -ftrapping-math, fusedreg/cpu/isa.h). They round exactly as c10's scalar
-// conversions do (round to nearest even; a NaN becomes the quiet NaN 0x7FC0 in bf16 and
-// sign | 0x7E00 in fp16), so the results are bitwise those of the per-element code.
+// elements, on the stack, so in L1), converted by the norms' row conversions
+// (fusedreg/cpu/rows.h: cpu::row_to_float / row_from_float), which vectorize at every level
+// and round exactly as c10's scalar conversions do, so the results are bitwise those of the
+// per-element code.
 template <typename scalar_t>
 constexpr bool kIsHalf = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
-
-inline FUSEDREG_ALWAYS_INLINE uint32_t float_bits(float f) {
-  uint32_t w;
-  std::memcpy(&w, &f, sizeof(w));
-  return w;
-}
-
-inline FUSEDREG_ALWAYS_INLINE float bits_float(uint32_t w) {
-  float f;
-  std::memcpy(&f, &w, sizeof(f));
-  return f;
-}
-
-inline FUSEDREG_ALWAYS_INLINE void to_float(const at::BFloat16* __restrict src, float* __restrict dst,
-                                            int64_t len) {
-  const uint16_t* __restrict h = reinterpret_cast<const uint16_t*>(src);
-#pragma omp simd
-  for (int64_t t = 0; t < len; ++t) dst[t] = bits_float(uint32_t(h[t]) << 16);
-}
-
-inline FUSEDREG_ALWAYS_INLINE void from_float_bits(const float* __restrict src, uint16_t* __restrict h,
-                                                   int64_t len) {
-#pragma omp simd
-  for (int64_t t = 0; t < len; ++t) {
-    const uint32_t w = float_bits(src[t]);
-    const uint32_t rounded = (w + ((w >> 16) & 1u) + 0x7FFFu) >> 16;
-    h[t] = static_cast<uint16_t>((w & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
-  }
-}
-
-#if FUSEDREG_X86_DISPATCH
-// from_float_bits with vcvtne2ps2bf16 (32 elements per instruction, about half the time of
-// the integer rounding, which made up a large part of the bf16 loops). It rounds to nearest
-// even as c10 does, except that it flushes denormal inputs to zero and keeps a NaN's sign
-// and payload: 32 elements with any denormal or NaN (vfpclassps) take the integer path.
-// Checked equal to c10's conversion for all 2^32 float bit patterns.
-FUSEDREG_TARGET_AVX512BF16 __attribute__((noinline)) inline void from_float_avx512bf16(
-    const float* __restrict src, uint16_t* __restrict h, int64_t len) {
-  int64_t t = 0;
-  for (; t + 32 <= len; t += 32) {
-    const __m512 a = _mm512_loadu_ps(src + t), b = _mm512_loadu_ps(src + t + 16);
-    constexpr int kNanOrDenormal = 0x01 | 0x80 | 0x20;  // quiet NaN, signaling NaN, denormal
-    const __mmask16 ka = _mm512_fpclass_ps_mask(a, kNanOrDenormal);
-    const __mmask16 kb = _mm512_fpclass_ps_mask(b, kNanOrDenormal);
-    if (_kortestz_mask16_u8(ka, kb)) {
-      _mm512_storeu_si512(h + t, (__m512i)_mm512_cvtne2ps_pbh(b, a));  // a in the low half
-    } else {
-      from_float_bits(src + t, h + t, 32);
-    }
-  }
-  from_float_bits(src + t, h + t, len - t);
-}
-#endif
-
-inline FUSEDREG_ALWAYS_INLINE void from_float(const float* __restrict src, at::BFloat16* __restrict dst,
-                                              int64_t len) {
-  uint16_t* __restrict h = reinterpret_cast<uint16_t*>(dst);
-#if FUSEDREG_X86_DISPATCH
-  if (cpu::cpu_has_avx512bf16()) return from_float_avx512bf16(src, h, len);
-#endif
-  from_float_bits(src, h, len);
-}
-
-// fp16 -> fp32 is exact: normals rebias the exponent (127 - 15), subnormals are m * 2^-24,
-// inf/NaN keep the payload (a NaN made quiet, as c10's conversion gives).
-inline FUSEDREG_ALWAYS_INLINE void to_float(const at::Half* __restrict src, float* __restrict dst,
-                                            int64_t len) {
-  const uint16_t* __restrict h = reinterpret_cast<const uint16_t*>(src);
-#pragma omp simd
-  for (int64_t t = 0; t < len; ++t) {
-    const uint32_t a = h[t] & 0x7FFFu, sign = uint32_t(h[t] & 0x8000u) << 16;
-    const uint32_t normal = (a << 13) + 0x38000000u;
-    const uint32_t special = 0x7F800000u | (a << 13) | (a > 0x7C00u ? 0x00400000u : 0u);
-    const uint32_t sub = float_bits(static_cast<float>(static_cast<int32_t>(a)) * 5.9604644775390625e-08f);
-    dst[t] = bits_float(sign | (a < 0x0400u ? sub : (a >= 0x7C00u ? special : normal)));
-  }
-}
-
-// fp32 -> fp16, round to nearest even: normals round the 13 dropped mantissa bits (a carry
-// moves into the exponent), |f| >= 65520 (halfway past the largest fp16) gives inf, results
-// below 2^-14 are round(|f| * 2^24) in fp16 subnormal units, taken from the float sum
-// |f| + 0.5 (whose ulp is 2^-24; the addition rounds to nearest even).
-inline FUSEDREG_ALWAYS_INLINE void from_float(const float* __restrict src, at::Half* __restrict dst,
-                                              int64_t len) {
-  uint16_t* __restrict h = reinterpret_cast<uint16_t*>(dst);
-#pragma omp simd
-  for (int64_t t = 0; t < len; ++t) {
-    const uint32_t w = float_bits(src[t]);
-    const uint32_t a = w & 0x7FFFFFFFu, sign = (w >> 16) & 0x8000u;
-    const uint32_t r = a - 0x38000000u;
-    const uint32_t normal = (r + 0x0FFFu + ((r >> 13) & 1u)) >> 13;
-    const uint32_t sub = float_bits(bits_float(a) + 0.5f) - 0x3F000000u;
-    const uint32_t v = a > 0x7F800000u   ? 0x7E00u
-                       : a >= 0x477FF000u ? 0x7C00u
-                       : a < 0x38800000u  ? sub
-                                          : normal;
-    h[t] = static_cast<uint16_t>(sign | v);
-  }
-}
 
 // forward_segment on fp32 copies (bf16, fp16), with the residual added in a loop of its own:
 // act * scale and + residual stay two roundings at every level, as the per-element code
@@ -301,7 +202,7 @@ std::vector<float> bias_as_float(const scalar_t* bias, int64_t N) {
   if constexpr (kIsHalf<scalar_t>) {
     f.resize(static_cast<size_t>(N));
     if (bias) {
-      to_float(bias, f.data(), N);
+      cpu::row_to_float(bias, f.data(), N);
     } else {
       std::fill(f.begin(), f.end(), -0.0f);
     }
@@ -324,15 +225,15 @@ void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* res
     // results, as in the backward; a segment with a large or non-finite input keeps VecMath).
     if constexpr (kIsHalf<scalar_t>) {
       alignas(64) float xf[kChunk], rf[kChunk], of[kChunk];
-      to_float(x + i, xf, len);
-      to_float(residual ? residual + i : zeros, rf, len);
+      cpu::row_to_float(x + i, xf, len);
+      cpu::row_to_float(residual ? residual + i : zeros, rf, len);
       const float* bf = bias_f.data() + col;
       if (kCallsExp<A> && all_in_normal_range(xf, bf, len)) {
         forward_segment_split<A, cpu::VecMathNormal>(xf, bf, rf, u, of, len, p, scale);
       } else {
         forward_segment_split<A>(xf, bf, rf, u, of, len, p, scale);
       }
-      from_float(of, out + i, len);
+      cpu::row_from_float(of, out + i, len);
     } else {
       const scalar_t* b = bias ? bias + col : zeros;
       const scalar_t* r = residual ? residual + i : zeros;
@@ -385,8 +286,9 @@ inline FUSEDREG_ALWAYS_INLINE void backward_segment(
   run(cpu::VecMath{});
 }
 
-// backward_segment on fp32 copies for bf16/fp16 (see to_float), in place otherwise. bias_f:
-// the fp32 bias row at this segment's column (bias_as_float; bf16/fp16 with an activation).
+// backward_segment on fp32 copies for bf16/fp16 (see cpu::row_to_float), in place otherwise.
+// bias_f: the fp32 bias row at this segment's column (bias_as_float; bf16/fp16 with an
+// activation).
 template <typename scalar_t, Activation A>
 inline FUSEDREG_ALWAYS_INLINE void backward_segment_any(
     const scalar_t* g, const scalar_t* x, const scalar_t* bias, const float* bias_f, const float* u,
@@ -394,11 +296,11 @@ inline FUSEDREG_ALWAYS_INLINE void backward_segment_any(
     at::opmath_type<scalar_t>* bias_acc) {
   if constexpr (kIsHalf<scalar_t>) {
     alignas(64) float gf[kChunk], xf[kChunk], of[kChunk];
-    to_float(g, gf, len);
-    if constexpr (A != Activation::kNone) to_float(x, xf, len);
+    cpu::row_to_float(g, gf, len);
+    if constexpr (A != Activation::kNone) cpu::row_to_float(x, xf, len);
     backward_segment<float, A>(gf, A != Activation::kNone ? xf : nullptr, bias_f, u, of, len, p, scale,
                                bias_acc);
-    from_float(of, gx, len);
+    cpu::row_from_float(of, gx, len);
   } else {
     backward_segment<scalar_t, A>(g, x, bias, u, gx, len, p, scale, bias_acc);
   }
