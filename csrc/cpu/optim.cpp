@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -330,103 +331,95 @@ bool tensor_list(PyObject* obj, std::vector<at::Tensor>& out) {
   return true;
 }
 
-bool as_double(PyObject* obj, double& out) {
-  if (!PyFloat_CheckExact(obj) && !PyLong_CheckExact(obj)) return false;
-  out = PyFloat_AsDouble(obj);
-  return !(out == -1.0 && PyErr_Occurred());
-}
+// One positional argument of an op, by the op's parameter type: parse() is false (nothing
+// raised) when the object is not what the direct call takes.
+template <typename T>
+struct DirectArg;
 
-bool as_bool(PyObject* obj, bool& out) {
-  if (!PyBool_Check(obj)) return false;
-  out = obj == Py_True;
-  return true;
-}
-
-template <size_t L, size_t D, size_t B>
-struct Args {
-  std::vector<at::Tensor> lists[L];
-  double doubles[D];
-  bool bools[B];
+template <>
+struct DirectArg<at::TensorList> {
+  std::vector<at::Tensor> value;
+  bool parse(PyObject* obj) { return tensor_list(obj, value); }
+  at::TensorList get() const { return value; }
 };
 
-// Parses `lists` tensor lists, then the floats and bools in the order `kinds` gives
-// ('d' double, 'b' bool); false when anything is not what the direct call takes.
-template <size_t L, size_t D, size_t B>
-bool parse(PyObject* const* args, Py_ssize_t nargs, const char* kinds, Args<L, D, B>& a) {
-  if (!direct_allowed() || nargs != Py_ssize_t(L + D + B)) return false;
-  for (size_t i = 0; i < L; ++i)
-    if (!tensor_list(args[i], a.lists[i])) return false;
-  size_t d = 0, b = 0;
-  for (size_t i = L; i < L + D + B; ++i) {
-    const bool ok = kinds[i - L] == 'd' ? as_double(args[i], a.doubles[d++])
-                                        : as_bool(args[i], a.bools[b++]);
-    if (!ok) {
+template <>
+struct DirectArg<double> {
+  double value = 0.0;
+  bool parse(PyObject* obj) {
+    if (!PyFloat_CheckExact(obj) && !PyLong_CheckExact(obj)) return false;
+    value = PyFloat_AsDouble(obj);  // an int too large for a double: declined, not raised
+    if (value == -1.0 && PyErr_Occurred()) {
       PyErr_Clear();
       return false;
     }
+    return true;
   }
-  return true;
+  double get() const { return value; }
+};
+
+template <>
+struct DirectArg<bool> {
+  bool value = false;
+  bool parse(PyObject* obj) {
+    if (!PyBool_Check(obj)) return false;
+    value = obj == Py_True;
+    return true;
+  }
+  bool get() const { return value; }
+};
+
+// The direct call of an op body `Op` (adam_step_op<adam_step_cpu>, ...): its arguments are
+// parsed by the op's own parameter types, in order, so the call cannot drift from the
+// schema's argument list; False when the call is declined, True once the op has run.
+template <typename F>
+struct Direct;
+
+template <typename... A>
+struct Direct<void (*)(A...)> {
+  template <void (*Op)(A...), const char* kName>
+  static PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+    HANDLE_TH_ERRORS
+    if (!direct_allowed() || nargs != Py_ssize_t(sizeof...(A))) Py_RETURN_FALSE;
+    std::tuple<DirectArg<A>...> parsed;
+    const bool ok = std::apply(
+        [&](auto&... arg) {
+          Py_ssize_t i = 0;
+          return (arg.parse(args[i++]) && ...);  // left to right, stops at the first miss
+        },
+        parsed);
+    if (!ok) Py_RETURN_FALSE;
+    RECORD_FUNCTION(kName, std::vector<c10::IValue>());
+    {
+      pybind11::gil_scoped_release no_gil;
+      std::apply([](const auto&... arg) { Op(arg.get()...); }, parsed);
+    }
+    Py_RETURN_TRUE;
+    END_HANDLE_TH_ERRORS
+  }
+};
+
+template <auto Op, const char* kName>
+PyObject* direct(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  return Direct<decltype(Op)>::template call<Op, kName>(self, args, nargs);
 }
 
-// adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
-//           eps, weight_decay, l1, l1_lr_scaled, amsgrad, maximize, decoupled, inv_scale)
-PyObject* direct_adam_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  Args<6, 7, 4> a;
-  if (!parse(args, nargs, "ddddddbbbbd", a)) Py_RETURN_FALSE;
-  RECORD_FUNCTION("fusedreg::adam_step", std::vector<c10::IValue>());
-  {
-    pybind11::gil_scoped_release no_gil;
-    adam_step_op<adam_step_cpu>(a.lists[0], a.lists[1], a.lists[2], a.lists[3], a.lists[4],
-                                a.lists[5], a.doubles[0], a.doubles[1], a.doubles[2],
-                                a.doubles[3], a.doubles[4], a.doubles[5], a.bools[0], a.bools[1],
-                                a.bools[2], a.bools[3], a.doubles[6]);
-  }
-  Py_RETURN_TRUE;
-  END_HANDLE_TH_ERRORS
-}
+constexpr char kAdamName[] = "fusedreg::adam_step";
+constexpr char kSgdName[] = "fusedreg::sgd_step";
+constexpr char kLionName[] = "fusedreg::lion_step";
 
-// sgd_step(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, l1,
-//          l1_lr_scaled, nesterov, maximize, decoupled, first_step, inv_scale)
-PyObject* direct_sgd_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  Args<3, 6, 5> a;
-  if (!parse(args, nargs, "dddddbbbbbd", a)) Py_RETURN_FALSE;
-  RECORD_FUNCTION("fusedreg::sgd_step", std::vector<c10::IValue>());
-  {
-    pybind11::gil_scoped_release no_gil;
-    sgd_step_op<sgd_step_cpu>(a.lists[0], a.lists[1], a.lists[2], a.doubles[0], a.doubles[1],
-                              a.doubles[2], a.doubles[3], a.doubles[4], a.bools[0], a.bools[1],
-                              a.bools[2], a.bools[3], a.bools[4], a.doubles[5]);
-  }
-  Py_RETURN_TRUE;
-  END_HANDLE_TH_ERRORS
-}
-
-// lion_step(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, l1, l1_lr_scaled,
-//           maximize, inv_scale)
-PyObject* direct_lion_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  Args<3, 6, 2> a;
-  if (!parse(args, nargs, "dddddbbd", a)) Py_RETURN_FALSE;
-  RECORD_FUNCTION("fusedreg::lion_step", std::vector<c10::IValue>());
-  {
-    pybind11::gil_scoped_release no_gil;
-    lion_step_op<lion_step_cpu>(a.lists[0], a.lists[1], a.lists[2], a.doubles[0], a.doubles[1],
-                                a.doubles[2], a.doubles[3], a.doubles[4], a.bools[0], a.bools[1],
-                                a.doubles[5]);
-  }
-  Py_RETURN_TRUE;
-  END_HANDLE_TH_ERRORS
+template <PyObject* (*F)(PyObject*, PyObject* const*, Py_ssize_t)>
+PyCFunction as_method() {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(F));
 }
 
 PyMethodDef kDirectMethods[] = {
-    {"adam_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(direct_adam_step)),
-     METH_FASTCALL, "fusedreg::adam_step on plain CPU tensors without the dispatcher"},
-    {"sgd_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(direct_sgd_step)),
-     METH_FASTCALL, "fusedreg::sgd_step on plain CPU tensors without the dispatcher"},
-    {"lion_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(direct_lion_step)),
-     METH_FASTCALL, "fusedreg::lion_step on plain CPU tensors without the dispatcher"},
+    {"adam_step", as_method<direct<&adam_step_op<adam_step_cpu>, kAdamName>>(), METH_FASTCALL,
+     "fusedreg::adam_step on plain CPU tensors without the dispatcher"},
+    {"sgd_step", as_method<direct<&sgd_step_op<sgd_step_cpu>, kSgdName>>(), METH_FASTCALL,
+     "fusedreg::sgd_step on plain CPU tensors without the dispatcher"},
+    {"lion_step", as_method<direct<&lion_step_op<lion_step_cpu>, kLionName>>(), METH_FASTCALL,
+     "fusedreg::lion_step on plain CPU tensors without the dispatcher"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -30,6 +30,7 @@ and ``found_inf`` (None: 0; non-zero: nothing is written). Its checks are host-s
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -283,46 +284,27 @@ _MUTATES = {"adam": ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "st
 DIRECT: dict = {}  # algorithm -> callable with the op's signature
 
 
-def _direct(algo: str, op):
+def _direct(op):
+    """The op with fusedreg._C's direct call first; the keyword arguments go to it positionally
+    in the schema's order (the order the C function parses them in)."""
     if op is None:
         return None
     import importlib
-    fast = getattr(importlib.import_module("fusedreg._C"), op.__name__.split(".")[0], None)
+    fast = getattr(importlib.import_module("fusedreg._C"), op._schema.name.split("::")[1], None)
     if fast is None:
         return op
+    names = tuple(a.name for a in op._schema.arguments if a.kwarg_only)
+    in_order = operator.itemgetter(*names)
     compiling = torch.compiler.is_compiling
-    if algo == "adam":
-        def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1,
-                 beta2, eps, weight_decay, l1, l1_lr_scaled, amsgrad, maximize, decoupled,
-                 inv_scale):
-            if compiling() or not fast(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                       steps, lr, beta1, beta2, eps, weight_decay, l1,
-                                       l1_lr_scaled, amsgrad, maximize, decoupled, inv_scale):
-                op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr,
-                   beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, l1=l1,
-                   l1_lr_scaled=l1_lr_scaled, amsgrad=amsgrad, maximize=maximize,
-                   decoupled=decoupled, inv_scale=inv_scale)
-        return adam
-    if algo == "sgd":
-        def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, l1,
-                l1_lr_scaled, nesterov, maximize, decoupled, first_step, inv_scale):
-            if compiling() or not fast(params, grads, momentum_buffers, lr, momentum, dampening,
-                                       weight_decay, l1, l1_lr_scaled, nesterov, maximize,
-                                       decoupled, first_step, inv_scale):
-                op(params, grads, momentum_buffers, lr=lr, momentum=momentum,
-                   dampening=dampening, weight_decay=weight_decay, l1=l1,
-                   l1_lr_scaled=l1_lr_scaled, nesterov=nesterov, maximize=maximize,
-                   decoupled=decoupled, first_step=first_step, inv_scale=inv_scale)
-        return sgd
 
-    def lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, l1, l1_lr_scaled,
-             maximize, inv_scale):
-        if compiling() or not fast(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, l1,
-                                   l1_lr_scaled, maximize, inv_scale):
-            op(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2,
-               weight_decay=weight_decay, l1=l1, l1_lr_scaled=l1_lr_scaled, maximize=maximize,
-               inv_scale=inv_scale)
-    return lion
+    def run(*lists, **hyper):
+        try:
+            values = None if len(hyper) != len(names) else in_order(hyper)
+        except KeyError:
+            values = None
+        if values is None or compiling() or not fast(*lists, *values):
+            op(*lists, **hyper)  # (a wrong keyword raises torch.ops' own error here)
+    return run
 
 
 def _register() -> None:
@@ -337,7 +319,7 @@ def _register() -> None:
                           fake=fake, mutates_args=_MUTATES[algo])
         for backend, op in ops.items():
             backends.register(algo, backend, op)
-        direct = _direct(algo, ops.get("cpu"))
+        direct = _direct(ops.get("cpu"))
         if direct is not None:
             DIRECT[algo] = direct
     # capturable Adam: reference and Triton custom ops; the C++ op has a CUDA kernel only
