@@ -117,14 +117,19 @@ def test_batch_norm_matches_float64(case, dtype):
 @pytest.mark.parametrize("case", [((3, 4, 5, 6), "c"), ((3, 4, 5, 6), "cl"), ((6, 5), "c")], ids=_case_id)
 def test_batch_norm_act_matches_float64(case, act):
     """dropout(act(bn(x) + residual)) with p = 0, against torch's composite."""
+    _check_act_residual(case, act, torch.float32, -1.0, BACKENDS, (True, False))
+
+
+def _check_act_residual(case, act, dtype, residual_offset, backends, trainings):
+    """batch_norm_act(x, residual) on each backend and training mode against torch's
+    composite act(batch_norm(x) + residual)."""
     shape, layout = case
-    dtype = torch.float32
     x = _layout(_data(shape, dtype), layout)
-    r = _layout(_data(shape, dtype, seed=2, offset=-1.0), layout)
+    r = _layout(_data(shape, dtype, seed=2, offset=residual_offset), layout)
     dy = _layout(_data(shape, dtype, seed=7, offset=0.0), layout)
     w, b, rm, rv = _params(shape[1], dtype)
-    for backend in BACKENDS:
-        for training in (True, False):
+    for backend in backends:
+        for training in trainings:
             with fusedreg.use_backend(backend):
                 _compare(
                     lambda x, r, w, b, rm, rv: F.batch_norm_act(x, rm, rv, w, b, training, 0.1, 1e-5,
@@ -141,18 +146,7 @@ def test_batch_norm_act_long_rows_match_float64(case, act, dtype):
     """With a residual and an activation on rows of many lane widths, a partial last lane
     group, and (NCS) lane folds inside a row and across rows: the CPU backward's one-loop
     reductions, against torch's composite."""
-    shape, layout = case
-    x = _layout(_data(shape, dtype), layout)
-    r = _layout(_data(shape, dtype, seed=2, offset=-0.5), layout)
-    dy = _layout(_data(shape, dtype, seed=7, offset=0.0), layout)
-    w, b, rm, rv = _params(shape[1], dtype)
-    for backend in FAST:
-        with fusedreg.use_backend(backend):
-            _compare(
-                lambda x, r, w, b, rm, rv: F.batch_norm_act(x, rm, rv, w, b, True, 0.1, 1e-5,
-                                                            activation=act, residual=r),
-                lambda x, r, w, b, rm, rv: ACTS[act](TF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5) + r),
-                [x, r, w, b], dy, [rm, rv], dtype, ["x", "residual", "weight", "bias"], layout)
+    _check_act_residual(case, act, dtype, -0.5, FAST, (True,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
