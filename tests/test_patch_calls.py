@@ -11,7 +11,14 @@ import torch.utils.checkpoint
 from torch import nn
 
 import fusedreg
-from fusedreg.patching import report
+from fusedreg.patching import _calls, report
+from torch.nn.functional import dropout as dropout_alias  # a name bound at import (Aliased)
+
+
+def torchs_own(fn) -> bool:
+    """``fn`` is torch's function itself, not the router that stands in for it during a
+    patched forward."""
+    return _calls.original(fn) is fn
 
 
 class Functional(nn.Module):
@@ -67,8 +74,12 @@ def test_torch_dropout_is_routed_too_and_gradients_flow():
 
 def test_only_inside_the_patched_forward():
     model = fusedreg.patch(Functional()).train()
+    seen = []
+    model.fc.register_forward_hook(lambda *a: seen.append(torchs_own(TF.dropout)))
     model(x_of(4, 24))
-    assert torch._C._len_torch_function_stack() == 0  # the mode left with the forward
+    assert seen == [False]  # during the forward the name holds the router
+    for fn in (TF.dropout, TF.dropout2d, TF.scaled_dot_product_attention, torch.dropout):
+        assert torchs_own(fn)  # and torch's functions are back after it
     torch.manual_seed(2)
     a = TF.dropout(x_of(64, 24), 0.5)
     torch.manual_seed(2)
@@ -76,11 +87,11 @@ def test_only_inside_the_patched_forward():
     assert not torch.equal(a, b)  # outside the forward torch's own dropout runs
 
 
-def test_mode_is_popped_when_forward_raises():
+def test_names_are_restored_when_forward_raises():
     model = fusedreg.patch(Functional()).train()
     with pytest.raises(RuntimeError):
         model(torch.randn(3, 5))  # wrong width: the Linear raises inside the forward
-    assert torch._C._len_torch_function_stack() == 0
+    assert torchs_own(TF.dropout) and torchs_own(dropout_alias)
     model(x_of(3, 24))  # and the next forward works and counts again
     assert report(model).dropout_calls["functional dropout"]["fused"] == 1
 
@@ -88,17 +99,61 @@ def test_mode_is_popped_when_forward_raises():
 def test_other_threads_are_not_affected():
     model = fusedreg.patch(Functional()).train()
     seen = []
+    x = x_of(64, 24)
+
+    def other_thread():
+        torch.manual_seed(2)
+        seen.append((torchs_own(TF.dropout), TF.dropout(x, 0.5)))
 
     class Probe(nn.Module):
-        def forward(self, x):  # while the patched forward runs, another thread calls dropout
-            t = threading.Thread(target=lambda: seen.append(torch._C._len_torch_function_stack()))
+        def forward(self, h):  # while the patched forward runs, another thread calls dropout
+            t = threading.Thread(target=other_thread)
             t.start()
             t.join()
-            return x
+            return h
 
     model.fc = nn.Sequential(nn.Linear(24, 24), Probe())
     model(x_of(3, 24))
-    assert seen == [0]
+    torch.manual_seed(2)
+    expected = TF.dropout(x, 0.5)  # torch's own dropout, after the forward
+    [(own, out)] = seen
+    assert not own  # the other thread called through the router...
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)  # ...and got torch's dropout
+    assert report(model).dropout_calls == {"functional dropout": {"fused": 1, "left in torch": 0}}
+
+
+class Aliased(nn.Module):
+    """A forward calling dropout by a name bound at import (``from torch.nn.functional import
+    dropout as ...``): the name in this module's namespace is routed too."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(24, 24)
+
+    def forward(self, x):
+        return dropout_alias(self.fc(x), 0.3, self.training)
+
+
+def test_a_dropout_bound_under_another_name_is_routed():
+    model = fusedreg.patch(Aliased()).train()
+    x = x_of(17, 24)
+    torch.manual_seed(7)
+    out = model(x)
+    torch.manual_seed(7)
+    torch.testing.assert_close(out, fusedreg.functional.dropout(model.fc(x), 0.3), atol=0, rtol=0)
+    assert report(model).dropout_calls == {"functional dropout": {"fused": 1, "left in torch": 0}}
+    assert torchs_own(dropout_alias)  # the module's own name is back after the forward
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torchscript_still_scripts_dropout_after_a_patched_forward():
+    fusedreg.patch(Functional()).train()(x_of(3, 24))
+    scripted = torch.jit.script(Functional().train())  # F.dropout is torch's function again
+    x = x_of(5, 24)
+    torch.manual_seed(3)
+    a = scripted(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(a, TF.dropout(scripted.fc(x), 0.3), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("shape", [(4, 6, 5, 3), (2, 3, 1, 7)])
@@ -132,7 +187,15 @@ class Attention(nn.Module):
         return TF.alpha_dropout(a, 0.2, self.training)
 
 
-def test_sdpa_dropout_runs_fused_on_cpu_and_alpha_dropout_is_left_in_torch():
+@pytest.fixture
+def chain_at_every_size(monkeypatch):
+    """These calls are small: let _attention.py's chain take them (MIN_SCORES is a speed
+    choice, tested on its own below)."""
+    from fusedreg.patching import _attention
+    monkeypatch.setattr(_attention, "MIN_SCORES", 0)
+
+
+def test_sdpa_dropout_runs_fused_on_cpu_and_alpha_dropout_is_left_in_torch(chain_at_every_size):
     model = fusedreg.patch(Attention(0.1)).train()
     model(x_of(2, 3, 5, 8))
     calls = report(model).dropout_calls
@@ -161,7 +224,7 @@ def attention_reference(q, k, v, mask, p, causal, scale, seed):
 
 
 @pytest.mark.parametrize("case", ["plain", "causal", "bool mask", "float mask", "float64"])
-def test_sdpa_dropout_is_torchs_math_with_the_seeded_mask(case):
+def test_sdpa_dropout_is_torchs_math_with_the_seeded_mask(case, chain_at_every_size):
     # scaled_dot_product_attention with dropout on CPU (torch's math kernel) runs the same chain
     # with fusedreg's seeded dropout: output and gradients against a float64 reference with the
     # mask of the seed drawn from torch's generator; a fully masked row gives 0 as in torch
@@ -222,6 +285,31 @@ def test_sdpa_calls_torch_refuses_or_does_not_run_in_its_math_kernel_stay_in_tor
         torch.testing.assert_close(model(q, q, q), TF.scaled_dot_product_attention(q, q, q),
                                    atol=0, rtol=0)
     assert report(model).dropout_calls == {}
+
+
+@pytest.mark.parametrize("heads,L", [(4, 31), (4, 32)])  # 15376 and 16384 scores
+def test_small_sdpa_calls_stay_torchs_own(heads, L):
+    # under MIN_SCORES attention scores torch's call is faster than the chain: it runs,
+    # bit for bit what torch gives from the same generator state, counted as left in torch
+    from fusedreg.patching import _attention
+    assert _attention.MIN_SCORES == 1 << 14
+    q = x_of(2, heads, L, 8)
+    model = fusedreg.patch(nn.Module())
+    model.forward = lambda q: TF.scaled_dot_product_attention(q, q, q, dropout_p=0.2)
+    torch.manual_seed(9)
+    out = model(q)
+    fused = 2 * heads * L * L >= _attention.MIN_SCORES
+    torch.manual_seed(9)
+    if fused:
+        seed = int(torch.randint(2**63 - 1, ()))
+        expected = attention_reference(q, q, q, None, 0.2, False, None, seed).float()
+        torch.testing.assert_close(out, expected, atol=2e-6, rtol=2e-5)
+    else:
+        torch.testing.assert_close(out, TF.scaled_dot_product_attention(q, q, q, dropout_p=0.2),
+                                   atol=0, rtol=0)
+    assert report(model).dropout_calls == {
+        "attention dropout inside scaled_dot_product_attention":
+            {"fused": int(fused), "left in torch": int(not fused)}}
 
 
 class Blocks(nn.Module):

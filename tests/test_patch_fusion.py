@@ -243,12 +243,14 @@ class Attention(nn.Module):
 
 @pytest.mark.parametrize("how", ["patch(fuse=True)",
                                  pytest.param("fusedreg.compile", marks=pytest.mark.slow)])
-def test_attention_dropout_in_graphs_uses_the_seeded_mask(how):
+def test_attention_dropout_in_graphs_uses_the_seeded_mask(how, monkeypatch):
     # SDPA's dropout (CPU: torch's math kernel) in a captured graph runs the chain of
     # _attention.py with fusedreg's dropout, eagerly or compiled by Inductor: the same output
     # and gradients as the patched eager model from the same torch seed (Inductor drawing its
     # random numbers from torch's generator, fallback_random, so that the seeds are the same)
     import torch._inductor.config as inductor_config
+    from fusedreg.patching import _attention
+    monkeypatch.setattr(_attention, "MIN_SCORES", 0)  # a small call: the chain at every size
     with inductor_config.patch(fallback_random=True):
         _attention_dropout_in_graphs(how)
 

@@ -174,23 +174,40 @@ def losses_at_dropout_0(name, width, layers, which=("torch", "patch")):
     return {r: float(loss(fn, inputs)) for r, (_, fn, _) in runs.items()}
 
 
-def mode_cost(calls: int = 200, rounds: int = 30) -> float:
-    """Microseconds the dropout call-site mode adds to each torch call made inside a patched
-    forward (a forward of ``calls`` tiny adds, patched vs not, interleaved, medians)."""
+def routing_cost(calls: int = 200, rounds: int = 40) -> tuple:
+    """(us per patched forward, us per other torch call, us per dropout call left to torch)
+    that routing functional dropouts (patching/_calls.py) adds: forwards of ``calls`` tiny adds,
+    and of ``calls`` dropouts at p=0 (torch's own result), patched vs not, interleaved, medians."""
     class Adds(nn.Module):
         def forward(self, x):
             for _ in range(calls):
                 x = x + 1.0
             return x
-    x = torch.zeros(4)
-    plain, patched = Adds(), fusedreg.patch(Adds())
-    ta, tb = [], []
-    for _ in range(rounds):
-        for m, t in ((plain, ta), (patched, tb)):
-            t0 = time.perf_counter()
-            m(x)
-            t.append(time.perf_counter() - t0)
-    return (statistics.median(tb) - statistics.median(ta)) / calls * 1e6
+
+    class Drops(nn.Module):
+        def forward(self, x):
+            for _ in range(calls):
+                x = nn.functional.dropout(x, 0.0, True)
+            return x
+
+    def timed(a, b):
+        x = torch.zeros(4)
+        ta, tb = [], []
+        for _ in range(rounds):
+            for m, t in ((a, ta), (b, tb)):
+                t0 = time.perf_counter()
+                m(x)
+                t.append(time.perf_counter() - t0)
+        return (statistics.median(tb) - statistics.median(ta)) * 1e6
+
+    class Empty(nn.Module):
+        def forward(self, x):
+            return x
+
+    per_forward = timed(Empty(), fusedreg.patch(Empty()))
+    per_call = (timed(Adds(), fusedreg.patch(Adds())) - per_forward) / calls
+    per_dropout = (timed(Drops(), fusedreg.patch(Drops())) - per_forward) / calls
+    return per_forward, per_call, per_dropout
 
 
 def main(argv=None) -> str:
@@ -231,8 +248,11 @@ def main(argv=None) -> str:
                      f"{tps['fr.compile'] / tps['compile']:.2f}x | "
                      f"{tps['patch+opt'] / tps['torch']:.2f}x | {diff:.1e} |")
         print(lines[-1], file=sys.stderr, flush=True)
-    lines += ["", f"The dropout call-site mode adds {mode_cost():.1f} us to each torch call made "
-              "inside a patched eager forward (tiny tensors, median of interleaved rounds).",
+    fwd_us, call_us, drop_us = routing_cost()
+    lines += ["", f"Routing functional dropouts (patching/_calls.py) adds {fwd_us:.1f} us to each "
+              f"patched eager forward, {call_us:.2f} us to each other torch call in it and "
+              f"{drop_us:.2f} us to each dropout call torch keeps (tiny tensors, medians of "
+              "interleaved rounds).",
               "", f"Load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at "
               "the end (other processes on this machine)."]
     text = "\n".join(lines + ["", "```"] + details + ["```"])

@@ -17,8 +17,9 @@ What ``patch`` does, each part switchable:
   OLMo2's RMSNorm, timm's LayerNorm, LayerNorm2d, RmsNorm, ...) get a class that runs fusedreg's
   norm on their own Parameters; a class that cannot be shown equal is left alone and reported.
 - **functional dropouts** (``dropout``): ``nn.functional.dropout`` / ``dropout1d/2d/3d`` calls
-  made inside the model's forward go to fusedreg too (``_calls.py``: a TorchFunctionMode
-  active only during the patched forward).
+  made inside the model's forward go to fusedreg too (``_calls.py``: routers that stand in
+  for those functions only while a patched forward runs, and send only that thread's calls
+  to fusedreg).
 - **fusions** (``fuse=True``): dropout + residual add (+ LayerNorm/RMSNorm) and bias +
   activation (+ dropout) fused without rewriting the model (``fusedreg/patching/fx.py``).
 

@@ -14,8 +14,9 @@ docs/design.md, one op forward and one backward) instead of torch's dropout, who
 Bernoulli draw costs about as much as the rest of a small attention call. It takes over only
 calls that torch itself sends to the math kernel (``torch._fused_sdp_choice``) with plain
 float32/float64 CPU tensors of one dtype, equal batch and head dims (no GQA broadcast), outside
-autocast, torch.compile/jit tracing, torch.func transforms and forward-mode AD; every other
-call, and every call torch would refuse, is torch's own (same result, same errors). Used by the
+autocast, torch.compile/jit tracing, torch.func transforms and forward-mode AD, and (eagerly)
+with at least ``MIN_SCORES`` attention scores, below which torch's own call is faster; every
+other call, and every call torch would refuse, is torch's own (same result, same errors). Used by the
 dropout call-site mode (``_calls.py``) and by the FX pass of ``patch(model, fuse=True)``.
 """
 from __future__ import annotations
@@ -38,6 +39,12 @@ _Tensor = torch.Tensor
 _DTYPES = (torch.float32, torch.float64)
 _MATH = int(torch.nn.attention.SDPBackend.MATH)
 _torch_sdpa = TF.scaled_dot_product_attention
+
+# Eager calls with fewer attention scores (batch x heads x L x S) than this stay torch's: the
+# chain's Python ops cost about 80 us more per forward + backward than torch's C++ math kernel,
+# which its Bernoulli draw (about 7 ns a score) outweighs only from here (one thread: torch
+# 0.75x fusedreg at 1024 scores, 0.94-0.97x at 8-12K, 1.06x at 16K, 1.48x at 64K).
+MIN_SCORES = 1 << 14
 
 
 def _takes(q, k, v, attn_mask, p, is_causal, scale, enable_gqa, traced=False) -> bool:
@@ -64,7 +71,7 @@ def _takes(q, k, v, attn_mask, p, is_causal, scale, enable_gqa, traced=False) ->
             or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
         return False
     L, S = q.shape[-2], k.shape[-2]
-    if S == 0:
+    if S == 0 or (not traced and q.shape[:-1].numel() * S < MIN_SCORES):
         return False
     if attn_mask is not None:
         if is_causal or not plain(attn_mask) or not attn_mask.is_cpu \

@@ -1,18 +1,30 @@
-"""Dropout call sites that are functions, not modules: a ``TorchFunctionMode`` that routes
+"""Dropout call sites that are functions, not modules: while a patched model's forward runs,
 ``torch.nn.functional.dropout`` / ``dropout1d`` / ``dropout2d`` / ``dropout3d`` (and
-``torch.dropout``) to fusedreg while a patched model runs, and counts, per call-site kind, what
-ran fused and what stayed in torch in the last forward.
+``torch.dropout``, ``alpha_dropout``, ``feature_alpha_dropout``,
+``scaled_dot_product_attention``) called on that thread go to fusedreg, and what ran fused and
+what stayed in torch in the last forward is counted per call-site kind.
 
-Why a mode: Hugging Face and timm forwards call ``nn.functional.dropout(x, p, training=...)``
-inline, so there is no module to swap. A ``TorchFunctionMode`` sees every torch function called
-on the current thread while it is on the mode stack (and only there: another thread, or code
-outside the patched model's forward, is untouched). It is pushed by a forward pre-hook and
-popped by a forward hook (``always_call=True``, so an exception pops it too) on the patched
-root module and on every member of a ``ModuleList`` (the blocks that gradient checkpointing
-recomputes in backward: the recomputation must draw the same fusedreg masks as the forward).
-The price is a Python call per torch function while the mode is on (measured in
-``fusedreg.bench.models``). Under ``torch.compile`` the hooks do nothing: Dynamo sees the
-model's own calls (``fusedreg.compile`` rewrites them in the graph instead).
+Why: Hugging Face and timm forwards call ``nn.functional.dropout(x, p, training=...)`` inline,
+so there is no module to swap. How: a forward pre-hook on the patched root module and on every
+member of a ``ModuleList`` (the blocks that gradient checkpointing recomputes in backward: the
+recomputation must draw the same fusedreg masks as the forward) turns routing on for the
+calling thread and, while any patched forward runs, puts a router in place of each of those
+functions -- in ``torch.nn.functional`` and ``torch`` (reached as ``F.dropout``,
+``nn.functional.dropout``, ``torch.dropout``, and by ``torch.nn.functional``'s own functions)
+and under any other name a patched module's forward module binds it to (``from
+torch.nn.functional import dropout as drop``: found when the model is patched). A forward hook
+(``always_call=True``, so an exception too) turns routing off, and the last forward on any
+thread puts torch's functions back. A router on a thread that is not in a patched forward, or
+under ``torch.compile``'s tracing, is torch's function plus one check (about 0.2 us).
+
+The price is paid only by the dropout calls themselves (a few tenths of a microsecond each,
+plus about 2 us per forward to swap the names): an earlier ``TorchFunctionMode`` saw every
+torch function called in the forward and cost about 2 us on each of them, which made small
+patched models slower than unpatched ones. What this cannot see: a dropout bound under another
+name in a module other than the patched modules' own (a helper library doing ``from
+torch.nn.functional import dropout``), or a reference taken before the forward started; such
+calls run torch's dropout and are not counted. Under ``torch.compile`` the hooks do nothing:
+Dynamo sees the model's own calls (``fusedreg.compile`` rewrites them in the graph instead).
 
 Channel-wise dropouts (``dropout1d/2d/3d``) draw one fusedreg mask element per (sample,
 channel) and multiply: the mask is the seeded function of docs/design.md at the channel
@@ -23,11 +35,11 @@ kernel. What stays in torch is counted as such.
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
 import torch.nn.functional as TF
-from torch.overrides import TorchFunctionMode
 
 from .. import functional as F
 from . import _attention
@@ -40,8 +52,9 @@ ALPHA = "alpha dropout"
 SDPA = "attention dropout inside scaled_dot_product_attention"
 KINDS = (MODULE, FUNCTIONAL, CHANNEL, ALPHA, SDPA)
 NOT_FUSABLE = {ALPHA: "no fusedreg kernel",
-               SDPA: "left in torch only where torch runs a fused attention kernel, which draws "
-                     "its own mask"}
+               SDPA: "left in torch where torch runs a fused attention kernel, which draws its "
+                     f"own mask, and for calls with under {_attention.MIN_SCORES} attention scores "
+                     "(batch x heads x L x S), where torch's own call is faster"}
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -58,7 +71,9 @@ class CallCounts:
                 if self.fused[k] or self.left[k]}
 
 
-_state = threading.local()  # .counts: CallCounts of the forward running on this thread
+# per thread: .counts, the CallCounts of the forward running here; .routing, the same while
+# dropout calls go to fusedreg (None inside a handler); .depth, patched forwards entered
+_state = threading.local()
 
 
 def count_module_call() -> None:
@@ -87,7 +102,7 @@ def _bind(args, kwargs, names=("input", "p", "training", "inplace"), defaults=(0
 
 
 def _dropout(counts, func, args, kwargs):
-    if func is torch.dropout:  # torch.dropout(input, p, train)
+    if func is _TORCH_DROPOUT:  # torch.dropout(input, p, train)
         x, p, training = _bind(args, kwargs, ("input", "p", "train"), (0.5, True))
         inplace = False
     else:
@@ -148,37 +163,94 @@ def _sdpa(counts, func, args, kwargs):
     return out
 
 
-_HANDLERS = {TF.dropout: _dropout, torch.dropout: _dropout,
+# ---- the routers, and the names they stand in for while a patched forward runs -------------
+
+_TORCH_DROPOUT = torch.dropout
+_HANDLERS = {TF.dropout: _dropout, _TORCH_DROPOUT: _dropout,
              TF.dropout1d: _channel_dropout, TF.dropout2d: _channel_dropout,
              TF.dropout3d: _channel_dropout,
              TF.alpha_dropout: _alpha, TF.feature_alpha_dropout: _alpha,
              TF.scaled_dot_product_attention: _sdpa}
 
 
-class DropoutCallMode(TorchFunctionMode):
-    """Routes the functional dropouts called on this thread to fusedreg (see the module doc)."""
+def _router(original, handler):
+    """``original`` with this thread's routing: the handler while a patched forward runs here
+    (with routing off, so that the handler's own torch calls are torch's), else ``original``."""
+    def routed(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            counts = getattr(_state, "routing", None)
+            if counts is not None:
+                _state.routing = None
+                try:
+                    return handler(counts, original, args, kwargs)
+                finally:
+                    _state.routing = counts
+        return original(*args, **kwargs)
+    functools.update_wrapper(routed, original)
+    return routed
 
-    def __init__(self, counts: CallCounts):
-        super().__init__()
-        self.counts = counts
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        handler = _HANDLERS.get(func)
-        if handler is None:
-            return func(*args, **(kwargs or {}))
-        return handler(self.counts, func, args, kwargs or {})
+ROUTERS = {f: _router(f, h) for f, h in _HANDLERS.items()}
+_BY_ID = {id(f): f for f in _HANDLERS}       # identity lookups: a namespace may hold
+_ORIGINAL = {id(r): f for f, r in ROUTERS.items()}  # unhashable values
 
 
-# ---- the hooks that put the mode on the stack during a patched forward ---------------------
+class _Names:
+    """The (namespace dict, name) slots that hold one of ``_HANDLERS``' functions: torch.nn.
+    functional's and torch's own, and those found in patched modules' forward modules. While at
+    least one patched forward runs (on any thread), each holds its router."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running = 0
+        self.slots: dict = {}  # (id(namespace), name) -> (namespace, name, original)
+        for ns in (vars(TF), vars(torch)):
+            self.add(ns)
+
+    def add(self, ns: dict) -> None:
+        found = [(name, v) for name, v in list(ns.items())
+                 if v is not None and _BY_ID.get(id(v)) is v]
+        with self.lock:
+            for name, f in found:
+                self.slots.setdefault((id(ns), name), (ns, name, f))
+                if self.running and ns.get(name) is f:
+                    ns[name] = ROUTERS[f]
+
+    def enter(self) -> None:
+        with self.lock:
+            self.running += 1
+            if self.running == 1:
+                for ns, name, f in self.slots.values():
+                    if ns.get(name) is f:
+                        ns[name] = ROUTERS[f]
+
+    def exit(self) -> None:
+        with self.lock:
+            self.running -= 1
+            if self.running == 0:
+                for ns, name, f in self.slots.values():
+                    if ns.get(name) is ROUTERS[f]:
+                        ns[name] = f
+
+
+NAMES = _Names()
+
+
+def original(fn):
+    """torch's function for ``fn`` (itself, or the one a router stands in for)."""
+    f = _ORIGINAL.get(id(fn))
+    return f if f is not None and ROUTERS[f] is fn else fn
+
+
+# ---- the hooks that turn routing on during a patched forward -------------------------------
 
 def _pre_hook(module, args):
     if torch.compiler.is_compiling():
         return
     depth = getattr(_state, "depth", 0)
     if depth == 0:  # outermost patched module on this thread: a new forward
-        _state.counts = CallCounts()
-        _state.mode = DropoutCallMode(_state.counts)
-        _state.mode.__enter__()
+        _state.counts = _state.routing = CallCounts()
+        NAMES.enter()
     _state.depth = depth + 1
 
 
@@ -190,8 +262,8 @@ def _post_hook(module, args, output):
         return
     _state.depth = depth - 1
     if depth == 1:
-        _state.mode.__exit__(None, None, None)
-        _state.mode = None
+        _state.routing = None
+        NAMES.exit()
         module.__dict__[LAST] = _state.counts
         _state.counts = None
 
@@ -213,6 +285,11 @@ def entry_points(model: torch.nn.Module):
 
 
 def install(model: torch.nn.Module) -> int:
+    for m in model.modules():  # dropout functions bound under other names where forwards live
+        forward = getattr(type(m), "forward", None)
+        ns = getattr(forward, "__globals__", None)
+        if isinstance(ns, dict) and ns is not vars(TF) and ns is not vars(torch):
+            NAMES.add(ns)
     n = 0
     for m in entry_points(model):
         if HOOKS in m.__dict__:

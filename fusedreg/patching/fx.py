@@ -51,6 +51,12 @@ from torch import fx
 from .. import functional as F
 from . import _attention
 
+# torch's functions as graphs name them (bound now: while a patched eager forward runs, the
+# torch.nn.functional names hold fusedreg's routers, patching/_calls.py)
+_DROPOUT, _SDPA = TF.dropout, TF.scaled_dot_product_attention
+_ALL_DROPOUTS = (TF.dropout, TF.dropout1d, TF.dropout2d, TF.dropout3d, TF.alpha_dropout,
+                 TF.feature_alpha_dropout, torch.dropout)
+
 # ---- capture flag: read by the patched modules' forward ------------------------------------
 
 _active = False
@@ -119,7 +125,7 @@ def _arg(node, i, name, default):
 
 def _dropout_args(node):
     """(x, p, active) of a dropout node fusedreg can compute, else None."""
-    if node.op != "call_function" or node.target is not TF.dropout:
+    if node.op != "call_function" or node.target is not _DROPOUT:
         return None
     x = _arg(node, 0, "input", None)
     p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
@@ -391,7 +397,7 @@ class _Rewriter:
     def leftovers(self, node):
         if node.op != "call_function":
             return
-        if node.target is TF.scaled_dot_product_attention:
+        if node.target is _SDPA:
             p = _arg(node, 4, "dropout_p", 0.0)
             vq, vy = _val(node.args[0]) if node.args else None, _val(node)
             if p and vq is not None and vy is not None and vy.dtype == vq.dtype:
@@ -402,8 +408,7 @@ class _Rewriter:
                 self.count(ATTENTION)
             elif p:
                 self.count(LEFT_SDPA)
-        elif node.target in (TF.dropout, TF.dropout1d, TF.dropout2d, TF.dropout3d,
-                             TF.alpha_dropout, TF.feature_alpha_dropout, torch.dropout):
+        elif node.target in _ALL_DROPOUTS:
             p = _arg(node, 1, "p", 0.5)
             training = _arg(node, 2, "training", True)
             if training is not False and p:
