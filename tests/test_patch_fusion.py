@@ -14,6 +14,7 @@ import torch.nn.functional as TF
 from torch import nn
 
 import fusedreg
+from fusedreg import backends
 from fusedreg.patching import fx, report
 from tolerances import PATCHED_MODEL
 
@@ -54,7 +55,14 @@ def x_of(shape=(3, 7, 32)):
     return torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
 
 
-def test_block_patterns_are_fused_and_equal_unpatched_at_dropout_0():
+@pytest.fixture
+def fuse_small_layer_norms(monkeypatch):
+    """Small blocks: let the pass fuse add + layer_norm and replace layer_norm at their size
+    (auto's size limit, under which torch's nodes stay, is tested on its own below)."""
+    monkeypatch.setitem(backends.AUTO_TORCH_BELOW["layer_norm"], "cpu", (0, 0))
+
+
+def test_block_patterns_are_fused_and_equal_unpatched_at_dropout_0(fuse_small_layer_norms):
     torch._dynamo.reset()
     block = make_block(p=0.0).train()
     ref = copy.deepcopy(block)
@@ -63,6 +71,29 @@ def test_block_patterns_are_fused_and_equal_unpatched_at_dropout_0():
     torch.testing.assert_close(block(x), ref(x), **PATCHED_MODEL[torch.float32])
     fused = report(block).fusions
     assert fused[fx.BIAS_ACT] == 1 and fused[fx.ADD_NORM] == 2 and fused[fx.NORM] == 1
+
+
+@pytest.mark.parametrize("limit", [0, 1 << 19])
+def test_small_layer_norms_stay_torchs_under_auto(monkeypatch, limit):
+    # under auto, a layer_norm (or add + layer_norm without a dropout) with fewer elements
+    # than AUTO_TORCH_BELOW's limit keeps torch's nodes (faster there); at the limit it fuses;
+    # an explicit backend always fuses; the outputs equal the unpatched block's either way
+    monkeypatch.setitem(backends.AUTO_TORCH_BELOW["layer_norm"], "cpu", (0, limit))
+    for backend in ("auto", "cpu"):
+        torch._dynamo.reset()
+        block = make_block(p=0.0).train()
+        ref = copy.deepcopy(block)
+        fusedreg.patch(block, fuse=True)
+        x = x_of()
+        with fusedreg.use_backend(backend):
+            torch.testing.assert_close(block(x), ref(x), **PATCHED_MODEL[torch.float32])
+        fused = report(block).fusions
+        kept = backend == "auto" and x.numel() < limit
+        # ln1 and the add + ln2 kept (torch's add + layer_norm); the add + RMSNorm fuses at
+        # every size (torch's rms_norm is a composite the fused call beats)
+        assert fused.get(fx.SMALL_NORM, 0) == (2 if kept else 0)
+        assert fused.get(fx.ADD_NORM, 0) == (1 if kept else 2)
+        assert fused.get(fx.NORM, 0) == (0 if kept else 1)
 
 
 def test_block_masks_are_fusedregs_seeded_ones():
@@ -181,7 +212,7 @@ def test_real_model_fused_eagerly(name):
     assert sum(g is not None for g in grads) >= len(grads) - 1  # T5's tied/unused at most one
 
 
-def test_real_model_at_dropout_0_equals_unpatched():
+def test_real_model_at_dropout_0_equals_unpatched(fuse_small_layer_norms):
     torch._dynamo.reset()
     model, ref = build("bert", 0.0).train(), build("bert", 0.0).train()
     fusedreg.patch(model, fuse=True)

@@ -33,8 +33,11 @@ alone):
                                               would run that kernel)
 
 An activation with no dropout after it is replaced only where that is faster
-(``ACT_WITHOUT_DROPOUT``); for Inductor only the patterns with an active dropout are (it fuses
-the others itself).
+(``ACT_WITHOUT_DROPOUT``); so are a layer_norm alone, or x + r -> layer_norm, or an rms_norm
+alone, which under the auto backend keep torch's nodes below ``AUTO_TORCH_BELOW``'s size limit
+for that norm (``_torch_norm_faster``; fusedreg's function would call torch's op there anyway);
+for Inductor only the patterns with an active dropout are replaced (it fuses the others
+itself).
 
 Masks come from fusedreg's seeded function (docs/design.md, "The dropout mask") with a seed
 drawn per call from torch's generator, as in eager fusedreg. What the pass could not replace is
@@ -48,6 +51,7 @@ import torch
 import torch.nn.functional as TF
 from torch import fx
 
+from .. import backends
 from .. import functional as F
 from . import _attention
 
@@ -102,6 +106,7 @@ LEFT_DROPOUT = "dropout left in torch"
 ATTENTION = "attention dropout (torch's math-kernel chain with fusedreg's dropout)"
 LEFT_SDPA = "attention dropout inside scaled_dot_product_attention left in torch"
 LEFT_NORM = "norm left in torch"
+SMALL_NORM = "norm left in torch (under auto's size limit, where torch's op is faster)"
 
 _HALF = (torch.float16, torch.bfloat16)
 _FLOATS = _HALF + (torch.float32, torch.float64)
@@ -186,6 +191,29 @@ def _norm_args(node):
     if vy is None or vy.dtype != vx.dtype:  # autocast changed the dtype: not what fusedreg returns
         return None
     return x, shape, weight, bias, float(eps), rms
+
+
+def _torch_norm_faster(rms: bool, x, weight, bias) -> bool:
+    """Whether, eagerly under the auto backend, torch's own norm node is faster than
+    fusedreg's call at the traced size: fewer elements than ``backends.AUTO_TORCH_BELOW``'s
+    limit for a plain norm of that kind and dtype (with or without grad), the size below which
+    fusedreg's functional norm itself calls torch's op. Decided when the graph is captured
+    (False for a symbolic size, or under an explicit backend)."""
+    vx = _val(x)
+    n = vx.numel()
+    if not isinstance(n, int):
+        return False
+    name = "rms_norm" if rms else "layer_norm"
+    if vx.dtype in _HALF:
+        if rms:
+            return False
+        name += "_half"
+    limits = backends.auto_torch_limits(name, vx.device.type)
+    if limits is None:
+        return False
+    grad = torch.is_grad_enabled() and any(
+        v is not None and v.requires_grad for v in (vx, _val(weight), _val(bias)))
+    return n < limits[1 if grad else 0]
 
 
 _ACTIVATIONS = {TF.relu: "relu", torch.relu: "relu", TF.silu: "silu", TF.gelu: None}
@@ -367,6 +395,12 @@ class _Rewriter:
             return False
         if weight is None and bias is None and len(shape) != 1:
             return False  # dropout_add_layer_norm takes the norm's shape from weight or bias
+        if not p and not rms and _torch_norm_faster(rms, add, weight, bias):
+            # torch's add and layer_norm are faster than the fused call at this size (one
+            # thread, forward + backward: 0.61x at 8x768, 0.79x at 512x128, 0.87x at 1024x256,
+            # 1.34x at 4096x768); an RMSNorm's fused add + norm beats torch's add and
+            # rms_norm (a composite) at every size (1.2x at 8x64, 1.6x at 512x128)
+            return False
         prenorm = len(add.users) > 1
         new = self.call(norm if not prenorm else add, F.dropout_add_layer_norm, x, residual,
                         weight, bias, p, eps, True, prenorm, rms)
@@ -419,6 +453,9 @@ class _Rewriter:
                 self.count(LEFT_NORM)
                 return
             x, shape, weight, bias, eps, rms = n
+            if _torch_norm_faster(rms, x, weight, bias):
+                self.count(SMALL_NORM)  # what fusedreg's function would call anyway
+                return
             if rms:
                 new = self.call(node, F.rms_norm, x, shape, weight, eps)
             else:
