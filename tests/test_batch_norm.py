@@ -140,12 +140,15 @@ def _check_act_residual(case, act, dtype, residual_offset, backends, trainings):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("act", ["relu", "silu"])
-@pytest.mark.parametrize("case", [((2, 3, 65, 70), "c"), ((2, 2, 100, 100), "c"), ((2, 70, 9, 13), "cl")],
+@pytest.mark.parametrize("case", [((2, 3, 65, 70), "c"), ((2, 2, 100, 100), "c"), ((2, 70, 9, 13), "cl"),
+                                  ((3, 5, 14, 14), "c")],
                          ids=_case_id)
 def test_batch_norm_act_long_rows_match_float64(case, act, dtype):
     """With a residual and an activation on rows of many lane widths, a partial last lane
     group, and (NCS) lane folds inside a row and across rows: the CPU backward's one-loop
-    reductions, against torch's composite."""
+    reductions, against torch's composite. 14x14: short NCS rows whose remainders the CPU
+    element-wise passes take in steps across row boundaries and the reductions as one masked
+    lane step (reading past the row, except at the tensor's end)."""
     _check_act_residual(case, act, dtype, -0.5, FAST, (True,))
 
 
@@ -202,6 +205,40 @@ def test_dropout_mask_is_the_seeded_one_in_every_layout(backend):
         for g, e in zip(got[1], expected[1]):
             torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
     assert torch.equal(results[0][0] == 0, results[1][0] == 0)  # the same elements dropped
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("S", [17, 49, 196])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_short_rows_are_each_rows_own_result(dtype, S):
+    """The CPU forward and element-wise backward walk a chunk of NCS rows as one run whose
+    steps cross row boundaries (each element with its own row's channel values): every row's
+    output is bitwise what the same op gives for that row alone (a (1, 1, S) tensor, which
+    ends in its own remainder), for y, grad_x (training and eval) and grad_residual."""
+    N, C = 3, 5
+    ops = torch.ops.fusedreg
+    x, r, dy = (_data((N, C, S), dtype, seed=s, offset=o) for s, o in ((0, 3.0), (2, -0.5), (7, 0.0)))
+    w, b, mean, _ = _params(C, dtype)
+    invstd = _data((C,), torch.float32, 8, offset=1.0, std=0.2).abs() + 0.1
+    s1, s2 = _data((C,), torch.float32, 9), _data((C,), torch.float32, 10)
+    seed = torch.zeros(1, dtype=torch.long)
+
+    def run(x, r, dy, w, b, mean, invstd, s1, s2):
+        y = ops.batch_norm_fwd(x, r, w, b, mean, invstd, 1, 0.0, seed, False)
+        out = [y]
+        for training in (True, False):
+            out += ops.batch_norm_bwd_elemt(dy, x, r, w, b, mean, invstd, s1, s2, float(N * S), 1, 0.0,
+                                            seed, False, training, True, True)
+        return out
+
+    whole = run(x, r, dy, w, b, mean, invstd, s1, s2)
+    for n in range(N):
+        for c in range(C):
+            row = (slice(n, n + 1), slice(c, c + 1))
+            alone = run(x[row].contiguous(), r[row].contiguous(), dy[row].contiguous(),
+                        *(v[c:c + 1].contiguous() for v in (w, b, mean, invstd, s1, s2)))
+            for i, (a, o) in enumerate(zip(whole, alone)):
+                assert torch.equal(a[n, c], o[0, 0]), f"output {i}, row ({n}, {c})"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -23,7 +23,10 @@
 // most kWholeChannelBytes (short rows) takes the same two passes over the whole channel.
 // Without dropout each backward pass is one loop per row (dz_sums_span / dz_sums_row,
 // elemt_span): dz and xhat stay in registers; with dropout the row's keep-scale factors are
-// drawn first and dz, xhat go through row buffers (dz_row).
+// drawn first and dz, xhat go through row buffers (dz_row). Short NCS rows (a 14x14 map) end
+// in no scalar remainder: the element-wise passes without dropout walk a chunk of rows as one
+// run whose steps cross row boundaries (ncs_flat), and the NCS reductions take a row's last
+// values as one masked lane step (Lanes::add, dz_sums_span).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -79,20 +82,41 @@ struct Lanes {
     total = acc_t(0);
     pending = 0;
   }
-  // adds f(j) for j in [0, len) to the lanes (inside a dispatched region)
-  template <typename F>
-  inline FUSEDREG_ALWAYS_INLINE void add(int64_t len, const F& f) {
+  // adds f(j) (SQ: f(j) squared) for j in [0, len) to the lanes (inside a dispatched region).
+  // The span's last rem (< K) values are one full step of K lanes whose f values past rem are
+  // replaced by 0 before squaring (a select: 0 even where they are inf or NaN) when
+  // f(j) is readable up to j < `readable` (inside the tensor): no scalar remainder loop, which
+  // on short rows (196 values of a 14x14 map) cost as much as the rest of the row. The lanes
+  // never hold -0 (they start at +0, and +0 + -0 is +0), so adding 0 (or 0 * 0, contracted or
+  // not) leaves each lane bitwise as the remainder loop leaves it.
+  template <bool SQ = false, typename F>
+  inline FUSEDREG_ALWAYS_INLINE void add(int64_t len, const F& f, int64_t readable = 0) {
     acc_t* p = part;
     for (int64_t c0 = 0; c0 < len; c0 += kLaneChunk) {
       const int64_t c1 = std::min(len, c0 + kLaneChunk);
       int64_t j = c0;
       for (; j + K <= c1; j += K) {
 #pragma omp simd
-        for (int k = 0; k < K; ++k) p[k] += f(j + k);
+        for (int k = 0; k < K; ++k) {
+          const acc_t v = f(j + k);
+          p[k] += SQ ? v * v : v;
+        }
       }
       const int rem = static_cast<int>(c1 - j);
+      if (rem && j + K <= readable) {
 #pragma omp simd
-      for (int k = 0; k < rem; ++k) p[k] += f(j + k);
+        for (int k = 0; k < K; ++k) {
+          const acc_t v = f(j + k);
+          const acc_t u = k < rem ? v : acc_t(0);
+          p[k] += SQ ? u * u : u;
+        }
+      } else {
+#pragma omp simd
+        for (int k = 0; k < rem; ++k) {
+          const acc_t v = f(j + k);
+          p[k] += SQ ? v * v : v;
+        }
+      }
       pending += c1 - c0;
       if (pending >= kLaneChunk) fold();
     }
@@ -242,7 +266,8 @@ constexpr int kLanes2 = kLanes<acc_t> / 2;
 template <Activation A, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void dz_sums_span(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
                                                 acc_t mean, acc_t invstd, acc_t scale, acc_t shift,
-                                                Lanes<acc_t, kLanes2<acc_t>>& l1, Lanes<acc_t, kLanes2<acc_t>>& l2) {
+                                                Lanes<acc_t, kLanes2<acc_t>>& l1, Lanes<acc_t, kLanes2<acc_t>>& l2,
+                                                int64_t readable) {
   constexpr int K = kLanes2<acc_t>;
   acc_t* p1 = l1.part;
   acc_t* p2 = l2.part;
@@ -264,8 +289,27 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_span(const x_t* dy, const x_t* x, con
       for (int k = 0; k < K; ++k) body(j + k, k);
     }
     const int rem = static_cast<int>(c1 - j);
+    if (rem && j + K <= readable) {  // Lanes::masked_tail, both sums in one step
 #pragma omp simd
-    for (int k = 0; k < rem; ++k) body(j + k, k);
+      for (int k = 0; k < K; ++k) {
+        const int64_t jk = j + k;
+        const acc_t d = to_acc<acc_t>(x[jk]) - mean;
+        acc_t dz = to_acc<acc_t>(dy[jk]);
+        if constexpr (A != Activation::kNone) {
+          const acc_t z = d * scale + shift + rf * to_acc<acc_t>(r[jk]);
+          dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
+        }
+        // dz and xhat past rem replaced by 0 (selects) before the same sums as body's
+        const bool in = k < rem;
+        const acc_t g = in ? dz : acc_t(0);
+        const acc_t xh = in ? d * invstd : acc_t(0);
+        p1[k] += g;
+        p2[k] += g * xh;
+      }
+    } else {
+#pragma omp simd
+      for (int k = 0; k < rem; ++k) body(j + k, k);
+    }
     l1.pending += c1 - c0;
     if (l1.pending >= kLaneChunk) {
       l1.fold();
@@ -371,6 +415,54 @@ void for_each_row_chunk(const Layout& l, const Body& body) {
   });
 }
 
+// ---- NCS rows as one flat run -------------------------------------------------------------------
+
+// Without dropout the element-wise passes walk a chunk of NCS rows [r0, r1) as one contiguous
+// run in steps of kFlat elements instead of row by row: a short row (196 values of a 14x14 map
+// = 12 vectors and 4 left) would otherwise end in a scalar remainder, converted and computed
+// one element at a time, which cost as much as the rest of the row in bfloat16. The steps that
+// lie inside a row take that row's channel values (span(off, n, c), n a multiple of kFlat); the
+// one step that crosses a row boundary takes each element's own (straddle(off, rem, c, c_next):
+// its first rem elements are row c's, the rest the next row's); only the chunk's last row ends
+// in a remainder. Every element is computed by the same expression as row by row (the VEC
+// variant of the span over per-element copies of the two channels' values), so the results are
+// bitwise those of the per-row loops. Needs S >= kFlat (a step crosses at most one boundary).
+constexpr int64_t kFlat = 16;
+
+template <typename Span, typename Straddle>
+inline FUSEDREG_ALWAYS_INLINE void ncs_flat(const Layout& l, int64_t r0, int64_t r1, const Span& span,
+                                            const Straddle& straddle) {
+  const int64_t S = l.S, end = r1 * S;
+  int64_t c = l.channel(r0), pos = r0 * S;
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t row_end = (row + 1) * S;
+    const int64_t cn = c + 1 == l.C ? 0 : c + 1;
+    const int64_t n = (row_end - pos) / kFlat * kFlat;
+    if (n) span(pos, n, c);
+    pos += n;
+    const int64_t rem = row_end - pos;
+    if (rem) {
+      if (row_end == end) {
+        span(pos, rem, c);  // the chunk's last row: its own remainder
+        pos = row_end;
+      } else {
+        straddle(pos, rem, c, cn);
+        pos += kFlat;
+      }
+    }
+    c = cn;
+  }
+}
+
+// kFlat per-element copies of a per-channel vector across a row boundary: v[c] for the first
+// rem elements, v[cn] for the rest.
+template <typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void straddle_values(const acc_t* v, int64_t rem, int64_t c, int64_t cn, acc_t* out) {
+  const acc_t a = v[c], b = v[cn];
+#pragma omp simd
+  for (int64_t k = 0; k < kFlat; ++k) out[k] = k < rem ? a : b;
+}
+
 // ---- forward ---------------------------------------------------------------------------------
 
 template <Activation A, typename x_t>
@@ -379,6 +471,27 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
                     uint64_t seed) {
   const bool drop = p > 0.0f;
   const int64_t len = l.row_len();
+  using acc_t = at::opmath_type<x_t>;
+  if (!drop && !l.cl && l.S >= kFlat) {  // NCS rows as one flat run (ncs_flat)
+    for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
+      dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+        ncs_flat(
+            l, r0, r1,
+            [&](int64_t off, int64_t n, int64_t c) FUSEDREG_ALWAYS_INLINE {
+              fwd_span<A, false>(x + off, r ? r + off : nullptr, y + off, nullptr, n, mean + c, scale + c,
+                                 shift + c);
+            },
+            [&](int64_t off, int64_t rem, int64_t c, int64_t cn) FUSEDREG_ALWAYS_INLINE {
+              alignas(64) acc_t mu[kFlat], k[kFlat], b[kFlat];
+              straddle_values(mean, rem, c, cn, mu);
+              straddle_values(scale, rem, c, cn, k);
+              straddle_values(shift, rem, c, cn, b);
+              fwd_span<A, true>(x + off, r ? r + off : nullptr, y + off, nullptr, kFlat, mu, k, b);
+            });
+      });
+    });
+    return;
+  }
   for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
     KeepScale keep(len);
     // One dispatch per chunk of rows: rows can be short (C = 64 channels, a 7x7 map).
@@ -431,6 +544,7 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
     // whole channel (the mean of the deviations from its first value, then sum (x - mean)^2)
     // instead of per row with a merge per row, which cost more than the row's sums there.
     const bool whole = l.N * l.S * static_cast<int64_t>(sizeof(x_t)) <= kWholeChannelBytes;
+    const int64_t numel = l.N * C * l.S;
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       Lanes<acc_t, kLanes<acc_t>> lanes;
       for (int64_t c = c0; c < c1; ++c) {
@@ -440,17 +554,17 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
             lanes.clear();
             for (int64_t i = 0; i < l.N; ++i) {
               const x_t* row = x + (i * C + c) * l.S;
-              lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - k; });
+              lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - k; },
+                        numel - (i * C + c) * l.S);
             }
             const acc_t count = static_cast<acc_t>(l.N * l.S);
             const acc_t mu = k + lanes.sum() / count;
             lanes.clear();
             for (int64_t i = 0; i < l.N; ++i) {
               const x_t* row = x + (i * C + c) * l.S;
-              lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE {
-                const acc_t d = to_acc<acc_t>(row[j]) - mu;
-                return d * d;
-              });
+              lanes.template add<true>(
+                  l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - mu; },
+                  numel - (i * C + c) * l.S);
             }
             mean[c] = mu;
             var[c] = lanes.sum() / count;
@@ -465,13 +579,12 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
             // exact to the last bits of the spread, not to an ulp of the row's sum
             const acc_t k = static_cast<acc_t>(row[0]);
             lanes.clear();
-            lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - k; });
+            const int64_t readable = numel - (i * C + c) * l.S;
+            lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - k; }, readable);
             const acc_t mr = k + lanes.sum() / l.S;
             lanes.clear();
-            lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE {
-              const acc_t d = to_acc<acc_t>(row[j]) - mr;
-              return d * d;
-            });
+            lanes.template add<true>(
+                l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - mr; }, readable);
             chan_merge(n, mu, m2, static_cast<acc_t>(l.S), mr, lanes.sum());
           }
         });
@@ -604,7 +717,7 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
             for (int64_t i = 0; i < l.N; ++i) {
               const int64_t off = (i * C + c) * len;
               dz_sums_span<A>(a.dy + off, a.x + off, rb + off, rf, len, a.mean[c], a.invstd[c], a.scale[c],
-                              a.shift[c], l1, l2);
+                              a.shift[c], l1, l2, l.N * C * len - off);
             }
             l2.pending = l1.pending;
             s1 = l1.sum();
@@ -699,6 +812,34 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
     auto run = [&](auto gx_mode, auto with_gr) {
       constexpr GxMode GX = decltype(gx_mode)::value;
       constexpr bool GR = decltype(with_gr)::value;
+      if (!l.cl && l.S >= kFlat) {  // NCS rows as one flat run (ncs_flat)
+        for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
+          dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+            ncs_flat(
+                l, r0, r1,
+                [&](int64_t off, int64_t n, int64_t c) FUSEDREG_ALWAYS_INLINE {
+                  elemt_span<A, false, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, n, a.mean + c, a.invstd + c,
+                                               a.scale + c, a.shift + c, GX == GxMode::kTrain ? m1 + c : nullptr,
+                                               GX == GxMode::kTrain ? m2 + c : nullptr, gx ? gx + off : nullptr,
+                                               GR ? gr + off : nullptr);
+                },
+                [&](int64_t off, int64_t rem, int64_t c, int64_t cn) FUSEDREG_ALWAYS_INLINE {
+                  alignas(64) acc_t mu[kFlat], inv[kFlat], k[kFlat], b[kFlat], q1[kFlat], q2[kFlat];
+                  straddle_values(a.mean, rem, c, cn, mu);
+                  straddle_values(a.invstd, rem, c, cn, inv);
+                  straddle_values(a.scale, rem, c, cn, k);
+                  straddle_values(a.shift, rem, c, cn, b);
+                  if (GX == GxMode::kTrain) {
+                    straddle_values(m1, rem, c, cn, q1);
+                    straddle_values(m2, rem, c, cn, q2);
+                  }
+                  elemt_span<A, true, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, kFlat, mu, inv, k, b, q1, q2,
+                                              gx ? gx + off : nullptr, GR ? gr + off : nullptr);
+                });
+          });
+        });
+        return;
+      }
       for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
         dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
           int64_t cn = l.channel(r0);  // NCS: the row's channel, stepped (not a division per row)
