@@ -63,6 +63,7 @@ _is_compiling, _is_tracing, _is_grad_enabled = (torch.compiler.is_compiling, tor
 _auto_torch_limits = backends.auto_torch_limits
 _FINFO_EPS = {_F32: float(torch.finfo(_F32).eps), _F64: float(torch.finfo(_F64).eps)}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_STRIDED = torch.strided
 _SHAPE_TYPES = (tuple, torch.Size, list)  # normalized_shape forms the small-norm path takes
 
 
@@ -400,10 +401,62 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
             dropout_add_layer_norm, (x, residual, weight, bias), x, residual, weight, bias, p=p,
             eps=eps, training=training, prenorm=prenorm, rms=rms,
             residual_in_fp32=residual_in_fp32, seed=seed)
+    if type(p) is float and 0.0 <= p <= 1.0 and type(eps) is float and -_INF < eps < _INF \
+            and type(training) is bool and type(prenorm) is bool and type(rms) is bool \
+            and type(residual_in_fp32) is bool and _plain_cpu_rows(x, residual, weight, bias):
+        ndim = 1  # the common case, in which _check_dropout_add_layer_norm passes
+        if seed is not None:
+            check_seed(seed)
+    else:
+        p, eps, ndim = _check_dropout_add_layer_norm(x, residual, weight, bias, p, eps, training,
+                                                     prenorm, rms, residual_in_fp32, seed)
+    if residual is x:
+        residual = _distinct(residual, x)
+    if bias is not None and bias is weight:
+        bias = _distinct(bias, weight)
+    if not training:
+        p = 0.0
+    h_dtype = residual.dtype if residual is not None else x.dtype
+    if residual_in_fp32 and h_dtype != torch.float64:
+        h_dtype = torch.float32
+    seed_t = seed_tensor(seed) if p > 0.0 else unused_seed()
+    route = _route(x, residual, weight, bias)
+    if route == _COMPOSITE:
+        y, h = _ref_layer_norm.layer_norm_composite(x, residual, weight, bias, ndim, eps, p,
+                                                    seed_t, rms, h_dtype)
+    else:
+        config = LayerNormConfig(ndim, eps, p, rms, h_dtype, prenorm,
+                                 backends.resolve_type("layer_norm", _device_type(x)))
+        run = _layer_norm_forward if route == _OP else LayerNormFunction.apply
+        y, h, _, _ = run(x, residual, weight, bias, seed_t, config)
+    return (y, h) if prenorm else y
+
+
+def _plain_cpu_rows(x, residual, weight, bias) -> bool:
+    """dropout_add_layer_norm's operands in the common case, which its checks all pass: plain
+    CPU tensors of one float dtype, dense, x with at least one dim, weight and bias (N,) or
+    None, the residual x's shape or None."""
+    if type(x) not in _PLAIN or not x.is_cpu or x.layout is not _STRIDED or not x.dim():
+        return False
+    dtype = x.dtype
+    if dtype is not _F32 and dtype is not _BF16 and dtype is not _F16 and dtype is not _F64:
+        return False
+    for t in (weight, bias):
+        if t is not None and (type(t) not in _PLAIN or t.dtype is not dtype or not t.is_cpu
+                              or t.layout is not _STRIDED or t.shape != x.shape[-1:]):
+            return False
+    return residual is None or (type(residual) in _PLAIN and residual.dtype is dtype
+                                and residual.is_cpu and residual.layout is _STRIDED
+                                and residual.shape == x.shape)
+
+
+def _check_dropout_add_layer_norm(x, residual, weight, bias, p, eps, training, prenorm, rms,
+                                  residual_in_fp32, seed):
+    """Every check of dropout_add_layer_norm's arguments; returns p and eps as floats and the
+    number of normalized dims."""
     check_tensor(x, "x")
     p = check_probability(p)
-    if seed is not None:
-        check_seed(seed)
+    check_seed(seed)
     if not (type(training) is bool and type(prenorm) is bool and type(rms) is bool
             and type(residual_in_fp32) is bool):
         for flag, name in ((training, "training"), (prenorm, "prenorm"), (rms, "rms"),
@@ -417,27 +470,7 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
     _norm_params(x, weight, bias, shape)
     if residual is not None:
         check_norm_param(residual, "residual", x, x.shape)
-    if residual is x:
-        residual = _distinct(residual, x)
-    if bias is not None and bias is weight:
-        bias = _distinct(bias, weight)
-    eps = _norm_eps(eps, x)
-    if not training:
-        p = 0.0
-    h_dtype = residual.dtype if residual is not None else x.dtype
-    if residual_in_fp32 and h_dtype != torch.float64:
-        h_dtype = torch.float32
-    seed_t = seed_tensor(seed) if p > 0.0 else unused_seed()
-    route = _route(x, residual, weight, bias)
-    if route == _COMPOSITE:
-        y, h = _ref_layer_norm.layer_norm_composite(x, residual, weight, bias, len(shape), eps, p,
-                                                    seed_t, rms, h_dtype)
-    else:
-        config = LayerNormConfig(len(shape), eps, p, rms, h_dtype, prenorm,
-                                 backends.resolve_type("layer_norm", _device_type(x)))
-        run = _layer_norm_forward if route == _OP else LayerNormFunction.apply
-        y, h, _, _ = run(x, residual, weight, bias, seed_t, config)
-    return (y, h) if prenorm else y
+    return p, _norm_eps(eps, x), len(shape)
 
 
 # ---- BatchNorm, alone and fused with residual add, activation and dropout ---------------------
