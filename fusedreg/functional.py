@@ -64,6 +64,7 @@ _auto_torch_limits = backends.auto_torch_limits
 _FINFO_EPS = {_F32: float(torch.finfo(_F32).eps), _F64: float(torch.finfo(_F64).eps)}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _STRIDED = torch.strided
+_FLOATS = frozenset((_F32, _BF16, _F16, _F64))
 _SHAPE_TYPES = (tuple, torch.Size, list)  # normalized_shape forms the small-norm path takes
 
 
@@ -436,18 +437,20 @@ def _plain_cpu_rows(x, residual, weight, bias) -> bool:
     """dropout_add_layer_norm's operands in the common case, which its checks all pass: plain
     CPU tensors of one float dtype, dense, x with at least one dim, weight and bias (N,) or
     None, the residual x's shape or None."""
-    if type(x) not in _PLAIN or not x.is_cpu or x.layout is not _STRIDED or not x.dim():
+    if type(x) not in _PLAIN or not x.is_cpu or x.layout is not _STRIDED:
         return False
-    dtype = x.dtype
-    if dtype is not _F32 and dtype is not _BF16 and dtype is not _F16 and dtype is not _F64:
+    dtype, shape = x.dtype, x.shape
+    if not shape or dtype not in _FLOATS:
         return False
-    for t in (weight, bias):
-        if t is not None and (type(t) not in _PLAIN or t.dtype is not dtype or not t.is_cpu
-                              or t.layout is not _STRIDED or t.shape != x.shape[-1:]):
-            return False
+    if weight is not None or bias is not None:
+        row = shape[-1:]
+        for t in (weight, bias):
+            if t is not None and (type(t) not in _PLAIN or t.dtype is not dtype or not t.is_cpu
+                                  or t.layout is not _STRIDED or t.shape != row):
+                return False
     return residual is None or (type(residual) in _PLAIN and residual.dtype is dtype
                                 and residual.is_cpu and residual.layout is _STRIDED
-                                and residual.shape == x.shape)
+                                and residual.shape == shape)
 
 
 def _check_dropout_add_layer_norm(x, residual, weight, bias, p, eps, training, prenorm, rms,

@@ -130,24 +130,27 @@ def _setup_context(ctx, inputs, output, stores_h):
     x, residual, weight, bias, seed, config = inputs
     y, h, mean, rstd = output
     ctx.config = config
-    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-    ctx.wb_shapes = (weight.shape if weight is not None else None,
-                     bias.shape if bias is not None else None)
+    # x's shape and the weight's and bias's are read back only when the backward reshapes
+    ctx.shapes = None if x.dim() == 2 and config.ndim == 1 else (
+        x.shape, weight.shape if weight is not None else None,
+        bias.shape if bias is not None else None)
+    ctx.x_dtype = x.dtype
     ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.has = (residual is not None, weight is not None, bias is not None)
-    ctx.mark_non_differentiable(mean, rstd)
     # A stored h stays differentiable even when it is not returned (prenorm=False): the
     # backward saves it, and a differentiable backward (create_graph=True) reaches x and
     # the residual through it, its grad arriving here as dh_out.
     ctx.stores_h = stores_h
-    if not stores_h:
-        ctx.mark_non_differentiable(h)
+    if stores_h:
+        ctx.mark_non_differentiable(mean, rstd)
+    else:
+        ctx.mark_non_differentiable(h, mean, rstd)
     ctx.set_materialize_grads(False)
-    if not any(ctx.needs_input_grad[:4]):
-        return
-    # The bias enters the backward only through grad_bias's shape and dtype.
-    ctx.save_for_backward(h if ctx.stores_h else x, weight,
-                          bias if ctx.needs_input_grad[3] else None, mean, rstd, seed)
+    need = ctx.needs_input_grad
+    if need[0] or need[1] or need[2] or need[3]:
+        # The bias enters the backward only through grad_bias's shape and dtype.
+        ctx.save_for_backward(h if stores_h else x, weight, bias if need[3] else None, mean,
+                              rstd, seed)
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -187,9 +190,10 @@ class LayerNormFunction(torch.autograd.Function):
         if _is_grad_enabled():  # create_graph: the gradient must be differentiable
             return _differentiable_backward(ctx, dy, dh_out, h, w, b, seed, need_x,
                                             need_residual, need_w, need_b)
-        x_shape = ctx.x_shape
-        flat = len(x_shape) == 2 and cfg.ndim == 1  # already (M, N): no views to make
+        shapes = ctx.shapes
+        flat = shapes is None  # x already (M, N): no views to make
         if not flat:
+            x_shape = shapes[0]
             nd = len(x_shape) - cfg.ndim
             N = math.prod(x_shape[nd:])
             h = h.reshape(math.prod(x_shape[:nd]), N)
@@ -217,8 +221,8 @@ class LayerNormFunction(torch.autograd.Function):
         grad_x = gx.view(x_shape) if need_x else None
         if grad_residual is not None:
             grad_residual = grad_residual.view(x_shape)
-        grad_w = gw.view(ctx.wb_shapes[0]) if need_w else None
-        grad_b = gb.view(ctx.wb_shapes[1]) if need_b else None
+        grad_w = gw.view(shapes[1]) if need_w else None
+        grad_b = gb.view(shapes[2]) if need_b else None
         return grad_x, grad_residual, grad_w, grad_b, None, None
 
 
