@@ -216,6 +216,61 @@ PyObject* draw_seed(PyObject*, PyObject* const*, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// fusedreg._C.torch_norm(x, n, weight, bias, eps, rms, limit, limit_grad): under auto, a small
+// plain norm served by torch's own op (fusedreg.functional: _torch_small_norm) —
+// at::layer_norm(x, (n,), weight, bias, eps), or at::rms_norm(x, (n,), weight, eps) with eps
+// None meaning x's dtype's epsilon — called through the dispatcher (its autograd, autocast and
+// profiler keys, as torch.layer_norm's Python call reaches them) without Python's argument
+// parsing and the Python attribute reads of the checks. It serves float32/float64 x with
+// fewer elements than `limit` (`limit_grad` when grad mode is on and x, weight or bias
+// requires grad). None — nothing ran — for any other call: a tensor that is not a plain CPU
+// one, another dtype, a mode, functorch layer or tracer, a larger x, or arguments torch's op
+// refuses; the caller then checks and routes the call as always.
+PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 8 || !row_direct_allowed()) Py_RETURN_NONE;
+  RowArg<const at::Tensor&> x;
+  RowArg<int64_t> n, limit, limit_grad;
+  RowArg<const std::optional<at::Tensor>&> weight, bias;
+  RowArg<double> eps;
+  RowArg<bool> rms;
+  const bool default_eps = args[4] == Py_None;
+  if (!(x.parse(args[0]) && n.parse(args[1]) && weight.parse(args[2]) && bias.parse(args[3]) &&
+        (default_eps || eps.parse(args[4])) && rms.parse(args[5]) && limit.parse(args[6]) &&
+        limit_grad.parse(args[7])))
+    Py_RETURN_NONE;
+  const at::Tensor& t = x.get();
+  const at::ScalarType dtype = t.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble) Py_RETURN_NONE;
+  const std::optional<at::Tensor>& w = weight.get();
+  const std::optional<at::Tensor>& b = bias.get();
+  const bool grad = at::GradMode::is_enabled() &&
+                    (t.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
+  if (t.numel() >= (grad ? limit_grad.get() : limit.get())) Py_RETURN_NONE;
+  // torch's rms_norm takes a weight of any dtype, with another result dtype than fusedreg's
+  // rule (the caller's checks then decide); torch's layer_norm refuses one itself
+  if (rms.get() && w && w->scalar_type() != dtype) Py_RETURN_NONE;
+  double e = eps.get();
+  if (default_eps) {
+    if (!rms.get()) Py_RETURN_NONE;
+    e = dtype == at::kFloat ? double(std::numeric_limits<float>::epsilon())
+                            : std::numeric_limits<double>::epsilon();
+  }
+  at::Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    const int64_t shape[1] = {n.get()};
+    try {
+      y = rms.get() ? at::rms_norm(t, shape, w, e) : at::layer_norm(t, shape, w, b, e, false);
+    } catch (const c10::Error&) {
+      y = at::Tensor();  // refused: the caller's checks raise fusedreg's error
+    }
+  }
+  if (!y.defined()) Py_RETURN_NONE;
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
 template <PyObject* (*F)(PyObject*, PyObject* const*, Py_ssize_t)>
 PyCFunction as_method() {
   return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(F));
@@ -230,6 +285,9 @@ const PyMethodDef kRowMethods[] = {
      METH_FASTCALL, "fusedreg::bias_dropout_fwd's CPU kernel on plain CPU tensors, or None"},
     {"bias_dropout_bwd", as_method<&RowDirect<BiasDropoutBwd>::call<kBiasDropoutBwd>>(),
      METH_FASTCALL, "fusedreg::bias_dropout_bwd's CPU kernel on plain CPU tensors, or None"},
+    {"torch_norm", as_method<&torch_norm>(), METH_FASTCALL,
+     "under auto, torch's layer_norm / rms_norm for a small plain norm on plain CPU tensors, "
+     "or None (declined)"},
     {"draw_seed", as_method<&draw_seed>(), METH_FASTCALL,
      "a dropout seed drawn as torch.randint(2**63 - 1, ()) draws it, or None (declined)"},
 };

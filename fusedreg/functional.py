@@ -66,6 +66,10 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _STRIDED = torch.strided
 _FLOATS = frozenset((_F32, _BF16, _F16, _F64))
 _SHAPE_TYPES = (tuple, torch.Size, list)  # normalized_shape forms the small-norm path takes
+try:
+    from ._C import torch_norm as _torch_norm
+except ImportError:  # no C++ extension, or one built before it had the call
+    _torch_norm = None
 
 
 # How a call runs (``_route``): the registered forward op alone when nothing needs a gradient
@@ -304,8 +308,18 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
     ``_norm``'s checks torch's op makes before its kernel runs (below): when it raises, the call
     goes through ``_norm``, whose checks raise fusedreg's error."""
     limits = _auto_torch_limits(norm, "cpu")
-    if limits is None or type(x) is not _Tensor or _is_compiling() or _is_tracing() \
-            or _forward_ad._current_level >= 0 or _functorch_level() is not None:
+    if limits is None or _is_compiling() or _is_tracing() or _forward_ad._current_level >= 0 \
+            or _functorch_level() is not None:
+        return None
+    if _torch_norm is not None and type(normalized_shape) in _SHAPE_TYPES \
+            and len(normalized_shape) == 1 and type(normalized_shape[0]) is int:
+        # The float32/float64 calls in one C++ call (csrc/ops.cpp): the tensor checks below and
+        # torch's op without Python's argument parsing; None for anything else, which the
+        # checks below then see.
+        y = _torch_norm(x, normalized_shape[0], weight, bias, eps, norm == "rms_norm", *limits)
+        if y is not None:
+            return y
+    if type(x) is not _Tensor:
         return None
     grad = x.requires_grad
     if weight is not None:
