@@ -223,9 +223,10 @@ PyObject* draw_seed(PyObject*, PyObject* const*, Py_ssize_t nargs) {
 // profiler keys, as torch.layer_norm's Python call reaches them) without Python's argument
 // parsing and the Python attribute reads of the checks. It serves float32/float64 x with
 // fewer elements than `limit` (`limit_grad` when grad mode is on and x, weight or bias
-// requires grad). None — nothing ran — for any other call: a tensor that is not a plain CPU
-// one, another dtype, a mode, functorch layer or tracer, a larger x, or arguments torch's op
-// refuses; the caller then checks and routes the call as always.
+// requires grad); False — nothing ran — for such a call from the limit up (the fused path's).
+// None — nothing ran — for any other call: a tensor that is not a plain CPU one, another
+// dtype, a mode, functorch layer or tracer, or arguments torch's op refuses; the caller then
+// checks and routes the call as always.
 PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 8 || !row_direct_allowed()) Py_RETURN_NONE;
@@ -246,7 +247,7 @@ PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const std::optional<at::Tensor>& b = bias.get();
   const bool grad = at::GradMode::is_enabled() &&
                     (t.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
-  if (t.numel() >= (grad ? limit_grad.get() : limit.get())) Py_RETURN_NONE;
+  if (t.numel() >= (grad ? limit_grad.get() : limit.get())) Py_RETURN_FALSE;
   // torch's rms_norm takes a weight of any dtype, with another result dtype than fusedreg's
   // rule (the caller's checks then decide); torch's layer_norm refuses one itself
   if (rms.get() && w && w->scalar_type() != dtype) Py_RETURN_NONE;

@@ -314,11 +314,11 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
     if _torch_norm is not None and type(normalized_shape) in _SHAPE_TYPES \
             and len(normalized_shape) == 1 and type(normalized_shape[0]) is int:
         # The float32/float64 calls in one C++ call (csrc/ops.cpp): the tensor checks below and
-        # torch's op without Python's argument parsing; None for anything else, which the
-        # checks below then see.
+        # torch's op without Python's argument parsing; False from the limit up (the fused
+        # path's), None for anything else, which the checks below then see.
         y = _torch_norm(x, normalized_shape[0], weight, bias, eps, norm == "rms_norm", *limits)
         if y is not None:
-            return y
+            return None if y is False else y
     if type(x) is not _Tensor:
         return None
     grad = x.requires_grad

@@ -117,7 +117,7 @@ def test_draw_seed_is_torch_randint():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_torch_norm_is_torchs_op(dtype):
     """torch's layer_norm / rms_norm, result and autograd node, below the limit that applies
-    (limit_grad when something requires grad in grad mode); None at or above it, for other
+    (limit_grad when something requires grad in grad mode); False at or above it; None for other
     dtypes, a weight of another dtype for rms_norm, eps=None for layer_norm, and arguments
     torch's op refuses (without leaving an error behind)."""
     C = _C()
@@ -129,11 +129,11 @@ def test_torch_norm_is_torchs_op(dtype):
     eps = torch.finfo(dtype).eps
     assert _same(C.torch_norm(x, 8, w, None, None, True, _BIG, _BIG), torch.rms_norm(x, (8,), w, eps))
     assert _same(C.torch_norm(x, 8, None, None, 1e-3, True, _BIG, _BIG), torch.rms_norm(x, (8,), None, 1e-3))
-    assert C.torch_norm(x, 8, w, b, 1e-5, False, 24, _BIG) is None      # 24 elements: not below 24
-    assert C.torch_norm(x, 8, w, b, 1e-5, False, 25, 0) is not None     # nothing requires grad
-    assert C.torch_norm(xg, 8, w, b, 1e-5, False, _BIG, 24) is None     # x does, in grad mode
+    assert C.torch_norm(x, 8, w, b, 1e-5, False, 24, _BIG) is False     # 24 elements: not below 24
+    assert isinstance(C.torch_norm(x, 8, w, b, 1e-5, False, 25, 0), torch.Tensor)  # no grad needed
+    assert C.torch_norm(xg, 8, w, b, 1e-5, False, _BIG, 24) is False    # x needs it, in grad mode
     with torch.no_grad():
-        assert C.torch_norm(xg, 8, w, b, 1e-5, False, _BIG, 0) is not None
+        assert isinstance(C.torch_norm(xg, 8, w, b, 1e-5, False, _BIG, 0), torch.Tensor)
     assert C.torch_norm(x.half(), 8, w.half(), None, 1e-5, False, _BIG, _BIG) is None
     other = torch.float64 if dtype == torch.float32 else torch.float32
     assert C.torch_norm(x, 8, w.to(other), None, 1e-5, True, _BIG, _BIG) is None
