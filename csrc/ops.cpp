@@ -30,8 +30,8 @@ PyMethodDef* optim_direct_methods();  // csrc/cpu/optim.cpp
 // ---- direct calls of the row ops on CPU --------------------------------------------------
 // fusedreg._C.<op>(positional arguments in the schema's order) runs the op's registered CPU
 // kernel (its own checks first) with the arguments parsed here, without torch.ops' Python
-// argument parsing and boxed dispatch: a few microseconds a call, which is most of a small
-// call's time (a (1, 768) layer_norm_fwd kernel takes about one). It declines — returns None
+// argument parsing and boxed dispatch: about 4 us a call, half of a (1, 768) layer_norm_fwd
+// call through torch.ops. It declines — returns None
 // before anything runs — unless every tensor is a plain CPU torch.Tensor or Parameter and no
 // dispatch or torch-function mode, functorch layer or tracer is active: then the call would
 // reach the CPU kernel through the dispatcher too, and the caller makes that torch.ops call.
@@ -193,12 +193,13 @@ struct RowDirect<R(A...)> {
 using Opt = const std::optional<at::Tensor>&;
 using Ten = const at::Tensor&;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-// The CPU kernels' signatures (csrc/cpu/<op>.cpp), as the schemas above define them.
+// The CPU kernels' signatures (csrc/cpu/<op>.cpp), as the schemas below define them.
 using LayerNormFwd = Tensor4(Ten, Opt, Opt, Opt, double, double, Ten, bool, at::ScalarType, bool);
-using LayerNormBwd = Tensor4(Ten, Opt, Ten, Opt, Opt, Ten, Ten, double, Ten, bool, at::ScalarType, bool,
-                             bool, bool);
+using LayerNormBwd = Tensor4(Ten, Opt, Ten, Opt, Opt, Ten, Ten, double, Ten, bool, at::ScalarType,
+                             bool, bool, bool);
 using BiasDropoutFwd = at::Tensor(Ten, Opt, Opt, double, int64_t, Ten);
-using BiasDropoutBwd = std::tuple<at::Tensor, at::Tensor>(Ten, Opt, Opt, double, int64_t, Ten, bool);
+using BiasDropoutBwd =
+    std::tuple<at::Tensor, at::Tensor>(Ten, Opt, Opt, double, int64_t, Ten, bool);
 
 constexpr char kLayerNormFwd[] = "fusedreg::layer_norm_fwd";
 constexpr char kLayerNormBwd[] = "fusedreg::layer_norm_bwd";
@@ -293,7 +294,7 @@ const PyMethodDef kRowMethods[] = {
      "a dropout seed drawn as torch.randint(2**63 - 1, ()) draws it, or None (declined)"},
 };
 
-// The module's functions: the optimizers' direct calls and the row ops' above.
+// The module's functions: the optimizers' direct calls and the ones above.
 PyMethodDef* module_methods() {
   static std::vector<PyMethodDef> methods = [] {
     std::vector<PyMethodDef> all(std::begin(kRowMethods), std::end(kRowMethods));
@@ -308,8 +309,8 @@ PyMethodDef* module_methods() {
 }  // namespace fusedreg
 
 // Importing fusedreg._C runs the static registrations below. The module's only functions are
-// the direct CPU calls of the optimizers (csrc/cpu/optim.cpp says why they exist) and of the
-// row ops (above); every op is also reached through torch.ops.fusedreg.
+// direct CPU calls: the optimizers' (csrc/cpu/optim.cpp says why they exist), the row ops',
+// draw_seed and torch_norm (above); every op is also reached through torch.ops.fusedreg.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
                                           fusedreg::module_methods()};

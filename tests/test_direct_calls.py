@@ -127,8 +127,10 @@ def test_torch_norm_is_torchs_op(dtype):
     ref = torch.layer_norm(xg, (8,), w, b, 1e-5, False)
     assert _same(y, ref) and type(y.grad_fn) is type(ref.grad_fn)
     eps = torch.finfo(dtype).eps
-    assert _same(C.torch_norm(x, 8, w, None, None, True, _BIG, _BIG), torch.rms_norm(x, (8,), w, eps))
-    assert _same(C.torch_norm(x, 8, None, None, 1e-3, True, _BIG, _BIG), torch.rms_norm(x, (8,), None, 1e-3))
+    assert _same(C.torch_norm(x, 8, w, None, None, True, _BIG, _BIG),
+                 torch.rms_norm(x, (8,), w, eps))
+    assert _same(C.torch_norm(x, 8, None, None, 1e-3, True, _BIG, _BIG),
+                 torch.rms_norm(x, (8,), None, 1e-3))
     assert C.torch_norm(x, 8, w, b, 1e-5, False, 24, _BIG) is False     # 24 elements: not below 24
     assert isinstance(C.torch_norm(x, 8, w, b, 1e-5, False, 25, 0), torch.Tensor)  # no grad needed
     assert C.torch_norm(xg, 8, w, b, 1e-5, False, _BIG, 24) is False    # x needs it, in grad mode
@@ -154,7 +156,8 @@ def test_functions_give_the_same_through_direct_calls_and_torch_ops(monkeypatch)
 
     def run():
         ins = [t.clone().requires_grad_() for t in (x, r, w, b)]
-        y = F.dropout_add_layer_norm(*ins, p=0.3, seed=5) + F.bias_dropout(ins[0], ins[3], p=0.2, seed=6)
+        y = F.dropout_add_layer_norm(*ins, p=0.3, seed=5) \
+            + F.bias_dropout(ins[0], ins[3], p=0.2, seed=6)
         return [y] + list(torch.autograd.grad(y.square().sum(), ins))
 
     with fusedreg.use_backend("cpu"):

@@ -18,7 +18,7 @@ from .._activations import NAMES
 from .._dtypes import compute_dtype
 from ..reference import bias_dropout as ref
 from ..reference.philox import apply_dropout
-from ._common import Kernels, direct_kernels, register_kernels  # noqa: F401  (Kernels: what is registered)
+from ._common import Kernels, direct_kernels, register_kernels
 
 __all__ = ["BiasDropoutConfig", "BiasDropoutFunction", "run_forward"]
 
