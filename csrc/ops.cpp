@@ -7,18 +7,313 @@
 // kernel launch never waits on it); `activation` is the code of fusedreg/_activations.py.
 #include <Python.h>
 
+#include <ATen/ATen.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/Dtype.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
+
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
 
 namespace fusedreg {
 PyMethodDef* optim_direct_methods();  // csrc/cpu/optim.cpp
+
+// ---- direct calls of the row ops on CPU --------------------------------------------------
+// fusedreg._C.<op>(positional arguments in the schema's order) runs the op's registered CPU
+// kernel (its own checks first) with the arguments parsed here, without torch.ops' Python
+// argument parsing and boxed dispatch: about 4 us a call, half of a (1, 768) layer_norm_fwd
+// call through torch.ops. It declines — returns None
+// before anything runs — unless every tensor is a plain CPU torch.Tensor or Parameter and no
+// dispatch or torch-function mode, functorch layer or tracer is active: then the call would
+// reach the CPU kernel through the dispatcher too, and the caller makes that torch.ops call.
+namespace {
+
+// The keys of a plain CPU tensor (Tensor or Parameter): anything else goes through torch.ops.
+const c10::DispatchKeySet kPlainCpu{c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
+                                    c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU};
+// The keys every thread includes by default; any other included key (functorch's layers, a
+// Python mode's, the jit tracer's) means the dispatcher would not go straight to the kernel.
+const c10::DispatchKeySet kDefaultIncluded{c10::DispatchKey::BackendSelect,
+                                           c10::DispatchKey::ADInplaceOrView};
+
+bool row_direct_allowed() {
+  return c10::impl::TorchDispatchModeTLS::stack_len() == 0 &&
+         at::impl::PythonTorchFunctionTLS::stack_len() == 0 &&
+         (c10::impl::tls_local_dispatch_key_set().included_ - kDefaultIncluded).empty();
 }
 
+bool plain_cpu_tensor(PyObject* obj) {
+  if (!THPVariable_CheckExact(obj)) return false;
+  const c10::DispatchKeySet ks = THPVariable_Unpack(obj).key_set();
+  return ks.has(c10::DispatchKey::CPU) && (ks | kPlainCpu) == kPlainCpu;
+}
+
+// One positional argument by the kernel's parameter type: parse() is false (nothing raised)
+// when the object is not what the direct call takes.
+template <typename T>
+struct RowArg;
+
+template <>
+struct RowArg<const at::Tensor&> {
+  PyObject* obj = nullptr;
+  bool parse(PyObject* o) {
+    obj = o;
+    return plain_cpu_tensor(o);
+  }
+  const at::Tensor& get() const { return THPVariable_Unpack(obj); }
+};
+
+template <>
+struct RowArg<const std::optional<at::Tensor>&> {
+  std::optional<at::Tensor> value;
+  bool parse(PyObject* o) {
+    if (o == Py_None) return true;
+    if (!plain_cpu_tensor(o)) return false;
+    value = THPVariable_Unpack(o);
+    return true;
+  }
+  const std::optional<at::Tensor>& get() const { return value; }
+};
+
+template <>
+struct RowArg<double> {
+  double value = 0.0;
+  bool parse(PyObject* o) {
+    if (!PyFloat_CheckExact(o)) return false;  // ints and the rest: torch.ops' conversions
+    value = PyFloat_AS_DOUBLE(o);
+    return true;
+  }
+  double get() const { return value; }
+};
+
+template <>
+struct RowArg<int64_t> {
+  int64_t value = 0;
+  bool parse(PyObject* o) {
+    if (!PyLong_CheckExact(o)) return false;
+    int overflow = 0;
+    value = PyLong_AsLongLongAndOverflow(o, &overflow);
+    return overflow == 0;  // out of int64's range: declined (torch.ops raises)
+  }
+  int64_t get() const { return value; }
+};
+
+template <>
+struct RowArg<bool> {
+  bool value = false;
+  bool parse(PyObject* o) {
+    if (!PyBool_Check(o)) return false;
+    value = o == Py_True;
+    return true;
+  }
+  bool get() const { return value; }
+};
+
+template <>
+struct RowArg<at::ScalarType> {
+  at::ScalarType value = at::ScalarType::Undefined;
+  bool parse(PyObject* o) {
+    if (!THPDtype_Check(o)) return false;
+    value = reinterpret_cast<THPDtype*>(o)->scalar_type;
+    return true;
+  }
+  at::ScalarType get() const { return value; }
+};
+
+PyObject* wrap(at::Tensor t) { return THPVariable_Wrap(std::move(t)); }
+
+template <typename... T>
+PyObject* wrap(std::tuple<T...> ts) {
+  PyObject* out = PyTuple_New(Py_ssize_t(sizeof...(T)));
+  if (out == nullptr) return nullptr;
+  Py_ssize_t i = 0;
+  bool ok = true;
+  std::apply(
+      [&](auto&... t) {
+        ((ok = ok && [&] {
+           PyObject* v = THPVariable_Wrap(std::move(t));
+           if (v == nullptr) return false;
+           PyTuple_SET_ITEM(out, i++, v);
+           return true;
+         }()),
+         ...);
+      },
+      ts);
+  if (!ok) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
+}
+
+// The direct call of the registered op kName whose CPU kernel has the signature R(A...).
+template <typename F>
+struct RowDirect;
+
+template <typename R, typename... A>
+struct RowDirect<R(A...)> {
+  template <const char* kName>
+  static PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+    HANDLE_TH_ERRORS
+    if (nargs != Py_ssize_t(sizeof...(A)) || !row_direct_allowed()) Py_RETURN_NONE;
+    std::tuple<RowArg<A>...> parsed;
+    const bool ok = std::apply(
+        [&](auto&... arg) {
+          Py_ssize_t i = 0;
+          return (arg.parse(args[i++]) && ...);  // left to right, stops at the first miss
+        },
+        parsed);
+    if (!ok) Py_RETURN_NONE;
+    // The schema's typed handle, found once (the kernels register when the library loads).
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow(kName, "").template typed<R(A...)>();
+    RECORD_FUNCTION(kName, std::vector<c10::IValue>());
+    R out = [&] {
+      pybind11::gil_scoped_release no_gil;
+      return std::apply(
+          [&](const auto&... arg) {
+            return op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), arg.get()...);
+          },
+          parsed);
+    }();
+    return wrap(std::move(out));
+    END_HANDLE_TH_ERRORS
+  }
+};
+
+using Opt = const std::optional<at::Tensor>&;
+using Ten = const at::Tensor&;
+using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// The CPU kernels' signatures (csrc/cpu/<op>.cpp), as the schemas below define them.
+using LayerNormFwd = Tensor4(Ten, Opt, Opt, Opt, double, double, Ten, bool, at::ScalarType, bool);
+using LayerNormBwd = Tensor4(Ten, Opt, Ten, Opt, Opt, Ten, Ten, double, Ten, bool, at::ScalarType,
+                             bool, bool, bool);
+using BiasDropoutFwd = at::Tensor(Ten, Opt, Opt, double, int64_t, Ten);
+using BiasDropoutBwd =
+    std::tuple<at::Tensor, at::Tensor>(Ten, Opt, Opt, double, int64_t, Ten, bool);
+
+constexpr char kLayerNormFwd[] = "fusedreg::layer_norm_fwd";
+constexpr char kLayerNormBwd[] = "fusedreg::layer_norm_bwd";
+constexpr char kBiasDropoutFwd[] = "fusedreg::bias_dropout_fwd";
+constexpr char kBiasDropoutBwd[] = "fusedreg::bias_dropout_bwd";
+
+// fusedreg._C.draw_seed(): torch.randint(2**63 - 1, ()) — the same op on torch's default CPU
+// generator, so the same value — without Python's argument parsing (half a small call's
+// seed cost), or None (declined) under a mode, functorch layer or tracer, where the caller
+// makes the torch.randint call those see.
+PyObject* draw_seed(PyObject*, PyObject* const*, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 0 || !row_direct_allowed()) Py_RETURN_NONE;
+  return THPVariable_Wrap(at::randint(std::numeric_limits<int64_t>::max(), {}, at::kLong));
+  END_HANDLE_TH_ERRORS
+}
+
+// fusedreg._C.torch_norm(x, n, weight, bias, eps, rms, limit, limit_grad): under auto, a small
+// plain norm served by torch's own op (fusedreg.functional: _torch_small_norm) —
+// at::layer_norm(x, (n,), weight, bias, eps), or at::rms_norm(x, (n,), weight, eps) with eps
+// None meaning x's dtype's epsilon — called through the dispatcher (its autograd, autocast and
+// profiler keys, as torch.layer_norm's Python call reaches them) without Python's argument
+// parsing and the Python attribute reads of the checks. It serves float32/float64 x with
+// fewer elements than `limit` (`limit_grad` when grad mode is on and x, weight or bias
+// requires grad); False — nothing ran — for such a call from the limit up (the fused path's).
+// None — nothing ran — for any other call: a tensor that is not a plain CPU one, another
+// dtype, a mode, functorch layer or tracer, or arguments torch's op refuses; the caller then
+// checks and routes the call as always.
+PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 8 || !row_direct_allowed()) Py_RETURN_NONE;
+  RowArg<const at::Tensor&> x;
+  RowArg<int64_t> n, limit, limit_grad;
+  RowArg<const std::optional<at::Tensor>&> weight, bias;
+  RowArg<double> eps;
+  RowArg<bool> rms;
+  const bool default_eps = args[4] == Py_None;
+  if (!(x.parse(args[0]) && n.parse(args[1]) && weight.parse(args[2]) && bias.parse(args[3]) &&
+        (default_eps || eps.parse(args[4])) && rms.parse(args[5]) && limit.parse(args[6]) &&
+        limit_grad.parse(args[7])))
+    Py_RETURN_NONE;
+  const at::Tensor& t = x.get();
+  const at::ScalarType dtype = t.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble) Py_RETURN_NONE;
+  const std::optional<at::Tensor>& w = weight.get();
+  const std::optional<at::Tensor>& b = bias.get();
+  const bool grad = at::GradMode::is_enabled() &&
+                    (t.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
+  if (t.numel() >= (grad ? limit_grad.get() : limit.get())) Py_RETURN_FALSE;
+  // torch's rms_norm takes a weight of any dtype, with another result dtype than fusedreg's
+  // rule (the caller's checks then decide); torch's layer_norm refuses one itself
+  if (rms.get() && w && w->scalar_type() != dtype) Py_RETURN_NONE;
+  double e = eps.get();
+  if (default_eps) {
+    if (!rms.get()) Py_RETURN_NONE;
+    e = dtype == at::kFloat ? double(std::numeric_limits<float>::epsilon())
+                            : std::numeric_limits<double>::epsilon();
+  }
+  at::Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    const int64_t shape[1] = {n.get()};
+    try {
+      y = rms.get() ? at::rms_norm(t, shape, w, e) : at::layer_norm(t, shape, w, b, e, false);
+    } catch (const std::exception&) {  // c10::Error and the rest: nothing was written
+      y = at::Tensor();  // refused: the caller's checks raise fusedreg's error
+    }
+  }
+  if (!y.defined()) Py_RETURN_NONE;
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+template <PyObject* (*F)(PyObject*, PyObject* const*, Py_ssize_t)>
+PyCFunction as_method() {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(F));
+}
+
+const PyMethodDef kRowMethods[] = {
+    {"layer_norm_fwd", as_method<&RowDirect<LayerNormFwd>::call<kLayerNormFwd>>(), METH_FASTCALL,
+     "fusedreg::layer_norm_fwd's CPU kernel on plain CPU tensors, or None (declined)"},
+    {"layer_norm_bwd", as_method<&RowDirect<LayerNormBwd>::call<kLayerNormBwd>>(), METH_FASTCALL,
+     "fusedreg::layer_norm_bwd's CPU kernel on plain CPU tensors, or None (declined)"},
+    {"bias_dropout_fwd", as_method<&RowDirect<BiasDropoutFwd>::call<kBiasDropoutFwd>>(),
+     METH_FASTCALL, "fusedreg::bias_dropout_fwd's CPU kernel on plain CPU tensors, or None"},
+    {"bias_dropout_bwd", as_method<&RowDirect<BiasDropoutBwd>::call<kBiasDropoutBwd>>(),
+     METH_FASTCALL, "fusedreg::bias_dropout_bwd's CPU kernel on plain CPU tensors, or None"},
+    {"torch_norm", as_method<&torch_norm>(), METH_FASTCALL,
+     "under auto, torch's layer_norm / rms_norm for a small plain norm on plain CPU tensors, "
+     "or None (declined)"},
+    {"draw_seed", as_method<&draw_seed>(), METH_FASTCALL,
+     "a dropout seed drawn as torch.randint(2**63 - 1, ()) draws it, or None (declined)"},
+};
+
+// The module's functions: the optimizers' direct calls and the ones above.
+PyMethodDef* module_methods() {
+  static std::vector<PyMethodDef> methods = [] {
+    std::vector<PyMethodDef> all(std::begin(kRowMethods), std::end(kRowMethods));
+    for (PyMethodDef* m = optim_direct_methods(); m->ml_name != nullptr; ++m) all.push_back(*m);
+    all.push_back({nullptr, nullptr, 0, nullptr});
+    return all;
+  }();
+  return methods.data();
+}
+
+}  // namespace
+}  // namespace fusedreg
+
 // Importing fusedreg._C runs the static registrations below. The module's only functions are
-// the optimizers' direct CPU calls (csrc/cpu/optim.cpp says why they exist); every op is
-// reached through torch.ops.fusedreg.
+// direct CPU calls: the optimizers' (csrc/cpu/optim.cpp says why they exist), the row ops',
+// draw_seed and torch_norm (above); every op is also reached through torch.ops.fusedreg.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
-                                          fusedreg::optim_direct_methods()};
+                                          fusedreg::module_methods()};
   return PyModule_Create(&module_def);
 }
 

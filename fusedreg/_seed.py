@@ -13,12 +13,23 @@ def seed_to_int64(seed: int) -> int:
 
 
 _HIGH = 2**63 - 1
+_is_compiling = torch.compiler.is_compiling
+try:
+    from ._C import draw_seed as _draw
+except ImportError:  # no C++ extension, or one built before it had the call
+    _draw = None
 
 
 def seed_tensor(seed) -> torch.Tensor:
     """The seed to pass to an op: ``seed`` if given, else a draw from torch's default CPU
     generator, so that ``torch.manual_seed`` makes runs reproducible."""
     if seed is None:
+        if _draw is not None and not _is_compiling():
+            # the same draw in C++ (csrc/ops.cpp; a graph records torch.randint), None when
+            # it declines
+            drawn = _draw()
+            if drawn is not None:
+                return drawn
         # torch.randint(0, 2**63 - 1, (), dtype=torch.int64) draws the same value (low 0 and
         # int64 are randint's defaults); the short form parses faster on every call.
         return torch.randint(_HIGH, ())

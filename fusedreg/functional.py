@@ -63,7 +63,13 @@ _is_compiling, _is_tracing, _is_grad_enabled = (torch.compiler.is_compiling, tor
 _auto_torch_limits = backends.auto_torch_limits
 _FINFO_EPS = {_F32: float(torch.finfo(_F32).eps), _F64: float(torch.finfo(_F64).eps)}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_STRIDED = torch.strided
+_FLOATS = frozenset((_F32, _BF16, _F16, _F64))
 _SHAPE_TYPES = (tuple, torch.Size, list)  # normalized_shape forms the small-norm path takes
+try:
+    from ._C import torch_norm as _torch_norm
+except ImportError:  # no C++ extension, or one built before it had the call
+    _torch_norm = None
 
 
 # How a call runs (``_route``): the registered forward op alone when nothing needs a gradient
@@ -302,8 +308,18 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
     ``_norm``'s checks torch's op makes before its kernel runs (below): when it raises, the call
     goes through ``_norm``, whose checks raise fusedreg's error."""
     limits = _auto_torch_limits(norm, "cpu")
-    if limits is None or type(x) is not _Tensor or _is_compiling() or _is_tracing() \
-            or _forward_ad._current_level >= 0 or _functorch_level() is not None:
+    if limits is None or _is_compiling() or _is_tracing() or _forward_ad._current_level >= 0 \
+            or _functorch_level() is not None:
+        return None
+    if _torch_norm is not None and type(normalized_shape) in _SHAPE_TYPES \
+            and len(normalized_shape) == 1 and type(normalized_shape[0]) is int:
+        # The float32/float64 calls in one C++ call (csrc/ops.cpp): the tensor checks below and
+        # torch's op without Python's argument parsing; False from the limit up (the fused
+        # path's), None for anything else, which the checks below then see.
+        y = _torch_norm(x, normalized_shape[0], weight, bias, eps, norm == "rms_norm", *limits)
+        if y is not None:
+            return None if y is False else y
+    if type(x) is not _Tensor:
         return None
     grad = x.requires_grad
     if weight is not None:
@@ -400,10 +416,64 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
             dropout_add_layer_norm, (x, residual, weight, bias), x, residual, weight, bias, p=p,
             eps=eps, training=training, prenorm=prenorm, rms=rms,
             residual_in_fp32=residual_in_fp32, seed=seed)
+    if type(p) is float and 0.0 <= p <= 1.0 and type(eps) is float and -_INF < eps < _INF \
+            and type(training) is bool and type(prenorm) is bool and type(rms) is bool \
+            and type(residual_in_fp32) is bool and _plain_cpu_rows(x, residual, weight, bias):
+        ndim = 1  # the common case, in which _check_dropout_add_layer_norm passes
+        if seed is not None:
+            check_seed(seed)
+    else:
+        p, eps, ndim = _check_dropout_add_layer_norm(x, residual, weight, bias, p, eps, training,
+                                                     prenorm, rms, residual_in_fp32, seed)
+    if residual is x:
+        residual = _distinct(residual, x)
+    if bias is not None and bias is weight:
+        bias = _distinct(bias, weight)
+    if not training:
+        p = 0.0
+    h_dtype = residual.dtype if residual is not None else x.dtype
+    if residual_in_fp32 and h_dtype != torch.float64:
+        h_dtype = torch.float32
+    seed_t = seed_tensor(seed) if p > 0.0 else unused_seed()
+    route = _route(x, residual, weight, bias)
+    if route == _COMPOSITE:
+        y, h = _ref_layer_norm.layer_norm_composite(x, residual, weight, bias, ndim, eps, p,
+                                                    seed_t, rms, h_dtype)
+    else:
+        config = LayerNormConfig(ndim, eps, p, rms, h_dtype, prenorm,
+                                 backends.resolve_type("layer_norm", _device_type(x)))
+        run = _layer_norm_forward if route == _OP else LayerNormFunction.apply
+        y, h, _, _ = run(x, residual, weight, bias, seed_t, config)
+    return (y, h) if prenorm else y
+
+
+def _plain_cpu_rows(x, residual, weight, bias) -> bool:
+    """dropout_add_layer_norm's operands in the common case, which its checks all pass: plain
+    CPU tensors of one float dtype, dense, x with at least one dim, weight and bias (N,) or
+    None, the residual x's shape or None."""
+    if type(x) not in _PLAIN or not x.is_cpu or x.layout is not _STRIDED:
+        return False
+    dtype, shape = x.dtype, x.shape
+    if not shape or dtype not in _FLOATS:
+        return False
+    if weight is not None or bias is not None:
+        row = shape[-1:]
+        for t in (weight, bias):
+            if t is not None and (type(t) not in _PLAIN or t.dtype is not dtype or not t.is_cpu
+                                  or t.layout is not _STRIDED or t.shape != row):
+                return False
+    return residual is None or (type(residual) in _PLAIN and residual.dtype is dtype
+                                and residual.is_cpu and residual.layout is _STRIDED
+                                and residual.shape == shape)
+
+
+def _check_dropout_add_layer_norm(x, residual, weight, bias, p, eps, training, prenorm, rms,
+                                  residual_in_fp32, seed):
+    """Every check of dropout_add_layer_norm's arguments; returns p and eps as floats and the
+    number of normalized dims."""
     check_tensor(x, "x")
     p = check_probability(p)
-    if seed is not None:
-        check_seed(seed)
+    check_seed(seed)
     if not (type(training) is bool and type(prenorm) is bool and type(rms) is bool
             and type(residual_in_fp32) is bool):
         for flag, name in ((training, "training"), (prenorm, "prenorm"), (rms, "rms"),
@@ -417,27 +487,7 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
     _norm_params(x, weight, bias, shape)
     if residual is not None:
         check_norm_param(residual, "residual", x, x.shape)
-    if residual is x:
-        residual = _distinct(residual, x)
-    if bias is not None and bias is weight:
-        bias = _distinct(bias, weight)
-    eps = _norm_eps(eps, x)
-    if not training:
-        p = 0.0
-    h_dtype = residual.dtype if residual is not None else x.dtype
-    if residual_in_fp32 and h_dtype != torch.float64:
-        h_dtype = torch.float32
-    seed_t = seed_tensor(seed) if p > 0.0 else unused_seed()
-    route = _route(x, residual, weight, bias)
-    if route == _COMPOSITE:
-        y, h = _ref_layer_norm.layer_norm_composite(x, residual, weight, bias, len(shape), eps, p,
-                                                    seed_t, rms, h_dtype)
-    else:
-        config = LayerNormConfig(len(shape), eps, p, rms, h_dtype, prenorm,
-                                 backends.resolve_type("layer_norm", _device_type(x)))
-        run = _layer_norm_forward if route == _OP else LayerNormFunction.apply
-        y, h, _, _ = run(x, residual, weight, bias, seed_t, config)
-    return (y, h) if prenorm else y
+    return p, _norm_eps(eps, x), len(shape)
 
 
 # ---- BatchNorm, alone and fused with residual add, activation and dropout ---------------------

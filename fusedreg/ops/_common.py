@@ -167,6 +167,32 @@ def _checked_fake(signature: Callable, fake: Callable, check: Optional[Callable]
     return checked
 
 
+# The registered C++ ops with a direct CPU call in fusedreg._C (csrc/ops.cpp: the op's CPU
+# kernel on plain CPU tensors without torch.ops' argument parsing and boxed dispatch, a few
+# microseconds less per call), each mapped to a callable with the op's positional signature
+# that tries the direct call first and makes the torch.ops call when it declines (any tensor
+# not a plain CPU one, a dispatch or torch-function mode, a functorch layer, the jit tracer).
+_DIRECT: dict = {}  # the cpu backend's registered Kernels -> the direct-first ones
+
+
+def _with_direct(op):
+    fast = getattr(importlib.import_module("fusedreg._C"), op._schema.name.split("::")[1], None)
+    if fast is None:
+        return op
+
+    def run(*args):
+        out = fast(*args)
+        return op(*args) if out is None else out
+    return run
+
+
+def direct_kernels(kernels: Kernels) -> Kernels:
+    """``kernels`` (a backend's registered ops) with each op that has a direct CPU call
+    replaced by its direct-first callable (positional arguments only). Eager calls only: while
+    torch.compile traces, the caller keeps the registered ops, which the graph records."""
+    return _DIRECT.get(kernels, kernels)
+
+
 def cpp_backends(name: str, fake: Callable, signature: Optional[Callable] = None,
                  check: Optional[Callable] = None) -> dict:
     """{"cpu": op, "cuda": op} for the C++ op ``name`` (only the backends this build has),
@@ -213,4 +239,7 @@ def register_kernels(op: str, fwd_signature: Callable, bwd_signature: Callable, 
                             check=check_kernel_args)
                 for sig, fake in ((fwd_signature, fwd_fake), (bwd_signature, bwd_fake)))
     for backend in fwd:
-        backends.register(op, backend, Kernels(fwd[backend], bwd[backend]))
+        kernels = Kernels(fwd[backend], bwd[backend])
+        backends.register(op, backend, kernels)
+        if backend == "cpu":
+            _DIRECT[kernels] = Kernels(_with_direct(kernels.fwd), _with_direct(kernels.bwd))

@@ -18,12 +18,12 @@ from .._activations import NAMES
 from .._dtypes import compute_dtype
 from ..reference import bias_dropout as ref
 from ..reference.philox import apply_dropout
-from ._common import Kernels, register_kernels  # noqa: F401  (Kernels: what is registered)
+from ._common import Kernels, direct_kernels, register_kernels
 
 __all__ = ["BiasDropoutConfig", "BiasDropoutFunction", "run_forward"]
 
 OP = "bias_dropout"
-_is_grad_enabled = torch.is_grad_enabled
+_is_grad_enabled, _is_compiling = torch.is_grad_enabled, torch.compiler.is_compiling
 
 
 def bias_dropout_fwd(x: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], p: float,
@@ -67,8 +67,14 @@ class BiasDropoutConfig(NamedTuple):
 def run_forward(x, bias, residual, seed, config: BiasDropoutConfig):
     """``BiasDropoutFunction``'s forward without autograd, for arguments already checked (the
     functional API calls it directly when nothing needs a gradient)."""
-    return backends.implementation(OP, config.backend).fwd(x, bias, residual, config.p,
-                                                           config.activation, seed)
+    return _kernels(config.backend).fwd(x, bias, residual, config.p, config.activation, seed)
+
+
+def _kernels(backend: str) -> Kernels:
+    """The backend's registered ops; in an eager call the cpu backend's direct-first ones
+    (fusedreg.ops._common.direct_kernels)."""
+    kernels = backends.implementation(OP, backend)
+    return kernels if _is_compiling() else direct_kernels(kernels)
 
 
 class BiasDropoutFunction(torch.autograd.Function):
@@ -83,7 +89,7 @@ class BiasDropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, residual, seed, config: BiasDropoutConfig):
         check_config(config)
-        kernels = backends.implementation(OP, config.backend)
+        kernels = _kernels(config.backend)
         out = kernels.fwd(x, bias, residual, config.p, config.activation, seed)
         ctx.config = config
         ctx.bwd = kernels.bwd  # looked up once, here (the backward is on a small call's path)

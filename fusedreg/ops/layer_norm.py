@@ -21,12 +21,12 @@ from .. import backends
 from .._dtypes import compute_dtype
 from ..reference import layer_norm as ref
 from ..reference.philox import apply_dropout
-from ._common import register_kernels
+from ._common import Kernels, direct_kernels, register_kernels
 
 __all__ = ["LayerNormConfig", "LayerNormFunction", "run_forward"]
 
 OP = "layer_norm"
-_is_grad_enabled = torch.is_grad_enabled
+_is_grad_enabled, _is_compiling = torch.is_grad_enabled, torch.compiler.is_compiling
 _INF = math.inf
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -110,7 +110,7 @@ def run_forward(x, residual, weight, bias, seed, config: LayerNormConfig, store_
     # The ops take the residual in h's dtype (a bf16 residual with residual_in_fp32 is cast).
     if r2 is not None and r2.dtype != config.h_dtype:
         r2 = r2.to(config.h_dtype)
-    fwd = (kernels or backends.implementation(OP, config.backend)).fwd
+    fwd = (kernels or _kernels(config.backend)).fwd
     y, h, mean, rstd = fwd(x2, r2, w, b, config.eps, config.p, seed, config.rms, config.h_dtype,
                            store_h)
     if x2 is x:
@@ -118,29 +118,39 @@ def run_forward(x, residual, weight, bias, seed, config: LayerNormConfig, store_
     return y.view(x.shape), (h.view(x.shape) if store_h else h), mean, rstd
 
 
+def _kernels(backend: str) -> Kernels:
+    """The backend's registered ops; in an eager call the cpu backend's direct-first ones
+    (fusedreg.ops._common.direct_kernels)."""
+    kernels = backends.implementation(OP, backend)
+    return kernels if _is_compiling() else direct_kernels(kernels)
+
+
 def _setup_context(ctx, inputs, output, stores_h):
     """What the backward needs, saved from the forward's inputs and outputs."""
     x, residual, weight, bias, seed, config = inputs
     y, h, mean, rstd = output
     ctx.config = config
-    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-    ctx.wb_shapes = (weight.shape if weight is not None else None,
-                     bias.shape if bias is not None else None)
+    # x's shape and the weight's and bias's are read back only when the backward reshapes
+    ctx.shapes = None if x.dim() == 2 and config.ndim == 1 else (
+        x.shape, weight.shape if weight is not None else None,
+        bias.shape if bias is not None else None)
+    ctx.x_dtype = x.dtype
     ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.has = (residual is not None, weight is not None, bias is not None)
-    ctx.mark_non_differentiable(mean, rstd)
     # A stored h stays differentiable even when it is not returned (prenorm=False): the
     # backward saves it, and a differentiable backward (create_graph=True) reaches x and
     # the residual through it, its grad arriving here as dh_out.
     ctx.stores_h = stores_h
-    if not stores_h:
-        ctx.mark_non_differentiable(h)
+    if stores_h:
+        ctx.mark_non_differentiable(mean, rstd)
+    else:
+        ctx.mark_non_differentiable(h, mean, rstd)
     ctx.set_materialize_grads(False)
-    if not any(ctx.needs_input_grad[:4]):
-        return
-    # The bias enters the backward only through grad_bias's shape and dtype.
-    ctx.save_for_backward(h if ctx.stores_h else x, weight,
-                          bias if ctx.needs_input_grad[3] else None, mean, rstd, seed)
+    need = ctx.needs_input_grad
+    if need[0] or need[1] or need[2] or need[3]:
+        # The bias enters the backward only through grad_bias's shape and dtype.
+        ctx.save_for_backward(h if stores_h else x, weight, bias if need[3] else None, mean,
+                              rstd, seed)
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -159,7 +169,7 @@ class LayerNormFunction(torch.autograd.Function):
     def forward(ctx, x, residual, weight, bias, seed, config: LayerNormConfig):
         check_config(config, x)
         stores_h = _stores_h(x, residual, config)
-        kernels = backends.implementation(OP, config.backend)
+        kernels = _kernels(config.backend)
         output = run_forward(x, residual, weight, bias, seed, config, stores_h, kernels)
         ctx.bwd = kernels.bwd  # looked up once, here (the backward is on a small call's path)
         _setup_context(ctx, (x, residual, weight, bias, seed, config), output, stores_h)
@@ -180,9 +190,10 @@ class LayerNormFunction(torch.autograd.Function):
         if _is_grad_enabled():  # create_graph: the gradient must be differentiable
             return _differentiable_backward(ctx, dy, dh_out, h, w, b, seed, need_x,
                                             need_residual, need_w, need_b)
-        x_shape = ctx.x_shape
-        flat = len(x_shape) == 2 and cfg.ndim == 1  # already (M, N): no views to make
+        shapes = ctx.shapes
+        flat = shapes is None  # x already (M, N): no views to make
         if not flat:
+            x_shape = shapes[0]
             nd = len(x_shape) - cfg.ndim
             N = math.prod(x_shape[nd:])
             h = h.reshape(math.prod(x_shape[:nd]), N)
@@ -199,15 +210,19 @@ class LayerNormFunction(torch.autograd.Function):
         separate = need_residual and (cfg.p > 0.0 or h.dtype != ctx.x_dtype)
         gx, gr, gw, gb = ctx.bwd(dy, dh_out, h, w, b, mean, rstd, cfg.p, seed, cfg.rms, ctx.x_dtype,
                                  separate, need_w, need_b)
+        grad_residual = None
+        if need_residual:
+            grad_residual = gr if separate else gx
+            if grad_residual.dtype != ctx.residual_dtype:  # (a no-op .to is a microsecond)
+                grad_residual = grad_residual.to(ctx.residual_dtype)
         if flat:
-            grad_residual = (gr if separate else gx).to(ctx.residual_dtype) if need_residual else None
             return (gx if need_x else None), grad_residual, (gw if need_w else None), \
                 (gb if need_b else None), None, None
         grad_x = gx.view(x_shape) if need_x else None
-        grad_residual = ((gr if separate else gx).view(x_shape).to(ctx.residual_dtype)
-                         if need_residual else None)
-        grad_w = gw.view(ctx.wb_shapes[0]) if need_w else None
-        grad_b = gb.view(ctx.wb_shapes[1]) if need_b else None
+        if grad_residual is not None:
+            grad_residual = grad_residual.view(x_shape)
+        grad_w = gw.view(shapes[1]) if need_w else None
+        grad_b = gb.view(shapes[2]) if need_b else None
         return grad_x, grad_residual, grad_w, grad_b, None, None
 
 

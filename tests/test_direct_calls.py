@@ -1,0 +1,166 @@
+"""fusedreg._C's direct CPU calls (csrc/ops.cpp): the row ops' CPU kernels without torch.ops,
+the dropout seed draw, and torch's own norm for small plain norms under auto. Each returns what
+the call it stands for returns, bit for bit, and declines (None, nothing run) wherever that
+call would not go straight to the CPU kernel: the callers then make the call itself."""
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusedreg
+from fusedreg import backends
+
+pytestmark = pytest.mark.skipif(not backends.extension_available(),
+                                reason="the direct calls are the C++ extension's")
+
+_BIG = 1 << 62  # a torch_norm limit no test tensor reaches
+
+
+def _C():
+    import fusedreg._C as C
+    return C
+
+
+def _data(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)  # non-zero mean
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+class _Mode(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _FnMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+# (1, 768): a small model's row; (3, 1023): rows not a multiple of any vector width;
+# (0, 8): no rows
+@pytest.mark.parametrize("shape", [(1, 768), (3, 1023), (0, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_row_ops_direct_equal_torch_ops(shape, dtype):
+    C, ops = _C(), torch.ops.fusedreg
+    x, r, dy = _data(shape, dtype, 1), _data(shape, dtype, 2), _data(shape, dtype, 3)
+    w, b = _data(shape[-1:], dtype, 4), _data(shape[-1:], dtype, 5)
+    seed = torch.tensor(-1234567890123, dtype=torch.int64)
+    for args in [(x, r, w, b, 1e-5, 0.25, seed, False, dtype, True),
+                 (x, None, w, None, 1e-3, 0.0, seed, True, dtype, False)]:
+        fwd = ops.layer_norm_fwd.default(*args)
+        assert _same(C.layer_norm_fwd(*args), fwd)
+    y, h, mean, rstd = ops.layer_norm_fwd.default(x, r, w, b, 1e-5, 0.25, seed, False, dtype, True)
+    args = (dy, None, h, w, b, mean, rstd, 0.25, seed, False, dtype, True, True, True)
+    assert _same(C.layer_norm_bwd(*args), ops.layer_norm_bwd.default(*args))
+    for act in (0, 2):  # none, gelu
+        args = (x, b, r, 0.3, act, seed)
+        assert _same(C.bias_dropout_fwd(*args), ops.bias_dropout_fwd.default(*args))
+        args = (dy, x, b, 0.3, act, seed, True)
+        assert _same(C.bias_dropout_bwd(*args), ops.bias_dropout_bwd.default(*args))
+
+
+def test_direct_calls_decline_what_the_dispatcher_would_route_elsewhere():
+    C = _C()
+    x, w = torch.randn(2, 8), torch.randn(8)
+    seed = torch.tensor(3, dtype=torch.int64)
+    ln = (x, None, w, None, 1e-5, 0.0, seed, False, torch.float32, False)
+    norm = (x, 8, w, None, 1e-5, False, _BIG, _BIG)
+    assert C.layer_norm_fwd(*ln) is not None and C.torch_norm(*norm) is not None
+    assert C.draw_seed() is not None
+    declined = [
+        (x.as_subclass(_Sub),) + ln[1:],                       # a tensor subclass
+        (x.to("meta"),) + ln[1:],                              # another device
+        ln[:-1],                                               # an argument short
+        ln[:4] + (1,) + ln[5:],                                # an int eps: torch.ops converts it
+        ln[:8] + (torch.float32,) + ln[9:] + (True,),          # an argument too many
+    ]
+    for args in declined:
+        assert C.layer_norm_fwd(*args) is None
+    assert C.bias_dropout_fwd(x, None, None, 0.1, 2**70, seed) is None  # out of int64
+    for mode in (_Mode(), _FnMode()):
+        with mode:
+            assert C.layer_norm_fwd(*ln) is None
+            assert C.torch_norm(*norm) is None
+            assert C.draw_seed() is None
+    inside = []
+    torch.func.vmap(lambda t: inside.append(C.bias_dropout_fwd(t, None, None, 0.5, 0, seed)) or t,
+                    randomness="same")(torch.randn(3, 8))
+    assert inside == [None]  # a functorch layer is active
+    with pytest.raises(RuntimeError, match="p must be in"):  # the kernel's own checks run
+        C.bias_dropout_fwd(x, None, None, 2.0, 0, seed)
+
+
+def test_draw_seed_is_torch_randint():
+    """The seed drawn for seed=None is torch.randint(2**63 - 1, ()) on the default CPU
+    generator, so torch.manual_seed reproduces fusedreg's masks."""
+    C = _C()
+    torch.manual_seed(11)
+    drawn = [C.draw_seed() for _ in range(3)]
+    torch.manual_seed(11)
+    assert _same(drawn, [torch.randint(2**63 - 1, ()) for _ in range(3)])
+    x = torch.randn(4, 16)
+    torch.manual_seed(11)
+    y = fusedreg.functional.dropout(x, 0.5)
+    assert torch.equal(y, fusedreg.functional.dropout(x, 0.5, seed=int(drawn[0])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_norm_is_torchs_op(dtype):
+    """torch's layer_norm / rms_norm, result and autograd node, below the limit that applies
+    (limit_grad when something requires grad in grad mode); False at or above it; None for other
+    dtypes, a weight of another dtype for rms_norm, eps=None for layer_norm, and arguments
+    torch's op refuses (without leaving an error behind)."""
+    C = _C()
+    x, w, b = _data((3, 8), dtype, 1), _data((8,), dtype, 2), _data((8,), dtype, 3)
+    xg = x.clone().requires_grad_()
+    y = C.torch_norm(xg, 8, w, b, 1e-5, False, _BIG, _BIG)
+    ref = torch.layer_norm(xg, (8,), w, b, 1e-5, False)
+    assert _same(y, ref) and type(y.grad_fn) is type(ref.grad_fn)
+    eps = torch.finfo(dtype).eps
+    assert _same(C.torch_norm(x, 8, w, None, None, True, _BIG, _BIG),
+                 torch.rms_norm(x, (8,), w, eps))
+    assert _same(C.torch_norm(x, 8, None, None, 1e-3, True, _BIG, _BIG),
+                 torch.rms_norm(x, (8,), None, 1e-3))
+    assert C.torch_norm(x, 8, w, b, 1e-5, False, 24, _BIG) is False     # 24 elements: not below 24
+    assert isinstance(C.torch_norm(x, 8, w, b, 1e-5, False, 25, 0), torch.Tensor)  # no grad needed
+    assert C.torch_norm(xg, 8, w, b, 1e-5, False, _BIG, 24) is False    # x needs it, in grad mode
+    with torch.no_grad():
+        assert isinstance(C.torch_norm(xg, 8, w, b, 1e-5, False, _BIG, 0), torch.Tensor)
+    assert C.torch_norm(x.half(), 8, w.half(), None, 1e-5, False, _BIG, _BIG) is None
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    assert C.torch_norm(x, 8, w.to(other), None, 1e-5, True, _BIG, _BIG) is None
+    assert C.torch_norm(x, 8, w, b, None, False, _BIG, _BIG) is None
+    assert C.torch_norm(x, 8, w[:7], b, 1e-5, False, _BIG, _BIG) is None  # torch refuses it
+    assert C.torch_norm(x, 7, w, b, 1e-5, False, _BIG, _BIG) is None
+    assert torch.equal(x + 0, x)  # no error left pending
+
+
+def test_functions_give_the_same_through_direct_calls_and_torch_ops(monkeypatch):
+    """Forward and backward through the autograd Functions give the same values, bit for bit,
+    whether the direct calls serve the cpu kernels or torch.ops does."""
+    from fusedreg import functional as F
+    from fusedreg.ops import _common
+
+    x, r = _data((5, 24), torch.float32, 1), _data((5, 24), torch.float32, 2)
+    w, b = _data((24,), torch.float32, 3), _data((24,), torch.float32, 4)
+
+    def run():
+        ins = [t.clone().requires_grad_() for t in (x, r, w, b)]
+        y = F.dropout_add_layer_norm(*ins, p=0.3, seed=5) \
+            + F.bias_dropout(ins[0], ins[3], p=0.2, seed=6)
+        return [y] + list(torch.autograd.grad(y.square().sum(), ins))
+
+    with fusedreg.use_backend("cpu"):
+        fast = run()
+        monkeypatch.setattr(_common, "_DIRECT", {})  # every call through torch.ops
+        assert _same(run(), fast)
