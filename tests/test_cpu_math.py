@@ -257,9 +257,11 @@ LEVELS = ["baseline", "avx2"]
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_float32_at_lower_instruction_set_levels(level):
-    """The same float32 check with the kernels capped at `level` (a fresh process: the level
-    is read once). On a CPU below `level` this repeats the native check."""
+    """The same float32 checks with the kernels capped at `level` (a fresh process: the level
+    is read once), the gelu-backward tail one too. On a CPU below `level` this repeats the
+    native checks."""
     code = ("import sys; sys.path[:0] = {path!r}; import test_cpu_math as t; "
+            "t.test_gelu_backward_tail_is_relative(); "
             "print(max(t.check_float32(a, g) for a, _ in t.ACTS for g in (False, True)))")
     out = subprocess.run([sys.executable, "-c", code.format(path=[os.path.dirname(__file__)] + sys.path)],
                          env={**os.environ, "FUSEDREG_CPU_ISA": level}, capture_output=True,
