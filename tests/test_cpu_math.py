@@ -252,6 +252,23 @@ def test_gelu_backward_tail_is_relative():
         assert (err <= bound).all(), f"error {(err / bound).max().item():.2f}x the bound"
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("act", [GELU, GELU_TANH, SILU], ids=["gelu", "gelu_tanh", "silu"])
+def test_normal_range_segments_match_the_general_path(act, grad):
+    """The kernels take exp without range handling (vmath.h's kNormalRange variants) on row
+    segments whose inputs all lie in [-8, 8], the full one elsewhere: an element's result must
+    not depend on which, so rows 0-1 (all in range) and rows 2-3 (the same values but for one
+    out-of-range element each: 100, NaN) agree bit for bit everywhere else. Rows of 256 are one
+    segment each (the kernels' step)."""
+    g = torch.Generator().manual_seed(1)
+    base = (torch.rand(2, 256, generator=g) * 16.0 - 8.0).float()
+    base[:, 1:5] = torch.tensor([8.0, -8.0, 0.0, -0.0])
+    x = torch.cat([base, base]).contiguous()
+    x[2, 0], x[3, 0] = 100.0, float("nan")
+    got = run_op(act, x, grad)
+    assert torch.equal(got[:2, 1:].view(torch.int32), got[2:, 1:].view(torch.int32))
+
+
 LEVELS = ["baseline", "avx2"]
 
 
