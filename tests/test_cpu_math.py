@@ -16,7 +16,10 @@ Error model, per output element: |got - ref| <= MAX_ULP * ulp32(T) + E, where
        nothing cancels): float32 rounding errors are relative to it;
   E    what the float32 evaluation cannot avoid and what vmath.h documents, each measured
        as the change of the float64 formula under that perturbation:
-       - erf's absolute error (ERF_ABS_ERR) where the formula uses erf;
+       - erf's absolute error (ERF_ABS_ERR) where the formula uses erf (gelu's derivative
+         takes Phi from a one-exp form instead, vmath.h's gelu_grad_t, whose absolute error
+         is smaller: the same term bounds it; test_gelu_backward_tail_is_relative checks its
+         relative accuracy where Phi is small);
        - the float32 rounding of exp's argument (EXP_ARG_ROUNDING relative), which exp
          amplifies by |argument| (the same on CUDA, whose argument is float32 too).
 Where an exp argument leaves [-87, 88], e^x is not a normal float32: it is inf, or a
@@ -46,6 +49,9 @@ NONE, RELU, GELU, GELU_TANH, SILU = range(5)  # activation codes of the op schem
 MAX_ULP = 4.0
 # vmath.h: |verf(x) - erf(x)| < 2e-7 (the erfc fit's fractional error 1.2e-7, plus rounding).
 ERF_ABS_ERR = 2e-7
+# vmath.h: the float32 GELU derivative's Phi(z) for z < 0 (the tail G(s) e) is within 1.5e-6
+# relative for |z| <= 8.
+PHI_TAIL_REL = 2e-6
 # exp's argument is computed in float32 from the input (gelu_tanh: z + 0.044715 z^3, times
 # sqrt(2/pi), times -2; gelu's pdf: -0.5 z^2): at most 5 roundings of half an ulp, relative.
 EXP_ARG_ROUNDING = 5 * 2.0**-24
@@ -224,14 +230,55 @@ def test_the_bound_catches_a_one_percent_exp_error():
             assert ((off - ref).abs() > bound)[in_range].any(), (act, grad)
 
 
+def test_gelu_backward_tail_is_relative():
+    """Where Phi(z) is small (z < 0) the float32 GELU derivative is accurate relative to its
+    own size: bounded without erf's absolute error, which exceeds the derivative itself below
+    z = -5.5 (1 + erf(z / sqrt2) cancels there; vmath.h's gelu_grad_t has no such step). The
+    reference takes Phi from erfc for the same reason (float64's 1 + erf is off by 1e-16 there).
+    The grid from -8 (the normal-range bound) to -0.25, one long row and rows of 127."""
+    z32 = torch.linspace(-8.0, -0.25, 2**15 + 1, dtype=torch.float32)
+    n = z32.numel() // 127 * 127
+    for zs in (z32.reshape(1, -1), z32[:n].reshape(-1, 127)):
+        got = run_op(GELU, zs.contiguous(), True).flatten().double()
+        z = zs.flatten().double()
+        phi = 0.5 * torch.erfc(-z * K_INV_SQRT2)
+        a = -0.5 * z * z
+        zpdf = z * (K_INV_SQRT2PI * torch.exp(a))
+        ref = phi + zpdf
+        bound = MAX_ULP * _ulp(torch.maximum(phi, zpdf.abs()), torch.float32) + PHI_TAIL_REL * phi
+        for sign in (1.0, -1.0):  # exp's amplification of its float32-rounded argument
+            bound = bound + (z * (K_INV_SQRT2PI * _exp(a, sign * EXP_ARG_ROUNDING)) - zpdf).abs()
+        err = (got - ref).abs()
+        assert (err <= bound).all(), f"error {(err / bound).max().item():.2f}x the bound"
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("act", [GELU, GELU_TANH, SILU], ids=["gelu", "gelu_tanh", "silu"])
+def test_normal_range_segments_match_the_general_path(act, grad):
+    """The kernels take exp without range handling (vmath.h's kNormalRange variants) on row
+    segments whose inputs all lie in [-8, 8], the full one elsewhere: an element's result must
+    not depend on which, so rows 0-1 (all in range) and rows 2-3 (the same values but for one
+    out-of-range element each: 100, NaN) agree bit for bit everywhere else. Rows of 256 are one
+    segment each (the kernels' step)."""
+    g = torch.Generator().manual_seed(1)
+    base = (torch.rand(2, 256, generator=g) * 16.0 - 8.0).float()
+    base[:, 1:5] = torch.tensor([8.0, -8.0, 0.0, -0.0])
+    x = torch.cat([base, base]).contiguous()
+    x[2, 0], x[3, 0] = 100.0, float("nan")
+    got = run_op(act, x, grad)
+    assert torch.equal(got[:2, 1:].view(torch.int32), got[2:, 1:].view(torch.int32))
+
+
 LEVELS = ["baseline", "avx2"]
 
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_float32_at_lower_instruction_set_levels(level):
-    """The same float32 check with the kernels capped at `level` (a fresh process: the level
-    is read once). On a CPU below `level` this repeats the native check."""
+    """The same float32 checks with the kernels capped at `level` (a fresh process: the level
+    is read once), the gelu-backward tail one too. On a CPU below `level` this repeats the
+    native checks."""
     code = ("import sys; sys.path[:0] = {path!r}; import test_cpu_math as t; "
+            "t.test_gelu_backward_tail_is_relative(); "
             "print(max(t.check_float32(a, g) for a, _ in t.ACTS for g in (False, True)))")
     out = subprocess.run([sys.executable, "-c", code.format(path=[os.path.dirname(__file__)] + sys.path)],
                          env={**os.environ, "FUSEDREG_CPU_ISA": level}, capture_output=True,

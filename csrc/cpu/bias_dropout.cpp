@@ -247,6 +247,17 @@ void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* res
   });
 }
 
+// act'(z) in the compute type: GELU's float32 derivative is the math policy's one-exp form
+// (fusedreg/cpu/vmath.h, cpu::gelu_grad_t), every other case activation.h's formula.
+template <Activation A, typename T, typename M>
+inline FUSEDREG_ALWAYS_INLINE T act_grad(T z) {
+  if constexpr (A == Activation::kGelu && std::is_same_v<T, float>) {
+    return M::gelu_grad(z);
+  } else {
+    return activate_grad<A, T, M>(z);
+  }
+}
+
 // grad_x = grad_out * keep * scale * act'(x + bias) over one row segment of len elements;
 // adds grad_x into bias_acc when given (the bias gradient's partial sums).
 template <typename scalar_t, Activation A>
@@ -266,7 +277,7 @@ inline FUSEDREG_ALWAYS_INLINE void backward_segment(
       const acc_t gs = static_cast<acc_t>(g[t]) * scale;
       acc_t d = u[t] >= p ? gs : acc_t(0);
       if constexpr (A != Activation::kNone) {
-        d *= activate_grad<A, acc_t, M>(static_cast<acc_t>(x[t]) + static_cast<acc_t>(bias[t]));
+        d *= act_grad<A, acc_t, M>(static_cast<acc_t>(x[t]) + static_cast<acc_t>(bias[t]));
       }
       gx[t] = static_cast<scalar_t>(d);
       if constexpr (kAcc) bias_acc[t] += d;

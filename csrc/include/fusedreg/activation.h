@@ -5,8 +5,10 @@
 // them (the math policy M): CUDA uses StdMath (expf/erff, exp/erf), the CPU uses
 // cpu::VecMath, whose float32 exp and erf are vectorizable polynomials (fusedreg/cpu/vmath.h:
 // exp within 2 ulp, erf within 2e-7 absolute, both with libm's limits at +-inf) and whose
-// float64 ones are libm's. tests/test_cpu_math.py bounds the CPU results against these
-// formulas evaluated in float64 (its docstring states the error model).
+// float64 ones are libm's. One exception: the CPU bias_dropout backward evaluates GELU's
+// float32 derivative in a one-exp form of the same function (cpu::gelu_grad_t, vmath.h).
+// tests/test_cpu_math.py bounds the CPU results against these formulas evaluated in float64
+// (its docstring states the error model).
 #pragma once
 
 #include <cmath>
