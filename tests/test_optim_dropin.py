@@ -690,3 +690,22 @@ def test_reused_buckets_see_every_change(cls):
     with fusedreg.use_backend("reference"), Seen():
         oa.step()
     assert any(f"{algo}_step_reference" in op for op in Seen.ops), Seen.ops
+
+
+@pytest.mark.parametrize("cls", [fo.AdamW, fo.SGD])
+def test_reused_buckets_keep_no_gradient_alive(cls):
+    """The buckets kept for reuse hold the gradients weakly: zero_grad(set_to_none=True) frees
+    them before the next backward (no second set of gradients in memory)."""
+    import gc
+    import weakref
+    ps = _params()
+    opt = cls(ps, lr=1e-2)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    for _ in range(4):
+        opt.step()
+    assert opt._memo, "the fast path is not taken: this test would check nothing"
+    refs = [weakref.ref(p.grad) for p in ps]
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(r() is None for r in refs)

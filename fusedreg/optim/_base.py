@@ -480,14 +480,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         memo = self._memo.get(id(group))
         if memo is None:
             return None
-        mgroup, params, plist, grads, live, live_grads, pptrs, gptrs, buckets, mchoice = memo
+        mgroup, params, plist, grad_refs, live, pptrs, gptrs, buckets, mchoice = memo
         now = group["params"]
         is_ = operator.is_
         if (mgroup is not group or now is not params or mchoice != choice
                 or len(now) != len(plist) or not all(map(is_, now, plist))
-                or not all(map(is_, [p.grad for p in now], grads))
-                or list(map(_data_ptr, live)) != pptrs
-                or list(map(_data_ptr, live_grads)) != gptrs):
+                or not all(map(is_, [p.grad for p in now],
+                               [None if r is None else _alive(r) for r in grad_refs]))
+                or list(map(_data_ptr, live)) != pptrs):
+            return None
+        for b in buckets.values():  # the memo holds no gradient (weak references only)
+            b.lgrads = [p.grad for p in b.params]
+        if [g.data_ptr() for b in buckets.values() for g in b.lgrads] != gptrs:
             return None
         return buckets
 
@@ -512,11 +516,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 live += b.params
                 live_grads += b.lgrads
             else:
+                # the gradients weakly (a gradient freed by zero_grad(set_to_none=True) must
+                # not be kept alive through the next backward): refilled at each reuse
                 params = group["params"]
-                self._memo[id(group)] = (
-                    group, params, list(params), [p.grad for p in params], live, live_grads,
-                    list(map(_data_ptr, live)), list(map(_data_ptr, live_grads)), buckets,
-                    choice)
+                refs = [None if p.grad is None else weakref.ref(p.grad) for p in params]
+                gptrs = list(map(_data_ptr, live_grads))
+                for b in buckets.values():
+                    b.lgrads = None
+                self._memo[id(group)] = (group, params, list(params), refs, live,
+                                         list(map(_data_ptr, live)), gptrs, buckets, choice)
 
     def _step(self) -> None:
         grad_scale = getattr(self, "grad_scale", None)
@@ -571,6 +579,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                     b.lparams[i].copy_(lps[i])
         if memo_hits != len(plan):
             self._remember_plan(plan, snapshot if not fixes and not checked else None)
+        for _, buckets in plan:  # reused buckets keep no gradient alive until the next step
+            for b in buckets.values():
+                b.lgrads = None
 
     # ---- capturable=True ------------------------------------------------------------------------
     _CAPTURABLE_ALGO: str | None = None  # the registry's op of the capturable step, if any
@@ -627,6 +638,12 @@ class _Bucket:
 
 
 _data_ptr = Tensor.data_ptr
+_FREED = object()  # what a reference to a freed gradient stands for: no gradient is it
+
+
+def _alive(ref):
+    obj = ref()
+    return _FREED if obj is None else obj
 
 
 def _host_amp(grad_scale, found_inf):
