@@ -486,7 +486,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if (mgroup is not group or now is not params or mchoice != choice
                 or len(now) != len(plist) or not all(map(is_, now, plist))
                 or not all(map(is_, [p.grad for p in now],
-                               [None if r is None else _alive(r) for r in grad_refs]))
+                               [r if r is None else _FREED if (g := r()) is None else g
+                                for r in grad_refs]))
                 or list(map(_data_ptr, live)) != pptrs):
             return None
         for b in buckets.values():  # the memo holds no gradient (weak references only)
@@ -639,11 +640,6 @@ class _Bucket:
 
 _data_ptr = Tensor.data_ptr
 _FREED = object()  # what a reference to a freed gradient stands for: no gradient is it
-
-
-def _alive(ref):
-    obj = ref()
-    return _FREED if obj is None else obj
 
 
 def _host_amp(grad_scale, found_inf):
