@@ -539,16 +539,20 @@ def test_gpu_matches_reference_on_many_tensors(backend, device, dtype, cls, kw):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("inv_scale", [1.0 / 3.0, 3.0])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("algo", ["sgd", "adam"])
-def test_cpu_kernels_round_bfloat16_like_torch(algo):
-    """The CPU kernels convert bfloat16 through integer bit operations (so that the loops
-    vectorize): every one of the 65536 bfloat16 gradients — subnormals, infinities, NaNs —
-    gives the parameter torch's own float32 -> bfloat16 rounding of the same float32 value.
-    SGD: p = 0 - lr·(g·inv_scale) with lr = 1; Adam at step 1 with beta1 = beta2 = 0:
-    m = g', v = g'^2, p = 0 - lr·g'/(|g'| + eps) (g' = g·inv_scale), recomputed in float32."""
-    g = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+def test_cpu_kernels_round_half_like_torch(algo, dtype, inv_scale):
+    """The CPU kernels convert bfloat16 through integer bit operations and float16 through the
+    F16C instructions (so that the loops vectorize): every one of the 65536 gradients —
+    subnormals, infinities, NaNs, and with inv_scale = 3 float16 results that overflow to inf
+    or round to subnormals — gives the parameter torch's own float32 -> bfloat16/float16
+    rounding of the same float32 value, and a NaN parameter is c10's quiet NaN (bfloat16
+    0x7FC0; float16 sign | 0x7E00, not the payload F16C would keep). SGD: p = 0 - lr·(g·inv_scale)
+    with lr = 1; Adam at step 1 with beta1 = beta2 = 0: m = g', v = g'^2,
+    p = 0 - lr·g'/(|g'| + eps) (g' = g·inv_scale), recomputed in float32."""
+    g = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     p = torch.zeros_like(g)
-    inv_scale = 1.0 / 3.0
     gs = g.float() * torch.tensor(inv_scale, dtype=torch.float32)
     if algo == "sgd":
         backends.implementation("sgd", "cpu")(
@@ -564,10 +568,55 @@ def test_cpu_kernels_round_bfloat16_like_torch(algo):
             decoupled=False, inv_scale=inv_scale)
         denom = (gs * gs).sqrt() / 1.0 + torch.tensor(1e-8, dtype=torch.float32)
         want = torch.zeros_like(gs) + (-1.0) * (gs / denom)
-    want = want.to(torch.bfloat16)
+    want = want.to(dtype)
     nan = want.isnan()
-    assert torch.equal(p.isnan(), nan)
+    assert nan.any() and torch.equal(p.isnan(), nan)
     assert torch.equal(p[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    if dtype == torch.float16:
+        if algo == "sgd":  # finite gradients whose step overflows to inf, with inv_scale 3
+            assert (want.isinf() & g.isfinite()).any() == (inv_scale > 1)
+        quiet = torch.tensor(0x7E00, dtype=torch.int16)
+        assert torch.equal(p[nan].view(torch.int16) & 0x7FFF, quiet.expand(int(nan.sum())))
+    else:
+        assert torch.equal(p[nan].view(torch.int16) & 0x7FFF, torch.full((int(nan.sum()),), 0x7FC0, dtype=torch.int16))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("state_dtype", ["compute", "param"])
+def test_cpu_float16_chunks_match_reference(state_dtype):
+    """float16 spans are stepped in float32 chunks (converted, stepped, converted back): every
+    element of tensors whose lengths fall around the chunk (256) and vector (8) widths gets
+    the reference's step — AdamW with amsgrad and l1, SGD with nesterov, Lion — and a
+    float16 state is written back (not left at its old values)."""
+    torch.manual_seed(0)
+    sizes = [1, 7, 8, 9, 255, 256, 257, 1000, 4099]
+    sd = torch.float16 if state_dtype == "param" else torch.float32
+    cases = {
+        "adam": (3, dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, l1=0.01,
+                         l1_lr_scaled=True, amsgrad=True, maximize=False, decoupled=True,
+                         inv_scale=0.5)),
+        "sgd": (1, dict(lr=1e-1, momentum=0.9, dampening=0.0, weight_decay=0.1, l1=0.01,
+                        l1_lr_scaled=False, nesterov=True, maximize=False, decoupled=False,
+                        first_step=False, inv_scale=2.0)),
+        "lion": (1, dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, l1=0.01,
+                         l1_lr_scaled=True, maximize=True, inv_scale=1.0)),
+    }
+    for algo, (n_state, kw) in cases.items():
+        ps = [(torch.randn(n) + 0.5).half() for n in sizes]
+        lists = [ps, [(torch.randn(n) * 3).half() for n in sizes]]
+        lists += [[torch.rand(n).to(sd) for n in sizes] for _ in range(n_state)]
+        out = {}
+        for b in ("reference", "cpu"):
+            args = [[t.clone() for t in lst] for lst in lists]
+            if algo == "adam":
+                args.append([torch.tensor(2.0) for _ in sizes])
+            backends.implementation(algo, b)(*args, **kw)
+            out[b] = args[:2 + n_state]
+        for k, (want, got) in enumerate(zip(out["reference"], out["cpu"])):
+            for w, g0, x in zip(want, got, lists[k]):
+                torch.testing.assert_close(g0, w, **OPTIM_LOWP[torch.float16])
+                if k != 1:
+                    assert not torch.equal(g0, x), (algo, k)  # written back
 
 
 # ---- the cpu backend's direct calls (fusedreg._C.<op>, no dispatcher) ------------------------

@@ -623,3 +623,89 @@ def test_gpu_layouts_and_state_dtype_match_the_reference(backend, device, dtype,
     for p, q in zip(out["reference"], out[backend]):
         torch.testing.assert_close(q, p, **tol)
         assert q.stride() == p.stride()
+
+
+@pytest.mark.parametrize("cls", [fo.AdamW, fo.SGD])
+def test_reused_buckets_see_every_change(cls):
+    """Once a step finds the same parameters, gradient objects, data and state as the last one,
+    it reuses that step's checked buckets. Every change still takes effect: an optimizer
+    whose gradients are the same objects every step (zeroed and refilled in place: the
+    buckets are reused) steps bit for bit like one given new gradient objects every step (its
+    buckets are rebuilt) through a gradient set to None, a new gradient object, a state
+    tensor replaced by hand, a learning rate changed in the group and new data under a
+    parameter; and a backend chosen later (use_backend) is the one called."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    a, b = _params(), _params()
+    kw = dict(momentum=0.9, nesterov=True) if cls is fo.SGD else dict(amsgrad=True)
+    oa, ob = cls(a, lr=1e-2, **kw), cls(b, lr=1e-2, **kw)
+    for p in a:
+        p.grad = torch.zeros_like(p)
+    key = "momentum_buffer" if cls is fo.SGD else "exp_avg"
+
+    def step(s):
+        for i, (p, q) in enumerate(zip(a, b)):
+            g = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * s + i))
+            if p.grad is not None:
+                p.grad.copy_(g)
+                q.grad = g.clone()
+        oa.step()
+        ob.step()
+
+    for s in range(4):
+        step(s)
+    assert oa._memo, "the fast path is not taken: this test would check nothing"
+    a[1].grad, b[1].grad = None, None
+    step(4)
+    a[1].grad, b[1].grad = torch.zeros_like(a[1]), torch.zeros_like(b[1])
+    step(5)
+    a[0].grad, b[0].grad = torch.zeros_like(a[0]), torch.zeros_like(b[0])
+    step(6)
+    oa.state[a[0]][key] = torch.full_like(a[0], 0.5)
+    ob.state[b[0]][key] = torch.full_like(b[0], 0.5)
+    step(7)
+    for o in (oa, ob):
+        o.param_groups[0]["lr"] = 3e-2
+    step(8)
+    with torch.no_grad():
+        fresh = torch.randn(a[2].shape)
+        a[2].data, b[2].data = fresh.clone(), fresh.clone()
+    step(9)
+    step(10)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    for p, q in zip(a, b):
+        for k, v in oa.state[p].items():
+            assert torch.equal(v, ob.state[q][k]), k
+
+    class Seen(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Seen.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    algo = "sgd" if cls is fo.SGD else "adam"
+    with Seen():
+        oa.step()  # the default choice: reused
+    with fusedreg.use_backend("reference"), Seen():
+        oa.step()
+    assert any(f"{algo}_step_reference" in op for op in Seen.ops), Seen.ops
+
+
+@pytest.mark.parametrize("cls", [fo.AdamW, fo.SGD])
+def test_reused_buckets_keep_no_gradient_alive(cls):
+    """The buckets kept for reuse hold the gradients weakly: zero_grad(set_to_none=True) frees
+    them before the next backward (no second set of gradients in memory)."""
+    import gc
+    import weakref
+    ps = _params()
+    opt = cls(ps, lr=1e-2)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    for _ in range(4):
+        opt.step()
+    assert opt._memo, "the fast path is not taken: this test would check nothing"
+    refs = [weakref.ref(p.grad) for p in ps]
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(r() is None for r in refs)

@@ -20,12 +20,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
+#include "fusedreg/cpu/half_convert.h"
 #include "fusedreg/cpu/isa.h"
 #include "fusedreg/macros.h"
 #include "fusedreg/optim_args.h"
@@ -89,12 +91,13 @@ void parallel_spans(const Plan& plan, const F& fn) {
 // shifted up; float -> bf16: round to nearest even, any NaN to 0x7FC0), written as integer
 // operations the vectorizer takes (c10's go through memcpy and a branch on isnan, which kept
 // these loops scalar: 5-25x slower than torch's fused optimizers on bf16). Bit for bit the
-// same values. float16 keeps c10::Half's conversions.
+// same values. float16 arrays never reach the loops: half_chunks (below) converts them.
 template <typename S, typename T>
 inline FUSEDREG_ALWAYS_INLINE S load_as(const T* a, int64_t i) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     return std::bit_cast<float>(uint32_t(reinterpret_cast<const uint16_t*>(a)[i]) << 16);
   } else {
+    static_assert(!std::is_same_v<T, c10::Half>, "float16 is stepped through half_chunks");
     return static_cast<S>(a[i]);
   }
 }
@@ -109,7 +112,48 @@ inline FUSEDREG_ALWAYS_INLINE void store_as(T* a, int64_t i, S v) {
     const uint32_t nan = 0u - uint32_t((u & 0x7FFFFFFFu) > 0x7F800000u);
     reinterpret_cast<uint16_t*>(a)[i] = uint16_t(rounded ^ ((rounded ^ 0x7FC0u) & nan));
   } else {
+    static_assert(!std::is_same_v<T, c10::Half>, "float16 is stepped through half_chunks");
     a[i] = static_cast<T>(v);
+  }
+}
+
+// float16 spans: converted chunk by chunk to float scratch (fusedreg/cpu/half_convert.h:
+// the F16C instructions where the CPU has them, c10's values bit for bit), stepped by the
+// float32 loops, converted back. p and the float16 state arrays are written back; g is only
+// read; float32 state (the default) is stepped in place. The chunks stay in L1 (a 1 KiB
+// chunk of 256 floats per array), so the extra pass costs cache bandwidth, not memory
+// bandwidth: float16 steps at about the speed of bfloat16 (whose loops convert in place,
+// load_as / store_as above) instead of 8x slower through c10::Half's scalar conversions, whose
+// selects GCC also keeps in branches when written as integer arithmetic in the loops.
+constexpr int64_t kHalfChunk = 256;
+
+template <typename M, size_t NS, typename Body>
+inline void half_chunks(c10::Half* p, const c10::Half* g, const std::array<M*, NS>& state,
+                        int64_t n, const Body& body) {
+  alignas(64) float pf[kHalfChunk], gf[kHalfChunk];
+  alignas(64) float sf[NS > 0 ? NS : 1][kHalfChunk];
+  constexpr bool kHalfState = std::is_same_v<M, c10::Half>;
+  for (int64_t b = 0; b < n; b += kHalfChunk) {
+    const int64_t len = std::min(kHalfChunk, n - b);
+    cpu::half_to_float(p + b, pf, len);
+    cpu::half_to_float(g + b, gf, len);
+    std::array<float*, NS> sp{};
+    for (size_t k = 0; k < NS; ++k) {
+      if (state[k] == nullptr) continue;
+      if constexpr (kHalfState) {
+        cpu::half_to_float(state[k] + b, sf[k], len);
+        sp[k] = sf[k];
+      } else {
+        sp[k] = state[k] + b;
+      }
+    }
+    body(pf, gf, sp, len);
+    cpu::half_from_float(pf, p + b, len);
+    if constexpr (kHalfState) {
+      for (size_t k = 0; k < NS; ++k) {
+        if (state[k] != nullptr) cpu::half_from_float(sf[k], state[k] + b, len);
+      }
+    }
   }
 }
 
@@ -211,9 +255,18 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
             M* v = state_ptr<M>(exp_avg_sqs, s);
             M* vm = amsgrad ? state_ptr<M>(max_exp_avg_sqs, s) : nullptr;
             const S a = nss[s.tensor], b = bc2[s.tensor];
-            dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-              adam_loop<scalar_t, S, M, kAms, kL1>(c, a, b, p, g, m, v, vm, s.end - s.begin);
-            });
+            if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+              half_chunks(p, g, std::array<M*, 3>{m, v, vm}, s.end - s.begin,
+                          [&](float* pf, const float* gf, const std::array<float*, 3>& st, int64_t len) {
+                            dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+                              adam_loop<float, S, float, kAms, kL1>(c, a, b, pf, gf, st[0], st[1], st[2], len);
+                            });
+                          });
+            } else {
+              dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+                adam_loop<scalar_t, S, M, kAms, kL1>(c, a, b, p, g, m, v, vm, s.end - s.begin);
+              });
+            }
           });
         });
       });
@@ -242,9 +295,18 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
             scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
             const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
             M* buf = has_momentum ? state_ptr<M>(momentum_buffers, s) : nullptr;
-            dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-              sgd_loop<scalar_t, S, M, kMom, kL1>(c, p, g, buf, s.end - s.begin);
-            });
+            if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+              half_chunks(p, g, std::array<M*, 1>{buf}, s.end - s.begin,
+                          [&](float* pf, const float* gf, const std::array<float*, 1>& st, int64_t len) {
+                            dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+                              sgd_loop<float, S, float, kMom, kL1>(c, pf, gf, st[0], len);
+                            });
+                          });
+            } else {
+              dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+                sgd_loop<scalar_t, S, M, kMom, kL1>(c, p, g, buf, s.end - s.begin);
+              });
+            }
           });
         });
       });
@@ -270,9 +332,18 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
           scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
           const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
           M* m = state_ptr<M>(exp_avgs, s);
-          dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-            lion_loop<scalar_t, S, M, kL1>(c, p, g, m, s.end - s.begin);
-          });
+          if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+            half_chunks(p, g, std::array<M*, 1>{m}, s.end - s.begin,
+                        [&](float* pf, const float* gf, const std::array<float*, 1>& st, int64_t len) {
+                          dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+                            lion_loop<float, S, float, kL1>(c, pf, gf, st[0], len);
+                          });
+                        });
+          } else {
+            dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+              lion_loop<scalar_t, S, M, kL1>(c, p, g, m, s.end - s.begin);
+            });
+          }
         });
       });
     });

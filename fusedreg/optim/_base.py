@@ -19,6 +19,7 @@ not dense (a strided view) is stepped through a contiguous copy that is written 
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import operator
@@ -165,6 +166,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._check_group(defaults)
         self._verified: dict = {}  # see _state_verified
         self._grad_checked: dict = {}  # see _collect
+        self._memo: dict = {}  # see _memo_plan
+        self._memo_snapshot = None  # the state after the step that filled _memo
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -185,6 +188,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._verified = {}
         self._grad_checked = {}
+        self._memo = {}
+        self._memo_snapshot = None
         for group in self.param_groups:  # groups from torch's optimizers lack our keys
             for k, v in {**self._FUSEDREG_DEFAULTS, **self._defaults_for_old_groups}.items():
                 group.setdefault(k, v)
@@ -209,6 +214,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         saved = {k: self.__dict__[k] for k in ("state", "param_groups")}
         self._verified = {}
         self._grad_checked = {}
+        self._memo = {}
+        self._memo_snapshot = None
         try:
             ids = [i for g in state_dict["param_groups"] for i in g["params"]]
             params = [p for g in self.param_groups for p in g["params"]]
@@ -438,13 +445,105 @@ class FusedOptimizer(torch.optim.Optimizer):
             torch._C._set_grad_enabled(grad_enabled)
         return loss
 
+    def _state_snapshot(self):
+        """The state as it is, for _memo_plan: the state dict, its keys, its values (each
+        parameter's state dict) and their values, as lists of the objects themselves; None
+        when a parameter's state is not a dict. No tensor is hashed (a tensor's hash is a
+        Python call): the lists are built and compared in C."""
+        state = self.state
+        values = list(state.values())
+        try:
+            inner = list(itertools.chain.from_iterable(map(dict.values, values)))
+        except TypeError:
+            return None
+        return state, list(state), values, inner
+
+    @staticmethod
+    def _same_snapshot(a, b) -> bool:
+        is_ = operator.is_
+        return (a is not None and b is not None and a[0] is b[0]
+                and len(a[1]) == len(b[1]) and all(map(is_, a[1], b[1]))
+                and len(a[2]) == len(b[2]) and all(map(is_, a[2], b[2]))
+                and len(a[3]) == len(b[3]) and all(map(is_, a[3], b[3])))
+
+    def _memo_plan(self, group: dict, choice):
+        """The buckets of the last step of ``group`` when nothing they were built from has
+        changed — the caller has checked that the optimizer's state holds the same objects as
+        after that step (no state created, replaced or loaded since: _state_snapshot) — and
+        here: the same parameters in the same list, each with the same gradient object (or
+        None), the same data under the stepped ones and their gradients (data pointers), the
+        same backend choice (``choice``, fusedreg.use_backend). The buckets passed every check
+        of _collect then, so they pass them now; anything else (a new gradient object, a
+        DTensor or strided parameter, a gradient copied to the parameter's layout) goes
+        through _collect. For many small parameters this is most of the step's host time: a
+        few list passes in C instead of a Python loop of checks per parameter."""
+        memo = self._memo.get(id(group))
+        if memo is None:
+            return None
+        mgroup, params, plist, grad_refs, live, pptrs, gptrs, buckets, mchoice = memo
+        now = group["params"]
+        is_ = operator.is_
+        if (mgroup is not group or now is not params or mchoice != choice
+                or len(now) != len(plist) or not all(map(is_, now, plist))
+                or not all(map(is_, [p.grad for p in now],
+                               [r if r is None else _FREED if (g := r()) is None else g
+                                for r in grad_refs]))
+                or list(map(_data_ptr, live)) != pptrs):
+            return None
+        for b in buckets.values():  # the memo holds no gradient (weak references only)
+            b.lgrads = [p.grad for p in b.params]
+        if [g.data_ptr() for b in buckets.values() for g in b.lgrads] != gptrs:
+            return None
+        return buckets
+
+    def _remember_plan(self, plan, before) -> None:
+        """Keeps each group's buckets for _memo_plan when the step created, fixed or checked
+        no state (``before``, the snapshot taken before it, still holds; None when something
+        was fixed or checked) and every bucket holds plain dense tensors stepped as they are."""
+        after = self._state_snapshot()
+        self._memo.clear()
+        self._memo_snapshot = None
+        if not self._same_snapshot(before, after):
+            return
+        self._memo_snapshot = after
+        choice = backends.get_backend()
+        is_ = operator.is_
+        for group, buckets in plan:
+            live, live_grads = [], []
+            for b in buckets.values():
+                if b.strided or b.distributed or not all(map(is_, b.params, b.lparams)) \
+                        or not all(map(is_, [p.grad for p in b.params], b.lgrads)):
+                    break  # (a gradient copied to the parameter's layout)
+                live += b.params
+                live_grads += b.lgrads
+            else:
+                # the gradients weakly (a gradient freed by zero_grad(set_to_none=True) must
+                # not be kept alive through the next backward): refilled at each reuse
+                params = group["params"]
+                refs = [None if p.grad is None else weakref.ref(p.grad) for p in params]
+                gptrs = list(map(_data_ptr, live_grads))
+                for b in buckets.values():
+                    b.lgrads = None
+                self._memo[id(group)] = (group, params, list(params), refs, live,
+                                         list(map(_data_ptr, live)), gptrs, buckets, choice)
+
     def _step(self) -> None:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        # Phase 1: validate everything.
+        # Phase 1: validate everything (or reuse the last step's validated buckets).
         fixes: list = []
         checked: list = []
-        plan = [(group, self._collect(group, fixes, checked)) for group in self.param_groups]
+        snapshot = self._state_snapshot()
+        memo = self._memo if self._same_snapshot(self._memo_snapshot, snapshot) else None
+        choice = backends.get_backend() if memo else None
+        plan, memo_hits = [], 0
+        for group in self.param_groups:
+            buckets = self._memo_plan(group, choice) if memo else None
+            if buckets is None:
+                buckets = self._collect(group, fixes, checked)
+            else:
+                memo_hits += 1
+            plan.append((group, buckets))
         for st, k, v in fixes:
             st[k] = v
         for p in checked:
@@ -479,6 +578,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 step_bucket(op, group, b, lps, lgs, amp)
                 for i in b.strided:
                     b.lparams[i].copy_(lps[i])
+        if memo_hits != len(plan):
+            self._remember_plan(plan, snapshot if not fixes and not checked else None)
+        for _, buckets in plan:  # reused buckets keep no gradient alive until the next step
+            for b in buckets.values():
+                b.lgrads = None
 
     # ---- capturable=True ------------------------------------------------------------------------
     _CAPTURABLE_ALGO: str | None = None  # the registry's op of the capturable step, if any
@@ -522,13 +626,20 @@ class _Bucket:
     stepped through a contiguous copy) and ``distributed`` (whether any parameter is a
     DTensor, stepped as its local shard)."""
 
-    __slots__ = ("backend", "params", "lparams", "lgrads", "states", "strided", "distributed")
+    __slots__ = ("backend", "params", "lparams", "lgrads", "states", "strided", "distributed",
+                 "memo")
 
     def __init__(self, backend: str) -> None:
         self.backend = backend
         self.params, self.lparams, self.lgrads, self.states, self.strided = [], [], [], [], []
         self.distributed = False
+        # an optimizer's per-bucket lists of state tensors, kept while the bucket is reused
+        # (FusedOptimizer._memo_plan: no state has changed since)
+        self.memo = None
 
+
+_data_ptr = Tensor.data_ptr
+_FREED = object()  # what a reference to a freed gradient stands for: no gradient is it
 
 
 def _host_amp(grad_scale, found_inf):

@@ -58,9 +58,12 @@ class Adam(FusedOptimizer):
         """The state lists of a bucket, allocating missing state (torch's lazy init): step
         counts on the CPU, or on the parameter's device with capturable (a fill there)."""
         amsgrad = bool(group["amsgrad"])
+        step_device = _step_device(lps[0], group)  # one device per bucket
+        memo = bucket.memo
+        if memo is not None and memo[0] == (amsgrad, step_device):
+            return memo[1]  # a reused bucket: no state has changed since these lists were made
         exp_avgs, exp_avg_sqs, max_sqs, step_ts = [], [], [], []
         state = self.state
-        step_device = _step_device(lps[0], group)  # one device per bucket
         on_cpu = step_device.type == "cpu"
         for p, st in zip(bucket.params, bucket.states):
             if not st:  # no state yet: torch's lazy initialization
@@ -82,6 +85,9 @@ class Adam(FusedOptimizer):
         if bucket.distributed:  # DTensor parameters: their state is stepped as local shards
             exp_avgs, exp_avg_sqs, max_sqs = ([_local(t) for t in ts]
                                               for ts in (exp_avgs, exp_avg_sqs, max_sqs))
+        # kept for a reuse of this bucket, which happens only while the state is unchanged
+        # (a state created or moved above changes it: the next step builds new buckets)
+        bucket.memo = ((amsgrad, step_device), (exp_avgs, exp_avg_sqs, max_sqs, step_ts))
         return exp_avgs, exp_avg_sqs, max_sqs, step_ts
 
     def _step_bucket_capturable(self, op, group, bucket, lps, lgs, amp):

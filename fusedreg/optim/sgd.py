@@ -49,6 +49,9 @@ class SGD(FusedOptimizer):
         if momentum == 0.0:
             op(lps, lgs, [], first_step=False, **hyper)
             return
+        if bucket.memo is not None:  # a reused bucket: its buffers, as the last step found them
+            op(lps, lgs, bucket.memo, first_step=False, **hyper)
+            return
         # Parameters whose buffer is new take buf = g (first_step); one call per kind.
         state = self.state
         bufs, new = [], []
@@ -61,6 +64,7 @@ class SGD(FusedOptimizer):
         if bucket.distributed:
             bufs = [_local(b) for b in bufs]
         if not new:  # the usual step: every buffer exists, one call
+            bucket.memo = bufs
             op(lps, lgs, bufs, first_step=False, **hyper)
             return
         is_new = set(new)
