@@ -24,6 +24,8 @@
 #include <tuple>
 #include <vector>
 
+#include "fusedreg/cpu/direct.h"
+
 namespace fusedreg {
 PyMethodDef* optim_direct_methods();  // csrc/cpu/optim.cpp
 
@@ -37,26 +39,7 @@ PyMethodDef* optim_direct_methods();  // csrc/cpu/optim.cpp
 // reach the CPU kernel through the dispatcher too, and the caller makes that torch.ops call.
 namespace {
 
-// The keys of a plain CPU tensor (Tensor or Parameter): anything else goes through torch.ops.
-const c10::DispatchKeySet kPlainCpu{c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
-                                    c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU};
-// The keys every thread includes by default; any other included key (functorch's layers, a
-// Python mode's, the jit tracer's) means the dispatcher would not go straight to the kernel.
-const c10::DispatchKeySet kDefaultIncluded{c10::DispatchKey::BackendSelect,
-                                           c10::DispatchKey::ADInplaceOrView};
-
-bool row_direct_allowed() {
-  return c10::impl::TorchDispatchModeTLS::stack_len() == 0 &&
-         at::impl::PythonTorchFunctionTLS::stack_len() == 0 &&
-         (c10::impl::tls_local_dispatch_key_set().included_ - kDefaultIncluded).empty();
-}
-
-bool plain_cpu_tensor(PyObject* obj) {
-  if (!THPVariable_CheckExact(obj)) return false;
-  const c10::DispatchKeySet ks = THPVariable_Unpack(obj).key_set();
-  return ks.has(c10::DispatchKey::CPU) && (ks | kPlainCpu) == kPlainCpu;
-}
-
+using cpu::plain_cpu_tensor;
 // One positional argument by the kernel's parameter type: parse() is false (nothing raised)
 // when the object is not what the direct call takes.
 template <typename T>
@@ -164,7 +147,7 @@ struct RowDirect<R(A...)> {
   template <const char* kName>
   static PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     HANDLE_TH_ERRORS
-    if (nargs != Py_ssize_t(sizeof...(A)) || !row_direct_allowed()) Py_RETURN_NONE;
+    if (nargs != Py_ssize_t(sizeof...(A)) || !cpu::direct_call_allowed()) Py_RETURN_NONE;
     std::tuple<RowArg<A>...> parsed;
     const bool ok = std::apply(
         [&](auto&... arg) {
@@ -212,7 +195,7 @@ constexpr char kBiasDropoutBwd[] = "fusedreg::bias_dropout_bwd";
 // makes the torch.randint call those see.
 PyObject* draw_seed(PyObject*, PyObject* const*, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 0 || !row_direct_allowed()) Py_RETURN_NONE;
+  if (nargs != 0 || !cpu::direct_call_allowed()) Py_RETURN_NONE;
   return THPVariable_Wrap(at::randint(std::numeric_limits<int64_t>::max(), {}, at::kLong));
   END_HANDLE_TH_ERRORS
 }
@@ -230,7 +213,7 @@ PyObject* draw_seed(PyObject*, PyObject* const*, Py_ssize_t nargs) {
 // checks and routes the call as always.
 PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 8 || !row_direct_allowed()) Py_RETURN_NONE;
+  if (nargs != 8 || !cpu::direct_call_allowed()) Py_RETURN_NONE;
   RowArg<const at::Tensor&> x;
   RowArg<int64_t> n, limit, limit_grad;
   RowArg<const std::optional<at::Tensor>&> weight, bias;

@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "fusedreg/cpu/direct.h"
 #include "fusedreg/cpu/half_convert.h"
 #include "fusedreg/cpu/isa.h"
 #include "fusedreg/macros.h"
@@ -370,20 +371,7 @@ TORCH_LIBRARY_IMPL(fusedreg, CPU, m) {
 // caller then makes the torch.ops call. Arguments are positional, in the schema's order.
 namespace {
 
-// The keys of a plain CPU tensor (Tensor or Parameter): anything else goes through torch.ops.
-const c10::DispatchKeySet kPlainCpu{c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
-                                    c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU};
-
-// The keys every thread includes by default; any other included key (functorch's layers, a
-// Python mode's) means the dispatcher would not go straight to the CPU kernel.
-const c10::DispatchKeySet kDefaultIncluded{c10::DispatchKey::BackendSelect,
-                                           c10::DispatchKey::ADInplaceOrView};
-
-bool direct_allowed() {
-  return c10::impl::TorchDispatchModeTLS::stack_len() == 0 &&
-         at::impl::PythonTorchFunctionTLS::stack_len() == 0 &&
-         (c10::impl::tls_local_dispatch_key_set().included_ - kDefaultIncluded).empty();
-}
+using cpu::direct_call_allowed;
 
 // A list of plain CPU tensors as a vector, or false (nothing parsed is kept).
 bool tensor_list(PyObject* obj, std::vector<at::Tensor>& out) {
@@ -393,11 +381,8 @@ bool tensor_list(PyObject* obj, std::vector<at::Tensor>& out) {
   PyObject** items = PySequence_Fast_ITEMS(seq);
   out.reserve(size_t(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!THPVariable_CheckExact(items[i])) return false;
-    const at::Tensor& t = THPVariable_Unpack(items[i]);
-    const c10::DispatchKeySet ks = t.key_set();
-    if (!ks.has(c10::DispatchKey::CPU) || (ks | kPlainCpu) != kPlainCpu) return false;
-    out.push_back(t);
+    if (!cpu::plain_cpu_tensor(items[i])) return false;
+    out.push_back(THPVariable_Unpack(items[i]));
   }
   return true;
 }
@@ -451,7 +436,7 @@ struct Direct<void (*)(A...)> {
   template <void (*Op)(A...), const char* kName>
   static PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     HANDLE_TH_ERRORS
-    if (!direct_allowed() || nargs != Py_ssize_t(sizeof...(A))) Py_RETURN_FALSE;
+    if (!direct_call_allowed() || nargs != Py_ssize_t(sizeof...(A))) Py_RETURN_FALSE;
     std::tuple<DirectArg<A>...> parsed;
     const bool ok = std::apply(
         [&](auto&... arg) {
