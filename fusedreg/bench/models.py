@@ -16,7 +16,8 @@ them alike, medians reported:
   the other runs all step ``torch.optim.AdamW`` (on CPU its default is the per-tensor loop),
   so their ratios measure the patch alone.
 
-It also reports, from one training forward of ``fusedreg.patch(model)`` (eager, no fusion),
+It also reports, from one training forward of ``fusedreg.patch(model)`` (eager, no fusion) at
+the timed batch and sequence length,
 the dropout calls that ran fused and those left in torch, and the norms patched out of the
 norm modules the model has; and the losses at dropout 0 of every run against ``torch``'s.
 Needs transformers and timm (the ``test`` extra).
@@ -99,14 +100,15 @@ def _norm_modules(model) -> int:
                if "norm" in type(m).__name__.lower() and "batch" not in type(m).__name__.lower())
 
 
-def coverage(name: str, width: int, layers: int):
-    """Dropout calls fused / left in torch in one training forward of patch(model), and norms
-    patched / norm modules."""
+def coverage(name: str, width: int, layers: int, batch_size: int, seq: int):
+    """Dropout calls fused / left in torch in one training forward of patch(model) at the timed
+    batch and sequence length (what is fused can depend on the size: small SDPA calls stay
+    torch's), and norms patched / norm modules."""
     model, batch, loss, _ = build(name, 0.1, width, layers)
     norms = _norm_modules(model)
     fusedreg.patch(model)
     model.train()
-    loss(model, batch(2, 16, torch.Generator().manual_seed(0)))
+    loss(model, batch(batch_size, seq, torch.Generator().manual_seed(0)))
     r = report(model)
     fused = sum(v["fused"] for v in r.dropout_calls.values())
     left = sum(v["left in torch"] for v in r.dropout_calls.values())
@@ -237,7 +239,7 @@ def main(argv=None) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     details = []
     for name in names:
-        fused, left, patched, norms, r = coverage(name, args.width, args.layers)
+        fused, left, patched, norms, r = coverage(name, args.width, args.layers, args.batch, args.seq)
         details.append(f"{name}: {r}")
         tps = measure(name, args.dropout, args.width, args.layers, args.batch, args.seq,
                       args.steps, args.warmup)
