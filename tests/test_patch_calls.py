@@ -241,7 +241,7 @@ def test_sdpa_dropout_is_torchs_math_with_the_seeded_mask(case, chain_at_every_s
     elif case == "float mask":
         mask, scale = torch.randn(2, 1, L, S, generator=g, dtype=dtype), 0.2
     qkv = [t.clone().requires_grad_() for t in (q, k, v)]
-    model = fusedreg.patch(nn.Module())  # the call-site mode runs during its forward
+    model = fusedreg.patch(nn.Module())  # the call-site routing runs during its forward
     model.forward = lambda: TF.scaled_dot_product_attention(*qkv, attn_mask=mask, dropout_p=0.3,
                                                             is_causal=case == "causal", scale=scale)
     torch.manual_seed(6)

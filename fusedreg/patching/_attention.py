@@ -17,7 +17,7 @@ float32/float64 CPU tensors of one dtype, equal batch and head dims (no GQA broa
 autocast, torch.compile/jit tracing, torch.func transforms and forward-mode AD, and (eagerly)
 with at least ``MIN_SCORES`` attention scores, below which torch's own call is faster; every
 other call, and every call torch would refuse, is torch's own (same result, same errors). Used by the
-dropout call-site mode (``_calls.py``) and by the FX pass of ``patch(model, fuse=True)``.
+dropout call-site routing (``_calls.py``) and by the FX pass of ``patch(model, fuse=True)``.
 """
 from __future__ import annotations
 
