@@ -62,7 +62,15 @@ def fuse_small_layer_norms(monkeypatch):
     monkeypatch.setitem(backends.AUTO_TORCH_BELOW["layer_norm"], "cpu", (0, 0))
 
 
-def test_block_patterns_are_fused_and_equal_unpatched_at_dropout_0(fuse_small_layer_norms):
+@pytest.fixture
+def fuse_small_activations(monkeypatch):
+    """Small blocks: let the pass replace bias + gelu_tanh without a dropout at their size
+    (the size limit itself is tested on its own below)."""
+    monkeypatch.setitem(fx.ACT_WITHOUT_DROPOUT, "cpu", {"gelu_tanh": 0})
+
+
+def test_block_patterns_are_fused_and_equal_unpatched_at_dropout_0(fuse_small_layer_norms,
+                                                                     fuse_small_activations):
     torch._dynamo.reset()
     block = make_block(p=0.0).train()
     ref = copy.deepcopy(block)
@@ -96,7 +104,7 @@ def test_small_layer_norms_stay_torchs_under_auto(monkeypatch, limit):
         assert fused.get(fx.NORM, 0) == (0 if kept else 1)
 
 
-def test_block_masks_are_fusedregs_seeded_ones():
+def test_block_masks_are_fusedregs_seeded_ones(fuse_small_activations):
     # the fused graph draws one seed per dropout in the model's order, like eager fusedreg
     torch._dynamo.reset()
     eager, fused = fusedreg.patch(make_block()).train(), fusedreg.patch(make_block(), fuse=True).train()
@@ -113,6 +121,22 @@ def test_block_masks_are_fusedregs_seeded_ones():
     stats = report(fused).fusions
     assert stats[fx.DROPOUT_ADD_NORM] == 2 and stats[fx.BIAS_ACT] == 1
     assert not torch.equal(outs[0][0], make_block().eval()(x))  # dropout acted
+
+
+@pytest.mark.parametrize("rows", [7, 600])
+def test_bias_activation_without_dropout_replaced_from_its_size_limit(rows):
+    # bias + gelu_tanh with no dropout after it: torch's nodes below the CPU limit (fusedreg's
+    # call costs more than torch's activation there), fusedreg's fused op from it up; the
+    # result is the unpatched block's either way
+    torch._dynamo.reset()
+    limit = fx.ACT_WITHOUT_DROPOUT["cpu"]["gelu_tanh"]
+    block = make_block(p=0.0).train()
+    ref = copy.deepcopy(block)
+    fusedreg.patch(block, fuse=True)
+    x = x_of((1, rows, 32))
+    assert (rows * 64 >= limit) == (rows == 600)  # the up projection's output: 64 wide
+    torch.testing.assert_close(block(x), ref(x), **PATCHED_MODEL[torch.float32])
+    assert report(block).fusions.get(fx.BIAS_ACT, 0) == (1 if rows * 64 >= limit else 0)
 
 
 def test_unpatch_removes_the_fusion():
@@ -190,7 +214,7 @@ CHEAP = ("bert", "llama", "vit")
 
 @pytest.mark.parametrize("name", [n if n in CHEAP else pytest.param(n, marks=pytest.mark.slow)
                                   for n in EXPECTED])
-def test_real_model_fused_eagerly(name):
+def test_real_model_fused_eagerly(name, fuse_small_activations):
     # with dropout, training: the fused graph's loss equals the patched eager model's from the
     # same torch seed (same seeded masks, one seed per dropout in the model's order) and,
     # through it, the unpatched model's function; the fused ops ran; gradients flow
