@@ -27,6 +27,7 @@ from ._seed import seed_tensor, unused_seed
 from .ops.batch_norm import BatchNormConfig as _BatchNormConfig
 from .ops.batch_norm import batch_norm_act as _batch_norm_fused
 from .ops.bias_dropout import BiasDropoutConfig, BiasDropoutFunction
+from .ops.bias_dropout import apply as _bias_dropout_apply
 from .ops.bias_dropout import run_forward as _bias_dropout_forward
 from .ops.layer_norm import LayerNormConfig, LayerNormFunction
 from .ops.layer_norm import run_forward as _layer_norm_forward
@@ -190,6 +191,8 @@ def bias_dropout(x, bias=None, residual=None, p: float = 0.5, training: bool = T
     config = BiasDropoutConfig(p, act, backends.resolve_type("bias_dropout", _device_type(x)))
     if route == _OP:
         return _bias_dropout_forward(x, bias, residual, seed_t, config)
+    if route == _FUNCTION:
+        return _bias_dropout_apply(x, bias, residual, seed_t, config)
     return BiasDropoutFunction.apply(x, bias, residual, seed_t, config)
 
 
@@ -216,6 +219,8 @@ def dropout(x, p: float = 0.5, training: bool = True, seed=None, inplace: bool =
         config = BiasDropoutConfig(p, 0, backends.resolve_type("bias_dropout", _device_type(x)))
         if route == _OP:
             out = _bias_dropout_forward(x, None, None, seed_t, config)
+        elif route == _FUNCTION:
+            out = _bias_dropout_apply(x, None, None, seed_t, config)
         else:
             out = BiasDropoutFunction.apply(x, None, None, seed_t, config)
     if inplace:

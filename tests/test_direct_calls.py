@@ -164,3 +164,77 @@ def test_functions_give_the_same_through_direct_calls_and_torch_ops(monkeypatch)
         fast = run()
         monkeypatch.setattr(_common, "_DIRECT", {})  # every call through torch.ops
         assert _same(run(), fast)
+
+
+def _through(node_on, monkeypatch, fn):
+    """fn() with bias_dropout's C++ autograd node serving the cpu backend (node_on) or the
+    Python BiasDropoutFunction doing so."""
+    from fusedreg.ops import bias_dropout as bd
+    with monkeypatch.context() as m:
+        if not node_on:
+            m.setattr(bd, "_CPU_NODE", None)
+        with fusedreg.use_backend("cpu"):
+            return fn()
+
+
+# every combination of operands given and needing a gradient: the node's needs_input_grad
+# counts tensor inputs only, so a missing bias or residual shifts the others
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("given", ["x", "x+bias", "x+res", "x+bias+res"])
+@pytest.mark.parametrize("grads", ["all", "x only", "operands only"])
+def test_bias_dropout_node_equals_the_python_function(monkeypatch, activation, given, grads):
+    from fusedreg import functional as F
+    shape = (3, 37)
+    x, b, r, dy = (_data(shape, torch.float32, 1), _data(shape[-1:], torch.float32, 2),
+                   _data(shape, torch.float32, 3), _data(shape, torch.float32, 4))
+
+    def run():
+        ins = {"x": x.clone(), "bias": b.clone() if "bias" in given else None,
+               "residual": r.clone() if "res" in given else None}
+        for name, t in ins.items():
+            if t is not None and (grads == "all" or name == "x"
+                                  or (grads == "operands only" and name != "x")):
+                t.requires_grad_()
+        if not any(t is not None and t.requires_grad for t in ins.values()):
+            ins["x"].requires_grad_()
+        y = F.bias_dropout(ins["x"], ins["bias"], ins["residual"], p=0.3, activation=activation,
+                           seed=11)
+        wanted = [t for t in ins.values() if t is not None and t.requires_grad]
+        return [y, *torch.autograd.grad(y, wanted, dy)], type(y.grad_fn).__name__
+
+    (fast, node), (slow, fn) = (_through(True, monkeypatch, run), _through(False, monkeypatch, run))
+    assert "BiasDropoutFunction" in fn and "BiasDropoutFunction" not in node  # each path ran
+    assert _same(fast, slow)
+
+
+def test_bias_dropout_node_double_backward_and_graph_rules(monkeypatch):
+    from fusedreg import functional as F
+    x, b = _data((4, 16), torch.float32, 1), _data((16,), torch.float32, 2)
+
+    def second_order():
+        xs, bs = x.clone().requires_grad_(), b.clone().requires_grad_()
+        y = F.bias_dropout(xs, bs, p=0.25, activation="gelu_tanh", seed=3)
+        gx, gb = torch.autograd.grad(y.square().sum(), (xs, bs), create_graph=True)
+        return [gx, gb, *torch.autograd.grad(gx.sum() + gb.square().sum(), (xs, bs))]
+
+    assert _same(_through(True, monkeypatch, second_order), _through(False, monkeypatch, second_order))
+
+    def rules(node_on):
+        xs = x.clone().requires_grad_()
+        y = F.dropout(xs, 0.5, seed=9)
+        y.sum().backward()
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            y.sum().backward()
+        # saved-tensor hooks (what activation checkpointing uses) see the saved seed
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+            z = F.bias_dropout(x.clone().requires_grad_(), None, None, p=0.5, seed=9)
+        assert packed and ("BiasDropoutFunction" in type(z.grad_fn).__name__) != node_on
+        # under a dispatch mode the call declines to the Python Function (the mode sees the ops)
+        with _Mode():
+            w = F.dropout(x.clone().requires_grad_(), 0.5, seed=9)
+        assert "BiasDropoutFunction" in type(w.grad_fn).__name__
+        return xs.grad
+
+    assert torch.equal(_through(True, monkeypatch, lambda: rules(True)),
+                       _through(False, monkeypatch, lambda: rules(False)))

@@ -122,6 +122,31 @@ class BiasDropoutFunction(torch.autograd.Function):
         return grad_x, grad_bias, grad_out if need_residual else None, None, None
 
 
+def _cpu_node():
+    """fusedreg._C.bias_dropout_train (the Function below as a C++ autograd node, csrc/ops.cpp),
+    or None without the extension."""
+    if not backends.extension_available():
+        return None
+    import fusedreg._C as ext
+    return getattr(ext, "bias_dropout_train", None)
+
+
+_CPU_NODE = _cpu_node()
+
+
+def apply(x, bias, residual, seed, config: BiasDropoutConfig):
+    """``BiasDropoutFunction.apply`` for arguments the functional API checked, in an eager call
+    that records a backward: for the cpu backend on plain CPU tensors the same computation as a
+    C++ autograd node (``fusedreg._C.bias_dropout_train``: the Python Function's apply and
+    backward cost more than a small dropout's kernels); anything else, or a declined call, the
+    Function."""
+    if _CPU_NODE is not None and config.backend == "cpu":
+        out = _CPU_NODE(x, bias, residual, config.p, config.activation, seed)
+        if out is not None:
+            return out
+    return BiasDropoutFunction.apply(x, bias, residual, seed, config)
+
+
 def check_config(config) -> None:
     """The config's values, for callers of ``BiasDropoutFunction.apply`` that skip the
     functional API's checks: a clear error instead of a kernel given nonsense."""
