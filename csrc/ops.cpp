@@ -314,8 +314,9 @@ struct BiasDropoutNode : public torch::autograd::Function<BiasDropoutNode> {
       };
       if (at::GradMode::is_enabled()) {  // create_graph: a differentiable backward
         pybind11::gil_scoped_acquire gil;
-        static const pybind11::handle module =
-            pybind11::module_::import("fusedreg.ops.bias_dropout").release();
+        // looked up per call (a sys.modules hit): a function-local static initialized under
+        // the GIL can deadlock against another thread's import
+        const pybind11::module_ module = pybind11::module_::import("fusedreg.ops.bias_dropout");
         pybind11::object config = module.attr("BiasDropoutConfig")(p, activation, "cpu");
         pybind11::tuple r = module.attr("_differentiable_backward")(
             grad_out, opt(saved[0]), opt(saved[1]), saved[2], config, need_x, want_bias);
