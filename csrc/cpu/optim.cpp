@@ -23,6 +23,7 @@
 #include <array>
 #include <bit>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -92,13 +93,13 @@ void parallel_spans(const Plan& plan, const F& fn) {
 // shifted up; float -> bf16: round to nearest even, any NaN to 0x7FC0), written as integer
 // operations the vectorizer takes (c10's go through memcpy and a branch on isnan, which kept
 // these loops scalar: 5-25x slower than torch's fused optimizers on bf16). Bit for bit the
-// same values. float16 arrays never reach the loops: half_chunks (below) converts them.
+// same values. float16 arrays never reach the loops: half_span (below) converts them.
 template <typename S, typename T>
 inline FUSEDREG_ALWAYS_INLINE S load_as(const T* a, int64_t i) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     return std::bit_cast<float>(uint32_t(reinterpret_cast<const uint16_t*>(a)[i]) << 16);
   } else {
-    static_assert(!std::is_same_v<T, c10::Half>, "float16 is stepped through half_chunks");
+    static_assert(!std::is_same_v<T, c10::Half>, "float16 is stepped through half_span");
     return static_cast<S>(a[i]);
   }
 }
@@ -113,19 +114,25 @@ inline FUSEDREG_ALWAYS_INLINE void store_as(T* a, int64_t i, S v) {
     const uint32_t nan = 0u - uint32_t((u & 0x7FFFFFFFu) > 0x7F800000u);
     reinterpret_cast<uint16_t*>(a)[i] = uint16_t(rounded ^ ((rounded ^ 0x7FC0u) & nan));
   } else {
-    static_assert(!std::is_same_v<T, c10::Half>, "float16 is stepped through half_chunks");
+    static_assert(!std::is_same_v<T, c10::Half>, "float16 is stepped through half_span");
     a[i] = static_cast<T>(v);
   }
 }
 
-// float16 spans: converted chunk by chunk to float scratch (fusedreg/cpu/half_convert.h:
-// the F16C instructions where the CPU has them, c10's values bit for bit), stepped by the
-// float32 loops, converted back. p and the float16 state arrays are written back; g is only
-// read; float32 state (the default) is stepped in place. The chunks stay in L1 (a 1 KiB
-// chunk of 256 floats per array), so the extra pass costs cache bandwidth, not memory
-// bandwidth: float16 steps at about the speed of bfloat16 (whose loops convert in place,
-// load_as / store_as above) instead of 8x slower through c10::Half's scalar conversions, whose
-// selects GCC also keeps in branches when written as integer arithmetic in the loops.
+// float16 spans. At the AVX-512 level (half_blocks_avx512) the loop is one pass over blocks
+// of 16 elements: each array's block is converted to float in registers (vcvtph2ps; masked
+// loads for a tail), stepped by the same float32 loop on those 16 values, converted back
+// (vcvtps2ph, NaN lanes made c10's sign | 0x7E00) and stored (masked for a tail). One pass
+// matters because AdamW's float32 step is bound by the divider (two divisions and a square
+// root per element): conversions in the same loop run on the other ports while it works,
+// where separate conversion passes (half_chunks, below) added their whole time to the step
+// (fp16 AdamW with fp16 state was 0.53x torch's fused, which also converts in its loop).
+// Below AVX-512 (or capped by FUSEDREG_CPU_ISA) half_chunks runs: each chunk converted to
+// float scratch (fusedreg/cpu/half_convert.h: the F16C instructions where the CPU has them,
+// c10's values bit for bit), stepped by the float32 loops, converted back. Both give c10's
+// values bit for bit, and the same float32 math: the same bits. p and the float16 state
+// arrays are written back; g is only read; float32 state (the default) is stepped in its
+// arrays (half_chunks) or loaded and stored with the block (half_blocks_avx512).
 constexpr int64_t kHalfChunk = 256;
 
 template <typename M, size_t NS, typename Body>
@@ -148,7 +155,7 @@ inline void half_chunks(c10::Half* p, const c10::Half* g, const std::array<M*, N
         sp[k] = state[k] + b;
       }
     }
-    body(pf, gf, sp, len);
+    dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE { body(pf, gf, sp, len); });
     cpu::half_from_float(pf, p + b, len);
     if constexpr (kHalfState) {
       for (size_t k = 0; k < NS; ++k) {
@@ -156,6 +163,92 @@ inline void half_chunks(c10::Half* p, const c10::Half* g, const std::array<M*, N
       }
     }
   }
+}
+
+#if FUSEDREG_X86_DISPATCH
+// n (a multiple of 16) elements in blocks of 16: each block's arrays loaded and converted
+// into pf, gf and sf, stepped by body(pf, gf, sp, 16) — inlined here, compiled for AVX-512,
+// its loop of 16 one vector iteration — converted back and stored. The scratch arrays are
+// locals the compiler keeps in registers. The body is taken by value and the ops' lambdas
+// capture by value, so that their constants are locals here that no store can alias (kept in
+// registers rather than reloaded after each block's stores). sp holds sf's rows whether a
+// state array is present or not (the body reads only the ones it has), so that the compiler
+// sees where they point.
+template <typename M, size_t NS, typename Body>
+FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void half_blocks_avx512(
+    c10::Half* p, const c10::Half* g, const std::array<M*, NS> state, int64_t n, const Body body) {
+  constexpr int64_t kB = cpu::kHalfBlock;
+  alignas(64) float pf[kB], gf[kB];
+  alignas(64) float sf[NS > 0 ? NS : 1][kB];
+  std::array<float*, NS> sp{};
+  for (size_t k = 0; k < NS; ++k) sp[k] = sf[k];
+  for (int64_t b = 0; b < n; b += kB) {
+    _mm512_store_ps(pf, cpu::half16_load(p + b));
+    _mm512_store_ps(gf, cpu::half16_load(g + b));
+    for (size_t k = 0; k < NS; ++k) {
+      if (state[k] == nullptr) continue;
+      if constexpr (std::is_same_v<M, c10::Half>) {
+        _mm512_store_ps(sf[k], cpu::half16_load(state[k] + b));
+      } else {
+        _mm512_store_ps(sf[k], _mm512_loadu_ps(state[k] + b));
+      }
+    }
+    body(pf, gf, sp, std::integral_constant<int64_t, kB>{});
+    cpu::half16_store(p + b, _mm512_load_ps(pf));
+    for (size_t k = 0; k < NS; ++k) {
+      if (state[k] == nullptr) continue;
+      if constexpr (std::is_same_v<M, c10::Half>) {
+        cpu::half16_store(state[k] + b, _mm512_load_ps(sf[k]));
+      } else {
+        _mm512_storeu_ps(state[k] + b, _mm512_load_ps(sf[k]));
+      }
+    }
+  }
+}
+
+// The last n % 16 elements: copied into zero-padded blocks of 16, stepped by the same
+// half_blocks_avx512 (the same machine code as every other block: a tail compiled apart may
+// contract a different product into an FMA, and so round differently), copied back.
+template <typename M, size_t NS, typename Body>
+void half_tail_avx512(c10::Half* p, const c10::Half* g, const std::array<M*, NS>& state,
+                      int64_t len, const Body& body) {
+  constexpr int64_t kB = cpu::kHalfBlock;
+  c10::Half tp[kB] = {}, tg[kB] = {};
+  M ts[NS > 0 ? NS : 1][kB] = {};
+  std::array<M*, NS> tstate{};
+  std::memcpy(tp, p, size_t(len) * sizeof(c10::Half));
+  std::memcpy(tg, g, size_t(len) * sizeof(c10::Half));
+  for (size_t k = 0; k < NS; ++k) {
+    if (state[k] == nullptr) continue;
+    std::memcpy(ts[k], state[k], size_t(len) * sizeof(M));
+    tstate[k] = ts[k];
+  }
+  half_blocks_avx512(tp, tg, tstate, kB, body);
+  std::memcpy(p, tp, size_t(len) * sizeof(c10::Half));
+  for (size_t k = 0; k < NS; ++k) {
+    if (state[k] != nullptr) std::memcpy(state[k], ts[k], size_t(len) * sizeof(M));
+  }
+}
+#endif
+
+// A float16 span: half_blocks_avx512 at the AVX-512 level, else half_chunks. body(pf, gf, sp,
+// len) runs the float32 loop on len values (len an int64_t or an integral_constant).
+template <typename M, size_t NS, typename Body>
+inline void half_span(c10::Half* p, const c10::Half* g, const std::array<M*, NS>& state,
+                      int64_t n, const Body& body) {
+#if FUSEDREG_X86_DISPATCH
+  if (cpu::cpu_has_avx512()) {
+    const int64_t full = n - n % cpu::kHalfBlock;
+    if (full > 0) half_blocks_avx512(p, g, state, full, body);
+    if (full < n) {
+      std::array<M*, NS> rest{};
+      for (size_t k = 0; k < NS; ++k) rest[k] = state[k] == nullptr ? nullptr : state[k] + full;
+      half_tail_avx512(p + full, g + full, rest, n - full, body);
+    }
+    return;
+  }
+#endif
+  half_chunks(p, g, state, n, body);
 }
 
 // ---- the loops (force-inlined into each instruction-set variant of the dispatch) --------
@@ -257,12 +350,11 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
             M* vm = amsgrad ? state_ptr<M>(max_exp_avg_sqs, s) : nullptr;
             const S a = nss[s.tensor], b = bc2[s.tensor];
             if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-              half_chunks(p, g, std::array<M*, 3>{m, v, vm}, s.end - s.begin,
-                          [&](float* pf, const float* gf, const std::array<float*, 3>& st, int64_t len) {
-                            dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+              half_span(p, g, std::array<M*, 3>{m, v, vm}, s.end - s.begin,
+                        [=](float* pf, const float* gf, const std::array<float*, 3>& st, auto len)
+                            FUSEDREG_ALWAYS_INLINE {
                               adam_loop<float, S, float, kAms, kL1>(c, a, b, pf, gf, st[0], st[1], st[2], len);
                             });
-                          });
             } else {
               dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
                 adam_loop<scalar_t, S, M, kAms, kL1>(c, a, b, p, g, m, v, vm, s.end - s.begin);
@@ -297,12 +389,9 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
             const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
             M* buf = has_momentum ? state_ptr<M>(momentum_buffers, s) : nullptr;
             if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-              half_chunks(p, g, std::array<M*, 1>{buf}, s.end - s.begin,
-                          [&](float* pf, const float* gf, const std::array<float*, 1>& st, int64_t len) {
-                            dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-                              sgd_loop<float, S, float, kMom, kL1>(c, pf, gf, st[0], len);
-                            });
-                          });
+              half_span(p, g, std::array<M*, 1>{buf}, s.end - s.begin,
+                        [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
+                            FUSEDREG_ALWAYS_INLINE { sgd_loop<float, S, float, kMom, kL1>(c, pf, gf, st[0], len); });
             } else {
               dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
                 sgd_loop<scalar_t, S, M, kMom, kL1>(c, p, g, buf, s.end - s.begin);
@@ -334,12 +423,9 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
           const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
           M* m = state_ptr<M>(exp_avgs, s);
           if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-            half_chunks(p, g, std::array<M*, 1>{m}, s.end - s.begin,
-                        [&](float* pf, const float* gf, const std::array<float*, 1>& st, int64_t len) {
-                          dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-                            lion_loop<float, S, float, kL1>(c, pf, gf, st[0], len);
-                          });
-                        });
+            half_span(p, g, std::array<M*, 1>{m}, s.end - s.begin,
+                      [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
+                          FUSEDREG_ALWAYS_INLINE { lion_loop<float, S, float, kL1>(c, pf, gf, st[0], len); });
           } else {
             dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
               lion_loop<scalar_t, S, M, kL1>(c, p, g, m, s.end - s.begin);

@@ -69,6 +69,29 @@ FUSEDREG_TARGET_F16C __attribute__((noinline)) inline void half_from_float_f16c(
 }
 #endif
 
+#if FUSEDREG_X86_DISPATCH
+// 16 float16 values to and from an AVX-512 register, for loops that convert as they go (the
+// optimizers' float16 steps): the values of half_to_float_f16c / half_from_float_f16c (NaN
+// lanes stored as sign | 0x7E00). Only call them after cpu_has_avx512().
+constexpr int64_t kHalfBlock = 16;
+
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m512 half16_load(const c10::Half* src) {
+  // the maskz forms with an all-ones mask (the plain instructions): the unmasked intrinsics'
+  // undefined pass-through operand trips GCC's -Wmaybe-uninitialized
+  return _mm512_maskz_cvtph_ps(__mmask16(0xFFFF), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+}
+
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void half16_store(c10::Half* dst, __m512 x) {
+  const __m256i v =
+      _mm512_maskz_cvtps_ph(__mmask16(0xFFFF), x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  // (v & 0x8000) | 0x7E00 in one ternary-logic op (truth table 0xEA: A & B | C)
+  const __m256i quiet = _mm256_ternarylogic_epi32(v, _mm256_set1_epi16(int16_t(0x8000)),
+                                                  _mm256_set1_epi16(0x7E00), 0xEA);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_mask_blend_epi16(nan, v, quiet));
+}
+#endif
+
 inline void half_to_float(const c10::Half* __restrict src, float* __restrict dst, int64_t n) {
 #if FUSEDREG_X86_DISPATCH
   if (cpu_has_f16c()) return half_to_float_f16c(src, dst, n);
