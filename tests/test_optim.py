@@ -639,23 +639,24 @@ _HALF_VARIANTS = [
 ]
 
 
-def _half_values(n, scale, seed):
-    """n float16 values: a quarter every kind of float16 (NaN, inf, subnormals, the largest
-    finite values) drawn from all bit patterns, the rest normal data times scale."""
+def _half_values(n, scale, seed, dtype=torch.float16):
+    """n float16 (or bfloat16) values: a quarter every kind of value of the type (NaN, inf,
+    subnormals, the largest finite values) drawn from all bit patterns, the rest normal data
+    times scale."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=gen) * scale
     bits = torch.randint(-(2**15), 2**15, (n // 4,), generator=gen, dtype=torch.int32)
-    x[: n // 4] = bits.to(torch.int16).view(torch.float16).float()
-    return x.half()
+    x[: n // 4] = bits.to(torch.int16).view(dtype).float()
+    return x.to(dtype)
 
 
-def _half_step(algo, n_state, kw, sizes, state_dtype, seed=0):
-    """One cpu step of float16 tensors of the given sizes (gradients scaled so that some steps
-    overflow float16): the parameter and state lists after it."""
-    ps = [_half_values(n, 1.0, seed + i) for i, n in enumerate(sizes)]
-    gs = [_half_values(n, 300.0, seed + 1000 + i) for i, n in enumerate(sizes)]
-    sts = [[_half_values(n, 1.0, seed + 2000 * (k + 2) + i).float().abs().to(state_dtype) for i, n in enumerate(sizes)]
-           for k in range(n_state)]
+def _half_step(algo, n_state, kw, sizes, state_dtype, seed=0, dtype=torch.float16):
+    """One cpu step of float16 (or bfloat16) tensors of the given sizes (gradients scaled so
+    that some float16 steps overflow): the parameter and state lists after it."""
+    ps = [_half_values(n, 1.0, seed + i, dtype) for i, n in enumerate(sizes)]
+    gs = [_half_values(n, 300.0, seed + 1000 + i, dtype) for i, n in enumerate(sizes)]
+    sts = [[_half_values(n, 1.0, seed + 2000 * (k + 2) + i, dtype).float().abs().to(state_dtype)
+            for i, n in enumerate(sizes)] for k in range(n_state)]
     args = [ps, gs] + (sts if n_state else [[]])
     if algo == "adam":
         args.append([torch.tensor(2.0) for _ in sizes])
@@ -664,11 +665,13 @@ def _half_step(algo, n_state, kw, sizes, state_dtype, seed=0):
 
 
 def half_kernel_outputs():
-    """Every float16 variant's outputs on special values at lengths around the block (16) and
-    chunk (256) widths: run in a subprocess at another instruction-set level."""
+    """Every float16 and bfloat16 variant's outputs on special values at lengths around the
+    block (16) and chunk (256) widths, with 16-bit and float32 state: run in a subprocess at
+    another instruction-set level."""
     sizes = [1, 15, 16, 17, 255, 256, 257, 4099]
-    return [_half_step(algo, n_state, kw, sizes, sd)
-            for algo, n_state, kw in _HALF_VARIANTS for sd in (torch.float16, torch.float32)]
+    return [_half_step(algo, n_state, kw, sizes, dtype if sd == "param" else torch.float32, dtype=dtype)
+            for algo, n_state, kw in _HALF_VARIANTS for sd in ("param", "float32")
+            for dtype in (torch.float16, torch.bfloat16)]
 
 
 def _bitwise_mismatches(a, b):
@@ -683,12 +686,13 @@ def _bitwise_mismatches(a, b):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
-def test_cpu_float16_levels_agree_bit_for_bit(tmp_path):
-    """float16 runs through one pass of 16-value register blocks at the AVX-512 level and
-    through converted chunks of 256 at the AVX2 level: on every kind of float16 value (NaN,
-    inf, subnormals, steps that overflow) and at lengths around both widths, the two give the
-    same bits for parameters and float16 / float32 state (on a CPU without AVX-512 both runs
-    take the chunks)."""
+def test_cpu_16bit_levels_agree_bit_for_bit(tmp_path):
+    """float16 and bfloat16 run through one pass of 16-value register blocks at the AVX-512
+    level, and at the AVX2 level through converted chunks of 256 (float16) or loops that
+    convert bfloat16 in place: on every kind of 16-bit value (NaN, inf, subnormals, float16
+    steps that overflow) and at lengths around those widths, the two give the same bits for
+    parameters and 16-bit / float32 state (on a CPU without AVX-512 both runs take the AVX2
+    code)."""
     import os
     import subprocess
     import sys
@@ -707,17 +711,19 @@ def test_cpu_float16_levels_agree_bit_for_bit(tmp_path):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
-@pytest.mark.parametrize("state_dtype", [torch.float16, torch.float32], ids=str)
-def test_cpu_float16_step_independent_of_position(state_dtype):
+@pytest.mark.parametrize("state", ["param", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_16bit_step_independent_of_position(dtype, state):
     """An element's step does not depend on where it sits: the values of one 4099-element
     tensor (whole blocks and a tail) stepped as 4099 one-element tensors (each a tail of its
     own) give the same bits — the tail is not a separately compiled loop that contracts a
     different product into an FMA."""
+    state_dtype = dtype if state == "param" else torch.float32
     for algo, n_state, kw in _HALF_VARIANTS:
-        whole = _half_step(algo, n_state, kw, [4099], state_dtype)
-        ps = [_half_values(4099, 1.0, 0)]
-        gs = [_half_values(4099, 300.0, 1000)]
-        sts = [[_half_values(4099, 1.0, 2000 * (k + 2)).float().abs().to(state_dtype)] for k in range(n_state)]
+        whole = _half_step(algo, n_state, kw, [4099], state_dtype, dtype=dtype)
+        ps = [_half_values(4099, 1.0, 0, dtype)]
+        gs = [_half_values(4099, 300.0, 1000, dtype)]
+        sts = [[_half_values(4099, 1.0, 2000 * (k + 2), dtype).float().abs().to(state_dtype)] for k in range(n_state)]
         split = [list(lst[0].split(1)) for lst in [ps, gs] + sts]
         args = split + ([] if n_state else [[]])
         if algo == "adam":

@@ -4,7 +4,8 @@
 // and the concatenated list of spans is split over the threads (at::parallel_for), so that
 // many small tensors and one big tensor both use every core. Each span runs a simple loop of
 // the per-element math of fusedreg/optim_math.h that the compiler vectorizes, at the CPU's
-// instruction-set level (fusedreg/cpu/isa.h, dispatched once per span).
+// instruction-set level (fusedreg/cpu/isa.h, dispatched once per span); 16-bit parameters at
+// the AVX-512 level run that loop on register blocks of 16 converted values (blocks16_span).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -93,7 +94,8 @@ void parallel_spans(const Plan& plan, const F& fn) {
 // shifted up; float -> bf16: round to nearest even, any NaN to 0x7FC0), written as integer
 // operations the vectorizer takes (c10's go through memcpy and a branch on isnan, which kept
 // these loops scalar: 5-25x slower than torch's fused optimizers on bf16). Bit for bit the
-// same values. float16 arrays never reach the loops: half_span (below) converts them.
+// same values. float16 arrays never reach the loops: half_span (below) converts them. At the
+// AVX-512 level bfloat16 does not either (blocks16_span).
 template <typename S, typename T>
 inline FUSEDREG_ALWAYS_INLINE S load_as(const T* a, int64_t i) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -119,20 +121,25 @@ inline FUSEDREG_ALWAYS_INLINE void store_as(T* a, int64_t i, S v) {
   }
 }
 
-// float16 spans. At the AVX-512 level (half_blocks_avx512) the loop is one pass over blocks
-// of 16 elements: each array's block is converted to float in registers (vcvtph2ps; masked
-// loads for a tail), stepped by the same float32 loop on those 16 values, converted back
-// (vcvtps2ph, NaN lanes made c10's sign | 0x7E00) and stored (masked for a tail). One pass
-// matters because AdamW's float32 step is bound by the divider (two divisions and a square
-// root per element): conversions in the same loop run on the other ports while it works,
-// where separate conversion passes (half_chunks, below) added their whole time to the step
-// (fp16 AdamW with fp16 state was 0.53x torch's fused, which also converts in its loop).
-// Below AVX-512 (or capped by FUSEDREG_CPU_ISA) half_chunks runs: each chunk converted to
-// float scratch (fusedreg/cpu/half_convert.h: the F16C instructions where the CPU has them,
-// c10's values bit for bit), stepped by the float32 loops, converted back. Both give c10's
-// values bit for bit, and the same float32 math: the same bits. p and the float16 state
+// 16-bit spans at the AVX-512 level (blocks16_span, below; float16 and bfloat16): one pass
+// over blocks of 16 elements, each array's block converted to float in registers (c10's
+// values bit for bit: vcvtph2ps / vcvtps2ph with NaN lanes made sign | 0x7E00; bfloat16 by
+// the integer formulas of load_as / store_as), stepped by the same float32 loop on those 16
+// values, converted back and stored; a span's last n % 16 elements go through the same code
+// on a zero-padded copy. One pass matters for float16 because AdamW's float32 step is bound
+// by the divider (two divisions and a square root per element): conversions in the same loop
+// run on the other ports while it works, where separate conversion passes (half_chunks)
+// added their whole time to the step (fp16 AdamW with fp16 state was 0.53x torch's fused,
+// which also converts in its loop). For bfloat16, a block's conversions are 512-bit integer
+// operations where the vectorized in-place loops below use two 256-bit halves (bf16 SGD with
+// bf16 state was 0.85-0.95x torch's fused).
+// Below AVX-512 (or capped by FUSEDREG_CPU_ISA), bfloat16 runs the loops below in place, and
+// float16 runs half_chunks: each chunk converted to float scratch (fusedreg/cpu/
+// half_convert.h: the F16C instructions where the CPU has them, c10's values bit for bit),
+// stepped by the float32 loops, converted back. Every path gives c10's values and the same
+// float32 math: the same bits (tests/test_optim.py compares the levels). p and 16-bit state
 // arrays are written back; g is only read; float32 state (the default) is stepped in its
-// arrays (half_chunks) or loaded and stored with the block (half_blocks_avx512).
+// arrays (half_chunks) or loaded and stored with the block (blocks16_span).
 constexpr int64_t kHalfChunk = 256;
 
 template <typename M, size_t NS, typename Body>
@@ -166,88 +173,92 @@ inline void half_chunks(c10::Half* p, const c10::Half* g, const std::array<M*, N
 }
 
 #if FUSEDREG_X86_DISPATCH
-// n (a multiple of 16) elements in blocks of 16: each block's arrays loaded and converted
-// into pf, gf and sf, stepped by body(pf, gf, sp, 16) — inlined here, compiled for AVX-512,
-// its loop of 16 one vector iteration — converted back and stored. The scratch arrays are
-// locals the compiler keeps in registers. The body is taken by value and the ops' lambdas
-// capture by value, so that their constants are locals here that no store can alias (kept in
-// registers rather than reloaded after each block's stores). sp holds sf's rows whether a
-// state array is present or not (the body reads only the ones it has), so that the compiler
-// sees where they point.
-template <typename M, size_t NS, typename Body>
-FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void half_blocks_avx512(
-    c10::Half* p, const c10::Half* g, const std::array<M*, NS> state, int64_t n, const Body body) {
+// 16-bit parameters (float16, bfloat16; T) at the AVX-512 level: n (a multiple of 16) elements
+// in blocks of 16, each block's arrays loaded and converted into pf, gf and sf (fusedreg/cpu/
+// half_convert.h: load16 / store16, c10's values bit for bit), stepped by body(pf, gf, sp, 16)
+// — inlined here, compiled for AVX-512, its loop of 16 one vector iteration — converted back
+// and stored. The scratch arrays are locals the compiler keeps in registers. The body is
+// taken by value and the ops' lambdas capture by value, so that their constants are locals
+// here that no store can alias (kept in registers rather than reloaded after each block's
+// stores). sp holds sf's rows whether a state array is present or not (the body reads only
+// the ones it has), so that the compiler sees where they point.
+template <typename T, typename M, size_t NS, typename Body>
+FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void blocks16_avx512(
+    T* p, const T* g, const std::array<M*, NS> state, int64_t n, const Body body) {
   constexpr int64_t kB = cpu::kHalfBlock;
   alignas(64) float pf[kB], gf[kB];
   alignas(64) float sf[NS > 0 ? NS : 1][kB];
   std::array<float*, NS> sp{};
   for (size_t k = 0; k < NS; ++k) sp[k] = sf[k];
   for (int64_t b = 0; b < n; b += kB) {
-    _mm512_store_ps(pf, cpu::half16_load(p + b));
-    _mm512_store_ps(gf, cpu::half16_load(g + b));
+    _mm512_store_ps(pf, cpu::load16(p + b));
+    _mm512_store_ps(gf, cpu::load16(g + b));
     for (size_t k = 0; k < NS; ++k) {
-      if (state[k] == nullptr) continue;
-      if constexpr (std::is_same_v<M, c10::Half>) {
-        _mm512_store_ps(sf[k], cpu::half16_load(state[k] + b));
-      } else {
-        _mm512_store_ps(sf[k], _mm512_loadu_ps(state[k] + b));
-      }
+      if (state[k] != nullptr) _mm512_store_ps(sf[k], cpu::load16(state[k] + b));
     }
     body(pf, gf, sp, std::integral_constant<int64_t, kB>{});
-    cpu::half16_store(p + b, _mm512_load_ps(pf));
+    cpu::store16(p + b, _mm512_load_ps(pf));
     for (size_t k = 0; k < NS; ++k) {
-      if (state[k] == nullptr) continue;
-      if constexpr (std::is_same_v<M, c10::Half>) {
-        cpu::half16_store(state[k] + b, _mm512_load_ps(sf[k]));
-      } else {
-        _mm512_storeu_ps(state[k] + b, _mm512_load_ps(sf[k]));
-      }
+      if (state[k] != nullptr) cpu::store16(state[k] + b, _mm512_load_ps(sf[k]));
     }
   }
 }
 
 // The last n % 16 elements: copied into zero-padded blocks of 16, stepped by the same
-// half_blocks_avx512 (the same machine code as every other block: a tail compiled apart may
+// blocks16_avx512 (the same machine code as every other block: a tail compiled apart may
 // contract a different product into an FMA, and so round differently), copied back.
-template <typename M, size_t NS, typename Body>
-void half_tail_avx512(c10::Half* p, const c10::Half* g, const std::array<M*, NS>& state,
-                      int64_t len, const Body& body) {
+template <typename T, typename M, size_t NS, typename Body>
+void tail16_avx512(T* p, const T* g, const std::array<M*, NS>& state, int64_t len,
+                   const Body& body) {
   constexpr int64_t kB = cpu::kHalfBlock;
-  c10::Half tp[kB] = {}, tg[kB] = {};
+  T tp[kB] = {}, tg[kB] = {};
   M ts[NS > 0 ? NS : 1][kB] = {};
   std::array<M*, NS> tstate{};
-  std::memcpy(tp, p, size_t(len) * sizeof(c10::Half));
-  std::memcpy(tg, g, size_t(len) * sizeof(c10::Half));
+  std::memcpy(tp, p, size_t(len) * sizeof(T));
+  std::memcpy(tg, g, size_t(len) * sizeof(T));
   for (size_t k = 0; k < NS; ++k) {
     if (state[k] == nullptr) continue;
     std::memcpy(ts[k], state[k], size_t(len) * sizeof(M));
     tstate[k] = ts[k];
   }
-  half_blocks_avx512(tp, tg, tstate, kB, body);
-  std::memcpy(p, tp, size_t(len) * sizeof(c10::Half));
+  blocks16_avx512(tp, tg, tstate, kB, body);
+  std::memcpy(p, tp, size_t(len) * sizeof(T));
   for (size_t k = 0; k < NS; ++k) {
     if (state[k] != nullptr) std::memcpy(state[k], ts[k], size_t(len) * sizeof(M));
   }
 }
 #endif
 
-// A float16 span: half_blocks_avx512 at the AVX-512 level, else half_chunks. body(pf, gf, sp,
-// len) runs the float32 loop on len values (len an int64_t or an integral_constant).
+// Whether 16-bit parameters are stepped in register blocks (blocks16_span).
+inline bool use_blocks16() {
+#if FUSEDREG_X86_DISPATCH
+  return cpu::cpu_has_avx512();
+#else
+  return false;
+#endif
+}
+
+// A span of 16-bit parameters in register blocks (only when use_blocks16()). body(pf, gf, sp,
+// len) runs the float32 loop on len values (len an integral_constant).
+template <typename T, typename M, size_t NS, typename Body>
+inline void blocks16_span(T* p, const T* g, const std::array<M*, NS>& state, int64_t n,
+                          const Body& body) {
+#if FUSEDREG_X86_DISPATCH
+  const int64_t full = n - n % cpu::kHalfBlock;
+  if (full > 0) blocks16_avx512(p, g, state, full, body);
+  if (full < n) {
+    std::array<M*, NS> rest{};
+    for (size_t k = 0; k < NS; ++k) rest[k] = state[k] == nullptr ? nullptr : state[k] + full;
+    tail16_avx512(p + full, g + full, rest, n - full, body);
+  }
+#endif
+}
+
+// A float16 span: blocks16_span at the AVX-512 level, else half_chunks.
 template <typename M, size_t NS, typename Body>
 inline void half_span(c10::Half* p, const c10::Half* g, const std::array<M*, NS>& state,
                       int64_t n, const Body& body) {
-#if FUSEDREG_X86_DISPATCH
-  if (cpu::cpu_has_avx512()) {
-    const int64_t full = n - n % cpu::kHalfBlock;
-    if (full > 0) half_blocks_avx512(p, g, state, full, body);
-    if (full < n) {
-      std::array<M*, NS> rest{};
-      for (size_t k = 0; k < NS; ++k) rest[k] = state[k] == nullptr ? nullptr : state[k] + full;
-      half_tail_avx512(p + full, g + full, rest, n - full, body);
-    }
-    return;
-  }
-#endif
+  if (use_blocks16()) return blocks16_span(p, g, state, n, body);
   half_chunks(p, g, state, n, body);
 }
 
@@ -355,6 +366,14 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                             FUSEDREG_ALWAYS_INLINE {
                               adam_loop<float, S, float, kAms, kL1>(c, a, b, pf, gf, st[0], st[1], st[2], len);
                             });
+            } else if (std::is_same_v<scalar_t, c10::BFloat16> && use_blocks16()) {
+              if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+                blocks16_span(p, g, std::array<M*, 3>{m, v, vm}, s.end - s.begin,
+                              [=](float* pf, const float* gf, const std::array<float*, 3>& st, auto len)
+                                  FUSEDREG_ALWAYS_INLINE {
+                                    adam_loop<float, S, float, kAms, kL1>(c, a, b, pf, gf, st[0], st[1], st[2], len);
+                                  });
+              }
             } else {
               dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
                 adam_loop<scalar_t, S, M, kAms, kL1>(c, a, b, p, g, m, v, vm, s.end - s.begin);
@@ -392,6 +411,12 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
               half_span(p, g, std::array<M*, 1>{buf}, s.end - s.begin,
                         [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
                             FUSEDREG_ALWAYS_INLINE { sgd_loop<float, S, float, kMom, kL1>(c, pf, gf, st[0], len); });
+            } else if (std::is_same_v<scalar_t, c10::BFloat16> && use_blocks16()) {
+              if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+                blocks16_span(p, g, std::array<M*, 1>{buf}, s.end - s.begin,
+                              [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
+                                  FUSEDREG_ALWAYS_INLINE { sgd_loop<float, S, float, kMom, kL1>(c, pf, gf, st[0], len); });
+              }
             } else {
               dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
                 sgd_loop<scalar_t, S, M, kMom, kL1>(c, p, g, buf, s.end - s.begin);
@@ -426,6 +451,12 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
             half_span(p, g, std::array<M*, 1>{m}, s.end - s.begin,
                       [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
                           FUSEDREG_ALWAYS_INLINE { lion_loop<float, S, float, kL1>(c, pf, gf, st[0], len); });
+          } else if (std::is_same_v<scalar_t, c10::BFloat16> && use_blocks16()) {
+            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+              blocks16_span(p, g, std::array<M*, 1>{m}, s.end - s.begin,
+                            [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
+                                FUSEDREG_ALWAYS_INLINE { lion_loop<float, S, float, kL1>(c, pf, gf, st[0], len); });
+            }
           } else {
             dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
               lion_loop<scalar_t, S, M, kL1>(c, p, g, m, s.end - s.begin);
