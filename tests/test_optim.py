@@ -619,6 +619,135 @@ def test_cpu_float16_chunks_match_reference(state_dtype):
                     assert not torch.equal(g0, x), (algo, k)  # written back
 
 
+# float16 variants of every kernel for the bitwise checks below: (algo, state lists, kwargs)
+_HALF_VARIANTS = [
+    ("adam", 3, dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, l1=l1,
+                     l1_lr_scaled=True, amsgrad=ams, maximize=mx, decoupled=dec, inv_scale=isc))
+    for ams, l1, mx, dec, isc in [(False, 0.0, False, True, 1.0), (True, 0.01, True, False, 0.5)]
+] + [
+    ("sgd", 1 if mom else 0, dict(lr=1e-1, momentum=mom, dampening=0.0 if nes else 0.1,
+                                  weight_decay=0.1, l1=l1, l1_lr_scaled=False, nesterov=nes,
+                                  maximize=mx, decoupled=dec, first_step=fs, inv_scale=isc))
+    for mom, nes, l1, mx, dec, fs, isc in [(0.9, False, 0.0, False, False, False, 1.0),
+                                           (0.9, True, 0.01, True, True, False, 3.0),
+                                           (0.9, False, 0.0, False, True, True, 1.0),
+                                           (0.0, False, 0.01, False, False, False, 1.0)]
+] + [
+    ("lion", 1, dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, l1=l1, l1_lr_scaled=True,
+                     maximize=mx, inv_scale=isc))
+    for l1, mx, isc in [(0.0, False, 1.0), (0.01, True, 2.0)]
+]
+
+
+def _half_values(n, scale, seed, dtype=torch.float16):
+    """n float16 (or bfloat16) values: a quarter every kind of value of the type (NaN, inf,
+    subnormals, the largest finite values) drawn from all bit patterns, the rest normal data
+    times scale."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen) * scale
+    bits = torch.randint(-(2**15), 2**15, (n // 4,), generator=gen, dtype=torch.int32)
+    x[: n // 4] = bits.to(torch.int16).view(dtype).float()
+    return x.to(dtype)
+
+
+def _half_step(algo, n_state, kw, sizes, state_dtype, seed=0, dtype=torch.float16):
+    """One cpu step of float16 (or bfloat16) tensors of the given sizes (gradients scaled so
+    that some float16 steps overflow): the parameter and state lists after it."""
+    ps = [_half_values(n, 1.0, seed + i, dtype) for i, n in enumerate(sizes)]
+    gs = [_half_values(n, 300.0, seed + 1000 + i, dtype) for i, n in enumerate(sizes)]
+    sts = [[_half_values(n, 1.0, seed + 2000 * (k + 2) + i, dtype).float().abs().to(state_dtype)
+            for i, n in enumerate(sizes)] for k in range(n_state)]
+    args = [ps, gs] + (sts if n_state else [[]])
+    if algo == "adam":
+        args.append([torch.tensor(2.0) for _ in sizes])
+    backends.implementation(algo, "cpu")(*args, **kw)
+    return [ps] + sts
+
+
+def half_kernel_outputs():
+    """Every float16 and bfloat16 variant's outputs on special values at lengths around the
+    block (16) and chunk (256) widths, with 16-bit and float32 state: run in a subprocess at
+    another instruction-set level."""
+    sizes = [1, 15, 16, 17, 255, 256, 257, 4099]
+    return [_half_step(algo, n_state, kw, sizes, dtype if sd == "param" else torch.float32, dtype=dtype)
+            for algo, n_state, kw in _HALF_VARIANTS for sd in ("param", "float32")
+            for dtype in (torch.float16, torch.bfloat16)]
+
+
+def _bitwise_mismatches(a, b, nan_payloads=True):
+    """Where two lists of lists of tensors differ in any bit (with nan_payloads=False, any two
+    NaNs count as equal)."""
+    bad = []
+    for i, (la, lb) in enumerate(zip(a, b)):
+        for j, (x, y) in enumerate(zip(la, lb)):
+            it = torch.int16 if x.element_size() == 2 else torch.int32
+            differ = x.view(it) != y.view(it)
+            if not nan_payloads:
+                differ &= ~(x.isnan() & y.isnan())
+            if differ.any():
+                bad.append((i, j, int(differ.sum())))
+    return bad
+
+
+def _capped_to_baseline() -> bool:
+    """Whether this process's CPU kernels are capped at the baseline level (no FMA, no F16C)."""
+    import os
+    return os.environ.get("FUSEDREG_CPU_ISA") == "baseline"
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+def test_cpu_16bit_levels_agree_bit_for_bit(tmp_path):
+    """float16 and bfloat16 run through one pass of 16-value register blocks at the AVX-512
+    level, and at the AVX2 level through converted chunks of 256 (float16) or loops that
+    convert bfloat16 in place: on every kind of 16-bit value (NaN, inf, subnormals, float16
+    steps that overflow) and at lengths around those widths, the two give the same bits for
+    parameters and 16-bit / float32 state (on a CPU without AVX-512 both runs take the AVX2
+    code)."""
+    import os
+    import subprocess
+    import sys
+
+    if _capped_to_baseline():
+        pytest.skip("this process is capped at the baseline level, which rounds without FMA")
+    out = tmp_path / "avx2.pt"
+    code = ("import sys, torch; sys.path[:0] = {path!r}; import test_optim as t; "
+            "torch.save(t.half_kernel_outputs(), {out!r})")
+    res = subprocess.run([sys.executable, "-c", code.format(path=[os.path.dirname(__file__)] + sys.path, out=str(out))],
+                         env={**os.environ, "FUSEDREG_CPU_ISA": "avx2"}, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    avx2 = torch.load(out)
+    here = half_kernel_outputs()
+    bad = [(v, _bitwise_mismatches(x, y)) for v, (x, y) in enumerate(zip(here, avx2)) if _bitwise_mismatches(x, y)]
+    assert not bad, bad[:8]
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("state", ["param", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_16bit_step_independent_of_position(dtype, state):
+    """An element's step does not depend on where it sits: the values of one 4099-element
+    tensor (whole blocks and a tail) stepped as 4099 one-element tensors (each a tail of its
+    own) give the same bits — the tail is not a separately compiled loop that contracts a
+    different product into an FMA. (Capped at the baseline level, the SSE loop and its scalar
+    tail may give a float32 NaN another payload: NaNs there count as equal.)"""
+    state_dtype = dtype if state == "param" else torch.float32
+    payloads = not _capped_to_baseline()
+    for algo, n_state, kw in _HALF_VARIANTS:
+        whole = _half_step(algo, n_state, kw, [4099], state_dtype, dtype=dtype)
+        ps = [_half_values(4099, 1.0, 0, dtype)]
+        gs = [_half_values(4099, 300.0, 1000, dtype)]
+        sts = [[_half_values(4099, 1.0, 2000 * (k + 2), dtype).float().abs().to(state_dtype)] for k in range(n_state)]
+        split = [list(lst[0].split(1)) for lst in [ps, gs] + sts]
+        args = split + ([] if n_state else [[]])
+        if algo == "adam":
+            args.append([torch.tensor(2.0) for _ in range(4099)])
+        backends.implementation(algo, "cpu")(*args, **kw)
+        pieces = [[torch.cat(lst)] for lst in [split[0]] + split[2:2 + n_state]]
+        bad = _bitwise_mismatches(whole, pieces, nan_payloads=payloads)
+        assert not bad, (algo, kw, bad)
+
+
 # ---- the cpu backend's direct calls (fusedreg._C.<op>, no dispatcher) ------------------------
 def _direct_cases():
     if "cpu" not in BACKENDS:

@@ -4,7 +4,8 @@
 // and the concatenated list of spans is split over the threads (at::parallel_for), so that
 // many small tensors and one big tensor both use every core. Each span runs a simple loop of
 // the per-element math of fusedreg/optim_math.h that the compiler vectorizes, at the CPU's
-// instruction-set level (fusedreg/cpu/isa.h, dispatched once per span).
+// instruction-set level (fusedreg/cpu/isa.h, dispatched once per span); 16-bit parameters at
+// the AVX-512 level run that loop on register blocks of 16 converted values (blocks16_span).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -23,6 +24,7 @@
 #include <array>
 #include <bit>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -92,13 +94,14 @@ void parallel_spans(const Plan& plan, const F& fn) {
 // shifted up; float -> bf16: round to nearest even, any NaN to 0x7FC0), written as integer
 // operations the vectorizer takes (c10's go through memcpy and a branch on isnan, which kept
 // these loops scalar: 5-25x slower than torch's fused optimizers on bf16). Bit for bit the
-// same values. float16 arrays never reach the loops: half_chunks (below) converts them.
+// same values. float16 arrays never reach the loops: half_span (below) converts them. At the
+// AVX-512 level bfloat16 does not either (blocks16_span).
 template <typename S, typename T>
 inline FUSEDREG_ALWAYS_INLINE S load_as(const T* a, int64_t i) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     return std::bit_cast<float>(uint32_t(reinterpret_cast<const uint16_t*>(a)[i]) << 16);
   } else {
-    static_assert(!std::is_same_v<T, c10::Half>, "float16 is stepped through half_chunks");
+    static_assert(!std::is_same_v<T, c10::Half>, "float16 is stepped through half_span");
     return static_cast<S>(a[i]);
   }
 }
@@ -113,19 +116,30 @@ inline FUSEDREG_ALWAYS_INLINE void store_as(T* a, int64_t i, S v) {
     const uint32_t nan = 0u - uint32_t((u & 0x7FFFFFFFu) > 0x7F800000u);
     reinterpret_cast<uint16_t*>(a)[i] = uint16_t(rounded ^ ((rounded ^ 0x7FC0u) & nan));
   } else {
-    static_assert(!std::is_same_v<T, c10::Half>, "float16 is stepped through half_chunks");
+    static_assert(!std::is_same_v<T, c10::Half>, "float16 is stepped through half_span");
     a[i] = static_cast<T>(v);
   }
 }
 
-// float16 spans: converted chunk by chunk to float scratch (fusedreg/cpu/half_convert.h:
-// the F16C instructions where the CPU has them, c10's values bit for bit), stepped by the
-// float32 loops, converted back. p and the float16 state arrays are written back; g is only
-// read; float32 state (the default) is stepped in place. The chunks stay in L1 (a 1 KiB
-// chunk of 256 floats per array), so the extra pass costs cache bandwidth, not memory
-// bandwidth: float16 steps at about the speed of bfloat16 (whose loops convert in place,
-// load_as / store_as above) instead of 8x slower through c10::Half's scalar conversions, whose
-// selects GCC also keeps in branches when written as integer arithmetic in the loops.
+// 16-bit spans at the AVX-512 level (blocks16_span, below; float16 and bfloat16): one pass
+// over blocks of 16 elements, each array's block converted to float in registers (c10's
+// values bit for bit: vcvtph2ps / vcvtps2ph with NaN lanes made sign | 0x7E00; bfloat16 by
+// the integer formulas of load_as / store_as), stepped by the same float32 loop on those 16
+// values, converted back and stored; a span's last n % 16 elements go through the same code
+// on a zero-padded copy. One pass matters for float16 because AdamW's float32 step is bound
+// by the divider (two divisions and a square root per element): conversions in the same loop
+// run on the other ports while it works, where separate conversion passes (half_chunks)
+// added their whole time to the step (fp16 AdamW with fp16 state was 0.53x torch's fused,
+// which also converts in its loop). For bfloat16, a block's conversions are 512-bit integer
+// operations where the vectorized in-place loops below use two 256-bit halves (bf16 SGD with
+// bf16 state was 0.85-0.95x torch's fused).
+// Below AVX-512 (or capped by FUSEDREG_CPU_ISA), bfloat16 runs the loops below in place, and
+// float16 runs half_chunks: each chunk converted to float scratch (fusedreg/cpu/
+// half_convert.h: the F16C instructions where the CPU has them, c10's values bit for bit),
+// stepped by the float32 loops, converted back. Every path gives c10's values and the same
+// float32 math: the same bits (tests/test_optim.py compares the levels). p and 16-bit state
+// arrays are written back; g is only read; float32 state (the default) is stepped in its
+// arrays (half_chunks) or loaded and stored with the block (blocks16_span).
 constexpr int64_t kHalfChunk = 256;
 
 template <typename M, size_t NS, typename Body>
@@ -148,7 +162,7 @@ inline void half_chunks(c10::Half* p, const c10::Half* g, const std::array<M*, N
         sp[k] = state[k] + b;
       }
     }
-    body(pf, gf, sp, len);
+    dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE { body(pf, gf, sp, len); });
     cpu::half_from_float(pf, p + b, len);
     if constexpr (kHalfState) {
       for (size_t k = 0; k < NS; ++k) {
@@ -156,6 +170,96 @@ inline void half_chunks(c10::Half* p, const c10::Half* g, const std::array<M*, N
       }
     }
   }
+}
+
+#if FUSEDREG_X86_DISPATCH
+// 16-bit parameters (float16, bfloat16; T) at the AVX-512 level: n (a multiple of 16) elements
+// in blocks of 16, each block's arrays loaded and converted into pf, gf and sf (fusedreg/cpu/
+// half_convert.h: load16 / store16, c10's values bit for bit), stepped by body(pf, gf, sp, 16)
+// — inlined here, compiled for AVX-512, its loop of 16 one vector iteration — converted back
+// and stored. The scratch arrays are locals the compiler keeps in registers. The body is
+// taken by value and the ops' lambdas capture by value, so that their constants are locals
+// here that no store can alias (kept in registers rather than reloaded after each block's
+// stores). sp holds sf's rows whether a state array is present or not (the body reads only
+// the ones it has), so that the compiler sees where they point.
+template <typename T, typename M, size_t NS, typename Body>
+FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void blocks16_avx512(
+    T* p, const T* g, const std::array<M*, NS> state, int64_t n, const Body body) {
+  constexpr int64_t kB = cpu::kHalfBlock;
+  alignas(64) float pf[kB], gf[kB];
+  alignas(64) float sf[NS > 0 ? NS : 1][kB];
+  std::array<float*, NS> sp{};
+  for (size_t k = 0; k < NS; ++k) sp[k] = sf[k];
+  for (int64_t b = 0; b < n; b += kB) {
+    _mm512_store_ps(pf, cpu::load16(p + b));
+    _mm512_store_ps(gf, cpu::load16(g + b));
+    for (size_t k = 0; k < NS; ++k) {
+      if (state[k] != nullptr) _mm512_store_ps(sf[k], cpu::load16(state[k] + b));
+    }
+    body(pf, gf, sp, std::integral_constant<int64_t, kB>{});
+    cpu::store16(p + b, _mm512_load_ps(pf));
+    for (size_t k = 0; k < NS; ++k) {
+      if (state[k] != nullptr) cpu::store16(state[k] + b, _mm512_load_ps(sf[k]));
+    }
+  }
+}
+
+// The last n % 16 elements: copied into zero-padded blocks of 16, stepped by the same
+// blocks16_avx512 (the same machine code as every other block: a tail compiled apart may
+// contract a different product into an FMA, and so round differently), copied back.
+template <typename T, typename M, size_t NS, typename Body>
+void tail16_avx512(T* p, const T* g, const std::array<M*, NS>& state, int64_t len,
+                   const Body& body) {
+  constexpr int64_t kB = cpu::kHalfBlock;
+  T tp[kB] = {}, tg[kB] = {};
+  M ts[NS > 0 ? NS : 1][kB] = {};
+  std::array<M*, NS> tstate{};
+  std::memcpy(tp, p, size_t(len) * sizeof(T));
+  std::memcpy(tg, g, size_t(len) * sizeof(T));
+  for (size_t k = 0; k < NS; ++k) {
+    if (state[k] == nullptr) continue;
+    std::memcpy(ts[k], state[k], size_t(len) * sizeof(M));
+    tstate[k] = ts[k];
+  }
+  blocks16_avx512(tp, tg, tstate, kB, body);
+  std::memcpy(p, tp, size_t(len) * sizeof(T));
+  for (size_t k = 0; k < NS; ++k) {
+    if (state[k] != nullptr) std::memcpy(state[k], ts[k], size_t(len) * sizeof(M));
+  }
+}
+#endif
+
+// Whether 16-bit parameters are stepped in register blocks (blocks16_span).
+inline bool use_blocks16() {
+#if FUSEDREG_X86_DISPATCH
+  return cpu::cpu_has_avx512();
+#else
+  return false;
+#endif
+}
+
+// A span of 16-bit parameters in register blocks (only when use_blocks16()). body(pf, gf, sp,
+// len) runs the float32 loop on len values (len an integral_constant).
+template <typename T, typename M, size_t NS, typename Body>
+inline void blocks16_span(T* p, const T* g, const std::array<M*, NS>& state, int64_t n,
+                          const Body& body) {
+#if FUSEDREG_X86_DISPATCH
+  const int64_t full = n - n % cpu::kHalfBlock;
+  if (full > 0) blocks16_avx512(p, g, state, full, body);
+  if (full < n) {
+    std::array<M*, NS> rest{};
+    for (size_t k = 0; k < NS; ++k) rest[k] = state[k] == nullptr ? nullptr : state[k] + full;
+    tail16_avx512(p + full, g + full, rest, n - full, body);
+  }
+#endif
+}
+
+// A float16 span: blocks16_span at the AVX-512 level, else half_chunks.
+template <typename M, size_t NS, typename Body>
+inline void half_span(c10::Half* p, const c10::Half* g, const std::array<M*, NS>& state,
+                      int64_t n, const Body& body) {
+  if (use_blocks16()) return blocks16_span(p, g, state, n, body);
+  half_chunks(p, g, state, n, body);
 }
 
 // ---- the loops (force-inlined into each instruction-set variant of the dispatch) --------
@@ -257,12 +361,19 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
             M* vm = amsgrad ? state_ptr<M>(max_exp_avg_sqs, s) : nullptr;
             const S a = nss[s.tensor], b = bc2[s.tensor];
             if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-              half_chunks(p, g, std::array<M*, 3>{m, v, vm}, s.end - s.begin,
-                          [&](float* pf, const float* gf, const std::array<float*, 3>& st, int64_t len) {
-                            dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+              half_span(p, g, std::array<M*, 3>{m, v, vm}, s.end - s.begin,
+                        [=](float* pf, const float* gf, const std::array<float*, 3>& st, auto len)
+                            FUSEDREG_ALWAYS_INLINE {
                               adam_loop<float, S, float, kAms, kL1>(c, a, b, pf, gf, st[0], st[1], st[2], len);
                             });
-                          });
+            } else if (std::is_same_v<scalar_t, c10::BFloat16> && use_blocks16()) {
+              if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+                blocks16_span(p, g, std::array<M*, 3>{m, v, vm}, s.end - s.begin,
+                              [=](float* pf, const float* gf, const std::array<float*, 3>& st, auto len)
+                                  FUSEDREG_ALWAYS_INLINE {
+                                    adam_loop<float, S, float, kAms, kL1>(c, a, b, pf, gf, st[0], st[1], st[2], len);
+                                  });
+              }
             } else {
               dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
                 adam_loop<scalar_t, S, M, kAms, kL1>(c, a, b, p, g, m, v, vm, s.end - s.begin);
@@ -297,12 +408,15 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
             const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
             M* buf = has_momentum ? state_ptr<M>(momentum_buffers, s) : nullptr;
             if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-              half_chunks(p, g, std::array<M*, 1>{buf}, s.end - s.begin,
-                          [&](float* pf, const float* gf, const std::array<float*, 1>& st, int64_t len) {
-                            dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-                              sgd_loop<float, S, float, kMom, kL1>(c, pf, gf, st[0], len);
-                            });
-                          });
+              half_span(p, g, std::array<M*, 1>{buf}, s.end - s.begin,
+                        [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
+                            FUSEDREG_ALWAYS_INLINE { sgd_loop<float, S, float, kMom, kL1>(c, pf, gf, st[0], len); });
+            } else if (std::is_same_v<scalar_t, c10::BFloat16> && use_blocks16()) {
+              if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+                blocks16_span(p, g, std::array<M*, 1>{buf}, s.end - s.begin,
+                              [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
+                                  FUSEDREG_ALWAYS_INLINE { sgd_loop<float, S, float, kMom, kL1>(c, pf, gf, st[0], len); });
+              }
             } else {
               dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
                 sgd_loop<scalar_t, S, M, kMom, kL1>(c, p, g, buf, s.end - s.begin);
@@ -334,12 +448,15 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
           const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
           M* m = state_ptr<M>(exp_avgs, s);
           if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-            half_chunks(p, g, std::array<M*, 1>{m}, s.end - s.begin,
-                        [&](float* pf, const float* gf, const std::array<float*, 1>& st, int64_t len) {
-                          dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-                            lion_loop<float, S, float, kL1>(c, pf, gf, st[0], len);
-                          });
-                        });
+            half_span(p, g, std::array<M*, 1>{m}, s.end - s.begin,
+                      [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
+                          FUSEDREG_ALWAYS_INLINE { lion_loop<float, S, float, kL1>(c, pf, gf, st[0], len); });
+          } else if (std::is_same_v<scalar_t, c10::BFloat16> && use_blocks16()) {
+            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+              blocks16_span(p, g, std::array<M*, 1>{m}, s.end - s.begin,
+                            [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
+                                FUSEDREG_ALWAYS_INLINE { lion_loop<float, S, float, kL1>(c, pf, gf, st[0], len); });
+            }
           } else {
             dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
               lion_loop<scalar_t, S, M, kL1>(c, p, g, m, s.end - s.begin);

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include "fusedreg/cpu/isa.h"
@@ -67,6 +68,58 @@ FUSEDREG_TARGET_F16C __attribute__((noinline)) inline void half_from_float_f16c(
   }
   row_from_float(src + t, dst + t, n - t);
 }
+#endif
+
+#if FUSEDREG_X86_DISPATCH
+// 16 float16 values to and from an AVX-512 register, for loops that convert as they go (the
+// optimizers' float16 steps): the values of half_to_float_f16c / half_from_float_f16c (NaN
+// lanes stored as sign | 0x7E00). Only call them after cpu_has_avx512().
+constexpr int64_t kHalfBlock = 16;
+// All 16 lanes: the intrinsics below use their maskz forms with this mask (the plain
+// instructions), since the unmasked ones' undefined pass-through operand trips GCC's
+// -Wmaybe-uninitialized.
+constexpr __mmask16 kAll16 = 0xFFFF;
+
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m512 half16_load(const c10::Half* src) {
+  return _mm512_maskz_cvtph_ps(kAll16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+}
+
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void half16_store(c10::Half* dst, __m512 x) {
+  const __m256i v =
+      _mm512_maskz_cvtps_ph(kAll16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  // (v & 0x8000) | 0x7E00 in one ternary-logic op (truth table 0xEA: A & B | C)
+  const __m256i quiet = _mm256_ternarylogic_epi32(v, _mm256_set1_epi16(int16_t(0x8000)),
+                                                  _mm256_set1_epi16(0x7E00), 0xEA);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_mask_blend_epi16(nan, v, quiet));
+}
+
+// 16 bfloat16 values to and from an AVX-512 register with c10::BFloat16's conversions, bit for
+// bit (the integer formulas of optim.cpp's load_as / store_as, 16 lanes at a time): up, the
+// bits shifted by 16; down, round to nearest even, any NaN 0x7FC0. Not the AVX-512 BF16
+// instruction, which flushes subnormals (c10 keeps them).
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m512 bf16x16_load(const c10::BFloat16* src) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll16, _mm512_maskz_cvtepu16_epi32(kAll16, h), 16));
+}
+
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void bf16x16_store(c10::BFloat16* dst, __m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(kAll16, u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_maskz_srli_epi32(kAll16, _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  const __m512i out = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_maskz_cvtepi32_epi16(kAll16, out));
+}
+
+// 16 values of a 16-bit or float32 array as floats, and back.
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m512 load16(const c10::Half* src) { return half16_load(src); }
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m512 load16(const c10::BFloat16* src) { return bf16x16_load(src); }
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m512 load16(const float* src) { return _mm512_loadu_ps(src); }
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store16(c10::Half* dst, __m512 x) { half16_store(dst, x); }
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store16(c10::BFloat16* dst, __m512 x) { bf16x16_store(dst, x); }
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store16(float* dst, __m512 x) { _mm512_storeu_ps(dst, x); }
 #endif
 
 inline void half_to_float(const c10::Half* __restrict src, float* __restrict dst, int64_t n) {
