@@ -89,6 +89,20 @@ FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m512i merge_low_words(__m
   return _mm512_mask_shuffle_epi32(a, 0xAAAA, b, _MM_PERM_CCAA);
 }
 
+// Rounds 0 and 1 of a block whose groups share their high word g_hi (every block but those
+// that straddle a multiple of 2^32 groups): the constants of those rounds, per call.
+struct PhiloxHead {
+  uint32_t c0_1;   // c0 after round 0: g_hi ^ k0[0], the same for every group
+  uint32_t h0_1;   // round 1: hi(c0_1 * M0) ^ k1[1], the constant part of c2 after it
+  uint32_t lo0_1;  // round 1: lo(c0_1 * M0), c3 after it
+  PhiloxHead(const PhiloxKeys& keys, uint32_t g_hi) {
+    c0_1 = g_hi ^ keys.k0[0];
+    const uint64_t prod = uint64_t(c0_1) * 0xD2511F53u;
+    h0_1 = static_cast<uint32_t>(prod >> 32) ^ keys.k1[1];
+    lo0_1 = static_cast<uint32_t>(prod);
+  }
+};
+
 // u[0, 64 * NB) = the uniforms of groups g, g + 1, ..., g + 16 * NB - 1 (elements 4g ..).
 // Block b (16 groups) is two vectors: A holds groups g + 16b + 0, 2, ..., 14 and B groups
 // g + 16b + 1, 3, ..., 15, one per 64-bit lane; only the low 32 bits of a lane are state
@@ -96,25 +110,50 @@ FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m512i merge_low_words(__m
 // multiply (5 cycles), a shuffle and a ternary logic op: with two chains (NB = 1) the core
 // waits on that latency; four independent chains (NB = 2) keep the multiply and shuffle
 // ports busy (measured: about 0.48 against 0.65 ns per element on one core).
+// The first two rounds have constant operands: c2 = c3 = 0 enter round 0 (its second product
+// is 0, so c0 = c1 ^ k0 and c1 = 0 leave it), and when the groups share their high word
+// (head, else null) round 1's first product is one constant, (g_hi ^ k0[0]) * M0: 2 of the
+// 20 multiplies and shuffles per vector, the same bits.
 template <int NB>
 FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void philox_uniforms_blocks_avx512(
-    const PhiloxKeys& keys, uint64_t g, float* __restrict u) {
+    const PhiloxKeys& keys, const PhiloxHead* head, uint64_t g, float* __restrict u) {
   constexpr int NV = 2 * NB;  // vectors (chains): 2b = A of block b, 2b + 1 = B of block b
   const __m512i ma = _mm512_set1_epi64(0xD2511F53u);
   const __m512i mb = _mm512_set1_epi64(0xCD9E8D57u);
   const __m512i base = _mm512_set1_epi64(static_cast<long long>(g));
   const __m512i even = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
   __m512i c0[NV], c1[NV], c2[NV], c3[NV];
+  // round 0, from the counters (g_lo, g_hi, 0, 0)
+  const __m512i k0_0 = _mm512_set1_epi32(static_cast<int>(keys.k0[0]));
+  const __m512i k1_0 = _mm512_set1_epi32(static_cast<int>(keys.k1[0]));
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
     const __m512i gv = _mm512_add_epi64(base, _mm512_add_epi64(even, _mm512_set1_epi64(16 * (v / 2) + (v % 2))));
-    c0[v] = gv;
-    c1[v] = _mm512_srli_epi64(gv, 32);
-    c2[v] = _mm512_setzero_si512();
-    c3[v] = c2[v];
+    const __m512i p0 = _mm512_mul_epu32(gv, ma);
+    c0[v] = head ? _mm512_set1_epi32(static_cast<int>(head->c0_1))
+                 : _mm512_xor_si512(_mm512_srli_epi64(gv, 32), k0_0);     // hi1 (0) ^ c1 ^ k0
+    c2[v] = _mm512_xor_si512(_mm512_shuffle_epi32(p0, _MM_PERM_DDBB), k1_0);  // hi0 ^ c3 (0) ^ k1
+    c1[v] = _mm512_setzero_si512();                                          // lo1 = lo(0 * M1)
+    c3[v] = p0;                                                              // lo0
   }
-#pragma GCC unroll 10
-  for (int r = 0; r < 10; ++r) {
+  int r0 = 1;
+  if (head) {
+    // round 1: p0 = c0 * M0 is the constant head->(h0, lo0); c1 is 0
+    const __m512i k0_1 = _mm512_set1_epi32(static_cast<int>(keys.k0[1]));
+    const __m512i h0k = _mm512_set1_epi32(static_cast<int>(head->h0_1));
+    const __m512i lo0 = _mm512_set1_epi32(static_cast<int>(head->lo0_1));
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __m512i p1 = _mm512_mul_epu32(c2[v], mb);
+      c0[v] = _mm512_xor_si512(_mm512_shuffle_epi32(p1, _MM_PERM_DDBB), k0_1);  // hi1 ^ c1 (0) ^ k0
+      c2[v] = _mm512_xor_si512(c3[v], h0k);                                   // hi0 ^ c3 ^ k1
+      c1[v] = p1;
+      c3[v] = lo0;
+    }
+    r0 = 2;
+  }
+#pragma GCC unroll 9
+  for (int r = r0; r < 10; ++r) {
     const __m512i k0 = _mm512_set1_epi32(static_cast<int>(keys.k0[r]));
     const __m512i k1 = _mm512_set1_epi32(static_cast<int>(keys.k1[r]));
 #pragma GCC unroll 4
@@ -161,9 +200,23 @@ FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void philox_uniforms_blocks
 // cannot inline it.
 FUSEDREG_TARGET_AVX512 __attribute__((noinline)) inline void philox_uniforms_avx512(
     const PhiloxKeys& keys, uint64_t g, int64_t blocks, float* __restrict u) {
-  int64_t b = 0;
-  for (; b + 2 <= blocks; b += 2) philox_uniforms_blocks_avx512<2>(keys, g + 16 * b, u + 64 * b);
-  if (b < blocks) philox_uniforms_blocks_avx512<1>(keys, g + 16 * b, u + 64 * b);
+  if (blocks <= 0) return;
+  // One high word for the whole call (all but calls that straddle a multiple of 2^32 groups,
+  // 2^34 elements): the head of every block; else each block checks its own.
+  const uint64_t last = g + 16 * uint64_t(blocks) - 1;
+  if ((g >> 32) == (last >> 32)) {
+    const PhiloxHead head(keys, static_cast<uint32_t>(g >> 32));
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) philox_uniforms_blocks_avx512<2>(keys, &head, g + 16 * b, u + 64 * b);
+    if (b < blocks) philox_uniforms_blocks_avx512<1>(keys, &head, g + 16 * b, u + 64 * b);
+    return;
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint64_t gb = g + 16 * b;
+    const bool same = (gb >> 32) == ((gb + 15) >> 32);
+    const PhiloxHead head(keys, static_cast<uint32_t>(gb >> 32));
+    philox_uniforms_blocks_avx512<1>(keys, same ? &head : nullptr, gb, u + 64 * b);
+  }
 }
 
 #if !defined(__clang__)
