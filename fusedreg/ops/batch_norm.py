@@ -113,26 +113,24 @@ def _bwd_elemt_fake(dy, x, residual, weight, bias, mean, invstd, sum_dz, sum_dz_
 
 
 class BatchNormKernels(NamedTuple):
-    """One backend's four batch_norm ops."""
+    """One backend's four batch_norm ops, and the cpu backend's two one-op training passes
+    (``batch_norm_fwd_ncs`` / ``batch_norm_bwd_ncs``, below; None elsewhere)."""
     stats: Callable
     fwd: Callable
     bwd_reduce: Callable
     bwd_elemt: Callable
+    fwd_ncs: Optional[Callable] = None
+    bwd_ncs: Optional[Callable] = None
 
 
-def _register() -> None:
-    tri = triton_module(OP)
-    per_op = [backend_ops(sig, getattr(ref, sig.__name__), tri and getattr(tri, sig.__name__),
-                          fake=fake)
-              for sig, fake in ((batch_norm_stats, _stats_fake), (batch_norm_fwd, _fwd_fake),
-                                (batch_norm_bwd_reduce, _bwd_reduce_fake),
-                                (batch_norm_bwd_elemt, _bwd_elemt_fake))]
-    for backend in per_op[0]:
-        if all(backend in ops for ops in per_op):
-            backends.register(OP, backend, BatchNormKernels(*(ops[backend] for ops in per_op)))
-
-
-_register()
+# The cpu backend's local training passes of an (N, C, S) input without dropout, each in one op
+# that walks the channels and finishes a channel while its rows are in the core's cache (CPU
+# only; schemas beside their kernels in csrc/cpu/batch_norm.cpp; the kernels' fwd_ncs /
+# bwd_ncs, None without the extension and in the other backends):
+#   batch_norm_fwd_ncs  x, residual -> (y, mean, var, invstd)    = stats, rsqrt(var + eps), fwd
+#   batch_norm_bwd_ncs  dy, x, residual -> (sum dz, sum dz*xhat, grad_x, grad_residual)
+#                                                                  = bwd_reduce, bwd_elemt
+# with the four ops' values bit for bit. SyncBatchNorm, dropout and channels-last take the four.
 
 
 def _bwd_ncs_fake(dy, x, residual, weight, bias, mean, invstd, activation, seed, need_grad_input,
@@ -159,16 +157,22 @@ def _register_cpu_only(name, fake):
     return op
 
 
-# The cpu backend's local training passes of an (N, C, S) input without dropout, each in one op
-# that walks the channels and finishes a channel while its rows are in the core's cache (CPU
-# only; schemas beside their kernels in csrc/cpu/batch_norm.cpp; None without the extension):
-#   batch_norm_fwd_ncs  x, residual -> (y, mean, var, invstd)    = stats, rsqrt(var + eps), fwd
-#   batch_norm_bwd_ncs  dy, x, residual -> (sum dz, sum dz*xhat, grad_x, grad_residual)
-#                                                                  = bwd_reduce, bwd_elemt
-# with the four ops' values bit for bit. SyncBatchNorm, dropout, channels-last and the other
-# backends take the four ops.
-_FWD_NCS = _register_cpu_only("batch_norm_fwd_ncs", _fwd_ncs_fake)
-_BWD_NCS = _register_cpu_only("batch_norm_bwd_ncs", _bwd_ncs_fake)
+def _register() -> None:
+    tri = triton_module(OP)
+    per_op = [backend_ops(sig, getattr(ref, sig.__name__), tri and getattr(tri, sig.__name__),
+                          fake=fake)
+              for sig, fake in ((batch_norm_stats, _stats_fake), (batch_norm_fwd, _fwd_fake),
+                                (batch_norm_bwd_reduce, _bwd_reduce_fake),
+                                (batch_norm_bwd_elemt, _bwd_elemt_fake))]
+    channel_ops = {"cpu": (_register_cpu_only("batch_norm_fwd_ncs", _fwd_ncs_fake),
+                           _register_cpu_only("batch_norm_bwd_ncs", _bwd_ncs_fake))}
+    for backend in per_op[0]:
+        if all(backend in ops for ops in per_op):
+            backends.register(OP, backend, BatchNormKernels(*(ops[backend] for ops in per_op),
+                                                            *channel_ops.get(backend, ())))
+
+
+_register()
 
 
 # ---- layouts ----------------------------------------------------------------------------------
@@ -239,10 +243,10 @@ def _forward(xs, rs, weight, bias, seed, config, stats, running_mean, running_va
     ct = compute_dtype(xs.dtype)
     kernels = backends.implementation(OP, config.backend)
     if config.training:
-        if (stats is _local_stats and _FWD_NCS is not None and config.backend == "cpu"
-                and config.p == 0.0 and not config.channels_last and xs.numel()):
-            return _FWD_NCS(xs, rs, _vec(weight, ct), _vec(bias, ct), config.eps,
-                            config.activation)
+        if (kernels.fwd_ncs is not None and stats is _local_stats and config.p == 0.0
+                and not config.channels_last and xs.numel()):
+            return kernels.fwd_ncs(xs, rs, _vec(weight, ct), _vec(bias, ct), config.eps,
+                                   config.activation)
         mean, var = stats(kernels, xs, config.channels_last)
     elif copy_stats:
         # copies: an output must not be an input (running stats already in the compute type)
@@ -296,11 +300,11 @@ def _backward(ctx, dy, all_reduce=None, count=None):
     args = (rs, w, b, mean, invstd)
     # grad_residual is dz, which is dy itself without an activation and dropout
     plain = cfg.activation == 0 and cfg.p == 0.0
-    if (need_x and cfg.training and all_reduce is None and cfg.p == 0.0 and not cl
-            and _BWD_NCS is not None and cfg.backend == "cpu" and xs.device.type == "cpu"):
+    if (need_x and cfg.training and kernels.bwd_ncs is not None and all_reduce is None
+            and cfg.p == 0.0 and not cl):
         # the cpu backend's local training backward in one op (the same values)
-        sum_dz, sum_dzx, gx, gr = _BWD_NCS(dys, xs, *args, cfg.activation, seed, True,
-                                           bool(need_r and not plain))
+        sum_dz, sum_dzx, gx, gr = kernels.bwd_ncs(dys, xs, *args, cfg.activation, seed, True,
+                                                  bool(need_r and not plain))
         grad_w = _as_dtype(sum_dzx, ctx.p_dtypes[0]) if need_w else None
         grad_b = _as_dtype(sum_dz, ctx.p_dtypes[1]) if need_b else None
         grad_r = (dy if plain else gr) if need_r else None
