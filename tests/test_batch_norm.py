@@ -246,7 +246,7 @@ def test_cpu_short_rows_are_each_rows_own_result(dtype, S):
 def test_cpu_channel_ops_are_the_four_ops_bitwise(dtype):
     """The cpu backend's one-op training passes on (N, C, S) storage without dropout
     (batch_norm_fwd_ncs, batch_norm_bwd_ncs: a channel's passes back to back while it is in
-    cache) give bitwise what the four ops give: stats, rsqrt(var + eps) and fwd; bwd_reduce
+    cache; with under four channels a thread the two passes) give bitwise what the four ops give: stats, rsqrt(var + eps) and fwd; bwd_reduce
     and bwd_elemt. Short rows (a 14x14 map), odd rows, a channel over 64 KB (statistics row by
     row), with and without residual / weight / bias, for each activation; and opcheck."""
     ops = torch.ops.fusedreg
@@ -254,7 +254,10 @@ def test_cpu_channel_ops_are_the_four_ops_bitwise(dtype):
     ct = torch.float64 if dtype == torch.float64 else torch.float32
     for (N, C, S), act, with_r, affine in [((3, 5, 196), 1, True, True), ((4, 3, 17), 2, False, True),
                                            ((2, 3, 9), 0, False, False), ((2, 2, 10000), 4, True, True),
-                                           ((3, 4, 33), 0, True, True)]:
+                                           ((3, 4, 33), 0, True, True),
+                                           # enough channels for the per-channel loops at any
+                                           # thread count (fewer run the two passes)
+                                           ((2, 4 * torch.get_num_threads() + 1, 20), 1, True, True)]:
         x, r, dy = (_data((N, C, S), dtype, seed=k, offset=o) for k, o in ((0, 3.0), (2, -0.5), (7, 0.0)))
         r = r if with_r else None
         w, b = (_data((C,), ct, 3, 1.0, 0.5), _data((C,), ct, 4, 0.5, 0.5)) if affine else (None, None)

@@ -1206,6 +1206,13 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_elemt_cpu(
   return {gx, gr};
 }
 
+// The per-channel ops (batch_norm_fwd_ncs / batch_norm_bwd_ncs) spread channels over the
+// threads: with fewer than four channels a thread, they run the two passes instead (the same
+// kernels as the four ops, so the same values), whose element-wise pass spreads rows.
+inline bool few_channels(const Layout& l) {
+  return l.C < 4 * static_cast<int64_t>(at::get_num_threads());
+}
+
 // batch_norm_fwd_ncs: the training forward (x stored (N, C, S), no dropout) in one op -- (y,
 // mean, var, invstd), what batch_norm_stats, invstd = torch.rsqrt(var + eps) and batch_norm_fwd
 // give, bit for bit (forward_train_ncs_kernel). CPU only, like batch_norm_bwd_ncs.
@@ -1226,12 +1233,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_ncs_cp
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, io.x.scalar_type(), "batch_norm_fwd_ncs", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
-      forward_train_ncs_kernel<A, scalar_t>(
-          Layout{io.d.N, io.d.C, io.d.S, false}, io.x.const_data_ptr<scalar_t>(),
-          residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(),
-          weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr,
-          bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr, eps, io.mean.mutable_data_ptr<acc_t>(),
-          io.var.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>());
+      const Layout l{io.d.N, io.d.C, io.d.S, false};
+      const scalar_t* x = io.x.const_data_ptr<scalar_t>();
+      const scalar_t* r = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
+      const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+      const acc_t* bb = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+      acc_t* mean = io.mean.mutable_data_ptr<acc_t>();
+      acc_t* var = io.var.mutable_data_ptr<acc_t>();
+      acc_t* inv = invstd.mutable_data_ptr<acc_t>();
+      if (few_channels(l)) {  // the two passes, each over every thread
+        stats_kernel<scalar_t>(l, x, mean, var);
+        std::vector<acc_t> scale(l.C), shift(l.C);
+        const acc_t e = static_cast<acc_t>(eps);
+        for (int64_t c = 0; c < l.C; ++c) {
+          inv[c] = acc_t(1) / std::sqrt(var[c] + e);
+          scale[c] = w ? inv[c] * w[c] : inv[c];
+          shift[c] = bb ? bb[c] : acc_t(0);
+        }
+        forward_kernel<A, scalar_t>(l, x, r, y.mutable_data_ptr<scalar_t>(), mean, scale.data(), shift.data(), 0.0f, 0);
+        return;
+      }
+      forward_train_ncs_kernel<A, scalar_t>(l, x, r, y.mutable_data_ptr<scalar_t>(), w, bb, eps, mean, var, inv);
     });
   });
   return {y, io.mean, io.var, invstd};
@@ -1260,10 +1282,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_ncs_cp
     using acc_t = at::opmath_type<scalar_t>;
     const Affine<acc_t> af(b);
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
-      bwd_fused_ncs_kernel<A, scalar_t>(layout_of(b, false), bwd_args<scalar_t>(b, af, 0.0), count,
-                                        sum_dz.mutable_data_ptr<acc_t>(), sum_dzx.mutable_data_ptr<acc_t>(),
-                                        need_grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr,
-                                        need_grad_residual ? gr.mutable_data_ptr<scalar_t>() : nullptr);
+      const Layout l = layout_of(b, false);
+      const BwdArgs<scalar_t> args = bwd_args<scalar_t>(b, af, 0.0);
+      acc_t* s1 = sum_dz.mutable_data_ptr<acc_t>();
+      acc_t* s2 = sum_dzx.mutable_data_ptr<acc_t>();
+      scalar_t* pgx = need_grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* pgr = need_grad_residual ? gr.mutable_data_ptr<scalar_t>() : nullptr;
+      if (few_channels(l)) {  // the two passes, each over every thread
+        bwd_reduce_kernel<A, scalar_t>(l, args, s1, s2);
+        if (pgx || pgr) {
+          const acc_t n = static_cast<acc_t>(count);
+          std::vector<acc_t> m1(l.C), m2(l.C);
+          for (int64_t c = 0; c < l.C; ++c) {
+            m1[c] = s1[c] / n;
+            m2[c] = s2[c] / n;
+          }
+          bwd_elemt_kernel<A, scalar_t>(l, args, pgx ? m1.data() : nullptr, pgx ? m2.data() : nullptr, pgx != nullptr,
+                                        pgx, pgr);
+        }
+        return;
+      }
+      bwd_fused_ncs_kernel<A, scalar_t>(l, args, count, s1, s2, pgx, pgr);
     });
   });
   return {sum_dz, sum_dzx, gx, gr};
