@@ -241,6 +241,47 @@ def test_cpu_short_rows_are_each_rows_own_result(dtype, S):
                 assert torch.equal(a[n, c], o[0, 0]), f"output {i}, row ({n}, {c})"
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_cpu_channel_ops_are_the_four_ops_bitwise(dtype):
+    """The cpu backend's one-op training passes on (N, C, S) storage without dropout
+    (batch_norm_fwd_ncs, batch_norm_bwd_ncs: a channel's passes back to back while it is in
+    cache; with under four channels a thread the two passes) give bitwise what the four ops give: stats, rsqrt(var + eps) and fwd; bwd_reduce
+    and bwd_elemt. Short rows (a 14x14 map), odd rows, a channel over 64 KB (statistics row by
+    row), with and without residual / weight / bias, for each activation; and opcheck."""
+    ops = torch.ops.fusedreg
+    seed = torch.zeros(1, dtype=torch.long)
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    for (N, C, S), act, with_r, affine in [((3, 5, 196), 1, True, True), ((4, 3, 17), 2, False, True),
+                                           ((2, 3, 9), 0, False, False), ((2, 2, 10000), 4, True, True),
+                                           ((3, 4, 33), 0, True, True),
+                                           # enough channels for the per-channel loops at any
+                                           # thread count (fewer run the two passes)
+                                           ((2, 4 * torch.get_num_threads() + 1, 20), 1, True, True)]:
+        x, r, dy = (_data((N, C, S), dtype, seed=k, offset=o) for k, o in ((0, 3.0), (2, -0.5), (7, 0.0)))
+        r = r if with_r else None
+        w, b = (_data((C,), ct, 3, 1.0, 0.5), _data((C,), ct, 4, 0.5, 0.5)) if affine else (None, None)
+        eps = 1e-5
+        y, mean, var, invstd = ops.batch_norm_fwd_ncs(x, r, w, b, eps, act)
+        m2, v2 = ops.batch_norm_stats(x, False)
+        inv2 = torch.rsqrt(v2 + eps)
+        y2 = ops.batch_norm_fwd(x, r, w, b, m2, inv2, act, 0.0, seed, False)
+        for got, want, name in ((y, y2, "y"), (mean, m2, "mean"), (var, v2, "var"), (invstd, inv2, "invstd")):
+            assert torch.equal(got, want), name
+        for need_gx, need_gr in ((True, True), (True, False), (False, True)):
+            got = ops.batch_norm_bwd_ncs(dy, x, r, w, b, mean, invstd, act, seed, need_gx, need_gr)
+            s1, s2 = ops.batch_norm_bwd_reduce(dy, x, r, w, b, mean, invstd, act, 0.0, seed, False)
+            gx, gr = ops.batch_norm_bwd_elemt(dy, x, r, w, b, mean, invstd, s1, s2, float(N * S), act, 0.0,
+                                              seed, False, True, need_gx, need_gr)
+            for g, want, name in zip(got, (s1, s2, gx, gr), ("sum_dz", "sum_dzx", "grad_x", "grad_r")):
+                assert g.shape == want.shape and torch.equal(g, want), (name, need_gx, need_gr)
+    x, r, dy = _data((2, 3, 20), dtype), _data((2, 3, 20), dtype, 2), _data((2, 3, 20), dtype, 7, 0.0)
+    w, b = _data((3,), ct, 3), _data((3,), ct, 4)
+    opcheck(ops.batch_norm_fwd_ncs.default, (x, r, w, b, 1e-5, 1))
+    mean, invstd = _data((3,), ct, 5), _data((3,), ct, 6, 1.0, 0.1)
+    opcheck(ops.batch_norm_bwd_ncs.default, (dy, x, r, w, b, mean, invstd, 1, seed, True, True))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["c", "cl"])
 def test_backward_is_bitwise_deterministic(backend, layout):

@@ -512,6 +512,27 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
   });
 }
 
+// One NCS row [off, off + S) of the per-channel kernels below in kFlat-element steps without a
+// scalar remainder: span(off, len, nullptr) writes the row's whole steps in place; the last rem
+// (< kFlat) elements are one full step span(off', kFlat, tmp) into a small buffer -- reading the
+// kFlat values from off' (past the row, inside the tensor: the values past it are computed and
+// dropped) -- of which put(off', rem, tmp) stores the first rem. At the tensor's end the
+// remainder is an ordinary short span. Each element is computed by the same expression either
+// way (a short row's scalar remainder cost as much as the rest of the row in bfloat16).
+template <typename x_t, typename Span, typename Put>
+inline FUSEDREG_ALWAYS_INLINE void row_in_flat_steps(const Layout& l, int64_t off, const Span& span, const Put& put) {
+  const int64_t S = l.S, n = S / kFlat * kFlat, rem = S - n;
+  if (n) span(off, n, static_cast<x_t*>(nullptr));
+  if (!rem) return;
+  if (off + n + kFlat <= l.N * l.C * S) {
+    alignas(64) x_t t[kFlat];
+    span(off + n, kFlat, t);
+    put(off + n, rem, static_cast<const x_t*>(t));
+  } else {
+    span(off + n, rem, static_cast<x_t*>(nullptr));
+  }
+}
+
 // ---- statistics ------------------------------------------------------------------------------
 
 // (count, mean, m2) += (nb, mb, m2b) (Chan et al.).
@@ -535,61 +556,66 @@ inline RowBlocks row_blocks(int64_t L, int64_t C) {
   return {per_block, (L + per_block - 1) / per_block};
 }
 
+// The mean and biased variance of NCS channel c (inside a dispatched region). A channel that
+// fits in cache (short rows: a 14x14 map) takes its two passes over the whole channel (the mean
+// of the deviations from its first value, then sum (x - mean)^2) instead of per row with a merge
+// per row, which cost more than the row's sums there.
+template <typename x_t>
+inline FUSEDREG_ALWAYS_INLINE void ncs_channel_stats(const Layout& l, const x_t* x, int64_t c,
+                                                     Lanes<at::opmath_type<x_t>, kLanes<at::opmath_type<x_t>>>& lanes,
+                                                     at::opmath_type<x_t>& mean_out, at::opmath_type<x_t>& var_out) {
+  using acc_t = at::opmath_type<x_t>;
+  const int64_t C = l.C;
+  const int64_t numel = l.N * C * l.S;
+  if (l.N * l.S * static_cast<int64_t>(sizeof(x_t)) <= kWholeChannelBytes) {
+    const acc_t k = static_cast<acc_t>(x[c * l.S]);
+    lanes.clear();
+    for (int64_t i = 0; i < l.N; ++i) {
+      const x_t* row = x + (i * C + c) * l.S;
+      lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - k; },
+                numel - (i * C + c) * l.S);
+    }
+    const acc_t count = static_cast<acc_t>(l.N * l.S);
+    const acc_t mu = k + lanes.sum() / count;
+    lanes.clear();
+    for (int64_t i = 0; i < l.N; ++i) {
+      const x_t* row = x + (i * C + c) * l.S;
+      lanes.template add<true>(
+          l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - mu; },
+          numel - (i * C + c) * l.S);
+    }
+    mean_out = mu;
+    var_out = lanes.sum() / count;
+    return;
+  }
+  acc_t n = 0, mu = 0, m2 = 0;
+  for (int64_t i = 0; i < l.N; ++i) {
+    const x_t* row = x + (i * C + c) * l.S;
+    // the mean of the deviations from the row's first value: a mean of 1e3 is then
+    // exact to the last bits of the spread, not to an ulp of the row's sum
+    const acc_t k = static_cast<acc_t>(row[0]);
+    lanes.clear();
+    const int64_t readable = numel - (i * C + c) * l.S;
+    lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - k; }, readable);
+    const acc_t mr = k + lanes.sum() / l.S;
+    lanes.clear();
+    lanes.template add<true>(
+        l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - mr; }, readable);
+    chan_merge(n, mu, m2, static_cast<acc_t>(l.S), mr, lanes.sum());
+  }
+  mean_out = mu;
+  var_out = m2 / n;
+}
+
 template <typename x_t>
 void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at::opmath_type<x_t>* var) {
   using acc_t = at::opmath_type<x_t>;
   const int64_t C = l.C;
   if (!l.cl) {
-    // A channel that fits in cache (short rows: a 14x14 map) takes its two passes over the
-    // whole channel (the mean of the deviations from its first value, then sum (x - mean)^2)
-    // instead of per row with a merge per row, which cost more than the row's sums there.
-    const bool whole = l.N * l.S * static_cast<int64_t>(sizeof(x_t)) <= kWholeChannelBytes;
-    const int64_t numel = l.N * C * l.S;
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       Lanes<acc_t, kLanes<acc_t>> lanes;
       for (int64_t c = c0; c < c1; ++c) {
-        if (whole) {
-          dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-            const acc_t k = static_cast<acc_t>(x[c * l.S]);
-            lanes.clear();
-            for (int64_t i = 0; i < l.N; ++i) {
-              const x_t* row = x + (i * C + c) * l.S;
-              lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - k; },
-                        numel - (i * C + c) * l.S);
-            }
-            const acc_t count = static_cast<acc_t>(l.N * l.S);
-            const acc_t mu = k + lanes.sum() / count;
-            lanes.clear();
-            for (int64_t i = 0; i < l.N; ++i) {
-              const x_t* row = x + (i * C + c) * l.S;
-              lanes.template add<true>(
-                  l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - mu; },
-                  numel - (i * C + c) * l.S);
-            }
-            mean[c] = mu;
-            var[c] = lanes.sum() / count;
-          });
-          continue;
-        }
-        acc_t n = 0, mu = 0, m2 = 0;
-        dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-          for (int64_t i = 0; i < l.N; ++i) {
-            const x_t* row = x + (i * C + c) * l.S;
-            // the mean of the deviations from the row's first value: a mean of 1e3 is then
-            // exact to the last bits of the spread, not to an ulp of the row's sum
-            const acc_t k = static_cast<acc_t>(row[0]);
-            lanes.clear();
-            const int64_t readable = numel - (i * C + c) * l.S;
-            lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - k; }, readable);
-            const acc_t mr = k + lanes.sum() / l.S;
-            lanes.clear();
-            lanes.template add<true>(
-                l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - mr; }, readable);
-            chan_merge(n, mu, m2, static_cast<acc_t>(l.S), mr, lanes.sum());
-          }
-        });
-        mean[c] = mu;
-        var[c] = m2 / n;
+        dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE { ncs_channel_stats(l, x, c, lanes, mean[c], var[c]); });
       }
     });
     return;
@@ -657,6 +683,44 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
   }
 }
 
+// The training forward of a contiguous NCS input without dropout in one parallel loop over the
+// channels: a channel's statistics (ncs_channel_stats, as stats_kernel takes them), its invstd
+// = 1 / sqrt(var + eps) (what torch.rsqrt(var + eps) gives: a correctly rounded square root and
+// division, eps rounded to the compute type as a tensor-scalar add does), and at once its output
+// rows (fwd_span, the expression the forward kernel evaluates), while the channel's x rows are
+// still in the core's cache. The same values bit for bit as batch_norm_stats, the rsqrt and
+// batch_norm_fwd.
+template <Activation A, typename x_t>
+void forward_train_ncs_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const at::opmath_type<x_t>* w,
+                              const at::opmath_type<x_t>* bias, double eps, at::opmath_type<x_t>* mean,
+                              at::opmath_type<x_t>* var, at::opmath_type<x_t>* invstd) {
+  using acc_t = at::opmath_type<x_t>;
+  const int64_t C = l.C, S = l.S;
+  const acc_t e = static_cast<acc_t>(eps);
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    Lanes<acc_t, kLanes<acc_t>> lanes;
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t mu, v;
+      dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE { ncs_channel_stats(l, x, c, lanes, mu, v); });
+      const acc_t inv = acc_t(1) / std::sqrt(v + e);
+      const acc_t k = w ? inv * w[c] : inv, b = bias ? bias[c] : acc_t(0);
+      dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+        for (int64_t i = 0; i < l.N; ++i) {
+          row_in_flat_steps<x_t>(
+              l, (i * C + c) * S,
+              [&](int64_t off, int64_t len, x_t* out) FUSEDREG_ALWAYS_INLINE {
+                fwd_span<A, false>(x + off, r ? r + off : nullptr, out ? out : y + off, nullptr, len, &mu, &k, &b);
+              },
+              [&](int64_t off, int64_t rem, const x_t* t) FUSEDREG_ALWAYS_INLINE { std::copy(t, t + rem, y + off); });
+        }
+      });
+      mean[c] = mu;
+      var[c] = v;
+      invstd[c] = inv;
+    }
+  });
+}
+
 // ---- backward ------------------------------------------------------------------------------
 
 template <typename x_t>
@@ -690,6 +754,29 @@ inline FUSEDREG_ALWAYS_INLINE void dz_row(const Layout& l, const BwdArgs<x_t>& a
   }
 }
 
+// sum_dz, sum_dzx of NCS channel c without dropout, straight from the dy, x (and residual)
+// rows (inside a dispatched region): what bwd_reduce_kernel and bwd_fused_ncs_kernel both take.
+template <Activation A, typename x_t>
+inline FUSEDREG_ALWAYS_INLINE void ncs_channel_sums(const Layout& l, const BwdArgs<x_t>& a, int64_t c,
+                                                    Lanes<at::opmath_type<x_t>, kLanes2<at::opmath_type<x_t>>>& l1,
+                                                    Lanes<at::opmath_type<x_t>, kLanes2<at::opmath_type<x_t>>>& l2,
+                                                    at::opmath_type<x_t>& s1, at::opmath_type<x_t>& s2) {
+  using acc_t = at::opmath_type<x_t>;
+  const int64_t C = l.C, len = l.S;
+  const x_t* rb = a.r ? a.r : a.x;
+  const acc_t rf = a.r ? acc_t(1) : acc_t(0);
+  l1.clear();
+  l2.clear();
+  for (int64_t i = 0; i < l.N; ++i) {
+    const int64_t off = (i * C + c) * len;
+    dz_sums_span<A>(a.dy + off, a.x + off, rb + off, rf, len, a.mean[c], a.invstd[c], a.scale[c], a.shift[c], l1,
+                    l2, l.N * C * len - off);
+  }
+  l2.pending = l1.pending;
+  s1 = l1.sum();
+  s2 = l2.sum();
+}
+
 // sum_dz[c], sum_dzx[c] (c in [0, C)).
 template <Activation A, typename x_t>
 void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x_t>* sum_dz,
@@ -710,18 +797,7 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
         acc_t s1 = 0, s2 = 0;
         dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
           if (!drop) {  // the sums straight from the dy, x (and residual) rows, no row buffers
-            const x_t* rb = a.r ? a.r : a.x;
-            const acc_t rf = a.r ? acc_t(1) : acc_t(0);
-            l1.clear();
-            l2.clear();
-            for (int64_t i = 0; i < l.N; ++i) {
-              const int64_t off = (i * C + c) * len;
-              dz_sums_span<A>(a.dy + off, a.x + off, rb + off, rf, len, a.mean[c], a.invstd[c], a.scale[c],
-                              a.shift[c], l1, l2, l.N * C * len - off);
-            }
-            l2.pending = l1.pending;
-            s1 = l1.sum();
-            s2 = l2.sum();
+            ncs_channel_sums<A>(l, a, c, l1, l2, s1, s2);
             return;
           }
           for (int64_t i = 0; i < l.N; ++i) {
@@ -795,6 +871,60 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
         sum_dzx[c] += q2[c];
       }
     }
+  }
+}
+
+// The training backward of a contiguous NCS input without dropout in one parallel loop over the
+// channels: a channel's sums (ncs_channel_sums, as bwd_reduce_kernel takes them), then at once
+// its grad_x / grad_residual rows (elemt_span, as bwd_elemt_kernel computes them), while the
+// channel's dy, x (and residual) rows are still in the core's cache: the second read of each
+// tensor comes from L2 instead of memory (a 14x14 map's channel, 32 images: 25 KB a tensor in
+// float32). The same expressions as the two ops, so the same values bit for bit.
+template <Activation A, typename x_t>
+void bwd_fused_ncs_kernel(const Layout& l, const BwdArgs<x_t>& a, double count, at::opmath_type<x_t>* sum_dz,
+                          at::opmath_type<x_t>* sum_dzx, x_t* gx, x_t* gr) {
+  using acc_t = at::opmath_type<x_t>;
+  const int64_t C = l.C, S = l.S;
+  const x_t* rbase = a.r ? a.r : a.x;
+  const acc_t rf = a.r ? acc_t(1) : acc_t(0);
+  const acc_t n = static_cast<acc_t>(count);
+  auto run = [&](auto gx_mode, auto with_gr) {
+    constexpr GxMode GX = decltype(gx_mode)::value;
+    constexpr bool GR = decltype(with_gr)::value;
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      Lanes<acc_t, kLanes2<acc_t>> l1, l2;
+      for (int64_t c = c0; c < c1; ++c) {
+        acc_t s1 = 0, s2 = 0;
+        dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+          ncs_channel_sums<A>(l, a, c, l1, l2, s1, s2);
+          const acc_t q1 = s1 / n, q2 = s2 / n;  // m1, m2 as bwd_elemt_cpu divides them
+          for (int64_t i = 0; i < l.N; ++i) {
+            alignas(64) x_t tr[kFlat];
+            row_in_flat_steps<x_t>(l, (i * C + c) * S, [&](int64_t off, int64_t len, x_t* tx) FUSEDREG_ALWAYS_INLINE {
+              // the masked step: grad_x into tx, grad_residual into tr (copied with tx's elements)
+              elemt_span<A, false, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean + c, a.invstd + c,
+                                           a.scale + c, a.shift + c, &q1, &q2,
+                                           GX == GxMode::kNone ? nullptr : (tx ? tx : gx + off),
+                                           GR ? (tx ? tr : gr + off) : nullptr);
+            }, [&](int64_t off, int64_t rem, const x_t* tx) FUSEDREG_ALWAYS_INLINE {
+              if (GX != GxMode::kNone) std::copy(tx, tx + rem, gx + off);
+              if (GR) std::copy(tr, tr + rem, gr + off);
+            });
+          }
+        });
+        sum_dz[c] = s1;
+        sum_dzx[c] = s2;
+      }
+    });
+  };
+  using Train = std::integral_constant<GxMode, GxMode::kTrain>;
+  using NoGx = std::integral_constant<GxMode, GxMode::kNone>;
+  if (gx && gr) {
+    run(Train{}, std::true_type{});
+  } else if (gx) {
+    run(Train{}, std::false_type{});
+  } else {
+    run(NoGx{}, std::true_type{});
   }
 }
 
@@ -1076,13 +1206,129 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_elemt_cpu(
   return {gx, gr};
 }
 
+// The per-channel ops (batch_norm_fwd_ncs / batch_norm_bwd_ncs) spread channels over the
+// threads: with fewer than four channels a thread, they run the two passes instead (the same
+// kernels as the four ops, so the same values), whose element-wise pass spreads rows.
+inline bool few_channels(const Layout& l) {
+  return l.C < 4 * static_cast<int64_t>(at::get_num_threads());
+}
+
+// batch_norm_fwd_ncs: the training forward (x stored (N, C, S), no dropout) in one op -- (y,
+// mean, var, invstd), what batch_norm_stats, invstd = torch.rsqrt(var + eps) and batch_norm_fwd
+// give, bit for bit (forward_train_ncs_kernel). CPU only, like batch_norm_bwd_ncs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_ncs_cpu(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in, const std::optional<at::Tensor>& weight_in,
+    const std::optional<at::Tensor>& bias_in, double eps, int64_t activation) {
+  BnStatsIO io = bn_stats_io(x_in, false, at::kCPU);
+  at::Tensor invstd = at::empty_like(io.mean);
+  at::Tensor y = empty_output(io.x.sizes(), io.x.options());
+  const at::Tensor residual = bn_like_x(residual_in, "residual", io.x);
+  const at::Tensor weight = bn_vec(weight_in, "weight", io.x, io.d.C);
+  const at::Tensor bias = bn_vec(bias_in, "bias", io.x, io.d.C);
+  TORCH_CHECK(activation >= 0 && activation <= 4, "fusedreg::batch_norm: unknown activation code ", activation);
+  if (io.empty) {
+    invstd.fill_(NAN);
+    return {y, io.mean, io.var, invstd};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, io.x.scalar_type(), "batch_norm_fwd_ncs", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
+      const Layout l{io.d.N, io.d.C, io.d.S, false};
+      const scalar_t* x = io.x.const_data_ptr<scalar_t>();
+      const scalar_t* r = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
+      const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+      const acc_t* bb = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+      acc_t* mean = io.mean.mutable_data_ptr<acc_t>();
+      acc_t* var = io.var.mutable_data_ptr<acc_t>();
+      acc_t* inv = invstd.mutable_data_ptr<acc_t>();
+      if (few_channels(l)) {  // the two passes, each over every thread
+        stats_kernel<scalar_t>(l, x, mean, var);
+        std::vector<acc_t> scale(l.C), shift(l.C);
+        const acc_t e = static_cast<acc_t>(eps);
+        for (int64_t c = 0; c < l.C; ++c) {
+          inv[c] = acc_t(1) / std::sqrt(var[c] + e);
+          scale[c] = w ? inv[c] * w[c] : inv[c];
+          shift[c] = bb ? bb[c] : acc_t(0);
+        }
+        forward_kernel<A, scalar_t>(l, x, r, y.mutable_data_ptr<scalar_t>(), mean, scale.data(), shift.data(), 0.0f, 0);
+        return;
+      }
+      forward_train_ncs_kernel<A, scalar_t>(l, x, r, y.mutable_data_ptr<scalar_t>(), w, bb, eps, mean, var, inv);
+    });
+  });
+  return {y, io.mean, io.var, invstd};
+}
+
+// batch_norm_bwd_ncs: the training backward (x stored (N, C, S), no dropout) in one op --
+// (sum_dz, sum_dz_xhat, grad_x, grad_residual), the values batch_norm_bwd_reduce followed by
+// batch_norm_bwd_elemt (count = N * S, training) give, bit for bit (bwd_fused_ncs_kernel). CPU
+// only; fusedreg/ops/batch_norm.py calls it for the cpu backend's local (not SyncBatchNorm)
+// backward and the two ops elsewhere.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_ncs_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+    const at::Tensor& invstd, int64_t activation, const at::Tensor& seed, bool need_grad_input,
+    bool need_grad_residual) {
+  const CpuBnInputs b = cpu_bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, false);
+  at::Tensor gx = need_grad_input ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
+  at::Tensor gr = need_grad_residual ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
+  if (b.x.numel() == 0) {
+    return {at::zeros({b.d.C}, b.mean.options()), at::zeros({b.d.C}, b.mean.options()), gx, gr};
+  }
+  at::Tensor sum_dz = at::empty({b.d.C}, b.mean.options());  // the kernel writes every channel
+  at::Tensor sum_dzx = at::empty({b.d.C}, b.mean.options());
+  const double count = static_cast<double>(b.d.N * b.d.S);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_ncs", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Affine<acc_t> af(b);
+    FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
+      const Layout l = layout_of(b, false);
+      const BwdArgs<scalar_t> args = bwd_args<scalar_t>(b, af, 0.0);
+      acc_t* s1 = sum_dz.mutable_data_ptr<acc_t>();
+      acc_t* s2 = sum_dzx.mutable_data_ptr<acc_t>();
+      scalar_t* pgx = need_grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* pgr = need_grad_residual ? gr.mutable_data_ptr<scalar_t>() : nullptr;
+      if (few_channels(l)) {  // the two passes, each over every thread
+        bwd_reduce_kernel<A, scalar_t>(l, args, s1, s2);
+        if (pgx || pgr) {
+          const acc_t n = static_cast<acc_t>(count);
+          std::vector<acc_t> m1(l.C), m2(l.C);
+          for (int64_t c = 0; c < l.C; ++c) {
+            m1[c] = s1[c] / n;
+            m2[c] = s2[c] / n;
+          }
+          bwd_elemt_kernel<A, scalar_t>(l, args, pgx ? m1.data() : nullptr, pgx ? m2.data() : nullptr, pgx != nullptr,
+                                        pgx, pgr);
+        }
+        return;
+      }
+      bwd_fused_ncs_kernel<A, scalar_t>(l, args, count, s1, s2, pgx, pgr);
+    });
+  });
+  return {sum_dz, sum_dzx, gx, gr};
+}
+
 }  // namespace
+
+// The CPU-only ops' schemas here, beside their kernels (the four ops of every backend are declared
+// in csrc/ops.cpp).
+TORCH_LIBRARY_FRAGMENT(fusedreg, m) {
+  m.def(
+      "batch_norm_fwd_ncs(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, int activation) "
+      "-> (Tensor y, Tensor mean, Tensor var, Tensor invstd)");
+  m.def(
+      "batch_norm_bwd_ncs(Tensor dy, Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor invstd, int activation, Tensor seed, bool need_grad_input, bool need_grad_residual) "
+      "-> (Tensor sum_dz, Tensor sum_dz_xhat, Tensor grad_x, Tensor grad_residual)");
+}
 
 TORCH_LIBRARY_IMPL(fusedreg, CPU, m) {
   m.impl("batch_norm_stats", &batch_norm_stats_cpu);
   m.impl("batch_norm_fwd", &batch_norm_fwd_cpu);
   m.impl("batch_norm_bwd_reduce", &batch_norm_bwd_reduce_cpu);
   m.impl("batch_norm_bwd_elemt", &batch_norm_bwd_elemt_cpu);
+  m.impl("batch_norm_fwd_ncs", &batch_norm_fwd_ncs_cpu);
+  m.impl("batch_norm_bwd_ncs", &batch_norm_bwd_ncs_cpu);
 }
 
 }  // namespace fusedreg

@@ -13,7 +13,9 @@ Four ops per backend, each made from the one Python declaration below
     batch_norm_bwd_elemt   dy, x, residual, the sums -> grad_x, grad_residual    backward pass 2
 
 The statistics and the backward sums are separate ops so that SyncBatchNorm can reduce them
-across ranks between the passes. The ops see x stored as (N, C, S) or, channels-last, as
+across ranks between the passes; the cpu backend's local training passes on (N, C, S) storage
+without dropout run as two more, CPU-only ops (``batch_norm_fwd_ncs`` / ``batch_norm_bwd_ncs``,
+below) that finish each channel while its rows are in cache, with the same values. The ops see x stored as (N, C, S) or, channels-last, as
 (N, S, C) (``batch_norm_act`` below makes the views, outside the Functions); the
 per-channel vectors are in the compute type.
 Backward saves x, mean, invstd, the weight and the 8-byte seed (the residual and bias only
@@ -35,7 +37,7 @@ from .._dtypes import compute_dtype
 from ..reference import batch_norm as ref
 from ..reference.bias_dropout import activate_grad
 from ..reference.philox import apply_dropout
-from ._common import backend_ops, triton_module
+from ._common import backend_ops, cpp_op, triton_module
 
 __all__ = ["BatchNormConfig", "BatchNormFunction", "BatchNormKernels", "SyncBatchNormFunction",
            "batch_norm_act", "from_storage", "storage_layout", "to_storage"]
@@ -111,11 +113,48 @@ def _bwd_elemt_fake(dy, x, residual, weight, bias, mean, invstd, sum_dz, sum_dz_
 
 
 class BatchNormKernels(NamedTuple):
-    """One backend's four batch_norm ops."""
+    """One backend's four batch_norm ops, and the cpu backend's two one-op training passes
+    (``batch_norm_fwd_ncs`` / ``batch_norm_bwd_ncs``, below; None elsewhere)."""
     stats: Callable
     fwd: Callable
     bwd_reduce: Callable
     bwd_elemt: Callable
+    fwd_ncs: Optional[Callable] = None
+    bwd_ncs: Optional[Callable] = None
+
+
+# The cpu backend's local training passes of an (N, C, S) input without dropout, each in one op
+# that walks the channels and finishes a channel while its rows are in the core's cache (CPU
+# only; schemas beside their kernels in csrc/cpu/batch_norm.cpp; the kernels' fwd_ncs /
+# bwd_ncs, None without the extension and in the other backends):
+#   batch_norm_fwd_ncs  x, residual -> (y, mean, var, invstd)    = stats, rsqrt(var + eps), fwd
+#   batch_norm_bwd_ncs  dy, x, residual -> (sum dz, sum dz*xhat, grad_x, grad_residual)
+#                                                                  = bwd_reduce, bwd_elemt
+# with the four ops' values bit for bit. SyncBatchNorm, dropout and channels-last take the four.
+
+
+def _bwd_ncs_fake(dy, x, residual, weight, bias, mean, invstd, activation, seed, need_grad_input,
+                  need_grad_residual):
+    C = _channels(x, False)
+    torch._check(dy.shape == x.shape, lambda: "dy must match x")
+    gx, gr = _bwd_elemt_fake(dy, x, residual, weight, bias, mean, invstd, None, None, 0.0,
+                             activation, 0.0, seed, False, True, need_grad_input,
+                             need_grad_residual)
+    return _vec_fake(x, C), _vec_fake(x, C), gx, gr
+
+
+def _fwd_ncs_fake(x, residual, weight, bias, eps, activation):
+    C = _channels(x, False)
+    torch._check(residual is None or residual.shape == x.shape, lambda: "residual must match x")
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), _vec_fake(x, C),
+            _vec_fake(x, C), _vec_fake(x, C))
+
+
+def _register_cpu_only(name, fake):
+    op = cpp_op(name)
+    if op is not None:
+        torch.library.register_fake(f"fusedreg::{name}")(fake)
+    return op
 
 
 def _register() -> None:
@@ -125,9 +164,12 @@ def _register() -> None:
               for sig, fake in ((batch_norm_stats, _stats_fake), (batch_norm_fwd, _fwd_fake),
                                 (batch_norm_bwd_reduce, _bwd_reduce_fake),
                                 (batch_norm_bwd_elemt, _bwd_elemt_fake))]
+    channel_ops = {"cpu": (_register_cpu_only("batch_norm_fwd_ncs", _fwd_ncs_fake),
+                           _register_cpu_only("batch_norm_bwd_ncs", _bwd_ncs_fake))}
     for backend in per_op[0]:
         if all(backend in ops for ops in per_op):
-            backends.register(OP, backend, BatchNormKernels(*(ops[backend] for ops in per_op)))
+            backends.register(OP, backend, BatchNormKernels(*(ops[backend] for ops in per_op),
+                                                            *channel_ops.get(backend, ())))
 
 
 _register()
@@ -201,6 +243,10 @@ def _forward(xs, rs, weight, bias, seed, config, stats, running_mean, running_va
     ct = compute_dtype(xs.dtype)
     kernels = backends.implementation(OP, config.backend)
     if config.training:
+        if (kernels.fwd_ncs is not None and stats is _local_stats and config.p == 0.0
+                and not config.channels_last and xs.numel()):
+            return kernels.fwd_ncs(xs, rs, _vec(weight, ct), _vec(bias, ct), config.eps,
+                                   config.activation)
         mean, var = stats(kernels, xs, config.channels_last)
     elif copy_stats:
         # copies: an output must not be an input (running stats already in the compute type)
@@ -252,6 +298,17 @@ def _backward(ctx, dy, all_reduce=None, count=None):
     dys = dy.contiguous()
     w, b = _vec(w, mean.dtype), _vec(b, mean.dtype)
     args = (rs, w, b, mean, invstd)
+    # grad_residual is dz, which is dy itself without an activation and dropout
+    plain = cfg.activation == 0 and cfg.p == 0.0
+    if (need_x and cfg.training and kernels.bwd_ncs is not None and all_reduce is None
+            and cfg.p == 0.0 and not cl):
+        # the cpu backend's local training backward in one op (the same values)
+        sum_dz, sum_dzx, gx, gr = kernels.bwd_ncs(dys, xs, *args, cfg.activation, seed, True,
+                                                  bool(need_r and not plain))
+        grad_w = _as_dtype(sum_dzx, ctx.p_dtypes[0]) if need_w else None
+        grad_b = _as_dtype(sum_dz, ctx.p_dtypes[1]) if need_b else None
+        grad_r = (dy if plain else gr) if need_r else None
+        return gx, grad_r, grad_w, grad_b, None, None, None, None
     sums = None
     if need_w or need_b or (need_x and cfg.training):
         sums = kernels.bwd_reduce(dys, xs, *args, cfg.activation, cfg.p, seed, cl)
@@ -263,8 +320,6 @@ def _backward(ctx, dy, all_reduce=None, count=None):
             sum_dz, sum_dzx = all_reduce(sum_dz, sum_dzx)
         if count is None:
             count = xs.numel() // mean.numel() if mean.numel() else 0
-    # grad_residual is dz, which is dy itself without an activation and dropout
-    plain = cfg.activation == 0 and cfg.p == 0.0
     gx = gr = None
     if need_x or (need_r and not plain):
         gx, gr = kernels.bwd_elemt(dys, xs, *args, sum_dz, sum_dzx, float(count or 0),
