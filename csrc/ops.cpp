@@ -500,4 +500,15 @@ TORCH_LIBRARY(fusedreg, m) {
       "Tensor mean, Tensor invstd, Tensor sum_dz, Tensor sum_dz_xhat, float count, int activation, "
       "float p, Tensor seed, bool channels_last, bool training, bool need_grad_input, "
       "bool need_grad_residual) -> (Tensor grad_x, Tensor grad_residual)");
+  // The cpu backend's local training passes on NCS storage without dropout in one op each
+  // (csrc/cpu/batch_norm.cpp): fwd_ncs = stats, invstd and fwd; bwd_ncs = bwd_reduce then
+  // bwd_elemt (training), one channel at a time while its rows are in cache.
+
+  m.def(
+      "batch_norm_fwd_ncs(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, int activation) "
+      "-> (Tensor y, Tensor mean, Tensor var, Tensor invstd)");
+  m.def(
+      "batch_norm_bwd_ncs(Tensor dy, Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor invstd, int activation, Tensor seed, bool need_grad_input, bool need_grad_residual) "
+      "-> (Tensor sum_dz, Tensor sum_dz_xhat, Tensor grad_x, Tensor grad_residual)");
 }

@@ -1310,18 +1310,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_ncs_cp
 
 }  // namespace
 
-// The CPU-only ops' schemas here, beside their kernels (the four ops of every backend are declared
-// in csrc/ops.cpp).
-TORCH_LIBRARY_FRAGMENT(fusedreg, m) {
-  m.def(
-      "batch_norm_fwd_ncs(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, int activation) "
-      "-> (Tensor y, Tensor mean, Tensor var, Tensor invstd)");
-  m.def(
-      "batch_norm_bwd_ncs(Tensor dy, Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor mean, "
-      "Tensor invstd, int activation, Tensor seed, bool need_grad_input, bool need_grad_residual) "
-      "-> (Tensor sum_dz, Tensor sum_dz_xhat, Tensor grad_x, Tensor grad_residual)");
-}
-
 TORCH_LIBRARY_IMPL(fusedreg, CPU, m) {
   m.impl("batch_norm_stats", &batch_norm_stats_cpu);
   m.impl("batch_norm_fwd", &batch_norm_fwd_cpu);
