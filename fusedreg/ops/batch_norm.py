@@ -124,9 +124,9 @@ class BatchNormKernels(NamedTuple):
 
 
 # The cpu backend's local training passes of an (N, C, S) input without dropout, each in one op
-# that walks the channels and finishes a channel while its rows are in the core's cache (CPU
-# only; schemas beside their kernels in csrc/cpu/batch_norm.cpp; the kernels' fwd_ncs /
-# bwd_ncs, None without the extension and in the other backends):
+# that walks the channels and finishes a channel while its rows are in the core's cache
+# (CPU kernels only, in csrc/cpu/batch_norm.cpp; the kernels' fwd_ncs / bwd_ncs, None
+# without the extension and in the other backends):
 #   batch_norm_fwd_ncs  x, residual -> (y, mean, var, invstd)    = stats, rsqrt(var + eps), fwd
 #   batch_norm_bwd_ncs  dy, x, residual -> (sum dz, sum dz*xhat, grad_x, grad_residual)
 #                                                                  = bwd_reduce, bwd_elemt
