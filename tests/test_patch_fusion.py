@@ -330,3 +330,18 @@ def _attention_dropout_in_graphs(how):
     assert report(model).fusions[fx.ATTENTION] >= 1
     assert report(eager).dropout_calls == {
         "attention dropout inside scaled_dot_product_attention": {"fused": 1, "left in torch": 0}}
+
+
+def test_activation_size_limits_and_symbolic_sizes():
+    # a limit of 0 (every CUDA activation) holds at every size, a symbolic one included; a
+    # positive limit (CPU gelu_tanh) needs a concrete size at or above it
+    from types import SimpleNamespace
+    def traced(device, n):
+        return SimpleNamespace(device=SimpleNamespace(type=device), numel=lambda: n)
+    symbolic = object()  # stands for a SymInt: not an int
+    limit = fx.ACT_WITHOUT_DROPOUT["cpu"]["gelu_tanh"]
+    assert fx._activation_faster("gelu", traced("cuda", symbolic))
+    assert fx._activation_faster("gelu_tanh", traced("cpu", limit))
+    assert not fx._activation_faster("gelu_tanh", traced("cpu", limit - 1))
+    assert not fx._activation_faster("gelu_tanh", traced("cpu", symbolic))
+    assert not fx._activation_faster("gelu", traced("cpu", 1 << 30))  # erf gelu: torch's on CPU

@@ -33,8 +33,8 @@ alone):
                                               would run that kernel)
 
 An activation with no dropout after it is replaced only where that is faster
-(``ACT_WITHOUT_DROPOUT``: per device and activation, from a number of elements up); so are a layer_norm alone, or x + r -> layer_norm, or an rms_norm
-alone, which under the auto backend keep torch's nodes below ``AUTO_TORCH_BELOW``'s size limit
+(``ACT_WITHOUT_DROPOUT``: per device and activation, from a number of elements up); so are a
+layer_norm alone, or x + r -> layer_norm, or an rms_norm alone, which under the auto backend keep torch's nodes below ``AUTO_TORCH_BELOW``'s size limit
 for that norm (``_torch_norm_faster``; fusedreg's function would call torch's op there anyway);
 for Inductor only the patterns with an active dropout are replaced (it fuses the others
 itself).
@@ -249,10 +249,11 @@ ACT_WITHOUT_DROPOUT = {"cpu": {"gelu_tanh": 1 << 14},
 
 def _activation_faster(name: str, vy) -> bool:
     """Whether fusedreg's bias + activation beats torch's at the traced output ``vy`` (no
-    dropout after it): ``ACT_WITHOUT_DROPOUT`` (False for a symbolic size)."""
+    dropout after it): ``ACT_WITHOUT_DROPOUT`` (a limit of 0 holds at every size, symbolic
+    ones too; any other limit is False for a symbolic size)."""
     least = ACT_WITHOUT_DROPOUT.get(vy.device.type, {}).get(name)
     n = vy.numel()
-    return least is not None and isinstance(n, int) and n >= least
+    return least is not None and (least == 0 or (isinstance(n, int) and n >= least))
 
 
 class _Rewriter:
