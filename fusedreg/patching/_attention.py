@@ -56,9 +56,10 @@ def _takes(q, k, v, attn_mask, p, is_causal, scale, enable_gqa, traced=False) ->
     plain = (lambda t: isinstance(t, _Tensor)) if traced else (lambda t: type(t) is _Tensor)
     if not (plain(q) and plain(k) and plain(v)):
         return False
-    # eager calls under the size limit first: the common small call leaves after one product
-    if not traced and q.dim() >= 2 and k.dim() >= 2 and q.numel() // max(q.shape[-1], 1) \
-            * k.shape[-2] < MIN_SCORES:
+    # eager calls under the size limit (fewer than MIN_SCORES scores, batch x heads x L x S),
+    # first: the common small call leaves after one product
+    if not traced and q.dim() >= 2 and k.dim() >= 2 \
+            and q.shape[:-1].numel() * k.shape[-2] < MIN_SCORES:
         return False
     if type(p) is not float or not 0.0 < p <= 1.0 or type(is_causal) is not bool \
             or type(enable_gqa) is not bool:
@@ -75,7 +76,7 @@ def _takes(q, k, v, attn_mask, p, is_causal, scale, enable_gqa, traced=False) ->
             or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
         return False
     L, S = q.shape[-2], k.shape[-2]
-    if S == 0 or (not traced and q.shape[:-1].numel() * S < MIN_SCORES):
+    if S == 0:
         return False
     if attn_mask is not None:
         if is_causal or not plain(attn_mask) or not attn_mask.is_cpu \
