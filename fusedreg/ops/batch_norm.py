@@ -15,9 +15,9 @@ Four ops per backend, each made from the one Python declaration below
 The statistics and the backward sums are separate ops so that SyncBatchNorm can reduce them
 across ranks between the passes; the cpu backend's local training passes on (N, C, S) storage
 without dropout run as two more, CPU-only ops (``batch_norm_fwd_ncs`` / ``batch_norm_bwd_ncs``,
-below) that finish each channel while its rows are in cache, with the same values. The ops see x stored as (N, C, S) or, channels-last, as
-(N, S, C) (``batch_norm_act`` below makes the views, outside the Functions); the
-per-channel vectors are in the compute type.
+below) that finish each channel while its rows are in cache, with the same values. The ops
+see x stored as (N, C, S) or, channels-last, as (N, S, C) (``batch_norm_act`` below makes the
+views, outside the Functions); the per-channel vectors are in the compute type.
 Backward saves x, mean, invstd, the weight and the 8-byte seed (the residual and bias only
 with an activation, where z is recomputed): never a mask, never the output. Under
 create_graph=True the backward is differentiable torch ops of the reference formulas (with the
@@ -37,7 +37,7 @@ from .._dtypes import compute_dtype
 from ..reference import batch_norm as ref
 from ..reference.bias_dropout import activate_grad
 from ..reference.philox import apply_dropout
-from ._common import backend_ops, cpp_op, triton_module
+from ._common import backend_ops, cpp_backends, triton_module
 
 __all__ = ["BatchNormConfig", "BatchNormFunction", "BatchNormKernels", "SyncBatchNormFunction",
            "batch_norm_act", "from_storage", "storage_layout", "to_storage"]
@@ -150,13 +150,6 @@ def _fwd_ncs_fake(x, residual, weight, bias, eps, activation):
             _vec_fake(x, C), _vec_fake(x, C))
 
 
-def _register_cpu_only(name, fake):
-    op = cpp_op(name)
-    if op is not None:
-        torch.library.register_fake(f"fusedreg::{name}")(fake)
-    return op
-
-
 def _register() -> None:
     tri = triton_module(OP)
     per_op = [backend_ops(sig, getattr(ref, sig.__name__), tri and getattr(tri, sig.__name__),
@@ -164,8 +157,9 @@ def _register() -> None:
               for sig, fake in ((batch_norm_stats, _stats_fake), (batch_norm_fwd, _fwd_fake),
                                 (batch_norm_bwd_reduce, _bwd_reduce_fake),
                                 (batch_norm_bwd_elemt, _bwd_elemt_fake))]
-    channel_ops = {"cpu": (_register_cpu_only("batch_norm_fwd_ncs", _fwd_ncs_fake),
-                           _register_cpu_only("batch_norm_bwd_ncs", _bwd_ncs_fake))}
+    # CPU kernels only: cpp_backends' "cuda" entry (the same op) has no kernel behind it
+    channel_ops = {"cpu": (cpp_backends("batch_norm_fwd_ncs", _fwd_ncs_fake).get("cpu"),
+                           cpp_backends("batch_norm_bwd_ncs", _bwd_ncs_fake).get("cpu"))}
     for backend in per_op[0]:
         if all(backend in ops for ops in per_op):
             backends.register(OP, backend, BatchNormKernels(*(ops[backend] for ops in per_op),
