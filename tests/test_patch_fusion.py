@@ -244,8 +244,35 @@ def test_real_model_at_dropout_0_equals_unpatched(fuse_small_layer_norms):
     assert report(model).fusions[fx.ADD_NORM] >= 4  # dropout 0: the adds + norms still fused
 
 
+@pytest.mark.parametrize("rows, limit, replaced", [(63, None, False), (64, None, True),
+                                                  (3, 0, True)])
+def test_inductor_leaves_small_dropouts_to_inductor(monkeypatch, rows, limit, replaced):
+    # the pass as fusedreg.compile runs it (inductor=True), without Inductor's code generation:
+    # a dropout of fewer than INDUCTOR_DROPOUT_FROM elements stays in the graph (Inductor fuses
+    # it), counted; from the limit up it is replaced. Block: 32 features, so 63 rows are 2016
+    # elements and 64 rows 2048.
+    if limit is not None:
+        monkeypatch.setattr(fx, "INDUCTOR_DROPOUT_FROM", limit)
+    assert fx.INDUCTOR_DROPOUT_FROM == (2048 if limit is None else limit)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(fx.rewrite(gm, inductor=True))
+        return gm.forward
+    torch._dynamo.reset()
+    block = make_block(p=0.2).train()
+    out = torch.compile(block, backend=backend)(x_of((rows, 32)))
+    assert out.shape == (rows, 32)
+    stats = fx._total(graphs)
+    if replaced:
+        assert stats.get(fx.DROPOUT_ADD_NORM) == 2 and fx.SMALL_DROPOUT not in stats, stats
+    else:
+        assert stats.get(fx.SMALL_DROPOUT) == 2 and fx.DROPOUT_ADD_NORM not in stats, stats
+
+
 @pytest.mark.slow
-def test_fusedreg_compile_with_inductor_matches_eager():
+def test_fusedreg_compile_with_inductor_matches_eager(monkeypatch):
+    monkeypatch.setattr(fx, "INDUCTOR_DROPOUT_FROM", 0)  # a small block: replace its dropouts
     torch._dynamo.reset()
     block, ref = make_block(p=0.0).train(), make_block(p=0.0).train()
     compiled = fusedreg.compile(block)

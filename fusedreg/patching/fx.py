@@ -37,7 +37,7 @@ An activation with no dropout after it is replaced only where that is faster
 layer_norm alone, or x + r -> layer_norm, or an rms_norm alone, which under the auto backend keep torch's nodes below ``AUTO_TORCH_BELOW``'s size limit
 for that norm (``_torch_norm_faster``; fusedreg's function would call torch's op there anyway);
 for Inductor only the patterns with an active dropout are replaced (it fuses the others
-itself).
+itself), and those only from ``INDUCTOR_DROPOUT_FROM`` elements up.
 
 Masks come from fusedreg's seeded function (docs/design.md, "The dropout mask") with a seed
 drawn per call from torch's generator, as in eager fusedreg. What the pass could not replace is
@@ -107,6 +107,18 @@ ATTENTION = "attention dropout (torch's math-kernel chain with fusedreg's dropou
 LEFT_SDPA = "attention dropout inside scaled_dot_product_attention left in torch"
 LEFT_NORM = "norm left in torch"
 SMALL_NORM = "norm left in torch (under auto's size limit, where torch's op is faster)"
+SMALL_DROPOUT = "dropout left to Inductor (fewer elements than INDUCTOR_DROPOUT_FROM)"
+
+# Under Inductor a dropout pattern is replaced from this many elements (of the dropout's
+# input) up; a smaller one is left to Inductor, which fuses it into its neighbours' kernel
+# with its own random numbers. Measured on CPU, fp32, one thread, forward + backward of a
+# linear -> dropout -> add -> layer_norm -> gelu -> dropout block, torch.compile against
+# fusedreg.compile (interleaved, 200 rounds): fusedreg's calls cost more than the dropout they
+# replace at 256 and 1024 elements (0.81x, 0.88-0.90x), break even at 2048 (0.98-1.02x) and win
+# from 4096 (1.17-1.26x, 1.83x at 16K). A symbolic size is always replaced. The same limit
+# serves CUDA, not measured there yet (a kernel launch per fusedreg call favours Inductor's
+# fused kernel at small sizes too).
+INDUCTOR_DROPOUT_FROM = 2048
 
 _HALF = (torch.float16, torch.bfloat16)
 _FLOATS = _HALF + (torch.float32, torch.float64)
@@ -269,6 +281,12 @@ class _Rewriter:
     def count(self, what, n=1):
         self.stats[what] = self.stats.get(what, 0) + n
 
+    def small_for_inductor(self, node) -> bool:
+        """Whether a dropout of ``node``'s value is left to Inductor (INDUCTOR_DROPOUT_FROM)."""
+        v = _val(node)
+        n = v.numel() if v is not None else None
+        return self.inductor and isinstance(n, int) and n < INDUCTOR_DROPOUT_FROM
+
     def only_user(self, node):
         users = list(node.users)
         return users[0] if len(users) == 1 else None
@@ -335,6 +353,8 @@ class _Rewriter:
         user = self.only_user(act)
         d = _dropout_args(user) if user is not None else None
         dropped = d is not None and d[0] is act and d[2]
+        if dropped and self.small_for_inductor(act):
+            return
         if not dropped and (self.inductor or vy is None or not _activation_faster(name, vy)):
             return
         if split is None:  # no bias: worth a call only when a dropout follows (T5's relu)
@@ -372,6 +392,8 @@ class _Rewriter:
             x, p, active = d
             if not active:
                 p = 0.0
+            if p and self.small_for_inductor(x):
+                return
             add = self.only_user(node)
             a = _add_args(add) if add is not None else None
             if a is not None and a[0] is not a[1]:
@@ -457,8 +479,9 @@ class _Rewriter:
         elif node.target in _ALL_DROPOUTS:
             p = _arg(node, 1, "p", 0.5)
             training = _arg(node, 2, "training", True)
+            x = node.args[0] if node.args else node.kwargs.get("input")
             if training is not False and p:
-                self.count(LEFT_DROPOUT)
+                self.count(SMALL_DROPOUT if self.small_for_inductor(x) else LEFT_DROPOUT)
         elif node.target in _NORMS and not self.inductor:
             n = _norm_args(node)
             if n is None:
