@@ -830,3 +830,30 @@ def test_direct_call_raises_the_ops_errors_before_any_write():
         DIRECT["sgd"](*args2, **kw)
     for x, y in zip(args[0], before):
         assert torch.equal(x, y)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+def test_cpu_adam_reciprocal_division_is_exact():
+    """The float32 Adam kernels divide sqrt(v) by the bias correction c = sqrt(1 - beta2^step)
+    through 1/c and two FMAs (div_by_recip in fusedreg/optim_math.h) instead of the divider:
+    over every float significand (in the binade of the smallest square root of a float and in
+    [1, 2)), and on zeros, inf and NaNs, the same bits as x / c — for the constants of
+    common betas at many steps and for constants at the ends of the range it is used in."""
+    from fusedreg import _C
+
+    consts = [math.sqrt(1.0 - b2 ** s) for b2, s in ((0.999, 1), (0.999, 2), (0.999, 1000), (0.99, 3), (0.95, 10))]
+    consts += [1.0, 0.5, torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item(), 1.5 * 2.0 ** -20]
+    sig = torch.arange(1 << 23, dtype=torch.int32)
+    # what a square root gives besides positive numbers: zeros, +inf, quiet NaNs
+    special = torch.tensor([0x0, 0x80000000, 0x7F800000, 0x7FC00000, 0xFFC00000, 0x7FC12345],
+                           dtype=torch.int64).to(torch.int32).view(torch.float32)
+    for c in consts:
+        cf = torch.tensor(c, dtype=torch.float32)
+        for e in (-75, 0):  # (the smallest square root of a float is 2^-74.5)
+            x = (sig | ((127 + e) << 23)).view(torch.float32)
+            got, want = _C._adam_div_by_recip(x, float(cf)), x / cf
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (c, e)
+        got, want = _C._adam_div_by_recip(special, float(cf)), special / cf
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), c
+    with pytest.raises(RuntimeError, match="outside the range"):
+        _C._adam_div_by_recip(sig.float(), 2.0 ** -21)

@@ -162,7 +162,7 @@ inline void half_chunks(c10::Half* p, const c10::Half* g, const std::array<M*, N
         sp[k] = state[k] + b;
       }
     }
-    dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE { body(pf, gf, sp, len); });
+    dispatch_isa([&](auto isa) FUSEDREG_ALWAYS_INLINE { body(pf, gf, sp, len, isa); });
     cpu::half_from_float(pf, p + b, len);
     if constexpr (kHalfState) {
       for (size_t k = 0; k < NS; ++k) {
@@ -175,8 +175,8 @@ inline void half_chunks(c10::Half* p, const c10::Half* g, const std::array<M*, N
 #if FUSEDREG_X86_DISPATCH
 // 16-bit parameters (float16, bfloat16; T) at the AVX-512 level: n (a multiple of 16) elements
 // in blocks of 16, each block's arrays loaded and converted into pf, gf and sf (fusedreg/cpu/
-// half_convert.h: load16 / store16, c10's values bit for bit), stepped by body(pf, gf, sp, 16)
-// — inlined here, compiled for AVX-512, its loop of 16 one vector iteration — converted back
+// half_convert.h: load16 / store16, c10's values bit for bit), stepped by body(pf, gf, sp, 16,
+// level tag) — inlined here, compiled for AVX-512, its loop of 16 one vector iteration — converted back
 // and stored. The scratch arrays are locals the compiler keeps in registers. The body is
 // taken by value and the ops' lambdas capture by value, so that their constants are locals
 // here that no store can alias (kept in registers rather than reloaded after each block's
@@ -196,7 +196,7 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void blocks16_avx512(
     for (size_t k = 0; k < NS; ++k) {
       if (state[k] != nullptr) _mm512_store_ps(sf[k], cpu::load16(state[k] + b));
     }
-    body(pf, gf, sp, std::integral_constant<int64_t, kB>{});
+    body(pf, gf, sp, std::integral_constant<int64_t, kB>{}, cpu::IsaTag<cpu::Isa::kAvx512>{});
     cpu::store16(p + b, _mm512_load_ps(pf));
     for (size_t k = 0; k < NS; ++k) {
       if (state[k] != nullptr) cpu::store16(state[k] + b, _mm512_load_ps(sf[k]));
@@ -239,7 +239,8 @@ inline bool use_blocks16() {
 }
 
 // A span of 16-bit parameters in register blocks (only when use_blocks16()). body(pf, gf, sp,
-// len) runs the float32 loop on len values (len an integral_constant).
+// len, isa) runs the float32 loop on len values (len an integral_constant) compiled for the
+// instruction-set level of the tag isa (cpu::IsaTag).
 template <typename T, typename M, size_t NS, typename Body>
 inline void blocks16_span(T* p, const T* g, const std::array<M*, NS>& state, int64_t n,
                           const Body& body) {
@@ -265,9 +266,10 @@ inline void half_span(c10::Half* p, const c10::Half* g, const std::array<M*, NS>
 // ---- the loops (force-inlined into each instruction-set variant of the dispatch) --------
 // p, g: parameter and gradient (T); m, v, vm / buf: state (M: S, or T when the state is kept
 // in the parameter's dtype); math in S; n elements of the tensors' storage.
-template <typename T, typename S, typename M, bool AMS, bool L1>
-inline FUSEDREG_ALWAYS_INLINE void adam_loop(const AdamConsts<S>& cref, S nss, S bc2, T* p, const T* g,
-                                      M* m, M* v, M* vm, int64_t n) {
+// RCP: sqrt(v) / bc2 through div_by_recip (fusedreg/optim_math.h) with rbc2 = 1 / bc2.
+template <typename T, typename S, typename M, bool AMS, bool L1, bool RCP>
+inline FUSEDREG_ALWAYS_INLINE void adam_loop(const AdamConsts<S>& cref, S nss, S bc2, S rbc2, T* p,
+                                             const T* g, M* m, M* v, M* vm, int64_t n) {
   // A local copy: the constants cannot alias the stores, so they stay in registers and the
   // selects on them (lerp's form) are if-converted instead of blocking vectorization.
   const AdamConsts<S> c = cref;
@@ -275,7 +277,7 @@ inline FUSEDREG_ALWAYS_INLINE void adam_loop(const AdamConsts<S>& cref, S nss, S
   for (int64_t i = 0; i < n; ++i) {
     S pv = load_as<S>(p, i), mv = load_as<S>(m, i), vv = load_as<S>(v, i);
     S vmv = AMS ? load_as<S>(vm, i) : S(0);
-    adam_update<S, AMS, L1>(c, nss, bc2, pv, load_as<S>(g, i), mv, vv, vmv);
+    adam_update<S, AMS, L1, RCP>(c, nss, bc2, pv, load_as<S>(g, i), mv, vv, vmv, rbc2);
     if constexpr (AMS) store_as(vm, i, vmv);
     store_as(m, i, mv);
     store_as(v, i, vv);
@@ -318,6 +320,21 @@ void with_bool(bool b, const F& f) {
   }
 }
 
+// with_bool for a switch that only float math has (S = double: always false, one instance).
+template <typename S, typename F>
+void with_float_bool(bool b, const F& f) {
+  if constexpr (std::is_same_v<S, float>) {
+    with_bool(b, f);
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Whether the instruction-set level of a dispatch tag (cpu::IsaTag) has FMA (AVX2 and
+// AVX-512 do).
+template <typename Tag>
+constexpr bool kHasFma = Tag::value != cpu::Isa::kBaseline;
+
 // A span's pointer into the storage of list[s.tensor] (dense in any layout: the flat range
 // from the data pointer).
 template <typename S>
@@ -342,44 +359,54 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_step", [&] {
     using S = at::opmath_type<scalar_t>;
     const AdamConsts<S> c = make_adam_consts<S>(h);
-    std::vector<S> nss(params.size()), bc2(params.size());
+    std::vector<S> nss(params.size()), bc2(params.size()), rbc2(params.size());
+    bool rcp_ok = std::is_same_v<S, float>;  // every bc2 in div_by_recip's range
     for (size_t t = 0; t < params.size(); ++t) {
       const AdamBiasCorrection bc = adam_bias_correction(h, counts[t]);
       nss[t] = S(bc.neg_step_size);
       bc2[t] = S(bc.bc2_sqrt);
+      rbc2[t] = S(1) / bc2[t];  // rounded to nearest, as div_by_recip needs
+      if constexpr (std::is_same_v<S, float>) rcp_ok = rcp_ok && adam_rcp_ok(bc2[t]);
     }
     with_state_type<scalar_t, S>(sdtype, [&](auto state_type) {
       using M = typename decltype(state_type)::type;
       with_bool(amsgrad, [&](auto ams) {
         with_bool(h.l1 != 0.0, [&](auto has_l1) {
+         with_float_bool<S>(rcp_ok, [&](auto rcp) {
           constexpr bool kAms = decltype(ams)::value, kL1 = decltype(has_l1)::value;
+          // the reciprocal's FMAs at the AVX2 and AVX-512 levels (the baseline has no FMA)
+          constexpr bool kRcp = decltype(rcp)::value;
           parallel_spans(spans, [&](const Span& s) {
             scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
             const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
             M* m = state_ptr<M>(exp_avgs, s);
             M* v = state_ptr<M>(exp_avg_sqs, s);
             M* vm = amsgrad ? state_ptr<M>(max_exp_avg_sqs, s) : nullptr;
-            const S a = nss[s.tensor], b = bc2[s.tensor];
+            const S a = nss[s.tensor], b = bc2[s.tensor], rb = rbc2[s.tensor];
             if constexpr (std::is_same_v<scalar_t, c10::Half>) {
               half_span(p, g, std::array<M*, 3>{m, v, vm}, s.end - s.begin,
-                        [=](float* pf, const float* gf, const std::array<float*, 3>& st, auto len)
+                        [=](float* pf, const float* gf, const std::array<float*, 3>& st, auto len, auto isa)
                             FUSEDREG_ALWAYS_INLINE {
-                              adam_loop<float, S, float, kAms, kL1>(c, a, b, pf, gf, st[0], st[1], st[2], len);
+                              adam_loop<float, S, float, kAms, kL1, kRcp && kHasFma<decltype(isa)>>(
+                                  c, a, b, rb, pf, gf, st[0], st[1], st[2], len);
                             });
             } else if (std::is_same_v<scalar_t, c10::BFloat16> && use_blocks16()) {
               if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
                 blocks16_span(p, g, std::array<M*, 3>{m, v, vm}, s.end - s.begin,
-                              [=](float* pf, const float* gf, const std::array<float*, 3>& st, auto len)
+                              [=](float* pf, const float* gf, const std::array<float*, 3>& st, auto len, auto isa)
                                   FUSEDREG_ALWAYS_INLINE {
-                                    adam_loop<float, S, float, kAms, kL1>(c, a, b, pf, gf, st[0], st[1], st[2], len);
+                                    adam_loop<float, S, float, kAms, kL1, kRcp && kHasFma<decltype(isa)>>(
+                                        c, a, b, rb, pf, gf, st[0], st[1], st[2], len);
                                   });
               }
             } else {
-              dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-                adam_loop<scalar_t, S, M, kAms, kL1>(c, a, b, p, g, m, v, vm, s.end - s.begin);
+              dispatch_isa([&](auto isa) FUSEDREG_ALWAYS_INLINE {
+                adam_loop<scalar_t, S, M, kAms, kL1, kRcp && kHasFma<decltype(isa)>>(c, a, b, rb, p, g, m, v, vm,
+                                                                          s.end - s.begin);
               });
             }
           });
+         });
         });
       });
     });
@@ -409,12 +436,12 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
             M* buf = has_momentum ? state_ptr<M>(momentum_buffers, s) : nullptr;
             if constexpr (std::is_same_v<scalar_t, c10::Half>) {
               half_span(p, g, std::array<M*, 1>{buf}, s.end - s.begin,
-                        [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
+                        [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len, auto)
                             FUSEDREG_ALWAYS_INLINE { sgd_loop<float, S, float, kMom, kL1>(c, pf, gf, st[0], len); });
             } else if (std::is_same_v<scalar_t, c10::BFloat16> && use_blocks16()) {
               if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
                 blocks16_span(p, g, std::array<M*, 1>{buf}, s.end - s.begin,
-                              [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
+                              [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len, auto)
                                   FUSEDREG_ALWAYS_INLINE { sgd_loop<float, S, float, kMom, kL1>(c, pf, gf, st[0], len); });
               }
             } else {
@@ -449,12 +476,12 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
           M* m = state_ptr<M>(exp_avgs, s);
           if constexpr (std::is_same_v<scalar_t, c10::Half>) {
             half_span(p, g, std::array<M*, 1>{m}, s.end - s.begin,
-                      [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
+                      [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len, auto)
                           FUSEDREG_ALWAYS_INLINE { lion_loop<float, S, float, kL1>(c, pf, gf, st[0], len); });
           } else if (std::is_same_v<scalar_t, c10::BFloat16> && use_blocks16()) {
             if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
               blocks16_span(p, g, std::array<M*, 1>{m}, s.end - s.begin,
-                            [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
+                            [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len, auto)
                                 FUSEDREG_ALWAYS_INLINE { lion_loop<float, S, float, kL1>(c, pf, gf, st[0], len); });
             }
           } else {
@@ -586,6 +613,37 @@ PyCFunction as_method() {
   return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(F));
 }
 
+// fusedreg._C._adam_div_by_recip(x, c): div_by_recip(x, c, 1 / c) (fusedreg/optim_math.h) on
+// every element of a contiguous float32 CPU tensor, in the loop the Adam kernels inline it in,
+// at the same instruction-set level (tests/test_optim.py compares it with x / c bit for bit).
+PyObject* adam_div_by_recip(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* obj = nullptr;
+  double c = 0.0;
+  if (!PyArg_ParseTuple(args, "Od", &obj, &c)) return nullptr;
+  TORCH_CHECK(THPVariable_Check(obj), "_adam_div_by_recip: expected a tensor");
+  const at::Tensor x = THPVariable_Unpack(obj);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "_adam_div_by_recip: expected a contiguous float32 CPU tensor");
+  const float cf = float(c);
+  TORCH_CHECK(adam_rcp_ok(cf), "_adam_div_by_recip: c outside the range Adam uses it for");
+  const float rc = 1.0f / cf;
+  at::Tensor out = at::empty_like(x);
+  const float* xp = x.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t n = x.numel();
+  dispatch_isa([&](auto isa) FUSEDREG_ALWAYS_INLINE {
+    if constexpr (kHasFma<decltype(isa)>) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) op[i] = div_by_recip(xp[i], cf, rc);
+    } else {
+      for (int64_t i = 0; i < n; ++i) op[i] = xp[i] / cf;  // what the baseline kernels do
+    }
+  });
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef kDirectMethods[] = {
     {"adam_step", as_method<direct<&adam_step_op<adam_step_cpu>, kAdamName>>(), METH_FASTCALL,
      "fusedreg::adam_step on plain CPU tensors without the dispatcher"},
@@ -593,6 +651,8 @@ PyMethodDef kDirectMethods[] = {
      "fusedreg::sgd_step on plain CPU tensors without the dispatcher"},
     {"lion_step", as_method<direct<&lion_step_op<lion_step_cpu>, kLionName>>(), METH_FASTCALL,
      "fusedreg::lion_step on plain CPU tensors without the dispatcher"},
+    {"_adam_div_by_recip", adam_div_by_recip, METH_VARARGS,
+     "Adam's correctly rounded x / c by a reciprocal and FMAs (for the tests)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
