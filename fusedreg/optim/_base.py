@@ -431,6 +431,28 @@ class FusedOptimizer(torch.optim.Optimizer):
                     l1=_scalar(group["l1"]), l1_lr_scaled=bool(group.get("l1_lr_scaled", True)),
                     maximize=bool(group["maximize"]))
 
+    # the group keys an algorithm's op keywords are made from (_make_hyper), for _bucket_hyper
+    _HYPER_KEYS: tuple = ()
+
+    def _make_hyper(self, group: dict, inv_scale: float) -> dict:
+        """The op's keyword hyperparameters of ``group`` (read from _HYPER_KEYS only)."""
+        raise NotImplementedError
+
+    def _bucket_hyper(self, group: dict, bucket: "_Bucket", inv_scale: float) -> dict:
+        """_make_hyper(group, inv_scale), kept on the bucket for its reuse by the next step
+        (_memo_plan) while the group holds the very same value objects under _HYPER_KEYS
+        (compared by identity, in C) and inv_scale is the same: a few list passes instead of
+        a dict built from a dozen conversions. Kept only when every value is an immutable
+        Python scalar or a tuple of them, so that the same object means the same value (a
+        tensor lr, read at each step, or a list of betas is converted every step)."""
+        values = list(map(group.get, self._HYPER_KEYS))
+        kept = bucket.hyper
+        if kept is not None and kept[0] == inv_scale and all(map(operator.is_, values, kept[1])):
+            return kept[2]
+        hyper = self._make_hyper(group, inv_scale)
+        bucket.hyper = (inv_scale, values, hyper) if all(map(_immutable, values)) else None
+        return hyper
+
     def step(self, closure=None):
         loss = None
         if closure is not None:
@@ -607,6 +629,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         CUDA graph needs capturable=True in every group stepping CUDA parameters. (torch's
         warning for a capturable step outside a capture is switched off by its constructor,
         which this class runs too.)"""
+        if not torch.cuda.is_initialized():  # (no CUDA tensor exists before CUDA is initialized)
+            return
         cuda_groups = [g for g, buckets in plan if any(k[0].type == "cuda" for k in buckets)]
         if not cuda_groups or torch.compiler.is_compiling():
             return
@@ -627,7 +651,7 @@ class _Bucket:
     DTensor, stepped as its local shard)."""
 
     __slots__ = ("backend", "params", "lparams", "lgrads", "states", "strided", "distributed",
-                 "memo")
+                 "memo", "hyper")
 
     def __init__(self, backend: str) -> None:
         self.backend = backend
@@ -636,9 +660,18 @@ class _Bucket:
         # an optimizer's per-bucket lists of state tensors, kept while the bucket is reused
         # (FusedOptimizer._memo_plan: no state has changed since)
         self.memo = None
+        self.hyper = None  # FusedOptimizer._bucket_hyper's (inv_scale, values, op keywords)
 
 
 _data_ptr = Tensor.data_ptr
+_SCALAR_TYPES = (float, int, bool, str, type(None))
+
+
+def _immutable(value) -> bool:
+    """Whether a hyperparameter is an immutable Python scalar (or a tuple of them): the same
+    object then always has the same value."""
+    t = type(value)
+    return t in _SCALAR_TYPES or (t is tuple and all(type(v) in _SCALAR_TYPES for v in value))
 _FREED = object()  # what a reference to a freed gradient stands for: no gradient is it
 
 
