@@ -857,3 +857,36 @@ def test_cpu_adam_reciprocal_division_is_exact():
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), c
     with pytest.raises(RuntimeError, match="outside the range"):
         _C._adam_div_by_recip(sig.float(), 2.0 ** -21)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_step_independent_of_the_thread_split(dtype):
+    """The threads split a list's elements into equal shares, cut inside tensors (at a
+    multiple of 64 elements of the tensor): one to four threads give the same bits for
+    parameters and state, for lists whose shares end mid-tensor and in tiny tensors."""
+    sizes = [70001, 5, 33000, 1, 40000, 999, 65536 + 17]
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 4):
+            torch.set_num_threads(threads)
+            res = []
+            for algo, n_state, kw in _HALF_VARIANTS:
+                gen = torch.Generator().manual_seed(1)
+                ps = [(torch.randn(n, generator=gen) + 0.3).to(dtype) for n in sizes]
+                gs = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+                sts = [[torch.rand(n, generator=gen) for n in sizes] for _ in range(n_state)]
+                args = [ps, gs] + (sts if n_state else [[]])
+                if algo == "adam":
+                    args.append([torch.tensor(3.0) for _ in sizes])
+                backends.implementation(algo, "cpu")(*args, **kw)
+                res.append([ps] + sts)
+            outs.append(res)
+    finally:
+        torch.set_num_threads(before)
+    for threads, res in zip((2, 3, 4), outs[1:]):
+        bad = [(v, _bitwise_mismatches(x, y)) for v, (x, y) in enumerate(zip(outs[0], res))
+               if _bitwise_mismatches(x, y)]
+        assert not bad, (threads, bad[:4])
+    assert not torch.equal(outs[0][0][0][0], (torch.randn(70001, generator=torch.Generator().manual_seed(1)) + 0.3).to(dtype))
