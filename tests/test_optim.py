@@ -890,3 +890,47 @@ def test_cpu_step_independent_of_the_thread_split(dtype):
                if _bitwise_mismatches(x, y)]
         assert not bad, (threads, bad[:4])
     assert not torch.equal(outs[0][0][0][0], (torch.randn(70001, generator=torch.Generator().manual_seed(1)) + 0.3).to(dtype))
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_step_hooks_and_profiler_range_as_torch(name):
+    """step() runs torch's step hooks as torch does — global then per-optimizer pre-hooks (one
+    replacing the arguments: here a closure), the step, then per-optimizer and global
+    post-hooks, with the arguments the pre-hook made — inside a profiler range named as
+    torch names it; a pre-hook returning anything else raises torch's error."""
+    import torch.optim.optimizer as toptim
+
+    seen = {}
+    for cls in (getattr(fo, name), getattr(torch.optim, name)):
+        log = []
+        p = torch.nn.Parameter(torch.ones(3))
+        p.grad = torch.full((3,), 0.5)
+        opt = cls([p], lr=0.1)
+
+        def closure():
+            log.append("closure")
+            return 2.0
+
+        handles = [
+            toptim.register_optimizer_step_pre_hook(lambda o, a, k: log.append("global pre")),
+            opt.register_step_pre_hook(lambda o, a, k: (log.append("pre"), ((o,), {"closure": closure}))[1]),
+            opt.register_step_post_hook(lambda o, a, k: log.append(("post", sorted(k)))),
+            toptim.register_optimizer_step_post_hook(lambda o, a, k: log.append("global post")),
+        ]
+        try:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                loss = opt.step()
+        finally:
+            for h in handles:
+                h.remove()
+        ranges = [e.name for e in prof.events() if e.name.startswith("Optimizer.step#")]
+        bad = opt.register_step_pre_hook(lambda o, a, k: 5)
+        with pytest.raises(RuntimeError, match="must return None or a tuple"):
+            opt.step()
+        bad.remove()
+        seen[cls] = (log, loss, ranges, p.detach().clone())
+    ours, torchs = seen.values()
+    assert ours[0] == torchs[0] == ["global pre", "pre", "closure", ("post", ["closure"]), "global post"]
+    assert ours[1] == torchs[1] == 2.0
+    assert ours[2] == torchs[2] == [f"Optimizer.step#{name}.step"]
+    torch.testing.assert_close(ours[3], torchs[3])
