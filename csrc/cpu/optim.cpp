@@ -1,8 +1,9 @@
 // CPU kernels of the fused optimizer steps (adam_step, sgd_step, lion_step).
 //
 // One call steps every tensor of the list: the tensors are cut into spans of kSpan elements,
-// and the concatenated list of spans is split over the threads (at::parallel_for), so that
-// many small tensors and one big tensor both use every core. Each span runs a simple loop of
+// and the concatenated elements are split over the threads in equal contiguous shares
+// (parallel_spans), so that many small tensors and one big tensor both use every core
+// equally. Each span runs a simple loop of
 // the per-element math of fusedreg/optim_math.h that the compiler vectorizes, at the CPU's
 // instruction-set level (fusedreg/cpu/isa.h, dispatched once per span); 16-bit parameters at
 // the AVX-512 level run that loop on register blocks of 16 converted values (blocks16_span).
