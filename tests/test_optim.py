@@ -830,3 +830,107 @@ def test_direct_call_raises_the_ops_errors_before_any_write():
         DIRECT["sgd"](*args2, **kw)
     for x, y in zip(args[0], before):
         assert torch.equal(x, y)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+def test_cpu_adam_reciprocal_division_is_exact():
+    """The float32 Adam kernels divide sqrt(v) by the bias correction c = sqrt(1 - beta2^step)
+    through 1/c and two FMAs (div_by_recip in fusedreg/optim_math.h) instead of the divider:
+    over every float significand (in the binade of the smallest square root of a float and in
+    [1, 2)), and on zeros, inf and NaNs, the same bits as x / c — for the constants of
+    common betas at many steps and for constants at the ends of the range it is used in."""
+    from fusedreg import _C
+
+    consts = [math.sqrt(1.0 - b2 ** s) for b2, s in ((0.999, 1), (0.999, 2), (0.999, 1000), (0.99, 3), (0.95, 10))]
+    consts += [1.0, 0.5, torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item(), 1.5 * 2.0 ** -20]
+    sig = torch.arange(1 << 23, dtype=torch.int32)
+    # what a square root gives besides positive numbers: zeros, +inf, quiet NaNs
+    special = torch.tensor([0x0, 0x80000000, 0x7F800000, 0x7FC00000, 0xFFC00000, 0x7FC12345],
+                           dtype=torch.int64).to(torch.int32).view(torch.float32)
+    for c in consts:
+        cf = torch.tensor(c, dtype=torch.float32)
+        for e in (-75, 0):  # (the smallest square root of a float is 2^-74.5)
+            x = (sig | ((127 + e) << 23)).view(torch.float32)
+            got, want = _C._adam_div_by_recip(x, float(cf)), x / cf
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (c, e)
+        got, want = _C._adam_div_by_recip(special, float(cf)), special / cf
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), c
+    with pytest.raises(RuntimeError, match="outside the range"):
+        _C._adam_div_by_recip(sig.float(), 2.0 ** -21)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_step_independent_of_the_thread_split(dtype):
+    """The threads split a list's elements into equal shares, cut inside tensors (at a
+    multiple of 64 elements of the tensor): one to four threads give the same bits for
+    parameters and state, for lists whose shares end mid-tensor and in tiny tensors."""
+    sizes = [70001, 5, 33000, 1, 40000, 999, 65536 + 17]
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 4):
+            torch.set_num_threads(threads)
+            res = []
+            for algo, n_state, kw in _HALF_VARIANTS:
+                gen = torch.Generator().manual_seed(1)
+                ps = [(torch.randn(n, generator=gen) + 0.3).to(dtype) for n in sizes]
+                gs = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+                sts = [[torch.rand(n, generator=gen) for n in sizes] for _ in range(n_state)]
+                args = [ps, gs] + (sts if n_state else [[]])
+                if algo == "adam":
+                    args.append([torch.tensor(3.0) for _ in sizes])
+                backends.implementation(algo, "cpu")(*args, **kw)
+                res.append([ps] + sts)
+            outs.append(res)
+    finally:
+        torch.set_num_threads(before)
+    for threads, res in zip((2, 3, 4), outs[1:]):
+        bad = [(v, _bitwise_mismatches(x, y)) for v, (x, y) in enumerate(zip(outs[0], res))
+               if _bitwise_mismatches(x, y)]
+        assert not bad, (threads, bad[:4])
+    assert not torch.equal(outs[0][0][0][0], (torch.randn(70001, generator=torch.Generator().manual_seed(1)) + 0.3).to(dtype))
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_step_hooks_and_profiler_range_as_torch(name):
+    """step() runs torch's step hooks as torch does — global then per-optimizer pre-hooks (one
+    replacing the arguments: here a closure), the step, then per-optimizer and global
+    post-hooks, with the arguments the pre-hook made — inside a profiler range named as
+    torch names it; a pre-hook returning anything else raises torch's error."""
+    import torch.optim.optimizer as toptim
+
+    seen = {}
+    for cls in (getattr(fo, name), getattr(torch.optim, name)):
+        log = []
+        p = torch.nn.Parameter(torch.ones(3))
+        p.grad = torch.full((3,), 0.5)
+        opt = cls([p], lr=0.1)
+
+        def closure():
+            log.append("closure")
+            return 2.0
+
+        handles = [
+            toptim.register_optimizer_step_pre_hook(lambda o, a, k: log.append("global pre")),
+            opt.register_step_pre_hook(lambda o, a, k: (log.append("pre"), ((o,), {"closure": closure}))[1]),
+            opt.register_step_post_hook(lambda o, a, k: log.append(("post", sorted(k)))),
+            toptim.register_optimizer_step_post_hook(lambda o, a, k: log.append("global post")),
+        ]
+        try:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                loss = opt.step()
+        finally:
+            for h in handles:
+                h.remove()
+        ranges = [e.name for e in prof.events() if e.name.startswith("Optimizer.step#")]
+        bad = opt.register_step_pre_hook(lambda o, a, k: 5)
+        with pytest.raises(RuntimeError, match="must return None or a tuple"):
+            opt.step()
+        bad.remove()
+        seen[cls] = (log, loss, ranges, p.detach().clone())
+    ours, torchs = seen.values()
+    assert ours[0] == torchs[0] == ["global pre", "pre", "closure", ("post", ["closure"]), "global post"]
+    assert ours[1] == torchs[1] == 2.0
+    assert ours[2] == torchs[2] == [f"Optimizer.step#{name}.step"]
+    torch.testing.assert_close(ours[3], torchs[3])

@@ -1,8 +1,9 @@
 // CPU kernels of the fused optimizer steps (adam_step, sgd_step, lion_step).
 //
 // One call steps every tensor of the list: the tensors are cut into spans of kSpan elements,
-// and the concatenated list of spans is split over the threads (at::parallel_for), so that
-// many small tensors and one big tensor both use every core. Each span runs a simple loop of
+// and the concatenated elements are split over the threads in equal contiguous shares
+// (parallel_spans), so that many small tensors and one big tensor both use every core
+// equally. Each span runs a simple loop of
 // the per-element math of fusedreg/optim_math.h that the compiler vectorizes, at the CPU's
 // instruction-set level (fusedreg/cpu/isa.h, dispatched once per span); 16-bit parameters at
 // the AVX-512 level run that loop on register blocks of 16 converted values (blocks16_span).
@@ -47,44 +48,74 @@ struct Span {
   int64_t tensor, begin, end;
 };
 
-// The spans of all tensors, and tasks: runs of consecutive spans of at least kSpan elements
-// in all (task i = spans[task[i], task[i + 1])), so that many small tensors make few tasks
-// and a small list runs on the calling thread without waking the thread pool.
-// Plan and parallel_spans stay here rather than in fusedreg/cpu/scheduler.h: they exist for
-// the lists of tensors only the optimizers take, and a static split suits them, since they
-// update tensors in place (no fresh pages to first-touch, which for_each_task's ranges are
-// for) in spans of equal size.
+constexpr int64_t kCut = 64;  // a thread's share starts at a multiple of this in its tensor
+
+// The spans of all tensors (at most kSpan elements each) and where each starts in the
+// concatenation of the tensors (first[i]; first.back() = all elements).
+// The threads split the elements, not the spans: thread t steps the concatenated elements
+// [t·N/T, (t+1)·N/T), each boundary moved down to a multiple of kCut elements of its tensor,
+// so that the shares are equal whatever the tensors' sizes (with 148 tensors of very
+// different sizes, whole spans dealt out by count left one thread 2% more), and a list of
+// at most kSpan elements runs on the calling thread without waking the thread pool.
+// Every element is stepped by the same code at the same alignment as in a split at span
+// boundaries: a share boundary is a multiple of kCut (a multiple of every vector width and
+// of the 16-value blocks) from its tensor's start, as span boundaries are, so no element
+// moves into a loop's scalar remainder. This stays here rather than in fusedreg/cpu/
+// scheduler.h: it exists for the lists of tensors only the optimizers take, and a static
+// split suits them, since they update tensors in place (no fresh pages to first-touch,
+// which for_each_task's ranges are for).
 struct Plan {
   std::vector<Span> spans;
-  std::vector<int64_t> task;
+  std::vector<int64_t> first;
 };
 
 Plan make_plan(at::TensorList params) {
   Plan plan;
-  int64_t pending = 0;  // elements in the open task
-  plan.task.push_back(0);
+  int64_t total = 0;
   for (size_t t = 0; t < params.size(); ++t) {
     const int64_t n = params[t].numel();
     for (int64_t b = 0; b < n; b += kSpan) {
       const int64_t e = std::min(n, b + kSpan);
       plan.spans.push_back({int64_t(t), b, e});
-      pending += e - b;
-      if (pending >= kSpan) {
-        plan.task.push_back(int64_t(plan.spans.size()));
-        pending = 0;
-      }
+      plan.first.push_back(total);
+      total += e - b;
     }
   }
-  if (pending > 0) plan.task.push_back(int64_t(plan.spans.size()));
+  plan.first.push_back(total);
   return plan;
 }
 
-// Runs fn(span) over all spans, one task per thread at a time.
+// Where the share of the element at concatenated position x begins: (span, offset in it),
+// the offset moved down to a multiple of kCut (span begins are multiples of kSpan).
+std::pair<int64_t, int64_t> share_boundary(const Plan& plan, int64_t x) {
+  const int64_t n_spans = int64_t(plan.spans.size());
+  if (x >= plan.first.back()) return {n_spans, 0};
+  // the last span starting at or before x
+  const int64_t i =
+      int64_t(std::upper_bound(plan.first.begin(), plan.first.end() - 1, x) - plan.first.begin()) - 1;
+  return {i, (x - plan.first[i]) / kCut * kCut};
+}
+
+// Runs fn(span) over all spans (pieces of them at the shares' boundaries), the threads
+// taking equal contiguous shares of the elements.
 template <typename F>
 void parallel_spans(const Plan& plan, const F& fn) {
-  const int64_t n_tasks = int64_t(plan.task.size()) - 1;
-  at::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = plan.task[b]; i < plan.task[e]; ++i) fn(plan.spans[i]);
+  const int64_t total = plan.first.back();
+  // a thread per kSpan elements at most: lists of up to kSpan elements stay on this thread
+  const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, (total + kSpan - 1) / kSpan));
+  auto run_share = [&](int64_t t) {
+    const auto [b_span, b_off] = share_boundary(plan, t * total / n_threads);
+    const auto [e_span, e_off] = share_boundary(plan, (t + 1) * total / n_threads);
+    for (int64_t i = b_span; i <= e_span && i < int64_t(plan.spans.size()); ++i) {
+      Span s = plan.spans[i];
+      if (i == e_span) s.end = s.begin + e_off;
+      if (i == b_span) s.begin += b_off;
+      if (s.begin < s.end) fn(s);
+    }
+  };
+  if (n_threads <= 1) return run_share(0);
+  at::parallel_for(0, n_threads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) run_share(t);
   });
 }
 
@@ -162,7 +193,7 @@ inline void half_chunks(c10::Half* p, const c10::Half* g, const std::array<M*, N
         sp[k] = state[k] + b;
       }
     }
-    dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE { body(pf, gf, sp, len); });
+    dispatch_isa([&](auto isa) FUSEDREG_ALWAYS_INLINE { body(pf, gf, sp, len, isa); });
     cpu::half_from_float(pf, p + b, len);
     if constexpr (kHalfState) {
       for (size_t k = 0; k < NS; ++k) {
@@ -175,8 +206,8 @@ inline void half_chunks(c10::Half* p, const c10::Half* g, const std::array<M*, N
 #if FUSEDREG_X86_DISPATCH
 // 16-bit parameters (float16, bfloat16; T) at the AVX-512 level: n (a multiple of 16) elements
 // in blocks of 16, each block's arrays loaded and converted into pf, gf and sf (fusedreg/cpu/
-// half_convert.h: load16 / store16, c10's values bit for bit), stepped by body(pf, gf, sp, 16)
-// — inlined here, compiled for AVX-512, its loop of 16 one vector iteration — converted back
+// half_convert.h: load16 / store16, c10's values bit for bit), stepped by body(pf, gf, sp, 16,
+// level tag) — inlined here, compiled for AVX-512, its loop of 16 one vector iteration — converted back
 // and stored. The scratch arrays are locals the compiler keeps in registers. The body is
 // taken by value and the ops' lambdas capture by value, so that their constants are locals
 // here that no store can alias (kept in registers rather than reloaded after each block's
@@ -196,7 +227,7 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void blocks16_avx512(
     for (size_t k = 0; k < NS; ++k) {
       if (state[k] != nullptr) _mm512_store_ps(sf[k], cpu::load16(state[k] + b));
     }
-    body(pf, gf, sp, std::integral_constant<int64_t, kB>{});
+    body(pf, gf, sp, std::integral_constant<int64_t, kB>{}, cpu::IsaTag<cpu::Isa::kAvx512>{});
     cpu::store16(p + b, _mm512_load_ps(pf));
     for (size_t k = 0; k < NS; ++k) {
       if (state[k] != nullptr) cpu::store16(state[k] + b, _mm512_load_ps(sf[k]));
@@ -239,7 +270,8 @@ inline bool use_blocks16() {
 }
 
 // A span of 16-bit parameters in register blocks (only when use_blocks16()). body(pf, gf, sp,
-// len) runs the float32 loop on len values (len an integral_constant).
+// len, isa) runs the float32 loop on len values (len an integral_constant) compiled for the
+// instruction-set level of the tag isa (cpu::IsaTag).
 template <typename T, typename M, size_t NS, typename Body>
 inline void blocks16_span(T* p, const T* g, const std::array<M*, NS>& state, int64_t n,
                           const Body& body) {
@@ -265,9 +297,10 @@ inline void half_span(c10::Half* p, const c10::Half* g, const std::array<M*, NS>
 // ---- the loops (force-inlined into each instruction-set variant of the dispatch) --------
 // p, g: parameter and gradient (T); m, v, vm / buf: state (M: S, or T when the state is kept
 // in the parameter's dtype); math in S; n elements of the tensors' storage.
-template <typename T, typename S, typename M, bool AMS, bool L1>
-inline FUSEDREG_ALWAYS_INLINE void adam_loop(const AdamConsts<S>& cref, S nss, S bc2, T* p, const T* g,
-                                      M* m, M* v, M* vm, int64_t n) {
+// RCP: sqrt(v) / bc2 through div_by_recip (fusedreg/optim_math.h) with rbc2 = 1 / bc2.
+template <typename T, typename S, typename M, bool AMS, bool L1, bool RCP>
+inline FUSEDREG_ALWAYS_INLINE void adam_loop(const AdamConsts<S>& cref, S nss, S bc2, S rbc2, T* p,
+                                             const T* g, M* m, M* v, M* vm, int64_t n) {
   // A local copy: the constants cannot alias the stores, so they stay in registers and the
   // selects on them (lerp's form) are if-converted instead of blocking vectorization.
   const AdamConsts<S> c = cref;
@@ -275,7 +308,7 @@ inline FUSEDREG_ALWAYS_INLINE void adam_loop(const AdamConsts<S>& cref, S nss, S
   for (int64_t i = 0; i < n; ++i) {
     S pv = load_as<S>(p, i), mv = load_as<S>(m, i), vv = load_as<S>(v, i);
     S vmv = AMS ? load_as<S>(vm, i) : S(0);
-    adam_update<S, AMS, L1>(c, nss, bc2, pv, load_as<S>(g, i), mv, vv, vmv);
+    adam_update<S, AMS, L1, RCP>(c, nss, bc2, pv, load_as<S>(g, i), mv, vv, vmv, rbc2);
     if constexpr (AMS) store_as(vm, i, vmv);
     store_as(m, i, mv);
     store_as(v, i, vv);
@@ -318,6 +351,21 @@ void with_bool(bool b, const F& f) {
   }
 }
 
+// with_bool for a switch that only float math has (S = double: always false, one instance).
+template <typename S, typename F>
+void with_float_bool(bool b, const F& f) {
+  if constexpr (std::is_same_v<S, float>) {
+    with_bool(b, f);
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Whether the instruction-set level of a dispatch tag (cpu::IsaTag) has FMA (AVX2 and
+// AVX-512 do).
+template <typename Tag>
+constexpr bool kHasFma = Tag::value != cpu::Isa::kBaseline;
+
 // A span's pointer into the storage of list[s.tensor] (dense in any layout: the flat range
 // from the data pointer).
 template <typename S>
@@ -342,44 +390,54 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_step", [&] {
     using S = at::opmath_type<scalar_t>;
     const AdamConsts<S> c = make_adam_consts<S>(h);
-    std::vector<S> nss(params.size()), bc2(params.size());
+    std::vector<S> nss(params.size()), bc2(params.size()), rbc2(params.size());
+    bool rcp_ok = std::is_same_v<S, float>;  // every bc2 in div_by_recip's range
     for (size_t t = 0; t < params.size(); ++t) {
       const AdamBiasCorrection bc = adam_bias_correction(h, counts[t]);
       nss[t] = S(bc.neg_step_size);
       bc2[t] = S(bc.bc2_sqrt);
+      rbc2[t] = S(1) / bc2[t];  // rounded to nearest, as div_by_recip needs
+      if constexpr (std::is_same_v<S, float>) rcp_ok = rcp_ok && adam_rcp_ok(bc2[t]);
     }
     with_state_type<scalar_t, S>(sdtype, [&](auto state_type) {
       using M = typename decltype(state_type)::type;
       with_bool(amsgrad, [&](auto ams) {
         with_bool(h.l1 != 0.0, [&](auto has_l1) {
+         with_float_bool<S>(rcp_ok, [&](auto rcp) {
           constexpr bool kAms = decltype(ams)::value, kL1 = decltype(has_l1)::value;
+          // the reciprocal's FMAs at the AVX2 and AVX-512 levels (the baseline has no FMA)
+          constexpr bool kRcp = decltype(rcp)::value;
           parallel_spans(spans, [&](const Span& s) {
             scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
             const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
             M* m = state_ptr<M>(exp_avgs, s);
             M* v = state_ptr<M>(exp_avg_sqs, s);
             M* vm = amsgrad ? state_ptr<M>(max_exp_avg_sqs, s) : nullptr;
-            const S a = nss[s.tensor], b = bc2[s.tensor];
+            const S a = nss[s.tensor], b = bc2[s.tensor], rb = rbc2[s.tensor];
             if constexpr (std::is_same_v<scalar_t, c10::Half>) {
               half_span(p, g, std::array<M*, 3>{m, v, vm}, s.end - s.begin,
-                        [=](float* pf, const float* gf, const std::array<float*, 3>& st, auto len)
+                        [=](float* pf, const float* gf, const std::array<float*, 3>& st, auto len, auto isa)
                             FUSEDREG_ALWAYS_INLINE {
-                              adam_loop<float, S, float, kAms, kL1>(c, a, b, pf, gf, st[0], st[1], st[2], len);
+                              adam_loop<float, S, float, kAms, kL1, kRcp && kHasFma<decltype(isa)>>(
+                                  c, a, b, rb, pf, gf, st[0], st[1], st[2], len);
                             });
             } else if (std::is_same_v<scalar_t, c10::BFloat16> && use_blocks16()) {
               if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
                 blocks16_span(p, g, std::array<M*, 3>{m, v, vm}, s.end - s.begin,
-                              [=](float* pf, const float* gf, const std::array<float*, 3>& st, auto len)
+                              [=](float* pf, const float* gf, const std::array<float*, 3>& st, auto len, auto isa)
                                   FUSEDREG_ALWAYS_INLINE {
-                                    adam_loop<float, S, float, kAms, kL1>(c, a, b, pf, gf, st[0], st[1], st[2], len);
+                                    adam_loop<float, S, float, kAms, kL1, kRcp && kHasFma<decltype(isa)>>(
+                                        c, a, b, rb, pf, gf, st[0], st[1], st[2], len);
                                   });
               }
             } else {
-              dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-                adam_loop<scalar_t, S, M, kAms, kL1>(c, a, b, p, g, m, v, vm, s.end - s.begin);
+              dispatch_isa([&](auto isa) FUSEDREG_ALWAYS_INLINE {
+                adam_loop<scalar_t, S, M, kAms, kL1, kRcp && kHasFma<decltype(isa)>>(c, a, b, rb, p, g, m, v, vm,
+                                                                          s.end - s.begin);
               });
             }
           });
+         });
         });
       });
     });
@@ -409,12 +467,12 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
             M* buf = has_momentum ? state_ptr<M>(momentum_buffers, s) : nullptr;
             if constexpr (std::is_same_v<scalar_t, c10::Half>) {
               half_span(p, g, std::array<M*, 1>{buf}, s.end - s.begin,
-                        [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
+                        [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len, auto)
                             FUSEDREG_ALWAYS_INLINE { sgd_loop<float, S, float, kMom, kL1>(c, pf, gf, st[0], len); });
             } else if (std::is_same_v<scalar_t, c10::BFloat16> && use_blocks16()) {
               if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
                 blocks16_span(p, g, std::array<M*, 1>{buf}, s.end - s.begin,
-                              [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
+                              [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len, auto)
                                   FUSEDREG_ALWAYS_INLINE { sgd_loop<float, S, float, kMom, kL1>(c, pf, gf, st[0], len); });
               }
             } else {
@@ -449,12 +507,12 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
           M* m = state_ptr<M>(exp_avgs, s);
           if constexpr (std::is_same_v<scalar_t, c10::Half>) {
             half_span(p, g, std::array<M*, 1>{m}, s.end - s.begin,
-                      [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
+                      [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len, auto)
                           FUSEDREG_ALWAYS_INLINE { lion_loop<float, S, float, kL1>(c, pf, gf, st[0], len); });
           } else if (std::is_same_v<scalar_t, c10::BFloat16> && use_blocks16()) {
             if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
               blocks16_span(p, g, std::array<M*, 1>{m}, s.end - s.begin,
-                            [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len)
+                            [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len, auto)
                                 FUSEDREG_ALWAYS_INLINE { lion_loop<float, S, float, kL1>(c, pf, gf, st[0], len); });
             }
           } else {
@@ -586,6 +644,37 @@ PyCFunction as_method() {
   return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(F));
 }
 
+// fusedreg._C._adam_div_by_recip(x, c): div_by_recip(x, c, 1 / c) (fusedreg/optim_math.h) on
+// every element of a contiguous float32 CPU tensor, in the loop the Adam kernels inline it in,
+// at the same instruction-set level (tests/test_optim.py compares it with x / c bit for bit).
+PyObject* adam_div_by_recip(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* obj = nullptr;
+  double c = 0.0;
+  if (!PyArg_ParseTuple(args, "Od", &obj, &c)) return nullptr;
+  TORCH_CHECK(THPVariable_Check(obj), "_adam_div_by_recip: expected a tensor");
+  const at::Tensor x = THPVariable_Unpack(obj);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "_adam_div_by_recip: expected a contiguous float32 CPU tensor");
+  const float cf = float(c);
+  TORCH_CHECK(adam_rcp_ok(cf), "_adam_div_by_recip: c outside the range Adam uses it for");
+  const float rc = 1.0f / cf;
+  at::Tensor out = at::empty_like(x);
+  const float* xp = x.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t n = x.numel();
+  dispatch_isa([&](auto isa) FUSEDREG_ALWAYS_INLINE {
+    if constexpr (kHasFma<decltype(isa)>) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) op[i] = div_by_recip(xp[i], cf, rc);
+    } else {
+      for (int64_t i = 0; i < n; ++i) op[i] = xp[i] / cf;  // what the baseline kernels do
+    }
+  });
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef kDirectMethods[] = {
     {"adam_step", as_method<direct<&adam_step_op<adam_step_cpu>, kAdamName>>(), METH_FASTCALL,
      "fusedreg::adam_step on plain CPU tensors without the dispatcher"},
@@ -593,6 +682,8 @@ PyMethodDef kDirectMethods[] = {
      "fusedreg::sgd_step on plain CPU tensors without the dispatcher"},
     {"lion_step", as_method<direct<&lion_step_op<lion_step_cpu>, kLionName>>(), METH_FASTCALL,
      "fusedreg::lion_step on plain CPU tensors without the dispatcher"},
+    {"_adam_div_by_recip", adam_div_by_recip, METH_VARARGS,
+     "Adam's correctly rounded x / c by a reciprocal and FMAs (for the tests)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

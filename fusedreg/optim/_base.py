@@ -19,6 +19,7 @@ not dense (a strided view) is stepped through a contiguous copy that is written 
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numbers
@@ -26,6 +27,7 @@ import operator
 import weakref
 
 import torch
+import torch.optim.optimizer as _optimizer_hooks  # (torch's global step hooks)
 from torch import Tensor
 
 from .. import backends
@@ -431,6 +433,38 @@ class FusedOptimizer(torch.optim.Optimizer):
                     l1=_scalar(group["l1"]), l1_lr_scaled=bool(group.get("l1_lr_scaled", True)),
                     maximize=bool(group["maximize"]))
 
+    # the group keys an algorithm's op keywords are made from (_make_hyper), for _bucket_hyper
+    _HYPER_KEYS: tuple = ()
+
+    def _make_hyper(self, group: dict, inv_scale: float) -> dict:
+        """The op's keyword hyperparameters of ``group`` (read from _HYPER_KEYS only)."""
+        raise NotImplementedError
+
+    def _bucket_hyper(self, group: dict, bucket: "_Bucket", inv_scale: float) -> dict:
+        """_make_hyper(group, inv_scale), kept on the bucket for its reuse by the next step
+        (_memo_plan) while the group holds the very same value objects under _HYPER_KEYS
+        (compared by identity, in C) and inv_scale is the same: a few list passes instead of
+        a dict built from a dozen conversions. Kept only when every value is an immutable
+        Python scalar or a tuple of them, so that the same object means the same value (a
+        tensor lr, read at each step, or a list of betas is converted every step)."""
+        values = list(map(group.get, self._HYPER_KEYS))
+        kept = bucket.hyper
+        if kept is not None and kept[0] == inv_scale and all(map(operator.is_, values, kept[1])):
+            return kept[2]
+        hyper = self._make_hyper(group, inv_scale)
+        bucket.hyper = (inv_scale, values, hyper) if all(map(_immutable, values)) else None
+        return hyper
+
+    def _patch_step_function(self) -> None:
+        """torch's (Optimizer.__init__ and __setstate__ call it): wraps the class's ``step`` once
+        for the profiler and the step hooks — with _profile_hook_step, torch's wrapper but for
+        its profiler range (below)."""
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{self.__class__.__name__}.zero_grad"
+        cls = self.__class__
+        if not getattr(cls.step, "hooked", None):
+            cls.step = _profile_hook_step(cls.step)
+            cls.step.hooked = True
+
     def step(self, closure=None):
         loss = None
         if closure is not None:
@@ -607,6 +641,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         CUDA graph needs capturable=True in every group stepping CUDA parameters. (torch's
         warning for a capturable step outside a capture is switched off by its constructor,
         which this class runs too.)"""
+        if not torch.cuda.is_initialized():  # (no CUDA tensor exists before CUDA is initialized)
+            return
         cuda_groups = [g for g, buckets in plan if any(k[0].type == "cuda" for k in buckets)]
         if not cuda_groups or torch.compiler.is_compiling():
             return
@@ -627,7 +663,7 @@ class _Bucket:
     DTensor, stepped as its local shard)."""
 
     __slots__ = ("backend", "params", "lparams", "lgrads", "states", "strided", "distributed",
-                 "memo")
+                 "memo", "hyper")
 
     def __init__(self, backend: str) -> None:
         self.backend = backend
@@ -636,9 +672,56 @@ class _Bucket:
         # an optimizer's per-bucket lists of state tensors, kept while the bucket is reused
         # (FusedOptimizer._memo_plan: no state has changed since)
         self.memo = None
+        self.hyper = None  # FusedOptimizer._bucket_hyper's (inv_scale, values, op keywords)
 
 
 _data_ptr = Tensor.data_ptr
+_RecordFunctionFast = getattr(torch._C._profiler, "_RecordFunctionFast", None)
+
+
+def _profile_hook_step(func):
+    """torch.optim.Optimizer.profile_hook_step's wrapper — the profiler range
+    "Optimizer.step#<class>.step" around the global and per-optimizer pre-hooks (which may
+    replace the arguments), the step, _optimizer_step_code() and the post-hooks, in torch's
+    order — with the range opened by torch._C._profiler._RecordFunctionFast (the same named
+    range in a profile, about 1 us) instead of torch.autograd.profiler.record_function (two
+    torch.ops calls, about 10 us: half the host time of a small model's step). torch's own
+    wrapper runs instead while compiling, while a cupti_monitor observer is active (which
+    record_function also notifies) and on a torch without _RecordFunctionFast."""
+    torch_wrapped = torch.optim.Optimizer.profile_hook_step(func)
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        if (_RecordFunctionFast is None or torch.compiler.is_compiling()
+                or getattr(torch.autograd.profiler, "_active_cupti_profiler_observer", None) is not None):
+            return torch_wrapped(*args, **kwargs)
+        self = args[0]
+        with _RecordFunctionFast(f"Optimizer.step#{self.__class__.__name__}.step"):
+            for pre_hook in itertools.chain(_optimizer_hooks._global_optimizer_pre_hooks.values(),
+                                            self._optimizer_step_pre_hooks.values()):
+                result = pre_hook(self, args, kwargs)
+                if result is not None:
+                    if isinstance(result, tuple) and len(result) == 2:
+                        args, kwargs = result
+                    else:
+                        raise RuntimeError(f"{func} must return None or a tuple of (new_args, "
+                                           f"new_kwargs), but got {result}.")
+            out = func(*args, **kwargs)
+            self._optimizer_step_code()
+            for post_hook in itertools.chain(self._optimizer_step_post_hooks.values(),
+                                             _optimizer_hooks._global_optimizer_post_hooks.values()):
+                post_hook(self, args, kwargs)
+            return out
+
+    return wrapper
+_SCALAR_TYPES = (float, int, bool, str, type(None))
+
+
+def _immutable(value) -> bool:
+    """Whether a hyperparameter is an immutable Python scalar (or a tuple of them): the same
+    object then always has the same value."""
+    t = type(value)
+    return t in _SCALAR_TYPES or (t is tuple and all(type(v) in _SCALAR_TYPES for v in value))
 _FREED = object()  # what a reference to a freed gradient stands for: no gradient is it
 
 

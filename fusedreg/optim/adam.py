@@ -124,15 +124,22 @@ class Adam(FusedOptimizer):
         if fi is not None:  # a skipped step does not count
             torch._foreach_sub_(step_ts, [fi.reshape(()).to(torch.float32)] * len(step_ts))
 
+    _HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "l1", "l1_lr_scaled", "maximize",
+                   "amsgrad", "decoupled_weight_decay")
+
+    def _make_hyper(self, group, inv_scale):
+        beta1, beta2 = group["betas"]
+        return dict(beta1=_scalar(beta1), beta2=_scalar(beta2), eps=_scalar(group["eps"]),
+                    amsgrad=bool(group["amsgrad"]),
+                    decoupled=bool(group["decoupled_weight_decay"]), inv_scale=inv_scale,
+                    **self._op_hyper(group))
+
     def _step_bucket(self, op, group, bucket, lps, lgs, inv_scale):
         # the op checks everything, then adds one to each count (0-dim float32 CPU tensors,
         # as torch's) and steps with the new counts: no per-tensor increment here
         exp_avgs, exp_avg_sqs, max_sqs, step_ts = self._bucket_state(group, bucket, lps)
-        beta1, beta2 = group["betas"]
-        op(lps, lgs, exp_avgs, exp_avg_sqs, max_sqs, step_ts, beta1=_scalar(beta1),
-           beta2=_scalar(beta2), eps=_scalar(group["eps"]), amsgrad=bool(group["amsgrad"]),
-           decoupled=bool(group["decoupled_weight_decay"]), inv_scale=inv_scale,
-           **self._op_hyper(group))
+        op(lps, lgs, exp_avgs, exp_avg_sqs, max_sqs, step_ts,
+           **self._bucket_hyper(group, bucket, inv_scale))
 
 
 class AdamW(Adam):

@@ -40,6 +40,11 @@ class Lion(FusedOptimizer):
             exp_avgs.append(m)
         if bucket.distributed:
             exp_avgs = [_local(m) for m in exp_avgs]
+        op(lps, lgs, exp_avgs, **self._bucket_hyper(group, bucket, inv_scale))
+
+    _HYPER_KEYS = ("lr", "betas", "weight_decay", "l1", "l1_lr_scaled", "maximize")
+
+    def _make_hyper(self, group, inv_scale):
         beta1, beta2 = group["betas"]
-        op(lps, lgs, exp_avgs, beta1=_scalar(beta1), beta2=_scalar(beta2), inv_scale=inv_scale,
-           **self._op_hyper(group))
+        return dict(beta1=_scalar(beta1), beta2=_scalar(beta2), inv_scale=inv_scale,
+                    **self._op_hyper(group))

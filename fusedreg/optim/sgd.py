@@ -40,13 +40,18 @@ class SGD(FusedOptimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         check_flags(group, type(self).__name__)
 
+    _HYPER_KEYS = ("lr", "momentum", "dampening", "weight_decay", "l1", "l1_lr_scaled",
+                   "maximize", "nesterov", "decoupled_weight_decay")
+
+    def _make_hyper(self, group, inv_scale):
+        return dict(momentum=_scalar(group["momentum"]), dampening=_scalar(group["dampening"]),
+                    nesterov=bool(group["nesterov"]),
+                    decoupled=bool(group["decoupled_weight_decay"]), inv_scale=inv_scale,
+                    **self._op_hyper(group))
+
     def _step_bucket(self, op, group, bucket, lps, lgs, inv_scale):
-        momentum = _scalar(group["momentum"])
-        hyper = dict(momentum=momentum, dampening=_scalar(group["dampening"]),
-                     nesterov=bool(group["nesterov"]),
-                     decoupled=bool(group["decoupled_weight_decay"]), inv_scale=inv_scale,
-                     **self._op_hyper(group))
-        if momentum == 0.0:
+        hyper = self._bucket_hyper(group, bucket, inv_scale)
+        if hyper["momentum"] == 0.0:
             op(lps, lgs, [], first_step=False, **hyper)
             return
         if bucket.memo is not None:  # a reused bucket: its buffers, as the last step found them

@@ -33,6 +33,7 @@ namespace optim {
 namespace detail {
 FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE float sqrt_(float v) { return sqrtf(v); }
 FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE double sqrt_(double v) { return sqrt(v); }
+FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE float fma_(float a, float b, float c) { return fmaf(a, b, c); }
 }  // namespace detail
 
 // c ? a : b for values both already computed. On the host, for float, a bit mask rather
@@ -111,9 +112,30 @@ FUSEDREG_INLINE AdamBiasCorrection adam_bias_correction(double lr, double beta1,
   return {-(lr / (1.0 - pow(beta1, step))), sqrt(1.0 - pow(beta2, step))};
 }
 
-template <typename S, bool AMSGRAD, bool L1>
+// x / c, correctly rounded, without a division: q0 = x·rc, then Markstein's correction
+// q0 + (x − q0·c)·rc (two FMAs; the residual x − q0·c is exact), which is x / c rounded to
+// nearest when rc is 1/c rounded to nearest — the divider is the bottleneck of the float32 Adam
+// step (it also takes the square root and m / denom). For float only, and for what Adam
+// divides by bc2_sqrt: x a square root (±0, positive and never subnormal, +inf or NaN), c in
+// [2^-20, 1] (the host falls back to the division otherwise: adam_rcp_ok). x = ±0, +inf and
+// NaN are returned as they are — which is what x / c gives them (the correction would turn
+// +inf into NaN). The CPU kernels use it where the CPU has FMA (tests/test_optim.py compares
+// it bit for bit with the division over every float significand for a range of constants).
+FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE float div_by_recip(float x, float c, float rc) {
+  const float q0 = x * rc;
+  const float r = detail::fma_(-q0, c, x);
+  const float q1 = detail::fma_(r, rc, q0);
+  return pick((x > 0.0f) & (x < INFINITY), q1, x);
+}
+
+// Whether div_by_recip(x, c, 1 / c) is x / c for every x Adam gives it.
+FUSEDREG_INLINE bool adam_rcp_ok(float c) { return c >= 0x1p-20f && c <= 1.0f; }
+
+// RCP (float only): sqrt(v) / bc2_sqrt through div_by_recip with bc2_rcp = 1 / bc2_sqrt (the
+// same bits as the division).
+template <typename S, bool AMSGRAD, bool L1, bool RCP = false>
 FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE void adam_update(const AdamConsts<S>& c, S neg_step_size, S bc2_sqrt, S& p, S g,
-                                 S& m, S& v, S& vmax) {
+                                 S& m, S& v, S& vmax, S bc2_rcp = S(0)) {
   g = g * c.gscale + c.wd_l2 * p;
   p = p * c.decay;
   m = lerp(m, g, c.w1_coef, c.w1_small);
@@ -123,7 +145,14 @@ FUSEDREG_INLINE FUSEDREG_ALWAYS_INLINE void adam_update(const AdamConsts<S>& c, 
     v_used = pick(vmax > v, vmax, v);
     vmax = v_used;
   }
-  const S denom = detail::sqrt_(v_used) / bc2_sqrt + c.eps;
+  S scaled;
+  if constexpr (RCP) {
+    static_assert(std::is_same_v<S, float>, "the reciprocal form is for float");
+    scaled = div_by_recip(detail::sqrt_(v_used), bc2_sqrt, bc2_rcp);
+  } else {
+    scaled = detail::sqrt_(v_used) / bc2_sqrt;
+  }
+  const S denom = scaled + c.eps;
   p = p + neg_step_size * (m / denom);
   if (L1) p = soft_threshold(p, c.thr);
 }
