@@ -184,7 +184,7 @@ inline FUSEDREG_ALWAYS_INLINE acc_t load_h(const acc_t* xr, const acc_t* rr, con
 // the end (pairwise); the elements past the last whole vector of a block in a scalar sum. One
 // accumulator (the `omp simd` reduction) made each vector wait for the previous one's add or
 // FMA, about 4 cycles, so these passes over an L1-resident row ran at a quarter of the loads'
-// rate or less. The result does not depend on the ISA level.
+// rate or less.
 template <bool SQ, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE acc_t row_sum_vec(const acc_t* v, int64_t N, acc_t mu) {
   typedef acc_t V __attribute__((vector_size(64)));
