@@ -223,11 +223,12 @@ def test_backward_is_bitwise_deterministic(backend):
 @pytest.mark.parametrize("dtype,rows,res32", [(torch.float32, 2048, False), (torch.bfloat16, 4096, True)],
                          ids=["float32", "bfloat16-residual-fp32"])
 def test_cpu_streamed_outputs_equal_cached_ones(dtype, rows, res32):
-    """The cpu kernels write outputs of 8 MiB and more with non-temporal stores, smaller ones
-    with ordinary stores (csrc/cpu/layer_norm.cpp): a large call's rows equal, bit for bit,
-    the same rows computed by small calls (rows are independent; p=0, so no mask index moves).
-    1024 features: every row starts at the same page offset, the case the kernels place
-    their scratch rows for."""
+    """The cpu kernels write outputs of 8 MiB and more with non-temporal stores (the forward
+    only when more than one thread runs), smaller ones with ordinary stores
+    (csrc/cpu/layer_norm.cpp): a large call's rows, on one thread and on two, equal bit for
+    bit the same rows computed by small calls (rows are independent; p=0, so no mask index
+    moves). 1024 features: every row starts at the same page offset, the case the kernels
+    place their scratch rows for."""
     N = 1024
     x, r = _data((rows, N), dtype), _data((rows, N), torch.float32 if res32 else dtype, 2, -1.0)
     w, b = _data((N,), dtype, 3, 1.0), _data((N,), dtype, 4, 0.5)
@@ -242,10 +243,18 @@ def test_cpu_streamed_outputs_equal_cached_ones(dtype, rows, res32):
         torch.autograd.backward([y, h, z], [dy[sl], dh[sl], dy[sl]])
         return [y, h, z, ins[0].grad, ins[1].grad]
 
-    big = run(slice(None))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        big1 = run(slice(None))
+        torch.set_num_threads(2)
+        big2 = run(slice(None))
+    finally:
+        torch.set_num_threads(threads)
     for sl in (slice(0, 40), slice(rows - 24, rows)):  # 40 and 24 rows: 40 KiB / 24 KiB outputs
-        for a, c in zip(big, run(sl)):
-            assert torch.equal(a[sl], c)
+        for a1, a2, c in zip(big1, big2, run(sl)):
+            assert torch.equal(a1[sl], c)
+            assert torch.equal(a2[sl], c)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS,
