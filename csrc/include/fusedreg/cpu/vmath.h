@@ -6,16 +6,20 @@
 // polynomial for e^r (error below 2 ulp where the result is a normal float); beyond that it
 // overflows to inf and underflows through the denormals to 0 as libm's expf does, so
 // e^inf = inf, e^-inf = 0 and NaN stays NaN (the activation formulas rely on these limits).
-// erf: erf(x) = 1 - erfc(|x|) (sign restored), erfc from the Chebyshev-fitted form
-// t * exp(-x^2 + P(t)), t = 1 / (1 + x/2), of fractional error < 1.2e-7 (Numerical Recipes,
-// "erfcc"); the absolute error of erf is then < 2e-7, below half an ulp of 1 + erf in GELU.
+// erf: erf(x) = 1 - erfc(|x|) (sign restored), erfc = e^(-x^2 + x P(min(|x|, 4))) with a
+// fitted degree-8 P and no division; the absolute error of erf is < 2e-7 (7.7e-8 measured),
+// below half an ulp of 1 + erf in GELU (verf_t below).
+// GELU forward at the AVX-512 level (cpu::gelu_avx512, intrinsics): z Phi(z) with Phi as a
+// table of degree-5 polynomials picked per lane by a register permute, no exp or erf at all;
+// bias_dropout's float32 (and bf16/fp16, on fp32 copies) forward runs it where the CPU has
+// AVX-512; the AVX2 and baseline levels keep activation.h's formula over verf.
 //
 // CPU and CUDA: the activation formulas are one code (activation.h); what differs is only
 // the float32 exp and erf they call, these polynomials on the CPU and CUDA's expf/erff
 // (StdMath) on the GPU. float64 calls libm's exp and erf on both. tests/test_cpu_math.py
 // bounds the CPU's float32 results, forward and backward, against the formulas evaluated in
 // float64: within 4 float32 ulps of the largest term the formula combines, plus erf's 2e-7
-// (gelu) and exp's amplification of its float32-rounded argument (shared with CUDA), and,
+// (gelu; the table's Phi is within 6.1e-8, 1.3e-7 in erf's terms) and exp's amplification of its float32-rounded argument (shared with CUDA), and,
 // where e^x leaves the normal range, within 2^-100 of the formula. float64 results equal the libm
 // formula exactly in the baseline variant and, where FMA contraction moves the roundings
 // (AVX2, AVX-512), are within 2 ulps of its largest term plus exp's argument amplification.
