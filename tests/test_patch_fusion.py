@@ -65,8 +65,8 @@ def fuse_small_layer_norms(monkeypatch):
 @pytest.fixture
 def fuse_small_activations(monkeypatch):
     """Small blocks: let the pass replace bias + gelu_tanh without a dropout at their size
-    (the size limit itself is tested on its own below)."""
-    monkeypatch.setitem(fx.ACT_WITHOUT_DROPOUT, "cpu", {"gelu_tanh": 0})
+    (the size limit itself is tested on its own below); the other CPU limits stay."""
+    monkeypatch.setitem(fx.ACT_WITHOUT_DROPOUT, "cpu", {**fx.ACT_WITHOUT_DROPOUT["cpu"], "gelu_tanh": 0})
 
 
 def test_block_patterns_are_fused_and_equal_unpatched_at_dropout_0(fuse_small_layer_norms,
@@ -201,7 +201,7 @@ def loss_of(name, model):
 # name -> patterns the fused graphs must contain at least once (tiny configs, training)
 EXPECTED = {
     "gpt2": {fx.BIAS_ACT, fx.DROPOUT_ADD_NORM},   # c_fc + gelu_tanh; resid dropout + add + ln
-    "bert": {fx.DROPOUT_ADD_NORM},                # post-norm output (gelu without dropout: torch's)
+    "bert": {fx.DROPOUT_ADD_NORM},                # post-norm output (+ intermediate's bias + gelu below)
     "llama": {fx.ADD_NORM, fx.ATTENTION},         # residual add + RMSNorm; SDPA's dropout
     "t5": {fx.BIAS_ACT, fx.DROPOUT_ADD_NORM},     # relu + dropout (no bias); dropout + add + norm
     "vit": {fx.BIAS_ACT, fx.DROPOUT_ADD_NORM},    # fc1 + gelu + drop1; proj_drop + add + norm2
@@ -229,8 +229,8 @@ def test_real_model_fused_eagerly(name, fuse_small_activations):
     stats = report(model).fusions
     missing = {k for k in EXPECTED[name] if not stats.get(k)}
     assert not missing, stats
-    if name == "bert":  # bias + gelu (erf) with no dropout: torch's addmm + gelu are faster on CPU
-        assert fx.BIAS_ACT not in stats
+    if name == "bert":  # bias + gelu (erf) with no dropout: fused where the CPU kernels run AVX-512
+        assert bool(stats.get(fx.BIAS_ACT)) == ("gelu" in fx.ACT_WITHOUT_DROPOUT["cpu"]), stats
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(torch.isfinite(g).all() for g in grads if g is not None)
     assert sum(g is not None for g in grads) >= len(grads) - 1  # T5's tied/unused at most one
@@ -371,4 +371,17 @@ def test_activation_size_limits_and_symbolic_sizes():
     assert fx._activation_faster("gelu_tanh", traced("cpu", limit))
     assert not fx._activation_faster("gelu_tanh", traced("cpu", limit - 1))
     assert not fx._activation_faster("gelu_tanh", traced("cpu", symbolic))
-    assert not fx._activation_faster("gelu", traced("cpu", 1 << 30))  # erf gelu: torch's on CPU
+    # erf gelu on CPU: fusedreg's at every size where its kernels run at AVX-512, else torch's
+    avx512 = fx._cpu_kernels_at_avx512()
+    assert fx._activation_faster("gelu", traced("cpu", symbolic)) == avx512
+    assert fx._activation_faster("gelu", traced("cpu", 1)) == avx512
+
+
+@pytest.mark.parametrize("level", ["baseline", "avx2"])
+def test_cpu_gelu_limit_follows_the_kernels_level(level, monkeypatch):
+    # FUSEDREG_CPU_ISA below avx512 (what the kernels read once, fusedreg/cpu/isa.h): no
+    # AVX-512 GELU table, and torch's gelu is the faster one
+    monkeypatch.setenv("FUSEDREG_CPU_ISA", level)
+    assert not fx._cpu_kernels_at_avx512()
+    monkeypatch.setenv("FUSEDREG_CPU_ISA", "avx512")
+    assert fx._cpu_kernels_at_avx512() == torch.cpu._is_avx512_supported()

@@ -210,6 +210,47 @@ std::vector<float> bias_as_float(const scalar_t* bias, int64_t N) {
   return f;
 }
 
+// Float32 GELU at the AVX-512 level: forward_segment / forward_segment_split (the same two
+// roundings, act * scale and + residual) with GELU from cpu::gelu_avx512, whose table of
+// polynomials needs no exp or erf: where the loops above were bound by erf's arithmetic, this
+// one runs at about the speed of the memory streams. One out-of-line call per row segment
+// (dispatched by the CPU's level, cpu::cpu_isa()), for any input: the table's clamp handles
+// large, infinite and NaN inputs, so there is no normal-range split. residual may be null
+// (none): the sum then skips the add of -0s, which changes no result (o + -0 == o).
+#if FUSEDREG_X86_DISPATCH
+template <bool kResidual>
+FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void gelu_forward_segment_avx512(
+    const float* __restrict x, const float* __restrict bias, const float* __restrict residual,
+    const float* __restrict u, float* __restrict out, int64_t len, float p, float scale) {
+  const __m512 pv = _mm512_set1_ps(p), sv = _mm512_set1_ps(scale);
+  for (int64_t t = 0; t < len; t += 16) {
+    const __mmask16 m = len - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - t)) - 1u);
+    const __m512 z = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + t), _mm512_maskz_loadu_ps(m, bias + t));
+    const __m512 v = cpu::gelu_avx512(z);
+    const __mmask16 keep = _mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(m, u + t), pv, _CMP_GE_OQ);
+    __m512 o = _mm512_maskz_mul_ps(keep, v, sv);
+    if constexpr (kResidual) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(m, residual + t));
+    _mm512_mask_storeu_ps(out + t, m, o);
+  }
+}
+
+inline void gelu_forward_segment_avx512(const float* x, const float* bias, const float* residual,
+                                        const float* u, float* out, int64_t len, float p, float scale) {
+  if (residual) return gelu_forward_segment_avx512<true>(x, bias, residual, u, out, len, p, scale);
+  gelu_forward_segment_avx512<false>(x, bias, nullptr, u, out, len, p, scale);
+}
+#endif
+
+// Whether float32 GELU takes gelu_forward_segment_avx512.
+template <Activation A>
+inline FUSEDREG_ALWAYS_INLINE bool gelu_by_table() {
+#if FUSEDREG_X86_DISPATCH
+  return A == Activation::kGelu && cpu::cpu_has_avx512();
+#else
+  return false;
+#endif
+}
+
 template <typename scalar_t, Activation A>
 void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* residual,
                     scalar_t* out, Rows rows, float p, uint64_t seed) {
@@ -226,8 +267,15 @@ void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* res
     if constexpr (kIsHalf<scalar_t>) {
       alignas(64) float xf[kChunk], rf[kChunk], of[kChunk];
       cpu::row_to_float(x + i, xf, len);
-      cpu::row_to_float(residual ? residual + i : zeros, rf, len);
       const float* bf = bias_f.data() + col;
+#if FUSEDREG_X86_DISPATCH
+      if (gelu_by_table<A>()) {  // no residual: no -0s to convert and add
+        if (residual) cpu::row_to_float(residual + i, rf, len);
+        gelu_forward_segment_avx512(xf, bf, residual ? rf : nullptr, u, of, len, p, scale);
+        return cpu::row_from_float(of, out + i, len);
+      }
+#endif
+      cpu::row_to_float(residual ? residual + i : zeros, rf, len);
       if (kCallsExp<A> && all_in_normal_range(xf, bf, len)) {
         forward_segment_split<A, cpu::VecMathNormal>(xf, bf, rf, u, of, len, p, scale);
       } else {
@@ -238,6 +286,11 @@ void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* res
       const scalar_t* b = bias ? bias + col : zeros;
       const scalar_t* r = residual ? residual + i : zeros;
       if constexpr (std::is_same_v<scalar_t, float> && kCallsExp<A>) {
+#if FUSEDREG_X86_DISPATCH
+        if (gelu_by_table<A>()) {
+          return gelu_forward_segment_avx512(x + i, b, residual ? r : nullptr, u, out + i, len, p, scale);
+        }
+#endif
         if (all_in_normal_range(x + i, b, len)) {
           return forward_segment<scalar_t, A, cpu::VecMathNormal>(x + i, b, r, u, out + i, len, p, scale);
         }

@@ -46,6 +46,7 @@ counted: ``stats(model)`` / ``fusedreg.patching.report(model)``.
 from __future__ import annotations
 
 import operator
+import os
 
 import torch
 import torch.nn.functional as TF
@@ -247,15 +248,28 @@ def _activation(node):
     return x, name
 
 
+def _cpu_kernels_at_avx512() -> bool:
+    """Whether fusedreg's CPU kernels run at the AVX-512 level (fusedreg/cpu/isa.h: the CPU's
+    AVX-512, which torch checks for the same features, unless FUSEDREG_CPU_ISA caps it)."""
+    if os.environ.get("FUSEDREG_CPU_ISA") in ("baseline", "avx2"):
+        return False
+    is_avx512 = getattr(torch.cpu, "_is_avx512_supported", None)
+    return bool(is_avx512 and is_avx512())
+
+
 # bias + activation with no dropout after it: replaced only where fusedreg's kernel is faster
 # than torch's activation (torch adds the bias inside the matmul, addmm, at no cost), from the
 # number of elements given here up. Measured on CPU, fp32, one thread, forward + backward and
 # under no_grad, rows x 768: gelu_tanh 1.5-2.2x faster from 32 rows (16K elements) up, but
 # 0.62x at one row and 0.92x at 8 (the op's Python call costs more than torch's activation
-# there); gelu (erf) 0.74-0.77x at every size (its forward, a 10-term erf, is 0.4x torch's);
-# relu and silu no faster. On CUDA (not measured yet) every activation, one pass instead of the
-# bias and activation kernels. Under Inductor never: it fuses them itself.
-ACT_WITHOUT_DROPOUT = {"cpu": {"gelu_tanh": 1 << 14},
+# there); relu and silu no faster. gelu (erf), mm + fused call against torch's addmm + gelu,
+# rows x 1024 for 1 to 8192 rows, 256 and 768 wide for 1 to 64 rows: 1.2-1.6x forward and
+# 1.05-1.5x forward + backward at every size, so from 0 up -- where the kernels run at the
+# AVX-512 level (their float32 GELU forward is a table of polynomials there, fusedreg/cpu/
+# vmath.h); capped at AVX2 (FUSEDREG_CPU_ISA=avx2, torch at AVX2 too) it was 0.1-0.6x from 8
+# rows up, so it is left to torch there. On CUDA (not measured yet) every activation, one pass
+# instead of the bias and activation kernels. Under Inductor never: it fuses them itself.
+ACT_WITHOUT_DROPOUT = {"cpu": {"gelu_tanh": 1 << 14, **({"gelu": 0} if _cpu_kernels_at_avx512() else {})},
                        "cuda": {"relu": 0, "gelu": 0, "gelu_tanh": 0, "silu": 0}}
 
 

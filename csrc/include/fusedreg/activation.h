@@ -5,8 +5,10 @@
 // them (the math policy M): CUDA uses StdMath (expf/erff, exp/erf), the CPU uses
 // cpu::VecMath, whose float32 exp and erf are vectorizable polynomials (fusedreg/cpu/vmath.h:
 // exp within 2 ulp, erf within 2e-7 absolute, both with libm's limits at +-inf) and whose
-// float64 ones are libm's. One exception: the CPU bias_dropout backward evaluates GELU's
-// float32 derivative in a one-exp form of the same function (cpu::gelu_grad_t, vmath.h).
+// float64 ones are libm's. Two exceptions, both in the CPU bias_dropout kernels and float32:
+// the backward evaluates GELU's derivative in a one-exp form of the same function
+// (cpu::gelu_grad_t, vmath.h), and the forward at the AVX-512 level GELU itself from a table
+// of polynomials for Phi (cpu::gelu_avx512, vmath.h).
 // tests/test_cpu_math.py bounds the CPU results against these formulas evaluated in float64
 // (its docstring states the error model).
 #pragma once
