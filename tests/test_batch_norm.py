@@ -246,7 +246,8 @@ def test_cpu_short_rows_are_each_rows_own_result(dtype, S):
 def test_cpu_channel_ops_are_the_four_ops_bitwise(dtype):
     """The cpu backend's one-op training passes on (N, C, S) storage without dropout
     (batch_norm_fwd_ncs, batch_norm_bwd_ncs: a channel's passes back to back while it is in
-    cache; with under four channels a thread the two passes) give bitwise what the four ops give: stats, rsqrt(var + eps) and fwd; bwd_reduce
+    cache; with under four channels a thread, and for 16-bit inputs, the two passes) give
+    bitwise what the four ops give: stats, rsqrt(var + eps) and fwd; bwd_reduce
     and bwd_elemt. Short rows (a 14x14 map; rows starting anywhere in a step, shorter than a
     step), odd rows, a channel over 64 KB (statistics row by row), with and without residual /
     weight / bias, for each activation; and opcheck."""
