@@ -246,9 +246,11 @@ def test_cpu_short_rows_are_each_rows_own_result(dtype, S):
 def test_cpu_channel_ops_are_the_four_ops_bitwise(dtype):
     """The cpu backend's one-op training passes on (N, C, S) storage without dropout
     (batch_norm_fwd_ncs, batch_norm_bwd_ncs: a channel's passes back to back while it is in
-    cache; with under four channels a thread the two passes) give bitwise what the four ops give: stats, rsqrt(var + eps) and fwd; bwd_reduce
-    and bwd_elemt. Short rows (a 14x14 map), odd rows, a channel over 64 KB (statistics row by
-    row), with and without residual / weight / bias, for each activation; and opcheck."""
+    cache; with under four channels a thread, and for 16-bit inputs, the two passes) give
+    bitwise what the four ops give: stats, rsqrt(var + eps) and fwd; bwd_reduce
+    and bwd_elemt. Short rows (a 14x14 map; rows starting anywhere in a step, shorter than a
+    step), odd rows, a channel over 64 KB (statistics row by row), with and without residual /
+    weight / bias, for each activation; and opcheck."""
     ops = torch.ops.fusedreg
     seed = torch.zeros(1, dtype=torch.long)
     ct = torch.float64 if dtype == torch.float64 else torch.float32
@@ -257,7 +259,10 @@ def test_cpu_channel_ops_are_the_four_ops_bitwise(dtype):
                                            ((3, 4, 33), 0, True, True),
                                            # enough channels for the per-channel loops at any
                                            # thread count (fewer run the two passes)
-                                           ((2, 4 * torch.get_num_threads() + 1, 20), 1, True, True)]:
+                                           ((2, 4 * torch.get_num_threads() + 1, 20), 1, True, True),
+                                           # rows shorter than a step (first and last partial
+                                           # steps in one, the tensor's end)
+                                           ((3, 4 * torch.get_num_threads() + 1, 7), 1, True, True)]:
         x, r, dy = (_data((N, C, S), dtype, seed=k, offset=o) for k, o in ((0, 3.0), (2, -0.5), (7, 0.0)))
         r = r if with_r else None
         w, b = (_data((C,), ct, 3, 1.0, 0.5), _data((C,), ct, 4, 0.5, 0.5)) if affine else (None, None)

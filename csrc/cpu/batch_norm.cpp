@@ -39,6 +39,7 @@
 #include <type_traits>
 #include <cmath>
 #include <memory>
+#include <numeric>
 #include <tuple>
 #include <vector>
 
@@ -71,8 +72,14 @@ constexpr int64_t kWholeChannelBytes = 64 * 1024;  // NCS statistics: a channel 
 // by the shape: the result does not depend on the thread count.
 constexpr int64_t kLaneChunk = 4096;
 
+// A span's tail (fewer than K values) is taken in steps of kTailStep lanes (one AVX-512 vector
+// of float), the last one masked: a 196-value row (a 14x14 map) ends in 4 values, one vector,
+// not a full step of K lanes (four vectors for the statistics, of which three add only 0).
+constexpr int kTailStep = 16;
+
 template <typename acc_t, int K>
 struct Lanes {
+  static_assert(K % kTailStep == 0, "the tail's steps stay inside the lanes");
   acc_t part[K];
   acc_t total;
   int64_t pending;
@@ -104,11 +111,19 @@ struct Lanes {
       }
       const int rem = static_cast<int>(c1 - j);
       if (rem && j + K <= readable) {
+        // only the lane vectors the tail reaches: lanes [0, rem) get the values, the rest of
+        // the last vector 0, the lanes past it nothing (bitwise what adding 0 to them gives).
+        // The condition is a full step's (the masked and the scalar tail can differ in the
+        // last bits, FMA contraction: which rows take which is as it was)
+        for (int k0 = 0; k0 < rem; k0 += kTailStep) {
+          acc_t* q = p + k0;
+          const int left = rem - k0;
 #pragma omp simd
-        for (int k = 0; k < K; ++k) {
-          const acc_t v = f(j + k);
-          const acc_t u = k < rem ? v : acc_t(0);
-          p[k] += SQ ? u * u : u;
+          for (int k = 0; k < kTailStep; ++k) {
+            const acc_t v = f(j + k0 + k);
+            const acc_t u = k < left ? v : acc_t(0);
+            q[k] += SQ ? u * u : u;
+          }
         }
       } else {
 #pragma omp simd
@@ -289,22 +304,27 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_span(const x_t* dy, const x_t* x, con
       for (int k = 0; k < K; ++k) body(j + k, k);
     }
     const int rem = static_cast<int>(c1 - j);
-    if (rem && j + K <= readable) {  // Lanes::masked_tail, both sums in one step
+    if (rem && j + K <= readable) {  // Lanes::add's masked tail, both sums at once
+      for (int k0 = 0; k0 < rem; k0 += kTailStep) {
+        const int left = rem - k0;
+        acc_t* q1 = p1 + k0;
+        acc_t* q2 = p2 + k0;
 #pragma omp simd
-      for (int k = 0; k < K; ++k) {
-        const int64_t jk = j + k;
-        const acc_t d = to_acc<acc_t>(x[jk]) - mean;
-        acc_t dz = to_acc<acc_t>(dy[jk]);
-        if constexpr (A != Activation::kNone) {
-          const acc_t z = d * scale + shift + rf * to_acc<acc_t>(r[jk]);
-          dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
+        for (int k = 0; k < kTailStep; ++k) {
+          const int64_t jk = j + k0 + k;
+          const acc_t d = to_acc<acc_t>(x[jk]) - mean;
+          acc_t dz = to_acc<acc_t>(dy[jk]);
+          if constexpr (A != Activation::kNone) {
+            const acc_t z = d * scale + shift + rf * to_acc<acc_t>(r[jk]);
+            dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
+          }
+          // dz and xhat past rem replaced by 0 (selects) before the same sums as body's
+          const bool in = k < left;
+          const acc_t g = in ? dz : acc_t(0);
+          const acc_t xh = in ? d * invstd : acc_t(0);
+          q1[k] += g;
+          q2[k] += g * xh;
         }
-        // dz and xhat past rem replaced by 0 (selects) before the same sums as body's
-        const bool in = k < rem;
-        const acc_t g = in ? dz : acc_t(0);
-        const acc_t xh = in ? d * invstd : acc_t(0);
-        p1[k] += g;
-        p2[k] += g * xh;
       }
     } else {
 #pragma omp simd
@@ -404,10 +424,13 @@ struct KeepScale {
   }
 };
 
+// Chunks of rows over the threads; with `align` (a power of two), each chunk starts at a
+// multiple of `align` elements (the flat NCS runs: their steps are then aligned vector loads).
 template <typename Body>
-void for_each_row_chunk(const Layout& l, const Body& body) {
-  const int64_t rows = l.rows();
-  const int64_t per_task = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(l.row_len(), 1));
+void for_each_row_chunk(const Layout& l, const Body& body, int64_t align = 1) {
+  const int64_t rows = l.rows(), len = std::max<int64_t>(l.row_len(), 1);
+  const int64_t step = align / std::gcd(len, align);  // rows per multiple of align elements
+  const int64_t per_task = (std::max<int64_t>(1, kTaskElems / len) + step - 1) / step * step;
   const int64_t n_tasks = (rows + per_task - 1) / per_task;
   for_each_task(n_tasks, [&](auto next_task) {
     for (int64_t t = next_task(); t >= 0; t = next_task())
@@ -489,7 +512,7 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
               fwd_span<A, true>(x + off, r ? r + off : nullptr, y + off, nullptr, kFlat, mu, k, b);
             });
       });
-    });
+    }, kFlat);
     return;
   }
   for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
@@ -512,24 +535,55 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
   });
 }
 
-// One NCS row [off, off + S) of the per-channel kernels below in kFlat-element steps without a
-// scalar remainder: span(off, len, nullptr) writes the row's whole steps in place; the last rem
-// (< kFlat) elements are one full step span(off', kFlat, tmp) into a small buffer -- reading the
-// kFlat values from off' (past the row, inside the tensor: the values past it are computed and
-// dropped) -- of which put(off', rem, tmp) stores the first rem. At the tensor's end the
-// remainder is an ordinary short span. Each element is computed by the same expression either
-// way (a short row's scalar remainder cost as much as the rest of the row in bfloat16).
+// dst[k] = t[k] for k in [lo, hi) (within one step of kFlat): masked vector stores where the
+// level has them, instead of a copy call per row
+template <typename x_t>
+inline FUSEDREG_ALWAYS_INLINE void put_range(x_t* dst, const x_t* t, int64_t lo, int64_t hi) {
+#pragma omp simd
+  for (int64_t k = 0; k < kFlat; ++k) {
+    if (k >= lo && k < hi) dst[k] = t[k];
+  }
+}
+
+// One NCS row [off, off + S) of the per-channel kernels below in kFlat-element steps at
+// multiples of kFlat elements for float and wider (aligned loads: a 196-value row starts
+// anywhere in a cache line, and the vector loads that cross a line cost about twice as much:
+// the float backward of a 14x14 map took 20-25% longer than that of a 12x16 one), without a scalar
+// remainder: span(pos, len, nullptr) writes whole steps in place; a step that the row only
+// partly covers (its first, its last) is one full step span(pos, kFlat, tmp) into a small
+// buffer -- reading the kFlat values from pos (outside the row, inside the tensor: the values
+// past the row are computed and dropped) -- of which put(pos, lo, hi, tmp) stores the elements
+// [lo, hi). Near the tensor's ends a partial step is an ordinary short span. Each element is
+// computed by the same expression either way (a short row's scalar remainder cost as much as
+// the rest of the row in bfloat16).
 template <typename x_t, typename Span, typename Put>
 inline FUSEDREG_ALWAYS_INLINE void row_in_flat_steps(const Layout& l, int64_t off, const Span& span, const Put& put) {
-  const int64_t S = l.S, n = S / kFlat * kFlat, rem = S - n;
-  if (n) span(off, n, static_cast<x_t*>(nullptr));
-  if (!rem) return;
-  if (off + n + kFlat <= l.N * l.C * S) {
-    alignas(64) x_t t[kFlat];
-    span(off + n, kFlat, t);
-    put(off + n, rem, static_cast<const x_t*>(t));
+  const int64_t end = off + l.S, numel = l.N * l.C * l.S;
+  int64_t pos = off;
+  alignas(64) x_t t[kFlat];
+  // float and wider (a step of 64 bytes or more: a misaligned one always crosses a line); a
+  // 16-bit step of 32 bytes crosses one only at some offsets, and there the row's first partial
+  // step cost more than the loads it aligns (bfloat16 is bound by the conversions' arithmetic)
+  const int64_t lo = sizeof(x_t) >= 4 ? off % kFlat : 0;
+  if (lo) {  // the first step, from the multiple of kFlat before off
+    const int64_t a = off - lo, hi = std::min(kFlat, end - a);
+    if (a + kFlat <= numel) {
+      span(a, kFlat, t);
+      put(a, lo, hi, static_cast<const x_t*>(t));
+    } else {
+      span(off, hi - lo, static_cast<x_t*>(nullptr));
+    }
+    pos = a + hi;
+  }
+  const int64_t n = (end - pos) / kFlat * kFlat;
+  if (n) span(pos, n, static_cast<x_t*>(nullptr));
+  pos += n;
+  if (pos == end) return;
+  if (pos + kFlat <= numel) {
+    span(pos, kFlat, t);
+    put(pos, 0, end - pos, static_cast<const x_t*>(t));
   } else {
-    span(off + n, rem, static_cast<x_t*>(nullptr));
+    span(pos, end - pos, static_cast<x_t*>(nullptr));
   }
 }
 
@@ -711,7 +765,9 @@ void forward_train_ncs_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* 
               [&](int64_t off, int64_t len, x_t* out) FUSEDREG_ALWAYS_INLINE {
                 fwd_span<A, false>(x + off, r ? r + off : nullptr, out ? out : y + off, nullptr, len, &mu, &k, &b);
               },
-              [&](int64_t off, int64_t rem, const x_t* t) FUSEDREG_ALWAYS_INLINE { std::copy(t, t + rem, y + off); });
+              [&](int64_t off, int64_t lo, int64_t hi, const x_t* t) FUSEDREG_ALWAYS_INLINE {
+                put_range(y + off, t, lo, hi);
+              });
         }
       });
       mean[c] = mu;
@@ -906,9 +962,9 @@ void bwd_fused_ncs_kernel(const Layout& l, const BwdArgs<x_t>& a, double count, 
                                            a.scale + c, a.shift + c, &q1, &q2,
                                            GX == GxMode::kNone ? nullptr : (tx ? tx : gx + off),
                                            GR ? (tx ? tr : gr + off) : nullptr);
-            }, [&](int64_t off, int64_t rem, const x_t* tx) FUSEDREG_ALWAYS_INLINE {
-              if (GX != GxMode::kNone) std::copy(tx, tx + rem, gx + off);
-              if (GR) std::copy(tr, tr + rem, gr + off);
+            }, [&](int64_t off, int64_t lo, int64_t hi, const x_t* tx) FUSEDREG_ALWAYS_INLINE {
+              if (GX != GxMode::kNone) put_range(gx + off, tx, lo, hi);
+              if (GR) put_range(gr + off, static_cast<const x_t*>(tr), lo, hi);
             });
           }
         });
@@ -967,7 +1023,7 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
                                               gx ? gx + off : nullptr, GR ? gr + off : nullptr);
                 });
           });
-        });
+        }, kFlat);
         return;
       }
       for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
@@ -1208,9 +1264,15 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_elemt_cpu(
 
 // The per-channel ops (batch_norm_fwd_ncs / batch_norm_bwd_ncs) spread channels over the
 // threads: with fewer than four channels a thread, they run the two passes instead (the same
-// kernels as the four ops, so the same values), whose element-wise pass spreads rows.
-inline bool few_channels(const Layout& l) {
-  return l.C < 4 * static_cast<int64_t>(at::get_num_threads());
+// kernels as the four ops, so the same values), whose element-wise pass spreads rows. So do
+// 16-bit inputs: their passes are bound by the conversions' arithmetic rather than by memory,
+// and the element-wise pass over rows as one flat run (ncs_flat) costs less than row by row
+// (one thread, CPU time, (32, 256, 196) bfloat16 relu + residual: forward 0.28 against 0.30
+// ns/element, backward 0.49-0.51 against 0.51-0.53; float32 the other way, 0.34 against 0.30
+// and 0.64-0.67 against 0.57-0.59).
+template <typename x_t>
+inline bool two_passes(const Layout& l) {
+  return sizeof(x_t) < 4 || l.C < 4 * static_cast<int64_t>(at::get_num_threads());
 }
 
 // batch_norm_fwd_ncs: the training forward (x stored (N, C, S), no dropout) in one op -- (y,
@@ -1241,7 +1303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_ncs_cp
       acc_t* mean = io.mean.mutable_data_ptr<acc_t>();
       acc_t* var = io.var.mutable_data_ptr<acc_t>();
       acc_t* inv = invstd.mutable_data_ptr<acc_t>();
-      if (few_channels(l)) {  // the two passes, each over every thread
+      if (two_passes<scalar_t>(l)) {  // the two passes, each over every thread
         stats_kernel<scalar_t>(l, x, mean, var);
         std::vector<acc_t> scale(l.C), shift(l.C);
         const acc_t e = static_cast<acc_t>(eps);
@@ -1288,7 +1350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_ncs_cp
       acc_t* s2 = sum_dzx.mutable_data_ptr<acc_t>();
       scalar_t* pgx = need_grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* pgr = need_grad_residual ? gr.mutable_data_ptr<scalar_t>() : nullptr;
-      if (few_channels(l)) {  // the two passes, each over every thread
+      if (two_passes<scalar_t>(l)) {  // the two passes, each over every thread
         bwd_reduce_kernel<A, scalar_t>(l, args, s1, s2);
         if (pgx || pgr) {
           const acc_t n = static_cast<acc_t>(count);
