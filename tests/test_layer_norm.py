@@ -257,6 +257,36 @@ def test_cpu_streamed_outputs_equal_cached_ones(dtype, rows, res32):
             assert torch.equal(a2[sl], c)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype,res32", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["float32", "bfloat16-residual-fp32"])
+def test_cpu_paired_backward_rows_equal_single_rows(dtype, res32):
+    """The cpu backward takes long rows (4 KiB of float and more) through its sums pass two at
+    a time at the AVX-512 level, adding both rows' terms to the weight's and bias's partial
+    rows in row order (csrc/cpu/layer_norm.cpp): each row's gradients equal bit for bit the
+    same row's from a one-row call (which goes alone); an odd row count leaves a last row
+    alone in the big call too. (grad_weight / grad_bias of paired rows: the float64 tests'
+    5 x 1151 and 2 x 262144 cases.)"""
+    rows, N = 7, 2056  # N % 16 != 0: the pass's scalar tail runs for both rows
+    x, r = _data((rows, N), dtype), _data((rows, N), torch.float32 if res32 else dtype, 2, -1.0)
+    w, b = _data((N,), dtype, 3, 1.0), _data((N,), dtype, 4, 0.5)
+    dy, dh = _data((rows, N), dtype, 5, 0.0), _data((rows, N), r.dtype, 6, 0.0)
+
+    def run(sl):
+        # weight and bias need grads in every call: the sums pass is the same loop then
+        ins = [t.clone().requires_grad_() for t in (x[sl], r[sl], w, b)]
+        with fusedreg.use_backend("cpu"):
+            y, h = F.dropout_add_layer_norm(*ins, p=0.0, prenorm=True, residual_in_fp32=res32)
+            z = F.rms_norm(ins[0], (N,), ins[2])
+        torch.autograd.backward([y, h, z], [dy[sl], dh[sl], dy[sl]])
+        return [ins[0].grad, ins[1].grad]
+
+    big = run(slice(None))
+    for i in range(rows):
+        for a, c in zip(big, run(slice(i, i + 1))):
+            assert torch.equal(a[i:i + 1], c)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS,
                     reason="the triton backend does not run on CPU tensors here (needs TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("shape", [(3, 1151), (2, 1000)], ids=str)  # N % 4 != 0 and == 0

@@ -137,6 +137,17 @@ struct FwdArgs {
 // longer rows would evict the current one, and the prefetchers ramp up within them anyway.
 constexpr int64_t kPrefetchChunk = 64;  // elements per prefetch step of the last pass
 constexpr int64_t kPrefetchRowBytes = 16384;
+// The backward prefetches rows shorter than 16 KiB: its store pass over a row of 4096 floats
+// reads g and h (32 KiB) from L2 already, and the next row's 32 KiB prefetched into the 48 KiB
+// L1 beside them evicted what the pass was reading (2048x4096 float32, one thread: 5.0 ms
+// without the prefetch against 5.8 ms with it; rows of 1024 gain from it).
+constexpr int64_t kBwdPrefetchRowBytes = kPrefetchRowBytes - 1;
+// Rows of at least this many bytes (AVX-512 level, with dW or dB to accumulate) go through the
+// backward's sums pass two at a time: the weight row and the dW / dB partial rows, which no
+// longer fit in L1 beside a row of dy and h, are loaded and stored once for both rows
+// (float32, one thread, with dW and dB: 2048x4096 4.5 ms against 5.0 ms, 1024x1024 0.50
+// against 0.555 ms, 256x1024 0.120 against 0.136 ms; 4096x1024 1.70-1.73 ms either way).
+constexpr int64_t kPairRowBytes = 4096;
 // Elements per step of a row's last pass, which also generates dropout uniforms and stores
 // the outputs step by step: 32 Philox groups, the AVX-512 kernel's widest block (uniforms.h).
 constexpr int64_t kStoreChunk = 2 * kPrefetchChunk;
@@ -150,9 +161,11 @@ inline FUSEDREG_ALWAYS_INLINE void prefetch_chunk(const T* p, int64_t j0) {
 }
 
 // Row r + 1 of a (rows, N) array, or null when there is none or rows are too long to prefetch.
+// limit: the longest row prefetched, in bytes.
 template <typename T>
-inline FUSEDREG_ALWAYS_INLINE const T* next_row(const T* a, int64_t r, int64_t rows, int64_t N) {
-  return a && r + 1 < rows && N * int64_t(sizeof(T)) <= kPrefetchRowBytes ? a + (r + 1) * N : nullptr;
+inline FUSEDREG_ALWAYS_INLINE const T* next_row(const T* a, int64_t r, int64_t rows, int64_t N,
+                                                int64_t limit = kPrefetchRowBytes) {
+  return a && r + 1 < rows && N * int64_t(sizeof(T)) <= limit ? a + (r + 1) * N : nullptr;
 }
 
 // v = h = residual + dropout(x) (acc_t rows; stored to hr if STORE_H); returns sum(v).
@@ -399,10 +412,13 @@ struct BwdArgs {
 // g = dy * w (stored: store_grads must see the very same rounded g that c1 sums, or an
 // FMA-contracted recomputation leaves g - c1 != 0 where it is exactly 0, e.g. N = 1);
 // aw += dy * xhat, ab += dy; c1 = sum(g), c2 = sum(g * xhat). xhat is recomputed by
-// store_grads from the L1-resident row of h rather than stored.
-template <bool HAS_W, bool NEED_W, bool NEED_B, typename acc_t>
-inline FUSEDREG_ALWAYS_INLINE void bwd_sums(const acc_t* dyr, const acc_t* hr, const acc_t* w, acc_t* aw, acc_t* ab,
-                                            acc_t* g, int64_t N, acc_t mu, acc_t rs, acc_t& c1, acc_t& c2) {
+// store_grads from the L1-resident row of h rather than stored. For R rows at once (1 or 2:
+// kPairRowBytes): row i's dy, h, g, mu, rs, c1, c2 at index i; each row's sums and g are the
+// bits of a one-row call, and aw / ab get the rows' terms added in row order, as R calls would.
+template <int R, bool HAS_W, bool NEED_W, bool NEED_B, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void bwd_sums(const acc_t* const* dyr, const acc_t* const* hr, const acc_t* w, acc_t* aw,
+                                            acc_t* ab, acc_t* const* g, int64_t N, const acc_t* mu, const acc_t* rs,
+                                            acc_t* c1, acc_t* c2) {
   // In 64-byte vectors with two accumulators per sum, as row_sum_vec (the reasons there).
   typedef acc_t V __attribute__((vector_size(64)));
   constexpr int64_t L = 64 / int64_t(sizeof(acc_t));
@@ -412,46 +428,71 @@ inline FUSEDREG_ALWAYS_INLINE void bwd_sums(const acc_t* dyr, const acc_t* hr, c
     return a;
   };
   auto st = [](acc_t* p, const V& a) FUSEDREG_ALWAYS_INLINE { std::memcpy(p, &a, sizeof(V)); };
-  auto step = [&](int64_t j, V& s1, V& s2) FUSEDREG_ALWAYS_INLINE {
-    const V d = ld(dyr + j);
-    const V xh = (ld(hr + j) - mu) * rs;
-    V gj = d;
-    if constexpr (HAS_W) gj *= ld(w + j);
-    if constexpr (NEED_W) st(aw + j, ld(aw + j) + d * xh);
-    if constexpr (NEED_B) st(ab + j, ld(ab + j) + d);
-    st(g + j, gj);
-    s1 += gj;
-    s2 += gj * xh;
+  // One vector of each of the R rows: the partials loaded and stored once for all R, the
+  // rows' terms added to them in row order (the additions of R calls of one row each).
+  auto step = [&](int64_t j, V* s1, V* s2) FUSEDREG_ALWAYS_INLINE {
+    V vw, vaw, vab;
+    if constexpr (HAS_W) vw = ld(w + j);
+    if constexpr (NEED_W) vaw = ld(aw + j);
+    if constexpr (NEED_B) vab = ld(ab + j);
+    for (int i = 0; i < R; ++i) {
+      const V d = ld(dyr[i] + j);
+      const V xh = (ld(hr[i] + j) - mu[i]) * rs[i];
+      V gj = d;
+      if constexpr (HAS_W) gj *= vw;
+      if constexpr (NEED_W) vaw = vaw + d * xh;
+      if constexpr (NEED_B) vab = vab + d;
+      st(g[i] + j, gj);
+      s1[i] += gj;
+      s2[i] += gj * xh;
+    }
+    if constexpr (NEED_W) st(aw + j, vaw);
+    if constexpr (NEED_B) st(ab + j, vab);
   };
-  V r1 = {}, r2 = {};
-  acc_t t1 = 0, t2 = 0;
+  V r1[R] = {}, r2[R] = {};
+  acc_t t1[R] = {}, t2[R] = {};
   for (int64_t j0 = 0; j0 < N; j0 += kSumBlock) {
     const int64_t j1 = std::min(N, j0 + kSumBlock);
-    V a1 = {}, a2 = {}, b1 = {}, b2 = {};
+    V a1[R] = {}, a2[R] = {}, b1[R] = {}, b2[R] = {};
     int64_t j = j0;
     for (; j + 2 * L <= j1; j += 2 * L) {
       step(j, a1, a2);
       step(j + L, b1, b2);
     }
     for (; j + L <= j1; j += L) step(j, a1, a2);
-    for (; j < j1; ++j) {
-      const acc_t d = dyr[j];
-      const acc_t xh = (hr[j] - mu) * rs;
-      acc_t gj = d;
-      if constexpr (HAS_W) gj *= w[j];
-      if constexpr (NEED_W) aw[j] += d * xh;
-      if constexpr (NEED_B) ab[j] += d;
-      g[j] = gj;
-      t1 += gj;
-      t2 += gj * xh;
+    // The tail row by row, each row's the loop of a one-row call (a loop over both rows per
+    // element was compiled differently and moved a last bit of c2).
+    for (int i = 0; i < R; ++i) {
+      const acc_t* dyi = dyr[i];
+      const acc_t* hi = hr[i];
+      acc_t* gi = g[i];
+      const acc_t mi = mu[i], ri = rs[i];
+      acc_t u1 = t1[i], u2 = t2[i];
+      for (int64_t k = j; k < j1; ++k) {
+        const acc_t d = dyi[k];
+        const acc_t xh = (hi[k] - mi) * ri;
+        acc_t gj = d;
+        if constexpr (HAS_W) gj *= w[k];
+        if constexpr (NEED_W) aw[k] += d * xh;
+        if constexpr (NEED_B) ab[k] += d;
+        gi[k] = gj;
+        u1 += gj;
+        u2 += gj * xh;
+      }
+      t1[i] = u1;
+      t2[i] = u2;
     }
-    r1 += a1 + b1;
-    r2 += a2 + b2;
+    for (int i = 0; i < R; ++i) {
+      r1[i] += a1[i] + b1[i];
+      r2[i] += a2[i] + b2[i];
+    }
   }
-  for (int64_t k = L / 2; k >= 1; k /= 2)
-    for (int64_t l = 0; l < k; ++l) r1[l] += r1[l + k], r2[l] += r2[l + k];
-  c1 = r1[0] + t1;
-  c2 = r2[0] + t2;
+  for (int i = 0; i < R; ++i) {
+    for (int64_t k = L / 2; k >= 1; k /= 2)
+      for (int64_t l = 0; l < k; ++l) r1[i][l] += r1[i][l + k], r2[i][l] += r2[i][l + k];
+    c1[i] = r1[i][0] + t1[i];
+    c2[i] = r2[i][0] + t2[i];
+  }
 }
 
 // dh = rs * (g - c1 - xhat * c2) + dh_out; grad_residual = dh; grad_x = dh * keep * scale
@@ -490,7 +531,7 @@ inline FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const acc_t* hr, 
 }
 
 // Scratch rows of the backward (cpu::ScratchRows indices).
-enum BwdScratch { kBwdDy, kBwdH, kBwdDo, kBwdG, kBwdU, kBwdGres, kBwdGx, kBwdBits, kBwdRows };
+enum BwdScratch { kBwdDy, kBwdH, kBwdDo, kBwdG, kBwdU, kBwdGres, kBwdGx, kBwdBits, kBwdDy2, kBwdH2, kBwdG2, kBwdRows };
 
 // Rows [r0, r1); aw/ab: this row block's fp32 partial rows (or null); w: the weight as an
 // acc_t row (or null); sc: this thread's scratch.
@@ -506,54 +547,82 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
   const bool nt = a.nt;
   const acc_t scale = static_cast<acc_t>(dropout_scale(p));
   const cpu::PhiloxKeys keys(a.seed);
-  for (int64_t r = r0; r < r1; ++r) {
-    const x_t* dyr = a.dy + r * N;
-    const h_t* hr = a.h + r * N;
-    const h_t* dor = a.dh_out ? a.dh_out + r * N : nullptr;
-    h_t* grr = a.gres ? a.gres + r * N : nullptr;
-    x_t* gxr = a.gx + r * N;
-    sc.place({dyr, hr, dor, w, aw, ab}, {nt ? nullptr : gxr, nt ? nullptr : grr, aw, ab});
-    const acc_t* dyv = row_as_acc(dyr, sc.at(kBwdDy), N);
-    const acc_t* hv = row_as_acc(hr, sc.at(kBwdH), N);
-    const acc_t* dov = row_as_acc(dor, sc.at(kBwdDo), N);
-    acc_t* g = sc.at(kBwdG);
-    const acc_t mu = a.rms ? acc_t(0) : a.mean[r];
-    const acc_t rs = a.rstd[r];
-    acc_t c1 = 0, c2 = 0;
-    switch ((w ? 1 : 0) | (aw ? 2 : 0) | (ab ? 4 : 0)) {
-#define FUSEDREG_CASE(F) \
-  case F: bwd_sums<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(dyv, hv, w, aw, ab, g, N, mu, rs, c1, c2); break;
-      FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
-      FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
-#undef FUSEDREG_CASE
+  // Long rows with partials to accumulate go in pairs through the sums pass (AVX-512 level:
+  // 32 vector registers hold both rows' accumulators).
+  const bool pairs = ISA == cpu::Isa::kAvx512 && (aw || ab) && N * int64_t(sizeof(acc_t)) >= kPairRowBytes;
+  for (int64_t r = r0; r < r1;) {
+    const int R = pairs && r + 1 < r1 ? 2 : 1;
+    const x_t* dyr[2] = {a.dy + r * N, R == 2 ? a.dy + (r + 1) * N : nullptr};
+    const h_t* hr[2] = {a.h + r * N, R == 2 ? a.h + (r + 1) * N : nullptr};
+    if (R == 2) {
+      sc.place({dyr[0], hr[0], dyr[1], hr[1], w, aw, ab}, {nt ? nullptr : a.gx + r * N, aw, ab});
+    } else {
+      sc.place({dyr[0], hr[0], a.dh_out ? a.dh_out + r * N : nullptr, w, aw, ab},
+               {nt ? nullptr : a.gx + r * N, nt || !a.gres ? nullptr : a.gres + r * N, aw, ab});
     }
-    c1 = a.rms ? acc_t(0) : c1 / N;
-    c2 /= N;
-    float* u = sc.template at_as<float>(kBwdU);
-    acc_t* gro = grr ? out_row(grr, sc.at(kBwdGres), nt) : nullptr;
-    acc_t* gxo = out_row(gxr, sc.at(kBwdGx), nt);
-    const bool gr_copy = gro && gro != reinterpret_cast<acc_t*>(grr);
-    const bool gx_copy = gxo != reinterpret_cast<acc_t*>(gxr);
-    auto emit = [&](int64_t j0, int64_t j1) FUSEDREG_ALWAYS_INLINE {
-      if (gr_copy) write_row<ISA>(grr + j0, static_cast<const acc_t*>(gro + j0), j1 - j0, nt,
-                                  sc.template at_as<h_t>(kBwdBits) + j0);
-      if (gx_copy) write_row<ISA>(gxr + j0, static_cast<const acc_t*>(gxo + j0), j1 - j0, nt,
-                                  sc.template at_as<x_t>(kBwdBits) + j0);
-    };
-    // The next row of this block (the next block's first row is likely another thread's).
-    const x_t* ndy = next_row(a.dy, r, r1, N);
-    const h_t* nh = next_row(a.h, r, r1, N);
-    const h_t* ndo = next_row(a.dh_out, r, r1, N);
-    switch ((dov ? 1 : 0) | (gro ? 2 : 0) | (dropout ? 4 : 0)) {
+    const acc_t* dyv[2] = {row_as_acc(dyr[0], sc.at(kBwdDy), N), row_as_acc(dyr[1], sc.at(kBwdDy2), N)};
+    const acc_t* hv[2] = {row_as_acc(hr[0], sc.at(kBwdH), N), row_as_acc(hr[1], sc.at(kBwdH2), N)};
+    acc_t* g[2] = {sc.at(kBwdG), sc.at(kBwdG2)};
+    acc_t mu[2] = {}, rs[2] = {}, c1[2] = {}, c2[2] = {};
+    for (int i = 0; i < R; ++i) {
+      mu[i] = a.rms ? acc_t(0) : a.mean[r + i];
+      rs[i] = a.rstd[r + i];
+    }
+    if (R == 1) {
+      switch ((w ? 1 : 0) | (aw ? 2 : 0) | (ab ? 4 : 0)) {
+#define FUSEDREG_CASE(F) \
+  case F: bwd_sums<1, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(dyv, hv, w, aw, ab, g, N, mu, rs, c1, c2); break;
+        FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
+        FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
+#undef FUSEDREG_CASE
+      }
+    } else if constexpr (ISA == cpu::Isa::kAvx512) {
+      switch ((w ? 1 : 0) | (aw ? 2 : 0) | (ab ? 4 : 0)) {
+#define FUSEDREG_CASE(F) \
+  case F: bwd_sums<2, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(dyv, hv, w, aw, ab, g, N, mu, rs, c1, c2); break;
+        FUSEDREG_CASE(2) FUSEDREG_CASE(3) FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
+#undef FUSEDREG_CASE
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      const int64_t ri = r + i;
+      const h_t* dor = a.dh_out ? a.dh_out + ri * N : nullptr;
+      h_t* grr = a.gres ? a.gres + ri * N : nullptr;
+      x_t* gxr = a.gx + ri * N;
+      const acc_t* dov = row_as_acc(dor, sc.at(kBwdDo), N);
+      const acc_t c1i = a.rms ? acc_t(0) : c1[i] / N;
+      const acc_t c2i = c2[i] / N;
+      float* u = sc.template at_as<float>(kBwdU);
+      acc_t* gro = grr ? out_row(grr, sc.at(kBwdGres), nt) : nullptr;
+      acc_t* gxo = out_row(gxr, sc.at(kBwdGx), nt);
+      const bool gr_copy = gro && gro != reinterpret_cast<acc_t*>(grr);
+      const bool gx_copy = gxo != reinterpret_cast<acc_t*>(gxr);
+      auto emit = [&](int64_t j0, int64_t j1) FUSEDREG_ALWAYS_INLINE {
+        if (gr_copy) write_row<ISA>(grr + j0, static_cast<const acc_t*>(gro + j0), j1 - j0, nt,
+                                    sc.template at_as<h_t>(kBwdBits) + j0);
+        if (gx_copy) write_row<ISA>(gxr + j0, static_cast<const acc_t*>(gxo + j0), j1 - j0, nt,
+                                    sc.template at_as<x_t>(kBwdBits) + j0);
+      };
+      // The row after this step's rows (the next block's first row is likely another
+      // thread's): the next sums pass reads it.
+      const int64_t pr = r + R - 1;
+      const x_t* ndy = i + 1 == R ? next_row(a.dy, pr, r1, N, kBwdPrefetchRowBytes) : nullptr;
+      const h_t* nh = i + 1 == R ? next_row(a.h, pr, r1, N, kBwdPrefetchRowBytes) : nullptr;
+      const h_t* ndo = next_row(a.dh_out, ri, r1, N, kBwdPrefetchRowBytes);
+      const acc_t* gi = g[i];
+      const acc_t* hvi = hv[i];
+      switch ((dov ? 1 : 0) | (gro ? 2 : 0) | (dropout ? 4 : 0)) {
 #define FUSEDREG_CASE(F)                                                                                  \
   case F:                                                                                                 \
-    store_grads<ISA, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(g, hv, dov, gro, gxo, u, keys, a.seed, r * N, \
-                                                               N, mu, rs, c1, c2, p, scale, ndy, nh, ndo, emit); \
+    store_grads<ISA, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(gi, hvi, dov, gro, gxo, u, keys, a.seed, ri * N, \
+                                                               N, mu[i], rs[i], c1i, c2i, p, scale, ndy, nh, ndo, emit); \
     break;
-      FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
-      FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
+        FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
+        FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
 #undef FUSEDREG_CASE
+      }
     }
+    r += R;
   }
 }
 
@@ -677,7 +746,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
   at::Tensor mean = at::empty({rms ? 0 : M}, x.options().dtype(st));
   at::Tensor rstd = at::empty({M}, x.options().dtype(st));
   if (M == 0 || N == 0) return {y, h, mean, rstd};
-  const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
+  const uint64_t s = static_cast<uint64_t>(*seed.const_data_ptr<int64_t>());  // checked: 1 int64 on the CPU
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd", [&] {
     using x_t = scalar_t;
     using acc_t = at::opmath_type<x_t>;
@@ -729,10 +798,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   TORCH_CHECK(!bias.defined() || bias.scalar_type() == w_type, "fusedreg::layer_norm_bwd: weight/bias dtypes differ");
   at::Tensor gx = empty_output({M, N}, dy.options());
   at::Tensor gres = need_grad_residual ? empty_output({M, N}, h.options()) : at::empty({0}, dy.options());
-  at::Tensor gw = need_grad_weight ? at::zeros_like(weight) : at::empty({0}, dy.options());
-  at::Tensor gb = need_grad_bias ? at::zeros_like(bias) : at::empty({0}, dy.options());
+  // grad_weight / grad_bias: written whole by the partials' sum when there are rows, zeros
+  // otherwise (a zeroing op call is a microsecond or two of a small call).
+  auto param_grad = [&](bool need, const at::Tensor& t) {
+    if (!need) return at::empty({0}, dy.options());
+    return M > 0 && N > 0 ? at::empty({N}, t.options()) : at::zeros_like(t);
+  };
+  at::Tensor gw = param_grad(need_grad_weight, weight);
+  at::Tensor gb = param_grad(need_grad_bias, bias);
   if (M == 0 || N == 0) return {gx, gres, gw, gb};
-  const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
+  const uint64_t s = static_cast<uint64_t>(*seed.const_data_ptr<int64_t>());  // checked: 1 int64 on the CPU
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_dtype, "layer_norm_bwd", [&] {
     using x_t = scalar_t;
     using acc_t = at::opmath_type<x_t>;
