@@ -7,7 +7,7 @@
 // fp32 scratch row (L1/L2 resident) so the statistics and the output read it from cache, and
 // the dropout uniforms of a row are drawn in bulk (fusedreg/cpu/uniforms.h). Sums run in
 // blocks of kSumBlock (a two-level sum: error ~ sqrt(N / kSumBlock) * kSumBlock * eps instead
-// of N * eps); the statistics sums run in 64-byte vectors with several accumulators
+// of N * eps); the statistics sums run in vectors of the level's width with several accumulators
 // (row_sum_vec, bwd_sums), so that they are not bound by the latency of one add chain.
 //
 // grad_weight / grad_bias: the rows are cut into row blocks that depend only on (M, N); each
@@ -191,17 +191,24 @@ inline FUSEDREG_ALWAYS_INLINE acc_t load_h(const acc_t* xr, const acc_t* rr, con
   return sum;
 }
 
-// sum(v) (SQ false) or sum((v - mu)^2) (SQ true) over a row, in 64-byte vectors (GCC/clang
-// vector extensions, lowered to the ISA level's registers): four vector accumulators per block
+// The bytes of the vectors the statistics sums use at an instruction-set level: its register
+// width. A 64-byte vector type at the AVX2 or baseline level is not one register of that level,
+// and GCC's code for it there was slow: at AVX2 the forward at 1024x1024 (one thread) took
+// 2.5x the time of the `omp simd` sums the vectors replaced (871 against 350 us).
+template <cpu::Isa ISA>
+constexpr int kSumVecBytes = ISA == cpu::Isa::kAvx512 ? 64 : (ISA == cpu::Isa::kAvx2 ? 32 : 16);
+
+// sum(v) (SQ false) or sum((v - mu)^2) (SQ true) over a row, in vectors of the level's width
+// (GCC/clang vector extensions, kSumVecBytes): four vector accumulators per block
 // of kSumBlock, the block's vector sum added to the row's vector, whose lanes are added once at
 // the end (pairwise); the elements past the last whole vector of a block in a scalar sum. One
 // accumulator (the `omp simd` reduction) made each vector wait for the previous one's add or
 // FMA, about 4 cycles, so these passes over an L1-resident row ran at a quarter of the loads'
 // rate or less.
-template <bool SQ, typename acc_t>
+template <cpu::Isa ISA, bool SQ, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE acc_t row_sum_vec(const acc_t* v, int64_t N, acc_t mu) {
-  typedef acc_t V __attribute__((vector_size(64)));
-  constexpr int64_t L = 64 / int64_t(sizeof(acc_t));
+  typedef acc_t V __attribute__((vector_size(kSumVecBytes<ISA>)));
+  constexpr int64_t L = kSumVecBytes<ISA> / int64_t(sizeof(acc_t));
   auto term = [&](int64_t j) FUSEDREG_ALWAYS_INLINE {
     V a;
     std::memcpy(&a, v + j, sizeof(V));
@@ -234,9 +241,9 @@ inline FUSEDREG_ALWAYS_INLINE acc_t row_sum_vec(const acc_t* v, int64_t N, acc_t
   return row[0] + tail;
 }
 
-template <typename acc_t>
+template <cpu::Isa ISA, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE acc_t row_sum(const acc_t* v, int64_t N) {
-  return row_sum_vec<false>(v, N, acc_t(0));
+  return row_sum_vec<ISA, false>(v, N, acc_t(0));
 }
 
 // Scratch rows of the forward (cpu::ScratchRows indices).
@@ -274,7 +281,7 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
     const acc_t* vr = sc.at(kFwdH);
     if (!dropout && !rr && !hr) {
       vr = xv;  // h is x itself: read it in place
-      sum = row_sum(vr, N);
+      sum = row_sum<ISA>(vr, N);
     } else if constexpr (std::is_same_v<h_t, acc_t>) {
       // h is stored by the loop itself (into a scratch row first when non-temporal): one
       // loop for both, so the two give the same bits.
@@ -300,14 +307,14 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
       }
       cpu::row_from_float(v, bits, N);
       cpu::row_to_float(bits, v, N);
-      sum = row_sum(static_cast<const acc_t*>(v), N);
+      sum = row_sum<ISA>(static_cast<const acc_t*>(v), N);
       if (hr) {
         if (nt) cpu::store_row_nt<ISA>(hr, bits, N * int64_t(sizeof(h_t)));
         else std::memcpy(hr, bits, N * sizeof(h_t));
       }
     }
     const acc_t mu = a.rms ? acc_t(0) : sum / N;
-    const acc_t var = row_sum_vec<true>(vr, N, mu);
+    const acc_t var = row_sum_vec<ISA, true>(vr, N, mu);
     const acc_t rs = acc_t(1) / std::sqrt(var / N + a.eps);
     if (a.mean) a.mean[r] = mu;
     a.rstd[r] = rs;
@@ -415,13 +422,14 @@ struct BwdArgs {
 // store_grads from the L1-resident row of h rather than stored. For R rows at once (1 or 2:
 // kPairRowBytes): row i's dy, h, g, mu, rs, c1, c2 at index i; each row's sums and g are the
 // bits of a one-row call, and aw / ab get the rows' terms added in row order, as R calls would.
-template <int R, bool HAS_W, bool NEED_W, bool NEED_B, typename acc_t>
+template <cpu::Isa ISA, int R, bool HAS_W, bool NEED_W, bool NEED_B, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void bwd_sums(const acc_t* const* dyr, const acc_t* const* hr, const acc_t* w, acc_t* aw,
                                             acc_t* ab, acc_t* const* g, int64_t N, const acc_t* mu, const acc_t* rs,
                                             acc_t* c1, acc_t* c2) {
-  // In 64-byte vectors with two accumulators per sum, as row_sum_vec (the reasons there).
-  typedef acc_t V __attribute__((vector_size(64)));
-  constexpr int64_t L = 64 / int64_t(sizeof(acc_t));
+  // In vectors of the level's width with two accumulators per sum, as row_sum_vec (the
+  // reasons there).
+  typedef acc_t V __attribute__((vector_size(kSumVecBytes<ISA>)));
+  constexpr int64_t L = kSumVecBytes<ISA> / int64_t(sizeof(acc_t));
   auto ld = [](const acc_t* p) FUSEDREG_ALWAYS_INLINE {
     V a;
     std::memcpy(&a, p, sizeof(V));
@@ -571,7 +579,7 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
     if (R == 1) {
       switch ((w ? 1 : 0) | (aw ? 2 : 0) | (ab ? 4 : 0)) {
 #define FUSEDREG_CASE(F) \
-  case F: bwd_sums<1, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(dyv, hv, w, aw, ab, g, N, mu, rs, c1, c2); break;
+  case F: bwd_sums<ISA, 1, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(dyv, hv, w, aw, ab, g, N, mu, rs, c1, c2); break;
         FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
         FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
 #undef FUSEDREG_CASE
@@ -579,7 +587,7 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
     } else if constexpr (ISA == cpu::Isa::kAvx512) {
       switch ((w ? 1 : 0) | (aw ? 2 : 0) | (ab ? 4 : 0)) {
 #define FUSEDREG_CASE(F) \
-  case F: bwd_sums<2, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(dyv, hv, w, aw, ab, g, N, mu, rs, c1, c2); break;
+  case F: bwd_sums<ISA, 2, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(dyv, hv, w, aw, ab, g, N, mu, rs, c1, c2); break;
         FUSEDREG_CASE(2) FUSEDREG_CASE(3) FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
 #undef FUSEDREG_CASE
       }

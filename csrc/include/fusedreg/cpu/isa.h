@@ -25,7 +25,9 @@
 // different levels (more where exp amplifies a rounding of its argument), never between
 // runs at one level. Under GCC's default -ftrapping-math, a loop whose selects compare
 // floats (the dropout keep test, Lion's sign) is if-converted only with AVX-512's masks:
-// in the AVX2 and baseline variants such loops stay scalar, as they did as clones.
+// in the AVX2 and baseline variants such loops stayed scalar, so the extension is built with
+// -fno-trapping-math (setup.py); some loops also keep integer tests of float bits written for
+// the default (they vectorize either way).
 //
 // Levels (each needs everything the one below does):
 //   avx512    avx512f, avx512bw, avx512cd, avx512dq, avx512vl (the AVX-512 of x86-64-v4)
