@@ -270,6 +270,30 @@ def test_inductor_leaves_small_dropouts_to_inductor(monkeypatch, rows, limit, re
         assert stats.get(fx.SMALL_DROPOUT) == 2 and fx.DROPOUT_ADD_NORM not in stats, stats
 
 
+@pytest.mark.parametrize("length, replaced", [(8, False), (32, True)])
+def test_inductor_leaves_small_attention_dropout_to_inductor(length, replaced):
+    # SDPA's dropout under the pass as fusedreg.compile runs it: 2 x 2 x L x L scores, 256 at
+    # L = 8 (left to Inductor, counted) and 4096 at L = 32 (fusedreg's chain)
+    class Attn(nn.Module):
+        def forward(self, q, k, v):
+            return TF.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(fx.rewrite(gm, inductor=True))
+        return gm.forward
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(2, 2, length, 16) for _ in range(3))
+    out = torch.compile(Attn(), backend=backend)(q, k, v)
+    assert out.shape == q.shape
+    stats = fx._total(graphs)
+    if replaced:
+        assert stats.get(fx.ATTENTION) == 1 and fx.SMALL_DROPOUT not in stats, stats
+    else:
+        assert stats.get(fx.SMALL_DROPOUT) == 1 and fx.ATTENTION not in stats, stats
+
+
 @pytest.mark.slow
 def test_fusedreg_compile_with_inductor_matches_eager(monkeypatch):
     monkeypatch.setattr(fx, "INDUCTOR_DROPOUT_FROM", 0)  # a small block: replace its dropouts
