@@ -357,6 +357,7 @@ def test_attention_dropout_in_graphs_uses_the_seeded_mask(how, monkeypatch):
     import torch._inductor.config as inductor_config
     from fusedreg.patching import _attention
     monkeypatch.setattr(_attention, "MIN_SCORES", 0)  # a small call: the chain at every size
+    monkeypatch.setattr(fx, "INDUCTOR_DROPOUT_FROM", 0)  # and under Inductor
     with inductor_config.patch(fallback_random=True):
         _attention_dropout_in_graphs(how)
 
