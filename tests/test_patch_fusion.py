@@ -124,10 +124,12 @@ def test_block_masks_are_fusedregs_seeded_ones(fuse_small_activations):
 
 
 @pytest.mark.parametrize("rows", [7, 600])
-def test_bias_activation_without_dropout_replaced_from_its_size_limit(rows):
+def test_bias_activation_without_dropout_replaced_from_its_size_limit(rows, monkeypatch):
     # bias + gelu_tanh with no dropout after it: torch's nodes below the CPU limit (fusedreg's
     # call costs more than torch's activation there), fusedreg's fused op from it up; the
-    # result is the unpatched block's either way
+    # result is the unpatched block's either way (the limits of kernels at AVX2 or above,
+    # whatever this machine's level)
+    monkeypatch.setitem(fx.ACT_WITHOUT_DROPOUT, "cpu", fx._cpu_activation_limits("avx2"))
     torch._dynamo.reset()
     limit = fx.ACT_WITHOUT_DROPOUT["cpu"]["gelu_tanh"]
     block = make_block(p=0.0).train()
@@ -384,9 +386,11 @@ def _attention_dropout_in_graphs(how):
         "attention dropout inside scaled_dot_product_attention": {"fused": 1, "left in torch": 0}}
 
 
-def test_activation_size_limits_and_symbolic_sizes():
+def test_activation_size_limits_and_symbolic_sizes(monkeypatch):
     # a limit of 0 (every CUDA activation) holds at every size, a symbolic one included; a
-    # positive limit (CPU gelu_tanh) needs a concrete size at or above it
+    # positive limit (CPU gelu_tanh) needs a concrete size at or above it. The CPU limits of
+    # kernels at AVX-512, whatever this machine's level (the level's choice: tested below).
+    monkeypatch.setitem(fx.ACT_WITHOUT_DROPOUT, "cpu", fx._cpu_activation_limits("avx512"))
     from types import SimpleNamespace
     def traced(device, n):
         return SimpleNamespace(device=SimpleNamespace(type=device), numel=lambda: n)
@@ -396,10 +400,11 @@ def test_activation_size_limits_and_symbolic_sizes():
     assert fx._activation_faster("gelu_tanh", traced("cpu", limit))
     assert not fx._activation_faster("gelu_tanh", traced("cpu", limit - 1))
     assert not fx._activation_faster("gelu_tanh", traced("cpu", symbolic))
-    # erf gelu on CPU: fusedreg's at every size where its kernels run at AVX-512, else torch's
-    avx512 = fx._cpu_kernels_at_avx512()
-    assert fx._activation_faster("gelu", traced("cpu", symbolic)) == avx512
-    assert fx._activation_faster("gelu", traced("cpu", 1)) == avx512
+    # erf gelu on CPU at AVX-512: fusedreg's at every size
+    assert fx._activation_faster("gelu", traced("cpu", symbolic))
+    assert fx._activation_faster("gelu", traced("cpu", 1))
+    monkeypatch.setitem(fx.ACT_WITHOUT_DROPOUT, "cpu", fx._cpu_activation_limits("baseline"))
+    assert not fx._activation_faster("gelu_tanh", traced("cpu", 1 << 20))
 
 
 @pytest.mark.parametrize("level", ["baseline", "avx2"])
@@ -408,5 +413,14 @@ def test_cpu_gelu_limit_follows_the_kernels_level(level, monkeypatch):
     # AVX-512 GELU table, and torch's gelu is the faster one
     monkeypatch.setenv("FUSEDREG_CPU_ISA", level)
     assert not fx._cpu_kernels_at_avx512()
+    assert fx._cpu_kernels_level() == (level if torch.cpu._is_avx2_supported() else "baseline")
     monkeypatch.setenv("FUSEDREG_CPU_ISA", "avx512")
     assert fx._cpu_kernels_at_avx512() == torch.cpu._is_avx512_supported()
+
+
+def test_cpu_activation_limits_per_level():
+    # erf gelu fused from AVX-512 (its GELU table), gelu_tanh from AVX2, nothing at baseline
+    assert fx._cpu_activation_limits("avx512") == {"gelu_tanh": 1 << 14, "gelu": 0}
+    assert fx._cpu_activation_limits("avx2") == {"gelu_tanh": 1 << 14}
+    assert fx._cpu_activation_limits("baseline") == {}
+    assert fx.ACT_WITHOUT_DROPOUT["cpu"] == fx._cpu_activation_limits(fx._cpu_kernels_level())

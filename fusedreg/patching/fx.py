@@ -250,13 +250,24 @@ def _activation(node):
     return x, name
 
 
-def _cpu_kernels_at_avx512() -> bool:
-    """Whether fusedreg's CPU kernels run at the AVX-512 level (fusedreg/cpu/isa.h: the CPU's
-    AVX-512, which torch checks for the same features, unless FUSEDREG_CPU_ISA caps it)."""
-    if os.environ.get("FUSEDREG_CPU_ISA") in ("baseline", "avx2"):
-        return False
+_LEVELS = ("baseline", "avx2", "avx512")
+
+
+def _cpu_kernels_level() -> str:
+    """The instruction-set level fusedreg's CPU kernels run at (fusedreg/cpu/isa.h): the CPU's,
+    which torch checks for the same features, unless FUSEDREG_CPU_ISA caps it."""
     is_avx512 = getattr(torch.cpu, "_is_avx512_supported", None)
-    return bool(is_avx512 and is_avx512())
+    is_avx2 = getattr(torch.cpu, "_is_avx2_supported", None)
+    level = "avx512" if is_avx512 and is_avx512() else ("avx2" if is_avx2 and is_avx2() else "baseline")
+    cap = os.environ.get("FUSEDREG_CPU_ISA")
+    if cap in _LEVELS and _LEVELS.index(cap) < _LEVELS.index(level):
+        level = cap
+    return level
+
+
+def _cpu_kernels_at_avx512() -> bool:
+    """Whether fusedreg's CPU kernels run at the AVX-512 level."""
+    return _cpu_kernels_level() == "avx512"
 
 
 # bias + activation with no dropout after it: replaced only where fusedreg's kernel is faster
@@ -269,9 +280,21 @@ def _cpu_kernels_at_avx512() -> bool:
 # 1.05-1.5x forward + backward at every size, so from 0 up -- where the kernels run at the
 # AVX-512 level (their float32 GELU forward is a table of polynomials there, fusedreg/cpu/
 # vmath.h); capped at AVX2 (FUSEDREG_CPU_ISA=avx2, torch at AVX2 too) it was 0.1-0.6x from 8
-# rows up, so it is left to torch there. On CUDA (not measured yet) every activation, one pass
-# instead of the bias and activation kernels. Under Inductor never: it fuses them itself.
-ACT_WITHOUT_DROPOUT = {"cpu": {"gelu_tanh": 1 << 14, **({"gelu": 0} if _cpu_kernels_at_avx512() else {})},
+# rows up, so it is left to torch there; gelu_tanh at the baseline level (SSE2, no AVX2) was
+# 0.79x torch's at 64 x 768 (98 against 78 us, forward), so it is left to torch there too. On
+# CUDA (not measured yet) every activation, one pass instead of the bias and activation
+# kernels. Under Inductor never: it fuses them itself.
+def _cpu_activation_limits(level: str) -> dict:
+    """ACT_WITHOUT_DROPOUT["cpu"] for kernels running at ``level`` (see above)."""
+    limits = {}
+    if level in ("avx2", "avx512"):
+        limits["gelu_tanh"] = 1 << 14
+    if level == "avx512":
+        limits["gelu"] = 0
+    return limits
+
+
+ACT_WITHOUT_DROPOUT = {"cpu": _cpu_activation_limits(_cpu_kernels_level()),
                        "cuda": {"relu": 0, "gelu": 0, "gelu_tanh": 0, "silu": 0}}
 
 
