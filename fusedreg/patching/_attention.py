@@ -47,6 +47,12 @@ _torch_sdpa = TF.scaled_dot_product_attention
 MIN_SCORES = 1 << 14
 
 
+def scores(q, k):
+    """The attention scores a call computes (and its dropout draws for): batch x heads x L x S,
+    for q (..., L, E) and k (..., S, E) of at least two dims."""
+    return q.shape[:-1].numel() * k.shape[-2]
+
+
 def _takes(q, k, v, attn_mask, p, is_causal, scale, enable_gqa, traced=False) -> bool:
     """Whether the call is one that torch computes with its math kernel and fusedreg's chain
     reproduces (see the module doc); ``traced``: decided on the metadata of the tensors a
@@ -58,8 +64,7 @@ def _takes(q, k, v, attn_mask, p, is_causal, scale, enable_gqa, traced=False) ->
         return False
     # eager calls under the size limit (fewer than MIN_SCORES scores, batch x heads x L x S),
     # first: the common small call leaves after one product
-    if not traced and q.dim() >= 2 and k.dim() >= 2 \
-            and q.shape[:-1].numel() * k.shape[-2] < MIN_SCORES:
+    if not traced and q.dim() >= 2 and k.dim() >= 2 and scores(q, k) < MIN_SCORES:
         return False
     if type(p) is not float or not 0.0 < p <= 1.0 or type(is_causal) is not bool \
             or type(enable_gqa) is not bool:

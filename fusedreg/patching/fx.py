@@ -320,10 +320,12 @@ class _Rewriter:
     def count(self, what, n=1):
         self.stats[what] = self.stats.get(what, 0) + n
 
-    def small_for_inductor(self, node) -> bool:
-        """Whether a dropout of ``node``'s value is left to Inductor (INDUCTOR_DROPOUT_FROM)."""
-        v = _val(node)
-        n = v.numel() if v is not None else None
+    def small_for_inductor(self, node=None, n=None) -> bool:
+        """Whether a dropout of ``node``'s value (or of ``n`` elements) is left to Inductor
+        (INDUCTOR_DROPOUT_FROM; a symbolic or unknown size is not)."""
+        if node is not None:
+            v = _val(node)
+            n = v.numel() if v is not None else None
         return self.inductor and isinstance(n, int) and n < INDUCTOR_DROPOUT_FROM
 
     def only_user(self, node):
@@ -508,12 +510,10 @@ class _Rewriter:
             p = _arg(node, 4, "dropout_p", 0.0)
             vq, vy = _val(_arg(node, 0, "query", None)), _val(node)
             vk = _val(_arg(node, 1, "key", None))
-            if p and self.inductor and vq is not None and vk is not None and vq.dim() >= 2 \
-                    and vk.dim() >= 2:
-                scores = vq.shape[:-1].numel() * vk.shape[-2]  # what the dropout draws for
-                if isinstance(scores, int) and scores < INDUCTOR_DROPOUT_FROM:
-                    self.count(SMALL_DROPOUT)
-                    return
+            if p and vq is not None and vk is not None and vq.dim() >= 2 and vk.dim() >= 2 \
+                    and self.small_for_inductor(n=_attention.scores(vq, vk)):
+                self.count(SMALL_DROPOUT)
+                return
             if p and vq is not None and vy is not None and vy.dtype == vq.dtype:
                 # the same call, which runs the math kernel's chain with fusedreg's dropout
                 # where torch would run its math kernel (_attention.py), else torch's (an
@@ -525,7 +525,7 @@ class _Rewriter:
         elif node.target in _ALL_DROPOUTS:
             p = _arg(node, 1, "p", 0.5)
             training = _arg(node, 2, "training", True)
-            x = node.args[0] if node.args else node.kwargs.get("input")
+            x = _arg(node, 0, "input", None)
             if training is not False and p:
                 self.count(SMALL_DROPOUT if self.small_for_inductor(x) else LEFT_DROPOUT)
         elif node.target in _NORMS and not self.inductor:
