@@ -511,4 +511,10 @@ TORCH_LIBRARY(fusedreg, m) {
       "batch_norm_bwd_ncs(Tensor dy, Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor mean, "
       "Tensor invstd, int activation, Tensor seed, bool need_grad_input, bool need_grad_residual) "
       "-> (Tensor sum_dz, Tensor sum_dz_xhat, Tensor grad_x, Tensor grad_residual)");
+  // ... and of channels-last (N, S, C) storage: bwd_cl = bwd_reduce then bwd_elemt (training),
+  // grad_residual written by the reduce pass
+  m.def(
+      "batch_norm_bwd_cl(Tensor dy, Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor invstd, int activation, Tensor seed, bool need_grad_input, bool need_grad_residual) "
+      "-> (Tensor sum_dz, Tensor sum_dz_xhat, Tensor grad_x, Tensor grad_residual)");
 }

@@ -287,6 +287,39 @@ def test_cpu_channel_ops_are_the_four_ops_bitwise(dtype):
     opcheck(ops.batch_norm_bwd_ncs.default, (dy, x, r, w, b, mean, invstd, 1, seed, True, True))
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_cpu_channels_last_backward_op_is_the_two_ops_bitwise(dtype):
+    """batch_norm_bwd_cl (the cpu backend's training backward of (N, S, C) storage without
+    dropout; with both gradients of a float input its reduce pass writes grad_residual = dz and
+    grad_x is computed from it) gives bitwise what bwd_reduce and bwd_elemt give: row counts
+    that are not a multiple of the reduce pass's four-row step, several row blocks, odd channel
+    counts, with and without residual / weight / bias, each activation; and opcheck."""
+    ops = torch.ops.fusedreg
+    seed = torch.zeros(1, dtype=torch.long)
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    for (N, S, C), act, with_r, affine in [((3, 196, 5), 1, True, True), ((4, 17, 3), 2, True, True),
+                                           ((2, 9, 3), 0, False, False), ((2, 33, 64), 4, True, True),
+                                           ((5, 7, 21), 1, True, True), ((2, 601, 8), 3, True, True),
+                                           ((3, 5, 7), 0, True, True)]:
+        x, r, dy = (_data((N, S, C), dtype, seed=k, offset=o) for k, o in ((0, 3.0), (2, -0.5), (7, 0.0)))
+        r = r if with_r else None
+        w, b = (_data((C,), ct, 3, 1.0, 0.5), _data((C,), ct, 4, 0.5, 0.5)) if affine else (None, None)
+        mean, var = ops.batch_norm_stats(x, True)
+        invstd = torch.rsqrt(var + 1e-5)
+        for need_gx, need_gr in ((True, True), (True, False), (False, True)):
+            got = ops.batch_norm_bwd_cl(dy, x, r, w, b, mean, invstd, act, seed, need_gx, need_gr)
+            s1, s2 = ops.batch_norm_bwd_reduce(dy, x, r, w, b, mean, invstd, act, 0.0, seed, True)
+            gx, gr = ops.batch_norm_bwd_elemt(dy, x, r, w, b, mean, invstd, s1, s2, float(N * S), act, 0.0,
+                                              seed, True, True, need_gx, need_gr)
+            for g, want, name in zip(got, (s1, s2, gx, gr), ("sum_dz", "sum_dzx", "grad_x", "grad_r")):
+                assert g.shape == want.shape and torch.equal(g, want), ((N, S, C), act, name, need_gx, need_gr)
+    x, r, dy = _data((2, 20, 3), dtype), _data((2, 20, 3), dtype, 2), _data((2, 20, 3), dtype, 7, 0.0)
+    w, b = _data((3,), ct, 3), _data((3,), ct, 4)
+    mean, invstd = _data((3,), ct, 5), _data((3,), ct, 6, 1.0, 0.1)
+    opcheck(ops.batch_norm_bwd_cl.default, (dy, x, r, w, b, mean, invstd, 1, seed, True, True))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["c", "cl"])
 def test_backward_is_bitwise_deterministic(backend, layout):

@@ -98,9 +98,13 @@ struct Lanes {
   // not) leaves each lane bitwise as the remainder loop leaves it.
   template <bool SQ = false, typename F>
   inline FUSEDREG_ALWAYS_INLINE void add(int64_t len, const F& f, int64_t readable = 0) {
-    acc_t* p = part;
+    // the lanes in a local copy while a chunk is added, which the compiler keeps in registers
+    // (the members, which it cannot prove the inputs do not alias, went through memory: a load
+    // and a store per step); the same adds in the same order, so the same values
+    alignas(64) acc_t p[K];
     for (int64_t c0 = 0; c0 < len; c0 += kLaneChunk) {
       const int64_t c1 = std::min(len, c0 + kLaneChunk);
+      for (int k = 0; k < K; ++k) p[k] = part[k];
       int64_t j = c0;
       for (; j + K <= c1; j += K) {
 #pragma omp simd
@@ -132,6 +136,7 @@ struct Lanes {
           p[k] += SQ ? v * v : v;
         }
       }
+      for (int k = 0; k < K; ++k) part[k] = p[k];
       pending += c1 - c0;
       if (pending >= kLaneChunk) fold();
     }
@@ -284,8 +289,7 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_span(const x_t* dy, const x_t* x, con
                                                 Lanes<acc_t, kLanes2<acc_t>>& l1, Lanes<acc_t, kLanes2<acc_t>>& l2,
                                                 int64_t readable) {
   constexpr int K = kLanes2<acc_t>;
-  acc_t* p1 = l1.part;
-  acc_t* p2 = l2.part;
+  alignas(64) acc_t p1[K], p2[K];  // local copies of the lanes, in registers (Lanes::add)
   auto body = [&](int64_t j, int k) FUSEDREG_ALWAYS_INLINE {
     const acc_t d = to_acc<acc_t>(x[j]) - mean;
     acc_t dz = to_acc<acc_t>(dy[j]);
@@ -298,6 +302,10 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_span(const x_t* dy, const x_t* x, con
   };
   for (int64_t c0 = 0; c0 < len; c0 += kLaneChunk) {
     const int64_t c1 = std::min(len, c0 + kLaneChunk);
+    for (int k = 0; k < K; ++k) {
+      p1[k] = l1.part[k];
+      p2[k] = l2.part[k];
+    }
     int64_t j = c0;
     for (; j + K <= c1; j += K) {
 #pragma omp simd
@@ -330,6 +338,10 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_span(const x_t* dy, const x_t* x, con
 #pragma omp simd
       for (int k = 0; k < rem; ++k) body(j + k, k);
     }
+    for (int k = 0; k < K; ++k) {
+      l1.part[k] = p1[k];
+      l2.part[k] = p2[k];
+    }
     l1.pending += c1 - c0;
     if (l1.pending >= kLaneChunk) {
       l1.fold();
@@ -338,11 +350,12 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_span(const x_t* dy, const x_t* x, con
   }
 }
 
-// The same of a CL row: q1[c] += dz, q2[c] += dz * xhat.
-template <Activation A, typename x_t, typename acc_t>
+// The same of a CL row: q1[c] += dz, q2[c] += dz * xhat; with STORE also gz[c] = dz (the
+// grad_residual that batch_norm_bwd_cl writes in this pass).
+template <Activation A, bool STORE = false, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void dz_sums_row(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
                                                const acc_t* mean, const acc_t* invstd, const acc_t* scale,
-                                               const acc_t* shift, acc_t* q1, acc_t* q2) {
+                                               const acc_t* shift, acc_t* q1, acc_t* q2, x_t* gz = nullptr) {
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {
     const acc_t d = to_acc<acc_t>(x[j]) - mean[j];
@@ -351,8 +364,41 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_row(const x_t* dy, const x_t* x, cons
       const acc_t z = d * scale[j] + shift[j] + rf * to_acc<acc_t>(r[j]);
       dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
     }
+    if constexpr (STORE) gz[j] = from_acc<x_t>(dz);
     q1[j] += dz;
     q2[j] += dz * (d * invstd[j]);
+  }
+}
+
+// The same of kRows consecutive CL rows (row i at x + i * len): each channel's q1, q2 and
+// per-channel values loaded and stored once for the kRows rows instead of once a row, the rows
+// added in order (the same adds as kRows calls of dz_sums_row: the same values).
+constexpr int kRows = 4;
+
+template <Activation A, bool STORE = false, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void dz_sums_rows(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
+                                                const acc_t* mean, const acc_t* invstd, const acc_t* scale,
+                                                const acc_t* shift, acc_t* q1, acc_t* q2, x_t* gz = nullptr) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    acc_t s1 = q1[j], s2 = q2[j];
+    const acc_t mu = mean[j], inv = invstd[j];
+    [[maybe_unused]] const acc_t k = scale[j], b = shift[j];
+#pragma GCC unroll 4
+    for (int i = 0; i < kRows; ++i) {
+      const int64_t o = i * len + j;
+      const acc_t d = to_acc<acc_t>(x[o]) - mu;
+      acc_t dz = to_acc<acc_t>(dy[o]);
+      if constexpr (A != Activation::kNone) {
+        const acc_t z = d * k + b + rf * to_acc<acc_t>(r[o]);
+        dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
+      }
+      if constexpr (STORE) gz[o] = from_acc<x_t>(dz);
+      s1 += dz;
+      s2 += dz * (d * inv);
+    }
+    q1[j] = s1;
+    q2[j] = s2;
   }
 }
 
@@ -689,14 +735,43 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
       acc_t* k = shift.data();
       for (int64_t c = 0; c < C; ++c) k[c] = static_cast<acc_t>(x[r0 * C + c]);
       dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-        for (int64_t r = r0; r < r1; ++r) {
+        // kRows rows a step (each channel's sums loaded and stored once for them, the rows
+        // added in order: the same adds as row by row)
+        int64_t r = r0;
+        for (; r + kRows <= r1; r += kRows) {
+          const x_t* row = x + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            acc_t s = m[c];
+            const acc_t kc = k[c];
+#pragma GCC unroll 4
+            for (int i = 0; i < kRows; ++i) s += to_acc<acc_t>(row[i * C + c]) - kc;
+            m[c] = s;
+          }
+        }
+        for (; r < r1; ++r) {
           const x_t* row = x + r * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) m[c] += to_acc<acc_t>(row[c]) - k[c];
         }
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) m[c] = k[c] + m[c] * inv;
-        for (int64_t r = r0; r < r1; ++r) {
+        r = r0;
+        for (; r + kRows <= r1; r += kRows) {
+          const x_t* row = x + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            acc_t s = q[c];
+            const acc_t mc = m[c];
+#pragma GCC unroll 4
+            for (int i = 0; i < kRows; ++i) {
+              const acc_t d = to_acc<acc_t>(row[i * C + c]) - mc;
+              s += d * d;
+            }
+            q[c] = s;
+          }
+        }
+        for (; r < r1; ++r) {
           const x_t* row = x + r * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
@@ -834,9 +909,10 @@ inline FUSEDREG_ALWAYS_INLINE void ncs_channel_sums(const Layout& l, const BwdAr
 }
 
 // sum_dz[c], sum_dzx[c] (c in [0, C)).
+// With gz (CL storage without dropout only: batch_norm_bwd_cl), the pass also writes dz there.
 template <Activation A, typename x_t>
 void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x_t>* sum_dz,
-                       at::opmath_type<x_t>* sum_dzx) {
+                       at::opmath_type<x_t>* sum_dzx, x_t* gz = nullptr) {
   using acc_t = at::opmath_type<x_t>;
   const bool drop = a.p > 0.0f;
   const int64_t C = l.C, len = l.row_len();
@@ -897,9 +973,24 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
         if (!drop) {  // one loop per row, no row buffers
           const x_t* rbase = a.r ? a.r : a.x;
           const acc_t rf = a.r ? acc_t(1) : acc_t(0);
-          for (int64_t row = b * rb.per_block; row < r1; ++row) {
-            const int64_t off = row * len;
-            dz_sums_row<A>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale, a.shift, q1, q2);
+          auto rows = [&](auto store) FUSEDREG_ALWAYS_INLINE {
+            constexpr bool ST = decltype(store)::value;
+            int64_t row = b * rb.per_block;
+            for (; row + kRows <= r1; row += kRows) {
+              const int64_t off = row * len;
+              dz_sums_rows<A, ST>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale, a.shift,
+                                  q1, q2, ST ? gz + off : nullptr);
+            }
+            for (; row < r1; ++row) {
+              const int64_t off = row * len;
+              dz_sums_row<A, ST>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale, a.shift,
+                                 q1, q2, ST ? gz + off : nullptr);
+            }
+          };
+          if (gz) {
+            rows(std::true_type{});
+          } else {
+            rows(std::false_type{});
           }
           return;
         }
@@ -1262,6 +1353,33 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_elemt_cpu(
   return {gx, gr};
 }
 
+// grad_x of CL storage from dz as the reduce pass wrote it (float and wider: dz exactly):
+// scale * (dz - m1 - xhat * m2), xhat = (x - mean) * invstd -- elemt_span's expression, so the
+// same values -- reading dz and x (two tensors) instead of dy, x and the residual (three).
+template <typename x_t>
+void gx_from_dz_cl_kernel(const Layout& l, const x_t* dz, const x_t* x, const at::opmath_type<x_t>* mean,
+                          const at::opmath_type<x_t>* invstd, const at::opmath_type<x_t>* scale,
+                          const at::opmath_type<x_t>* m1, const at::opmath_type<x_t>* m2, x_t* gx) {
+  using acc_t = at::opmath_type<x_t>;
+  const int64_t len = l.row_len();
+  for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
+    dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t off = row * len;
+        const x_t* g = dz + off;
+        const x_t* xr = x + off;
+        x_t* o = gx + off;
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) {
+          const acc_t d = to_acc<acc_t>(xr[j]) - mean[j];
+          const acc_t xhat = d * invstd[j];
+          o[j] = from_acc<x_t>(scale[j] * (to_acc<acc_t>(g[j]) - m1[j] - xhat * m2[j]));
+        }
+      }
+    });
+  });
+}
+
 // The per-channel ops (batch_norm_fwd_ncs / batch_norm_bwd_ncs) spread channels over the
 // threads: with fewer than four channels a thread, they run the two passes instead (the same
 // kernels as the four ops, so the same values), whose element-wise pass spreads rows. So do
@@ -1370,6 +1488,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_ncs_cp
   return {sum_dz, sum_dzx, gx, gr};
 }
 
+// batch_norm_bwd_cl: the training backward of channels-last (N, S, C) storage without dropout
+// in one op -- (sum_dz, sum_dz_xhat, grad_x, grad_residual), the values batch_norm_bwd_reduce
+// followed by batch_norm_bwd_elemt (count = N * S, training) give, bit for bit. With both
+// gradients of a float (or double) input the reduce pass also writes dz, which is
+// grad_residual, and grad_x is then computed from it and x (gx_from_dz_cl_kernel): the
+// element-wise pass reads two tensors instead of three (dy, x, residual) and evaluates no
+// activation; otherwise (16-bit dz would be rounded, or one gradient only) the two passes as
+// the two ops run them. CPU only, like batch_norm_bwd_ncs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cl_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+    const at::Tensor& invstd, int64_t activation, const at::Tensor& seed, bool need_grad_input,
+    bool need_grad_residual) {
+  const CpuBnInputs b = cpu_bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, true);
+  at::Tensor gx = need_grad_input ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
+  at::Tensor gr = need_grad_residual ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
+  if (b.x.numel() == 0) {
+    return {at::zeros({b.d.C}, b.mean.options()), at::zeros({b.d.C}, b.mean.options()), gx, gr};
+  }
+  at::Tensor sum_dz = at::empty({b.d.C}, b.mean.options());  // the kernel writes every channel
+  at::Tensor sum_dzx = at::empty({b.d.C}, b.mean.options());
+  const double count = static_cast<double>(b.d.N * b.d.S);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_cl", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Affine<acc_t> af(b);
+    FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
+      const Layout l = layout_of(b, true);
+      const BwdArgs<scalar_t> args = bwd_args<scalar_t>(b, af, 0.0);
+      acc_t* s1 = sum_dz.mutable_data_ptr<acc_t>();
+      acc_t* s2 = sum_dzx.mutable_data_ptr<acc_t>();
+      scalar_t* pgx = need_grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* pgr = need_grad_residual ? gr.mutable_data_ptr<scalar_t>() : nullptr;
+      const bool dz_pass = sizeof(scalar_t) >= 4 && pgx && pgr;
+      bwd_reduce_kernel<A, scalar_t>(l, args, s1, s2, dz_pass ? pgr : nullptr);
+      if (!(pgx || pgr)) return;
+      const acc_t n = static_cast<acc_t>(count);
+      std::vector<acc_t> m1(l.C), m2(l.C);
+      for (int64_t c = 0; c < l.C; ++c) {  // as batch_norm_bwd_elemt divides them
+        m1[c] = s1[c] / n;
+        m2[c] = s2[c] / n;
+      }
+      if (dz_pass) {
+        gx_from_dz_cl_kernel<scalar_t>(l, pgr, args.x, args.mean, args.invstd, args.scale, m1.data(), m2.data(),
+                                       pgx);
+        return;
+      }
+      bwd_elemt_kernel<A, scalar_t>(l, args, pgx ? m1.data() : nullptr, pgx ? m2.data() : nullptr, pgx != nullptr,
+                                    pgx, pgr);
+    });
+  });
+  return {sum_dz, sum_dzx, gx, gr};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedreg, CPU, m) {
@@ -1379,6 +1550,7 @@ TORCH_LIBRARY_IMPL(fusedreg, CPU, m) {
   m.impl("batch_norm_bwd_elemt", &batch_norm_bwd_elemt_cpu);
   m.impl("batch_norm_fwd_ncs", &batch_norm_fwd_ncs_cpu);
   m.impl("batch_norm_bwd_ncs", &batch_norm_bwd_ncs_cpu);
+  m.impl("batch_norm_bwd_cl", &batch_norm_bwd_cl_cpu);
 }
 
 }  // namespace fusedreg

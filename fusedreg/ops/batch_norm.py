@@ -113,14 +113,16 @@ def _bwd_elemt_fake(dy, x, residual, weight, bias, mean, invstd, sum_dz, sum_dz_
 
 
 class BatchNormKernels(NamedTuple):
-    """One backend's four batch_norm ops, and the cpu backend's two one-op training passes
-    (``batch_norm_fwd_ncs`` / ``batch_norm_bwd_ncs``, below; None elsewhere)."""
+    """One backend's four batch_norm ops, and the cpu backend's one-op training passes
+    (``batch_norm_fwd_ncs`` / ``batch_norm_bwd_ncs`` / ``batch_norm_bwd_cl``, below; None
+    elsewhere)."""
     stats: Callable
     fwd: Callable
     bwd_reduce: Callable
     bwd_elemt: Callable
     fwd_ncs: Optional[Callable] = None
     bwd_ncs: Optional[Callable] = None
+    bwd_cl: Optional[Callable] = None
 
 
 # The cpu backend's local training passes of an (N, C, S) input without dropout, each in one op
@@ -130,17 +132,28 @@ class BatchNormKernels(NamedTuple):
 #   batch_norm_fwd_ncs  x, residual -> (y, mean, var, invstd)    = stats, rsqrt(var + eps), fwd
 #   batch_norm_bwd_ncs  dy, x, residual -> (sum dz, sum dz*xhat, grad_x, grad_residual)
 #                                                                  = bwd_reduce, bwd_elemt
-# with the four ops' values bit for bit. SyncBatchNorm, dropout and channels-last take the four.
+# with the four ops' values bit for bit; and the backward of (N, S, C) (channels-last) storage:
+#   batch_norm_bwd_cl   as batch_norm_bwd_ncs (its reduce pass writes a float grad_residual,
+#                       from which the element-wise pass takes dz: two tensors read, not three)
+# SyncBatchNorm, dropout and a channels-last forward take the four.
+
+
+def _bwd_one_op_fake(channels_last, dy, x, need_grad_input, need_grad_residual):
+    C = _channels(x, channels_last)
+    torch._check(dy.shape == x.shape, lambda: "dy must match x")
+    gx, gr = _bwd_elemt_fake(dy, x, None, None, None, None, None, None, None, 0.0, 0, 0.0, None,
+                             channels_last, True, need_grad_input, need_grad_residual)
+    return _vec_fake(x, C), _vec_fake(x, C), gx, gr
 
 
 def _bwd_ncs_fake(dy, x, residual, weight, bias, mean, invstd, activation, seed, need_grad_input,
                   need_grad_residual):
-    C = _channels(x, False)
-    torch._check(dy.shape == x.shape, lambda: "dy must match x")
-    gx, gr = _bwd_elemt_fake(dy, x, residual, weight, bias, mean, invstd, None, None, 0.0,
-                             activation, 0.0, seed, False, True, need_grad_input,
-                             need_grad_residual)
-    return _vec_fake(x, C), _vec_fake(x, C), gx, gr
+    return _bwd_one_op_fake(False, dy, x, need_grad_input, need_grad_residual)
+
+
+def _bwd_cl_fake(dy, x, residual, weight, bias, mean, invstd, activation, seed, need_grad_input,
+                 need_grad_residual):
+    return _bwd_one_op_fake(True, dy, x, need_grad_input, need_grad_residual)
 
 
 def _fwd_ncs_fake(x, residual, weight, bias, eps, activation):
@@ -159,7 +172,8 @@ def _register() -> None:
                                 (batch_norm_bwd_elemt, _bwd_elemt_fake))]
     # CPU kernels only: cpp_backends' "cuda" entry (the same op) has no kernel behind it
     channel_ops = {"cpu": (cpp_backends("batch_norm_fwd_ncs", _fwd_ncs_fake).get("cpu"),
-                           cpp_backends("batch_norm_bwd_ncs", _bwd_ncs_fake).get("cpu"))}
+                           cpp_backends("batch_norm_bwd_ncs", _bwd_ncs_fake).get("cpu"),
+                           cpp_backends("batch_norm_bwd_cl", _bwd_cl_fake).get("cpu"))}
     for backend in per_op[0]:
         if all(backend in ops for ops in per_op):
             backends.register(OP, backend, BatchNormKernels(*(ops[backend] for ops in per_op),
@@ -294,11 +308,11 @@ def _backward(ctx, dy, all_reduce=None, count=None):
     args = (rs, w, b, mean, invstd)
     # grad_residual is dz, which is dy itself without an activation and dropout
     plain = cfg.activation == 0 and cfg.p == 0.0
-    if (need_x and cfg.training and kernels.bwd_ncs is not None and all_reduce is None
-            and cfg.p == 0.0 and not cl):
+    one_op = kernels.bwd_cl if cl else kernels.bwd_ncs
+    if need_x and cfg.training and one_op is not None and all_reduce is None and cfg.p == 0.0:
         # the cpu backend's local training backward in one op (the same values)
-        sum_dz, sum_dzx, gx, gr = kernels.bwd_ncs(dys, xs, *args, cfg.activation, seed, True,
-                                                  bool(need_r and not plain))
+        sum_dz, sum_dzx, gx, gr = one_op(dys, xs, *args, cfg.activation, seed, True,
+                                         bool(need_r and not plain))
         grad_w = _as_dtype(sum_dzx, ctx.p_dtypes[0]) if need_w else None
         grad_b = _as_dtype(sum_dz, ctx.p_dtypes[1]) if need_b else None
         grad_r = (dy if plain else gr) if need_r else None
