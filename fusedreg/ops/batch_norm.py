@@ -15,7 +15,8 @@ Four ops per backend, each made from the one Python declaration below
 The statistics and the backward sums are separate ops so that SyncBatchNorm can reduce them
 across ranks between the passes; the cpu backend's local training passes on (N, C, S) storage
 without dropout run as two more, CPU-only ops (``batch_norm_fwd_ncs`` / ``batch_norm_bwd_ncs``,
-below) that finish each channel while its rows are in cache, with the same values. The ops
+below) that finish each channel while its rows are in cache, and its local training backward
+on (N, S, C) storage as one (``batch_norm_bwd_cl``), with the same values. The ops
 see x stored as (N, C, S) or, channels-last, as (N, S, C) (``batch_norm_act`` below makes the
 views, outside the Functions); the per-channel vectors are in the compute type.
 Backward saves x, mean, invstd, the weight and the 8-byte seed (the residual and bias only
