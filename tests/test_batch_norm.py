@@ -792,3 +792,43 @@ def test_auto_small_calls_are_torch_and_large_ones_fused(monkeypatch):
         with torch.no_grad():
             mod(*(_data((4, 3, 5, 4), torch.float32), _data((4, 3, 5, 4), torch.float32))[:args])
         assert ran
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+def test_cpu_eval_without_grad_is_the_function_path_bitwise():
+    """A plain eval call that records no backward goes straight to the cpu kernel
+    (functional._cpu_eval_batch_norm, for the functional and the modules): the same values as
+    the autograd Function's forward, for NCHW, channels_last, 2-D and 3-D input, float32 and
+    bfloat16 (fp32 stats), with and without weight / bias; calls it does not take (a bfloat16
+    running stat, momentum None, eps 0) keep the full path's checks and results."""
+    cases = [((3, 5, 4, 6), "c", torch.float32), ((3, 5, 4, 6), "cl", torch.float32), ((6, 7), "c", torch.float32),
+             ((2, 4, 9), "c", torch.bfloat16), ((3, 5, 4, 6), "cl", torch.bfloat16)]
+    for shape, layout, dtype in cases:
+        C = shape[1]
+        x = _layout(_data(shape, dtype), layout) if len(shape) == 4 else _data(shape, dtype)
+        w, b, rm, rv = _params(C, dtype)
+        for affine in (True, False):
+            ww, bb = (w, b) if affine else (None, None)
+            with fusedreg.use_backend("cpu"):
+                with torch.no_grad():
+                    got = F.batch_norm(x, rm, rv, ww, bb, False)
+                    assert F._cpu_eval_batch_norm(x, rm, rv, ww, bb, False, 0.1, 1e-5) is not None
+                assert F._cpu_eval_batch_norm(x.detach().requires_grad_(), rm, rv, ww, bb, False, 0.1, 1e-5) is None
+                want = F.batch_norm(x.detach().requires_grad_(), rm, rv, ww, bb, False)
+            assert got.dtype == want.dtype and got.stride() == want.stride(), (shape, layout, dtype)
+            assert torch.equal(got, want.detach()), (shape, layout, dtype, affine)
+            torch.testing.assert_close(got.double(), torch.nn.functional.batch_norm(
+                x.double(), rm.double(), rv.double(), None if ww is None else ww.double(),
+                None if bb is None else bb.double(), False).to(dtype).double(),
+                **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}))
+    m = fusedreg.nn.BatchNorm2d(5).eval()
+    m.running_mean.copy_(_data((5,), torch.float32, 5))
+    x = _data((2, 5, 3, 3), torch.float32)
+    with fusedreg.use_backend("cpu"), torch.no_grad():
+        ref = torch.nn.BatchNorm2d(5).eval()
+        ref.load_state_dict(m.state_dict())
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+        with pytest.raises(TypeError, match="momentum"):
+            F.batch_norm(x, m.running_mean, m.running_var, None, None, False, momentum=None)
+        with pytest.raises(ValueError):
+            F.batch_norm(x, m.running_mean[:4], m.running_var, None, None, False)
