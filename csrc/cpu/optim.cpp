@@ -129,11 +129,14 @@ void parallel_spans(const Plan& plan, const F& fn) {
 // (prefetcht1) kPfAhead elements ahead: prefetched_blocks runs a span's loop in blocks of
 // kPfBlock elements and, before each block, prefetches every array's lines of the block
 // kPfAhead elements further on, within the tensor (across span boundaries, never past the
-// tensor's end). One thread, 15.8M parameters in 148 tensors, CPU time, interleaved: AdamW
-// 17.6-19.8 ms without, 9.5-16.1 ms with (torch's fused 15.8-18.0); SGD with momentum
-// 9.9-12.4 without, 6.4-8.0 with (torch's 10.1-10.4); at 1M parameters (arrays in the caches)
-// the same within 1%. Into L2 rather than L1 (prefetcht0): 32 KiB ahead in four arrays would
-// crowd L1; 8 KiB ahead, prefetcht0 was 7% slower than prefetcht1 (and 32 KiB 30% faster than 8).
+// tensor's end). One thread, 15.8M parameters in 148 tensors, CPU time, the candidates in
+// random order, each timed warm (three runs on a machine loaded by other work): AdamW 14.5,
+// 17.6, 11.2 ms without the prefetch, 10.6, 12.2, 11.5 with it (torch's fused 16.3, 18.6,
+// 12.8); SGD with momentum 11.8, 11.0, 7.4 without, 7.7, 8.4, 6.3 with (torch's 12.1, 12.6,
+// 8.7); at 1M parameters (arrays in the caches) the same within 1%. Into L2 (prefetcht1)
+// rather than L1: 32 KiB ahead in four arrays would crowd a 48 KiB L1, and prefetcht0 was
+// no faster; for AdamW 32 KiB ahead was faster than 16, 64 or 128 KiB (for SGD 64 KiB about
+// the same).
 // The loop body and the elements each instance steps are those of one loop over the span:
 // the blocks start at multiples of kPfBlock (a multiple of every vector width) from the
 // span's start, so the same elements go through the vector body and its remainder, and the
