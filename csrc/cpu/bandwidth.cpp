@@ -123,8 +123,9 @@ void lines_portable(const Operands& ops, int64_t begin, int64_t end) {
   const int64_t pf_end = ops.lines * kLine - ops.prefetch;
   for (int64_t q = begin * (kLine / 8); q < end * (kLine / 8); ++q) {
     if (ops.prefetch > 0 && q % (kLine / 8) == 0 && q * 8 < pf_end) {
-      for (int64_t k = 0; k < nr; ++k) __builtin_prefetch(ops.reads[k] + q * 8 + ops.prefetch, 0, 2);
-      for (int64_t k = 0; k < nw; ++k) __builtin_prefetch(ops.writes[k] + q * 8 + ops.prefetch, 0, 2);
+      const int64_t at = q * 8 + ops.prefetch;
+      for (int64_t k = 0; k < nr; ++k) __builtin_prefetch(ops.reads[k] + at, 0, 2);
+      for (int64_t k = 0; k < nw; ++k) __builtin_prefetch(ops.writes[k] + at, 0, 2);
     }
     uint64_t v = 0;
     for (int64_t k = 0; k < nr; ++k) v ^= reinterpret_cast<const uint64_t*>(ops.reads[k])[q];

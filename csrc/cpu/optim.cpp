@@ -545,7 +545,8 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                 prefetched_blocks(
                     n, avail,
                     [&](int64_t i, int64_t len) FUSEDREG_ALWAYS_INLINE {
-                      sgd_loop<scalar_t, S, M, kMom, kL1>(c, p + i, g + i, kMom ? buf + i : buf, len);
+                      sgd_loop<scalar_t, S, M, kMom, kL1>(c, p + i, g + i, kMom ? buf + i : buf,
+                                                          len);
                     },
                     p, g, buf);
               });
