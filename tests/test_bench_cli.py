@@ -271,6 +271,10 @@ def test_probe_kernels_touch_every_byte(n):
         rw = [a.clone(), b.clone()]
         ops.update(rw, [c], nontemporal)
         assert torch.equal(rw[0], a ^ c) and torch.equal(rw[1], b ^ c)
+    for prefetch in (64, 8192):  # the in-place probe with software prefetch (shorter and
+        rw = [a.clone(), b.clone()]  # longer than the arrays)
+        ops.update(rw, [c], False, prefetch)
+        assert torch.equal(rw[0], a ^ c) and torch.equal(rw[1], b ^ c)
     words = torch.cat([a, b]).view(torch.int64)
     acc = 0
     for w in words.tolist():
@@ -288,6 +292,9 @@ def test_probe_kernels_refuse_bad_operands():
         ops.reduce([torch.ones(32)[::2]])
     with pytest.raises(RuntimeError, match="at most 4"):
         ops.stream([torch.ones(16)] * 5, [torch.ones(16)], False)
+    for bad in ((False, 100), (False, -64), (True, 64)):  # not a line multiple; with nt stores
+        with pytest.raises(RuntimeError, match="prefetch is a multiple of 64 bytes"):
+            ops.update([torch.ones(16)], [torch.ones(16)], *bad)
 
 
 def test_patterns_validate_and_label():
@@ -317,6 +324,8 @@ def test_limits_are_measured_per_pattern_and_size_and_used(monkeypatch):
     assert len(calls) == 4
     inplace = lim.get(bench_limits.Pattern("inplace", 4, 3), 4096)
     assert inplace.gbps == pytest.approx(7 * 4096 / 1e-3 / 1e9)
+    # in place: the two store kinds and the software-prefetched probes at each distance
+    assert len(calls) == 6 + len(bench_limits.INPLACE_PREFETCH_BYTES)
     assert lim.get(bench_limits.REDUCE, 4096).probe == "loads"
 
 

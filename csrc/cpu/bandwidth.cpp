@@ -6,8 +6,12 @@
 //
 //   stream(reads, writes, nontemporal)   every write[j] = XOR of all reads: reads n arrays once,
 //                                        writes m arrays once (out-of-place streaming)
-//   update(rw, reads, nontemporal)       every rw[j] ^= XOR of reads: reads and rewrites the rw
-//                                        arrays in place, reads the others (an optimizer step)
+//   update(rw, reads, nontemporal,       every rw[j] ^= XOR of reads: reads and rewrites the rw
+//          prefetch=0)                   arrays in place, reads the others (an optimizer step);
+//                                        prefetch > 0: each line of every array software-
+//                                        prefetched into L2 that many bytes ahead (as the
+//                                        optimizers' kernels do: for arrays beyond what the
+//                                        caches keep, faster than the plain pass)
 //   reduce(reads) -> int                 XOR of everything read (read-only reduction)
 //
 // All operands have the same number of bytes, a multiple of 64, 64-byte aligned (torch's CPU
@@ -40,6 +44,7 @@ struct Operands {
   std::vector<const char*> reads;
   std::vector<char*> writes;
   int64_t lines = 0;
+  int64_t prefetch = 0;  // bytes ahead (update only; 0: no software prefetch)
 };
 
 Operands check(const std::vector<at::Tensor>& reads, const std::vector<at::Tensor>& writes,
@@ -69,13 +74,18 @@ Operands check(const std::vector<at::Tensor>& reads, const std::vector<at::Tenso
 // Lines [begin, end) with AVX-512, NR reads and NW writes known at compile time (so the
 // pointers stay in registers and the line loop is straight-line code): one cache line per
 // load and store.
-template <bool IN_PLACE, int NR, int NW, bool NT>
+template <bool IN_PLACE, int NR, int NW, bool NT, bool PF>
 FUSEDREG_TARGET_AVX512 void lines_avx512(const Operands& ops, int64_t begin, int64_t end) {
   const char* r[NR > 0 ? NR : 1];
   char* w[NW > 0 ? NW : 1];
   for (int k = 0; k < NR; ++k) r[k] = ops.reads[k];
   for (int k = 0; k < NW; ++k) w[k] = ops.writes[k];
+  const int64_t pf_end = ops.lines * kLine - ops.prefetch;  // never past the arrays' end
   for (int64_t off = begin * kLine; off < end * kLine; off += kLine) {
+    if (PF && off < pf_end) {
+      for (int k = 0; k < NR; ++k) _mm_prefetch(r[k] + off + ops.prefetch, _MM_HINT_T1);
+      for (int k = 0; k < NW; ++k) _mm_prefetch(w[k] + off + ops.prefetch, _MM_HINT_T1);
+    }
     __m512i v = _mm512_setzero_si512();
     for (int k = 0; k < NR; ++k) v = _mm512_xor_si512(v, _mm512_load_si512(r[k] + off));
     for (int k = 0; k < NW; ++k) {
@@ -99,8 +109,9 @@ void lines_avx512_any(const Operands& ops, int64_t begin, int64_t end, bool nont
   if constexpr (NW < kMaxArrays) {
     if (static_cast<int>(ops.writes.size()) > NW) return lines_avx512_any<IN_PLACE, NR, NW + 1>(ops, begin, end, nontemporal);
   }
-  if (nontemporal) return lines_avx512<IN_PLACE, NR, NW, true>(ops, begin, end);
-  lines_avx512<IN_PLACE, NR, NW, false>(ops, begin, end);
+  if (nontemporal) return lines_avx512<IN_PLACE, NR, NW, true, false>(ops, begin, end);
+  if (ops.prefetch > 0) return lines_avx512<IN_PLACE, NR, NW, false, true>(ops, begin, end);
+  lines_avx512<IN_PLACE, NR, NW, false, false>(ops, begin, end);
 }
 #endif
 
@@ -109,7 +120,13 @@ template <bool IN_PLACE>
 void lines_portable(const Operands& ops, int64_t begin, int64_t end) {
   const int64_t nr = static_cast<int64_t>(ops.reads.size());
   const int64_t nw = static_cast<int64_t>(ops.writes.size());
+  const int64_t pf_end = ops.lines * kLine - ops.prefetch;
   for (int64_t q = begin * (kLine / 8); q < end * (kLine / 8); ++q) {
+    if (ops.prefetch > 0 && q % (kLine / 8) == 0 && q * 8 < pf_end) {
+      const int64_t at = q * 8 + ops.prefetch;
+      for (int64_t k = 0; k < nr; ++k) __builtin_prefetch(ops.reads[k] + at, 0, 2);
+      for (int64_t k = 0; k < nw; ++k) __builtin_prefetch(ops.writes[k] + at, 0, 2);
+    }
     uint64_t v = 0;
     for (int64_t k = 0; k < nr; ++k) v ^= reinterpret_cast<const uint64_t*>(ops.reads[k])[q];
     for (int64_t k = 0; k < nw; ++k) {
@@ -134,8 +151,12 @@ void stream_cpu(at::TensorList reads, at::TensorList writes, bool nontemporal) {
   run<false>(check(reads.vec(), writes.vec(), "stream"), nontemporal);
 }
 
-void update_cpu(at::TensorList rw, at::TensorList reads, bool nontemporal) {
-  run<true>(check(reads.vec(), rw.vec(), "update"), nontemporal);
+void update_cpu(at::TensorList rw, at::TensorList reads, bool nontemporal, int64_t prefetch) {
+  TORCH_CHECK(prefetch >= 0 && prefetch % kLine == 0 && !(nontemporal && prefetch),
+              "fusedreg_bench::update: prefetch is a multiple of 64 bytes, with ordinary stores");
+  Operands ops = check(reads.vec(), rw.vec(), "update");
+  ops.prefetch = prefetch;
+  run<true>(ops, nontemporal);
 }
 
 int64_t reduce_cpu(at::TensorList reads) {
@@ -162,7 +183,7 @@ int64_t reduce_cpu(at::TensorList reads) {
 
 TORCH_LIBRARY(fusedreg_bench, m) {
   m.def("stream(Tensor[] reads, Tensor(a!)[] writes, bool nontemporal) -> ()");
-  m.def("update(Tensor(a!)[] rw, Tensor[] reads, bool nontemporal) -> ()");
+  m.def("update(Tensor(a!)[] rw, Tensor[] reads, bool nontemporal, int prefetch=0) -> ()");
   m.def("reduce(Tensor[] reads) -> int");
 }
 

@@ -16,7 +16,11 @@ AdamW fused followed by the soft-threshold in torch ops (the composite that l1 r
 apex FusedAdam (GPU, if installed), fusedreg SGD and torch SGD (foreach, fused), momentum 0.9.
 Each step is an in-place pass (fusedreg/bench/limits.py): AdamW reads 4 arrays and rewrites
 3 of them, SGD with momentum reads 3 and rewrites 2; the limit is that pattern's, measured
-for arrays of the case's total parameter count.
+for arrays of the case's total parameter count: one buffer per array, while a step walks 148
+tensors of each — a fair limit for the list, since fusedreg's step over one tensor of 15.8M
+parameters takes the same time as over the 148 (docs/design.md, "Optimizers"). The in-place
+limit's probes include ones that software-prefetch, as the optimizer kernels do (fusedreg/
+bench/limits.py): without them the optimizers beat the limit by up to 1.5x at 15.8M.
 
 --sweep: model-like tensor lists from 10 to 10^7 parameters (10^8 with --sweep-max): a small
 MLP (weight and bias per layer) below 10^4, GPT-2-like lists (embeddings, 12 tensors per
