@@ -271,15 +271,21 @@ def test_probe_kernels_touch_every_byte(n):
         rw = [a.clone(), b.clone()]
         ops.update(rw, [c], nontemporal)
         assert torch.equal(rw[0], a ^ c) and torch.equal(rw[1], b ^ c)
-    for prefetch in (64, 8192):  # the in-place probe with software prefetch (shorter and
-        rw = [a.clone(), b.clone()]  # longer than the arrays)
+    for prefetch in (64, 8192):  # the probes with software prefetch (shorter and longer than
+        rw = [a.clone(), b.clone()]  # the arrays)
         ops.update(rw, [c], False, prefetch)
         assert torch.equal(rw[0], a ^ c) and torch.equal(rw[1], b ^ c)
+        for nontemporal in (False, True):
+            w1, w2 = torch.zeros(n, dtype=torch.int32), torch.zeros(n, dtype=torch.int32)
+            ops.stream([a, b, c], [w1, w2], nontemporal, prefetch)
+            assert torch.equal(w1, a ^ b ^ c) and torch.equal(w2, a ^ b ^ c)
     words = torch.cat([a, b]).view(torch.int64)
     acc = 0
     for w in words.tolist():
         acc ^= w
     assert ops.reduce([a, b]) == acc
+    for prefetch in (64, 8192):
+        assert ops.reduce([a, b], prefetch) == acc
 
 
 def test_probe_kernels_refuse_bad_operands():
@@ -292,9 +298,15 @@ def test_probe_kernels_refuse_bad_operands():
         ops.reduce([torch.ones(32)[::2]])
     with pytest.raises(RuntimeError, match="at most 4"):
         ops.stream([torch.ones(16)] * 5, [torch.ones(16)], False)
-    for bad in ((False, 100), (False, -64), (True, 64)):  # not a line multiple; with nt stores
-        with pytest.raises(RuntimeError, match="prefetch is a multiple of 64 bytes"):
-            ops.update([torch.ones(16)], [torch.ones(16)], *bad)
+    for bad in (100, -64):  # not a non-negative line multiple
+        with pytest.raises(RuntimeError, match="prefetch is a non-negative multiple of 64 bytes"):
+            ops.update([torch.ones(16)], [torch.ones(16)], False, bad)
+        with pytest.raises(RuntimeError, match="prefetch is a non-negative multiple of 64 bytes"):
+            ops.stream([torch.ones(16)], [torch.ones(16)], True, bad)
+        with pytest.raises(RuntimeError, match="prefetch is a non-negative multiple of 64 bytes"):
+            ops.reduce([torch.ones(16)], bad)
+    with pytest.raises(RuntimeError, match="prefetch is with ordinary stores"):
+        ops.update([torch.ones(16)], [torch.ones(16)], True, 64)
 
 
 def test_patterns_validate_and_label():
@@ -317,23 +329,27 @@ def test_limits_are_measured_per_pattern_and_size_and_used(monkeypatch):
     lim = bench_limits.Limits(torch.device("cpu"), fake_time)
     pat = bench_limits.Pattern("stream", 2, 1)
     one = lim.get(pat, 4096)
-    assert one.gbps == pytest.approx(3 * 4096 / 1e-3 / 1e9) and one.probe in ("stores", "nt-stores")
-    assert len(calls) == 2  # ordinary and non-temporal stores
-    assert lim.get(pat, 4096) is one and len(calls) == 2  # kept for the run
+    assert one.gbps == pytest.approx(3 * 4096 / 1e-3 / 1e9) and one.probe.split(" +")[0] in ("stores", "nt-stores")
+    npf = len(bench_limits.PREFETCH_BYTES)
+    stream = 2 * (1 + npf)  # ordinary and non-temporal stores, each plain and prefetching
+    assert len(calls) == stream
+    assert lim.get(pat, 4096) is one and len(calls) == stream  # kept for the run
     lim.get(pat, 8192)
-    assert len(calls) == 4
+    assert len(calls) == 2 * stream
     inplace = lim.get(bench_limits.Pattern("inplace", 4, 3), 4096)
     assert inplace.gbps == pytest.approx(7 * 4096 / 1e-3 / 1e9)
-    # in place: the two store kinds and the software-prefetched probes at each distance
-    assert len(calls) == 6 + len(bench_limits.INPLACE_PREFETCH_BYTES)
-    assert lim.get(bench_limits.REDUCE, 4096).probe == "loads"
+    # in place: the two store kinds, and ordinary stores prefetching at each distance
+    assert len(calls) == 2 * stream + 2 + npf
+    assert lim.get(bench_limits.REDUCE, 4096).probe == "loads"  # the first of equal ones
+    assert len(calls) == 2 * stream + 2 + npf + 1 + npf  # loads, plain and prefetching
 
 
 def test_a_row_above_its_limit_remeasures_the_limit(monkeypatch):
     # the first probe is slow (a noisy moment): the row would be at 200%; the limit is measured
     # again, and the row uses the better measurement
     ctx = Context(device=torch.device("cpu"), dtypes=[torch.float32], quick=True, copy_gbps=1.0)
-    times = iter([4.0, 4.0, 1.0, 1.0])  # ms: first measurement (2 probes), then the second
+    probes = 2 * (1 + len(bench_limits.PREFETCH_BYTES))  # two store kinds, plain and prefetching
+    times = iter([4.0] * probes + [1.0] * probes)  # ms: the first measurement, then the second
     monkeypatch.setattr(ctx, "_limit_time", lambda fn: next(times))
     ctx.limits._time = ctx._limit_time
     pat = bench_limits.Pattern("stream", 1, 1)
@@ -420,6 +436,7 @@ def test_a_row_still_above_its_limit_says_so(monkeypatch):
     pat = bench_limits.Pattern("stream", 1, 1)
     row = ctx.row("op", "case", torch.float32, "fusedreg[cpu]", "fwd", Timing(1.0, 1.0, 1.0, 1, 1.0),
                   2 << 20, pattern=pat, array_bytes=1 << 20, note="n")
-    assert len(calls) == 2 * 4  # the first measurement and three more, two probes each
+    probes = 2 * (1 + len(bench_limits.PREFETCH_BYTES))  # two store kinds, plain and prefetching
+    assert len(calls) == probes * 4  # the first measurement and three more
     assert row.frac_limit == pytest.approx(4.0) and "above the measured limit" in row.note
     assert row.note.startswith("n; ")

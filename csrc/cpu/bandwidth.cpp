@@ -4,15 +4,16 @@
 // ops: their own library (`fusedreg_bench`, schemas below, not in csrc/ops.cpp), CPU only,
 // no fake functions or autograd.
 //
-//   stream(reads, writes, nontemporal)   every write[j] = XOR of all reads: reads n arrays once,
-//                                        writes m arrays once (out-of-place streaming)
+//   stream(reads, writes, nontemporal,   every write[j] = XOR of all reads: reads n arrays once,
+//          prefetch=0)                   writes m arrays once (out-of-place streaming)
 //   update(rw, reads, nontemporal,       every rw[j] ^= XOR of reads: reads and rewrites the rw
-//          prefetch=0)                   arrays in place, reads the others (an optimizer step);
-//                                        prefetch > 0: each line of every array software-
-//                                        prefetched into L2 that many bytes ahead (as the
-//                                        optimizers' kernels do: for arrays beyond what the
-//                                        caches keep, faster than the plain pass)
-//   reduce(reads) -> int                 XOR of everything read (read-only reduction)
+//          prefetch=0)                   arrays in place, reads the others (an optimizer step)
+//   reduce(reads, prefetch=0) -> int     XOR of everything read (read-only reduction)
+//
+// prefetch > 0: each line software-prefetched into L2 that many bytes ahead: every array's
+// (with non-temporal stores, the arrays read only: a line about to be streamed out is not
+// fetched). For arrays beyond what the caches keep this can beat the plain pass (the
+// optimizers' kernels do it), so the limit has to be measured with it too.
 //
 // All operands have the same number of bytes, a multiple of 64, 64-byte aligned (torch's CPU
 // allocator aligns to 64). The XOR keeps every byte read without costing any arithmetic.
@@ -44,7 +45,7 @@ struct Operands {
   std::vector<const char*> reads;
   std::vector<char*> writes;
   int64_t lines = 0;
-  int64_t prefetch = 0;  // bytes ahead (update only; 0: no software prefetch)
+  int64_t prefetch = 0;  // bytes ahead (0: no software prefetch)
 };
 
 Operands check(const std::vector<at::Tensor>& reads, const std::vector<at::Tensor>& writes,
@@ -84,7 +85,9 @@ FUSEDREG_TARGET_AVX512 void lines_avx512(const Operands& ops, int64_t begin, int
   for (int64_t off = begin * kLine; off < end * kLine; off += kLine) {
     if (PF && off < pf_end) {
       for (int k = 0; k < NR; ++k) _mm_prefetch(r[k] + off + ops.prefetch, _MM_HINT_T1);
-      for (int k = 0; k < NW; ++k) _mm_prefetch(w[k] + off + ops.prefetch, _MM_HINT_T1);
+      if (!NT) {  // a line about to be streamed out is not fetched
+        for (int k = 0; k < NW; ++k) _mm_prefetch(w[k] + off + ops.prefetch, _MM_HINT_T1);
+      }
     }
     __m512i v = _mm512_setzero_si512();
     for (int k = 0; k < NR; ++k) v = _mm512_xor_si512(v, _mm512_load_si512(r[k] + off));
@@ -109,7 +112,10 @@ void lines_avx512_any(const Operands& ops, int64_t begin, int64_t end, bool nont
   if constexpr (NW < kMaxArrays) {
     if (static_cast<int>(ops.writes.size()) > NW) return lines_avx512_any<IN_PLACE, NR, NW + 1>(ops, begin, end, nontemporal);
   }
-  if (nontemporal) return lines_avx512<IN_PLACE, NR, NW, true, false>(ops, begin, end);
+  if (nontemporal) {
+    if (ops.prefetch > 0) return lines_avx512<IN_PLACE, NR, NW, true, true>(ops, begin, end);
+    return lines_avx512<IN_PLACE, NR, NW, true, false>(ops, begin, end);
+  }
   if (ops.prefetch > 0) return lines_avx512<IN_PLACE, NR, NW, false, true>(ops, begin, end);
   lines_avx512<IN_PLACE, NR, NW, false, false>(ops, begin, end);
 }
@@ -147,31 +153,52 @@ void run(const Operands& ops, bool nontemporal) {
   });
 }
 
-void stream_cpu(at::TensorList reads, at::TensorList writes, bool nontemporal) {
-  run<false>(check(reads.vec(), writes.vec(), "stream"), nontemporal);
+void check_prefetch(int64_t prefetch, const char* name) {
+  TORCH_CHECK(prefetch >= 0 && prefetch % kLine == 0, "fusedreg_bench::", name,
+              ": prefetch is a non-negative multiple of 64 bytes, got ", prefetch);
+}
+
+void stream_cpu(at::TensorList reads, at::TensorList writes, bool nontemporal, int64_t prefetch) {
+  check_prefetch(prefetch, "stream");
+  Operands ops = check(reads.vec(), writes.vec(), "stream");
+  ops.prefetch = prefetch;
+  run<false>(ops, nontemporal);
 }
 
 void update_cpu(at::TensorList rw, at::TensorList reads, bool nontemporal, int64_t prefetch) {
-  TORCH_CHECK(prefetch >= 0 && prefetch % kLine == 0 && !(nontemporal && prefetch),
-              "fusedreg_bench::update: prefetch is a multiple of 64 bytes, with ordinary stores");
+  check_prefetch(prefetch, "update");
+  TORCH_CHECK(!(nontemporal && prefetch), "fusedreg_bench::update: prefetch is with ordinary "
+              "stores (an in-place pass reads every line it writes)");
   Operands ops = check(reads.vec(), rw.vec(), "update");
   ops.prefetch = prefetch;
   run<true>(ops, nontemporal);
 }
 
-int64_t reduce_cpu(at::TensorList reads) {
+int64_t reduce_cpu(at::TensorList reads, int64_t prefetch) {
+  check_prefetch(prefetch, "reduce");
   const Operands ops = check(reads.vec(), {}, "reduce");
   const int64_t nr = static_cast<int64_t>(ops.reads.size());
-  const int64_t words = ops.lines * (kLine / 8);
+  constexpr int64_t kWordsPerLine = kLine / 8;
+  constexpr int64_t kBlock = 64 * kWordsPerLine;  // words per step: 4 KiB of each array
+  const int64_t words = ops.lines * kWordsPerLine;
+  const int64_t pf_end = ops.lines * kLine - prefetch;  // never past the arrays' end
   return at::parallel_reduce(
-      int64_t(0), words, kGrainLines * (kLine / 8), int64_t(0),
+      int64_t(0), words, kGrainLines * kWordsPerLine, int64_t(0),
       [&](int64_t begin, int64_t end, int64_t acc) {
         return cpu::dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
           uint64_t v = static_cast<uint64_t>(acc);
-          for (int64_t k = 0; k < nr; ++k) {
-            const uint64_t* r = reinterpret_cast<const uint64_t*>(ops.reads[k]);
+          for (int64_t b = begin; b < end; b += kBlock) {
+            const int64_t e = b + kBlock < end ? b + kBlock : end;
+            for (int64_t k = 0; k < nr; ++k) {
+              const uint64_t* r = reinterpret_cast<const uint64_t*>(ops.reads[k]);
+              if (prefetch > 0) {
+                for (int64_t q = b; q < e && q * 8 < pf_end; q += kWordsPerLine) {
+                  __builtin_prefetch(ops.reads[k] + q * 8 + prefetch, 0, 2);
+                }
+              }
 #pragma omp simd reduction(^ : v)
-            for (int64_t q = begin; q < end; ++q) v ^= r[q];
+              for (int64_t q = b; q < e; ++q) v ^= r[q];
+            }
           }
           return static_cast<int64_t>(v);
         });
@@ -182,9 +209,9 @@ int64_t reduce_cpu(at::TensorList reads) {
 }  // namespace
 
 TORCH_LIBRARY(fusedreg_bench, m) {
-  m.def("stream(Tensor[] reads, Tensor(a!)[] writes, bool nontemporal) -> ()");
+  m.def("stream(Tensor[] reads, Tensor(a!)[] writes, bool nontemporal, int prefetch=0) -> ()");
   m.def("update(Tensor(a!)[] rw, Tensor[] reads, bool nontemporal, int prefetch=0) -> ()");
-  m.def("reduce(Tensor[] reads) -> int");
+  m.def("reduce(Tensor[] reads, int prefetch=0) -> int");
 }
 
 TORCH_LIBRARY_IMPL(fusedreg_bench, CPU, m) {

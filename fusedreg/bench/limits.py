@@ -9,18 +9,19 @@ bandwidth). A ``Pattern`` says how many same-sized arrays a pass reads and write
 - ``inplace``: reads n arrays, m of which it rewrites in place (optimizer steps);
 - ``reduce``: reads n arrays, writes nothing that matters (a reduction).
 
-On a CPU the limit is the best of two probes from ``fusedreg._C`` (``fusedreg_bench``,
+On a CPU the limit is the best of several probes from ``fusedreg._C`` (``fusedreg_bench``,
 csrc/cpu/bandwidth.cpp), threaded like the kernels: one with ordinary stores (which pay a
 read-for-ownership of each destination line, as every kernel here does) and one with
 non-temporal stores (which skip it, and win once the operands are larger than the last-level
-cache). The in-place pattern has three more: ordinary stores with every array's lines
-software-prefetched into L2 at each distance of ``INPLACE_PREFETCH_BYTES`` (what the
-optimizer kernels do, 32 KiB ahead: with their arrays in the last-level cache or DRAM the
-hardware prefetchers alone keep too few lines in flight, so the probe without it was no
-longer the fastest in-place pass — the optimizers beat it by up to 1.5x — and the limit must
-be the fastest kernel of the pattern; which distance is fastest depends on the size and on
-the machine's load, hence several). Each probe's time is its fastest repetition: the limit
-is the best the machine did.
+cache), each also with the lines software-prefetched into L2 at each distance of
+``PREFETCH_BYTES`` (with non-temporal stores, the arrays read only; a reduction has only the
+loads, with and without). Why the prefetching probes: the optimizer kernels prefetch 32 KiB
+ahead, and with their arrays in the last-level cache or DRAM the hardware prefetchers alone
+keep too few lines in flight, so the in-place probe without it was no longer the fastest
+pass of its pattern — the optimizers beat it by up to 1.5x; the limit must be the fastest
+kernel of the pattern, for every pattern, so every pattern gets them (which distance is
+fastest depends on the size and on the machine's load, hence several). Each probe's time is
+its fastest repetition: the limit is the best the machine did.
 On a GPU (stores there have no read-for-ownership) the probes are torch's own kernels,
 timed like the ops (L2 flushed between repetitions): ``dst.copy_(src)`` for streaming,
 ``a.add_(b)`` for in place and ``a.sum()`` for a reduction.
@@ -63,9 +64,9 @@ class Pattern:
         return f"read-only {self.reads}R"
 
 
-# How far ahead the in-place probes with software prefetch fetch (bytes): around the optimizer
-# kernels' distance (csrc/cpu/optim.cpp: 8192 elements, 32 KiB of float32).
-INPLACE_PREFETCH_BYTES = (8 << 10, 32 << 10, 128 << 10)
+# How far ahead the probes with software prefetch fetch (bytes): around the optimizer kernels'
+# distance (csrc/cpu/optim.cpp: 8192 elements, 32 KiB of float32).
+PREFETCH_BYTES = (8 << 10, 32 << 10, 128 << 10)
 
 STREAM_COPY = Pattern("stream", 1, 1)
 INPLACE = Pattern("inplace", 2, 1)
@@ -78,7 +79,7 @@ class Limit:
     pattern: Pattern
     array_bytes: int
     gbps: float      # bytes moved (pattern.arrays_moved x array_bytes) per second / 1e9
-    probe: str       # which probe set it: "stores", "nt-stores", "prefetch 32K", "torch"
+    probe: str       # which probe set it: "stores", "nt-stores + prefetch 32K", "loads", "torch"
 
 
 def _probe_ops():
@@ -131,20 +132,25 @@ class Limits:
         moved = pattern.arrays_moved * nbytes
         ops = _probe_ops() if self.device.type == "cpu" else None
         if ops is not None and hasattr(ops, "stream"):
+            pf_name = lambda base, pf: base + (f" + prefetch {pf >> 10}K" if pf else "")  # noqa: E731
             if pattern.kind == "stream":
                 reads = [make() for _ in range(pattern.reads)]
                 writes = [make() for _ in range(pattern.writes)]
-                return [(name, (lambda nt=nt: ops.stream(reads, writes, nt)), moved)
-                        for name, nt in (("stores", False), ("nt-stores", True))]
+                return [(pf_name(name, pf), (lambda nt=nt, pf=pf: ops.stream(reads, writes, nt, pf)),
+                         moved)
+                        for name, nt in (("stores", False), ("nt-stores", True))
+                        for pf in (0,) + PREFETCH_BYTES]
             if pattern.kind == "inplace":
                 rw = [make() for _ in range(pattern.writes)]
                 ro = [make() for _ in range(pattern.reads - pattern.writes)]
+                # non-temporal stores in place: no prefetch (each line written is read first)
                 variants = [("stores", False, 0), ("nt-stores", True, 0)]
-                variants += [(f"prefetch {pf >> 10}K", False, pf) for pf in INPLACE_PREFETCH_BYTES]
-                return [(name, (lambda nt=nt, pf=pf: ops.update(rw, ro, nt, pf)), moved)
+                variants += [("stores", False, pf) for pf in PREFETCH_BYTES]
+                return [(pf_name(name, pf), (lambda nt=nt, pf=pf: ops.update(rw, ro, nt, pf)), moved)
                         for name, nt, pf in variants]
             reads = [make() for _ in range(pattern.reads)]
-            return [("loads", lambda: ops.reduce(reads), moved)]
+            return [(pf_name("loads", pf), (lambda pf=pf: ops.reduce(reads, pf)), moved)
+                    for pf in (0,) + PREFETCH_BYTES]
         # torch's kernels (GPU, or a CPU build without the probes): a 1- to 3-array kernel
         # of the same kind; its bandwidth stands for the pattern's.
         a, b = make(), make()

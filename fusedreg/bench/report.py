@@ -176,8 +176,8 @@ def format_table(records: list[dict]) -> str:
     if legend:
         out.append("")
         out.append("limit column: the access pattern's limit and its GB/s for operands of the "
-                   "case's size (R/W = arrays read/written; probe: stores, nt-stores, prefetch NK "
-                   "(in place: lines prefetched N KiB ahead), loads, torch):")
+                   "case's size (R/W = arrays read/written; probe: stores, nt-stores or loads, "
+                   "+ prefetch NK: lines prefetched N KiB ahead; torch):")
         out += [f"  {tag}: {label}" for label, tag in legend.items()]
     return "\n".join(out)
 
