@@ -4,7 +4,8 @@ GPT-2, BERT, Llama, T5 (Hugging Face transformers) and ViT-tiny (timm), built fr
 configs with random weights (no downloads). For each model one training step (forward,
 backward, ``torch.optim.AdamW`` step, the same for every run) is timed in four ways, the
 runs interleaved round by round in one process so that the load of a shared machine hits
-them alike, medians reported:
+them alike, in an order shuffled every round (a fixed order favours some position: the run
+after another's allocations, or after the same code warmed the caches), medians reported:
 
 - ``torch``: the model as it is, eager;
 - ``patch``: ``fusedreg.patch(model, fuse=True)`` (modules, norms, dropout call sites, and
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import random
 import statistics
 import sys
 import time
@@ -158,8 +160,11 @@ def measure(name, dropout, width, layers, batch_size, seq, steps, warmup, which=
     for _ in range(warmup):
         for r in runs:
             step(r)
-    for _ in range(steps):  # interleaved: one step of each run per round
-        for r in runs:
+    order = list(runs)
+    shuffle = random.Random(0).shuffle  # the same orders every run of the benchmark
+    for _ in range(steps):  # interleaved: one step of each run per round, in a shuffled order
+        shuffle(order)
+        for r in order:
             t0 = time.perf_counter()
             step(r)
             times[r].append(time.perf_counter() - t0)
@@ -229,7 +234,7 @@ def main(argv=None) -> str:
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
              f"width {args.width}, {args.layers} layers, batch {args.batch} x seq {args.seq} "
              f"(ViT: 64x64 images, 65 tokens), dropout {args.dropout}, median of {args.steps} "
-             "interleaved rounds after "
+             "interleaved rounds (order shuffled each round) after "
              f"{args.warmup} warm-up rounds; training step = forward + backward + "
              "torch.optim.AdamW (patch+opt: fusedreg.optim.AdamW)",
              "",
