@@ -220,25 +220,29 @@ def test_backward_is_bitwise_deterministic(backend):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
-@pytest.mark.parametrize("dtype,rows,res32", [(torch.float32, 2048, False), (torch.bfloat16, 4096, True)],
-                         ids=["float32", "bfloat16-residual-fp32"])
-def test_cpu_streamed_outputs_equal_cached_ones(dtype, rows, res32):
-    """The cpu kernels write outputs of 8 MiB and more with non-temporal stores (the forward
-    only when more than one thread runs), smaller ones with ordinary stores
+@pytest.mark.parametrize("dtype,rows,res32,p", [(torch.float32, 2048, False, 0.0),
+                                               (torch.float32, 2048, False, 0.25),
+                                               (torch.bfloat16, 4096, True, 0.0)],
+                         ids=["float32", "float32-dropout", "bfloat16-residual-fp32"])
+def test_cpu_streamed_outputs_equal_cached_ones(dtype, rows, res32, p):
+    """The cpu kernels write outputs of 8 MiB and more with non-temporal stores, staged chunk
+    by chunk (h streamed from the row the statistics read), smaller ones with ordinary stores
     (csrc/cpu/layer_norm.cpp): a large call's rows, on one thread and on two, equal bit for
-    bit the same rows computed by small calls (rows are independent; p=0, so no mask index
-    moves). 1024 features: every row starts at the same page offset, the case the kernels
-    place their scratch rows for."""
+    bit the same rows computed by small calls (rows are independent). With p = 0 no mask index
+    moves, so the first and the last rows are compared; with dropout the first rows, whose
+    mask indices are the same in both calls; there h is residual + the masked x (the mask of
+    F.dropout_mask) in every row. 1024 features: every row starts at the same page offset, the
+    case the kernels place their scratch rows for once per call."""
     N = 1024
     x, r = _data((rows, N), dtype), _data((rows, N), torch.float32 if res32 else dtype, 2, -1.0)
     w, b = _data((N,), dtype, 3, 1.0), _data((N,), dtype, 4, 0.5)
     dy, dh = _data((rows, N), dtype, 5, 0.0), _data((rows, N), r.dtype, 6, 0.0)
 
-    def run(sl):
+    def run(sl, backend="cpu"):
         ins = [t[sl].clone().requires_grad_() for t in (x, r)]
-        with fusedreg.use_backend("cpu"):
-            y, h = F.dropout_add_layer_norm(ins[0], ins[1], w, b, p=0.0, prenorm=True,
-                                            residual_in_fp32=res32)
+        with fusedreg.use_backend(backend):
+            y, h = F.dropout_add_layer_norm(ins[0], ins[1], w, b, p=p, prenorm=True,
+                                            residual_in_fp32=res32, seed=11)
             z = F.rms_norm(ins[0], (N,), w)
         torch.autograd.backward([y, h, z], [dy[sl], dh[sl], dy[sl]])
         return [y, h, z, ins[0].grad, ins[1].grad]
@@ -251,10 +255,16 @@ def test_cpu_streamed_outputs_equal_cached_ones(dtype, rows, res32):
         big2 = run(slice(None))
     finally:
         torch.set_num_threads(threads)
-    for sl in (slice(0, 40), slice(rows - 24, rows)):  # 40 and 24 rows: 40 KiB / 24 KiB outputs
+    # 40 and 24 rows: 40 KiB / 24 KiB outputs
+    for sl in (slice(0, 40),) + ((slice(rows - 24, rows),) if p == 0.0 else ()):
         for a1, a2, c in zip(big1, big2, run(sl)):
             assert torch.equal(a1[sl], c)
             assert torch.equal(a2[sl], c)
+    if p > 0.0:  # float32: h = where(keep, x * scale, 0) + residual, rounded once each
+        keep = F.dropout_mask((rows, N), p, 11)
+        h_expected = torch.where(keep, x * dropout_scale(p), torch.zeros(())) + r
+        for big in (big1, big2):
+            assert torch.equal(big[1], h_expected)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")

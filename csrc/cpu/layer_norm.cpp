@@ -60,14 +60,13 @@ constexpr int64_t kNonTemporalMinBytes = int64_t(8) << 20;
 
 inline bool use_nt(int64_t bytes) { return bytes >= kNonTemporalMinBytes && cpu::cpu_has_avx512(); }
 
-// The forward streams one row in and one out and, on one thread, is faster with ordinary
-// stores at every size measured (2048x4096 fp32: 2.47-2.52 ms against 2.84 ms streamed; equal
-// within noise at 4096x1024): a core's non-temporal stores hold fill buffers that its loads
-// and prefetches of the next rows need, and one core alone does not reach the memory's
-// bandwidth, where the read-for-ownership would count. With more threads the forward streams
-// as before. The backward (two or three rows in) streams at any thread count: on one thread
-// 1.64-1.77 ms against 2.2 ms at 4096x1024.
-inline bool use_nt_forward(int64_t bytes) { return use_nt(bytes) && at::get_num_threads() > 1; }
+// Both passes stream at any thread count. The forward used ordinary stores on one thread while
+// its streamed rows went through whole-row scratch rows: those rows (y, and h beside the row
+// of h the statistics read) crowded the next row's prefetched inputs out of L1. It now stages
+// y chunk by chunk and streams h from the row the statistics read (forward_rows), and
+// streaming wins on one thread too (float32, one thread, min of blocks: layer_norm 8192x1024
+// 2.15 -> 2.06 ms, 2048x4096 2.55 -> 2.46, 4096x1024 1.105 -> 1.054; dropout_add_layer_norm
+// 8192x1024 6.97 -> 5.22 ms).
 
 // Calls of at least this many elements place their scratch rows per row (cpu::ScratchRows).
 constexpr int64_t kPlaceMinElements = int64_t(1) << 16;
@@ -268,25 +267,33 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
   // A float/double call without dropout, residual or stored h reads x in place and writes y
   // in place: no scratch row to place.
   const bool scratch = nt || dropout || a.residual || a.h || !std::is_same_v<x_t, acc_t>;
+  // Rows a whole number of pages long start at the same page offsets in every row, so the
+  // first row's scratch placement holds for all: place() is called once. (Its lookup reads
+  // back wide a key it has just stored narrow, which waits for every store still buffered:
+  // with the row's outputs in flight that was 8% of the dropout forward's time.)
+  const bool same_offsets = (N * int64_t(sizeof(x_t))) % 4096 == 0 && (N * int64_t(sizeof(h_t))) % 4096 == 0;
   for (int64_t r = r0; r < r1; ++r) {
     const x_t* xr = a.x + r * N;
     const h_t* rr = a.residual ? a.residual + r * N : nullptr;
     h_t* hr = a.h ? a.h + r * N : nullptr;
     x_t* yr = a.y + r * N;
-    if (scratch) sc.place({xr, rr, w, b}, {nt ? nullptr : hr, nt ? nullptr : yr});
+    if (scratch && (r == r0 || !same_offsets)) sc.place({xr, rr, w, b}, {nt ? nullptr : hr, nt ? nullptr : yr});
     const acc_t* xv = row_as_acc(xr, sc.at(kFwdX), N);
     const acc_t* rv = row_as_acc(rr, sc.at(kFwdRes), N);
     // h = residual + dropout(x), rounded to h_t, as an acc_t row vr; sum(h) on the way.
     acc_t sum = 0;
     const acc_t* vr = sc.at(kFwdH);
+    const acc_t* h_late = nullptr;  // h's row (float/double h, streamed): stored chunk by chunk below
     if (!dropout && !rr && !hr) {
       vr = xv;  // h is x itself: read it in place
       sum = row_sum<ISA>(vr, N);
     } else if constexpr (std::is_same_v<h_t, acc_t>) {
-      // h is stored by the loop itself (into a scratch row first when non-temporal): one
-      // loop for both, so the two give the same bits.
-      acc_t* ho = hr ? out_row(hr, sc.at(kFwdBits), nt) : nullptr;
+      // h is stored by the loop itself: one loop for both, so the two give the same bits.
+      // Streamed, h is the row v itself, stored chunk by chunk in the last pass beside y (so
+      // that no second row of h takes L1 room, and h's stores overlap that pass's work).
       acc_t* v = sc.at(kFwdH);
+      acc_t* ho = hr && !nt ? reinterpret_cast<acc_t*>(hr) : nullptr;
+      if (hr && nt) h_late = v;
       switch ((dropout ? 1 : 0) | (rv ? 2 : 0) | (ho ? 4 : 0)) {
 #define FUSEDREG_CASE(F) \
   case F: sum = load_h<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(xv, rv, u, ho, v, N, p, scale); break;
@@ -294,7 +301,6 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
         FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
 #undef FUSEDREG_CASE
       }
-      if (ho && ho != reinterpret_cast<acc_t*>(hr)) write_row<ISA>(hr, static_cast<const acc_t*>(ho), N, nt, hr);
     } else {
       // bf16 / fp16 h: computed in float, rounded to h_t, and read back rounded.
       acc_t* v = sc.at(kFwdH);
@@ -318,6 +324,8 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
     const acc_t rs = acc_t(1) / std::sqrt(var / N + a.eps);
     if (a.mean) a.mean[r] = mu;
     a.rstd[r] = rs;
+    // y in place, or (streamed, or rounded to bf16/fp16) computed chunk by chunk into the
+    // first kStoreChunk elements of a scratch row and stored from there.
     acc_t* yo = out_row(yr, sc.at(kFwdY), nt);
     const bool y_copy = yo != reinterpret_cast<acc_t*>(yr);
     const x_t* nx = next_row(a.x, r, r1, N);
@@ -333,21 +341,24 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
         prefetch_chunk(nr, k);
       }
       if (next_u) cpu::fill_uniforms_at<ISA>(keys, a.seed, (r + 1) * N + j0, j1 - j0, u_next + j0);
+      acc_t* yc = y_copy ? yo : yo + j0;  // y[j] at yc[j - j0]
       if (w && b) {
 #pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) yo[j] = (vr[j] - mu) * rs * w[j] + b[j];
+        for (int64_t j = j0; j < j1; ++j) yc[j - j0] = (vr[j] - mu) * rs * w[j] + b[j];
       } else if (w) {
 #pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) yo[j] = (vr[j] - mu) * rs * w[j];
+        for (int64_t j = j0; j < j1; ++j) yc[j - j0] = (vr[j] - mu) * rs * w[j];
       } else if (b) {
 #pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) yo[j] = (vr[j] - mu) * rs + b[j];
+        for (int64_t j = j0; j < j1; ++j) yc[j - j0] = (vr[j] - mu) * rs + b[j];
       } else {
 #pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) yo[j] = (vr[j] - mu) * rs;
+        for (int64_t j = j0; j < j1; ++j) yc[j - j0] = (vr[j] - mu) * rs;
       }
-      if (y_copy) write_row<ISA>(yr + j0, static_cast<const acc_t*>(yo + j0), j1 - j0, nt,
-                                 sc.template at_as<x_t>(kFwdBits) + j0);
+      if (y_copy) write_row<ISA>(yr + j0, static_cast<const acc_t*>(yc), j1 - j0, nt, sc.template at_as<x_t>(kFwdBits));
+      if constexpr (std::is_same_v<h_t, acc_t>) {
+        if (h_late) cpu::store_row_nt<ISA>(hr + j0, h_late + j0, (j1 - j0) * int64_t(sizeof(h_t)));
+      }
     }
     std::swap(u, u_next);
   }
@@ -506,14 +517,17 @@ inline FUSEDREG_ALWAYS_INLINE void bwd_sums(const acc_t* const* dyr, const acc_t
 // dh = rs * (g - c1 - xhat * c2) + dh_out; grad_residual = dh; grad_x = dh * keep * scale
 // (acc_t rows), kStoreChunk elements at a time: per chunk, the next row's dy, h, dh_out are
 // prefetched (ndy, nh, ndo, or null), the chunk's dropout uniforms generated (u, from element
-// `start` of the seed's stream) and, after the chunk, emit(j0, j1) stores it. The Philox
-// arithmetic of a chunk then overlaps the prefetches and stores in flight, rather than
-// running alone between the row's memory passes.
+// `start` of the seed's stream) and, after the chunk, emit(j0, j1, grc, gxc) stores it. The
+// Philox arithmetic of a chunk then overlaps the prefetches and stores in flight, rather than
+// running alone between the row's memory passes. grr / gxr: the output rows themselves, or
+// (staged: gr_staged / gx_staged) a chunk-sized buffer that every chunk reuses, so that a
+// streamed or rounded output takes kStoreChunk elements of L1 rather than a row.
 
 template <cpu::Isa ISA, bool DOUT, bool GRES, bool DROPOUT, typename x_t, typename h_t, typename acc_t,
           typename Emit>
 inline FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const acc_t* hr, const acc_t* dor, acc_t* grr,
-                                               acc_t* gxr, float* u, const cpu::PhiloxKeys& keys, uint64_t seed,
+                                               acc_t* gxr, bool gr_staged, bool gx_staged, float* u,
+                                               const cpu::PhiloxKeys& keys, uint64_t seed,
                                                int64_t start, int64_t N, acc_t mu, acc_t rs, acc_t c1, acc_t c2,
                                                float p, acc_t scale, const x_t* ndy, const h_t* nh,
                                                const h_t* ndo, const Emit& emit) {
@@ -525,16 +539,18 @@ inline FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const acc_t* hr, 
     }
     const int64_t j1 = std::min(N, j0 + kStoreChunk);
     if constexpr (DROPOUT) cpu::fill_uniforms_at<ISA>(keys, seed, start + j0, j1 - j0, u + j0);
+    acc_t* grc = GRES ? (gr_staged ? grr : grr + j0) : nullptr;  // element j at [j - j0]
+    acc_t* gxc = gx_staged ? gxr : gxr + j0;
 #pragma omp simd
     for (int64_t j = j0; j < j1; ++j) {
       const acc_t xhat = (hr[j] - mu) * rs;
       acc_t dh = rs * (g[j] - c1 - xhat * c2);
       if constexpr (DOUT) dh += dor[j];
-      if constexpr (GRES) grr[j] = dh;
+      if constexpr (GRES) grc[j - j0] = dh;
       if constexpr (DROPOUT) dh = u[j] >= p ? dh * scale : acc_t(0);
-      gxr[j] = dh;
+      gxc[j - j0] = dh;
     }
-    emit(j0, j1);
+    emit(j0, j1, static_cast<const acc_t*>(grc), static_cast<const acc_t*>(gxc));
   }
 }
 
@@ -558,16 +574,23 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
   // Long rows with partials to accumulate go in pairs through the sums pass (AVX-512 level:
   // 32 vector registers hold both rows' accumulators).
   const bool pairs = ISA == cpu::Isa::kAvx512 && (aw || ab) && N * int64_t(sizeof(acc_t)) >= kPairRowBytes;
+  // As in the forward: rows a whole number of pages long keep the first placement (one per
+  // row count R, whose loops stream different rows).
+  const bool same_offsets = (N * int64_t(sizeof(x_t))) % 4096 == 0 && (N * int64_t(sizeof(h_t))) % 4096 == 0;
+  int placed = 0;
   for (int64_t r = r0; r < r1;) {
     const int R = pairs && r + 1 < r1 ? 2 : 1;
     const x_t* dyr[2] = {a.dy + r * N, R == 2 ? a.dy + (r + 1) * N : nullptr};
     const h_t* hr[2] = {a.h + r * N, R == 2 ? a.h + (r + 1) * N : nullptr};
-    if (R == 2) {
+    if (same_offsets && R == placed) {
+      // the previous step's placement holds
+    } else if (R == 2) {
       sc.place({dyr[0], hr[0], dyr[1], hr[1], w, aw, ab}, {nt ? nullptr : a.gx + r * N, aw, ab});
     } else {
       sc.place({dyr[0], hr[0], a.dh_out ? a.dh_out + r * N : nullptr, w, aw, ab},
                {nt ? nullptr : a.gx + r * N, nt || !a.gres ? nullptr : a.gres + r * N, aw, ab});
     }
+    placed = R;
     const acc_t* dyv[2] = {row_as_acc(dyr[0], sc.at(kBwdDy), N), row_as_acc(dyr[1], sc.at(kBwdDy2), N)};
     const acc_t* hv[2] = {row_as_acc(hr[0], sc.at(kBwdH), N), row_as_acc(hr[1], sc.at(kBwdH2), N)};
     acc_t* g[2] = {sc.at(kBwdG), sc.at(kBwdG2)};
@@ -605,11 +628,9 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
       acc_t* gxo = out_row(gxr, sc.at(kBwdGx), nt);
       const bool gr_copy = gro && gro != reinterpret_cast<acc_t*>(grr);
       const bool gx_copy = gxo != reinterpret_cast<acc_t*>(gxr);
-      auto emit = [&](int64_t j0, int64_t j1) FUSEDREG_ALWAYS_INLINE {
-        if (gr_copy) write_row<ISA>(grr + j0, static_cast<const acc_t*>(gro + j0), j1 - j0, nt,
-                                    sc.template at_as<h_t>(kBwdBits) + j0);
-        if (gx_copy) write_row<ISA>(gxr + j0, static_cast<const acc_t*>(gxo + j0), j1 - j0, nt,
-                                    sc.template at_as<x_t>(kBwdBits) + j0);
+      auto emit = [&](int64_t j0, int64_t j1, const acc_t* grc, const acc_t* gxc) FUSEDREG_ALWAYS_INLINE {
+        if (gr_copy) write_row<ISA>(grr + j0, grc, j1 - j0, nt, sc.template at_as<h_t>(kBwdBits));
+        if (gx_copy) write_row<ISA>(gxr + j0, gxc, j1 - j0, nt, sc.template at_as<x_t>(kBwdBits));
       };
       // The row after this step's rows (the next block's first row is likely another
       // thread's): the next sums pass reads it.
@@ -622,7 +643,7 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
       switch ((dov ? 1 : 0) | (gro ? 2 : 0) | (dropout ? 4 : 0)) {
 #define FUSEDREG_CASE(F)                                                                                  \
   case F:                                                                                                 \
-    store_grads<ISA, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(gi, hvi, dov, gro, gxo, u, keys, a.seed, ri * N, \
+    store_grads<ISA, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(gi, hvi, dov, gro, gxo, gr_copy, gx_copy, u, keys, a.seed, ri * N, \
                                                                N, mu[i], rs[i], c1i, c2i, p, scale, ndy, nh, ndo, emit); \
     break;
         FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
@@ -767,7 +788,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
           bias.defined() ? bias.const_data_ptr<w_t>() : nullptr, y.mutable_data_ptr<x_t>(),
           store_h ? h.mutable_data_ptr<h_t>() : nullptr, rms ? nullptr : mean.mutable_data_ptr<acc_t>(),
           rstd.mutable_data_ptr<acc_t>(), N, static_cast<acc_t>(eps), static_cast<float>(p), s, rms,
-          use_nt_forward(M * N * int64_t(sizeof(x_t)))};
+          use_nt(M * N * int64_t(sizeof(x_t)))};
       forward_kernel(args, M);
     });
   });
