@@ -440,3 +440,21 @@ def test_a_row_still_above_its_limit_says_so(monkeypatch):
     assert len(calls) == probes * 4  # the first measurement and three more
     assert row.frac_limit == pytest.approx(4.0) and "above the measured limit" in row.note
     assert row.note.startswith("n; ")
+
+
+def test_train_steps_are_timed_interleaved_in_shuffled_rounds():
+    # every step runs once per round (plus warm-up), and the order changes between rounds
+    from fusedreg.bench import batch_norm as bench_bn
+
+    ctx = Context(device=torch.device("cpu"), dtypes=[torch.float32], quick=True, copy_gbps=1.0)
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    timings = bench_bn._interleaved(ctx, steps)
+    assert set(timings) == set(steps)
+    rounds = timings["a"].reps
+    assert 5 <= rounds <= 60 and all(t.reps == rounds for t in timings.values())
+    assert all(calls.count(n) == rounds + 2 for n in steps)  # two warm-up calls each
+    timed = calls[6:]
+    orders = {tuple(timed[i:i + 3]) for i in range(0, len(timed), 3)}
+    assert all(sorted(o) == ["a", "b", "c"] for o in orders) and len(orders) > 1
+    assert all(0 <= t.min_ms <= t.p10_ms <= t.median_ms <= t.p90_ms for t in timings.values())

@@ -1,7 +1,8 @@
 """batch_norm benchmark: BatchNorm in training (forward, backward, forward+backward), fused
 with a residual add and ReLU (ResNet's ``relu(bn(x) + identity)``), BatchNorm in eval
 (forward: one pass with the running stats folded into a scale and shift), and a timm
-resnet18 training step with its BatchNorms swapped to fusedreg's. fusedreg (every fused
+resnet18 training step with its BatchNorms swapped to fusedreg's (the step's runs interleaved
+round by round in a shuffled order, medians). fusedreg (every fused
 backend usable on the device) against eager torch and ``torch.compile`` of the eager
 expression.
 
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import copy
 import math
+import random
+import statistics
 import time
 
 import torch
@@ -166,6 +169,7 @@ def _train_step_rows(ctx, dtype, fused) -> list[Row]:
     # fusedreg[auto]: what fusedreg.patch gives by default (small BatchNorms are torch's op)
     impls = [("torch eager", None)] + [(f"fusedreg[{b}]", b) for b in fused]
     impls += [("fusedreg[auto]", "auto")] if fused else []
+    steps = {}
     for impl, backend in impls:
         model = copy.deepcopy(base)
         if backend is not None:
@@ -174,14 +178,48 @@ def _train_step_rows(ctx, dtype, fused) -> list[Row]:
                     m.__class__ = targets[type(m)]
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+        def step(model=model, opt=opt, backend=backend):
+            with fusedreg.use_backend(backend or "auto"):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        steps[impl] = step
+    timings = _interleaved(ctx, steps)
+    return [ctx.row(OP, case, dtype, impl, "step", timings[impl], 0) for impl in steps]
 
-        with fusedreg.use_backend(backend or "auto"):  # around the timing
-            rows.append(ctx.row(OP, case, dtype, impl, "step", ctx.time(step), 0))
-    return rows
+
+def _interleaved(ctx: Context, steps: dict) -> dict:
+    """{name: Timing} of the step functions timed in rounds, one call of each per round in an
+    order shuffled every round (seeded): each is timed under the same machine state as the
+    others, where timing one after the other lets the state (other tenants' load, the
+    caches, the clock) drift between them, and a fixed order favours a position. As many
+    rounds as the budget allows (5 to 60), after two warm-up calls of each."""
+    sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
+
+    def timed(fn):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    for fn in steps.values():
+        fn()
+    one_round = sum(timed(fn) for fn in steps.values())
+    budget = ctx.budget_s * (0.3 if ctx.quick else 1.0) * len(steps)
+    rounds = max(5, min(60, int(budget / max(one_round, 1e-9))))
+    times = {name: [] for name in steps}
+    order = list(steps)
+    shuffle = random.Random(0).shuffle
+    for _ in range(rounds):
+        shuffle(order)
+        for name in order:
+            times[name].append(timed(steps[name]) * 1e3)
+    out = {}
+    for name, t in times.items():
+        q = statistics.quantiles(t, n=10, method="inclusive")
+        out[name] = Timing(statistics.median(t), max(q[0], min(t)), q[-1], len(t), min(t))
+    return out
 
 
 def benchmark(ctx: Context) -> list[Row]:
