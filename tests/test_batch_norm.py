@@ -273,18 +273,27 @@ def test_cpu_channel_ops_are_the_four_ops_bitwise(dtype):
         y2 = ops.batch_norm_fwd(x, r, w, b, m2, inv2, act, 0.0, seed, False)
         for got, want, name in ((y, y2, "y"), (mean, m2, "mean"), (var, v2, "var"), (invstd, inv2, "invstd")):
             assert torch.equal(got, want), name
-        for need_gx, need_gr in ((True, True), (True, False), (False, True)):
-            got = ops.batch_norm_bwd_ncs(dy, x, r, w, b, mean, invstd, act, seed, need_gx, need_gr)
-            s1, s2 = ops.batch_norm_bwd_reduce(dy, x, r, w, b, mean, invstd, act, 0.0, seed, False)
-            gx, gr = ops.batch_norm_bwd_elemt(dy, x, r, w, b, mean, invstd, s1, s2, float(N * S), act, 0.0,
-                                              seed, False, True, need_gx, need_gr)
-            for g, want, name in zip(got, (s1, s2, gx, gr), ("sum_dz", "sum_dzx", "grad_x", "grad_r")):
-                assert g.shape == want.shape and torch.equal(g, want), (name, need_gx, need_gr)
+        _assert_one_op_backward_is_two_ops(ops.batch_norm_bwd_ncs, False, dy, x, r, w, b, mean, invstd, act,
+                                           seed, N * S)
     x, r, dy = _data((2, 3, 20), dtype), _data((2, 3, 20), dtype, 2), _data((2, 3, 20), dtype, 7, 0.0)
     w, b = _data((3,), ct, 3), _data((3,), ct, 4)
     opcheck(ops.batch_norm_fwd_ncs.default, (x, r, w, b, 1e-5, 1))
     mean, invstd = _data((3,), ct, 5), _data((3,), ct, 6, 1.0, 0.1)
     opcheck(ops.batch_norm_bwd_ncs.default, (dy, x, r, w, b, mean, invstd, 1, seed, True, True))
+
+
+def _assert_one_op_backward_is_two_ops(op, channels_last, dy, x, r, w, b, mean, invstd, act, seed, count):
+    """A one-op training backward (batch_norm_bwd_ncs / _cl) returns bitwise what
+    batch_norm_bwd_reduce followed by batch_norm_bwd_elemt return, for each pair of gradients
+    asked for."""
+    ops = torch.ops.fusedreg
+    for need_gx, need_gr in ((True, True), (True, False), (False, True)):
+        got = op(dy, x, r, w, b, mean, invstd, act, seed, need_gx, need_gr)
+        s1, s2 = ops.batch_norm_bwd_reduce(dy, x, r, w, b, mean, invstd, act, 0.0, seed, channels_last)
+        gx, gr = ops.batch_norm_bwd_elemt(dy, x, r, w, b, mean, invstd, s1, s2, float(count), act, 0.0,
+                                          seed, channels_last, True, need_gx, need_gr)
+        for g, want, name in zip(got, (s1, s2, gx, gr), ("sum_dz", "sum_dzx", "grad_x", "grad_r")):
+            assert g.shape == want.shape and torch.equal(g, want), (tuple(x.shape), act, name, need_gx, need_gr)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
@@ -307,13 +316,8 @@ def test_cpu_channels_last_backward_op_is_the_two_ops_bitwise(dtype):
         w, b = (_data((C,), ct, 3, 1.0, 0.5), _data((C,), ct, 4, 0.5, 0.5)) if affine else (None, None)
         mean, var = ops.batch_norm_stats(x, True)
         invstd = torch.rsqrt(var + 1e-5)
-        for need_gx, need_gr in ((True, True), (True, False), (False, True)):
-            got = ops.batch_norm_bwd_cl(dy, x, r, w, b, mean, invstd, act, seed, need_gx, need_gr)
-            s1, s2 = ops.batch_norm_bwd_reduce(dy, x, r, w, b, mean, invstd, act, 0.0, seed, True)
-            gx, gr = ops.batch_norm_bwd_elemt(dy, x, r, w, b, mean, invstd, s1, s2, float(N * S), act, 0.0,
-                                              seed, True, True, need_gx, need_gr)
-            for g, want, name in zip(got, (s1, s2, gx, gr), ("sum_dz", "sum_dzx", "grad_x", "grad_r")):
-                assert g.shape == want.shape and torch.equal(g, want), ((N, S, C), act, name, need_gx, need_gr)
+        _assert_one_op_backward_is_two_ops(ops.batch_norm_bwd_cl, True, dy, x, r, w, b, mean, invstd, act,
+                                           seed, N * S)
     x, r, dy = _data((2, 20, 3), dtype), _data((2, 20, 3), dtype, 2), _data((2, 20, 3), dtype, 7, 0.0)
     w, b = _data((3,), ct, 3), _data((3,), ct, 4)
     mean, invstd = _data((3,), ct, 5), _data((3,), ct, 6, 1.0, 0.1)

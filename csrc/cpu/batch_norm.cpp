@@ -41,6 +41,7 @@
 #include <memory>
 #include <numeric>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "fusedreg/activation.h"
@@ -1309,6 +1310,29 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cpu(
   return {sum_dz, sum_dzx};
 }
 
+// grad_x and grad_residual of a backward op, each empty where it is not needed.
+std::pair<at::Tensor, at::Tensor> grad_outputs(const CpuBnInputs& b, bool need_grad_input, bool need_grad_residual) {
+  const auto make = [&](bool need) {
+    return need ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
+  };
+  return {make(need_grad_input), make(need_grad_residual)};
+}
+
+// The means m1 = sum_dz / count and m2 = sum_dz_xhat / count per channel that the element-wise
+// backward takes (what `s / count` gives: ATen divides a float tensor by the scalar cast to
+// float), here rather than as two more tensor ops.
+template <typename acc_t>
+std::pair<std::vector<acc_t>, std::vector<acc_t>> channel_means(const acc_t* s1, const acc_t* s2, int64_t C,
+                                                                double count) {
+  const acc_t n = static_cast<acc_t>(count);
+  std::vector<acc_t> m1(C), m2(C);
+  for (int64_t c = 0; c < C; ++c) {
+    m1[c] = s1[c] / n;
+    m2[c] = s2[c] / n;
+  }
+  return {std::move(m1), std::move(m2)};
+}
+
 std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_elemt_cpu(
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
@@ -1316,8 +1340,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_elemt_cpu(
     int64_t activation, double p, const at::Tensor& seed, bool channels_last, bool training,
     bool need_grad_input, bool need_grad_residual) {
   const CpuBnInputs b = cpu_bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last);
-  at::Tensor gx = need_grad_input ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
-  at::Tensor gr = need_grad_residual ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
+  auto [gx, gr] = grad_outputs(b, need_grad_input, need_grad_residual);
   if (b.x.numel() == 0 || !(need_grad_input || need_grad_residual)) return {gx, gr};
   at::Tensor s1, s2;
   const bool use_sums = training && need_grad_input;
@@ -1328,19 +1351,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_elemt_cpu(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_elemt", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // the means m1 = sum_dz / count, m2 = sum_dzx / count (what `s1 / count` gives: ATen divides
-    // a float tensor by the scalar cast to float), here rather than as two more tensor ops
     std::vector<acc_t> m1, m2;
     if (use_sums) {
-      const acc_t n = static_cast<acc_t>(count);
-      const acc_t* p1 = s1.const_data_ptr<acc_t>();
-      const acc_t* p2 = s2.const_data_ptr<acc_t>();
-      m1.resize(b.d.C);
-      m2.resize(b.d.C);
-      for (int64_t c = 0; c < b.d.C; ++c) {
-        m1[c] = p1[c] / n;
-        m2[c] = p2[c] / n;
-      }
+      std::tie(m1, m2) = channel_means(s1.const_data_ptr<acc_t>(), s2.const_data_ptr<acc_t>(), b.d.C, count);
     }
     const Affine<acc_t> af(b);
     FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
@@ -1439,6 +1452,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_ncs_cp
   return {y, io.mean, io.var, invstd};
 }
 
+// The frame of the one-op training backwards without dropout (batch_norm_bwd_ncs / _cl): the
+// inputs' checks, the outputs (sum_dz, sum_dz_xhat, grad_x, grad_residual; the sums written
+// whole by the passes), the empty case, the dtype and activation dispatch; `passes` is a
+// template lambda <Activation A, typename scalar_t>(layout, args, count, s1, s2, grad_x,
+// grad_residual) that runs the passes (grad pointers null where not asked for).
+constexpr char kBwdNcs[] = "batch_norm_bwd_ncs";
+constexpr char kBwdCl[] = "batch_norm_bwd_cl";
+
+template <const char* kName, typename Passes>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> one_op_backward(
+    bool channels_last, const at::Tensor& dy, const at::Tensor& x,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd, int64_t activation,
+    const at::Tensor& seed, bool need_grad_input, bool need_grad_residual, const Passes& passes) {
+  const CpuBnInputs b = cpu_bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, channels_last);
+  auto [gx, gr] = grad_outputs(b, need_grad_input, need_grad_residual);
+  if (b.x.numel() == 0) {
+    return {at::zeros({b.d.C}, b.mean.options()), at::zeros({b.d.C}, b.mean.options()), gx, gr};
+  }
+  at::Tensor sum_dz = at::empty({b.d.C}, b.mean.options());  // the passes write every channel
+  at::Tensor sum_dzx = at::empty({b.d.C}, b.mean.options());
+  const double count = static_cast<double>(b.d.N * b.d.S);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), kName, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Affine<acc_t> af(b);
+    FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
+      passes.template operator()<A, scalar_t>(
+          layout_of(b, channels_last), bwd_args<scalar_t>(b, af, 0.0), count, sum_dz.mutable_data_ptr<acc_t>(),
+          sum_dzx.mutable_data_ptr<acc_t>(), need_grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr,
+          need_grad_residual ? gr.mutable_data_ptr<scalar_t>() : nullptr);
+    });
+  });
+  return {sum_dz, sum_dzx, gx, gr};
+}
+
 // batch_norm_bwd_ncs: the training backward (x stored (N, C, S), no dropout) in one op --
 // (sum_dz, sum_dz_xhat, grad_x, grad_residual), the values batch_norm_bwd_reduce followed by
 // batch_norm_bwd_elemt (count = N * S, training) give, bit for bit (bwd_fused_ncs_kernel). CPU
@@ -1449,43 +1497,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_ncs_cp
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
     const at::Tensor& invstd, int64_t activation, const at::Tensor& seed, bool need_grad_input,
     bool need_grad_residual) {
-  const CpuBnInputs b = cpu_bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, false);
-  at::Tensor gx = need_grad_input ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
-  at::Tensor gr = need_grad_residual ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
-  if (b.x.numel() == 0) {
-    return {at::zeros({b.d.C}, b.mean.options()), at::zeros({b.d.C}, b.mean.options()), gx, gr};
-  }
-  at::Tensor sum_dz = at::empty({b.d.C}, b.mean.options());  // the kernel writes every channel
-  at::Tensor sum_dzx = at::empty({b.d.C}, b.mean.options());
-  const double count = static_cast<double>(b.d.N * b.d.S);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_ncs", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const Affine<acc_t> af(b);
-    FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
-      const Layout l = layout_of(b, false);
-      const BwdArgs<scalar_t> args = bwd_args<scalar_t>(b, af, 0.0);
-      acc_t* s1 = sum_dz.mutable_data_ptr<acc_t>();
-      acc_t* s2 = sum_dzx.mutable_data_ptr<acc_t>();
-      scalar_t* pgx = need_grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* pgr = need_grad_residual ? gr.mutable_data_ptr<scalar_t>() : nullptr;
-      if (two_passes<scalar_t>(l)) {  // the two passes, each over every thread
-        bwd_reduce_kernel<A, scalar_t>(l, args, s1, s2);
-        if (pgx || pgr) {
-          const acc_t n = static_cast<acc_t>(count);
-          std::vector<acc_t> m1(l.C), m2(l.C);
-          for (int64_t c = 0; c < l.C; ++c) {
-            m1[c] = s1[c] / n;
-            m2[c] = s2[c] / n;
+  return one_op_backward<kBwdNcs>(
+      false, dy, x, residual, weight, bias, mean, invstd, activation, seed, need_grad_input,
+      need_grad_residual,
+      [&]<Activation A, typename scalar_t>(const Layout& l, const BwdArgs<scalar_t>& args, double count,
+                                            at::opmath_type<scalar_t>* s1, at::opmath_type<scalar_t>* s2,
+                                            scalar_t* pgx, scalar_t* pgr) {
+        if (two_passes<scalar_t>(l)) {  // the two passes, each over every thread
+          bwd_reduce_kernel<A, scalar_t>(l, args, s1, s2);
+          if (pgx || pgr) {
+            auto [m1, m2] = channel_means(s1, s2, l.C, count);
+            bwd_elemt_kernel<A, scalar_t>(l, args, pgx ? m1.data() : nullptr, pgx ? m2.data() : nullptr,
+                                          pgx != nullptr, pgx, pgr);
           }
-          bwd_elemt_kernel<A, scalar_t>(l, args, pgx ? m1.data() : nullptr, pgx ? m2.data() : nullptr, pgx != nullptr,
-                                        pgx, pgr);
+          return;
         }
-        return;
-      }
-      bwd_fused_ncs_kernel<A, scalar_t>(l, args, count, s1, s2, pgx, pgr);
-    });
-  });
-  return {sum_dz, sum_dzx, gx, gr};
+        bwd_fused_ncs_kernel<A, scalar_t>(l, args, count, s1, s2, pgx, pgr);
+      });
 }
 
 // batch_norm_bwd_cl: the training backward of channels-last (N, S, C) storage without dropout
@@ -1501,44 +1529,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cl_cpu
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
     const at::Tensor& invstd, int64_t activation, const at::Tensor& seed, bool need_grad_input,
     bool need_grad_residual) {
-  const CpuBnInputs b = cpu_bn_inputs(&dy, x, residual, weight, bias, mean, invstd, activation, seed, true);
-  at::Tensor gx = need_grad_input ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
-  at::Tensor gr = need_grad_residual ? empty_output(b.x.sizes(), b.x.options()) : at::empty({0}, b.x.options());
-  if (b.x.numel() == 0) {
-    return {at::zeros({b.d.C}, b.mean.options()), at::zeros({b.d.C}, b.mean.options()), gx, gr};
-  }
-  at::Tensor sum_dz = at::empty({b.d.C}, b.mean.options());  // the kernel writes every channel
-  at::Tensor sum_dzx = at::empty({b.d.C}, b.mean.options());
-  const double count = static_cast<double>(b.d.N * b.d.S);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_bwd_cl", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const Affine<acc_t> af(b);
-    FUSEDREG_DISPATCH_ACTIVATION(static_cast<Activation>(activation), A, [&] {
-      const Layout l = layout_of(b, true);
-      const BwdArgs<scalar_t> args = bwd_args<scalar_t>(b, af, 0.0);
-      acc_t* s1 = sum_dz.mutable_data_ptr<acc_t>();
-      acc_t* s2 = sum_dzx.mutable_data_ptr<acc_t>();
-      scalar_t* pgx = need_grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* pgr = need_grad_residual ? gr.mutable_data_ptr<scalar_t>() : nullptr;
-      const bool dz_pass = sizeof(scalar_t) >= 4 && pgx && pgr;
-      bwd_reduce_kernel<A, scalar_t>(l, args, s1, s2, dz_pass ? pgr : nullptr);
-      if (!(pgx || pgr)) return;
-      const acc_t n = static_cast<acc_t>(count);
-      std::vector<acc_t> m1(l.C), m2(l.C);
-      for (int64_t c = 0; c < l.C; ++c) {  // as batch_norm_bwd_elemt divides them
-        m1[c] = s1[c] / n;
-        m2[c] = s2[c] / n;
-      }
-      if (dz_pass) {
-        gx_from_dz_cl_kernel<scalar_t>(l, pgr, args.x, args.mean, args.invstd, args.scale, m1.data(), m2.data(),
-                                       pgx);
-        return;
-      }
-      bwd_elemt_kernel<A, scalar_t>(l, args, pgx ? m1.data() : nullptr, pgx ? m2.data() : nullptr, pgx != nullptr,
-                                    pgx, pgr);
-    });
-  });
-  return {sum_dz, sum_dzx, gx, gr};
+  return one_op_backward<kBwdCl>(
+      true, dy, x, residual, weight, bias, mean, invstd, activation, seed, need_grad_input,
+      need_grad_residual,
+      [&]<Activation A, typename scalar_t>(const Layout& l, const BwdArgs<scalar_t>& args, double count,
+                                            at::opmath_type<scalar_t>* s1, at::opmath_type<scalar_t>* s2,
+                                            scalar_t* pgx, scalar_t* pgr) {
+        const bool dz_pass = sizeof(scalar_t) >= 4 && pgx && pgr;
+        bwd_reduce_kernel<A, scalar_t>(l, args, s1, s2, dz_pass ? pgr : nullptr);
+        if (!(pgx || pgr)) return;
+        auto [m1, m2] = channel_means(s1, s2, l.C, count);
+        if (dz_pass) {
+          gx_from_dz_cl_kernel<scalar_t>(l, pgr, args.x, args.mean, args.invstd, args.scale, m1.data(), m2.data(),
+                                         pgx);
+          return;
+        }
+        bwd_elemt_kernel<A, scalar_t>(l, args, pgx ? m1.data() : nullptr, pgx ? m2.data() : nullptr,
+                                      pgx != nullptr, pgx, pgr);
+      });
 }
 
 }  // namespace
