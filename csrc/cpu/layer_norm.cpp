@@ -161,6 +161,16 @@ inline FUSEDREG_ALWAYS_INLINE void prefetch_chunk(const T* p, int64_t j0) {
 
 // Row r + 1 of a (rows, N) array, or null when there is none or rows are too long to prefetch.
 // limit: the longest row prefetched, in bytes.
+// Whether rows of N elements of x_t and of h_t are a whole number of 4 KiB pages long: then
+// every row starts at the same page offsets as the first, and the first row's scratch
+// placement (cpu::ScratchRows::place) holds for all. Placing once matters: place()'s lookup
+// reads back wide a key it has just stored narrow, which waits for every store still
+// buffered (with a row's outputs in flight, 8% of the dropout forward's time).
+template <typename x_t, typename h_t>
+constexpr bool same_page_offsets(int64_t N) {
+  return (N * int64_t(sizeof(x_t))) % 4096 == 0 && (N * int64_t(sizeof(h_t))) % 4096 == 0;
+}
+
 template <typename T>
 inline FUSEDREG_ALWAYS_INLINE const T* next_row(const T* a, int64_t r, int64_t rows, int64_t N,
                                                 int64_t limit = kPrefetchRowBytes) {
@@ -267,11 +277,9 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
   // A float/double call without dropout, residual or stored h reads x in place and writes y
   // in place: no scratch row to place.
   const bool scratch = nt || dropout || a.residual || a.h || !std::is_same_v<x_t, acc_t>;
-  // Rows a whole number of pages long start at the same page offsets in every row, so the
-  // first row's scratch placement holds for all: place() is called once. (Its lookup reads
-  // back wide a key it has just stored narrow, which waits for every store still buffered:
-  // with the row's outputs in flight that was 8% of the dropout forward's time.)
-  const bool same_offsets = (N * int64_t(sizeof(x_t))) % 4096 == 0 && (N * int64_t(sizeof(h_t))) % 4096 == 0;
+  // Rows a whole number of pages long keep the first row's scratch placement: place() is
+  // called once (same_page_offsets).
+  const bool same_offsets = same_page_offsets<x_t, h_t>(N);
   for (int64_t r = r0; r < r1; ++r) {
     const x_t* xr = a.x + r * N;
     const h_t* rr = a.residual ? a.residual + r * N : nullptr;
@@ -576,7 +584,7 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
   const bool pairs = ISA == cpu::Isa::kAvx512 && (aw || ab) && N * int64_t(sizeof(acc_t)) >= kPairRowBytes;
   // As in the forward: rows a whole number of pages long keep the first placement (one per
   // row count R, whose loops stream different rows).
-  const bool same_offsets = (N * int64_t(sizeof(x_t))) % 4096 == 0 && (N * int64_t(sizeof(h_t))) % 4096 == 0;
+  const bool same_offsets = same_page_offsets<x_t, h_t>(N);
   int placed = 0;
   for (int64_t r = r0; r < r1;) {
     const int R = pairs && r + 1 < r1 ? 2 : 1;
