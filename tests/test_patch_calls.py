@@ -223,7 +223,8 @@ def attention_reference(q, k, v, mask, p, causal, scale, seed):
                                                                                 # as every dropout
 
 
-@pytest.mark.parametrize("case", ["plain", "causal", "bool mask", "float mask", "float64"])
+@pytest.mark.parametrize("case", ["plain", "causal", "bool mask", "float mask", "float64",
+                                  "head-transposed views", "3-D", "negative scale"])
 def test_sdpa_dropout_is_torchs_math_with_the_seeded_mask(case, chain_at_every_size):
     # scaled_dot_product_attention with dropout on CPU (torch's math kernel) runs the same chain
     # with fusedreg's seeded dropout: output and gradients against a float64 reference with the
@@ -240,9 +241,20 @@ def test_sdpa_dropout_is_torchs_math_with_the_seeded_mask(case, chain_at_every_s
         mask[2] = False
     elif case == "float mask":
         mask, scale = torch.randn(2, 1, L, S, generator=g, dtype=dtype), 0.2
+    elif case == "negative scale":
+        scale = -0.3
+    elif case == "3-D":  # no head dim
+        q, k, v = q[0], k[0], v[0]
     qkv = [t.clone().requires_grad_() for t in (q, k, v)]
+    args = qkv
+    if case == "head-transposed views":
+        # as Hugging Face's models pass them: (batch, length, heads * dim) projections viewed
+        # as (batch, heads, length, dim), strided, not contiguous
+        args = [t.transpose(1, 2).contiguous().view(2, t.shape[2], -1)
+                .view(2, t.shape[2], 3, t.shape[3]).transpose(1, 2) for t in qkv]
+        assert not any(a.is_contiguous() for a in args)
     model = fusedreg.patch(nn.Module())  # the call-site routing runs during its forward
-    model.forward = lambda: TF.scaled_dot_product_attention(*qkv, attn_mask=mask, dropout_p=0.3,
+    model.forward = lambda: TF.scaled_dot_product_attention(*args, attn_mask=mask, dropout_p=0.3,
                                                             is_causal=case == "causal", scale=scale)
     torch.manual_seed(6)
     out = model()
