@@ -378,3 +378,29 @@ def test_hugging_face_eager_attention_dropout_is_fused():
     # the eager attention calls nn.functional.dropout on the attention weights, once per layer
     assert report(model).dropout_calls == {"functional dropout": {"fused": 2, "left in torch": 0}}
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_model_that_runs_compiled_has_no_hooks_on_its_root():
+    # patch(fuse=True) and fusedreg.compile run the root compiled, where the hooks never route
+    # and hooks on the root would make Dynamo compile the hooks and the forward as three frames
+    # (each looked up on every call): none there; the blocks keep theirs (inlined in the graph,
+    # and routing an eager call of a block, as checkpointing's recompute makes)
+    def hooked(m):
+        return _calls.HOOKS in m.__dict__ and bool(m._forward_pre_hooks) and bool(m._forward_hooks)
+
+    eager = fusedreg.patch(Blocks(False))
+    assert hooked(eager) and all(hooked(b) for b in eager.blocks)
+    torch._dynamo.reset()
+    for make in (lambda m: fusedreg.patch(m, fuse=True), fusedreg.compile,
+                 lambda m: fusedreg.patch(fusedreg.patch(m), fuse=True)):  # hooked, then fused
+        model = Blocks(False)
+        run = make(model)
+        assert not hooked(model) and not model._forward_pre_hooks and not model._forward_hooks
+        assert all(hooked(b) for b in model.blocks)
+        fusedreg.patch(model)  # patched again: still none on the root
+        assert not hooked(model)
+        x = x_of(16, 24).requires_grad_()
+        run.train()(x).square().sum().backward()
+        assert torch.isfinite(x.grad).all()
+    fusedreg.unpatch(model)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
