@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .patching import _calls
 from .patching import fx as _fx
 from .patching import patch as _patch
 
@@ -41,6 +42,9 @@ def compile(model: torch.nn.Module, **compile_kwargs):  # noqa: A001 (torch.comp
         raise TypeError("fusedreg.compile chooses the backend; use torch.compile(model, "
                         "backend=fusedreg.compile_backend) to combine it differently")
     _patch(model)
+    # the root runs compiled: no call-site hooks there (_calls.install says why); its blocks
+    # keep theirs for an eager call of the model itself
+    _calls.install(model, root=False)
     graphs = model.__dict__.setdefault(_fx.STATS, [])
     compiled = torch.compile(model, backend=_fx.make_backend(graphs, inductor=True), **compile_kwargs)
     compiled.forward = _fx.run_captured(compiled.forward)

@@ -223,7 +223,8 @@ def attention_reference(q, k, v, mask, p, causal, scale, seed):
                                                                                 # as every dropout
 
 
-@pytest.mark.parametrize("case", ["plain", "causal", "bool mask", "float mask", "float64"])
+@pytest.mark.parametrize("case", ["plain", "causal", "bool mask", "float mask", "float64",
+                                  "head-transposed views", "3-D", "negative scale"])
 def test_sdpa_dropout_is_torchs_math_with_the_seeded_mask(case, chain_at_every_size):
     # scaled_dot_product_attention with dropout on CPU (torch's math kernel) runs the same chain
     # with fusedreg's seeded dropout: output and gradients against a float64 reference with the
@@ -240,9 +241,20 @@ def test_sdpa_dropout_is_torchs_math_with_the_seeded_mask(case, chain_at_every_s
         mask[2] = False
     elif case == "float mask":
         mask, scale = torch.randn(2, 1, L, S, generator=g, dtype=dtype), 0.2
+    elif case == "negative scale":
+        scale = -0.3
+    elif case == "3-D":  # no head dim
+        q, k, v = q[0], k[0], v[0]
     qkv = [t.clone().requires_grad_() for t in (q, k, v)]
+    args = qkv
+    if case == "head-transposed views":
+        # as Hugging Face's models pass them: (batch, length, heads * dim) projections viewed
+        # as (batch, heads, length, dim), strided, not contiguous
+        args = [t.transpose(1, 2).contiguous().view(2, t.shape[2], -1)
+                .view(2, t.shape[2], 3, t.shape[3]).transpose(1, 2) for t in qkv]
+        assert not any(a.is_contiguous() for a in args)
     model = fusedreg.patch(nn.Module())  # the call-site routing runs during its forward
-    model.forward = lambda: TF.scaled_dot_product_attention(*qkv, attn_mask=mask, dropout_p=0.3,
+    model.forward = lambda: TF.scaled_dot_product_attention(*args, attn_mask=mask, dropout_p=0.3,
                                                             is_causal=case == "causal", scale=scale)
     torch.manual_seed(6)
     out = model()
@@ -366,3 +378,29 @@ def test_hugging_face_eager_attention_dropout_is_fused():
     # the eager attention calls nn.functional.dropout on the attention weights, once per layer
     assert report(model).dropout_calls == {"functional dropout": {"fused": 2, "left in torch": 0}}
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_model_that_runs_compiled_has_no_hooks_on_its_root():
+    # patch(fuse=True) and fusedreg.compile run the root compiled, where the hooks never route
+    # and hooks on the root would make Dynamo compile the hooks and the forward as three frames
+    # (each looked up on every call): none there; the blocks keep theirs (inlined in the graph,
+    # and routing an eager call of a block, as checkpointing's recompute makes)
+    def hooked(m):
+        return _calls.HOOKS in m.__dict__ and bool(m._forward_pre_hooks) and bool(m._forward_hooks)
+
+    eager = fusedreg.patch(Blocks(False))
+    assert hooked(eager) and all(hooked(b) for b in eager.blocks)
+    torch._dynamo.reset()
+    for make in (lambda m: fusedreg.patch(m, fuse=True), fusedreg.compile,
+                 lambda m: fusedreg.patch(fusedreg.patch(m), fuse=True)):  # hooked, then fused
+        model = Blocks(False)
+        run = make(model)
+        assert not hooked(model) and not model._forward_pre_hooks and not model._forward_hooks
+        assert all(hooked(b) for b in model.blocks)
+        fusedreg.patch(model)  # patched again: still none on the root
+        assert not hooked(model)
+        x = x_of(16, 24).requires_grad_()
+        run.train()(x).square().sum().backward()
+        assert torch.isfinite(x.grad).all()
+    fusedreg.unpatch(model)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())

@@ -204,7 +204,8 @@ def patch(model: nn.Module, layer_norm: bool = True, rms_norm: bool = True, drop
                 log.info("%s: %s -> torch's %s", name, _class_name(type(module).__base__), op)
     model.__dict__[_LEFT] = left
     if dropout:
-        _calls.install(model)
+        # a fused or fusedreg.compile'd model's root runs compiled: no hooks there (install)
+        _calls.install(model, root=not fuse and fx.STATS not in model.__dict__)
     model.__dict__[_OPTIONS] = chosen
     if fuse:
         fx.fuse(model)

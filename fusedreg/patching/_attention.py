@@ -11,7 +11,12 @@ s = sqrt(scale) (scale = 1/sqrt(E) by default; a negative scale negates q's fact
 
 ``sdpa`` runs that chain with ``fusedreg.functional.dropout`` (the seeded mask of
 docs/design.md, one op forward and one backward) instead of torch's dropout, whose CPU
-Bernoulli draw costs about as much as the rest of a small attention call. It takes over only
+Bernoulli draw costs about as much as the rest of a small attention call; it applies the scale
+once, inside the product (q @ k^T * scale, ``baddbmm``'s alpha: the same value up to rounding,
+with one element-wise pass and one transposing copy of k fewer: forward + backward at batch 8,
+4 heads, 128 x 128 scores, head dim 64, one thread, 1.04-1.05x the chain that scaled q and k
+by sqrt(scale), with or without the causal mask; 300 interleaved rounds, thread CPU time).
+It takes over only
 calls that torch itself sends to the math kernel (``torch._fused_sdp_choice``) with plain
 float32/float64 CPU tensors of one dtype, equal batch and head dims (no GQA broadcast), outside
 autocast, torch.compile/jit tracing, torch.func transforms and forward-mode AD, and (eagerly)
@@ -107,18 +112,27 @@ def _takes(q, k, v, attn_mask, p, is_causal, scale, enable_gqa, traced=False) ->
 
 
 def _chain(q, k, v, attn_mask, p, is_causal, scale, traced=False):
-    E = q.shape[-1]
+    """The math kernel's computation (module doc) on the 3-D views of q, k, v: the scale is
+    applied once, by the product of q and k's transpose (``baddbmm``'s alpha), not as
+    sqrt(scale) on q and on a transposed copy of k; k is copied (where it is not contiguous
+    already) without transposing it, and the product reads its transpose."""
+    L, E = q.shape[-2], q.shape[-1]
+    S, Ev = k.shape[-2], v.shape[-1]
     if scale is None:
         scale = 1.0 / math.sqrt(E)
-    s = math.sqrt(abs(scale))
-    a = torch.matmul(q * (-s if scale < 0 else s), k.transpose(-2, -1) * s)
+    lead = q.shape[:-2]
+    n = lead.numel()
+    q3, k3, v3 = q.reshape(n, L, E), k.reshape(n, S, E), v.reshape(n, S, Ev)
+    a = torch.baddbmm(q3.new_zeros(()), q3, k3.transpose(1, 2), beta=0.0, alpha=scale)
+    # a mask is added (a bool one as 0 / -inf): the add's backward passes the gradient on as
+    # it is, where masked_fill_'s would be one more pass (batch 8, 4 heads, 128 x 128, causal:
+    # 0.95-0.98x with masked_fill_)
     if is_causal:
-        L, S = q.shape[-2], k.shape[-2]
         attn_mask = torch.ones(L, S, dtype=torch.bool).tril()
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             attn_mask = torch.where(attn_mask, 0.0, -math.inf).to(q.dtype)
-        a = a + attn_mask
+        a = (a.view(lead + (L, S)) + attn_mask).view(n, L, S)
     if traced:  # compiled: torch's own op (Inductor fuses its check into the softmax)
         y = torch._safe_softmax(a, -1)
     else:
@@ -129,7 +143,7 @@ def _chain(q, k, v, attn_mask, p, is_causal, scale, traced=False):
         y = torch.softmax(a, -1)
         if bool(y[..., 0].isnan().any()):
             y = torch._safe_softmax(a, -1)
-    return torch.matmul(F.dropout(y, p, True), v)
+    return torch.bmm(F.dropout(y, p, True), v3).view(lead + (L, Ev))
 
 
 def bind(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
