@@ -612,8 +612,9 @@ def test_cpu_backward_without_activation_bitwise_at_every_level(tmp_path):
     grad_x = keep ? grad_out * scale : +0 exactly (float32 math, rounded as torch rounds) at
     every level, keep bit for bit the reference's u >= p, and the same grad_bias bits at every
     level. p includes a value that some element's uniform equals exactly (kept: u >= p) and
-    1.0; shapes with N % 4 != 0 (the tiles' uniforms path), tails of every length, a flat
-    range over several threads' chunks. Each level in a fresh process (read once)."""
+    1.0; shapes with N % 4 != 0 (the tiles' uniforms path), tiles of four rows and of one,
+    two column blocks (N > 16384), tails of every length, a flat range over several threads'
+    chunks. Each level in a fresh process (read once)."""
     import os
     import subprocess
     import sys
@@ -630,7 +631,7 @@ seed, p_exact, path = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
 out = {}
 g = torch.Generator().manual_seed(5)
 for dt in (torch.float32, torch.bfloat16, torch.float16):
-    for shape in ((64, 1024), (33, 1151), (9, 300), (2, 4100), (3, 4), (1, 45)):
+    for shape in ((64, 1024), (33, 1151), (9, 300), (2, 4100), (3, 16400), (3, 4), (1, 45)):
         grad = (torch.randn(shape, generator=g, dtype=torch.float64) + 0.5).to(dt)
         grad[0, :3] = torch.tensor([-0.0, float("inf"), float("nan")])
         bias = torch.randn(shape[1], generator=g).to(dt)
