@@ -611,7 +611,8 @@ def test_cpu_backward_without_activation_bitwise_at_every_level(tmp_path):
     against an integer threshold, never the uniforms; AVX2 and baseline: the uniforms) gives
     grad_x = keep ? grad_out * scale : +0 exactly (float32 math, rounded as torch rounds) at
     every level, keep bit for bit the reference's u >= p, and the same grad_bias bits at every
-    level. p includes a value that some element's uniform equals exactly (kept: u >= p) and
+    level; the forward (the same keep masks) gives (keep ? (x + bias) * scale : +0) + residual,
+    each step rounded in float32, the same bits at every level. p includes a value that some element's uniform equals exactly (kept: u >= p) and
     1.0; shapes with N % 4 != 0 (the tiles' uniforms path), tiles of four rows and of one,
     two column blocks (N > 16384), tails of every length, a flat range over several threads'
     chunks. Each level in a fresh process (read once)."""
@@ -640,6 +641,13 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
                 gx, gb = torch.ops.fusedreg.bias_dropout_bwd(grad, None, bias, p, 0, torch.tensor(seed),
                                                              need_bias)
                 out[(str(dt), shape, p, need_bias)] = (grad, gx, gb)
+            # the forward too (also keep masks at the AVX-512 level, without an activation)
+            x = grad.flip(0).contiguous()
+            r = torch.randn(shape, generator=g).to(dt)
+            for has_res in (False, True):
+                y = torch.ops.fusedreg.bias_dropout_fwd(x, bias, r if has_res else None, p, 0,
+                                                        torch.tensor(seed))
+                out[("fwd", str(dt), shape, p, has_res)] = (x, bias, r if has_res else None, y)
 torch.save(out, path)
 '''
     results = {}
@@ -651,7 +659,24 @@ torch.save(out, path)
         assert res.returncode == 0, res.stderr[-2000:]
         results[level] = torch.load(path)
     bits = lambda t: t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
-    for key, (grad, gx, gb) in results["avx512"].items():
+    for key, val in results["avx512"].items():
+        if key[0] != "fwd":
+            continue
+        _, _, shape, p, _ = key
+        x, bias, r, y = val
+        keep = dropout_keep(shape, p, seed)
+        v = torch.where(keep, (x.float() + bias.float()) * dropout_scale(p), torch.zeros(()))
+        want = (v + r.float() if r is not None else v).to(x.dtype)
+        # NaN payloads aside (torch's own conversions differ in them; the levels agree below)
+        nan = want.isnan()
+        assert torch.equal(y.isnan(), nan), key
+        assert torch.equal(bits(y)[~nan], bits(want)[~nan]), key
+        for level in ("baseline", "avx2"):
+            assert torch.equal(bits(results[level][key][3]), bits(y)), (level, key)
+    for key, val in results["avx512"].items():
+        if key[0] == "fwd":
+            continue
+        grad, gx, gb = val
         _, shape, p, need_bias = key
         keep = dropout_keep(shape, p, seed)
         if p == p_exact:

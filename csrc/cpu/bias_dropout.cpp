@@ -252,6 +252,12 @@ inline FUSEDREG_ALWAYS_INLINE bool gelu_by_table() {
 #endif
 }
 
+// The forward without an activation from keep masks (below); false when the call does not
+// qualify (then nothing ran).
+template <typename scalar_t>
+bool masked_forward(const scalar_t* x, const float* bias_row, const scalar_t* residual, scalar_t* out,
+                    Rows rows, float p, uint64_t seed);
+
 template <typename scalar_t, Activation A>
 void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* residual,
                     scalar_t* out, Rows rows, float p, uint64_t seed) {
@@ -260,6 +266,15 @@ void forward_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* res
   const acc_t scale = dropout ? static_cast<acc_t>(dropout_scale(p)) : acc_t(1);
   const Streams<scalar_t> streams{x, residual, out};
   const std::vector<float> bias_f = bias_as_float(bias, rows.N);
+  if constexpr (A == Activation::kNone && !std::is_same_v<scalar_t, double>) {
+    const float* bias_row = nullptr;  // float: the bias itself; bf16/fp16: its fp32 row (-0s if none)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      bias_row = bias;
+    } else {
+      bias_row = bias_f.data();
+    }
+    if (dropout && masked_forward<scalar_t>(x, bias_row, residual, out, rows, p, seed)) return;
+  }
   for_each_row_segment<scalar_t>(rows, dropout, seed, streams, [&](int64_t i, int64_t col, int64_t len,
                                                           const float* u, const scalar_t* zeros)
                                                           FUSEDREG_ALWAYS_INLINE {
@@ -586,6 +601,42 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void masked_backward_rows(
     _mm512_mask_storeu_ps(acc + t, m, a);
   }
 }
+
+// One chunk of the forward without an activation (len <= kChunk elements from start, a
+// multiple of 4): out = (keep ? (x + bias) * scale : +0) + residual in float, each operation
+// rounded on its own as forward_segment / forward_segment_split round them, then rounded to
+// scalar_t. bias_row: the fp32 bias row (null: none); residual null: none (adding -0, the
+// stand-in the other path adds, changes no value). The chunk is walked by row segments (the
+// bias column wraps at a row's end); a segment's keep bits are read at any bit offset.
+template <typename scalar_t>
+FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void masked_forward_chunk(
+    const cpu::PhiloxKeys& keys, uint64_t seed, uint32_t threshold, float p, int64_t start, int64_t len,
+    int64_t N, const scalar_t* x, const float* bias_row, const scalar_t* residual, scalar_t* out, float scale) {
+  alignas(64) uint64_t keep[kChunk / 64 + 1];  // one word more: 4-byte reads at any byte offset
+  keep[kChunk / 64] = 0;
+  if (!philox_keep_avx512(keys, start, len, threshold, keep)) keep_from_uniforms(seed, start, len, p, keep);
+  const char* kb = reinterpret_cast<const char*>(keep);
+  const __m512 sv = _mm512_set1_ps(scale);
+  int64_t col = start % N;
+  for (int64_t j = 0; j < len;) {
+    const int64_t seg = std::min(len - j, N - col);
+    for (int64_t t = 0; t < seg; t += 16) {
+      const int64_t e = j + t, i = start + e;
+      const __mmask16 m = seg - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (seg - t)) - 1u);
+      uint32_t w;
+      std::memcpy(&w, kb + e / 8, sizeof(w));
+      const __mmask16 k = _cvtu32_mask16((w >> (e % 8)) & 0xFFFFu);
+      __m512 v = load_masked(x + i, m);
+      if (bias_row) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias_row + col + t));
+      __m512 o = _mm512_maskz_mul_ps(k, v, sv);
+      if (residual) o = _mm512_add_ps(o, load_masked(residual + i, m));
+      store_masked(out + i, m, o);
+    }
+    j += seg;
+    col += seg;
+    if (col == N) col = 0;
+  }
+}
 #if !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
@@ -608,6 +659,31 @@ inline bool use_keep_masks(bool dropout, uint32_t threshold) {
 #else
   (void)dropout;
   (void)threshold;
+  return false;
+#endif
+}
+
+template <typename scalar_t>
+bool masked_forward(const scalar_t* x, const float* bias_row, const scalar_t* residual, scalar_t* out,
+                    Rows rows, float p, uint64_t seed) {
+#if FUSEDREG_X86_DISPATCH
+  const uint32_t threshold = keep_threshold(p);
+  if (!use_keep_masks<scalar_t, Activation::kNone>(true, threshold)) return false;
+  const float scale = dropout_scale(p);
+  const int64_t total = rows.M * rows.N;
+  const cpu::PhiloxKeys keys(seed);
+  const Streams<scalar_t> streams{x, residual, out};
+  at::parallel_for(0, (total + kChunk - 1) / kChunk, kGrainChunks, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {  // chunks start at multiples of kChunk: of 4
+      const int64_t start = chunk * kChunk;
+      const int64_t len = std::min(kChunk, total - start);
+      prefetch_ahead(streams, start, total);
+      masked_forward_chunk<scalar_t>(keys, seed, threshold, p, start, len, rows.N, x, bias_row, residual, out,
+                                     scale);
+    }
+  });
+  return true;
+#else
   return false;
 #endif
 }
