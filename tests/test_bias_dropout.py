@@ -604,3 +604,89 @@ print("ok")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_cpu_backward_without_activation_bitwise_at_every_level(tmp_path):
+    """The CPU backward without an activation (AVX-512: keep decisions from the Philox words
+    against an integer threshold, never the uniforms; AVX2 and baseline: the uniforms) gives
+    grad_x = keep ? grad_out * scale : +0 exactly (float32 math, rounded as torch rounds) at
+    every level, keep bit for bit the reference's u >= p, and the same grad_bias bits at every
+    level; the forward (the same keep masks) gives (keep ? (x + bias) * scale : +0) + residual,
+    each step rounded in float32, the same bits at every level. p includes a value that some element's uniform equals exactly (kept: u >= p) and
+    1.0; shapes with N % 4 != 0 (the tiles' uniforms path), tiles of four rows and of one,
+    two column blocks (N > 16384), tails of every length, a flat range over several threads'
+    chunks. Each level in a fresh process (read once)."""
+    import os
+    import subprocess
+    import sys
+    from fusedreg.reference.philox import dropout_uniform as ref_uniform
+
+    if "cpu" not in BACKENDS:
+        pytest.skip("cpu backend not built")
+    seed = 2**33 + 17
+    u = ref_uniform(seed, 200)
+    p_exact = float(u[(u > 0.05) & (u < 0.95)][0])
+    code = r'''
+import sys, torch, fusedreg  # noqa: F401
+seed, p_exact, path = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+out = {}
+g = torch.Generator().manual_seed(5)
+for dt in (torch.float32, torch.bfloat16, torch.float16):
+    for shape in ((64, 1024), (33, 1151), (9, 300), (2, 4100), (3, 16400), (3, 4), (1, 45)):
+        grad = (torch.randn(shape, generator=g, dtype=torch.float64) + 0.5).to(dt)
+        grad[0, :3] = torch.tensor([-0.0, float("inf"), float("nan")])
+        bias = torch.randn(shape[1], generator=g).to(dt)
+        for p in (0.1, 0.5, 1.0, p_exact):
+            for need_bias in (False, True):
+                gx, gb = torch.ops.fusedreg.bias_dropout_bwd(grad, None, bias, p, 0, torch.tensor(seed),
+                                                             need_bias)
+                out[(str(dt), shape, p, need_bias)] = (grad, gx, gb)
+            # the forward too (also keep masks at the AVX-512 level, without an activation)
+            x = grad.flip(0).contiguous()
+            r = torch.randn(shape, generator=g).to(dt)
+            for has_res in (False, True):
+                y = torch.ops.fusedreg.bias_dropout_fwd(x, bias, r if has_res else None, p, 0,
+                                                        torch.tensor(seed))
+                out[("fwd", str(dt), shape, p, has_res)] = (x, bias, r if has_res else None, y)
+torch.save(out, path)
+'''
+    results = {}
+    for level in ("baseline", "avx2", "avx512"):
+        path = str(tmp_path / f"{level}.pt")
+        env = {**os.environ, "FUSEDREG_CPU_ISA": level}
+        res = subprocess.run([sys.executable, "-c", code, str(seed), repr(p_exact), path], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        results[level] = torch.load(path)
+    bits = lambda t: t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+    for key, val in results["avx512"].items():
+        if key[0] != "fwd":
+            continue
+        _, _, shape, p, _ = key
+        x, bias, r, y = val
+        keep = dropout_keep(shape, p, seed)
+        v = torch.where(keep, (x.float() + bias.float()) * dropout_scale(p), torch.zeros(()))
+        want = (v + r.float() if r is not None else v).to(x.dtype)
+        # NaN payloads aside (torch's own conversions differ in them; the levels agree below)
+        nan = want.isnan()
+        assert torch.equal(y.isnan(), nan), key
+        assert torch.equal(bits(y)[~nan], bits(want)[~nan]), key
+        for level in ("baseline", "avx2"):
+            assert torch.equal(bits(results[level][key][3]), bits(y)), (level, key)
+    for key, val in results["avx512"].items():
+        if key[0] == "fwd":
+            continue
+        grad, gx, gb = val
+        _, shape, p, need_bias = key
+        keep = dropout_keep(shape, p, seed)
+        if p == p_exact:
+            assert keep.flatten()[(u == p_exact).nonzero()[0, 0]]  # u == p is kept
+        want = torch.where(keep, grad.float() * dropout_scale(p), torch.zeros(())).to(grad.dtype)
+        assert torch.equal(bits(gx), bits(want)), key
+        if need_bias:
+            torch.testing.assert_close(gb, want.double().sum(0).to(gb.dtype), equal_nan=True,
+                                       **REDUCTION[grad.dtype])
+        for level in ("baseline", "avx2"):
+            _, gx_l, gb_l = results[level][key]
+            assert torch.equal(bits(gx_l), bits(gx)), (level, key)
+            assert torch.equal(bits(gb_l), bits(gb)), (level, key)
