@@ -341,6 +341,37 @@ def test_backward_is_bitwise_deterministic(backend, layout):
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("case", [((3, 4, 5, 6), "c"), ((3, 4, 5, 6), "cl"), ((6, 5), "c"),
+                                  ((2, 3, 2, 3, 4), "cl")], ids=_case_id)
+def test_in_place_op_after_the_norm_is_an_ordinary_one(backend, case):
+    """The autograd Function returns y in x's shape and layout as a tensor of its own, not a
+    view of its storage-shaped output: an in-place op after the norm (ResNet's relu_) is then
+    an ordinary in-place op on a Function output (no CopySlices, whose backward copies the
+    whole gradient), and the gradients are those of torch's norm followed by relu_."""
+    shape, layout = case
+    C = shape[1]
+    x64 = _layout(_data(shape, torch.float64), layout)
+    dy = _layout(_data(shape, torch.float64, 5, 0.0), layout)
+    w, b = _data((C,), torch.float64, 3), _data((C,), torch.float64, 4)
+    got, want = [], []
+    for fn, out in ((F.batch_norm, got), (TF.batch_norm, want)):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x64, w, b))
+        rm, rv = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+        with fusedreg.use_backend(backend):
+            y = fn(xs, rm, rv, ws, bs, True)
+            if fn is F.batch_norm:
+                assert not y._is_view() and type(y.grad_fn).__name__ != "CopySlices"
+                assert y.stride() == x64.stride()
+            y.relu_()
+            if fn is F.batch_norm:
+                assert type(y.grad_fn).__name__ == "ReluBackward0"
+            y.backward(dy)
+        out += [y.detach(), xs.grad, ws.grad, bs.grad, rm, rv]
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS,
                     reason="the triton backend does not run on CPU tensors here (needs TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("layout", ["c", "cl"])
