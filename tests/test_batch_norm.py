@@ -242,6 +242,29 @@ def test_cpu_short_rows_are_each_rows_own_result(dtype, S):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("act", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_channels_last_forward_rows_are_each_rows_own_result(dtype, act):
+    """The CPU channels-last forward without dropout computes four rows a step (each channel's
+    values loaded once for them), the chunk's last rows one by one: every row's output is
+    bitwise what the op gives for that row alone (a (1, 1, C) tensor), with and without a
+    residual, at an odd channel count."""
+    L, C = 23, 37
+    ops = torch.ops.fusedreg
+    x, r = _data((1, L, C), dtype), _data((1, L, C), dtype, seed=2, offset=-0.5)
+    w, b, mean, _ = _params(C, dtype)
+    invstd = _data((C,), torch.float32, 8, offset=1.0, std=0.2).abs() + 0.1
+    seed = torch.zeros(1, dtype=torch.long)
+    for res in (None, r):
+        whole = ops.batch_norm_fwd(x, res, w, b, mean, invstd, act, 0.0, seed, True)
+        for i in range(L):
+            alone = ops.batch_norm_fwd(x[:, i:i + 1].contiguous(),
+                                       None if res is None else res[:, i:i + 1].contiguous(),
+                                       w, b, mean, invstd, act, 0.0, seed, True)
+            assert torch.equal(whole[0, i], alone[0, 0]), f"row {i}"
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_cpu_channel_ops_are_the_four_ops_bitwise(dtype):
     """The cpu backend's one-op training passes on (N, C, S) storage without dropout
