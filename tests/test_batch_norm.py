@@ -245,10 +245,9 @@ def test_cpu_short_rows_are_each_rows_own_result(dtype, S):
 @pytest.mark.parametrize("act", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_channels_last_forward_rows_are_each_rows_own_result(dtype, act):
-    """The CPU channels-last forward without dropout computes four rows a step (each channel's
-    values loaded once for them), the chunk's last rows one by one: every row's output is
-    bitwise what the op gives for that row alone (a (1, 1, C) tensor), with and without a
-    residual, at an odd channel count."""
+    """The CPU channels-last forward without dropout over many rows (chunks of rows over the
+    threads): every row's output is bitwise what the op gives for that row alone (a (1, 1, C)
+    tensor), with and without a residual, at an odd channel count."""
     L, C = 23, 37
     ops = torch.ops.fusedreg
     x, r = _data((1, L, C), dtype), _data((1, L, C), dtype, seed=2, offset=-0.5)

@@ -543,38 +543,6 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_rows(const x_t* dy, const x_t* x, con
   }
 }
 
-// The forward of kRows consecutive CL rows without dropout (row i at x + i * len): each
-// channel's mean, scale and shift loaded once for the kRows rows instead of once a row (three
-// vector loads for every vector of x, which at two threads left the channels-last eval below
-// the NCS one), each element the expression fwd_span evaluates (the same values).
-template <Activation A, typename x_t, typename acc_t>
-inline FUSEDREG_ALWAYS_INLINE void fwd_rows(const x_t* x, const x_t* r, x_t* y, int64_t len, const acc_t* mean,
-                                            const acc_t* scale, const acc_t* shift) {
-  if (r) {
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) {
-      const acc_t mu = mean[j], k = scale[j], b = shift[j];
-#pragma GCC unroll 4
-      for (int i = 0; i < kRows; ++i) {
-        const int64_t o = i * len + j;
-        const acc_t t = (to_acc<acc_t>(x[o]) - mu) * k + b + to_acc<acc_t>(r[o]);
-        y[o] = from_acc<x_t>(activate<A, acc_t, cpu::VecMath>(t));
-      }
-    }
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) {
-      const acc_t mu = mean[j], k = scale[j], b = shift[j];
-#pragma GCC unroll 4
-      for (int i = 0; i < kRows; ++i) {
-        const int64_t o = i * len + j;
-        const acc_t t = (to_acc<acc_t>(x[o]) - mu) * k + b;
-        y[o] = from_acc<x_t>(activate<A, acc_t, cpu::VecMath>(t));
-      }
-    }
-  }
-}
-
 // What the element-wise backward writes: grad_x (training: with the mean terms m1, m2;
 // eval: scale * dz) and/or grad_residual (dz).
 enum class GxMode { kNone, kEval, kTrain };
@@ -739,14 +707,7 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
     // One dispatch per chunk of rows: rows can be short (C = 64 channels, a 7x7 map).
     dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
       int64_t c = l.channel(r0);  // NCS: the row's channel, stepped (not a division per row)
-      int64_t row = r0;
-      if (l.cl && !drop) {  // CL rows kRows a step (fwd_rows), the chunk's last ones below
-        for (; row + kRows <= r1; row += kRows) {
-          const int64_t off = row * len;
-          fwd_rows<A>(x + off, r ? r + off : nullptr, y + off, len, mean, scale, shift);
-        }
-      }
-      for (; row < r1; ++row) {
+      for (int64_t row = r0; row < r1; ++row) {
         const float* ks = drop ? keep.row(l, drop, seed, p, row) : nullptr;
         const int64_t off = row * len;
         const x_t* rr = r ? r + off : nullptr;
