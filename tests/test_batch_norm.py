@@ -242,6 +242,28 @@ def test_cpu_short_rows_are_each_rows_own_result(dtype, S):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("act", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_channels_last_forward_rows_are_each_rows_own_result(dtype, act):
+    """The CPU channels-last forward without dropout over many rows (chunks of rows over the
+    threads): every row's output is bitwise what the op gives for that row alone (a (1, 1, C)
+    tensor), with and without a residual, at an odd channel count."""
+    L, C = 23, 37
+    ops = torch.ops.fusedreg
+    x, r = _data((1, L, C), dtype), _data((1, L, C), dtype, seed=2, offset=-0.5)
+    w, b, mean, _ = _params(C, dtype)
+    invstd = _data((C,), torch.float32, 8, offset=1.0, std=0.2).abs() + 0.1
+    seed = torch.zeros(1, dtype=torch.long)
+    for res in (None, r):
+        whole = ops.batch_norm_fwd(x, res, w, b, mean, invstd, act, 0.0, seed, True)
+        for i in range(L):
+            alone = ops.batch_norm_fwd(x[:, i:i + 1].contiguous(),
+                                       None if res is None else res[:, i:i + 1].contiguous(),
+                                       w, b, mean, invstd, act, 0.0, seed, True)
+            assert torch.equal(whole[0, i], alone[0, 0]), f"row {i}"
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_cpu_channel_ops_are_the_four_ops_bitwise(dtype):
     """The cpu backend's one-op training passes on (N, C, S) storage without dropout
@@ -339,6 +361,37 @@ def test_backward_is_bitwise_deterministic(backend, layout):
                 [x, r, w, b], dy, [rm, rv]))
     for a, c in zip([runs[0][0]] + runs[0][1] + runs[0][2], [runs[1][0]] + runs[1][1] + runs[1][2]):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("case", [((3, 4, 5, 6), "c"), ((3, 4, 5, 6), "cl"), ((6, 5), "c"),
+                                  ((2, 3, 2, 3, 4), "cl")], ids=_case_id)
+def test_in_place_op_after_the_norm_is_an_ordinary_one(backend, case):
+    """The autograd Function returns y in x's shape and layout as a tensor of its own, not a
+    view of its storage-shaped output: an in-place op after the norm (ResNet's relu_) is then
+    an ordinary in-place op on a Function output (no CopySlices, whose backward copies the
+    whole gradient), and the gradients are those of torch's norm followed by relu_."""
+    shape, layout = case
+    C = shape[1]
+    x64 = _layout(_data(shape, torch.float64), layout)
+    dy = _layout(_data(shape, torch.float64, 5, 0.0), layout)
+    w, b = _data((C,), torch.float64, 3), _data((C,), torch.float64, 4)
+    got, want = [], []
+    for fn, out in ((F.batch_norm, got), (TF.batch_norm, want)):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x64, w, b))
+        rm, rv = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+        with fusedreg.use_backend(backend):
+            y = fn(xs, rm, rv, ws, bs, True)
+            if fn is F.batch_norm:
+                assert not y._is_view() and type(y.grad_fn).__name__ != "CopySlices"
+                assert y.stride() == x64.stride()
+            y.relu_()
+            if fn is F.batch_norm:
+                assert type(y.grad_fn).__name__ == "ReluBackward0"
+            y.backward(dy)
+        out += [y.detach(), xs.grad, ws.grad, bs.grad, rm, rv]
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS,

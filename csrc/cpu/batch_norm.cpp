@@ -142,6 +142,61 @@ struct Lanes {
       if (pending >= kLaneChunk) fold();
     }
   }
+  // add(len, f_i, readable(i)) for the rows i in [0, n) in order, f_i(j) = f(i, j): the same
+  // adds and folds, so the same values, as n calls of add, but with the lanes kept in the
+  // local copy from row to row (rows of at most kLaneChunk values: one chunk each). For short
+  // rows (a 4x4 map: 16 values) each add's copy in and out, its chunk loop and fold test cost
+  // as much as the row's own adds.
+  template <bool SQ = false, typename F, typename R>
+  inline FUSEDREG_ALWAYS_INLINE void add_rows(int64_t n, int64_t len, const F& f, const R& readable) {
+    if (len > kLaneChunk) {
+      for (int64_t i = 0; i < n; ++i) {
+        add<SQ>(len, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return f(i, j); }, readable(i));
+      }
+      return;
+    }
+    alignas(64) acc_t p[K];
+    for (int k = 0; k < K; ++k) p[k] = part[k];
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t j = 0;
+      for (; j + K <= len; j += K) {
+#pragma omp simd
+        for (int k = 0; k < K; ++k) {
+          const acc_t v = f(i, j + k);
+          p[k] += SQ ? v * v : v;
+        }
+      }
+      const int rem = static_cast<int>(len - j);
+      if (rem && j + K <= readable(i)) {  // add's masked tail
+        for (int k0 = 0; k0 < rem; k0 += kTailStep) {
+          acc_t* q = p + k0;
+          const int left = rem - k0;
+#pragma omp simd
+          for (int k = 0; k < kTailStep; ++k) {
+            const acc_t v = f(i, j + k0 + k);
+            const acc_t u = k < left ? v : acc_t(0);
+            q[k] += SQ ? u * u : u;
+          }
+        }
+      } else {
+#pragma omp simd
+        for (int k = 0; k < rem; ++k) {
+          const acc_t v = f(i, j + k);
+          p[k] += SQ ? v * v : v;
+        }
+      }
+      pending += len;
+      if (pending >= kLaneChunk) {  // fold(), on the local copy
+        for (int w = K / 2; w >= 1; w /= 2) {
+          for (int k = 0; k < w; ++k) p[k] += p[k + w];
+        }
+        total += p[0];
+        for (int k = 0; k < K; ++k) p[k] = acc_t(0);
+        pending = 0;
+      }
+    }
+    for (int k = 0; k < K; ++k) part[k] = p[k];
+  }
   inline FUSEDREG_ALWAYS_INLINE void fold() {
     for (int w = K / 2; w >= 1; w /= 2) {
       for (int k = 0; k < w; ++k) part[k] += part[k + w];
@@ -348,6 +403,91 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_span(const x_t* dy, const x_t* x, con
       l1.fold();
       l2.fold();
     }
+  }
+}
+
+// dz_sums_span of the n rows i of one NCS channel in order (row i at offset i * stride from
+// dy, x, r; readable(i) values readable from its start), for rows of at most kLaneChunk
+// values: the same adds and folds, so the same values, as a call per row, with the lanes kept
+// in local copies from row to row (Lanes::add_rows: for short rows the copies in and out and
+// the fold test cost as much as the row's own work).
+template <Activation A, typename x_t, typename acc_t, typename R>
+inline FUSEDREG_ALWAYS_INLINE void dz_sums_short_rows(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t n,
+                                                      int64_t stride, int64_t len, acc_t mean, acc_t invstd,
+                                                      acc_t scale, acc_t shift, Lanes<acc_t, kLanes2<acc_t>>& l1,
+                                                      Lanes<acc_t, kLanes2<acc_t>>& l2, const R& readable) {
+  constexpr int K = kLanes2<acc_t>;
+  alignas(64) acc_t p1[K], p2[K];
+  for (int k = 0; k < K; ++k) {
+    p1[k] = l1.part[k];
+    p2[k] = l2.part[k];
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const x_t* dyi = dy + i * stride;
+    const x_t* xi = x + i * stride;
+    const x_t* ri = r + i * stride;
+    auto body = [&](int64_t j, int k) FUSEDREG_ALWAYS_INLINE {
+      const acc_t d = to_acc<acc_t>(xi[j]) - mean;
+      acc_t dz = to_acc<acc_t>(dyi[j]);
+      if constexpr (A != Activation::kNone) {
+        const acc_t z = d * scale + shift + rf * to_acc<acc_t>(ri[j]);
+        dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
+      }
+      p1[k] += dz;
+      p2[k] += dz * (d * invstd);
+    };
+    int64_t j = 0;
+    for (; j + K <= len; j += K) {
+#pragma omp simd
+      for (int k = 0; k < K; ++k) body(j + k, k);
+    }
+    const int rem = static_cast<int>(len - j);
+    if (rem && j + K <= readable(i)) {  // dz_sums_span's masked tail
+      for (int k0 = 0; k0 < rem; k0 += kTailStep) {
+        const int left = rem - k0;
+        acc_t* q1 = p1 + k0;
+        acc_t* q2 = p2 + k0;
+#pragma omp simd
+        for (int k = 0; k < kTailStep; ++k) {
+          const int64_t jk = j + k0 + k;
+          const acc_t d = to_acc<acc_t>(xi[jk]) - mean;
+          acc_t dz = to_acc<acc_t>(dyi[jk]);
+          if constexpr (A != Activation::kNone) {
+            const acc_t z = d * scale + shift + rf * to_acc<acc_t>(ri[jk]);
+            dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
+          }
+          const bool in = k < left;
+          const acc_t g = in ? dz : acc_t(0);
+          const acc_t xh = in ? d * invstd : acc_t(0);
+          q1[k] += g;
+          q2[k] += g * xh;
+        }
+      }
+    } else {
+#pragma omp simd
+      for (int k = 0; k < rem; ++k) body(j + k, k);
+    }
+    l1.pending += len;
+    if (l1.pending >= kLaneChunk) {  // l1.fold(), l2.fold() on the local copies
+      for (int w = K / 2; w >= 1; w /= 2) {
+        for (int k = 0; k < w; ++k) {
+          p1[k] += p1[k + w];
+          p2[k] += p2[k + w];
+        }
+      }
+      l1.total += p1[0];
+      l2.total += p2[0];
+      for (int k = 0; k < K; ++k) {
+        p1[k] = acc_t(0);
+        p2[k] = acc_t(0);
+      }
+      l1.pending = 0;
+      l2.pending = 0;
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    l1.part[k] = p1[k];
+    l2.part[k] = p2[k];
   }
 }
 
@@ -670,21 +810,19 @@ inline FUSEDREG_ALWAYS_INLINE void ncs_channel_stats(const Layout& l, const x_t*
   const int64_t numel = l.N * C * l.S;
   if (l.N * l.S * static_cast<int64_t>(sizeof(x_t)) <= kWholeChannelBytes) {
     const acc_t k = static_cast<acc_t>(x[c * l.S]);
+    const x_t* x0 = x + c * l.S;  // row i at x0 + i * stride
+    const int64_t stride = C * l.S;
+    auto readable = [&](int64_t i) FUSEDREG_ALWAYS_INLINE { return numel - (i * C + c) * l.S; };
     lanes.clear();
-    for (int64_t i = 0; i < l.N; ++i) {
-      const x_t* row = x + (i * C + c) * l.S;
-      lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - k; },
-                numel - (i * C + c) * l.S);
-    }
+    lanes.add_rows(
+        l.N, l.S, [&](int64_t i, int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(x0[i * stride + j]) - k; },
+        readable);
     const acc_t count = static_cast<acc_t>(l.N * l.S);
     const acc_t mu = k + lanes.sum() / count;
     lanes.clear();
-    for (int64_t i = 0; i < l.N; ++i) {
-      const x_t* row = x + (i * C + c) * l.S;
-      lanes.template add<true>(
-          l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - mu; },
-          numel - (i * C + c) * l.S);
-    }
+    lanes.template add_rows<true>(
+        l.N, l.S, [&](int64_t i, int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(x0[i * stride + j]) - mu; },
+        readable);
     mean_out = mu;
     var_out = lanes.sum() / count;
     return;
@@ -899,10 +1037,17 @@ inline FUSEDREG_ALWAYS_INLINE void ncs_channel_sums(const Layout& l, const BwdAr
   const acc_t rf = a.r ? acc_t(1) : acc_t(0);
   l1.clear();
   l2.clear();
-  for (int64_t i = 0; i < l.N; ++i) {
-    const int64_t off = (i * C + c) * len;
-    dz_sums_span<A>(a.dy + off, a.x + off, rb + off, rf, len, a.mean[c], a.invstd[c], a.scale[c], a.shift[c], l1,
-                    l2, l.N * C * len - off);
+  if (len <= kLaneChunk) {  // short rows: the lanes in registers across the rows
+    const int64_t off0 = c * len, numel = l.N * C * len;
+    dz_sums_short_rows<A>(a.dy + off0, a.x + off0, rb + off0, rf, l.N, C * len, len, a.mean[c], a.invstd[c],
+                          a.scale[c], a.shift[c], l1, l2,
+                          [&](int64_t i) FUSEDREG_ALWAYS_INLINE { return numel - (i * C + c) * len; });
+  } else {
+    for (int64_t i = 0; i < l.N; ++i) {
+      const int64_t off = (i * C + c) * len;
+      dz_sums_span<A>(a.dy + off, a.x + off, rb + off, rf, len, a.mean[c], a.invstd[c], a.scale[c], a.shift[c], l1,
+                      l2, l.N * C * len - off);
+    }
   }
   l2.pending = l1.pending;
   s1 = l1.sum();
