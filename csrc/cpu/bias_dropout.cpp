@@ -396,8 +396,8 @@ inline FUSEDREG_ALWAYS_INLINE void backward_segment_any(
 // against the uniforms' conversion (fold, convert, multiply), their permutes into element
 // order (12 shuffles per 64 elements), stores, reloads and float compare. The words' keep
 // bits are put in element order with four pdep per 64 elements (scalar port, beside the
-// vector work). The Philox rounds are those of cpu::philox_uniforms_blocks_avx512
-// (fusedreg/cpu/uniforms.h): the same words, so the same decisions (the tests compare the
+// vector work). The Philox rounds are cpu::philox_rounds_avx512 (fusedreg/cpu/uniforms.h),
+// those of the uniforms: the same words, so the same decisions (the tests compare the
 // gradients with the uniforms' path and the reference bit for bit).
 
 // T (see above) for p in (0, 1]; 2^31 when no uniform reaches p.
@@ -433,43 +433,8 @@ template <int NB>
 FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void philox_keep_blocks_avx512(
     const cpu::PhiloxKeys& keys, const cpu::PhiloxHead& head, uint64_t g, __m512i t, __m512i t2,
     uint64_t* __restrict keep) {
-  constexpr int NV = 2 * NB;  // 2b: groups g + 16b + 0, 2, .., 14 (A); 2b + 1: the odd ones (B)
-  const __m512i ma = _mm512_set1_epi64(0xD2511F53u);
-  const __m512i mb = _mm512_set1_epi64(0xCD9E8D57u);
-  const __m512i base = _mm512_set1_epi64(static_cast<long long>(g));
-  const __m512i even = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
-  __m512i c0[NV], c1[NV], c2[NV], c3[NV];
-  // rounds 0 and 1 on their constant operands (uniforms.h)
-  const __m512i k1_0 = _mm512_set1_epi32(static_cast<int>(keys.k1[0]));
-  const __m512i k0_1 = _mm512_set1_epi32(static_cast<int>(keys.k0[1]));
-  const __m512i h0k = _mm512_set1_epi32(static_cast<int>(head.h0_1));
-  const __m512i lo0 = _mm512_set1_epi32(static_cast<int>(head.lo0_1));
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) {
-    const __m512i gv = _mm512_add_epi64(base, _mm512_add_epi64(even, _mm512_set1_epi64(16 * (v / 2) + (v % 2))));
-    const __m512i p0 = _mm512_mul_epu32(gv, ma);
-    const __m512i c2_0 = _mm512_xor_si512(_mm512_shuffle_epi32(p0, _MM_PERM_DDBB), k1_0);
-    const __m512i p1 = _mm512_mul_epu32(c2_0, mb);
-    c0[v] = _mm512_xor_si512(_mm512_shuffle_epi32(p1, _MM_PERM_DDBB), k0_1);
-    c2[v] = _mm512_xor_si512(p0, h0k);
-    c1[v] = p1;
-    c3[v] = lo0;
-  }
-#pragma GCC unroll 8
-  for (int r = 2; r < 10; ++r) {
-    const __m512i k0 = _mm512_set1_epi32(static_cast<int>(keys.k0[r]));
-    const __m512i k1 = _mm512_set1_epi32(static_cast<int>(keys.k1[r]));
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      const __m512i p0 = _mm512_mul_epu32(c0[v], ma), p1 = _mm512_mul_epu32(c2[v], mb);
-      const __m512i h0 = _mm512_shuffle_epi32(p0, _MM_PERM_DDBB);
-      const __m512i h1 = _mm512_shuffle_epi32(p1, _MM_PERM_DDBB);
-      c0[v] = _mm512_ternarylogic_epi32(h1, c1[v], k0, 0x96);
-      c2[v] = _mm512_ternarylogic_epi32(h0, c3[v], k1, 0x96);
-      c1[v] = p1;
-      c3[v] = p0;
-    }
-  }
+  __m512i c0[2 * NB], c1[2 * NB], c2[2 * NB], c3[2 * NB];
+  cpu::philox_rounds_avx512<NB>(keys, &head, g, c0, c1, c2, c3);
   // Words 0, 1 (w01) and 2, 3 (w23) of A's and B's groups, a group's pair in two adjacent
   // 32-bit lanes; bit 2i + j of a compare mask is word j (or 2 + j) of the vector's group i,
   // that is element 8i + j (A) or 8i + 4 + j (B) of the block.

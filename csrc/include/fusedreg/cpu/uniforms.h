@@ -11,7 +11,7 @@
 // the two XORs of a round are one vpternlogd. Per 16 groups and round that is 4 multiplies,
 // 4 shuffles and 4 ternary logic ops (a 32-bit-lane form needs 4 multiplies, 2 two-uop
 // vpmulld, 4 shifts, 2 blends and 4 XORs). It runs 32 groups at a time as four independent
-// chains (see philox_uniforms_blocks_avx512).
+// chains (see philox_rounds_avx512).
 #pragma once
 
 #include <cstdint>
@@ -103,26 +103,28 @@ struct PhiloxHead {
   }
 };
 
-// u[0, 64 * NB) = the uniforms of groups g, g + 1, ..., g + 16 * NB - 1 (elements 4g ..).
-// Block b (16 groups) is two vectors: A holds groups g + 16b + 0, 2, ..., 14 and B groups
-// g + 16b + 1, 3, ..., 15, one per 64-bit lane; only the low 32 bits of a lane are state
-// (vpmuludq ignores the high ones). A round of one vector is a dependency chain of a
-// multiply (5 cycles), a shuffle and a ternary logic op: with two chains (NB = 1) the core
-// waits on that latency; four independent chains (NB = 2) keep the multiply and shuffle
-// ports busy (measured: about 0.48 against 0.65 ns per element on one core).
+// The Philox state after its 10 rounds for the 16 * NB groups g, g + 1, ..., g + 16 * NB - 1:
+// vector 2b ("A" of block b) holds groups g + 16b + 0, 2, ..., 14 and vector 2b + 1 ("B")
+// groups g + 16b + 1, 3, ..., 15, one per 64-bit lane; word j of a group is the low 32 bits
+// of its lane of cj (vpmuludq ignores the high ones). Shared by the uniforms below and by
+// the kernels that take keep decisions from the words directly (bias_dropout.cpp).
+// A round of one vector is a dependency chain of a multiply (5 cycles), a shuffle and a
+// ternary logic op: with two chains (NB = 1) the core waits on that latency; four
+// independent chains (NB = 2) keep the multiply and shuffle ports busy (measured: about 0.48
+// against 0.65 ns per element on one core).
 // The first two rounds have constant operands: c2 = c3 = 0 enter round 0 (its second product
 // is 0, so c0 = c1 ^ k0 and c1 = 0 leave it), and when the groups share their high word
 // (head, else null) round 1's first product is one constant, (g_hi ^ k0[0]) * M0: 2 of the
 // 20 multiplies and shuffles per vector, the same bits.
 template <int NB>
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void philox_uniforms_blocks_avx512(
-    const PhiloxKeys& keys, const PhiloxHead* head, uint64_t g, float* __restrict u) {
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void philox_rounds_avx512(
+    const PhiloxKeys& keys, const PhiloxHead* head, uint64_t g, __m512i (&c0)[2 * NB],
+    __m512i (&c1)[2 * NB], __m512i (&c2)[2 * NB], __m512i (&c3)[2 * NB]) {
   constexpr int NV = 2 * NB;  // vectors (chains): 2b = A of block b, 2b + 1 = B of block b
   const __m512i ma = _mm512_set1_epi64(0xD2511F53u);
   const __m512i mb = _mm512_set1_epi64(0xCD9E8D57u);
   const __m512i base = _mm512_set1_epi64(static_cast<long long>(g));
   const __m512i even = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
-  __m512i c0[NV], c1[NV], c2[NV], c3[NV];
   // round 0, from the counters (g_lo, g_hi, 0, 0)
   const __m512i k0_0 = _mm512_set1_epi32(static_cast<int>(keys.k0[0]));
   const __m512i k1_0 = _mm512_set1_epi32(static_cast<int>(keys.k1[0]));
@@ -168,6 +170,15 @@ FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void philox_uniforms_blocks
       c3[v] = p0;                                              // lo0
     }
   }
+}
+
+// u[0, 64 * NB) = the uniforms of groups g, g + 1, ..., g + 16 * NB - 1 (elements 4g ..),
+// from the state of philox_rounds_avx512.
+template <int NB>
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void philox_uniforms_blocks_avx512(
+    const PhiloxKeys& keys, const PhiloxHead* head, uint64_t g, float* __restrict u) {
+  __m512i c0[2 * NB], c1[2 * NB], c2[2 * NB], c3[2 * NB];
+  philox_rounds_avx512<NB>(keys, head, g, c0, c1, c2, c3);
 #pragma GCC unroll 2
   for (int b = 0; b < NB; ++b) {
     // Element 4k + j = word j of group k. m01 holds, per 64-bit lane (group), words 0 and 1
