@@ -339,13 +339,15 @@ inline FUSEDREG_ALWAYS_INLINE void dz_span(const x_t* dy, const x_t* x, const x_
 template <typename acc_t>
 constexpr int kLanes2 = kLanes<acc_t> / 2;
 
+// Columns [c0, c1) of one NCS row (dy, x, r from the row's start; readable values readable
+// from it) into the local lane copies p1 (dz) and p2 (dz * xhat): whole steps of K values,
+// then the rest as Lanes::add's masked tail (both sums at once) where a whole step is
+// readable, else one value at a time. Shared by dz_sums_span and dz_sums_short_rows.
 template <Activation A, typename x_t, typename acc_t>
-inline FUSEDREG_ALWAYS_INLINE void dz_sums_span(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
-                                                acc_t mean, acc_t invstd, acc_t scale, acc_t shift,
-                                                Lanes<acc_t, kLanes2<acc_t>>& l1, Lanes<acc_t, kLanes2<acc_t>>& l2,
-                                                int64_t readable) {
+inline FUSEDREG_ALWAYS_INLINE void dz_sums_stretch(const x_t* dy, const x_t* x, const x_t* r, acc_t rf,
+                                                   int64_t c0, int64_t c1, int64_t readable, acc_t mean,
+                                                   acc_t invstd, acc_t scale, acc_t shift, acc_t* p1, acc_t* p2) {
   constexpr int K = kLanes2<acc_t>;
-  alignas(64) acc_t p1[K], p2[K];  // local copies of the lanes, in registers (Lanes::add)
   auto body = [&](int64_t j, int k) FUSEDREG_ALWAYS_INLINE {
     const acc_t d = to_acc<acc_t>(x[j]) - mean;
     acc_t dz = to_acc<acc_t>(dy[j]);
@@ -356,44 +358,54 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_span(const x_t* dy, const x_t* x, con
     p1[k] += dz;
     p2[k] += dz * (d * invstd);
   };
+  int64_t j = c0;
+  for (; j + K <= c1; j += K) {
+#pragma omp simd
+    for (int k = 0; k < K; ++k) body(j + k, k);
+  }
+  const int rem = static_cast<int>(c1 - j);
+  if (rem && j + K <= readable) {
+    for (int k0 = 0; k0 < rem; k0 += kTailStep) {
+      const int left = rem - k0;
+      acc_t* q1 = p1 + k0;
+      acc_t* q2 = p2 + k0;
+#pragma omp simd
+      for (int k = 0; k < kTailStep; ++k) {
+        const int64_t jk = j + k0 + k;
+        const acc_t d = to_acc<acc_t>(x[jk]) - mean;
+        acc_t dz = to_acc<acc_t>(dy[jk]);
+        if constexpr (A != Activation::kNone) {
+          const acc_t z = d * scale + shift + rf * to_acc<acc_t>(r[jk]);
+          dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
+        }
+        // dz and xhat past rem replaced by 0 (selects) before the same sums as body's
+        const bool in = k < left;
+        const acc_t g = in ? dz : acc_t(0);
+        const acc_t xh = in ? d * invstd : acc_t(0);
+        q1[k] += g;
+        q2[k] += g * xh;
+      }
+    }
+  } else {
+#pragma omp simd
+    for (int k = 0; k < rem; ++k) body(j + k, k);
+  }
+}
+
+template <Activation A, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void dz_sums_span(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
+                                                acc_t mean, acc_t invstd, acc_t scale, acc_t shift,
+                                                Lanes<acc_t, kLanes2<acc_t>>& l1, Lanes<acc_t, kLanes2<acc_t>>& l2,
+                                                int64_t readable) {
+  constexpr int K = kLanes2<acc_t>;
+  alignas(64) acc_t p1[K], p2[K];  // local copies of the lanes, in registers (Lanes::add)
   for (int64_t c0 = 0; c0 < len; c0 += kLaneChunk) {
     const int64_t c1 = std::min(len, c0 + kLaneChunk);
     for (int k = 0; k < K; ++k) {
       p1[k] = l1.part[k];
       p2[k] = l2.part[k];
     }
-    int64_t j = c0;
-    for (; j + K <= c1; j += K) {
-#pragma omp simd
-      for (int k = 0; k < K; ++k) body(j + k, k);
-    }
-    const int rem = static_cast<int>(c1 - j);
-    if (rem && j + K <= readable) {  // Lanes::add's masked tail, both sums at once
-      for (int k0 = 0; k0 < rem; k0 += kTailStep) {
-        const int left = rem - k0;
-        acc_t* q1 = p1 + k0;
-        acc_t* q2 = p2 + k0;
-#pragma omp simd
-        for (int k = 0; k < kTailStep; ++k) {
-          const int64_t jk = j + k0 + k;
-          const acc_t d = to_acc<acc_t>(x[jk]) - mean;
-          acc_t dz = to_acc<acc_t>(dy[jk]);
-          if constexpr (A != Activation::kNone) {
-            const acc_t z = d * scale + shift + rf * to_acc<acc_t>(r[jk]);
-            dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
-          }
-          // dz and xhat past rem replaced by 0 (selects) before the same sums as body's
-          const bool in = k < left;
-          const acc_t g = in ? dz : acc_t(0);
-          const acc_t xh = in ? d * invstd : acc_t(0);
-          q1[k] += g;
-          q2[k] += g * xh;
-        }
-      }
-    } else {
-#pragma omp simd
-      for (int k = 0; k < rem; ++k) body(j + k, k);
-    }
+    dz_sums_stretch<A>(dy, x, r, rf, c0, c1, readable, mean, invstd, scale, shift, p1, p2);
     for (int k = 0; k < K; ++k) {
       l1.part[k] = p1[k];
       l2.part[k] = p2[k];
@@ -423,50 +435,8 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_short_rows(const x_t* dy, const x_t* 
     p2[k] = l2.part[k];
   }
   for (int64_t i = 0; i < n; ++i) {
-    const x_t* dyi = dy + i * stride;
-    const x_t* xi = x + i * stride;
-    const x_t* ri = r + i * stride;
-    auto body = [&](int64_t j, int k) FUSEDREG_ALWAYS_INLINE {
-      const acc_t d = to_acc<acc_t>(xi[j]) - mean;
-      acc_t dz = to_acc<acc_t>(dyi[j]);
-      if constexpr (A != Activation::kNone) {
-        const acc_t z = d * scale + shift + rf * to_acc<acc_t>(ri[j]);
-        dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
-      }
-      p1[k] += dz;
-      p2[k] += dz * (d * invstd);
-    };
-    int64_t j = 0;
-    for (; j + K <= len; j += K) {
-#pragma omp simd
-      for (int k = 0; k < K; ++k) body(j + k, k);
-    }
-    const int rem = static_cast<int>(len - j);
-    if (rem && j + K <= readable(i)) {  // dz_sums_span's masked tail
-      for (int k0 = 0; k0 < rem; k0 += kTailStep) {
-        const int left = rem - k0;
-        acc_t* q1 = p1 + k0;
-        acc_t* q2 = p2 + k0;
-#pragma omp simd
-        for (int k = 0; k < kTailStep; ++k) {
-          const int64_t jk = j + k0 + k;
-          const acc_t d = to_acc<acc_t>(xi[jk]) - mean;
-          acc_t dz = to_acc<acc_t>(dyi[jk]);
-          if constexpr (A != Activation::kNone) {
-            const acc_t z = d * scale + shift + rf * to_acc<acc_t>(ri[jk]);
-            dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
-          }
-          const bool in = k < left;
-          const acc_t g = in ? dz : acc_t(0);
-          const acc_t xh = in ? d * invstd : acc_t(0);
-          q1[k] += g;
-          q2[k] += g * xh;
-        }
-      }
-    } else {
-#pragma omp simd
-      for (int k = 0; k < rem; ++k) body(j + k, k);
-    }
+    dz_sums_stretch<A>(dy + i * stride, x + i * stride, r + i * stride, rf, 0, len, readable(i), mean, invstd,
+                       scale, shift, p1, p2);
     l1.pending += len;
     if (l1.pending >= kLaneChunk) {  // l1.fold(), l2.fold() on the local copies
       for (int w = K / 2; w >= 1; w /= 2) {
