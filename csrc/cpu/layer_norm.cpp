@@ -298,7 +298,7 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
     const acc_t* h_late = nullptr;  // h's row (float/double h, streamed): stored chunk by chunk below
     if (!dropout && !rr && !hr) {
       vr = xv;  // h is x itself: read it in place
-      sum = row_sum<ISA>(vr, N);
+      if (!a.rms) sum = row_sum<ISA>(vr, N);  // RMS: no mean, so no pass for it
     } else if constexpr (std::is_same_v<h_t, acc_t>) {
       // h is stored by the loop itself: one loop for both, so the two give the same bits.
       // Streamed, h is the row v itself, stored chunk by chunk in the last pass beside y (so
@@ -325,7 +325,7 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
       }
       cpu::row_from_float(v, bits, N);
       cpu::row_to_float(bits, v, N);
-      sum = row_sum<ISA>(static_cast<const acc_t*>(v), N);
+      if (!a.rms) sum = row_sum<ISA>(static_cast<const acc_t*>(v), N);
       if (hr) {
         if (nt) cpu::store_row_nt<ISA>(hr, bits, N * int64_t(sizeof(h_t)));
         else std::memcpy(hr, bits, N * sizeof(h_t));
