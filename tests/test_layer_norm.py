@@ -204,6 +204,68 @@ def test_dropout_mask_equals_dropout_mask(backend, shape):
     assert torch.all(x.grad[~keep] == 0) and torch.all(x.grad[keep] != 0)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+def test_cpu_dropout_keep_decisions_at_every_level(tmp_path):
+    """The cpu kernels' dropout keep decisions (AVX-512: 0/1 floats from the Philox words'
+    keep bits, csrc/include/fusedreg/cpu/keep_bits.h; AVX2 and baseline: the uniforms) are
+    the reference's u >= p at every level, in the forward and in the backward: float32 with a
+    residual, h = where(keep, x * scale, 0) + residual and grad_x = where(keep, grad_residual *
+    scale, 0) bit for bit (grad_residual is dh itself); bfloat16, grad_x is zero exactly where
+    dropped. p includes a value that some element's uniform equals exactly (kept) and 1.0;
+    rows with N % 4 != 0 (keep bits read at a shifted offset), rows of every tail length,
+    paired backward rows (N >= 1024) and rows past the prefetch limit. Each level in a fresh
+    process (the level is read once)."""
+    import os
+    import subprocess
+    import sys
+    from fusedreg.reference.philox import dropout_keep
+    from fusedreg.reference.philox import dropout_uniform as ref_uniform
+
+    seed = 2**33 + 5
+    u = ref_uniform(seed, 300)
+    p_exact = float(u[(u > 0.05) & (u < 0.95)][0])
+    code = r'''
+import sys, torch, fusedreg
+from fusedreg import functional as F
+seed, p_exact, path = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+out = {}
+g = torch.Generator().manual_seed(3)
+with fusedreg.use_backend("cpu"):
+    for dt in (torch.float32, torch.bfloat16):
+        for shape in ((33, 1151), (9, 300), (6, 1024), (3, 4100), (1, 45), (4, 3)):
+            x = (torch.randn(shape, generator=g, dtype=torch.float64) + 0.5).to(dt).requires_grad_()
+            r = torch.randn(shape, generator=g, dtype=torch.float64).to(dt).requires_grad_()
+            w = (torch.rand(shape[1], generator=g) + 0.5).to(dt).requires_grad_()
+            b = torch.randn(shape[1], generator=g).to(dt).requires_grad_()
+            dy = torch.randn(shape, generator=g).to(dt)
+            for p in (0.1, 0.5, 1.0, p_exact):
+                y, h = F.dropout_add_layer_norm(x, r, w, b, p=p, prenorm=True, seed=seed)
+                gx, gr = torch.autograd.grad(y, [x, r], dy)
+                out[(str(dt), shape, p)] = (x.detach(), r.detach(), h.detach(), gx, gr)
+torch.save(out, path)
+'''
+    for level in ("baseline", "avx2", "avx512"):
+        path = str(tmp_path / f"{level}.pt")
+        env = {**os.environ, "FUSEDREG_CPU_ISA": level}
+        res = subprocess.run([sys.executable, "-c", code, str(seed), repr(p_exact), path], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        for key, (x, r, h, gx, gr) in torch.load(path).items():
+            dt, shape, p = key
+            keep = dropout_keep(shape, p, seed)
+            if p == p_exact:
+                assert keep.flatten()[(u == p_exact).nonzero()[0, 0]]  # u == p is kept
+            if p == 1.0:
+                assert not keep.any()
+            zero = torch.zeros((), dtype=gx.dtype)
+            if x.dtype == torch.float32:
+                assert torch.equal(h, torch.where(keep, x * dropout_scale(p), zero) + r), (level, key)
+                assert torch.equal(gx, torch.where(keep, gr * dropout_scale(p), zero)), (level, key)
+            else:
+                assert torch.all(gx[~keep] == 0), (level, key)
+                assert torch.equal(gx != 0, keep & (gr != 0)), (level, key)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_is_bitwise_deterministic(backend):
     shape = (48, 257)  # several row blocks/programs contribute partial sums of dW and dB

@@ -20,6 +20,7 @@
 #include "fusedreg/activation.h"
 #include "fusedreg/cpu/alloc.h"
 #include "fusedreg/cpu/isa.h"
+#include "fusedreg/cpu/keep_bits.h"
 #include "fusedreg/cpu/philox_stream.h"
 #include "fusedreg/cpu/rows.h"
 #include "fusedreg/cpu/uniforms.h"
@@ -388,31 +389,9 @@ inline FUSEDREG_ALWAYS_INLINE void backward_segment_any(
 
 // ---- the backward without an activation, at the AVX-512 level: keep masks, not uniforms ----
 // grad_x = keep ? grad_out * scale : 0 needs only the keep decisions u >= p, not the
-// uniforms. u = float(fold(w)) * 2^-31 with fold(w) = w < 0 ? ~w : w (the word as int32,
-// philox.h's uint_to_uniform) is non-decreasing in fold(w) (both roundings are monotone), so
-// u >= p exactly when fold(w) >= T, T the least fold value whose uniform reaches p
-// (keep_threshold, a binary search with the same two float operations). fold(w) < T means
-// -T <= w < T, that is (uint32)(w + T) < 2T: one add and one unsigned compare per 16 words,
-// against the uniforms' conversion (fold, convert, multiply), their permutes into element
-// order (12 shuffles per 64 elements), stores, reloads and float compare. The words' keep
-// bits are put in element order with four pdep per 64 elements (scalar port, beside the
-// vector work). The Philox rounds are cpu::philox_rounds_avx512 (fusedreg/cpu/uniforms.h),
-// those of the uniforms: the same words, so the same decisions (the tests compare the
-// gradients with the uniforms' path and the reference bit for bit).
-
-// T (see above) for p in (0, 1]; 2^31 when no uniform reaches p.
-inline uint32_t keep_threshold(float p) {
-  int64_t lo = 0, hi = int64_t(1) << 31;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if (static_cast<float>(static_cast<int32_t>(mid)) * 4.6566127342e-10f >= p) {
-      hi = mid;
-    } else {
-      lo = mid + 1;
-    }
-  }
-  return static_cast<uint32_t>(lo);
-}
+// uniforms: they are taken from the Philox words as bits (fusedreg/cpu/keep_bits.h, shared
+// with layer_norm's dropout), the same decisions (the tests compare the gradients with the
+// uniforms' path and the reference bit for bit).
 
 #if FUSEDREG_X86_DISPATCH
 #if !defined(__clang__)
@@ -420,53 +399,6 @@ inline uint32_t keep_threshold(float p) {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
-// Bit i of the result: whether 32-bit word i of merge_low_words(lo, hi) is kept.
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE uint64_t keep_bits16(__m512i lo, __m512i hi, __m512i t,
-                                                                        __m512i t2) {
-  const __m512i w = cpu::merge_low_words(lo, hi);
-  return uint64_t(_cvtmask16_u32(_mm512_cmpge_epu32_mask(_mm512_add_epi32(w, t), t2)));
-}
-
-// keep[b] (bit e: element 64b + e kept) for the 16 * NB groups from g on (elements 4g ...),
-// the groups sharing their high word (head). t = T, t2 = 2T broadcast.
-template <int NB>
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void philox_keep_blocks_avx512(
-    const cpu::PhiloxKeys& keys, const cpu::PhiloxHead& head, uint64_t g, __m512i t, __m512i t2,
-    uint64_t* __restrict keep) {
-  __m512i c0[2 * NB], c1[2 * NB], c2[2 * NB], c3[2 * NB];
-  cpu::philox_rounds_avx512<NB>(keys, &head, g, c0, c1, c2, c3);
-  // Words 0, 1 (w01) and 2, 3 (w23) of A's and B's groups, a group's pair in two adjacent
-  // 32-bit lanes; bit 2i + j of a compare mask is word j (or 2 + j) of the vector's group i,
-  // that is element 8i + j (A) or 8i + 4 + j (B) of the block.
-#pragma GCC unroll 2
-  for (int b = 0; b < NB; ++b) {
-    const int a = 2 * b, o = 2 * b + 1;
-    // (no lambda: a lambda does not take the function's target, and could not inline these)
-    keep[b] = _pdep_u64(keep_bits16(c0[a], c1[a], t, t2), 0x0303030303030303ull) |
-              _pdep_u64(keep_bits16(c2[a], c3[a], t, t2), 0x0C0C0C0C0C0C0C0Cull) |
-              _pdep_u64(keep_bits16(c0[o], c1[o], t, t2), 0x3030303030303030ull) |
-              _pdep_u64(keep_bits16(c2[o], c3[o], t, t2), 0xC0C0C0C0C0C0C0C0ull);
-  }
-}
-
-// keep[0, ceil(len / 64)) for elements [start, start + len), start a multiple of 4 (the bits
-// past len are those of the groups after). False (nothing written) when the groups do not
-// share their high word (a range across a multiple of 2^34 elements): the caller then takes
-// the uniforms.
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE bool philox_keep_avx512(
-    const cpu::PhiloxKeys& keys, int64_t start, int64_t len, uint32_t threshold, uint64_t* keep) {
-  const uint64_t g = static_cast<uint64_t>(start) >> 2;
-  const int64_t blocks = (len + 63) / 64;
-  if ((g >> 32) != ((g + 16 * uint64_t(blocks) - 1) >> 32)) return false;
-  const cpu::PhiloxHead head(keys, static_cast<uint32_t>(g >> 32));
-  const __m512i t = _mm512_set1_epi32(static_cast<int>(threshold));
-  const __m512i t2 = _mm512_set1_epi32(static_cast<int>(2 * threshold));
-  int64_t b = 0;
-  for (; b + 2 <= blocks; b += 2) philox_keep_blocks_avx512<2>(keys, head, g + 16 * b, t, t2, keep + b);
-  if (b < blocks) philox_keep_blocks_avx512<1>(keys, head, g + 16 * b, t, t2, keep + b);
-  return true;
-}
-
 // 16 (or the m-masked first) elements as float, and back: c10's values bit for bit
 // (fusedreg/cpu/half_convert.h's formulas, with masked loads and stores).
 FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m512 load_masked(const float* p, __mmask16 m) {
@@ -516,15 +448,6 @@ FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void masked_grad_avx512(
   }
 }
 
-// The keep bits of elements [start, start + len) from the uniforms, one at a time: only for
-// the rare range whose groups do not share their high word.
-inline void keep_from_uniforms(uint64_t seed, int64_t start, int64_t len, float p, uint64_t* keep) {
-  for (int64_t b = 0; b < (len + 63) / 64; ++b) keep[b] = 0;
-  for (int64_t e = 0; e < len; ++e) {
-    if (dropout_uniform(seed, start + e) >= p) keep[e / 64] |= uint64_t(1) << (e % 64);
-  }
-}
-
 // One chunk (len <= kChunk elements from start, a multiple of 4) of the backward without an
 // activation: its keep masks, then gx = keep ? g * scale : 0 and acc += that (acc: null or
 // the chunk's columns of the bias partial row). g and gx point at the chunk's first element.
@@ -533,7 +456,7 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void masked_backward_chunk(
     const cpu::PhiloxKeys& keys, uint64_t seed, uint32_t threshold, float p, int64_t start, int64_t len,
     const scalar_t* g, scalar_t* gx, float scale, float* acc) {
   alignas(64) uint64_t keep[kChunk / 64];
-  if (!philox_keep_avx512(keys, start, len, threshold, keep)) keep_from_uniforms(seed, start, len, p, keep);
+  if (!cpu::philox_keep_avx512(keys, start, len, threshold, keep)) cpu::keep_from_uniforms(seed, start, len, p, keep);
   masked_grad_avx512(g, keep, gx, len, scale, acc);
 }
 
@@ -548,7 +471,9 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void masked_backward_rows(
   alignas(64) uint64_t keep[R][kChunk / 64];
   for (int i = 0; i < R; ++i) {
     const int64_t start = (r0 + i) * N + c;
-    if (!philox_keep_avx512(keys, start, len, threshold, keep[i])) keep_from_uniforms(seed, start, len, p, keep[i]);
+    if (!cpu::philox_keep_avx512(keys, start, len, threshold, keep[i])) {
+      cpu::keep_from_uniforms(seed, start, len, p, keep[i]);
+    }
   }
   const __m512 sv = _mm512_set1_ps(scale);
   for (int64_t t = 0; t < len; t += 16) {
@@ -579,7 +504,7 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void masked_forward_chunk(
     int64_t N, const scalar_t* x, const float* bias_row, const scalar_t* residual, scalar_t* out, float scale) {
   alignas(64) uint64_t keep[kChunk / 64 + 1];  // one word more: 4-byte reads at any byte offset
   keep[kChunk / 64] = 0;
-  if (!philox_keep_avx512(keys, start, len, threshold, keep)) keep_from_uniforms(seed, start, len, p, keep);
+  if (!cpu::philox_keep_avx512(keys, start, len, threshold, keep)) cpu::keep_from_uniforms(seed, start, len, p, keep);
   const char* kb = reinterpret_cast<const char*>(keep);
   const __m512 sv = _mm512_set1_ps(scale);
   int64_t col = start % N;
@@ -620,7 +545,7 @@ template <typename scalar_t, Activation A>
 inline bool use_keep_masks(bool dropout, uint32_t threshold) {
 #if FUSEDREG_X86_DISPATCH
   return A == Activation::kNone && dropout && !std::is_same_v<scalar_t, double> &&
-         threshold < (uint32_t(1) << 31) && cpu::cpu_has_avx512();
+         cpu::keep_threshold_usable(threshold) && cpu::cpu_has_avx512();
 #else
   (void)dropout;
   (void)threshold;
@@ -632,7 +557,7 @@ template <typename scalar_t>
 bool masked_forward(const scalar_t* x, const float* bias_row, const scalar_t* residual, scalar_t* out,
                     Rows rows, float p, uint64_t seed) {
 #if FUSEDREG_X86_DISPATCH
-  const uint32_t threshold = keep_threshold(p);
+  const uint32_t threshold = cpu::keep_threshold(p);
   if (!use_keep_masks<scalar_t, Activation::kNone>(true, threshold)) return false;
   const float scale = dropout_scale(p);
   const int64_t total = rows.M * rows.N;
@@ -664,7 +589,7 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
   const auto bias_f_at = [&](int64_t col) FUSEDREG_ALWAYS_INLINE {
     return bias_f.empty() ? nullptr : bias_f.data() + col;
   };
-  const uint32_t threshold = dropout ? keep_threshold(p) : 0;
+  const uint32_t threshold = dropout ? cpu::keep_threshold(p) : 0;
   const bool masks = use_keep_masks<scalar_t, A>(dropout, threshold);
   if (grad_bias == nullptr) {
     const Streams<scalar_t> streams{g, x, gx};

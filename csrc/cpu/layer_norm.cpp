@@ -5,7 +5,9 @@
 // Row blocks are spread over threads by cpu::for_each_task (fusedreg/cpu/scheduler.h) and run
 // at the CPU's instruction-set level (fusedreg/cpu/isa.h). Each row is copied once into an
 // fp32 scratch row (L1/L2 resident) so the statistics and the output read it from cache, and
-// the dropout uniforms of a row are drawn in bulk (fusedreg/cpu/uniforms.h). Sums run in
+// the dropout uniforms of a row are drawn in bulk (fusedreg/cpu/uniforms.h; at the AVX-512
+// level 0/1 floats from the Philox words' keep bits instead, fusedreg/cpu/keep_bits.h: read as
+// the uniforms are, u >= p, the same decisions and the same loops). Sums run in
 // blocks of kSumBlock (a two-level sum: error ~ sqrt(N / kSumBlock) * kSumBlock * eps instead
 // of N * eps); the statistics sums run in vectors of the level's width with several accumulators
 // (row_sum_vec, bwd_sums), so that they are not bound by the latency of one add chain.
@@ -28,6 +30,7 @@
 
 #include "fusedreg/cpu/alloc.h"
 #include "fusedreg/cpu/isa.h"
+#include "fusedreg/cpu/keep_bits.h"
 #include "fusedreg/cpu/philox_stream.h"
 #include "fusedreg/cpu/rows.h"
 #include "fusedreg/cpu/scheduler.h"
@@ -127,6 +130,7 @@ struct FwdArgs {
   uint64_t seed;
   bool rms;
   bool nt;              // y and h with non-temporal stores
+  uint32_t keep_t;      // cpu::keep_threshold(p) (with dropout)
 };
 
 // The hardware prefetchers stop at 4 KiB page boundaries, and a row of 1024 floats is one
@@ -273,7 +277,7 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
   const cpu::PhiloxKeys keys(a.seed);
   // The dropout uniforms of row r are in u: the first row's generated here, each next row's
   // during the last pass over the row before it (see below).
-  if (dropout && r0 < r1) cpu::fill_uniforms_at<ISA>(keys, a.seed, r0 * N, N, u);
+  if (dropout && r0 < r1) cpu::fill_keep_at<ISA>(keys, a.seed, a.keep_t, r0 * N, N, u);
   // A float/double call without dropout, residual or stored h reads x in place and writes y
   // in place: no scratch row to place.
   const bool scratch = nt || dropout || a.residual || a.h || !std::is_same_v<x_t, acc_t>;
@@ -294,7 +298,7 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
     const acc_t* h_late = nullptr;  // h's row (float/double h, streamed): stored chunk by chunk below
     if (!dropout && !rr && !hr) {
       vr = xv;  // h is x itself: read it in place
-      sum = row_sum<ISA>(vr, N);
+      if (!a.rms) sum = row_sum<ISA>(vr, N);  // RMS: no mean, so no pass for it
     } else if constexpr (std::is_same_v<h_t, acc_t>) {
       // h is stored by the loop itself: one loop for both, so the two give the same bits.
       // Streamed, h is the row v itself, stored chunk by chunk in the last pass beside y (so
@@ -321,7 +325,7 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
       }
       cpu::row_from_float(v, bits, N);
       cpu::row_to_float(bits, v, N);
-      sum = row_sum<ISA>(static_cast<const acc_t*>(v), N);
+      if (!a.rms) sum = row_sum<ISA>(static_cast<const acc_t*>(v), N);
       if (hr) {
         if (nt) cpu::store_row_nt<ISA>(hr, bits, N * int64_t(sizeof(h_t)));
         else std::memcpy(hr, bits, N * sizeof(h_t));
@@ -348,7 +352,7 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
         prefetch_chunk(nx, k);
         prefetch_chunk(nr, k);
       }
-      if (next_u) cpu::fill_uniforms_at<ISA>(keys, a.seed, (r + 1) * N + j0, j1 - j0, u_next + j0);
+      if (next_u) cpu::fill_keep_at<ISA>(keys, a.seed, a.keep_t, (r + 1) * N + j0, j1 - j0, u_next + j0);
       acc_t* yc = y_copy ? yo : yo + j0;  // y[j] at yc[j - j0]
       if (w && b) {
 #pragma omp simd
@@ -433,6 +437,7 @@ struct BwdArgs {
   uint64_t seed;
   bool rms;
   bool nt;              // gx and gres with non-temporal stores
+  uint32_t keep_t;      // cpu::keep_threshold(p) (with dropout)
 };
 
 // g = dy * w (stored: store_grads must see the very same rounded g that c1 sums, or an
@@ -535,7 +540,7 @@ template <cpu::Isa ISA, bool DOUT, bool GRES, bool DROPOUT, typename x_t, typena
           typename Emit>
 inline FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const acc_t* hr, const acc_t* dor, acc_t* grr,
                                                acc_t* gxr, bool gr_staged, bool gx_staged, float* u,
-                                               const cpu::PhiloxKeys& keys, uint64_t seed,
+                                               const cpu::PhiloxKeys& keys, uint64_t seed, uint32_t keep_t,
                                                int64_t start, int64_t N, acc_t mu, acc_t rs, acc_t c1, acc_t c2,
                                                float p, acc_t scale, const x_t* ndy, const h_t* nh,
                                                const h_t* ndo, const Emit& emit) {
@@ -546,7 +551,7 @@ inline FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const acc_t* hr, 
       if constexpr (DOUT) prefetch_chunk(ndo, k);
     }
     const int64_t j1 = std::min(N, j0 + kStoreChunk);
-    if constexpr (DROPOUT) cpu::fill_uniforms_at<ISA>(keys, seed, start + j0, j1 - j0, u + j0);
+    if constexpr (DROPOUT) cpu::fill_keep_at<ISA>(keys, seed, keep_t, start + j0, j1 - j0, u + j0);
     acc_t* grc = GRES ? (gr_staged ? grr : grr + j0) : nullptr;  // element j at [j - j0]
     acc_t* gxc = gx_staged ? gxr : gxr + j0;
 #pragma omp simd
@@ -651,7 +656,7 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
       switch ((dov ? 1 : 0) | (gro ? 2 : 0) | (dropout ? 4 : 0)) {
 #define FUSEDREG_CASE(F)                                                                                  \
   case F:                                                                                                 \
-    store_grads<ISA, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(gi, hvi, dov, gro, gxo, gr_copy, gx_copy, u, keys, a.seed, ri * N, \
+    store_grads<ISA, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(gi, hvi, dov, gro, gxo, gr_copy, gx_copy, u, keys, a.seed, a.keep_t, ri * N, \
                                                                N, mu[i], rs[i], c1i, c2i, p, scale, ndy, nh, ndo, emit); \
     break;
         FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
@@ -796,7 +801,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
           bias.defined() ? bias.const_data_ptr<w_t>() : nullptr, y.mutable_data_ptr<x_t>(),
           store_h ? h.mutable_data_ptr<h_t>() : nullptr, rms ? nullptr : mean.mutable_data_ptr<acc_t>(),
           rstd.mutable_data_ptr<acc_t>(), N, static_cast<acc_t>(eps), static_cast<float>(p), s, rms,
-          use_nt(M * N * int64_t(sizeof(x_t)))};
+          use_nt(M * N * int64_t(sizeof(x_t))), p > 0.0 ? cpu::keep_threshold(static_cast<float>(p)) : 0u};
       forward_kernel(args, M);
     });
   });
@@ -856,7 +861,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
           h.const_data_ptr<h_t>(), weight.defined() ? weight.const_data_ptr<w_t>() : nullptr,
           mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), gx.mutable_data_ptr<x_t>(),
           need_grad_residual ? gres.mutable_data_ptr<h_t>() : nullptr, N, static_cast<float>(p), s, rms,
-          use_nt(M * N * int64_t(sizeof(x_t)))};
+          use_nt(M * N * int64_t(sizeof(x_t))), p > 0.0 ? cpu::keep_threshold(static_cast<float>(p)) : 0u};
       backward_kernel(args, M, need_grad_weight ? gw.mutable_data_ptr<w_t>() : nullptr,
                       need_grad_bias ? gb.mutable_data_ptr<w_t>() : nullptr);
     });
