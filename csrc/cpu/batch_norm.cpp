@@ -311,6 +311,42 @@ inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, 
   }
 }
 
+// fwd_span of kFwdRows consecutive CL rows without dropout (row i at offset i * len): each
+// channel's mean, scale and shift loaded once for the two rows instead of once a row (three
+// loads per vector of outputs), the same expression per element, so the same values. Two rows,
+// not four: on the AMD EPYC machine four rows a step were slower than one at (32, 64, 56, 56)
+// (a microbenchmark of the loop, 1.6-2.0 against 1.5-1.7 ms; two: 1.1-1.4), as they were on
+// the Intel machine (e6905e7, reverted in 095e58d).
+constexpr int kFwdRows = 2;
+
+template <Activation A, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void fwd_rows(const x_t* x, const x_t* r, x_t* y, int64_t len, const acc_t* mean,
+                                            const acc_t* scale, const acc_t* shift) {
+  if (r) {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      const acc_t mu = mean[j], k = scale[j], b = shift[j];
+#pragma GCC unroll 2
+      for (int i = 0; i < kFwdRows; ++i) {
+        const int64_t o = i * len + j;
+        const acc_t t = (to_acc<acc_t>(x[o]) - mu) * k + b + to_acc<acc_t>(r[o]);
+        y[o] = from_acc<x_t>(activate<A, acc_t, cpu::VecMath>(t));
+      }
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      const acc_t mu = mean[j], k = scale[j], b = shift[j];
+#pragma GCC unroll 2
+      for (int i = 0; i < kFwdRows; ++i) {
+        const int64_t o = i * len + j;
+        const acc_t t = (to_acc<acc_t>(x[o]) - mu) * k + b;
+        y[o] = from_acc<x_t>(activate<A, acc_t, cpu::VecMath>(t));
+      }
+    }
+  }
+}
+
 // g[j] = dz = dy * ks[j] * act'(z) (0 where dropped), xh[j] = xhat, for j in [0, len). r is x when there is no
 // residual, with rf = 0 (an unconditional load: a conditional one keeps the loop scalar).
 template <Activation A, bool VEC, typename x_t, typename acc_t>
@@ -486,6 +522,25 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_row(const x_t* dy, const x_t* x, cons
 // added in order (the same adds as kRows calls of dz_sums_row: the same values).
 constexpr int kRows = 4;
 
+// Software prefetch of the CL reduction's rows: prefetch_rows(len) rows ahead of the four
+// being added (at least 4 KiB, at least 8 rows): with the dy, x (and residual) rows walked
+// four at a time (eight or twelve interleaved streams) the hardware prefetchers of the AMD
+// EPYC machine left the loop waiting on memory (a microbenchmark of the loop, one thread,
+// median of 25-100 interleaved calls, twice: (100352, 64) float32 1.56-1.67 ms without, 1.35
+// eight rows ahead, 1.26 sixteen; (6272, 256), in L3, 0.18 without, 0.16-0.17 eight ahead).
+template <typename x_t>
+inline int64_t prefetch_rows(int64_t len) {
+  return std::max<int64_t>(8, 4096 / std::max<int64_t>(1, len * static_cast<int64_t>(sizeof(x_t))));
+}
+
+// Prefetches every 64-byte line of the n values from p (into all cache levels).
+template <typename T>
+inline FUSEDREG_ALWAYS_INLINE void prefetch_span(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
+}
+
 template <Activation A, bool STORE = false, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void dz_sums_rows(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
                                                 const acc_t* mean, const acc_t* invstd, const acc_t* scale,
@@ -541,6 +596,49 @@ inline FUSEDREG_ALWAYS_INLINE void elemt_span(const x_t* dy, const x_t* x, const
       gx[j] = from_acc<x_t>((VEC ? scale[j] : k0) * (dz - (VEC ? m1[j] : a10) - xhat * (VEC ? m2[j] : a20)));
     } else if constexpr (GX == GxMode::kEval) {
       gx[j] = from_acc<x_t>((VEC ? scale[j] : k0) * dz);
+    }
+  }
+}
+
+// elemt_span of R consecutive CL rows (row i at offset i * len from each pointer): each
+// channel's values loaded once for the R rows instead of once a row (a row's own loop loads
+// six or seven per vector of outputs: on the AMD EPYC machine the 14x14 channels-last
+// element-wise pass was bound by those loads). Every element takes elemt_span's expression, so
+// the values are the same bit for bit. R: four rows of 128 or more values (four_rows), else
+// two (a microbenchmark of the loop, one thread, median of 40-80 interleaved
+// calls: (6272, 256) float32 0.44 -> 0.31 ms with four, 0.41 with two; (100352, 64) 2.38 ->
+// 2.22 with two, 2.46 with four).
+inline bool four_rows(int64_t len) {
+  return len >= 128;
+}
+template <int R, Activation A, GxMode GX, bool GR, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void elemt_rows(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
+                                              const acc_t* mean, const acc_t* invstd, const acc_t* scale,
+                                              const acc_t* shift, const acc_t* m1, const acc_t* m2, x_t* gx,
+                                              x_t* gr) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    const acc_t mu = mean[j], k = scale[j];
+    [[maybe_unused]] const acc_t b = A != Activation::kNone ? shift[j] : acc_t(0);
+    [[maybe_unused]] const acc_t inv = GX == GxMode::kTrain ? invstd[j] : acc_t(0);
+    [[maybe_unused]] const acc_t a1 = GX == GxMode::kTrain ? m1[j] : acc_t(0);
+    [[maybe_unused]] const acc_t a2 = GX == GxMode::kTrain ? m2[j] : acc_t(0);
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const int64_t o = i * len + j;
+      const acc_t d = to_acc<acc_t>(x[o]) - mu;
+      acc_t dz = to_acc<acc_t>(dy[o]);
+      if constexpr (A != Activation::kNone) {
+        const acc_t z = d * k + b + rf * to_acc<acc_t>(r[o]);
+        dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
+      }
+      if constexpr (GR) gr[o] = from_acc<x_t>(dz);
+      if constexpr (GX == GxMode::kTrain) {
+        const acc_t xhat = d * inv;
+        gx[o] = from_acc<x_t>(k * (dz - a1 - xhat * a2));
+      } else if constexpr (GX == GxMode::kEval) {
+        gx[o] = from_acc<x_t>(k * dz);
+      }
     }
   }
 }
@@ -677,7 +775,14 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
     // One dispatch per chunk of rows: rows can be short (C = 64 channels, a 7x7 map).
     dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
       int64_t c = l.channel(r0);  // NCS: the row's channel, stepped (not a division per row)
-      for (int64_t row = r0; row < r1; ++row) {
+      int64_t row = r0;
+      if (l.cl && !drop) {  // kFwdRows rows a step (fwd_rows), the chunk's last rows one by one below
+        for (; row + kFwdRows <= r1; row += kFwdRows) {
+          const int64_t off = row * len;
+          fwd_rows<A>(x + off, r ? r + off : nullptr, y + off, len, mean, scale, shift);
+        }
+      }
+      for (; row < r1; ++row) {
         const float* ks = drop ? keep.row(l, drop, seed, p, row) : nullptr;
         const int64_t off = row * len;
         const x_t* rr = r ? r + off : nullptr;
@@ -1092,8 +1197,15 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
           auto rows = [&](auto store) FUSEDREG_ALWAYS_INLINE {
             constexpr bool ST = decltype(store)::value;
             int64_t row = b * rb.per_block;
+            const int64_t ahead_by = prefetch_rows<x_t>(len) * len;
             for (; row + kRows <= r1; row += kRows) {
               const int64_t off = row * len;
+              // rows ahead into the cache (past the block's end too: for_each_task hands a thread
+              // consecutive blocks; past the tensor's end a prefetch is harmless)
+              const int64_t ahead = off + ahead_by;
+              prefetch_span(a.dy + ahead, kRows * len);
+              prefetch_span(a.x + ahead, kRows * len);
+              if (a.r) prefetch_span(a.r + ahead, kRows * len);
               dz_sums_rows<A, ST>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale, a.shift,
                                   q1, q2, ST ? gz + off : nullptr);
             }
@@ -1236,7 +1348,25 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
       for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
         dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
           int64_t cn = l.channel(r0);  // NCS: the row's channel, stepped (not a division per row)
-          for (int64_t row = r0; row < r1; ++row) {
+          int64_t row = r0;
+          if (l.cl) {  // kRows rows a step (elemt_rows), the chunk's last rows one by one below
+            const acc_t* q1 = GX == GxMode::kTrain ? m1 : nullptr;
+            const acc_t* q2 = GX == GxMode::kTrain ? m2 : nullptr;
+            auto step = [&](auto rows) FUSEDREG_ALWAYS_INLINE {
+              constexpr int R = decltype(rows)::value;
+              for (; row + R <= r1; row += R) {
+                const int64_t off = row * len;
+                elemt_rows<R, A, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale,
+                                         a.shift, q1, q2, gx ? gx + off : nullptr, GR ? gr + off : nullptr);
+              }
+            };
+            if (four_rows(len)) {
+              step(std::integral_constant<int, 4>{});
+            } else {
+              step(std::integral_constant<int, 2>{});
+            }
+          }
+          for (; row < r1; ++row) {
             const int64_t off = row * len;
             const int64_t c = cn;
             if (!l.cl && ++cn == l.C) cn = 0;
@@ -1492,7 +1622,34 @@ void gx_from_dz_cl_kernel(const Layout& l, const x_t* dz, const x_t* x, const at
   const int64_t len = l.row_len();
   for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
     dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-      for (int64_t row = r0; row < r1; ++row) {
+      int64_t row = r0;
+      // R rows a step, each channel's values loaded once for them (as elemt_rows)
+      auto step = [&](auto rows) FUSEDREG_ALWAYS_INLINE {
+        constexpr int R = decltype(rows)::value;
+        for (; row + R <= r1; row += R) {
+          const int64_t off = row * len;
+          const x_t* g = dz + off;
+          const x_t* xr = x + off;
+          x_t* o = gx + off;
+#pragma omp simd
+          for (int64_t j = 0; j < len; ++j) {
+            const acc_t mu = mean[j], inv = invstd[j], k = scale[j], a1 = m1[j], a2 = m2[j];
+#pragma GCC unroll 4
+            for (int i = 0; i < R; ++i) {
+              const int64_t q = i * len + j;
+              const acc_t d = to_acc<acc_t>(xr[q]) - mu;
+              const acc_t xhat = d * inv;
+              o[q] = from_acc<x_t>(k * (to_acc<acc_t>(g[q]) - a1 - xhat * a2));
+            }
+          }
+        }
+      };
+      if (four_rows(len)) {
+        step(std::integral_constant<int, 4>{});
+      } else {
+        step(std::integral_constant<int, 2>{});
+      }
+      for (; row < r1; ++row) {
         const int64_t off = row * len;
         const x_t* g = dz + off;
         const x_t* xr = x + off;
