@@ -36,6 +36,10 @@
 #include "fusedreg/macros.h"
 #include "fusedreg/optim_args.h"
 
+#if FUSEDREG_X86_DISPATCH
+#include <cpuid.h>
+#endif
+
 namespace fusedreg {
 namespace {
 
@@ -143,8 +147,60 @@ void parallel_spans(const Plan& plan, const F& fn) {
 // results are the same bits (tests/test_optim.py checks positions and thread splits bit for
 // bit). A prefetch never faults; the addresses are computed as integers so that one past an
 // array's end is not a pointer either.
+// Where the prefetch runs (prefetch_rule, found once per call): everywhere on an Intel CPU
+// (the figures above; an unknown vendor is treated the same), but on an AMD CPU (Zen 4 EPYC,
+// 1 MiB L2 per core, 32 MiB L3) the in-place loops run without it, one loop a span, and the
+// 16-bit register blocks prefetch only when the step's arrays outgrow the L3 the core reads
+// from (the cache-topology leaf's size of one L3, not glibc's sum over the package). There,
+// medians of 12-25 interleaved rounds in one process, one thread (thread CPU time), a loaded
+// machine, the prefetch off against the prefetch on: float32 SGD with momentum at 1M
+// parameters 0.139-0.151 against 0.207-0.220 ms (torch's fused 0.176-0.201), at 15.8M in 148
+// tensors 5.15 against 5.74 ms (torch's 5.33); float32 AdamW 0.271 against 0.301 ms at 1M,
+// 8.30 against 8.96 at 15.8M (torch's 8.31); blocks without the prefetch were in between
+// (0.177 ms at 1M: the blocking itself costs there), and no distance (2048 to 16384
+// elements) or kind (prefetcht0/t2/nta) was faster than none. bfloat16 with float32 state
+// (the register blocks) at 1M: SGD 0.101 against 0.112 ms (two threads), AdamW 0.360 against
+// 0.374 (one); at 15.8M the prefetch still helps SGD (3.99 and 3.89 ms with, 4.48 and 4.25
+// without, two runs) and is even for AdamW (7.04 against 7.13).
 constexpr int64_t kPfBlock = 64;    // elements per block (4 cache lines of float32 an array)
 constexpr int64_t kPfAhead = 8192;  // elements ahead (32 KiB of float32 an array)
+
+#if FUSEDREG_X86_DISPATCH
+// The size of one instance of the L3 (AMD's cache-topology leaf 0x8000001D; 32 MiB when the
+// leaf is missing). sysconf(_SC_LEVEL3_CACHE_SIZE) gave 384 MiB on the EPYC VM: every L3
+// of the package, most of which this core never reads from.
+inline int64_t amd_l3_bytes() {
+  static const int64_t bytes = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    for (unsigned i = 0; i < 8; ++i) {
+      if (__get_cpuid_count(0x8000001D, i, &a, &b, &c, &d) == 0 || (a & 31u) == 0) break;
+      if (((a >> 5) & 7u) == 3) {
+        return (int64_t((b >> 22) & 0x3FFu) + 1) * (int64_t((b >> 12) & 0x3FFu) + 1) *
+               (int64_t(b & 0xFFFu) + 1) * (int64_t(c) + 1);
+      }
+    }
+    return int64_t(32) << 20;
+  }();
+  return bytes;
+}
+#endif
+
+// Where a call's spans prefetch (the rule above): loops = the in-place loops
+// (prefetched_blocks), blocks16 = the 16-bit register blocks (blocks16_avx512).
+struct PrefetchRule {
+  bool loops, blocks16;
+};
+
+// bytes: the size of the step's arrays (its elements x the bytes an element has in p, g and
+// the state).
+inline PrefetchRule prefetch_rule(int64_t bytes) {
+#if FUSEDREG_X86_DISPATCH
+  static const bool amd = __builtin_cpu_is("amd");
+  if (amd) return {false, bytes > amd_l3_bytes()};
+#endif
+  (void)bytes;
+  return {true, true};
+}
 
 // Prefetches into L2 the lines of elements [i, i + kPfBlock) of array a (nullptr: nothing).
 template <typename T>
@@ -158,10 +214,12 @@ inline FUSEDREG_ALWAYS_INLINE void prefetch_block(const T* a, int64_t i) {
 
 // body(b, len) on the blocks [b, b + len) of a span's n elements, each array (the span's
 // pointers) prefetched kPfAhead elements ahead while that stays inside the tensor: avail =
-// the tensor's elements from the span's first on.
+// the tensor's elements from the span's first on; avail = 0: no prefetch, body(0, n), one
+// loop over the span.
 template <typename Body, typename... A>
 inline FUSEDREG_ALWAYS_INLINE void prefetched_blocks(int64_t n, int64_t avail, const Body& body,
                                                      const A*... arrays) {
+  if (avail == 0) return body(0, n);
   for (int64_t b = 0; b < n; b += kPfBlock) {
     if (b + kPfAhead < avail) (prefetch_block(arrays, b + kPfAhead), ...);
     body(b, std::min(kPfBlock, n - b));
@@ -264,6 +322,20 @@ inline void half_chunks(c10::Half* p, const c10::Half* g, const std::array<M*, N
 // the ones it has), so that the compiler sees where they point. Every array is prefetched
 // kPfAhead elements ahead (software prefetch, above) while that stays below avail, the
 // tensor's elements from p on (0: no prefetch).
+// cpu::store16 with float16's NaN lanes fixed only in a block that has one: the same bits
+// (no NaN: the converted values as they are; a NaN: cpu::store16 itself), without the blend
+// on every block, which on the EPYC (Zen 4) made fp16 SGD with fp16 state slower than torch's
+// fused.
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store16_step(c10::Half* dst, __m512 x) {
+  if (__builtin_expect(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) != 0, 0)) return cpu::store16(dst, x);
+  const __m256i v = _mm512_maskz_cvtps_ph(cpu::kAll16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
+}
+template <typename T>
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store16_step(T* dst, __m512 x) {
+  cpu::store16(dst, x);
+}
+
 template <typename T, typename M, size_t NS, typename Body>
 FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void blocks16_avx512(
     T* p, const T* g, const std::array<M*, NS> state, int64_t n, const Body body, int64_t avail) {
@@ -284,9 +356,9 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void blocks16_avx512(
       if (state[k] != nullptr) _mm512_store_ps(sf[k], cpu::load16(state[k] + b));
     }
     body(pf, gf, sp, std::integral_constant<int64_t, kB>{}, cpu::IsaTag<cpu::Isa::kAvx512>{});
-    cpu::store16(p + b, _mm512_load_ps(pf));
+    store16_step(p + b, _mm512_load_ps(pf));
     for (size_t k = 0; k < NS; ++k) {
-      if (state[k] != nullptr) cpu::store16(state[k] + b, _mm512_load_ps(sf[k]));
+      if (state[k] != nullptr) store16_step(state[k] + b, _mm512_load_ps(sf[k]));
     }
   }
 }
@@ -457,6 +529,9 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     }
     with_state_type<scalar_t, S>(sdtype, [&](auto state_type) {
       using M = typename decltype(state_type)::type;
+      // where this call prefetches (prefetch_rule, by the size of its arrays)
+      const PrefetchRule pf =
+          prefetch_rule(spans.first.back() * int64_t(2 * sizeof(scalar_t) + (amsgrad ? 3 : 2) * sizeof(M)));
       with_bool(amsgrad, [&](auto ams) {
         with_bool(h.l1 != 0.0, [&](auto has_l1) {
          with_float_bool<S>(rcp_ok, [&](auto rcp) {
@@ -466,14 +541,15 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
           parallel_spans(spans, [&](const Span& s) {
             scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
             const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
-            // the span's elements, and the tensor's from the span's first on (prefetch bound)
+            // the span's elements, and the tensor's from the span's first on (prefetch bound; 0 where
+            // pf says no prefetch)
             const int64_t n = s.end - s.begin, avail = params[s.tensor].numel() - s.begin;
             M* m = state_ptr<M>(exp_avgs, s);
             M* v = state_ptr<M>(exp_avg_sqs, s);
             M* vm = amsgrad ? state_ptr<M>(max_exp_avg_sqs, s) : nullptr;
             const S a = nss[s.tensor], b = bc2[s.tensor], rb = rbc2[s.tensor];
             if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-              half_span(p, g, std::array<M*, 3>{m, v, vm}, n, avail,
+              half_span(p, g, std::array<M*, 3>{m, v, vm}, n, pf.blocks16 ? avail : 0,
                         [=](float* pf, const float* gf, const std::array<float*, 3>& st, auto len, auto isa)
                             FUSEDREG_ALWAYS_INLINE {
                               adam_loop<float, S, float, kAms, kL1, kRcp && kHasFma<decltype(isa)>>(
@@ -481,7 +557,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                             });
             } else if (std::is_same_v<scalar_t, c10::BFloat16> && use_blocks16()) {
               if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-                blocks16_span(p, g, std::array<M*, 3>{m, v, vm}, n, avail,
+                blocks16_span(p, g, std::array<M*, 3>{m, v, vm}, n, pf.blocks16 ? avail : 0,
                               [=](float* pf, const float* gf, const std::array<float*, 3>& st, auto len, auto isa)
                                   FUSEDREG_ALWAYS_INLINE {
                                     adam_loop<float, S, float, kAms, kL1, kRcp && kHasFma<decltype(isa)>>(
@@ -491,7 +567,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
             } else {
               dispatch_isa([&](auto isa) FUSEDREG_ALWAYS_INLINE {
                 prefetched_blocks(
-                    n, avail,
+                    n, pf.loops ? avail : 0,
                     [&](int64_t i, int64_t len) FUSEDREG_ALWAYS_INLINE {
                       adam_loop<scalar_t, S, M, kAms, kL1, kRcp && kHasFma<decltype(isa)>>(
                           c, a, b, rb, p + i, g + i, m + i, v + i, kAms ? vm + i : vm, len);
@@ -521,29 +597,33 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     const SgdConsts<S> c = make_sgd_consts<S>(h);
     with_state_type<scalar_t, S>(sdtype, [&](auto state_type) {
       using M = typename decltype(state_type)::type;
+      // where this call prefetches (prefetch_rule, by the size of its arrays)
+      const PrefetchRule pf =
+          prefetch_rule(spans.first.back() * int64_t(2 * sizeof(scalar_t) + (has_momentum ? 1 : 0) * sizeof(M)));
       with_bool(has_momentum, [&](auto mom) {
         with_bool(h.l1 != 0.0, [&](auto has_l1) {
           constexpr bool kMom = decltype(mom)::value, kL1 = decltype(has_l1)::value;
           parallel_spans(spans, [&](const Span& s) {
             scalar_t* p = params[s.tensor].data_ptr<scalar_t>() + s.begin;
             const scalar_t* g = grads[s.tensor].const_data_ptr<scalar_t>() + s.begin;
-            // the span's elements, and the tensor's from the span's first on (prefetch bound)
+            // the span's elements, and the tensor's from the span's first on (prefetch bound; 0 where
+            // pf says no prefetch)
             const int64_t n = s.end - s.begin, avail = params[s.tensor].numel() - s.begin;
             M* buf = has_momentum ? state_ptr<M>(momentum_buffers, s) : nullptr;
             if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-              half_span(p, g, std::array<M*, 1>{buf}, n, avail,
+              half_span(p, g, std::array<M*, 1>{buf}, n, pf.blocks16 ? avail : 0,
                         [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len, auto)
                             FUSEDREG_ALWAYS_INLINE { sgd_loop<float, S, float, kMom, kL1>(c, pf, gf, st[0], len); });
             } else if (std::is_same_v<scalar_t, c10::BFloat16> && use_blocks16()) {
               if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-                blocks16_span(p, g, std::array<M*, 1>{buf}, n, avail,
+                blocks16_span(p, g, std::array<M*, 1>{buf}, n, pf.blocks16 ? avail : 0,
                               [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len, auto)
                                   FUSEDREG_ALWAYS_INLINE { sgd_loop<float, S, float, kMom, kL1>(c, pf, gf, st[0], len); });
               }
             } else {
               dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
                 prefetched_blocks(
-                    n, avail,
+                    n, pf.loops ? avail : 0,
                     [&](int64_t i, int64_t len) FUSEDREG_ALWAYS_INLINE {
                       sgd_loop<scalar_t, S, M, kMom, kL1>(c, p + i, g + i, kMom ? buf + i : buf,
                                                           len);
@@ -570,6 +650,8 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     const LionConsts<S> c = make_lion_consts<S>(h);
     with_state_type<scalar_t, S>(sdtype, [&](auto state_type) {
       using M = typename decltype(state_type)::type;
+      // where this call prefetches (prefetch_rule, by the size of its arrays)
+      const PrefetchRule pf = prefetch_rule(spans.first.back() * int64_t(2 * sizeof(scalar_t) + sizeof(M)));
       with_bool(h.l1 != 0.0, [&](auto has_l1) {
         constexpr bool kL1 = decltype(has_l1)::value;
         parallel_spans(spans, [&](const Span& s) {
@@ -578,19 +660,19 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
           const int64_t n = s.end - s.begin, avail = params[s.tensor].numel() - s.begin;
           M* m = state_ptr<M>(exp_avgs, s);
           if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-            half_span(p, g, std::array<M*, 1>{m}, n, avail,
+            half_span(p, g, std::array<M*, 1>{m}, n, pf.blocks16 ? avail : 0,
                       [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len, auto)
                           FUSEDREG_ALWAYS_INLINE { lion_loop<float, S, float, kL1>(c, pf, gf, st[0], len); });
           } else if (std::is_same_v<scalar_t, c10::BFloat16> && use_blocks16()) {
             if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-              blocks16_span(p, g, std::array<M*, 1>{m}, n, avail,
+              blocks16_span(p, g, std::array<M*, 1>{m}, n, pf.blocks16 ? avail : 0,
                             [=](float* pf, const float* gf, const std::array<float*, 1>& st, auto len, auto)
                                 FUSEDREG_ALWAYS_INLINE { lion_loop<float, S, float, kL1>(c, pf, gf, st[0], len); });
             }
           } else {
             dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
               prefetched_blocks(
-                  n, avail,
+                  n, pf.loops ? avail : 0,
                   [&](int64_t i, int64_t len) FUSEDREG_ALWAYS_INLINE {
                     lion_loop<scalar_t, S, M, kL1>(c, p + i, g + i, m + i, len);
                   },
