@@ -1,7 +1,13 @@
 """Helpers shared by the per-op test modules: backend x device parametrization with cases
-that depend on the device, and the check that a GPU backend can serve the op it is asked for.
+that depend on the device, the check that a GPU backend can serve the op it is asked for, and
+a script's results at each CPU instruction-set level.
 """
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
 from torch import nn
 
 import fusedreg.nn as fnn
@@ -51,3 +57,21 @@ def serving(op: str, backend: str, device: str) -> str:
     if device == "cuda":
         gpu_backend_or_fail(op, backend)
     return backend
+
+
+CPU_LEVELS = ("baseline", "avx2", "avx512")
+
+
+def results_at_each_cpu_level(code: str, args, tmp_path) -> dict:
+    """{level: what ``code`` saved}: the script runs once per CPU instruction-set level, each in
+    a fresh process (fusedreg reads FUSEDREG_CPU_ISA once), with ``args`` and then the path to
+    ``torch.save`` its results to as its arguments."""
+    results = {}
+    for level in CPU_LEVELS:
+        path = str(tmp_path / f"{level}.pt")
+        env = {**os.environ, "FUSEDREG_CPU_ISA": level}
+        res = subprocess.run([sys.executable, "-c", code, *map(str, args), path], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, f"{level}: {res.stderr[-2000:]}"
+        results[level] = torch.load(path)
+    return results

@@ -21,7 +21,7 @@ from fusedreg import backends
 from fusedreg import functional as FF
 from fusedreg.reference.philox import dropout_keep, dropout_scale, dropout_uniform
 
-from _helpers import device_cases, serving
+from _helpers import device_cases, results_at_each_cpu_level, serving
 from conftest import cpu_backends
 from tolerances import ELEMENTWISE, REDUCTION
 
@@ -616,9 +616,6 @@ def test_cpu_backward_without_activation_bitwise_at_every_level(tmp_path):
     1.0; shapes with N % 4 != 0 (the tiles' uniforms path), tiles of four rows and of one,
     two column blocks (N > 16384), tails of every length, a flat range over several threads'
     chunks. Each level in a fresh process (read once)."""
-    import os
-    import subprocess
-    import sys
     from fusedreg.reference.philox import dropout_uniform as ref_uniform
 
     if "cpu" not in BACKENDS:
@@ -650,14 +647,7 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
                 out[("fwd", str(dt), shape, p, has_res)] = (x, bias, r if has_res else None, y)
 torch.save(out, path)
 '''
-    results = {}
-    for level in ("baseline", "avx2", "avx512"):
-        path = str(tmp_path / f"{level}.pt")
-        env = {**os.environ, "FUSEDREG_CPU_ISA": level}
-        res = subprocess.run([sys.executable, "-c", code, str(seed), repr(p_exact), path], env=env,
-                             capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stderr[-2000:]
-        results[level] = torch.load(path)
+    results = results_at_each_cpu_level(code, (seed, repr(p_exact)), tmp_path)
     bits = lambda t: t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
     for key, val in results["avx512"].items():
         if key[0] != "fwd":

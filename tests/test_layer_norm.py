@@ -15,7 +15,7 @@ from fusedreg import backends
 from fusedreg import functional as F
 from fusedreg.reference.philox import dropout_scale
 
-from _helpers import device_cases, serving
+from _helpers import device_cases, results_at_each_cpu_level, serving
 from conftest import cpu_backends
 from tolerances import NORM_GPU, check_norm_error as _check
 
@@ -215,9 +215,6 @@ def test_cpu_dropout_keep_decisions_at_every_level(tmp_path):
     rows with N % 4 != 0 (keep bits read at a shifted offset), rows of every tail length,
     paired backward rows (N >= 1024) and rows past the prefetch limit. Each level in a fresh
     process (the level is read once)."""
-    import os
-    import subprocess
-    import sys
     from fusedreg.reference.philox import dropout_keep
     from fusedreg.reference.philox import dropout_uniform as ref_uniform
 
@@ -244,13 +241,8 @@ with fusedreg.use_backend("cpu"):
                 out[(str(dt), shape, p)] = (x.detach(), r.detach(), h.detach(), gx, gr)
 torch.save(out, path)
 '''
-    for level in ("baseline", "avx2", "avx512"):
-        path = str(tmp_path / f"{level}.pt")
-        env = {**os.environ, "FUSEDREG_CPU_ISA": level}
-        res = subprocess.run([sys.executable, "-c", code, str(seed), repr(p_exact), path], env=env,
-                             capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stderr[-2000:]
-        for key, (x, r, h, gx, gr) in torch.load(path).items():
+    for level, results in results_at_each_cpu_level(code, (seed, repr(p_exact)), tmp_path).items():
+        for key, (x, r, h, gx, gr) in results.items():
             dt, shape, p = key
             keep = dropout_keep(shape, p, seed)
             if p == p_exact:
