@@ -347,6 +347,18 @@ inline FUSEDREG_ALWAYS_INLINE void fwd_rows(const x_t* x, const x_t* r, x_t* y, 
   }
 }
 
+// dz = dy * act'(z) at the pre-activation value z = d * k + b + rf * r[j] (d = x - mean; r is
+// x, with rf = 0, when there is no residual: an unconditional load, as a conditional one keeps
+// the loops scalar); dy itself without an activation. Every backward loop takes its dz here.
+template <Activation A, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE acc_t act_dz(acc_t dy, acc_t d, acc_t k, acc_t b, acc_t rf, const x_t* r, int64_t j) {
+  if constexpr (A == Activation::kNone) {
+    return dy;
+  } else {
+    return dy * activate_grad<A, acc_t, cpu::VecMath>(d * k + b + rf * to_acc<acc_t>(r[j]));
+  }
+}
+
 // g[j] = dz = dy * ks[j] * act'(z) (0 where dropped), xh[j] = xhat, for j in [0, len). r is x when there is no
 // residual, with rf = 0 (an unconditional load: a conditional one keeps the loop scalar).
 template <Activation A, bool VEC, typename x_t, typename acc_t>
@@ -356,11 +368,7 @@ inline FUSEDREG_ALWAYS_INLINE void dz_span(const x_t* dy, const x_t* x, const x_
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {
     const acc_t d = to_acc<acc_t>(x[j]) - mean[ch<VEC>(j)];
-    acc_t dz = to_acc<acc_t>(dy[j]) * static_cast<acc_t>(ks[j]);
-    if constexpr (A != Activation::kNone) {
-      const acc_t z = d * scale[ch<VEC>(j)] + shift[ch<VEC>(j)] + rf * to_acc<acc_t>(r[j]);
-      dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
-    }
+    const acc_t dz = act_dz<A>(to_acc<acc_t>(dy[j]) * static_cast<acc_t>(ks[j]), d, scale[ch<VEC>(j)], shift[ch<VEC>(j)], rf, r, j);
     g[j] = kept(ks[j]) ? dz : acc_t(0);  // dropped: 0 even for an inf/NaN dy or act'(z)
     xh[j] = d * invstd[ch<VEC>(j)];
   }
@@ -386,11 +394,7 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_stretch(const x_t* dy, const x_t* x, 
   constexpr int K = kLanes2<acc_t>;
   auto body = [&](int64_t j, int k) FUSEDREG_ALWAYS_INLINE {
     const acc_t d = to_acc<acc_t>(x[j]) - mean;
-    acc_t dz = to_acc<acc_t>(dy[j]);
-    if constexpr (A != Activation::kNone) {
-      const acc_t z = d * scale + shift + rf * to_acc<acc_t>(r[j]);
-      dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
-    }
+    const acc_t dz = act_dz<A>(to_acc<acc_t>(dy[j]), d, scale, shift, rf, r, j);
     p1[k] += dz;
     p2[k] += dz * (d * invstd);
   };
@@ -409,11 +413,7 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_stretch(const x_t* dy, const x_t* x, 
       for (int k = 0; k < kTailStep; ++k) {
         const int64_t jk = j + k0 + k;
         const acc_t d = to_acc<acc_t>(x[jk]) - mean;
-        acc_t dz = to_acc<acc_t>(dy[jk]);
-        if constexpr (A != Activation::kNone) {
-          const acc_t z = d * scale + shift + rf * to_acc<acc_t>(r[jk]);
-          dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
-        }
+        const acc_t dz = act_dz<A>(to_acc<acc_t>(dy[jk]), d, scale, shift, rf, r, jk);
         // dz and xhat past rem replaced by 0 (selects) before the same sums as body's
         const bool in = k < left;
         const acc_t g = in ? dz : acc_t(0);
@@ -506,11 +506,7 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_row(const x_t* dy, const x_t* x, cons
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {
     const acc_t d = to_acc<acc_t>(x[j]) - mean[j];
-    acc_t dz = to_acc<acc_t>(dy[j]);
-    if constexpr (A != Activation::kNone) {
-      const acc_t z = d * scale[j] + shift[j] + rf * to_acc<acc_t>(r[j]);
-      dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
-    }
+    const acc_t dz = act_dz<A>(to_acc<acc_t>(dy[j]), d, scale[j], shift[j], rf, r, j);
     if constexpr (STORE) gz[j] = from_acc<x_t>(dz);
     q1[j] += dz;
     q2[j] += dz * (d * invstd[j]);
@@ -554,11 +550,7 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_rows(const x_t* dy, const x_t* x, con
     for (int i = 0; i < kRows; ++i) {
       const int64_t o = i * len + j;
       const acc_t d = to_acc<acc_t>(x[o]) - mu;
-      acc_t dz = to_acc<acc_t>(dy[o]);
-      if constexpr (A != Activation::kNone) {
-        const acc_t z = d * k + b + rf * to_acc<acc_t>(r[o]);
-        dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
-      }
+      const acc_t dz = act_dz<A>(to_acc<acc_t>(dy[o]), d, k, b, rf, r, o);
       if constexpr (STORE) gz[o] = from_acc<x_t>(dz);
       s1 += dz;
       s2 += dz * (d * inv);
@@ -585,11 +577,7 @@ inline FUSEDREG_ALWAYS_INLINE void elemt_span(const x_t* dy, const x_t* x, const
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {
     const acc_t d = to_acc<acc_t>(x[j]) - (VEC ? mean[j] : mu0);
-    acc_t dz = to_acc<acc_t>(dy[j]);
-    if constexpr (A != Activation::kNone) {
-      const acc_t z = d * (VEC ? scale[j] : k0) + (VEC ? shift[j] : b0) + rf * to_acc<acc_t>(r[j]);
-      dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
-    }
+    const acc_t dz = act_dz<A>(to_acc<acc_t>(dy[j]), d, (VEC ? scale[j] : k0), (VEC ? shift[j] : b0), rf, r, j);
     if constexpr (GR) gr[j] = from_acc<x_t>(dz);
     if constexpr (GX == GxMode::kTrain) {
       const acc_t xhat = d * (VEC ? invstd[j] : inv0);
@@ -627,11 +615,7 @@ inline FUSEDREG_ALWAYS_INLINE void elemt_rows(const x_t* dy, const x_t* x, const
     for (int i = 0; i < R; ++i) {
       const int64_t o = i * len + j;
       const acc_t d = to_acc<acc_t>(x[o]) - mu;
-      acc_t dz = to_acc<acc_t>(dy[o]);
-      if constexpr (A != Activation::kNone) {
-        const acc_t z = d * k + b + rf * to_acc<acc_t>(r[o]);
-        dz *= activate_grad<A, acc_t, cpu::VecMath>(z);
-      }
+      const acc_t dz = act_dz<A>(to_acc<acc_t>(dy[o]), d, k, b, rf, r, o);
       if constexpr (GR) gr[o] = from_acc<x_t>(dz);
       if constexpr (GX == GxMode::kTrain) {
         const acc_t xhat = d * inv;
