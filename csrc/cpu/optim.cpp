@@ -311,17 +311,6 @@ inline void half_chunks(c10::Half* p, const c10::Half* g, const std::array<M*, N
 }
 
 #if FUSEDREG_X86_DISPATCH
-// 16-bit parameters (float16, bfloat16; T) at the AVX-512 level: n (a multiple of 16) elements
-// in blocks of 16, each block's arrays loaded and converted into pf, gf and sf (fusedreg/cpu/
-// half_convert.h: load16 / store16, c10's values bit for bit), stepped by body(pf, gf, sp, 16,
-// level tag) — inlined here, compiled for AVX-512, its loop of 16 one vector iteration — converted back
-// and stored. The scratch arrays are locals the compiler keeps in registers. The body is
-// taken by value and the ops' lambdas capture by value, so that their constants are locals
-// here that no store can alias (kept in registers rather than reloaded after each block's
-// stores). sp holds sf's rows whether a state array is present or not (the body reads only
-// the ones it has), so that the compiler sees where they point. Every array is prefetched
-// kPfAhead elements ahead (software prefetch, above) while that stays below avail, the
-// tensor's elements from p on (0: no prefetch).
 // cpu::store16 with float16's NaN lanes fixed only in a block that has one: the same bits
 // (no NaN: the converted values as they are; a NaN: cpu::store16 itself), without the blend
 // on every block, which on the EPYC (Zen 4) made fp16 SGD with fp16 state slower than torch's
@@ -336,6 +325,17 @@ FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store16_step(T* dst, _
   cpu::store16(dst, x);
 }
 
+// 16-bit parameters (float16, bfloat16; T) at the AVX-512 level: n (a multiple of 16) elements
+// in blocks of 16, each block's arrays loaded and converted into pf, gf and sf (fusedreg/cpu/
+// half_convert.h: load16, and store16 through store16_step above; c10's values bit for bit), stepped by body(pf, gf, sp, 16,
+// level tag) — inlined here, compiled for AVX-512, its loop of 16 one vector iteration — converted back
+// and stored. The scratch arrays are locals the compiler keeps in registers. The body is
+// taken by value and the ops' lambdas capture by value, so that their constants are locals
+// here that no store can alias (kept in registers rather than reloaded after each block's
+// stores). sp holds sf's rows whether a state array is present or not (the body reads only
+// the ones it has), so that the compiler sees where they point. Every array is prefetched
+// kPfAhead elements ahead (software prefetch, above) while that stays below avail, the
+// tensor's elements from p on (0: no prefetch).
 template <typename T, typename M, size_t NS, typename Body>
 FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void blocks16_avx512(
     T* p, const T* g, const std::array<M*, NS> state, int64_t n, const Body body, int64_t avail) {
