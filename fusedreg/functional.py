@@ -33,6 +33,7 @@ from .ops.bias_dropout import BiasDropoutConfig, BiasDropoutFunction
 from .ops.bias_dropout import apply as _bias_dropout_apply
 from .ops.bias_dropout import run_forward as _bias_dropout_forward
 from .ops.layer_norm import LayerNormConfig, LayerNormFunction
+from .ops.layer_norm import apply as _layer_norm_apply
 from .ops.layer_norm import run_forward as _layer_norm_forward
 from .reference import batch_norm as _ref_batch_norm
 from .reference import bias_dropout as _ref_bias_dropout
@@ -403,6 +404,8 @@ def _norm(x, normalized_shape, weight, bias, eps, rms: bool):
                              backends.resolve_type("layer_norm", device_type))
     if route == _OP:
         return _layer_norm_forward(x, None, weight, bias, unused_seed(), config)[0]
+    if route == _FUNCTION:
+        return _layer_norm_apply(x, None, weight, bias, unused_seed(), config)[0]
     return LayerNormFunction.apply(x, None, weight, bias, unused_seed(), config)[0]
 
 
@@ -450,7 +453,8 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
     else:
         config = LayerNormConfig(ndim, eps, p, rms, h_dtype, prenorm,
                                  backends.resolve_type("layer_norm", _device_type(x)))
-        run = _layer_norm_forward if route == _OP else LayerNormFunction.apply
+        run = _layer_norm_forward if route == _OP else \
+            _layer_norm_apply if route == _FUNCTION else LayerNormFunction.apply
         y, h, _, _ = run(x, residual, weight, bias, seed_t, config)
     return (y, h) if prenorm else y
 
