@@ -203,62 +203,6 @@ PyObject* draw_seed(PyObject*, PyObject* const*, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// fusedreg._C.torch_norm(x, n, weight, bias, eps, rms, limit, limit_grad): under auto, a small
-// plain norm served by torch's own op (fusedreg.functional: _torch_small_norm) —
-// at::layer_norm(x, (n,), weight, bias, eps), or at::rms_norm(x, (n,), weight, eps) with eps
-// None meaning x's dtype's epsilon — called through the dispatcher (its autograd, autocast and
-// profiler keys, as torch.layer_norm's Python call reaches them) without Python's argument
-// parsing and the Python attribute reads of the checks. It serves float32/float64 x with
-// fewer elements than `limit` (`limit_grad` when grad mode is on and x, weight or bias
-// requires grad); False — nothing ran — for such a call from the limit up (the fused path's).
-// None — nothing ran — for any other call: a tensor that is not a plain CPU one, another
-// dtype, a mode, functorch layer or tracer, or arguments torch's op refuses; the caller then
-// checks and routes the call as always.
-PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  if (nargs != 8 || !cpu::direct_call_allowed()) Py_RETURN_NONE;
-  RowArg<const at::Tensor&> x;
-  RowArg<int64_t> n, limit, limit_grad;
-  RowArg<const std::optional<at::Tensor>&> weight, bias;
-  RowArg<double> eps;
-  RowArg<bool> rms;
-  const bool default_eps = args[4] == Py_None;
-  if (!(x.parse(args[0]) && n.parse(args[1]) && weight.parse(args[2]) && bias.parse(args[3]) &&
-        (default_eps || eps.parse(args[4])) && rms.parse(args[5]) && limit.parse(args[6]) &&
-        limit_grad.parse(args[7])))
-    Py_RETURN_NONE;
-  const at::Tensor& t = x.get();
-  const at::ScalarType dtype = t.scalar_type();
-  if (dtype != at::kFloat && dtype != at::kDouble) Py_RETURN_NONE;
-  const std::optional<at::Tensor>& w = weight.get();
-  const std::optional<at::Tensor>& b = bias.get();
-  const bool grad = at::GradMode::is_enabled() &&
-                    (t.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
-  if (t.numel() >= (grad ? limit_grad.get() : limit.get())) Py_RETURN_FALSE;
-  // torch's rms_norm takes a weight of any dtype, with another result dtype than fusedreg's
-  // rule (the caller's checks then decide); torch's layer_norm refuses one itself
-  if (rms.get() && w && w->scalar_type() != dtype) Py_RETURN_NONE;
-  double e = eps.get();
-  if (default_eps) {
-    if (!rms.get()) Py_RETURN_NONE;
-    e = dtype == at::kFloat ? double(std::numeric_limits<float>::epsilon())
-                            : std::numeric_limits<double>::epsilon();
-  }
-  at::Tensor y;
-  {
-    pybind11::gil_scoped_release no_gil;
-    const int64_t shape[1] = {n.get()};
-    try {
-      y = rms.get() ? at::rms_norm(t, shape, w, e) : at::layer_norm(t, shape, w, b, e, false);
-    } catch (const std::exception&) {  // c10::Error and the rest: nothing was written
-      y = at::Tensor();  // refused: the caller's checks raise fusedreg's error
-    }
-  }
-  if (!y.defined()) Py_RETURN_NONE;
-  return THPVariable_Wrap(std::move(y));
-  END_HANDLE_TH_ERRORS
-}
-
 // ---- bias_dropout with autograd, in C++ ----------------------------------------------------
 // fusedreg._C.bias_dropout_train(x, bias, residual, p, activation, seed): what
 // fusedreg.ops.bias_dropout.BiasDropoutFunction.apply(x, bias, residual, seed, config) computes
@@ -609,6 +553,111 @@ PyObject* layer_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   return wrap(std::make_tuple(std::move(out[0]), std::move(out[1]), std::move(out[2]),
                               std::move(out[3])));
+  END_HANDLE_TH_ERRORS
+}
+
+// torch_norm's fused call (below): None where its checks decline.
+PyObject* fused_plain_norm(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& w,
+                           const std::optional<at::Tensor>& b, std::optional<double> eps, bool rms,
+                           PyObject* seed_obj, bool grad) {
+  const at::ScalarType dtype = x.scalar_type();
+  const auto param_ok = [&](const std::optional<at::Tensor>& t) {
+    return !t || (t->dim() == 1 && t->size(0) == n && t->scalar_type() == dtype);
+  };
+  if (!cpu::plain_cpu_tensor(seed_obj) || x.dim() < 1 || n < 1 || x.size(-1) != n ||
+      !param_ok(w) || !param_ok(b) || (rms && b))
+    Py_RETURN_NONE;
+  double e = 0.0;
+  if (eps) {
+    e = *eps;
+    if (!std::isfinite(e)) Py_RETURN_NONE;
+  } else {  // rms_norm's default: the compute type's epsilon (float32 / float64 here)
+    if (!rms) Py_RETURN_NONE;
+    e = dtype == at::kFloat ? double(std::numeric_limits<float>::epsilon())
+                            : std::numeric_limits<double>::epsilon();
+  }
+  const at::Tensor& seed = THPVariable_Unpack(seed_obj);
+  RECORD_FUNCTION(kLayerNormFwd, std::vector<c10::IValue>());
+  at::Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    if (grad) {
+      y = LayerNormNode::apply(x, std::nullopt, w, b, seed, 1, e, 0.0, rms, dtype, false)[0];
+    } else {
+      static const auto fwd = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow(kLayerNormFwd, "")
+                                  .typed<LayerNormFwd>();
+      const bool flat = x.dim() == 2;  // already (M, N): no views to make (run_forward)
+      const at::Tensor x2 = flat ? x : x.reshape({x.numel() / n, n});
+      y = std::get<0>(fwd.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), x2, std::nullopt,
+                                     w, b, e, 0.0, seed, rms, dtype, false));
+      if (!flat) y = y.view(x.sizes());
+    }
+  }
+  return THPVariable_Wrap(std::move(y));
+}
+
+// fusedreg._C.torch_norm(x, n, weight, bias, eps, rms, limit, limit_grad[, seed]): under auto,
+// a small plain norm served by torch's own op (fusedreg.functional: _torch_small_norm) —
+// at::layer_norm(x, (n,), weight, bias, eps), or at::rms_norm(x, (n,), weight, eps) with eps
+// None meaning x's dtype's epsilon — called through the dispatcher (its autograd, autocast and
+// profiler keys, as torch.layer_norm's Python call reaches them) without Python's argument
+// parsing and the Python attribute reads of the checks. It serves float32/float64 x with
+// fewer elements than `limit` (`limit_grad` when grad mode is on and x, weight or bias
+// requires grad); from the limit up False — nothing ran — or, given `seed` (the functional
+// API's unused seed, when the call's backend is cpu with its built-in kernels), the fused
+// call the functional API would make: the cpu kernel without autograd (no grad needed, as
+// run_forward) or the LayerNormNode above (as layer_norm_train), for x with n columns and
+// weight and bias (n,) of x's dtype; limits (0, 0) make every such call the fused one (the
+// cpu backend named). None — nothing ran — for any other call: a tensor that is not a plain
+// CPU one, another dtype, a mode, functorch layer or tracer, or arguments torch's op (or the
+// fused call's checks here) refuses; the caller then checks and routes the call as always.
+PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if ((nargs != 8 && nargs != 9) || !cpu::direct_call_allowed()) Py_RETURN_NONE;
+  RowArg<const at::Tensor&> x;
+  RowArg<int64_t> n, limit, limit_grad;
+  RowArg<const std::optional<at::Tensor>&> weight, bias;
+  RowArg<double> eps;
+  RowArg<bool> rms;
+  const bool default_eps = args[4] == Py_None;
+  if (!(x.parse(args[0]) && n.parse(args[1]) && weight.parse(args[2]) && bias.parse(args[3]) &&
+        (default_eps || eps.parse(args[4])) && rms.parse(args[5]) && limit.parse(args[6]) &&
+        limit_grad.parse(args[7])))
+    Py_RETURN_NONE;
+  const at::Tensor& t = x.get();
+  const at::ScalarType dtype = t.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble) Py_RETURN_NONE;
+  const std::optional<at::Tensor>& w = weight.get();
+  const std::optional<at::Tensor>& b = bias.get();
+  const bool grad = at::GradMode::is_enabled() &&
+                    (t.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
+  if (t.numel() >= (grad ? limit_grad.get() : limit.get())) {
+    if (nargs != 9 || args[8] == Py_None) Py_RETURN_FALSE;
+    return fused_plain_norm(t, n.get(), w, b, default_eps ? std::nullopt : std::optional(eps.get()),
+                            rms.get(), args[8], grad);
+  }
+  // torch's rms_norm takes a weight of any dtype, with another result dtype than fusedreg's
+  // rule (the caller's checks then decide); torch's layer_norm refuses one itself
+  if (rms.get() && w && w->scalar_type() != dtype) Py_RETURN_NONE;
+  double e = eps.get();
+  if (default_eps) {
+    if (!rms.get()) Py_RETURN_NONE;
+    e = dtype == at::kFloat ? double(std::numeric_limits<float>::epsilon())
+                            : std::numeric_limits<double>::epsilon();
+  }
+  at::Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    const int64_t shape[1] = {n.get()};
+    try {
+      y = rms.get() ? at::rms_norm(t, shape, w, e) : at::layer_norm(t, shape, w, b, e, false);
+    } catch (const std::exception&) {  // c10::Error and the rest: nothing was written
+      y = at::Tensor();  // refused: the caller's checks raise fusedreg's error
+    }
+  }
+  if (!y.defined()) Py_RETURN_NONE;
+  return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS
 }
 

@@ -340,3 +340,83 @@ def test_torch_func_does_not_reach_the_node():
         g_node = torch.autograd.grad(y.sin().sum(), (xs, ws))
     for a, c in zip(g_func, g_node):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
+# ---- the plain norm's fused call from C++ (fusedreg._C.torch_norm given the seed) -------------
+
+@pytest.mark.parametrize("shape", [(4, 64), (3, 37), (1, 768), (0, 8), (2, 5, 6), (7,)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("grad", [False, True])
+def test_plain_norms_from_cpp_equal_the_python_path(monkeypatch, shape, dtype, grad):
+    """F.layer_norm / F.rms_norm of float32/float64 x over its last dim reach the fused call
+    from C++ (the kernel without autograd, or the node): what the Python checks and routing
+    give, bit for bit, non-contiguous x included."""
+    n = shape[-1]
+    x, w, b = _data(shape, dtype, 1), _data((n,), dtype, 2), _data((n,), dtype, 3)
+    xt = _data(shape[::-1], dtype, 4).transpose(0, -1) if len(shape) > 1 else x
+    dy = _data(shape, dtype, 5)
+    calls = [lambda x, w, b: F.layer_norm(x, (n,), w, b), lambda x, w, b: F.layer_norm(x, [n]),
+             lambda x, w, b: F.layer_norm(x, (n,), w, None, 1e-3),
+             lambda x, w, b: F.rms_norm(x, (n,), w), lambda x, w, b: F.rms_norm(x, (n,), None, 0.0)]
+
+    def run():
+        out, names = [], []
+        for call in calls:
+            for xin in (x, xt):
+                ins = [t.clone().requires_grad_(grad) for t in (xin, w, b)]
+                y = call(*ins)
+                out.append(y)
+                if grad:
+                    out += [g for g in torch.autograd.grad(y, ins, dy, allow_unused=True)]
+                names.append(type(y.grad_fn).__name__)
+        return out, names
+
+    (fast, fast_names), (slow, slow_names) = (_through(True, monkeypatch, run),
+                                              _through(False, monkeypatch, run))
+    assert all(_same(a, c) for a, c in zip(fast, slow)) and len(fast) == len(slow)
+    if grad:
+        assert set(fast_names) == {_NODE} and set(slow_names) == {_FUNCTION}
+
+
+def test_plain_norms_from_cpp_under_auto_from_the_limit_up(monkeypatch):
+    """Under auto the C++ call serves torch's op below AUTO_TORCH_BELOW's limit and the fused
+    call from it; the limit is read at call time."""
+    from fusedreg.ops import layer_norm as ln
+    x, w = _data((4, 16), torch.float32, 1), _data((16,), torch.float32, 2)
+    with fusedreg.use_backend("auto"):
+        for norm, call in [("layer_norm", lambda x: F.layer_norm(x, (16,), w)),
+                           ("rms_norm", lambda x: F.rms_norm(x, (16,), w))]:
+            monkeypatch.setitem(backends.AUTO_TORCH_BELOW[norm], "cpu", (65, 65))
+            y = call(x.clone().requires_grad_())
+            assert type(y.grad_fn).__name__ not in (_NODE, _FUNCTION)      # torch's op
+            monkeypatch.setitem(backends.AUTO_TORCH_BELOW[norm], "cpu", (64, 64))
+            y = call(x.clone().requires_grad_())
+            assert type(y.grad_fn).__name__ == _NODE                       # the fused call
+            with fusedreg.use_backend("cpu"):
+                ref = call(x.clone().requires_grad_())
+            assert _same(y, ref)
+            with monkeypatch.context() as m:  # without the node: the Python path's Function
+                m.setattr(ln, "_CPU_NODE", None)
+                assert type(call(x.clone().requires_grad_()).grad_fn).__name__ == _FUNCTION
+
+
+def test_plain_norms_from_cpp_leave_bad_input_to_the_checks(monkeypatch):
+    """What the fused call from C++ does not take it declines, and the Python checks raise
+    fusedreg's errors as without it."""
+    x = _data((3, 8), torch.float32, 1)
+    bad = [
+        (lambda: F.layer_norm(x, (8,), torch.ones(7)), ValueError),
+        (lambda: F.layer_norm(x, (7,)), ValueError),
+        (lambda: F.layer_norm(x, (8,), torch.ones(8, dtype=torch.float64)), TypeError),
+        (lambda: F.layer_norm(x, (8,), torch.ones(8), torch.ones(8, dtype=torch.float64)),
+         TypeError),
+        (lambda: F.layer_norm(x, (8,), torch.ones(2, 4)), ValueError),
+        (lambda: F.rms_norm(x, (8,), torch.ones(9)), ValueError),
+        (lambda: F.layer_norm(x, (8,), eps=float("nan")), ValueError),
+        (lambda: F.layer_norm(x.to(torch.int32), (8,)), TypeError),
+        (lambda: F.layer_norm(x, (0,)), ValueError),
+    ]
+    for node_on in (True, False):
+        for call, err in bad:
+            with pytest.raises(err):
+                _through(node_on, monkeypatch, call)

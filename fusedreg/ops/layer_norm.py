@@ -243,14 +243,19 @@ _CPU_KERNELS = backends.implementation(OP, "cpu") if _CPU_NODE is not None else 
 _implementation = backends.implementation
 
 
+def node_serves(backend: str) -> bool:
+    """The C++ calls (``layer_norm_train``, and ``torch_norm``'s fused call) may serve
+    ``backend``: it is cpu, whose built-in kernels they run, and those are the registered ones."""
+    return _CPU_NODE is not None and backend == "cpu" and _implementation(OP, "cpu") is _CPU_KERNELS
+
+
 def apply(x, residual, weight, bias, seed, config: LayerNormConfig):
     """``LayerNormFunction.apply`` for arguments the functional API checked, in an eager call
     that records a backward: for the cpu backend on plain CPU tensors the same computation as a
     C++ autograd node (``fusedreg._C.layer_norm_train``: the Python Function's apply, ctx and
     backward cost more than a small norm's kernels); anything else, or a declined call, the
     Function."""
-    if _CPU_NODE is not None and config.backend == "cpu" \
-            and _implementation(OP, "cpu") is _CPU_KERNELS:
+    if node_serves(config.backend):
         out = _CPU_NODE(x, residual, weight, bias, seed, config.ndim, config.eps, config.p,
                         config.rms, config.h_dtype, config.prenorm)
         if out is not None:
