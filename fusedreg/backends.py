@@ -50,7 +50,10 @@ AUTO: dict[str, dict[str, tuple[str, ...]]] = {
 # (fusedreg._C.torch_norm: the cpu kernel, with grad the C++ autograd node), median of 15
 # shuffled interleaved rounds (and ``python benchmarks/overhead.py --crossover``); time ratio
 # fused / torch: layer_norm without grad 1.08x at 1x768, 1.02x at 4x768, 0.95x at 8x768 (6144
-# elements), 0.88x at 16x768, 0.65-0.80x from 24K, hence torch's op below 4096; with grad the
+# elements), 0.88x at 16x768, 0.65-0.80x from 24K with the cpu backend named; under auto, whose
+# fused call from the limit up takes a second C++ call (functional._torch_small_norm), 1.07x
+# at 4x768, 1.03x at 6x768, 1.01x at 8x768, 0.93x at 16x768 (two threads: 1.00x at 4x768,
+# 0.80-0.82x at 6-8x768), hence torch's op below 2**13; with grad the
 # forward 1.57x at 1x768, 1.13x at 16x768, 1.04x at 24x768, 0.97-0.99x at 24576 elements
 # (32x768, 6x4096), 0.88x at 48x768, 0.68-0.83x from 49K (forward + backward 1.10x, 1.03x,
 # 1.00x, 0.93-0.95x, 0.82-0.93x); at two threads (the default here) torch's op gains more
@@ -72,7 +75,7 @@ AUTO: dict[str, dict[str, tuple[str, ...]]] = {
 # and the composite wins the act call below 262K without grad and below about 1M with grad.
 _EVERY = 1 << 62  # torch's op at every size
 AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
-    "layer_norm": {"cpu": (1 << 12, 1 << 18)},
+    "layer_norm": {"cpu": (1 << 13, 1 << 18)},
     "rms_norm": {"cpu": (0, 0)},
     # float16/bfloat16 x (outside CPU autocast): the fused kernel's half-precision rows are
     # converted in vectorized loops; at one thread (bf16, loaded machine) it was 1.1x / 1.9x /

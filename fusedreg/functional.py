@@ -336,11 +336,17 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
         # The float32/float64 calls in one C++ call (csrc/ops.cpp): the tensor checks below and
         # torch's op without Python's argument parsing; from the limit up the fused call when
         # the cpu backend's C++ node serves it (given the seed), else False (the fused path's);
-        # None for anything else, which the checks below or _norm's then see.
-        seed = _UNUSED_SEED if _layer_norm_node_serves(_resolve_type("layer_norm", "cpu")) \
-            else None
-        y = _torch_norm(x, normalized_shape[0], weight, bias, eps, norm == "rms_norm", *limits,
-                        seed)
+        # None for anything else, which the checks below or _norm's then see. Whether the node
+        # serves (a third of a microsecond to find out) is asked only where a fused call may
+        # follow: upfront where every call is fused, else after a False.
+        n, rms = normalized_shape[0], norm == "rms_norm"
+        every = limits[0] == 0 and limits[1] == 0
+        seed = _UNUSED_SEED if every and _layer_norm_node_serves(
+            _resolve_type("layer_norm", "cpu")) else None
+        y = _torch_norm(x, n, weight, bias, eps, rms, *limits, seed)
+        if y is False and not every and _layer_norm_node_serves(
+                _resolve_type("layer_norm", "cpu")):
+            y = _torch_norm(x, n, weight, bias, eps, rms, *limits, _UNUSED_SEED)
         if y is not None:
             return None if y is False else y
     if limits is _NEVER:
