@@ -540,8 +540,10 @@ PyObject* layer_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
         prenorm.parse(args[10])))
     Py_RETURN_NONE;
   // what LayerNormFunction's config check refuses: its error, from the Function
+  const at::ScalarType hd = h_dtype.get();
   if (!(ndim.get() >= 1 && ndim.get() <= x.get().dim() && std::isfinite(eps.get()) &&
-        p.get() >= 0.0 && p.get() <= 1.0 && at::isFloatingType(h_dtype.get())))
+        p.get() >= 0.0 && p.get() <= 1.0 &&
+        (hd == at::kFloat || hd == at::kDouble || hd == at::kHalf || hd == at::kBFloat16)))
     Py_RETURN_NONE;
   RECORD_FUNCTION(kLayerNormFwd, std::vector<c10::IValue>());
   torch::autograd::variable_list out;

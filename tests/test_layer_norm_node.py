@@ -308,7 +308,7 @@ def test_node_declines_bad_configs_and_the_function_raises():
     good = (x, None, None, None, seed, 1, 1e-5, 0.0, False, torch.float32, False)
     assert C.layer_norm_train(*good) is not None
     for i, bad in [(5, 0), (5, 3), (5, True), (6, float("inf")), (6, float("nan")), (7, 1.5),
-                   (7, -0.1), (7, 0), (9, torch.int64), (0, x.detach().numpy())]:
+                   (7, -0.1), (7, 0), (9, torch.int64), (9, torch.float8_e4m3fn), (0, x.detach().numpy())]:
         args = list(good)
         args[i] = bad
         assert C.layer_norm_train(*args) is None, (i, bad)
