@@ -117,7 +117,8 @@ def measure(rows=4, cols=768, calls=300, rounds=5):
     return rows_out
 
 
-def crossover(calls=200, rounds=3, cols=(768, 4096), rows=(1, 2, 4, 8, 16, 64, 256, 1024)):
+def crossover(calls=200, rounds=3, cols=(768, 4096),
+              rows=(1, 2, 4, 8, 16, 32, 48, 64, 256, 1024)):
     """Rows (norm, rows, cols, numel, mode, torch us, fused us, ratio): torch's op against the
     fused kernel of the cpu backend, each timed as in ``measure`` (min of N, interleaved)."""
     out = []

@@ -14,12 +14,14 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Dtype.h>
+#include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -201,62 +203,6 @@ PyObject* draw_seed(PyObject*, PyObject* const*, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// fusedreg._C.torch_norm(x, n, weight, bias, eps, rms, limit, limit_grad): under auto, a small
-// plain norm served by torch's own op (fusedreg.functional: _torch_small_norm) —
-// at::layer_norm(x, (n,), weight, bias, eps), or at::rms_norm(x, (n,), weight, eps) with eps
-// None meaning x's dtype's epsilon — called through the dispatcher (its autograd, autocast and
-// profiler keys, as torch.layer_norm's Python call reaches them) without Python's argument
-// parsing and the Python attribute reads of the checks. It serves float32/float64 x with
-// fewer elements than `limit` (`limit_grad` when grad mode is on and x, weight or bias
-// requires grad); False — nothing ran — for such a call from the limit up (the fused path's).
-// None — nothing ran — for any other call: a tensor that is not a plain CPU one, another
-// dtype, a mode, functorch layer or tracer, or arguments torch's op refuses; the caller then
-// checks and routes the call as always.
-PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  if (nargs != 8 || !cpu::direct_call_allowed()) Py_RETURN_NONE;
-  RowArg<const at::Tensor&> x;
-  RowArg<int64_t> n, limit, limit_grad;
-  RowArg<const std::optional<at::Tensor>&> weight, bias;
-  RowArg<double> eps;
-  RowArg<bool> rms;
-  const bool default_eps = args[4] == Py_None;
-  if (!(x.parse(args[0]) && n.parse(args[1]) && weight.parse(args[2]) && bias.parse(args[3]) &&
-        (default_eps || eps.parse(args[4])) && rms.parse(args[5]) && limit.parse(args[6]) &&
-        limit_grad.parse(args[7])))
-    Py_RETURN_NONE;
-  const at::Tensor& t = x.get();
-  const at::ScalarType dtype = t.scalar_type();
-  if (dtype != at::kFloat && dtype != at::kDouble) Py_RETURN_NONE;
-  const std::optional<at::Tensor>& w = weight.get();
-  const std::optional<at::Tensor>& b = bias.get();
-  const bool grad = at::GradMode::is_enabled() &&
-                    (t.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
-  if (t.numel() >= (grad ? limit_grad.get() : limit.get())) Py_RETURN_FALSE;
-  // torch's rms_norm takes a weight of any dtype, with another result dtype than fusedreg's
-  // rule (the caller's checks then decide); torch's layer_norm refuses one itself
-  if (rms.get() && w && w->scalar_type() != dtype) Py_RETURN_NONE;
-  double e = eps.get();
-  if (default_eps) {
-    if (!rms.get()) Py_RETURN_NONE;
-    e = dtype == at::kFloat ? double(std::numeric_limits<float>::epsilon())
-                            : std::numeric_limits<double>::epsilon();
-  }
-  at::Tensor y;
-  {
-    pybind11::gil_scoped_release no_gil;
-    const int64_t shape[1] = {n.get()};
-    try {
-      y = rms.get() ? at::rms_norm(t, shape, w, e) : at::layer_norm(t, shape, w, b, e, false);
-    } catch (const std::exception&) {  // c10::Error and the rest: nothing was written
-      y = at::Tensor();  // refused: the caller's checks raise fusedreg's error
-    }
-  }
-  if (!y.defined()) Py_RETURN_NONE;
-  return THPVariable_Wrap(std::move(y));
-  END_HANDLE_TH_ERRORS
-}
-
 // ---- bias_dropout with autograd, in C++ ----------------------------------------------------
 // fusedreg._C.bias_dropout_train(x, bias, residual, p, activation, seed): what
 // fusedreg.ops.bias_dropout.BiasDropoutFunction.apply(x, bias, residual, seed, config) computes
@@ -364,6 +310,359 @@ PyObject* bias_dropout_train(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   END_HANDLE_TH_ERRORS
 }
 
+// ---- layer_norm with autograd, in C++ ------------------------------------------------------
+// fusedreg._C.layer_norm_train(x, residual, weight, bias, seed, ndim, eps, p, rms, h_dtype,
+// prenorm): what fusedreg.ops.layer_norm.LayerNormFunction.apply(x, residual, weight, bias,
+// seed, LayerNormConfig(ndim, eps, p, rms, h_dtype, prenorm, "cpu")) computes — the same
+// views, kernels, saved tensors, outputs (y, h, mean, rstd) and gradients — as a C++ autograd
+// node: the Python Function's apply, ctx and Python backward cost about 4 us of a small norm's
+// forward, more than its kernel. Declines (None, nothing ran) as bias_dropout_train does, and
+// for a config LayerNormFunction's check would refuse (ndim outside [1, x.dim()], a non-finite
+// eps, p outside [0, 1]), whose error the Function then raises. A backward with
+// create_graph=True calls fusedreg.ops.layer_norm._differentiable_backward, as the Function.
+
+// The node's non-tensor state in one saved int64 (saved_data is a hash map: one entry, not
+// nine, on a small call's path).
+struct LayerNormState {
+  int64_t ndim = 1;
+  bool rms = false, prenorm = false, store_h = false, has_residual = false, has_weight = false,
+       has_bias = false;
+  at::ScalarType h_dtype = at::kFloat, x_dtype = at::kFloat, residual_dtype = at::kFloat;
+
+  int64_t pack() const {
+    return (ndim & 0xffff) | int64_t(rms) << 16 | int64_t(prenorm) << 17 |
+           int64_t(store_h) << 18 | int64_t(has_residual) << 19 | int64_t(has_weight) << 20 |
+           int64_t(has_bias) << 21 | int64_t(uint8_t(h_dtype)) << 24 |
+           int64_t(uint8_t(x_dtype)) << 32 | int64_t(uint8_t(residual_dtype)) << 40;
+  }
+  static LayerNormState unpack(int64_t v) {
+    LayerNormState s;
+    s.ndim = v & 0xffff;
+    s.rms = v >> 16 & 1;
+    s.prenorm = v >> 17 & 1;
+    s.store_h = v >> 18 & 1;
+    s.has_residual = v >> 19 & 1;
+    s.has_weight = v >> 20 & 1;
+    s.has_bias = v >> 21 & 1;
+    s.h_dtype = at::ScalarType(v >> 24 & 0xff);
+    s.x_dtype = at::ScalarType(v >> 32 & 0xff);
+    s.residual_dtype = at::ScalarType(v >> 40 & 0xff);
+    return s;
+  }
+  // needs_input_grad counts the tensor inputs only: x, then the residual, weight and bias
+  // where given, then the seed
+  int64_t residual_edge() const { return has_residual ? 1 : -1; }
+  int64_t weight_edge() const { return has_weight ? 1 + has_residual : -1; }
+  int64_t bias_edge() const { return has_bias ? 1 + has_residual + has_weight : -1; }
+};
+
+// x's leading dims as rows, the last ndim as columns (LayerNormFunction's run_forward)
+std::pair<int64_t, int64_t> rows_cols(at::IntArrayRef shape, int64_t ndim) {
+  const int64_t nd = int64_t(shape.size()) - ndim;
+  int64_t M = 1, N = 1;
+  for (int64_t i = 0; i < int64_t(shape.size()); ++i) (i < nd ? M : N) *= shape[i];
+  return {M, N};
+}
+
+struct LayerNormNode : public torch::autograd::Function<LayerNormNode> {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+      const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+      const std::optional<at::Tensor>& bias, const at::Tensor& seed, int64_t ndim, double eps,
+      double p, bool rms, at::ScalarType h_dtype, bool prenorm) {
+    static const auto fwd = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow(kLayerNormFwd, "")
+                                .typed<LayerNormFwd>();
+    LayerNormState s;
+    s.ndim = ndim;
+    s.rms = rms;
+    s.prenorm = prenorm;
+    s.has_residual = residual.has_value();
+    s.has_weight = weight.has_value();
+    s.has_bias = bias.has_value();
+    s.h_dtype = h_dtype;
+    s.x_dtype = x.scalar_type();
+    s.residual_dtype = residual ? residual->scalar_type() : h_dtype;
+    // h is stored when it differs from x (backward normalizes it again) or is returned
+    s.store_h = prenorm || residual || p > 0.0 || h_dtype != x.scalar_type();
+    const bool flat = x.dim() == 2 && ndim == 1;  // already (M, N): no views to make
+    at::Tensor x2 = x;
+    std::optional<at::Tensor> r2 = residual, w = weight, b = bias;
+    if (!flat) {
+      const auto [M, N] = rows_cols(x.sizes(), ndim);
+      x2 = x.reshape({M, N});
+      if (residual) r2 = residual->reshape({M, N});
+      if (weight && weight->dim() != 1) w = weight->reshape({N});
+      if (bias && bias->dim() != 1) b = bias->reshape({N});
+    }
+    // the ops take the residual in h's dtype (a bf16 residual with residual_in_fp32 is cast)
+    if (r2 && r2->scalar_type() != h_dtype) r2 = r2->to(h_dtype);
+    auto [y, h, mean, rstd] = fwd.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), x2, r2,
+                                             w, b, eps, p, seed, rms, h_dtype, s.store_h);
+    if (!flat) {
+      y = y.view(x.sizes());
+      if (s.store_h) h = h.view(x.sizes());
+    }
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["state"] = s.pack();
+    // A stored h stays differentiable even when it is not returned (prenorm=False): the
+    // backward saves it, and a differentiable backward (create_graph=True) reaches x and the
+    // residual through it, its grad arriving as dh_out.
+    if (s.store_h) {
+      ctx->mark_non_differentiable({mean, rstd});
+    } else {
+      ctx->mark_non_differentiable({h, mean, rstd});
+    }
+    ctx->set_materialize_grads(false);
+    const bool need_bias = bias && ctx->needs_input_grad(s.bias_edge());
+    if (ctx->needs_input_grad(0) || (residual && ctx->needs_input_grad(s.residual_edge())) ||
+        (weight && ctx->needs_input_grad(s.weight_edge())) || need_bias) {
+      // the bias enters the backward only through grad_bias's shape and dtype
+      ctx->save_for_backward({s.store_h ? h : x, weight ? *weight : at::Tensor(),
+                              need_bias ? *bias : at::Tensor(), mean, rstd, seed});
+    }
+    return {y, h, mean, rstd};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const LayerNormState s = LayerNormState::unpack(ctx->saved_data["state"].toInt());
+    torch::autograd::variable_list out(11);  // one per forward argument
+    at::Tensor dy = grads[0];
+    // h is an empty placeholder unless stored: a grad for it carries nothing
+    at::Tensor dh_out = s.store_h ? grads[1] : at::Tensor();
+    const bool need_x = ctx->needs_input_grad(0),
+               need_residual = s.has_residual && ctx->needs_input_grad(s.residual_edge()),
+               need_w = s.has_weight && ctx->needs_input_grad(s.weight_edge()),
+               need_b = s.has_bias && ctx->needs_input_grad(s.bias_edge());
+    if (!(need_x || need_residual || need_w || need_b) || (!dy.defined() && !dh_out.defined()))
+      return out;
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor h = saved[0];
+    const double p = ctx->saved_data["p"].toDouble();
+    const auto opt = [](const at::Tensor& t) {
+      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    if (at::GradMode::is_enabled()) {  // create_graph: a differentiable backward
+      pybind11::gil_scoped_acquire gil;
+      // looked up per call (a sys.modules hit): a function-local static initialized under the
+      // GIL can deadlock against another thread's import
+      const pybind11::module_ module = pybind11::module_::import("fusedreg.ops.layer_norm");
+      const auto dtype = [](at::ScalarType t) {
+        return pybind11::reinterpret_borrow<pybind11::object>(
+            reinterpret_cast<PyObject*>(torch::getTHPDtype(t)));
+      };
+      pybind11::object config = module.attr("LayerNormConfig")(
+          s.ndim, ctx->saved_data["eps"].toDouble(), p, s.rms, dtype(s.h_dtype), s.prenorm,
+          "cpu");
+      pybind11::tuple r = module.attr("_differentiable_backward")(
+          config, dtype(s.x_dtype), s.has_residual ? dtype(s.residual_dtype) : pybind11::none(),
+          opt(dy), opt(dh_out), h, opt(saved[1]), opt(saved[2]), saved[5], need_x,
+          need_residual, need_w, need_b);
+      for (int i = 0; i < 4; ++i)
+        if (!r[i].is_none()) out[i] = r[i].cast<at::Tensor>();
+      return out;
+    }
+    static const auto bwd = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow(kLayerNormBwd, "")
+                                .typed<LayerNormBwd>();
+    RECORD_FUNCTION(kLayerNormBwd, std::vector<c10::IValue>());
+    const at::IntArrayRef x_shape = saved[0].sizes();
+    const bool flat = x_shape.size() == 2 && s.ndim == 1;  // x was (M, N): no views to make
+    std::optional<at::Tensor> w = opt(saved[1]), b = opt(saved[2]);
+    if (!flat) {
+      const auto [M, N] = rows_cols(x_shape, s.ndim);
+      h = h.reshape({M, N});
+      if (w) w = w->reshape({N});
+      if (b) b = b->reshape({N});
+    }
+    if (!dy.defined()) {
+      dy = at::zeros_like(h, h.options().dtype(s.x_dtype));
+    } else if (!flat) {
+      dy = dy.reshape(h.sizes());
+    }
+    if (dh_out.defined() && !flat) dh_out = dh_out.reshape(h.sizes());
+    // grad_residual equals the grad of h; the op writes it separately only when it differs
+    // from grad_x (dropout, or another dtype)
+    const bool separate = need_residual && (p > 0.0 || h.scalar_type() != s.x_dtype);
+    const at::Tensor& mean = saved[3];
+    const at::Tensor& rstd = saved[4];
+    const at::Tensor& seed = saved[5];
+    // a plain call reaches the CPU kernel straight; under a mode or functorch layer, or for a
+    // tensor a saved-tensor hook made into something else, the dispatcher's full call lets
+    // them see the op, as the Python Function's call would
+    const auto plain = [](const std::optional<at::Tensor>& t) {
+      return !t || !t->defined() || cpu::plain_cpu(*t);
+    };
+    const bool direct = cpu::direct_call_allowed() && cpu::plain_cpu(dy) && plain(opt(dh_out)) &&
+                        cpu::plain_cpu(h) && plain(w) && plain(b) && cpu::plain_cpu(mean) &&
+                        cpu::plain_cpu(rstd) && cpu::plain_cpu(seed);
+    auto [gx, gr, gw, gb] =
+        direct ? bwd.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), dy, opt(dh_out), h,
+                                w, b, mean, rstd, p, seed, s.rms, s.x_dtype, separate, need_w,
+                                need_b)
+               : bwd.call(dy, opt(dh_out), h, w, b, mean, rstd, p, seed, s.rms, s.x_dtype,
+                          separate, need_w, need_b);
+    at::Tensor grad_residual;
+    if (need_residual) {
+      grad_residual = separate ? gr : gx;
+      if (grad_residual.scalar_type() != s.residual_dtype)
+        grad_residual = grad_residual.to(s.residual_dtype);
+    }
+    if (flat) {
+      out[0] = need_x ? gx : at::Tensor();
+      out[1] = grad_residual;
+      out[2] = need_w ? gw : at::Tensor();
+      out[3] = need_b ? gb : at::Tensor();
+      return out;
+    }
+    if (need_x) out[0] = gx.view(x_shape);
+    if (need_residual) out[1] = grad_residual.view(x_shape);
+    if (need_w) out[2] = gw.view(saved[1].sizes());
+    if (need_b) out[3] = gb.view(saved[2].sizes());
+    return out;
+  }
+};
+
+PyObject* layer_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 11 || !cpu::direct_call_allowed()) Py_RETURN_NONE;
+  RowArg<const at::Tensor&> x, seed;
+  RowArg<const std::optional<at::Tensor>&> residual, weight, bias;
+  RowArg<int64_t> ndim;
+  RowArg<double> eps, p;
+  RowArg<bool> rms, prenorm;
+  RowArg<at::ScalarType> h_dtype;
+  if (!(x.parse(args[0]) && residual.parse(args[1]) && weight.parse(args[2]) &&
+        bias.parse(args[3]) && seed.parse(args[4]) && ndim.parse(args[5]) && eps.parse(args[6]) &&
+        p.parse(args[7]) && rms.parse(args[8]) && h_dtype.parse(args[9]) &&
+        prenorm.parse(args[10])))
+    Py_RETURN_NONE;
+  // what LayerNormFunction's config check refuses: its error, from the Function
+  const at::ScalarType hd = h_dtype.get();
+  if (!(ndim.get() >= 1 && ndim.get() <= x.get().dim() && std::isfinite(eps.get()) &&
+        p.get() >= 0.0 && p.get() <= 1.0 &&
+        (hd == at::kFloat || hd == at::kDouble || hd == at::kHalf || hd == at::kBFloat16)))
+    Py_RETURN_NONE;
+  RECORD_FUNCTION(kLayerNormFwd, std::vector<c10::IValue>());
+  torch::autograd::variable_list out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = LayerNormNode::apply(x.get(), residual.get(), weight.get(), bias.get(), seed.get(),
+                               ndim.get(), eps.get(), p.get(), rms.get(), h_dtype.get(),
+                               prenorm.get());
+  }
+  return wrap(std::make_tuple(std::move(out[0]), std::move(out[1]), std::move(out[2]),
+                              std::move(out[3])));
+  END_HANDLE_TH_ERRORS
+}
+
+// torch_norm's fused call (below): None where its checks decline.
+PyObject* fused_plain_norm(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& w,
+                           const std::optional<at::Tensor>& b, std::optional<double> eps, bool rms,
+                           PyObject* seed_obj, bool grad) {
+  const at::ScalarType dtype = x.scalar_type();
+  const auto param_ok = [&](const std::optional<at::Tensor>& t) {
+    return !t || (t->dim() == 1 && t->size(0) == n && t->scalar_type() == dtype);
+  };
+  if (!cpu::plain_cpu_tensor(seed_obj) || x.dim() < 1 || n < 1 || x.size(-1) != n ||
+      !param_ok(w) || !param_ok(b) || (rms && b))
+    Py_RETURN_NONE;
+  double e = 0.0;
+  if (eps) {
+    e = *eps;
+    if (!std::isfinite(e)) Py_RETURN_NONE;
+  } else {  // rms_norm's default: the compute type's epsilon (float32 / float64 here)
+    if (!rms) Py_RETURN_NONE;
+    e = dtype == at::kFloat ? double(std::numeric_limits<float>::epsilon())
+                            : std::numeric_limits<double>::epsilon();
+  }
+  const at::Tensor& seed = THPVariable_Unpack(seed_obj);
+  RECORD_FUNCTION(kLayerNormFwd, std::vector<c10::IValue>());
+  at::Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    if (grad) {
+      y = LayerNormNode::apply(x, std::nullopt, w, b, seed, 1, e, 0.0, rms, dtype, false)[0];
+    } else {
+      static const auto fwd = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow(kLayerNormFwd, "")
+                                  .typed<LayerNormFwd>();
+      const bool flat = x.dim() == 2;  // already (M, N): no views to make (run_forward)
+      const at::Tensor x2 = flat ? x : x.reshape({x.numel() / n, n});
+      y = std::get<0>(fwd.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), x2, std::nullopt,
+                                     w, b, e, 0.0, seed, rms, dtype, false));
+      if (!flat) y = y.view(x.sizes());
+    }
+  }
+  return THPVariable_Wrap(std::move(y));
+}
+
+// fusedreg._C.torch_norm(x, n, weight, bias, eps, rms, limit, limit_grad[, seed]): under auto,
+// a small plain norm served by torch's own op (fusedreg.functional: _torch_small_norm) —
+// at::layer_norm(x, (n,), weight, bias, eps), or at::rms_norm(x, (n,), weight, eps) with eps
+// None meaning x's dtype's epsilon — called through the dispatcher (its autograd, autocast and
+// profiler keys, as torch.layer_norm's Python call reaches them) without Python's argument
+// parsing and the Python attribute reads of the checks. It serves float32/float64 x with
+// fewer elements than `limit` (`limit_grad` when grad mode is on and x, weight or bias
+// requires grad); from the limit up False — nothing ran — or, given `seed` (the functional
+// API's unused seed, when the call's backend is cpu with its built-in kernels), the fused
+// call the functional API would make: the cpu kernel without autograd (no grad needed, as
+// run_forward) or the LayerNormNode above (as layer_norm_train), for x with n columns and
+// weight and bias (n,) of x's dtype; limits (0, 0) make every such call the fused one (the
+// cpu backend named). None — nothing ran — for any other call: a tensor that is not a plain
+// CPU one, another dtype, a mode, functorch layer or tracer, or arguments torch's op (or the
+// fused call's checks here) refuses; the caller then checks and routes the call as always.
+PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if ((nargs != 8 && nargs != 9) || !cpu::direct_call_allowed()) Py_RETURN_NONE;
+  RowArg<const at::Tensor&> x;
+  RowArg<int64_t> n, limit, limit_grad;
+  RowArg<const std::optional<at::Tensor>&> weight, bias;
+  RowArg<double> eps;
+  RowArg<bool> rms;
+  const bool default_eps = args[4] == Py_None;
+  if (!(x.parse(args[0]) && n.parse(args[1]) && weight.parse(args[2]) && bias.parse(args[3]) &&
+        (default_eps || eps.parse(args[4])) && rms.parse(args[5]) && limit.parse(args[6]) &&
+        limit_grad.parse(args[7])))
+    Py_RETURN_NONE;
+  const at::Tensor& t = x.get();
+  const at::ScalarType dtype = t.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble) Py_RETURN_NONE;
+  const std::optional<at::Tensor>& w = weight.get();
+  const std::optional<at::Tensor>& b = bias.get();
+  const bool grad = at::GradMode::is_enabled() &&
+                    (t.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
+  if (t.numel() >= (grad ? limit_grad.get() : limit.get())) {
+    if (nargs != 9 || args[8] == Py_None) Py_RETURN_FALSE;
+    return fused_plain_norm(t, n.get(), w, b, default_eps ? std::nullopt : std::optional(eps.get()),
+                            rms.get(), args[8], grad);
+  }
+  // torch's rms_norm takes a weight of any dtype, with another result dtype than fusedreg's
+  // rule (the caller's checks then decide); torch's layer_norm refuses one itself
+  if (rms.get() && w && w->scalar_type() != dtype) Py_RETURN_NONE;
+  double e = eps.get();
+  if (default_eps) {
+    if (!rms.get()) Py_RETURN_NONE;
+    e = dtype == at::kFloat ? double(std::numeric_limits<float>::epsilon())
+                            : std::numeric_limits<double>::epsilon();
+  }
+  at::Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    const int64_t shape[1] = {n.get()};
+    try {
+      y = rms.get() ? at::rms_norm(t, shape, w, e) : at::layer_norm(t, shape, w, b, e, false);
+    } catch (const std::exception&) {  // c10::Error and the rest: nothing was written
+      y = at::Tensor();  // refused: the caller's checks raise fusedreg's error
+    }
+  }
+  if (!y.defined()) Py_RETURN_NONE;
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
 template <PyObject* (*F)(PyObject*, PyObject* const*, Py_ssize_t)>
 PyCFunction as_method() {
   return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(F));
@@ -383,6 +682,8 @@ const PyMethodDef kRowMethods[] = {
      "or None (declined)"},
     {"bias_dropout_train", as_method<&bias_dropout_train>(), METH_FASTCALL,
      "BiasDropoutFunction.apply for the cpu backend as a C++ autograd node, or None"},
+    {"layer_norm_train", as_method<&layer_norm_train>(), METH_FASTCALL,
+     "LayerNormFunction.apply for the cpu backend as a C++ autograd node, or None"},
     {"draw_seed", as_method<&draw_seed>(), METH_FASTCALL,
      "a dropout seed drawn as torch.randint(2**63 - 1, ()) draws it, or None (declined)"},
 };

@@ -46,12 +46,23 @@ AUTO: dict[str, dict[str, tuple[str, ...]]] = {
 # own ATen op, faster there than the fused backend's call (docs/design.md, "Backends and
 # dispatch").
 # Per norm and device type: (limit without grad, limit with grad); 0: never. Measured on the
-# 2-core CPU machine, fp32, one thread (``python benchmarks/overhead.py --crossover``):
-# layer_norm: torch's op was 1.2-3x faster at every size below 2**18 elements, both ways; from
-# about 2**19 the two are within noise. rms_norm without grad: the fused call is as fast
-# (1x768) or faster from there up, so never; with grad below 4096 elements torch's forward is
-# about 1.5x faster and its forward + backward 5-12% slower (the same few microseconds either
-# way), from 4096 up the fused call wins both.
+# 2-core AMD EPYC machine, fp32, one thread, the fused call of a plain norm made from C++
+# (fusedreg._C.torch_norm: the cpu kernel, with grad the C++ autograd node), median of 15
+# shuffled interleaved rounds (and ``python benchmarks/overhead.py --crossover``); time ratio
+# fused / torch: layer_norm without grad 1.08x at 1x768, 1.02x at 4x768, 0.95x at 8x768 (6144
+# elements), 0.88x at 16x768, 0.65-0.80x from 24K with the cpu backend named; under auto, whose
+# fused call from the limit up takes a second C++ call (functional._torch_small_norm), 1.07x
+# at 4x768, 1.03x at 6x768, 1.01x at 8x768, 0.93x at 16x768 (two threads: 1.00x at 4x768,
+# 0.80-0.82x at 6-8x768), hence torch's op below 2**13; with grad the
+# forward 1.57x at 1x768, 1.13x at 16x768, 1.04x at 24x768, 0.97-0.99x at 24576 elements
+# (32x768, 6x4096), 0.88x at 48x768, 0.68-0.83x from 49K (forward + backward 1.10x, 1.03x,
+# 1.00x, 0.93-0.95x, 0.82-0.93x); at two threads (the default here) torch's op gains more
+# from the second core with grad: forward + backward 1.14x at 48x768 and 64x768, 1.05x at
+# 128x768, 1.04x at 32x4096 (131K), 0.97x at 256x768 (196K), 0.86x at 64x4096 (262K),
+# hence torch's op below 2**18 with grad (without grad two threads gave 0.93x at 4x768 and
+# 0.69-0.85x from 48x768). rms_norm (torch's is a composite of several ops): the fused call
+# 0.44-0.52x at 1..64x768 without grad, forward 0.51x and forward + backward 0.50x at 1x768
+# (0.27-0.51x up to 64x4096; at two threads 0.39-0.52x to 256x768): never.
 # BatchNorm (CPU, fp32/fp64, no dropout): "batch_norm" is a plain call in training,
 # "batch_norm_act" one with a residual and/or relu (torch's composite: ``torch.batch_norm``,
 # ``add_``, ``relu_``), "..._eval" the same in eval. A fused call costs four to six small
@@ -64,12 +75,13 @@ AUTO: dict[str, dict[str, tuple[str, ...]]] = {
 # and the composite wins the act call below 262K without grad and below about 1M with grad.
 _EVERY = 1 << 62  # torch's op at every size
 AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
-    "layer_norm": {"cpu": (1 << 19, 1 << 19)},
-    "rms_norm": {"cpu": (0, 4096)},
+    "layer_norm": {"cpu": (1 << 13, 1 << 18)},
+    "rms_norm": {"cpu": (0, 0)},
     # float16/bfloat16 x (outside CPU autocast): the fused kernel's half-precision rows are
     # converted in vectorized loops; at one thread (bf16, loaded machine) it was 1.1x / 1.9x /
     # 1.3x ATen's layer_norm (forward / backward / both) at 256x768, 1.1-4x from 1024x1024, and
-    # 0.7x forward at 32x768 (the call's fixed cost): the same limit as float32's
+    # 0.7x forward at 32x768 (the call's fixed cost): float32's limit of then (its call is not
+    # made from C++: not re-measured with the C++ node)
     "layer_norm_half": {"cpu": (1 << 19, 1 << 19)},
     "batch_norm": {"cpu": (1 << 16, 1 << 19)},
     "batch_norm_eval": {"cpu": (_EVERY, _EVERY)},

@@ -23,6 +23,7 @@ from ._checks import (DTypeError, ShapeError, check_bool, check_like, check_norm
                       check_normalized_shape, check_number, check_probability, check_seed,
                       check_tensor, is_symbolic)
 from ._dtypes import compute_dtype
+from ._seed import _UNUSED as _UNUSED_SEED
 from ._seed import seed_tensor, unused_seed
 from .ops.batch_norm import BatchNormConfig as _BatchNormConfig
 from .ops.batch_norm import batch_norm_act as _batch_norm_fused
@@ -33,6 +34,8 @@ from .ops.bias_dropout import BiasDropoutConfig, BiasDropoutFunction
 from .ops.bias_dropout import apply as _bias_dropout_apply
 from .ops.bias_dropout import run_forward as _bias_dropout_forward
 from .ops.layer_norm import LayerNormConfig, LayerNormFunction
+from .ops.layer_norm import apply as _layer_norm_apply
+from .ops.layer_norm import node_serves as _layer_norm_node_serves
 from .ops.layer_norm import run_forward as _layer_norm_forward
 from .reference import batch_norm as _ref_batch_norm
 from .reference import bias_dropout as _ref_bias_dropout
@@ -70,6 +73,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _STRIDED = torch.strided
 _FLOATS = frozenset((_F32, _BF16, _F16, _F64))
 _SHAPE_TYPES = (tuple, torch.Size, list)  # normalized_shape forms the small-norm path takes
+_NEVER = (0, 0)  # torch_norm's limits for the cpu backend named: the fused call at every size
+_get_backend, _resolve_type = backends.get_backend, backends.resolve_type
 try:
     from ._C import torch_norm as _torch_norm
 except ImportError:  # no C++ extension, or one built before it had the call
@@ -303,7 +308,10 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
 def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
     """Under auto, a small plain norm (backends.AUTO_TORCH_BELOW) is served by torch's own op:
     its result (torch's autograd records the backward), or None for any other call, which
-    ``_norm`` then checks and routes as always.
+    ``_norm`` then checks and routes as always. A float32/float64 plain norm from the limit up
+    (under auto) or at any size (the cpu backend named) whose backend is cpu is served by the
+    fused call from the same C++ call (``torch_norm`` given the unused seed: the cpu kernel, or
+    with autograd the C++ node), without ``_norm``'s Python checks and routing.
 
     Recognised here, before ``_norm``'s checks (a small call's budget is about a microsecond),
     is only the common case: an exact torch.Tensor x, float32 or float64 (the dtypes that CPU
@@ -315,18 +323,34 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
     transform), so that the route would be the registered op or the Function. The rest of
     ``_norm``'s checks torch's op makes before its kernel runs (below): when it raises, the call
     goes through ``_norm``, whose checks raise fusedreg's error."""
-    limits = _auto_torch_limits(norm, "cpu")
-    if limits is None or _is_compiling() or _is_tracing() or _forward_ad._current_level >= 0 \
+    if _is_compiling() or _is_tracing() or _forward_ad._current_level >= 0 \
             or _functorch_level() is not None:
         return None
+    limits = _auto_torch_limits(norm, "cpu")
+    if limits is None:  # not auto: the cpu backend named takes the fused call below
+        if _torch_norm is None or _get_backend() != "cpu":
+            return None
+        limits = _NEVER
     if _torch_norm is not None and type(normalized_shape) in _SHAPE_TYPES \
             and len(normalized_shape) == 1 and type(normalized_shape[0]) is int:
         # The float32/float64 calls in one C++ call (csrc/ops.cpp): the tensor checks below and
-        # torch's op without Python's argument parsing; False from the limit up (the fused
-        # path's), None for anything else, which the checks below then see.
-        y = _torch_norm(x, normalized_shape[0], weight, bias, eps, norm == "rms_norm", *limits)
+        # torch's op without Python's argument parsing; from the limit up the fused call when
+        # the cpu backend's C++ node serves it (given the seed), else False (the fused path's);
+        # None for anything else, which the checks below or _norm's then see. Whether the node
+        # serves (a third of a microsecond to find out) is asked only where a fused call may
+        # follow: upfront where every call is fused, else after a False.
+        n, rms = normalized_shape[0], norm == "rms_norm"
+        every = limits[0] == 0 and limits[1] == 0
+        seed = _UNUSED_SEED if every and _layer_norm_node_serves(
+            _resolve_type("layer_norm", "cpu")) else None
+        y = _torch_norm(x, n, weight, bias, eps, rms, *limits, seed)
+        if y is False and not every and _layer_norm_node_serves(
+                _resolve_type("layer_norm", "cpu")):
+            y = _torch_norm(x, n, weight, bias, eps, rms, *limits, _UNUSED_SEED)
         if y is not None:
             return None if y is False else y
+    if limits is _NEVER:
+        return None
     if type(x) is not _Tensor:
         return None
     grad = x.requires_grad
@@ -403,6 +427,8 @@ def _norm(x, normalized_shape, weight, bias, eps, rms: bool):
                              backends.resolve_type("layer_norm", device_type))
     if route == _OP:
         return _layer_norm_forward(x, None, weight, bias, unused_seed(), config)[0]
+    if route == _FUNCTION:
+        return _layer_norm_apply(x, None, weight, bias, unused_seed(), config)[0]
     return LayerNormFunction.apply(x, None, weight, bias, unused_seed(), config)[0]
 
 
@@ -450,7 +476,8 @@ def dropout_add_layer_norm(x, residual, weight, bias, p: float = 0.0, eps: float
     else:
         config = LayerNormConfig(ndim, eps, p, rms, h_dtype, prenorm,
                                  backends.resolve_type("layer_norm", _device_type(x)))
-        run = _layer_norm_forward if route == _OP else LayerNormFunction.apply
+        run = _layer_norm_forward if route == _OP else \
+            _layer_norm_apply if route == _FUNCTION else LayerNormFunction.apply
         y, h, _, _ = run(x, residual, weight, bias, seed_t, config)
     return (y, h) if prenorm else y
 

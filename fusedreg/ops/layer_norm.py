@@ -23,7 +23,7 @@ from ..reference import layer_norm as ref
 from ..reference.philox import apply_dropout
 from ._common import Kernels, direct_kernels, register_kernels
 
-__all__ = ["LayerNormConfig", "LayerNormFunction", "run_forward"]
+__all__ = ["LayerNormConfig", "LayerNormFunction", "apply", "run_forward"]
 
 OP = "layer_norm"
 _is_grad_enabled, _is_compiling = torch.is_grad_enabled, torch.compiler.is_compiling
@@ -188,8 +188,9 @@ class LayerNormFunction(torch.autograd.Function):
             return None, None, None, None, None, None
         h, w, b, mean, rstd, seed = ctx.saved_tensors
         if _is_grad_enabled():  # create_graph: the gradient must be differentiable
-            return _differentiable_backward(ctx, dy, dh_out, h, w, b, seed, need_x,
-                                            need_residual, need_w, need_b)
+            return _differentiable_backward(cfg, ctx.x_dtype, ctx.residual_dtype, dy, dh_out, h,
+                                            w, b, seed, need_x, need_residual, need_w,
+                                            need_b) + (None, None)
         shapes = ctx.shapes
         flat = shapes is None  # x already (M, N): no views to make
         if not flat:
@@ -226,6 +227,42 @@ class LayerNormFunction(torch.autograd.Function):
         return grad_x, grad_residual, grad_w, grad_b, None, None
 
 
+def _cpu_node():
+    """fusedreg._C.layer_norm_train (the Function above as a C++ autograd node, csrc/ops.cpp),
+    or None without the extension."""
+    if not backends.extension_available():
+        return None
+    import fusedreg._C as ext
+    return getattr(ext, "layer_norm_train", None)
+
+
+_CPU_NODE = _cpu_node()
+# the cpu backend's ops as this module registered them: the node runs those, so a call takes
+# it only while they are the registered ones (a test or a user may register others)
+_CPU_KERNELS = backends.implementation(OP, "cpu") if _CPU_NODE is not None else None
+_implementation = backends.implementation
+
+
+def node_serves(backend: str) -> bool:
+    """The C++ calls (``layer_norm_train``, and ``torch_norm``'s fused call) may serve
+    ``backend``: it is cpu, whose built-in kernels they run, and those are the registered ones."""
+    return _CPU_NODE is not None and backend == "cpu" and _implementation(OP, "cpu") is _CPU_KERNELS
+
+
+def apply(x, residual, weight, bias, seed, config: LayerNormConfig):
+    """``LayerNormFunction.apply`` for arguments the functional API checked, in an eager call
+    that records a backward: for the cpu backend on plain CPU tensors the same computation as a
+    C++ autograd node (``fusedreg._C.layer_norm_train``: the Python Function's apply, ctx and
+    backward cost more than a small norm's kernels); anything else, or a declined call, the
+    Function."""
+    if node_serves(config.backend):
+        out = _CPU_NODE(x, residual, weight, bias, seed, config.ndim, config.eps, config.p,
+                        config.rms, config.h_dtype, config.prenorm)
+        if out is not None:
+            return out
+    return LayerNormFunction.apply(x, residual, weight, bias, seed, config)
+
+
 def check_config(config, x) -> None:
     """The config's values, for callers of ``LayerNormFunction.apply`` that skip the functional
     API's checks: a clear error instead of a kernel given nonsense. Comparisons only, so that
@@ -247,21 +284,22 @@ def check_config(config, x) -> None:
         raise TypeError(f"LayerNormConfig.h_dtype must be a floating dtype, got {config.h_dtype!r}")
 
 
-def _differentiable_backward(ctx, dy, dh_out, h, w, b, seed, need_x, need_residual, need_w,
-                             need_b):
-    """The backward as differentiable torch ops of the saved h (an output of the forward, or
-    x itself), the weight and dy — the reference formulas with mean and rstd recomputed from h,
-    then the same seeded mask — so that a second backward (create_graph=True) sees its true
-    derivative: through h it reaches x and the residual, through w the weight."""
-    cfg = ctx.config
+def _differentiable_backward(cfg, x_dtype, residual_dtype, dy, dh_out, h, w, b, seed, need_x,
+                             need_residual, need_w, need_b):
+    """(grad_x, grad_residual, grad_w, grad_b): the backward as differentiable torch ops of the
+    saved h (an output of the forward, or x itself), the weight and dy — the reference formulas
+    with mean and rstd recomputed from h, then the same seeded mask — so that a second backward
+    (create_graph=True) sees its true derivative: through h it reaches x and the residual,
+    through w the weight. Called by LayerNormFunction's backward and by the C++ node's
+    (csrc/ops.cpp: LayerNormNode)."""
     if dy is None:
-        dy = torch.zeros(h.shape, dtype=ctx.x_dtype, device=h.device)
+        dy = torch.zeros(h.shape, dtype=x_dtype, device=h.device)
     dh, grad_w, grad_b = ref.norm_backward_composite(dy, h, w, cfg.ndim, cfg.eps, cfg.rms)
     if dh_out is not None:
         dh = dh + dh_out.to(dh.dtype)
-    grad_x = apply_dropout(dh, cfg.p, seed).to(ctx.x_dtype) if need_x else None
-    grad_residual = dh.to(ctx.residual_dtype) if need_residual else None
+    grad_x = apply_dropout(dh, cfg.p, seed).to(x_dtype) if need_x else None
+    grad_residual = dh.to(residual_dtype) if need_residual else None
     grad_w = grad_w.reshape(w.shape) if need_w else None
     grad_b = grad_b.to(b.dtype).reshape(b.shape) if need_b else None
-    return grad_x, grad_residual, grad_w, grad_b, None, None
+    return grad_x, grad_residual, grad_w, grad_b
 
