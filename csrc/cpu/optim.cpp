@@ -311,23 +311,9 @@ inline void half_chunks(c10::Half* p, const c10::Half* g, const std::array<M*, N
 }
 
 #if FUSEDREG_X86_DISPATCH
-// cpu::store16 with float16's NaN lanes fixed only in a block that has one: the same bits
-// (no NaN: the converted values as they are; a NaN: cpu::store16 itself), without the blend
-// on every block, which on the EPYC (Zen 4) made fp16 SGD with fp16 state slower than torch's
-// fused.
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store16_step(c10::Half* dst, __m512 x) {
-  if (__builtin_expect(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) != 0, 0)) return cpu::store16(dst, x);
-  const __m256i v = _mm512_maskz_cvtps_ph(cpu::kAll16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
-}
-template <typename T>
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store16_step(T* dst, __m512 x) {
-  cpu::store16(dst, x);
-}
-
 // 16-bit parameters (float16, bfloat16; T) at the AVX-512 level: n (a multiple of 16) elements
 // in blocks of 16, each block's arrays loaded and converted into pf, gf and sf (fusedreg/cpu/
-// half_convert.h: load16, and store16 through store16_step above; c10's values bit for bit), stepped by body(pf, gf, sp, 16,
+// half_convert.h: load16, and store16; c10's values bit for bit), stepped by body(pf, gf, sp, 16,
 // level tag) — inlined here, compiled for AVX-512, its loop of 16 one vector iteration — converted back
 // and stored. The scratch arrays are locals the compiler keeps in registers. The body is
 // taken by value and the ops' lambdas capture by value, so that their constants are locals
@@ -356,9 +342,9 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void blocks16_avx512(
       if (state[k] != nullptr) _mm512_store_ps(sf[k], cpu::load16(state[k] + b));
     }
     body(pf, gf, sp, std::integral_constant<int64_t, kB>{}, cpu::IsaTag<cpu::Isa::kAvx512>{});
-    store16_step(p + b, _mm512_load_ps(pf));
+    cpu::store16(p + b, _mm512_load_ps(pf));
     for (size_t k = 0; k < NS; ++k) {
-      if (state[k] != nullptr) store16_step(state[k] + b, _mm512_load_ps(sf[k]));
+      if (state[k] != nullptr) cpu::store16(state[k] + b, _mm512_load_ps(sf[k]));
     }
   }
 }
