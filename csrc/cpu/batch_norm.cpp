@@ -751,9 +751,11 @@ inline FUSEDREG_ALWAYS_INLINE void straddle_values(const acc_t* v, int64_t rem, 
 //     (ncs_flat's straddle copies them through small arrays), and channels-last rows of at
 //     most 64 channels keep every channel's three vectors in registers for the whole chunk
 //     (larger rows: four rows per load of a channel's values).
-// Measured (one thread, loaded machine, op alone, min of 40 interleaved calls against the
-// compiled loops): float32 32x64x56x56 53-57 -> 67 GB/s, 32x256x14x14 111-118 -> 113-124;
-// bfloat16 32x64x56x56 48-58 -> 67-68, 32x256x14x14 43-59 -> 82-87 (16-element steps).
+// Measured (one thread, loaded machine, the op alone, min of 40 interleaved calls, the
+// compiled loops' build and this one in alternating processes twice): float32 32x64x56x56
+// 54-57 -> 61-65 GB/s, 32x256x14x14 NCHW 105-109 -> 115-116, channels-last the same (104-113
+// both); bfloat16 32x64x56x56 47-56 -> 66-71, 32x256x14x14 40-56 -> 84-97 (torch eager:
+// 43-48, 51-74; 34-37, 34-38).
 // Every helper carries the AVX-512 + BF16 target so that all of them inline into each other;
 // only the kernels that check cpu_has_avx512bf16() call the one that emits vcvtneps2bf16.
 #if FUSEDREG_X86_DISPATCH
