@@ -264,6 +264,72 @@ def test_cpu_channels_last_forward_rows_are_each_rows_own_result(dtype, act):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_plain_forward_rows_are_each_rows_own_result(dtype):
+    """The CPU plain forward (no residual, activation or dropout: eval's one pass) over many
+    rows: every row's output is bitwise what the op gives for that row alone, NCS rows whose
+    steps cross row boundaries (S = 17, 33, 49, 196: not a multiple of the 16 / 32 elements a
+    step) and channels-last rows of 16 to 96 channels and an odd count."""
+    ops = torch.ops.fusedreg
+    seed = torch.zeros(1, dtype=torch.long)
+    for shape, cl in [((3, 5, 17), False), ((3, 5, 33), False), ((2, 7, 49), False),
+                      ((2, 3, 196), False), ((1, 23, 16), True), ((1, 23, 48), True),
+                      ((1, 23, 64), True), ((1, 23, 96), True), ((1, 23, 37), True)]:
+        x = _data(shape, dtype)
+        C = shape[2] if cl else shape[1]
+        w, b, mean, _ = _params(C, dtype)
+        invstd = _data((C,), torch.float32, 8, offset=1.0, std=0.2).abs() + 0.1
+        whole = ops.batch_norm_fwd(x, None, w, b, mean, invstd, 0, 0.0, seed, cl)
+        for i in range(shape[0]):
+            for j in range(shape[1]):
+                row = x[i:i + 1, j:j + 1].contiguous()
+                vec = (lambda v: v) if cl else (lambda v: v[j:j + 1].contiguous())
+                alone = ops.batch_norm_fwd(row, None, vec(w), vec(b), vec(mean), vec(invstd), 0, 0.0,
+                                           seed, cl)
+                assert torch.equal(whole[i, j], alone[0, 0]), f"{shape} {'cl' if cl else 'ncs'} row ({i}, {j})"
+
+
+def _c10_bf16_bits(y):
+    """c10::BFloat16's rounding of float32 y (round to nearest even, any NaN to 0x7FC0), as
+    int32 bit patterns."""
+    u = y.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return torch.where(torch.isnan(y), torch.full_like(rounded, 0x7FC0), rounded).to(torch.int32)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("cl", [False, True], ids=["ncs", "cl"])
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_cpu_bfloat16_output_is_c10s_rounding_of_the_float_result(size, cl):
+    """The CPU forward's bfloat16 output is c10's rounding of the float32 result of the same
+    input (the same z, then round to nearest even), bit for bit, where z is denormal (which
+    vcvtne*ps2bf16 would flush to zero), +-inf or NaN (any NaN, a negative one with a payload
+    too, becomes 0x7FC0; the instruction keeps sign and payload), and at a size whose
+    output, with the input, outgrows the L3 (non-temporal stores)."""
+    ops = torch.ops.fusedreg
+    seed = torch.zeros(1, dtype=torch.long)
+    N, C, S = (3, 64, 200) if size == "small" else (4, 64, 40000)
+    x = _data((N, S, C) if cl else (N, C, S), torch.bfloat16)
+    bits = x.view(torch.int16)
+    bits.view(-1)[::97] = 0x7F80            # +inf
+    bits.view(-1)[5::101] = -0x0080         # 0xFF80: -inf
+    bits.view(-1)[7::103] = -0x003F         # 0xFFC1: a negative NaN with a payload
+    bits.view(-1)[9::107] = 0x7FA0          # a signaling-NaN pattern
+    w, b, mean, _ = _params(C, torch.bfloat16)
+    invstd = _data((C,), torch.float32, 8, offset=1.0, std=0.2).abs() + 0.1
+    # channels [0, 8): z tiny (denormal floats: |x - mean| * 1e-39), channel 8: z = 0 - 0
+    w[:8] = 1e-39
+    b[:9] = 0.0
+    w[8] = 0.0
+    y16 = ops.batch_norm_fwd(x, None, w, b, mean, invstd, 0, 0.0, seed, cl)
+    y32 = ops.batch_norm_fwd(x.float(), None, w, b, mean, invstd, 0, 0.0, seed, cl)
+    assert (y32.view(torch.int32).abs() < 0x00800000).logical_and(y32 != 0).sum() > 100  # denormals
+    assert torch.isnan(y32).sum() > 100 and torch.isinf(y32).sum() > 100
+    got = y16.view(torch.int16).to(torch.int32) & 0xFFFF
+    assert torch.equal(got, _c10_bf16_bits(y32))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_cpu_channel_ops_are_the_four_ops_bitwise(dtype):
     """The cpu backend's one-op training passes on (N, C, S) storage without dropout

@@ -33,6 +33,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <unistd.h>
+#endif
+
 #include <algorithm>
 #include <bit>
 #include <cstdint>
@@ -725,6 +731,306 @@ inline FUSEDREG_ALWAYS_INLINE void straddle_values(const acc_t* v, int64_t rem, 
   for (int64_t k = 0; k < kFlat; ++k) out[k] = k < rem ? a : b;
 }
 
+// ---- the plain forward at the AVX-512 level (eval's one pass) ----------------------------------
+
+// y = (x - mean) * scale + shift without residual, activation or dropout (an eval call, and
+// the channels-last training forward without them) at the AVX-512 level for float32 and
+// bfloat16, written with intrinsics: each element is the same sub and fma as fwd_span's loop
+// compiles to, so the same bits. What the compiled loops left on the table on the AMD EPYC
+// machine (one thread, 32x64x56x56 and 32x256x14x14 eval against ATen's):
+//   - outputs that, with the input, outgrow the L3 are written with non-temporal stores (no
+//     read-for-ownership of each destination line, and the input stays in the L3): the
+//     32x64x56x56 float32 pass moved 52 GB/s, where a copy with ordinary stores moves 61 and
+//     with non-temporal ones 79; smaller outputs keep ordinary stores (a copy of 6 MiB: 127
+//     against 85 GB/s);
+//   - bfloat16 outputs are rounded by vcvtneps2bf16 where the CPU has it: it rounds to nearest
+//     even as c10 does, except that it flushes denormal inputs to zero and keeps a NaN's
+//     payload, so a vector with a denormal or a NaN (vfpclassps) takes the integer rounding
+//     (from_acc's, bit for bit);
+//   - the NCS step across a row boundary blends the two channels' broadcast values by a mask
+//     (ncs_flat's straddle copies them through small arrays), and channels-last rows of at
+//     most 64 channels keep every channel's three vectors in registers for the whole chunk
+//     (larger rows: four rows per load of a channel's values).
+// Measured (one thread, loaded machine, the op alone, min of 40 interleaved calls, the
+// compiled loops' build and this one in alternating processes twice): float32 32x64x56x56
+// 54-57 -> 61-65 GB/s, 32x256x14x14 NCHW 105-109 -> 115-116, channels-last the same (104-113
+// both); bfloat16 32x64x56x56 47-56 -> 66-71, 32x256x14x14 40-56 -> 84-97 (torch eager:
+// 43-48, 51-74; 34-37, 34-38).
+// Every helper carries the AVX-512 + BF16 target so that all of them inline into each other;
+// only the kernels that check cpu_has_avx512bf16() call the one that emits vcvtneps2bf16.
+#if FUSEDREG_X86_DISPATCH
+#define FUSEDREG_PLAIN_TARGET FUSEDREG_TARGET_AVX512BF16 inline FUSEDREG_ALWAYS_INLINE
+
+// Loads and stores of one step of W elements (float: 16; bfloat16: 32, so that one
+// vcvtne2ps2bf16 rounds two vectors, a sixth faster than one vcvtneps2bf16 a vector in a
+// microbenchmark of the loop) as W / 16 vectors of floats: PlainIo<x_t, NT, CVT> (NT:
+// non-temporal stores of the whole steps, which must then be 64-byte aligned; CVT: round
+// bfloat16 with the BF16 instructions). Masks have a bit per element.
+template <int W>
+struct Steps {
+  __m512 v[W / 16];
+};
+
+template <typename x_t, bool NT, bool CVT>
+struct PlainIo;
+
+template <bool NT, bool CVT>
+struct PlainIo<float, NT, CVT> {
+  static constexpr int W = 16;
+  using Mask = __mmask16;
+  static FUSEDREG_PLAIN_TARGET Steps<W> load(const float* p) { return {{_mm512_loadu_ps(p)}}; }
+  static FUSEDREG_PLAIN_TARGET Steps<W> load(const float* p, Mask m) { return {{_mm512_maskz_loadu_ps(m, p)}}; }
+  static FUSEDREG_PLAIN_TARGET void store(float* p, const Steps<W>& s) {
+    if constexpr (NT) {
+      _mm512_stream_ps(p, s.v[0]);
+    } else {
+      _mm512_storeu_ps(p, s.v[0]);
+    }
+  }
+  static FUSEDREG_PLAIN_TARGET void store(float* p, const Steps<W>& s, Mask m) { _mm512_mask_storeu_ps(p, m, s.v[0]); }
+};
+
+// from_acc's rounding of 16 floats to bfloat16 bits, with integer operations
+FUSEDREG_PLAIN_TARGET __m256i bf16_round_int(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __mmask16 nan =
+      _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0)));
+}
+
+template <bool NT, bool CVT>
+struct PlainIo<c10::BFloat16, NT, CVT> {
+  static constexpr int W = 32;
+  using Mask = __mmask32;
+  static FUSEDREG_PLAIN_TARGET __m512 widen(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static FUSEDREG_PLAIN_TARGET Steps<W> load(const c10::BFloat16* p) {
+    return {{widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+             widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)))}};
+  }
+  static FUSEDREG_PLAIN_TARGET Steps<W> load(const c10::BFloat16* p, Mask m) {
+    return {{widen(_mm256_maskz_loadu_epi16(static_cast<__mmask16>(m), p)),
+             widen(_mm256_maskz_loadu_epi16(static_cast<__mmask16>(m >> 16), p + 16))}};
+  }
+  // the 32 elements' bfloat16 bits
+  static FUSEDREG_PLAIN_TARGET __m512i round(const Steps<W>& s) {
+    if constexpr (CVT) {
+      constexpr int kNanOrDenormal = 0x01 | 0x80 | 0x20;  // quiet NaN, signaling NaN, denormal
+      if (__builtin_expect(_kortestz_mask16_u8(_mm512_fpclass_ps_mask(s.v[0], kNanOrDenormal),
+                                               _mm512_fpclass_ps_mask(s.v[1], kNanOrDenormal)),
+                           1))
+        return (__m512i)_mm512_cvtne2ps_pbh(s.v[1], s.v[0]);  // v[0] in the low half
+    }
+    return _mm512_inserti64x4(_mm512_castsi256_si512(bf16_round_int(s.v[0])), bf16_round_int(s.v[1]), 1);
+  }
+  static FUSEDREG_PLAIN_TARGET void store(c10::BFloat16* p, const Steps<W>& s) {
+    if constexpr (NT) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), round(s));
+    } else {
+      _mm512_storeu_si512(p, round(s));
+    }
+  }
+  static FUSEDREG_PLAIN_TARGET void store(c10::BFloat16* p, const Steps<W>& s, Mask m) {
+    _mm512_mask_storeu_epi16(p, m, round(s));
+  }
+};
+
+// z of a step: (x - mean) * scale + shift, the per-channel values one vector each a lane
+template <int W>
+FUSEDREG_PLAIN_TARGET Steps<W> plain_z(const Steps<W>& x, const Steps<W>& mu, const Steps<W>& k, const Steps<W>& b) {
+  Steps<W> z;
+#pragma GCC unroll 2
+  for (int h = 0; h < W / 16; ++h) z.v[h] = _mm512_fmadd_ps(_mm512_sub_ps(x.v[h], mu.v[h]), k.v[h], b.v[h]);
+  return z;
+}
+
+template <int W>
+FUSEDREG_PLAIN_TARGET Steps<W> plain_bcast(float v) {
+  Steps<W> s;
+#pragma GCC unroll 2
+  for (int h = 0; h < W / 16; ++h) s.v[h] = _mm512_set1_ps(v);
+  return s;
+}
+
+template <int W>
+FUSEDREG_PLAIN_TARGET Steps<W> plain_vec(const float* p) {
+  Steps<W> s;
+#pragma GCC unroll 2
+  for (int h = 0; h < W / 16; ++h) s.v[h] = _mm512_loadu_ps(p + 16 * h);
+  return s;
+}
+
+// a's lanes [0, rem), b's after them
+template <int W>
+FUSEDREG_PLAIN_TARGET Steps<W> plain_join(const Steps<W>& a, const Steps<W>& b, int64_t rem) {
+  Steps<W> s;
+#pragma GCC unroll 2
+  for (int h = 0; h < W / 16; ++h) {
+    const int64_t n = std::clamp<int64_t>(rem - 16 * h, 0, 16);
+    s.v[h] = _mm512_mask_blend_ps(static_cast<__mmask16>((1u << n) - 1u), b.v[h], a.v[h]);
+  }
+  return s;
+}
+
+// NCS rows [r0, r1) as one run of W-element steps (S >= W; r0 * S a multiple of W when NT):
+// steps inside a row take its channel's broadcast values, the step across a row boundary the
+// two channels' joined by lane, the chunk's last row ends in a masked step.
+template <typename Io, typename x_t>
+FUSEDREG_PLAIN_TARGET void plain_ncs_avx512(const x_t* x, x_t* y, int64_t S, int64_t C, int64_t r0, int64_t r1,
+                                            const float* mean, const float* scale, const float* shift) {
+  constexpr int W = Io::W;
+  int64_t c = r0 % C, pos = r0 * S;
+  const int64_t end = r1 * S;
+  Steps<W> mu = plain_bcast<W>(mean[c]), k = plain_bcast<W>(scale[c]), b = plain_bcast<W>(shift[c]);
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t row_end = (row + 1) * S;
+    for (; pos + W <= row_end; pos += W) Io::store(y + pos, plain_z(Io::load(x + pos), mu, k, b));
+    const int64_t cn = c + 1 == C ? 0 : c + 1;
+    const Steps<W> mun = plain_bcast<W>(mean[cn]), kn = plain_bcast<W>(scale[cn]), bn = plain_bcast<W>(shift[cn]);
+    const int64_t rem = row_end - pos;
+    if (rem) {
+      if (row_end == end) {
+        const auto m = static_cast<typename Io::Mask>((uint64_t(1) << rem) - 1u);
+        Io::store(y + pos, plain_z(Io::load(x + pos, m), mu, k, b), m);
+        pos = row_end;
+      } else {  // lanes [0, rem) are this row's, the rest the next row's
+        Io::store(y + pos, plain_z(Io::load(x + pos), plain_join(mu, mun, rem), plain_join(k, kn, rem),
+                                   plain_join(b, bn, rem)));
+        pos += W;
+      }
+    }
+    mu = mun;
+    k = kn;
+    b = bn;
+    c = cn;
+  }
+}
+
+// Channels-last rows [r0, r1) of NS * W channels (NS * W <= 64): the channels' vectors in
+// registers for the whole chunk.
+template <int NS, typename Io, typename x_t>
+FUSEDREG_PLAIN_TARGET void plain_cl_regs_avx512(const x_t* x, x_t* y, int64_t r0, int64_t r1, const float* mean,
+                                                const float* scale, const float* shift) {
+  constexpr int W = Io::W;
+  constexpr int64_t C = NS * W;
+  Steps<W> mu[NS], k[NS], b[NS];
+#pragma GCC unroll 4
+  for (int v = 0; v < NS; ++v) {
+    mu[v] = plain_vec<W>(mean + v * W);
+    k[v] = plain_vec<W>(scale + v * W);
+    b[v] = plain_vec<W>(shift + v * W);
+  }
+  for (int64_t row = r0; row < r1; ++row) {
+    const x_t* xr = x + row * C;
+    x_t* yr = y + row * C;
+#pragma GCC unroll 4
+    for (int v = 0; v < NS; ++v) Io::store(yr + v * W, plain_z(Io::load(xr + v * W), mu[v], k[v], b[v]));
+  }
+}
+
+// Channels-last rows [r0, r1) of C channels (C a multiple of W): four rows per load of each
+// step's per-channel values, the chunk's last rows one by one.
+template <typename Io, typename x_t>
+FUSEDREG_PLAIN_TARGET void plain_cl_avx512(const x_t* x, x_t* y, int64_t C, int64_t r0, int64_t r1,
+                                           const float* mean, const float* scale, const float* shift) {
+  constexpr int W = Io::W;
+  constexpr int kRows = 4;
+  int64_t row = r0;
+  for (; row + kRows <= r1; row += kRows) {
+    const x_t* xr = x + row * C;
+    x_t* yr = y + row * C;
+    for (int64_t j = 0; j < C; j += W) {
+      const Steps<W> mu = plain_vec<W>(mean + j), k = plain_vec<W>(scale + j), b = plain_vec<W>(shift + j);
+#pragma GCC unroll 4
+      for (int i = 0; i < kRows; ++i) Io::store(yr + i * C + j, plain_z(Io::load(xr + i * C + j), mu, k, b));
+    }
+  }
+  for (; row < r1; ++row) {
+    for (int64_t j = 0; j < C; j += W) {
+      Io::store(y + row * C + j, plain_z(Io::load(x + row * C + j), plain_vec<W>(mean + j),
+                                         plain_vec<W>(scale + j), plain_vec<W>(shift + j)));
+    }
+  }
+}
+
+template <typename Io, typename x_t>
+FUSEDREG_PLAIN_TARGET void plain_rows_avx512(const Layout& l, const x_t* x, x_t* y, int64_t r0, int64_t r1,
+                                             const float* mean, const float* scale, const float* shift) {
+  constexpr int W = Io::W;
+  if (!l.cl) return plain_ncs_avx512<Io>(x, y, l.S, l.C, r0, r1, mean, scale, shift);
+  switch (l.C / W) {  // C is a multiple of W here
+    case 1: return plain_cl_regs_avx512<1, Io>(x, y, r0, r1, mean, scale, shift);
+    case 2: return plain_cl_regs_avx512<2, Io>(x, y, r0, r1, mean, scale, shift);
+    case 3: if constexpr (3 * W <= 64) return plain_cl_regs_avx512<3, Io>(x, y, r0, r1, mean, scale, shift); break;
+    case 4: if constexpr (4 * W <= 64) return plain_cl_regs_avx512<4, Io>(x, y, r0, r1, mean, scale, shift); break;
+    default: break;
+  }
+  plain_cl_avx512<Io>(x, y, l.C, r0, r1, mean, scale, shift);
+}
+
+// Rows [r0, r1) in one combination (out of line, compiled for AVX-512 + BF16; only CVT = true
+// emits BF16 instructions).
+template <typename x_t, bool NT, bool CVT>
+FUSEDREG_TARGET_AVX512BF16 __attribute__((noinline)) void plain_chunk_avx512(const Layout& l, const x_t* x, x_t* y,
+                                                                             int64_t r0, int64_t r1,
+                                                                             const float* mean, const float* scale,
+                                                                             const float* shift) {
+  plain_rows_avx512<PlainIo<x_t, NT, CVT>>(l, x, y, r0, r1, mean, scale, shift);
+  if constexpr (NT) _mm_sfence();  // before the region's barrier publishes the rows
+}
+#undef FUSEDREG_PLAIN_TARGET
+
+// The size of one instance of the L3 (AMD's cache-topology leaf 0x8000001D, as optim.cpp reads
+// it; elsewhere sysconf's; 32 MiB when neither says).
+inline int64_t plain_l3_bytes() {
+  static const int64_t bytes = [] {
+    if (__builtin_cpu_is("amd")) {
+      unsigned a = 0, b = 0, c = 0, d = 0;
+      for (unsigned i = 0; i < 8; ++i) {
+        if (__get_cpuid_count(0x8000001D, i, &a, &b, &c, &d) == 0 || (a & 31u) == 0) break;
+        if (((a >> 5) & 7u) == 3) {
+          return (int64_t((b >> 22) & 0x3FFu) + 1) * (int64_t((b >> 12) & 0x3FFu) + 1) *
+                 (int64_t(b & 0xFFFu) + 1) * (int64_t(c) + 1);
+        }
+      }
+    } else {
+      const long s = sysconf(_SC_LEVEL3_CACHE_SIZE);
+      if (s > 0) return int64_t(s);
+    }
+    return int64_t(32) << 20;
+  }();
+  return bytes;
+}
+#endif
+
+// The plain forward through plain_chunk_avx512 where it applies (AVX-512, float32 or
+// bfloat16, NCS rows of at least a step's values or channels-last rows of a multiple of a
+// step's channels: 16 float32, 32 bfloat16); false where it does not (the caller runs
+// forward_kernel's loops).
+template <typename x_t>
+bool plain_forward(const Layout& l, const x_t* x, x_t* y, const at::opmath_type<x_t>* mean,
+                   const at::opmath_type<x_t>* scale, const at::opmath_type<x_t>* shift) {
+#if FUSEDREG_X86_DISPATCH
+  if constexpr (std::is_same_v<x_t, float> || std::is_same_v<x_t, c10::BFloat16>) {
+    constexpr int64_t W = PlainIo<x_t, false, false>::W;  // elements a step
+    if (!cpu::cpu_has_avx512() || (l.cl ? l.C % W != 0 : l.S < W)) return false;
+    const int64_t bytes = l.N * l.C * l.S * int64_t(sizeof(x_t));
+    // non-temporal stores of the whole steps need them aligned: y's start (a 2 MiB block
+    // from empty_output when large, 64 bytes otherwise) and the chunks' (multiples of W)
+    const bool nt = 2 * bytes > plain_l3_bytes() && reinterpret_cast<uintptr_t>(y) % 64 == 0;
+    const bool cvt = std::is_same_v<x_t, c10::BFloat16> && cpu::cpu_has_avx512bf16();
+    auto chunk = nt ? (cvt ? plain_chunk_avx512<x_t, true, true> : plain_chunk_avx512<x_t, true, false>)
+                    : (cvt ? plain_chunk_avx512<x_t, false, true> : plain_chunk_avx512<x_t, false, false>);
+    for_each_row_chunk(l, [&](int64_t r0, int64_t r1) { chunk(l, x, y, r0, r1, mean, scale, shift); }, W);
+    return true;
+  }
+#endif
+  return false;
+}
+
 // ---- forward ---------------------------------------------------------------------------------
 
 template <Activation A, typename x_t>
@@ -734,6 +1040,9 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
   const bool drop = p > 0.0f;
   const int64_t len = l.row_len();
   using acc_t = at::opmath_type<x_t>;
+  if constexpr (A == Activation::kNone) {
+    if (!drop && !r && plain_forward<x_t>(l, x, y, mean, scale, shift)) return;
+  }
   if (!drop && !l.cl && l.S >= kFlat) {  // NCS rows as one flat run (ncs_flat)
     for_each_row_chunk(l, [&](int64_t r0, int64_t r1) {
       dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
