@@ -151,6 +151,12 @@ constexpr int64_t kBwdPrefetchRowBytes = kPrefetchRowBytes - 1;
 // (float32, one thread, with dW and dB: 2048x4096 4.5 ms against 5.0 ms, 1024x1024 0.50
 // against 0.555 ms, 256x1024 0.120 against 0.136 ms; 4096x1024 1.70-1.73 ms either way).
 constexpr int64_t kPairRowBytes = 4096;
+// kPairPrefetch: a pair's second row was not prefetched (only the row after the pair, in
+// the second store pass), and the pair loop waited on its loads of dy and h from memory:
+// on the AMD EPYC (Zen 5) machine, float32 8192x1024 with dW and dB, one thread, perf put
+// about half of the kernel's samples on the instructions after those two loads. Each store
+// pass now prefetches one row of the next pair (the same L1 room at any time: a row of dy
+// and h, beside the previous pass's rows that the store pass no longer reads).
 // Elements per step of a row's last pass, which also generates dropout uniforms and stores
 // the outputs step by step: 32 Philox groups, the AVX-512 kernel's widest block (uniforms.h).
 constexpr int64_t kStoreChunk = 2 * kPrefetchChunk;
@@ -645,11 +651,12 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
         if (gr_copy) write_row<ISA>(grr + j0, grc, j1 - j0, nt, sc.template at_as<h_t>(kBwdBits));
         if (gx_copy) write_row<ISA>(gxr + j0, gxc, j1 - j0, nt, sc.template at_as<x_t>(kBwdBits));
       };
-      // The row after this step's rows (the next block's first row is likely another
-      // thread's): the next sums pass reads it.
-      const int64_t pr = r + R - 1;
-      const x_t* ndy = i + 1 == R ? next_row(a.dy, pr, r1, N, kBwdPrefetchRowBytes) : nullptr;
-      const h_t* nh = i + 1 == R ? next_row(a.h, pr, r1, N, kBwdPrefetchRowBytes) : nullptr;
+      // Row i's store pass prefetches the next step's row i, R rows on (not past the block:
+      // the next block's first row is likely another thread's): the next sums pass reads
+      // it. With pairs, both rows of the next pair, one in each store pass
+      // (kPairPrefetch).
+      const x_t* ndy = next_row(a.dy, ri + R - 1, r1, N, kBwdPrefetchRowBytes);
+      const h_t* nh = next_row(a.h, ri + R - 1, r1, N, kBwdPrefetchRowBytes);
       const h_t* ndo = next_row(a.dh_out, ri, r1, N, kBwdPrefetchRowBytes);
       const acc_t* gi = g[i];
       const acc_t* hvi = hv[i];
