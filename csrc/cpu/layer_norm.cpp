@@ -136,7 +136,7 @@ struct FwdArgs {
 // The hardware prefetchers stop at 4 KiB page boundaries, and a row of 1024 floats is one
 // page: left alone, every row would start its input streams cold (the loads of the first
 // pass over a row were the hot spot). So the last pass over row r, which works from L1,
-// prefetches row r + 1's inputs chunk by chunk. Only for rows up to kPrefetchRowBytes:
+// prefetches row r + 1's inputs chunk by chunk (or row r + 2's: kRowsAhead). Only for rows up to kPrefetchRowBytes:
 // longer rows would evict the current one, and the prefetchers ramp up within them anyway.
 constexpr int64_t kPrefetchChunk = 64;  // elements per prefetch step of the last pass
 constexpr int64_t kPrefetchRowBytes = 16384;
@@ -197,6 +197,25 @@ template <typename T>
 inline FUSEDREG_ALWAYS_INLINE const T* next_row(const T* a, int64_t r, int64_t rows, int64_t N,
                                                 int64_t limit = kPrefetchRowBytes) {
   return a && r + 1 < rows && N * int64_t(sizeof(T)) <= limit ? a + (r + 1) * N : nullptr;
+}
+
+// kRowsAhead: how many rows on the last pass over a row prefetches. One row of 1024 floats,
+// fetched during the last pass over the row before it, came too late on the AMD EPYC
+// (Zen 5) machine: that pass is a third of a row's time, shorter than the fetch, and perf
+// put about a third of the float32 forward's samples (8192x1024, one thread) on the first
+// pass's loads. Two rows ahead, float32, one thread, alternating processes (min of 15-20
+// blocks, load 2-3): layer_norm forward 8192x1024 1.97-2.07 -> 1.53-1.55 ms, 4096x1024
+// 0.66-0.84 -> 0.64-0.70 ms, dropout_add_layer_norm forward 8192x1024 4.59-4.75 -> 4.20-4.67
+// ms, the backward's single rows (no pairs) 4096x768 0.88-0.93 -> 0.75-0.77 ms. Only for
+// calls whose outputs stream (Out::nt: 8 MiB and more, so the inputs come from memory) and
+// float/double rows: at 1024x1024 (cache resident) the forward was no faster (0.136-0.137
+// against 0.132-0.138 ms), the backward at 256x768 slower (0.048-0.049 against 0.045-0.046
+// ms), and the bf16 forwards, bound by their conversions rather than by memory, slower
+// (layer_norm 8192x1024 1.71-1.72 against 1.59-1.63 ms, rms_norm 1024x1024 0.159-0.164
+// against 0.143-0.144 ms).
+template <typename x_t>
+inline int64_t rows_ahead(bool nt) {
+  return nt && std::is_same_v<x_t, at::opmath_type<x_t>> ? 2 : 1;
 }
 
 // v = h = residual + dropout(x) (acc_t rows; stored to hr if STORE_H); returns sum(v).
@@ -296,6 +315,12 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
   // The dropout uniforms of row r are in u: the first row's generated here, each next row's
   // during the last pass over the row before it (see below).
   if (dropout && r0 < r1) cpu::fill_keep_at<ISA>(keys, a.seed, a.keep_t, r0 * N, N, u);
+  // The last pass over row r prefetches row r + ahead (kRowsAhead); with two, row r0 + 1 here.
+  const int64_t ahead = rows_ahead<x_t>(nt);
+  if (ahead == 2) {
+    prefetch_range(next_row(a.x, r0, r1, N), 0, N);
+    prefetch_range(next_row(a.residual, r0, r1, N), 0, N);
+  }
   // A float/double call without dropout, residual or stored h reads x in place and writes y
   // in place: no scratch row to place.
   const bool scratch = nt || dropout || a.residual || a.h || !std::is_same_v<x_t, acc_t>;
@@ -358,8 +383,8 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
     // first kStoreChunk elements of a scratch row and stored from there.
     acc_t* yo = out_row(yr, sc.at(kFwdY), nt);
     const bool y_copy = yo != reinterpret_cast<acc_t*>(yr);
-    const x_t* nx = next_row(a.x, r, r1, N);
-    const h_t* nr = next_row(a.residual, r, r1, N);
+    const x_t* nx = next_row(a.x, r + ahead - 1, r1, N);
+    const h_t* nr = next_row(a.residual, r + ahead - 1, r1, N);
     // kStoreChunk elements at a time: the next row's inputs prefetched, the next row's dropout
     // uniforms generated (overlapping the prefetches and stores in flight), then the chunk of
     // y computed and stored.
@@ -603,6 +628,12 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
   // row count R, whose loops stream different rows).
   const bool same_offsets = same_page_offsets<x_t, h_t>(N);
   int placed = 0;
+  // Single rows prefetch `ahead` rows on, as in the forward (kRowsAhead); pairs the next pair.
+  const int64_t ahead = pairs ? 1 : rows_ahead<x_t>(nt);
+  if (ahead == 2) {
+    prefetch_range(next_row(a.dy, r0, r1, N, kBwdPrefetchRowBytes), 0, N);
+    prefetch_range(next_row(a.h, r0, r1, N, kBwdPrefetchRowBytes), 0, N);
+  }
   for (int64_t r = r0; r < r1;) {
     const int R = pairs && r + 1 < r1 ? 2 : 1;
     const x_t* dyr[2] = {a.dy + r * N, R == 2 ? a.dy + (r + 1) * N : nullptr};
@@ -662,8 +693,8 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
       // and the next row's dh_out, which the next store pass reads. With pairs, the next
       // pair's two rows side by side, half of each in each store pass, in the order the
       // pair loop reads them (kPairPrefetch).
-      const x_t* ndy0 = next_row(a.dy, r + R - 1, r1, N, kBwdPrefetchRowBytes);
-      const h_t* nh0 = next_row(a.h, r + R - 1, r1, N, kBwdPrefetchRowBytes);
+      const x_t* ndy0 = next_row(a.dy, r + R - 2 + ahead, r1, N, kBwdPrefetchRowBytes);
+      const h_t* nh0 = next_row(a.h, r + R - 2 + ahead, r1, N, kBwdPrefetchRowBytes);
       const x_t* ndy1 = R == 2 ? next_row(a.dy, r + R, r1, N, kBwdPrefetchRowBytes) : nullptr;
       const h_t* nh1 = R == 2 ? next_row(a.h, r + R, r1, N, kBwdPrefetchRowBytes) : nullptr;
       const h_t* ndo = next_row(a.dh_out, ri, r1, N, kBwdPrefetchRowBytes);
