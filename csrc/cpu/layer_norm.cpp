@@ -162,10 +162,11 @@ constexpr int64_t kPairRowBytes = 4096;
 // by side (against 2.66-3.37 ms in the same alternation). Only for calls whose outputs
 // stream (Out::nt, 8 MiB and more: the inputs come from memory): at 1024x1024, in the
 // caches, the side-by-side prefetches made the backward slower (0.208-0.223 against
-// 0.184-0.196 ms), and such calls keep the one prefetched row after the pair. (The
-// prefetches stay fixed-count prefetch_chunk loops: with a callable over a computed range
-// of lines, the cache-resident 1024x1024 backward was still 5-8% slower, 0.189-0.195 against
-// 0.178-0.181 ms; in this form 0.174-0.190 against 0.179-0.197.)
+// 0.184-0.196 ms), and such calls keep the one prefetched row after the pair. Builds that
+// differ only in how these prefetch loops are written moved both sizes by 5-10% either way
+// (code layout: prefetch_chunk loops inside store_grads against this callable, as two
+// separately linked builds, 8192x1024 2.56-2.76 against 2.53-2.72 ms, 1024x1024 0.186-0.204
+// against 0.176-0.187 ms); differences of that size here are not the prefetches'.
 // Elements per step of a row's last pass, which also generates dropout uniforms and stores
 // the outputs step by step: 32 Philox groups, the AVX-512 kernel's widest block (uniforms.h).
 constexpr int64_t kStoreChunk = 2 * kPrefetchChunk;
@@ -577,43 +578,23 @@ inline FUSEDREG_ALWAYS_INLINE void bwd_sums(const acc_t* const* dyr, const acc_t
 }
 
 // dh = rs * (g - c1 - xhat * c2) + dh_out; grad_residual = dh; grad_x = dh * keep * scale
-// (acc_t rows), kStoreChunk elements at a time: per chunk, the next rows' dy, h, dh_out are
-// prefetched (ndy, nh, ndo, or null; with ndy2 / nh2, the rows of a pair side by side, this
-// pass's half from element half0 on: kPairPrefetch), the chunk's dropout uniforms generated (u, from element
+// (acc_t rows), kStoreChunk elements at a time: per chunk [j0, j1), prefetch(j0, j1) fetches
+// its share of the rows the next passes read, the chunk's dropout uniforms generated (u, from element
 // `start` of the seed's stream) and, after the chunk, emit(j0, j1, grc, gxc) stores it. The
 // Philox arithmetic of a chunk then overlaps the prefetches and stores in flight, rather than
 // running alone between the row's memory passes. grr / gxr: the output rows themselves, or
 // (staged: gr_staged / gx_staged) a chunk-sized buffer that every chunk reuses, so that a
 // streamed or rounded output takes kStoreChunk elements of L1 rather than a row.
 
-template <cpu::Isa ISA, bool DOUT, bool GRES, bool DROPOUT, typename x_t, typename h_t, typename acc_t,
-          typename Emit>
+template <cpu::Isa ISA, bool DOUT, bool GRES, bool DROPOUT, typename acc_t, typename Prefetch, typename Emit>
 inline FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const acc_t* hr, const acc_t* dor, acc_t* grr,
                                                acc_t* gxr, bool gr_staged, bool gx_staged, float* u,
                                                const cpu::PhiloxKeys& keys, uint64_t seed, uint32_t keep_t,
                                                int64_t start, int64_t N, acc_t mu, acc_t rs, acc_t c1, acc_t c2,
-                                               float p, acc_t scale, const x_t* ndy, const h_t* nh,
-                                               const h_t* ndo, const x_t* ndy2, const h_t* nh2, int64_t half0,
-                                               const Emit& emit) {
+                                               float p, acc_t scale, const Prefetch& prefetch, const Emit& emit) {
   for (int64_t j0 = 0; j0 < N; j0 += kStoreChunk) {
-    if (ndy2) {
-      for (int64_t k = half0 + j0 / 2; k < half0 + std::min(N, j0 + kStoreChunk) / 2; k += kPrefetchChunk) {
-        prefetch_chunk(ndy, k);
-        prefetch_chunk(nh, k);
-        prefetch_chunk(ndy2, k);
-        prefetch_chunk(nh2, k);
-      }
-      if constexpr (DOUT) {
-        for (int64_t k = j0; k < std::min(N, j0 + kStoreChunk); k += kPrefetchChunk) prefetch_chunk(ndo, k);
-      }
-    } else {
-      for (int64_t k = j0; k < std::min(N, j0 + kStoreChunk); k += kPrefetchChunk) {
-        prefetch_chunk(ndy, k);
-        prefetch_chunk(nh, k);
-        if constexpr (DOUT) prefetch_chunk(ndo, k);
-      }
-    }
     const int64_t j1 = std::min(N, j0 + kStoreChunk);
+    prefetch(j0, j1);
     if constexpr (DROPOUT) cpu::fill_keep_at<ISA>(keys, seed, keep_t, start + j0, j1 - j0, u + j0);
     acc_t* grc = GRES ? (gr_staged ? grr : grr + j0) : nullptr;  // element j at [j - j0]
     acc_t* gxc = gx_staged ? gxr : gxr + j0;
@@ -726,16 +707,36 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
       const x_t* ndy1 = side_by_side ? next_row(a.dy, r + R, r1, N, kBwdPrefetchRowBytes) : nullptr;
       const h_t* nh1 = side_by_side ? next_row(a.h, r + R, r1, N, kBwdPrefetchRowBytes) : nullptr;
       const h_t* ndo = next_row(a.dh_out, ri, r1, N, kBwdPrefetchRowBytes);
+      // (prefetch_chunk's fixed count per step: a loop over a computed range of lines made
+      // the cache-resident 1024x1024 backward 13% slower.)
       const x_t* pdy = side_by_side || i + 1 == R ? ndy0 : nullptr;
       const h_t* ph = side_by_side || i + 1 == R ? nh0 : nullptr;
-      const int64_t half0 = i * N / 2;  // side by side: this pass's half of the next rows
+      auto prefetch = [&](int64_t j0, int64_t j1) FUSEDREG_ALWAYS_INLINE {
+        if (side_by_side) {
+          for (int64_t k = (i * N + j0) / 2; k < (i * N + j1) / 2; k += kPrefetchChunk) {
+            prefetch_chunk(pdy, k);
+            prefetch_chunk(ph, k);
+            prefetch_chunk(ndy1, k);
+            prefetch_chunk(nh1, k);
+          }
+        } else {
+          for (int64_t k = j0; k < j1; k += kPrefetchChunk) {
+            prefetch_chunk(pdy, k);
+            prefetch_chunk(ph, k);
+            prefetch_chunk(ndo, k);
+          }
+        }
+        if (side_by_side) {
+          for (int64_t k = j0; k < j1; k += kPrefetchChunk) prefetch_chunk(ndo, k);
+        }
+      };
       const acc_t* gi = g[i];
       const acc_t* hvi = hv[i];
       switch ((dov ? 1 : 0) | (gro ? 2 : 0) | (dropout ? 4 : 0)) {
 #define FUSEDREG_CASE(F)                                                                                  \
   case F:                                                                                                 \
     store_grads<ISA, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(gi, hvi, dov, gro, gxo, gr_copy, gx_copy, u, keys, a.seed, a.keep_t, ri * N, \
-                                                               N, mu[i], rs[i], c1i, c2i, p, scale, pdy, ph, ndo, ndy1, nh1, half0, emit); \
+                                                               N, mu[i], rs[i], c1i, c2i, p, scale, prefetch, emit); \
     break;
         FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
         FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
