@@ -136,7 +136,7 @@ struct FwdArgs {
 // The hardware prefetchers stop at 4 KiB page boundaries, and a row of 1024 floats is one
 // page: left alone, every row would start its input streams cold (the loads of the first
 // pass over a row were the hot spot). So the last pass over row r, which works from L1,
-// prefetches row r + 1's inputs chunk by chunk. Only for rows up to kPrefetchRowBytes:
+// prefetches row r + 1's inputs chunk by chunk (or row r + 2's: kRowsAhead). Only for rows up to kPrefetchRowBytes:
 // longer rows would evict the current one, and the prefetchers ramp up within them anyway.
 constexpr int64_t kPrefetchChunk = 64;  // elements per prefetch step of the last pass
 constexpr int64_t kPrefetchRowBytes = 16384;
@@ -151,6 +151,22 @@ constexpr int64_t kBwdPrefetchRowBytes = kPrefetchRowBytes - 1;
 // (float32, one thread, with dW and dB: 2048x4096 4.5 ms against 5.0 ms, 1024x1024 0.50
 // against 0.555 ms, 256x1024 0.120 against 0.136 ms; 4096x1024 1.70-1.73 ms either way).
 constexpr int64_t kPairRowBytes = 4096;
+// kPairPrefetch: a pair's second row was not prefetched (only the row after the pair, in
+// the second store pass), and the pair loop waited on its loads of dy and h from memory:
+// on the AMD EPYC (Zen 5) machine, float32 8192x1024 with dW and dB, one thread, perf put
+// about half of the kernel's samples on the instructions after those two loads. The store
+// passes now prefetch both rows of the next pair, side by side, half of each row in each
+// store pass, in the order the pair loop reads them: one thread, the op alone, alternating
+// processes (min of 15 blocks, loaded machine), 3.29-3.59 ms before, 2.55-2.66 ms with each
+// store pass prefetching one of the rows (the first pass the first row), 2.36-2.87 ms side
+// by side (against 2.66-3.37 ms in the same alternation). Only for calls whose outputs
+// stream (Out::nt, 8 MiB and more: the inputs come from memory): at 1024x1024, in the
+// caches, the side-by-side prefetches made the backward slower (0.208-0.223 against
+// 0.184-0.196 ms), and such calls keep the one prefetched row after the pair. Builds that
+// differ only in how these prefetch loops are written moved both sizes by 5-10% either way
+// (code layout: prefetch_chunk loops inside store_grads against this callable, as two
+// separately linked builds, 8192x1024 2.56-2.76 against 2.53-2.72 ms, 1024x1024 0.186-0.204
+// against 0.176-0.187 ms); differences of that size here are not the prefetches'.
 // Elements per step of a row's last pass, which also generates dropout uniforms and stores
 // the outputs step by step: 32 Philox groups, the AVX-512 kernel's widest block (uniforms.h).
 constexpr int64_t kStoreChunk = 2 * kPrefetchChunk;
@@ -161,6 +177,15 @@ inline FUSEDREG_ALWAYS_INLINE void prefetch_chunk(const T* p, int64_t j0) {
   if (!p) return;
   const char* c = reinterpret_cast<const char*>(p + j0);
   for (int64_t k = 0; k < kPrefetchChunk * int64_t(sizeof(T)); k += 64) __builtin_prefetch(c + k, 0, 3);
+}
+
+// Prefetches the cache lines of p[a, b) (nothing when p is null).
+template <typename T>
+inline FUSEDREG_ALWAYS_INLINE void prefetch_range(const T* p, int64_t a, int64_t b) {
+  if (!p) return;
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t k = a * int64_t(sizeof(T)) & ~int64_t(63); k < b * int64_t(sizeof(T)); k += 64)
+    __builtin_prefetch(c + k, 0, 3);
 }
 
 // Row r + 1 of a (rows, N) array, or null when there is none or rows are too long to prefetch.
@@ -179,6 +204,25 @@ template <typename T>
 inline FUSEDREG_ALWAYS_INLINE const T* next_row(const T* a, int64_t r, int64_t rows, int64_t N,
                                                 int64_t limit = kPrefetchRowBytes) {
   return a && r + 1 < rows && N * int64_t(sizeof(T)) <= limit ? a + (r + 1) * N : nullptr;
+}
+
+// kRowsAhead: how many rows on the last pass over a row prefetches. One row of 1024 floats,
+// fetched during the last pass over the row before it, came too late on the AMD EPYC
+// (Zen 5) machine: that pass is a third of a row's time, shorter than the fetch, and perf
+// put about a third of the float32 forward's samples (8192x1024, one thread) on the first
+// pass's loads. Two rows ahead, float32, one thread, alternating processes (min of 15-20
+// blocks, load 2-3): layer_norm forward 8192x1024 1.97-2.07 -> 1.53-1.55 ms, 4096x1024
+// 0.66-0.84 -> 0.64-0.70 ms, dropout_add_layer_norm forward 8192x1024 4.59-4.75 -> 4.20-4.67
+// ms, the backward's single rows (no pairs) 4096x768 0.88-0.93 -> 0.75-0.77 ms. Only for
+// calls whose outputs stream (Out::nt: 8 MiB and more, so the inputs come from memory) and
+// float/double rows: at 1024x1024 (cache resident) the forward was no faster (0.136-0.137
+// against 0.132-0.138 ms), the backward at 256x768 slower (0.048-0.049 against 0.045-0.046
+// ms), and the bf16 forwards, bound by their conversions rather than by memory, slower
+// (layer_norm 8192x1024 1.71-1.72 against 1.59-1.63 ms, rms_norm 1024x1024 0.159-0.164
+// against 0.143-0.144 ms).
+template <typename x_t>
+inline int64_t rows_ahead(bool nt) {
+  return nt && std::is_same_v<x_t, at::opmath_type<x_t>> ? 2 : 1;
 }
 
 // v = h = residual + dropout(x) (acc_t rows; stored to hr if STORE_H); returns sum(v).
@@ -278,6 +322,12 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
   // The dropout uniforms of row r are in u: the first row's generated here, each next row's
   // during the last pass over the row before it (see below).
   if (dropout && r0 < r1) cpu::fill_keep_at<ISA>(keys, a.seed, a.keep_t, r0 * N, N, u);
+  // The last pass over row r prefetches row r + ahead (kRowsAhead); with two, row r0 + 1 here.
+  const int64_t ahead = rows_ahead<x_t>(nt);
+  if (ahead == 2) {
+    prefetch_range(next_row(a.x, r0, r1, N), 0, N);
+    prefetch_range(next_row(a.residual, r0, r1, N), 0, N);
+  }
   // A float/double call without dropout, residual or stored h reads x in place and writes y
   // in place: no scratch row to place.
   const bool scratch = nt || dropout || a.residual || a.h || !std::is_same_v<x_t, acc_t>;
@@ -340,8 +390,8 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
     // first kStoreChunk elements of a scratch row and stored from there.
     acc_t* yo = out_row(yr, sc.at(kFwdY), nt);
     const bool y_copy = yo != reinterpret_cast<acc_t*>(yr);
-    const x_t* nx = next_row(a.x, r, r1, N);
-    const h_t* nr = next_row(a.residual, r, r1, N);
+    const x_t* nx = next_row(a.x, r + ahead - 1, r1, N);
+    const h_t* nr = next_row(a.residual, r + ahead - 1, r1, N);
     // kStoreChunk elements at a time: the next row's inputs prefetched, the next row's dropout
     // uniforms generated (overlapping the prefetches and stores in flight), then the chunk of
     // y computed and stored.
@@ -528,29 +578,23 @@ inline FUSEDREG_ALWAYS_INLINE void bwd_sums(const acc_t* const* dyr, const acc_t
 }
 
 // dh = rs * (g - c1 - xhat * c2) + dh_out; grad_residual = dh; grad_x = dh * keep * scale
-// (acc_t rows), kStoreChunk elements at a time: per chunk, the next row's dy, h, dh_out are
-// prefetched (ndy, nh, ndo, or null), the chunk's dropout uniforms generated (u, from element
+// (acc_t rows), kStoreChunk elements at a time: per chunk [j0, j1), prefetch(j0, j1) fetches
+// its share of the rows the next passes read, the chunk's dropout uniforms generated (u, from element
 // `start` of the seed's stream) and, after the chunk, emit(j0, j1, grc, gxc) stores it. The
 // Philox arithmetic of a chunk then overlaps the prefetches and stores in flight, rather than
 // running alone between the row's memory passes. grr / gxr: the output rows themselves, or
 // (staged: gr_staged / gx_staged) a chunk-sized buffer that every chunk reuses, so that a
 // streamed or rounded output takes kStoreChunk elements of L1 rather than a row.
 
-template <cpu::Isa ISA, bool DOUT, bool GRES, bool DROPOUT, typename x_t, typename h_t, typename acc_t,
-          typename Emit>
+template <cpu::Isa ISA, bool DOUT, bool GRES, bool DROPOUT, typename acc_t, typename Prefetch, typename Emit>
 inline FUSEDREG_ALWAYS_INLINE void store_grads(const acc_t* g, const acc_t* hr, const acc_t* dor, acc_t* grr,
                                                acc_t* gxr, bool gr_staged, bool gx_staged, float* u,
                                                const cpu::PhiloxKeys& keys, uint64_t seed, uint32_t keep_t,
                                                int64_t start, int64_t N, acc_t mu, acc_t rs, acc_t c1, acc_t c2,
-                                               float p, acc_t scale, const x_t* ndy, const h_t* nh,
-                                               const h_t* ndo, const Emit& emit) {
+                                               float p, acc_t scale, const Prefetch& prefetch, const Emit& emit) {
   for (int64_t j0 = 0; j0 < N; j0 += kStoreChunk) {
-    for (int64_t k = j0; k < std::min(N, j0 + kStoreChunk); k += kPrefetchChunk) {
-      prefetch_chunk(ndy, k);
-      prefetch_chunk(nh, k);
-      if constexpr (DOUT) prefetch_chunk(ndo, k);
-    }
     const int64_t j1 = std::min(N, j0 + kStoreChunk);
+    prefetch(j0, j1);
     if constexpr (DROPOUT) cpu::fill_keep_at<ISA>(keys, seed, keep_t, start + j0, j1 - j0, u + j0);
     acc_t* grc = GRES ? (gr_staged ? grr : grr + j0) : nullptr;  // element j at [j - j0]
     acc_t* gxc = gx_staged ? gxr : gxr + j0;
@@ -591,6 +635,12 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
   // row count R, whose loops stream different rows).
   const bool same_offsets = same_page_offsets<x_t, h_t>(N);
   int placed = 0;
+  // Single rows prefetch `ahead` rows on, as in the forward (kRowsAhead); pairs the next pair.
+  const int64_t ahead = pairs ? 1 : rows_ahead<x_t>(nt);
+  if (ahead == 2) {
+    prefetch_range(next_row(a.dy, r0, r1, N, kBwdPrefetchRowBytes), 0, N);
+    prefetch_range(next_row(a.h, r0, r1, N, kBwdPrefetchRowBytes), 0, N);
+  }
   for (int64_t r = r0; r < r1;) {
     const int R = pairs && r + 1 < r1 ? 2 : 1;
     const x_t* dyr[2] = {a.dy + r * N, R == 2 ? a.dy + (r + 1) * N : nullptr};
@@ -645,19 +695,48 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
         if (gr_copy) write_row<ISA>(grr + j0, grc, j1 - j0, nt, sc.template at_as<h_t>(kBwdBits));
         if (gx_copy) write_row<ISA>(gxr + j0, gxc, j1 - j0, nt, sc.template at_as<x_t>(kBwdBits));
       };
-      // The row after this step's rows (the next block's first row is likely another
-      // thread's): the next sums pass reads it.
-      const int64_t pr = r + R - 1;
-      const x_t* ndy = i + 1 == R ? next_row(a.dy, pr, r1, N, kBwdPrefetchRowBytes) : nullptr;
-      const h_t* nh = i + 1 == R ? next_row(a.h, pr, r1, N, kBwdPrefetchRowBytes) : nullptr;
+      // The store passes prefetch the next step's rows of dy and h (not past the block: the
+      // next block's first row is likely another thread's), which the next sums pass reads,
+      // and the next row's dh_out, which the next store pass reads. With pairs of a streamed
+      // call, the next pair's two rows side by side, half of each in each store pass, in
+      // the order the pair loop reads them (kPairPrefetch); otherwise the last store pass of
+      // the step prefetches the next step's first row.
+      const x_t* ndy0 = next_row(a.dy, r + R - 2 + ahead, r1, N, kBwdPrefetchRowBytes);
+      const h_t* nh0 = next_row(a.h, r + R - 2 + ahead, r1, N, kBwdPrefetchRowBytes);
+      const bool side_by_side = R == 2 && nt;
+      const x_t* ndy1 = side_by_side ? next_row(a.dy, r + R, r1, N, kBwdPrefetchRowBytes) : nullptr;
+      const h_t* nh1 = side_by_side ? next_row(a.h, r + R, r1, N, kBwdPrefetchRowBytes) : nullptr;
       const h_t* ndo = next_row(a.dh_out, ri, r1, N, kBwdPrefetchRowBytes);
+      // (prefetch_chunk's fixed count per step: a loop over a computed range of lines made
+      // the cache-resident 1024x1024 backward 13% slower.)
+      const x_t* pdy = side_by_side || i + 1 == R ? ndy0 : nullptr;
+      const h_t* ph = side_by_side || i + 1 == R ? nh0 : nullptr;
+      auto prefetch = [&](int64_t j0, int64_t j1) FUSEDREG_ALWAYS_INLINE {
+        if (side_by_side) {
+          for (int64_t k = (i * N + j0) / 2; k < (i * N + j1) / 2; k += kPrefetchChunk) {
+            prefetch_chunk(pdy, k);
+            prefetch_chunk(ph, k);
+            prefetch_chunk(ndy1, k);
+            prefetch_chunk(nh1, k);
+          }
+        } else {
+          for (int64_t k = j0; k < j1; k += kPrefetchChunk) {
+            prefetch_chunk(pdy, k);
+            prefetch_chunk(ph, k);
+            prefetch_chunk(ndo, k);
+          }
+        }
+        if (side_by_side) {
+          for (int64_t k = j0; k < j1; k += kPrefetchChunk) prefetch_chunk(ndo, k);
+        }
+      };
       const acc_t* gi = g[i];
       const acc_t* hvi = hv[i];
       switch ((dov ? 1 : 0) | (gro ? 2 : 0) | (dropout ? 4 : 0)) {
 #define FUSEDREG_CASE(F)                                                                                  \
   case F:                                                                                                 \
     store_grads<ISA, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(gi, hvi, dov, gro, gxo, gr_copy, gx_copy, u, keys, a.seed, a.keep_t, ri * N, \
-                                                               N, mu[i], rs[i], c1i, c2i, p, scale, ndy, nh, ndo, emit); \
+                                                               N, mu[i], rs[i], c1i, c2i, p, scale, prefetch, emit); \
     break;
         FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
         FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
