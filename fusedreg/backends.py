@@ -70,9 +70,14 @@ AUTO: dict[str, dict[str, tuple[str, ...]]] = {
 # wins small tensors: in training up to 32K elements without grad (2.5-5x at 4K, 1.2x at
 # 32K, the fused call 1.6x faster at 100K) and up to 100K with grad (1.1-1.4x there, fused
 # 1.1-2x faster from 262K) at one thread; with two threads (the default here) torch's plain
-# call with grad was as fast up to about 2**18 and slower from 2**19, hence 2**19; in eval torch's own kernel is as fast as the fused one or faster
-# at every size for a plain call (1.15-2.6x without grad, within noise with grad from 1.6M),
-# and the composite wins the act call below 262K without grad and below about 1M with grad.
+# call with grad was as fast up to about 2**18 and slower from 2**19, hence 2**19. In eval a
+# plain call (one pass, AVX-512 loop since 2026-12-06) costs about 7 us more than torch's
+# fixed (the running variance's rsqrt, views): without grad fused / torch 2.0-2.5x up to 32K,
+# 1.4-1.7x at 100K, 1.2-1.3x at 262K, 1.0-1.07x at 800K, 0.86-0.92x at 1.6M and 0.85-0.98x at
+# 6.4M (one / two threads), hence torch's op below 2**20; with grad 1.2x at 100K (two
+# threads; 0.81x at one), 0.58-0.78x from 262K, hence 2**18 (``overhead.py --crossover
+# --only batch_norm``, 2026-12-06). The composite wins the act call below 262K without grad
+# and below about 1M with grad.
 _EVERY = 1 << 62  # torch's op at every size
 AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
     "layer_norm": {"cpu": (1 << 13, 1 << 18)},
@@ -84,7 +89,7 @@ AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
     # made from C++: not re-measured with the C++ node)
     "layer_norm_half": {"cpu": (1 << 19, 1 << 19)},
     "batch_norm": {"cpu": (1 << 16, 1 << 19)},
-    "batch_norm_eval": {"cpu": (_EVERY, _EVERY)},
+    "batch_norm_eval": {"cpu": (1 << 20, 1 << 18)},
     "batch_norm_act": {"cpu": (1 << 16, 1 << 18)},
     "batch_norm_act_eval": {"cpu": (1 << 18, 1 << 20)},
 }
