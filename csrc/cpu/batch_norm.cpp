@@ -34,9 +34,7 @@
 #include <torch/library.h>
 
 #if defined(__x86_64__)
-#include <cpuid.h>
 #include <immintrin.h>
-#include <unistd.h>
 #endif
 
 #include <algorithm>
@@ -983,27 +981,6 @@ FUSEDREG_TARGET_AVX512BF16 __attribute__((noinline)) void plain_chunk_avx512(con
 }
 #undef FUSEDREG_PLAIN_TARGET
 
-// The size of one instance of the L3 (AMD's cache-topology leaf 0x8000001D, as optim.cpp reads
-// it; elsewhere sysconf's; 32 MiB when neither says).
-inline int64_t plain_l3_bytes() {
-  static const int64_t bytes = [] {
-    if (__builtin_cpu_is("amd")) {
-      unsigned a = 0, b = 0, c = 0, d = 0;
-      for (unsigned i = 0; i < 8; ++i) {
-        if (__get_cpuid_count(0x8000001D, i, &a, &b, &c, &d) == 0 || (a & 31u) == 0) break;
-        if (((a >> 5) & 7u) == 3) {
-          return (int64_t((b >> 22) & 0x3FFu) + 1) * (int64_t((b >> 12) & 0x3FFu) + 1) *
-                 (int64_t(b & 0xFFFu) + 1) * (int64_t(c) + 1);
-        }
-      }
-    } else {
-      const long s = sysconf(_SC_LEVEL3_CACHE_SIZE);
-      if (s > 0) return int64_t(s);
-    }
-    return int64_t(32) << 20;
-  }();
-  return bytes;
-}
 #endif
 
 // The plain forward through plain_chunk_avx512 where it applies (AVX-512, float32 or
@@ -1020,7 +997,7 @@ bool plain_forward(const Layout& l, const x_t* x, x_t* y, const at::opmath_type<
     const int64_t bytes = l.N * l.C * l.S * int64_t(sizeof(x_t));
     // non-temporal stores of the whole steps need them aligned: y's start (a 2 MiB block
     // from empty_output when large, 64 bytes otherwise) and the chunks' (multiples of W)
-    const bool nt = 2 * bytes > plain_l3_bytes() && reinterpret_cast<uintptr_t>(y) % 64 == 0;
+    const bool nt = 2 * bytes > cpu::l3_bytes() && reinterpret_cast<uintptr_t>(y) % 64 == 0;
     const bool cvt = std::is_same_v<x_t, c10::BFloat16> && cpu::cpu_has_avx512bf16();
     auto chunk = nt ? (cvt ? plain_chunk_avx512<x_t, true, true> : plain_chunk_avx512<x_t, true, false>)
                     : (cvt ? plain_chunk_avx512<x_t, false, true> : plain_chunk_avx512<x_t, false, false>);

@@ -36,10 +36,6 @@
 #include "fusedreg/macros.h"
 #include "fusedreg/optim_args.h"
 
-#if FUSEDREG_X86_DISPATCH
-#include <cpuid.h>
-#endif
-
 namespace fusedreg {
 namespace {
 
@@ -165,25 +161,6 @@ void parallel_spans(const Plan& plan, const F& fn) {
 constexpr int64_t kPfBlock = 64;    // elements per block (4 cache lines of float32 an array)
 constexpr int64_t kPfAhead = 8192;  // elements ahead (32 KiB of float32 an array)
 
-#if FUSEDREG_X86_DISPATCH
-// The size of one instance of the L3 (AMD's cache-topology leaf 0x8000001D; 32 MiB when the
-// leaf is missing). sysconf(_SC_LEVEL3_CACHE_SIZE) gave 384 MiB on the EPYC VM: every L3
-// of the package, most of which this core never reads from.
-inline int64_t amd_l3_bytes() {
-  static const int64_t bytes = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    for (unsigned i = 0; i < 8; ++i) {
-      if (__get_cpuid_count(0x8000001D, i, &a, &b, &c, &d) == 0 || (a & 31u) == 0) break;
-      if (((a >> 5) & 7u) == 3) {
-        return (int64_t((b >> 22) & 0x3FFu) + 1) * (int64_t((b >> 12) & 0x3FFu) + 1) *
-               (int64_t(b & 0xFFFu) + 1) * (int64_t(c) + 1);
-      }
-    }
-    return int64_t(32) << 20;
-  }();
-  return bytes;
-}
-#endif
 
 // Where a call's spans prefetch (the rule above): loops = the in-place loops
 // (prefetched_blocks), blocks16 = the 16-bit register blocks (blocks16_avx512).
@@ -196,7 +173,7 @@ struct PrefetchRule {
 inline PrefetchRule prefetch_rule(int64_t bytes) {
 #if FUSEDREG_X86_DISPATCH
   static const bool amd = __builtin_cpu_is("amd");
-  if (amd) return {false, bytes > amd_l3_bytes()};
+  if (amd) return {false, bytes > cpu::l3_bytes()};
 #endif
   (void)bytes;
   return {true, true};

@@ -39,14 +39,18 @@
 // translation units the target macros expand to nothing and everything runs the baseline.
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+
+#include <unistd.h>
 
 #include "fusedreg/macros.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
 #define FUSEDREG_X86_DISPATCH 1
+#include <cpuid.h>
 #define FUSEDREG_TARGET_AVX2 __attribute__((target("avx2,fma,bmi,bmi2,popcnt")))
 #define FUSEDREG_TARGET_AVX512 \
   __attribute__((target("avx2,fma,bmi,bmi2,popcnt,avx512f,avx512bw,avx512cd,avx512dq,avx512vl")))
@@ -122,6 +126,35 @@ inline bool cpu_has_avx512bf16() {
 #else
   return false;
 #endif
+}
+
+// The bytes of one instance of the last-level cache (L3), which the kernels compare their
+// operands with to choose store kinds and prefetch: on an AMD CPU from its cache-topology
+// cpuid leaf 0x8000001D, since sysconf(_SC_LEVEL3_CACHE_SIZE) gave 384 MiB on the EPYC VM
+// (every L3 of the package, most of which this core never reads from); elsewhere sysconf's;
+// 32 MiB when neither says. Read once.
+inline int64_t l3_bytes() {
+  static const int64_t bytes = [] {
+#if FUSEDREG_X86_DISPATCH
+    if (__builtin_cpu_is("amd")) {
+      unsigned a = 0, b = 0, c = 0, d = 0;
+      for (unsigned i = 0; i < 8; ++i) {
+        if (__get_cpuid_count(0x8000001D, i, &a, &b, &c, &d) == 0 || (a & 31u) == 0) break;
+        if (((a >> 5) & 7u) == 3) {  // level 3: ways x partitions x line size x sets
+          return (int64_t((b >> 22) & 0x3FFu) + 1) * (int64_t((b >> 12) & 0x3FFu) + 1) *
+                 (int64_t(b & 0xFFFu) + 1) * (int64_t(c) + 1);
+        }
+      }
+      return int64_t(32) << 20;
+    }
+#endif
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    const long s = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (s > 0) return int64_t(s);
+#endif
+    return int64_t(32) << 20;
+  }();
+  return bytes;
 }
 
 template <typename F>
