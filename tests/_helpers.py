@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedreg.nn as fnn
 from conftest import backend_params, gpu_backend_or_fail
@@ -75,3 +77,31 @@ def results_at_each_cpu_level(code: str, args, tmp_path) -> dict:
         assert res.returncode == 0, f"{level}: {res.stderr[-2000:]}"
         results[level] = torch.load(path)
     return results
+
+
+class PassThroughDispatchMode(TorchDispatchMode):
+    """A dispatch mode that runs every op as it is: its presence alone is what a test checks
+    (fusedreg's direct C++ calls decline under any mode, the results must not change)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class PassThroughFunctionMode(TorchFunctionMode):
+    """The torch-function counterpart of PassThroughDispatchMode."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def results_at_one_and_two_threads(run):
+    """(run() at one thread, run() at two threads), the thread count restored after."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    return one, two

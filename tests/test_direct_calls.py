@@ -4,11 +4,11 @@ the call it stands for returns, bit for bit, and declines (None, nothing run) wh
 call would not go straight to the CPU kernel: the callers then make the call itself."""
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedreg
 from fusedreg import backends
+
+from _helpers import PassThroughDispatchMode, PassThroughFunctionMode
 
 pytestmark = pytest.mark.skipif(not backends.extension_available(),
                                 reason="the direct calls are the C++ extension's")
@@ -35,15 +35,6 @@ def _same(a, b):
 class _Sub(torch.Tensor):
     pass
 
-
-class _Mode(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
-class _FnMode(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
 
 
 # (1, 768): a small model's row; (3, 1023): rows not a multiple of any vector width;
@@ -87,7 +78,7 @@ def test_direct_calls_decline_what_the_dispatcher_would_route_elsewhere():
     for args in declined:
         assert C.layer_norm_fwd(*args) is None
     assert C.bias_dropout_fwd(x, None, None, 0.1, 2**70, seed) is None  # out of int64
-    for mode in (_Mode(), _FnMode()):
+    for mode in (PassThroughDispatchMode(), PassThroughFunctionMode()):
         with mode:
             assert C.layer_norm_fwd(*ln) is None
             assert C.torch_norm(*norm) is None
@@ -231,7 +222,7 @@ def test_bias_dropout_node_double_backward_and_graph_rules(monkeypatch):
             z = F.bias_dropout(x.clone().requires_grad_(), None, None, p=0.5, seed=9)
         assert packed and ("BiasDropoutFunction" in type(z.grad_fn).__name__) != node_on
         # under a dispatch mode the call declines to the Python Function (the mode sees the ops)
-        with _Mode():
+        with PassThroughDispatchMode():
             w = F.dropout(x.clone().requires_grad_(), 0.5, seed=9)
         assert "BiasDropoutFunction" in type(w.grad_fn).__name__
         return xs.grad

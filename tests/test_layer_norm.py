@@ -15,7 +15,7 @@ from fusedreg import backends
 from fusedreg import functional as F
 from fusedreg.reference.philox import dropout_scale
 
-from _helpers import device_cases, results_at_each_cpu_level, serving
+from _helpers import device_cases, results_at_each_cpu_level, results_at_one_and_two_threads, serving
 from conftest import cpu_backends
 from tolerances import NORM_GPU, check_norm_error as _check
 
@@ -301,14 +301,7 @@ def test_cpu_streamed_outputs_equal_cached_ones(dtype, rows, res32, p):
         torch.autograd.backward([y, h, z], [dy[sl], dh[sl], dy[sl]])
         return [y, h, z, ins[0].grad, ins[1].grad]
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        big1 = run(slice(None))
-        torch.set_num_threads(2)
-        big2 = run(slice(None))
-    finally:
-        torch.set_num_threads(threads)
+    big1, big2 = results_at_one_and_two_threads(lambda: run(slice(None)))
     # 40 and 24 rows: 40 KiB / 24 KiB outputs
     for sl in (slice(0, 40),) + ((slice(rows - 24, rows),) if p == 0.0 else ()):
         for a1, a2, c in zip(big1, big2, run(sl)):

@@ -6,6 +6,7 @@ import torch
 import fusedreg
 from fusedreg import functional as F
 
+from _helpers import results_at_one_and_two_threads
 from conftest import cpu_backends
 
 BACKENDS = cpu_backends("layer_norm")
@@ -41,14 +42,7 @@ def test_cpu_large_calls_of_odd_rows_equal_small_calls(dtype, N, rows, grad_para
         torch.autograd.backward([y, z], [dy[sl], dy[sl]])
         return [y.detach(), z.detach(), xs.grad] + ([ws.grad, bs.grad] if grad_params else [])
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        big1 = run(slice(None))
-        torch.set_num_threads(2)
-        big2 = run(slice(None))
-    finally:
-        torch.set_num_threads(threads)
+    big1, big2 = results_at_one_and_two_threads(lambda: run(slice(None)))
     assert x.numel() * x.element_size() >= 8 << 20  # the streamed path
     for a1, a2 in zip(big1, big2):
         assert torch.equal(a1, a2)  # bitwise across thread counts, dW / dB included

@@ -8,12 +8,12 @@ import itertools
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedreg
 from fusedreg import backends
 from fusedreg import functional as F
+
+from _helpers import PassThroughDispatchMode, PassThroughFunctionMode
 
 pytestmark = pytest.mark.skipif(not backends.extension_available(),
                                 reason="the node is the C++ extension's")
@@ -52,15 +52,6 @@ def _both(monkeypatch, fn):
     assert node == _NODE and func == _FUNCTION, (node, func)
     return fast, slow
 
-
-class _Mode(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
-class _FnMode(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
 
 
 class _Sub(torch.Tensor):
@@ -277,12 +268,12 @@ def test_declines_under_modes_subclasses_and_other_kernels():
 
     base, name = run()
     assert name == _NODE
-    for ctx, sub in [(_Mode(), False), (None, True)]:
+    for ctx, sub in [(PassThroughDispatchMode(), False), (None, True)]:
         out, name = run(ctx, sub)
         assert name == _FUNCTION and _same(out, base), (ctx, sub)
     # a torch-function mode sees fusedreg's functional itself, which then runs without it
     # (the node may serve it); the node declines a call made under one
-    out, name = run(_FnMode())
+    out, name = run(PassThroughFunctionMode())
     assert _same(out, base)
     # kernels registered in place of the built-in ones: the Function calls them
     impl, calls = backends.implementation("layer_norm", "cpu"), []
@@ -313,7 +304,7 @@ def test_node_declines_bad_configs_and_the_function_raises():
         args[i] = bad
         assert C.layer_norm_train(*args) is None, (i, bad)
     assert C.layer_norm_train(*good[:10]) is None
-    for mode in (_Mode(), _FnMode()):
+    for mode in (PassThroughDispatchMode(), PassThroughFunctionMode()):
         with mode:
             assert C.layer_norm_train(*good) is None
     for cfg, match in [(LayerNormConfig(3, 1e-5, 0.0, False, torch.float32, False, "cpu"), "ndim"),

@@ -175,6 +175,14 @@ def _checked_fake(signature: Callable, fake: Callable, check: Optional[Callable]
 _DIRECT: dict = {}  # the cpu backend's registered Kernels -> the direct-first ones
 
 
+def extension_call(name: str):
+    """``fusedreg._C``'s function ``name`` (a direct call or C++ autograd node, csrc/ops.cpp), or
+    None without the extension or in one built before it had the call."""
+    if not backends.extension_available():
+        return None
+    return getattr(importlib.import_module("fusedreg._C"), name, None)
+
+
 def _with_direct(op):
     fast = getattr(importlib.import_module("fusedreg._C"), op._schema.name.split("::")[1], None)
     if fast is None:

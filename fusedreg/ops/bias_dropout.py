@@ -18,7 +18,7 @@ from .._activations import NAMES
 from .._dtypes import compute_dtype
 from ..reference import bias_dropout as ref
 from ..reference.philox import apply_dropout
-from ._common import Kernels, direct_kernels, register_kernels
+from ._common import Kernels, direct_kernels, extension_call, register_kernels
 
 __all__ = ["BiasDropoutConfig", "BiasDropoutFunction", "run_forward"]
 
@@ -122,16 +122,8 @@ class BiasDropoutFunction(torch.autograd.Function):
         return grad_x, grad_bias, grad_out if need_residual else None, None, None
 
 
-def _cpu_node():
-    """fusedreg._C.bias_dropout_train (the Function below as a C++ autograd node, csrc/ops.cpp),
-    or None without the extension."""
-    if not backends.extension_available():
-        return None
-    import fusedreg._C as ext
-    return getattr(ext, "bias_dropout_train", None)
-
-
-_CPU_NODE = _cpu_node()
+# fusedreg._C.bias_dropout_train: the Function below as a C++ autograd node (csrc/ops.cpp), or None
+_CPU_NODE = extension_call("bias_dropout_train")
 
 
 def apply(x, bias, residual, seed, config: BiasDropoutConfig):

@@ -21,7 +21,7 @@ from .. import backends
 from .._dtypes import compute_dtype
 from ..reference import layer_norm as ref
 from ..reference.philox import apply_dropout
-from ._common import Kernels, direct_kernels, register_kernels
+from ._common import Kernels, direct_kernels, extension_call, register_kernels
 
 __all__ = ["LayerNormConfig", "LayerNormFunction", "apply", "run_forward"]
 
@@ -227,16 +227,8 @@ class LayerNormFunction(torch.autograd.Function):
         return grad_x, grad_residual, grad_w, grad_b, None, None
 
 
-def _cpu_node():
-    """fusedreg._C.layer_norm_train (the Function above as a C++ autograd node, csrc/ops.cpp),
-    or None without the extension."""
-    if not backends.extension_available():
-        return None
-    import fusedreg._C as ext
-    return getattr(ext, "layer_norm_train", None)
-
-
-_CPU_NODE = _cpu_node()
+# fusedreg._C.layer_norm_train: the Function above as a C++ autograd node (csrc/ops.cpp), or None
+_CPU_NODE = extension_call("layer_norm_train")
 # the cpu backend's ops as this module registered them: the node runs those, so a call takes
 # it only while they are the registered ones (a test or a user may register others)
 _CPU_KERNELS = backends.implementation(OP, "cpu") if _CPU_NODE is not None else None
