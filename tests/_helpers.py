@@ -64,6 +64,16 @@ def serving(op: str, backend: str, device: str) -> str:
 CPU_LEVELS = ("baseline", "avx2", "avx512")
 
 
+def p_at_a_uniform(seed: int, n: int):
+    """(p, u): u the first ``n`` uniforms of ``seed``'s dropout stream, p a drop probability
+    equal to one of them (the first between 0.05 and 0.95): the element drawing it sits on the
+    keep test's boundary (u >= p keeps it), where a kernel comparing otherwise than the
+    reference would differ."""
+    from fusedreg.reference.philox import dropout_uniform
+    u = dropout_uniform(seed, n)
+    return float(u[(u > 0.05) & (u < 0.95)][0]), u
+
+
 def results_at_each_cpu_level(code: str, args, tmp_path) -> dict:
     """{level: what ``code`` saved}: the script runs once per CPU instruction-set level, each in
     a fresh process (fusedreg reads FUSEDREG_CPU_ISA once), with ``args`` and then the path to

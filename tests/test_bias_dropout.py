@@ -21,7 +21,7 @@ from fusedreg import backends
 from fusedreg import functional as FF
 from fusedreg.reference.philox import dropout_keep, dropout_scale, dropout_uniform
 
-from _helpers import device_cases, results_at_each_cpu_level, serving
+from _helpers import device_cases, p_at_a_uniform, results_at_each_cpu_level, serving
 from conftest import cpu_backends
 from tolerances import ELEMENTWISE, REDUCTION
 
@@ -616,13 +616,10 @@ def test_cpu_backward_without_activation_bitwise_at_every_level(tmp_path):
     1.0; shapes with N % 4 != 0 (the tiles' uniforms path), tiles of four rows and of one,
     two column blocks (N > 16384), tails of every length, a flat range over several threads'
     chunks. Each level in a fresh process (read once)."""
-    from fusedreg.reference.philox import dropout_uniform as ref_uniform
-
     if "cpu" not in BACKENDS:
         pytest.skip("cpu backend not built")
     seed = 2**33 + 17
-    u = ref_uniform(seed, 200)
-    p_exact = float(u[(u > 0.05) & (u < 0.95)][0])
+    p_exact, u = p_at_a_uniform(seed, 200)
     code = r'''
 import sys, torch, fusedreg  # noqa: F401
 seed, p_exact, path = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]

@@ -15,7 +15,8 @@ from fusedreg import backends
 from fusedreg import functional as F
 from fusedreg.reference.philox import dropout_scale
 
-from _helpers import device_cases, results_at_each_cpu_level, results_at_one_and_two_threads, serving
+from _helpers import (device_cases, p_at_a_uniform, results_at_each_cpu_level,
+                      results_at_one_and_two_threads, serving)
 from conftest import cpu_backends
 from tolerances import NORM_GPU, check_norm_error as _check
 
@@ -216,11 +217,9 @@ def test_cpu_dropout_keep_decisions_at_every_level(tmp_path):
     paired backward rows (N >= 1024) and rows past the prefetch limit. Each level in a fresh
     process (the level is read once)."""
     from fusedreg.reference.philox import dropout_keep
-    from fusedreg.reference.philox import dropout_uniform as ref_uniform
 
     seed = 2**33 + 5
-    u = ref_uniform(seed, 300)
-    p_exact = float(u[(u > 0.05) & (u < 0.95)][0])
+    p_exact, u = p_at_a_uniform(seed, 300)
     code = r'''
 import sys, torch, fusedreg
 from fusedreg import functional as F
