@@ -203,6 +203,11 @@ PyObject* draw_seed(PyObject*, PyObject* const*, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// A saved tensor as an op's optional argument: undefined (saved as absent) is nullopt.
+inline std::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 // ---- bias_dropout with autograd, in C++ ----------------------------------------------------
 // fusedreg._C.bias_dropout_train(x, bias, residual, p, activation, seed): what
 // fusedreg.ops.bias_dropout.BiasDropoutFunction.apply(x, bias, residual, seed, config) computes
@@ -255,9 +260,6 @@ struct BiasDropoutNode : public torch::autograd::Function<BiasDropoutNode> {
       const double p = ctx->saved_data["p"].toDouble();
       const int64_t activation = ctx->saved_data["activation"].toInt();
       const bool want_bias = need_bias;
-      const auto opt = [](const at::Tensor& t) {
-        return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-      };
       if (at::GradMode::is_enabled()) {  // create_graph: a differentiable backward
         pybind11::gil_scoped_acquire gil;
         // looked up per call (a sys.modules hit): a function-local static initialized under
@@ -441,9 +443,6 @@ struct LayerNormNode : public torch::autograd::Function<LayerNormNode> {
     const auto saved = ctx->get_saved_variables();
     at::Tensor h = saved[0];
     const double p = ctx->saved_data["p"].toDouble();
-    const auto opt = [](const at::Tensor& t) {
-      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-    };
     if (at::GradMode::is_enabled()) {  // create_graph: a differentiable backward
       pybind11::gil_scoped_acquire gil;
       // looked up per call (a sys.modules hit): a function-local static initialized under the
