@@ -27,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "fusedreg/batch_norm_host.h"
 #include "fusedreg/cpu/direct.h"
 
 namespace fusedreg {
@@ -43,6 +44,18 @@ PyMethodDef* optim_direct_methods();  // csrc/cpu/optim.cpp
 namespace {
 
 using cpu::plain_cpu_tensor;
+
+// The registered op kName's typed handle, found once (the kernels register when the library
+// loads).
+template <typename Sig, const char* kName>
+const c10::TypedOperatorHandle<Sig>& typed_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(kName, "").typed<Sig>();
+  return op;
+}
+
+// A redispatch with these keys goes straight to the CPU kernel.
+const c10::DispatchKeySet kCpuKeys{c10::DispatchKey::CPU};
+
 // One positional argument by the kernel's parameter type: parse() is false (nothing raised)
 // when the object is not what the direct call takes.
 template <typename T>
@@ -159,15 +172,13 @@ struct RowDirect<R(A...)> {
         },
         parsed);
     if (!ok) Py_RETURN_NONE;
-    // The schema's typed handle, found once (the kernels register when the library loads).
-    static const auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow(kName, "").template typed<R(A...)>();
+    const auto& op = typed_op<R(A...), kName>();
     RECORD_FUNCTION(kName, std::vector<c10::IValue>());
     R out = [&] {
       pybind11::gil_scoped_release no_gil;
       return std::apply(
           [&](const auto&... arg) {
-            return op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), arg.get()...);
+            return op.redispatch(kCpuKeys, arg.get()...);
           },
           parsed);
     }();
@@ -222,10 +233,8 @@ struct BiasDropoutNode : public torch::autograd::Function<BiasDropoutNode> {
                             const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& residual, const at::Tensor& seed,
                             double p, int64_t activation) {
-    static const auto fwd = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow(kBiasDropoutFwd, "")
-                                .typed<BiasDropoutFwd>();
-    at::Tensor out = fwd.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), x, bias, residual,
+    const auto& fwd = typed_op<BiasDropoutFwd, kBiasDropoutFwd>();
+    at::Tensor out = fwd.redispatch(kCpuKeys, x, bias, residual,
                                     p, activation, seed);
     // needs_input_grad counts the tensor inputs only: x, then the bias and the residual
     // where given, then the seed
@@ -271,14 +280,12 @@ struct BiasDropoutNode : public torch::autograd::Function<BiasDropoutNode> {
         if (!r[0].is_none()) grad_x = r[0].cast<at::Tensor>();
         if (!r[1].is_none()) grad_bias = r[1].cast<at::Tensor>();
       } else {
-        static const auto bwd = c10::Dispatcher::singleton()
-                                    .findSchemaOrThrow(kBiasDropoutBwd, "")
-                                    .typed<BiasDropoutBwd>();
+        const auto& bwd = typed_op<BiasDropoutBwd, kBiasDropoutBwd>();
         // a plain call reaches the CPU kernel straight; under a mode or functorch layer the
         // dispatcher's full call lets them see the op, as the Python Function's call would
         std::tie(grad_x, grad_bias) =
             cpu::direct_call_allowed() && cpu::plain_cpu(grad_out)
-                ? bwd.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), grad_out,
+                ? bwd.redispatch(kCpuKeys, grad_out,
                                  opt(saved[0]), opt(saved[1]), p, activation, saved[2], want_bias)
                 : bwd.call(grad_out, opt(saved[0]), opt(saved[1]), p, activation, saved[2],
                            want_bias);
@@ -372,9 +379,7 @@ struct LayerNormNode : public torch::autograd::Function<LayerNormNode> {
       const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
       const std::optional<at::Tensor>& bias, const at::Tensor& seed, int64_t ndim, double eps,
       double p, bool rms, at::ScalarType h_dtype, bool prenorm) {
-    static const auto fwd = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow(kLayerNormFwd, "")
-                                .typed<LayerNormFwd>();
+    const auto& fwd = typed_op<LayerNormFwd, kLayerNormFwd>();
     LayerNormState s;
     s.ndim = ndim;
     s.rms = rms;
@@ -399,7 +404,7 @@ struct LayerNormNode : public torch::autograd::Function<LayerNormNode> {
     }
     // the ops take the residual in h's dtype (a bf16 residual with residual_in_fp32 is cast)
     if (r2 && r2->scalar_type() != h_dtype) r2 = r2->to(h_dtype);
-    auto [y, h, mean, rstd] = fwd.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), x2, r2,
+    auto [y, h, mean, rstd] = fwd.redispatch(kCpuKeys, x2, r2,
                                              w, b, eps, p, seed, rms, h_dtype, s.store_h);
     if (!flat) {
       y = y.view(x.sizes());
@@ -463,9 +468,7 @@ struct LayerNormNode : public torch::autograd::Function<LayerNormNode> {
         if (!r[i].is_none()) out[i] = r[i].cast<at::Tensor>();
       return out;
     }
-    static const auto bwd = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow(kLayerNormBwd, "")
-                                .typed<LayerNormBwd>();
+    const auto& bwd = typed_op<LayerNormBwd, kLayerNormBwd>();
     RECORD_FUNCTION(kLayerNormBwd, std::vector<c10::IValue>());
     const at::IntArrayRef x_shape = saved[0].sizes();
     const bool flat = x_shape.size() == 2 && s.ndim == 1;  // x was (M, N): no views to make
@@ -498,7 +501,7 @@ struct LayerNormNode : public torch::autograd::Function<LayerNormNode> {
                         cpu::plain_cpu(h) && plain(w) && plain(b) && cpu::plain_cpu(mean) &&
                         cpu::plain_cpu(rstd) && cpu::plain_cpu(seed);
     auto [gx, gr, gw, gb] =
-        direct ? bwd.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), dy, opt(dh_out), h,
+        direct ? bwd.redispatch(kCpuKeys, dy, opt(dh_out), h,
                                 w, b, mean, rstd, p, seed, s.rms, s.x_dtype, separate, need_w,
                                 need_b)
                : bwd.call(dy, opt(dh_out), h, w, b, mean, rstd, p, seed, s.rms, s.x_dtype,
@@ -585,12 +588,10 @@ PyObject* fused_plain_norm(const at::Tensor& x, int64_t n, const std::optional<a
     if (grad) {
       y = LayerNormNode::apply(x, std::nullopt, w, b, seed, 1, e, 0.0, rms, dtype, false)[0];
     } else {
-      static const auto fwd = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow(kLayerNormFwd, "")
-                                  .typed<LayerNormFwd>();
+      const auto& fwd = typed_op<LayerNormFwd, kLayerNormFwd>();
       const bool flat = x.dim() == 2;  // already (M, N): no views to make (run_forward)
       const at::Tensor x2 = flat ? x : x.reshape({x.numel() / n, n});
-      y = std::get<0>(fwd.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), x2, std::nullopt,
+      y = std::get<0>(fwd.redispatch(kCpuKeys, x2, std::nullopt,
                                      w, b, e, 0.0, seed, rms, dtype, false));
       if (!flat) y = y.view(x.sizes());
     }
@@ -662,6 +663,341 @@ PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// ---- batch_norm with autograd, in C++ ------------------------------------------------------
+// fusedreg._C.batch_norm_train(x, running_mean, running_var, weight, bias, momentum, eps,
+// residual, activation): what fusedreg.functional.batch_norm_act computes for a local (not
+// SyncBatchNorm) training call without dropout on the cpu backend — the storage views of
+// fusedreg.ops.batch_norm.batch_norm_act, BatchNormFunction's kernels, saved tensors, outputs
+// and gradients, and the running-stat update of fusedreg.functional._update_running — as a
+// C++ autograd node: the Python path (views, Function apply, ctx, Python backward) cost about
+// 25 us of a small BatchNorm's forward and 30 of its backward, more than the kernels at a
+// ResNet's last stages. Returns y, or None (nothing ran, nothing written) where the direct
+// calls decline (a mode, functorch layer or tracer; a tensor that is not a plain CPU one) and
+// for every call outside the common case that the Python checks own: x of another dtype or
+// fewer than 2 dims or no elements, one value per channel, vectors that are not 1-D of C
+// elements in the compute type (float32; float64 for float64 x), running stats that need a
+// gradient, a residual of another shape or dtype, an unknown activation, a non-finite
+// momentum, eps not in (0, inf). A backward with create_graph=True calls
+// fusedreg.ops.batch_norm._node_differentiable_backward, as BatchNormFunction's does.
+// fusedreg._C.batch_norm_eval(x, running_mean, running_var, weight, bias, eps): the eval call
+// that records no backward (fusedreg.functional._cpu_eval_batch_norm), y or None likewise.
+
+using BnStats = std::tuple<at::Tensor, at::Tensor>(Ten, bool);
+using BnFwd = at::Tensor(Ten, Opt, Opt, Opt, Ten, Ten, int64_t, double, Ten, bool);
+using BnFwdNcs = Tensor4(Ten, Opt, Opt, Opt, double, int64_t);
+using BnOneOpBwd = Tensor4(Ten, Ten, Opt, Opt, Opt, Ten, Ten, int64_t, Ten, bool, bool);
+using BnBwdReduce = std::tuple<at::Tensor, at::Tensor>(Ten, Ten, Opt, Opt, Opt, Ten, Ten, int64_t,
+                                                       double, Ten, bool);
+using BnBwdElemt = std::tuple<at::Tensor, at::Tensor>(Ten, Ten, Opt, Opt, Opt, Ten, Ten, Ten, Ten,
+                                                      double, int64_t, double, Ten, bool, bool,
+                                                      bool, bool);
+
+constexpr char kBnStats[] = "fusedreg::batch_norm_stats";
+constexpr char kBnFwd[] = "fusedreg::batch_norm_fwd";
+constexpr char kBnFwdNcs[] = "fusedreg::batch_norm_fwd_ncs";
+constexpr char kBnBwdNcs[] = "fusedreg::batch_norm_bwd_ncs";
+constexpr char kBnBwdCl[] = "fusedreg::batch_norm_bwd_cl";
+constexpr char kBnBwdReduce[] = "fusedreg::batch_norm_bwd_reduce";
+constexpr char kBnBwdElemt[] = "fusedreg::batch_norm_bwd_elemt";
+
+// fusedreg._seed.unused_seed's value: the seed of a call without dropout, never read.
+const at::Tensor& unused_seed_tensor() {
+  static const at::Tensor seed = at::zeros({}, at::kLong);
+  return seed;
+}
+
+// fusedreg.ops.batch_norm.storage_layout: x is viewed (N, S, C) — channels-last memory, or one
+// value per (n, c) — rather than (N, C, S).
+bool bn_channels_last(const at::Tensor& x) {
+  if (x.dim() == 2 || x.numel() / (x.size(0) * x.size(1)) == 1) return true;
+  if (x.dim() != 4 && x.dim() != 5) return false;
+  const auto fmt = x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  return !x.is_contiguous() && x.is_contiguous(fmt);
+}
+
+// fusedreg.ops.batch_norm.to_storage / from_storage (x of shape (N, C, *spatial), non-empty).
+at::Tensor bn_to_storage(const at::Tensor& t, bool cl) {
+  const int64_t N = t.size(0), C = t.size(1), S = t.numel() / (N * C);
+  if (!cl) return t.reshape({N, C, S}).contiguous();
+  if (t.dim() == 2) return t.reshape({N, S, C}).contiguous();
+  std::vector<int64_t> perm{0};
+  for (int64_t d = 2; d < t.dim(); ++d) perm.push_back(d);
+  perm.push_back(1);
+  return t.permute(perm).reshape({N, S, C}).contiguous();
+}
+
+at::Tensor bn_from_storage(const at::Tensor& s, at::IntArrayRef shape, bool cl) {
+  const int64_t nd = int64_t(shape.size());
+  int64_t S = 1;
+  for (int64_t d = 2; d < nd; ++d) S *= shape[d];
+  if (!cl || S == 1) return s.view(shape);
+  std::vector<int64_t> stored{shape[0]}, perm{0, nd - 1};
+  for (int64_t d = 2; d < nd; ++d) {
+    stored.push_back(shape[d]);
+    perm.push_back(d - 1);
+  }
+  stored.push_back(shape[1]);
+  return s.view(stored).permute(perm);
+}
+
+// x's dtype is one the kernels take; its compute type is fusedreg::bn_compute_type's
+// (fusedreg/batch_norm_host.h).
+bool bn_x_dtype_ok(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// A per-channel vector the fast paths take as it is: 1-D, C elements, the compute type
+// (contiguity is the ops' business: they make their own contiguous copies).
+bool bn_vector_ok(const std::optional<at::Tensor>& t, int64_t C, at::ScalarType ct) {
+  return !t || (t->dim() == 1 && t->size(0) == C && t->scalar_type() == ct);
+}
+
+// The node's non-tensor state in one saved int64.
+struct BatchNormState {
+  bool cl = false, has_residual = false, has_weight = false, has_bias = false;
+  int64_t activation = 0;
+  int64_t pack() const {
+    return int64_t(cl) | int64_t(has_residual) << 1 | int64_t(has_weight) << 2 |
+           int64_t(has_bias) << 3 | activation << 8;
+  }
+  static BatchNormState unpack(int64_t v) {
+    BatchNormState s;
+    s.cl = v & 1;
+    s.has_residual = v >> 1 & 1;
+    s.has_weight = v >> 2 & 1;
+    s.has_bias = v >> 3 & 1;
+    s.activation = v >> 8;
+    return s;
+  }
+  // needs_input_grad counts the tensor inputs only: x, then the residual, weight and bias
+  // where given
+  int64_t residual_edge() const { return has_residual ? 1 : -1; }
+  int64_t weight_edge() const { return has_weight ? 1 + has_residual : -1; }
+  int64_t bias_edge() const { return has_bias ? 1 + has_residual + has_weight : -1; }
+};
+
+// The training forward without dropout (BatchNormFunction's, with fusedreg.ops.batch_norm's
+// storage views): (y in storage layout, mean, biased var, invstd).
+Tensor4 bn_train_forward(const at::Tensor& xs, const std::optional<at::Tensor>& rs,
+                         const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias, double eps, int64_t activation,
+                         bool cl) {
+  if (!cl)  // the one-op forward (fusedreg.ops.batch_norm._forward)
+    return typed_op<BnFwdNcs, kBnFwdNcs>().redispatch(kCpuKeys, xs, rs, weight, bias, eps,
+                                                      activation);
+  auto [mean, var] = typed_op<BnStats, kBnStats>().redispatch(kCpuKeys, xs, true);
+  at::Tensor invstd = at::rsqrt(var + eps);
+  at::Tensor y = typed_op<BnFwd, kBnFwd>().redispatch(kCpuKeys, xs, rs, weight, bias, mean, invstd,
+                                                      activation, 0.0, unused_seed_tensor(), true);
+  return {y, mean, var, invstd};
+}
+
+// Called only when grad mode is on and an input requires grad (the node's needs_input_grad
+// is defined only then).
+struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
+  // -> (y in x's shape and layout, mean, biased var)
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& x,
+                                                const std::optional<at::Tensor>& residual,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& bias, double eps,
+                                                int64_t activation) {
+    BatchNormState s;
+    s.cl = bn_channels_last(x);
+    s.has_residual = residual.has_value();
+    s.has_weight = weight.has_value();
+    s.has_bias = bias.has_value();
+    s.activation = activation;
+    std::optional<at::Tensor> rs;
+    if (residual) rs = bn_to_storage(*residual, s.cl);
+    auto [y, mean, var, invstd] =
+        bn_train_forward(bn_to_storage(x, s.cl), rs, weight, bias, eps, activation, s.cl);
+    ctx->saved_data["state"] = s.pack();
+    ctx->saved_data["eps"] = eps;  // for the differentiable backward's statistics
+    ctx->mark_non_differentiable({mean, var});
+    ctx->set_materialize_grads(false);
+    // z (so the residual and bias) is needed only for act'(z). The inputs themselves, not
+    // their storage views (made again in backward): a differentiable backward must reach them,
+    // and the views, made here without grad, have no history
+    const bool act = activation != 0;
+    ctx->save_for_backward({x, act && residual ? *residual : at::Tensor(),
+                            weight ? *weight : at::Tensor(), act && bias ? *bias : at::Tensor(),
+                            mean, invstd});
+    // y as a tensor of its own in x's shape (detach: not a view of the op's output), so that
+    // an in-place op on it (ResNet's relu_) is an ordinary in-place op on a node output
+    return {bn_from_storage(y, x.sizes(), s.cl).detach(), mean, var};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const BatchNormState s = BatchNormState::unpack(ctx->saved_data["state"].toInt());
+    torch::autograd::variable_list out(6);  // one per forward argument
+    const at::Tensor& dy = grads[0];  // in x's shape (y's)
+    const bool need_x = ctx->needs_input_grad(0),
+               need_r = s.has_residual && ctx->needs_input_grad(s.residual_edge()),
+               need_w = s.has_weight && ctx->needs_input_grad(s.weight_edge()),
+               need_b = s.has_bias && ctx->needs_input_grad(s.bias_edge());
+    if (!dy.defined() || !(need_x || need_r || need_w || need_b)) return out;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &mean = saved[4], &invstd = saved[5];
+    const std::optional<at::Tensor> w = opt(saved[2]), b = opt(saved[3]);
+    // the storage views (differentiable ones under create_graph)
+    const at::Tensor xs = bn_to_storage(saved[0], s.cl);
+    std::optional<at::Tensor> rs;
+    if (saved[1].defined()) rs = bn_to_storage(saved[1], s.cl);
+    if (at::GradMode::is_enabled()) {  // create_graph: a differentiable backward
+      pybind11::gil_scoped_acquire gil;
+      // looked up per call (a sys.modules hit), as the other nodes' backwards do
+      const pybind11::module_ module = pybind11::module_::import("fusedreg.ops.batch_norm");
+      pybind11::tuple r = module.attr("_node_differentiable_backward")(
+          dy, xs, rs, w, b, mean, invstd, ctx->saved_data["eps"].toDouble(), s.activation, s.cl,
+          need_x, need_r, need_w, need_b);
+      for (int i = 0; i < 4; ++i)
+        if (!r[i].is_none()) out[i] = r[i].cast<at::Tensor>();
+      return out;
+    }
+    RECORD_FUNCTION(s.cl ? kBnBwdCl : kBnBwdNcs, std::vector<c10::IValue>());
+    const at::Tensor dys = bn_to_storage(dy, s.cl);
+    const at::Tensor& seed = unused_seed_tensor();
+    // a plain call reaches the CPU kernel straight; under a mode or functorch layer, or for a
+    // tensor a saved-tensor hook made into something else, the dispatcher's full call
+    const auto plain = [](const std::optional<at::Tensor>& t) { return !t || cpu::plain_cpu(*t); };
+    const bool direct = cpu::direct_call_allowed() && cpu::plain_cpu(dys) && cpu::plain_cpu(xs) &&
+                        plain(rs) && plain(w) && plain(b) && cpu::plain_cpu(mean) &&
+                        cpu::plain_cpu(invstd);
+    // grad_residual is dz: dy itself without an activation
+    const bool plain_act = s.activation == 0;
+    const bool want_gr = need_r && !plain_act;
+    at::Tensor sum_dz, sum_dzx, gx, gr;
+    if (need_x) {  // the cpu backend's local training backward in one op
+      const auto& op = s.cl ? typed_op<BnOneOpBwd, kBnBwdCl>() : typed_op<BnOneOpBwd, kBnBwdNcs>();
+      std::tie(sum_dz, sum_dzx, gx, gr) =
+          direct ? op.redispatch(kCpuKeys, dys, xs, rs, w, b, mean, invstd, s.activation, seed,
+                                 true, want_gr)
+                 : op.call(dys, xs, rs, w, b, mean, invstd, s.activation, seed, true, want_gr);
+    } else {  // BatchNormFunction's two ops, as it runs them without grad_x
+      if (need_w || need_b) {
+        const auto& op = typed_op<BnBwdReduce, kBnBwdReduce>();
+        std::tie(sum_dz, sum_dzx) =
+            direct ? op.redispatch(kCpuKeys, dys, xs, rs, w, b, mean, invstd, s.activation, 0.0,
+                                   seed, s.cl)
+                   : op.call(dys, xs, rs, w, b, mean, invstd, s.activation, 0.0, seed, s.cl);
+      }
+      if (want_gr) {
+        const at::Tensor none = mean.new_empty({0});
+        const at::Tensor& s1 = sum_dz.defined() ? sum_dz : none;
+        const at::Tensor& s2 = sum_dzx.defined() ? sum_dzx : none;
+        const auto& op = typed_op<BnBwdElemt, kBnBwdElemt>();
+        gr = std::get<1>(
+            direct ? op.redispatch(kCpuKeys, dys, xs, rs, w, b, mean, invstd, s1, s2, 0.0,
+                                   s.activation, 0.0, seed, s.cl, true, false, true)
+                   : op.call(dys, xs, rs, w, b, mean, invstd, s1, s2, 0.0, s.activation, 0.0, seed,
+                             s.cl, true, false, true));
+      }
+    }
+    if (need_x) out[0] = bn_from_storage(gx, dy.sizes(), s.cl);
+    if (need_r) out[1] = plain_act ? dy : bn_from_storage(gr, dy.sizes(), s.cl);
+    if (need_w) out[2] = sum_dzx;  // the weight is in the compute type (checked by the caller)
+    if (need_b) out[3] = sum_dz;
+    return out;
+  }
+};
+
+PyObject* batch_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 9 || !cpu::direct_call_allowed()) Py_RETURN_NONE;
+  RowArg<const at::Tensor&> x;
+  RowArg<const std::optional<at::Tensor>&> running_mean, running_var, weight, bias, residual;
+  RowArg<double> momentum, eps;
+  RowArg<int64_t> activation;
+  if (!(x.parse(args[0]) && running_mean.parse(args[1]) && running_var.parse(args[2]) &&
+        weight.parse(args[3]) && bias.parse(args[4]) && momentum.parse(args[5]) &&
+        eps.parse(args[6]) && residual.parse(args[7]) && activation.parse(args[8])))
+    Py_RETURN_NONE;
+  const at::Tensor& t = x.get();
+  if (!bn_x_dtype_ok(t.scalar_type()) || t.dim() < 2 || t.numel() == 0) Py_RETURN_NONE;
+  const at::ScalarType ct = bn_compute_type(t.scalar_type());
+  const int64_t C = t.size(1);
+  const auto& rm = running_mean.get();
+  const auto& rv = running_var.get();
+  const auto& r = residual.get();
+  const double e = eps.get(), m = momentum.get();
+  if (t.numel() == C || rm.has_value() != rv.has_value() || !bn_vector_ok(rm, C, ct) ||
+      !bn_vector_ok(rv, C, ct) || (rm && (rm->requires_grad() || rv->requires_grad())) ||
+      !bn_vector_ok(weight.get(), C, ct) || !bn_vector_ok(bias.get(), C, ct) ||
+      (r && (r->sizes() != t.sizes() || r->scalar_type() != t.scalar_type())) ||
+      activation.get() < 0 || activation.get() > 4 || !std::isfinite(m) || !(e > 0.0) ||
+      !std::isfinite(e))
+    Py_RETURN_NONE;
+  RECORD_FUNCTION(kBnFwdNcs, std::vector<c10::IValue>());
+  at::Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    const auto& w = weight.get();
+    const auto& b = bias.get();
+    torch::autograd::variable_list out;
+    if (at::GradMode::is_enabled() && (t.requires_grad() || (r && r->requires_grad()) ||
+                                       (w && w->requires_grad()) || (b && b->requires_grad()))) {
+      out = BatchNormNode::apply(t, r, w, b, e, activation.get());
+    } else {  // nothing records a backward: the forward alone
+      const bool cl = bn_channels_last(t);
+      std::optional<at::Tensor> rs;
+      if (r) rs = bn_to_storage(*r, cl);
+      auto [ys, mean, var, invstd] =
+          bn_train_forward(bn_to_storage(t, cl), rs, w, b, e, activation.get(), cl);
+      out = {bn_from_storage(ys, t.sizes(), cl), mean, var};
+    }
+    y = std::move(out[0]);
+    if (rm) {  // fusedreg.functional._update_running: the unbiased variance, then lerp_
+      const int64_t count = t.numel() / C;
+      const at::Tensor unbiased =
+          count > 1 ? out[2] * (double(count) / double(count - 1)) : out[2];
+      at::Tensor(*rm).lerp_(out[1], m);
+      at::Tensor(*rv).lerp_(unbiased, m);
+    }
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 6 || !cpu::direct_call_allowed()) Py_RETURN_NONE;
+  RowArg<const at::Tensor&> x, running_mean, running_var;
+  RowArg<const std::optional<at::Tensor>&> weight, bias;
+  RowArg<double> eps;
+  if (!(x.parse(args[0]) && running_mean.parse(args[1]) && running_var.parse(args[2]) &&
+        weight.parse(args[3]) && bias.parse(args[4]) && eps.parse(args[5])))
+    Py_RETURN_NONE;
+  const at::Tensor& t = x.get();
+  if (!bn_x_dtype_ok(t.scalar_type()) || t.dim() < 2 || t.numel() == 0) Py_RETURN_NONE;
+  const at::ScalarType ct = bn_compute_type(t.scalar_type());
+  const int64_t C = t.size(1);
+  const at::Tensor &rm = running_mean.get(), &rv = running_var.get();
+  const auto &w = weight.get(), &b = bias.get();
+  const double e = eps.get();
+  if (!bn_vector_ok(rm, C, ct) || !bn_vector_ok(rv, C, ct) || !bn_vector_ok(w, C, ct) ||
+      !bn_vector_ok(b, C, ct) || !(e > 0.0) || !std::isfinite(e))
+    Py_RETURN_NONE;
+  // nothing may need a gradient: this call records no backward
+  if (at::GradMode::is_enabled() &&
+      (t.requires_grad() || rm.requires_grad() || rv.requires_grad() ||
+       (w && w->requires_grad()) || (b && b->requires_grad())))
+    Py_RETURN_NONE;
+  RECORD_FUNCTION(kBnFwd, std::vector<c10::IValue>());
+  at::Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    const bool cl = bn_channels_last(t);
+    const at::Tensor xs = bn_to_storage(t, cl);
+    y = typed_op<BnFwd, kBnFwd>().redispatch(kCpuKeys, xs, std::nullopt, w, b, rm,
+                                             at::rsqrt(rv + e), 0, 0.0, unused_seed_tensor(), cl);
+    y = bn_from_storage(y, t.sizes(), cl);
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
 template <PyObject* (*F)(PyObject*, PyObject* const*, Py_ssize_t)>
 PyCFunction as_method() {
   return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(F));
@@ -683,6 +1019,11 @@ const PyMethodDef kRowMethods[] = {
      "BiasDropoutFunction.apply for the cpu backend as a C++ autograd node, or None"},
     {"layer_norm_train", as_method<&layer_norm_train>(), METH_FASTCALL,
      "LayerNormFunction.apply for the cpu backend as a C++ autograd node, or None"},
+    {"batch_norm_train", as_method<&batch_norm_train>(), METH_FASTCALL,
+     "a local training batch_norm without dropout for the cpu backend as a C++ autograd node "
+     "(running stats updated), or None"},
+    {"batch_norm_eval", as_method<&batch_norm_eval>(), METH_FASTCALL,
+     "an eval batch_norm that records no backward, by the cpu kernel, or None"},
     {"draw_seed", as_method<&draw_seed>(), METH_FASTCALL,
      "a dropout seed drawn as torch.randint(2**63 - 1, ()) draws it, or None (declined)"},
 };

@@ -18,6 +18,7 @@ import torch
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import backends
+from ._activations import ACTIVATIONS as _ACTIVATION_CODES
 from ._activations import activation_code
 from ._checks import (DTypeError, ShapeError, check_bool, check_like, check_norm_param,
                       check_normalized_shape, check_number, check_probability, check_seed,
@@ -26,10 +27,10 @@ from ._dtypes import compute_dtype
 from ._seed import _UNUSED as _UNUSED_SEED
 from ._seed import seed_tensor, unused_seed
 from .ops.batch_norm import BatchNormConfig as _BatchNormConfig
+from .ops.batch_norm import _CPU_EVAL as _BN_EVAL
+from .ops.batch_norm import _CPU_TRAIN as _BN_TRAIN
 from .ops.batch_norm import batch_norm_act as _batch_norm_fused
-from .ops.batch_norm import from_storage as _bn_from_storage
-from .ops.batch_norm import storage_layout as _bn_storage_layout
-from .ops.batch_norm import to_storage as _bn_to_storage
+from .ops.batch_norm import node_serves as _bn_node_serves
 from .ops.bias_dropout import BiasDropoutConfig, BiasDropoutFunction
 from .ops.bias_dropout import apply as _bias_dropout_apply
 from .ops.bias_dropout import run_forward as _bias_dropout_forward
@@ -544,6 +545,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if y is None:
         y = _cpu_eval_batch_norm(input, running_mean, running_var, weight, bias, training,
                                  momentum, eps)
+        if y is None:
+            y = _cpu_train_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                      momentum, eps)
     if y is not None:
         return y
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -552,43 +556,42 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 def _cpu_eval_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps):
     """A plain eval batch_norm on CPU that records no backward, served by the cpu backend's
-    ``batch_norm_fwd`` straight away (what ``_batch_norm`` runs for it, the same values), or None
-    for any other call, which ``_batch_norm`` then checks and routes as always. Recognised is
-    only the common case: exact tensors (parameters and buffers may be Parameters), x strided of
-    a float dtype with at least 2 dims and elements, parameters and running stats 1-D of C
-    elements in the compute type on CPU, a float momentum, eps > 0, eager (no compile or jit trace, no forward-mode
-    AD level, no torch.func transform), nothing that needs a gradient, and the cpu backend the
-    one in force. Its steps are few because each costs more after the kernel has streamed the
-    tensor through the caches: at (32, 256, 14, 14) float32 the full path's checks and dispatch
-    took 60 us around the kernel's 420 at one thread (17 us at (4, 16, 8, 8))."""
-    if training is not False or type(x) is not _Tensor or type(eps) is not float \
-            or not 0.0 < eps < _INF or type(momentum) is not float \
-            or running_mean is None or running_var is None:
+    ``batch_norm_fwd`` straight away from C++ (``fusedreg._C.batch_norm_eval``: the storage
+    view, rsqrt(running_var + eps), the kernel — what ``_batch_norm`` runs for it, the same
+    values), or None for any other call, which ``_batch_norm`` then checks and routes as
+    always. Served is only the common case (the C++ call declines the rest): exact tensors
+    (parameters and buffers may be Parameters) on CPU, x of a float dtype with at least 2 dims
+    and elements, parameters and running stats 1-D of C elements in the compute type, a float
+    momentum, eps in (0, inf), eager (no compile or jit trace, no forward-mode AD level, no
+    torch.func transform or mode), nothing that needs a gradient, and the cpu backend the one
+    in force. Each step costs more after the kernel has streamed the tensor through the
+    caches: at (32, 256, 14, 14) float32 the full path's checks and dispatch took 60 us around
+    the kernel's 420 at one thread, the Python version of this one about 15."""
+    if training is not False or type(momentum) is not float or _BN_EVAL is None \
+            or _is_compiling() or _forward_ad._current_level >= 0 \
+            or not _bn_node_serves(backends.resolve_type("batch_norm", "cpu")):
         return None
-    dtype = x.dtype
-    if dtype not in _FLOATS or not x.is_cpu or x.layout is not _STRIDED or x.dim() < 2 \
-            or x.numel() == 0:
+    return _BN_EVAL(x, running_mean, running_var, weight, bias, eps)
+
+
+def _cpu_train_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                          activation=None, residual=None):
+    """A local training batch_norm(_act) without dropout on CPU under the cpu backend, as one
+    C++ autograd node (``fusedreg._C.batch_norm_train``, csrc/ops.cpp: the storage views,
+    BatchNormFunction's kernels, saved tensors, outputs and gradients, and ``_update_running``'s
+    running-stat update, without the Python Function's apply, ctx and backward: about 25 us of
+    a small BatchNorm's forward and 30 of its backward), or None for any other call (the C++
+    call declines what ``_batch_norm``'s checks own, see there), which ``_batch_norm`` then
+    checks and routes as always."""
+    if training is not True or _BN_TRAIN is None or _is_compiling() \
+            or _forward_ad._current_level >= 0 \
+            or not _bn_node_serves(backends.resolve_type("batch_norm", "cpu")):
         return None
-    ct = _F64 if dtype is _F64 else _F32
-    C = x.shape[1]
-    grad = _is_grad_enabled() and x.requires_grad
-    for t in (running_mean, running_var, weight, bias):
-        if t is not None:
-            if type(t) not in _PLAIN or t.dtype is not ct or not t.is_cpu or t.layout is not _STRIDED \
-                    or t.dim() != 1 or t.shape[0] != C:
-                return None
-            grad = grad or (t.requires_grad and _is_grad_enabled())
-    if grad or _is_compiling() or _is_tracing() or _forward_ad._current_level >= 0 \
-            or _functorch_level() is not None:
+    act = _ACTIVATION_CODES.get(activation) if type(activation) is str or activation is None \
+        else None
+    if act is None:
         return None
-    if backends.resolve_type("batch_norm", "cpu") != "cpu":
-        return None
-    kernels = backends.implementation("batch_norm", "cpu")
-    cl = _bn_storage_layout(x)
-    xs = _bn_to_storage(x, cl)
-    y = kernels.fwd(xs, None, weight, bias, running_mean, torch.rsqrt(running_var + eps), 0, 0.0,
-                    unused_seed(), cl)
-    return _bn_from_storage(y, x.shape, cl)
+    return _BN_TRAIN(x, running_mean, running_var, weight, bias, momentum, eps, residual, act)
 
 
 def batch_norm_act(input, running_mean, running_var, weight=None, bias=None,
@@ -612,6 +615,9 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None,
             momentum=momentum, eps=eps, activation=activation, residual=residual, p=p, seed=seed)
     y = _torch_small_batch_norm(input, running_mean, running_var, weight, bias, training,
                                 momentum, eps, activation, residual, p, seed)
+    if y is None and seed is None and type(p) is float and p == 0.0:
+        y = _cpu_train_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                  momentum, eps, activation, residual)
     if y is not None:
         return y
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,

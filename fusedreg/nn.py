@@ -121,8 +121,9 @@ __all__ += ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "Sync
 def _batch_norm_forward(m, input, activation=None, residual=None, p=0.0, process_group=None):
     """torch's ``_BatchNorm.forward`` (momentum=None: cumulative average over
     num_batches_tracked; track_running_stats=False: batch statistics, buffers untouched),
-    over ``fusedreg.functional.batch_norm_act`` (torch's ops for a small call under auto, and
-    a plain eval call without grad straight to the cpu kernel, as the functional's)."""
+    over ``fusedreg.functional.batch_norm_act`` (torch's ops for a small call under auto, a
+    plain eval call without grad straight to the cpu kernel and a local training call without
+    dropout as the cpu backend's C++ autograd node, as the functional's)."""
     # parameters and buffers read from their dicts, where Module.__getattr__ finds them (the
     # same objects, torch.func.functional_call's included), at a fraction of its cost
     params, buffers = m._parameters, m._buffers
@@ -145,6 +146,9 @@ def _batch_norm_forward(m, input, activation=None, residual=None, p=0.0, process
         if y is None and activation is None and residual is None:
             y = F._cpu_eval_batch_norm(input, running_mean, running_var, weight, bias,
                                        bn_training, factor, eps)
+        if y is None and p == 0.0:
+            y = F._cpu_train_batch_norm(input, running_mean, running_var, weight, bias,
+                                        bn_training, factor, eps, activation, residual)
         if y is not None:
             return y
     return F._batch_norm(input, running_mean, running_var, weight, bias, bn_training, factor, eps,

@@ -38,7 +38,8 @@ from .._dtypes import compute_dtype
 from ..reference import batch_norm as ref
 from ..reference.bias_dropout import activate_grad
 from ..reference.philox import apply_dropout
-from ._common import backend_ops, cpp_backends, triton_module
+from .._seed import unused_seed
+from ._common import backend_ops, cpp_backends, extension_call, triton_module
 
 __all__ = ["BatchNormConfig", "BatchNormFunction", "BatchNormKernels", "SyncBatchNormFunction",
            "batch_norm_act", "from_storage", "storage_layout", "to_storage"]
@@ -318,8 +319,8 @@ def _backward(ctx, dy, all_reduce=None, count=None):
             raise NotImplementedError(
                 "SyncBatchNorm (fusedreg) does not support higher-order gradients "
                 "(create_graph=True); use it for first-order training only")
-        return _differentiable_backward(ctx, dy, xs, rs, w, b, mean, invstd, seed, need_x,
-                                        need_r, need_w, need_b)
+        return _differentiable_backward(cfg, ctx.p_dtypes, dy, xs, rs, w, b, mean, invstd, seed,
+                                        need_x, need_r, need_w, need_b)
     cl = cfg.channels_last
     kernels = backends.implementation(OP, cfg.backend)
     dys = dy.contiguous()
@@ -357,13 +358,14 @@ def _backward(ctx, dy, all_reduce=None, count=None):
     return grad_x, grad_r, grad_w, grad_b, None, None, None, None
 
 
-def _differentiable_backward(ctx, dy, xs, rs, w, b, mean, invstd, seed, need_x, need_r, need_w,
-                             need_b):
+def _differentiable_backward(cfg, p_dtypes, dy, xs, rs, w, b, mean, invstd, seed, need_x, need_r,
+                             need_w, need_b):
     """The backward as differentiable torch ops of the saved x, residual, weight, bias and dy —
     the formulas of fusedreg/reference/batch_norm.py written out, with the statistics
     recomputed from x in training (in eval they are constants) and the same seeded mask — so
-    that a second backward (create_graph=True) sees its true derivative."""
-    cfg = ctx.config
+    that a second backward (create_graph=True) sees its true derivative. x, the residual, dy
+    and the gradients are in storage layout (``cfg.channels_last``); ``p_dtypes``: the weight's
+    and the bias's dtypes (their gradients')."""
     cl, ct = cfg.channels_last, mean.dtype
     xl = ref._logical(xs, cl).to(ct)
     if cfg.training:
@@ -392,10 +394,26 @@ def _differentiable_backward(ctx, dy, xs, rs, w, b, mean, invstd, seed, need_x, 
     if need_r:
         grad_r = ref._stored(dz.to(xs.dtype), cl)
     if need_w:
-        grad_w = (dz * xhat).sum(dim=(0, 2)).to(ctx.p_dtypes[0])
+        grad_w = (dz * xhat).sum(dim=(0, 2)).to(p_dtypes[0])
     if need_b:
-        grad_b = dz.sum(dim=(0, 2)).to(ctx.p_dtypes[1])
+        grad_b = dz.sum(dim=(0, 2)).to(p_dtypes[1])
     return grad_x, grad_r, grad_w, grad_b, None, None, None, None
+
+
+def _node_differentiable_backward(dy, xs, rs, w, b, mean, invstd, eps, activation,
+                                  channels_last, need_x, need_r, need_w, need_b):
+    """The differentiable backward of the C++ training node (csrc/ops.cpp: BatchNormNode,
+    ``fusedreg._C.batch_norm_train``) under create_graph=True: ``_differentiable_backward``
+    for its saved tensors (storage layout), with dy and the input gradients in x's shape.
+    The node runs without dropout; its weight and bias are in the compute type (mean's)."""
+    cfg = BatchNormConfig(True, eps, activation, 0.0, "cpu", channels_last)
+    shape = tuple(dy.shape)
+    gx, gr, gw, gb = _differentiable_backward(
+        cfg, (mean.dtype, mean.dtype), to_storage(dy, channels_last), xs, rs, w, b, mean,
+        invstd, unused_seed(), need_x, need_r, need_w, need_b)[:4]
+    gx = from_storage(gx, shape, channels_last) if gx is not None else None
+    gr = from_storage(gr, shape, channels_last) if gr is not None else None
+    return gx, gr, gw, gb
 
 
 def _local_stats(kernels, xs, cl):
@@ -510,3 +528,20 @@ def batch_norm_act(x, residual, weight, bias, running_mean, running_var, seed,
                                        running_mean, running_var, copy_stats=False)
         count = x.numel() // C if C else 0
     return (y if shape is not None else from_storage(y, x.shape, cl)), mean, var, count
+
+
+# fusedreg._C.batch_norm_train / batch_norm_eval: the cpu backend's local training call without
+# dropout as a C++ autograd node, and its eval call without autograd (csrc/ops.cpp), or None
+_CPU_TRAIN = extension_call("batch_norm_train")
+_CPU_EVAL = extension_call("batch_norm_eval")
+# the cpu backend's ops as this module registered them: the C++ calls run those, so a call takes
+# them only while they are the registered ones (a test or a user may register others)
+_CPU_KERNELS = backends.implementation(OP, "cpu") if _CPU_TRAIN is not None else None
+_implementation = backends.implementation
+
+
+def node_serves(backend: str) -> bool:
+    """The C++ calls (``batch_norm_train``, ``batch_norm_eval``) may serve ``backend``: it is
+    cpu, whose built-in kernels they run, and those are the registered ones."""
+    return (_CPU_TRAIN is not None and backend == "cpu"
+            and _implementation(OP, "cpu") is _CPU_KERNELS)
