@@ -998,6 +998,68 @@ PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// fusedreg._C.torch_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
+// eps, residual, relu, limit, limit_grad): under auto, a small BatchNorm served by torch's ops
+// (fusedreg.functional._torch_small_batch_norm) — at::batch_norm(x, weight, bias,
+// running_mean, running_var, training, momentum, eps, false), then add_(residual) and relu_
+// where given — called through the dispatcher (its autograd and profiler keys, as
+// torch.batch_norm's Python call reaches them) without Python's argument parsing and the
+// Python checks: y, or None (nothing ran, nothing written) for a call with `limit` or more
+// elements (`limit_grad` when grad mode is on and x, weight, bias or the residual requires
+// grad), no elements, one value per channel in training, and anything outside the common case
+// that the caller's checks own: a tensor that is not a plain CPU one, x not float32/float64 or
+// under 2 dims, vectors not 1-D, one running stat without the other (or none in eval), a
+// residual of another dtype or shape, a non-finite momentum, eps outside (0, inf), a mode,
+// functorch layer or tracer, or arguments torch's op refuses (it checks before it writes).
+PyObject* torch_batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 12 || !cpu::direct_call_allowed()) Py_RETURN_NONE;
+  RowArg<const at::Tensor&> x;
+  RowArg<const std::optional<at::Tensor>&> running_mean, running_var, weight, bias, residual;
+  RowArg<bool> training, relu;
+  RowArg<double> momentum, eps;
+  RowArg<int64_t> limit, limit_grad;
+  if (!(x.parse(args[0]) && running_mean.parse(args[1]) && running_var.parse(args[2]) &&
+        weight.parse(args[3]) && bias.parse(args[4]) && training.parse(args[5]) &&
+        momentum.parse(args[6]) && eps.parse(args[7]) && residual.parse(args[8]) &&
+        relu.parse(args[9]) && limit.parse(args[10]) && limit_grad.parse(args[11])))
+    Py_RETURN_NONE;
+  const at::Tensor& t = x.get();
+  const auto &rm = running_mean.get(), &rv = running_var.get(), &w = weight.get(),
+             &b = bias.get(), &r = residual.get();
+  const at::ScalarType dtype = t.scalar_type();
+  const double m = momentum.get(), e = eps.get();
+  const auto vec = [](const std::optional<at::Tensor>& v) { return !v || v->dim() == 1; };
+  if ((dtype != at::kFloat && dtype != at::kDouble) || t.dim() < 2 || !std::isfinite(m) ||
+      !(e > 0.0) || !std::isfinite(e) || !vec(w) || !vec(b) || !vec(rm) || !vec(rv) ||
+      rm.has_value() != rv.has_value() || (!rm && !training.get()) ||
+      (r && (r->scalar_type() != dtype || r->sizes() != t.sizes())))
+    Py_RETURN_NONE;
+  const bool grad = at::GradMode::is_enabled() &&
+                    (t.requires_grad() || (w && w->requires_grad()) ||
+                     (b && b->requires_grad()) || (r && r->requires_grad()));
+  const int64_t numel = t.numel();
+  if (numel >= (grad ? limit_grad.get() : limit.get()) || numel == 0 ||
+      (training.get() && numel == t.size(1)))
+    Py_RETURN_NONE;
+  at::Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    try {
+      y = at::batch_norm(t, w, b, rm, rv, training.get(), m, e, false);
+    } catch (const std::exception&) {  // c10::Error and the rest: nothing was written
+      y = at::Tensor();  // refused: the caller's checks raise fusedreg's error
+    }
+    if (y.defined()) {
+      if (r) y.add_(*r);  // y is torch's fresh output; its backward does not read it
+      if (relu.get()) y.relu_();
+    }
+  }
+  if (!y.defined()) Py_RETURN_NONE;
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
 template <PyObject* (*F)(PyObject*, PyObject* const*, Py_ssize_t)>
 PyCFunction as_method() {
   return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(F));
@@ -1019,6 +1081,9 @@ const PyMethodDef kRowMethods[] = {
      "BiasDropoutFunction.apply for the cpu backend as a C++ autograd node, or None"},
     {"layer_norm_train", as_method<&layer_norm_train>(), METH_FASTCALL,
      "LayerNormFunction.apply for the cpu backend as a C++ autograd node, or None"},
+    {"torch_batch_norm", as_method<&torch_batch_norm>(), METH_FASTCALL,
+     "under auto, torch's batch_norm (+ residual, relu) for a small call on plain CPU tensors, "
+     "or None (declined)"},
     {"batch_norm_train", as_method<&batch_norm_train>(), METH_FASTCALL,
      "a local training batch_norm without dropout for the cpu backend as a C++ autograd node "
      "(running stats updated), or None"},

@@ -80,6 +80,10 @@ try:
     from ._C import torch_norm as _torch_norm
 except ImportError:  # no C++ extension, or one built before it had the call
     _torch_norm = None
+try:
+    from ._C import torch_batch_norm as _torch_batch_norm
+except ImportError:
+    _torch_batch_norm = None
 
 
 # How a call runs (``_route``): the registered forward op alone when nothing needs a gradient
@@ -634,9 +638,11 @@ def _torch_small_batch_norm(x, running_mean, running_var, weight, bias, training
     ``_batch_norm`` then checks and routes as always (dropout in training, another activation,
     an explicit seed: always fusedreg's kernels).
 
-    Recognised here, before ``_batch_norm``'s checks (a small call's budget is a microsecond
-    or two), is only the common case: an exact torch.Tensor float32/float64 x on CPU with at
-    least 2 dims; parameters and buffers 1-D; a residual of x's shape; a bool ``training``, a
+    The checks and torch's ops are one C++ call (``fusedreg._C.torch_batch_norm``, the same
+    rules, a Parameter x too; without the extension the Python below). Recognised here, before
+    ``_batch_norm``'s checks (a small call's budget is a microsecond or two), is only the
+    common case: an exact torch.Tensor float32/float64 x on CPU with at least 2 dims;
+    parameters and buffers 1-D; a residual of x's shape; a bool ``training``, a
     finite float momentum and eps > 0; both running stats or (training) neither; more than one
     value per channel in training; eager (no torch.compile or jit trace, no forward-mode AD
     level, no torch.func transform). The rest of ``_batch_norm``'s checks torch's op makes
@@ -653,8 +659,12 @@ def _torch_small_batch_norm(x, running_mean, running_var, weight, bias, training
     else:
         return None
     limits = _auto_torch_limits(table, "cpu")
-    if limits is None or type(x) is not _Tensor or _functorch_level() is not None \
-            or _forward_ad._current_level >= 0 or _is_tracing() or _is_compiling():
+    if limits is None or _forward_ad._current_level >= 0 or _is_compiling():
+        return None
+    if _torch_batch_norm is not None:  # the checks and torch's ops in one C++ call
+        return _torch_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
+                                 eps, residual, activation is not None, *limits)
+    if type(x) is not _Tensor or _functorch_level() is not None or _is_tracing():
         return None
     dtype = x.dtype
     if (dtype is not _F32 and dtype is not _F64) or not x.is_cpu or x.dim() < 2 \

@@ -365,3 +365,47 @@ def test_node_parameters_combinations_cover_the_edges():
                 z = z + ref["residual"]
             (h,) = torch.autograd.grad(torch.relu(z), ref[need], torch.ones_like(z))
             torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-4, msg=f"{has} {need}")
+
+
+def test_small_calls_under_auto_from_cpp():
+    """fusedreg._C.torch_batch_norm (under auto, small calls): torch's batch_norm (+ residual,
+    relu) through the dispatcher, the same values, running stats and gradients as torch's
+    Python call; None (nothing written) from the limit up, for one value per channel in
+    training, and for what the Python checks own."""
+    from fusedreg._C import torch_batch_norm
+    x0 = _data((4, 3, 5), torch.float32, 1, 2.0)
+    r0 = _data((4, 3, 5), torch.float32, 2)
+    w, b = _data((3,), torch.float32, 3), _data((3,), torch.float32, 4)
+    for training, res, relu in itertools.product((True, False), (False, True), (False, True)):
+        outs = []
+        for ours in (True, False):
+            x = x0.clone().requires_grad_()
+            r = r0.clone().requires_grad_() if res else None
+            rm, rv = torch.zeros(3), torch.ones(3)
+            if ours:
+                y = torch_batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, r, relu, 61, 61)
+            else:
+                y = torch.batch_norm(x, w, b, rm, rv, training, 0.1, 1e-5, False)
+                y = torch.relu(y + r if res else y) if relu else (y + r if res else y)
+            g = torch.autograd.grad(y, [t for t in (x, r) if t is not None], torch.ones_like(y))
+            outs.append([y, rm, rv, *g])
+        for a, c in zip(*outs):
+            torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+    rm = torch.zeros(3)
+    declined = [
+        (x0, rm, torch.ones(3), w, b, True, 0.1, 1e-5, None, False, 60, 60),   # at the limit
+        (x0.requires_grad_(), rm, torch.ones(3), w, b, True, 0.1, 1e-5, None, False, 61, 60),
+        (torch.randn(1, 3), rm, torch.ones(3), w, b, True, 0.1, 1e-5, None, False, 99, 99),
+        (x0, rm, torch.ones(3), torch.ones(4), b, True, 0.1, 1e-5, None, False, 99, 99),
+        (x0, rm, None, w, b, True, 0.1, 1e-5, None, False, 99, 99),
+        (x0, rm, torch.ones(3), w, b, True, 0.1, 0.0, None, False, 99, 99),
+        (x0, rm, torch.ones(3), w, b, True, 1, 1e-5, None, False, 99, 99),  # an int momentum
+        (x0, rm, torch.ones(3), w, b, True, 0.1, 1e-5, torch.randn(4, 3, 4), False, 99, 99),
+        (x0.double(), rm, torch.ones(3), w, b, True, 0.1, 1e-5, None, False, 99, 99),
+    ]
+    for args in declined:
+        assert torch_batch_norm(*args) is None
+        assert torch.equal(rm, torch.zeros(3))
+    with PassThroughDispatchMode():
+        assert torch_batch_norm(x0, rm, torch.ones(3), w, b, True, 0.1, 1e-5, None, False, 99,
+                                99) is None
