@@ -60,3 +60,54 @@ def test_cpu_large_calls_of_odd_rows_equal_small_calls(dtype, N, rows, grad_para
         tol = 1e-3 if dtype == torch.float32 else 1e-10
         torch.testing.assert_close(big1[3].double(), gw, rtol=tol, atol=tol)
         torch.testing.assert_close(big1[4].double(), gb, rtol=tol, atol=tol)
+
+
+def _round_to_bf16_bits(t):
+    """The bits of float32 t (no NaN) rounded to bf16 to nearest even, as c10 rounds (subnormals
+    included; torch's own vectorized conversion is not relied on)."""
+    u = t.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return ((u + ((u >> 16) & 1) + 0x7FFF) >> 16).to(torch.int32).to(torch.int16)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("rms", [True, False], ids=["rms", "layer"])
+@pytest.mark.parametrize("M,N,params", [
+    *((M, N, params) for M, N in [(3, 1), (5, 7), (9, 16), (7, 48), (17, 1000), (4, 1031), (2000, 1008)]
+      for params in ["w", "w32", "wb", "b", "none"]),
+    (4000, 1000, "w"), (8200, 1040, "w"), (8200, 1040, "wb")])
+def test_cpu_bf16_plain_norm_is_the_float32_kernel_rounded(M, N, params, rms):
+    """A plain bf16 norm (no dropout, no residual) reads its rows in place at the AVX-512 level
+    when N is a multiple of 16 (else it converts them to float32 first); either way its
+    statistics and its y before rounding are those of the same call on the float32 copy of x
+    (the same sums in the same order, the same expressions), so y is that call's y rounded to
+    nearest even, bit for bit, and mean / rstd are equal, at one and two threads. N a multiple
+    of 16 and not (4000 x 1000: rows whose sums' scalar tails once gave other bits), shorter
+    than one vector, and a call whose x and y (34 MB) exceed a 32 MiB L3 (streamed stores
+    there); values of a non-zero mean, a weight that makes some outputs bf16 subnormals
+    (rounded as c10 rounds them), and both weight dtypes."""
+    x = _data((M, N), torch.bfloat16, 5, 3.0)
+    wdt = torch.float32 if params == "w32" else torch.bfloat16
+    w = _data((N,), wdt, 6, 1.0) if "w" in params else None
+    b = _data((N,), wdt, 7, 0.5) if "b" in params else None
+    if w is not None:
+        w[::3] *= 1e-38  # y under bf16's smallest normal in every third column
+    seed = torch.tensor([1], dtype=torch.int64)
+    fwd = torch.ops.fusedreg.layer_norm_fwd
+
+    def run(xs, ws, bs, h_dtype):
+        return fwd(xs, None, ws, bs, 1e-5, 0.0, seed, rms, h_dtype, False)
+
+    for y, _, mean, rstd in results_at_one_and_two_threads(lambda: run(x, w, b, torch.bfloat16)):
+        f = lambda t: None if t is None else t.float()  # noqa: E731
+        y32, _, mean32, rstd32 = run(x.float(), f(w), f(b), torch.float32)
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(y.view(torch.int16), _round_to_bf16_bits(y32))
+        assert torch.equal(rstd, rstd32) and torch.equal(mean, mean32)
+        # and the reference's math in float64, within bf16's rounding of y
+        x64 = x.double()
+        mu = torch.zeros(M, 1, dtype=torch.float64) if rms else x64.mean(-1, keepdim=True)
+        ref = (x64 - mu) * torch.rsqrt((x64 - mu).pow(2).mean(-1, keepdim=True) + 1e-5)
+        ref = ref * (w.double() if w is not None else 1) + (b.double() if b is not None else 0)
+        torch.testing.assert_close(y.double(), ref, rtol=2 ** -8, atol=1e-5)
+        torch.testing.assert_close(rstd.double(), 1 / (x64 - mu).pow(2).mean(-1).add(1e-5).sqrt(),
+                                   rtol=1e-5, atol=0)

@@ -4,7 +4,9 @@
 // x, residual, h, y, dy: (M, N) contiguous rows; weight, bias: (N,); mean, rstd: (M,).
 // Row blocks are spread over threads by cpu::for_each_task (fusedreg/cpu/scheduler.h) and run
 // at the CPU's instruction-set level (fusedreg/cpu/isa.h). Each row is copied once into an
-// fp32 scratch row (L1/L2 resident) so the statistics and the output read it from cache, and
+// fp32 scratch row (L1/L2 resident) so the statistics and the output read it from cache (a
+// bf16 row of a plain norm, without dropout or residual, is read in place instead, each vector
+// widened in registers and y rounded in registers: bf16_out), and
 // the dropout uniforms of a row are drawn in bulk (fusedreg/cpu/uniforms.h; at the AVX-512
 // level 0/1 floats from the Philox words' keep bits instead, fusedreg/cpu/keep_bits.h: read as
 // the uniforms are, u >= p, the same decisions and the same loops). Sums run in
@@ -62,6 +64,18 @@ using cpu::for_each_task;
 constexpr int64_t kNonTemporalMinBytes = int64_t(8) << 20;
 
 inline bool use_nt(int64_t bytes) { return bytes >= kNonTemporalMinBytes && cpu::cpu_has_avx512(); }
+
+// The forward of a bf16 / fp16 x streams its outputs only when the bytes it reads and writes
+// (x, residual, y, h) exceed the L3 (cpu::l3_bytes): at or under it the next call (or op)
+// finds them in the L3, and the half-precision forward, whose widening and rounding make it
+// less bound by memory than the float one, lost more to the L3 misses than the streaming
+// saved (AMD EPYC, 32 MiB L3: bf16 rms_norm 8192x1024, one thread, 1.22 ms streamed against
+// 1.17 ms cached, layer_norm 1.57 against 1.48 ms). The float forwards keep use_nt's rule
+// (float32 layer_norm 4096x1024, 32 MiB read and written, one thread: 0.76 ms streamed, 1.04
+// ms cached).
+inline bool fwd_half_nt(int64_t footprint_bytes) {
+  return footprint_bytes > cpu::l3_bytes() && use_nt(footprint_bytes);
+}
 
 // Both passes stream at any thread count. The forward used ordinary stores on one thread while
 // its streamed rows went through whole-row scratch rows: those rows (y, and h beside the row
@@ -248,6 +262,54 @@ inline FUSEDREG_ALWAYS_INLINE acc_t load_h(const acc_t* xr, const acc_t* rr, con
   return sum;
 }
 
+// bf16 rows read in place (the AVX-512 level's vectors of 16 floats): a bf16 is the high half of
+// its float, so 16 bf16 widen to 16 floats by interleaving them with zero words, and 16 floats'
+// bf16 roundings are their rounded words' high halves. (Widened by __builtin_convertvector and
+// a shift, GCC made four instructions of it; the shuffle is one. These are not templates: GCC
+// rejects the vector builtins on a vector type that depends on a template parameter.)
+typedef uint16_t HalfX16 __attribute__((vector_size(32)));
+typedef uint16_t HalfX32 __attribute__((vector_size(64)));
+typedef uint32_t BitsX16 __attribute__((vector_size(64)));
+typedef float FloatX16 __attribute__((vector_size(64)));
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // inlined into the AVX-512 level's code only
+inline FUSEDREG_ALWAYS_INLINE HalfX32 widen(HalfX16 h) {
+  return __builtin_shufflevector(h, HalfX16{}, 16, 0, 16, 1, 16, 2, 16, 3, 16, 4, 16, 5, 16, 6, 16, 7, 16, 8, 16, 9,
+                                 16, 10, 16, 11, 16, 12, 16, 13, 16, 14, 16, 15);
+}
+inline FUSEDREG_ALWAYS_INLINE HalfX16 high_halves(HalfX32 w) {
+  return __builtin_shufflevector(w, w, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// A vector V of floats (or doubles) from p: loaded, or from 16 bf16 widened in registers (exact).
+template <typename V, typename T>
+inline FUSEDREG_ALWAYS_INLINE V load_vec(const T* p) {
+  V a;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    static_assert(sizeof(V) == sizeof(FloatX16), "bf16 rows are read in place at the AVX-512 level only");
+    HalfX16 h;
+    std::memcpy(&h, p, sizeof(h));
+    const HalfX32 u = widen(h);
+    std::memcpy(&a, &u, sizeof(V));
+  } else {
+    std::memcpy(&a, p, sizeof(V));
+  }
+  return a;
+}
+
+// The 16 floats a rounded to bf16 at p as c10 rounds (to nearest even; a NaN becomes 0x7FC0):
+// cpu::row_from_float's integer path, in registers.
+inline FUSEDREG_ALWAYS_INLINE void store_bf16(c10::BFloat16* p, FloatX16 a) {
+  BitsX16 w;
+  std::memcpy(&w, &a, sizeof(w));
+  const BitsX16 r = (w & 0x7FFFFFFFu) > 0x7F800000u ? BitsX16{} + 0x7FC00000u : w + ((w >> 16) & 1u) + 0x7FFFu;
+  HalfX32 words;
+  std::memcpy(&words, &r, sizeof(words));
+  const HalfX16 h = high_halves(words);
+  std::memcpy(p, &h, sizeof(h));
+}
+#pragma GCC diagnostic pop
+
 // The bytes of the vectors the statistics sums use at an instruction-set level: its register
 // width. A 64-byte vector type at the AVX2 or baseline level is not one register of that level,
 // and GCC's code for it there was slow: at AVX2 the forward at 1024x1024 (one thread) took
@@ -262,13 +324,14 @@ constexpr int kSumVecBytes = ISA == cpu::Isa::kAvx512 ? 64 : (ISA == cpu::Isa::k
 // accumulator (the `omp simd` reduction) made each vector wait for the previous one's add or
 // FMA, about 4 cycles, so these passes over an L1-resident row ran at a quarter of the loads'
 // rate or less.
-template <cpu::Isa ISA, bool SQ, typename acc_t>
-inline FUSEDREG_ALWAYS_INLINE acc_t row_sum_vec(const acc_t* v, int64_t N, acc_t mu) {
+// T: acc_t, or bf16 read in place (each vector widened in registers: the same values, so the
+// same sums as over its fp32 copy).
+template <cpu::Isa ISA, bool SQ, typename acc_t, typename T>
+inline FUSEDREG_ALWAYS_INLINE acc_t row_sum_vec(const T* v, int64_t N, acc_t mu) {
   typedef acc_t V __attribute__((vector_size(kSumVecBytes<ISA>)));
   constexpr int64_t L = kSumVecBytes<ISA> / int64_t(sizeof(acc_t));
   auto term = [&](int64_t j) FUSEDREG_ALWAYS_INLINE {
-    V a;
-    std::memcpy(&a, v + j, sizeof(V));
+    V a = load_vec<V>(v + j);
     if constexpr (SQ) {
       a -= mu;
       a *= a;
@@ -289,7 +352,10 @@ inline FUSEDREG_ALWAYS_INLINE acc_t row_sum_vec(const acc_t* v, int64_t N, acc_t
     }
     for (; j + L <= j1; j += L) s0 += term(j);
     acc_t t = 0;
-    for (; j < j1; ++j) t += SQ ? (v[j] - mu) * (v[j] - mu) : v[j];
+    for (; j < j1; ++j) {
+      const acc_t e = static_cast<acc_t>(v[j]);
+      t += SQ ? (e - mu) * (e - mu) : e;
+    }
     row += (s0 + s1) + (s2 + s3);
     tail += t;
   }
@@ -301,6 +367,74 @@ inline FUSEDREG_ALWAYS_INLINE acc_t row_sum_vec(const acc_t* v, int64_t N, acc_t
 template <cpu::Isa ISA, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE acc_t row_sum(const acc_t* v, int64_t N) {
   return row_sum_vec<ISA, false>(v, N, acc_t(0));
+}
+
+// forward_rows' output expression for one vector (or element) v of a row, at column j: F & 1
+// with the weight w, F & 2 with the bias b.
+template <int F, typename V>
+inline FUSEDREG_ALWAYS_INLINE V out_expr(V v, const float* w, const float* b, float mu, float rs, int64_t j) {
+  if constexpr (F == 3) {
+    return (v - mu) * rs * load_vec<V>(w + j) + load_vec<V>(b + j);
+  } else if constexpr (F == 1) {
+    return (v - mu) * rs * load_vec<V>(w + j);
+  } else if constexpr (F == 2) {
+    return (v - mu) * rs + load_vec<V>(b + j);
+  } else {
+    return (v - mu) * rs;
+  }
+}
+
+#if FUSEDREG_X86_DISPATCH
+// bf16_out at the AVX-512 level on a CPU with the BF16 conversions: 32 rounded by one
+// vcvtne2ps2bf16 (round to nearest even, as c10; it flushes denormal inputs and keeps a NaN's
+// payload, so 32 with any of those take store_bf16, as cpu::row_from_float does).
+template <int F>
+FUSEDREG_TARGET_AVX512BF16 __attribute__((noinline)) void bf16_out_avx512bf16(const c10::BFloat16* x, const float* w,
+                                                                              const float* b, float mu, float rs,
+                                                                              c10::BFloat16* y, int64_t n) {
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const FloatX16 lo = out_expr<F>(load_vec<FloatX16>(x + j), w, b, mu, rs, j);
+    const FloatX16 hi = out_expr<F>(load_vec<FloatX16>(x + j + 16), w, b, mu, rs, j + 16);
+    constexpr int kNanOrDenormal = 0x01 | 0x80 | 0x20;  // quiet NaN, signaling NaN, denormal
+    const __mmask16 klo = _mm512_fpclass_ps_mask((__m512)lo, kNanOrDenormal);
+    const __mmask16 khi = _mm512_fpclass_ps_mask((__m512)hi, kNanOrDenormal);
+    if (_kortestz_mask16_u8(klo, khi)) {
+      _mm512_storeu_si512(y + j, (__m512i)_mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo));
+    } else {
+      store_bf16(y + j, lo);
+      store_bf16(y + j + 16, hi);
+    }
+  }
+  for (; j + 16 <= n; j += 16) store_bf16(y + j, out_expr<F>(load_vec<FloatX16>(x + j), w, b, mu, rs, j));
+  for (; j < n; ++j) y[j] = c10::BFloat16(out_expr<F>(static_cast<float>(x[j]), w, b, mu, rs, j));
+}
+#endif
+
+// y[0, n) = (x - mu) * rs * w + b (w, b: null when absent) rounded to bf16, from the bf16 row x
+// read in place: forward_rows' output loop (the same expressions, so the same bits) with the
+// row's fp32 copy and the fp32 staging of y left out.
+template <cpu::Isa ISA, int F>
+inline FUSEDREG_ALWAYS_INLINE void bf16_out(const c10::BFloat16* x, const float* w, const float* b, float mu,
+                                            float rs, c10::BFloat16* y, int64_t n) {
+#if FUSEDREG_X86_DISPATCH
+  if constexpr (ISA == cpu::Isa::kAvx512) {
+    if (cpu::cpu_has_avx512bf16()) return bf16_out_avx512bf16<F>(x, w, b, mu, rs, y, n);
+  }
+#endif
+  static_assert(kSumVecBytes<ISA> == sizeof(FloatX16), "the AVX-512 level's vectors");
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) store_bf16(y + j, out_expr<F>(load_vec<FloatX16>(x + j), w, b, mu, rs, j));
+  for (; j < n; ++j) y[j] = c10::BFloat16(out_expr<F>(static_cast<float>(x[j]), w, b, mu, rs, j));
+}
+
+template <cpu::Isa ISA>
+inline FUSEDREG_ALWAYS_INLINE void bf16_out(const c10::BFloat16* x, const float* w, const float* b, float mu,
+                                            float rs, c10::BFloat16* y, int64_t n) {
+  if (w && b) return bf16_out<ISA, 3>(x, w, b, mu, rs, y, n);
+  if (w) return bf16_out<ISA, 1>(x, w, b, mu, rs, y, n);
+  if (b) return bf16_out<ISA, 2>(x, w, b, mu, rs, y, n);
+  bf16_out<ISA, 0>(x, w, b, mu, rs, y, n);
 }
 
 // Scratch rows of the forward (cpu::ScratchRows indices).
@@ -334,11 +468,45 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
   // Rows a whole number of pages long keep the first row's scratch placement: place() is
   // called once (same_page_offsets).
   const bool same_offsets = same_page_offsets<x_t, h_t>(N);
+  // A plain bf16 norm whose rows are whole vectors of the AVX-512 level: bf16_out below.
+  [[maybe_unused]] const bool plain = !dropout && !a.residual && !a.h && N % 16 == 0;
   for (int64_t r = r0; r < r1; ++r) {
     const x_t* xr = a.x + r * N;
     const h_t* rr = a.residual ? a.residual + r * N : nullptr;
     h_t* hr = a.h ? a.h + r * N : nullptr;
     x_t* yr = a.y + r * N;
+    if constexpr (std::is_same_v<x_t, c10::BFloat16> && ISA == cpu::Isa::kAvx512) {
+      // A plain bf16 norm reads its row in place: the statistics sums and the output widen
+      // each vector in registers, and y is rounded in registers and stored (streamed: through
+      // a chunk of scratch). The same values as the copy's, so the same bits, where the
+      // statistics sums are whole vectors: at the AVX-512 level for N a multiple of 16. The
+      // scalar tails of row_sum_vec's blocks did not reproduce the float instantiation's bits
+      // in the bf16 one (layer_norm's variance: at AVX-512 N = 1000, 7 of 4000 rows differed
+      // in rstd's last bit, at AVX2 N = 1031, 3 of 8200; presumably GCC vectorizing or
+      // FMA-contracting the float tail differently), so those rows and levels keep the copy.
+      if (plain) {
+        const acc_t mu = a.rms ? acc_t(0) : row_sum_vec<ISA, false>(xr, N, acc_t(0)) / N;
+        const acc_t var = row_sum_vec<ISA, true>(xr, N, mu);
+        const acc_t rs = acc_t(1) / std::sqrt(var / N + a.eps);
+        if (a.mean) a.mean[r] = mu;
+        a.rstd[r] = rs;
+        const x_t* nx = next_row(a.x, r, r1, N);
+        x_t* bits = sc.template at_as<x_t>(kFwdBits);
+        for (int64_t j0 = 0; j0 < N; j0 += kStoreChunk) {
+          const int64_t j1 = std::min(N, j0 + kStoreChunk);
+          for (int64_t k = j0; k < j1; k += kPrefetchChunk) prefetch_chunk(nx, k);
+          const acc_t* wc = w ? w + j0 : nullptr;
+          const acc_t* bc = b ? b + j0 : nullptr;
+          if (nt) {
+            bf16_out<ISA>(xr + j0, wc, bc, mu, rs, bits, j1 - j0);
+            cpu::store_row_nt<ISA>(yr + j0, bits, (j1 - j0) * int64_t(sizeof(x_t)));
+          } else {
+            bf16_out<ISA>(xr + j0, wc, bc, mu, rs, yr + j0, j1 - j0);
+          }
+        }
+        continue;
+      }
+    }
     if (scratch && (r == r0 || !same_offsets)) sc.place({xr, rr, w, b}, {nt ? nullptr : hr, nt ? nullptr : yr});
     const acc_t* xv = row_as_acc(xr, sc.at(kFwdX), N);
     const acc_t* rv = row_as_acc(rr, sc.at(kFwdRes), N);
@@ -874,13 +1042,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
     dispatch_wh<x_t>(w_type, h_dtype, [&](auto w_tag, auto h_tag) {
       using w_t = decltype(w_tag);
       using h_t = decltype(h_tag);
+      const int64_t rows_bytes = M * N * int64_t(sizeof(x_t));
+      const bool nt = std::is_same_v<x_t, acc_t>
+                          ? use_nt(rows_bytes)
+                          : fwd_half_nt(rows_bytes * 2 + M * N * int64_t(sizeof(h_t)) *
+                                                             ((residual.defined() ? 1 : 0) + (store_h ? 1 : 0)));
       const FwdArgs<x_t, w_t, h_t> args{
           x.const_data_ptr<x_t>(), residual.defined() ? residual.const_data_ptr<h_t>() : nullptr,
           weight.defined() ? weight.const_data_ptr<w_t>() : nullptr,
           bias.defined() ? bias.const_data_ptr<w_t>() : nullptr, y.mutable_data_ptr<x_t>(),
           store_h ? h.mutable_data_ptr<h_t>() : nullptr, rms ? nullptr : mean.mutable_data_ptr<acc_t>(),
           rstd.mutable_data_ptr<acc_t>(), N, static_cast<acc_t>(eps), static_cast<float>(p), s, rms,
-          use_nt(M * N * int64_t(sizeof(x_t))), p > 0.0 ? cpu::keep_threshold(static_cast<float>(p)) : 0u};
+          nt, p > 0.0 ? cpu::keep_threshold(static_cast<float>(p)) : 0u};
       forward_kernel(args, M);
     });
   });
