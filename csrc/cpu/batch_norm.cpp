@@ -20,7 +20,9 @@
 // the row's / block's first value), then sum (x - mean)^2 over the cache-resident row/block,
 // and the (count, mean, m2) parts are combined with Chan et al.'s formula, so a mean of 1e3
 // with a std of 1e-2 keeps its digits at every instruction-set level. An NCS channel of at
-// most kWholeChannelBytes (short rows) takes the same two passes over the whole channel.
+// most kWholeChannelBytes (short rows) takes the same two passes over the whole channel; small
+// ones (rows of at most half the lanes: a 2x2 or 4x4 map) several adjacent channels at a time
+// (ncs_group_stats: the same adds, so the same bits).
 // Without dropout each backward pass is one loop per row (dz_sums_span / dz_sums_row,
 // elemt_span): dz and xhat stay in registers; with dropout the row's keep-scale factors are
 // drawn first and dz, xhat go through row buffers (dz_row). Short NCS rows (a 14x14 map) end
@@ -1227,20 +1229,15 @@ inline int64_t group_channels(const Layout& l) {
 // kLanes + kTailStep), and the fold's reads past a lane (up to n + kLanes / 2)
 constexpr int64_t kGroupLanes = 2 * 256 / sizeof(float);
 
-// Each lane's channel in the group (j / S) and its place in the channel's row (j % S).
+// Each lane's place in its channel's row (j % S).
 struct GroupLanes {
   int64_t S, P;  // P = bit_ceil(S): the fold's tree
-  alignas(64) int32_t ch[kGroupLanes];
   alignas(64) int32_t pos[kGroupLanes];
   explicit GroupLanes(int64_t S_) : S(S_), P(static_cast<int64_t>(std::bit_ceil(static_cast<uint64_t>(S_)))) {
-    int32_t c = 0, q = 0;
+    int32_t q = 0;
     for (int64_t j = 0; j < kGroupLanes; ++j) {  // (no division per lane: a call can be a few us)
-      ch[j] = c;
       pos[j] = q;
-      if (++q == S) {
-        q = 0;
-        ++c;
-      }
+      if (++q == S) q = 0;
     }
   }
 };
@@ -1327,11 +1324,21 @@ inline FUSEDREG_ALWAYS_INLINE void group_sums(const Layout& l, const GroupLanes&
 }
 
 // lanes[j] = v[j's channel] for the n lanes of a group, the lanes past them (up to a masked
-// step's reach) 0
+// step's reach) 0: a channel's S lanes one broadcast store each (a gather per vector of lanes,
+// vgatherdps, made 8x256x4x4 float32 a fifth slower)
 template <typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void spread_lanes(const acc_t* v, int64_t n, const GroupLanes& gl, acc_t* lanes) {
+  const int64_t S = gl.S;
+  if (S == 1) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) lanes[j] = v[gl.ch[j]];
+    for (int64_t j = 0; j < n; ++j) lanes[j] = v[j];
+  } else {
+    for (int64_t g = 0; g < n / S; ++g) {
+      const acc_t vg = v[g];
+#pragma omp simd
+      for (int64_t s = 0; s < S; ++s) lanes[g * S + s] = vg;
+    }
+  }
   for (int64_t j = n; j < kLanes<acc_t> + kTailStep; ++j) lanes[j] = acc_t(0);
 }
 
