@@ -370,6 +370,76 @@ def test_cpu_channel_ops_are_the_four_ops_bitwise(dtype):
     opcheck(ops.batch_norm_bwd_ncs.default, (dy, x, r, w, b, mean, invstd, 1, seed, True, True))
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_cpu_small_channels(dtype):
+    """NCS channels whose rows fit in half the statistics' lanes (S <= 32 for float
+    statistics, 16 for double) are taken several adjacent channels at a time: the one-op
+    forward gives bitwise what stats, rsqrt(var + eps) and fwd give; each channel's statistics
+    and output are bitwise those of that channel alone (a (N, 1, S) tensor: another grouping),
+    so a group's lanes never mix channels; and the result is within the error rule of torch's
+    float64 composite. Awkward spatial sizes (1, 3, 4, 5, 9, the largest grouped one and the
+    next), a channel count that leaves a partial last group, channels that fold their lanes
+    several times (over 4096 values), a channel whose values are all equal, and mean 1e3 with
+    std 1e-2."""
+    ops = torch.ops.fusedreg
+    seed = torch.zeros(1, dtype=torch.long)
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    lanes = 256 // (8 if dtype == torch.float64 else 4)
+    T = torch.get_num_threads()
+    cases = [((8, 4 * T * 16 + 3, 4), 0, False, True, 3.0, 2.0), ((3, 8 * T + 5, 1), 1, True, True, 3.0, 2.0),
+             ((5, 4 * T + 1, 3), 2, True, False, 3.0, 2.0), ((2, 37, 5), 1, False, True, 1e3, 1e-2),
+             ((4, 21, 9), 4, True, True, -2.0, 2.0), ((2, 4 * T + 3, lanes // 2), 0, True, True, 3.0, 2.0),
+             ((3, 4 * T + 3, lanes // 2 + 1), 1, False, True, 3.0, 2.0),
+             ((1100, 4 * T + 2, 5), 1, True, True, 3.0, 2.0), ((3, 3, 4), 0, False, True, 3.0, 2.0)]
+    for (N, C, S), act, with_r, affine, offset, std in cases:
+        x0 = _data((N, C, S), dtype, seed=0, offset=offset, std=std)
+        x = x0.clone()
+        x[:, C // 2] = x[0, C // 2, 0]  # a channel of equal values: var 0
+        r = _data((N, C, S), dtype, seed=2, offset=-0.5) if with_r else None
+        dy = _data((N, C, S), dtype, seed=7, offset=0.0)
+        w, b = (_data((C,), ct, 3, 1.0, 0.5), _data((C,), ct, 4, 0.5, 0.5)) if affine else (None, None)
+        y, mean, var, invstd = ops.batch_norm_fwd_ncs(x, r, w, b, 1e-5, act)
+        m2, v2 = ops.batch_norm_stats(x, False)
+        inv2 = torch.rsqrt(v2 + 1e-5)
+        y2 = ops.batch_norm_fwd(x, r, w, b, m2, inv2, act, 0.0, seed, False)
+        for got, want, name in ((y, y2, "y"), (mean, m2, "mean"), (var, v2, "var"), (invstd, inv2, "invstd")):
+            assert torch.equal(got, want), (N, C, S, name)
+        assert var[C // 2] == 0
+        # channel c alone, followed by zero channels up to a step of lanes: a row's sums take
+        # the masked tail where a whole step is readable from the row's start, else the scalar
+        # remainder (which may differ in the last bit, FMA), so the rows of the channels near
+        # the tensor's end (c > C - lanes / S) are left out
+        pad = -(-lanes // S)
+        for c in {0, C // 2, C - 2, C - 1}:
+            if (C - c) * S < lanes:
+                continue
+            one = lambda t: torch.cat([t[:, c:c + 1], t.new_zeros(N, pad, S)], 1) if t is not None else None  # noqa: E731
+            part = lambda t, v: torch.cat([t[c:c + 1], t.new_full((pad,), v)]) if t is not None else None  # noqa: E731
+            alone = ops.batch_norm_fwd_ncs(one(x), one(r), part(w, 1.0), part(b, 0.0), 1e-5, act)
+            for got, want, name in zip((y[:, c], mean[c], var[c], invstd[c]), alone, ("y", "mean", "var", "invstd")):
+                assert torch.equal(got, want[:, 0] if name == "y" else want[0]), (N, C, S, c, name)
+        if dtype != torch.float64 and N * C * S < 200_000:
+            # the error rule, through the backend (training, with the running statistics;
+            # S == 1 runs as channels-last rows there)
+            _, _, rm, rv = _params(C, dtype)
+            args = [x0, r, w, b] if with_r else [x0, w, b]
+            names = ["x", "residual", "weight", "bias"] if with_r else ["x", "weight", "bias"]
+            acts = [None, "relu", "silu", "gelu", "gelu_tanh"]
+
+            def fn(*a, act=acts[act], with_r=with_r):
+                x, r, w, b, rm, rv = a if with_r else (a[0], None, *a[1:])
+                return F.batch_norm_act(x, rm, rv, w, b, True, 0.1, 1e-5, activation=act, residual=r)
+
+            def twin(*a, act=acts[act], with_r=with_r):
+                x, r, w, b, rm, rv = a if with_r else (a[0], None, *a[1:])
+                y = TF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+                return ACTS[act](y + r if r is not None else y)
+
+            with fusedreg.use_backend("cpu"):
+                _compare(fn, twin, args, dy, [rm, rv], dtype, names)
+
+
 def _assert_one_op_backward_is_two_ops(op, channels_last, dy, x, r, w, b, mean, invstd, act, seed, count):
     """A one-op training backward (batch_norm_bwd_ncs / _cl) returns bitwise what
     batch_norm_bwd_reduce followed by batch_norm_bwd_elemt return, for each pair of gradients

@@ -20,7 +20,9 @@
 // the row's / block's first value), then sum (x - mean)^2 over the cache-resident row/block,
 // and the (count, mean, m2) parts are combined with Chan et al.'s formula, so a mean of 1e3
 // with a std of 1e-2 keeps its digits at every instruction-set level. An NCS channel of at
-// most kWholeChannelBytes (short rows) takes the same two passes over the whole channel.
+// most kWholeChannelBytes (short rows) takes the same two passes over the whole channel; small
+// ones (rows of at most half the lanes: a 2x2 or 4x4 map) several adjacent channels at a time
+// (ncs_group_stats: the same adds, so the same bits).
 // Without dropout each backward pass is one loop per row (dz_sums_span / dz_sums_row,
 // elemt_span): dz and xhat stay in registers; with dropout the row's keep-scale factors are
 // drawn first and dz, xhat go through row buffers (dz_row). Short NCS rows (a 14x14 map) end
@@ -1191,10 +1193,196 @@ inline FUSEDREG_ALWAYS_INLINE void ncs_channel_stats(const Layout& l, const x_t*
   var_out = m2 / n;
 }
 
+// ---- small NCS channels ------------------------------------------------------------------------
+
+// A channel whose rows fit in half the statistics' lanes (S <= kLanes / 2: maps up to 5x5 in
+// float, 4x4 in double) and that takes ncs_channel_stats' whole-channel passes is, there, N
+// rows of S values, each value j of a row always in lane j: lane j sums f(i, j) over the rows
+// in order, the lanes past S stay +0, and after each ceil(kLaneChunk / S) rows (and at the end)
+// the fixed pairwise tree folds the lanes into the total. Adding +0 changes no lane (a lane
+// starts at +0 and never holds -0), so that tree is the same tree over the first bit_ceil(S)
+// lanes, the lanes past S taken as 0. Per channel that cost two passes of lane steps with
+// masked tails and a 64-lane fold each, then a row loop per output row: at a 2x2 map (32
+// values a channel, batch 8) about 150 ns a channel, more than ATen's whole op. Such channels
+// are taken G adjacent ones at a time (a group): their rows are adjacent in memory, so a
+// group's row i is n = G * S <= kLanes contiguous values, lane g * S + s summing channel g's
+// value s, each channel's lanes folded by the same tree in place (fold_group), with the same
+// adds in the same order as per channel, so the same bits whichever G (tested against each
+// channel alone). A row of kLanes values (an 8x8 map in float) is one whole step of
+// ncs_channel_stats already; grouped it was slower (no channels to group).
+template <typename x_t>
+inline bool small_channels(const Layout& l) {
+  return !l.cl && 2 * l.S <= kLanes<at::opmath_type<x_t>> &&
+         l.N * l.S * static_cast<int64_t>(sizeof(x_t)) <= kWholeChannelBytes;
+}
+
+// Channels a group: as many as fill the lanes, but no fewer than four groups a thread where the
+// channels allow (the groups are the parallel loop's items; the bits do not depend on G)
+template <typename x_t>
+inline int64_t group_channels(const Layout& l) {
+  const int64_t fill = kLanes<at::opmath_type<x_t>> / l.S;
+  const int64_t spread = l.C / (4 * static_cast<int64_t>(at::get_num_threads()));
+  return std::max<int64_t>(1, std::min(fill, spread));
+}
+
+// A group's lane arrays: n <= kLanes (64 floats) lanes, the masked steps' reach past them (up to
+// kLanes + kTailStep), and the fold's reads past a lane (up to n + kLanes / 2)
+constexpr int64_t kGroupLanes = 2 * 256 / sizeof(float);
+
+// Each lane's place in its channel's row (j % S).
+struct GroupLanes {
+  int64_t S, P;  // P = bit_ceil(S): the fold's tree
+  alignas(64) int32_t pos[kGroupLanes];
+  explicit GroupLanes(int64_t S_) : S(S_), P(static_cast<int64_t>(std::bit_ceil(static_cast<uint64_t>(S_)))) {
+    int32_t q = 0;
+    for (int64_t j = 0; j < kGroupLanes; ++j) {  // (no division per lane: a call can be a few us)
+      pos[j] = q;
+      if (++q == S) q = 0;
+    }
+  }
+};
+
+// Lanes::fold's tree of every channel's S lanes in p[0, n), in place: level w adds lane s + w
+// to lane s < w of each channel, where s + w < S (0 otherwise: the lanes past S), reading lanes
+// that level does not write; channel g's total ends in p[g * S].
+template <typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void fold_group(acc_t* p, int64_t n, const GroupLanes& gl) {
+  const int32_t S = static_cast<int32_t>(gl.S);
+  for (int32_t w = static_cast<int32_t>(gl.P / 2); w >= 1; w /= 2) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t s = gl.pos[j];
+      p[j] += s < w && s + w < S ? p[j + w] : acc_t(0);
+    }
+  }
+}
+
+// p[j] += f(j) (SQ: its square), f(j) = x[j] - sub[j], for j in [0, n) as Lanes::add's masked
+// tail adds them: steps of kTailStep lanes, the values past n replaced by 0 by a select (read
+// from row + n on, inside the tensor). Written as that tail is: GCC does not contract its
+// square and add into an FMA (the plain loop's it does), so the form decides the bits at the
+// AVX2 and AVX-512 levels.
+template <bool SQ, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void lanes_masked(const x_t* row, int64_t n, const acc_t* sub, acc_t* p) {
+  for (int64_t k0 = 0; k0 < n; k0 += kTailStep) {
+    acc_t* q = p + k0;
+    const acc_t* s = sub + k0;
+    const int left = static_cast<int>(n - k0);
+#pragma omp simd
+    for (int k = 0; k < kTailStep; ++k) {
+      const acc_t v = to_acc<acc_t>(row[k0 + k]) - s[k];
+      const acc_t u = k < left ? v : acc_t(0);
+      q[k] += SQ ? u * u : u;
+    }
+  }
+}
+
+// The same as Lanes::add's scalar remainder adds them (reading nothing past n).
+template <bool SQ, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void lanes_plain(const x_t* row, int64_t n, const acc_t* sub, acc_t* p) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t v = to_acc<acc_t>(row[j]) - sub[j];
+    p[j] += SQ ? v * v : v;
+  }
+}
+
+// tot[g] = the folded sums of f = x - sub (SQ: its square) of the G channels [c0, c0 + G) (row
+// i at x0 + i * C * S, n = G * S values, sub per lane), as Lanes::add_rows and sum() give
+// them: a row is the masked tail (lanes_masked) where a whole step of lanes is readable from
+// its start, else the scalar remainder (lanes_plain); near the tensor's end that differs from
+// channel to channel.
+template <bool SQ, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void group_sums(const Layout& l, const GroupLanes& gl, const x_t* x0, int64_t c0,
+                                              int64_t G, const acc_t* sub, acc_t* tot) {
+  constexpr int K = kLanes<acc_t>;
+  const int64_t S = l.S, C = l.C, n = G * S, numel = l.N * C * S;
+  const int64_t R = (kLaneChunk + S - 1) / S;  // rows between folds
+  alignas(64) acc_t p[kGroupLanes];
+  for (int64_t g = 0; g < G; ++g) tot[g] = acc_t(0);
+  for (int64_t i0 = 0; i0 < l.N; i0 += R) {
+    const int64_t i1 = std::min(l.N, i0 + R);
+    for (int64_t k = 0; k < kGroupLanes; ++k) p[k] = acc_t(0);
+    for (int64_t i = i0; i < i1; ++i) {
+      const x_t* row = x0 + i * C * S;
+      const int64_t readable = numel - (i * C + c0) * S;  // from the group's row i (its first channel's)
+      if (readable - (G - 1) * S >= K) {  // every channel's row: the masked tail
+        lanes_masked<SQ>(row, n, sub, p);
+      } else {
+        for (int64_t g = 0; g < G; ++g) {
+          if (readable - g * S >= K) {
+            lanes_masked<SQ>(row + g * S, S, sub + g * S, p + g * S);
+          } else {
+            lanes_plain<SQ>(row + g * S, S, sub + g * S, p + g * S);
+          }
+        }
+      }
+    }
+    fold_group(p, n, gl);
+    for (int64_t g = 0; g < G; ++g) tot[g] += p[g * S];
+  }
+}
+
+// lanes[j] = v[j's channel] for the n lanes of a group, the lanes past them (up to a masked
+// step's reach) 0: a channel's S lanes one broadcast store each (a gather per vector of lanes,
+// vgatherdps, made 8x256x4x4 float32 a fifth slower)
+template <typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void spread_lanes(const acc_t* v, int64_t n, const GroupLanes& gl, acc_t* lanes) {
+  const int64_t S = gl.S;
+  if (S == 1) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) lanes[j] = v[j];
+  } else {
+    for (int64_t g = 0; g < n / S; ++g) {
+      const acc_t vg = v[g];
+#pragma omp simd
+      for (int64_t s = 0; s < S; ++s) lanes[g * S + s] = vg;
+    }
+  }
+  for (int64_t j = n; j < kLanes<acc_t> + kTailStep; ++j) lanes[j] = acc_t(0);
+}
+
+// The mean and biased variance of the G small channels [c0, c0 + G) into mean[g], var[g], and
+// the means spread over the lanes into mu (inside a dispatched region): ncs_channel_stats'
+// values.
+template <typename x_t>
+inline FUSEDREG_ALWAYS_INLINE void ncs_group_stats(const Layout& l, const GroupLanes& gl, const x_t* x, int64_t c0,
+                                                   int64_t G, at::opmath_type<x_t>* mean, at::opmath_type<x_t>* var,
+                                                   at::opmath_type<x_t>* mu) {
+  using acc_t = at::opmath_type<x_t>;
+  const int64_t S = l.S, n = G * S;
+  const x_t* x0 = x + c0 * S;
+  alignas(64) acc_t k[kLanes<acc_t>], tot[kLanes<acc_t>];
+  for (int64_t g = 0; g < G; ++g) k[g] = static_cast<acc_t>(x0[g * S]);  // each channel's first value
+  spread_lanes(k, n, gl, mu);
+  group_sums<false>(l, gl, x0, c0, G, mu, tot);
+  const acc_t count = static_cast<acc_t>(l.N * S);
+#pragma omp simd
+  for (int64_t g = 0; g < G; ++g) mean[g] = k[g] + tot[g] / count;
+  spread_lanes(mean, n, gl, mu);
+  group_sums<true>(l, gl, x0, c0, G, mu, tot);
+#pragma omp simd
+  for (int64_t g = 0; g < G; ++g) var[g] = tot[g] / count;
+}
+
 template <typename x_t>
 void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at::opmath_type<x_t>* var) {
   using acc_t = at::opmath_type<x_t>;
   const int64_t C = l.C;
+  if (small_channels<x_t>(l)) {  // groups of small channels (ncs_group_stats)
+    const int64_t G = group_channels<x_t>(l);
+    at::parallel_for(0, (C + G - 1) / G, 1, [&](int64_t g0, int64_t g1) {
+      const GroupLanes gl(l.S);
+      dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+        alignas(64) acc_t mu[kGroupLanes];
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t c0 = g * G;
+          ncs_group_stats(l, gl, x, c0, std::min(G, C - c0), mean + c0, var + c0, mu);
+        }
+      });
+    });
+    return;
+  }
   if (!l.cl) {
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       Lanes<acc_t, kLanes<acc_t>> lanes;
@@ -1333,6 +1521,46 @@ void forward_train_ncs_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* 
       var[c] = v;
       invstd[c] = inv;
     }
+  });
+}
+
+// The same for small channels (small_channels), a group of G of them at a time
+// (ncs_group_stats): the statistics, the invstd, scale and shift of each (as the two-pass
+// path's host loop computes them), spread over the group's lanes, then the group's output rows
+// (fwd_span over G * S values with per-lane vectors: each element the expression of the
+// per-channel spans). The same values bit for bit.
+template <Activation A, typename x_t>
+void forward_train_small_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const at::opmath_type<x_t>* w,
+                                const at::opmath_type<x_t>* bias, double eps, at::opmath_type<x_t>* mean,
+                                at::opmath_type<x_t>* var, at::opmath_type<x_t>* invstd) {
+  using acc_t = at::opmath_type<x_t>;
+  constexpr int K = kLanes<acc_t>;
+  const int64_t C = l.C, S = l.S, G = group_channels<x_t>(l);
+  const acc_t e = static_cast<acc_t>(eps);
+  at::parallel_for(0, (C + G - 1) / G, 1, [&](int64_t g0, int64_t g1) {
+    const GroupLanes gl(S);
+    dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+      alignas(64) acc_t mu[kGroupLanes], k[kGroupLanes], b[kGroupLanes], kc[K], bc[K];
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t c0 = g * G, gn = std::min(G, C - c0), n = gn * S;
+        ncs_group_stats(l, gl, x, c0, gn, mean + c0, var + c0, mu);
+        const acc_t* vg = var + c0;
+        acc_t* ig = invstd + c0;
+#pragma omp simd
+        for (int64_t q = 0; q < gn; ++q) {
+          const acc_t inv = acc_t(1) / std::sqrt(vg[q] + e);
+          ig[q] = inv;
+          kc[q] = w ? inv * w[c0 + q] : inv;
+          bc[q] = bias ? bias[c0 + q] : acc_t(0);
+        }
+        spread_lanes(kc, n, gl, k);
+        spread_lanes(bc, n, gl, b);
+        for (int64_t i = 0; i < l.N; ++i) {
+          const int64_t off = (i * C + c0) * S;
+          fwd_span<A, true>(x + off, r ? r + off : nullptr, y + off, nullptr, n, mu, k, b);
+        }
+      }
+    });
   });
 }
 
@@ -1976,6 +2204,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_ncs_cp
       acc_t* mean = io.mean.mutable_data_ptr<acc_t>();
       acc_t* var = io.var.mutable_data_ptr<acc_t>();
       acc_t* inv = invstd.mutable_data_ptr<acc_t>();
+      if (small_channels<scalar_t>(l) && l.C >= 4 * static_cast<int64_t>(at::get_num_threads())) {
+        forward_train_small_kernel<A, scalar_t>(l, x, r, y.mutable_data_ptr<scalar_t>(), w, bb, eps, mean, var, inv);
+        return;
+      }
       if (two_passes<scalar_t>(l)) {  // the two passes, each over every thread
         stats_kernel<scalar_t>(l, x, mean, var);
         std::vector<acc_t> scale(l.C), shift(l.C);
