@@ -65,19 +65,20 @@ AUTO: dict[str, dict[str, tuple[str, ...]]] = {
 # (0.27-0.51x up to 64x4096; at two threads 0.39-0.52x to 256x768): never.
 # BatchNorm (CPU, fp32/fp64, no dropout): "batch_norm" is a plain call in training,
 # "batch_norm_act" one with a residual and/or relu (torch's composite: ``torch.batch_norm``,
-# ``add_``, ``relu_``), "..._eval" the same in eval. A fused call costs four to six small
-# ops (statistics, 1/std, the kernel, the running-stat update) where torch's is one, so torch
-# wins small tensors: in training up to 32K elements without grad (2.5-5x at 4K, 1.2x at
-# 32K, the fused call 1.6x faster at 100K) and up to 100K with grad (1.1-1.4x there, fused
-# 1.1-2x faster from 262K) at one thread; with two threads (the default here) torch's plain
-# call with grad was as fast up to about 2**18 and slower from 2**19, hence 2**19. In eval a
-# plain call (one pass, AVX-512 loop since 2026-12-06) costs about 7 us more than torch's
-# fixed (the running variance's rsqrt, views): without grad fused / torch 2.0-2.5x up to 32K,
-# 1.4-1.7x at 100K, 1.2-1.3x at 262K, 1.0-1.07x at 800K, 0.86-0.92x at 1.6M and 0.85-0.98x at
-# 6.4M (one / two threads), hence torch's op below 2**20; with grad 1.2x at 100K (two
-# threads; 0.81x at one), 0.58-0.78x from 262K, hence 2**18 (``overhead.py --crossover
-# --only batch_norm``, 2026-12-06). The composite wins the act call below 262K without grad
-# and below about 1M with grad.
+# ``add_``, ``relu_``), "..._eval" the same in eval. Since a training call without dropout is
+# one C++ autograd node (``fusedreg._C.batch_norm_train``: kernels, running-stat update,
+# backward) and a plain eval call without grad one C++ call (``batch_norm_eval``), the fused
+# call's fixed cost is a few us more than torch's at one thread and less at two (where torch's
+# own call costs 13-17 us at 64-4096 elements). ``overhead.py --crossover --only batch_norm``,
+# 2026-12-06, quiet machine, fused / torch: training, one thread, 1.15-1.47x at 64-1024
+# elements, 0.81x (0.86x with grad) at 4096, 0.22-0.57x from 16K; two threads 0.46-0.95x at
+# every size; act the same from 1024 (0.93-1.00x there at one thread), hence torch's op below
+# 2**12 with and without grad. Eval plain without grad, one thread, 1.22-1.32x up to 4096,
+# 1.01x at 16K, 0.86x at 32K, 0.84x at 100K; two threads 0.80-0.92x except 1.11x at 32K:
+# hence 2**16. Eval with grad (the Python Function, not re-measured) and the eval act call
+# (Python, unchanged) keep the limits measured before: with grad plain 0.81x at 100K at one
+# thread, 1.2x at two, 0.58-0.78x from 262K, hence 2**18; the composite wins the act call below
+# 262K without grad and below about 1M with grad.
 _EVERY = 1 << 62  # torch's op at every size
 AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
     "layer_norm": {"cpu": (1 << 13, 1 << 18)},
@@ -88,9 +89,9 @@ AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
     # 0.7x forward at 32x768 (the call's fixed cost): float32's limit of then (its call is not
     # made from C++: not re-measured with the C++ node)
     "layer_norm_half": {"cpu": (1 << 19, 1 << 19)},
-    "batch_norm": {"cpu": (1 << 16, 1 << 19)},
-    "batch_norm_eval": {"cpu": (1 << 20, 1 << 18)},
-    "batch_norm_act": {"cpu": (1 << 16, 1 << 18)},
+    "batch_norm": {"cpu": (1 << 12, 1 << 12)},
+    "batch_norm_eval": {"cpu": (1 << 16, 1 << 18)},
+    "batch_norm_act": {"cpu": (1 << 12, 1 << 12)},
     "batch_norm_act_eval": {"cpu": (1 << 18, 1 << 20)},
 }
 
