@@ -1025,3 +1025,27 @@ def test_cpu_eval_without_grad_is_the_function_path_bitwise():
             F.batch_norm(x, m.running_mean, m.running_var, None, None, False, momentum=None)
         with pytest.raises(ValueError):
             F.batch_norm(x, m.running_mean[:4], m.running_var, None, None, False)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("shape,layout", [((3, 21, 1), "c"), ((3, 21, 1, 1), "c"),
+                                          ((4, 6, 5, 3), "cl"), ((64, 8, 40, 40), "cl"),
+                                          ((4, 6, 5, 3), "c"), ((8, 5, 14, 14), "c")])
+def test_constant_channel_normalizes_to_the_bias(backend, shape, layout):
+    """Training with a channel whose values are all equal (a value that is not a power of
+    two): its mean is that value exactly, so x - mean is 0 and y is exactly the bias (plus
+    the residual) for every layout, including channels-last inputs of many row blocks, where
+    the blocks' means are combined (a mean an ulp off would give (x - mean) / sqrt(eps),
+    about 1e-4 here: torch's float32 result is within 1.3e-5 of exact)."""
+    x = _data(shape, torch.float32)
+    x[:, 1] = 1.1
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    C = shape[1]
+    w, b = _data((C,), torch.float32, 3, 1.0, 0.5), _data((C,), torch.float32, 4)
+    r = _data(shape, torch.float32, 5, 0.0)
+    with fusedreg.use_backend(backend):
+        y = F.batch_norm(x, None, None, w, b, True)
+        z = F.batch_norm_act(x, None, None, w, b, True, activation="relu", residual=r)
+    assert torch.equal(y[:, 1], torch.full_like(y[:, 1], float(b[1])))
+    assert torch.equal(z[:, 1], torch.relu(r[:, 1] + b[1]))

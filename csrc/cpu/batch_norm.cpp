@@ -1454,21 +1454,25 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
       });
     }
   });
-  // Combine the blocks in block order: mean = sum n_b mean_b / L, m2 = sum m2_b + n_b (mean_b - mean)^2,
+  // Combine the blocks in block order: mean = mean_0 + sum n_b (mean_b - mean_0) / L (the
+  // blocks' means as deviations from the first block's: blocks of equal means, a constant
+  // channel's, give that mean exactly, where sum n_b mean_b / L could be an ulp off and y then
+  // (x - mean) * invstd with invstd up to 1/sqrt(eps)), m2 = sum m2_b + n_b (mean_b - mean)^2,
   // walking the partial rows in order (contiguous, vectorized across channels; at the baseline
   // level, which has no FMA to contract these into: the results do not depend on the CPU).
   std::vector<acc_t> s(C, acc_t(0)), m2(C, acc_t(0));
   {
     acc_t* sp = s.data();
     acc_t* qp = m2.data();
-    for (int64_t b = 0; b < rb.n_blocks; ++b) {
+    const acc_t* p0 = pm.get();
+    for (int64_t b = 1; b < rb.n_blocks; ++b) {
       const acc_t nb = static_cast<acc_t>(std::min(L, (b + 1) * rb.per_block) - b * rb.per_block);
       const acc_t* pb = pm.get() + b * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) sp[c] += nb * pb[c];
+      for (int64_t c = 0; c < C; ++c) sp[c] += nb * (pb[c] - p0[c]);
     }
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) mean[c] = sp[c] / static_cast<acc_t>(L);
+    for (int64_t c = 0; c < C; ++c) mean[c] = p0[c] + sp[c] / static_cast<acc_t>(L);
     for (int64_t b = 0; b < rb.n_blocks; ++b) {
       const acc_t nb = static_cast<acc_t>(std::min(L, (b + 1) * rb.per_block) - b * rb.per_block);
       const acc_t* pb = pm.get() + b * C;
