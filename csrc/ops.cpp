@@ -330,12 +330,21 @@ PyObject* bias_dropout_train(PyObject*, PyObject* const* args, Py_ssize_t nargs)
 // eps, p outside [0, 1]), whose error the Function then raises. A backward with
 // create_graph=True calls fusedreg.ops.layer_norm._differentiable_backward, as the Function.
 
+// The edges of a node's optional tensor operands: needs_input_grad counts the tensor inputs
+// only — x, then the residual, weight and bias where given (then the others) — so an operand's
+// index depends on which of those before it are given (-1: not given).
+struct OptionalOperands {
+  bool has_residual = false, has_weight = false, has_bias = false;
+  int64_t residual_edge() const { return has_residual ? 1 : -1; }
+  int64_t weight_edge() const { return has_weight ? 1 + has_residual : -1; }
+  int64_t bias_edge() const { return has_bias ? 1 + has_residual + has_weight : -1; }
+};
+
 // The node's non-tensor state in one saved int64 (saved_data is a hash map: one entry, not
 // nine, on a small call's path).
-struct LayerNormState {
+struct LayerNormState : OptionalOperands {
   int64_t ndim = 1;
-  bool rms = false, prenorm = false, store_h = false, has_residual = false, has_weight = false,
-       has_bias = false;
+  bool rms = false, prenorm = false, store_h = false;
   at::ScalarType h_dtype = at::kFloat, x_dtype = at::kFloat, residual_dtype = at::kFloat;
 
   int64_t pack() const {
@@ -358,11 +367,6 @@ struct LayerNormState {
     s.residual_dtype = at::ScalarType(v >> 40 & 0xff);
     return s;
   }
-  // needs_input_grad counts the tensor inputs only: x, then the residual, weight and bias
-  // where given, then the seed
-  int64_t residual_edge() const { return has_residual ? 1 : -1; }
-  int64_t weight_edge() const { return has_weight ? 1 + has_residual : -1; }
-  int64_t bias_edge() const { return has_bias ? 1 + has_residual + has_weight : -1; }
 };
 
 // x's leading dims as rows, the last ndim as columns (LayerNormFunction's run_forward)
@@ -753,8 +757,8 @@ bool bn_vector_ok(const std::optional<at::Tensor>& t, int64_t C, at::ScalarType 
 }
 
 // The node's non-tensor state in one saved int64.
-struct BatchNormState {
-  bool cl = false, has_residual = false, has_weight = false, has_bias = false;
+struct BatchNormState : OptionalOperands {
+  bool cl = false;
   int64_t activation = 0;
   int64_t pack() const {
     return int64_t(cl) | int64_t(has_residual) << 1 | int64_t(has_weight) << 2 |
@@ -769,11 +773,6 @@ struct BatchNormState {
     s.activation = v >> 8;
     return s;
   }
-  // needs_input_grad counts the tensor inputs only: x, then the residual, weight and bias
-  // where given
-  int64_t residual_edge() const { return has_residual ? 1 : -1; }
-  int64_t weight_edge() const { return has_weight ? 1 + has_residual : -1; }
-  int64_t bias_edge() const { return has_bias ? 1 + has_residual + has_weight : -1; }
 };
 
 // The training forward without dropout (BatchNormFunction's, with fusedreg.ops.batch_norm's
