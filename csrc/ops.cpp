@@ -776,19 +776,26 @@ struct BatchNormState : OptionalOperands {
 };
 
 // The training forward without dropout (BatchNormFunction's, with fusedreg.ops.batch_norm's
-// storage views): (y in storage layout, mean, biased var, invstd).
-Tensor4 bn_train_forward(const at::Tensor& xs, const std::optional<at::Tensor>& rs,
+// storage views of x and the residual, `cl` saying which): (y in x's shape and layout, a view
+// of the kernel's storage tensor; mean, biased var, invstd).
+Tensor4 bn_train_forward(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                          const std::optional<at::Tensor>& weight,
                          const std::optional<at::Tensor>& bias, double eps, int64_t activation,
                          bool cl) {
-  if (!cl)  // the one-op forward (fusedreg.ops.batch_norm._forward)
-    return typed_op<BnFwdNcs, kBnFwdNcs>().redispatch(kCpuKeys, xs, rs, weight, bias, eps,
-                                                      activation);
-  auto [mean, var] = typed_op<BnStats, kBnStats>().redispatch(kCpuKeys, xs, true);
-  at::Tensor invstd = at::rsqrt(var + eps);
-  at::Tensor y = typed_op<BnFwd, kBnFwd>().redispatch(kCpuKeys, xs, rs, weight, bias, mean, invstd,
-                                                      activation, 0.0, unused_seed_tensor(), true);
-  return {y, mean, var, invstd};
+  const at::Tensor xs = bn_to_storage(x, cl);
+  std::optional<at::Tensor> rs;
+  if (residual) rs = bn_to_storage(*residual, cl);
+  at::Tensor y, mean, var, invstd;
+  if (!cl) {  // the one-op forward (fusedreg.ops.batch_norm._forward)
+    std::tie(y, mean, var, invstd) =
+        typed_op<BnFwdNcs, kBnFwdNcs>().redispatch(kCpuKeys, xs, rs, weight, bias, eps, activation);
+  } else {
+    std::tie(mean, var) = typed_op<BnStats, kBnStats>().redispatch(kCpuKeys, xs, true);
+    invstd = at::rsqrt(var + eps);
+    y = typed_op<BnFwd, kBnFwd>().redispatch(kCpuKeys, xs, rs, weight, bias, mean, invstd,
+                                             activation, 0.0, unused_seed_tensor(), true);
+  }
+  return {bn_from_storage(y, x.sizes(), cl), mean, var, invstd};
 }
 
 // Called only when grad mode is on and an input requires grad (the node's needs_input_grad
@@ -807,10 +814,8 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
     s.has_weight = weight.has_value();
     s.has_bias = bias.has_value();
     s.activation = activation;
-    std::optional<at::Tensor> rs;
-    if (residual) rs = bn_to_storage(*residual, s.cl);
     auto [y, mean, var, invstd] =
-        bn_train_forward(bn_to_storage(x, s.cl), rs, weight, bias, eps, activation, s.cl);
+        bn_train_forward(x, residual, weight, bias, eps, activation, s.cl);
     ctx->saved_data["state"] = s.pack();
     ctx->saved_data["eps"] = eps;  // for the differentiable backward's statistics
     ctx->mark_non_differentiable({mean, var});
@@ -824,7 +829,7 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
                             mean, invstd});
     // y as a tensor of its own in x's shape (detach: not a view of the op's output), so that
     // an in-place op on it (ResNet's relu_) is an ordinary in-place op on a node output
-    return {bn_from_storage(y, x.sizes(), s.cl).detach(), mean, var};
+    return {y.detach(), mean, var};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -939,12 +944,9 @@ PyObject* batch_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                                        (w && w->requires_grad()) || (b && b->requires_grad()))) {
       out = BatchNormNode::apply(t, r, w, b, e, activation.get());
     } else {  // nothing records a backward: the forward alone
-      const bool cl = bn_channels_last(t);
-      std::optional<at::Tensor> rs;
-      if (r) rs = bn_to_storage(*r, cl);
       auto [ys, mean, var, invstd] =
-          bn_train_forward(bn_to_storage(t, cl), rs, w, b, e, activation.get(), cl);
-      out = {bn_from_storage(ys, t.sizes(), cl), mean, var};
+          bn_train_forward(t, r, w, b, e, activation.get(), bn_channels_last(t));
+      out = {ys, mean, var};
     }
     y = std::move(out[0]);
     if (rm) {  // fusedreg.functional._update_running: the unbiased variance, then lerp_

@@ -572,10 +572,18 @@ def _cpu_eval_batch_norm(x, running_mean, running_var, weight, bias, training, m
     caches: at (32, 256, 14, 14) float32 the full path's checks and dispatch took 60 us around
     the kernel's 420 at one thread, the Python version of this one about 15."""
     if training is not False or type(momentum) is not float or _BN_EVAL is None \
-            or _is_compiling() or _forward_ad._current_level >= 0 \
-            or not _bn_node_serves(backends.resolve_type("batch_norm", "cpu")):
+            or not _bn_cpp_serves():
         return None
     return _BN_EVAL(x, running_mean, running_var, weight, bias, eps)
+
+
+def _bn_cpp_serves() -> bool:
+    """BatchNorm's C++ calls (``_cpu_eval_batch_norm``, ``_cpu_train_batch_norm``) may serve
+    this call: eager (not traced by torch.compile, no forward-mode AD level; the C++ calls
+    themselves decline under modes, functorch layers and tracers) and the cpu backend, with its
+    built-in kernels, is the one in force."""
+    return not (_is_compiling() or _forward_ad._current_level >= 0) \
+        and _bn_node_serves(backends.resolve_type("batch_norm", "cpu"))
 
 
 def _cpu_train_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -587,9 +595,7 @@ def _cpu_train_batch_norm(x, running_mean, running_var, weight, bias, training, 
     a small BatchNorm's forward and 30 of its backward), or None for any other call (the C++
     call declines what ``_batch_norm``'s checks own, see there), which ``_batch_norm`` then
     checks and routes as always."""
-    if training is not True or _BN_TRAIN is None or _is_compiling() \
-            or _forward_ad._current_level >= 0 \
-            or not _bn_node_serves(backends.resolve_type("batch_norm", "cpu")):
+    if training is not True or _BN_TRAIN is None or not _bn_cpp_serves():
         return None
     act = _ACTIVATION_CODES.get(activation) if type(activation) is str or activation is None \
         else None
