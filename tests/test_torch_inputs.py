@@ -2,7 +2,8 @@
 and ``error_inputs`` of ``nn.functional.layer_norm``, ``nn.functional.rms_norm`` and
 ``nn.functional.dropout`` (torch.testing._internal.common_methods_invocations), run against
 fusedreg's functional of the same name on the reference and cpu backends and, for a tiny
-subset, on the Triton interpreter.
+subset, on the Triton interpreter; and the ``sample_inputs`` of ``nn.functional.batch_norm``
+(``test_opinfo_batch_norm_samples``).
 
 Every sample must be accepted and, for the norms, forward and backward within the error rule
 of tests/tolerances.py (against a float64 run of torch's op); for dropout, every output element
@@ -23,7 +24,7 @@ import fusedreg
 from fusedreg import functional as F
 
 from conftest import cpu_backends
-from tolerances import FACTOR, NORM_ATOL
+from tolerances import FACTOR, NORM_ATOL, check_norm_error
 
 common_methods_invocations = pytest.importorskip(
     "torch.testing._internal.common_methods_invocations",
@@ -181,6 +182,53 @@ def test_opinfo_samples_triton_interpreter(name):
 def test_opinfo_error_inputs(name, backend):
     _counts, failures = run_errors(name, backend)
     assert not failures, "\n".join(failures)
+
+
+def _bn_run(fn, s, cast):
+    """fn(input, *args, **kwargs) for a BatchNorm sample, tensors copied (cast to ``cast``):
+    (y, the running stats after the call, the gradients of the tensors that require one)."""
+    def copy(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        c = t.detach().to(cast or t.dtype).clone()
+        return c.requires_grad_(t.requires_grad)
+    x, args = copy(s.input), [copy(a) for a in s.args]
+    y = fn(x, *args, **s.kwargs)
+    leaves = [t for t in [x] + args if isinstance(t, torch.Tensor) and t.requires_grad]
+    g = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape)
+    grads = torch.autograd.grad((y.double() * g).sum(), leaves) if leaves and y.numel() else []
+    stats = [a for a in args[:2] if isinstance(a, torch.Tensor)]
+    return y.detach(), stats, list(grads)
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends("batch_norm") if b != "triton"])
+def test_opinfo_batch_norm_samples(backend):
+    """torch's OpInfo samples of nn.functional.batch_norm through fusedreg.functional.batch_norm
+    (the cpu backend's C++ node and calls, or the reference): y, the running stats and the
+    gradients within the norms' error rule of torch's float64 run. The one sample torch takes
+    and fusedreg refuses, an empty 1-D input (torch returns it), raises the ValueError the
+    README lists (fewer than 2 dims)."""
+    op = _opinfo("nn.functional.batch_norm")
+    tried = 0
+    for dtype in DTYPES:
+        for s in op.sample_inputs("cpu", dtype, requires_grad=True):
+            if s.input.dim() < 2:
+                with fusedreg.use_backend(backend), pytest.raises(ValueError, match="at least 2"):
+                    F.batch_norm(s.input, *s.args, **s.kwargs)
+                continue
+            tried += 1
+            with fusedreg.use_backend(backend):
+                y, stats, grads = _bn_run(F.batch_norm, s, None)
+            ty, tstats, tgrads = _bn_run(op.op, s, None)
+            ry, rstats, rgrads = _bn_run(op.op, s, torch.float64)
+            name = f"batch_norm {tuple(s.input.shape)} {s.kwargs} {dtype}"
+            check_norm_error(name, y, ry, ty, dtype, "fwd")
+            for o, t, r in zip(stats, tstats, rstats):
+                check_norm_error(name + " running stat", o, r, t, dtype, "fwd")
+            assert len(grads) == len(rgrads), name
+            for o, t, r in zip(grads, tgrads, rgrads):
+                check_norm_error(name + " grad", o, r, t, dtype, "bwd")
+    assert tried > 0
 
 
 if __name__ == "__main__":
