@@ -215,21 +215,25 @@ BN_CROSSOVER_SHAPES = ((4, 16), (4, 16, 4, 4), (4, 16, 8, 8), (8, 32, 8, 8), (8,
                        (32, 64, 56, 56))
 
 
-def crossover_batch_norm(calls=200, rounds=3, shapes=BN_CROSSOVER_SHAPES):
+def crossover_batch_norm(calls=200, rounds=3, shapes=BN_CROSSOVER_SHAPES, dtype=torch.float32):
     """Rows (table, shape, numel, mode, torch us, fused us, ratio) for the BatchNorm entries
     of ``AUTO_TORCH_BELOW``: torch.batch_norm against the cpu backend's fused call, plain
     ("batch_norm") and with a residual and relu ("batch_norm_act", against
-    ``relu(batch_norm(x) + r)``), in training and eval ("..._eval")."""
+    ``relu(batch_norm(x) + r)``), in training and eval ("..._eval"). float16/bfloat16
+    (the "..._half" entries): x, parameters and running stats all of that dtype, as in a model
+    converted with ``.to(dtype)``."""
     out = []
+    suffix = "_half" if dtype in (torch.float16, torch.bfloat16) else ""
     for shape in shapes:
         C = shape[1]
-        x, r = torch.randn(shape) + 1.0, torch.randn(shape)
-        w, b = torch.rand(C) + 0.5, torch.randn(C)
-        rm, rv = torch.randn(C), torch.rand(C) + 0.5
+        x, r = (torch.randn(shape) + 1.0).to(dtype), torch.randn(shape).to(dtype)
+        w, b = (torch.rand(C) + 0.5).to(dtype), torch.randn(C).to(dtype)
+        rm, rv = torch.randn(C).to(dtype), (torch.rand(C) + 0.5).to(dtype)
         reps = max(5, min(calls, 20_000_000 // x.numel()) // rounds)
         for fused in (False, True):
             for training in (True, False):
-                table = ("batch_norm_act" if fused else "batch_norm") + ("" if training else "_eval")
+                table = ("batch_norm_act" if fused else "batch_norm") + ("" if training else "_eval") \
+                    + suffix
                 if fused:
                     def tfn(x, r, w, b, training=training):
                         return torch.relu(TF.batch_norm(x, rm, rv, w, b, training) + r)
@@ -269,6 +273,9 @@ def main(argv=None):
                     help="with --batch-norm: shapes as 2x8,4x16x8x8,... (default: the list above)")
     ap.add_argument("--only", default=None, choices=("norms", "batch_norm"),
                     help="with --crossover: only the norms' rows or only BatchNorm's")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="with --crossover: the BatchNorm rows' dtype (x, parameters and "
+                         "buffers)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.batch_norm:
@@ -286,13 +293,14 @@ def main(argv=None):
                   f"{f:12.1f} {ratio:6.2f}")
         return
     if args.crossover and args.only != "norms":
-        print(f"torch's batch_norm (and relu(batch_norm(x) + r)) vs the fused cpu kernel, fp32, "
-              f"{args.threads} thread(s), torch {torch.__version__}; min of N calls, "
-              f"interleaved; ratio = fused / torch")
-        print(f"{'table':20s} {'shape':>14s} {'numel':>9s} {'mode':8s} {'torch us':>9s} "
+        print(f"torch's batch_norm (and relu(batch_norm(x) + r)) vs the fused cpu kernel, "
+              f"{args.dtype}, {args.threads} thread(s), torch {torch.__version__}; min of N "
+              f"calls, interleaved; ratio = fused / torch")
+        print(f"{'table':25s} {'shape':>14s} {'numel':>9s} {'mode':8s} {'torch us':>9s} "
               f"{'fused us':>9s} {'ratio':>6s}")
-        for table, shape, numel, mode, t, f, ratio in crossover_batch_norm():
-            print(f"{table:20s} {'x'.join(map(str, shape)):>14s} {numel:9d} {mode:8s} {t:9.1f} "
+        for table, shape, numel, mode, t, f, ratio in crossover_batch_norm(
+                dtype=getattr(torch, args.dtype)):
+            print(f"{table:25s} {'x'.join(map(str, shape)):>14s} {numel:9d} {mode:8s} {t:9.1f} "
                   f"{f:9.1f} {ratio:6.2f}")
         if args.only == "batch_norm":
             return

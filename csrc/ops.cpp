@@ -679,7 +679,9 @@ PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // calls decline (a mode, functorch layer or tracer; a tensor that is not a plain CPU one) and
 // for every call outside the common case that the Python checks own: x of another dtype or
 // fewer than 2 dims or no elements, one value per channel, vectors that are not 1-D of C
-// elements in the compute type (float32; float64 for float64 x), running stats that need a
+// elements in the compute type (float32; float64 for float64 x) — or, for a float16/bfloat16
+// x, in x's dtype: running stats always, weight and bias when nothing records a backward
+// (converted to float32 as the Python path converts them) —, running stats that need a
 // gradient, a residual of another shape or dtype, an unknown activation, a non-finite
 // momentum, eps not in (0, inf). A backward with create_graph=True calls
 // fusedreg.ops.batch_norm._node_differentiable_backward, as BatchNormFunction's does.
@@ -754,6 +756,52 @@ bool bn_x_dtype_ok(at::ScalarType t) {
 // (contiguity is the ops' business: they make their own contiguous copies).
 bool bn_vector_ok(const std::optional<at::Tensor>& t, int64_t C, at::ScalarType ct) {
   return !t || (t->dim() == 1 && t->size(0) == C && t->scalar_type() == ct);
+}
+
+// A per-channel vector of x's own (half-precision) dtype where the compute type is float: the
+// Python checks take it (fp32 or x's dtype), and the Python path converts it, as
+// fusedreg.ops.batch_norm._vec does, before the kernels (bn_as_compute).
+bool bn_vector_x_dtype(const std::optional<at::Tensor>& t, int64_t C, at::ScalarType xt) {
+  return t && t->dim() == 1 && t->size(0) == C && t->scalar_type() == xt;
+}
+
+std::optional<at::Tensor> bn_as_compute(const std::optional<at::Tensor>& t, at::ScalarType ct) {
+  if (!t || t->scalar_type() == ct) return t;
+  return t->to(ct).contiguous();
+}
+
+// fusedreg.functional._update_running: r <- r + momentum * (stat - r) with the unbiased
+// variance, by lerp_ for buffers in the compute type, else in the compute type and rounded to
+// the buffer's dtype (the Python expressions, so the same values).
+void bn_update_running(at::Tensor rm, at::Tensor rv, const at::Tensor& mean, const at::Tensor& var,
+                       int64_t count, double m) {
+  const at::Tensor unbiased = count > 1 ? var * (double(count) / double(count - 1)) : var;
+  if (rm.scalar_type() == mean.scalar_type() && rv.scalar_type() == mean.scalar_type()) {
+    rm.lerp_(mean, m);
+    rv.lerp_(unbiased, m);
+    return;
+  }
+  for (auto [r, stat] : {std::pair<at::Tensor, at::Tensor>{rm, mean}, {rv, unbiased}}) {
+    if (stat.scalar_type() == at::kFloat && r.is_contiguous() && stat.is_contiguous() &&
+        (r.scalar_type() == at::kHalf || r.scalar_type() == at::kBFloat16)) {
+      // the expression's own values in one loop (a small call's dozen ops cost ~8 us): torch
+      // multiplies a float tensor by a Python float as float(t) * float(scalar), adds the two
+      // products with one rounding, and rounds to the buffer's dtype as c10 does; the
+      // extension is compiled without FMA contraction (ISO C++, baseline x86-64)
+      const float keep = static_cast<float>(1.0 - m), take = static_cast<float>(m);
+      const float* sp = stat.const_data_ptr<float>();
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(r.scalar_type(), "bn_update_running", [&] {
+        scalar_t* rp = r.data_ptr<scalar_t>();
+        for (int64_t c = 0; c < r.numel(); ++c) {
+          const float a = static_cast<float>(rp[c]) * keep;
+          const float b = sp[c] * take;
+          rp[c] = static_cast<scalar_t>(a + b);
+        }
+      });
+      continue;
+    }
+    r.copy_((r.to(stat.scalar_type()) * (1.0 - m) + stat * m).to(r.scalar_type()));
+  }
 }
 
 // The node's non-tensor state in one saved int64.
@@ -926,9 +974,18 @@ PyObject* batch_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const auto& rv = running_var.get();
   const auto& r = residual.get();
   const double e = eps.get(), m = momentum.get();
-  if (t.numel() == C || rm.has_value() != rv.has_value() || !bn_vector_ok(rm, C, ct) ||
-      !bn_vector_ok(rv, C, ct) || (rm && (rm->requires_grad() || rv->requires_grad())) ||
-      !bn_vector_ok(weight.get(), C, ct) || !bn_vector_ok(bias.get(), C, ct) ||
+  const auto &w0 = weight.get(), &b0 = bias.get();
+  const bool grad = at::GradMode::is_enabled() &&
+                    (t.requires_grad() || (r && r->requires_grad()) ||
+                     (w0 && w0->requires_grad()) || (b0 && b0->requires_grad()));
+  // running stats may be of x's half dtype (updated as the Python path does); weight and bias
+  // too when nothing records a backward (the node's weight gradients are in the compute type)
+  const auto vec_ok = [&](const std::optional<at::Tensor>& v, bool half_ok) {
+    return bn_vector_ok(v, C, ct) || (half_ok && bn_vector_x_dtype(v, C, t.scalar_type()));
+  };
+  if (t.numel() == C || rm.has_value() != rv.has_value() || !vec_ok(rm, true) ||
+      !vec_ok(rv, true) || (rm && (rm->requires_grad() || rv->requires_grad())) ||
+      !vec_ok(w0, !grad) || !vec_ok(b0, !grad) ||
       (r && (r->sizes() != t.sizes() || r->scalar_type() != t.scalar_type())) ||
       activation.get() < 0 || activation.get() > 4 || !std::isfinite(m) || !(e > 0.0) ||
       !std::isfinite(e))
@@ -937,25 +994,16 @@ PyObject* batch_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   at::Tensor y;
   {
     pybind11::gil_scoped_release no_gil;
-    const auto& w = weight.get();
-    const auto& b = bias.get();
     torch::autograd::variable_list out;
-    if (at::GradMode::is_enabled() && (t.requires_grad() || (r && r->requires_grad()) ||
-                                       (w && w->requires_grad()) || (b && b->requires_grad()))) {
-      out = BatchNormNode::apply(t, r, w, b, e, activation.get());
+    if (grad) {
+      out = BatchNormNode::apply(t, r, w0, b0, e, activation.get());
     } else {  // nothing records a backward: the forward alone
-      auto [ys, mean, var, invstd] =
-          bn_train_forward(t, r, w, b, e, activation.get(), bn_channels_last(t));
+      auto [ys, mean, var, invstd] = bn_train_forward(t, r, bn_as_compute(w0, ct), bn_as_compute(b0, ct),
+                                                      e, activation.get(), bn_channels_last(t));
       out = {ys, mean, var};
     }
     y = std::move(out[0]);
-    if (rm) {  // fusedreg.functional._update_running: the unbiased variance, then lerp_
-      const int64_t count = t.numel() / C;
-      const at::Tensor unbiased =
-          count > 1 ? out[2] * (double(count) / double(count - 1)) : out[2];
-      at::Tensor(*rm).lerp_(out[1], m);
-      at::Tensor(*rv).lerp_(unbiased, m);
-    }
+    if (rm) bn_update_running(*rm, *rv, out[1], out[2], t.numel() / C, m);
   }
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS
@@ -977,8 +1025,11 @@ PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const at::Tensor &rm = running_mean.get(), &rv = running_var.get();
   const auto &w = weight.get(), &b = bias.get();
   const double e = eps.get();
-  if (!bn_vector_ok(rm, C, ct) || !bn_vector_ok(rv, C, ct) || !bn_vector_ok(w, C, ct) ||
-      !bn_vector_ok(b, C, ct) || !(e > 0.0) || !std::isfinite(e))
+  // vectors in the compute type or x's half dtype (converted, as the Python path does)
+  const auto vec_ok = [&](const std::optional<at::Tensor>& v) {
+    return bn_vector_ok(v, C, ct) || bn_vector_x_dtype(v, C, t.scalar_type());
+  };
+  if (!vec_ok(rm) || !vec_ok(rv) || !vec_ok(w) || !vec_ok(b) || !(e > 0.0) || !std::isfinite(e))
     Py_RETURN_NONE;
   // nothing may need a gradient: this call records no backward
   if (at::GradMode::is_enabled() &&
@@ -991,8 +1042,10 @@ PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     pybind11::gil_scoped_release no_gil;
     const bool cl = bn_channels_last(t);
     const at::Tensor xs = bn_to_storage(t, cl);
-    y = typed_op<BnFwd, kBnFwd>().redispatch(kCpuKeys, xs, std::nullopt, w, b, rm,
-                                             at::rsqrt(rv + e), 0, 0.0, unused_seed_tensor(), cl);
+    y = typed_op<BnFwd, kBnFwd>().redispatch(kCpuKeys, xs, std::nullopt, bn_as_compute(w, ct),
+                                             bn_as_compute(b, ct), *bn_as_compute(rm, ct),
+                                             at::rsqrt(*bn_as_compute(rv, ct) + e), 0, 0.0,
+                                             unused_seed_tensor(), cl);
     y = bn_from_storage(y, t.sizes(), cl);
   }
   return THPVariable_Wrap(std::move(y));
@@ -1008,8 +1061,9 @@ PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // Python checks: y, or None (nothing ran, nothing written) for a call with `limit` or more
 // elements (`limit_grad` when grad mode is on and x, weight, bias or the residual requires
 // grad), no elements, one value per channel in training, and anything outside the common case
-// that the caller's checks own: a tensor that is not a plain CPU one, x not float32/float64 or
-// under 2 dims, vectors not 1-D, one running stat without the other (or none in eval), a
+// that the caller's checks own: a tensor that is not a plain CPU one, x not float32/float64/
+// float16/bfloat16 (the caller passes the "_half" entries' limits for the last two) or under 2
+// dims, vectors not 1-D, one running stat without the other (or none in eval), a
 // residual of another dtype or shape, a non-finite momentum, eps outside (0, inf), a mode,
 // functorch layer or tracer, or arguments torch's op refuses (it checks before it writes).
 PyObject* torch_batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -1031,7 +1085,7 @@ PyObject* torch_batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const at::ScalarType dtype = t.scalar_type();
   const double m = momentum.get(), e = eps.get();
   const auto vec = [](const std::optional<at::Tensor>& v) { return !v || v->dim() == 1; };
-  if ((dtype != at::kFloat && dtype != at::kDouble) || t.dim() < 2 || !std::isfinite(m) ||
+  if (!bn_x_dtype_ok(dtype) || t.dim() < 2 || !std::isfinite(m) ||
       !(e > 0.0) || !std::isfinite(e) || !vec(w) || !vec(b) || !vec(rm) || !vec(rv) ||
       rm.has_value() != rv.has_value() || (!rm && !training.get()) ||
       (r && (r->scalar_type() != dtype || r->sizes() != t.sizes())))

@@ -93,6 +93,21 @@ AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
     "batch_norm_eval": {"cpu": (1 << 16, 1 << 18)},
     "batch_norm_act": {"cpu": (1 << 12, 1 << 12)},
     "batch_norm_act_eval": {"cpu": (1 << 18, 1 << 20)},
+    # float16/bfloat16 x (parameters and buffers of its dtype or float32): torch's half-precision
+    # batch_norm is fast without grad and slow in its backward, so the limits are float32's
+    # only where the measurements agree (overhead.py --crossover --only batch_norm --dtype
+    # bfloat16, vectors of x's dtype, fused / torch, one / two threads): training no grad 1.19
+    # / 1.07 at 4096, 0.99 / 0.99 at 16K; with grad 1.58 / 2.04 at 4096, 0.67 / 1.05 at 16K,
+    # 0.41 / 0.72 at 32K; eval no grad 1.20 / 1.45 at 32K, 0.84 / 1.07 at 100K, 0.58 / 0.76 at
+    # 262K; eval with grad (the Python Function) 1.05 / 1.47 at 16K, 0.68 / 1.12 at 32K, 0.35 /
+    # 0.57 at 100K; relu + residual training no grad 0.95 / 0.88 at 4096; with grad 0.91 / 1.11
+    # at 262K, 0.77 / 0.97 at 800K; eval no grad 0.94 / 1.25 at 100K, 0.58 / 0.77 at 262K; with
+    # grad 0.94 / 1.11 at 262K, 0.80 / 0.92 at 800K. Where one and two threads disagree the
+    # limit takes the smaller loss.
+    "batch_norm_half": {"cpu": (1 << 14, 1 << 14)},
+    "batch_norm_eval_half": {"cpu": (1 << 16, 1 << 15)},
+    "batch_norm_act_half": {"cpu": (1 << 12, 1 << 19)},
+    "batch_norm_act_eval_half": {"cpu": (1 << 18, 1 << 19)},
 }
 
 

@@ -565,7 +565,8 @@ def _cpu_eval_batch_norm(x, running_mean, running_var, weight, bias, training, m
     values), or None for any other call, which ``_batch_norm`` then checks and routes as
     always. Served is only the common case (the C++ call declines the rest): exact tensors
     (parameters and buffers may be Parameters) on CPU, x of a float dtype with at least 2 dims
-    and elements, parameters and running stats 1-D of C elements in the compute type, a float
+    and elements, parameters and running stats 1-D of C elements in the compute type or x's
+    half dtype (converted as the Python path converts them), a float
     momentum, eps in (0, inf), eager (no compile or jit trace, no forward-mode AD level, no
     torch.func transform or mode), nothing that needs a gradient, and the cpu backend the one
     in force. Each step costs more after the kernel has streamed the tensor through the
@@ -647,13 +648,15 @@ def _torch_small_batch_norm(x, running_mean, running_var, weight, bias, training
     The checks and torch's ops are one C++ call (``fusedreg._C.torch_batch_norm``, the same
     rules, a Parameter x too; without the extension the Python below). Recognised here, before
     ``_batch_norm``'s checks (a small call's budget is a microsecond or two), is only the
-    common case: an exact torch.Tensor float32/float64 x on CPU with at least 2 dims;
+    common case: an exact torch.Tensor float32/float64 x on CPU with at least 2 dims (float16
+    and bfloat16 too, with the "..._half" entries' limits);
     parameters and buffers 1-D; a residual of x's shape; a bool ``training``, a
     finite float momentum and eps > 0; both running stats or (training) neither; more than one
     value per channel in training; eager (no torch.compile or jit trace, no forward-mode AD
     level, no torch.func transform). The rest of ``_batch_norm``'s checks torch's op makes
     before it writes anything — on CPU it refuses any parameter, buffer or residual of another
-    dtype or device than a float32/float64 x, and a vector whose length is not C: when it
+    dtype or device than a float32/float64 x (a float16/bfloat16 x takes parameters and buffers
+    all of its dtype or all float32), and a vector whose length is not C: when it
     raises, the call goes through ``_batch_norm``, whose checks raise fusedreg's error."""
     if type(training) is not bool or seed is not None or type(p) is not float \
             or not (p == 0.0 or (not training and 0.0 < p <= 1.0)):
@@ -664,6 +667,9 @@ def _torch_small_batch_norm(x, running_mean, running_var, weight, bias, training
         table = "batch_norm_act" if training else "batch_norm_act_eval"
     else:
         return None
+    dtype = getattr(x, "dtype", None)
+    if dtype is _F16 or dtype is _BF16:
+        table += "_half"  # torch's half-precision batch_norm has limits of its own
     limits = _auto_torch_limits(table, "cpu")
     if limits is None or _forward_ad._current_level >= 0 or _is_compiling():
         return None
@@ -672,8 +678,7 @@ def _torch_small_batch_norm(x, running_mean, running_var, weight, bias, training
                                  eps, residual, activation is not None, *limits)
     if type(x) is not _Tensor or _functorch_level() is not None or _is_tracing():
         return None
-    dtype = x.dtype
-    if (dtype is not _F32 and dtype is not _F64) or not x.is_cpu or x.dim() < 2 \
+    if dtype not in (_F32, _F64, _F16, _BF16) or not x.is_cpu or x.dim() < 2 \
             or type(eps) is not float or not 0.0 < eps < _INF \
             or type(momentum) is not float or not -_INF < momentum < _INF \
             or (weight is not None and weight.dim() != 1) or (bias is not None and bias.dim() != 1):

@@ -409,3 +409,115 @@ def test_small_calls_under_auto_from_cpp():
     with PassThroughDispatchMode():
         assert torch_batch_norm(x0, rm, torch.ones(3), w, b, True, 0.1, 1e-5, None, False, 99,
                                 99) is None
+
+
+def _serving(monkeypatch, name):
+    """Wraps fusedreg.functional's C++ call ``name`` ("_BN_TRAIN", "_BN_EVAL"): the list it
+    returns records, per call, whether the C++ call served it (returned a tensor)."""
+    real, served = getattr(F, name), []
+
+    def call(*args):
+        y = real(*args)
+        served.append(y is not None)
+        return y
+    monkeypatch.setattr(F, name, call)
+    return served
+
+
+# (dtype of weight/bias, of the running stats): a float16/bfloat16 x takes either of its own
+# dtype or float32, each pair independently (fusedreg's checks; torch's CPU op only all-or-none)
+_HALF_VECTORS = [("x", "x"), ("x", "f32"), ("f32", "x")]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["c", "cl"])
+@pytest.mark.parametrize("vectors", _HALF_VECTORS, ids=["-".join(v) for v in _HALF_VECTORS])
+@pytest.mark.parametrize("training", [True, False])
+def test_half_vectors_without_grad_from_cpp_equal_the_python_path(monkeypatch, dtype, layout,
+                                                                  vectors, training):
+    """A no-grad call on a float16/bfloat16 x whose weight, bias or running stats are of x's
+    dtype (a model converted with .to(dtype)) is served from C++ (the vectors converted to
+    float32 as the Python path converts them; half running stats updated with its expression,
+    r * (1 - m) + stat * m in float32 rounded to the buffer's dtype): y and the running stats
+    bit for bit the Python path's, for several momenta (a cumulative average's 1 / n too) and
+    running stats far from the batch's."""
+    x = _input((4, 19, 5, 3), layout, dtype, 1, 3.0)
+    C = x.shape[1]
+    pd, sd = (dtype if v == "x" else torch.float32 for v in vectors)
+    w, b = _data((C,), pd, 3, 1.0), _data((C,), pd, 4)
+    rm0, rv0 = _data((C,), sd, 5, 40.0), _data((C,), sd, 6, 2.0).abs() * 300
+
+    def run():
+        rm, rv = rm0.clone(), rv0.clone()
+        out = []
+        with torch.no_grad():
+            for momentum in (0.1, 1.0 / 3.0, 0.9):
+                out.append(F.batch_norm(x, rm, rv, w, b, training, momentum, 1e-5))
+                out += [rm.clone(), rv.clone()]
+            out.append(F.batch_norm(x, rm, rv, None, None, training, 0.1, 1e-3))
+        return out + [rm, rv], None
+    served = _serving(monkeypatch, "_BN_TRAIN" if training else "_BN_EVAL")
+    fast, slow = _both(monkeypatch, run)
+    assert served and all(served), served
+    assert _same(fast, slow)
+    if training:  # the stats moved: the update ran
+        assert not torch.equal(fast[-2], rm0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_weight_with_grad_takes_the_python_path(monkeypatch, dtype):
+    """With a gradient to record, a weight or bias of x's half dtype is the Python Function's
+    (the node's weight gradients are float32): the node declines, half running stats alone do
+    not make it decline, and the results are the Python path's."""
+    x = _data((4, 6, 5, 3), dtype, 1, 3.0).requires_grad_()
+    served = _serving(monkeypatch, "_BN_TRAIN")
+    for wd, sd, expect in ((dtype, torch.float32, False), (torch.float32, dtype, True)):
+        w, b = _data((6,), wd, 3, 1.0).requires_grad_(), _data((6,), wd, 4).requires_grad_()
+        rm, rv = torch.zeros(6, dtype=sd), torch.ones(6, dtype=sd)
+        with fusedreg.use_backend("cpu"):
+            y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+        assert served[-1] is expect
+        assert type(y.grad_fn).__name__ == (_NODE if expect else _FUNCTION)
+        g = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+        assert g[1].dtype == wd and g[2].dtype == wd
+        with fusedreg.use_backend("reference"):
+            rm2, rv2 = torch.zeros(6, dtype=sd), torch.ones(6, dtype=sd)
+            ref = F.batch_norm(x, rm2, rv2, w, b, True, 0.1, 1e-5)
+        torch.testing.assert_close(y, ref, rtol=1e-2, atol=2e-2)  # a half-precision rounding
+        torch.testing.assert_close(rm, rm2, rtol=0, atol=0)
+        torch.testing.assert_close(rv, rv2, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_small_half_calls_under_auto_from_cpp(dtype):
+    """fusedreg._C.torch_batch_norm on a float16/bfloat16 x (the "_half" limits): torch's op,
+    the same values, running stats and gradients as torch's own call with vectors all of x's
+    dtype or all float32; a mix torch refuses is declined with nothing written."""
+    from fusedreg._C import torch_batch_norm
+    x0 = _data((4, 3, 5), dtype, 1, 2.0)
+    for vd in (dtype, torch.float32):
+        w, b = _data((3,), vd, 3), _data((3,), vd, 4)
+        for training in (True, False):
+            outs = []
+            for ours in (True, False):
+                x = x0.clone().requires_grad_()
+                rm, rv = torch.zeros(3, dtype=vd), torch.ones(3, dtype=vd)
+                if ours:
+                    y = torch_batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, None, True, 61, 61)
+                else:
+                    y = torch.relu(torch.batch_norm(x, w, b, rm, rv, training, 0.1, 1e-5, False))
+                outs.append([y, rm, rv, *torch.autograd.grad(y, x, torch.ones_like(y))])
+            assert _same(outs[0], outs[1])
+    rm = torch.zeros(3, dtype=dtype)
+    mixed = (x0, rm, torch.ones(3, dtype=dtype), torch.ones(3), None, True, 0.1, 1e-5, None,
+             False, 99, 99)
+    assert torch_batch_norm(*mixed) is None
+    assert torch.equal(rm, torch.zeros(3, dtype=dtype))
+    # and through the functional under auto: torch's op below the limit, the fused one above
+    m = BatchNorm2d(8).to(dtype)
+    x = _data((2, 8, 2, 2), dtype, 5)
+    with torch.no_grad():
+        y = m(x)
+    ref = torch.nn.functional.batch_norm(x, torch.zeros(8, dtype=dtype), torch.ones(8, dtype=dtype),
+                                         m.weight, m.bias, True, 0.1, 1e-5)
+    assert torch.equal(y, ref)
