@@ -32,14 +32,14 @@ import fusedreg
 from fusedreg import functional as F
 
 
-def _cases(rows, cols):
-    x = torch.randn(rows, cols)
-    r = torch.randn(rows, cols)
-    w, b = torch.randn(cols), torch.randn(cols)
+def _cases(rows, cols, dtype=torch.float32):
+    x = torch.randn(rows, cols, dtype=dtype)
+    r = torch.randn(rows, cols, dtype=dtype)
+    w, b = torch.randn(cols, dtype=dtype), torch.randn(cols, dtype=dtype)
     xg = x.clone().requires_grad_()
     wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
-    tln, fln = torch.nn.LayerNorm(cols), fusedreg.nn.LayerNorm(cols)
-    trms, frms = torch.nn.RMSNorm(cols), fusedreg.nn.RMSNorm(cols)
+    tln, fln = torch.nn.LayerNorm(cols).to(dtype), fusedreg.nn.LayerNorm(cols).to(dtype)
+    trms, frms = torch.nn.RMSNorm(cols).to(dtype), fusedreg.nn.RMSNorm(cols).to(dtype)
     tdrop, fdrop = torch.nn.Dropout(0.1), fusedreg.nn.Dropout(0.1)
     # name: (torch call, fusedreg call, inputs that need grads for fwd+bwd)
     return {
@@ -90,8 +90,8 @@ def _crossover_pair(tfn, ffn, args, mode, reps, rounds, no_grad=False):
     return t_torch, t_fused
 
 
-def measure(rows=4, cols=768, calls=300, rounds=5):
-    cases, plain, grads = _cases(rows, cols)
+def measure(rows=4, cols=768, calls=300, rounds=5, dtype=torch.float32):
+    cases, plain, grads = _cases(rows, cols, dtype)
     rows_out = []
     for name, (tfn, ffn) in cases.items():
         def fwd(f):
@@ -274,8 +274,8 @@ def main(argv=None):
     ap.add_argument("--only", default=None, choices=("norms", "batch_norm"),
                     help="with --crossover: only the norms' rows or only BatchNorm's")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                    help="with --crossover: the BatchNorm rows' dtype (x, parameters and "
-                         "buffers)")
+                    help="the per-call rows' dtype (inputs and module parameters), or with "
+                         "--crossover the BatchNorm rows' (x, parameters and buffers)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.batch_norm:
@@ -313,10 +313,11 @@ def main(argv=None):
             print(f"{norm:10s} {f'{m}x{n}':>12s} {numel:9d} {mode:8s} {t:9.1f} {f:9.1f} {ratio:6.2f}")
         return
     fusedreg.set_backend(args.backend)
+    dtype = getattr(torch, args.dtype)
     for _ in range(2):  # warm up caches and lazy initialisation
-        measure(args.rows, args.cols, calls=10, rounds=1)
-    rows = measure(args.rows, args.cols, args.calls)
-    print(f"per-call time at ({args.rows}, {args.cols}) fp32, {args.threads} thread(s), backend "
+        measure(args.rows, args.cols, calls=10, rounds=1, dtype=dtype)
+    rows = measure(args.rows, args.cols, args.calls, dtype=dtype)
+    print(f"per-call time at ({args.rows}, {args.cols}) {args.dtype}, {args.threads} thread(s), backend "
           f"{args.backend}, torch {torch.__version__}; min of {args.calls} calls, interleaved")
     print(f"{'call':28s} {'mode':8s} {'torch us':>9s} {'fusedreg us':>12s} {'ratio':>6s}")
     for name, mode, t, f, ratio in rows:

@@ -8,6 +8,7 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
@@ -615,8 +616,9 @@ PyObject* fused_plain_norm(const at::Tensor& x, int64_t n, const std::optional<a
 // call the functional API would make: the cpu kernel without autograd (no grad needed, as
 // run_forward) or the LayerNormNode above (as layer_norm_train), for x with n columns and
 // weight and bias (n,) of x's dtype; limits (0, 0) make every such call the fused one (the
-// cpu backend named). None — nothing ran — for any other call: a tensor that is not a plain
-// CPU one, another dtype, a mode, functorch layer or tracer, or arguments torch's op (or the
+// cpu backend named). A float16/bfloat16 layer_norm (not rms_norm, not under CPU autocast) is
+// torch's op below the limits and False from them up. None — nothing ran — for any other call:
+// a tensor that is not a plain CPU one, another dtype, a mode, functorch layer or tracer, or arguments torch's op (or the
 // fused call's checks here) refuses; the caller then checks and routes the call as always.
 PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -633,13 +635,18 @@ PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_RETURN_NONE;
   const at::Tensor& t = x.get();
   const at::ScalarType dtype = t.scalar_type();
-  if (dtype != at::kFloat && dtype != at::kDouble) Py_RETURN_NONE;
+  // float16/bfloat16: layer_norm's torch op alone (the caller passes the "layer_norm_half"
+  // limits; from them up it takes the fused path itself), outside CPU autocast
+  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
+  if (half ? rms.get() || at::autocast::is_autocast_enabled(at::kCPU)
+           : dtype != at::kFloat && dtype != at::kDouble)
+    Py_RETURN_NONE;
   const std::optional<at::Tensor>& w = weight.get();
   const std::optional<at::Tensor>& b = bias.get();
   const bool grad = at::GradMode::is_enabled() &&
                     (t.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
   if (t.numel() >= (grad ? limit_grad.get() : limit.get())) {
-    if (nargs != 9 || args[8] == Py_None) Py_RETURN_FALSE;
+    if (half || nargs != 9 || args[8] == Py_None) Py_RETURN_FALSE;
     return fused_plain_norm(t, n.get(), w, b, default_eps ? std::nullopt : std::optional(eps.get()),
                             rms.get(), args[8], grad);
   }

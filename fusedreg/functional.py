@@ -69,6 +69,7 @@ _INF = math.inf
 _is_compiling, _is_tracing, _is_grad_enabled = (torch.compiler.is_compiling, torch._C._is_tracing,
                                                 torch.is_grad_enabled)
 _auto_torch_limits = backends.auto_torch_limits
+_AUTO_TORCH_BELOW, _NO_LIMITS = backends.AUTO_TORCH_BELOW, {}
 _FINFO_EPS = {_F32: float(torch.finfo(_F32).eps), _F64: float(torch.finfo(_F64).eps)}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _STRIDED = torch.strided
@@ -336,9 +337,22 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
         if _torch_norm is None or _get_backend() != "cpu":
             return None
         limits = _NEVER
+    half = False
+    if limits is not _NEVER:
+        dtype = getattr(x, "dtype", None)
+        if dtype is _BF16 or dtype is _F16:
+            # float16/bfloat16 (layer_norm): its own AUTO_TORCH_BELOW entry (auto is the choice
+            # in force here), and only outside CPU autocast, whose dtype rules _norm follows (the
+            # C++ call declines under it; the Python one below checks)
+            if norm != "layer_norm":
+                return None
+            limits = _AUTO_TORCH_BELOW.get("layer_norm_half", _NO_LIMITS).get("cpu")
+            if limits is None:
+                return None
+            half = True
     if _torch_norm is not None and type(normalized_shape) in _SHAPE_TYPES \
             and len(normalized_shape) == 1 and type(normalized_shape[0]) is int:
-        # The float32/float64 calls in one C++ call (csrc/ops.cpp): the tensor checks below and
+        # The calls in one C++ call (csrc/ops.cpp): the tensor checks below and
         # torch's op without Python's argument parsing; from the limit up the fused call when
         # the cpu backend's C++ node serves it (given the seed), else False (the fused path's);
         # None for anything else, which the checks below or _norm's then see. Whether the node
@@ -349,7 +363,7 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
         seed = _UNUSED_SEED if every and _layer_norm_node_serves(
             _resolve_type("layer_norm", "cpu")) else None
         y = _torch_norm(x, n, weight, bias, eps, rms, *limits, seed)
-        if y is False and not every and _layer_norm_node_serves(
+        if y is False and not every and not half and _layer_norm_node_serves(
                 _resolve_type("layer_norm", "cpu")):
             y = _torch_norm(x, n, weight, bias, eps, rms, *limits, _UNUSED_SEED)
         if y is not None:
@@ -368,14 +382,8 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
             return None
         grad = grad or bias.requires_grad
     dtype = x.dtype
-    if dtype is not _F32 and dtype is not _F64:
-        # float16/bfloat16 (layer_norm): its own AUTO_TORCH_BELOW entry, and only outside CPU
-        # autocast, whose dtype rules _norm follows
-        if (dtype is not _BF16 and dtype is not _F16) or _autocast_on("cpu"):
-            return None
-        limits = _auto_torch_limits(norm + "_half", "cpu")
-        if limits is None:
-            return None
+    if (dtype is not _F32 and dtype is not _F64 and not half) or (half and _autocast_on("cpu")):
+        return None
     if x.numel() >= limits[1 if grad and _is_grad_enabled() else 0] or not x.is_cpu \
             or type(normalized_shape) not in _SHAPE_TYPES or len(normalized_shape) != 1 \
             or type(normalized_shape[0]) is not int:

@@ -127,12 +127,35 @@ def test_torch_norm_is_torchs_op(dtype):
     assert C.torch_norm(xg, 8, w, b, 1e-5, False, _BIG, 24) is False    # x needs it, in grad mode
     with torch.no_grad():
         assert isinstance(C.torch_norm(xg, 8, w, b, 1e-5, False, _BIG, 0), torch.Tensor)
-    assert C.torch_norm(x.half(), 8, w.half(), None, 1e-5, False, _BIG, _BIG) is None
+    assert C.torch_norm(x.half(), 8, w.half(), None, 1e-5, True, _BIG, _BIG) is None  # rms_norm
     other = torch.float64 if dtype == torch.float32 else torch.float32
     assert C.torch_norm(x, 8, w.to(other), None, 1e-5, True, _BIG, _BIG) is None
     assert C.torch_norm(x, 8, w, b, None, False, _BIG, _BIG) is None
     assert C.torch_norm(x, 8, w[:7], b, 1e-5, False, _BIG, _BIG) is None  # torch refuses it
     assert C.torch_norm(x, 7, w, b, 1e-5, False, _BIG, _BIG) is None
+    assert torch.equal(x + 0, x)  # no error left pending
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_norm_half_layer_norm(dtype):
+    """A float16/bfloat16 layer_norm (the "layer_norm_half" limits): torch's op, result and
+    autograd node, with weight and bias of x's dtype or float32; False from the limit up even
+    when given the seed (the fused half call is the Python path's); None for rms_norm, under CPU
+    autocast and for what torch refuses (a weight of another dtype)."""
+    C = _C()
+    x = _data((3, 8), dtype, 1)
+    xg = x.clone().requires_grad_()
+    for vd in (dtype, torch.float32):
+        w, b = _data((8,), vd, 2), _data((8,), vd, 3)
+        y = C.torch_norm(xg, 8, w, b, 1e-5, False, _BIG, _BIG)
+        ref = torch.layer_norm(xg, (8,), w, b, 1e-5, False)
+        assert _same(y, ref) and type(y.grad_fn) is type(ref.grad_fn)
+    seed = torch.zeros((), dtype=torch.int64)
+    assert C.torch_norm(x, 8, w, b, 1e-5, False, 24, 24, seed) is False
+    assert C.torch_norm(x, 8, None, None, 1e-5, True, _BIG, _BIG) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert C.torch_norm(x, 8, None, None, 1e-5, False, _BIG, _BIG) is None
+    assert C.torch_norm(x, 8, w.double(), None, 1e-5, False, _BIG, _BIG) is None
     assert torch.equal(x + 0, x)  # no error left pending
 
 
