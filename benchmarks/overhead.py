@@ -150,14 +150,16 @@ def crossover(calls=200, rounds=3, cols=(768, 4096),
 BN_SHAPES = ((2, 8), (4, 16, 8, 8), (1, 64, 7, 7), (8, 64, 14, 14), (32, 64, 56, 56))
 
 
-def _bn_cases(shape):
+def _bn_cases(shape, dtype=torch.float32):
     """name: (torch call, fusedreg call) for one input shape; each call takes (x, residual,
-    weight, bias, training)."""
+    weight, bias, training). Parameters and buffers in ``dtype`` (a model converted with
+    ``.to(dtype)``)."""
     C = shape[1]
-    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    rm, rv = torch.randn(C).to(dtype), (torch.rand(C) + 0.5).to(dtype)
     t2d, f2d = (torch.nn.BatchNorm2d(C), fusedreg.nn.BatchNorm2d(C)) if len(shape) == 4 else \
         (torch.nn.BatchNorm1d(C), fusedreg.nn.BatchNorm1d(C))
-    fact = fusedreg.nn.BatchNormAct2d(C) if len(shape) == 4 else None
+    t2d, f2d = t2d.to(dtype), f2d.to(dtype)
+    fact = fusedreg.nn.BatchNormAct2d(C).to(dtype) if len(shape) == 4 else None
 
     def mod(m, *extra):
         def run(x, r, w, b, training):
@@ -178,18 +180,18 @@ def _bn_cases(shape):
     return cases
 
 
-def measure_batch_norm(shapes=BN_SHAPES, calls=200, rounds=5):
+def measure_batch_norm(shapes=BN_SHAPES, calls=200, rounds=5, dtype=torch.float32):
     """Rows (call, shape, train/eval, mode, torch us, fusedreg us, ratio), timed as
     ``measure`` (min of N, interleaved) with a per-size number of calls."""
     out = []
     for shape in shapes:
-        x, r = torch.randn(shape) + 1.0, torch.randn(shape)
+        x, r = (torch.randn(shape) + 1.0).to(dtype), torch.randn(shape).to(dtype)
         C = shape[1]
-        w, b = torch.rand(C) + 0.5, torch.randn(C)
+        w, b = (torch.rand(C) + 0.5).to(dtype), torch.randn(C).to(dtype)
         plain = (x, r, w, b)
         grads = tuple(t.clone().requires_grad_() for t in plain)
         reps = max(5, min(calls, 50_000_000 // x.numel()) // rounds)
-        for name, (tfn, ffn) in _bn_cases(shape).items():
+        for name, (tfn, ffn) in _bn_cases(shape, dtype).items():
             for training in (True, False):
                 for mode in ("fwd", "no_grad", "fwd+bwd"):
                     def run(f, mode=mode, training=training):
@@ -274,21 +276,23 @@ def main(argv=None):
     ap.add_argument("--only", default=None, choices=("norms", "batch_norm"),
                     help="with --crossover: only the norms' rows or only BatchNorm's")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                    help="the per-call rows' dtype (inputs and module parameters), or with "
-                         "--crossover the BatchNorm rows' (x, parameters and buffers)")
+                    help="the per-call rows' dtype (inputs, module parameters and buffers; "
+                         "with --batch-norm and --crossover's BatchNorm rows too)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.batch_norm:
         fusedreg.set_backend(args.backend)
         shapes = BN_SHAPES if args.bn_shapes is None else tuple(
             tuple(int(d) for d in s.split("x")) for s in args.bn_shapes.split(","))
-        measure_batch_norm(shapes=shapes[:1], calls=10, rounds=1)  # warm up
-        print(f"BatchNorm per-call time, fp32, {args.threads} thread(s), backend {args.backend}, "
+        dtype = getattr(torch, args.dtype)
+        measure_batch_norm(shapes=shapes[:1], calls=10, rounds=1, dtype=dtype)  # warm up
+        print(f"BatchNorm per-call time, {args.dtype}, {args.threads} thread(s), backend {args.backend}, "
               f"torch {torch.__version__}; min of N calls, interleaved; ratio = fusedreg / torch")
         print(f"{'call':28s} {'shape':>14s} {'':5s} {'mode':8s} {'torch us':>9s} "
               f"{'fusedreg us':>12s} {'ratio':>6s}")
         for name, shape, tr, mode, t, f, ratio in measure_batch_norm(shapes=shapes,
-                                                                     calls=args.calls):
+                                                                     calls=args.calls,
+                                                                     dtype=dtype):
             print(f"{name:28s} {'x'.join(map(str, shape)):>14s} {tr:5s} {mode:8s} {t:9.1f} "
                   f"{f:12.1f} {ratio:6.2f}")
         return
