@@ -692,8 +692,11 @@ PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // gradient, a residual of another shape or dtype, an unknown activation, a non-finite
 // momentum, eps not in (0, inf). A backward with create_graph=True calls
 // fusedreg.ops.batch_norm._node_differentiable_backward, as BatchNormFunction's does.
-// fusedreg._C.batch_norm_eval(x, running_mean, running_var, weight, bias, eps): the eval call
-// that records no backward (fusedreg.functional._cpu_eval_batch_norm), y or None likewise.
+// fusedreg._C.batch_norm_eval(x, running_mean, running_var, weight, bias, eps): a plain eval
+// call (fusedreg.functional._cpu_eval_batch_norm), y or None likewise: without a backward to
+// record the kernel alone, else the node above in eval (BatchNormFunction's eval forward and
+// backward: the running stats copied as constants; the Python path cost about 50 us of a
+// small call's forward and backward).
 
 using BnStats = std::tuple<at::Tensor, at::Tensor>(Ten, bool);
 using BnFwd = at::Tensor(Ten, Opt, Opt, Opt, Ten, Ten, int64_t, double, Ten, bool);
@@ -814,10 +817,11 @@ void bn_update_running(at::Tensor rm, at::Tensor rv, const at::Tensor& mean, con
 // The node's non-tensor state in one saved int64.
 struct BatchNormState : OptionalOperands {
   bool cl = false;
+  bool training = true;  // batch statistics; else the running stats (eval)
   int64_t activation = 0;
   int64_t pack() const {
     return int64_t(cl) | int64_t(has_residual) << 1 | int64_t(has_weight) << 2 |
-           int64_t(has_bias) << 3 | activation << 8;
+           int64_t(has_bias) << 3 | int64_t(!training) << 4 | activation << 8;
   }
   static BatchNormState unpack(int64_t v) {
     BatchNormState s;
@@ -825,6 +829,7 @@ struct BatchNormState : OptionalOperands {
     s.has_residual = v >> 1 & 1;
     s.has_weight = v >> 2 & 1;
     s.has_bias = v >> 3 & 1;
+    s.training = !(v >> 4 & 1);
     s.activation = v >> 8;
     return s;
   }
@@ -853,8 +858,28 @@ Tensor4 bn_train_forward(const at::Tensor& x, const std::optional<at::Tensor>& r
   return {bn_from_storage(y, x.sizes(), cl), mean, var, invstd};
 }
 
+// The eval forward (BatchNormFunction's with the running stats: copies of them in the compute
+// type as mean and var, invstd = rsqrt(var + eps), then batch_norm_fwd): (y in x's shape and
+// layout; mean, var, invstd).
+Tensor4 bn_eval_forward(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                        const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+                        int64_t activation, bool cl) {
+  const at::ScalarType ct = bn_compute_type(x.scalar_type());
+  const at::Tensor xs = bn_to_storage(x, cl);
+  std::optional<at::Tensor> rs;
+  if (residual) rs = bn_to_storage(*residual, cl);
+  at::Tensor mean = running_mean.to(ct, /*non_blocking=*/false, /*copy=*/true);
+  at::Tensor var = running_var.to(ct, /*non_blocking=*/false, /*copy=*/true);
+  at::Tensor invstd = at::rsqrt(var + eps);
+  const at::Tensor y = typed_op<BnFwd, kBnFwd>().redispatch(
+      kCpuKeys, xs, rs, weight, bias, mean, invstd, activation, 0.0, unused_seed_tensor(), cl);
+  return {bn_from_storage(y, x.sizes(), cl), mean, var, invstd};
+}
+
 // Called only when grad mode is on and an input requires grad (the node's needs_input_grad
-// is defined only then).
+// is defined only then). Training (batch statistics) or, with running_mean and running_var
+// and training false, eval (running statistics, constants to the gradient).
 struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
   // -> (y in x's shape and layout, mean, biased var)
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
@@ -862,15 +887,21 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
                                                 const std::optional<at::Tensor>& residual,
                                                 const std::optional<at::Tensor>& weight,
                                                 const std::optional<at::Tensor>& bias, double eps,
-                                                int64_t activation) {
+                                                int64_t activation,
+                                                const std::optional<at::Tensor>& running_mean,
+                                                const std::optional<at::Tensor>& running_var,
+                                                bool training) {
     BatchNormState s;
     s.cl = bn_channels_last(x);
+    s.training = training;
     s.has_residual = residual.has_value();
     s.has_weight = weight.has_value();
     s.has_bias = bias.has_value();
     s.activation = activation;
     auto [y, mean, var, invstd] =
-        bn_train_forward(x, residual, weight, bias, eps, activation, s.cl);
+        training ? bn_train_forward(x, residual, weight, bias, eps, activation, s.cl)
+                 : bn_eval_forward(x, residual, weight, bias, *running_mean, *running_var, eps,
+                                   activation, s.cl);
     ctx->saved_data["state"] = s.pack();
     ctx->saved_data["eps"] = eps;  // for the differentiable backward's statistics
     ctx->mark_non_differentiable({mean, var});
@@ -890,7 +921,7 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const BatchNormState s = BatchNormState::unpack(ctx->saved_data["state"].toInt());
-    torch::autograd::variable_list out(6);  // one per forward argument
+    torch::autograd::variable_list out(9);  // one per forward argument
     const at::Tensor& dy = grads[0];  // in x's shape (y's)
     const bool need_x = ctx->needs_input_grad(0),
                need_r = s.has_residual && ctx->needs_input_grad(s.residual_edge()),
@@ -910,7 +941,7 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
       const pybind11::module_ module = pybind11::module_::import("fusedreg.ops.batch_norm");
       pybind11::tuple r = module.attr("_node_differentiable_backward")(
           dy, xs, rs, w, b, mean, invstd, ctx->saved_data["eps"].toDouble(), s.activation, s.cl,
-          need_x, need_r, need_w, need_b);
+          need_x, need_r, need_w, need_b, s.training);
       for (int i = 0; i < 4; ++i)
         if (!r[i].is_none()) out[i] = r[i].cast<at::Tensor>();
       return out;
@@ -928,7 +959,26 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
     const bool plain_act = s.activation == 0;
     const bool want_gr = need_r && !plain_act;
     at::Tensor sum_dz, sum_dzx, gx, gr;
-    if (need_x) {  // the cpu backend's local training backward in one op
+    if (!s.training) {  // eval: BatchNormFunction's two ops, the statistics constants
+      if (need_w || need_b) {
+        const auto& op = typed_op<BnBwdReduce, kBnBwdReduce>();
+        std::tie(sum_dz, sum_dzx) =
+            direct ? op.redispatch(kCpuKeys, dys, xs, rs, w, b, mean, invstd, s.activation, 0.0,
+                                   seed, s.cl)
+                   : op.call(dys, xs, rs, w, b, mean, invstd, s.activation, 0.0, seed, s.cl);
+      }
+      if (need_x || want_gr) {
+        const at::Tensor none = mean.new_empty({0});
+        const at::Tensor& s1 = sum_dz.defined() ? sum_dz : none;
+        const at::Tensor& s2 = sum_dzx.defined() ? sum_dzx : none;
+        const auto& op = typed_op<BnBwdElemt, kBnBwdElemt>();
+        std::tie(gx, gr) =
+            direct ? op.redispatch(kCpuKeys, dys, xs, rs, w, b, mean, invstd, s1, s2, 0.0,
+                                   s.activation, 0.0, seed, s.cl, false, need_x, want_gr)
+                   : op.call(dys, xs, rs, w, b, mean, invstd, s1, s2, 0.0, s.activation, 0.0,
+                             seed, s.cl, false, need_x, want_gr);
+      }
+    } else if (need_x) {  // the cpu backend's local training backward in one op
       const auto& op = s.cl ? typed_op<BnOneOpBwd, kBnBwdCl>() : typed_op<BnOneOpBwd, kBnBwdNcs>();
       std::tie(sum_dz, sum_dzx, gx, gr) =
           direct ? op.redispatch(kCpuKeys, dys, xs, rs, w, b, mean, invstd, s.activation, seed,
@@ -1003,7 +1053,8 @@ PyObject* batch_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     pybind11::gil_scoped_release no_gil;
     torch::autograd::variable_list out;
     if (grad) {
-      out = BatchNormNode::apply(t, r, w0, b0, e, activation.get());
+      out = BatchNormNode::apply(t, r, w0, b0, e, activation.get(), std::nullopt, std::nullopt,
+                                 true);
     } else {  // nothing records a backward: the forward alone
       auto [ys, mean, var, invstd] = bn_train_forward(t, r, bn_as_compute(w0, ct), bn_as_compute(b0, ct),
                                                       e, activation.get(), bn_channels_last(t));
@@ -1032,20 +1083,23 @@ PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const at::Tensor &rm = running_mean.get(), &rv = running_var.get();
   const auto &w = weight.get(), &b = bias.get();
   const double e = eps.get();
-  // vectors in the compute type or x's half dtype (converted, as the Python path does)
-  const auto vec_ok = [&](const std::optional<at::Tensor>& v) {
-    return bn_vector_ok(v, C, ct) || bn_vector_x_dtype(v, C, t.scalar_type());
+  const bool grad = at::GradMode::is_enabled() &&
+                    (t.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
+  // vectors in the compute type or x's half dtype (converted, as the Python path does); with
+  // a backward to record, weight and bias in the compute type (the node's gradients are)
+  const auto vec_ok = [&](const std::optional<at::Tensor>& v, bool half_ok) {
+    return bn_vector_ok(v, C, ct) || (half_ok && bn_vector_x_dtype(v, C, t.scalar_type()));
   };
-  if (!vec_ok(rm) || !vec_ok(rv) || !vec_ok(w) || !vec_ok(b) || !(e > 0.0) || !std::isfinite(e))
-    Py_RETURN_NONE;
-  // nothing may need a gradient: this call records no backward
-  if (at::GradMode::is_enabled() &&
-      (t.requires_grad() || rm.requires_grad() || rv.requires_grad() ||
-       (w && w->requires_grad()) || (b && b->requires_grad())))
+  if (!vec_ok(rm, true) || !vec_ok(rv, true) || !vec_ok(w, !grad) || !vec_ok(b, !grad) ||
+      !(e > 0.0) || !std::isfinite(e) ||
+      (at::GradMode::is_enabled() && (rm.requires_grad() || rv.requires_grad())))
     Py_RETURN_NONE;
   RECORD_FUNCTION(kBnFwd, std::vector<c10::IValue>());
   at::Tensor y;
-  {
+  if (grad) {  // the node in eval: its backward takes the running stats as constants
+    pybind11::gil_scoped_release no_gil;
+    y = BatchNormNode::apply(t, std::nullopt, w, b, e, 0, rm, rv, false)[0];
+  } else {
     pybind11::gil_scoped_release no_gil;
     const bool cl = bn_channels_last(t);
     const at::Tensor xs = bn_to_storage(t, cl);

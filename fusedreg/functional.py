@@ -567,17 +567,18 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 
 def _cpu_eval_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps):
-    """A plain eval batch_norm on CPU that records no backward, served by the cpu backend's
-    ``batch_norm_fwd`` straight away from C++ (``fusedreg._C.batch_norm_eval``: the storage
-    view, rsqrt(running_var + eps), the kernel — what ``_batch_norm`` runs for it, the same
-    values), or None for any other call, which ``_batch_norm`` then checks and routes as
-    always. Served is only the common case (the C++ call declines the rest): exact tensors
-    (parameters and buffers may be Parameters) on CPU, x of a float dtype with at least 2 dims
-    and elements, parameters and running stats 1-D of C elements in the compute type or x's
-    half dtype (converted as the Python path converts them), a float
-    momentum, eps in (0, inf), eager (no compile or jit trace, no forward-mode AD level, no
-    torch.func transform or mode), nothing that needs a gradient, and the cpu backend the one
-    in force. Each step costs more after the kernel has streamed the tensor through the
+    """A plain eval batch_norm on CPU, served by the cpu backend's ``batch_norm_fwd`` straight
+    away from C++ (``fusedreg._C.batch_norm_eval``: the storage view, rsqrt(running_var + eps),
+    the kernel — what ``_batch_norm`` runs for it, the same values — and, where x, weight or
+    bias needs a gradient, the C++ node in eval, BatchNormFunction's forward and backward), or
+    None for any other call, which ``_batch_norm`` then checks and routes as always. Served
+    is only the common case (the C++ call declines the rest): exact tensors (parameters and
+    buffers may be Parameters) on CPU, x of a float dtype with at least 2 dims and elements,
+    parameters and running stats 1-D of C elements in the compute type or x's half dtype
+    (converted as the Python path converts them; with a backward to record, weight and bias in
+    the compute type), running stats that need no gradient, a float momentum, eps in (0, inf),
+    eager (no compile or jit trace, no forward-mode AD level, no torch.func transform or
+    mode), and the cpu backend the one in force. Each step costs more after the kernel has streamed the tensor through the
     caches: at (32, 256, 14, 14) float32 the full path's checks and dispatch took 60 us around
     the kernel's 420 at one thread, the Python version of this one about 15."""
     if training is not False or type(momentum) is not float or _BN_EVAL is None \

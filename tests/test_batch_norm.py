@@ -988,10 +988,10 @@ def test_auto_small_calls_are_torch_and_large_ones_fused(monkeypatch):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
-def test_cpu_eval_without_grad_is_the_function_path_bitwise():
+def test_cpu_eval_without_grad_is_the_function_path_bitwise(monkeypatch):
     """A plain eval call that records no backward goes straight to the cpu kernel
-    (functional._cpu_eval_batch_norm, for the functional and the modules): the same values as
-    the autograd Function's forward, for NCHW, channels_last, 2-D and 3-D input, float32 and
+    (functional._cpu_eval_batch_norm, for the functional and the modules; one that records a
+    backward to the C++ node in eval): the same values as the autograd Function's forward, for NCHW, channels_last, 2-D and 3-D input, float32 and
     bfloat16 (fp32 stats), with and without weight / bias; calls it does not take (a bfloat16
     running stat, momentum None, eps 0) keep the full path's checks and results."""
     cases = [((3, 5, 4, 6), "c", torch.float32), ((3, 5, 4, 6), "cl", torch.float32), ((6, 7), "c", torch.float32),
@@ -1006,8 +1006,15 @@ def test_cpu_eval_without_grad_is_the_function_path_bitwise():
                 with torch.no_grad():
                     got = F.batch_norm(x, rm, rv, ww, bb, False)
                     assert F._cpu_eval_batch_norm(x, rm, rv, ww, bb, False, 0.1, 1e-5) is not None
-                assert F._cpu_eval_batch_norm(x.detach().requires_grad_(), rm, rv, ww, bb, False, 0.1, 1e-5) is None
-                want = F.batch_norm(x.detach().requires_grad_(), rm, rv, ww, bb, False)
+                # with a backward to record: the C++ node in eval, the Function's values
+                via_node = F._cpu_eval_batch_norm(x.detach().requires_grad_(), rm, rv, ww, bb, False,
+                                                  0.1, 1e-5)
+                assert via_node is not None and via_node.grad_fn is not None
+                with monkeypatch.context() as mp:
+                    mp.setattr(F, "_BN_EVAL", None)
+                    want = F.batch_norm(x.detach().requires_grad_(), rm, rv, ww, bb, False)
+                assert type(want.grad_fn).__name__ == "BatchNormFunctionBackward"
+                assert torch.equal(via_node.detach(), want.detach())
             assert got.dtype == want.dtype and got.stride() == want.stride(), (shape, layout, dtype)
             assert torch.equal(got, want.detach()), (shape, layout, dtype, affine)
             torch.testing.assert_close(got.double(), torch.nn.functional.batch_norm(

@@ -521,3 +521,66 @@ def test_small_half_calls_under_auto_from_cpp(dtype):
     ref = torch.nn.functional.batch_norm(x, torch.zeros(8, dtype=dtype), torch.ones(8, dtype=dtype),
                                          m.weight, m.bias, True, 0.1, 1e-5)
     assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("shape,layout", [((4, 6, 5, 3), "c"), ((4, 6, 5, 3), "cl"),
+                                          ((6, 5), "c"), ((3, 5, 14, 14), "c"),
+                                          ((4, 6, 5, 3), "t")])
+@pytest.mark.parametrize("dtype", _DTYPES)
+@pytest.mark.parametrize("grads", ["all", "x", "weight", "bias", "weight+bias"])
+def test_eval_with_grad_through_the_node_equals_the_python_path(monkeypatch, shape, layout,
+                                                                dtype, grads):
+    """An eval call with a gradient to record (x or the affine parameters, frozen running
+    stats: fine-tuning with BatchNorm in eval) runs the C++ node in eval: y, the untouched
+    running stats and the gradients of every subset of operands bit for bit the Python
+    Function's, half running stats included."""
+    x0 = _input(shape, layout, dtype, 1, 3.0)
+    C = x0.shape[1]
+    ct = torch.float64 if dtype is torch.float64 else torch.float32
+    sd = dtype if dtype in (torch.float16, torch.bfloat16) else ct
+    w0, b0 = _data((C,), ct, 2, 1.0), _data((C,), ct, 3)
+    rm, rv = _data((C,), sd, 4, 5.0), _data((C,), sd, 5, 2.0).abs()
+    dy = _input(x0.shape, "c", dtype, 6)
+
+    def run():
+        ins = {"x": x0.clone(memory_format=torch.preserve_format), "weight": w0.clone(),
+               "bias": b0.clone()}
+        if layout == "t":
+            ins["x"] = x0.transpose(2, 3).clone().transpose(2, 3)
+        names = [k for k in ins if grads == "all" or k in grads.split("+")]
+        for k in names:
+            ins[k].requires_grad_()
+        rm1, rv1 = rm.clone(), rv.clone()
+        y = F.batch_norm(ins["x"], rm1, rv1, ins["weight"], ins["bias"], False, 0.1, 1e-5)
+        g = torch.autograd.grad(y, [ins[k] for k in names], dy)
+        return [y, rm1, rv1, *g], type(y.grad_fn).__name__
+    served = _serving(monkeypatch, "_BN_EVAL")
+    fast, slow = _both(monkeypatch, run)
+    assert served and served[0]
+    assert _same(fast, slow)
+    assert torch.equal(fast[1], rm) and torch.equal(fast[2], rv)
+
+
+def test_eval_double_backward_through_the_node(monkeypatch):
+    """create_graph=True in eval: the differentiable composite with the running stats as
+    constants, the Python path's values; gradgradcheck passes."""
+    rm, rv = _data((3,), torch.float64, 6), _data((3,), torch.float64, 7, 2.0).abs()
+
+    def run():
+        x = _input((4, 3, 2, 3), "cl", torch.float64, 1, 2.0).requires_grad_()
+        w, b = (_data((3,), torch.float64, s).requires_grad_() for s in (3, 4))
+        y = F.batch_norm(x, rm, rv, w, b, False)
+        dy = _data(y.shape, torch.float64, 5)
+        g1 = torch.autograd.grad(y, (x, w, b), dy, create_graph=True)
+        g2 = torch.autograd.grad(sum((g * g).sum() for g in g1), (x, w))
+        return [*g1, *g2], type(y.grad_fn).__name__
+    fast, slow = _both(monkeypatch, run)
+    for a, c in zip(fast, slow):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    x = _data((4, 2, 3), torch.float64, 1, 1.0).requires_grad_()
+    w, b = (_data((2,), torch.float64, s).requires_grad_() for s in (2, 3))
+    rm2, rv2 = _data((2,), torch.float64, 6), _data((2,), torch.float64, 7, 2.0).abs()
+    with fusedreg.use_backend("cpu"):
+        assert type(F.batch_norm(x, rm2, rv2, w, b, False).grad_fn).__name__ == _NODE
+        assert torch.autograd.gradgradcheck(
+            lambda x, w, b: F.batch_norm(x, rm2, rv2, w, b, False), (x, w, b))

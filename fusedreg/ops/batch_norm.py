@@ -401,12 +401,13 @@ def _differentiable_backward(cfg, p_dtypes, dy, xs, rs, w, b, mean, invstd, seed
 
 
 def _node_differentiable_backward(dy, xs, rs, w, b, mean, invstd, eps, activation,
-                                  channels_last, need_x, need_r, need_w, need_b):
-    """The differentiable backward of the C++ training node (csrc/ops.cpp: BatchNormNode,
-    ``fusedreg._C.batch_norm_train``) under create_graph=True: ``_differentiable_backward``
-    for its saved tensors (storage layout), with dy and the input gradients in x's shape.
-    The node runs without dropout; its weight and bias are in the compute type (mean's)."""
-    cfg = BatchNormConfig(True, eps, activation, 0.0, "cpu", channels_last)
+                                  channels_last, need_x, need_r, need_w, need_b, training=True):
+    """The differentiable backward of the C++ node (csrc/ops.cpp: BatchNormNode,
+    ``fusedreg._C.batch_norm_train``, and ``batch_norm_eval`` with ``training`` False) under
+    create_graph=True: ``_differentiable_backward`` for its saved tensors (storage layout),
+    with dy and the input gradients in x's shape. The node runs without dropout; its weight
+    and bias are in the compute type (mean's)."""
+    cfg = BatchNormConfig(training, eps, activation, 0.0, "cpu", channels_last)
     shape = tuple(dy.shape)
     gx, gr, gw, gb = _differentiable_backward(
         cfg, (mean.dtype, mean.dtype), to_storage(dy, channels_last), xs, rs, w, b, mean,
