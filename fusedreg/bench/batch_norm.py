@@ -1,8 +1,9 @@
 """batch_norm benchmark: BatchNorm in training (forward, backward, forward+backward), fused
 with a residual add and ReLU (ResNet's ``relu(bn(x) + identity)``), BatchNorm in eval
 (forward: one pass with the running stats folded into a scale and shift), and a timm
-resnet18 training step with its BatchNorms swapped to fusedreg's (the step's runs interleaved
-round by round in a shuffled order, medians). fusedreg (every fused
+resnet18 training step and eval forward (no_grad, running stats moved off their initial
+values) with its BatchNorms swapped to fusedreg's, in each dtype benchmarked (the model
+converted to it; the runs interleaved round by round in a shuffled order, medians). fusedreg (every fused
 backend usable on the device) against eager torch and ``torch.compile`` of the eager
 expression.
 
@@ -150,20 +151,28 @@ def _case(ctx, variant, shape, layout, dtype, fused) -> list[Row]:
     return rows + measure("torch.compile", compiled, note)
 
 
-def _train_step_rows(ctx, dtype, fused) -> list[Row]:
-    """A timm resnet18 training step (SGD), unpatched and with its BatchNorms swapped to
-    fusedreg's by class (fusedreg.nn.batchnorm_patch_targets); float32 only."""
+def _train_step_rows(ctx, dtype, fused, train=True) -> list[Row]:
+    """A timm resnet18 training step (SGD) — or, with ``train`` False, its eval forward under
+    no_grad (inference) — unpatched and with its BatchNorms swapped to fusedreg's by class
+    (fusedreg.nn.batchnorm_patch_targets), the model converted to ``dtype`` (parameters,
+    buffers and input, as ``model.to(dtype)`` does)."""
     try:
         import timm
     except ImportError:
         return []
     batch = 8 if ctx.quick or ctx.device.type == "cpu" else 64
     size = 64 if ctx.device.type == "cpu" else 224
-    case = f"timm resnet18 train step {batch}x3x{size}x{size}"
+    case = f"timm resnet18 {'train step' if train else 'eval no_grad'} {batch}x3x{size}x{size}"
     torch.manual_seed(0)
-    base = timm.create_model("resnet18", pretrained=False, num_classes=10).to(ctx.device)
-    x = torch.randn(batch, 3, size, size, device=ctx.device)
+    base = timm.create_model("resnet18", pretrained=False, num_classes=10).to(ctx.device, dtype)
+    x = torch.randn(batch, 3, size, size, device=ctx.device, dtype=dtype)
     y = torch.randint(0, 10, (batch,), device=ctx.device)
+    if not train:  # running stats away from their initial (0, 1), as a trained model's
+        with torch.no_grad():
+            base.train()
+            for _ in range(3):
+                base(x)
+        base.eval()
     targets = fusedreg.nn.batchnorm_patch_targets()
     rows = []
     # fusedreg[auto]: what fusedreg.patch gives by default (small BatchNorms are torch's op)
@@ -181,11 +190,16 @@ def _train_step_rows(ctx, dtype, fused) -> list[Row]:
         def step(model=model, opt=opt, backend=backend):
             with fusedreg.use_backend(backend or "auto"):
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
+                F.cross_entropy(model(x).float(), y).backward()
                 opt.step()
-        steps[impl] = step
+
+        def infer(model=model, backend=backend):
+            with fusedreg.use_backend(backend or "auto"), torch.no_grad():
+                model(x)
+        steps[impl] = step if train else infer
     timings = _interleaved(ctx, steps)
-    return [ctx.row(OP, case, dtype, impl, "step", timings[impl], 0) for impl in steps]
+    return [ctx.row(OP, case, dtype, impl, "step" if train else "fwd", timings[impl], 0)
+            for impl in steps]
 
 
 def _interleaved(ctx: Context, steps: dict) -> dict:
@@ -230,8 +244,9 @@ def benchmark(ctx: Context) -> list[Row]:
             for layout in LAYOUTS:
                 for variant in ("batch_norm", "batch_norm_act", "batch_norm_eval"):
                     rows += _case(ctx, variant, shape, layout, dtype, fused)
-        if dtype == torch.float32 and not ctx.sizes:
+        if not ctx.sizes:
             rows += _train_step_rows(ctx, dtype, fused)
+            rows += _train_step_rows(ctx, dtype, fused, train=False)
     return rows
 
 
