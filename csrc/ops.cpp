@@ -959,7 +959,15 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
     const bool plain_act = s.activation == 0;
     const bool want_gr = need_r && !plain_act;
     at::Tensor sum_dz, sum_dzx, gx, gr;
-    if (!s.training) {  // eval: BatchNormFunction's two ops, the statistics constants
+    if (s.training && need_x) {  // the cpu backend's local training backward in one op
+      const auto& op = s.cl ? typed_op<BnOneOpBwd, kBnBwdCl>() : typed_op<BnOneOpBwd, kBnBwdNcs>();
+      std::tie(sum_dz, sum_dzx, gx, gr) =
+          direct ? op.redispatch(kCpuKeys, dys, xs, rs, w, b, mean, invstd, s.activation, seed,
+                                 true, want_gr)
+                 : op.call(dys, xs, rs, w, b, mean, invstd, s.activation, seed, true, want_gr);
+    } else {
+      // BatchNormFunction's two ops, as it runs them in eval (the statistics constants) and in
+      // training without grad_x
       if (need_w || need_b) {
         const auto& op = typed_op<BnBwdReduce, kBnBwdReduce>();
         std::tie(sum_dz, sum_dzx) =
@@ -967,41 +975,16 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
                                    seed, s.cl)
                    : op.call(dys, xs, rs, w, b, mean, invstd, s.activation, 0.0, seed, s.cl);
       }
-      if (need_x || want_gr) {
+      if (need_x || want_gr) {  // need_x here: eval
         const at::Tensor none = mean.new_empty({0});
         const at::Tensor& s1 = sum_dz.defined() ? sum_dz : none;
         const at::Tensor& s2 = sum_dzx.defined() ? sum_dzx : none;
         const auto& op = typed_op<BnBwdElemt, kBnBwdElemt>();
         std::tie(gx, gr) =
             direct ? op.redispatch(kCpuKeys, dys, xs, rs, w, b, mean, invstd, s1, s2, 0.0,
-                                   s.activation, 0.0, seed, s.cl, false, need_x, want_gr)
+                                   s.activation, 0.0, seed, s.cl, s.training, need_x, want_gr)
                    : op.call(dys, xs, rs, w, b, mean, invstd, s1, s2, 0.0, s.activation, 0.0,
-                             seed, s.cl, false, need_x, want_gr);
-      }
-    } else if (need_x) {  // the cpu backend's local training backward in one op
-      const auto& op = s.cl ? typed_op<BnOneOpBwd, kBnBwdCl>() : typed_op<BnOneOpBwd, kBnBwdNcs>();
-      std::tie(sum_dz, sum_dzx, gx, gr) =
-          direct ? op.redispatch(kCpuKeys, dys, xs, rs, w, b, mean, invstd, s.activation, seed,
-                                 true, want_gr)
-                 : op.call(dys, xs, rs, w, b, mean, invstd, s.activation, seed, true, want_gr);
-    } else {  // BatchNormFunction's two ops, as it runs them without grad_x
-      if (need_w || need_b) {
-        const auto& op = typed_op<BnBwdReduce, kBnBwdReduce>();
-        std::tie(sum_dz, sum_dzx) =
-            direct ? op.redispatch(kCpuKeys, dys, xs, rs, w, b, mean, invstd, s.activation, 0.0,
-                                   seed, s.cl)
-                   : op.call(dys, xs, rs, w, b, mean, invstd, s.activation, 0.0, seed, s.cl);
-      }
-      if (want_gr) {
-        const at::Tensor none = mean.new_empty({0});
-        const at::Tensor& s1 = sum_dz.defined() ? sum_dz : none;
-        const at::Tensor& s2 = sum_dzx.defined() ? sum_dzx : none;
-        const auto& op = typed_op<BnBwdElemt, kBnBwdElemt>();
-        gr = std::get<1>(
-            direct ? op.redispatch(kCpuKeys, dys, xs, rs, w, b, mean, invstd, s1, s2, 0.0,
-                                   s.activation, 0.0, seed, s.cl, true, false, true)
-                   : op.call(dys, xs, rs, w, b, mean, invstd, s1, s2, 0.0, s.activation, 0.0, seed,
-                             s.cl, true, false, true));
+                             seed, s.cl, s.training, need_x, want_gr);
       }
     }
     if (need_x) out[0] = bn_from_storage(gx, dy.sizes(), s.cl);
