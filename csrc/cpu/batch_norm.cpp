@@ -276,8 +276,8 @@ inline FUSEDREG_ALWAYS_INLINE x_t from_acc(acc_t v) {
 // same expression per element, so the same float values), and its float16 outputs are
 // converted back (cpu::row_from_float: vcvtps2ph, rounding to nearest even as c10 does, NaN
 // lanes set to c10's sign | 0x7E00). The blocks stay in the L1 or L2 cache. The reductions
-// stage whole rows or row blocks, so that their lanes see the same values in the same order,
-// and keep their masked-tail decisions (which depend on the values readable in the tensor):
+// stage whole rows (an NCS row, a group of a channel's rows, a step of channels-last rows), so
+// that their lanes see the same values in the same order, and keep their masked-tail decisions (which depend on the values readable in the tensor):
 // a row is staged up to its length rounded up to a tail step where the tensor has them.
 // Bitwise the values of the unstaged float16 loops, at every instruction-set level.
 template <typename x_t>
@@ -321,14 +321,31 @@ enum class GxMode { kNone, kEval, kTrain };
 // and the backward sums were bound by them: twice bfloat16's time) convert as they go
 // instead, 16 values a vcvtph2ps / vcvtps2ph (NaN lanes then set to sign | 0x7E00), with the
 // same float operations per element as the compiled float loops (elemt_span, dz_sums_stretch's
-// whole steps, dz_sums_rows / dz_sums_row), in the same order: the same bits (checked against
+// whole steps, dz_sums_rows / dz_sums_row, stats_kernel's channels-last passes), in the same
+// order: the same bits (checked against
 // the staged and the previous build's outputs). Out of line, called per span or row after
 // cpu_has_avx512().
 #if FUSEDREG_X86_DISPATCH
 #define FUSEDREG_H16_TARGET FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE
 
+// Masked loads and stores only where a step is partial: on the AMD EPYC machine a masked
+// store of a whole step made the element-wise pass over a 32x64x56x56 tensor (out of the
+// caches) about three times slower than plain stores.
 FUSEDREG_H16_TARGET __m512 h16_load(const c10::Half* p, __mmask16 m) {
+  if (m == 0xFFFF) return cpu::half16_load(p);
   return _mm512_maskz_cvtph_ps(cpu::kAll16, _mm256_maskz_loadu_epi16(m, p));
+}
+
+FUSEDREG_H16_TARGET __m512 f32_load(const float* p, __mmask16 m) {
+  return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+}
+
+FUSEDREG_H16_TARGET void f32_store(float* p, __m512 v, __mmask16 m) {
+  if (m == 0xFFFF) {
+    _mm512_storeu_ps(p, v);
+  } else {
+    _mm512_mask_storeu_ps(p, m, v);
+  }
 }
 
 // c10::Half's rounding of 16 floats
@@ -343,7 +360,13 @@ FUSEDREG_H16_TARGET __m256i h16_round(__m512 x) {
   return v;
 }
 
-FUSEDREG_H16_TARGET void h16_store(c10::Half* p, __m512 x, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, h16_round(x)); }
+FUSEDREG_H16_TARGET void h16_store(c10::Half* p, __m512 x, __mmask16 m) {
+  if (m == 0xFFFF) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h16_round(x));
+  } else {
+    _mm256_mask_storeu_epi16(p, m, h16_round(x));
+  }
+}
 
 FUSEDREG_H16_TARGET __mmask16 h16_mask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
@@ -367,12 +390,12 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void elemt_h16_avx512(const c10
     const __m512 dz = h16_load(dy + j, m);
     if constexpr (GR) h16_store(gr + j, dz, m);
     if constexpr (GX == GxMode::kNone) continue;
-    const __m512 k = VEC ? _mm512_maskz_loadu_ps(m, scale + j) : k0;
+    const __m512 k = VEC ? f32_load(scale + j, m) : k0;
     if constexpr (kTrain) {
-      const __m512 mu = VEC ? _mm512_maskz_loadu_ps(m, mean + j) : mu0;
-      const __m512 inv = VEC ? _mm512_maskz_loadu_ps(m, invstd + j) : inv0;
-      const __m512 a1 = VEC ? _mm512_maskz_loadu_ps(m, m1 + j) : a10;
-      const __m512 a2 = VEC ? _mm512_maskz_loadu_ps(m, m2 + j) : a20;
+      const __m512 mu = VEC ? f32_load(mean + j, m) : mu0;
+      const __m512 inv = VEC ? f32_load(invstd + j, m) : inv0;
+      const __m512 a1 = VEC ? f32_load(m1 + j, m) : a10;
+      const __m512 a2 = VEC ? f32_load(m2 + j, m) : a20;
       const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(h16_load(x + j, m), mu), inv);
       h16_store(gx + j, _mm512_mul_ps(k, _mm512_fnmadd_ps(xhat, a2, _mm512_sub_ps(dz, a1))), m);
     } else {
@@ -414,8 +437,8 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) inline void dz_rows_h16_avx512(
     float* q1, float* q2) {
   for (int64_t j = 0; j < len; j += 16) {
     const __mmask16 m = h16_mask(len - j);
-    __m512 s1 = _mm512_maskz_loadu_ps(m, q1 + j), s2 = _mm512_maskz_loadu_ps(m, q2 + j);
-    const __m512 mu = _mm512_maskz_loadu_ps(m, mean + j), inv = _mm512_maskz_loadu_ps(m, invstd + j);
+    __m512 s1 = f32_load(q1 + j, m), s2 = f32_load(q2 + j, m);
+    const __m512 mu = f32_load(mean + j, m), inv = f32_load(invstd + j, m);
     for (int i = 0; i < rows; ++i) {
       const int64_t o = i * len + j;
       const __m512 dz = h16_load(dy + o, m);
@@ -423,9 +446,44 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) inline void dz_rows_h16_avx512(
       s1 = _mm512_add_ps(s1, dz);
       s2 = _mm512_fmadd_ps(dz, xh, s2);
     }
-    _mm512_mask_storeu_ps(q1 + j, m, s1);
-    _mm512_mask_storeu_ps(q2 + j, m, s2);
+    f32_store(q1 + j, s1, m);
+    f32_store(q2 + j, s2, m);
   }
+}
+// One step of `rows` rows (from row, C channels) of stats_kernel's channels-last block:
+// acc[c] += x - sub[c] (the first pass), acc[c] += (x - sub[c])^2 (SECOND, one FMA where GCC
+// contracts the compiled loop's), the rows in order.
+template <bool SECOND>
+FUSEDREG_H16_TARGET void cl_stats_h16_step(const c10::Half* row, int64_t C, int rows, const float* sub, float* acc) {
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 mk = h16_mask(C - c);
+    __m512 s = f32_load(acc + c, mk);
+    const __m512 v = f32_load(sub + c, mk);
+    for (int i = 0; i < rows; ++i) {
+      const __m512 d = _mm512_sub_ps(h16_load(row + i * C + c, mk), v);
+      s = SECOND ? _mm512_fmadd_ps(d, d, s) : _mm512_add_ps(s, d);
+    }
+    f32_store(acc + c, s, mk);
+  }
+}
+
+// stats_kernel's channels-last block of n rows of C channels from x (the block's first row),
+// ROWS (kRows) rows a step: m[c] = k[c] + (sum of x - k[c]) * inv (one FMA, as GCC contracts
+// it), then q[c] = sum of (x - m[c])^2.
+template <int ROWS>
+FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void cl_stats_h16_avx512(const c10::Half* x, int64_t C, int64_t n,
+                                                                         const float* k, float inv, float* m,
+                                                                         float* q) {
+  int64_t r = 0;
+  for (; r + ROWS <= n; r += ROWS) cl_stats_h16_step<false>(x + r * C, C, ROWS, k, m);
+  for (; r < n; ++r) cl_stats_h16_step<false>(x + r * C, C, 1, k, m);
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 mk = h16_mask(C - c);
+    f32_store(m + c, _mm512_fmadd_ps(f32_load(m + c, mk), vinv, f32_load(k + c, mk)), mk);
+  }
+  for (r = 0; r + ROWS <= n; r += ROWS) cl_stats_h16_step<true>(x + r * C, C, ROWS, m, q);
+  for (; r < n; ++r) cl_stats_h16_step<true>(x + r * C, C, 1, m, q);
 }
 #undef FUSEDREG_H16_TARGET
 #endif
@@ -1850,6 +1908,9 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
       };
       dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
         if constexpr (kStaged<x_t>) {  // each pass stages its steps of rows (in the L1 cache)
+#if FUSEDREG_X86_DISPATCH
+          if (h16_regs<Activation::kNone, x_t>()) return cl_stats_h16_avx512<kRows>(x + r0 * C, C, r1 - r0, k, inv, m, q);
+#endif
           float* f = stage.get(kRows * C);
           passes([&](int64_t r, int64_t n) FUSEDREG_ALWAYS_INLINE {
             stage_in(x + r * C, f, n * C);
