@@ -329,8 +329,97 @@ def test_cpu_bfloat16_output_is_c10s_rounding_of_the_float_result(size, cl):
     assert torch.equal(got, _c10_bf16_bits(y32))
 
 
+def _c10_half_bits(y):
+    """c10::Half's rounding of float32 values, as int32 bits: round to nearest even (torch's
+    conversion), any NaN sign | 0x7E00."""
+    h = y.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    sign = (y.view(torch.int32) < 0).to(torch.int32) << 15
+    return torch.where(torch.isnan(y), sign | 0x7E00, h)
+
+
+def _assert_c10_half_rounding(got, want):
+    """got (float16) is c10's rounding of want (float32) bit for bit, but a NaN's sign: the
+    float32 op may reach it by another order of operands (gx_from_dz_cl_kernel's)."""
+    g = got.view(torch.int16).to(torch.int32) & 0xFFFF
+    nan = torch.isnan(want)
+    assert torch.equal(g[~nan], _c10_half_bits(want)[~nan])
+    assert torch.all((g[nan] & 0x7FFF) == 0x7E00)
+
+
+def _half_specials(t, k):
+    """t (float16) with +-inf, NaN, 60000, a subnormal and -0 at a few places (k shifts them)."""
+    f = t.view(-1)
+    n = f.numel()
+    for i, v in enumerate((float("inf"), float("nan"), 60000.0, 6e-8, -float("inf"), -0.0, -1e-6)):
+        f[((n * (i + 1)) // 9 + k) % n] = v
+    return t
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("cl", [False, True], ids=["ncs", "cl"])
+def test_cpu_float16_ops_are_the_float32_ops_on_its_values(cl):
+    """The CPU ops on float16 storage stage blocks of it as float32 copies and run the float32
+    loops on them (csrc/cpu/batch_norm.cpp, "float16 staging"), so each op gives what the
+    float32 op gives on x.float() (dy.float(), residual.float()): the same sums bit for bit,
+    float16 outputs c10's rounding of the float32 ones (NaN: sign | 0x7E00). Awkward shapes
+    (rows of 1, 3, 4, 49, 196 values; rows over a lane chunk; channels-last rows of 3, 17, 64
+    and 300 channels, past a staging block), inf, NaN, 60000 and subnormals, with and without
+    residual, activation, dropout and weight; the statistics wherever the two dtypes take the
+    same passes (channels-last always; NCS while a float32 channel is at most 64 KB or a
+    float16 one over it)."""
+    ops = torch.ops.fusedreg
+    seed = torch.tensor(77, dtype=torch.int64)
+    nt = torch.get_num_threads()
+    shapes = ([(3, 3, 17), (2, 17, 64), (2, 5, 300), (4, 4 * nt + 1, 49), (1, 1, 1)] if cl else
+              [(2, 3, 1), (3, 5, 3), (4, 17, 4), (2, 19, 49), (5, 7, 196), (3, 4, 5000), (9, 2, 4000),
+               (4, 4 * nt + 1, 49)])
+    for si, (N, A, B) in enumerate(shapes):
+        C = B if cl else A
+        x = _half_specials(_data((N, A, B), torch.float16, seed=si), si)
+        dy = _half_specials(_data((N, A, B), torch.float16, seed=si + 50, offset=0.0), si + 1)
+        res = _data((N, A, B), torch.float16, seed=si + 90, offset=-0.5)
+        w, b, mean, _ = _params(C, torch.float16)
+        invstd = _data((C,), torch.float32, 8, offset=1.0, std=0.2).abs() + 0.1
+        x32, dy32, res32 = x.float(), dy.float(), res.float()
+        stats16, stats32 = ops.batch_norm_stats(x, cl), ops.batch_norm_stats(x32, cl)
+        if cl or N * B * 4 <= 65536 or N * B * 2 > 65536:
+            for got, want in zip(stats16, stats32):
+                torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        for act, r, p, wb in ((0, None, 0.0, True), (0, None, 0.0, False), (1, res, 0.0, True),
+                              (3, None, 0.0, True), (0, None, 0.25, True), (2, res, 0.25, True)):
+            r32 = None if r is None else res32
+            ww, bb = (w, b) if wb else (None, None)
+            y16 = ops.batch_norm_fwd(x, r, ww, bb, mean, invstd, act, p, seed, cl)
+            y32 = ops.batch_norm_fwd(x32, r32, ww, bb, mean, invstd, act, p, seed, cl)
+            got = y16.view(torch.int16).to(torch.int32) & 0xFFFF
+            assert torch.equal(got, _c10_half_bits(y32)), (N, A, B, act, p)
+            s16 = ops.batch_norm_bwd_reduce(dy, x, r, ww, bb, mean, invstd, act, p, seed, cl)
+            s32 = ops.batch_norm_bwd_reduce(dy32, x32, r32, ww, bb, mean, invstd, act, p, seed, cl)
+            for got, want in zip(s16, s32):
+                torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+            for training, need_gx, need_gr in ((True, True, r is not None), (False, True, False),
+                                               (True, False, True)):
+                g16 = ops.batch_norm_bwd_elemt(dy, x, r, ww, bb, mean, invstd, *s32, float(N * A * B // C),
+                                               act, p, seed, cl, training, need_gx, need_gr)
+                g32 = ops.batch_norm_bwd_elemt(dy32, x32, r32, ww, bb, mean, invstd, *s32, float(N * A * B // C),
+                                               act, p, seed, cl, training, need_gx, need_gr)
+                for got, want in zip(g16, g32):
+                    assert got.numel() == want.numel()
+                    if got.numel():
+                        _assert_c10_half_rounding(got, want)
+            if p == 0.0:
+                one_op = ops.batch_norm_bwd_cl if cl else ops.batch_norm_bwd_ncs
+                o16 = one_op(dy, x, r, ww, bb, mean, invstd, act, seed, True, r is not None)
+                o32 = one_op(dy32, x32, r32, ww, bb, mean, invstd, act, seed, True, r is not None)
+                for got, want in zip(o16[:2], o32[:2]):
+                    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+                for got, want in zip(o16[2:], o32[2:]):
+                    if got.numel():
+                        _assert_c10_half_rounding(got, want)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_cpu_channel_ops_are_the_four_ops_bitwise(dtype):
     """The cpu backend's one-op training passes on (N, C, S) storage without dropout
     (batch_norm_fwd_ncs, batch_norm_bwd_ncs: a channel's passes back to back while it is in

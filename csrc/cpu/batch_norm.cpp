@@ -28,7 +28,8 @@
 // drawn first and dz, xhat go through row buffers (dz_row). Short NCS rows (a 14x14 map) end
 // in no scalar remainder: the element-wise passes without dropout walk a chunk of rows as one
 // run whose steps cross row boundaries (ncs_flat), and the NCS reductions take a row's last
-// values as one masked lane step (Lanes::add, dz_sums_span).
+// values as one masked lane step (Lanes::add, dz_sums_span). float16 operands are converted
+// by blocks into float copies that the float32 loops run on ("float16 staging", below).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -53,7 +54,9 @@
 #include "fusedreg/activation.h"
 #include "fusedreg/batch_norm_host.h"
 #include "fusedreg/cpu/alloc.h"
+#include "fusedreg/cpu/half_convert.h"
 #include "fusedreg/cpu/isa.h"
+#include "fusedreg/cpu/rows.h"
 #include "fusedreg/cpu/scheduler.h"
 #include "fusedreg/cpu/uniforms.h"
 #include "fusedreg/cpu/vmath.h"
@@ -261,6 +264,239 @@ inline FUSEDREG_ALWAYS_INLINE x_t from_acc(acc_t v) {
   }
 }
 
+// ---- float16 staging ---------------------------------------------------------------------------
+
+// float16 is not converted in the element loops: c10::Half's conversions (integer and float
+// formulas of about 12 operations a value up and 18 down, which GCC vectorizes, but not the
+// F16C instructions, which it does not emit for a vectorized loop) made the float16 passes two
+// to three times slower than the bfloat16 ones (whose conversions are a shift up and a few
+// integer operations down). Instead the loops' float16 operands are staged: a block of each
+// is converted to a float copy (cpu::row_to_float: vcvtph2ps, 8 values an instruction, from
+// the AVX2 level; exact), the float32 instantiation of the same loop runs on the copies (the
+// same expression per element, so the same float values), and its float16 outputs are
+// converted back (cpu::row_from_float: vcvtps2ph, rounding to nearest even as c10 does, NaN
+// lanes set to c10's sign | 0x7E00). The blocks stay in the L1 or L2 cache. The reductions
+// stage whole rows (an NCS row, a group of a channel's rows, a step of channels-last rows), so
+// that their lanes see the same values in the same order, and keep their masked-tail decisions (which depend on the values readable in the tensor):
+// a row is staged up to its length rounded up to a tail step where the tensor has them.
+// Bitwise the values of the unstaged float16 loops, at every instruction-set level.
+template <typename x_t>
+constexpr bool kStaged = std::is_same_v<x_t, c10::Half>;
+
+// elements of each operand a block of the element-wise spans
+constexpr int64_t kStage = 1024;
+
+inline FUSEDREG_ALWAYS_INLINE void stage_in(const c10::Half* src, float* dst, int64_t n) {
+  cpu::row_to_float(src, dst, n);
+}
+inline FUSEDREG_ALWAYS_INLINE void stage_out(const float* src, c10::Half* dst, int64_t n) {
+  cpu::row_from_float(src, dst, n);
+}
+
+// A row's staged length: through the masked tail's last step (a multiple of kTailStep from the
+// row's start), as far as the tensor has values (readable from the row's start; at least len).
+inline FUSEDREG_ALWAYS_INLINE int64_t staged_len(int64_t len, int64_t readable) {
+  return std::min((len + kTailStep - 1) / kTailStep * kTailStep, std::max(readable, len));
+}
+
+// A staging buffer of a thread's task, grown on demand.
+struct StageBuf {
+  std::unique_ptr<float[]> p;
+  int64_t cap = 0;
+  float* get(int64_t n) {
+    if (n > cap) {
+      p.reset(new float[n]);
+      cap = n;
+    }
+    return p.get();
+  }
+};
+
+// What the element-wise backward writes: grad_x (training: with the mean terms m1, m2;
+// eval: scale * dz) and/or grad_residual (dz).
+enum class GxMode { kNone, kEval, kTrain };
+
+// float16 in registers at the AVX-512 level: the passes without activation, residual or
+// dropout whose staging cost most (its float copies are stores, and the element-wise backward
+// and the backward sums were bound by them: twice bfloat16's time) convert as they go
+// instead, 16 values a vcvtph2ps / vcvtps2ph (NaN lanes then set to sign | 0x7E00), with the
+// same float operations per element as the compiled float loops (elemt_span, dz_sums_stretch's
+// whole steps, dz_sums_rows / dz_sums_row, stats_kernel's channels-last passes), in the same
+// order: the same bits (checked against
+// the staged and the previous build's outputs). Out of line, called per span or row after
+// cpu_has_avx512().
+#if FUSEDREG_X86_DISPATCH
+#define FUSEDREG_H16_TARGET FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE
+
+// Masked loads and stores only where a step is partial: on the AMD EPYC machine a masked
+// store of a whole step made the element-wise pass over a 32x64x56x56 tensor (out of the
+// caches) about three times slower than plain stores.
+FUSEDREG_H16_TARGET __m512 h16_load(const c10::Half* p, __mmask16 m) {
+  if (m == 0xFFFF) return cpu::half16_load(p);
+  return _mm512_maskz_cvtph_ps(cpu::kAll16, _mm256_maskz_loadu_epi16(m, p));
+}
+
+FUSEDREG_H16_TARGET __m512 f32_load(const float* p, __mmask16 m) {
+  return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+}
+
+FUSEDREG_H16_TARGET void f32_store(float* p, __m512 v, __mmask16 m) {
+  if (m == 0xFFFF) {
+    _mm512_storeu_ps(p, v);
+  } else {
+    _mm512_mask_storeu_ps(p, m, v);
+  }
+}
+
+// c10::Half's rounding of 16 floats
+FUSEDREG_H16_TARGET __m256i h16_round(__m512 x) {
+  __m256i v = _mm512_maskz_cvtps_ph(cpu::kAll16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  if (__builtin_expect(nan != 0, 0)) {
+    const __m256i quiet = _mm256_ternarylogic_epi32(v, _mm256_set1_epi16(int16_t(0x8000)),
+                                                    _mm256_set1_epi16(0x7E00), 0xEA);  // A & B | C
+    v = _mm256_mask_blend_epi16(nan, v, quiet);
+  }
+  return v;
+}
+
+FUSEDREG_H16_TARGET void h16_store(c10::Half* p, __m512 x, __mmask16 m) {
+  if (m == 0xFFFF) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h16_round(x));
+  } else {
+    _mm256_mask_storeu_epi16(p, m, h16_round(x));
+  }
+}
+
+FUSEDREG_H16_TARGET __mmask16 h16_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// elemt_span<kNone, VEC, GX, GR> of float16 rows: gr = dz = dy; gx = scale * dz (eval), scale *
+// (dz - m1 - xhat * m2) (training: the subtraction of xhat * m2 contracted into one FNMA, as
+// GCC contracts the loop's).
+template <GxMode GX, bool GR, bool VEC>
+FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void elemt_h16_avx512(const c10::Half* dy, const c10::Half* x,
+                                                                      int64_t len, const float* mean,
+                                                                      const float* invstd, const float* scale,
+                                                                      const float* m1, const float* m2, c10::Half* gx,
+                                                                      c10::Half* gr) {
+  constexpr bool kTrain = GX == GxMode::kTrain;
+  const __m512 mu0 = _mm512_set1_ps(kTrain ? mean[0] : 0.0f), inv0 = _mm512_set1_ps(kTrain ? invstd[0] : 0.0f);
+  const __m512 k0 = _mm512_set1_ps(GX != GxMode::kNone ? scale[0] : 0.0f);
+  const __m512 a10 = _mm512_set1_ps(kTrain ? m1[0] : 0.0f), a20 = _mm512_set1_ps(kTrain ? m2[0] : 0.0f);
+  for (int64_t j = 0; j < len; j += 16) {
+    const __mmask16 m = h16_mask(len - j);
+    const __m512 dz = h16_load(dy + j, m);
+    if constexpr (GR) h16_store(gr + j, dz, m);
+    if constexpr (GX == GxMode::kNone) continue;
+    const __m512 k = VEC ? f32_load(scale + j, m) : k0;
+    if constexpr (kTrain) {
+      const __m512 mu = VEC ? f32_load(mean + j, m) : mu0;
+      const __m512 inv = VEC ? f32_load(invstd + j, m) : inv0;
+      const __m512 a1 = VEC ? f32_load(m1 + j, m) : a10;
+      const __m512 a2 = VEC ? f32_load(m2 + j, m) : a20;
+      const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(h16_load(x + j, m), mu), inv);
+      h16_store(gx + j, _mm512_mul_ps(k, _mm512_fnmadd_ps(xhat, a2, _mm512_sub_ps(dz, a1))), m);
+    } else {
+      h16_store(gx + j, _mm512_mul_ps(k, dz), m);
+    }
+  }
+}
+
+// dz_sums_stretch's whole steps of 32 lanes without an activation (dz = dy): p1[k] += dz,
+// p2[k] += dz * (d * invstd) (one FMA) for the steps from c0 while a whole one fits before c1;
+// returns where they end.
+FUSEDREG_TARGET_AVX512 __attribute__((noinline)) inline int64_t dz_sums_h16_avx512(
+    const c10::Half* dy, const c10::Half* x, int64_t c0, int64_t c1, float mean, float invstd, float* p1, float* p2) {
+  __m512 s10 = _mm512_loadu_ps(p1), s11 = _mm512_loadu_ps(p1 + 16);
+  __m512 s20 = _mm512_loadu_ps(p2), s21 = _mm512_loadu_ps(p2 + 16);
+  const __m512 mu = _mm512_set1_ps(mean), inv = _mm512_set1_ps(invstd);
+  int64_t j = c0;
+  for (; j + 32 <= c1; j += 32) {
+    const __m512 dz0 = cpu::half16_load(dy + j), dz1 = cpu::half16_load(dy + j + 16);
+    const __m512 xh0 = _mm512_mul_ps(_mm512_sub_ps(cpu::half16_load(x + j), mu), inv);
+    const __m512 xh1 = _mm512_mul_ps(_mm512_sub_ps(cpu::half16_load(x + j + 16), mu), inv);
+    s10 = _mm512_add_ps(s10, dz0);
+    s11 = _mm512_add_ps(s11, dz1);
+    s20 = _mm512_fmadd_ps(dz0, xh0, s20);
+    s21 = _mm512_fmadd_ps(dz1, xh1, s21);
+  }
+  _mm512_storeu_ps(p1, s10);
+  _mm512_storeu_ps(p1 + 16, s11);
+  _mm512_storeu_ps(p2, s20);
+  _mm512_storeu_ps(p2 + 16, s21);
+  return j;
+}
+
+// dz_sums_rows / dz_sums_row without an activation over `rows` consecutive channels-last rows
+// of len values (row i at i * len): per channel q1 += dz, q2 += dz * (d * invstd) (one FMA),
+// the rows in order.
+FUSEDREG_TARGET_AVX512 __attribute__((noinline)) inline void dz_rows_h16_avx512(
+    const c10::Half* dy, const c10::Half* x, int64_t len, int rows, const float* mean, const float* invstd,
+    float* q1, float* q2) {
+  for (int64_t j = 0; j < len; j += 16) {
+    const __mmask16 m = h16_mask(len - j);
+    __m512 s1 = f32_load(q1 + j, m), s2 = f32_load(q2 + j, m);
+    const __m512 mu = f32_load(mean + j, m), inv = f32_load(invstd + j, m);
+    for (int i = 0; i < rows; ++i) {
+      const int64_t o = i * len + j;
+      const __m512 dz = h16_load(dy + o, m);
+      const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(h16_load(x + o, m), mu), inv);
+      s1 = _mm512_add_ps(s1, dz);
+      s2 = _mm512_fmadd_ps(dz, xh, s2);
+    }
+    f32_store(q1 + j, s1, m);
+    f32_store(q2 + j, s2, m);
+  }
+}
+// One step of `rows` rows (from row, C channels) of stats_kernel's channels-last block:
+// acc[c] += x - sub[c] (the first pass), acc[c] += (x - sub[c])^2 (SECOND, one FMA where GCC
+// contracts the compiled loop's), the rows in order.
+template <bool SECOND>
+FUSEDREG_H16_TARGET void cl_stats_h16_step(const c10::Half* row, int64_t C, int rows, const float* sub, float* acc) {
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 mk = h16_mask(C - c);
+    __m512 s = f32_load(acc + c, mk);
+    const __m512 v = f32_load(sub + c, mk);
+    for (int i = 0; i < rows; ++i) {
+      const __m512 d = _mm512_sub_ps(h16_load(row + i * C + c, mk), v);
+      s = SECOND ? _mm512_fmadd_ps(d, d, s) : _mm512_add_ps(s, d);
+    }
+    f32_store(acc + c, s, mk);
+  }
+}
+
+// stats_kernel's channels-last block of n rows of C channels from x (the block's first row),
+// ROWS (kRows) rows a step: m[c] = k[c] + (sum of x - k[c]) * inv (one FMA, as GCC contracts
+// it), then q[c] = sum of (x - m[c])^2.
+template <int ROWS>
+FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void cl_stats_h16_avx512(const c10::Half* x, int64_t C, int64_t n,
+                                                                         const float* k, float inv, float* m,
+                                                                         float* q) {
+  int64_t r = 0;
+  for (; r + ROWS <= n; r += ROWS) cl_stats_h16_step<false>(x + r * C, C, ROWS, k, m);
+  for (; r < n; ++r) cl_stats_h16_step<false>(x + r * C, C, 1, k, m);
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 mk = h16_mask(C - c);
+    f32_store(m + c, _mm512_fmadd_ps(f32_load(m + c, mk), vinv, f32_load(k + c, mk)), mk);
+  }
+  for (r = 0; r + ROWS <= n; r += ROWS) cl_stats_h16_step<true>(x + r * C, C, ROWS, m, q);
+  for (; r < n; ++r) cl_stats_h16_step<true>(x + r * C, C, 1, m, q);
+}
+#undef FUSEDREG_H16_TARGET
+#endif
+
+// Whether a float16 pass without an activation runs in registers (the functions above).
+template <Activation A, typename x_t>
+inline bool h16_regs() {
+#if FUSEDREG_X86_DISPATCH
+  if constexpr (std::is_same_v<x_t, c10::Half> && A == Activation::kNone) return cpu::cpu_has_avx512();
+#endif
+  return false;
+}
+
 // ---- element-wise pieces ----------------------------------------------------------------------
 
 // A keep-scale factor is not 0 (the element is kept): an integer test of its bits (0.0f is
@@ -353,6 +589,50 @@ inline FUSEDREG_ALWAYS_INLINE void fwd_rows(const x_t* x, const x_t* r, x_t* y, 
   }
 }
 
+// fwd_span, float16 staged (kStaged) in blocks of kStage values (no state from element to
+// element: each element the same value).
+template <Activation A, bool VEC, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void fwd_span_any(const x_t* x, const x_t* r, x_t* y, const float* ks, int64_t len,
+                                                const acc_t* mean, const acc_t* scale, const acc_t* shift) {
+  if constexpr (!kStaged<x_t>) {
+    fwd_span<A, VEC>(x, r, y, ks, len, mean, scale, shift);
+  } else {
+    alignas(64) float fx[kStage], fr[kStage], fy[kStage];
+    for (int64_t j0 = 0; j0 < len; j0 += kStage) {
+      const int64_t n = std::min(kStage, len - j0), v = VEC ? j0 : 0;
+      stage_in(x + j0, fx, n);
+      if (r) stage_in(r + j0, fr, n);
+      fwd_span<A, VEC>(static_cast<const float*>(fx), r ? static_cast<const float*>(fr) : nullptr, fy,
+                       ks ? ks + j0 : nullptr, n, mean + v, scale + v, shift + v);
+      stage_out(fy, y + j0, n);
+    }
+  }
+}
+
+// fwd_rows, float16 staged: the rows as one block where they fit, else row by row.
+template <Activation A, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void fwd_rows_any(const x_t* x, const x_t* r, x_t* y, int64_t len, const acc_t* mean,
+                                                const acc_t* scale, const acc_t* shift) {
+  if constexpr (!kStaged<x_t>) {
+    fwd_rows<A>(x, r, y, len, mean, scale, shift);
+  } else {
+    const int64_t n = kFwdRows * len;
+    if (n > kStage) {
+      for (int i = 0; i < kFwdRows; ++i) {
+        const int64_t o = i * len;
+        fwd_span_any<A, true>(x + o, r ? r + o : nullptr, y + o, nullptr, len, mean, scale, shift);
+      }
+      return;
+    }
+    alignas(64) float fx[kStage], fr[kStage], fy[kStage];
+    stage_in(x, fx, n);
+    if (r) stage_in(r, fr, n);
+    fwd_rows<A>(static_cast<const float*>(fx), r ? static_cast<const float*>(fr) : nullptr, fy, len, mean, scale,
+                shift);
+    stage_out(fy, y, n);
+  }
+}
+
 // dz = dy * act'(z) at the pre-activation value z = d * k + b + rf * r[j] (d = x - mean; r is
 // x, with rf = 0, when there is no residual: an unconditional load, as a conditional one keeps
 // the loops scalar); dy itself without an activation. Every backward loop takes its dz here.
@@ -405,6 +685,11 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_stretch(const x_t* dy, const x_t* x, 
     p2[k] += dz * (d * invstd);
   };
   int64_t j = c0;
+#if FUSEDREG_X86_DISPATCH
+  if constexpr (std::is_same_v<x_t, c10::Half> && A == Activation::kNone && K == 32) {
+    if (h16_regs<A, x_t>()) j = dz_sums_h16_avx512(dy, x, c0, c1, mean, invstd, p1, p2);  // the tail below
+  }
+#endif
   for (; j + K <= c1; j += K) {
 #pragma omp simd
     for (int k = 0; k < K; ++k) body(j + k, k);
@@ -566,9 +851,6 @@ inline FUSEDREG_ALWAYS_INLINE void dz_sums_rows(const x_t* dy, const x_t* x, con
   }
 }
 
-// What the element-wise backward writes: grad_x (training: with the mean terms m1, m2;
-// eval: scale * dz) and/or grad_residual (dz).
-enum class GxMode { kNone, kEval, kTrain };
 
 // grad_x and grad_residual of a span without dropout, in one loop.
 template <Activation A, bool VEC, GxMode GX, bool GR, typename x_t, typename acc_t>
@@ -630,6 +912,118 @@ inline FUSEDREG_ALWAYS_INLINE void elemt_rows(const x_t* dy, const x_t* x, const
         gx[o] = from_acc<x_t>(k * dz);
       }
     }
+  }
+}
+
+// elemt_span, float16 staged (kStaged) in blocks of kStage values: the element-wise loop has
+// no state from element to element, so blocks give each element the same value.
+template <Activation A, bool VEC, GxMode GX, bool GR, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void elemt_span_any(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
+                                                  const acc_t* mean, const acc_t* invstd, const acc_t* scale,
+                                                  const acc_t* shift, const acc_t* m1, const acc_t* m2, x_t* gx,
+                                                  x_t* gr) {
+  if constexpr (!kStaged<x_t>) {
+    elemt_span<A, VEC, GX, GR>(dy, x, r, rf, len, mean, invstd, scale, shift, m1, m2, gx, gr);
+  } else {
+#if FUSEDREG_X86_DISPATCH
+    if (h16_regs<A, x_t>()) return elemt_h16_avx512<GX, GR, VEC>(dy, x, len, mean, invstd, scale, m1, m2, gx, gr);
+#endif
+    alignas(64) float fdy[kStage], fx[kStage], fr[kStage], fgx[kStage], fgr[kStage];
+    const bool own_r = A != Activation::kNone && r != x;  // r is read with an activation only
+    for (int64_t j0 = 0; j0 < len; j0 += kStage) {
+      const int64_t n = std::min(kStage, len - j0), v = VEC ? j0 : 0;
+      stage_in(dy + j0, fdy, n);
+      stage_in(x + j0, fx, n);
+      if (own_r) stage_in(r + j0, fr, n);
+      elemt_span<A, VEC, GX, GR>(fdy, fx, own_r ? fr : fx, rf, n, mean + v, invstd + v, scale + v, shift + v,
+                                 GX == GxMode::kTrain ? m1 + v : nullptr, GX == GxMode::kTrain ? m2 + v : nullptr,
+                                 fgx, fgr);
+      if constexpr (GX != GxMode::kNone) stage_out(fgx, gx + j0, n);
+      if constexpr (GR) stage_out(fgr, gr + j0, n);
+    }
+  }
+}
+
+// elemt_rows, float16 staged: the R rows as one block where they fit, else row by row
+// (elemt_span_any: elemt_rows gives each element elemt_span's value).
+template <int R, Activation A, GxMode GX, bool GR, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void elemt_rows_any(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
+                                                  const acc_t* mean, const acc_t* invstd, const acc_t* scale,
+                                                  const acc_t* shift, const acc_t* m1, const acc_t* m2, x_t* gx,
+                                                  x_t* gr) {
+  if constexpr (!kStaged<x_t>) {
+    elemt_rows<R, A, GX, GR>(dy, x, r, rf, len, mean, invstd, scale, shift, m1, m2, gx, gr);
+  } else {
+    const int64_t n = R * len;
+    if (n > kStage || h16_regs<A, x_t>()) {  // (in registers: row by row)
+      for (int i = 0; i < R; ++i) {
+        const int64_t o = i * len;
+        elemt_span_any<A, true, GX, GR>(dy + o, x + o, r + o, rf, len, mean, invstd, scale, shift, m1, m2,
+                                        GX == GxMode::kNone ? nullptr : gx + o, GR ? gr + o : nullptr);
+      }
+      return;
+    }
+    alignas(64) float fdy[kStage], fx[kStage], fr[kStage], fgx[kStage], fgr[kStage];
+    const bool own_r = A != Activation::kNone && r != x;
+    stage_in(dy, fdy, n);
+    stage_in(x, fx, n);
+    if (own_r) stage_in(r, fr, n);
+    elemt_rows<R, A, GX, GR>(fdy, fx, own_r ? fr : fx, rf, len, mean, invstd, scale, shift, m1, m2, fgx, fgr);
+    if constexpr (GX != GxMode::kNone) stage_out(fgx, gx, n);
+    if constexpr (GR) stage_out(fgr, gr, n);
+  }
+}
+
+// dz_sums_row / dz_sums_rows (without the dz store), float16 staged: the kRows rows as one
+// block where they fit, else each row in blocks of kStage columns (each column's sums take the
+// same adds in the same order either way).
+template <Activation A, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void dz_sums_row_any(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
+                                                   const acc_t* mean, const acc_t* invstd, const acc_t* scale,
+                                                   const acc_t* shift, acc_t* q1, acc_t* q2) {
+  if constexpr (!kStaged<x_t>) {
+    dz_sums_row<A>(dy, x, r, rf, len, mean, invstd, scale, shift, q1, q2);
+  } else {
+#if FUSEDREG_X86_DISPATCH
+    if (h16_regs<A, x_t>()) return dz_rows_h16_avx512(dy, x, len, 1, mean, invstd, q1, q2);
+#endif
+    alignas(64) float fdy[kStage], fx[kStage], fr[kStage];
+    const bool own_r = A != Activation::kNone && r != x;
+    for (int64_t j0 = 0; j0 < len; j0 += kStage) {
+      const int64_t n = std::min(kStage, len - j0);
+      stage_in(dy + j0, fdy, n);
+      stage_in(x + j0, fx, n);
+      if (own_r) stage_in(r + j0, fr, n);
+      dz_sums_row<A>(fdy, fx, own_r ? fr : fx, rf, n, mean + j0, invstd + j0, scale + j0, shift + j0, q1 + j0,
+                     q2 + j0);
+    }
+  }
+}
+
+template <Activation A, typename x_t, typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void dz_sums_rows_any(const x_t* dy, const x_t* x, const x_t* r, acc_t rf, int64_t len,
+                                                    const acc_t* mean, const acc_t* invstd, const acc_t* scale,
+                                                    const acc_t* shift, acc_t* q1, acc_t* q2) {
+  if constexpr (!kStaged<x_t>) {
+    dz_sums_rows<A>(dy, x, r, rf, len, mean, invstd, scale, shift, q1, q2);
+  } else {
+#if FUSEDREG_X86_DISPATCH
+    if (h16_regs<A, x_t>()) return dz_rows_h16_avx512(dy, x, len, kRows, mean, invstd, q1, q2);
+#endif
+    const int64_t n = kRows * len;
+    if (n > kStage) {
+      for (int i = 0; i < kRows; ++i) {
+        const int64_t o = i * len;
+        dz_sums_row_any<A>(dy + o, x + o, r + o, rf, len, mean, invstd, scale, shift, q1, q2);
+      }
+      return;
+    }
+    alignas(64) float fdy[kStage], fx[kStage], fr[kStage];
+    const bool own_r = A != Activation::kNone && r != x;
+    stage_in(dy, fdy, n);
+    stage_in(x, fx, n);
+    if (own_r) stage_in(r, fr, n);
+    dz_sums_rows<A>(fdy, fx, own_r ? fr : fx, rf, len, mean, invstd, scale, shift, q1, q2);
   }
 }
 
@@ -734,8 +1128,8 @@ inline FUSEDREG_ALWAYS_INLINE void straddle_values(const acc_t* v, int64_t rem, 
 // ---- the plain forward at the AVX-512 level (eval's one pass) ----------------------------------
 
 // y = (x - mean) * scale + shift without residual, activation or dropout (an eval call, and
-// the channels-last training forward without them) at the AVX-512 level for float32 and
-// bfloat16, written with intrinsics: each element is the same sub and fma as fwd_span's loop
+// the channels-last training forward without them) at the AVX-512 level for float32,
+// bfloat16 and float16, written with intrinsics: each element is the same sub and fma as fwd_span's loop
 // compiles to, so the same bits. What the compiled loops left on the table on the AMD EPYC
 // machine (one thread, 32x64x56x56 and 32x256x14x14 eval against ATen's):
 //   - outputs that, with the input, outgrow the L3 are written with non-temporal stores (no
@@ -835,6 +1229,42 @@ struct PlainIo<c10::BFloat16, NT, CVT> {
   }
   static FUSEDREG_PLAIN_TARGET void store(c10::BFloat16* p, const Steps<W>& s, Mask m) {
     _mm512_mask_storeu_epi16(p, m, round(s));
+  }
+};
+
+// float16: steps of 16 elements (one vcvtph2ps up, one vcvtps2ph down: a step of 32 would
+// only narrow the shapes this path takes); vcvtps2ph rounds to nearest even as c10::Half does,
+// and a NaN lane is set to sign | 0x7E00 afterwards (c10's NaN; the instruction keeps the
+// payload), only in a step that has one (half_convert.h's half16_store). Non-temporal steps
+// are 32 bytes, at multiples of 16 elements from a 64-byte-aligned y.
+template <bool NT, bool CVT>
+struct PlainIo<c10::Half, NT, CVT> {
+  static constexpr int W = 16;
+  using Mask = __mmask16;
+  static FUSEDREG_PLAIN_TARGET Steps<W> load(const c10::Half* p) { return {{cpu::half16_load(p)}}; }
+  static FUSEDREG_PLAIN_TARGET Steps<W> load(const c10::Half* p, Mask m) {
+    return {{_mm512_maskz_cvtph_ps(cpu::kAll16, _mm256_maskz_loadu_epi16(m, p))}};
+  }
+  static FUSEDREG_PLAIN_TARGET __m256i round(__m512 x) {
+    __m256i v = _mm512_maskz_cvtps_ph(cpu::kAll16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    if (__builtin_expect(nan != 0, 0)) {
+      // (v & 0x8000) | 0x7E00 (ternary logic 0xEA: A & B | C)
+      const __m256i quiet = _mm256_ternarylogic_epi32(v, _mm256_set1_epi16(int16_t(0x8000)),
+                                                      _mm256_set1_epi16(0x7E00), 0xEA);
+      v = _mm256_mask_blend_epi16(nan, v, quiet);
+    }
+    return v;
+  }
+  static FUSEDREG_PLAIN_TARGET void store(c10::Half* p, const Steps<W>& s) {
+    if constexpr (NT) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), round(s.v[0]));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round(s.v[0]));
+    }
+  }
+  static FUSEDREG_PLAIN_TARGET void store(c10::Half* p, const Steps<W>& s, Mask m) {
+    _mm256_mask_storeu_epi16(p, m, round(s.v[0]));
   }
 };
 
@@ -985,15 +1415,15 @@ FUSEDREG_TARGET_AVX512BF16 __attribute__((noinline)) void plain_chunk_avx512(con
 
 #endif
 
-// The plain forward through plain_chunk_avx512 where it applies (AVX-512, float32 or
-// bfloat16, NCS rows of at least a step's values or channels-last rows of a multiple of a
-// step's channels: 16 float32, 32 bfloat16); false where it does not (the caller runs
+// The plain forward through plain_chunk_avx512 where it applies (AVX-512, float32, bfloat16
+// or float16, NCS rows of at least a step's values or channels-last rows of a multiple of a
+// step's channels: 16 float32 or float16, 32 bfloat16); false where it does not (the caller runs
 // forward_kernel's loops).
 template <typename x_t>
 bool plain_forward(const Layout& l, const x_t* x, x_t* y, const at::opmath_type<x_t>* mean,
                    const at::opmath_type<x_t>* scale, const at::opmath_type<x_t>* shift) {
 #if FUSEDREG_X86_DISPATCH
-  if constexpr (std::is_same_v<x_t, float> || std::is_same_v<x_t, c10::BFloat16>) {
+  if constexpr (std::is_same_v<x_t, float> || cpu::kIsHalfType<x_t>) {
     constexpr int64_t W = PlainIo<x_t, false, false>::W;  // elements a step
     if (!cpu::cpu_has_avx512() || (l.cl ? l.C % W != 0 : l.S < W)) return false;
     const int64_t bytes = l.N * l.C * l.S * int64_t(sizeof(x_t));
@@ -1028,7 +1458,7 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
         ncs_flat(
             l, r0, r1,
             [&](int64_t off, int64_t n, int64_t c) FUSEDREG_ALWAYS_INLINE {
-              fwd_span<A, false>(x + off, r ? r + off : nullptr, y + off, nullptr, n, mean + c, scale + c,
+              fwd_span_any<A, false>(x + off, r ? r + off : nullptr, y + off, nullptr, n, mean + c, scale + c,
                                  shift + c);
             },
             [&](int64_t off, int64_t rem, int64_t c, int64_t cn) FUSEDREG_ALWAYS_INLINE {
@@ -1036,7 +1466,7 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
               straddle_values(mean, rem, c, cn, mu);
               straddle_values(scale, rem, c, cn, k);
               straddle_values(shift, rem, c, cn, b);
-              fwd_span<A, true>(x + off, r ? r + off : nullptr, y + off, nullptr, kFlat, mu, k, b);
+              fwd_span_any<A, true>(x + off, r ? r + off : nullptr, y + off, nullptr, kFlat, mu, k, b);
             });
       });
     }, kFlat);
@@ -1051,7 +1481,7 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
       if (l.cl && !drop) {  // kFwdRows rows a step (fwd_rows), the chunk's last rows one by one below
         for (; row + kFwdRows <= r1; row += kFwdRows) {
           const int64_t off = row * len;
-          fwd_rows<A>(x + off, r ? r + off : nullptr, y + off, len, mean, scale, shift);
+          fwd_rows_any<A>(x + off, r ? r + off : nullptr, y + off, len, mean, scale, shift);
         }
       }
       for (; row < r1; ++row) {
@@ -1059,9 +1489,9 @@ void forward_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
         const int64_t off = row * len;
         const x_t* rr = r ? r + off : nullptr;
         if (l.cl) {
-          fwd_span<A, true>(x + off, rr, y + off, ks, len, mean, scale, shift);
+          fwd_span_any<A, true>(x + off, rr, y + off, ks, len, mean, scale, shift);
         } else {
-          fwd_span<A, false>(x + off, rr, y + off, ks, len, mean + c, scale + c, shift + c);
+          fwd_span_any<A, false>(x + off, rr, y + off, ks, len, mean + c, scale + c, shift + c);
           if (++c == l.C) c = 0;
         }
       }
@@ -1151,43 +1581,64 @@ inline RowBlocks row_blocks(int64_t L, int64_t C) {
 template <typename x_t>
 inline FUSEDREG_ALWAYS_INLINE void ncs_channel_stats(const Layout& l, const x_t* x, int64_t c,
                                                      Lanes<at::opmath_type<x_t>, kLanes<at::opmath_type<x_t>>>& lanes,
-                                                     at::opmath_type<x_t>& mean_out, at::opmath_type<x_t>& var_out) {
+                                                     at::opmath_type<x_t>& mean_out, at::opmath_type<x_t>& var_out,
+                                                     StageBuf& stage) {
   using acc_t = at::opmath_type<x_t>;
   const int64_t C = l.C;
   const int64_t numel = l.N * C * l.S;
+  // float16: the rows staged (staged_len) at a stride of ls, the passes over the copies
+  const int64_t ls = (l.S + kTailStep - 1) / kTailStep * kTailStep;
   if (l.N * l.S * static_cast<int64_t>(sizeof(x_t)) <= kWholeChannelBytes) {
     const acc_t k = static_cast<acc_t>(x[c * l.S]);
-    const x_t* x0 = x + c * l.S;  // row i at x0 + i * stride
-    const int64_t stride = C * l.S;
     auto readable = [&](int64_t i) FUSEDREG_ALWAYS_INLINE { return numel - (i * C + c) * l.S; };
-    lanes.clear();
-    lanes.add_rows(
-        l.N, l.S, [&](int64_t i, int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(x0[i * stride + j]) - k; },
-        readable);
-    const acc_t count = static_cast<acc_t>(l.N * l.S);
-    const acc_t mu = k + lanes.sum() / count;
-    lanes.clear();
-    lanes.template add_rows<true>(
-        l.N, l.S, [&](int64_t i, int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(x0[i * stride + j]) - mu; },
-        readable);
-    mean_out = mu;
-    var_out = lanes.sum() / count;
+    // the two passes over the channel's rows, row i at x0 + i * stride
+    auto passes = [&](const auto* x0, int64_t stride) FUSEDREG_ALWAYS_INLINE {
+      lanes.clear();
+      lanes.add_rows(
+          l.N, l.S, [&](int64_t i, int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(x0[i * stride + j]) - k; },
+          readable);
+      const acc_t count = static_cast<acc_t>(l.N * l.S);
+      const acc_t mu = k + lanes.sum() / count;
+      lanes.clear();
+      lanes.template add_rows<true>(
+          l.N, l.S, [&](int64_t i, int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(x0[i * stride + j]) - mu; },
+          readable);
+      mean_out = mu;
+      var_out = lanes.sum() / count;
+    };
+    if constexpr (kStaged<x_t>) {
+      float* f = stage.get(l.N * ls);
+      for (int64_t i = 0; i < l.N; ++i) stage_in(x + (i * C + c) * l.S, f + i * ls, staged_len(l.S, readable(i)));
+      passes(static_cast<const float*>(f), ls);
+    } else {
+      passes(x + c * l.S, C * l.S);
+    }
     return;
   }
   acc_t n = 0, mu = 0, m2 = 0;
   for (int64_t i = 0; i < l.N; ++i) {
-    const x_t* row = x + (i * C + c) * l.S;
-    // the mean of the deviations from the row's first value: a mean of 1e3 is then
-    // exact to the last bits of the spread, not to an ulp of the row's sum
-    const acc_t k = static_cast<acc_t>(row[0]);
-    lanes.clear();
     const int64_t readable = numel - (i * C + c) * l.S;
-    lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - k; }, readable);
-    const acc_t mr = k + lanes.sum() / l.S;
-    lanes.clear();
-    lanes.template add<true>(
-        l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - mr; }, readable);
-    chan_merge(n, mu, m2, static_cast<acc_t>(l.S), mr, lanes.sum());
+    // the two passes over row i
+    auto passes = [&](const auto* row) FUSEDREG_ALWAYS_INLINE {
+      // the mean of the deviations from the row's first value: a mean of 1e3 is then
+      // exact to the last bits of the spread, not to an ulp of the row's sum
+      const acc_t k = static_cast<acc_t>(row[0]);
+      lanes.clear();
+      lanes.add(l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - k; }, readable);
+      const acc_t mr = k + lanes.sum() / l.S;
+      lanes.clear();
+      lanes.template add<true>(
+          l.S, [&](int64_t j) FUSEDREG_ALWAYS_INLINE { return to_acc<acc_t>(row[j]) - mr; }, readable);
+      chan_merge(n, mu, m2, static_cast<acc_t>(l.S), mr, lanes.sum());
+    };
+    const x_t* row = x + (i * C + c) * l.S;
+    if constexpr (kStaged<x_t>) {
+      float* f = stage.get(ls);
+      stage_in(row, f, staged_len(l.S, readable));
+      passes(static_cast<const float*>(f));
+    } else {
+      passes(row);
+    }
   }
   mean_out = mu;
   var_out = m2 / n;
@@ -1386,8 +1837,9 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
   if (!l.cl) {
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       Lanes<acc_t, kLanes<acc_t>> lanes;
+      StageBuf stage;
       for (int64_t c = c0; c < c1; ++c) {
-        dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE { ncs_channel_stats(l, x, c, lanes, mean[c], var[c]); });
+        dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE { ncs_channel_stats(l, x, c, lanes, mean[c], var[c], stage); });
       }
     });
     return;
@@ -1397,6 +1849,7 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
   std::unique_ptr<acc_t[]> pm(new acc_t[rb.n_blocks * C]), pm2(new acc_t[rb.n_blocks * C]);
   for_each_task(rb.n_blocks, [&](auto next_task) {
     std::vector<acc_t> shift(C);  // the block's first row: the mean is taken of deviations from it
+    StageBuf stage;
     for (int64_t b = next_task(); b >= 0; b = next_task()) {
       const int64_t r0 = b * rb.per_block, r1 = std::min(L, r0 + rb.per_block);
       acc_t* m = pm.get() + b * C;
@@ -1406,12 +1859,13 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
       const acc_t inv = acc_t(1) / static_cast<acc_t>(r1 - r0);
       acc_t* k = shift.data();
       for (int64_t c = 0; c < C; ++c) k[c] = static_cast<acc_t>(x[r0 * C + c]);
-      dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+      // the block's two passes over its rows, rows [r, r + n) at rows(r, n)
+      auto passes = [&](const auto& rows) FUSEDREG_ALWAYS_INLINE {
         // kRows rows a step (each channel's sums loaded and stored once for them, the rows
         // added in order: the same adds as row by row)
         int64_t r = r0;
         for (; r + kRows <= r1; r += kRows) {
-          const x_t* row = x + r * C;
+          const auto* row = rows(r, kRows);
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             acc_t s = m[c];
@@ -1422,7 +1876,7 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
           }
         }
         for (; r < r1; ++r) {
-          const x_t* row = x + r * C;
+          const auto* row = rows(r, 1);
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) m[c] += to_acc<acc_t>(row[c]) - k[c];
         }
@@ -1430,7 +1884,7 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
         for (int64_t c = 0; c < C; ++c) m[c] = k[c] + m[c] * inv;
         r = r0;
         for (; r + kRows <= r1; r += kRows) {
-          const x_t* row = x + r * C;
+          const auto* row = rows(r, kRows);
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             acc_t s = q[c];
@@ -1444,12 +1898,26 @@ void stats_kernel(const Layout& l, const x_t* x, at::opmath_type<x_t>* mean, at:
           }
         }
         for (; r < r1; ++r) {
-          const x_t* row = x + r * C;
+          const auto* row = rows(r, 1);
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             const acc_t d = to_acc<acc_t>(row[c]) - m[c];
             q[c] += d * d;
           }
+        }
+      };
+      dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
+        if constexpr (kStaged<x_t>) {  // each pass stages its steps of rows (in the L1 cache)
+#if FUSEDREG_X86_DISPATCH
+          if (h16_regs<Activation::kNone, x_t>()) return cl_stats_h16_avx512<kRows>(x + r0 * C, C, r1 - r0, k, inv, m, q);
+#endif
+          float* f = stage.get(kRows * C);
+          passes([&](int64_t r, int64_t n) FUSEDREG_ALWAYS_INLINE {
+            stage_in(x + r * C, f, n * C);
+            return static_cast<const float*>(f);
+          });
+        } else {
+          passes([&](int64_t r, int64_t) FUSEDREG_ALWAYS_INLINE { return x + r * C; });
         }
       });
     }
@@ -1504,9 +1972,10 @@ void forward_train_ncs_kernel(const Layout& l, const x_t* x, const x_t* r, x_t* 
   const acc_t e = static_cast<acc_t>(eps);
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     Lanes<acc_t, kLanes<acc_t>> lanes;
+    StageBuf stage;
     for (int64_t c = c0; c < c1; ++c) {
       acc_t mu, v;
-      dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE { ncs_channel_stats(l, x, c, lanes, mu, v); });
+      dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE { ncs_channel_stats(l, x, c, lanes, mu, v, stage); });
       const acc_t inv = acc_t(1) / std::sqrt(v + e);
       const acc_t k = w ? inv * w[c] : inv, b = bias ? bias[c] : acc_t(0);
       dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
@@ -1607,14 +2076,45 @@ template <Activation A, typename x_t>
 inline FUSEDREG_ALWAYS_INLINE void ncs_channel_sums(const Layout& l, const BwdArgs<x_t>& a, int64_t c,
                                                     Lanes<at::opmath_type<x_t>, kLanes2<at::opmath_type<x_t>>>& l1,
                                                     Lanes<at::opmath_type<x_t>, kLanes2<at::opmath_type<x_t>>>& l2,
-                                                    at::opmath_type<x_t>& s1, at::opmath_type<x_t>& s2) {
+                                                    at::opmath_type<x_t>& s1, at::opmath_type<x_t>& s2,
+                                                    StageBuf& stage) {
   using acc_t = at::opmath_type<x_t>;
   const int64_t C = l.C, len = l.S;
   const x_t* rb = a.r ? a.r : a.x;
   const acc_t rf = a.r ? acc_t(1) : acc_t(0);
   l1.clear();
   l2.clear();
-  if (len <= kLaneChunk) {  // short rows: the lanes in registers across the rows
+  bool staged = false;
+  if constexpr (kStaged<x_t>) staged = !h16_regs<A, x_t>();  // (in registers: the rows in place)
+  if (staged) {
+    if constexpr (kStaged<x_t>) {
+      // the rows staged (staged_len) a group at a time, dy, x (and the residual) at a row stride
+      // of ls in three arrays; the same calls on them as below, with the tensor's readable counts
+      const int64_t numel = l.N * C * len, ls = (len + kTailStep - 1) / kTailStep * kTailStep;
+      const bool own_r = A != Activation::kNone && a.r;
+      const int64_t per = std::max<int64_t>(1, 4096 / ls);  // rows a group
+      const int64_t cap = std::min(per, l.N) * ls;
+      float* fdy = stage.get(3 * cap);
+      float* fx = fdy + cap;
+      float* fr = own_r ? fx + cap : fx;
+      for (int64_t i0 = 0; i0 < l.N; i0 += per) {
+        const int64_t i1 = std::min(l.N, i0 + per);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t off = (i * C + c) * len, n = staged_len(len, numel - off), o = (i - i0) * ls;
+          stage_in(a.dy + off, fdy + o, n);
+          stage_in(a.x + off, fx + o, n);
+          if (own_r) stage_in(a.r + off, fr + o, n);
+        }
+        if (len <= kLaneChunk) {
+          dz_sums_short_rows<A>(fdy, fx, fr, rf, i1 - i0, ls, len, a.mean[c], a.invstd[c], a.scale[c], a.shift[c], l1,
+                                l2, [&](int64_t k) FUSEDREG_ALWAYS_INLINE { return numel - ((i0 + k) * C + c) * len; });
+        } else {  // one row a group
+          dz_sums_span<A>(fdy, fx, fr, rf, len, a.mean[c], a.invstd[c], a.scale[c], a.shift[c], l1, l2,
+                          numel - (i0 * C + c) * len);
+        }
+      }
+    }
+  } else if (len <= kLaneChunk) {  // short rows: the lanes in registers across the rows
     const int64_t off0 = c * len, numel = l.N * C * len;
     dz_sums_short_rows<A>(a.dy + off0, a.x + off0, rb + off0, rf, l.N, C * len, len, a.mean[c], a.invstd[c],
                           a.scale[c], a.shift[c], l1, l2,
@@ -1648,11 +2148,12 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
       KeepScale keep(len);
       std::vector<acc_t> g(len), xh(len);
       Lanes<acc_t, kLanes2<acc_t>> l1, l2;
+      StageBuf stage;
       for (int64_t c = c0; c < c1; ++c) {
         acc_t s1 = 0, s2 = 0;
         dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
           if (!drop) {  // the sums straight from the dy, x (and residual) rows, no row buffers
-            ncs_channel_sums<A>(l, a, c, l1, l2, s1, s2);
+            ncs_channel_sums<A>(l, a, c, l1, l2, s1, s2, stage);
             return;
           }
           for (int64_t i = 0; i < l.N; ++i) {
@@ -1708,13 +2209,23 @@ void bwd_reduce_kernel(const Layout& l, const BwdArgs<x_t>& a, at::opmath_type<x
               prefetch_span(a.dy + ahead, kRows * len);
               prefetch_span(a.x + ahead, kRows * len);
               if (a.r) prefetch_span(a.r + ahead, kRows * len);
-              dz_sums_rows<A, ST>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale, a.shift,
-                                  q1, q2, ST ? gz + off : nullptr);
+              if constexpr (ST) {
+                dz_sums_rows<A, true>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale,
+                                      a.shift, q1, q2, gz + off);
+              } else {
+                dz_sums_rows_any<A>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale,
+                                    a.shift, q1, q2);
+              }
             }
             for (; row < r1; ++row) {
               const int64_t off = row * len;
-              dz_sums_row<A, ST>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale, a.shift,
-                                 q1, q2, ST ? gz + off : nullptr);
+              if constexpr (ST) {
+                dz_sums_row<A, true>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale,
+                                     a.shift, q1, q2, gz + off);
+              } else {
+                dz_sums_row_any<A>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale, a.shift,
+                                   q1, q2);
+              }
             }
           };
           if (gz) {
@@ -1770,10 +2281,11 @@ void bwd_fused_ncs_kernel(const Layout& l, const BwdArgs<x_t>& a, double count, 
     constexpr bool GR = decltype(with_gr)::value;
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       Lanes<acc_t, kLanes2<acc_t>> l1, l2;
+      StageBuf stage;
       for (int64_t c = c0; c < c1; ++c) {
         acc_t s1 = 0, s2 = 0;
         dispatch_isa([&](auto) FUSEDREG_ALWAYS_INLINE {
-          ncs_channel_sums<A>(l, a, c, l1, l2, s1, s2);
+          ncs_channel_sums<A>(l, a, c, l1, l2, s1, s2, stage);
           const acc_t q1 = s1 / n, q2 = s2 / n;  // m1, m2 as bwd_elemt_cpu divides them
           for (int64_t i = 0; i < l.N; ++i) {
             alignas(64) x_t tr[kFlat];
@@ -1825,7 +2337,7 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
             ncs_flat(
                 l, r0, r1,
                 [&](int64_t off, int64_t n, int64_t c) FUSEDREG_ALWAYS_INLINE {
-                  elemt_span<A, false, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, n, a.mean + c, a.invstd + c,
+                  elemt_span_any<A, false, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, n, a.mean + c, a.invstd + c,
                                                a.scale + c, a.shift + c, GX == GxMode::kTrain ? m1 + c : nullptr,
                                                GX == GxMode::kTrain ? m2 + c : nullptr, gx ? gx + off : nullptr,
                                                GR ? gr + off : nullptr);
@@ -1840,7 +2352,7 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
                     straddle_values(m1, rem, c, cn, q1);
                     straddle_values(m2, rem, c, cn, q2);
                   }
-                  elemt_span<A, true, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, kFlat, mu, inv, k, b, q1, q2,
+                  elemt_span_any<A, true, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, kFlat, mu, inv, k, b, q1, q2,
                                               gx ? gx + off : nullptr, GR ? gr + off : nullptr);
                 });
           });
@@ -1858,7 +2370,7 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
               constexpr int R = decltype(rows)::value;
               for (; row + R <= r1; row += R) {
                 const int64_t off = row * len;
-                elemt_rows<R, A, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale,
+                elemt_rows_any<R, A, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale,
                                          a.shift, q1, q2, gx ? gx + off : nullptr, GR ? gr + off : nullptr);
               }
             };
@@ -1875,10 +2387,10 @@ void bwd_elemt_kernel(const Layout& l, const BwdArgs<x_t>& a, const at::opmath_t
             const acc_t* q1 = GX == GxMode::kTrain ? m1 + c : nullptr;
             const acc_t* q2 = GX == GxMode::kTrain ? m2 + c : nullptr;
             if (l.cl) {
-              elemt_span<A, true, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale,
+              elemt_span_any<A, true, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean, a.invstd, a.scale,
                                           a.shift, q1, q2, gx ? gx + off : nullptr, GR ? gr + off : nullptr);
             } else {
-              elemt_span<A, false, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean + c, a.invstd + c,
+              elemt_span_any<A, false, GX, GR>(a.dy + off, a.x + off, rbase + off, rf, len, a.mean + c, a.invstd + c,
                                            a.scale + c, a.shift + c, q1, q2, gx ? gx + off : nullptr,
                                            GR ? gr + off : nullptr);
             }
