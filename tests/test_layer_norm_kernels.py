@@ -1,5 +1,6 @@
 """Kernel-level tests of the cpu layer_norm kernels (csrc/cpu/layer_norm.cpp): paths chosen
 by a call's size and row length that the functional tests (test_layer_norm.py) do not reach."""
+import numpy as np
 import pytest
 import torch
 
@@ -69,45 +70,73 @@ def _round_to_bf16_bits(t):
     return ((u + ((u >> 16) & 1) + 0x7FFF) >> 16).to(torch.int32).to(torch.int16)
 
 
+def _round_to_fp16_bits(t):
+    """The bits of float32 t rounded to fp16 as c10 rounds: to nearest even (subnormals and
+    overflow to inf included, by numpy's conversion rather than torch's), a NaN as its sign |
+    0x7E00."""
+    with np.errstate(over="ignore"):
+        h = torch.from_numpy(t.numpy().astype(np.float16).view(np.int16))
+    sign = (t.view(torch.int32) < 0).to(torch.int16) * -0x8000
+    return torch.where(t.isnan(), sign | 0x7E00, h)
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("rms", [True, False], ids=["rms", "layer"])
 @pytest.mark.parametrize("M,N,params", [
     *((M, N, params) for M, N in [(3, 1), (5, 7), (9, 16), (7, 48), (17, 1000), (4, 1031), (2000, 1008)]
       for params in ["w", "w32", "wb", "b", "none"]),
     (4000, 1000, "w"), (8200, 1040, "w"), (8200, 1040, "wb")])
-def test_cpu_bf16_plain_norm_is_the_float32_kernel_rounded(M, N, params, rms):
-    """A plain bf16 norm (no dropout, no residual) reads its rows in place at the AVX-512 level
-    when N is a multiple of 16 (else it converts them to float32 first); either way its
-    statistics and its y before rounding are those of the same call on the float32 copy of x
-    (the same sums in the same order, the same expressions), so y is that call's y rounded to
-    nearest even, bit for bit, and mean / rstd are equal, at one and two threads. N a multiple
-    of 16 and not (4000 x 1000: rows whose sums' scalar tails once gave other bits), shorter
-    than one vector, and a call whose x and y (34 MB) exceed a 32 MiB L3 (streamed stores
-    there); values of a non-zero mean, a weight that makes some outputs bf16 subnormals
-    (rounded as c10 rounds them), and both weight dtypes."""
-    x = _data((M, N), torch.bfloat16, 5, 3.0)
-    wdt = torch.float32 if params == "w32" else torch.bfloat16
+def test_cpu_half_plain_norm_is_the_float32_kernel_rounded(M, N, params, rms, dtype):
+    """A plain bf16 or fp16 norm (no dropout, no residual) reads its rows in place at the
+    AVX-512 level when N is a multiple of 16 (else it converts them to float32 first); either
+    way its statistics and its y before rounding are those of the same call on the float32
+    copy of x (the same sums in the same order, the same expressions), so y is that call's y
+    rounded to nearest even, bit for bit, and mean / rstd are equal, at one and two threads.
+    N a multiple of 16 and not (4000 x 1000: rows whose sums' scalar tails once gave other
+    bits), shorter than one vector, and a call whose x and y (34 MB) exceed a 32 MiB L3
+    (streamed stores there); values of a non-zero mean, a weight that makes some outputs
+    subnormals of the dtype (rounded as c10 rounds them), in fp16 some outputs past its range
+    (inf) and a row holding a NaN (y NaN, stored as sign | 0x7E00), and both weight dtypes."""
+    x = _data((M, N), dtype, 5, 3.0)
+    wdt = torch.float32 if params == "w32" else dtype
     w = _data((N,), wdt, 6, 1.0) if "w" in params else None
     b = _data((N,), wdt, 7, 0.5) if "b" in params else None
     if w is not None:
-        w[::3] *= 1e-38  # y under bf16's smallest normal in every third column
+        # y under the dtype's smallest normal in every third column
+        w[::3] *= 1e-38 if dtype == torch.bfloat16 else 1e-6
+        if dtype == torch.float16 and N > 2:
+            w[1::5] *= 3e4  # |y| past fp16's largest finite value in some rows
+    if dtype == torch.float16 and M > 2:
+        x[1, N // 2] = float("nan")
     seed = torch.tensor([1], dtype=torch.int64)
     fwd = torch.ops.fusedreg.layer_norm_fwd
 
     def run(xs, ws, bs, h_dtype):
         return fwd(xs, None, ws, bs, 1e-5, 0.0, seed, rms, h_dtype, False)
 
-    for y, _, mean, rstd in results_at_one_and_two_threads(lambda: run(x, w, b, torch.bfloat16)):
+    rounded = _round_to_bf16_bits if dtype == torch.bfloat16 else _round_to_fp16_bits
+    for y, _, mean, rstd in results_at_one_and_two_threads(lambda: run(x, w, b, dtype)):
         f = lambda t: None if t is None else t.float()  # noqa: E731
         y32, _, mean32, rstd32 = run(x.float(), f(w), f(b), torch.float32)
-        assert y.dtype == torch.bfloat16
-        assert torch.equal(y.view(torch.int16), _round_to_bf16_bits(y32))
-        assert torch.equal(rstd, rstd32) and torch.equal(mean, mean32)
-        # and the reference's math in float64, within bf16's rounding of y
+        assert y.dtype == dtype
+        yb, yb32 = y.view(torch.int16), rounded(y32)
+        nan = y32.isnan()
+        assert torch.equal(yb[~nan], yb32[~nan])
+        assert torch.equal(yb[nan] & 0x7FFF, yb32[nan] & 0x7FFF)  # NaN as sign | 0x7E00
+        # bitwise, NaN for NaN (a NaN's sign and payload are left to the instructions)
+        for s, s32 in ((rstd, rstd32), (mean, mean32)):
+            assert torch.equal(s.isnan(), s32.isnan())
+            assert torch.equal(s.nan_to_num(0).view(torch.int32), s32.nan_to_num(0).view(torch.int32))
+        # and the reference's math in float64, within the dtype's rounding of y (a half ulp)
         x64 = x.double()
         mu = torch.zeros(M, 1, dtype=torch.float64) if rms else x64.mean(-1, keepdim=True)
         ref = (x64 - mu) * torch.rsqrt((x64 - mu).pow(2).mean(-1, keepdim=True) + 1e-5)
         ref = ref * (w.double() if w is not None else 1) + (b.double() if b is not None else 0)
-        torch.testing.assert_close(y.double(), ref, rtol=2 ** -8, atol=1e-5)
+        tol = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -10
+        ref = torch.where(y.isinf(), ref.to(dtype).double(), ref)  # past fp16's range: inf both
+        # columns of a large weight relative to it: the float32 mean's rounding, times w
+        scale = w.double().abs().clamp(min=1) if w is not None else 1
+        torch.testing.assert_close(y.double() / scale, ref / scale, rtol=tol, atol=1e-5, equal_nan=True)
         torch.testing.assert_close(rstd.double(), 1 / (x64 - mu).pow(2).mean(-1).add(1e-5).sqrt(),
-                                   rtol=1e-5, atol=0)
+                                   rtol=1e-5, atol=0, equal_nan=True)

@@ -5,8 +5,8 @@
 // Row blocks are spread over threads by cpu::for_each_task (fusedreg/cpu/scheduler.h) and run
 // at the CPU's instruction-set level (fusedreg/cpu/isa.h). Each row is copied once into an
 // fp32 scratch row (L1/L2 resident) so the statistics and the output read it from cache (a
-// bf16 row of a plain norm, without dropout or residual, is read in place instead, each vector
-// widened in registers and y rounded in registers: bf16_out), and
+// bf16 or fp16 row of a plain norm, without dropout or residual, is read in place instead, each
+// vector widened in registers and y rounded in registers: plain_row), and
 // the dropout uniforms of a row are drawn in bulk (fusedreg/cpu/uniforms.h; at the AVX-512
 // level 0/1 floats from the Philox words' keep bits instead, fusedreg/cpu/keep_bits.h: read as
 // the uniforms are, u >= p, the same decisions and the same loops). Sums run in
@@ -281,7 +281,14 @@ inline FUSEDREG_ALWAYS_INLINE HalfX16 high_halves(HalfX32 w) {
   return __builtin_shufflevector(w, w, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-// A vector V of floats (or doubles) from p: loaded, or from 16 bf16 widened in registers (exact).
+// A vector V of floats (or doubles) from p: loaded, or from 16 bf16 or fp16 widened in
+// registers (exact).
+// fp16 is widened by vcvtph2ps written as inline assembly: this template has no target
+// attribute (it serves every level), GCC refuses to inline an AVX-512 intrinsic (a function of
+// that target) into it even where it is itself inlined into the AVX-512 level's code, and
+// GCC 12 makes a scalar conversion per element of __builtin_convertvector from _Float16. The
+// assembly is not volatile and names the 32 bytes it reads, so GCC schedules it as a load.
+typedef uint16_t HalfX16Alias __attribute__((vector_size(32), may_alias));
 template <typename V, typename T>
 inline FUSEDREG_ALWAYS_INLINE V load_vec(const T* p) {
   V a;
@@ -291,6 +298,12 @@ inline FUSEDREG_ALWAYS_INLINE V load_vec(const T* p) {
     std::memcpy(&h, p, sizeof(h));
     const HalfX32 u = widen(h);
     std::memcpy(&a, &u, sizeof(V));
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    static_assert(sizeof(V) == sizeof(FloatX16) && FUSEDREG_X86_DISPATCH,
+                  "fp16 rows are read in place at the AVX-512 level only");
+    FloatX16 f;
+    asm("vcvtph2ps %1, %0" : "=v"(f) : "m"(*reinterpret_cast<const HalfX16Alias*>(p)));
+    std::memcpy(&a, &f, sizeof(V));
   } else {
     std::memcpy(&a, p, sizeof(V));
   }
@@ -324,7 +337,7 @@ constexpr int kSumVecBytes = ISA == cpu::Isa::kAvx512 ? 64 : (ISA == cpu::Isa::k
 // accumulator (the `omp simd` reduction) made each vector wait for the previous one's add or
 // FMA, about 4 cycles, so these passes over an L1-resident row ran at a quarter of the loads'
 // rate or less.
-// T: acc_t, or bf16 read in place (each vector widened in registers: the same values, so the
+// T: acc_t, or bf16 / fp16 read in place (each vector widened in registers: the same values, so the
 // same sums as over its fp32 copy).
 template <cpu::Isa ISA, bool SQ, typename acc_t, typename T>
 inline FUSEDREG_ALWAYS_INLINE acc_t row_sum_vec(const T* v, int64_t N, acc_t mu) {
@@ -437,6 +450,101 @@ inline FUSEDREG_ALWAYS_INLINE void bf16_out(const c10::BFloat16* x, const float*
   bf16_out<ISA, 0>(x, w, b, mu, rs, y, n);
 }
 
+#if FUSEDREG_X86_DISPATCH
+// 16 floats rounded to fp16 at dst as c10 rounds: vcvtps2ph (to nearest even), the NaN lanes
+// set to sign | 0x7E00, the values of cpu::row_from_float's F16C loop. (The code of
+// fusedreg/cpu/half_convert.h's half16_store: including that header changed GCC's code for
+// this file's baseline level, and the sign of a NaN in the fp16 backward's grad_x.)
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store_half(c10::Half* dst, __m512 x) {
+  __m256i v = _mm512_maskz_cvtps_ph(0xFFFF, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  if (__builtin_expect(nan != 0, 0)) {
+    const __m256i quiet = _mm256_ternarylogic_epi32(v, _mm256_set1_epi16(int16_t(0x8000)),
+                                                    _mm256_set1_epi16(0x7E00), 0xEA);
+    v = _mm256_mask_blend_epi16(nan, v, quiet);
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
+}
+#endif
+
+// The statistics of a plain norm's row x read in place (bf16 or fp16: each vector widened in
+// registers): mean (rms: 0) and rstd.
+template <cpu::Isa ISA, typename x_t>
+inline FUSEDREG_ALWAYS_INLINE void plain_stats(const x_t* xr, int64_t N, bool rms, float eps, float& mu, float& rs) {
+  mu = rms ? 0.0f : row_sum_vec<ISA, false>(xr, N, 0.0f) / N;
+  const float var = row_sum_vec<ISA, true>(xr, N, mu);
+  rs = 1.0f / std::sqrt(var / N + eps);
+}
+
+// One bf16 row x of a plain norm (no dropout, no residual, no stored h) read in place, y
+// written (streamed when nt: through bits, a chunk of scratch); nx: the next row to prefetch,
+// or null; mean (null for RMS) and rstd: where the statistics go.
+template <cpu::Isa ISA, typename x_t>
+inline FUSEDREG_ALWAYS_INLINE void plain_row(const x_t* xr, x_t* yr, const x_t* nx, int64_t N, bool rms, float eps,
+                                             const float* w, const float* b, float* mean, float* rstd, x_t* bits,
+                                             bool nt) {
+  float mu, rs;
+  plain_stats<ISA>(xr, N, rms, eps, mu, rs);
+  if (mean) *mean = mu;
+  *rstd = rs;
+  for (int64_t j0 = 0; j0 < N; j0 += kStoreChunk) {
+    const int64_t j1 = std::min(N, j0 + kStoreChunk);
+    for (int64_t k = j0; k < j1; k += kPrefetchChunk) prefetch_chunk(nx, k);
+    const float* wc = w ? w + j0 : nullptr;
+    const float* bc = b ? b + j0 : nullptr;
+    if (nt) {
+      bf16_out<ISA>(xr + j0, wc, bc, mu, rs, bits, j1 - j0);
+      cpu::store_row_nt<ISA>(yr + j0, bits, (j1 - j0) * int64_t(sizeof(x_t)));
+    } else {
+      bf16_out<ISA>(xr + j0, wc, bc, mu, rs, yr + j0, j1 - j0);
+    }
+  }
+}
+
+#if FUSEDREG_X86_DISPATCH
+// plain_row's output loop for an fp16 row: y rounded by vcvtps2ph (store_half), F & 1 with the
+// weight, F & 2 with the bias.
+template <int F>
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void half_row_out(const c10::Half* xr, c10::Half* yr,
+                                                                      const c10::Half* nx, int64_t N,
+                                                                      const float* w, const float* b, float mu,
+                                                                      float rs, c10::Half* bits, bool nt) {
+  for (int64_t j0 = 0; j0 < N; j0 += kStoreChunk) {
+    const int64_t j1 = std::min(N, j0 + kStoreChunk);
+    for (int64_t k = j0; k < j1; k += kPrefetchChunk) prefetch_chunk(nx, k);
+    c10::Half* yc = nt ? bits : yr + j0;  // y[j] at yc[j - j0]
+    int64_t j = j0;
+    for (; j + 16 <= j1; j += 16)
+      store_half(yc + (j - j0), (__m512)out_expr<F>(load_vec<FloatX16>(xr + j), w, b, mu, rs, j));
+    for (; j < j1; ++j) yc[j - j0] = c10::Half(out_expr<F>(static_cast<float>(xr[j]), w, b, mu, rs, j));
+    if (nt) cpu::store_row_nt<cpu::Isa::kAvx512>(yr + j0, bits, (j1 - j0) * int64_t(sizeof(c10::Half)));
+  }
+}
+
+// plain_row of an fp16 row (AVX-512 level), out of line with this target, so that the output
+// loop's intrinsics (store_half) inline into it (3-5% faster than a call per chunk of y).
+// Inlined into forward_rows, this code also changed how GCC compiled the copy path's sums
+// there, and with it which NaN a LayerNorm row's sums kept where an input NaN met inf - inf:
+// in 364 of 12336 hashed forward outputs the NaN in mean, rstd and y had the other sign than
+// the previous build's; out of line, 218 (142 with a call per chunk), each in an fp16
+// LayerNorm row holding a NaN and both infinities; every other bit is the previous build's.
+// When two NaNs meet, which one an add keeps is its operands' order, which the compiler picks.
+FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void half_plain_row(const c10::Half* xr, c10::Half* yr,
+                                                                   const c10::Half* nx, int64_t N, bool rms,
+                                                                   float eps, const float* w, const float* b,
+                                                                   float* mean, float* rstd, c10::Half* bits,
+                                                                   bool nt) {
+  float mu, rs;
+  plain_stats<cpu::Isa::kAvx512>(xr, N, rms, eps, mu, rs);
+  if (mean) *mean = mu;
+  *rstd = rs;
+  if (w && b) return half_row_out<3>(xr, yr, nx, N, w, b, mu, rs, bits, nt);
+  if (w) return half_row_out<1>(xr, yr, nx, N, w, b, mu, rs, bits, nt);
+  if (b) return half_row_out<2>(xr, yr, nx, N, w, b, mu, rs, bits, nt);
+  half_row_out<0>(xr, yr, nx, N, w, b, mu, rs, bits, nt);
+}
+#endif
+
 // Scratch rows of the forward (cpu::ScratchRows indices).
 enum FwdScratch { kFwdH, kFwdX, kFwdRes, kFwdY, kFwdBits, kFwdRows };
 
@@ -468,41 +576,31 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
   // Rows a whole number of pages long keep the first row's scratch placement: place() is
   // called once (same_page_offsets).
   const bool same_offsets = same_page_offsets<x_t, h_t>(N);
-  // A plain bf16 norm whose rows are whole vectors of the AVX-512 level: bf16_out below.
+  // A plain bf16 / fp16 norm whose rows are whole vectors of the AVX-512 level: plain_row below.
   [[maybe_unused]] const bool plain = !dropout && !a.residual && !a.h && N % 16 == 0;
   for (int64_t r = r0; r < r1; ++r) {
     const x_t* xr = a.x + r * N;
     const h_t* rr = a.residual ? a.residual + r * N : nullptr;
     h_t* hr = a.h ? a.h + r * N : nullptr;
     x_t* yr = a.y + r * N;
-    if constexpr (std::is_same_v<x_t, c10::BFloat16> && ISA == cpu::Isa::kAvx512) {
-      // A plain bf16 norm reads its row in place: the statistics sums and the output widen
-      // each vector in registers, and y is rounded in registers and stored (streamed: through
-      // a chunk of scratch). The same values as the copy's, so the same bits, where the
+    if constexpr ((std::is_same_v<x_t, c10::BFloat16> || std::is_same_v<x_t, c10::Half>) &&
+                  ISA == cpu::Isa::kAvx512 && FUSEDREG_X86_DISPATCH) {
+      // A plain bf16 or fp16 norm reads its row in place (plain_row): the statistics sums and
+      // the output widen each vector in registers, and y is rounded in registers and stored
+      // (streamed: through a chunk of scratch). The same values as the copy's, so the same
+      // bits (but for the sign of some NaNs: half_plain_row), where the
       // statistics sums are whole vectors: at the AVX-512 level for N a multiple of 16. The
       // scalar tails of row_sum_vec's blocks did not reproduce the float instantiation's bits
       // in the bf16 one (layer_norm's variance: at AVX-512 N = 1000, 7 of 4000 rows differed
       // in rstd's last bit, at AVX2 N = 1031, 3 of 8200; presumably GCC vectorizing or
       // FMA-contracting the float tail differently), so those rows and levels keep the copy.
       if (plain) {
-        const acc_t mu = a.rms ? acc_t(0) : row_sum_vec<ISA, false>(xr, N, acc_t(0)) / N;
-        const acc_t var = row_sum_vec<ISA, true>(xr, N, mu);
-        const acc_t rs = acc_t(1) / std::sqrt(var / N + a.eps);
-        if (a.mean) a.mean[r] = mu;
-        a.rstd[r] = rs;
-        const x_t* nx = next_row(a.x, r, r1, N);
         x_t* bits = sc.template at_as<x_t>(kFwdBits);
-        for (int64_t j0 = 0; j0 < N; j0 += kStoreChunk) {
-          const int64_t j1 = std::min(N, j0 + kStoreChunk);
-          for (int64_t k = j0; k < j1; k += kPrefetchChunk) prefetch_chunk(nx, k);
-          const acc_t* wc = w ? w + j0 : nullptr;
-          const acc_t* bc = b ? b + j0 : nullptr;
-          if (nt) {
-            bf16_out<ISA>(xr + j0, wc, bc, mu, rs, bits, j1 - j0);
-            cpu::store_row_nt<ISA>(yr + j0, bits, (j1 - j0) * int64_t(sizeof(x_t)));
-          } else {
-            bf16_out<ISA>(xr + j0, wc, bc, mu, rs, yr + j0, j1 - j0);
-          }
+        float* mean = a.mean ? a.mean + r : nullptr;
+        if constexpr (std::is_same_v<x_t, c10::BFloat16>) {
+          plain_row<ISA>(xr, yr, next_row(a.x, r, r1, N), N, a.rms, a.eps, w, b, mean, a.rstd + r, bits, nt);
+        } else {
+          half_plain_row(xr, yr, next_row(a.x, r, r1, N), N, a.rms, a.eps, w, b, mean, a.rstd + r, bits, nt);
         }
         continue;
       }
