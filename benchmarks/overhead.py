@@ -70,11 +70,24 @@ def _min_time(fn, calls):
 
 def _crossover_pair(tfn, ffn, args, mode, reps, rounds, no_grad=False):
     """(torch's, the fused call's) fastest time of ``f(*args)`` ("no_grad": the forward, inside
-    ``torch.no_grad()`` when ``no_grad``; "fwd+bwd": forward and backward of its sum), the two
+    ``torch.no_grad()`` when ``no_grad``; "fwd+bwd": forward and backward of a fixed random
+    gradient), the two
     interleaved over ``rounds``, with the cpu backend named."""
+    grads = {}
+
+    def fwd_bwd(f):
+        # the backward of a gradient as training gives it (a dense tensor, the same every
+        # call), not of .sum() (an expanded tensor of ones, which some of torch's half-
+        # precision backwards take a slow path for)
+        y = f(*args)
+        g = grads.get(y.shape)
+        if g is None:
+            g = grads.setdefault(y.shape, torch.randn_like(y))
+        y.backward(g)
+
     def run(f):
         if mode != "no_grad":
-            return lambda: f(*args).sum().backward()
+            return lambda: fwd_bwd(f)
         if not no_grad:
             return lambda: f(*args)
 
@@ -118,14 +131,18 @@ def measure(rows=4, cols=768, calls=300, rounds=5, dtype=torch.float32):
 
 
 def crossover(calls=200, rounds=3, cols=(768, 4096),
-              rows=(1, 2, 4, 8, 16, 32, 48, 64, 256, 1024)):
+              rows=(1, 2, 4, 8, 16, 32, 48, 64, 256, 1024), dtype=torch.float32):
     """Rows (norm, rows, cols, numel, mode, torch us, fused us, ratio): torch's op against the
-    fused kernel of the cpu backend, each timed as in ``measure`` (min of N, interleaved)."""
+    fused kernel of the cpu backend, each timed as in ``measure`` (min of N, interleaved).
+    float16/bfloat16: layer_norm only (``AUTO_TORCH_BELOW["layer_norm_half"]``; rms_norm is
+    fused at every size), x, weight and bias of that dtype."""
     out = []
-    for norm in ("layer_norm", "rms_norm"):
+    norms = ("layer_norm",) if dtype in (torch.float16, torch.bfloat16) else ("layer_norm", "rms_norm")
+    for norm in norms:
         for n in cols:
             for m in rows:
-                x, w, b = torch.randn(m, n), torch.randn(n), torch.randn(n)
+                x, w, b = (torch.randn(m, n, dtype=dtype), torch.randn(n, dtype=dtype),
+                           torch.randn(n, dtype=dtype))
                 grads = tuple(t.clone().requires_grad_() for t in (x, w, b))
                 if norm == "layer_norm":
                     def tfn(x, w, b):
@@ -222,10 +239,10 @@ def crossover_batch_norm(calls=200, rounds=3, shapes=BN_CROSSOVER_SHAPES, dtype=
     of ``AUTO_TORCH_BELOW``: torch.batch_norm against the cpu backend's fused call, plain
     ("batch_norm") and with a residual and relu ("batch_norm_act", against
     ``relu(batch_norm(x) + r)``), in training and eval ("..._eval"). float16/bfloat16
-    (the "..._half" entries): x, parameters and running stats all of that dtype, as in a model
+    (the "..._bf16" / "..._f16" entries): x, parameters and running stats all of that dtype, as in a model
     converted with ``.to(dtype)``."""
     out = []
-    suffix = "_half" if dtype in (torch.float16, torch.bfloat16) else ""
+    suffix = {torch.bfloat16: "_bf16", torch.float16: "_f16"}.get(dtype, "")
     for shape in shapes:
         C = shape[1]
         x, r = (torch.randn(shape) + 1.0).to(dtype), torch.randn(shape).to(dtype)
@@ -309,11 +326,11 @@ def main(argv=None):
         if args.only == "batch_norm":
             return
     if args.crossover:
-        print(f"torch's norm vs the fused cpu kernel, fp32, {args.threads} thread(s), torch "
-              f"{torch.__version__}; min of N calls, interleaved; ratio = fused / torch")
+        print(f"torch's norm vs the fused cpu kernel, {args.dtype}, {args.threads} thread(s), "
+              f"torch {torch.__version__}; min of N calls, interleaved; ratio = fused / torch")
         print(f"{'norm':10s} {'shape':>12s} {'numel':>9s} {'mode':8s} {'torch us':>9s} "
               f"{'fused us':>9s} {'ratio':>6s}")
-        for norm, m, n, numel, mode, t, f, ratio in crossover():
+        for norm, m, n, numel, mode, t, f, ratio in crossover(dtype=getattr(torch, args.dtype)):
             print(f"{norm:10s} {f'{m}x{n}':>12s} {numel:9d} {mode:8s} {t:9.1f} {f:9.1f} {ratio:6.2f}")
         return
     fusedreg.set_backend(args.backend)

@@ -1106,7 +1106,7 @@ PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // elements (`limit_grad` when grad mode is on and x, weight, bias or the residual requires
 // grad), no elements, one value per channel in training, and anything outside the common case
 // that the caller's checks own: a tensor that is not a plain CPU one, x not float32/float64/
-// float16/bfloat16 (the caller passes the "_half" entries' limits for the last two) or under 2
+// float16/bfloat16 (the caller passes the "_f16" / "_bf16" entries' limits for those) or under 2
 // dims, vectors not 1-D, one running stat without the other (or none in eval), a
 // residual of another dtype or shape, a non-finite momentum, eps outside (0, inf), a mode,
 // functorch layer or tracer, or arguments torch's op refuses (it checks before it writes).

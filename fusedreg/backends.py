@@ -75,40 +75,59 @@ AUTO: dict[str, dict[str, tuple[str, ...]]] = {
 # every size; act the same from 1024 (0.93-1.00x there at one thread), hence torch's op below
 # 2**12 with and without grad. Eval plain without grad, one thread, 1.22-1.32x up to 4096,
 # 1.01x at 16K, 0.86x at 32K, 0.84x at 100K; two threads 0.80-0.92x except 1.11x at 32K:
-# hence 2**16. Eval plain with grad, since it is the C++ node in eval (2026-12-07, the same
-# tool; it was the Python Function's 2**18): one thread 1.12-1.24x up to 4096, 0.87x at 16K,
-# 0.44-0.72x from 32K; two threads 1.05-1.09x at 1024-4096, 0.95x at 16K, 0.47-0.93x from 32K:
-# hence 2**14. The eval act call (Python, unchanged) keeps the limits measured before: the
-# composite wins it below 262K without grad and below about 1M with grad.
+# hence 2**16. Re-measured 2026-12-07 with the backward of a dense random gradient (the tool
+# had timed .sum()'s, an expanded gradient for which torch's backward takes a slower path):
+# training with grad 1.05 / 1.08 at 4096 (one / two threads), 0.83 / 0.95 at 16K, hence 2**13
+# both ways; eval plain with grad (the C++ node in eval since then) 1.32-1.36 up to 32K, 1.11
+# / 1.22 at 100K, 1.02 / 1.03 at 262K, 0.69 / 0.74 at 800K: 2**19; the act call with grad 0.95
+# at 1024, 0.90 at 4096 (2**12 kept); the eval act call with grad 1.13 / 1.17 at 262K, 0.74-0.78
+# at 800K (2**20 kept), without grad below 262K as before.
 _EVERY = 1 << 62  # torch's op at every size
 AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
     "layer_norm": {"cpu": (1 << 13, 1 << 18)},
     "rms_norm": {"cpu": (0, 0)},
-    # float16/bfloat16 x (outside CPU autocast): the fused kernel's half-precision rows are
-    # converted in vectorized loops; at one thread (bf16, loaded machine) it was 1.1x / 1.9x /
-    # 1.3x ATen's layer_norm (forward / backward / both) at 256x768, 1.1-4x from 1024x1024, and
-    # 0.7x forward at 32x768 (the call's fixed cost): float32's limit of then (its call is not
-    # made from C++: not re-measured with the C++ node)
-    "layer_norm_half": {"cpu": (1 << 19, 1 << 19)},
-    "batch_norm": {"cpu": (1 << 12, 1 << 12)},
-    "batch_norm_eval": {"cpu": (1 << 16, 1 << 14)},
+    # float16/bfloat16 x (outside CPU autocast), re-measured 2026-12-07 after the half forwards
+    # read their rows in place (overhead.py --crossover --only norms --dtype bfloat16 / float16,
+    # quiet machine, fused / torch): one thread, no grad 1.04 / 1.23 at 32x768, 0.89-0.94 from
+    # 48-64x768, 0.49-0.61 from 256x768; with grad 0.90 / 1.04 at 32x768, 0.60-0.88 from
+    # 256x768; two threads, no grad 1.19-1.34 at 64x768 and 1.09-1.32 at 16x4096 (65K), 0.80 /
+    # 0.99 at 32x4096 (131K), 0.57-0.79 from 256x768 (196K); with grad 1.03-1.22 at 65K, 0.92 /
+    # 1.05 at 131K, 0.82 / 0.95 at 196K: hence 2**17 both ways (it was 2**19, measured with
+    # the copy-through rows). With grad timed again with the backward of a dense random
+    # gradient (the rows above: of .sum()): bf16 / fp16 one thread 0.90 / 1.22 at 16K, 0.63 /
+    # 0.82 at 131K; two threads 0.99 / 1.23 at 65K, 0.87 / 1.03 at 131K, 0.67 / 0.84 at 262K.
+    # float32's 2**18 with grad holds likewise (two threads 1.29 at 256x768, 0.74 at 262K).
+    "layer_norm_half": {"cpu": (1 << 17, 1 << 17)},
+    "batch_norm": {"cpu": (1 << 13, 1 << 13)},
+    "batch_norm_eval": {"cpu": (1 << 16, 1 << 19)},
     "batch_norm_act": {"cpu": (1 << 12, 1 << 12)},
     "batch_norm_act_eval": {"cpu": (1 << 18, 1 << 20)},
-    # float16/bfloat16 x (parameters and buffers of its dtype or float32): torch's half-precision
-    # batch_norm is fast without grad and slow in its backward, so the limits are float32's
-    # only where the measurements agree (overhead.py --crossover --only batch_norm --dtype
-    # bfloat16, vectors of x's dtype, fused / torch, one / two threads): training no grad 1.19
-    # / 1.07 at 4096, 0.99 / 0.99 at 16K; with grad 1.58 / 2.04 at 4096, 0.67 / 1.05 at 16K,
-    # 0.41 / 0.72 at 32K; eval no grad 1.20 / 1.45 at 32K, 0.84 / 1.07 at 100K, 0.58 / 0.76 at
-    # 262K; eval with grad (the Python Function) 1.05 / 1.47 at 16K, 0.68 / 1.12 at 32K, 0.35 /
-    # 0.57 at 100K; relu + residual training no grad 0.95 / 0.88 at 4096; with grad 0.91 / 1.11
-    # at 262K, 0.77 / 0.97 at 800K; eval no grad 0.94 / 1.25 at 100K, 0.58 / 0.77 at 262K; with
-    # grad 0.94 / 1.11 at 262K, 0.80 / 0.92 at 800K. Where one and two threads disagree the
-    # limit takes the smaller loss.
-    "batch_norm_half": {"cpu": (1 << 14, 1 << 14)},
-    "batch_norm_eval_half": {"cpu": (1 << 16, 1 << 15)},
-    "batch_norm_act_half": {"cpu": (1 << 12, 1 << 19)},
-    "batch_norm_act_eval_half": {"cpu": (1 << 18, 1 << 19)},
+    # bfloat16 / float16 x (parameters and buffers of its dtype or float32): torch's
+    # half-precision batch_norm and the fused kernels differ by dtype, so each has its limits
+    # (overhead.py --crossover --only batch_norm --dtype bfloat16 / float16, 2026-12-07, vectors
+    # of x's dtype — a model converted with .to(dtype) —, fused / torch, one / two threads; with
+    # grad the backward of a dense random gradient). bfloat16: training no grad 1.19 / 1.07 at
+    # 4096, 0.99 / 0.99 at 16K; with grad 1.32 / 1.75 at 100K, 0.96 / 1.28 at 262K, 0.73 / 0.89
+    # at 800K; eval no grad 1.20 / 1.45 at 32K, 0.84 / 1.07 at 100K, 0.58 / 0.76 at 262K; with
+    # grad 1.00 / 1.31 at 262K, 0.78 / 0.94 at 800K; relu + residual training no grad 0.95 / 0.88
+    # at 4096; with grad 0.86 / 1.03 at 262K, 0.73 / 0.82 at 800K; eval no grad 0.94 / 1.25 at
+    # 100K, 0.58 / 0.77 at 262K; with grad 0.89 / 1.03 at 262K. float16: training no grad 1.04 /
+    # 1.05 at 100K, 0.88 / 0.91 at 262K; with grad 1.13 / 1.43 at 262K, 0.89 / 1.06 at 800K, 0.94
+    # / 0.90 at 1.6M; eval no grad 1.05 / 1.29 at 262K, 0.91 / 1.25 at 800K, 0.87 / 1.08 at 1.6M;
+    # with grad 0.92 / 1.13 at 800K, 0.84 / 0.99 at 1.6M; relu + residual no grad 1.20 / 0.95 at
+    # 32K, 0.99 / 0.92 at 100K, 0.78 / 0.76 at 262K; with grad 1.10-1.46 at every size to 6.4M
+    # (the fused float16 backward with an activation or residual stages its blocks through
+    # float32 copies): torch's composite at every size; eval no grad 1.01 / 1.20 at 262K, 0.76 /
+    # 0.86 at 800K, with grad 1.20-1.53 at every size: torch's at every size. Where one and two
+    # threads disagree the limit takes the smaller loss.
+    "batch_norm_bf16": {"cpu": (1 << 14, 1 << 19)},
+    "batch_norm_eval_bf16": {"cpu": (1 << 16, 1 << 19)},
+    "batch_norm_act_bf16": {"cpu": (1 << 12, 1 << 18)},
+    "batch_norm_act_eval_bf16": {"cpu": (1 << 18, 1 << 18)},
+    "batch_norm_f16": {"cpu": (1 << 17, 1 << 20)},
+    "batch_norm_eval_f16": {"cpu": (1 << 21, 1 << 20)},
+    "batch_norm_act_f16": {"cpu": (1 << 17, _EVERY)},
+    "batch_norm_act_eval_f16": {"cpu": (1 << 19, _EVERY)},
 }
 
 

@@ -657,8 +657,8 @@ def _torch_small_batch_norm(x, running_mean, running_var, weight, bias, training
     The checks and torch's ops are one C++ call (``fusedreg._C.torch_batch_norm``, the same
     rules, a Parameter x too; without the extension the Python below). Recognised here, before
     ``_batch_norm``'s checks (a small call's budget is a microsecond or two), is only the
-    common case: an exact torch.Tensor float32/float64 x on CPU with at least 2 dims (float16
-    and bfloat16 too, with the "..._half" entries' limits);
+    common case: an exact torch.Tensor float32/float64 x on CPU with at least 2 dims (bfloat16
+    and float16 too, with the "..._bf16" / "..._f16" entries' limits);
     parameters and buffers 1-D; a residual of x's shape; a bool ``training``, a
     finite float momentum and eps > 0; both running stats or (training) neither; more than one
     value per channel in training; eager (no torch.compile or jit trace, no forward-mode AD
@@ -677,8 +677,10 @@ def _torch_small_batch_norm(x, running_mean, running_var, weight, bias, training
     else:
         return None
     dtype = getattr(x, "dtype", None)
-    if dtype is _F16 or dtype is _BF16:
-        table += "_half"  # torch's half-precision batch_norm has limits of its own
+    if dtype is _BF16:  # torch's half-precision batch_norm has limits of its own
+        table += "_bf16"
+    elif dtype is _F16:
+        table += "_f16"
     limits = _auto_torch_limits(table, "cpu")
     if limits is None or _forward_ad._current_level >= 0 or _is_compiling():
         return None
