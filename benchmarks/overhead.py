@@ -59,6 +59,19 @@ def _cases(rows, cols, dtype=torch.float32):
     }, (x, w, b), (xg, wg, bg)
 
 
+_DENSE = {}
+
+
+def _backward(y):
+    """y.backward() of a fixed random gradient of y's shape and dtype, as training gives it (a
+    dense tensor), not of ``.sum()`` (an expanded tensor of ones, for which some of torch's
+    backwards take a slower path)."""
+    g = _DENSE.get((y.shape, y.dtype))
+    if g is None:
+        g = _DENSE.setdefault((y.shape, y.dtype), torch.randn_like(y))
+    y.backward(g)
+
+
 def _min_time(fn, calls):
     best = float("inf")
     for _ in range(calls):
@@ -73,21 +86,9 @@ def _crossover_pair(tfn, ffn, args, mode, reps, rounds, no_grad=False):
     ``torch.no_grad()`` when ``no_grad``; "fwd+bwd": forward and backward of a fixed random
     gradient), the two
     interleaved over ``rounds``, with the cpu backend named."""
-    grads = {}
-
-    def fwd_bwd(f):
-        # the backward of a gradient as training gives it (a dense tensor, the same every
-        # call), not of .sum() (an expanded tensor of ones, which some of torch's half-
-        # precision backwards take a slow path for)
-        y = f(*args)
-        g = grads.get(y.shape)
-        if g is None:
-            g = grads.setdefault(y.shape, torch.randn_like(y))
-        y.backward(g)
-
     def run(f):
         if mode != "no_grad":
-            return lambda: fwd_bwd(f)
+            return lambda: _backward(f(*args))
         if not no_grad:
             return lambda: f(*args)
 
@@ -118,7 +119,7 @@ def measure(rows=4, cols=768, calls=300, rounds=5, dtype=torch.float32):
 
         def fwdbwd(f):
             def run():
-                f(*grads).sum().backward()
+                _backward(f(*grads))
             return run
 
         for mode, wrap in (("fwd", fwd), ("no_grad", nograd), ("fwd+bwd", fwdbwd)):
@@ -219,7 +220,7 @@ def measure_batch_norm(shapes=BN_SHAPES, calls=200, rounds=5, dtype=torch.float3
                                 with torch.no_grad():
                                     f(*plain, training)
                             return ng
-                        return lambda: f(*grads, training).sum().backward()
+                        return lambda: _backward(f(*grads, training))
                     t_torch = t_fused = float("inf")
                     for _ in range(rounds):
                         t_torch = min(t_torch, _min_time(run(tfn), reps))
