@@ -687,9 +687,8 @@ PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // for every call outside the common case that the Python checks own: x of another dtype or
 // fewer than 2 dims or no elements, one value per channel, vectors that are not 1-D of C
 // elements in the compute type (float32; float64 for float64 x) — or, for a float16/bfloat16
-// x, in x's dtype: running stats always, weight and bias when nothing records a backward
-// (converted to float32 as the Python path converts them) —, running stats that need a
-// gradient, a residual of another shape or dtype, an unknown activation, a non-finite
+// x, in x's dtype (converted to float32 as the Python path converts them, the weight's and
+// bias's gradients rounded back to it) —, running stats that need a gradient, a residual of another shape or dtype, an unknown activation, a non-finite
 // momentum, eps not in (0, inf). A backward with create_graph=True calls
 // fusedreg.ops.batch_norm._node_differentiable_backward, as BatchNormFunction's does.
 // fusedreg._C.batch_norm_eval(x, running_mean, running_var, weight, bias, eps): a plain eval
@@ -818,10 +817,14 @@ void bn_update_running(at::Tensor rm, at::Tensor rv, const at::Tensor& mean, con
 struct BatchNormState : OptionalOperands {
   bool cl = false;
   bool training = true;  // batch statistics; else the running stats (eval)
+  // weight / bias of x's half dtype (else the compute type): the kernels take float32 copies,
+  // and the gradients are rounded to the parameter's dtype, as BatchNormFunction does
+  bool half_weight = false, half_bias = false;
   int64_t activation = 0;
   int64_t pack() const {
     return int64_t(cl) | int64_t(has_residual) << 1 | int64_t(has_weight) << 2 |
-           int64_t(has_bias) << 3 | int64_t(!training) << 4 | activation << 8;
+           int64_t(has_bias) << 3 | int64_t(!training) << 4 | int64_t(half_weight) << 5 |
+           int64_t(half_bias) << 6 | activation << 8;
   }
   static BatchNormState unpack(int64_t v) {
     BatchNormState s;
@@ -830,6 +833,8 @@ struct BatchNormState : OptionalOperands {
     s.has_weight = v >> 2 & 1;
     s.has_bias = v >> 3 & 1;
     s.training = !(v >> 4 & 1);
+    s.half_weight = v >> 5 & 1;
+    s.half_bias = v >> 6 & 1;
     s.activation = v >> 8;
     return s;
   }
@@ -898,9 +903,13 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
     s.has_weight = weight.has_value();
     s.has_bias = bias.has_value();
     s.activation = activation;
+    const at::ScalarType ct = bn_compute_type(x.scalar_type());
+    s.half_weight = weight && weight->scalar_type() != ct;
+    s.half_bias = bias && bias->scalar_type() != ct;
+    const std::optional<at::Tensor> wc = bn_as_compute(weight, ct), bc = bn_as_compute(bias, ct);
     auto [y, mean, var, invstd] =
-        training ? bn_train_forward(x, residual, weight, bias, eps, activation, s.cl)
-                 : bn_eval_forward(x, residual, weight, bias, *running_mean, *running_var, eps,
+        training ? bn_train_forward(x, residual, wc, bc, eps, activation, s.cl)
+                 : bn_eval_forward(x, residual, wc, bc, *running_mean, *running_var, eps,
                                    activation, s.cl);
     ctx->saved_data["state"] = s.pack();
     ctx->saved_data["eps"] = eps;  // for the differentiable backward's statistics
@@ -930,7 +939,9 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
     if (!dy.defined() || !(need_x || need_r || need_w || need_b)) return out;
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &mean = saved[4], &invstd = saved[5];
-    const std::optional<at::Tensor> w = opt(saved[2]), b = opt(saved[3]);
+    // the parameters as saved (a differentiable backward must reach them), as the kernels take
+    // them (compute-type copies of half ones) further down
+    const std::optional<at::Tensor> w0 = opt(saved[2]), b0 = opt(saved[3]);
     // the storage views (differentiable ones under create_graph)
     const at::Tensor xs = bn_to_storage(saved[0], s.cl);
     std::optional<at::Tensor> rs;
@@ -940,13 +951,15 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
       // looked up per call (a sys.modules hit), as the other nodes' backwards do
       const pybind11::module_ module = pybind11::module_::import("fusedreg.ops.batch_norm");
       pybind11::tuple r = module.attr("_node_differentiable_backward")(
-          dy, xs, rs, w, b, mean, invstd, ctx->saved_data["eps"].toDouble(), s.activation, s.cl,
-          need_x, need_r, need_w, need_b, s.training);
+          dy, xs, rs, w0, b0, mean, invstd, ctx->saved_data["eps"].toDouble(), s.activation, s.cl,
+          need_x, need_r, need_w, need_b, s.training, s.half_weight, s.half_bias);
       for (int i = 0; i < 4; ++i)
         if (!r[i].is_none()) out[i] = r[i].cast<at::Tensor>();
       return out;
     }
     RECORD_FUNCTION(s.cl ? kBnBwdCl : kBnBwdNcs, std::vector<c10::IValue>());
+    const std::optional<at::Tensor> w = bn_as_compute(w0, mean.scalar_type()),
+                                    b = bn_as_compute(b0, mean.scalar_type());
     const at::Tensor dys = bn_to_storage(dy, s.cl);
     const at::Tensor& seed = unused_seed_tensor();
     // a plain call reaches the CPU kernel straight; under a mode or functorch layer, or for a
@@ -989,8 +1002,9 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
     }
     if (need_x) out[0] = bn_from_storage(gx, dy.sizes(), s.cl);
     if (need_r) out[1] = plain_act ? dy : bn_from_storage(gr, dy.sizes(), s.cl);
-    if (need_w) out[2] = sum_dzx;  // the weight is in the compute type (checked by the caller)
-    if (need_b) out[3] = sum_dz;
+    // in the parameters' dtypes: x's half dtype rounded from float32, as the Function's
+    if (need_w) out[2] = s.half_weight ? sum_dzx.to(dy.scalar_type()) : sum_dzx;
+    if (need_b) out[3] = s.half_bias ? sum_dz.to(dy.scalar_type()) : sum_dz;
     return out;
   }
 };
@@ -1018,14 +1032,13 @@ PyObject* batch_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const bool grad = at::GradMode::is_enabled() &&
                     (t.requires_grad() || (r && r->requires_grad()) ||
                      (w0 && w0->requires_grad()) || (b0 && b0->requires_grad()));
-  // running stats may be of x's half dtype (updated as the Python path does); weight and bias
-  // too when nothing records a backward (the node's weight gradients are in the compute type)
-  const auto vec_ok = [&](const std::optional<at::Tensor>& v, bool half_ok) {
-    return bn_vector_ok(v, C, ct) || (half_ok && bn_vector_x_dtype(v, C, t.scalar_type()));
+  // vectors in the compute type or x's half dtype (the running stats updated, the weight and
+  // bias converted and their gradients rounded, as the Python path does)
+  const auto vec_ok = [&](const std::optional<at::Tensor>& v) {
+    return bn_vector_ok(v, C, ct) || bn_vector_x_dtype(v, C, t.scalar_type());
   };
-  if (t.numel() == C || rm.has_value() != rv.has_value() || !vec_ok(rm, true) ||
-      !vec_ok(rv, true) || (rm && (rm->requires_grad() || rv->requires_grad())) ||
-      !vec_ok(w0, !grad) || !vec_ok(b0, !grad) ||
+  if (t.numel() == C || rm.has_value() != rv.has_value() || !vec_ok(rm) || !vec_ok(rv) ||
+      (rm && (rm->requires_grad() || rv->requires_grad())) || !vec_ok(w0) || !vec_ok(b0) ||
       (r && (r->sizes() != t.sizes() || r->scalar_type() != t.scalar_type())) ||
       activation.get() < 0 || activation.get() > 4 || !std::isfinite(m) || !(e > 0.0) ||
       !std::isfinite(e))
@@ -1068,12 +1081,11 @@ PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const double e = eps.get();
   const bool grad = at::GradMode::is_enabled() &&
                     (t.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
-  // vectors in the compute type or x's half dtype (converted, as the Python path does); with
-  // a backward to record, weight and bias in the compute type (the node's gradients are)
-  const auto vec_ok = [&](const std::optional<at::Tensor>& v, bool half_ok) {
-    return bn_vector_ok(v, C, ct) || (half_ok && bn_vector_x_dtype(v, C, t.scalar_type()));
+  // vectors in the compute type or x's half dtype (converted, as the Python path does)
+  const auto vec_ok = [&](const std::optional<at::Tensor>& v) {
+    return bn_vector_ok(v, C, ct) || bn_vector_x_dtype(v, C, t.scalar_type());
   };
-  if (!vec_ok(rm, true) || !vec_ok(rv, true) || !vec_ok(w, !grad) || !vec_ok(b, !grad) ||
+  if (!vec_ok(rm) || !vec_ok(rv) || !vec_ok(w) || !vec_ok(b) ||
       !(e > 0.0) || !std::isfinite(e) ||
       (at::GradMode::is_enabled() && (rm.requires_grad() || rv.requires_grad())))
     Py_RETURN_NONE;

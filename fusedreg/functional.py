@@ -575,8 +575,7 @@ def _cpu_eval_batch_norm(x, running_mean, running_var, weight, bias, training, m
     is only the common case (the C++ call declines the rest): exact tensors (parameters and
     buffers may be Parameters) on CPU, x of a float dtype with at least 2 dims and elements,
     parameters and running stats 1-D of C elements in the compute type or x's half dtype
-    (converted as the Python path converts them; with a backward to record, weight and bias in
-    the compute type), running stats that need no gradient, a float momentum, eps in (0, inf),
+    (converted as the Python path converts them), running stats that need no gradient, a float momentum, eps in (0, inf),
     eager (no compile or jit trace, no forward-mode AD level, no torch.func transform or
     mode), and the cpu backend the one in force. Each step costs more after the kernel has streamed the tensor through the
     caches: at (32, 256, 14, 14) float32 the full path's checks and dispatch took 60 us around

@@ -465,27 +465,59 @@ def test_half_vectors_without_grad_from_cpp_equal_the_python_path(monkeypatch, d
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_weight_with_grad_takes_the_python_path(monkeypatch, dtype):
-    """With a gradient to record, a weight or bias of x's half dtype is the Python Function's
-    (the node's weight gradients are float32): the node declines, half running stats alone do
-    not make it decline, and the results are the Python path's."""
-    x = _data((4, 6, 5, 3), dtype, 1, 3.0).requires_grad_()
-    served = _serving(monkeypatch, "_BN_TRAIN")
-    for wd, sd, expect in ((dtype, torch.float32, False), (torch.float32, dtype, True)):
-        w, b = _data((6,), wd, 3, 1.0).requires_grad_(), _data((6,), wd, 4).requires_grad_()
-        rm, rv = torch.zeros(6, dtype=sd), torch.ones(6, dtype=sd)
-        with fusedreg.use_backend("cpu"):
-            y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
-        assert served[-1] is expect
-        assert type(y.grad_fn).__name__ == (_NODE if expect else _FUNCTION)
-        g = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
-        assert g[1].dtype == wd and g[2].dtype == wd
-        with fusedreg.use_backend("reference"):
-            rm2, rv2 = torch.zeros(6, dtype=sd), torch.ones(6, dtype=sd)
-            ref = F.batch_norm(x, rm2, rv2, w, b, True, 0.1, 1e-5)
-        torch.testing.assert_close(y, ref, rtol=1e-2, atol=2e-2)  # a half-precision rounding
-        torch.testing.assert_close(rm, rm2, rtol=0, atol=0)
-        torch.testing.assert_close(rv, rv2, rtol=1e-3, atol=1e-3)
+@pytest.mark.parametrize("layout", ["c", "cl"])
+# the eval C++ call serves plain calls only
+@pytest.mark.parametrize("training,act,residual", [(True, None, False), (True, "relu", True),
+                                                   (False, None, False)])
+@pytest.mark.parametrize("grads", ["all", "x", "weight", "bias", "weight+bias"])
+def test_half_weight_with_grad_through_the_node(monkeypatch, dtype, layout, training, act,
+                                                residual, grads):
+    """A weight and bias of x's half dtype that need gradients (a model converted with
+    .to(dtype), trained): the node takes float32 copies for the kernels and rounds the
+    weight's and bias's gradients to their dtype, as the Python Function does — y, running
+    stats and every gradient bit for bit the Python path's, in training and eval."""
+    x0 = _input((4, 19, 5, 3), layout, dtype, 1, 3.0)
+    r0 = _input((4, 19, 5, 3), layout, dtype, 2, -1.0)
+    w0, b0 = _data((19,), dtype, 3, 1.0), _data((19,), dtype, 4)
+    rm0, rv0 = _data((19,), dtype, 5), _data((19,), dtype, 6, 2.0).abs()
+    dy = _input(x0.shape, "c", dtype, 7)
+
+    def run():
+        ins = {"x": x0.clone(memory_format=torch.preserve_format), "weight": w0.clone(),
+               "bias": b0.clone()}
+        names = [k for k in ins if grads == "all" or k in grads.split("+")]
+        for k in names:
+            ins[k].requires_grad_()
+        rm, rv = rm0.clone(), rv0.clone()
+        if act is None and not residual:
+            y = F.batch_norm(ins["x"], rm, rv, ins["weight"], ins["bias"], training, 0.1, 1e-5)
+        else:
+            y = F.batch_norm_act(ins["x"], rm, rv, ins["weight"], ins["bias"], training, 0.1,
+                                 1e-5, activation=act, residual=r0)
+        g = torch.autograd.grad(y, [ins[k] for k in names], dy)
+        assert all(t.dtype == ins[k].dtype for k, t in zip(names, g))
+        return [y, rm, rv, *g], type(y.grad_fn).__name__
+    served = _serving(monkeypatch, "_BN_TRAIN" if training else "_BN_EVAL")
+    fast, slow = _both(monkeypatch, run)
+    assert served and all(served), served
+    assert _same(fast, slow)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_weight_double_backward_through_the_node(monkeypatch, dtype):
+    """create_graph=True with weight and bias of x's half dtype: the differentiable composite,
+    its first- and second-order gradients in the parameters' dtype, the Python path's values."""
+    def run():
+        x = _input((4, 3, 2, 3), "c", dtype, 1, 2.0).requires_grad_()
+        w, b = (_data((3,), dtype, s).requires_grad_() for s in (3, 4))
+        y = F.batch_norm(x, None, None, w, b, True)
+        dy = _data(y.shape, dtype, 5)
+        g1 = torch.autograd.grad(y, (x, w, b), dy, create_graph=True)
+        g2 = torch.autograd.grad(sum((g.float() * g.float()).sum() for g in g1), (x, w))
+        assert [g.dtype for g in g1 + g2] == [dtype] * 5
+        return [*g1, *g2], type(y.grad_fn).__name__
+    fast, slow = _both(monkeypatch, run)
+    assert _same(fast, slow)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -401,16 +401,19 @@ def _differentiable_backward(cfg, p_dtypes, dy, xs, rs, w, b, mean, invstd, seed
 
 
 def _node_differentiable_backward(dy, xs, rs, w, b, mean, invstd, eps, activation,
-                                  channels_last, need_x, need_r, need_w, need_b, training=True):
+                                  channels_last, need_x, need_r, need_w, need_b, training=True,
+                                  half_weight=False, half_bias=False):
     """The differentiable backward of the C++ node (csrc/ops.cpp: BatchNormNode,
     ``fusedreg._C.batch_norm_train``, and ``batch_norm_eval`` with ``training`` False) under
     create_graph=True: ``_differentiable_backward`` for its saved tensors (storage layout),
     with dy and the input gradients in x's shape. The node runs without dropout; its weight
-    and bias are in the compute type (mean's)."""
+    and bias are in the compute type (mean's) or, with ``half_weight`` / ``half_bias``, in
+    x's half dtype."""
     cfg = BatchNormConfig(training, eps, activation, 0.0, "cpu", channels_last)
     shape = tuple(dy.shape)
+    p_dtypes = (xs.dtype if half_weight else mean.dtype, xs.dtype if half_bias else mean.dtype)
     gx, gr, gw, gb = _differentiable_backward(
-        cfg, (mean.dtype, mean.dtype), to_storage(dy, channels_last), xs, rs, w, b, mean,
+        cfg, p_dtypes, to_storage(dy, channels_last), xs, rs, w, b, mean,
         invstd, unused_seed(), need_x, need_r, need_w, need_b)[:4]
     gx = from_storage(gx, shape, channels_last) if gx is not None else None
     gr = from_storage(gr, shape, channels_last) if gr is not None else None
