@@ -863,19 +863,20 @@ Tensor4 bn_train_forward(const at::Tensor& x, const std::optional<at::Tensor>& r
   return {bn_from_storage(y, x.sizes(), cl), mean, var, invstd};
 }
 
-// The eval forward (BatchNormFunction's with the running stats: copies of them in the compute
-// type as mean and var, invstd = rsqrt(var + eps), then batch_norm_fwd): (y in x's shape and
-// layout; mean, var, invstd).
+// The eval forward (BatchNormFunction's with the running stats: them in the compute type as
+// mean and var, invstd = rsqrt(var + eps), then batch_norm_fwd): (y in x's shape and layout;
+// mean, var, invstd). copy_stats: mean and var copies even in the compute type (the node's
+// outputs must not be its inputs); without it they may be the running stats themselves.
 Tensor4 bn_eval_forward(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                         const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
-                        int64_t activation, bool cl) {
+                        int64_t activation, bool cl, bool copy_stats = true) {
   const at::ScalarType ct = bn_compute_type(x.scalar_type());
   const at::Tensor xs = bn_to_storage(x, cl);
   std::optional<at::Tensor> rs;
   if (residual) rs = bn_to_storage(*residual, cl);
-  at::Tensor mean = running_mean.to(ct, /*non_blocking=*/false, /*copy=*/true);
-  at::Tensor var = running_var.to(ct, /*non_blocking=*/false, /*copy=*/true);
+  at::Tensor mean = running_mean.to(ct, /*non_blocking=*/false, /*copy=*/copy_stats);
+  at::Tensor var = running_var.to(ct, /*non_blocking=*/false, /*copy=*/copy_stats);
   at::Tensor invstd = at::rsqrt(var + eps);
   const at::Tensor y = typed_op<BnFwd, kBnFwd>().redispatch(
       kCpuKeys, xs, rs, weight, bias, mean, invstd, activation, 0.0, unused_seed_tensor(), cl);
@@ -1096,13 +1097,8 @@ PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     y = BatchNormNode::apply(t, std::nullopt, w, b, e, 0, rm, rv, false)[0];
   } else {
     pybind11::gil_scoped_release no_gil;
-    const bool cl = bn_channels_last(t);
-    const at::Tensor xs = bn_to_storage(t, cl);
-    y = typed_op<BnFwd, kBnFwd>().redispatch(kCpuKeys, xs, std::nullopt, bn_as_compute(w, ct),
-                                             bn_as_compute(b, ct), *bn_as_compute(rm, ct),
-                                             at::rsqrt(*bn_as_compute(rv, ct) + e), 0, 0.0,
-                                             unused_seed_tensor(), cl);
-    y = bn_from_storage(y, t.sizes(), cl);
+    y = std::get<0>(bn_eval_forward(t, std::nullopt, bn_as_compute(w, ct), bn_as_compute(b, ct), rm,
+                                    rv, e, 0, bn_channels_last(t), /*copy_stats=*/false));
   }
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS
