@@ -863,10 +863,68 @@ Tensor4 bn_train_forward(const at::Tensor& x, const std::optional<at::Tensor>& r
   return {bn_from_storage(y, x.sizes(), cl), mean, var, invstd};
 }
 
+// A float32 copy of a contiguous float32 / float16 / bfloat16 vector (c10's widening, exact).
+void bn_widen_into(const at::Tensor& v, float* dst) {
+  const int64_t n = v.numel();
+  if (v.scalar_type() == at::kFloat) {
+    std::copy_n(v.const_data_ptr<float>(), n, dst);
+    return;
+  }
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(v.scalar_type(), "bn_widen_into", [&] {
+    const scalar_t* src = v.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  });
+}
+
+// The eval forward's float32 vectors in one pass over the channels where x computes in float
+// and every vector is contiguous float32 or x's half dtype (else nullopt): a small call's
+// to() copies, `var + eps` and rsqrt are a dispatched op each, about 1.5 us apiece. The values
+// are those ops': mean = running_mean.to(float) (the buffer itself where it is float and
+// copy_stats is false), var likewise, invstd = rsqrt(var + eps) with eps rounded to float and
+// added with one rounding (ATen's CPU add of a scalar) and 1 / sqrt (ATen's CPU rsqrt, both
+// correctly rounded), weight and bias .to(float).
+struct BnEvalVectors {
+  at::Tensor mean, var, invstd;
+  std::optional<at::Tensor> weight, bias;
+};
+std::optional<BnEvalVectors> bn_eval_vectors(const at::Tensor& running_mean,
+                                             const at::Tensor& running_var,
+                                             const std::optional<at::Tensor>& weight,
+                                             const std::optional<at::Tensor>& bias, double eps,
+                                             bool copy_stats) {
+  const auto plain = [](const at::Tensor& v) {
+    const at::ScalarType t = v.scalar_type();
+    return v.is_contiguous() && (t == at::kFloat || t == at::kHalf || t == at::kBFloat16);
+  };
+  if (!plain(running_mean) || !plain(running_var) || (weight && !plain(*weight)) ||
+      (bias && !plain(*bias)))
+    return std::nullopt;
+  const int64_t C = running_var.numel();
+  const auto opts = running_var.options().dtype(at::kFloat);
+  const auto as_float = [&](const at::Tensor& v, bool copy) {
+    if (v.scalar_type() == at::kFloat && !copy) return v;
+    at::Tensor f = at::empty({C}, opts);
+    bn_widen_into(v, f.mutable_data_ptr<float>());
+    return f;
+  };
+  const auto as_float_opt = [&](const std::optional<at::Tensor>& v) -> std::optional<at::Tensor> {
+    if (!v) return std::nullopt;
+    return as_float(*v, false);
+  };
+  BnEvalVectors out{as_float(running_mean, copy_stats), as_float(running_var, copy_stats),
+                    at::empty({C}, opts), as_float_opt(weight), as_float_opt(bias)};
+  const float e = static_cast<float>(eps);
+  const float* var = out.var.const_data_ptr<float>();
+  float* invstd = out.invstd.mutable_data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0f / std::sqrt(var[c] + e);
+  return out;
+}
+
 // The eval forward (BatchNormFunction's with the running stats: them in the compute type as
-// mean and var, invstd = rsqrt(var + eps), then batch_norm_fwd): (y in x's shape and layout;
-// mean, var, invstd). copy_stats: mean and var copies even in the compute type (the node's
-// outputs must not be its inputs); without it they may be the running stats themselves.
+// mean and var, invstd = rsqrt(var + eps), then batch_norm_fwd, with weight and bias in the
+// compute type): (y in x's shape and layout; mean, var, invstd). copy_stats: mean and var
+// copies even in the compute type (the node's outputs must not be its inputs); without it they
+// may be the running stats themselves.
 Tensor4 bn_eval_forward(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                         const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
@@ -875,12 +933,17 @@ Tensor4 bn_eval_forward(const at::Tensor& x, const std::optional<at::Tensor>& re
   const at::Tensor xs = bn_to_storage(x, cl);
   std::optional<at::Tensor> rs;
   if (residual) rs = bn_to_storage(*residual, cl);
-  at::Tensor mean = running_mean.to(ct, /*non_blocking=*/false, /*copy=*/copy_stats);
-  at::Tensor var = running_var.to(ct, /*non_blocking=*/false, /*copy=*/copy_stats);
-  at::Tensor invstd = at::rsqrt(var + eps);
-  const at::Tensor y = typed_op<BnFwd, kBnFwd>().redispatch(
-      kCpuKeys, xs, rs, weight, bias, mean, invstd, activation, 0.0, unused_seed_tensor(), cl);
-  return {bn_from_storage(y, x.sizes(), cl), mean, var, invstd};
+  std::optional<BnEvalVectors> v;
+  if (ct == at::kFloat) v = bn_eval_vectors(running_mean, running_var, weight, bias, eps, copy_stats);
+  if (!v) {
+    at::Tensor var = running_var.to(ct, /*non_blocking=*/false, /*copy=*/copy_stats);
+    v = BnEvalVectors{running_mean.to(ct, /*non_blocking=*/false, /*copy=*/copy_stats), var,
+                      at::rsqrt(var + eps), bn_as_compute(weight, ct), bn_as_compute(bias, ct)};
+  }
+  const at::Tensor y = typed_op<BnFwd, kBnFwd>().redispatch(kCpuKeys, xs, rs, v->weight, v->bias,
+                                                            v->mean, v->invstd, activation, 0.0,
+                                                            unused_seed_tensor(), cl);
+  return {bn_from_storage(y, x.sizes(), cl), v->mean, v->var, v->invstd};
 }
 
 // Called only when grad mode is on and an input requires grad (the node's needs_input_grad
@@ -907,10 +970,10 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
     const at::ScalarType ct = bn_compute_type(x.scalar_type());
     s.half_weight = weight && weight->scalar_type() != ct;
     s.half_bias = bias && bias->scalar_type() != ct;
-    const std::optional<at::Tensor> wc = bn_as_compute(weight, ct), bc = bn_as_compute(bias, ct);
     auto [y, mean, var, invstd] =
-        training ? bn_train_forward(x, residual, wc, bc, eps, activation, s.cl)
-                 : bn_eval_forward(x, residual, wc, bc, *running_mean, *running_var, eps,
+        training ? bn_train_forward(x, residual, bn_as_compute(weight, ct), bn_as_compute(bias, ct),
+                                    eps, activation, s.cl)
+                 : bn_eval_forward(x, residual, weight, bias, *running_mean, *running_var, eps,
                                    activation, s.cl);
     ctx->saved_data["state"] = s.pack();
     ctx->saved_data["eps"] = eps;  // for the differentiable backward's statistics
@@ -1097,8 +1160,8 @@ PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     y = BatchNormNode::apply(t, std::nullopt, w, b, e, 0, rm, rv, false)[0];
   } else {
     pybind11::gil_scoped_release no_gil;
-    y = std::get<0>(bn_eval_forward(t, std::nullopt, bn_as_compute(w, ct), bn_as_compute(b, ct), rm,
-                                    rv, e, 0, bn_channels_last(t), /*copy_stats=*/false));
+    y = std::get<0>(bn_eval_forward(t, std::nullopt, w, b, rm, rv, e, 0, bn_channels_last(t),
+                                    /*copy_stats=*/false));
   }
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS

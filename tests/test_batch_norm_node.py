@@ -242,6 +242,45 @@ def test_eval_from_cpp_equals_the_python_path(monkeypatch, shape, layout, dtype)
     assert _same(fast, slow)
 
 
+@pytest.mark.parametrize("x_dtype,stats", [(torch.float32, "f32"), (torch.bfloat16, "x"),
+                                           (torch.float16, "x"), (torch.bfloat16, "f32"),
+                                           (torch.float32, "strided")])
+@pytest.mark.parametrize("grad", [False, True])
+def test_eval_vectors_over_many_magnitudes_equal_the_python_path(monkeypatch, x_dtype, stats, grad):
+    """The C++ eval call makes its float32 vectors (running stats and parameters widened,
+    invstd = 1 / sqrt(var + float(eps))) in one loop instead of torch's to(), add and rsqrt:
+    over 4096 channels whose variances span 0, subnormals and 1e-12 to 1e6, and eps from 1e-12
+    to 0.5, y (and the gradients) are bit for bit the Python path's. Strided running stats
+    take the op path instead."""
+    C = 4096
+    g = torch.Generator().manual_seed(11)
+    sd = x_dtype if stats == "x" else torch.float32
+    rv = torch.pow(10.0, torch.empty(C, dtype=torch.float64).uniform_(-12, 6, generator=g))
+    rv[:4] = torch.tensor([0.0, 1e-45, 1e-39, 3.4e38])
+    rv = rv.to(sd)
+    rm = _data((C,), sd, 7, 5.0)
+    if stats == "strided":
+        rv, rm = torch.stack([rv, rv], 1)[:, 0], torch.stack([rm, rm], 1)[:, 0]
+        assert not rv.is_contiguous()
+    w, b = _data((C,), x_dtype, 8, 1.0), _data((C,), x_dtype, 9)
+    x = _data((3, C), x_dtype, 10, 2.0).requires_grad_(grad)
+    dy = _data((3, C), x_dtype, 12)
+
+    def run():
+        out = []
+        for eps in (1e-12, 1e-5, 1e-3, 0.1, 0.5):
+            if grad:
+                xg, wg, bg = (t.detach().requires_grad_() for t in (x, w, b))
+                y = F.batch_norm(xg, rm, rv, wg, bg, False, 0.1, eps)
+                out += [y.detach(), *torch.autograd.grad(y, (xg, wg, bg), dy)]
+            else:
+                with torch.no_grad():
+                    out.append(F.batch_norm(x, rm, rv, w, b, False, 0.1, eps))
+        return out, (type(y.grad_fn).__name__ if grad else None)
+    fast, slow = _both(monkeypatch, run)
+    assert _same(fast, slow)
+
+
 def test_declines_under_modes_subclasses_and_other_kernels():
     """Where the Python path would not go straight to the CPU kernels the C++ calls decline and
     it runs, with the same results."""
