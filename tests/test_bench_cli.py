@@ -182,6 +182,14 @@ def test_split_case_and_device_slug():
     assert report.device_slug("Intel Xeon (2 threads)", torch.device("cpu")) == "cpu-intel-xeon"
 
 
+
+def test_allocator_names_the_preloaded_library(monkeypatch):
+    """The table's header says which malloc served the run (steady-state timings depend on it)."""
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert report.allocator() == "the C library's malloc"
+    monkeypatch.setenv("LD_PRELOAD", "/opt/x/libjemalloc.so.2:/usr/lib/libfoo.so")
+    assert report.allocator() == "LD_PRELOAD libjemalloc.so.2, libfoo.so"
+
 def test_saved_for_backward_counts_what_autograd_keeps():
     x, b, r = (torch.randn(64, 32, requires_grad=True), torch.randn(32, requires_grad=True),
                torch.randn(64, 32, requires_grad=True))

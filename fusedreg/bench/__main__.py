@@ -331,7 +331,8 @@ def main(argv=None) -> int:
 
     report.fill_speedups(rows)
     records = [report.to_record(r, meta) for r in rows]
-    print(f"\nlimits for {ref_bytes >> 20} MB operands on {meta['device']}: {limits_text}. "
+    print(f"\nlimits for {ref_bytes >> 20} MB operands on {meta['device']}: {limits_text}; "
+          f"allocator: {report.allocator()}. "
           "GB/s counts the minimal bytes of each pass (at the median time); % limit is the "
           "fastest repetition's GB/s as a fraction of the limit of the pass's access pattern "
           "(the probes' fastest) for operands of the case's size; mode loop = "

@@ -45,6 +45,13 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
+def allocator() -> str:
+    """Which malloc serves torch's CPU tensors in this process: a library preloaded with
+    LD_PRELOAD (jemalloc, tcmalloc, mimalloc...) or the C library's."""
+    preload = [os.path.basename(p) for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split()]
+    return "LD_PRELOAD " + ", ".join(preload) if preload else "the C library's malloc"
+
+
 def device_slug(name: str, device: torch.device) -> str:
     """Folder-safe name: "nvidia-h200", "cpu-intel-xeon-platinum-8481c"."""
     base = re.sub(r"\(\d+ threads\)", "", name)
