@@ -691,8 +691,9 @@ PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // bias's gradients rounded back to it) —, running stats that need a gradient, a residual of another shape or dtype, an unknown activation, a non-finite
 // momentum, eps not in (0, inf). A backward with create_graph=True calls
 // fusedreg.ops.batch_norm._node_differentiable_backward, as BatchNormFunction's does.
-// fusedreg._C.batch_norm_eval(x, running_mean, running_var, weight, bias, eps): a plain eval
-// call (fusedreg.functional._cpu_eval_batch_norm), y or None likewise: without a backward to
+// fusedreg._C.batch_norm_eval(x, running_mean, running_var, weight, bias, eps, residual,
+// activation): an eval call without dropout, plain or with a residual and/or activation
+// (fusedreg.functional._cpu_eval_batch_norm), y or None likewise: without a backward to
 // record the kernel alone, else the node above in eval (BatchNormFunction's eval forward and
 // backward: the running stats copied as constants; the Python path cost about 50 us of a
 // small call's forward and backward).
@@ -1129,12 +1130,14 @@ PyObject* batch_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 6 || !cpu::direct_call_allowed()) Py_RETURN_NONE;
+  if (nargs != 8 || !cpu::direct_call_allowed()) Py_RETURN_NONE;
   RowArg<const at::Tensor&> x, running_mean, running_var;
-  RowArg<const std::optional<at::Tensor>&> weight, bias;
+  RowArg<const std::optional<at::Tensor>&> weight, bias, residual;
   RowArg<double> eps;
+  RowArg<int64_t> activation;
   if (!(x.parse(args[0]) && running_mean.parse(args[1]) && running_var.parse(args[2]) &&
-        weight.parse(args[3]) && bias.parse(args[4]) && eps.parse(args[5])))
+        weight.parse(args[3]) && bias.parse(args[4]) && eps.parse(args[5]) &&
+        residual.parse(args[6]) && activation.parse(args[7])))
     Py_RETURN_NONE;
   const at::Tensor& t = x.get();
   if (!bn_x_dtype_ok(t.scalar_type()) || t.dim() < 2 || t.numel() == 0) Py_RETURN_NONE;
@@ -1142,25 +1145,29 @@ PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const int64_t C = t.size(1);
   const at::Tensor &rm = running_mean.get(), &rv = running_var.get();
   const auto &w = weight.get(), &b = bias.get();
+  const auto& r = residual.get();
   const double e = eps.get();
+  const int64_t act = activation.get();
   const bool grad = at::GradMode::is_enabled() &&
-                    (t.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
+                    (t.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()) ||
+                     (r && r->requires_grad()));
   // vectors in the compute type or x's half dtype (converted, as the Python path does)
   const auto vec_ok = [&](const std::optional<at::Tensor>& v) {
     return bn_vector_ok(v, C, ct) || bn_vector_x_dtype(v, C, t.scalar_type());
   };
   if (!vec_ok(rm) || !vec_ok(rv) || !vec_ok(w) || !vec_ok(b) ||
-      !(e > 0.0) || !std::isfinite(e) ||
+      (r && (r->sizes() != t.sizes() || r->scalar_type() != t.scalar_type())) || act < 0 ||
+      act > 4 || !(e > 0.0) || !std::isfinite(e) ||
       (at::GradMode::is_enabled() && (rm.requires_grad() || rv.requires_grad())))
     Py_RETURN_NONE;
   RECORD_FUNCTION(kBnFwd, std::vector<c10::IValue>());
   at::Tensor y;
   if (grad) {  // the node in eval: its backward takes the running stats as constants
     pybind11::gil_scoped_release no_gil;
-    y = BatchNormNode::apply(t, std::nullopt, w, b, e, 0, rm, rv, false)[0];
+    y = BatchNormNode::apply(t, r, w, b, e, act, rm, rv, false)[0];
   } else {
     pybind11::gil_scoped_release no_gil;
-    y = std::get<0>(bn_eval_forward(t, std::nullopt, w, b, rm, rv, e, 0, bn_channels_last(t),
+    y = std::get<0>(bn_eval_forward(t, r, w, b, rm, rv, e, act, bn_channels_last(t),
                                     /*copy_stats=*/false));
   }
   return THPVariable_Wrap(std::move(y));

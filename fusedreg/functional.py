@@ -566,16 +566,19 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                        None, None, 0.0, None)
 
 
-def _cpu_eval_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps):
-    """A plain eval batch_norm on CPU, served by the cpu backend's ``batch_norm_fwd`` straight
-    away from C++ (``fusedreg._C.batch_norm_eval``: the storage view, rsqrt(running_var + eps),
-    the kernel — what ``_batch_norm`` runs for it, the same values — and, where x, weight or
-    bias needs a gradient, the C++ node in eval, BatchNormFunction's forward and backward), or
-    None for any other call, which ``_batch_norm`` then checks and routes as always. Served
+def _cpu_eval_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                         activation=None, residual=None):
+    """An eval batch_norm(_act) without dropout on CPU (plain, or with a residual and/or an
+    activation), served by the cpu backend's ``batch_norm_fwd`` straight away from C++
+    (``fusedreg._C.batch_norm_eval``: the storage views, rsqrt(running_var + eps), the kernel —
+    what ``_batch_norm`` runs for it, the same values — and, where x, weight, bias or the
+    residual needs a gradient, the C++ node in eval, BatchNormFunction's forward and backward),
+    or None for any other call, which ``_batch_norm`` then checks and routes as always. Served
     is only the common case (the C++ call declines the rest): exact tensors (parameters and
     buffers may be Parameters) on CPU, x of a float dtype with at least 2 dims and elements,
     parameters and running stats 1-D of C elements in the compute type or x's half dtype
-    (converted as the Python path converts them), running stats that need no gradient, a float momentum, eps in (0, inf),
+    (converted as the Python path converts them), a residual of x's shape and dtype, one of
+    the fused activations, running stats that need no gradient, a float momentum, eps in (0, inf),
     eager (no compile or jit trace, no forward-mode AD level, no torch.func transform or
     mode), and the cpu backend the one in force. Each step costs more after the kernel has streamed the tensor through the
     caches: at (32, 256, 14, 14) float32 the full path's checks and dispatch took 60 us around
@@ -583,7 +586,11 @@ def _cpu_eval_batch_norm(x, running_mean, running_var, weight, bias, training, m
     if training is not False or type(momentum) is not float or _BN_EVAL is None \
             or not _bn_cpp_serves():
         return None
-    return _BN_EVAL(x, running_mean, running_var, weight, bias, eps)
+    act = _ACTIVATION_CODES.get(activation) if type(activation) is str or activation is None \
+        else None
+    if act is None:
+        return None
+    return _BN_EVAL(x, running_mean, running_var, weight, bias, eps, residual, act)
 
 
 def _bn_cpp_serves() -> bool:
@@ -634,9 +641,13 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None,
             momentum=momentum, eps=eps, activation=activation, residual=residual, p=p, seed=seed)
     y = _torch_small_batch_norm(input, running_mean, running_var, weight, bias, training,
                                 momentum, eps, activation, residual, p, seed)
-    if y is None and seed is None and type(p) is float and p == 0.0:
-        y = _cpu_train_batch_norm(input, running_mean, running_var, weight, bias, training,
-                                  momentum, eps, activation, residual)
+    if y is None and seed is None and type(p) is float and (
+            p == 0.0 or (training is False and 0.0 < p <= 1.0)):  # dropout is training's only
+        y = _cpu_eval_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                 momentum, eps, activation, residual)
+        if y is None and p == 0.0:
+            y = _cpu_train_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                      momentum, eps, activation, residual)
     if y is not None:
         return y
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,

@@ -143,9 +143,9 @@ def _batch_norm_forward(m, input, activation=None, residual=None, p=0.0, process
     if process_group is None:
         y = F._torch_small_batch_norm(input, running_mean, running_var, weight, bias,
                                       bn_training, factor, eps, activation, residual, p)
-        if y is None and activation is None and residual is None:
+        if y is None and (p == 0.0 or not bn_training):  # dropout is training's only
             y = F._cpu_eval_batch_norm(input, running_mean, running_var, weight, bias,
-                                       bn_training, factor, eps)
+                                       bn_training, factor, eps, activation, residual)
         if y is None and p == 0.0:
             y = F._cpu_train_batch_norm(input, running_mean, running_var, weight, bias,
                                         bn_training, factor, eps, activation, residual)

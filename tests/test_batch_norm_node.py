@@ -655,3 +655,89 @@ def test_eval_double_backward_through_the_node(monkeypatch):
         assert type(F.batch_norm(x, rm2, rv2, w, b, False).grad_fn).__name__ == _NODE
         assert torch.autograd.gradgradcheck(
             lambda x, w, b: F.batch_norm(x, rm2, rv2, w, b, False), (x, w, b))
+
+
+_EVAL_ACTS = [("relu", True), (None, True), ("silu", False), ("gelu", True), ("gelu_tanh", False)]
+
+
+@pytest.mark.parametrize("shape,layout", [((4, 6, 5, 3), "c"), ((4, 6, 5, 3), "cl"),
+                                          ((6, 5), "c"), ((3, 5, 14, 14), "c")])
+@pytest.mark.parametrize("dtype", _DTYPES)
+@pytest.mark.parametrize("act,residual,grads", [
+    (a, r, g) for a, r in _EVAL_ACTS for g in (None, "all", "x", "residual", "weight+bias")
+    if r or g != "residual"])
+def test_eval_act_residual_from_cpp_equals_the_python_path(monkeypatch, shape, layout, dtype, act,
+                                                           residual, grads):
+    """batch_norm_act in eval (timm's BatchNormAct2d, ResNet's relu(bn(x) + identity) at
+    inference or with frozen statistics) is served from C++: without grad the kernel alone,
+    with one the node in eval. y, the untouched running stats and the gradients of each
+    subset of operands are bit for bit the Python path's; an NCHW residual of a channels-last
+    x too, and eval's ignored dropout p."""
+    x0 = _input(shape, layout, dtype, 1, 3.0)
+    C = x0.shape[1]
+    ct = torch.float64 if dtype is torch.float64 else torch.float32
+    sd = dtype if dtype in (torch.float16, torch.bfloat16) else ct
+    w0, b0 = _data((C,), ct, 2, 1.0), _data((C,), ct, 3)
+    rm, rv = _data((C,), sd, 4, 1.0), _data((C,), sd, 5, 2.0).abs()
+    r0 = _data(shape, dtype, 7, -0.5) if residual else None  # contiguous: NCHW for a cl x
+    dy = _input(x0.shape, "c", dtype, 6)
+
+    def run():
+        ins = {"x": x0.clone(memory_format=torch.preserve_format), "weight": w0.clone(),
+               "bias": b0.clone(), "residual": None if r0 is None else r0.clone()}
+        names = [] if grads is None else \
+            [k for k in ins if ins[k] is not None and (grads == "all" or k in grads.split("+"))]
+        for k in names:
+            ins[k].requires_grad_()
+        rm1, rv1 = rm.clone(), rv.clone()
+        out = []
+        for p in (0.0, 0.5):
+            with torch.set_grad_enabled(grads is not None):
+                y = F.batch_norm_act(ins["x"], rm1, rv1, ins["weight"], ins["bias"], False, 0.1,
+                                     1e-5, act, ins["residual"], p)
+            out.append(y)
+            if names:  # grad_residual without an activation: dy as it came, strides may differ
+                g = torch.autograd.grad(y, [ins[k] for k in names], dy)
+                out += [t.contiguous() if k == "residual" and act is None else t
+                        for k, t in zip(names, g)]
+        return out + [rm1, rv1], (type(y.grad_fn).__name__ if names else None)
+    served = _serving(monkeypatch, "_BN_EVAL")
+    fast, slow = _both(monkeypatch, run)
+    assert served and all(served), served
+    assert _same(fast, slow)
+    assert torch.equal(fast[-2], rm) and torch.equal(fast[-1], rv)
+
+
+def test_eval_act_double_backward_and_module(monkeypatch):
+    """create_graph=True through the eval node with relu and a residual: the Python path's
+    values, and gradgradcheck passes with silu; BatchNormAct2d in eval reaches the C++ call."""
+    rm, rv = _data((3,), torch.float64, 6), _data((3,), torch.float64, 7, 2.0).abs()
+
+    def run():
+        x = _input((4, 3, 2, 3), "cl", torch.float64, 1, 2.0).requires_grad_()
+        r = _data((4, 3, 2, 3), torch.float64, 8).requires_grad_()
+        w, b = (_data((3,), torch.float64, s).requires_grad_() for s in (3, 4))
+        y = F.batch_norm_act(x, rm, rv, w, b, False, activation="silu", residual=r)
+        dy = _data(y.shape, torch.float64, 5)
+        g1 = torch.autograd.grad(y, (x, r, w, b), dy, create_graph=True)
+        g2 = torch.autograd.grad(sum((g * g).sum() for g in g1), (x, r, w))
+        return [*g1, *g2], type(y.grad_fn).__name__
+    fast, slow = _both(monkeypatch, run)
+    for a, c in zip(fast, slow):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    x = _data((4, 2, 3), torch.float64, 1, 1.0).requires_grad_()
+    r = _data((4, 2, 3), torch.float64, 9).requires_grad_()
+    w, b = (_data((2,), torch.float64, s).requires_grad_() for s in (2, 3))
+    with fusedreg.use_backend("cpu"):
+        assert torch.autograd.gradgradcheck(
+            lambda x, r, w, b: F.batch_norm_act(x, rm[:2], rv[:2], w, b, False,
+                                                activation="silu", residual=r), (x, r, w, b))
+        m = fusedreg.nn.BatchNormAct2d(8, act_layer=torch.nn.ReLU, drop_layer=torch.nn.Dropout).eval()
+        served = _serving(monkeypatch, "_BN_EVAL")
+        xm = _input((2, 8, 4, 4), "cl", torch.float32, 3, 1.0)
+        with torch.no_grad():
+            y = m(xm)
+        assert served == [True]
+        ref = torch.relu(torch.nn.functional.batch_norm(xm, m.running_mean, m.running_var,
+                                                        m.weight, m.bias, False, 0.1, m.eps))
+        torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
