@@ -594,6 +594,17 @@ def test_small_half_calls_under_auto_from_cpp(dtype):
     assert torch.equal(y, ref)
 
 
+def _eval_case(shape, layout, dtype, mean_offset):
+    """x, weight, bias (compute type), running mean and var (x's dtype for a half x), dy."""
+    x0 = _input(shape, layout, dtype, 1, 3.0)
+    C = x0.shape[1]
+    ct = torch.float64 if dtype is torch.float64 else torch.float32
+    sd = dtype if dtype in (torch.float16, torch.bfloat16) else ct
+    w0, b0 = _data((C,), ct, 2, 1.0), _data((C,), ct, 3)
+    rm, rv = _data((C,), sd, 4, mean_offset), _data((C,), sd, 5, 2.0).abs()
+    return x0, w0, b0, rm, rv, _input(x0.shape, "c", dtype, 6)
+
+
 @pytest.mark.parametrize("shape,layout", [((4, 6, 5, 3), "c"), ((4, 6, 5, 3), "cl"),
                                           ((6, 5), "c"), ((3, 5, 14, 14), "c"),
                                           ((4, 6, 5, 3), "t")])
@@ -605,13 +616,7 @@ def test_eval_with_grad_through_the_node_equals_the_python_path(monkeypatch, sha
     stats: fine-tuning with BatchNorm in eval) runs the C++ node in eval: y, the untouched
     running stats and the gradients of every subset of operands bit for bit the Python
     Function's, half running stats included."""
-    x0 = _input(shape, layout, dtype, 1, 3.0)
-    C = x0.shape[1]
-    ct = torch.float64 if dtype is torch.float64 else torch.float32
-    sd = dtype if dtype in (torch.float16, torch.bfloat16) else ct
-    w0, b0 = _data((C,), ct, 2, 1.0), _data((C,), ct, 3)
-    rm, rv = _data((C,), sd, 4, 5.0), _data((C,), sd, 5, 2.0).abs()
-    dy = _input(x0.shape, "c", dtype, 6)
+    x0, w0, b0, rm, rv, dy = _eval_case(shape, layout, dtype, 5.0)
 
     def run():
         ins = {"x": x0.clone(memory_format=torch.preserve_format), "weight": w0.clone(),
@@ -673,14 +678,8 @@ def test_eval_act_residual_from_cpp_equals_the_python_path(monkeypatch, shape, l
     with one the node in eval. y, the untouched running stats and the gradients of each
     subset of operands are bit for bit the Python path's; an NCHW residual of a channels-last
     x too, and eval's ignored dropout p."""
-    x0 = _input(shape, layout, dtype, 1, 3.0)
-    C = x0.shape[1]
-    ct = torch.float64 if dtype is torch.float64 else torch.float32
-    sd = dtype if dtype in (torch.float16, torch.bfloat16) else ct
-    w0, b0 = _data((C,), ct, 2, 1.0), _data((C,), ct, 3)
-    rm, rv = _data((C,), sd, 4, 1.0), _data((C,), sd, 5, 2.0).abs()
+    x0, w0, b0, rm, rv, dy = _eval_case(shape, layout, dtype, 1.0)
     r0 = _data(shape, dtype, 7, -0.5) if residual else None  # contiguous: NCHW for a cl x
-    dy = _input(x0.shape, "c", dtype, 6)
 
     def run():
         ins = {"x": x0.clone(memory_format=torch.preserve_format), "weight": w0.clone(),
