@@ -250,9 +250,10 @@ def test_eval_from_cpp_equals_the_python_path(monkeypatch, shape, layout, dtype)
 def test_eval_vectors_over_many_magnitudes_equal_the_python_path(monkeypatch, x_dtype, stats, grad):
     """The C++ eval call makes its float32 vectors (running stats and parameters widened,
     invstd = 1 / sqrt(var + float(eps))) in one loop instead of torch's to(), add and rsqrt:
-    over 4096 channels whose variances span 0, subnormals and 1e-12 to 1e6, and eps from 1e-12
-    to 0.5, y (and the gradients) are bit for bit the Python path's. Strided running stats
-    take the op path instead."""
+    over 4096 channels whose variances span 0, subnormals, 1e-12 to 1e6, the largest float,
+    inf, NaN and a negative value (and means with inf and NaN), and eps from 1e-12 to 0.5,
+    y (and the gradients) are bit for bit the Python path's, NaN where it has NaN. Strided
+    running stats take the op path instead."""
     C = 4096
     g = torch.Generator().manual_seed(11)
     sd = x_dtype if stats == "x" else torch.float32
