@@ -450,23 +450,6 @@ inline FUSEDREG_ALWAYS_INLINE void bf16_out(const c10::BFloat16* x, const float*
   bf16_out<ISA, 0>(x, w, b, mu, rs, y, n);
 }
 
-#if FUSEDREG_X86_DISPATCH
-// 16 floats rounded to fp16 at dst as c10 rounds: vcvtps2ph (to nearest even), the NaN lanes
-// set to sign | 0x7E00, the values of cpu::row_from_float's F16C loop. (The code of
-// fusedreg/cpu/half_convert.h's half16_store: including that header changed GCC's code for
-// this file's baseline level, and the sign of a NaN in the fp16 backward's grad_x.)
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store_half(c10::Half* dst, __m512 x) {
-  __m256i v = _mm512_maskz_cvtps_ph(0xFFFF, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  if (__builtin_expect(nan != 0, 0)) {
-    const __m256i quiet = _mm256_ternarylogic_epi32(v, _mm256_set1_epi16(int16_t(0x8000)),
-                                                    _mm256_set1_epi16(0x7E00), 0xEA);
-    v = _mm256_mask_blend_epi16(nan, v, quiet);
-  }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
-}
-#endif
-
 // The statistics of a plain norm's row x read in place (bf16 or fp16: each vector widened in
 // registers): mean (rms: 0) and rstd.
 template <cpu::Isa ISA, typename x_t>
@@ -502,8 +485,8 @@ inline FUSEDREG_ALWAYS_INLINE void plain_row(const x_t* xr, x_t* yr, const x_t* 
 }
 
 #if FUSEDREG_X86_DISPATCH
-// plain_row's output loop for an fp16 row: y rounded by vcvtps2ph (store_half), F & 1 with the
-// weight, F & 2 with the bias.
+// plain_row's output loop for an fp16 row: y rounded by vcvtps2ph with the NaN lanes set to
+// sign | 0x7E00 (rows.h's cpu::half16_store), F & 1 with the weight, F & 2 with the bias.
 template <int F>
 FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void half_row_out(const c10::Half* xr, c10::Half* yr,
                                                                       const c10::Half* nx, int64_t N,
@@ -515,14 +498,14 @@ FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void half_row_out(const c10
     c10::Half* yc = nt ? bits : yr + j0;  // y[j] at yc[j - j0]
     int64_t j = j0;
     for (; j + 16 <= j1; j += 16)
-      store_half(yc + (j - j0), (__m512)out_expr<F>(load_vec<FloatX16>(xr + j), w, b, mu, rs, j));
+      cpu::half16_store(yc + (j - j0), (__m512)out_expr<F>(load_vec<FloatX16>(xr + j), w, b, mu, rs, j));
     for (; j < j1; ++j) yc[j - j0] = c10::Half(out_expr<F>(static_cast<float>(xr[j]), w, b, mu, rs, j));
     if (nt) cpu::store_row_nt<cpu::Isa::kAvx512>(yr + j0, bits, (j1 - j0) * int64_t(sizeof(c10::Half)));
   }
 }
 
 // plain_row of an fp16 row (AVX-512 level), out of line with this target, so that the output
-// loop's intrinsics (store_half) inline into it (3-5% faster than a call per chunk of y).
+// loop's intrinsics (half16_store) inline into it (3-5% faster than a call per chunk of y).
 // Inlined into forward_rows, this code also changed how GCC compiled the copy path's sums
 // there, and with it which NaN a LayerNorm row's sums kept where an input NaN met inf - inf:
 // in 364 of 12336 hashed forward outputs the NaN in mean, rstd and y had the other sign than
