@@ -97,7 +97,9 @@ def test_cpu_half_plain_norm_is_the_float32_kernel_rounded(M, N, params, rms, dt
     bits), shorter than one vector, and a call whose x and y (34 MB) exceed a 32 MiB L3
     (streamed stores there); values of a non-zero mean, a weight that makes some outputs
     subnormals of the dtype (rounded as c10 rounds them), in fp16 some outputs past its range
-    (inf) and a row holding a NaN (y NaN, stored as sign | 0x7E00), and both weight dtypes."""
+    (inf), a row holding a NaN (y NaN, stored as sign | 0x7E00 in fp16, 0x7FC0 in bf16) and a
+    row holding a -0 (RMSNorm's in-place rows skip the subtraction of their zero mean, which
+    must keep every value: -0 - 0 is -0), and both weight dtypes."""
     x = _data((M, N), dtype, 5, 3.0)
     wdt = torch.float32 if params == "w32" else dtype
     w = _data((N,), wdt, 6, 1.0) if "w" in params else None
@@ -107,8 +109,9 @@ def test_cpu_half_plain_norm_is_the_float32_kernel_rounded(M, N, params, rms, dt
         w[::3] *= 1e-38 if dtype == torch.bfloat16 else 1e-6
         if dtype == torch.float16 and N > 2:
             w[1::5] *= 3e4  # |y| past fp16's largest finite value in some rows
-    if dtype == torch.float16 and M > 2:
+    if M > 2:
         x[1, N // 2] = float("nan")
+        x[2, N // 3] = -0.0
     seed = torch.tensor([1], dtype=torch.int64)
     fwd = torch.ops.fusedreg.layer_norm_fwd
 

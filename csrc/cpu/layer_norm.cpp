@@ -339,14 +339,16 @@ constexpr int kSumVecBytes = ISA == cpu::Isa::kAvx512 ? 64 : (ISA == cpu::Isa::k
 // rate or less.
 // T: acc_t, or bf16 / fp16 read in place (each vector widened in registers: the same values, so the
 // same sums as over its fp32 copy).
-template <cpu::Isa ISA, bool SQ, typename acc_t, typename T>
+// CENTER false (with SQ): sum(v^2), for RMSNorm, whose mu is 0: v - 0 is v for every v (-0 and
+// NaN included), so the same sums as with CENTER, without a subtraction per vector.
+template <cpu::Isa ISA, bool SQ, typename acc_t, typename T, bool CENTER = true>
 inline FUSEDREG_ALWAYS_INLINE acc_t row_sum_vec(const T* v, int64_t N, acc_t mu) {
   typedef acc_t V __attribute__((vector_size(kSumVecBytes<ISA>)));
   constexpr int64_t L = kSumVecBytes<ISA> / int64_t(sizeof(acc_t));
   auto term = [&](int64_t j) FUSEDREG_ALWAYS_INLINE {
     V a = load_vec<V>(v + j);
     if constexpr (SQ) {
-      a -= mu;
+      if constexpr (CENTER) a -= mu;
       a *= a;
     }
     return a;
@@ -367,7 +369,11 @@ inline FUSEDREG_ALWAYS_INLINE acc_t row_sum_vec(const T* v, int64_t N, acc_t mu)
     acc_t t = 0;
     for (; j < j1; ++j) {
       const acc_t e = static_cast<acc_t>(v[j]);
-      t += SQ ? (e - mu) * (e - mu) : e;
+      if constexpr (CENTER) {
+        t += SQ ? (e - mu) * (e - mu) : e;
+      } else {
+        t += SQ ? e * e : e;
+      }
     }
     row += (s0 + s1) + (s2 + s3);
     tail += t;
@@ -383,10 +389,21 @@ inline FUSEDREG_ALWAYS_INLINE acc_t row_sum(const acc_t* v, int64_t N) {
 }
 
 // forward_rows' output expression for one vector (or element) v of a row, at column j: F & 1
-// with the weight w, F & 2 with the bias b.
+// with the weight w, F & 2 with the bias b. F & 4 (RMSNorm's plain rows, mu 0): v * rs for
+// (v - mu) * rs, the same values (v - 0 is v for every v, -0 and NaN included).
 template <int F, typename V>
 inline FUSEDREG_ALWAYS_INLINE V out_expr(V v, const float* w, const float* b, float mu, float rs, int64_t j) {
-  if constexpr (F == 3) {
+  if constexpr ((F & 4) != 0) {
+    if constexpr ((F & 3) == 3) {
+      return v * rs * load_vec<V>(w + j) + load_vec<V>(b + j);
+    } else if constexpr ((F & 3) == 1) {
+      return v * rs * load_vec<V>(w + j);
+    } else if constexpr ((F & 3) == 2) {
+      return v * rs + load_vec<V>(b + j);
+    } else {
+      return v * rs;
+    }
+  } else if constexpr (F == 3) {
     return (v - mu) * rs * load_vec<V>(w + j) + load_vec<V>(b + j);
   } else if constexpr (F == 1) {
     return (v - mu) * rs * load_vec<V>(w + j);
@@ -398,43 +415,50 @@ inline FUSEDREG_ALWAYS_INLINE V out_expr(V v, const float* w, const float* b, fl
 }
 
 #if FUSEDREG_X86_DISPATCH
-// bf16_out at the AVX-512 level on a CPU with the BF16 conversions: 32 rounded by one
-// vcvtne2ps2bf16 (round to nearest even, as c10; it flushes denormal inputs and keeps a NaN's
-// payload, so 32 with any of those take store_bf16, as cpu::row_from_float does).
+// plain_row's output loop for a bf16 row at the AVX-512 level on a CPU with the BF16
+// conversions: 32 rounded by one vcvtne2ps2bf16 (round to nearest even, as c10; it flushes
+// denormal inputs and keeps a NaN's payload, so 32 with any of those take store_bf16, as
+// cpu::row_from_float does), kStoreChunk elements at a time with the next row nx prefetched
+// and y streamed through bits when nt; F as out_expr's. The whole row in one call of this
+// target (as half_plain_row): with a call per chunk of y, the calls' setup was a measurable
+// part of a row of 1024 (two threads, the rows from the L3).
 template <int F>
-FUSEDREG_TARGET_AVX512BF16 __attribute__((noinline)) void bf16_out_avx512bf16(const c10::BFloat16* x, const float* w,
-                                                                              const float* b, float mu, float rs,
-                                                                              c10::BFloat16* y, int64_t n) {
-  int64_t j = 0;
-  for (; j + 32 <= n; j += 32) {
-    const FloatX16 lo = out_expr<F>(load_vec<FloatX16>(x + j), w, b, mu, rs, j);
-    const FloatX16 hi = out_expr<F>(load_vec<FloatX16>(x + j + 16), w, b, mu, rs, j + 16);
-    constexpr int kNanOrDenormal = 0x01 | 0x80 | 0x20;  // quiet NaN, signaling NaN, denormal
-    const __mmask16 klo = _mm512_fpclass_ps_mask((__m512)lo, kNanOrDenormal);
-    const __mmask16 khi = _mm512_fpclass_ps_mask((__m512)hi, kNanOrDenormal);
-    if (_kortestz_mask16_u8(klo, khi)) {
-      _mm512_storeu_si512(y + j, (__m512i)_mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo));
-    } else {
-      store_bf16(y + j, lo);
-      store_bf16(y + j + 16, hi);
+FUSEDREG_TARGET_AVX512BF16 __attribute__((noinline)) void bf16_row_out_avx512bf16(
+    const c10::BFloat16* xr, c10::BFloat16* yr, const c10::BFloat16* nx, int64_t N, const float* w,
+    const float* b, float mu, float rs, c10::BFloat16* bits, bool nt) {
+  for (int64_t j0 = 0; j0 < N; j0 += kStoreChunk) {
+    const int64_t j1 = std::min(N, j0 + kStoreChunk);
+    for (int64_t k = j0; k < j1; k += kPrefetchChunk) prefetch_chunk(nx, k);
+    c10::BFloat16* yc = nt ? bits : yr + j0;  // y[j] at yc[j - j0]
+    int64_t j = j0;
+    for (; j + 32 <= j1; j += 32) {
+      const FloatX16 lo = out_expr<F>(load_vec<FloatX16>(xr + j), w, b, mu, rs, j);
+      const FloatX16 hi = out_expr<F>(load_vec<FloatX16>(xr + j + 16), w, b, mu, rs, j + 16);
+      constexpr int kNanOrDenormal = 0x01 | 0x80 | 0x20;  // quiet NaN, signaling NaN, denormal
+      const __mmask16 klo = _mm512_fpclass_ps_mask((__m512)lo, kNanOrDenormal);
+      const __mmask16 khi = _mm512_fpclass_ps_mask((__m512)hi, kNanOrDenormal);
+      if (_kortestz_mask16_u8(klo, khi)) {
+        _mm512_storeu_si512(yc + (j - j0), (__m512i)_mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo));
+      } else {
+        store_bf16(yc + (j - j0), lo);
+        store_bf16(yc + (j - j0) + 16, hi);
+      }
     }
+    for (; j + 16 <= j1; j += 16)
+      store_bf16(yc + (j - j0), out_expr<F>(load_vec<FloatX16>(xr + j), w, b, mu, rs, j));
+    for (; j < j1; ++j) yc[j - j0] = c10::BFloat16(out_expr<F>(static_cast<float>(xr[j]), w, b, mu, rs, j));
+    if (nt) cpu::store_row_nt<cpu::Isa::kAvx512>(yr + j0, bits, (j1 - j0) * int64_t(sizeof(c10::BFloat16)));
   }
-  for (; j + 16 <= n; j += 16) store_bf16(y + j, out_expr<F>(load_vec<FloatX16>(x + j), w, b, mu, rs, j));
-  for (; j < n; ++j) y[j] = c10::BFloat16(out_expr<F>(static_cast<float>(x[j]), w, b, mu, rs, j));
 }
 #endif
 
 // y[0, n) = (x - mu) * rs * w + b (w, b: null when absent) rounded to bf16, from the bf16 row x
 // read in place: forward_rows' output loop (the same expressions, so the same bits) with the
-// row's fp32 copy and the fp32 staging of y left out.
+// row's fp32 copy and the fp32 staging of y left out. (A CPU with the BF16 conversions takes
+// bf16_row_out_avx512bf16 instead.)
 template <cpu::Isa ISA, int F>
 inline FUSEDREG_ALWAYS_INLINE void bf16_out(const c10::BFloat16* x, const float* w, const float* b, float mu,
                                             float rs, c10::BFloat16* y, int64_t n) {
-#if FUSEDREG_X86_DISPATCH
-  if constexpr (ISA == cpu::Isa::kAvx512) {
-    if (cpu::cpu_has_avx512bf16()) return bf16_out_avx512bf16<F>(x, w, b, mu, rs, y, n);
-  }
-#endif
   static_assert(kSumVecBytes<ISA> == sizeof(FloatX16), "the AVX-512 level's vectors");
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) store_bf16(y + j, out_expr<F>(load_vec<FloatX16>(x + j), w, b, mu, rs, j));
@@ -443,36 +467,25 @@ inline FUSEDREG_ALWAYS_INLINE void bf16_out(const c10::BFloat16* x, const float*
 
 template <cpu::Isa ISA>
 inline FUSEDREG_ALWAYS_INLINE void bf16_out(const c10::BFloat16* x, const float* w, const float* b, float mu,
-                                            float rs, c10::BFloat16* y, int64_t n) {
+                                            float rs, c10::BFloat16* y, int64_t n, bool rms) {
+  if (rms) {
+    if (w && b) return bf16_out<ISA, 7>(x, w, b, mu, rs, y, n);
+    if (w) return bf16_out<ISA, 5>(x, w, b, mu, rs, y, n);
+    if (b) return bf16_out<ISA, 6>(x, w, b, mu, rs, y, n);
+    return bf16_out<ISA, 4>(x, w, b, mu, rs, y, n);
+  }
   if (w && b) return bf16_out<ISA, 3>(x, w, b, mu, rs, y, n);
   if (w) return bf16_out<ISA, 1>(x, w, b, mu, rs, y, n);
   if (b) return bf16_out<ISA, 2>(x, w, b, mu, rs, y, n);
   bf16_out<ISA, 0>(x, w, b, mu, rs, y, n);
 }
 
-#if FUSEDREG_X86_DISPATCH
-// 16 floats rounded to fp16 at dst as c10 rounds: vcvtps2ph (to nearest even), the NaN lanes
-// set to sign | 0x7E00, the values of cpu::row_from_float's F16C loop. (The code of
-// fusedreg/cpu/half_convert.h's half16_store: including that header changed GCC's code for
-// this file's baseline level, and the sign of a NaN in the fp16 backward's grad_x.)
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store_half(c10::Half* dst, __m512 x) {
-  __m256i v = _mm512_maskz_cvtps_ph(0xFFFF, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  if (__builtin_expect(nan != 0, 0)) {
-    const __m256i quiet = _mm256_ternarylogic_epi32(v, _mm256_set1_epi16(int16_t(0x8000)),
-                                                    _mm256_set1_epi16(0x7E00), 0xEA);
-    v = _mm256_mask_blend_epi16(nan, v, quiet);
-  }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
-}
-#endif
-
 // The statistics of a plain norm's row x read in place (bf16 or fp16: each vector widened in
 // registers): mean (rms: 0) and rstd.
 template <cpu::Isa ISA, typename x_t>
 inline FUSEDREG_ALWAYS_INLINE void plain_stats(const x_t* xr, int64_t N, bool rms, float eps, float& mu, float& rs) {
   mu = rms ? 0.0f : row_sum_vec<ISA, false>(xr, N, 0.0f) / N;
-  const float var = row_sum_vec<ISA, true>(xr, N, mu);
+  const float var = rms ? row_sum_vec<ISA, true, float, x_t, false>(xr, N, 0.0f) : row_sum_vec<ISA, true>(xr, N, mu);
   rs = 1.0f / std::sqrt(var / N + eps);
 }
 
@@ -487,23 +500,36 @@ inline FUSEDREG_ALWAYS_INLINE void plain_row(const x_t* xr, x_t* yr, const x_t* 
   plain_stats<ISA>(xr, N, rms, eps, mu, rs);
   if (mean) *mean = mu;
   *rstd = rs;
+#if FUSEDREG_X86_DISPATCH
+  if constexpr (ISA == cpu::Isa::kAvx512) {
+    if (cpu::cpu_has_avx512bf16()) {
+      switch ((w ? 1 : 0) | (b ? 2 : 0) | (rms ? 4 : 0)) {
+#define FUSEDREG_CASE(F) \
+  case F: return bf16_row_out_avx512bf16<F>(xr, yr, nx, N, w, b, mu, rs, bits, nt);
+        FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
+        FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
+#undef FUSEDREG_CASE
+      }
+    }
+  }
+#endif
   for (int64_t j0 = 0; j0 < N; j0 += kStoreChunk) {
     const int64_t j1 = std::min(N, j0 + kStoreChunk);
     for (int64_t k = j0; k < j1; k += kPrefetchChunk) prefetch_chunk(nx, k);
     const float* wc = w ? w + j0 : nullptr;
     const float* bc = b ? b + j0 : nullptr;
     if (nt) {
-      bf16_out<ISA>(xr + j0, wc, bc, mu, rs, bits, j1 - j0);
+      bf16_out<ISA>(xr + j0, wc, bc, mu, rs, bits, j1 - j0, rms);
       cpu::store_row_nt<ISA>(yr + j0, bits, (j1 - j0) * int64_t(sizeof(x_t)));
     } else {
-      bf16_out<ISA>(xr + j0, wc, bc, mu, rs, yr + j0, j1 - j0);
+      bf16_out<ISA>(xr + j0, wc, bc, mu, rs, yr + j0, j1 - j0, rms);
     }
   }
 }
 
 #if FUSEDREG_X86_DISPATCH
-// plain_row's output loop for an fp16 row: y rounded by vcvtps2ph (store_half), F & 1 with the
-// weight, F & 2 with the bias.
+// plain_row's output loop for an fp16 row: y rounded by vcvtps2ph with the NaN lanes set to
+// sign | 0x7E00 (rows.h's cpu::half16_store); F as out_expr's (weight, bias, RMSNorm).
 template <int F>
 FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void half_row_out(const c10::Half* xr, c10::Half* yr,
                                                                       const c10::Half* nx, int64_t N,
@@ -515,14 +541,14 @@ FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void half_row_out(const c10
     c10::Half* yc = nt ? bits : yr + j0;  // y[j] at yc[j - j0]
     int64_t j = j0;
     for (; j + 16 <= j1; j += 16)
-      store_half(yc + (j - j0), (__m512)out_expr<F>(load_vec<FloatX16>(xr + j), w, b, mu, rs, j));
+      cpu::half16_store(yc + (j - j0), (__m512)out_expr<F>(load_vec<FloatX16>(xr + j), w, b, mu, rs, j));
     for (; j < j1; ++j) yc[j - j0] = c10::Half(out_expr<F>(static_cast<float>(xr[j]), w, b, mu, rs, j));
     if (nt) cpu::store_row_nt<cpu::Isa::kAvx512>(yr + j0, bits, (j1 - j0) * int64_t(sizeof(c10::Half)));
   }
 }
 
 // plain_row of an fp16 row (AVX-512 level), out of line with this target, so that the output
-// loop's intrinsics (store_half) inline into it (3-5% faster than a call per chunk of y).
+// loop's intrinsics (half16_store) inline into it (3-5% faster than a call per chunk of y).
 // Inlined into forward_rows, this code also changed how GCC compiled the copy path's sums
 // there, and with it which NaN a LayerNorm row's sums kept where an input NaN met inf - inf:
 // in 364 of 12336 hashed forward outputs the NaN in mean, rstd and y had the other sign than
@@ -538,10 +564,13 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void half_plain_row(const c10::
   plain_stats<cpu::Isa::kAvx512>(xr, N, rms, eps, mu, rs);
   if (mean) *mean = mu;
   *rstd = rs;
-  if (w && b) return half_row_out<3>(xr, yr, nx, N, w, b, mu, rs, bits, nt);
-  if (w) return half_row_out<1>(xr, yr, nx, N, w, b, mu, rs, bits, nt);
-  if (b) return half_row_out<2>(xr, yr, nx, N, w, b, mu, rs, bits, nt);
-  half_row_out<0>(xr, yr, nx, N, w, b, mu, rs, bits, nt);
+  switch ((w ? 1 : 0) | (b ? 2 : 0) | (rms ? 4 : 0)) {
+#define FUSEDREG_CASE(F) \
+  case F: return half_row_out<F>(xr, yr, nx, N, w, b, mu, rs, bits, nt);
+    FUSEDREG_CASE(0) FUSEDREG_CASE(1) FUSEDREG_CASE(2) FUSEDREG_CASE(3)
+    FUSEDREG_CASE(4) FUSEDREG_CASE(5) FUSEDREG_CASE(6) default: FUSEDREG_CASE(7)
+#undef FUSEDREG_CASE
+  }
 }
 #endif
 

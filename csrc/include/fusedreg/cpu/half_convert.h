@@ -28,31 +28,13 @@ namespace cpu {
 #if FUSEDREG_X86_DISPATCH
 // 16 float16 values to and from an AVX-512 register, for loops that convert as they go (the
 // optimizers' float16 steps): the values of rows.h's row_to_float_f16c / row_from_float_f16c
-// (NaN lanes stored as sign | 0x7E00). Only call them after cpu_has_avx512().
+// (NaN lanes stored as sign | 0x7E00). Only call them after cpu_has_avx512(). The store,
+// half16_store, and the all-lanes mask kAll16 the intrinsics here use are rows.h's (the
+// layer_norm forward's in-place fp16 rows use them too).
 constexpr int64_t kHalfBlock = 16;
-// All 16 lanes: the intrinsics below use their maskz forms with this mask (the plain
-// instructions), since the unmasked ones' undefined pass-through operand trips GCC's
-// -Wmaybe-uninitialized.
-constexpr __mmask16 kAll16 = 0xFFFF;
 
 FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m512 half16_load(const c10::Half* src) {
   return _mm512_maskz_cvtph_ps(kAll16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-}
-
-// The NaN lanes are fixed up only in a block that has one: the same bits as blending every
-// block, without the blend's two extra ops per block, which on the EPYC (Zen 4) made the
-// optimizers' fp16 SGD with fp16 state slower than torch's fused step (the branch is not
-// taken in any block without a NaN, so it predicts).
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void half16_store(c10::Half* dst, __m512 x) {
-  __m256i v = _mm512_maskz_cvtps_ph(kAll16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  if (__builtin_expect(nan != 0, 0)) {
-    // (v & 0x8000) | 0x7E00 in one ternary-logic op (truth table 0xEA: A & B | C)
-    const __m256i quiet = _mm256_ternarylogic_epi32(v, _mm256_set1_epi16(int16_t(0x8000)),
-                                                    _mm256_set1_epi16(0x7E00), 0xEA);
-    v = _mm256_mask_blend_epi16(nan, v, quiet);
-  }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
 }
 
 // 16 bfloat16 values to and from an AVX-512 register with c10::BFloat16's conversions, bit for
