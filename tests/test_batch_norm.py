@@ -371,13 +371,14 @@ def _half_specials(t, k):
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
 @pytest.mark.parametrize("cl", [False, True], ids=["ncs", "cl"])
 def test_cpu_float16_ops_are_the_float32_ops_on_its_values(cl):
-    """The CPU ops on float16 storage stage blocks of it as float32 copies and run the float32
-    loops on them (csrc/cpu/batch_norm.cpp, "float16 staging"), so each op gives what the
+    """The CPU ops on float16 storage convert it in registers (AVX-512) or stage blocks of it as
+    float32 copies and run the float32 loops on them (csrc/cpu/batch_norm.cpp, "float16
+    staging"), either way with the float32 loops' operations, so each op gives what the
     float32 op gives on x.float() (dy.float(), residual.float()): the same sums bit for bit,
     float16 outputs c10's rounding of the float32 ones (NaN: sign | 0x7E00). Awkward shapes
     (rows of 1, 3, 4, 49, 196 values; rows over a lane chunk; channels-last rows of 3, 17, 64
     and 300 channels, past a staging block), inf, NaN, 60000 and subnormals, with and without
-    residual, activation, dropout and weight; the statistics wherever the two dtypes take the
+    residual, each activation, dropout and weight; the statistics wherever the two dtypes take the
     same passes (channels-last always; NCS while a float32 channel is at most 64 KB or a
     float16 one over it)."""
     ops = torch.ops.fusedreg
@@ -402,7 +403,9 @@ def test_cpu_float16_ops_are_the_float32_ops_on_its_values(cl):
             for got, want in zip(stats16, stats32):
                 torch.testing.assert_close(got, want, equal_nan=True, **sums_tol)
         for act, r, p, wb in ((0, None, 0.0, True), (0, None, 0.0, False), (1, res, 0.0, True),
-                              (3, None, 0.0, True), (0, None, 0.25, True), (2, res, 0.25, True)):
+                              (1, None, 0.0, False), (3, None, 0.0, True), (4, res, 0.0, False),
+                              (2, res, 0.0, True), (0, res, 0.0, True), (0, None, 0.25, True),
+                              (2, res, 0.25, True)):
             r32 = None if r is None else res32
             ww, bb = (w, b) if wb else (None, None)
             y16 = ops.batch_norm_fwd(x, r, ww, bb, mean, invstd, act, p, seed, cl)
