@@ -81,8 +81,18 @@ AUTO: dict[str, dict[str, tuple[str, ...]]] = {
 # both ways; eval plain with grad (the C++ node in eval since then) 1.32-1.36 up to 32K, 1.11
 # / 1.22 at 100K, 1.02 / 1.03 at 262K, 0.69 / 0.74 at 800K: 2**19; the act call with grad 0.95
 # at 1024, 0.90 at 4096 (2**12 kept); the eval act call with grad 1.13 / 1.17 at 262K, 0.74-0.78
-# at 800K (2**20 kept), without grad below 262K as before.
-_EVERY = 1 << 62  # torch's op at every size
+# at 800K (2**20 kept), without grad below 262K as before. Re-measured again the same day
+# after the eval call (one C++ call, now with a residual and activation too, its float32
+# vectors made in one loop) and the node's half-precision weights (fused / torch, one / two
+# threads): training no grad 0.83 / 0.84 at 4096, 1.16 / 1.00 at 1024 (2**12); act no grad
+# 0.95 / 0.86 at 1024, with grad 0.96 / 0.95 at 1024, but the modules at one thread
+# (overhead.py --batch-norm) had BatchNormAct2d at (1, 64, 7, 7) (3136 elements, 49 a
+# channel) 1.11-1.17x fused: 2**12 kept; eval no grad 0.96 / 0.83 at 64, 0.95 / 0.84 at 1024
+# and below 1.0 at every size, F.batch_norm at (2, 8) 1.06x (4.6 against 4.4 us): 2**10;
+# with grad 1.01 / 1.04 at 262K, 0.72 / 0.85 at 800K (2**19 kept); eval act without grad 0.77
+# / 0.68 at 64 and below 1.0 at every size (never torch's), with grad 0.92-0.95 / 0.84-0.95
+# to 16K, 0.90 / 0.91 at 100K, but BatchNormAct2d 1.01-1.06x at (4, 16, 8, 8) and (1, 64, 7,
+# 7), 0.91x at (8, 64, 14, 14): 2**14.
 AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
     "layer_norm": {"cpu": (1 << 13, 1 << 18)},
     "rms_norm": {"cpu": (0, 0)},
@@ -98,10 +108,10 @@ AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
     # 0.82 at 131K; two threads 0.99 / 1.23 at 65K, 0.87 / 1.03 at 131K, 0.67 / 0.84 at 262K.
     # float32's 2**18 with grad holds likewise (two threads 1.29 at 256x768, 0.74 at 262K).
     "layer_norm_half": {"cpu": (1 << 17, 1 << 17)},
-    "batch_norm": {"cpu": (1 << 13, 1 << 13)},
-    "batch_norm_eval": {"cpu": (1 << 16, 1 << 19)},
+    "batch_norm": {"cpu": (1 << 12, 1 << 13)},
+    "batch_norm_eval": {"cpu": (1 << 10, 1 << 19)},
     "batch_norm_act": {"cpu": (1 << 12, 1 << 12)},
-    "batch_norm_act_eval": {"cpu": (1 << 18, 1 << 20)},
+    "batch_norm_act_eval": {"cpu": (0, 1 << 14)},
     # bfloat16 / float16 x (parameters and buffers of its dtype or float32): torch's
     # half-precision batch_norm and the fused kernels differ by dtype, so each has its limits
     # (overhead.py --crossover --only batch_norm --dtype bfloat16 / float16, 2026-12-07, vectors
@@ -119,15 +129,31 @@ AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
     # (the fused float16 backward with an activation or residual stages its blocks through
     # float32 copies): torch's composite at every size; eval no grad 1.01 / 1.20 at 262K, 0.76 /
     # 0.86 at 800K, with grad 1.20-1.53 at every size: torch's at every size. Where one and two
-    # threads disagree the limit takes the smaller loss.
-    "batch_norm_bf16": {"cpu": (1 << 14, 1 << 19)},
-    "batch_norm_eval_bf16": {"cpu": (1 << 16, 1 << 19)},
-    "batch_norm_act_bf16": {"cpu": (1 << 12, 1 << 18)},
-    "batch_norm_act_eval_bf16": {"cpu": (1 << 18, 1 << 18)},
-    "batch_norm_f16": {"cpu": (1 << 17, 1 << 20)},
-    "batch_norm_eval_f16": {"cpu": (1 << 21, 1 << 20)},
-    "batch_norm_act_f16": {"cpu": (1 << 17, _EVERY)},
-    "batch_norm_act_eval_f16": {"cpu": (1 << 19, _EVERY)},
+    # threads disagree the limit takes the smaller loss. Re-measured the same day after the
+    # C++ node took half-precision weights with grad (the figures above with grad are of the
+    # Python Function), the eval call residual and activation calls and one-loop vectors, and
+    # the float16 passes with an activation or residual their register paths. bfloat16:
+    # training no grad 1.01 / 1.00 at 16K (2**14 kept), with grad 0.96 / 1.11 at 32K, 0.80 /
+    # 0.94 at 100K (2**16); eval no grad 1.03 / 0.98 at 4096, 0.87 / 0.85 at 16K (2**13), with
+    # grad 1.01 / 1.16 at 32K, 0.83 / 0.99 at 100K (2**16); act no grad 0.95 / 0.89 at 4096
+    # (2**12 kept, as float32's, for the modules' small maps), with grad 1.02 / 1.02 at 4096,
+    # 0.93 / 0.95 at 16K (2**14);
+    # eval act no grad 0.86 / 0.77 at 64 (never), with grad 1.03 / 1.02 at 4096, 0.94 / 0.97 at
+    # 16K (2**14). float16: training no grad 1.02 / 1.06 at 100K, 0.88 / 0.92 at 262K (2**17
+    # kept), with grad 1.10 / 1.17 at 32K, 0.91 / 1.03 at 100K (2**16); eval no grad 1.02 /
+    # 1.07 at 32K, 0.90 / 0.99 at 100K (2**16), with grad 0.94 / 1.06 at 100K, 0.89 / 0.93 at
+    # 262K (2**17); act no grad 1.04 / 0.98 at 1024, 1.01 / 0.92 at 4096, BatchNormAct2d 1.03x
+    # at (4, 16, 8, 8) (2**13), with grad 1.03 / 1.02 at 4096, 0.99 / 1.00 at 16K, 0.96 / 0.95
+    # at 32K (2**14); eval act no grad 0.87 / 0.81 at 64 (never), with grad 1.00 / 1.02 at
+    # 4096, 0.96 / 1.01 at 16K (2**14).
+    "batch_norm_bf16": {"cpu": (1 << 14, 1 << 16)},
+    "batch_norm_eval_bf16": {"cpu": (1 << 13, 1 << 16)},
+    "batch_norm_act_bf16": {"cpu": (1 << 12, 1 << 14)},
+    "batch_norm_act_eval_bf16": {"cpu": (0, 1 << 14)},
+    "batch_norm_f16": {"cpu": (1 << 17, 1 << 16)},
+    "batch_norm_eval_f16": {"cpu": (1 << 16, 1 << 17)},
+    "batch_norm_act_f16": {"cpu": (1 << 13, 1 << 14)},
+    "batch_norm_act_eval_f16": {"cpu": (0, 1 << 14)},
 }
 
 
