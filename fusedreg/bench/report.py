@@ -250,6 +250,29 @@ def params_of(case: str) -> int | None:
     return int(m.group(1).replace(",", "")) if m else None
 
 
+def _plot_series(recs: list, pass_: str, kind: str) -> dict:
+    """{label: [(size, value)]} of one pass of one op: speedups over each baseline, or the
+    percentage of the limit; rows without a size (a model's step) have no point."""
+    series: dict = {}
+    for r in recs:
+        if r["pass"] != pass_:
+            continue
+        size, variant = split_case(r["case"])
+        x = size if size is not None else params_of(r["case"]) or int(r["bytes"])
+        if not x or x <= 0:
+            continue
+        tag = f" {variant}" if variant and size is not None else ""
+        if r.get("mode", "loop") != "loop":
+            tag += f" [{r['mode']}]"
+        if kind == "speedup":
+            for base, s in parse_speedup(r["speedup"]).items():
+                series.setdefault(f"{r['impl']} vs {base}{tag} {r['dtype']}", []).append((x, s))
+        else:
+            series.setdefault(f"{r['impl']}{tag} {r['dtype']}", []).append(
+                (x, 100 * float(r["frac_limit"])))
+    return series
+
+
 def plot_records(records: list[dict], folder: str, suffix: str = "") -> list[str]:
     """Two PNGs per op: speedup over each baseline, and % of the access pattern's limit,
     against the problem size (elements of the case's leading shape, parameters of an
@@ -270,23 +293,14 @@ def plot_records(records: list[dict], folder: str, suffix: str = "") -> list[str
             continue
         device = recs[0]["device"]
         for kind in ("speedup", "bandwidth"):
-            fig, axes = plt.subplots(1, len(passes), figsize=(5.5 * len(passes), 4.2), squeeze=False)
-            for ax, pass_ in zip(axes[0], passes):
-                series: dict = {}
-                for r in recs:
-                    if r["pass"] != pass_:
-                        continue
-                    size, variant = split_case(r["case"])
-                    x = size if size is not None else params_of(r["case"]) or int(r["bytes"])
-                    tag = f" {variant}" if variant and size is not None else ""
-                    if r.get("mode", "loop") != "loop":
-                        tag += f" [{r['mode']}]"
-                    if kind == "speedup":
-                        for base, s in parse_speedup(r["speedup"]).items():
-                            series.setdefault(f"{r['impl']} vs {base}{tag} {r['dtype']}", []).append((x, s))
-                    else:
-                        series.setdefault(f"{r['impl']}{tag} {r['dtype']}", []).append(
-                            (x, 100 * float(r["frac_limit"])))
+            per_pass = {p: _plot_series(recs, p, kind) for p in passes}
+            per_pass = {p: v for p, v in per_pass.items() if v}  # a pass of sizeless rows: none
+            if not per_pass:
+                continue
+            fig, axes = plt.subplots(1, len(per_pass), figsize=(5.5 * len(per_pass), 4.2),
+                                     squeeze=False)
+            for ax, pass_ in zip(axes[0], per_pass):
+                series = per_pass[pass_]
                 for label, pts in series.items():
                     pts.sort()
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
@@ -300,12 +314,11 @@ def plot_records(records: list[dict], folder: str, suffix: str = "") -> list[str
                     ax.set_ylabel("% of the access pattern's measured limit")
                 ax.set_title(f"{op} {pass_}")
                 ax.grid(True, alpha=0.3)
-                if series:
-                    ax.legend(fontsize=7)
+                # below the axes (as many lines as series): the saved image grows to hold them
+                ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2))
             fig.suptitle(f"{op} on {device}", fontsize=10)
-            fig.tight_layout()
             path = os.path.join(folder, f"{op}-{kind}{suffix}.png")
-            fig.savefig(path, dpi=110)
+            fig.savefig(path, dpi=110, bbox_inches="tight")
             plt.close(fig)
             written.append(path)
     return written
