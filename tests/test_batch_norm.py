@@ -345,6 +345,18 @@ def _c10_half_bits(y):
 _SANITIZER_BUILD = "libasan" in os.environ.get("LD_PRELOAD", "")
 
 
+def _assert_same_forward(got, want, what):
+    """The one-op forward's output and statistics are the two-op path's bit for bit; in the
+    sanitizer build (-O1, where GCC contracts some float16 element loops' multiply-adds
+    otherwise than the register paths' explicit FMAs), a float16/bfloat16 y to within one
+    rounding of its dtype."""
+    if _SANITIZER_BUILD and what[-1] == "y" and got.dtype in (torch.float16, torch.bfloat16):
+        tol = 2.0 ** -10 if got.dtype == torch.float16 else 2.0 ** -7
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=1e-6, equal_nan=True)
+        return
+    assert torch.equal(got, want), what
+
+
 def _assert_c10_half_rounding(got, want):
     """got (float16) is c10's rounding of want (float32) bit for bit, but a NaN's sign: the
     float32 op may reach it by another order of operands (gx_from_dz_cl_kernel's). In the
@@ -469,7 +481,7 @@ def test_cpu_channel_ops_are_the_four_ops_bitwise(dtype):
         inv2 = torch.rsqrt(v2 + eps)
         y2 = ops.batch_norm_fwd(x, r, w, b, m2, inv2, act, 0.0, seed, False)
         for got, want, name in ((y, y2, "y"), (mean, m2, "mean"), (var, v2, "var"), (invstd, inv2, "invstd")):
-            assert torch.equal(got, want), name
+            _assert_same_forward(got, want, (name,))
         _assert_one_op_backward_is_two_ops(ops.batch_norm_bwd_ncs, False, dy, x, r, w, b, mean, invstd, act,
                                            seed, N * S)
     x, r, dy = _data((2, 3, 20), dtype), _data((2, 3, 20), dtype, 2), _data((2, 3, 20), dtype, 7, 0.0)
@@ -513,7 +525,7 @@ def test_cpu_small_channels(dtype):
         inv2 = torch.rsqrt(v2 + 1e-5)
         y2 = ops.batch_norm_fwd(x, r, w, b, m2, inv2, act, 0.0, seed, False)
         for got, want, name in ((y, y2, "y"), (mean, m2, "mean"), (var, v2, "var"), (invstd, inv2, "invstd")):
-            assert torch.equal(got, want), (N, C, S, name)
+            _assert_same_forward(got, want, (N, C, S, name))
         assert var[C // 2] == 0
         # channel c alone, followed by zero channels up to a step of lanes: a row's sums take
         # the masked tail where a whole step is readable from the row's start, else the scalar
