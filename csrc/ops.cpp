@@ -30,6 +30,7 @@
 
 #include "fusedreg/batch_norm_host.h"
 #include "fusedreg/cpu/direct.h"
+#include "fusedreg/cpu/rows.h"
 
 namespace fusedreg {
 PyMethodDef* optim_direct_methods();  // csrc/cpu/optim.cpp
@@ -864,17 +865,18 @@ Tensor4 bn_train_forward(const at::Tensor& x, const std::optional<at::Tensor>& r
   return {bn_from_storage(y, x.sizes(), cl), mean, var, invstd};
 }
 
-// A float32 copy of a contiguous float32 / float16 / bfloat16 vector (c10's widening, exact).
+// A float32 copy of a contiguous float32 / float16 / bfloat16 vector: the CPU kernels' exact
+// widening (fusedreg/cpu/rows.h), the values of c10's static_cast.
 void bn_widen_into(const at::Tensor& v, float* dst) {
   const int64_t n = v.numel();
   if (v.scalar_type() == at::kFloat) {
     std::copy_n(v.const_data_ptr<float>(), n, dst);
-    return;
+  } else if (v.scalar_type() == at::kBFloat16) {
+    cpu::row_to_float(v.const_data_ptr<c10::BFloat16>(), dst, n);
+  } else {
+    TORCH_INTERNAL_ASSERT(v.scalar_type() == at::kHalf);
+    cpu::row_to_float(v.const_data_ptr<c10::Half>(), dst, n);
   }
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(v.scalar_type(), "bn_widen_into", [&] {
-    const scalar_t* src = v.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-  });
 }
 
 // The eval forward's float32 vectors in one pass over the channels where x computes in float

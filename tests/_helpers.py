@@ -115,3 +115,30 @@ def results_at_one_and_two_threads(run):
     finally:
         torch.set_num_threads(threads)
     return one, two
+
+
+def _gloo_rank(rank, fn, world, init_file, args):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    fn(rank, world, *args)  # an exception reaches mp.spawn's traceback file from here
+    dist.barrier()  # leave together: tearing gloo down under a busy peer can abort
+    dist.destroy_process_group()
+    # Leave without the interpreter's teardown: modules and DTensors the worker built still
+    # hold gloo objects whose destructors, run while Python finalizes, now and then abort
+    # the process ("terminate called without an active exception") after every result is
+    # written. fn has saved and closed its files; the streams are flushed here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def spawn_gloo_ranks(fn, args, tmp_dir, world: int = 2):
+    """Runs ``fn(rank, world, *args)`` in ``world`` spawned processes joined in one gloo
+    group (one thread each, initialised through a file in ``tmp_dir``); raises what a rank
+    raised."""
+    import torch.multiprocessing as mp
+
+    init_file = os.path.join(tmp_dir, "gloo-init")
+    mp.spawn(_gloo_rank, args=(fn, world, init_file, tuple(args)), nprocs=world, join=True)

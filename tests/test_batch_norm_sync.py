@@ -7,9 +7,9 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fusedreg
+from _helpers import spawn_gloo_ranks
 
 SHAPE = (8, 3, 4, 5)
 STEPS = 2
@@ -46,27 +46,21 @@ def _train(m, xs, gs, layout, lo, hi):
                   m.running_var.clone(), m.num_batches_tracked.clone()]
 
 
-def _worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        xs, gs = _inputs()
-        half = SHAPE[0] // world
-        result = {}
-        for layout in ("c", "cl"):
-            m = fusedreg.nn.SyncBatchNorm.convert_sync_batchnorm(_module(torch.nn.BatchNorm2d))
-            result[layout] = _train(m, xs, gs, layout, rank * half, (rank + 1) * half)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, out_dir):
+    xs, gs = _inputs()
+    half = SHAPE[0] // world
+    result = {}
+    for layout in ("c", "cl"):
+        m = fusedreg.nn.SyncBatchNorm.convert_sync_batchnorm(_module(torch.nn.BatchNorm2d))
+        result[layout] = _train(m, xs, gs, layout, rank * half, (rank + 1) * half)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.slow  # two spawned gloo processes: ~12 s on 2 shared cores
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 def test_sync_batch_norm_two_processes_match_one():
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True)
+        spawn_gloo_ranks(_worker, (d,), d)
         ranks = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2)]
     xs, gs = _inputs()
     for layout in ("c", "cl"):

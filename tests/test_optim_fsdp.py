@@ -7,9 +7,9 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fusedreg.optim as fo
+from _helpers import spawn_gloo_ranks
 
 STEPS = 8
 
@@ -38,29 +38,21 @@ def _train(model, opt):
         opt.step()
 
 
-def _worker(rank, world, init_file, out_file, cls):
+def _worker(rank, world, out_file, cls):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        model = _model()
-        for layer in (model[0], model[2]):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        opt = _make_opt(cls, model.parameters())
-        _train(model, opt)  # every rank sees the same batch: averaged grads = one process's
-        full = [p.full_tensor() for p in model.parameters()]
-        sparsity = opt.sparsity()
-        if rank == 0:
-            torch.save({"params": full, "sparsity": sparsity}, out_file)
-        # Both ranks leave together: a rank that tears gloo down while its peer is still
-        # busy can abort at exit ("terminate called without an active exception").
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world,))
+    model = _model()
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = _make_opt(cls, model.parameters())
+    _train(model, opt)  # every rank sees the same batch: averaged grads = one process's
+    full = [p.full_tensor() for p in model.parameters()]
+    sparsity = opt.sparsity()
+    if rank == 0:
+        torch.save({"params": full, "sparsity": sparsity}, out_file)
 
 
 @pytest.mark.slow  # two spawned gloo processes
@@ -68,8 +60,8 @@ def _worker(rank, world, init_file, out_file, cls):
 @pytest.mark.parametrize("cls", ["adamw", "sgd"])
 def test_fsdp2_two_processes_match_one(cls):
     with tempfile.TemporaryDirectory() as d:
-        init_file, out_file = os.path.join(d, "init"), os.path.join(d, "out.pt")
-        mp.spawn(_worker, args=(2, init_file, out_file, cls), nprocs=2, join=True)
+        out_file = os.path.join(d, "out.pt")
+        spawn_gloo_ranks(_worker, (out_file, cls), d)
         got = torch.load(out_file)
     # One thread here as in the workers: the matmuls then sum in the same order, and Adam's
     # update (≈ sign of tiny gradients) cannot amplify thread-count rounding differences.
