@@ -230,31 +230,49 @@ def measure_batch_norm(shapes=BN_SHAPES, calls=200, rounds=5, dtype=torch.float3
     return out
 
 
+# torch's module-free form of each activation batch_norm_act takes
+_TORCH_ACTIVATIONS = {"silu": TF.silu, "gelu": TF.gelu,
+                      "gelu_tanh": lambda t: TF.gelu(t, approximate="tanh")}
+
 BN_CROSSOVER_SHAPES = ((4, 16), (4, 16, 4, 4), (4, 16, 8, 8), (8, 32, 8, 8), (8, 64, 8, 8),
                        (8, 64, 14, 14), (16, 64, 16, 16), (16, 64, 28, 28), (32, 64, 28, 28),
                        (32, 64, 56, 56))
 
 
-def crossover_batch_norm(calls=200, rounds=3, shapes=BN_CROSSOVER_SHAPES, dtype=torch.float32):
+def crossover_batch_norm(calls=200, rounds=3, shapes=BN_CROSSOVER_SHAPES, dtype=torch.float32,
+                         activation="relu", channels_last=False):
     """Rows (table, shape, numel, mode, torch us, fused us, ratio) for the BatchNorm entries
     of ``AUTO_TORCH_BELOW``: torch.batch_norm against the cpu backend's fused call, plain
     ("batch_norm") and with a residual and relu ("batch_norm_act", against
     ``relu(batch_norm(x) + r)``), in training and eval ("..._eval"). float16/bfloat16
     (the "..._bf16" / "..._f16" entries): x, parameters and running stats all of that dtype, as in a model
-    converted with ``.to(dtype)``."""
+    converted with ``.to(dtype)``. ``activation`` "silu", "gelu" or "gelu_tanh": the fused
+    rows are that activation without a residual ("batch_norm_<activation>", against
+    ``act(batch_norm(x))``, as timm's ``BatchNormAct2d`` runs it), the plain rows left out.
+    ``channels_last``: the 4-d inputs (and residuals) in channels_last memory format."""
     out = []
     suffix = {torch.bfloat16: "_bf16", torch.float16: "_f16"}.get(dtype, "")
     for shape in shapes:
         C = shape[1]
         x, r = (torch.randn(shape) + 1.0).to(dtype), torch.randn(shape).to(dtype)
+        if channels_last and x.dim() == 4:
+            x, r = (t.contiguous(memory_format=torch.channels_last) for t in (x, r))
         w, b = (torch.rand(C) + 0.5).to(dtype), torch.randn(C).to(dtype)
         rm, rv = torch.randn(C).to(dtype), (torch.rand(C) + 0.5).to(dtype)
         reps = max(5, min(calls, 20_000_000 // x.numel()) // rounds)
-        for fused in (False, True):
+        for fused in (False, True) if activation == "relu" else (True,):
             for training in (True, False):
-                table = ("batch_norm_act" if fused else "batch_norm") + ("" if training else "_eval") \
-                    + suffix
-                if fused:
+                name = "batch_norm_act" if activation == "relu" else f"batch_norm_{activation}"
+                table = (name if fused else "batch_norm") + ("" if training else "_eval") + suffix
+                if fused and activation != "relu":
+                    act = _TORCH_ACTIVATIONS[activation]
+
+                    def tfn(x, r, w, b, training=training, act=act):
+                        return act(TF.batch_norm(x, rm, rv, w, b, training))
+
+                    def ffn(x, r, w, b, training=training):
+                        return F.batch_norm_act(x, rm, rv, w, b, training, activation=activation)
+                elif fused:
                     def tfn(x, r, w, b, training=training):
                         return torch.relu(TF.batch_norm(x, rm, rv, w, b, training) + r)
 
@@ -293,6 +311,12 @@ def main(argv=None):
                     help="with --batch-norm: shapes as 2x8,4x16x8x8,... (default: the list above)")
     ap.add_argument("--only", default=None, choices=("norms", "batch_norm"),
                     help="with --crossover: only the norms' rows or only BatchNorm's")
+    ap.add_argument("--bn-activation", default="relu",
+                    choices=("relu", "silu", "gelu", "gelu_tanh"),
+                    help="with --crossover: the fused BatchNorm rows' activation (relu: with a "
+                         "residual, and the plain rows; the others: without)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="with --crossover: BatchNorm's 4-d inputs in channels_last format")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                     help="the per-call rows' dtype (inputs, module parameters and buffers; "
                          "with --batch-norm and --crossover's BatchNorm rows too)")
@@ -321,7 +345,8 @@ def main(argv=None):
         print(f"{'table':25s} {'shape':>14s} {'numel':>9s} {'mode':8s} {'torch us':>9s} "
               f"{'fused us':>9s} {'ratio':>6s}")
         for table, shape, numel, mode, t, f, ratio in crossover_batch_norm(
-                dtype=getattr(torch, args.dtype)):
+                dtype=getattr(torch, args.dtype), activation=args.bn_activation,
+                channels_last=args.channels_last):
             print(f"{table:25s} {'x'.join(map(str, shape)):>14s} {numel:9d} {mode:8s} {t:9.1f} "
                   f"{f:9.1f} {ratio:6.2f}")
         if args.only == "batch_norm":

@@ -28,6 +28,7 @@
 #include <tuple>
 #include <vector>
 
+#include "fusedreg/activation.h"
 #include "fusedreg/batch_norm_host.h"
 #include "fusedreg/cpu/direct.h"
 #include "fusedreg/cpu/rows.h"
@@ -1177,10 +1178,11 @@ PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 // fusedreg._C.torch_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
-// eps, residual, relu, limit, limit_grad): under auto, a small BatchNorm served by torch's ops
-// (fusedreg.functional._torch_small_batch_norm) — at::batch_norm(x, weight, bias,
-// running_mean, running_var, training, momentum, eps, false), then add_(residual) and relu_
-// where given — called through the dispatcher (its autograd and profiler keys, as
+// eps, residual, activation, limit, limit_grad): under auto, a small BatchNorm served by
+// torch's ops (fusedreg.functional._torch_small_batch_norm) — at::batch_norm(x, weight, bias,
+// running_mean, running_var, training, momentum, eps, false), then add_(residual) where given
+// and the activation (fusedreg::Activation's code: relu_ in place; gelu, gelu "tanh" and silu
+// out of place, as their backwards read their input) — called through the dispatcher (its autograd and profiler keys, as
 // torch.batch_norm's Python call reaches them) without Python's argument parsing and the
 // Python checks: y, or None (nothing ran, nothing written) for a call with `limit` or more
 // elements (`limit_grad` when grad mode is on and x, weight, bias or the residual requires
@@ -1195,21 +1197,22 @@ PyObject* torch_batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 12 || !cpu::direct_call_allowed()) Py_RETURN_NONE;
   RowArg<const at::Tensor&> x;
   RowArg<const std::optional<at::Tensor>&> running_mean, running_var, weight, bias, residual;
-  RowArg<bool> training, relu;
+  RowArg<bool> training;
   RowArg<double> momentum, eps;
-  RowArg<int64_t> limit, limit_grad;
+  RowArg<int64_t> activation, limit, limit_grad;
   if (!(x.parse(args[0]) && running_mean.parse(args[1]) && running_var.parse(args[2]) &&
         weight.parse(args[3]) && bias.parse(args[4]) && training.parse(args[5]) &&
         momentum.parse(args[6]) && eps.parse(args[7]) && residual.parse(args[8]) &&
-        relu.parse(args[9]) && limit.parse(args[10]) && limit_grad.parse(args[11])))
+        activation.parse(args[9]) && limit.parse(args[10]) && limit_grad.parse(args[11])))
     Py_RETURN_NONE;
   const at::Tensor& t = x.get();
   const auto &rm = running_mean.get(), &rv = running_var.get(), &w = weight.get(),
              &b = bias.get(), &r = residual.get();
   const at::ScalarType dtype = t.scalar_type();
   const double m = momentum.get(), e = eps.get();
+  const int64_t act = activation.get();
   const auto vec = [](const std::optional<at::Tensor>& v) { return !v || v->dim() == 1; };
-  if (!bn_x_dtype_ok(dtype) || t.dim() < 2 || !std::isfinite(m) ||
+  if (act < 0 || act > 4 || !bn_x_dtype_ok(dtype) || t.dim() < 2 || !std::isfinite(m) ||
       !(e > 0.0) || !std::isfinite(e) || !vec(w) || !vec(b) || !vec(rm) || !vec(rv) ||
       rm.has_value() != rv.has_value() || (!rm && !training.get()) ||
       (r && (r->scalar_type() != dtype || r->sizes() != t.sizes())))
@@ -1231,7 +1234,22 @@ PyObject* torch_batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     }
     if (y.defined()) {
       if (r) y.add_(*r);  // y is torch's fresh output; its backward does not read it
-      if (relu.get()) y.relu_();
+      switch (static_cast<Activation>(act)) {
+        case Activation::kNone:
+          break;
+        case Activation::kRelu:
+          y.relu_();
+          break;
+        case Activation::kGelu:
+          y = at::gelu(y);
+          break;
+        case Activation::kGeluTanh:
+          y = at::gelu(y, "tanh");
+          break;
+        case Activation::kSilu:
+          y = at::silu(y);
+          break;
+      }
     }
   }
   if (!y.defined()) Py_RETURN_NONE;

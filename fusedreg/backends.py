@@ -93,6 +93,9 @@ AUTO: dict[str, dict[str, tuple[str, ...]]] = {
 # / 0.68 at 64 and below 1.0 at every size (never torch's), with grad 0.92-0.95 / 0.84-0.95
 # to 16K, 0.90 / 0.91 at 100K, but BatchNormAct2d 1.01-1.06x at (4, 16, 8, 8) and (1, 64, 7,
 # 7), 0.91x at (8, 64, 14, 14): 2**14.
+# a limit no tensor reaches: torch's ops at every size
+EVERY_SIZE = 1 << 62
+
 AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
     "layer_norm": {"cpu": (1 << 13, 1 << 18)},
     "rms_norm": {"cpu": (0, 0)},
@@ -154,6 +157,48 @@ AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
     "batch_norm_eval_f16": {"cpu": (1 << 16, 1 << 17)},
     "batch_norm_act_f16": {"cpu": (1 << 13, 1 << 14)},
     "batch_norm_act_eval_f16": {"cpu": (0, 1 << 14)},
+    # batch_norm_act with silu, gelu or gelu_tanh (their own entries: the activation's cost
+    # decides). The fused forward evaluates GELU with the table form (cpu::gelu_avx512) and wins
+    # from 2^11-2^13 elements in every dtype; its backward evaluates act' (silu's exp and
+    # division, GELU's exp, division and polynomial) in both passes except in the float32
+    # channels-last one-op backward, where torch's silu/gelu backward (one evaluation, oneDNN's
+    # GELU for float32/bfloat16) then its batch_norm backward are faster in half precision at
+    # every size. overhead.py --crossover --only batch_norm --bn-activation silu / gelu /
+    # gelu_tanh --dtype D --threads 1 / 2 [--channels-last], 2026-12-07, after the table
+    # forward, no residual (timm's BatchNormAct2d; a residual adds a pass to torch's side only),
+    # the dense-gradient backward; fused / torch at 64 ... 6.4M elements; each limit is past the
+    # last size slower than 1.02x at either thread count in either layout (EVERY_SIZE: slower at
+    # the largest measured). float32: silu no grad 1.29-1.31 at 64-1024 channels-last one
+    # thread, 1.13 at 4096, <= 0.96 from 16K; with grad 1.05-1.11 at 1024-4096 channels-last,
+    # 0.44-0.96 from 16K; eval with grad 1.03-1.33 at 1024-1.6M (one thread), 0.98 at 6.4M. gelu
+    # no grad 1.07-1.28 at 1024-4096 channels-last, <= 0.88 from 16K (0.08-0.51 from 262K); with
+    # grad 1.06-1.12 at 1024-4096 channels-last, 1.03 at 100K (NCHW, one thread), <= 0.96 from
+    # 262K; eval with grad 1.03-1.79 from 32K to 6.4M. gelu_tanh (torch's tanh form is slow)
+    # 0.11-0.88 from 4096, eval fused at every size. bfloat16: silu no grad 1.03-1.47 to 16K, <=
+    # 0.98 from 100K; with grad 1.03-1.31 to 1.6M, 0.88-1.01 at 6.4M; eval no grad 1.03-1.26 to
+    # 16K channels-last, with grad 1.01-1.73 at every size; gelu no grad 1.02-1.39 at 1024-4096
+    # channels-last, 0.46-0.85 from 16K, with grad 1.10-1.72 from 100K (training and eval;
+    # 0.98-1.25 at 16K-32K); gelu_tanh 1.05-1.20 to 4096, <= 0.80 from 16K. float16: silu no
+    # grad 1.03-1.40 to 100K, <= 1.01 from 262K (eval 1.05-1.08 to 1.6M, 0.96-0.99 at 6.4M);
+    # with grad 1.02-1.50 at every size; gelu no grad 1.03-1.38 to 4096, <= 0.92 from 16K, with
+    # grad 1.08-1.56 at every size; gelu_tanh 1.01-1.36 to 4096, <= 0.86 from 16K.
+    "batch_norm_silu": {"cpu": (1 << 13, 1 << 13)},
+    "batch_norm_silu_eval": {"cpu": (0, 1 << 21)},
+    "batch_norm_gelu": {"cpu": (1 << 13, 1 << 17)},
+    "batch_norm_gelu_eval": {"cpu": (0, EVERY_SIZE)},
+    "batch_norm_gelu_tanh": {"cpu": (1 << 11, 1 << 11)},
+    "batch_norm_silu_bf16": {"cpu": (1 << 15, 1 << 21)},
+    "batch_norm_silu_eval_bf16": {"cpu": (1 << 15, EVERY_SIZE)},
+    "batch_norm_gelu_bf16": {"cpu": (1 << 13, EVERY_SIZE)},
+    "batch_norm_gelu_eval_bf16": {"cpu": (1 << 11, EVERY_SIZE)},
+    "batch_norm_gelu_tanh_bf16": {"cpu": (1 << 13, 1 << 13)},
+    "batch_norm_gelu_tanh_eval_bf16": {"cpu": (0, 1 << 13)},
+    "batch_norm_silu_f16": {"cpu": (1 << 17, EVERY_SIZE)},
+    "batch_norm_silu_eval_f16": {"cpu": (1 << 21, EVERY_SIZE)},
+    "batch_norm_gelu_f16": {"cpu": (1 << 13, EVERY_SIZE)},
+    "batch_norm_gelu_eval_f16": {"cpu": (1 << 11, EVERY_SIZE)},
+    "batch_norm_gelu_tanh_f16": {"cpu": (1 << 11, 1 << 13)},
+    "batch_norm_gelu_tanh_eval_f16": {"cpu": (0, 1 << 11)},
 }
 
 

@@ -654,15 +654,24 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None,
                        activation, residual, p, seed)
 
 
+# torch's form of batch_norm_act's other activations, for _torch_small_batch_norm (out of
+# place: their backwards read their input)
+_BN_TORCH_ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+                         "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}
+
+
 def _torch_small_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
                             activation=None, residual=None, p=0.0, seed=None):
     """Under auto, a small batch_norm (backends.AUTO_TORCH_BELOW: "batch_norm" /
     "batch_norm_eval" for a plain one, "batch_norm_act" / "batch_norm_act_eval" with a
-    residual and/or relu) with nothing to fuse that torch's ops would not do as fast is served
-    by torch: ``torch.batch_norm``, then ``add_(residual)`` and ``relu_``, as the small plain
-    norms are (``_torch_small_norm``). Returns the result, or None for any other call, which
-    ``_batch_norm`` then checks and routes as always (dropout in training, another activation,
-    an explicit seed: always fusedreg's kernels).
+    residual and/or relu, "batch_norm_silu" / "batch_norm_gelu" / "batch_norm_gelu_tanh" and
+    their "_eval" with that activation) with nothing to fuse that torch's ops would not do as
+    fast is served by torch: ``torch.batch_norm``, then ``add_(residual)`` and the activation
+    (``relu_``; ``silu`` / ``gelu`` out of place), as the small plain norms are
+    (``_torch_small_norm``); "small" is every size where the fused kernel measured slower than
+    torch's ops at every size (the limit is then ``backends.EVERY_SIZE``). Returns the result,
+    or None for any other call, which ``_batch_norm`` then checks and routes as always (dropout
+    in training, an explicit seed: always fusedreg's kernels).
 
     The checks and torch's ops are one C++ call (``fusedreg._C.torch_batch_norm``, the same
     rules, a Parameter x too; without the extension the Python below). Recognised here, before
@@ -684,6 +693,8 @@ def _torch_small_batch_norm(x, running_mean, running_var, weight, bias, training
         table = "batch_norm" if training else "batch_norm_eval"
     elif activation is None or activation == "relu":
         table = "batch_norm_act" if training else "batch_norm_act_eval"
+    elif type(activation) is str and activation in _BN_TORCH_ACTIVATIONS:
+        table = "batch_norm_" + activation + ("" if training else "_eval")
     else:
         return None
     dtype = getattr(x, "dtype", None)
@@ -696,7 +707,7 @@ def _torch_small_batch_norm(x, running_mean, running_var, weight, bias, training
         return None
     if _torch_batch_norm is not None:  # the checks and torch's ops in one C++ call
         return _torch_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
-                                 eps, residual, activation is not None, *limits)
+                                 eps, residual, _ACTIVATION_CODES[activation], *limits)
     if type(x) is not _Tensor or _functorch_level() is not None or _is_tracing():
         return None
     if dtype not in (_F32, _F64, _F16, _BF16) or not x.is_cpu or x.dim() < 2 \
@@ -728,7 +739,9 @@ def _torch_small_batch_norm(x, running_mean, running_var, weight, bias, training
             y = y.add_(residual)  # y is torch's fresh output; its backward does not read it
     except Exception:
         return None
-    return torch.relu_(y) if activation is not None else y
+    if activation is None:
+        return y
+    return torch.relu_(y) if activation == "relu" else _BN_TORCH_ACTIVATIONS[activation](y)
 
 
 def _check_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as TF
 
 import fusedreg
 from fusedreg import backends
@@ -418,24 +419,26 @@ def test_node_parameters_combinations_cover_the_edges():
 
 def test_small_calls_under_auto_from_cpp():
     """fusedreg._C.torch_batch_norm (under auto, small calls): torch's batch_norm (+ residual,
-    relu) through the dispatcher, the same values, running stats and gradients as torch's
+    then each activation by its fusedreg::Activation code) through the dispatcher, the same values, running stats and gradients as torch's
     Python call; None (nothing written) from the limit up, for one value per channel in
     training, and for what the Python checks own."""
     from fusedreg._C import torch_batch_norm
     x0 = _data((4, 3, 5), torch.float32, 1, 2.0)
     r0 = _data((4, 3, 5), torch.float32, 2)
     w, b = _data((3,), torch.float32, 3), _data((3,), torch.float32, 4)
-    for training, res, relu in itertools.product((True, False), (False, True), (False, True)):
+    acts = {0: lambda t: t, 1: torch.relu, 2: TF.gelu, 3: lambda t: TF.gelu(t, approximate="tanh"),
+            4: TF.silu}
+    for training, res, act in itertools.product((True, False), (False, True), acts):
         outs = []
         for ours in (True, False):
             x = x0.clone().requires_grad_()
             r = r0.clone().requires_grad_() if res else None
             rm, rv = torch.zeros(3), torch.ones(3)
             if ours:
-                y = torch_batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, r, relu, 61, 61)
+                y = torch_batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, r, act, 61, 61)
             else:
                 y = torch.batch_norm(x, w, b, rm, rv, training, 0.1, 1e-5, False)
-                y = torch.relu(y + r if res else y) if relu else (y + r if res else y)
+                y = acts[act](y + r if res else y)
             g = torch.autograd.grad(y, [t for t in (x, r) if t is not None], torch.ones_like(y))
             outs.append([y, rm, rv, *g])
         for a, c in zip(*outs):
@@ -451,6 +454,8 @@ def test_small_calls_under_auto_from_cpp():
         (x0, rm, torch.ones(3), w, b, True, 1, 1e-5, None, False, 99, 99),  # an int momentum
         (x0, rm, torch.ones(3), w, b, True, 0.1, 1e-5, torch.randn(4, 3, 4), False, 99, 99),
         (x0.double(), rm, torch.ones(3), w, b, True, 0.1, 1e-5, None, False, 99, 99),
+        (x0, rm, torch.ones(3), w, b, True, 0.1, 1e-5, None, 5, 99, 99),  # no such activation
+        (x0, rm, torch.ones(3), w, b, True, 0.1, 1e-5, None, -1, 99, 99),
     ]
     for args in declined:
         assert torch_batch_norm(*args) is None
@@ -584,7 +589,7 @@ def test_small_half_calls_under_auto_from_cpp(dtype):
                 x = x0.clone().requires_grad_()
                 rm, rv = torch.zeros(3, dtype=vd), torch.ones(3, dtype=vd)
                 if ours:
-                    y = torch_batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, None, True, 61, 61)
+                    y = torch_batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, None, 1, 61, 61)
                 else:
                     y = torch.relu(torch.batch_norm(x, w, b, rm, rv, training, 0.1, 1e-5, False))
                 outs.append([y, rm, rv, *torch.autograd.grad(y, x, torch.ones_like(y))])

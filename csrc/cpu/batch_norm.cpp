@@ -369,6 +369,52 @@ FUSEDREG_H16_TARGET void h16_store(c10::Half* p, __m512 x, __mmask16 m) {
   }
 }
 
+// from_acc's rounding of 16 floats to bfloat16 bits, with integer operations (the masked-zero
+// forms of the intrinsics, all lanes: the plain ones trip GCC 12's -Wuninitialized inside
+// their header)
+FUSEDREG_H16_TARGET __m256i bf16_round_int(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(cpu::kAll16, u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_maskz_srli_epi32(
+      cpu::kAll16, _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __mmask16 nan =
+      _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
+  return _mm512_maskz_cvtepi32_epi16(cpu::kAll16, _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0)));
+}
+
+// 16 bfloat16 bits widened to floats (exact: a shift)
+FUSEDREG_H16_TARGET __m512 bf16_widen(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(cpu::kAll16, _mm512_maskz_cvtepu16_epi32(cpu::kAll16, h), 16));
+}
+
+// One step of 16 values of x_t in registers, for the forward's register path
+// (fwd_regs_avx512): float32 as it is, bfloat16 widened exactly and rounded as from_acc rounds
+// (half_convert.h's bf16x16_load / bf16x16_store for whole steps), float16 as h16_load /
+// h16_store.
+FUSEDREG_H16_TARGET __m512 regs_load(const float* p, __mmask16 m) {
+  return f32_load(p, m);
+}
+FUSEDREG_H16_TARGET __m512 regs_load(const c10::Half* p, __mmask16 m) {
+  return h16_load(p, m);
+}
+FUSEDREG_H16_TARGET __m512 regs_load(const c10::BFloat16* p, __mmask16 m) {
+  if (m == 0xFFFF) return cpu::bf16x16_load(p);
+  return bf16_widen(_mm256_maskz_loadu_epi16(m, p));
+}
+FUSEDREG_H16_TARGET void regs_store(float* p, __m512 v, __mmask16 m) {
+  f32_store(p, v, m);
+}
+FUSEDREG_H16_TARGET void regs_store(c10::Half* p, __m512 v, __mmask16 m) {
+  h16_store(p, v, m);
+}
+FUSEDREG_H16_TARGET void regs_store(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  if (m == 0xFFFF) {
+    cpu::bf16x16_store(p, v);
+  } else {
+    _mm256_mask_storeu_epi16(p, m, bf16_round_int(v));
+  }
+}
+
 FUSEDREG_H16_TARGET __mmask16 h16_mask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
 }
@@ -403,14 +449,18 @@ FUSEDREG_H16_TARGET __m512 h16_act_dz(__m512 dy, __m512 d, __m512 k, __m512 b, _
   }
 }
 
-// activate<A, float, VecMath>(z) in registers: relu z <= 0 ? 0 : z (NaN kept); the others as
-// h16_act_grad takes act'.
+// activate<A, float, VecMath>(z) in registers: relu z <= 0 ? 0 : z (NaN kept); gelu as
+// cpu::gelu_avx512 (Phi from a table of polynomials, fusedreg/cpu/vmath.h: about a third of
+// the erf form's time per element, within its error bound); the others as h16_act_grad takes
+// act'.
 template <Activation A>
 FUSEDREG_H16_TARGET __m512 h16_activate(__m512 z) {
   if constexpr (A == Activation::kNone) {
     return z;
   } else if constexpr (A == Activation::kRelu) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_NLE_UQ), z);
+  } else if constexpr (A == Activation::kGelu) {
+    return cpu::gelu_avx512(z);
   } else {
     alignas(64) float t[16];
     _mm512_store_ps(t, z);
@@ -420,15 +470,17 @@ FUSEDREG_H16_TARGET __m512 h16_activate(__m512 z) {
   }
 }
 
-// fwd_span<A, VEC> / fwd_rows<A> of float16 without dropout: y = act((x - mean) * scale + shift
-// (+ r)), (x - mean) * scale + shift contracted into one FMA as GCC contracts the loops'; with
-// VEC `rows` consecutive channels-last rows of len values (row i at i * len; the channels'
-// values loaded once for them, as fwd_rows), else one NCS row.
-template <Activation A, bool VEC, bool R>
-FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void fwd_h16_avx512(const c10::Half* x, const c10::Half* r,
-                                                                    c10::Half* y, int64_t len, int rows,
-                                                                    const float* mean, const float* scale,
-                                                                    const float* shift) {
+// fwd_span<A, VEC> / fwd_rows<A> without dropout of float16 (any activation), and of float32
+// and bfloat16 with GELU (fwd_regs): y = act((x - mean) * scale + shift (+ r)),
+// (x - mean) * scale + shift contracted into one FMA as GCC contracts the loops'; with VEC
+// `rows` consecutive channels-last rows of len values (row i at i * len; the channels' values
+// loaded once for them, as fwd_rows), else one NCS row. GELU here is the table's
+// (h16_activate), which the compiled loops cannot express: with it the float32 eval forward of
+// GELU at (32, 256, 14, 14), one thread, took about a third of the erf form's time.
+template <Activation A, bool VEC, bool R, typename x_t>
+FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void fwd_regs_avx512(const x_t* x, const x_t* r, x_t* y,
+                                                                     int64_t len, int rows, const float* mean,
+                                                                     const float* scale, const float* shift) {
   const __m512 mu0 = _mm512_set1_ps(mean[0]), k0 = _mm512_set1_ps(scale[0]), b0 = _mm512_set1_ps(shift[0]);
   for (int64_t j = 0; j < len; j += 16) {
     const __mmask16 m = h16_mask(len - j);
@@ -436,9 +488,9 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void fwd_h16_avx512(const c10::
     const __m512 b = VEC ? f32_load(shift + j, m) : b0;
     for (int i = 0; i < (VEC ? rows : 1); ++i) {
       const int64_t o = i * len + j;
-      __m512 t = _mm512_fmadd_ps(_mm512_sub_ps(h16_load(x + o, m), mu), k, b);
-      if constexpr (R) t = _mm512_add_ps(t, h16_load(r + o, m));
-      h16_store(y + o, h16_activate<A>(t), m);
+      __m512 t = _mm512_fmadd_ps(_mm512_sub_ps(regs_load(x + o, m), mu), k, b);
+      if constexpr (R) t = _mm512_add_ps(t, regs_load(r + o, m));
+      regs_store(y + o, h16_activate<A>(t), m);
     }
   }
 }
@@ -581,12 +633,22 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void cl_stats_h16_avx512(const 
 #undef FUSEDREG_H16_TARGET
 #endif
 
-// Whether a float16 pass (without an activation or with relu) runs in registers (the
-// functions above).
+// Whether a float16 pass runs in registers (the functions above).
 template <Activation A, typename x_t>
 inline bool h16_regs() {
 #if FUSEDREG_X86_DISPATCH
   if constexpr (std::is_same_v<x_t, c10::Half>) return cpu::cpu_has_avx512();
+#endif
+  return false;
+}
+
+// Whether a forward without dropout runs in registers (fwd_regs_avx512): float16's always at
+// the AVX-512 level, float32's and bfloat16's with GELU (its table form).
+template <Activation A, typename x_t, typename acc_t>
+inline bool fwd_regs() {
+#if FUSEDREG_X86_DISPATCH
+  if constexpr (std::is_same_v<x_t, c10::Half>) return cpu::cpu_has_avx512();
+  if constexpr (A == Activation::kGelu && std::is_same_v<acc_t, float>) return cpu::cpu_has_avx512();
 #endif
   return false;
 }
@@ -608,6 +670,14 @@ template <Activation A, bool VEC, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, const float* ks,
                                             int64_t len, const acc_t* mean, const acc_t* scale,
                                             const acc_t* shift) {
+#if FUSEDREG_X86_DISPATCH
+  if constexpr (A == Activation::kGelu && std::is_same_v<acc_t, float>) {  // GELU's table form
+    if (!ks && fwd_regs<A, x_t, acc_t>()) {
+      return r ? fwd_regs_avx512<A, VEC, true>(x, r, y, len, 1, mean, scale, shift)
+               : fwd_regs_avx512<A, VEC, false>(x, r, y, len, 1, mean, scale, shift);
+    }
+  }
+#endif
   // NCS (one channel): the vectors' values in registers (y may alias them, as far as the
   // compiler knows, which would reload them per element)
   const acc_t mu0 = mean[0], k0 = scale[0], b0 = shift[0];
@@ -658,6 +728,14 @@ constexpr int kFwdRows = 2;
 template <Activation A, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void fwd_rows(const x_t* x, const x_t* r, x_t* y, int64_t len, const acc_t* mean,
                                             const acc_t* scale, const acc_t* shift) {
+#if FUSEDREG_X86_DISPATCH
+  if constexpr (A == Activation::kGelu && std::is_same_v<acc_t, float>) {  // as fwd_span
+    if (fwd_regs<A, x_t, acc_t>()) {
+      return r ? fwd_regs_avx512<A, true, true>(x, r, y, len, kFwdRows, mean, scale, shift)
+               : fwd_regs_avx512<A, true, false>(x, r, y, len, kFwdRows, mean, scale, shift);
+    }
+  }
+#endif
   if (r) {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
@@ -688,15 +766,17 @@ inline FUSEDREG_ALWAYS_INLINE void fwd_rows(const x_t* x, const x_t* r, x_t* y, 
 template <Activation A, bool VEC, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void fwd_span_any(const x_t* x, const x_t* r, x_t* y, const float* ks, int64_t len,
                                                 const acc_t* mean, const acc_t* scale, const acc_t* shift) {
+#if FUSEDREG_X86_DISPATCH
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (!ks && fwd_regs<A, x_t, acc_t>()) {
+      return r ? fwd_regs_avx512<A, VEC, true>(x, r, y, len, 1, mean, scale, shift)
+               : fwd_regs_avx512<A, VEC, false>(x, r, y, len, 1, mean, scale, shift);
+    }
+  }
+#endif
   if constexpr (!kStaged<x_t>) {
     fwd_span<A, VEC>(x, r, y, ks, len, mean, scale, shift);
   } else {
-#if FUSEDREG_X86_DISPATCH
-    if (!ks && h16_regs<A, x_t>()) {
-      return r ? fwd_h16_avx512<A, VEC, true>(x, r, y, len, 1, mean, scale, shift)
-               : fwd_h16_avx512<A, VEC, false>(x, r, y, len, 1, mean, scale, shift);
-    }
-#endif
     alignas(64) float fx[kStage], fr[kStage], fy[kStage];
     for (int64_t j0 = 0; j0 < len; j0 += kStage) {
       const int64_t n = std::min(kStage, len - j0), v = VEC ? j0 : 0;
@@ -713,18 +793,21 @@ inline FUSEDREG_ALWAYS_INLINE void fwd_span_any(const x_t* x, const x_t* r, x_t*
 template <Activation A, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void fwd_rows_any(const x_t* x, const x_t* r, x_t* y, int64_t len, const acc_t* mean,
                                                 const acc_t* scale, const acc_t* shift) {
+#if FUSEDREG_X86_DISPATCH
+  // float16 in registers below 128 channels; wider rows that fit a block staged as before (the
+  // register loop was slower there: (32, 196, 256) relu + residual, one thread, 0.42 against
+  // 0.34 ms; (32, 3136, 64) 0.96 against 1.61). GELU in registers at every width (its table
+  // form), in every dtype.
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if ((len < 128 || A == Activation::kGelu) && fwd_regs<A, x_t, acc_t>()) {
+      return r ? fwd_regs_avx512<A, true, true>(x, r, y, len, kFwdRows, mean, scale, shift)
+               : fwd_regs_avx512<A, true, false>(x, r, y, len, kFwdRows, mean, scale, shift);
+    }
+  }
+#endif
   if constexpr (!kStaged<x_t>) {
     fwd_rows<A>(x, r, y, len, mean, scale, shift);
   } else {
-#if FUSEDREG_X86_DISPATCH
-    // in registers below 128 channels; wider rows that fit a block staged as before (the
-    // register loop was slower there: (32, 196, 256) relu + residual, one thread, 0.42 against
-    // 0.34 ms; (32, 3136, 64) 0.96 against 1.61)
-    if (len < 128 && h16_regs<A, x_t>()) {
-      return r ? fwd_h16_avx512<A, true, true>(x, r, y, len, kFwdRows, mean, scale, shift)
-               : fwd_h16_avx512<A, true, false>(x, r, y, len, kFwdRows, mean, scale, shift);
-    }
-#endif
     const int64_t n = kFwdRows * len;
     if (n > kStage) {
       for (int i = 0; i < kFwdRows; ++i) {
@@ -1297,23 +1380,11 @@ struct PlainIo<float, NT, CVT> {
   static FUSEDREG_PLAIN_TARGET void store(float* p, const Steps<W>& s, Mask m) { _mm512_mask_storeu_ps(p, m, s.v[0]); }
 };
 
-// from_acc's rounding of 16 floats to bfloat16 bits, with integer operations
-FUSEDREG_PLAIN_TARGET __m256i bf16_round_int(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  const __mmask16 nan =
-      _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
-  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0)));
-}
-
 template <bool NT, bool CVT>
 struct PlainIo<c10::BFloat16, NT, CVT> {
   static constexpr int W = 32;
   using Mask = __mmask32;
-  static FUSEDREG_PLAIN_TARGET __m512 widen(__m256i h) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
+  static FUSEDREG_PLAIN_TARGET __m512 widen(__m256i h) { return bf16_widen(h); }
   static FUSEDREG_PLAIN_TARGET Steps<W> load(const c10::BFloat16* p) {
     return {{widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
              widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)))}};
@@ -1331,7 +1402,10 @@ struct PlainIo<c10::BFloat16, NT, CVT> {
                            1))
         return (__m512i)_mm512_cvtne2ps_pbh(s.v[1], s.v[0]);  // v[0] in the low half
     }
-    return _mm512_inserti64x4(_mm512_castsi256_si512(bf16_round_int(s.v[0])), bf16_round_int(s.v[1]), 1);
+    // (the masked-zero inserts: the plain insert, cast and zext trip GCC 12's -Wuninitialized
+    // inside their header)
+    const __m512i lo = _mm512_maskz_inserti64x4(__mmask8(0xFF), _mm512_setzero_si512(), bf16_round_int(s.v[0]), 0);
+    return _mm512_maskz_inserti64x4(__mmask8(0xFF), lo, bf16_round_int(s.v[1]), 1);
   }
   static FUSEDREG_PLAIN_TARGET void store(c10::BFloat16* p, const Steps<W>& s) {
     if constexpr (NT) {
@@ -2921,12 +2995,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_ncs_cp
 
 // batch_norm_bwd_cl: the training backward of channels-last (N, S, C) storage without dropout
 // in one op -- (sum_dz, sum_dz_xhat, grad_x, grad_residual), the values batch_norm_bwd_reduce
-// followed by batch_norm_bwd_elemt (count = N * S, training) give, bit for bit. With both
+// followed by batch_norm_bwd_elemt (count = N * S, training) give, bit for bit (but the
+// in-place grad_x below: the two-op loop may contract dy * act' - m1 into one FMA). With both
 // gradients of a float (or double) input the reduce pass also writes dz, which is
 // grad_residual, and grad_x is then computed from it and x (gx_from_dz_cl_kernel): the
 // element-wise pass reads two tensors instead of three (dy, x, residual) and evaluates no
-// activation; otherwise (16-bit dz would be rounded, or one gradient only) the two passes as
-// the two ops run them. CPU only, like batch_norm_bwd_ncs.
+// activation. With grad_x alone and silu, gelu or gelu_tanh, whose act' costs more than a
+// tensor's write and read (gelu's about 0.6 ns an element a thread on the AMD machine), the
+// reduce pass writes dz into grad_x's buffer and the second pass turns it into grad_x in place.
+// Otherwise (16-bit dz would be rounded, relu or no activation with one gradient) the two
+// passes as the two ops run them. CPU only, like batch_norm_bwd_ncs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cl_cpu(
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
@@ -2938,12 +3016,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cl_cpu
       [&]<Activation A, typename scalar_t>(const Layout& l, const BwdArgs<scalar_t>& args, double count,
                                             at::opmath_type<scalar_t>* s1, at::opmath_type<scalar_t>* s2,
                                             scalar_t* pgx, scalar_t* pgr) {
-        const bool dz_pass = sizeof(scalar_t) >= 4 && pgx && pgr;
-        bwd_reduce_kernel<A, scalar_t>(l, args, s1, s2, dz_pass ? pgr : nullptr);
+        constexpr bool costly = A == Activation::kSilu || A == Activation::kGelu || A == Activation::kGeluTanh;
+        const bool dz_pass = sizeof(scalar_t) >= 4 && pgx && (pgr || costly);
+        scalar_t* gz = pgr ? pgr : pgx;  // where the reduce pass writes dz
+        bwd_reduce_kernel<A, scalar_t>(l, args, s1, s2, dz_pass ? gz : nullptr);
         if (!(pgx || pgr)) return;
         auto [m1, m2] = channel_means(s1, s2, l.C, count);
-        if (dz_pass) {
-          gx_from_dz_cl_kernel<scalar_t>(l, pgr, args.x, args.mean, args.invstd, args.scale, m1.data(), m2.data(),
+        if (dz_pass) {  // (in place where gz is pgx: each element read, then written)
+          gx_from_dz_cl_kernel<scalar_t>(l, gz, args.x, args.mean, args.invstd, args.scale, m1.data(), m2.data(),
                                          pgx);
           return;
         }
