@@ -243,6 +243,40 @@ def test_cpu_short_rows_are_each_rows_own_result(dtype, S):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_forward_of_short_maps_is_each_rows_own_and_the_formula(dtype):
+    """NCS rows of under 64 values (1x1 to 7x7 maps) run, without dropout, in blocks of
+    channels, each image's values of a block one span over per-element copies of the channel
+    values (spread_forward): every row's output is bitwise what the op gives for that row
+    alone, for each activation, with and without a residual, at channel counts that leave a
+    partial last block and image counts that make several tasks a block; and y is the formula
+    evaluated in float64, within a rounding of the output dtype plus the activations'
+    polynomial error (2e-7 of erf, scaled by |z|: the float32 row)."""
+    ops = torch.ops.fusedreg
+    seed = torch.zeros(1, dtype=torch.long)
+    tol = {torch.float32: 2e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10}[dtype]
+    for (N, C, S) in [(2, 37, 9), (3, 5, 4), (2, 1152, 9), (2, 19, 15), (1, 7, 2), (40, 70, 49), (3, 33, 25),
+                      (300, 3, 7), (2, 9, 63)]:
+        x, r = _data((N, C, S), dtype), _data((N, C, S), dtype, seed=2, offset=-0.5)
+        w, b, mean, _ = _params(C, dtype)
+        invstd = _data((C,), torch.float32, 8, offset=1.0, std=0.2).abs() + 0.1
+        for act in range(5):
+            for res in (None, r):
+                whole = ops.batch_norm_fwd(x, res, w, b, mean, invstd, act, 0.0, seed, False)
+                z = ((x.double() - mean.double()[:, None]) * (invstd * w.float()).double()[:, None]
+                     + b.double()[:, None] + (0.0 if res is None else res.double()))
+                want = {0: lambda t: t, 1: torch.relu, 2: TF.gelu, 3: lambda t: TF.gelu(t, approximate="tanh"),
+                        4: TF.silu}[act](z)
+                torch.testing.assert_close(whole.double(), want, rtol=tol, atol=tol * 4, msg=f"{N, C, S} act {act}")
+                for n, c in [(0, 0), (N - 1, C - 1), (N // 2, C // 2), (0, C - 1)]:
+                    row = (slice(n, n + 1), slice(c, c + 1))
+                    alone = ops.batch_norm_fwd(x[row].contiguous(), None if res is None else res[row].contiguous(),
+                                               *(v[c:c + 1].contiguous() for v in (w, b, mean, invstd)), act, 0.0,
+                                               seed, False)
+                    assert torch.equal(whole[n, c], alone[0, 0]), f"{N, C, S} act {act} row ({n}, {c})"
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
 @pytest.mark.parametrize("act", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_channels_last_forward_rows_are_each_rows_own_result(dtype, act):
