@@ -69,6 +69,7 @@ _INF = math.inf
 _is_compiling, _is_tracing, _is_grad_enabled = (torch.compiler.is_compiling, torch._C._is_tracing,
                                                 torch.is_grad_enabled)
 _auto_torch_limits = backends.auto_torch_limits
+_EVERY_SIZE = backends.EVERY_SIZE
 _AUTO_TORCH_BELOW, _NO_LIMITS = backends.AUTO_TORCH_BELOW, {}
 _FINFO_EPS = {_F32: float(torch.finfo(_F32).eps), _F64: float(torch.finfo(_F64).eps)}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -660,6 +661,22 @@ _BN_TORCH_ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.func
                          "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}
 
 
+def _short_ncs_rows(x):
+    """Whether x is a contiguous (N, C, S...) tensor with under 64 values a row (maps of 1x1 to
+    7x7). With silu, gelu or gelu_tanh and grad, the fused backward's per-row work outweighs
+    those rows' own (it evaluates act' in both passes, each row a 16-value step): 1.02-2.09x
+    torch's forward + backward time in float32 at (8, 1152, 3, 3), (8, 480, 6, 6), (8, 256, 5,
+    5) and (8, 512, 7, 7) (2026-12-07, two threads), so under auto those calls are torch's at
+    every size."""
+    if not isinstance(x, _Tensor):
+        return False
+    shape = x.shape
+    if len(shape) < 3 or not x.is_contiguous():
+        return False
+    rows = shape[0] * shape[1]
+    return rows > 0 and x.numel() < 64 * rows
+
+
 def _torch_small_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
                             activation=None, residual=None, p=0.0, seed=None):
     """Under auto, a small batch_norm (backends.AUTO_TORCH_BELOW: "batch_norm" /
@@ -705,6 +722,8 @@ def _torch_small_batch_norm(x, running_mean, running_var, weight, bias, training
     limits = _auto_torch_limits(table, "cpu")
     if limits is None or _forward_ad._current_level >= 0 or _is_compiling():
         return None
+    if activation in _BN_TORCH_ACTIVATIONS and _short_ncs_rows(x):  # (a str by here)
+        limits = (limits[0], _EVERY_SIZE)
     if _torch_batch_norm is not None:  # the checks and torch's ops in one C++ call
         return _torch_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
                                  eps, residual, _ACTIVATION_CODES[activation], *limits)
