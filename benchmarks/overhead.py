@@ -230,10 +230,6 @@ def measure_batch_norm(shapes=BN_SHAPES, calls=200, rounds=5, dtype=torch.float3
     return out
 
 
-# torch's module-free form of each activation batch_norm_act takes
-_TORCH_ACTIVATIONS = {"silu": TF.silu, "gelu": TF.gelu,
-                      "gelu_tanh": lambda t: TF.gelu(t, approximate="tanh")}
-
 BN_CROSSOVER_SHAPES = ((4, 16), (4, 16, 4, 4), (4, 16, 8, 8), (8, 32, 8, 8), (8, 64, 8, 8),
                        (8, 64, 14, 14), (16, 64, 16, 16), (16, 64, 28, 28), (32, 64, 28, 28),
                        (32, 64, 56, 56))
@@ -265,7 +261,7 @@ def crossover_batch_norm(calls=200, rounds=3, shapes=BN_CROSSOVER_SHAPES, dtype=
                 name = "batch_norm_act" if activation == "relu" else f"batch_norm_{activation}"
                 table = (name if fused else "batch_norm") + ("" if training else "_eval") + suffix
                 if fused and activation != "relu":
-                    act = _TORCH_ACTIVATIONS[activation]
+                    act = F._BN_TORCH_ACTIVATIONS[activation]  # torch's silu / gelu, as auto's
 
                     def tfn(x, r, w, b, training=training, act=act):
                         return act(TF.batch_norm(x, rm, rv, w, b, training))

@@ -471,7 +471,7 @@ FUSEDREG_H16_TARGET __m512 h16_activate(__m512 z) {
 }
 
 // fwd_span<A, VEC> / fwd_rows<A> without dropout of float16 (any activation), and of float32
-// and bfloat16 with GELU (fwd_regs): y = act((x - mean) * scale + shift (+ r)),
+// and bfloat16 with GELU (fwd_span / fwd_rows): y = act((x - mean) * scale + shift (+ r)),
 // (x - mean) * scale + shift contracted into one FMA as GCC contracts the loops'; with VEC
 // `rows` consecutive channels-last rows of len values (row i at i * len; the channels' values
 // loaded once for them, as fwd_rows), else one NCS row. GELU here is the table's
@@ -642,17 +642,6 @@ inline bool h16_regs() {
   return false;
 }
 
-// Whether a forward without dropout runs in registers (fwd_regs_avx512): float16's always at
-// the AVX-512 level, float32's and bfloat16's with GELU (its table form).
-template <Activation A, typename x_t, typename acc_t>
-inline bool fwd_regs() {
-#if FUSEDREG_X86_DISPATCH
-  if constexpr (std::is_same_v<x_t, c10::Half>) return cpu::cpu_has_avx512();
-  if constexpr (A == Activation::kGelu && std::is_same_v<acc_t, float>) return cpu::cpu_has_avx512();
-#endif
-  return false;
-}
-
 // ---- element-wise pieces ----------------------------------------------------------------------
 
 // A keep-scale factor is not 0 (the element is kept): an integer test of its bits (0.0f is
@@ -672,7 +661,7 @@ inline FUSEDREG_ALWAYS_INLINE void fwd_span(const x_t* x, const x_t* r, x_t* y, 
                                             const acc_t* shift) {
 #if FUSEDREG_X86_DISPATCH
   if constexpr (A == Activation::kGelu && std::is_same_v<acc_t, float>) {  // GELU's table form
-    if (!ks && fwd_regs<A, x_t, acc_t>()) {
+    if (!ks && cpu::cpu_has_avx512()) {
       return r ? fwd_regs_avx512<A, VEC, true>(x, r, y, len, 1, mean, scale, shift)
                : fwd_regs_avx512<A, VEC, false>(x, r, y, len, 1, mean, scale, shift);
     }
@@ -730,7 +719,7 @@ inline FUSEDREG_ALWAYS_INLINE void fwd_rows(const x_t* x, const x_t* r, x_t* y, 
                                             const acc_t* scale, const acc_t* shift) {
 #if FUSEDREG_X86_DISPATCH
   if constexpr (A == Activation::kGelu && std::is_same_v<acc_t, float>) {  // as fwd_span
-    if (fwd_regs<A, x_t, acc_t>()) {
+    if (cpu::cpu_has_avx512()) {
       return r ? fwd_regs_avx512<A, true, true>(x, r, y, len, kFwdRows, mean, scale, shift)
                : fwd_regs_avx512<A, true, false>(x, r, y, len, kFwdRows, mean, scale, shift);
     }
@@ -766,17 +755,15 @@ inline FUSEDREG_ALWAYS_INLINE void fwd_rows(const x_t* x, const x_t* r, x_t* y, 
 template <Activation A, bool VEC, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void fwd_span_any(const x_t* x, const x_t* r, x_t* y, const float* ks, int64_t len,
                                                 const acc_t* mean, const acc_t* scale, const acc_t* shift) {
+  if constexpr (!kStaged<x_t>) {
+    fwd_span<A, VEC>(x, r, y, ks, len, mean, scale, shift);  // (GELU's register form inside)
+  } else {
 #if FUSEDREG_X86_DISPATCH
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (!ks && fwd_regs<A, x_t, acc_t>()) {
+    if (!ks && h16_regs<A, x_t>()) {
       return r ? fwd_regs_avx512<A, VEC, true>(x, r, y, len, 1, mean, scale, shift)
                : fwd_regs_avx512<A, VEC, false>(x, r, y, len, 1, mean, scale, shift);
     }
-  }
 #endif
-  if constexpr (!kStaged<x_t>) {
-    fwd_span<A, VEC>(x, r, y, ks, len, mean, scale, shift);
-  } else {
     alignas(64) float fx[kStage], fr[kStage], fy[kStage];
     for (int64_t j0 = 0; j0 < len; j0 += kStage) {
       const int64_t n = std::min(kStage, len - j0), v = VEC ? j0 : 0;
@@ -793,21 +780,18 @@ inline FUSEDREG_ALWAYS_INLINE void fwd_span_any(const x_t* x, const x_t* r, x_t*
 template <Activation A, typename x_t, typename acc_t>
 inline FUSEDREG_ALWAYS_INLINE void fwd_rows_any(const x_t* x, const x_t* r, x_t* y, int64_t len, const acc_t* mean,
                                                 const acc_t* scale, const acc_t* shift) {
+  if constexpr (!kStaged<x_t>) {
+    fwd_rows<A>(x, r, y, len, mean, scale, shift);  // (GELU's register form inside)
+  } else {
 #if FUSEDREG_X86_DISPATCH
-  // float16 in registers below 128 channels; wider rows that fit a block staged as before (the
-  // register loop was slower there: (32, 196, 256) relu + residual, one thread, 0.42 against
-  // 0.34 ms; (32, 3136, 64) 0.96 against 1.61). GELU in registers at every width (its table
-  // form), in every dtype.
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if ((len < 128 || A == Activation::kGelu) && fwd_regs<A, x_t, acc_t>()) {
+    // in registers below 128 channels; wider rows that fit a block staged as before (the
+    // register loop was slower there: (32, 196, 256) relu + residual, one thread, 0.42 against
+    // 0.34 ms; (32, 3136, 64) 0.96 against 1.61); GELU (its table form) at every width
+    if ((len < 128 || A == Activation::kGelu) && h16_regs<A, x_t>()) {
       return r ? fwd_regs_avx512<A, true, true>(x, r, y, len, kFwdRows, mean, scale, shift)
                : fwd_regs_avx512<A, true, false>(x, r, y, len, kFwdRows, mean, scale, shift);
     }
-  }
 #endif
-  if constexpr (!kStaged<x_t>) {
-    fwd_rows<A>(x, r, y, len, mean, scale, shift);
-  } else {
     const int64_t n = kFwdRows * len;
     if (n > kStage) {
       for (int i = 0; i < kFwdRows; ++i) {
@@ -1629,6 +1613,25 @@ bool plain_forward(const Layout& l, const x_t* x, x_t* y, const at::opmath_type<
 
 // ---- forward ---------------------------------------------------------------------------------
 
+// lanes[j] = v[j's channel] for the n lanes of a group of channels of S values each (the
+// small-channel statistics' lanes, spread_forward's per-element values), the lanes past them
+// (up to a masked step's reach) 0: a channel's S lanes one broadcast store each (a gather per
+// vector of lanes, vgatherdps, made 8x256x4x4 float32 a fifth slower)
+template <typename acc_t>
+inline FUSEDREG_ALWAYS_INLINE void spread_lanes(const acc_t* v, int64_t n, int64_t S, acc_t* lanes) {
+  if (S == 1) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) lanes[j] = v[j];
+  } else {
+    for (int64_t g = 0; g < n / S; ++g) {
+      const acc_t vg = v[g];
+#pragma omp simd
+      for (int64_t s = 0; s < S; ++s) lanes[g * S + s] = vg;
+    }
+  }
+  for (int64_t j = n; j < kLanes<acc_t> + kTailStep; ++j) lanes[j] = acc_t(0);
+}
+
 // The forward without dropout of NCS rows shorter than kSpreadRowLimit values (maps of 1x1 to
 // 7x7: EfficientNet's last stages have 1152 channels of 3x3, ResNet's 512 of 7x7). Row by row
 // (under a step: a vector loop of S values with a scalar remainder) or as ncs_flat's run (a
@@ -1640,6 +1643,7 @@ bool plain_forward(const Layout& l, const x_t* x, x_t* y, const at::opmath_type<
 // is computed by the same expression as row by row, so the values are the same.
 constexpr int64_t kSpreadRowLimit = 64;
 constexpr int64_t kSpreadValues = 1024;
+static_assert(kSpreadValues >= kLanes<float> + kTailStep, "spread_lanes zeroes lanes up to a masked step's reach");
 
 template <Activation A, typename x_t>
 void spread_forward(const Layout& l, const x_t* x, const x_t* r, x_t* y, const at::opmath_type<x_t>* mean,
@@ -1656,13 +1660,9 @@ void spread_forward(const Layout& l, const x_t* x, const x_t* r, x_t* y, const a
     for (int64_t t = next_task(); t >= 0; t = next_task()) {
       const int64_t blk = t / groups, c0 = blk * G, gn = std::min(G, C - c0), n = gn * S;
       if (blk != filled) {
-        for (int64_t c = 0; c < gn; ++c) {
-          for (int64_t q = 0; q < S; ++q) {
-            mu[c * S + q] = mean[c0 + c];
-            k[c * S + q] = scale[c0 + c];
-            b[c * S + q] = shift[c0 + c];
-          }
-        }
+        spread_lanes(mean + c0, n, S, mu);
+        spread_lanes(scale + c0, n, S, k);
+        spread_lanes(shift + c0, n, S, b);
         filled = blk;
       }
       const int64_t i0 = (t % groups) * images, i1 = std::min(N, i0 + images);
@@ -2013,25 +2013,6 @@ inline FUSEDREG_ALWAYS_INLINE void group_sums(const Layout& l, const GroupLanes&
   }
 }
 
-// lanes[j] = v[j's channel] for the n lanes of a group, the lanes past them (up to a masked
-// step's reach) 0: a channel's S lanes one broadcast store each (a gather per vector of lanes,
-// vgatherdps, made 8x256x4x4 float32 a fifth slower)
-template <typename acc_t>
-inline FUSEDREG_ALWAYS_INLINE void spread_lanes(const acc_t* v, int64_t n, const GroupLanes& gl, acc_t* lanes) {
-  const int64_t S = gl.S;
-  if (S == 1) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) lanes[j] = v[j];
-  } else {
-    for (int64_t g = 0; g < n / S; ++g) {
-      const acc_t vg = v[g];
-#pragma omp simd
-      for (int64_t s = 0; s < S; ++s) lanes[g * S + s] = vg;
-    }
-  }
-  for (int64_t j = n; j < kLanes<acc_t> + kTailStep; ++j) lanes[j] = acc_t(0);
-}
-
 // The mean and biased variance of the G small channels [c0, c0 + G) into mean[g], var[g], and
 // the means spread over the lanes into mu (inside a dispatched region): ncs_channel_stats'
 // values.
@@ -2044,12 +2025,12 @@ inline FUSEDREG_ALWAYS_INLINE void ncs_group_stats(const Layout& l, const GroupL
   const x_t* x0 = x + c0 * S;
   alignas(64) acc_t k[kLanes<acc_t>], tot[kLanes<acc_t>];
   for (int64_t g = 0; g < G; ++g) k[g] = static_cast<acc_t>(x0[g * S]);  // each channel's first value
-  spread_lanes(k, n, gl, mu);
+  spread_lanes(k, n, gl.S, mu);
   group_sums<false>(l, gl, x0, c0, G, mu, tot);
   const acc_t count = static_cast<acc_t>(l.N * S);
 #pragma omp simd
   for (int64_t g = 0; g < G; ++g) mean[g] = k[g] + tot[g] / count;
-  spread_lanes(mean, n, gl, mu);
+  spread_lanes(mean, n, gl.S, mu);
   group_sums<true>(l, gl, x0, c0, G, mu, tot);
 #pragma omp simd
   for (int64_t g = 0; g < G; ++g) var[g] = tot[g] / count;
@@ -2265,8 +2246,8 @@ void forward_train_small_kernel(const Layout& l, const x_t* x, const x_t* r, x_t
           kc[q] = w ? inv * w[c0 + q] : inv;
           bc[q] = bias ? bias[c0 + q] : acc_t(0);
         }
-        spread_lanes(kc, n, gl, k);
-        spread_lanes(bc, n, gl, b);
+        spread_lanes(kc, n, gl.S, k);
+        spread_lanes(bc, n, gl.S, b);
         for (int64_t i = 0; i < l.N; ++i) {
           const int64_t off = (i * C + c0) * S;
           fwd_span<A, true>(x + off, r ? r + off : nullptr, y + off, nullptr, n, mu, k, b);
