@@ -21,7 +21,8 @@ from fusedreg import backends
 from fusedreg import functional as FF
 from fusedreg.reference.philox import dropout_keep, dropout_scale, dropout_uniform
 
-from _helpers import device_cases, p_at_a_uniform, results_at_each_cpu_level, serving
+from _helpers import (device_cases, p_at_a_uniform, results_at_each_cpu_level,
+                      results_at_one_and_two_threads, serving)
 from conftest import cpu_backends
 from tolerances import ELEMENTWISE, REDUCTION
 
@@ -677,3 +678,44 @@ torch.save(out, path)
             _, gx_l, gb_l = results[level][key]
             assert torch.equal(bits(gx_l), bits(gx)), (level, key)
             assert torch.equal(bits(gb_l), bits(gb)), (level, key)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+def test_cpu_streamed_outputs_are_the_formula():
+    """float32 outputs of 8 MiB and more of the kernels without an activation are written with
+    non-temporal stores (csrc/cpu/bias_dropout.cpp: stream_backward_output, and
+    stream_forward_output where x, residual and out, 94 MiB here, outgrow the L3), in steps of
+    kMaskChunk elements: at one thread and at two, the forward with bias and residual, the
+    backward with the bias gradient (row tiles) and the backward of plain dropout (flat steps)
+    equal the float32 formula bit for bit, the bias gradient the float64 column sums to the
+    reduction tolerance, the same bits at both thread counts. Rows of 1000 features: rows
+    start at every 16-float alignment, so whole aligned vectors (streamed) and the rest
+    (ordinary stores) both run, and the forward's steps cross rows."""
+    M, N, p, seed = 8192, 1000, 0.1, 2**35 + 7
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(M, N, generator=g) + 0.5
+    r = torch.randn(M, N, generator=g) - 1.0
+    bias = torch.randn(N, generator=g)
+    dy = torch.randn(M, N, generator=g) + 0.25
+    assert x.numel() * 4 >= 8 << 20
+    ops = torch.ops.fusedreg
+    s = torch.tensor(seed)
+
+    def run():
+        y = ops.bias_dropout_fwd(x, bias, r, p, 0, s)
+        gx, gb = ops.bias_dropout_bwd(dy, None, bias, p, 0, s, True)
+        gd, _ = ops.bias_dropout_bwd(dy, None, None, p, 0, s, False)
+        return y, gx, gb, gd
+
+    one, two = results_at_one_and_two_threads(run)
+    keep = dropout_keep((M, N), p, seed)
+    scale = torch.tensor(dropout_scale(p), dtype=torch.float32)
+    zero = torch.zeros(())
+    want_y = torch.where(keep, (x + bias) * scale, zero) + r
+    want_gx = torch.where(keep, dy * scale, zero)
+    for y, gx, gb, gd in (one, two):
+        assert torch.equal(y.view(torch.int32), want_y.view(torch.int32))
+        assert torch.equal(gx.view(torch.int32), want_gx.view(torch.int32))
+        assert torch.equal(gd.view(torch.int32), want_gx.view(torch.int32))
+        torch.testing.assert_close(gb, want_gx.double().sum(0).float(), **REDUCTION[torch.float32])
+    assert torch.equal(one[2], two[2])

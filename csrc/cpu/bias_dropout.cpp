@@ -44,6 +44,39 @@ constexpr int64_t kChunk = 256;
 // Chunks per thread at least (16K elements): below that one thread does it all, since
 // waking the pool costs more than it saves.
 constexpr int64_t kGrainChunks = 64;
+// Elements per step of the kernels that take keep masks instead of uniforms (no activation,
+// AVX-512 level). float32: one block of 32 Philox groups (philox_keep_blocks_avx512<2>); the
+// out-of-order core then overlaps a step's Philox rounds with the previous step's loads and
+// stores, which it did not at 256 (standalone loop of the forward with bias and residual,
+// 8192x1024, non-temporal stores, two threads: 2.2 ms at 256 a step, 1.2-1.3 ms at 128, 1.45
+// at 64, 1.9 at 512; one thread 3.1 against 2.2 ms). bf16 / fp16, whose steps also convert
+// each vector, kept 256: at 128 they took 2-11% longer (the same comparison as in
+// stream_forward_output's note).
+template <typename scalar_t>
+constexpr int64_t kMaskChunk = std::is_same_v<scalar_t, float> ? 128 : 256;
+
+// Whether a keep-mask kernel writes its output with non-temporal stores (store_out), which
+// skip the read-for-ownership of each destination line and leave the output outside the
+// caches: float32 outputs of 8 MiB and more (as layer_norm.cpp's), the forward's only when its
+// streams (x, residual, out) outgrow the last-level cache. Measured on the AMD EPYC, min of 22
+// interleaved calls, bias and residual, p = 0.1, streamed / cached (ms): the forward at
+// 8192x1024 1.61 / 1.99 on two threads, at 4096x1024 0.70 / 0.81, and at 2048x1024 (24 MiB of
+// streams, in the L3) 0.61 / 0.56 on one thread; the backward with the bias gradient at
+// 8192x1024 1.51 / 2.17 (two threads), 2.47 / 3.58 (one), at 2048x1024 0.37 / 0.50. bf16
+// outputs (half a line per store) gained nothing: forward 8192x1024 1.40 / 1.32, backward
+// 1.30 / 1.34.
+constexpr int64_t kStreamMinBytes = int64_t(8) << 20;
+
+template <typename scalar_t>
+inline bool stream_forward_output(int64_t out_bytes, int64_t footprint_bytes) {
+  return std::is_same_v<scalar_t, float> && out_bytes >= kStreamMinBytes && footprint_bytes > cpu::l3_bytes() &&
+         cpu::cpu_has_avx512();
+}
+
+template <typename scalar_t>
+inline bool stream_backward_output(int64_t out_bytes) {
+  return std::is_same_v<scalar_t, float> && out_bytes >= kStreamMinBytes && cpu::cpu_has_avx512();
+}
 
 // Per-task scratch (kChunk floats and kChunk scalars, at most 3 KB): the uniforms of a chunk,
 // and stand-ins that make the element loops branch-free (so they vectorize): -0s for a
@@ -112,6 +145,7 @@ inline FUSEDREG_ALWAYS_INLINE void forward_segment(
 // the loads of the next chunks would then wait on the last-level cache with the core idle.
 // The output is prefetched with write intent (its read-for-ownership starts early too).
 constexpr int64_t kPrefetchChunks = 4;
+constexpr int64_t kPrefetchElems = kPrefetchChunks * kChunk;
 
 // Up to three streams of (M, N) arrays of scalar_t (null: none) to prefetch ahead.
 template <typename scalar_t>
@@ -121,11 +155,13 @@ struct Streams {
   const scalar_t* out;
 };
 
+// The lines of the chunk (chunk elements) kPrefetchElems elements past start.
 template <typename scalar_t>
-inline FUSEDREG_ALWAYS_INLINE void prefetch_ahead(const Streams<scalar_t>& s, int64_t start, int64_t total) {
-  const int64_t ahead = start + kPrefetchChunks * kChunk;
+inline FUSEDREG_ALWAYS_INLINE void prefetch_ahead(const Streams<scalar_t>& s, int64_t start, int64_t total,
+                                                  int64_t chunk = kChunk) {
+  const int64_t ahead = start + kPrefetchElems;
   if (ahead >= total) return;
-  const int64_t bytes = std::min(kChunk, total - ahead) * int64_t(sizeof(scalar_t));
+  const int64_t bytes = std::min(chunk, total - ahead) * int64_t(sizeof(scalar_t));
   const auto at = [&](const scalar_t* p) FUSEDREG_ALWAYS_INLINE {
     return p ? reinterpret_cast<const char*>(p + ahead) : nullptr;
   };
@@ -414,25 +450,42 @@ FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m512 load_masked(const at
 FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store_masked(float* p, __mmask16 m, __m512 x) {
   _mm512_mask_storeu_ps(p, m, x);
 }
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store_masked(at::BFloat16* p, __mmask16 m, __m512 x) {
+// 16 floats rounded to bf16 / fp16 as c10 rounds (bf16: to nearest even, a NaN 0x7FC0; fp16:
+// vcvtps2ph, a NaN sign | 0x7E00), as 16 words.
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m256i rounded_words(const at::BFloat16*, __m512 x) {
   const __m512i u = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
   const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  _mm512_mask_cvtepi32_storeu_epi16(p, m, _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
 }
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store_masked(at::Half* p, __mmask16 m, __m512 x) {
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m256i rounded_words(const at::Half*, __m512 x) {
   const __m256i v = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
   const __m256i quiet = _mm256_ternarylogic_epi32(v, _mm256_set1_epi16(int16_t(0x8000)),
                                                   _mm256_set1_epi16(0x7E00), 0xEA);
-  _mm256_mask_storeu_epi16(p, m, _mm256_mask_blend_epi16(nan, v, quiet));
+  return _mm256_mask_blend_epi16(nan, v, quiet);
+}
+template <typename scalar_t>
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store_masked(scalar_t* p, __mmask16 m, __m512 x) {
+  _mm256_mask_storeu_epi16(p, m, rounded_words(p, x));
+}
+
+// store_masked, or with NT (float32 only: stream_forward_output / stream_backward_output) a
+// non-temporal store of a whole 64-byte-aligned line, all 16 lanes written; the same values.
+// A thread that streamed calls _mm_sfence() after its last store (they are weakly ordered).
+template <bool NT, typename scalar_t>
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store_out(scalar_t* p, __mmask16 m, __m512 x) {
+  if constexpr (NT && std::is_same_v<scalar_t, float>) {
+    if (m == __mmask16(0xFFFF) && (reinterpret_cast<uintptr_t>(p) & 63) == 0) return _mm512_stream_ps(p, x);
+  }
+  store_masked(p, m, x);
 }
 
 // gx[0, len) = keep ? g * scale : +0 (in float, rounded to scalar_t), keep from the bits of
 // keep (element t: bit t % 64 of keep[t / 64]); acc[0, len) += that float when acc is given.
 // The float values, roundings and sums of backward_segment_any without an activation.
-template <typename scalar_t>
+template <bool NT, typename scalar_t>
 FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void masked_grad_avx512(
     const scalar_t* __restrict g, const uint64_t* __restrict keep, scalar_t* __restrict gx, int64_t len,
     float scale, float* __restrict acc) {
@@ -443,32 +496,42 @@ FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void masked_grad_avx512(
     std::memcpy(&bits, reinterpret_cast<const char*>(keep) + t / 8, sizeof(bits));
     const __mmask16 k = _cvtu32_mask16(bits);
     const __m512 d = _mm512_maskz_mul_ps(k, load_masked(g + t, m), sv);
-    store_masked(gx + t, m, d);
+    store_out<NT>(gx + t, m, d);
     if (acc) _mm512_mask_storeu_ps(acc + t, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc + t), d));
   }
 }
 
-// One chunk (len <= kChunk elements from start, a multiple of 4) of the backward without an
-// activation: its keep masks, then gx = keep ? g * scale : 0 and acc += that (acc: null or
-// the chunk's columns of the bias partial row). g and gx point at the chunk's first element.
-template <typename scalar_t>
-FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void masked_backward_chunk(
-    const cpu::PhiloxKeys& keys, uint64_t seed, uint32_t threshold, float p, int64_t start, int64_t len,
-    const scalar_t* g, scalar_t* gx, float scale, float* acc) {
-  alignas(64) uint64_t keep[kChunk / 64];
-  if (!cpu::philox_keep_avx512(keys, start, len, threshold, keep)) cpu::keep_from_uniforms(seed, start, len, p, keep);
-  masked_grad_avx512(g, keep, gx, len, scale, acc);
+// The backward without an activation or bias gradient over the chunks [c0, c1) (kMaskChunk
+// elements each, the last one up to total): per chunk, the lines kPrefetchElems ahead are
+// prefetched, its keep masks taken, then gx = keep ? g * scale : 0.
+template <bool NT, typename scalar_t>
+FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void masked_backward_range(
+    const cpu::PhiloxKeys& keys, uint64_t seed, uint32_t threshold, float p, int64_t c0, int64_t c1,
+    int64_t total, const scalar_t* g, scalar_t* gx, float scale) {
+  const Streams<scalar_t> streams{g, nullptr, NT ? nullptr : gx};
+  constexpr int64_t kStep = kMaskChunk<scalar_t>;
+  for (int64_t chunk = c0; chunk < c1; ++chunk) {  // chunks start at multiples of kMaskChunk: of 4
+    const int64_t start = chunk * kStep;
+    const int64_t len = std::min(kStep, total - start);
+    prefetch_ahead(streams, start, total, kStep);
+    alignas(64) uint64_t keep[kStep / 64];
+    if (!cpu::philox_keep_avx512(keys, start, len, threshold, keep)) {
+      cpu::keep_from_uniforms(seed, start, len, p, keep);
+    }
+    masked_grad_avx512<NT>(g + start, keep, gx + start, len, scale, nullptr);
+  }
+  if constexpr (NT) _mm_sfence();
 }
 
-// R rows' chunks at once (the same columns [c, c + len) of rows r0 .. r0 + R - 1, each chunk's
-// start a multiple of 4): the bias partial row's stretch acc[0, len) is loaded and stored
-// once for the R rows, their values added to it in row order (the additions of R one-row
-// calls), instead of once per row.
-template <int R, typename scalar_t>
+// R rows' chunks at once (the same columns [c, c + len) of rows r0 .. r0 + R - 1, len <=
+// kMaskChunk, each chunk's start a multiple of 4): the bias partial row's stretch acc[0, len)
+// is loaded and stored once for the R rows, their values added to it in row order (the
+// additions of R one-row calls), instead of once per row.
+template <int R, bool NT, typename scalar_t>
 FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void masked_backward_rows(
     const cpu::PhiloxKeys& keys, uint64_t seed, uint32_t threshold, float p, int64_t r0, int64_t N,
     int64_t c, int64_t len, const scalar_t* g, scalar_t* gx, float scale, float* acc) {
-  alignas(64) uint64_t keep[R][kChunk / 64];
+  alignas(64) uint64_t keep[R][kMaskChunk<scalar_t> / 64];
   for (int i = 0; i < R; ++i) {
     const int64_t start = (r0 + i) * N + c;
     if (!cpu::philox_keep_avx512(keys, start, len, threshold, keep[i])) {
@@ -485,25 +548,26 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void masked_backward_rows(
       uint16_t bits;
       std::memcpy(&bits, reinterpret_cast<const char*>(keep[i]) + t / 8, sizeof(bits));
       const __m512 d = _mm512_maskz_mul_ps(_cvtu32_mask16(bits), load_masked(g + at, m), sv);
-      store_masked(gx + at, m, d);
+      store_out<NT>(gx + at, m, d);
       a = _mm512_add_ps(a, d);
     }
     _mm512_mask_storeu_ps(acc + t, m, a);
   }
 }
 
-// One chunk of the forward without an activation (len <= kChunk elements from start, a
+// One chunk of the forward without an activation (len <= kMaskChunk elements from start, a
 // multiple of 4): out = (keep ? (x + bias) * scale : +0) + residual in float, each operation
 // rounded on its own as forward_segment / forward_segment_split round them, then rounded to
 // scalar_t. bias_row: the fp32 bias row (null: none); residual null: none (adding -0, the
 // stand-in the other path adds, changes no value). The chunk is walked by row segments (the
 // bias column wraps at a row's end); a segment's keep bits are read at any bit offset.
-template <typename scalar_t>
-FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void masked_forward_chunk(
+template <bool NT, typename scalar_t>
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void masked_forward_chunk(
     const cpu::PhiloxKeys& keys, uint64_t seed, uint32_t threshold, float p, int64_t start, int64_t len,
     int64_t N, const scalar_t* x, const float* bias_row, const scalar_t* residual, scalar_t* out, float scale) {
-  alignas(64) uint64_t keep[kChunk / 64 + 1];  // one word more: 4-byte reads at any byte offset
-  keep[kChunk / 64] = 0;
+  constexpr int64_t kWords = kMaskChunk<scalar_t> / 64;
+  alignas(64) uint64_t keep[kWords + 1];  // one word more: 4-byte reads at any byte offset
+  keep[kWords] = 0;
   if (!cpu::philox_keep_avx512(keys, start, len, threshold, keep)) cpu::keep_from_uniforms(seed, start, len, p, keep);
   const char* kb = reinterpret_cast<const char*>(keep);
   const __m512 sv = _mm512_set1_ps(scale);
@@ -520,12 +584,30 @@ FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void masked_forward_chunk(
       if (bias_row) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias_row + col + t));
       __m512 o = _mm512_maskz_mul_ps(k, v, sv);
       if (residual) o = _mm512_add_ps(o, load_masked(residual + i, m));
-      store_masked(out + i, m, o);
+      store_out<NT>(out + i, m, o);
     }
     j += seg;
     col += seg;
     if (col == N) col = 0;
   }
+}
+
+// The forward without an activation over the chunks [c0, c1) (kMaskChunk elements each, the
+// last one up to total), each chunk's lines kPrefetchElems ahead prefetched first.
+template <bool NT, typename scalar_t>
+FUSEDREG_TARGET_AVX512 __attribute__((noinline)) void masked_forward_range(
+    const cpu::PhiloxKeys& keys, uint64_t seed, uint32_t threshold, float p, int64_t c0, int64_t c1,
+    int64_t total, int64_t N, const scalar_t* x, const float* bias_row, const scalar_t* residual, scalar_t* out,
+    float scale) {
+  const Streams<scalar_t> streams{x, residual, NT ? nullptr : out};
+  constexpr int64_t kStep = kMaskChunk<scalar_t>;
+  for (int64_t chunk = c0; chunk < c1; ++chunk) {  // chunks start at multiples of kMaskChunk: of 4
+    const int64_t start = chunk * kStep;
+    const int64_t len = std::min(kStep, total - start);
+    prefetch_ahead(streams, start, total, kStep);
+    masked_forward_chunk<NT>(keys, seed, threshold, p, start, len, N, x, bias_row, residual, out, scale);
+  }
+  if constexpr (NT) _mm_sfence();
 }
 #if !defined(__clang__)
 #pragma GCC diagnostic pop
@@ -562,14 +644,17 @@ bool masked_forward(const scalar_t* x, const float* bias_row, const scalar_t* re
   const float scale = dropout_scale(p);
   const int64_t total = rows.M * rows.N;
   const cpu::PhiloxKeys keys(seed);
-  const Streams<scalar_t> streams{x, residual, out};
-  at::parallel_for(0, (total + kChunk - 1) / kChunk, kGrainChunks, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk) {  // chunks start at multiples of kChunk: of 4
-      const int64_t start = chunk * kChunk;
-      const int64_t len = std::min(kChunk, total - start);
-      prefetch_ahead(streams, start, total);
-      masked_forward_chunk<scalar_t>(keys, seed, threshold, p, start, len, rows.N, x, bias_row, residual, out,
-                                     scale);
+  const int64_t bytes = total * int64_t(sizeof(scalar_t));
+  const bool nt = stream_forward_output<scalar_t>(bytes, (residual ? 3 : 2) * bytes);
+  constexpr int64_t kStep = kMaskChunk<scalar_t>;
+  at::parallel_for(0, (total + kStep - 1) / kStep, kGrainChunks * kChunk / kStep,
+                   [&](int64_t begin, int64_t end) {
+    if (nt) {
+      masked_forward_range<true>(keys, seed, threshold, p, begin, end, total, rows.N, x, bias_row, residual, out,
+                                 scale);
+    } else {
+      masked_forward_range<false>(keys, seed, threshold, p, begin, end, total, rows.N, x, bias_row, residual, out,
+                                  scale);
     }
   });
   return true;
@@ -595,16 +680,17 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
     const Streams<scalar_t> streams{g, x, gx};
 #if FUSEDREG_X86_DISPATCH
     if constexpr (kMaskable<scalar_t, A>) {
-      if (masks) {  // chunks start at multiples of kChunk: of 4
+      if (masks) {
         const cpu::PhiloxKeys keys(seed);
         const int64_t total = rows.M * rows.N;
-        at::parallel_for(0, (total + kChunk - 1) / kChunk, kGrainChunks, [&](int64_t begin, int64_t end) {
-          for (int64_t chunk = begin; chunk < end; ++chunk) {
-            const int64_t start = chunk * kChunk;
-            const int64_t len = std::min(kChunk, total - start);
-            prefetch_ahead(streams, start, total);
-            masked_backward_chunk<scalar_t>(keys, seed, threshold, p, start, len, g + start, gx + start,
-                                            scale, nullptr);
+        const bool nt = stream_backward_output<scalar_t>(total * int64_t(sizeof(scalar_t)));
+        constexpr int64_t kStep = kMaskChunk<scalar_t>;
+        at::parallel_for(0, (total + kStep - 1) / kStep, kGrainChunks * kChunk / kStep,
+                         [&](int64_t begin, int64_t end) {
+          if (nt) {
+            masked_backward_range<true>(keys, seed, threshold, p, begin, end, total, g, gx, scale);
+          } else {
+            masked_backward_range<false>(keys, seed, threshold, p, begin, end, total, g, gx, scale);
           }
         });
         return;
@@ -643,6 +729,8 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
   const Streams<scalar_t> streams{g, x, gx};
   const int64_t total = rows.M * rows.N;
   const bool tile_masks = masks && rows.N % 4 == 0;  // every chunk's start a multiple of 4
+  const bool tile_nt = tile_masks && stream_backward_output<scalar_t>(total * int64_t(sizeof(scalar_t)));
+  const Streams<scalar_t> mask_streams{g, nullptr, tile_nt ? nullptr : gx};
   at::parallel_for(0, n_rb * n_cb, grain, [&](int64_t begin, int64_t end) {
     Scratch<scalar_t> scratch;
     cpu::dispatch_isa([&](auto isa) FUSEDREG_ALWAYS_INLINE {
@@ -657,28 +745,36 @@ void backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* bias,
         if constexpr (kMaskable<scalar_t, A>) {
           if (tile_masks) {
             // kMaskRows rows a step, then the rest one at a time; per row, the next steps'
-            // lines are prefetched as prefetch_ahead does (its chunk kPrefetchChunks ahead in
-            // the row, or in the row a step further down)
+            // lines are prefetched as prefetch_ahead does (kPrefetchElems ahead in the row,
+            // or in the row a step further down)
+            constexpr int64_t kStep = kMaskChunk<scalar_t>;
             for (int64_t r = rb * row_block; r < r_end;) {
               const int64_t R = r_end - r >= kMaskRows ? kMaskRows : 1;
-              for (int64_t c = c0; c < c1; c += kChunk) {
-                const int64_t len = std::min(kChunk, c1 - c);
-                const int64_t ahead = c + kPrefetchChunks * kChunk;
+              for (int64_t c = c0; c < c1; c += kStep) {
+                const int64_t len = std::min(kStep, c1 - c);
+                const int64_t ahead = c + kPrefetchElems;
                 for (int64_t i = 0; i < R; ++i) {
                   const int64_t pr = ahead < c1 ? r + i : r + R + i;
-                  if (pr < r_end) prefetch_ahead(streams, pr * rows.N + (ahead < c1 ? ahead : ahead - (c1 - c0)) -
-                                                              kPrefetchChunks * kChunk, total);
+                  const int64_t col = ahead < c1 ? ahead : ahead - (c1 - c0);
+                  if (pr < r_end) prefetch_ahead(mask_streams, pr * rows.N + col - kPrefetchElems, total, kStep);
                 }
                 if (R == kMaskRows) {
-                  masked_backward_rows<kMaskRows, scalar_t>(keys, seed, threshold, p, r, rows.N, c, len, g, gx,
-                                                           scale, acc + c);
+                  if (tile_nt) {
+                    masked_backward_rows<kMaskRows, true>(keys, seed, threshold, p, r, rows.N, c, len, g, gx, scale,
+                                                          acc + c);
+                  } else {
+                    masked_backward_rows<kMaskRows, false>(keys, seed, threshold, p, r, rows.N, c, len, g, gx, scale,
+                                                           acc + c);
+                  }
+                } else if (tile_nt) {
+                  masked_backward_rows<1, true>(keys, seed, threshold, p, r, rows.N, c, len, g, gx, scale, acc + c);
                 } else {
-                  masked_backward_rows<1, scalar_t>(keys, seed, threshold, p, r, rows.N, c, len, g, gx, scale,
-                                                    acc + c);
+                  masked_backward_rows<1, false>(keys, seed, threshold, p, r, rows.N, c, len, g, gx, scale, acc + c);
                 }
               }
               r += R;
             }
+            if (tile_nt) cpu::store_fence<cpu::Isa::kAvx512>();
             continue;
           }
         }
