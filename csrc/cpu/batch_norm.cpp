@@ -349,42 +349,12 @@ FUSEDREG_H16_TARGET void f32_store(float* p, __m512 v, __mmask16 m) {
   }
 }
 
-// c10::Half's rounding of 16 floats
-FUSEDREG_H16_TARGET __m256i h16_round(__m512 x) {
-  __m256i v = _mm512_maskz_cvtps_ph(cpu::kAll16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  if (__builtin_expect(nan != 0, 0)) {
-    const __m256i quiet = _mm256_ternarylogic_epi32(v, _mm256_set1_epi16(int16_t(0x8000)),
-                                                    _mm256_set1_epi16(0x7E00), 0xEA);  // A & B | C
-    v = _mm256_mask_blend_epi16(nan, v, quiet);
-  }
-  return v;
-}
-
 FUSEDREG_H16_TARGET void h16_store(c10::Half* p, __m512 x, __mmask16 m) {
   if (m == 0xFFFF) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h16_round(x));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), cpu::half16_bits(x));
   } else {
-    _mm256_mask_storeu_epi16(p, m, h16_round(x));
+    _mm256_mask_storeu_epi16(p, m, cpu::half16_bits(x));
   }
-}
-
-// from_acc's rounding of 16 floats to bfloat16 bits, with integer operations (the masked-zero
-// forms of the intrinsics, all lanes: the plain ones trip GCC 12's -Wuninitialized inside
-// their header)
-FUSEDREG_H16_TARGET __m256i bf16_round_int(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(cpu::kAll16, u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_maskz_srli_epi32(
-      cpu::kAll16, _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  const __mmask16 nan =
-      _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
-  return _mm512_maskz_cvtepi32_epi16(cpu::kAll16, _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0)));
-}
-
-// 16 bfloat16 bits widened to floats (exact: a shift)
-FUSEDREG_H16_TARGET __m512 bf16_widen(__m256i h) {
-  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(cpu::kAll16, _mm512_maskz_cvtepu16_epi32(cpu::kAll16, h), 16));
 }
 
 // One step of 16 values of x_t in registers, for the forward's register path
@@ -399,7 +369,7 @@ FUSEDREG_H16_TARGET __m512 regs_load(const c10::Half* p, __mmask16 m) {
 }
 FUSEDREG_H16_TARGET __m512 regs_load(const c10::BFloat16* p, __mmask16 m) {
   if (m == 0xFFFF) return cpu::bf16x16_load(p);
-  return bf16_widen(_mm256_maskz_loadu_epi16(m, p));
+  return cpu::bf16x16_widen(_mm256_maskz_loadu_epi16(m, p));
 }
 FUSEDREG_H16_TARGET void regs_store(float* p, __m512 v, __mmask16 m) {
   f32_store(p, v, m);
@@ -411,7 +381,7 @@ FUSEDREG_H16_TARGET void regs_store(c10::BFloat16* p, __m512 v, __mmask16 m) {
   if (m == 0xFFFF) {
     cpu::bf16x16_store(p, v);
   } else {
-    _mm256_mask_storeu_epi16(p, m, bf16_round_int(v));
+    _mm256_mask_storeu_epi16(p, m, cpu::bf16x16_bits(v));
   }
 }
 
@@ -1368,7 +1338,7 @@ template <bool NT, bool CVT>
 struct PlainIo<c10::BFloat16, NT, CVT> {
   static constexpr int W = 32;
   using Mask = __mmask32;
-  static FUSEDREG_PLAIN_TARGET __m512 widen(__m256i h) { return bf16_widen(h); }
+  static FUSEDREG_PLAIN_TARGET __m512 widen(__m256i h) { return cpu::bf16x16_widen(h); }
   static FUSEDREG_PLAIN_TARGET Steps<W> load(const c10::BFloat16* p) {
     return {{widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
              widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)))}};
@@ -1388,8 +1358,8 @@ struct PlainIo<c10::BFloat16, NT, CVT> {
     }
     // (the masked-zero inserts: the plain insert, cast and zext trip GCC 12's -Wuninitialized
     // inside their header)
-    const __m512i lo = _mm512_maskz_inserti64x4(__mmask8(0xFF), _mm512_setzero_si512(), bf16_round_int(s.v[0]), 0);
-    return _mm512_maskz_inserti64x4(__mmask8(0xFF), lo, bf16_round_int(s.v[1]), 1);
+    const __m512i lo = _mm512_maskz_inserti64x4(__mmask8(0xFF), _mm512_setzero_si512(), cpu::bf16x16_bits(s.v[0]), 0);
+    return _mm512_maskz_inserti64x4(__mmask8(0xFF), lo, cpu::bf16x16_bits(s.v[1]), 1);
   }
   static FUSEDREG_PLAIN_TARGET void store(c10::BFloat16* p, const Steps<W>& s) {
     if constexpr (NT) {

@@ -19,6 +19,7 @@
 
 #include "fusedreg/activation.h"
 #include "fusedreg/cpu/alloc.h"
+#include "fusedreg/cpu/half_convert.h"
 #include "fusedreg/cpu/isa.h"
 #include "fusedreg/cpu/keep_bits.h"
 #include "fusedreg/cpu/philox_stream.h"
@@ -441,8 +442,7 @@ FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m512 load_masked(const fl
   return _mm512_maskz_loadu_ps(m, p);
 }
 FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m512 load_masked(const at::BFloat16* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return cpu::bf16x16_widen(_mm256_maskz_loadu_epi16(m, p));
 }
 FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m512 load_masked(const at::Half* p, __mmask16 m) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
@@ -450,25 +450,11 @@ FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m512 load_masked(const at
 FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store_masked(float* p, __mmask16 m, __m512 x) {
   _mm512_mask_storeu_ps(p, m, x);
 }
-// 16 floats rounded to bf16 / fp16 as c10 rounds (bf16: to nearest even, a NaN 0x7FC0; fp16:
-// vcvtps2ph, a NaN sign | 0x7E00), as 16 words.
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m256i rounded_words(const at::BFloat16*, __m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store_masked(at::BFloat16* p, __mmask16 m, __m512 x) {
+  _mm512_mask_cvtepi32_storeu_epi16(p, m, cpu::bf16x16_lanes(x));
 }
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m256i rounded_words(const at::Half*, __m512 x) {
-  const __m256i v = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  const __m256i quiet = _mm256_ternarylogic_epi32(v, _mm256_set1_epi16(int16_t(0x8000)),
-                                                  _mm256_set1_epi16(0x7E00), 0xEA);
-  return _mm256_mask_blend_epi16(nan, v, quiet);
-}
-template <typename scalar_t>
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store_masked(scalar_t* p, __mmask16 m, __m512 x) {
-  _mm256_mask_storeu_epi16(p, m, rounded_words(p, x));
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void store_masked(at::Half* p, __mmask16 m, __m512 x) {
+  _mm256_mask_storeu_epi16(p, m, cpu::half16_bits(x));
 }
 
 // store_masked, or with NT (float32 only: stream_forward_output / stream_backward_output) a

@@ -226,14 +226,15 @@ inline FUSEDREG_ALWAYS_INLINE void row_from_float(const float* __restrict src, c
 // -Wmaybe-uninitialized.
 constexpr __mmask16 kAll16 = 0xFFFF;
 
-// 16 floats rounded to float16 at dst from an AVX-512 register, for loops that convert as
-// they go (the optimizers' float16 steps, the layer_norm forward's in-place rows): vcvtps2ph
-// (to nearest even), the NaN lanes set to sign | 0x7E00, the values of row_from_float_f16c.
-// Only call it after cpu_has_avx512(). The NaN lanes are fixed up only in a block that has
-// one: the same bits as blending every block, without the blend's two extra ops per block,
-// which on the EPYC (Zen 4) made the optimizers' fp16 SGD with fp16 state slower than torch's
-// fused step (the branch is not taken in any block without a NaN, so it predicts).
-FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void half16_store(c10::Half* dst, __m512 x) {
+// 16 floats rounded to float16 as c10 rounds, as 16 words in a register, for loops that convert
+// as they go (the optimizers' float16 steps, the layer_norm forward's in-place rows, the
+// BatchNorm and bias_dropout register loops): vcvtps2ph (to nearest even), the NaN lanes set
+// to sign | 0x7E00, the values of row_from_float_f16c. Only call it after cpu_has_avx512().
+// The NaN lanes are fixed up only in a block that has one: the same bits as blending every
+// block, without the blend's two extra ops per block, which on the EPYC made the optimizers'
+// fp16 SGD with fp16 state slower than torch's fused step (the branch is not taken in any
+// block without a NaN, so it predicts). half16_store: the same, stored at dst.
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE __m256i half16_bits(__m512 x) {
   __m256i v = _mm512_maskz_cvtps_ph(kAll16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
   if (__builtin_expect(nan != 0, 0)) {
@@ -242,7 +243,11 @@ FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void half16_store(c10::Half
                                                     _mm256_set1_epi16(0x7E00), 0xEA);
     v = _mm256_mask_blend_epi16(nan, v, quiet);
   }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
+  return v;
+}
+
+FUSEDREG_TARGET_AVX512 inline FUSEDREG_ALWAYS_INLINE void half16_store(c10::Half* dst, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), half16_bits(x));
 }
 #endif
 
