@@ -688,7 +688,8 @@ def test_cpu_streamed_outputs_are_the_formula():
     kMaskChunk elements: at one thread and at two, the forward with bias and residual, the
     backward with the bias gradient (row tiles) and the backward of plain dropout (flat steps)
     equal the float32 formula bit for bit, the bias gradient the float64 column sums to the
-    reduction tolerance, the same bits at both thread counts. Rows of 1000 features: rows
+    reduction tolerance, the same bits at both thread counts; with relu (the uniforms' path,
+    in half-chunk steps at this size: uniform_step) the same by value. Rows of 1000 features: rows
     start at every 16-float alignment, so whole aligned vectors (streamed) and the rest
     (ordinary stores) both run, and the forward's steps cross rows."""
     M, N, p, seed = 8192, 1000, 0.1, 2**35 + 7
@@ -717,5 +718,26 @@ def test_cpu_streamed_outputs_are_the_formula():
         assert torch.equal(y.view(torch.int32), want_y.view(torch.int32))
         assert torch.equal(gx.view(torch.int32), want_gx.view(torch.int32))
         assert torch.equal(gd.view(torch.int32), want_gx.view(torch.int32))
+        torch.testing.assert_close(gb, want_gx.double().sum(0).float(), **REDUCTION[torch.float32])
+    assert torch.equal(one[2], two[2])
+
+    # With an activation the kernels take the uniforms, here in steps of half a chunk (the
+    # streams outgrow the L3: uniform_step); relu keeps the formula exact (compared by value:
+    # a dropped or cut-off element may be -0 on one side and +0 on the other).
+    relu = 1
+
+    def run_relu():
+        y = ops.bias_dropout_fwd(x, bias, r, p, relu, s)
+        gx, gb = ops.bias_dropout_bwd(dy, x, bias, p, relu, s, True)
+        gd, _ = ops.bias_dropout_bwd(dy, x, bias, p, relu, s, False)
+        return y, gx, gb, gd
+
+    one, two = results_at_one_and_two_threads(run_relu)
+    z = x + bias
+    want_y = torch.where(keep, torch.relu(z) * scale, zero) + r
+    want_gx = torch.where(keep & (z > 0), dy * scale, zero)
+    for y, gx, gb, gd in (one, two):
+        assert torch.equal(y, want_y)
+        assert torch.equal(gx, want_gx) and torch.equal(gd, want_gx)
         torch.testing.assert_close(gb, want_gx.double().sum(0).float(), **REDUCTION[torch.float32])
     assert torch.equal(one[2], two[2])
