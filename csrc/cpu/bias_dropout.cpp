@@ -69,14 +69,13 @@ constexpr int64_t kMaskChunk = std::is_same_v<scalar_t, float> ? 128 : 256;
 constexpr int64_t kStreamMinBytes = int64_t(8) << 20;
 
 template <typename scalar_t>
-inline bool stream_forward_output(int64_t out_bytes, int64_t footprint_bytes) {
-  return std::is_same_v<scalar_t, float> && out_bytes >= kStreamMinBytes && footprint_bytes > cpu::l3_bytes() &&
-         cpu::cpu_has_avx512();
+inline bool stream_backward_output(int64_t out_bytes) {
+  return std::is_same_v<scalar_t, float> && out_bytes >= kStreamMinBytes && cpu::cpu_has_avx512();
 }
 
 template <typename scalar_t>
-inline bool stream_backward_output(int64_t out_bytes) {
-  return std::is_same_v<scalar_t, float> && out_bytes >= kStreamMinBytes && cpu::cpu_has_avx512();
+inline bool stream_forward_output(int64_t out_bytes, int64_t footprint_bytes) {
+  return stream_backward_output<scalar_t>(out_bytes) && footprint_bytes > cpu::l3_bytes();
 }
 
 // Elements per step of the kernels that take the uniforms (an activation, float64, or below
@@ -155,12 +154,12 @@ inline FUSEDREG_ALWAYS_INLINE void forward_segment(
   }
 }
 
-// The streams' lines kPrefetchChunks chunks ahead are prefetched before a chunk's uniforms
-// are generated: the hardware prefetchers alone stop short of covering the Philox time, and
-// the loads of the next chunks would then wait on the last-level cache with the core idle.
-// The output is prefetched with write intent (its read-for-ownership starts early too).
-constexpr int64_t kPrefetchChunks = 4;
-constexpr int64_t kPrefetchElems = kPrefetchChunks * kChunk;
+// The streams' lines kPrefetchElems elements ahead (four 256-element chunks) are prefetched
+// before a step's uniforms or keep masks are generated: the hardware prefetchers alone stop
+// short of covering the Philox time, and the loads of the next steps would then wait on the
+// last-level cache with the core idle. The output is prefetched with write intent (its
+// read-for-ownership starts early too), unless it is streamed (non-temporal stores).
+constexpr int64_t kPrefetchElems = 4 * kChunk;
 
 // Up to three streams of (M, N) arrays of scalar_t (null: none) to prefetch ahead.
 template <typename scalar_t>
