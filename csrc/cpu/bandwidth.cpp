@@ -206,9 +206,14 @@ int64_t reduce_cpu(at::TensorList reads, int64_t prefetch) {
       [](int64_t a, int64_t b) { return a ^ b; });
 }
 
+// The L3 size the kernels choose their store kinds and steps by (cpu::l3_bytes), for the
+// benchmark's header and the test of FUSEDREG_CPU_L3_MIB.
+int64_t kernels_l3_bytes() { return fusedreg::cpu::l3_bytes(); }
+
 }  // namespace
 
 TORCH_LIBRARY(fusedreg_bench, m) {
+  m.def("l3_bytes() -> int", &kernels_l3_bytes);
   m.def("stream(Tensor[] reads, Tensor(a!)[] writes, bool nontemporal, int prefetch=0) -> ()");
   m.def("update(Tensor(a!)[] rw, Tensor[] reads, bool nontemporal, int prefetch=0) -> ()");
   m.def("reduce(Tensor[] reads, int prefetch=0) -> int");

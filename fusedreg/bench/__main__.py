@@ -34,6 +34,19 @@ from .limits import REFERENCE_PATTERNS
 
 # Modules of this package that are not benchmarks.
 _NOT_BENCHMARKS = {"harness", "report", "limits"}
+
+
+def kernels_l3(device: torch.device) -> str:
+    """"; the CPU kernels count on an L3 of N MiB" (cpu::l3_bytes, which chooses their store
+    kinds and steps; FUSEDREG_CPU_L3_MIB overrides it), or "" off the CPU or without the
+    extension."""
+    if device.type != "cpu":
+        return ""
+    from .limits import _probe_ops
+    ops = _probe_ops()
+    if ops is None or not hasattr(ops, "l3_bytes"):
+        return ""
+    return f"; the CPU kernels count on an L3 of {ops.l3_bytes() >> 20} MiB"
 # Order of the table when present; any other benchmark module follows, alphabetically.
 _PREFERRED_ORDER = ("bias_dropout", "layer_norm", "rms_norm", "optim")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -332,7 +345,7 @@ def main(argv=None) -> int:
     report.fill_speedups(rows)
     records = [report.to_record(r, meta) for r in rows]
     print(f"\nlimits for {ref_bytes >> 20} MB operands on {meta['device']}: {limits_text}; "
-          f"allocator: {report.allocator()}. "
+          f"allocator: {report.allocator()}{kernels_l3(device)}. "
           "GB/s counts the minimal bytes of each pass (at the median time); % limit is the "
           "fastest repetition's GB/s as a fraction of the limit of the pass's access pattern "
           "(the probes' fastest) for operands of the case's size; mode loop = "

@@ -39,6 +39,7 @@
 // translation units the target macros expand to nothing and everything runs the baseline.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -128,13 +129,33 @@ inline bool cpu_has_avx512bf16() {
 #endif
 }
 
-// The bytes of one instance of the last-level cache (L3), which the kernels compare their
-// operands with to choose store kinds and prefetch: on an AMD CPU from its cache-topology
-// cpuid leaf 0x8000001D, since sysconf(_SC_LEVEL3_CACHE_SIZE) gave 384 MiB on the EPYC VM
-// (every L3 of the package, most of which this core never reads from); elsewhere sysconf's;
-// 32 MiB when neither says. Read once.
+// The bytes of the last-level cache (L3) a call can count on, which the kernels compare their
+// operands with to choose store kinds, step sizes and prefetch: on an AMD CPU one L3 instance
+// from its cache-topology cpuid leaf 0x8000001D, since sysconf(_SC_LEVEL3_CACHE_SIZE) gave
+// 384 MiB on the EPYC VM (every L3 of the package, most of which this core never reads from);
+// elsewhere sysconf's, at most kL3CapBytes; 32 MiB when neither says. FUSEDREG_CPU_L3_MIB=<n>
+// in the environment replaces it (read once, at the first call).
+//
+// The cap: the Intel Xeon VM reports its host package's 480 MiB (sysconf and cpuid leaf 4,
+// "shared by 2" logical CPUs), but its two cores stream as from memory well before that. The
+// benchmark's 1R1W probe, two threads: ordinary stores as fast as non-temporal ones up to
+// 25.7 MB arrays (57-58 GB/s both), non-temporal ones 1.7x as fast at 64 MB (33 against 56
+// GB/s). With the cap at 64 MiB (against the 480 MiB reported; min of 2-3 rounds of alternating
+// processes, two threads): footprints over it take 0.64-0.96 of the time (BatchNorm eval of
+// 64x64x112x112 float32 0.77, channels-last 0.76, bf16 0.89; bias_dropout float32 16384x2048
+// 0.89, with GELU 0.91-0.92 at 8192x1024; bf16 layer_norm / rms_norm 16384x2048 0.73 / 0.64),
+// those between 32 and 64 MiB are within 0.94-1.03 (a 32 MiB cap made some of them 2-8%
+// slower). A machine whose L3 really holds more for one process gives up some cache residency
+// of outputs past 64 MiB; FUSEDREG_CPU_L3_MIB restores its size.
+constexpr int64_t kL3CapBytes = int64_t(64) << 20;
+
 inline int64_t l3_bytes() {
   static const int64_t bytes = [] {
+    if (const char* mib = std::getenv("FUSEDREG_CPU_L3_MIB")) {
+      char* end = nullptr;
+      const long long v = std::strtoll(mib, &end, 10);
+      if (end != mib && *end == '\0' && v > 0 && v < (int64_t(1) << 24)) return int64_t(v) << 20;
+    }
 #if FUSEDREG_X86_DISPATCH
     if (__builtin_cpu_is("amd")) {
       unsigned a = 0, b = 0, c = 0, d = 0;
@@ -150,7 +171,7 @@ inline int64_t l3_bytes() {
 #endif
 #if defined(_SC_LEVEL3_CACHE_SIZE)
     const long s = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    if (s > 0) return int64_t(s);
+    if (s > 0) return std::min(int64_t(s), kL3CapBytes);
 #endif
     return int64_t(32) << 20;
   }();
