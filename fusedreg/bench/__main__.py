@@ -30,10 +30,16 @@ import torch
 
 from . import report
 from .harness import Context, Timing, time_fn
-from .limits import REFERENCE_PATTERNS
+from .limits import REFERENCE_PATTERNS, _probe_ops
 
 # Modules of this package that are not benchmarks.
 _NOT_BENCHMARKS = {"harness", "report", "limits"}
+
+# Order of the table when present; any other benchmark module follows, alphabetically.
+_PREFERRED_ORDER = ("bias_dropout", "layer_norm", "rms_norm", "optim")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+_DEFAULT_DTYPES = {"cpu": ["float32"], "cuda": ["bfloat16"]}
 
 
 def kernels_l3(device: torch.device) -> str:
@@ -42,16 +48,10 @@ def kernels_l3(device: torch.device) -> str:
     extension."""
     if device.type != "cpu":
         return ""
-    from .limits import _probe_ops
     ops = _probe_ops()
     if ops is None or not hasattr(ops, "l3_bytes"):
         return ""
     return f"; the CPU kernels count on an L3 of {ops.l3_bytes() >> 20} MiB"
-# Order of the table when present; any other benchmark module follows, alphabetically.
-_PREFERRED_ORDER = ("bias_dropout", "layer_norm", "rms_norm", "optim")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64}
-_DEFAULT_DTYPES = {"cpu": ["float32"], "cuda": ["bfloat16"]}
 
 
 def discover() -> tuple[dict, dict]:
