@@ -1376,7 +1376,7 @@ struct PlainIo<c10::BFloat16, NT, CVT> {
 // float16: steps of 16 elements (one vcvtph2ps up, one vcvtps2ph down: a step of 32 would
 // only narrow the shapes this path takes); vcvtps2ph rounds to nearest even as c10::Half does,
 // and a NaN lane is set to sign | 0x7E00 afterwards (c10's NaN; the instruction keeps the
-// payload), only in a step that has one (half_convert.h's half16_store). Non-temporal steps
+// payload), only in a step that has one (rows.h's cpu::half16_bits). Non-temporal steps
 // are 32 bytes, at multiples of 16 elements from a 64-byte-aligned y.
 template <bool NT, bool CVT>
 struct PlainIo<c10::Half, NT, CVT> {
@@ -1386,17 +1386,7 @@ struct PlainIo<c10::Half, NT, CVT> {
   static FUSEDREG_PLAIN_TARGET Steps<W> load(const c10::Half* p, Mask m) {
     return {{_mm512_maskz_cvtph_ps(cpu::kAll16, _mm256_maskz_loadu_epi16(m, p))}};
   }
-  static FUSEDREG_PLAIN_TARGET __m256i round(__m512 x) {
-    __m256i v = _mm512_maskz_cvtps_ph(cpu::kAll16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    if (__builtin_expect(nan != 0, 0)) {
-      // (v & 0x8000) | 0x7E00 (ternary logic 0xEA: A & B | C)
-      const __m256i quiet = _mm256_ternarylogic_epi32(v, _mm256_set1_epi16(int16_t(0x8000)),
-                                                      _mm256_set1_epi16(0x7E00), 0xEA);
-      v = _mm256_mask_blend_epi16(nan, v, quiet);
-    }
-    return v;
-  }
+  static FUSEDREG_PLAIN_TARGET __m256i round(__m512 x) { return cpu::half16_bits(x); }
   static FUSEDREG_PLAIN_TARGET void store(c10::Half* p, const Steps<W>& s) {
     if constexpr (NT) {
       _mm256_stream_si256(reinterpret_cast<__m256i*>(p), round(s.v[0]));
