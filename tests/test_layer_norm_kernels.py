@@ -143,3 +143,73 @@ def test_cpu_half_plain_norm_is_the_float32_kernel_rounded(M, N, params, rms, dt
         torch.testing.assert_close(y.double() / scale, ref / scale, rtol=tol, atol=1e-5, equal_nan=True)
         torch.testing.assert_close(rstd.double(), 1 / (x64 - mu).pow(2).mean(-1).add(1e-5).sqrt(),
                                    rtol=1e-5, atol=0, equal_nan=True)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("rms", [True, False], ids=["rms", "layer"])
+@pytest.mark.parametrize("M,N,kind", [
+    *((M, N, kind) for M, N in [(5, 16), (7, 48), (9, 1008), (6, 1024), (3, 4096), (4, 1000), (5, 20)]
+      for kind in ["plain", "no-dW", "fused"]),
+    (4100, 1024, "plain"), (2100, 2048, "fused")])
+def test_cpu_half_norm_backward_is_the_float32_kernel_rounded(M, N, kind, rms, dtype):
+    """The bf16 / fp16 backward reads dy and h in place and rounds grad_x in registers at the
+    AVX-512 level when N is a multiple of 16 (else, and at other levels, it converts the rows to
+    float32 first). Either way it is the float32 kernel's backward on the widened rows: grad_x
+    and grad_residual that call's outputs rounded to nearest even, dW and dB its sums rounded,
+    bit for bit (NaN for NaN), at one and two threads. Single rows and pairs (rows of 1024 and
+    more with dW / dB), calls whose outputs stream (8 MiB and more), the dropout_add_layer_norm
+    backward (dropout, the prenorm output's gradient dh_out and grad_residual: "fused"), dy with
+    a NaN, infinities and values whose gradients are subnormals of the dtype."""
+    x = _data((M, N), dtype, 8, 3.0)
+    w = _data((N,), dtype, 9, 1.0)
+    b = None if rms else _data((N,), dtype, 10, 0.5)
+    dy = _data((M, N), dtype, 11, 0.0)
+    if M > 3:
+        dy[1, N // 2] = float("nan")
+        dy[2, N // 3] = float("inf")
+        dy[3, N // 5] = -float("inf")
+    if M > 4:  # a row of dy so small that its grad_x are subnormals of the dtype
+        dy[4] *= 1e-38 if dtype == torch.bfloat16 else 1e-5
+    fused = kind == "fused"
+    p = 0.25 if fused else 0.0
+    res = _data((M, N), dtype, 12, -1.0) if fused else None
+    dh_out = _data((M, N), dtype, 13, 0.0) if fused else None
+    seed = torch.tensor([7], dtype=torch.int64)
+    grads = kind != "no-dW"
+
+    rounded = _round_to_bf16_bits if dtype == torch.bfloat16 else _round_to_fp16_bits
+
+    def same(t, t32):
+        assert t.dtype == dtype and t.shape == t32.shape
+        bits, bits32 = t.view(torch.int16), rounded(t32)
+        nan = t32.isnan()
+        assert torch.equal(t.isnan(), nan)
+        assert torch.equal(bits[~nan], bits32[~nan])
+
+    # The float32 call on the widened rows. Its h is the bf16 / fp16 call's h widened: rounding
+    # h is the one step where the two calls differ, so the float32 backward gets that h.
+    _, h, mean, rstd = torch.ops.fusedreg.layer_norm_fwd(x, res, w, b, 1e-5, p, seed, rms, dtype, True)
+    out32 = torch.ops.fusedreg.layer_norm_bwd(dy.float(), None if dh_out is None else dh_out.float(), h.float(),
+                                              w.float(), None if b is None else b.float(), mean, rstd, p, seed,
+                                              rms, torch.float32, fused, grads, grads and not rms)
+    ran = results_at_one_and_two_threads(lambda: torch.ops.fusedreg.layer_norm_bwd(
+        dy, dh_out, h, w, b, mean, rstd, p, seed, rms, dtype, fused, grads, grads and not rms))
+    for out in ran:
+        for t, t32 in zip(out, out32):
+            if t32.numel():
+                same(t, t32)
+            else:
+                assert t.numel() == 0
+    # grad_x against float64 math, so that the two calls agreeing is not enough
+    if not fused:
+        h64, dy64, w64 = h.double(), dy.double(), w.double()
+        mu = torch.zeros(M, 1, dtype=torch.float64) if rms else h64.mean(-1, keepdim=True)
+        rs = torch.rsqrt((h64 - mu).pow(2).mean(-1, keepdim=True) + 1e-5)
+        xhat, g = (h64 - mu) * rs, dy64 * w64
+        c1 = torch.zeros_like(mu) if rms else g.mean(-1, keepdim=True)
+        gx = rs * (g - c1 - xhat * (g * xhat).mean(-1, keepdim=True))
+        ok = torch.isfinite(dy.float()).all(-1) & (dy.float().abs().amax(-1) > 1e-3)
+        tol = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -9
+        scale = gx[ok].abs().amax(-1, keepdim=True).clamp(min=1e-30)
+        torch.testing.assert_close(ran[0][0][ok].double() / scale, gx[ok] / scale, rtol=tol, atol=tol)
