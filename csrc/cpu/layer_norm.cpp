@@ -415,11 +415,26 @@ inline FUSEDREG_ALWAYS_INLINE V out_expr(V v, const float* w, const float* b, fl
 }
 
 #if FUSEDREG_X86_DISPATCH
+// lo and hi, 32 floats, rounded to bf16 at p as c10 rounds: by one vcvtne2ps2bf16 (round to
+// nearest even, as c10), unless one of them is a NaN or a denormal, which the instruction
+// rounds otherwise (it flushes denormal inputs and keeps a NaN's payload): then store_bf16.
+FUSEDREG_TARGET_AVX512BF16 inline FUSEDREG_ALWAYS_INLINE void store_bf16x32_insn(c10::BFloat16* p, FloatX16 lo,
+                                                                                FloatX16 hi) {
+  constexpr int kNanOrDenormal = 0x01 | 0x80 | 0x20;  // quiet NaN, signaling NaN, denormal
+  const __mmask16 klo = _mm512_fpclass_ps_mask((__m512)lo, kNanOrDenormal);
+  const __mmask16 khi = _mm512_fpclass_ps_mask((__m512)hi, kNanOrDenormal);
+  if (_kortestz_mask16_u8(klo, khi)) {
+    _mm512_storeu_si512(p, (__m512i)_mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo));  // lo in the low half
+  } else {
+    store_bf16(p, lo);
+    store_bf16(p + 16, hi);
+  }
+}
+
 // plain_row's output loop for a bf16 row at the AVX-512 level on a CPU with the BF16
-// conversions: 32 rounded by one vcvtne2ps2bf16 (round to nearest even, as c10; it flushes
-// denormal inputs and keeps a NaN's payload, so 32 with any of those take store_bf16, as
-// cpu::row_from_float does), kStoreChunk elements at a time with the next row nx prefetched
-// and y streamed through bits when nt; F as out_expr's. The whole row in one call of this
+// conversions: 32 rounded at a time by store_bf16x32_insn (the values cpu::row_from_float
+// gives), kStoreChunk elements at a time with the next row nx prefetched and y streamed
+// through bits when nt; F as out_expr's. The whole row in one call of this
 // target (as half_plain_row): with a call per chunk of y, the calls' setup was a measurable
 // part of a row of 1024 (two threads, the rows from the L3).
 template <int F>
@@ -432,17 +447,8 @@ FUSEDREG_TARGET_AVX512BF16 __attribute__((noinline)) void bf16_row_out_avx512bf1
     c10::BFloat16* yc = nt ? bits : yr + j0;  // y[j] at yc[j - j0]
     int64_t j = j0;
     for (; j + 32 <= j1; j += 32) {
-      const FloatX16 lo = out_expr<F>(load_vec<FloatX16>(xr + j), w, b, mu, rs, j);
-      const FloatX16 hi = out_expr<F>(load_vec<FloatX16>(xr + j + 16), w, b, mu, rs, j + 16);
-      constexpr int kNanOrDenormal = 0x01 | 0x80 | 0x20;  // quiet NaN, signaling NaN, denormal
-      const __mmask16 klo = _mm512_fpclass_ps_mask((__m512)lo, kNanOrDenormal);
-      const __mmask16 khi = _mm512_fpclass_ps_mask((__m512)hi, kNanOrDenormal);
-      if (_kortestz_mask16_u8(klo, khi)) {
-        _mm512_storeu_si512(yc + (j - j0), (__m512i)_mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo));
-      } else {
-        store_bf16(yc + (j - j0), lo);
-        store_bf16(yc + (j - j0) + 16, hi);
-      }
+      store_bf16x32_insn(yc + (j - j0), out_expr<F>(load_vec<FloatX16>(xr + j), w, b, mu, rs, j),
+                         out_expr<F>(load_vec<FloatX16>(xr + j + 16), w, b, mu, rs, j + 16));
     }
     for (; j + 16 <= j1; j += 16)
       store_bf16(yc + (j - j0), out_expr<F>(load_vec<FloatX16>(xr + j), w, b, mu, rs, j));
@@ -961,19 +967,9 @@ FUSEDREG_TARGET_AVX512BF16 __attribute__((noinline)) void store_grads_half(
     };
     int64_t j = j0;
     if constexpr (OUT == kRoundBf16Insn) {
-      // 32 at a time with vcvtne2ps2bf16 (bf16_row_out_avx512bf16's test for the lanes it
-      // would round differently from c10).
       for (; j + 32 <= j1; j += 32) {
         const FloatX16 lo = dh_at(j), hi = dh_at(j + 16);
-        constexpr int kNanOrDenormal = 0x01 | 0x80 | 0x20;  // quiet NaN, signaling NaN, denormal
-        const __mmask16 klo = _mm512_fpclass_ps_mask((__m512)lo, kNanOrDenormal);
-        const __mmask16 khi = _mm512_fpclass_ps_mask((__m512)hi, kNanOrDenormal);
-        if (_kortestz_mask16_u8(klo, khi)) {
-          _mm512_storeu_si512(gxc + (j - j0), (__m512i)_mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo));
-        } else {
-          store_bf16(reinterpret_cast<c10::BFloat16*>(gxc + (j - j0)), lo);
-          store_bf16(reinterpret_cast<c10::BFloat16*>(gxc + (j - j0)) + 16, hi);
-        }
+        store_bf16x32_insn(reinterpret_cast<c10::BFloat16*>(gxc + (j - j0)), lo, hi);
       }
     }
     for (; j < j1; j += 16) {
