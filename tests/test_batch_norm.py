@@ -484,6 +484,76 @@ def test_cpu_float16_ops_are_the_float32_ops_on_its_values(cl):
                         _assert_c10_half_rounding(got, want)
 
 
+def _bf16_specials(t, k):
+    """t (bfloat16) with +-inf, NaN, 3e38, a subnormal, -0 and a negative NaN with a payload at
+    a few places (k shifts them)."""
+    bits = t.view(torch.int16).view(-1)
+    n = bits.numel()
+    for i, v in enumerate((0x7F80, -0x0080, 0x7FC0, 0x7F61, 0x0001, -0x8000, -0x003F)):
+        bits[((n * (i + 1)) // 9 + k) % n] = v  # inf, -inf, NaN, 3e38, 9e-41, -0, 0xFFC1
+    return t
+
+
+def _assert_c10_bf16_rounding(got, want):
+    """got (bfloat16) is c10's rounding of want (float32) bit for bit (NaN: 0x7FC0). In the
+    sanitizer build (-O1, other contractions in the compiled loops), to within one bfloat16
+    rounding."""
+    if _SANITIZER_BUILD:
+        torch.testing.assert_close(got.float(), want.bfloat16().float(), rtol=2.0 ** -7, atol=1e-6,
+                                   equal_nan=True)
+        return
+    assert torch.equal(got.view(torch.int16).to(torch.int32) & 0xFFFF, _c10_bf16_bits(want))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("cl", [False, True], ids=["ncs", "cl"])
+def test_cpu_bfloat16_element_ops_are_the_float32_ops_rounded(cl):
+    """The CPU element-wise ops on bfloat16 storage (the forward with each activation,
+    residual and weight; the backward's grad_x and grad_residual, training and eval) give c10's
+    rounding of what the float32 ops give on the widened values, bit for bit: the compiled
+    loops' integer rounding and the NCS register passes' vcvtne2ps2bf16 (csrc/cpu/
+    batch_norm.cpp, "bfloat16 NCS element-wise passes in registers", which falls back to the
+    integer rounding for a step holding a NaN or a denormal) alike. NCS rows of 17 values (the
+    compiled flat run), 32, 33, 47, 196 (steps across row boundaries, the chunk's masked last
+    step) and 5000; channels-last rows; inf, NaN, 3e38, subnormal inputs and z that rounds to a
+    bfloat16 subnormal."""
+    ops = torch.ops.fusedreg
+    seed = torch.tensor(77, dtype=torch.int64)
+    shapes = ([(3, 3, 17), (2, 17, 64), (5, 40, 33)] if cl else
+              [(4, 5, 17), (3, 4, 32), (5, 3, 33), (2, 19, 47), (5, 7, 196), (3, 4, 5000)])
+    for si, (N, A, B) in enumerate(shapes):
+        C = B if cl else A
+        x = _bf16_specials(_data((N, A, B), torch.bfloat16, seed=si), si)
+        dy = _bf16_specials(_data((N, A, B), torch.bfloat16, seed=si + 50, offset=0.0), si + 1)
+        res = _data((N, A, B), torch.bfloat16, seed=si + 90, offset=-0.5)
+        w, b, mean, _ = _params(C, torch.bfloat16)
+        w[0], b[0] = 1e-39, 0.0  # channel 0: z and grad_x below the float32 normal range
+        invstd = _data((C,), torch.float32, 8, offset=1.0, std=0.2).abs() + 0.1
+        x32, dy32, res32 = x.float(), dy.float(), res.float()
+        s1 = _data((C,), torch.float32, 11, offset=0.5)
+        s2 = _data((C,), torch.float32, 12, offset=-0.5)
+        for act, r, wb in ((0, None, True), (0, res, True), (1, res, True), (1, None, False), (2, res, True),
+                           (3, None, True), (4, res, False)):
+            r32 = None if r is None else res32
+            ww, bb = (w, b) if wb else (None, None)
+            y16 = ops.batch_norm_fwd(x, r, ww, bb, mean, invstd, act, 0.0, seed, cl)
+            y32 = ops.batch_norm_fwd(x32, r32, ww, bb, mean, invstd, act, 0.0, seed, cl)
+            _assert_c10_bf16_rounding(y16, y32)
+            if act == 0 and wb and r is None:  # steps the BF16 instruction leaves to the integer rounding
+                assert ((y32.view(torch.int32).abs() < 0x00800000) & (y32 != 0)).sum() >= (1 if cl else N * B // 2)
+                assert torch.isnan(y32).any()
+            for training, need_gx, need_gr in ((True, True, True), (True, True, False), (False, True, True),
+                                               (False, True, False), (True, False, True)):
+                g16 = ops.batch_norm_bwd_elemt(dy, x, r, ww, bb, mean, invstd, s1, s2, float(N * A * B // C),
+                                               act, 0.0, seed, cl, training, need_gx, need_gr)
+                g32 = ops.batch_norm_bwd_elemt(dy32, x32, r32, ww, bb, mean, invstd, s1, s2, float(N * A * B // C),
+                                               act, 0.0, seed, cl, training, need_gx, need_gr)
+                for got, want in zip(g16, g32):
+                    assert got.numel() == want.numel()
+                    if got.numel():
+                        _assert_c10_bf16_rounding(got, want)
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_cpu_channel_ops_are_the_four_ops_bitwise(dtype):
