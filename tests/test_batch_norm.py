@@ -559,7 +559,8 @@ def test_cpu_bfloat16_element_ops_are_the_float32_ops_rounded(cl):
 def test_cpu_channel_ops_are_the_four_ops_bitwise(dtype):
     """The cpu backend's one-op training passes on (N, C, S) storage without dropout
     (batch_norm_fwd_ncs, batch_norm_bwd_ncs: a channel's passes back to back while it is in
-    cache; with under four channels a thread, and for 16-bit inputs, the two passes) give
+    cache; with under four channels a thread, and for 16-bit inputs but the bfloat16 backward
+    of rows of 32 values and more, the two passes) give
     bitwise what the four ops give: stats, rsqrt(var + eps) and fwd; bwd_reduce
     and bwd_elemt. Short rows (a 14x14 map; rows starting anywhere in a step, shorter than a
     step), odd rows, a channel over 64 KB (statistics row by row), with and without residual /
@@ -573,6 +574,11 @@ def test_cpu_channel_ops_are_the_four_ops_bitwise(dtype):
                                            # enough channels for the per-channel loops at any
                                            # thread count (fewer run the two passes)
                                            ((2, 4 * torch.get_num_threads() + 1, 20), 1, True, True),
+                                           # ... with rows of whole 32-value steps and more (the
+                                           # bfloat16 backward per channel, its rows in registers)
+                                           ((2, 4 * torch.get_num_threads() + 1, 196), 1, True, True),
+                                           ((3, 4 * torch.get_num_threads() + 1, 40), 0, True, False),
+                                           ((2, 4 * torch.get_num_threads() + 1, 64), 4, False, True),
                                            # rows shorter than a step (first and last partial
                                            # steps in one, the tensor's end)
                                            ((3, 4 * torch.get_num_threads() + 1, 7), 1, True, True)]:
