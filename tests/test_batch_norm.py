@@ -414,6 +414,30 @@ def _half_specials(t, k):
     return t
 
 
+def _bf16_specials(t, k):
+    """t (bfloat16) with +-inf, NaN, 3e38, a subnormal, -0 and a negative NaN with a payload at
+    a few places (k shifts them)."""
+    bits = t.view(torch.int16).view(-1)
+    n = bits.numel()
+    for i, v in enumerate((0x7F80, -0x0080, 0x7FC0, 0x7F61, 0x0001, -0x8000, -0x003F)):
+        bits[((n * (i + 1)) // 9 + k) % n] = v  # inf, -inf, NaN, 3e38, 9e-41, -0, 0xFFC1
+    return t
+
+
+def _half_case(N, A, B, cl, dtype, si):
+    """The inputs of the 16-bit element-op tests for an (N, A, B) tensor ((N, C, S), or (N, S, C)
+    channels-last): C, x and dy with dtype's special values (k = si, si + 1), a residual, the
+    float32 weight, bias and mean, and invstd."""
+    C = B if cl else A
+    specials = _half_specials if dtype == torch.float16 else _bf16_specials
+    x = specials(_data((N, A, B), dtype, seed=si), si)
+    dy = specials(_data((N, A, B), dtype, seed=si + 50, offset=0.0), si + 1)
+    res = _data((N, A, B), dtype, seed=si + 90, offset=-0.5)
+    w, b, mean, _ = _params(C, dtype)
+    invstd = _data((C,), torch.float32, 8, offset=1.0, std=0.2).abs() + 0.1
+    return C, x, dy, res, w, b, mean, invstd
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
 @pytest.mark.parametrize("cl", [False, True], ids=["ncs", "cl"])
 def test_cpu_float16_ops_are_the_float32_ops_on_its_values(cl):
@@ -439,12 +463,7 @@ def test_cpu_float16_ops_are_the_float32_ops_on_its_values(cl):
               [(2, 3, 1), (3, 5, 3), (4, 17, 4), (2, 19, 49), (5, 7, 196), (3, 4, 5000), (9, 2, 4000),
                (4, 4 * nt + 1, 49)])
     for si, (N, A, B) in enumerate(shapes):
-        C = B if cl else A
-        x = _half_specials(_data((N, A, B), torch.float16, seed=si), si)
-        dy = _half_specials(_data((N, A, B), torch.float16, seed=si + 50, offset=0.0), si + 1)
-        res = _data((N, A, B), torch.float16, seed=si + 90, offset=-0.5)
-        w, b, mean, _ = _params(C, torch.float16)
-        invstd = _data((C,), torch.float32, 8, offset=1.0, std=0.2).abs() + 0.1
+        C, x, dy, res, w, b, mean, invstd = _half_case(N, A, B, cl, torch.float16, si)
         x32, dy32, res32 = x.float(), dy.float(), res.float()
         stats16, stats32 = ops.batch_norm_stats(x, cl), ops.batch_norm_stats(x32, cl)
         if cl or N * B * 4 <= 65536 or N * B * 2 > 65536:
@@ -484,16 +503,6 @@ def test_cpu_float16_ops_are_the_float32_ops_on_its_values(cl):
                         _assert_c10_half_rounding(got, want)
 
 
-def _bf16_specials(t, k):
-    """t (bfloat16) with +-inf, NaN, 3e38, a subnormal, -0 and a negative NaN with a payload at
-    a few places (k shifts them)."""
-    bits = t.view(torch.int16).view(-1)
-    n = bits.numel()
-    for i, v in enumerate((0x7F80, -0x0080, 0x7FC0, 0x7F61, 0x0001, -0x8000, -0x003F)):
-        bits[((n * (i + 1)) // 9 + k) % n] = v  # inf, -inf, NaN, 3e38, 9e-41, -0, 0xFFC1
-    return t
-
-
 def _assert_c10_bf16_rounding(got, want):
     """got (bfloat16) is c10's rounding of want (float32) bit for bit (NaN: 0x7FC0). In the
     sanitizer build (-O1, other contractions in the compiled loops), to within one bfloat16
@@ -522,13 +531,8 @@ def test_cpu_bfloat16_element_ops_are_the_float32_ops_rounded(cl):
     shapes = ([(3, 3, 17), (2, 17, 64), (5, 40, 33)] if cl else
               [(4, 5, 17), (3, 4, 32), (5, 3, 33), (2, 19, 47), (5, 7, 196), (3, 4, 5000)])
     for si, (N, A, B) in enumerate(shapes):
-        C = B if cl else A
-        x = _bf16_specials(_data((N, A, B), torch.bfloat16, seed=si), si)
-        dy = _bf16_specials(_data((N, A, B), torch.bfloat16, seed=si + 50, offset=0.0), si + 1)
-        res = _data((N, A, B), torch.bfloat16, seed=si + 90, offset=-0.5)
-        w, b, mean, _ = _params(C, torch.bfloat16)
+        C, x, dy, res, w, b, mean, invstd = _half_case(N, A, B, cl, torch.bfloat16, si)
         w[0], b[0] = 1e-39, 0.0  # channel 0: z and grad_x below the float32 normal range
-        invstd = _data((C,), torch.float32, 8, offset=1.0, std=0.2).abs() + 0.1
         x32, dy32, res32 = x.float(), dy.float(), res.float()
         s1 = _data((C,), torch.float32, 11, offset=0.5)
         s2 = _data((C,), torch.float32, 12, offset=-0.5)
