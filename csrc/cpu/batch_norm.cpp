@@ -1772,14 +1772,22 @@ void act_fwd_ncs_bf16(const Layout& l, const FwdRegsArgs<x_t>& a) {
 #endif
 }
 
+#if FUSEDREG_X86_DISPATCH
+// ElemtOp's chunk function for this CPU: rounding by the BF16 instructions where it has them.
+template <Activation A, GxMode GX, bool GR, typename x_t>
+inline auto elemt_chunk_bf16() {
+  return cpu::cpu_has_avx512bf16() ? ncs_chunk_avx512<ElemtOp<A, GX, GR, PlainIo<x_t, false, true>, x_t>>
+                                   : ncs_chunk_avx512<ElemtOp<A, GX, GR, PlainIo<x_t, false, false>, x_t>>;
+}
+#endif
+
 // The backward's element-wise pass of bfloat16 NCS rows in registers (ElemtOp) over every
 // thread; only where ncs_regs_bf16.
 template <Activation A, GxMode GX, bool GR, typename x_t>
 void elemt_ncs_bf16(const Layout& l, const ElemtRegsArgs<x_t>& a) {
 #if FUSEDREG_X86_DISPATCH
   if constexpr (std::is_same_v<x_t, c10::BFloat16>) {
-    auto chunk = cpu::cpu_has_avx512bf16() ? ncs_chunk_avx512<ElemtOp<A, GX, GR, PlainIo<x_t, false, true>, x_t>>
-                                           : ncs_chunk_avx512<ElemtOp<A, GX, GR, PlainIo<x_t, false, false>, x_t>>;
+    auto chunk = elemt_chunk_bf16<A, GX, GR, x_t>();
     for_each_row_chunk(l, [&](int64_t r0, int64_t r1) { chunk(a, l.S, l.C, r0, r1); });
   }
 #endif
@@ -1791,8 +1799,7 @@ template <Activation A, GxMode GX, bool GR, typename x_t>
 void elemt_ncs_bf16_channel(const Layout& l, const ElemtRegsArgs<x_t>& a, int64_t c) {
 #if FUSEDREG_X86_DISPATCH
   if constexpr (std::is_same_v<x_t, c10::BFloat16>) {
-    auto chunk = cpu::cpu_has_avx512bf16() ? ncs_chunk_avx512<ElemtOp<A, GX, GR, PlainIo<x_t, false, true>, x_t>>
-                                           : ncs_chunk_avx512<ElemtOp<A, GX, GR, PlainIo<x_t, false, false>, x_t>>;
+    auto chunk = elemt_chunk_bf16<A, GX, GR, x_t>();
     for (int64_t i = 0; i < l.N; ++i) chunk(a, l.S, l.C, i * l.C + c, i * l.C + c + 1);
   }
 #endif
