@@ -619,7 +619,8 @@ PyObject* fused_plain_norm(const at::Tensor& x, int64_t n, const std::optional<a
 // run_forward) or the LayerNormNode above (as layer_norm_train), for x with n columns and
 // weight and bias (n,) of x's dtype; limits (0, 0) make every such call the fused one (the
 // cpu backend named). A float16/bfloat16 layer_norm (not rms_norm, not under CPU autocast) is
-// torch's op below the limits and False from them up. None — nothing ran — for any other call:
+// served likewise, weight and bias then of x's dtype for the fused call (the Python path owns
+// float32 ones). None — nothing ran — for any other call:
 // a tensor that is not a plain CPU one, another dtype, a mode, functorch layer or tracer, or arguments torch's op (or the
 // fused call's checks here) refuses; the caller then checks and routes the call as always.
 PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -648,7 +649,7 @@ PyObject* torch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const bool grad = at::GradMode::is_enabled() &&
                     (t.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
   if (t.numel() >= (grad ? limit_grad.get() : limit.get())) {
-    if (half || nargs != 9 || args[8] == Py_None) Py_RETURN_FALSE;
+    if (nargs != 9 || args[8] == Py_None) Py_RETURN_FALSE;
     return fused_plain_norm(t, n.get(), w, b, default_eps ? std::nullopt : std::optional(eps.get()),
                             rms.get(), args[8], grad);
   }

@@ -70,7 +70,7 @@ _is_compiling, _is_tracing, _is_grad_enabled = (torch.compiler.is_compiling, tor
                                                 torch.is_grad_enabled)
 _auto_torch_limits = backends.auto_torch_limits
 _EVERY_SIZE = backends.EVERY_SIZE
-_AUTO_TORCH_BELOW, _NO_LIMITS = backends.AUTO_TORCH_BELOW, {}
+_table_limits = backends.table_limits
 _FINFO_EPS = {_F32: float(torch.finfo(_F32).eps), _F64: float(torch.finfo(_F64).eps)}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _STRIDED = torch.strided
@@ -315,7 +315,8 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
 def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
     """Under auto, a small plain norm (backends.AUTO_TORCH_BELOW) is served by torch's own op:
     its result (torch's autograd records the backward), or None for any other call, which
-    ``_norm`` then checks and routes as always. A float32/float64 plain norm from the limit up
+    ``_norm`` then checks and routes as always. A float32/float64 plain norm — or a
+    float16/bfloat16 layer_norm with weight and bias None or of x's dtype — from the limit up
     (under auto) or at any size (the cpu backend named) whose backend is cpu is served by the
     fused call from the same C++ call (``torch_norm`` given the unused seed: the cpu kernel, or
     with autograd the C++ node), without ``_norm``'s Python checks and routing.
@@ -347,7 +348,7 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
             # C++ call declines under it; the Python one below checks)
             if norm != "layer_norm":
                 return None
-            limits = _AUTO_TORCH_BELOW.get("layer_norm_half", _NO_LIMITS).get("cpu")
+            limits = _table_limits("layer_norm_half", "cpu")
             if limits is None:
                 return None
             half = True
@@ -364,7 +365,7 @@ def _torch_small_norm(x, normalized_shape, weight, bias, eps, norm: str):
         seed = _UNUSED_SEED if every and _layer_norm_node_serves(
             _resolve_type("layer_norm", "cpu")) else None
         y = _torch_norm(x, n, weight, bias, eps, rms, *limits, seed)
-        if y is False and not every and not half and _layer_norm_node_serves(
+        if y is False and not every and _layer_norm_node_serves(
                 _resolve_type("layer_norm", "cpu")):
             y = _torch_norm(x, n, weight, bias, eps, rms, *limits, _UNUSED_SEED)
         if y is not None:
@@ -424,7 +425,8 @@ def _norm(x, normalized_shape, weight, bias, eps, rms: bool):
     route = _route(x, weight, bias)
     device_type = _device_type(x)
     if route <= _FUNCTION:
-        limits = backends.auto_torch_limits("rms_norm" if rms else "layer_norm", device_type)
+        name = "rms_norm" if rms else "layer_norm_half" if x.dtype in (_BF16, _F16) else "layer_norm"
+        limits = backends.auto_torch_limits(name, device_type)
         if limits is not None and x.numel() < limits[1 if route == _FUNCTION else 0] \
                 and (weight is None or weight.dtype == x.dtype) \
                 and (bias is None or bias.dtype == x.dtype) \

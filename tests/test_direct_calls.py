@@ -139,9 +139,10 @@ def test_torch_norm_is_torchs_op(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_torch_norm_half_layer_norm(dtype):
     """A float16/bfloat16 layer_norm (the "layer_norm_half" limits): torch's op, result and
-    autograd node, with weight and bias of x's dtype or float32; False from the limit up even
-    when given the seed (the fused half call is the Python path's); None for rms_norm, under CPU
-    autocast and for what torch refuses (a weight of another dtype)."""
+    autograd node, with weight and bias of x's dtype or float32; from the limit up False, or
+    given the seed the fused call with weight and bias of x's dtype (None with float32 ones:
+    the Python path's); None for rms_norm, under CPU autocast and for what torch refuses (a
+    weight of another dtype)."""
     C = _C()
     x = _data((3, 8), dtype, 1)
     xg = x.clone().requires_grad_()
@@ -151,7 +152,13 @@ def test_torch_norm_half_layer_norm(dtype):
         ref = torch.layer_norm(xg, (8,), w, b, 1e-5, False)
         assert _same(y, ref) and type(y.grad_fn) is type(ref.grad_fn)
     seed = torch.zeros((), dtype=torch.int64)
-    assert C.torch_norm(x, 8, w, b, 1e-5, False, 24, 24, seed) is False
+    assert C.torch_norm(x, 8, w, b, 1e-5, False, 24, 24) is False
+    assert C.torch_norm(x, 8, w, b, 1e-5, False, 24, 24, seed) is None  # float32 w and b
+    wh, bh = w.to(dtype), b.to(dtype)
+    y = C.torch_norm(x, 8, wh, bh, 1e-5, False, 24, 24, seed)
+    with fusedreg.use_backend("cpu"), torch.no_grad():
+        assert _same(y, torch.ops.fusedreg.layer_norm_fwd(x, None, wh, bh, 1e-5, 0.0, seed, False,
+                                                          dtype, False)[0])
     assert C.torch_norm(x, 8, None, None, 1e-5, True, _BIG, _BIG) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert C.torch_norm(x, 8, None, None, 1e-5, False, _BIG, _BIG) is None

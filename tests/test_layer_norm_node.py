@@ -377,10 +377,10 @@ def test_plain_norms_from_cpp_under_auto_from_the_limit_up(monkeypatch):
     with fusedreg.use_backend("auto"):
         for norm, call in [("layer_norm", lambda x: F.layer_norm(x, (16,), w)),
                            ("rms_norm", lambda x: F.rms_norm(x, (16,), w))]:
-            monkeypatch.setitem(backends.AUTO_TORCH_BELOW[norm], "cpu", (65, 65))
+            monkeypatch.setitem(backends.AUTO_TORCH_BELOW, norm, {"cpu": (65, 65)})
             y = call(x.clone().requires_grad_())
             assert type(y.grad_fn).__name__ not in (_NODE, _FUNCTION)      # torch's op
-            monkeypatch.setitem(backends.AUTO_TORCH_BELOW[norm], "cpu", (64, 64))
+            monkeypatch.setitem(backends.AUTO_TORCH_BELOW, norm, {"cpu": (64, 64)})
             y = call(x.clone().requires_grad_())
             assert type(y.grad_fn).__name__ == _NODE                       # the fused call
             with fusedreg.use_backend("cpu"):
@@ -389,6 +389,58 @@ def test_plain_norms_from_cpp_under_auto_from_the_limit_up(monkeypatch):
             with monkeypatch.context() as m:  # without the node: the Python path's Function
                 m.setattr(ln, "_CPU_NODE", None)
                 assert type(call(x.clone().requires_grad_()).grad_fn).__name__ == _FUNCTION
+
+
+@pytest.mark.parametrize("shape", [(4, 64), (3, 37), (1, 768), (2, 5, 6)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grad", [False, True])
+def test_half_layer_norm_from_cpp_equals_the_python_path(monkeypatch, shape, dtype, grad):
+    """A float16/bfloat16 F.layer_norm with weight and bias None or of x's dtype reaches the
+    fused call from C++ as float32 does (the cpu backend named, and under auto from the
+    "layer_norm_half" limit up): the Python path's bits, gradients included, and _norm never
+    runs; with float32 weight and bias (the mixed rule) the Python path serves it."""
+    n = shape[-1]
+    x = _data(shape, dtype, 1)
+    xt = _data(shape[::-1], dtype, 4).transpose(0, -1) if len(shape) > 1 else x
+    dy = _data(shape, dtype, 5)
+    python_calls = []
+    norm = F._norm
+
+    def counted(*args, **kwargs):
+        python_calls.append(args[0].shape)
+        return norm(*args, **kwargs)
+
+    monkeypatch.setattr(F, "_norm", counted)
+
+    def run(wdt):
+        w, b = _data((n,), wdt, 2), _data((n,), wdt, 3)
+        out = []
+        for xin in (x, xt):
+            for call in (lambda x, w, b: F.layer_norm(x, (n,), w, b),
+                         lambda x, w, b: F.layer_norm(x, [n], None, None, 1e-3)):
+                ins = [t.clone().requires_grad_(grad) for t in (xin, w, b)]
+                y = call(*ins)
+                out.append(y)
+                if grad:
+                    out += list(torch.autograd.grad(y, ins, dy, allow_unused=True))
+                    assert type(y.grad_fn).__name__ == _NODE
+        return out
+
+    with fusedreg.use_backend("cpu"):
+        fast = run(dtype)
+        assert python_calls == []  # the C++ call served every one
+        with monkeypatch.context() as m:
+            m.setattr(F, "_torch_norm", None)
+            slow = run(dtype)
+        assert len(python_calls) == 4
+        assert all(_same(a, c) for a, c in zip(fast, slow)) and len(fast) == len(slow)
+        python_calls.clear()
+        run(torch.float32)
+        assert len(python_calls) == 2  # the calls with float32 weight and bias
+    python_calls.clear()
+    monkeypatch.setitem(backends.AUTO_TORCH_BELOW, "layer_norm_half", {"cpu": (1, 1)})
+    with fusedreg.use_backend("auto"):
+        assert _same(run(dtype), fast) and python_calls == []
 
 
 def test_plain_norms_from_cpp_leave_bad_input_to_the_checks(monkeypatch):
