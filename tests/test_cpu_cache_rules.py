@@ -4,7 +4,7 @@ csrc/include/fusedreg/cpu/isa.h: capped at 64 MiB outside AMD CPUs, whose one-in
 comes from cpuid). Those choices must never change a value: the same script runs in two fresh
 processes (the size is read once), one with ``FUSEDREG_CPU_L3_MIB=1``, where every call below
 outgrows the L3 (streamed outputs of 8 MiB and more, bias_dropout's 128-element steps,
-BatchNorm's streamed plain forward, the half-precision norms' streamed forward), one with
+BatchNorm's streamed plain forward, the norms' streamed forwards and backwards), one with
 4096, where none does, and the outputs and gradients must be the same bits."""
 import os
 import subprocess
@@ -53,12 +53,16 @@ bn("bn eval bf16", (8, 16, 64, 64), torch.bfloat16, False)
 bn("bn eval f32 cl", (8, 32, 32, 32), torch.float32, True)
 
 def norm(name, rms, M, N, dtype):
-    x = (torch.randn(M, N) + 1.5).to(dtype)
-    w = torch.randn(N).to(dtype)
-    b = torch.randn(N).to(dtype)
-    out[name] = F.rms_norm(x, (N,), w) if rms else F.layer_norm(x, (N,), w, b)
+    x = (torch.randn(M, N) + 1.5).to(dtype).requires_grad_()
+    w = torch.randn(N).to(dtype).requires_grad_()
+    b = torch.randn(N).to(dtype).requires_grad_()
+    y = F.rms_norm(x, (N,), w) if rms else F.layer_norm(x, (N,), w, b)
+    ins = [x, w] if rms else [x, w, b]
+    out[name] = (y.detach(), *torch.autograd.grad(y, ins, torch.randn_like(y)))
 
-norm("ln bf16", False, 4096, 1024, torch.bfloat16)      # 8 MiB output, streamed past the L3
+# 8 MiB outputs (grad_x too), streamed past the L3: the forward's when all it reads and
+# writes outgrows it, the backward's when that is half of it
+norm("ln bf16", False, 4096, 1024, torch.bfloat16)
 norm("rms bf16", True, 4096, 1024, torch.bfloat16)
 norm("ln f32", False, 2048, 1024, torch.float32)
 torch.save(out, sys.argv[1])
