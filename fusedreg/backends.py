@@ -96,8 +96,19 @@ AUTO: dict[str, dict[str, tuple[str, ...]]] = {
 # a limit no tensor reaches: torch's ops at every size
 EVERY_SIZE = 1 << 62
 
+# Where the crossover depends on the thread count, an entry has "cpu:1", the limits when torch
+# runs one thread, beside "cpu", those for more (table_limits). The fused kernels split a
+# small call's rows over the threads with less gain than torch's ops: re-measured 2026-12-07
+# on the Intel Xeon VM after the half-precision fused call moved to C++ as float32's
+# (overhead.py --crossover --only norms, fused / torch, min of interleaved calls; the
+# machine's run-to-run spread is about +-0.1). float32 layer_norm, two threads, no grad 1.32
+# at 32x768, 1.38-1.41 at 8x4096 (32K), 1.00-1.04 at 36-49K, 0.85-0.96 at 65K, 0.75-0.93 from
+# 131K: hence 2**16; with grad 1.13-1.37 at 32-65K, 1.04-1.20 at 131K, 0.89-1.16 at 196-262K,
+# 0.87-1.06 at 393-786K, 0.77 at 1M: hence 2**19 (one thread as measured on the AMD machine
+# above; the Intel VM agrees: no grad 0.99 at 8x768, 0.91 at 16x768; with grad 0.94-1.07
+# from 196K). float16/bfloat16: see "layer_norm_half".
 AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
-    "layer_norm": {"cpu": (1 << 13, 1 << 18)},
+    "layer_norm": {"cpu": (1 << 16, 1 << 19), "cpu:1": (1 << 13, 1 << 18)},
     "rms_norm": {"cpu": (0, 0)},
     # float16/bfloat16 x (outside CPU autocast), re-measured 2026-12-07 after the half forwards
     # read their rows in place (overhead.py --crossover --only norms --dtype bfloat16 / float16,
@@ -110,7 +121,14 @@ AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
     # gradient (the rows above: of .sum()): bf16 / fp16 one thread 0.90 / 1.22 at 16K, 0.63 /
     # 0.82 at 131K; two threads 0.99 / 1.23 at 65K, 0.87 / 1.03 at 131K, 0.67 / 0.84 at 262K.
     # float32's 2**18 with grad holds likewise (two threads 1.29 at 256x768, 0.74 at 262K).
-    "layer_norm_half": {"cpu": (1 << 17, 1 << 17)},
+    # Re-measured 2026-12-07 on the Intel Xeon VM with the fused call from C++ (it had been the
+    # Python path's, about 6 us more a call): one thread, bf16 / fp16, no grad 0.93 / 1.03 at
+    # 8x768, 0.80 / 0.91 at 16x768, 0.90 / 1.19 at 4x4096 (16K), 0.68 / 0.74 at 32x768 (24K),
+    # 0.55-0.65 from 48x768; with grad 0.97 / 1.01 at 16x768, 0.98 / 1.03 at 4x4096, 0.84 /
+    # 0.87 at 32x768, 0.60-0.92 from 48x768: hence 3 * 2**13 at one thread; two threads, no
+    # grad 0.94-1.25 up to 16x4096 (65K), 0.95 / 0.86 at 32x4096 (131K), 0.55-0.79 from
+    # 48x4096; with grad 0.96-1.19 to 65K, 0.94 / 1.06 at 131K, 0.64-0.88 from 196K: 2**17 kept.
+    "layer_norm_half": {"cpu": (1 << 17, 1 << 17), "cpu:1": (3 << 13, 3 << 13)},
     "batch_norm": {"cpu": (1 << 12, 1 << 13)},
     "batch_norm_eval": {"cpu": (1 << 10, 1 << 19)},
     "batch_norm_act": {"cpu": (1 << 12, 1 << 12)},
@@ -418,8 +436,24 @@ def auto_torch_limits(norm: str, device_type: str) -> tuple[int, int] | None:
         choice = get_backend()
     if choice != "auto":
         return None
+    return table_limits(norm, device_type)
+
+
+_get_num_threads = torch.get_num_threads
+
+
+def table_limits(norm: str, device_type: str) -> tuple[int, int] | None:
+    """``AUTO_TORCH_BELOW[norm]``'s limits on ``device_type`` (None without an entry) for the
+    thread count in force: on CPU its ``"cpu:1"`` entry, where there is one, when torch runs
+    one thread, else its ``"cpu"`` entry."""
     per_device = AUTO_TORCH_BELOW.get(norm)
-    return per_device.get(device_type) if per_device else None
+    if not per_device:
+        return None
+    if device_type == "cpu":
+        one = per_device.get("cpu:1")
+        if one is not None and _get_num_threads() == 1:
+            return one
+    return per_device.get(device_type)
 
 
 def _resolve_uncached(op: str, device_type: str, choice: str) -> str:

@@ -293,7 +293,7 @@ def test_auto_runs_the_fused_kernel_from_the_limit_up(fused_calls, monkeypatch):
     call time."""
     from fusedreg import functional as F
 
-    monkeypatch.setitem(backends.AUTO_TORCH_BELOW["layer_norm"], "cpu", (32, 16))
+    monkeypatch.setitem(backends.AUTO_TORCH_BELOW, "layer_norm", {"cpu": (32, 16)})
     w = torch.randn(8)
     F.layer_norm(torch.randn(3, 8), (8,), w)                         # 24 < 32: torch
     assert fused_calls == []
@@ -301,9 +301,42 @@ def test_auto_runs_the_fused_kernel_from_the_limit_up(fused_calls, monkeypatch):
     assert len(fused_calls) == 1
     F.layer_norm(torch.randn(3, 8, requires_grad=True), (8,), w)     # with grad, 24 >= 16
     assert len(fused_calls) == 2
-    monkeypatch.setitem(backends.AUTO_TORCH_BELOW["layer_norm"], "cpu", (0, 0))
+    monkeypatch.setitem(backends.AUTO_TORCH_BELOW, "layer_norm", {"cpu": (0, 0)})
     F.layer_norm(torch.randn(1, 8), (8,), w)
     assert len(fused_calls) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_limits_follow_the_thread_count(fused_calls, monkeypatch, dtype):
+    """An entry's "cpu:1" limits hold when torch runs one thread and its "cpu" limits with more
+    (backends.table_limits, read at call time): a call between the two is the fused kernel's at
+    one count and torch's op at the other, with and without grad, for float32 and for the
+    half-precision entry."""
+    from fusedreg import functional as F
+
+    name = "layer_norm" if dtype == torch.float32 else "layer_norm_half"
+    monkeypatch.setitem(backends.AUTO_TORCH_BELOW, name, {"cpu": (100, 100), "cpu:1": (10, 10)})
+    w = torch.randn(8, dtype=dtype)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, fused in ((1, True), (2, False), (1, True)):
+            torch.set_num_threads(n_threads)
+            assert backends.table_limits(name, "cpu") == ((10, 10) if n_threads == 1 else (100, 100))
+            for grad in (False, True):
+                before = len(fused_calls)
+                x = torch.randn(4, 8, dtype=dtype, requires_grad=grad)      # 32 elements
+                y = F.layer_norm(x, (8,), w)
+                assert len(fused_calls) == before + fused, (n_threads, grad)
+                if not fused and grad:
+                    assert type(y.grad_fn).__name__ == "NativeLayerNormBackward0"
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setitem(backends.AUTO_TORCH_BELOW, name, {"cpu": (100, 100)})
+    torch.set_num_threads(1)
+    try:
+        assert backends.table_limits(name, "cpu") == (100, 100)  # no "cpu:1": the "cpu" limits
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_auto_small_norm_route_is_eager_only(fused_calls):
@@ -373,8 +406,8 @@ def test_auto_serves_half_layer_norm_with_torchs_op(fused_calls, monkeypatch, dt
     with fusedreg.use_backend(backends.resolve("layer_norm", torch.device("cpu"))):
         F.layer_norm(x, (96,), w, b)
     assert len(fused_calls) == 2
-    limit = backends.AUTO_TORCH_BELOW["layer_norm_half"]["cpu"]
+    limit = backends.table_limits("layer_norm_half", "cpu")
     assert x.numel() < min(limit)  # the calls above were below it
-    monkeypatch.setitem(backends.AUTO_TORCH_BELOW["layer_norm_half"], "cpu", (x.numel(), x.numel()))
+    monkeypatch.setitem(backends.AUTO_TORCH_BELOW, "layer_norm_half", {"cpu": (x.numel(), x.numel())})
     F.layer_norm(x, (96,), w, b)
     assert len(fused_calls) == 3

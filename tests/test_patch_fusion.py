@@ -59,7 +59,7 @@ def x_of(shape=(3, 7, 32)):
 def fuse_small_layer_norms(monkeypatch):
     """Small blocks: let the pass fuse add + layer_norm and replace layer_norm at their size
     (auto's size limit, under which torch's nodes stay, is tested on its own below)."""
-    monkeypatch.setitem(backends.AUTO_TORCH_BELOW["layer_norm"], "cpu", (0, 0))
+    monkeypatch.setitem(backends.AUTO_TORCH_BELOW, "layer_norm", {"cpu": (0, 0)})
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_small_layer_norms_stay_torchs_under_auto(monkeypatch, limit):
     # under auto, a layer_norm (or add + layer_norm without a dropout) with fewer elements
     # than AUTO_TORCH_BELOW's limit keeps torch's nodes (faster there); at the limit it fuses;
     # an explicit backend always fuses; the outputs equal the unpatched block's either way
-    monkeypatch.setitem(backends.AUTO_TORCH_BELOW["layer_norm"], "cpu", (0, limit))
+    monkeypatch.setitem(backends.AUTO_TORCH_BELOW, "layer_norm", {"cpu": (0, limit)})
     for backend in ("auto", "cpu"):
         torch._dynamo.reset()
         block = make_block(p=0.0).train()
