@@ -24,12 +24,15 @@ def _data(shape, dtype, seed, offset):
                          ids=["float32-771", "float64-1000"])
 @pytest.mark.parametrize("grad_params", [True, False], ids=["dW-dB", "no-dW"])
 def test_cpu_large_calls_of_odd_rows_equal_small_calls(dtype, N, rows, grad_params):
-    """Calls of 8 MiB and more of float/double rows stream their outputs and prefetch two rows
-    ahead (kRowsAhead), the backward's single rows too (no dW / dB to accumulate, or rows too
-    short for pairs); rows of 771 floats / 1000 doubles start at a different page offset each.
-    A large call's rows, on one thread and on two, equal bit for bit the same rows of small
-    calls (rows are independent; dW / dB are compared with a float64 sum at a tolerance, as
-    their row blocks differ between the calls)."""
+    """Calls of float/double rows whose outputs are 8 MiB or more and whose x and y outgrow
+    the L3 the kernels count on (cpu::l3_bytes: the rows are made that many) stream their
+    outputs and prefetch two rows ahead (kRowsAhead), the backward's single rows too (no dW /
+    dB to accumulate, or rows too short for pairs); rows of 771 floats / 1000 doubles start at
+    a different page offset each. A large call's rows, on one thread and on two, equal bit for
+    bit the same rows of small calls (rows are independent; dW / dB are compared with a
+    float64 sum at a tolerance, as their row blocks differ between the calls)."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    rows = max(rows, -(-torch.ops.fusedreg_bench.l3_bytes() // (2 * N * esize)))
     x = _data((rows, N), dtype, 1, 3.0)
     w, b = _data((N,), dtype, 2, 1.0), _data((N,), dtype, 3, 0.5)
     dy = _data((rows, N), dtype, 4, 0.0)
@@ -44,7 +47,7 @@ def test_cpu_large_calls_of_odd_rows_equal_small_calls(dtype, N, rows, grad_para
         return [y.detach(), z.detach(), xs.grad] + ([ws.grad, bs.grad] if grad_params else [])
 
     big1, big2 = results_at_one_and_two_threads(lambda: run(slice(None)))
-    assert x.numel() * x.element_size() >= 8 << 20  # the streamed path
+    assert x.numel() * esize >= 8 << 20  # the streamed path (with the footprint above)
     for a1, a2 in zip(big1, big2):
         assert torch.equal(a1, a2)  # bitwise across thread counts, dW / dB included
     for sl in (slice(0, 37), slice(rows - 29, rows)):

@@ -48,7 +48,24 @@ constexpr int64_t kSumBlock = 512;
 
 using cpu::dispatch_isa;
 using cpu::empty_output;
-using cpu::for_each_task;
+
+// Calls of fewer elements run on the calling thread. A parallel region's other threads join it
+// a few microseconds late on the 2-vCPU VMs (in a profile of a float32 8x4096 forward at two
+// threads, the calling thread ran 85% of the row blocks, taking over the other thread's), so
+// a call of a few microseconds lost more to the region than it gained: the ops alone, Intel
+// Xeon VM, one / two threads (us, min of 7x500 calls, with the op's dispatch from Python):
+// forward float32 8x4096 11.7 / 14.1, 16x4096 18.1 / 13.1; bf16 13.9 / 17.2 and 22.4 / 17.4;
+// backward (grad_weight and grad_bias, one row block below 64K elements) float32 4x4096 14.5
+// / 17.5, 128x768 41.3 / 52.7, 64x4096 163.5 / 84.9 (the partials' sum below is serial too).
+constexpr int64_t kParallelMinElements = int64_t(1) << 16;
+
+// cpu::for_each_task, or (parallel false) body on the calling thread with the tasks in order.
+template <typename Body>
+void for_each_task(int64_t n_tasks, bool parallel, const Body& body) {
+  if (parallel) return cpu::for_each_task(n_tasks, body);
+  int64_t t = 0;
+  body([&]() -> int64_t { return t < n_tasks ? t++ : -1; });
+}
 
 // ---- rows in and out -------------------------------------------------------------------------
 // The element loops below run on acc_t rows: a float / double row is read in place, a bf16 /
@@ -762,16 +779,35 @@ inline FUSEDREG_ALWAYS_INLINE void forward_rows(const FwdArgs<x_t, w_t, h_t>& a,
   }
 }
 
-// The weight (or bias) as an acc_t row: w itself, or its conversion into buf.
+// The weight (or bias) as an acc_t row: w itself, or its conversion into buf, at the start of
+// a page. Each thread converts its own copy, in its task body: a copy written by the calling
+// thread and read by the others crossed cores on every call (the other threads read its lines
+// from the calling core's cache, which then takes them back to write the next call's copy).
+// A standalone loop of float32 rows on the Intel Xeon VM, two threads, 8x4096: 7.1 us with
+// the weights read in place, 18.9 with copies the calling thread wrote, 8.3 with a copy per
+// thread. (The copy's page offset is fixed, so that placements can count on it: weight_place.)
 template <typename acc_t, typename w_t>
-const acc_t* weight_as_acc(const w_t* w, std::unique_ptr<acc_t[]>& buf, int64_t N) {
+const acc_t* weight_as_acc(const w_t* w, std::unique_ptr<char[]>& buf, int64_t N) {
   if (!w) return nullptr;
   if constexpr (std::is_same_v<w_t, acc_t>) {
     return w;
   } else {
-    buf.reset(new acc_t[N]);
-    for (int64_t j = 0; j < N; ++j) buf[j] = static_cast<acc_t>(w[j]);
-    return buf.get();
+    buf.reset(new char[N * sizeof(acc_t) + 4096]);
+    char* base = buf.get() + ((4096 - (reinterpret_cast<uintptr_t>(buf.get()) & 4095)) & 4095);
+    acc_t* row = reinterpret_cast<acc_t*>(base);
+    for (int64_t j = 0; j < N; ++j) row[j] = static_cast<acc_t>(w[j]);
+    return row;
+  }
+}
+
+// Where weight_as_acc's row of w lies, as far as the page-offset placements (place_scratch)
+// see it: w itself, or (a converted copy, one per thread) any pointer at a page's start.
+template <typename acc_t, typename w_t>
+const void* weight_place(const w_t* w) {
+  if constexpr (std::is_same_v<w_t, acc_t>) {
+    return w;
+  } else {
+    return w ? reinterpret_cast<const void*>(uintptr_t(4096)) : nullptr;
   }
 }
 
@@ -779,23 +815,24 @@ template <typename x_t, typename w_t, typename h_t>
 void forward_kernel(const FwdArgs<x_t, w_t, h_t>& a, int64_t M) {
   using acc_t = at::opmath_type<x_t>;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.N, 1));
-  std::unique_ptr<acc_t[]> wbuf, bbuf;
-  const acc_t* w = weight_as_acc(a.w, wbuf, a.N);
-  const acc_t* b = weight_as_acc(a.b, bbuf, a.N);
-  // Dispatched here, not inside the task body: for_each_task instantiates the body twice.
-  auto run_task = [&](int64_t t, cpu::ScratchRows<acc_t>& sc, float* u, bool last) {
+  // Dispatched here, not inside the task body: for_each_task instantiates the body three times.
+  auto run_task = [&](int64_t t, cpu::ScratchRows<acc_t>& sc, float* u, bool last, const acc_t* w,
+                      const acc_t* b) {
     dispatch_isa([&](auto isa) FUSEDREG_ALWAYS_INLINE {
       forward_rows<decltype(isa)::value>(a, t * grain, std::min(M, (t + 1) * grain), w, b, sc, u, u + a.N);
       if (last) cpu::store_fence<decltype(isa)::value>();
     });
   };
-  for_each_task((M + grain - 1) / grain, [&](auto next_task) {
+  for_each_task((M + grain - 1) / grain, M * a.N >= kParallelMinElements, [&](auto next_task) {
+    std::unique_ptr<char[]> wbuf, bbuf;  // this thread's (weight_as_acc)
+    const acc_t* w = weight_as_acc<acc_t>(a.w, wbuf, a.N);
+    const acc_t* b = weight_as_acc<acc_t>(a.b, bbuf, a.N);
     cpu::ScratchRows<acc_t> sc(a.N, kFwdRows, M * a.N >= kPlaceMinElements);
     // two rows of dropout uniforms: this row's and the next one's
     std::unique_ptr<float[]> u(new float[a.p > 0.0f ? 2 * a.N : 0]);
     for (int64_t t = next_task(); t >= 0;) {
       const int64_t next = next_task();
-      run_task(t, sc, u.get(), next < 0 && a.nt);
+      run_task(t, sc, u.get(), next < 0 && a.nt, w, b);
       t = next;
     }
   });
@@ -1221,8 +1258,6 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
   const int64_t rows_per_block = partials ? std::max((M + max_blocks - 1) / max_blocks, min_rows)
                                           : std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
   const int64_t n_blocks = (M + rows_per_block - 1) / rows_per_block;
-  std::unique_ptr<acc_t[]> wbuf;
-  const acc_t* w = weight_as_acc(a.w, wbuf, N);
   // The partial rows: rows of a page or more are a whole number of pages apart, at a page
   // offset away from the streams' (fusedreg/cpu/rows.h), since each row block's loop loads
   // and stores its partial rows beside the rows of dy and h it streams. Zeroed by the task
@@ -1236,13 +1271,14 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
   acc_t *pw = nullptr, *pb = nullptr;
   if (partials) {
     pbuf.reset(new char[n_partials * n_blocks * stride * sizeof(acc_t) + 8192]);
-    const int64_t off = cpu::place_scratch({a.dy, a.h, a.dh_out, w}, {a.nt ? nullptr : a.gx, a.nt ? nullptr : a.gres});
+    const int64_t off = cpu::place_scratch({a.dy, a.h, a.dh_out, weight_place<acc_t>(a.w)},
+                                           {a.nt ? nullptr : a.gx, a.nt ? nullptr : a.gres});
     char* base = pbuf.get() + ((4096 - (reinterpret_cast<uintptr_t>(pbuf.get()) & 4095)) & 4095) + off;
     pw = gw ? reinterpret_cast<acc_t*>(base) : nullptr;
     pb = gb ? reinterpret_cast<acc_t*>(base) + (gw ? n_blocks * stride : 0) : nullptr;
   }
-  // Dispatched here, not inside the task body: for_each_task instantiates the body twice.
-  auto run_task = [&](int64_t blk, cpu::ScratchRows<acc_t>& sc, bool last) {
+  // Dispatched here, not inside the task body: for_each_task instantiates the body three times.
+  auto run_task = [&](int64_t blk, cpu::ScratchRows<acc_t>& sc, bool last, const acc_t* w) {
     acc_t* aw = gw ? pw + blk * stride : nullptr;
     acc_t* ab = gb ? pb + blk * stride : nullptr;
     if (aw) std::fill(aw, aw + N, acc_t(0));
@@ -1253,21 +1289,33 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
       if (last) cpu::store_fence<decltype(isa)::value>();
     });
   };
-  for_each_task(n_blocks, [&](auto next_task) {
+  // In parallel from kParallelMinElements, and with partials from three row blocks: two (64K
+  // elements each, min_rows) took longer on two threads than on one (float32 32x4096 67.7 /
+  // 76.6 us, 128x768 36.8 / 43.1; bf16 32x4096 58.9 / 62.7), four half the time (64x4096
+  // 168.3 / 78.4).
+  const bool parallel = partials ? n_blocks >= 3 : M * N >= kParallelMinElements;
+  for_each_task(n_blocks, parallel, [&](auto next_task) {
+    std::unique_ptr<char[]> wbuf;  // this thread's (weight_as_acc)
+    const acc_t* w = weight_as_acc<acc_t>(a.w, wbuf, N);
     cpu::ScratchRows<acc_t> sc(N, kBwdRows, M * N >= kPlaceMinElements);
     for (int64_t blk = next_task(); blk >= 0;) {
       const int64_t next = next_task();
-      run_task(blk, sc, next < 0 && a.nt);
+      run_task(blk, sc, next < 0 && a.nt, w);
       blk = next;
     }
   });
   if (!partials) return;
   // Column chunks in parallel; within a chunk the blocks are added in block order, rows of
   // contiguous columns at a time (vectorized) rather than one strided column at a time.
-  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+  // A sum of fewer than kParallelMinElements partial elements is the calling thread's (the
+  // region cost more than the sum: float32 4x4096 with one row block, 14.5 us at one thread,
+  // 17.5 at two before).
+  const auto sum = [&](int64_t begin, int64_t end) {
     if (gw) sum_partials(pw, n_blocks, stride, begin, end, gw);
     if (gb) sum_partials(pb, n_blocks, stride, begin, end, gb);
-  });
+  };
+  if (n_blocks * N < kParallelMinElements) return sum(0, N);
+  at::parallel_for(0, N, 256, sum);
 }
 
 // ---- the ops (outputs from cpu::empty_output, dtype combinations from dispatch_wh) ------------
