@@ -103,12 +103,15 @@ EVERY_SIZE = 1 << 62
 # (overhead.py --crossover --only norms, fused / torch, min of interleaved calls; the
 # machine's run-to-run spread is about +-0.1). float32 layer_norm, two threads, no grad 1.32
 # at 32x768, 1.38-1.41 at 8x4096 (32K), 1.00-1.04 at 36-49K, 0.85-0.96 at 65K, 0.75-0.93 from
-# 131K: hence 2**16; with grad 1.13-1.37 at 32-65K, 1.04-1.20 at 131K, 0.89-1.16 at 196-262K,
-# 0.87-1.06 at 393-786K, 0.77 at 1M: hence 2**19 (one thread as measured on the AMD machine
-# above; the Intel VM agrees: no grad 0.99 at 8x768, 0.91 at 16x768; with grad 0.94-1.07
-# from 196K). float16/bfloat16: see "layer_norm_half".
+# 131K: hence 2**16; with grad 1.13-1.37 at 32-65K, 1.04-1.20 at 131K, 1.06-1.16 at 196K,
+# 0.82-1.04 at 262K, 0.74-1.06 at 393-786K, 0.77 at 1M: 2**18 kept (the one-thread limits as
+# measured on the AMD machine above; the Intel VM agrees: no grad 0.99 at 8x768, 0.91 at
+# 16x768; with grad 0.94-1.07 from 196K). Measured again after the small calls moved to the
+# calling thread (csrc/cpu/layer_norm.cpp: kParallelMinElements), two threads: no grad
+# 0.90-0.95 up to 16x768, 1.07-1.23 at 24K-49K, 0.89-0.95 from 65K; with grad 1.00-1.34 at
+# 36K-196K, 0.82 at 262K. float16/bfloat16: see "layer_norm_half".
 AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
-    "layer_norm": {"cpu": (1 << 16, 1 << 19), "cpu:1": (1 << 13, 1 << 18)},
+    "layer_norm": {"cpu": (1 << 16, 1 << 18), "cpu:1": (1 << 13, 1 << 18)},
     "rms_norm": {"cpu": (0, 0)},
     # float16/bfloat16 x (outside CPU autocast), re-measured 2026-12-07 after the half forwards
     # read their rows in place (overhead.py --crossover --only norms --dtype bfloat16 / float16,
