@@ -107,9 +107,10 @@ EVERY_SIZE = 1 << 62
 # 0.82-1.04 at 262K, 0.74-1.06 at 393-786K, 0.77 at 1M: 2**18 kept (the one-thread limits as
 # measured on the AMD machine above; the Intel VM agrees: no grad 0.99 at 8x768, 0.91 at
 # 16x768; with grad 0.94-1.07 from 196K). Measured again after the small calls moved to the
-# calling thread (csrc/cpu/layer_norm.cpp: kParallelMinElements), two threads: no grad
-# 0.90-0.95 up to 16x768, 1.07-1.23 at 24K-49K, 0.89-0.95 from 65K; with grad 1.00-1.34 at
-# 36K-196K, 0.82 at 262K. float16/bfloat16: see "layer_norm_half".
+# calling thread (csrc/cpu/layer_norm.cpp: kParallelMinElements), two threads
+# (benchmarks/results/cpu/intel-xeon/norm_crossover.txt and the run before it): no grad
+# 0.87-0.97 up to 16x768, 1.05-1.23 at 24K-49K, 0.75-0.99 from 65K; with grad 1.00-1.55 at
+# 36K-196K, 0.82-1.00 at 262K, 0.91 at 786K. float16/bfloat16: see "layer_norm_half".
 AUTO_TORCH_BELOW: dict[str, dict[str, tuple[int, int]]] = {
     "layer_norm": {"cpu": (1 << 16, 1 << 18), "cpu:1": (1 << 13, 1 << 18)},
     "rms_norm": {"cpu": (0, 0)},
