@@ -793,8 +793,7 @@ const acc_t* weight_as_acc(const w_t* w, std::unique_ptr<char[]>& buf, int64_t N
     return w;
   } else {
     buf.reset(new char[N * sizeof(acc_t) + 4096]);
-    char* base = buf.get() + ((4096 - (reinterpret_cast<uintptr_t>(buf.get()) & 4095)) & 4095);
-    acc_t* row = reinterpret_cast<acc_t*>(base);
+    acc_t* row = reinterpret_cast<acc_t*>(cpu::page_start(buf.get()));
     for (int64_t j = 0; j < N; ++j) row[j] = static_cast<acc_t>(w[j]);
     return row;
   }
@@ -1273,7 +1272,7 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
     pbuf.reset(new char[n_partials * n_blocks * stride * sizeof(acc_t) + 8192]);
     const int64_t off = cpu::place_scratch({a.dy, a.h, a.dh_out, weight_place<acc_t>(a.w)},
                                            {a.nt ? nullptr : a.gx, a.nt ? nullptr : a.gres});
-    char* base = pbuf.get() + ((4096 - (reinterpret_cast<uintptr_t>(pbuf.get()) & 4095)) & 4095) + off;
+    char* base = cpu::page_start(pbuf.get()) + off;
     pw = gw ? reinterpret_cast<acc_t*>(base) : nullptr;
     pb = gb ? reinterpret_cast<acc_t*>(base) + (gw ? n_blocks * stride : 0) : nullptr;
   }

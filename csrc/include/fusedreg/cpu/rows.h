@@ -291,6 +291,12 @@ inline FUSEDREG_ALWAYS_INLINE void store_fence() {
 
 // ---- scratch placement ----------------------------------------------------------------------
 
+// The first page boundary at or after p (a buffer allocated with a page of slack starts its
+// page-aligned part there).
+inline char* page_start(char* p) {
+  return p + ((4096 - (reinterpret_cast<uintptr_t>(p) & 4095)) & 4095);
+}
+
 // The page offset (a multiple of 64 in [0, 4096)) for scratch rows that are both loaded and
 // stored in a loop that also loads the rows at `loads` and stores the rows at `stores`
 // (null entries ignored). A store at offset S delays a later load at offset L when
@@ -327,7 +333,7 @@ class ScratchRows {
       : stride_((n * int64_t(sizeof(T)) + 4095) / 4096 * 4096),
         buf_(new char[stride_ * arrays + 8192]),
         adaptive_(adaptive) {
-    base_ = buf_.get() + ((4096 - (reinterpret_cast<uintptr_t>(buf_.get()) & 4095)) & 4095);
+    base_ = page_start(buf_.get());
     cur_ = base_ + 2048;
   }
 
