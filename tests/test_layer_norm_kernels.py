@@ -83,6 +83,54 @@ def _round_to_fp16_bits(t):
     return torch.where(t.isnan(), sign | 0x7E00, h)
 
 
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+@pytest.mark.parametrize("M,N", [(512, 128), (700, 96), (100, 768), (2047, 128), (2048, 128), (300, 250)],
+                         ids=["512x128", "700x96", "100x768", "2047x128", "2048x128", "300x250"])
+def test_cpu_short_rows_backward_blocks(M, N, dtype):
+    """Backward calls of 2^16 to 2^18 elements with rows of up to 768 elements are cut into
+    16K-element row blocks (kShortRowsMaxN: four or more, for two threads), and rows shorter
+    than 1 KiB of float are not placed (kBwdPlaceMinRowBytes); 2048x128 (2^18) keeps the 64K
+    blocks. Whatever the blocks: the same bits at one and two threads (dW and dB included),
+    the first rows of grad_x / grad_residual equal to a small call's (rows are independent),
+    and dW / dB the float64 sums of the rows' terms (a block left out or counted
+    twice would be off by a whole block's share)."""
+    p = 0.2
+    x, r = _data((M, N), dtype, 21, 3.0), _data((M, N), dtype, 22, -1.0)
+    w, b = _data((N,), dtype, 23, 1.0), _data((N,), dtype, 24, 0.5)
+    dy = _data((M, N), dtype, 25, 0.0)
+
+    def run(sl):
+        xs, rs = x[sl].clone().requires_grad_(), r[sl].clone().requires_grad_()
+        ws, bs = w.clone().requires_grad_(), b.clone().requires_grad_()
+        with fusedreg.use_backend("cpu"):
+            y = F.dropout_add_layer_norm(xs, rs, ws, bs, p=p, seed=5)
+            z = F.rms_norm(xs, (N,), ws)
+        torch.autograd.backward([y, z], [dy[sl], dy[sl]])
+        return [xs.grad, rs.grad, ws.grad, bs.grad]
+
+    one, two = results_at_one_and_two_threads(lambda: run(slice(None)))
+    for a1, a2 in zip(one, two):
+        assert torch.equal(a1, a2)
+    # the first rows: a small call's mask indices start where the large call's do
+    small = run(slice(0, 9))
+    assert torch.equal(one[0][:9], small[0])
+    assert torch.equal(one[1][:9], small[1])
+    # dW and dB against float64: h = residual + the masked, scaled x, each rounded to dtype
+    keep = F.dropout_mask((M, N), p, 5)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+    h = (torch.where(keep, (x.float() * scale).to(dtype).float(), 0.0) + r.float()).to(dtype).double()
+    x64, dy64 = x.double(), dy.double()
+    xhat = (h - h.mean(-1, keepdim=True)) * torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    eps = torch.finfo(dtype).eps
+    xrms = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    gw, gb = (dy64 * xhat).sum(0) + (dy64 * xrms).sum(0), dy64.sum(0)
+    # float32: sums of M terms of size ~1-10 in fp32 partials; bf16: dW / dB rounded to bf16
+    tol = 2e-3 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(one[2].double(), gw, rtol=tol, atol=tol * M ** 0.5)
+    torch.testing.assert_close(one[3].double(), gb, rtol=tol, atol=tol * M ** 0.5)
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("rms", [True, False], ids=["rms", "layer"])

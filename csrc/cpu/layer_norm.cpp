@@ -123,6 +123,29 @@ inline bool stream_bwd_rows(int64_t out_bytes, int64_t footprint_bytes) {
 // Calls of at least this many elements place their scratch rows per row (cpu::ScratchRows).
 constexpr int64_t kPlaceMinElements = int64_t(1) << 16;
 
+// The backward places its scratch rows (above) only for rows of at least this many bytes (of
+// acc_t). The placement depends on the streams' page offsets, the dW / dB partial rows among
+// them, and each row block's partial rows lie elsewhere: a call of rows shorter than a page
+// searched anew for every block (one search per distinct set of offsets, up to 4096 / row
+// bytes of them), about a microsecond per block for rows of 128 floats. Unplaced, such rows
+// were as fast or faster (float32, one thread, the op alone, three alternating rounds, us:
+// 512x128 32-33 against 33-38, 1024x128 61-64 against 61-77, 1536x128 90-104 against
+// 108-119; two threads, 8192x128 258-280 against 277-323).
+constexpr int64_t kBwdPlaceMinRowBytes = 1024;
+
+// Backward row blocks of calls of 2^16 to 2^18 elements with rows of up to this many elements
+// have 16K elements rather than 64K (backward_kernel), so that such a call has four or more
+// blocks and runs on two threads: BERT-width rows (128-768) sat in one or two blocks, on the
+// calling thread alone. Intel Xeon VM, two threads, with kBwdPlaceMinRowBytes, the op alone
+// with dW and dB, float32 (us): 512x128 24-26 against 35-36 (dropout 0.1 + residual: 42-43
+// against 71-77), 1024x128 38-41 against 69-73 (72-78 against 156-164), 96x768 22-23 against
+// 26-27, 128x768 26-28 against 34-36 (47-51 against 76-84), 256x768 42-50 against 50-59;
+// bf16 512x128 24-29 against 46-47 (43-49 against 82-84). One thread: within the noise
+// (512x128 32-33 against 33-38). Longer rows were not shortened: at 1024-2048 elements the
+// one-thread time rose 5-10%, and with 64K blocks the calls of 2^18 and more already have
+// four or more.
+constexpr int64_t kShortRowsMaxN = 768;
+
 // The row as acc_t: src itself, or its conversion into scratch.
 template <typename acc_t, typename T>
 inline FUSEDREG_ALWAYS_INLINE const acc_t* row_as_acc(const T* src, acc_t* scratch, int64_t n) {
@@ -241,9 +264,10 @@ inline FUSEDREG_ALWAYS_INLINE void prefetch_range(const T* p, int64_t a, int64_t
 // limit: the longest row prefetched, in bytes.
 // Whether rows of N elements of x_t and of h_t are a whole number of 4 KiB pages long: then
 // every row starts at the same page offsets as the first, and the first row's scratch
-// placement (cpu::ScratchRows::place) holds for all. Placing once matters: place()'s lookup
-// reads back wide a key it has just stored narrow, which waits for every store still
-// buffered (with a row's outputs in flight, 8% of the dropout forward's time).
+// placement (cpu::ScratchRows::place) holds for all. Placing once saves a lookup per row
+// (which, until its key was packed in registers, read back wide a key just stored narrow and
+// waited for every store still buffered: with a row's outputs in flight, 8% of the dropout
+// forward's time).
 template <typename x_t, typename h_t>
 constexpr bool same_page_offsets(int64_t N) {
   return (N * int64_t(sizeof(x_t))) % 4096 == 0 && (N * int64_t(sizeof(h_t))) % 4096 == 0;
@@ -1035,7 +1059,7 @@ FUSEDREG_TARGET_AVX512BF16 __attribute__((noinline)) void store_grads_half(
       }
     }
     if (nt) cpu::store_row_nt<cpu::Isa::kAvx512>(gxr + j0, bits, (j1 - j0) * int64_t(sizeof(x_t)));
-    emit(j0, j1, static_cast<const float*>(grc));
+    if constexpr (GRES) emit(j0, j1, static_cast<const float*>(grc));  // (grc is null otherwise)
   }
 }
 #endif
@@ -1252,8 +1276,10 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
   // the partials do not depend on which thread takes which block.
   const int64_t max_blocks = std::max<int64_t>(1, std::min<int64_t>(256, (int64_t(1) << 22) / std::max<int64_t>(N, 1)));
   // At least ~64K elements per block, so that the partial rows (zeroed, then summed) stay
-  // small next to the rows themselves.
-  const int64_t min_rows = std::max<int64_t>(1, 65536 / std::max<int64_t>(N, 1));
+  // small next to the rows themselves; 16K in calls of 2^16 to 2^18 elements with rows of up
+  // to kShortRowsMaxN elements, so that two threads share them (kShortRowsMaxN).
+  const bool short_blocks = N <= kShortRowsMaxN && M * N >= kParallelMinElements && M * N < (int64_t(1) << 18);
+  const int64_t min_rows = std::max<int64_t>(1, (short_blocks ? 16384 : 65536) / std::max<int64_t>(N, 1));
   const int64_t rows_per_block = partials ? std::max((M + max_blocks - 1) / max_blocks, min_rows)
                                           : std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
   const int64_t n_blocks = (M + rows_per_block - 1) / rows_per_block;
@@ -1296,7 +1322,7 @@ void backward_kernel(const BwdArgs<x_t, w_t, h_t>& a, int64_t M, w_t* gw, w_t* g
   for_each_task(n_blocks, parallel, [&](auto next_task) {
     std::unique_ptr<char[]> wbuf;  // this thread's (weight_as_acc)
     const acc_t* w = weight_as_acc<acc_t>(a.w, wbuf, N);
-    cpu::ScratchRows<acc_t> sc(N, kBwdRows, M * N >= kPlaceMinElements);
+    cpu::ScratchRows<acc_t> sc(N, kBwdRows, M * N >= kPlaceMinElements && N * int64_t(sizeof(acc_t)) >= kBwdPlaceMinRowBytes);
     for (int64_t blk = next_task(); blk >= 0;) {
       const int64_t next = next_task();
       run_task(blk, sc, next < 0 && a.nt, w);
