@@ -1161,7 +1161,8 @@ inline FUSEDREG_ALWAYS_INLINE void backward_rows(const BwdArgs<x_t, w_t, h_t>& a
         const bool gr_copy = gro && gro != reinterpret_cast<acc_t*>(grr);
         const bool gx_copy = gxo != reinterpret_cast<acc_t*>(gxr);
         auto emit = [&](int64_t j0, int64_t j1, const acc_t* grc, const acc_t* gxc) FUSEDREG_ALWAYS_INLINE {
-          if (gr_copy) write_row<ISA>(grr + j0, grc, j1 - j0, nt, sc.template at_as<h_t>(kBwdBits));
+          // (grc is null where store_grads has no grad_residual: gr_copy is false then too)
+          if (gr_copy && grc) write_row<ISA>(grr + j0, grc, j1 - j0, nt, sc.template at_as<h_t>(kBwdBits));
           if (gx_copy) write_row<ISA>(gxr + j0, gxc, j1 - j0, nt, sc.template at_as<x_t>(kBwdBits));
         };
         // The store passes prefetch the next step's rows of dy and h (not past the block: the

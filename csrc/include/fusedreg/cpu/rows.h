@@ -361,8 +361,8 @@ class ScratchRows {
     }
     // The key's 16-bit offsets are packed into 64-bit words in registers: written as 16-bit
     // stores and read back as words (a memcmp), they waited for every store still buffered
-    // (a store-forwarding stall: 29% of the float32 backward's samples at 512x128, whose rows
-    // are placed one by one).
+    // (a store-forwarding stall: perf put 29% of the float32 512x128 backward kernel's samples
+    // on the compare after those loads; its rows are placed one by one).
     Key k{};
     int i = 0;
     for (const void* p : loads) k.w[i / 4] |= uint64_t(offset_of(p)) << (16 * (i % 4)), ++i;
